@@ -1,0 +1,8 @@
+/* Umbrella header for the migrate._native extension (see build_native.py). */
+#ifndef MIGRATE_NATIVE_H
+#define MIGRATE_NATIVE_H
+#include "uffd.h"
+#include "bitmap.h"
+#include "pages.h"
+#include "workload.h"
+#endif
