@@ -1,0 +1,252 @@
+"""The agent daemon: `migrate source serve` and `migrate dest serve`.
+
+One gRPC server per agent carries the Control service (guests and the steps
+of a migration) and, on a source, the urgent Pages.Fetch stream. Every RPC
+validates its input and answers errors with a status code and one line of
+text; nothing a client sends can crash the agent.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from migrate import __version__, rpc
+from migrate.dest.incoming import IncomingRun
+from migrate.dest.restore import UffdRestoreListener
+from migrate.guests import GuestTable, spec_from_pb, spec_to_pb
+from migrate.proto import migrate_pb2 as pb
+from migrate.proto import migrate_pb2_grpc as pb_grpc
+from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
+
+log = logging.getLogger("migrate.agent")
+
+_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (KeyError, grpc.StatusCode.NOT_FOUND),
+    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConnectionError, grpc.StatusCode.UNAVAILABLE),
+    (PermissionError, grpc.StatusCode.PERMISSION_DENIED),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RuntimeError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OSError, grpc.StatusCode.INTERNAL),
+)
+
+
+def _rpc(method: Callable) -> Callable:
+    """Map exceptions of a unary handler to gRPC statuses, and log them."""
+
+    @functools.wraps(method)
+    def wrapper(self: "ControlService", request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as err:  # noqa: BLE001 - every failure becomes a status
+            for kind, code in _ERRORS:
+                if isinstance(err, kind):
+                    break
+            else:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", method.__name__)
+            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            log.warning("%s: %s: %s", method.__name__, code.name, text)
+            context.abort(code, str(text))
+
+    return wrapper
+
+
+class ControlService(pb_grpc.ControlServicer):
+    """Guests and migrations on one agent."""
+
+    def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1) -> None:
+        self.roles = roles
+        self.guests = GuestTable()
+        self.outgoing = OutgoingRuns()
+        self.incoming: dict[str, IncomingRun] = {}
+        self._listen_host = listen_host
+        self._level = level
+        self.lock = threading.Lock()
+
+    def _need(self, role: str) -> None:
+        if role not in self.roles:
+            raise RuntimeError(f"this agent is not a {role} agent (roles: {', '.join(self.roles)})")
+
+    # ------------------------------------------------------------ guests
+    @_rpc
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        return pb.HelloReply(proto_version=rpc.PROTO_VERSION, roles=list(self.roles), software=f"migrate {__version__}")
+
+    @_rpc
+    def LaunchGuest(self, request: pb.LaunchGuestRequest, context: grpc.ServicerContext) -> pb.GuestInfo:
+        self._need("source")
+        spec = spec_from_pb(request.spec)
+        return self.guests.launch(request.name, spec, start_paused=request.start_paused).info()
+
+    @_rpc
+    def ListGuests(self, request: pb.ListGuestsRequest, context: grpc.ServicerContext) -> pb.ListGuestsReply:
+        return pb.ListGuestsReply(guests=[g.info() for g in self.guests.all()])
+
+    @_rpc
+    def InspectGuest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.GuestInfo:
+        return self.guests.get(request.name).info(with_progress=True)
+
+    @_rpc
+    def GuestDigest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.DigestReply:
+        guest = self.guests.get(request.name)
+        if guest.process is None:
+            raise RuntimeError(f"guest {request.name!r} is an image; it has no runner to ask")
+        return pb.DigestReply(digest=guest.process.digest(timeout=600))
+
+    @_rpc
+    def StopGuest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.GuestInfo:
+        guest = self.guests.get(request.name)
+        if guest.run_id:
+            raise RuntimeError(f"guest {request.name!r} is being migrated (run {guest.run_id}); abort that first")
+        info = guest.info()
+        self.guests.remove(request.name)
+        info.state = "stopped"
+        return info
+
+    # ------------------------------------------------------- source side
+    @_rpc
+    def PrepareOutgoing(self, request: pb.PrepareOutgoingRequest, context: grpc.ServicerContext) -> pb.PrepareOutgoingReply:
+        self._need("source")
+        guest = self.guests.get(request.name)
+        with self.lock:
+            if guest.run_id:
+                raise RuntimeError(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
+            if guest.kind == "runner" and guest.state not in ("running", "paused"):
+                raise RuntimeError(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
+            run = OutgoingRun(guest, self._listen_host, self._level)
+            if guest.kind == "runner":
+                guest.run_id = run.run_id
+        self.outgoing.add(run)
+        return pb.PrepareOutgoingReply(run_id=run.run_id, bulk_endpoint=f"{self._listen_host}:{run.bulk_port}",
+                                       spec=spec_to_pb(guest.spec), page_count=guest.page_count)
+
+    @_rpc
+    def Switchover(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SwitchoverReply:
+        return self.outgoing.get(request.run_id).switchover()
+
+    @_rpc
+    def AbortOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.GuestInfo:
+        run = self.outgoing.pop(request.run_id)
+        run.abort()
+        return run.guest.info()
+
+    @_rpc
+    def CompleteOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SourceStats:
+        run = self.outgoing.pop(request.run_id)
+        stats = run.complete()
+        if run.guest.kind == "runner":
+            self.guests.remove(run.guest.name)  # the guest lives on the destination now
+        return stats
+
+    # -------------------------------------------------- destination side
+    @_rpc
+    def PrepareIncoming(self, request: pb.PrepareIncomingRequest, context: grpc.ServicerContext) -> pb.PrepareIncomingReply:
+        self._need("dest")
+        spec = spec_from_pb(request.spec)
+        if not request.run_id or not request.source_endpoint or not request.bulk_endpoint:
+            raise ValueError("run_id, source_endpoint and bulk_endpoint are required")
+        with self.lock:
+            if request.run_id in self.incoming:
+                raise FileExistsError(f"run {request.run_id} is already known here")
+        if any(g.name == request.name for g in self.guests.all()):
+            raise FileExistsError(f"a guest named {request.name!r} already exists on this agent")
+        run = IncomingRun(request.run_id, request.name, spec, request.source_endpoint, request.bulk_endpoint)
+        try:
+            ms = run.prepare()
+            self.guests.adopt(run.guest)
+        except BaseException:
+            run.close()
+            if run.guest is not None:
+                run.guest.close()
+            raise
+        with self.lock:
+            self.incoming[run.run_id] = run
+        return pb.PrepareIncomingReply(prepare_ms=ms)
+
+    def _incoming(self, run_id: str) -> IncomingRun:
+        with self.lock:
+            run = self.incoming.get(run_id)
+        if run is None:
+            raise KeyError(f"no incoming migration {run_id!r} on this agent")
+        return run
+
+    @_rpc
+    def StartIncoming(self, request: pb.StartIncomingRequest, context: grpc.ServicerContext) -> pb.StartIncomingReply:
+        run = self._incoming(request.run_id)
+        return pb.StartIncomingReply(resume_ms=run.start(request.state_json, request.no_push, request.max_bandwidth))
+
+    @_rpc
+    def IncomingStatus(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
+        return self._incoming(request.run_id).status()
+
+    @_rpc
+    def AbortIncoming(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
+        run = self._incoming(request.run_id)
+        run.abort()
+        status = run.status()
+        with self.lock:
+            self.incoming.pop(request.run_id, None)
+        run.close()
+        try:
+            self.guests.remove(run.name)
+        except KeyError:
+            pass
+        return status
+
+    def shutdown(self) -> None:
+        """Stop every run and guest this agent holds (on SIGTERM/SIGINT)."""
+        for run in self.outgoing.all():
+            run.abort()
+        with self.lock:
+            runs = list(self.incoming.values())
+            self.incoming.clear()
+        for run in runs:
+            run.abort("agent shutting down")
+            run.close()
+        self.guests.close_all()
+
+
+def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
+          uffd_restore: tuple[str, str, str] | None = None,
+          on_ready: Callable[[int], None] | None = None, level: int = 1) -> None:
+    """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
+
+    `uffd_restore` is (socket path, source agent, image name) for restoring
+    external processes that connect with a Firecracker-style handshake.
+    """
+    host = listen.rsplit(":", 1)[0]
+    control = ControlService(roles, host, level)
+    for name, path in (images or {}).items():
+        control.guests.add_image(name, path)
+    server = rpc.server()
+    pb_grpc.add_ControlServicer_to_server(control, server)
+    if "source" in roles:
+        pb_grpc.add_PagesServicer_to_server(UrgentPages(control.outgoing), server)
+    port = rpc.bind(server, listen)
+    listener = None
+    if uffd_restore:
+        path, source, image = uffd_restore
+        listener = UffdRestoreListener(control.incoming, control.lock, path, source, image)
+    server.start()
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    if on_ready:
+        on_ready(port)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        if listener:
+            listener.close()
+        server.stop(grace=1.0)
+        control.shutdown()
+

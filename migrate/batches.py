@@ -1,0 +1,103 @@
+"""The page-batch wire format, both ends of it.
+
+A batch carries pages [first_page, first_page + count): zero pages as runs,
+the other pages raw or as one zstd frame with a content checksum (so a
+corrupted frame is refused, never installed). Incompressible data goes raw.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import zstandard
+
+from migrate import pages
+from migrate.proto import migrate_pb2 as pb
+
+#: Compress only when it saves at least this fraction of the bytes.
+_WORTH_IT = 0.92
+
+
+class BatchError(ValueError):
+    """A batch that must not be installed (bad shape, checksum, size)."""
+
+
+class BatchEncoder:
+    """Builds PageBatch messages from a guest memory mapping (source side).
+
+    One encoder per thread: zstd contexts are not thread-safe.
+    """
+
+    def __init__(self, mem: memoryview, page_size: int, level: int | None) -> None:
+        self._mem = mem
+        self._page_size = page_size
+        self._cctx = None
+        if level is not None:
+            self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+
+    def encode(self, first_page: int, count: int, req_id: int = 0) -> pb.PageBatch:
+        zero_runs, data = pages.pack_pages(self._mem, first_page, count, self._page_size)
+        batch = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
+                             raw_len=len(data))
+        if self._cctx is not None and len(data):
+            packed = self._cctx.compress(data)
+            if len(packed) < _WORTH_IT * len(data):
+                batch.encoding = pb.ZSTD
+                batch.data = packed
+                return batch
+        batch.data = bytes(data)
+        return batch
+
+
+@dataclass
+class DecodedBatch:
+    first_page: int
+    count: int
+    zero_runs: list[int]
+    data: bytes
+    zero_pages: int
+
+
+class BatchDecoder:
+    """Validates and decompresses PageBatch messages (destination side)."""
+
+    def __init__(self, page_count: int, page_size: int) -> None:
+        self._page_count = page_count
+        self._page_size = page_size
+        self._local = threading.local()
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        return dctx
+
+    def decode(self, batch: pb.PageBatch) -> DecodedBatch:
+        first, count = batch.first_page, batch.count
+        if count == 0 or first + count > self._page_count:
+            raise BatchError(f"batch pages [{first}, {first + count}) outside the guest's {self._page_count} pages")
+        runs = list(batch.zero_runs)
+        if len(runs) % 2:
+            raise BatchError("zero_runs must hold (start, length) pairs")
+        zero = 0
+        end = 0
+        for start, length in zip(runs[::2], runs[1::2]):
+            if start < end or length == 0 or start + length > count:
+                raise BatchError(f"bad zero run ({start}, {length}) in a batch of {count} pages")
+            end = start + length
+            zero += length
+        expected = (count - zero) * self._page_size
+        if batch.raw_len != expected:
+            raise BatchError(f"batch declares {batch.raw_len} data bytes, its shape needs {expected}")
+        if batch.encoding == pb.ZSTD:
+            try:
+                data = self._dctx().decompress(batch.data, max_output_size=expected)
+            except zstandard.ZstdError as err:
+                raise BatchError(f"corrupt zstd frame: {err}") from None
+        elif batch.encoding == pb.RAW:
+            data = batch.data
+        else:
+            raise BatchError(f"unknown encoding {batch.encoding}")
+        if len(data) != expected:
+            raise BatchError(f"batch data is {len(data)} bytes, expected {expected}")
+        return DecodedBatch(first, count, runs, data, zero)

@@ -1,0 +1,349 @@
+"""The `migrate` command line.
+
+Every failure a user can cause (bad input, an unreachable agent, a port in
+use) ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import sys
+import time
+
+import click
+
+from migrate import orchestrator, report, rpc
+from migrate.client import AgentClient
+from migrate.proto import migrate_pb2 as pb
+from migrate.units import parse_rate, parse_size
+
+MiB = 1024 * 1024
+WORKLOADS = ("seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle")
+
+
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class _Rate(click.ParamType):
+    name = "RATE"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_rate(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+SIZE, RATE = _Size(), _Rate()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="migrate")
+def cli() -> None:
+    """Post-copy live migration of a running guest's memory between hosts.
+
+    \b
+    Quick start (both agents on this machine):
+      migrate demo
+    By hand:
+      migrate source serve --listen 127.0.0.1:7070 &
+      migrate dest serve --listen 127.0.0.1:7071 &
+      migrate guest start vm1 --agent 127.0.0.1:7070 --size 512M --workload random-write
+      migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --report vm1.json
+    """
+
+
+# ----------------------------------------------------------------- agents
+def _serve(role: str, listen: str, verbose: bool, **kw) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    from migrate.agent import serve  # the agent pulls in the native layer
+
+    def ready(port: int) -> None:
+        click.echo(f"listening on {listen.rsplit(':', 1)[0]}:{port}")
+        sys.stdout.flush()
+
+    serve(listen, (role,), on_ready=ready, **kw)
+
+
+@cli.group()
+def source() -> None:
+    """The source agent: hosts guests and serves their pages."""
+
+
+@source.command("serve")
+@click.option("--listen", default="127.0.0.1:7070", show_default=True, help="HOST:PORT to listen on (port 0: any).")
+@click.option("--image", "images", multiple=True, metavar="NAME=PATH",
+              help="Serve a memory image file as guest NAME (repeatable).")
+@click.option("--zstd-level", default=1, show_default=True, type=click.IntRange(-7, 22),
+              help="Compression level of bulk batches.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, verbose: bool) -> None:
+    """Run a source agent until interrupted.
+
+    \b
+    Example:
+      migrate source serve --listen 127.0.0.1:7070 --image snap=/var/lib/vm/mem.img
+    """
+    parsed = {}
+    for item in images:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{item!r} is not NAME=PATH", param_hint="--image")
+        if not os.path.isfile(path):
+            raise click.BadParameter(f"no such file: {path}", param_hint="--image")
+        parsed[name] = path
+    _serve("source", listen, verbose, images=parsed, level=zstd_level)
+
+
+@cli.group()
+def dest() -> None:
+    """The destination agent: receives guests and resolves their page faults."""
+
+
+@dest.command("serve")
+@click.option("--listen", default="127.0.0.1:7071", show_default=True, help="HOST:PORT to listen on (port 0: any).")
+@click.option("--uffd-socket", type=click.Path(dir_okay=False), default=None,
+              help="Also accept Firecracker-style UFFD handshakes on this unix socket.")
+@click.option("--restore-from", metavar="HOST:PORT", default=None,
+              help="With --uffd-socket: the source agent serving the image.")
+@click.option("--image", "image", metavar="NAME", default=None,
+              help="With --uffd-socket: the image to restore into each process that connects.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
+               verbose: bool) -> None:
+    """Run a destination agent until interrupted.
+
+    \b
+    Examples:
+      migrate dest serve --listen 127.0.0.1:7071
+      migrate dest serve --uffd-socket /tmp/uffd.sock --restore-from 127.0.0.1:7070 --image snap
+    """
+    if uffd_socket and not (restore_from and image):
+        raise click.UsageError("--uffd-socket needs --restore-from and --image")
+    if (restore_from or image) and not uffd_socket:
+        raise click.UsageError("--restore-from and --image go with --uffd-socket")
+    restore = (uffd_socket, restore_from, image) if uffd_socket else None
+    _serve("dest", listen, verbose, uffd_restore=restore)
+
+
+# ----------------------------------------------------------------- guests
+@cli.group()
+def guest() -> None:
+    """Start, list, inspect and stop guests on an agent."""
+
+
+_agent_option = click.option("--agent", default="127.0.0.1:7070", show_default=True, metavar="HOST:PORT",
+                             help="The agent to talk to.")
+
+
+@guest.command("start")
+@click.argument("name")
+@_agent_option
+@click.option("--size", type=SIZE, default="512M", show_default=True, help="Guest RAM (e.g. 64M, 1G).")
+@click.option("--workload", type=click.Choice(WORKLOADS), default="random-write", show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1, show_default=True)
+@click.option("--ops", type=click.IntRange(0, None), default=2_000_000, show_default=True,
+              help="Operations the workload performs, then it idles.")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--ops-per-sec", type=click.FloatRange(0, None), default=0.0, show_default=True,
+              help="Throttle the workload (0: as fast as it goes).")
+@click.option("--paused", is_flag=True, help="Start paused.")
+def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops: int, threads: int,
+                ops_per_sec: float, paused: bool) -> None:
+    """Start guest NAME on a source agent.
+
+    \b
+    Example:
+      migrate guest start vm1 --agent 127.0.0.1:7070 --size 1G --workload hotset --threads 2
+    """
+    spec = pb.GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=threads,
+                        ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE)
+    with AgentClient(agent) as client:
+        info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused),
+                           timeout=600)
+    click.echo(f"started {info.name}: pid {info.pid}, {info.spec.size // MiB} MiB, {info.spec.workload}")
+
+
+@guest.command("list")
+@_agent_option
+def guest_list(agent: str) -> None:
+    """List the guests on an agent.
+
+    \b
+    Example:
+      migrate guest list --agent 127.0.0.1:7071
+    """
+    with AgentClient(agent) as client:
+        guests = client.call("ListGuests", pb.ListGuestsRequest()).guests
+    if not guests:
+        click.echo("no guests")
+        return
+    click.echo(f"{'NAME':16} {'STATE':14} {'KIND':6} {'SIZE':>9} {'WORKLOAD':13} {'OPS':>12} PID")
+    for g in guests:
+        click.echo(f"{g.name:16} {g.state:14} {g.kind:6} {g.spec.size // MiB:>5} MiB {g.spec.workload:13} "
+                   f"{g.ops_done:>12} {g.pid or '-'}")
+
+
+@guest.command("stats")
+@click.argument("name")
+@_agent_option
+@click.option("--digest", is_flag=True, help="Also hash the guest's memory.")
+def guest_stats(name: str, agent: str, digest: bool) -> None:
+    """Show a guest's state and progress.
+
+    \b
+    Example:
+      migrate guest stats vm1 --agent 127.0.0.1:7071 --digest
+    """
+    with AgentClient(agent) as client:
+        info = client.call("InspectGuest", pb.GuestRef(name=name))
+        digest_text = client.call("GuestDigest", pb.GuestRef(name=name), timeout=600).digest if digest else None
+    click.echo(f"name       {info.name}\nstate      {info.state}\nkind       {info.kind}\npid        {info.pid or '-'}")
+    click.echo(f"size       {info.spec.size // MiB} MiB ({info.page_count} pages of {info.page_size} B)")
+    click.echo(f"workload   {info.spec.workload}, seed {info.spec.seed}, {info.spec.threads} thread(s)")
+    click.echo(f"ops        {info.ops_done} of {info.spec.ops}{' (finished)' if info.finished else ''}")
+    if len(info.progress) >= 2:
+        a, b = info.progress[-2], info.progress[-1]
+        if b.t_ns > a.t_ns:
+            click.echo(f"rate       {(b.ops - a.ops) * 1e9 / (b.t_ns - a.t_ns):,.0f} ops/s")
+    if digest_text:
+        click.echo(f"digest     {digest_text}")
+
+
+@guest.command("stop")
+@click.argument("name")
+@_agent_option
+def guest_stop(name: str, agent: str) -> None:
+    """Stop a guest and free its memory.
+
+    \b
+    Example:
+      migrate guest stop vm1 --agent 127.0.0.1:7071
+    """
+    with AgentClient(agent) as client:
+        client.call("StopGuest", pb.GuestRef(name=name))
+    click.echo(f"stopped {name}")
+
+
+# -------------------------------------------------------------- migration
+class ProgressLine:
+    """One line of migration progress on stderr: pages in, MB/s, faults."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, st: pb.MigrationStatus) -> None:
+        now = time.monotonic()
+        final = st.phase in ("complete", "failed")
+        if not final and now - self._last < (0.1 if self._tty else 2.0):
+            return
+        self._last = now
+        total = max(st.pages_total, 1)
+        frac = st.pages_received / total
+        bar = "#" * int(frac * 30)
+        rate = st.bytes_pages / MiB / st.elapsed_s if st.elapsed_s > 0 else 0.0
+        line = (f"[{bar:<30}] {frac * 100:5.1f}%  {st.pages_received}/{st.pages_total} pages  "
+                f"{rate:7.1f} MiB/s  faults {st.faults}  {st.phase}")
+        if self._tty:
+            click.echo("\r" + line + ("\n" if final else ""), err=True, nl=False)
+        else:
+            click.echo(line, err=True)
+
+
+def _finish_report(doc: dict, report_path: str | None) -> None:
+    click.echo(report.table(doc))
+    if report_path:
+        orchestrator.write_report(doc, report_path)
+        click.echo(f"report written to {report_path}")
+
+
+@cli.command("run")
+@click.argument("guest_name", metavar="GUEST")
+@click.option("--from", "src", required=True, metavar="HOST:PORT", help="Source agent.")
+@click.option("--to", "dst", required=True, metavar="HOST:PORT", help="Destination agent.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the JSON report here.")
+@click.option("--no-push", is_flag=True, help="No bulk stream: pages arrive only when the guest faults on them.")
+@click.option("--max-bandwidth", type=RATE, default="0", help="Cap the bulk stream (e.g. 100M, 1gbit).")
+@click.option("--source-endpoint", metavar="HOST:PORT", default="",
+              help="The source as the destination reaches it (default: --from).")
+@click.option("--verify", is_flag=True, help="Compare the final memory with an unmigrated run of the same guest.")
+@click.option("--timeout", type=click.FloatRange(1, None), default=3600.0, show_default=True,
+              help="Seconds to wait for the migration to complete.")
+def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_push: bool, max_bandwidth: int,
+            source_endpoint: str, verify: bool, timeout: float) -> None:
+    """Migrate GUEST from one agent to another, in post-copy.
+
+    The guest resumes on the destination at once; its faults are served over
+    gRPC while the rest of its memory streams in.
+
+    \b
+    Example:
+      migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --report vm1.json
+    """
+    opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
+                                   verify=verify, timeout=timeout)
+    doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine())
+    _finish_report(doc, report_path)
+    if doc.get("verified") is False:
+        raise click.ClickException("verification failed: the migrated guest's memory differs")
+
+
+@cli.command("demo")
+@click.option("--size", type=SIZE, default="512M", show_default=True, help="Guest RAM.")
+@click.option("--workload", type=click.Choice(WORKLOADS), default="random-write", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the JSON report here.")
+@click.option("--no-push", is_flag=True, help="Pages arrive only through faults.")
+def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no_push: bool) -> None:
+    """Migrate a running guest between two local agents, and check it.
+
+    Starts a source and a destination agent on loopback, starts a guest
+    running WORKLOAD, migrates it mid-run, lets it finish on the
+    destination, checks its memory against an unmigrated run, and prints the
+    report. Everything it started is stopped when it ends.
+
+    \b
+    Example:
+      migrate demo --size 1G --workload hotset --report demo.json
+    """
+    from migrate.demo import run_demo
+
+    doc = run_demo(size=size, workload=workload, threads=threads, no_push=no_push,
+                   on_status=ProgressLine(), say=lambda text: click.echo(text, err=True))
+    _finish_report(doc, report_path)
+    if not doc.get("verified"):
+        raise click.ClickException("verification failed: the migrated guest's memory differs")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning known failures into one line."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (rpc.AgentError, ValueError, OSError, RuntimeError, TimeoutError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

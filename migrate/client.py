@@ -1,0 +1,41 @@
+"""A small client for an agent's Control service, with user-facing errors."""
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from migrate import rpc
+from migrate.proto import migrate_pb2_grpc as pb_grpc
+
+#: Seconds to wait for an agent to accept the connection.
+CONNECT_TIMEOUT = 5.0
+
+
+class AgentClient:
+    """Calls Control RPCs on one agent; failures raise rpc.AgentError."""
+
+    def __init__(self, target: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.target = target
+        self._channel = rpc.channel(target)
+        try:
+            rpc.wait_ready(self._channel, target, connect_timeout)
+        except rpc.AgentError:
+            self._channel.close()
+            raise
+        self._stub = pb_grpc.ControlStub(self._channel)
+
+    def call(self, method: str, request: Any, timeout: float = 60.0) -> Any:
+        try:
+            return getattr(self._stub, method)(request, metadata=rpc.METADATA, timeout=timeout)
+        except grpc.RpcError as err:
+            raise rpc.AgentError(rpc.describe_error(err, self.target)) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

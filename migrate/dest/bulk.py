@@ -1,0 +1,172 @@
+"""The destination's bulk worker: pulls every page not yet received.
+
+It walks the received bitmap with a cursor, asks the source's bulk server
+for runs of missing pages (at most 256 pages, 1 MiB, per batch) keeping a
+window of requests in flight, and installs each reply with as few ioctls as
+possible. The fault worker sends it the pages the guest is faulting on, and
+the cursor jumps there: the guest's working set arrives first. Runs niced,
+in its own process, so it never delays the fault worker.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from migrate import rpc
+from migrate.batches import BatchDecoder, BatchError
+from migrate.bitmap import SharedBitmap
+from migrate.dest import worker
+from migrate.proto import migrate_pb2 as pb
+from migrate.proto import migrate_pb2_grpc as pb_grpc
+from migrate.source.bulk_server import MAX_BULK_PAGES
+
+#: Bulk requests in flight: enough to keep the link busy while one installs.
+WINDOW = 6
+
+
+class Planner:
+    """Chooses the next run of pages to ask for: missing and not yet asked."""
+
+    def __init__(self, received: SharedBitmap, hint_fd: int) -> None:
+        self._received = received
+        self._asked = SharedBitmap.create(received.nbits)
+        self._hint_fd = hint_fd
+        self._cursor = 0
+
+    def _take_hint(self) -> None:
+        if self._hint_fd < 0:
+            return
+        try:
+            data = os.read(self._hint_fd, 8 * 64)
+        except BlockingIOError:
+            return
+        if len(data) >= 8:
+            tail = data[len(data) - len(data) % 8 - 8:][:8]
+            self._cursor = min(int.from_bytes(tail, "little"), self._received.nbits)
+
+    def next_range(self) -> tuple[int, int] | None:
+        """(first, count) of missing, unasked pages, or None when there are none."""
+        self._take_hint()
+        n = self._received.nbits
+        for start in (self._cursor, 0):
+            page = start
+            while page < n:
+                page = self._received.next_clear(page)
+                if page >= n:
+                    break
+                if self._asked.test(page):
+                    page = self._asked.next_clear(page)
+                    continue
+                end = min(page + MAX_BULK_PAGES, self._received.next_set(page), self._asked.next_set(page))
+                self._asked.set_range(page, end - page)
+                self._cursor = end
+                return page, end - page
+        return None
+
+    def close(self) -> None:
+        self._asked.close()
+
+
+class BulkPuller:
+    """Keeps WINDOW bulk requests in flight and installs the replies."""
+
+    def __init__(self, mem: worker.Memory, planner: Planner, run_id: str, max_bandwidth: int) -> None:
+        self.mem = mem
+        self._planner = planner
+        self._run_id = run_id
+        self._rate = max_bandwidth
+        self._decoder = BatchDecoder(mem.page_count, mem.page_size)
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._stop = False
+        self._t0 = time.monotonic()
+        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_wire": 0, "bytes_pages": 0, "batches": 0}
+
+    def _pace(self) -> None:
+        """Sleep while the bytes received run ahead of --max-bandwidth."""
+        if self._rate <= 0:
+            return
+        ahead = self.counters["bytes_wire"] / self._rate - (time.monotonic() - self._t0)
+        if ahead > 0:
+            time.sleep(ahead)
+
+    def requests(self) -> Iterator[pb.BulkRequest]:
+        while True:
+            self._pace()
+            with self._cond:
+                while self._inflight >= WINDOW and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                rng = self._planner.next_range()
+                if rng is None:
+                    if self._inflight == 0:
+                        return
+                    self._cond.wait(0.05)
+                    continue
+                self._inflight += 1
+                first, count = rng
+                msg = pb.BulkRequest(run_id=self._run_id, first_page=first, count=count)
+                self.counters["bytes_wire"] += msg.ByteSize()
+            yield msg
+
+    def install(self, batch: pb.PageBatch) -> None:
+        decoded = self._decoder.decode(batch)
+        done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
+                                   decoded.zero_runs, decoded.data)
+        with self._cond:
+            self._inflight -= 1
+            c = self.counters
+            c["pages"] += done.copied + done.zeroed
+            c["zero"] += done.zeroed
+            c["bytes_wire"] += batch.ByteSize()
+            c["bytes_pages"] += (done.copied + done.zeroed) * self.mem.page_size
+            c["batches"] += 1
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = worker.arg_parser(__doc__.splitlines()[0])
+    ap.add_argument("--max-bandwidth", type=int, default=0, help="bytes/s on the wire, 0: unlimited")
+    args = ap.parse_args(argv)
+    os.nice(5)
+    mem = worker.open_memory(args)
+    if args.hint_fd >= 0:
+        os.set_blocking(args.hint_fd, False)
+    planner = Planner(mem.bitmap, args.hint_fd)
+    puller = BulkPuller(mem, planner, args.run_id, args.max_bandwidth)
+    stop = worker.stop_on_stdin_close()
+    threading.Thread(target=lambda: (stop.wait(), puller.stop()), daemon=True).start()
+    channel = rpc.channel(args.endpoint, purpose="bulk")
+    reporter = worker.Reporter()
+    error = None
+    try:
+        for batch in pb_grpc.PagesStub(channel).Bulk(puller.requests(), metadata=rpc.METADATA):
+            puller.install(batch)
+            reporter.maybe(puller.counters)
+    except grpc.RpcError as err:
+        if not stop.is_set():
+            error = f"bulk stream from the source failed: {err.details() or err.code().name}"
+    except (BatchError, OSError) as err:
+        error = f"bulk page install failed: {err}"
+    channel.close()
+    planner.close()
+    summary = dict(puller.counters, done=True)
+    if error:
+        summary["error"] = error
+    worker.emit(summary)
+    return 1 if error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Destination side of a migration: one incoming run.
+
+PrepareIncoming creates empty guest RAM, starts a guest runner in restore
+mode (it registers its RAM with userfaultfd and hands us the fd), creates the
+received bitmap and checks that the source answers. StartIncoming starts the
+fault worker, resumes the guest with its execution state, and starts the bulk
+worker. A watcher notices when every page has arrived, stops the workers,
+unregisters the userfaultfd and marks the run complete. The received bitmap
+is owned here; the workers only set bits in it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+from migrate import rpc, spawn
+from migrate.bitmap import SharedBitmap
+from migrate.guest.process import GuestProcess, GuestSpec
+from migrate.guests import HostedGuest, create_memfd
+from migrate.proto import migrate_pb2 as pb
+from migrate.uffd import Uffd
+
+_CONNECT_TIMEOUT = 5.0
+_WATCH_EVERY = 0.02
+
+
+class Worker:
+    """A worker process and the last counters it reported."""
+
+    def __init__(self, kind: str, argv: list[str], fds: tuple[int, ...]) -> None:
+        self.kind = kind
+        self.proc = subprocess.Popen(spawn.module_argv(f"migrate.dest.{kind}", *argv), pass_fds=fds,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=spawn.child_env())
+        self.last: dict = {}
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"{kind}-reports")
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.last = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+    @property
+    def done(self) -> bool:
+        return bool(self.last.get("done"))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close its stdin (the stop signal), wait, kill if it lingers; reap."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=2)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class IncomingRun:
+    """One guest arriving at this agent."""
+
+    def __init__(self, run_id: str, name: str, spec: GuestSpec, source_endpoint: str, bulk_endpoint: str) -> None:
+        self.run_id = run_id
+        self.name = name
+        self.spec = spec
+        self.source_endpoint = source_endpoint
+        self.bulk_endpoint = bulk_endpoint
+        self.phase = "new"
+        self.error = ""
+        self.guest: HostedGuest | None = None
+        self.bitmap: SharedBitmap | None = None
+        self.uffd: Uffd | None = None
+        self.regions: list[tuple[int, int, int]] = []
+        self.workers: dict[str, Worker] = {}
+        self._hint_r = self._hint_w = -1
+        self._t_resume = 0.0
+        self._t_done = 0.0
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def page_count(self) -> int:
+        return self.spec.size // self.spec.page_size
+
+    # ------------------------------------------------------------ prepare
+    def prepare(self) -> float:
+        """Create guest RAM, start the restore runner, check the source."""
+        t0 = time.monotonic()
+        self._check_source()
+        fd = create_memfd(self.name, self.spec.size)
+        try:
+            proc = GuestProcess.launch(self.spec, fd, restore=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.guest = HostedGuest(self.name, self.spec, "runner", fd, proc, state="migrating-in", run_id=self.run_id)
+        self.attach(proc.uffd, proc.regions)
+        self.phase = "prepared"
+        return (time.monotonic() - t0) * 1000.0
+
+    def attach(self, uffd_fd: int, regions: list[dict]) -> None:
+        """Take over a registered userfaultfd and its Firecracker-style regions."""
+        self.uffd = Uffd(uffd_fd)
+        self.bitmap = SharedBitmap.create(self.page_count)
+        page = self.spec.page_size
+        covered = SharedBitmap.create(self.page_count)
+        try:
+            for r in regions:
+                first = r["offset"] // page
+                count = r["size"] // page
+                if r["offset"] % page or first + count > self.page_count:
+                    raise ValueError(f"region {r} does not fit the guest's {self.page_count} pages")
+                self.regions.append((r["base_host_virt_addr"], r["size"], first))
+                covered.set_range(first, count)
+            # Pages no region maps are never faulted on: count them as here.
+            page_no = covered.next_clear(0)
+            while page_no < self.page_count:
+                end = covered.next_set(page_no)
+                self.bitmap.set_range(page_no, end - page_no)
+                page_no = covered.next_clear(end)
+        finally:
+            covered.close()
+
+    def _check_source(self) -> None:
+        for endpoint, purpose in ((self.source_endpoint, "urgent"), (self.bulk_endpoint, "bulk")):
+            ch = rpc.channel(endpoint, purpose=purpose)
+            try:
+                rpc.wait_ready(ch, endpoint, _CONNECT_TIMEOUT)
+            except rpc.AgentError:
+                raise ConnectionError(f"destination cannot reach the source at {endpoint}") from None
+            finally:
+                ch.close()
+
+    # -------------------------------------------------------------- start
+    def start(self, state_json: bytes, no_push: bool, max_bandwidth: int) -> float:
+        """Start the fault worker, resume the guest, start the bulk worker."""
+        if self.phase != "prepared":
+            raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
+        t0 = time.monotonic()
+        self._hint_r, self._hint_w = os.pipe2(os.O_CLOEXEC)
+        common = ["--uffd", str(self.uffd.fd), "--bitmap-fd", str(self.bitmap.fd), "--pages", str(self.page_count),
+                  "--page-size", str(self.spec.page_size), "--regions", json.dumps(self.regions),
+                  "--run-id", self.run_id]
+        fds = (self.uffd.fd, self.bitmap.fd)
+        self.workers["faults"] = Worker("faults", common + ["--endpoint", self.source_endpoint,
+                                                           "--hint-fd", str(self._hint_w)], fds + (self._hint_w,))
+        if self.guest is not None and self.guest.process is not None:
+            state = json.loads(state_json) if state_json else None
+            self.guest.process.resume(state or None)
+            self.guest.state = "running"
+        self._t_resume = time.monotonic()
+        if not no_push:
+            self.workers["bulk"] = Worker("bulk", common + ["--endpoint", self.bulk_endpoint, "--hint-fd",
+                                                            str(self._hint_r), "--max-bandwidth",
+                                                            str(max_bandwidth)], fds + (self._hint_r,))
+        self.phase = "running"
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"run-{self.run_id[:8]}")
+        self._watcher.start()
+        return (time.monotonic() - t0) * 1000.0
+
+    def _watch(self) -> None:
+        while self.phase == "running":
+            if self.bitmap.is_full():
+                self._t_done = time.monotonic()
+                self._finish()
+                return
+            failed = [w for w in self.workers.values() if w.proc.poll() not in (None, 0)]
+            if failed:
+                w = failed[0]
+                time.sleep(0.1)  # let its last line arrive
+                self._fail(w.last.get("error") or f"{w.kind} worker exited with status {w.proc.returncode}")
+                return
+            time.sleep(_WATCH_EVERY)
+
+    def _finish(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+        for base, size, _ in self.regions:
+            try:
+                self.uffd.unregister(base, size)
+            except OSError:
+                pass  # the guest unmapped or exited: nothing left to unregister
+        with self._lock:
+            self.phase = "complete"
+        if self.guest is not None:
+            self.guest.run_id = ""
+
+    def _fail(self, error: str) -> None:
+        with self._lock:
+            if self.phase in ("complete", "failed"):
+                return
+            self.error = error
+            self.phase = "failed"
+        for w in self.workers.values():
+            w.stop(timeout=2)
+
+    def abort(self, reason: str = "aborted") -> None:
+        self._fail(reason)
+
+    # ------------------------------------------------------------- status
+    def status(self) -> pb.MigrationStatus:
+        totals = {"pages": 0, "zero": 0, "bytes_wire": 0, "bytes_pages": 0}
+        for w in self.workers.values():
+            for key in totals:
+                totals[key] += int(w.last.get(key, 0))
+        faults = self.workers.get("faults")
+        bulk = self.workers.get("bulk")
+        end = self._t_done or time.monotonic()
+        detail = {k: w.last for k, w in self.workers.items()}
+        return pb.MigrationStatus(
+            run_id=self.run_id, phase=self.phase, error=self.error,
+            pages_total=self.page_count,
+            pages_received=self.bitmap.count() if self.bitmap else 0,
+            pages_pushed=int(bulk.last.get("pages", 0)) if bulk else 0,
+            pages_faulted=int(faults.last.get("pages", 0)) if faults else 0,
+            pages_zero=totals["zero"], faults=int(faults.last.get("faults", 0)) if faults else 0,
+            bytes_wire=totals["bytes_wire"], bytes_pages=totals["bytes_pages"],
+            elapsed_s=(end - self._t_resume) if self._t_resume else 0.0,
+            detail_json=json.dumps(detail))
+
+    def close(self) -> None:
+        """Release what the run holds (not the guest, which the agent now hosts)."""
+        for w in self.workers.values():
+            w.stop(timeout=2)
+        for fd in (self._hint_r, self._hint_w):
+            if fd >= 0:
+                os.close(fd)
+        self._hint_r = self._hint_w = -1
+        if self.bitmap is not None:
+            self.bitmap.close()
+            self.bitmap = None
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None

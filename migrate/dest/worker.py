@@ -1,0 +1,84 @@
+"""What the destination's two worker processes share.
+
+The destination agent starts a fault worker (urgent path) and a bulk worker
+as separate processes, so neither waits on the other's GIL. Both receive the
+guest's userfaultfd and the shared received-bitmap as inherited fds, install
+pages with the native layer, and report counters to the agent as JSON lines
+on stdout. The agent closes a worker's stdin to stop it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from migrate.bitmap import SharedBitmap
+from migrate.uffd import FaultReader, Region, Uffd
+
+#: Seconds between two counter lines.
+REPORT_EVERY = 0.2
+
+
+@dataclass
+class Memory:
+    """The guest memory a worker installs into."""
+
+    uffd: Uffd
+    bitmap: SharedBitmap
+    io: FaultReader
+    page_count: int
+    page_size: int
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--uffd", type=int, required=True, help="inherited userfaultfd")
+    ap.add_argument("--bitmap-fd", type=int, required=True, help="inherited memfd of the received bitmap")
+    ap.add_argument("--pages", type=int, required=True)
+    ap.add_argument("--page-size", type=int, required=True)
+    ap.add_argument("--regions", required=True, help='JSON [[base, size, first_page], ...]')
+    ap.add_argument("--endpoint", required=True, help="source host:port")
+    ap.add_argument("--run-id", required=True)
+    ap.add_argument("--hint-fd", type=int, default=-1, help="pipe carrying faulted page indices to the bulk worker")
+    return ap
+
+
+def open_memory(args: argparse.Namespace) -> Memory:
+    uffd = Uffd(args.uffd)
+    regions = [Region(base=b, size=s, first_page=f) for b, s, f in json.loads(args.regions)]
+    bitmap = SharedBitmap.attach(args.bitmap_fd, args.pages)
+    return Memory(uffd, bitmap, FaultReader(uffd, regions, args.page_size), args.pages, args.page_size)
+
+
+def emit(record: dict) -> None:
+    """One JSON line to the agent."""
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def stop_on_stdin_close() -> threading.Event:
+    """An event set when the agent closes our stdin (its way to stop us)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
+    return stop
+
+
+class Reporter:
+    """Emits a counters line at most every REPORT_EVERY seconds."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def maybe(self, counters: dict) -> None:
+        now = time.monotonic()
+        if now - self._last >= REPORT_EVERY:
+            self._last = now
+            emit(counters)

@@ -1,0 +1,267 @@
+"""The guest runner: a process that owns guest RAM and runs a workload on it.
+
+    python -m migrate.guest.runner --memfd FD --control-fd FD --size BYTES
+        [--page-size N] [--workload NAME] [--seed N] [--ops N] [--threads N]
+        [--ops-per-sec R] [--restore] [--start-paused] [--no-fill]
+
+The agent creates the memfd and a unix socketpair and passes one end of each
+(inherited fds).  The runner maps the memfd MAP_SHARED.
+
+Source mode: fill memory (unless --no-fill), send ``{"event": "ready"}``,
+start the workload (unless --start-paused).
+
+Restore mode (--restore, destination): touch nothing; create a userfaultfd,
+register the whole mapping for MISSING faults and send it to the agent over
+the control socket as a Firecracker-style handshake (migrate.handshake) --
+the first and only message until the agent's first command.  Then wait for
+``resume`` with the execution state; workload threads touching missing
+pages block in the kernel until the agent installs them.
+
+Control protocol (JSON lines on the control socket):
+
+- agent -> runner: ``{"id": n, "cmd": "pause"|"resume"|"state"|"digest"|"stats"|"stop", ...}``
+  (``resume`` takes an optional ``"state"``: an exported execution state).
+- runner -> agent: ``{"id": n, "ok": true, ...}`` or ``{"id": n, "ok": false, "error": "..."}``;
+  pause/state reply ``{"state": {...}, "last_op_ns": t}``; digest ``{"digest": hex16}``;
+  stats ``{ops_done, ops_total, running, finished, first_op_ns, last_op_ns}``.
+- events: ``{"event": "ready", "pid"}`` (source mode),
+  ``{"event": "progress", "t_ns", "ops", "first_op_ns", "running"}`` every
+  ~20 ms while running and once at every pause/resume,
+  ``{"event": "finished", "ops", "t_ns"}`` when all ops are done.
+
+The runner exits when the control socket closes or on ``stop``; it also asks
+the kernel for SIGKILL when its parent (thread) dies.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+PROGRESS_EVERY = 0.02
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(expected_ppid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if expected_ppid and os.getppid() != expected_ppid:  # parent already gone
+        os._exit(1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m migrate.guest.runner", description=__doc__.split("\n")[0])
+    ap.add_argument("--memfd", type=int, required=True, help="inherited fd of guest RAM")
+    ap.add_argument("--control-fd", type=int, required=True, help="inherited unix stream socket")
+    ap.add_argument("--size", type=int, required=True, help="guest RAM bytes (multiple of --page-size)")
+    ap.add_argument("--page-size", type=int, default=mmap.PAGESIZE)
+    ap.add_argument("--workload", default="random-write")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ops", type=int, default=1_000_000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ops-per-sec", type=float, default=0.0)
+    ap.add_argument("--restore", action="store_true", help="destination mode: hand a userfaultfd to the agent")
+    ap.add_argument("--start-paused", action="store_true")
+    ap.add_argument("--no-fill", action="store_true", help="source mode: keep the memfd's content")
+    ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from migrate.guest.process import GuestSpec
+        from migrate.guest.workloads import Workload
+
+        self.args = args
+        self.spec = GuestSpec(size=args.size, workload=args.workload, seed=args.seed, ops=args.ops,
+                              threads=args.threads, ops_per_sec=args.ops_per_sec, page_size=args.page_size)
+        self.spec.validate()
+        st = os.fstat(args.memfd)
+        if st.st_size < args.size:
+            raise ValueError(f"memfd {args.memfd} holds {st.st_size} bytes, less than --size {args.size}")
+        self.sock = socket.socket(fileno=args.control_fd)
+        self.sock.setblocking(True)
+        self.send_lock = threading.Lock()
+        self.ctl_lock = threading.Lock()     # serializes pause/resume/state changes
+        self.mem = mmap.mmap(args.memfd, args.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(args.memfd)                 # the mapping keeps the file
+        self.wl = Workload(self.mem, workload=args.workload, seed=args.seed, ops=args.ops, threads=args.threads,
+                           ops_per_sec=args.ops_per_sec, page_size=args.page_size)
+        self.uffd = None
+        self.finished_sent = False
+        self.closing = False
+
+    # ------------------------------------------------------------- output
+    def send(self, msg: dict) -> None:
+        line = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        with self.send_lock:
+            try:
+                self.sock.sendall(line)
+            except OSError:
+                os._exit(0)                  # the agent is gone
+
+    def progress(self) -> None:
+        self.send({"event": "progress", "t_ns": time.time_ns(), "ops": self.wl.ops_done,
+                   "first_op_ns": self.wl.first_op_ns(), "running": self.wl.running})
+
+    def stats(self) -> dict:
+        return {"ops_done": self.wl.ops_done, "ops_total": self.spec.ops, "running": self.wl.running,
+                "finished": self.wl.finished, "first_op_ns": self.wl.first_op_ns(),
+                "last_op_ns": self.wl.last_op_ns(), "pid": os.getpid()}
+
+    # ------------------------------------------------------------- modes
+    def setup(self) -> None:
+        if self.args.restore:
+            self._setup_restore()
+            return
+        if not self.args.no_fill:
+            from migrate.guest.workloads import fill_realistic
+            fill_realistic(self.mem, self.spec.page_size, self.spec.seed)
+        self.send({"event": "ready", "pid": os.getpid()})
+        if not self.args.start_paused:
+            self.wl.start()
+            self.progress()
+
+    def _setup_restore(self) -> None:
+        from migrate import uffd as U
+        from migrate.handshake import send_handshake
+
+        page = self.spec.page_size
+        features = U.FEATURE_MISSING_SHMEM | (U.FEATURE_MISSING_HUGETLBFS if page > mmap.PAGESIZE else 0)
+        self.uffd = U.Uffd.create(features, page_size=page)
+        base = self.wl.address
+        self.uffd.register(base, self.spec.size, U.MODE_MISSING)
+        # We keep our copy of the fd open: if the agent's copy were the last
+        # one and it went away, faulting threads would read zero pages.
+        send_handshake(self.sock, self.uffd.fd,
+                       [{"base_host_virt_addr": base, "size": self.spec.size, "offset": 0, "page_size": page}])
+
+    # ----------------------------------------------------------- commands
+    def handle(self, msg: dict) -> None:
+        rid = msg.get("id")
+        cmd = msg.get("cmd")
+        try:
+            if cmd == "digest":               # may fault in every page: off the command loop
+                threading.Thread(target=self._digest, args=(rid,), daemon=True).start()
+                return
+            reply = getattr(self, f"cmd_{cmd}")(msg) if isinstance(cmd, str) and hasattr(self, f"cmd_{cmd}") \
+                else None
+            if reply is None:
+                raise ValueError(f"unknown command {cmd!r}")
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the agent
+            self.send({"id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
+            return
+        self.send({"id": rid, "ok": True, **reply})
+        if cmd == "stop":
+            self.closing = True
+
+    def _digest(self, rid: object) -> None:
+        from migrate.guest.workloads import digest
+        try:
+            self.send({"id": rid, "ok": True, "digest": digest(self.mem)})
+        except Exception as e:  # noqa: BLE001
+            self.send({"id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
+
+    def cmd_pause(self, msg: dict) -> dict:
+        with self.ctl_lock:
+            self.wl.pause()
+            state = self.wl.export_state()
+        self.progress()
+        return {"state": state, "last_op_ns": state["last_op_ns"]}
+
+    def cmd_resume(self, msg: dict) -> dict:
+        with self.ctl_lock:
+            if self.wl.running:
+                raise RuntimeError("the workload is already running")
+            state = msg.get("state")
+            if state:
+                if isinstance(state, dict) and "threads" not in state and isinstance(state.get("state"), dict):
+                    state = state["state"]       # a whole pause reply
+                self.wl.import_state(state)
+            self.finished_sent = False
+            self.wl.start()
+        self.progress()
+        return {}
+
+    def cmd_state(self, msg: dict) -> dict:
+        state = self.wl.export_state()
+        return {"state": state, "last_op_ns": state["last_op_ns"], "running": self.wl.running}
+
+    def cmd_stats(self, msg: dict) -> dict:
+        return self.stats()
+
+    def cmd_stop(self, msg: dict) -> dict:
+        return {}
+
+    # -------------------------------------------------------------- loops
+    def progress_loop(self) -> None:
+        while not self.closing:
+            time.sleep(PROGRESS_EVERY)
+            if not self.wl.running:
+                continue
+            self.progress()
+            if self.wl.finished and not self.finished_sent:
+                with self.ctl_lock:
+                    if self.finished_sent or not self.wl.running:
+                        continue
+                    self.wl.pause()          # join the (finished) threads
+                    self.finished_sent = True
+                    self.send({"event": "finished", "ops": self.wl.ops_done, "t_ns": self.wl.last_op_ns()})
+
+    def command_loop(self) -> None:
+        buf = b""
+        while not self.closing:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:                  # ECONNRESET: the agent closed with data unread
+                return
+            if not chunk:
+                return                       # the agent closed the socket (or died)
+            buf += chunk
+            while b"\n" in buf and not self.closing:
+                line, buf = buf.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                try:
+                    msg = json.loads(line)
+                    if not isinstance(msg, dict):
+                        raise ValueError("a command must be a JSON object")
+                except ValueError as e:
+                    self.send({"id": None, "ok": False, "error": f"bad command line: {e}"})
+                    continue
+                self.handle(msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    try:
+        runner = Runner(args)
+    except (ValueError, OSError) as e:
+        print(f"migrate.guest.runner: {e}", file=sys.stderr)
+        return 2
+    try:
+        runner.setup()
+    except Exception as e:  # noqa: BLE001
+        print(f"migrate.guest.runner: setup failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
+    threading.Thread(target=runner.progress_loop, daemon=True, name="progress").start()
+    runner.command_loop()
+    # Stop or agent gone.  Do not join workload threads: on a destination they
+    # may be blocked on faults nobody will resolve.  Guest RAM is the memfd.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The guests an agent hosts: runner processes and memory images.
+
+An agent owns each guest's memory file descriptor (a memfd it created, or an
+image file) and a read-only shared mapping of it, from which the source
+serves pages without ever copying guest RAM.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from dataclasses import dataclass, field
+
+from migrate.guest.process import GuestProcess, GuestSpec
+from migrate.proto import migrate_pb2 as pb
+
+
+def spec_to_pb(spec: GuestSpec) -> pb.GuestSpec:
+    return pb.GuestSpec(size=spec.size, workload=spec.workload, seed=spec.seed, ops=spec.ops,
+                        threads=spec.threads, ops_per_sec=spec.ops_per_sec, page_size=spec.page_size)
+
+
+def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
+    """A validated GuestSpec (ValueError with a clear message otherwise)."""
+    spec = GuestSpec(size=msg.size, workload=msg.workload or "random-write", seed=msg.seed,
+                     ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
+                     page_size=msg.page_size or mmap.PAGESIZE)
+    spec.validate()
+    return spec
+
+
+def create_memfd(name: str, size: int) -> int:
+    """A sealed-size memfd for guest RAM (MFD_CLOEXEC: passed on explicitly)."""
+    fd = os.memfd_create(f"migrate-guest-{name}", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class HostedGuest:
+    """One guest on this agent. `mem` is a read-only view of its RAM."""
+
+    name: str
+    spec: GuestSpec
+    kind: str                       # "runner" or "image"
+    fd: int
+    process: GuestProcess | None = None
+    state: str = "running"
+    run_id: str = ""
+    _map: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def page_count(self) -> int:
+        return self.spec.size // self.spec.page_size
+
+    @property
+    def mem(self) -> memoryview:
+        if self._map is None:
+            self._map = mmap.mmap(self.fd, self.spec.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return memoryview(self._map)
+
+    def info(self, *, with_progress: bool = False) -> pb.GuestInfo:
+        msg = pb.GuestInfo(name=self.name, spec=spec_to_pb(self.spec), state=self.state, kind=self.kind,
+                           page_count=self.page_count, page_size=self.spec.page_size, run_id=self.run_id)
+        if self.process is not None:
+            msg.pid = self.process.pid
+            try:
+                stats = self.process.stats()
+            except (RuntimeError, TimeoutError, OSError):
+                stats = {}
+            msg.ops_done = int(stats.get("ops_done", 0))
+            msg.finished = bool(stats.get("finished", False))
+            msg.first_op_ns = int(stats.get("first_op_ns", 0) or 0)
+            msg.last_op_ns = int(stats.get("last_op_ns", 0) or 0)
+            if msg.finished and self.state == "running":
+                msg.state = "finished"
+            if with_progress:
+                msg.progress.extend(pb.ProgressPoint(t_ns=t, ops=o) for t, o in list(self.process.progress))
+        return msg
+
+    def close(self) -> None:
+        """Stop the runner (by PID, reaped) and release the memory."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a memoryview still exported; the mapping dies with it
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class GuestTable:
+    """Name -> HostedGuest, safe to use from gRPC worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._guests: dict[str, HostedGuest] = {}
+
+    def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False) -> HostedGuest:
+        """Create guest RAM and start a runner on it."""
+        self._reserve(name)
+        fd = -1
+        try:
+            fd = create_memfd(name, spec.size)
+            proc = GuestProcess.launch(spec, fd, start_paused=start_paused)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            self._release(name)
+            raise
+        guest = HostedGuest(name, spec, "runner", fd, proc, state="paused" if start_paused else "running")
+        return self._install(guest)
+
+    def add_image(self, name: str, path: str, page_size: int = mmap.PAGESIZE) -> HostedGuest:
+        """Serve a memory image file as a guest's RAM (read-only)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise ValueError(f"cannot open image {path}: {err.strerror}") from None
+        size = os.fstat(fd).st_size
+        if size == 0 or size % page_size:
+            os.close(fd)
+            raise ValueError(f"image {path} is {size} bytes: not a positive multiple of the {page_size}-byte page")
+        spec = GuestSpec(size=size, workload="idle", seed=0, ops=0, threads=1, page_size=page_size)
+        self._reserve(name)
+        return self._install(HostedGuest(name, spec, "image", fd, state="image"))
+
+    def adopt(self, guest: HostedGuest) -> HostedGuest:
+        """Host a guest created elsewhere (an incoming migration)."""
+        self._reserve(guest.name)
+        return self._install(guest)
+
+    def get(self, name: str) -> HostedGuest:
+        with self._lock:
+            guest = self._guests.get(name)
+        if guest is None:
+            raise KeyError(f"no guest named {name!r} on this agent")
+        return guest
+
+    def all(self) -> list[HostedGuest]:
+        with self._lock:
+            return [g for g in self._guests.values() if g is not None]
+
+    def remove(self, name: str) -> HostedGuest:
+        with self._lock:
+            guest = self._guests.pop(name, None)
+        if guest is None:
+            raise KeyError(f"no guest named {name!r} on this agent")
+        guest.close()
+        return guest
+
+    def close_all(self) -> None:
+        for guest in self.all():
+            self.remove(guest.name)
+
+    def _reserve(self, name: str) -> None:
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+            raise ValueError(f"bad guest name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        with self._lock:
+            if name in self._guests:
+                raise FileExistsError(f"a guest named {name!r} already exists on this agent")
+            self._guests[name] = None  # type: ignore[assignment]  # placeholder while launching
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            self._guests.pop(name, None)
+
+    def _install(self, guest: HostedGuest) -> HostedGuest:
+        with self._lock:
+            self._guests[guest.name] = guest
+        return guest

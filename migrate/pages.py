@@ -1,0 +1,85 @@
+"""Packing pages for the wire: zero pages as runs, the rest concatenated.
+
+The source packs every batch it sends (native/pages.c scans and copies
+GIL-free); the destination installs the same shape with
+``FaultReader.install`` without expanding it. ``expand_pages`` is the
+inverse, for checks and for writing pages into plain memory.
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+from collections.abc import Sequence
+
+from migrate._errors import os_error
+from migrate._native import ffi, lib
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+
+class _Scratch(threading.local):
+    """Per-thread output buffers for pack_pages, grown on demand and reused."""
+
+    def __init__(self) -> None:
+        self.capacity = 0  # pages
+        self.data = ffi.new("uint8_t[]", 0)
+        self.runs = ffi.new("uint32_t[]", 0)
+        self.nruns = ffi.new("uint32_t *")
+
+    def ensure(self, count: int, page_size: int) -> None:
+        if count * page_size > len(self.data):
+            self.data = ffi.new("uint8_t[]", count * page_size)
+        if count > self.capacity:
+            # Zero and non-zero runs alternate: at most ceil(count / 2) zero runs.
+            self.runs = ffi.new("uint32_t[]", 2 * ((count + 1) // 2))
+            self.capacity = count
+
+
+_scratch = _Scratch()
+
+
+def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> tuple[list[int], memoryview]:
+    """Split pages [first_page, first_page + count) of `mem` into zero runs and data.
+
+    Returns (zero_runs, data): zero_runs are flat (start, length) pairs
+    relative to first_page, sorted; data is the non-zero pages concatenated in
+    order. `data` is a view into a per-thread buffer that the next pack_pages
+    call in the same thread overwrites: consume or copy it before then.
+    """
+    if page_size <= 0 or page_size % 64:
+        raise ValueError(f"page size {page_size} is not a positive multiple of 64")
+    if first_page < 0 or count < 0:
+        raise ValueError(f"bad page range first_page={first_page} count={count}")
+    s = _scratch
+    s.ensure(count, page_size)
+    with ffi.from_buffer("uint8_t[]", mem) as src:
+        end = (first_page + count) * page_size
+        if end > len(src):
+            raise ValueError(f"pages [{first_page}, {first_page + count}) end beyond memory of {len(src)} bytes")
+        n = lib.mig_pack_pages(src + first_page * page_size, count, page_size, s.runs, len(s.runs) // 2,
+                               s.nruns, s.data)
+    if n < 0:
+        raise os_error(-n, f"mig_pack_pages first_page={first_page} count={count}")
+    return ffi.unpack(s.runs, 2 * s.nruns[0]), memoryview(ffi.buffer(s.data, n))
+
+
+def expand_pages(count: int, page_size: int, zero_runs: Sequence[int], data: Buffer) -> bytes:
+    """The `count` pages that pack_pages described as (zero_runs, data)."""
+    if len(zero_runs) % 2:
+        raise ValueError("zero_runs must hold (start, length) pairs")
+    out = bytearray(count * page_size)
+    view = memoryview(data).cast("B")
+    pos = 0  # next data byte
+    page = 0  # next page to fill
+    for start, length in [*zip(zero_runs[::2], zero_runs[1::2]), (count, 0)]:
+        if start < page or start + length > count:
+            raise ValueError(f"bad zero run ({start}, {length}) in {count} pages")
+        nbytes = (start - page) * page_size
+        if pos + nbytes > len(view):
+            raise ValueError(f"{len(view)} data bytes, fewer than the non-zero pages need")
+        out[page * page_size:start * page_size] = view[pos:pos + nbytes]
+        pos += nbytes
+        page = start + length
+    if pos != len(view):
+        raise ValueError(f"{len(view)} data bytes for {pos // page_size} non-zero pages")
+    return bytes(out)

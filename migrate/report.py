@@ -1,0 +1,99 @@
+"""The migration report: one JSON document, and the table the CLI prints.
+
+Field names are a contract (../shared/checks/report_fields.py checks them):
+total_s, downtime_ms, pages.*, faults.*, bytes.*, compression_ratio,
+guest.blocked_ms, guest.progress, verified.
+"""
+from __future__ import annotations
+
+import json
+
+from migrate.proto import migrate_pb2 as pb
+from migrate.stats import summarize
+
+MiB = 1024 * 1024
+
+
+def _progress(info: pb.GuestInfo, host: str, t_start_ns: int) -> list[dict]:
+    return [{"t_s": round((p.t_ns - t_start_ns) / 1e9, 4), "ops": p.ops, "host": host} for p in info.progress]
+
+
+def _rate(points: list[dict], lo: float, hi: float) -> float:
+    """Guest ops/s between times lo and hi (seconds), from progress points."""
+    inside = [p for p in points if lo <= p["t_s"] <= hi]
+    if len(inside) < 2 or inside[-1]["t_s"] <= inside[0]["t_s"]:
+        return 0.0
+    return (inside[-1]["ops"] - inside[0]["ops"]) / (inside[-1]["t_s"] - inside[0]["t_s"])
+
+
+def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, switch: pb.SwitchoverReply,
+          prepare_ms: float, resume_ms: float, status: pb.MigrationStatus, source_stats: pb.SourceStats,
+          before: pb.GuestInfo, after: pb.GuestInfo, verified: bool | None, mode: str = "postcopy") -> dict:
+    """Assemble the report from what the agents said."""
+    detail = json.loads(status.detail_json or "{}")
+    faults = detail.get("faults", {})
+    latency = faults.get("latency_us") or summarize([])
+    if after.first_op_ns and switch.last_op_ns:
+        downtime_ms = (after.first_op_ns - switch.last_op_ns) / 1e6
+    else:  # the guest did no work across the switch: the control path is the downtime
+        downtime_ms = switch.pause_ms + resume_ms
+    progress = _progress(before, "source", t_start_ns) + _progress(after, "dest", t_start_ns)
+    progress.sort(key=lambda p: p["t_s"])
+    wire = status.bytes_wire
+    doc = {
+        "guest": {
+            "name": name,
+            "size": spec.size,
+            "workload": spec.workload,
+            "threads": spec.threads,
+            "blocked_ms": float(faults.get("blocked_ms", 0.0)),
+            "progress": progress,
+            "ops_per_s_before": round(_rate(progress, -5.0, 0.0), 1),
+            "ops_per_s_during": round(_rate(progress, 0.0, total_s), 1),
+        },
+        "mode": mode,
+        "total_s": round(total_s, 4),
+        "downtime_ms": round(max(downtime_ms, 0.0), 3),
+        "timings_ms": {"prepare": round(prepare_ms, 3), "pause": round(switch.pause_ms, 3),
+                       "resume": round(resume_ms, 3)},
+        "pages": {
+            "total": status.pages_total,
+            "received": status.pages_received,
+            "pushed": status.pages_pushed,
+            "faulted": status.pages_faulted,
+            "zero": status.pages_zero,
+            "page_size": spec.page_size,
+        },
+        "faults": {"count": status.faults, "latency_us": latency},
+        "bytes": {"wire": wire, "pages": status.bytes_pages},
+        "compression_ratio": round(status.bytes_pages / wire, 3) if wire else 1.0,
+        "source": {"urgent_requests": source_stats.urgent_requests, "urgent_pages": source_stats.urgent_pages,
+                   "bulk_pages": source_stats.bulk_pages, "bulk_bytes": source_stats.bulk_bytes},
+    }
+    if verified is not None:
+        doc["verified"] = verified
+    return doc
+
+
+def table(doc: dict) -> str:
+    """The report as a short table for a terminal."""
+    p, f, b = doc["pages"], doc["faults"], doc["bytes"]
+    lat = f["latency_us"]
+    mb = b["pages"] / MiB
+    rows = [
+        ("guest", f"{doc['guest']['name']}: {doc['guest']['size'] // MiB} MiB, {doc['guest']['workload']}"),
+        ("mode", doc.get("mode", "postcopy")),
+        ("total time", f"{doc['total_s']:.3f} s ({mb / doc['total_s']:.0f} MiB/s of guest memory)"
+         if doc["total_s"] else "-"),
+        ("downtime", f"{doc['downtime_ms']:.2f} ms"),
+        ("pages", f"{p['total']} total: {p['pushed']} pushed, {p['faulted']} faulted, {p['zero']} zero"),
+        ("faults", f"{f['count']}: p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, max {lat['max']:.0f} µs"),
+        ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"),
+        ("on the wire", f"{b['wire'] / MiB:.1f} MiB for {mb:.1f} MiB of pages "
+                        f"(compression {doc['compression_ratio']:.2f}x)"),
+    ]
+    if "verified" in doc:
+        rows.append(("verified", "yes: digest equals the unmigrated run" if doc["verified"]
+                     else "NO: digest differs from the unmigrated run"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,167 @@
+"""Source side of a migration: the run, its bulk server, the urgent stream.
+
+A run begins with PrepareOutgoing (the guest keeps running; a bulk page
+server process starts), switches over (the guest pauses, its execution state
+goes to the destination), serves pages until the destination has them all,
+and ends with CompleteOutgoing (the guest is released here) or
+AbortOutgoing (the guest resumes here as if nothing happened).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+from migrate import spawn
+from migrate.batches import BatchEncoder
+from migrate.guests import HostedGuest
+from migrate.local import read_first_line
+from migrate.proto import migrate_pb2 as pb
+from migrate.proto import migrate_pb2_grpc as pb_grpc
+
+#: Most pages one urgent request may ask for.
+MAX_URGENT_PAGES = 64
+_BULK_START_TIMEOUT = 20.0
+
+
+class OutgoingRun:
+    """One guest leaving this agent."""
+
+    def __init__(self, guest: HostedGuest, listen_host: str, level: int) -> None:
+        self.run_id = uuid.uuid4().hex
+        self.guest = guest
+        self.switched = False
+        self.state_json = b""
+        self.urgent_requests = 0
+        self.urgent_pages = 0
+        self.urgent_bytes = 0
+        self._lock = threading.Lock()
+        self._bulk = subprocess.Popen(
+            spawn.module_argv("migrate.source.bulk_server", "--memfd", str(guest.fd),
+                              "--size", str(guest.spec.size), "--page-size", str(guest.spec.page_size),
+                              "--run-id", self.run_id, "--listen", f"{listen_host}:0", "--level", str(level)),
+            pass_fds=(guest.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=spawn.child_env())
+        line = read_first_line(self._bulk, _BULK_START_TIMEOUT)
+        reply = json.loads(line) if line else {"error": "bulk page server did not start"}
+        if "port" not in reply:
+            self._stop_bulk()
+            raise RuntimeError(reply.get("error", "bulk page server failed to start"))
+        self.bulk_port = int(reply["port"])
+        self.bulk_stats: dict = {}
+
+    def count_urgent(self, batch: pb.PageBatch) -> None:
+        with self._lock:
+            self.urgent_requests += 1
+            self.urgent_pages += batch.count
+            self.urgent_bytes += batch.ByteSize()
+
+    def switchover(self) -> pb.SwitchoverReply:
+        """Pause the guest and hand over its execution state."""
+        t0 = time.monotonic()
+        proc = self.guest.process
+        if proc is None:  # an image: nothing runs, nothing to hand over
+            state, last_op_ns = {}, 0
+        else:
+            state = proc.pause()
+            last_op_ns = int(state.get("last_op_ns", 0))
+        self.state_json = json.dumps(state).encode()
+        self.switched = True
+        self.guest.state = "migrating-out"
+        return pb.SwitchoverReply(state_json=self.state_json, last_op_ns=last_op_ns,
+                                  pause_ms=(time.monotonic() - t0) * 1000.0)
+
+    def abort(self) -> None:
+        """Give the guest back to this host, running as before."""
+        self._stop_bulk()
+        if self.guest.process is not None and self.switched:
+            self.guest.process.resume()
+        self.guest.state = "running" if self.guest.kind == "runner" else "image"
+        self.guest.run_id = ""
+
+    def complete(self) -> pb.SourceStats:
+        self._stop_bulk()
+        return pb.SourceStats(urgent_requests=self.urgent_requests, urgent_pages=self.urgent_pages,
+                              urgent_bytes=self.urgent_bytes, bulk_pages=self.bulk_stats.get("pages", 0),
+                              bulk_bytes=self.bulk_stats.get("bytes", 0))
+
+    def _stop_bulk(self) -> None:
+        proc = self._bulk
+        if proc.poll() is None:
+            try:
+                out, _ = proc.communicate(input="", timeout=5)
+                lines = [ln for ln in out.splitlines() if ln.strip()]
+                if lines:
+                    self.bulk_stats = json.loads(lines[-1])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        elif proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+        if proc.stdout and not proc.stdout.closed:
+            proc.stdout.close()
+
+
+class OutgoingRuns:
+    """run_id -> OutgoingRun, shared by the control service and page service."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, OutgoingRun] = {}
+
+    def add(self, run: OutgoingRun) -> None:
+        with self._lock:
+            self._runs[run.run_id] = run
+
+    def get(self, run_id: str) -> OutgoingRun:
+        with self._lock:
+            run = self._runs.get(run_id)
+        if run is None:
+            raise KeyError(f"no outgoing migration {run_id!r} on this agent")
+        return run
+
+    def pop(self, run_id: str) -> OutgoingRun:
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is None:
+            raise KeyError(f"no outgoing migration {run_id!r} on this agent")
+        return run
+
+    def all(self) -> list[OutgoingRun]:
+        with self._lock:
+            return list(self._runs.values())
+
+
+class UrgentPages(pb_grpc.PagesServicer):
+    """Pages.Fetch: the urgent stream, answered raw, ahead of everything else."""
+
+    def __init__(self, runs: OutgoingRuns) -> None:
+        self._runs = runs
+
+    def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
+        encoders: dict[str, BatchEncoder] = {}
+        for req in request_iterator:
+            try:
+                run = self._runs.get(req.run_id)
+            except KeyError as err:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            if not run.switched:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "pages are served only after switchover")
+            pages = run.guest.page_count
+            if not 0 < req.count <= MAX_URGENT_PAGES or req.first_page + req.count > pages:
+                context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                              f"bad page range [{req.first_page}, +{req.count}) for {pages} pages")
+            enc = encoders.get(req.run_id)
+            if enc is None:
+                enc = encoders[req.run_id] = BatchEncoder(run.guest.mem, run.guest.spec.page_size, None)
+            batch = enc.encode(req.first_page, req.count, req.req_id)
+            run.count_urgent(batch)
+            yield batch
+
+    def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "bulk pages come from the bulk server named in PrepareOutgoingReply.bulk_endpoint")

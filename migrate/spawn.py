@@ -1,0 +1,32 @@
+"""Starting our own Python child processes (runners, workers, agents).
+
+A child must import exactly the `migrate` package its parent runs, not
+whatever `migrate/` directory happens to be in the current directory (a
+source checkout without the compiled extension, say). So children run with
+-P (no current directory on sys.path) and PYTHONPATH pointing at the
+parent's package root.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import migrate
+
+_ROOT = str(Path(migrate.__file__).resolve().parent.parent)
+
+
+def module_argv(module: str, *args: str) -> list[str]:
+    """argv running `python -m module args...` in a child."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: ours, with our package root first on PYTHONPATH."""
+    env = dict(os.environ)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _ROOT + (os.pathsep + old if old else "")
+    if extra:
+        env.update(extra)
+    return env

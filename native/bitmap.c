@@ -1,0 +1,84 @@
+/* Atomic page bitmaps (see bitmap.h). */
+#include "bitmap.h"
+
+#define WORD_BITS 64
+
+/* Bits [lo, hi) of one word, 0 <= lo < hi <= 64. */
+static inline uint64_t word_mask(unsigned lo, unsigned hi)
+{
+    uint64_t upper = hi == WORD_BITS ? ~0ULL : (1ULL << hi) - 1;
+    return upper & ~((1ULL << lo) - 1);
+}
+
+/* Apply `op` (1 = set, 0 = clear) to bits [first, first + count), one atomic
+ * read-modify-write per word. */
+static void update(uint64_t *bm, uint64_t first, uint64_t count, int op)
+{
+    uint64_t end = first + count;
+    while (first < end) {
+        uint64_t w = first / WORD_BITS;
+        unsigned lo = first % WORD_BITS;
+        unsigned hi = end - w * WORD_BITS < WORD_BITS ? (unsigned)(end - w * WORD_BITS) : WORD_BITS;
+        uint64_t m = word_mask(lo, hi);
+        if (op)
+            __atomic_fetch_or(&bm[w], m, __ATOMIC_RELEASE);
+        else
+            __atomic_fetch_and(&bm[w], ~m, __ATOMIC_RELEASE);
+        first = (w + 1) * WORD_BITS;
+    }
+}
+
+void mig_bitmap_set(uint64_t *bm, uint64_t first, uint64_t count)
+{
+    update(bm, first, count, 1);
+}
+
+void mig_bitmap_clear(uint64_t *bm, uint64_t first, uint64_t count)
+{
+    update(bm, first, count, 0);
+}
+
+int mig_bitmap_test(const uint64_t *bm, uint64_t bit)
+{
+    return (__atomic_load_n(&bm[bit / WORD_BITS], __ATOMIC_ACQUIRE) >> (bit % WORD_BITS)) & 1;
+}
+
+uint64_t mig_bitmap_count(const uint64_t *bm, uint64_t nbits)
+{
+    uint64_t n = 0, full = nbits / WORD_BITS;
+    for (uint64_t w = 0; w < full; w++)
+        n += __builtin_popcountll(__atomic_load_n(&bm[w], __ATOMIC_RELAXED));
+    if (nbits % WORD_BITS)
+        n += __builtin_popcountll(__atomic_load_n(&bm[full], __ATOMIC_RELAXED) &
+                                  word_mask(0, nbits % WORD_BITS));
+    return n;
+}
+
+/* First bit in [start, nbits) whose value equals `want`; nbits if none.
+ * Words are inverted when looking for a clear bit, so one scan serves both. */
+static uint64_t next_bit(const uint64_t *bm, uint64_t nbits, uint64_t start, int want)
+{
+    if (start >= nbits)
+        return nbits;
+    uint64_t flip = want ? 0 : ~0ULL;
+    uint64_t w = start / WORD_BITS;
+    uint64_t word = (__atomic_load_n(&bm[w], __ATOMIC_ACQUIRE) ^ flip) & ~((1ULL << (start % WORD_BITS)) - 1);
+    uint64_t last = (nbits - 1) / WORD_BITS;
+    while (!word) {
+        if (++w > last)
+            return nbits;
+        word = __atomic_load_n(&bm[w], __ATOMIC_ACQUIRE) ^ flip;
+    }
+    uint64_t bit = w * WORD_BITS + (uint64_t)__builtin_ctzll(word);
+    return bit < nbits ? bit : nbits;
+}
+
+uint64_t mig_bitmap_next_clear(const uint64_t *bm, uint64_t nbits, uint64_t start)
+{
+    return next_bit(bm, nbits, start, 0);
+}
+
+uint64_t mig_bitmap_next_set(const uint64_t *bm, uint64_t nbits, uint64_t start)
+{
+    return next_bit(bm, nbits, start, 1);
+}

@@ -1,0 +1,21 @@
+/* Page bitmaps: uint64_t words, bit i = page i (LSB first).
+ *
+ * The received bitmap lives in shared memory and is written by several
+ * processes at once (fault path, bulk path), so every access goes through
+ * __atomic builtins: writers with read-modify-write, readers with acquire
+ * loads. A bit is set only after its page is installed, so a reader that sees
+ * it set may wake the page's waiters. */
+#ifndef MIGRATE_BITMAP_H
+#define MIGRATE_BITMAP_H
+
+#include <stdint.h>
+
+void mig_bitmap_set(uint64_t *bm, uint64_t first, uint64_t count);
+void mig_bitmap_clear(uint64_t *bm, uint64_t first, uint64_t count);
+int mig_bitmap_test(const uint64_t *bm, uint64_t bit);
+uint64_t mig_bitmap_count(const uint64_t *bm, uint64_t nbits);
+/* First clear (set) bit in [start, nbits), or nbits if there is none. */
+uint64_t mig_bitmap_next_clear(const uint64_t *bm, uint64_t nbits, uint64_t start);
+uint64_t mig_bitmap_next_set(const uint64_t *bm, uint64_t nbits, uint64_t start);
+
+#endif

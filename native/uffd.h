@@ -1,0 +1,143 @@
+/* userfaultfd and PAGEMAP_SCAN: thin wrappers, the fault-reading step and
+ * the batch installer (see uffd.c).
+ *
+ * The installed uapi headers predate the running kernel, so the constants and
+ * structs added after them (6.1-6.8) are defined here under #ifndef guards,
+ * with the kernel's uapi layout (include/uapi/linux/userfaultfd.h, fs.h).
+ * Every function returns >= 0 on success or -errno. */
+#ifndef MIGRATE_UFFD_H
+#define MIGRATE_UFFD_H
+
+#include <stdint.h>
+#include <linux/ioctl.h>
+#include <linux/types.h>
+#include <linux/userfaultfd.h>
+/* <linux/fs.h> is deliberately not included: it drags in <linux/mount.h>,
+ * which clashes with glibc's <sys/mount.h>; its old copy here lacks
+ * PAGEMAP_SCAN anyway. */
+
+/* ---- userfaultfd additions (uapi/linux/userfaultfd.h) ---- */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+
+#ifndef USERFAULTFD_IOC
+#define USERFAULTFD_IOC 0xAA
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
+#endif
+
+#ifndef _UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+struct uffdio_move {
+    __u64 dst;
+    __u64 src;
+    __u64 len;
+    __u64 mode;
+    __s64 move; /* written by the kernel: bytes moved or -errno */
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#endif
+#ifndef UFFDIO_MOVE_MODE_DONTWAKE
+#define UFFDIO_MOVE_MODE_DONTWAKE ((__u64)1 << 0)
+#define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((__u64)1 << 1)
+#endif
+
+/* ---- PAGEMAP_SCAN (uapi/linux/fs.h, Linux 6.7) ---- */
+#ifndef PAGEMAP_SCAN
+#define PAGE_IS_WPALLOWED (1 << 0)
+#define PAGE_IS_WRITTEN (1 << 1)
+#define PAGE_IS_FILE (1 << 2)
+#define PAGE_IS_PRESENT (1 << 3)
+#define PAGE_IS_SWAPPED (1 << 4)
+#define PAGE_IS_PFNZERO (1 << 5)
+#define PAGE_IS_HUGE (1 << 6)
+#define PAGE_IS_SOFT_DIRTY (1 << 7)
+
+struct page_region {
+    __u64 start;
+    __u64 end; /* exclusive */
+    __u64 categories;
+};
+
+#define PM_SCAN_WP_MATCHING (1 << 0)   /* write-protect the matched pages */
+#define PM_SCAN_CHECK_WPASYNC (1 << 1) /* abort on a page without async WP */
+
+struct pm_scan_arg {
+    __u64 size; /* sizeof(struct pm_scan_arg) */
+    __u64 flags;
+    __u64 start;
+    __u64 end;
+    __u64 walk_end; /* written by the kernel: where the walk stopped */
+    __u64 vec;      /* struct page_region[] */
+    __u64 vec_len;
+    __u64 max_pages;
+    __u64 category_inverted;
+    __u64 category_mask;
+    __u64 category_anyof_mask;
+    __u64 return_mask;
+};
+
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+
+/* ---- our API ---- */
+
+/* One guest memory region as mapped in the guest process: host virtual base,
+ * size in bytes, and the global index of its first page. */
+struct mig_region {
+    uint64_t base;
+    uint64_t size;
+    uint64_t first_page;
+};
+
+/* Counters, accumulated (+=) by mig_install: the caller zeroes them. */
+struct mig_install_stats {
+    uint64_t copied;  /* pages installed by UFFDIO_COPY */
+    uint64_t zeroed;  /* pages installed as zero pages */
+    uint64_t skipped; /* pages already set in the bitmap, not touched */
+    uint64_t eexist;  /* pages the kernel found present (someone raced us) */
+    uint64_t ioctls;  /* install ioctls issued */
+};
+
+/* Counters, accumulated (+=) by mig_read_faults. */
+struct mig_fault_stats {
+    uint64_t msgs;         /* uffd_msg read */
+    uint64_t woken;        /* fault messages for pages already received: woken at once */
+    uint64_t other_events; /* non-pagefault events, and faults outside every region */
+};
+
+int mig_uffd_open(int nonblock);
+int mig_uffd_probe(uint64_t *features_out, uint64_t *ioctls_out);
+int mig_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int mig_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+int mig_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int64_t mig_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, uint32_t page_size);
+int64_t mig_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, uint32_t page_size);
+int mig_uffd_wake(int fd, uint64_t start, uint64_t len);
+int mig_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
+
+int mig_read_faults(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                    const uint64_t *bitmap, uint64_t *out_pages, uint32_t *out_waiters,
+                    uint64_t *out_t_ns, int max_out, int timeout_ms, struct mig_fault_stats *stats);
+
+int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                    uint64_t *bitmap, uint64_t first_page, uint32_t count,
+                    const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
+                    uint64_t data_len, struct mig_install_stats *st);
+
+int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t *out_ranges,
+                             uint32_t max_ranges, uint64_t *walk_end);
+
+#endif

@@ -1,0 +1,47 @@
+/* Synthetic guest content and workloads (see workload.c). */
+#ifndef MIGRATE_WORKLOAD_H
+#define MIGRATE_WORKLOAD_H
+#include <stdint.h>
+
+enum {
+    MIG_WL_SEQ_READ = 0,
+    MIG_WL_SEQ_WRITE = 1,
+    MIG_WL_RANDOM_READ = 2,
+    MIG_WL_RANDOM_WRITE = 3,
+    MIG_WL_HOTSET = 4,
+    MIG_WL_ZIPF = 5,
+    MIG_WL_IDLE = 6,
+    MIG_WL_COUNT = 7,
+};
+
+typedef struct {
+    uint64_t ops_done;
+    uint64_t ops_target;
+    uint64_t rng;
+    uint64_t acc;
+    int64_t first_op_ns;   /* CLOCK_REALTIME of the first op after the last start, 0 if none */
+    int64_t last_op_ns;    /* CLOCK_REALTIME when the thread last stopped (pause or finish), 0 if never */
+    uint64_t first_page;   /* the thread's slice of pages */
+    uint64_t npages;
+} mig_wl_thread_state;
+
+struct mig_wl;
+
+void mig_fill_realistic(uint8_t *mem, uint64_t size, uint32_t page_size, uint64_t seed);
+uint64_t mig_digest(const uint8_t *mem, uint64_t size);
+
+struct mig_wl *mig_wl_new(uint8_t *mem, uint64_t size, uint32_t page_size, int workload_id,
+                          uint64_t seed, uint64_t total_ops, uint32_t nthreads, double ops_per_sec);
+int mig_wl_start(struct mig_wl *h);
+int mig_wl_pause(struct mig_wl *h);
+void mig_wl_free(struct mig_wl *h);
+uint32_t mig_wl_nthreads(struct mig_wl *h);
+int mig_wl_get_thread_state(struct mig_wl *h, uint32_t i, mig_wl_thread_state *out);
+int mig_wl_set_thread_state(struct mig_wl *h, uint32_t i, uint64_t ops_done, uint64_t rng, uint64_t acc);
+uint64_t mig_wl_ops_done(struct mig_wl *h);
+uint64_t mig_wl_ops_total(struct mig_wl *h);
+int mig_wl_finished(struct mig_wl *h);
+int mig_wl_running(struct mig_wl *h);
+int mig_wl_wait_finished(struct mig_wl *h, int64_t timeout_ms);
+int64_t mig_realtime_ns(void);
+#endif

@@ -1,0 +1,82 @@
+"""Shared fixtures: local agents, and a leak check around every test.
+
+After each test no process started by it may still run, and this process
+may hold no more memfds or sockets than before: every test and tool cleans
+up after itself.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from migrate.local import LocalAgent
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs of every living descendant of `pid` (from /proc)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parent[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found.update(kids)
+        frontier.extend(kids)
+    return found
+
+
+def fd_kinds() -> dict[str, int]:
+    """How many memfds and sockets this process holds."""
+    kinds = {"memfd": 0, "socket": 0}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:"):
+            kinds["memfd"] += 1
+        elif target.startswith("socket:"):
+            kinds["socket"] += 1
+    return kinds
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves processes, memfds or sockets behind."""
+    before_procs = descendants(os.getpid())
+    before_fds = fd_kinds()
+    yield
+    if request.node.get_closest_marker("allow_shared_agents"):
+        return
+    deadline = time.monotonic() + 10
+    while True:
+        left = descendants(os.getpid()) - before_procs
+        fds = fd_kinds()
+        grew = {k: fds[k] - before_fds[k] for k in fds if fds[k] > before_fds[k]}
+        if not left and not grew.get("memfd"):
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"test left behind processes {sorted(left)} / fds {grew}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def agents(tmp_path) -> Iterator[tuple[LocalAgent, LocalAgent]]:
+    """A source and a destination agent on loopback, stopped after the test."""
+    with LocalAgent("source", log_path=str(tmp_path / "source.log")) as src, \
+            LocalAgent("dest", log_path=str(tmp_path / "dest.log")) as dst:
+        yield src, dst

@@ -1,0 +1,41 @@
+"""Restoring a memory image into a foreign process over --uffd-socket."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from migrate.local import LocalAgent
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_image(path: Path, pages: int, page: int = 4096) -> None:
+    rng = random.Random(3)
+    chunks = []
+    for i in range(pages):
+        kind = rng.random()
+        if kind < 0.2:
+            chunks.append(bytes(page))
+        elif kind < 0.6:
+            chunks.append((f"page {i} " * page).encode()[:page])
+        else:
+            chunks.append(rng.randbytes(page))
+    path.write_bytes(b"".join(chunks))
+
+
+def test_foreign_process_restored_from_image(tmp_path):
+    image = tmp_path / "mem.img"
+    make_image(image, 2048)
+    sock = tmp_path / "uffd.sock"
+    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
+            LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
+                       log_path=str(tmp_path / "dst.log")):
+        out = subprocess.run([sys.executable, str(HERE / "uffd_client.py"), str(sock), str(image), "11"],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())
+    assert json.loads(out.stdout) == {"pages": 2048, "bad": 0}
+    assert not os.path.exists(sock)  # the agent removed its socket on exit
