@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import grpc
 import zstandard
 
 from migrate import pages
@@ -16,6 +17,41 @@ from migrate.proto import migrate_pb2 as pb
 
 #: Compress only when it saves at least this fraction of the bytes.
 _WORTH_IT = 0.92
+
+
+class PagesClient:
+    """Pages.Fetch and Pages.Bulk calls that count the exact bytes on the wire.
+
+    Counting in the (de)serializers is free, where message.ByteSize() would
+    encode a megabyte batch again. Requests are serialized on one thread and
+    replies parsed on another, so each counter has a single writer.
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.fetch = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self._serialize,
+                                           response_deserializer=self._parse)
+        self.bulk = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self._serialize,
+                                          response_deserializer=self._parse)
+
+    @property
+    def bytes_wire(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+    def _serialize(self, msg: pb.PageRequest | pb.BulkRequest) -> bytes:
+        raw = msg.SerializeToString()
+        self.bytes_sent += len(raw)
+        return raw
+
+    def _parse(self, raw: bytes) -> pb.PageBatch:
+        self.bytes_received += len(raw)
+        return pb.PageBatch.FromString(raw)
+
+
+def approx_wire_size(batch: pb.PageBatch) -> int:
+    """A batch's size on the wire, give or take a few header bytes (no re-encoding)."""
+    return len(batch.data) + 5 * len(batch.zero_runs) + 24
 
 
 class BatchError(ValueError):

@@ -37,8 +37,13 @@ def _endpoint_with_port(endpoint: str, other: str) -> str:
 
 
 def migrate(name: str, src: str, dst: str, opts: RunOptions,
-            on_status: Callable[[pb.MigrationStatus], None] | None = None) -> dict:
-    """Migrate guest `name` from agent `src` to agent `dst`; return the report."""
+            on_status: Callable[[pb.MigrationStatus], None] | None = None,
+            before_switchover: Callable[[], None] | None = None) -> dict:
+    """Migrate guest `name` from agent `src` to agent `dst`; return the report.
+
+    `before_switchover` runs once both sides are prepared, just before the
+    guest pauses: experiments use it to switch at a precise moment.
+    """
     with AgentClient(src) as source, AgentClient(dst) as dest:
         if "source" not in source.call("Hello", pb.HelloRequest()).roles:
             raise AgentError(f"agent at {src} is not a source agent")
@@ -53,8 +58,11 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             prepared = dest.call("PrepareIncoming", pb.PrepareIncomingRequest(
                 run_id=prep.run_id, name=name, spec=prep.spec, source_endpoint=src_ep,
                 bulk_endpoint=_endpoint_with_port(src_ep, prep.bulk_endpoint)), timeout=120)
+            if before_switchover:
+                before_switchover()
             switch = source.call("Switchover", run)
-        except AgentError:
+        except BaseException:
+            _best_effort(dest.call, "AbortIncoming", run)
             source.call("AbortOutgoing", run)
             raise
         try:

@@ -40,12 +40,16 @@ def stop(addr: str, name: str) -> None:
 
 
 def migrate_at(agents, name: str, s: pb.GuestSpec, fraction: float, **opts) -> dict:
-    """Launch, wait until `fraction` of the work is done, migrate with --verify."""
+    """Launch, prepare, switch over once `fraction` of the work is done; --verify."""
     src, dst = agents
     launch(src.address, name, s)
-    assert wait_for(lambda: ops_done(src.address, name) >= fraction * s.ops, timeout=60)
+
+    def at_fraction() -> None:
+        assert wait_for(lambda: ops_done(src.address, name) >= fraction * s.ops, timeout=60)
+
     try:
-        doc = orchestrator.migrate(name, src.address, dst.address, orchestrator.RunOptions(verify=True, **opts))
+        doc = orchestrator.migrate(name, src.address, dst.address, orchestrator.RunOptions(verify=True, **opts),
+                                   before_switchover=at_fraction)
     finally:
         with AgentClient(dst.address) as c:
             if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):

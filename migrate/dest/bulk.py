@@ -18,11 +18,10 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import rpc
-from migrate.batches import BatchDecoder, BatchError
+from migrate.batches import BatchDecoder, BatchError, PagesClient
 from migrate.bitmap import SharedBitmap
 from migrate.dest import worker
 from migrate.proto import migrate_pb2 as pb
-from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.bulk_server import MAX_BULK_PAGES
 
 #: Bulk requests in flight: enough to keep the link busy while one installs.
@@ -75,8 +74,10 @@ class Planner:
 class BulkPuller:
     """Keeps WINDOW bulk requests in flight and installs the replies."""
 
-    def __init__(self, mem: worker.Memory, planner: Planner, run_id: str, max_bandwidth: int) -> None:
+    def __init__(self, mem: worker.Memory, planner: Planner, client: PagesClient, run_id: str,
+                 max_bandwidth: int) -> None:
         self.mem = mem
+        self.client = client
         self._planner = planner
         self._run_id = run_id
         self._rate = max_bandwidth
@@ -85,13 +86,13 @@ class BulkPuller:
         self._inflight = 0
         self._stop = False
         self._t0 = time.monotonic()
-        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_wire": 0, "bytes_pages": 0, "batches": 0}
+        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0}
 
     def _pace(self) -> None:
         """Sleep while the bytes received run ahead of --max-bandwidth."""
         if self._rate <= 0:
             return
-        ahead = self.counters["bytes_wire"] / self._rate - (time.monotonic() - self._t0)
+        ahead = self.client.bytes_wire / self._rate - (time.monotonic() - self._t0)
         if ahead > 0:
             time.sleep(ahead)
 
@@ -110,10 +111,8 @@ class BulkPuller:
                     self._cond.wait(0.05)
                     continue
                 self._inflight += 1
-                first, count = rng
-                msg = pb.BulkRequest(run_id=self._run_id, first_page=first, count=count)
-                self.counters["bytes_wire"] += msg.ByteSize()
-            yield msg
+            first, count = rng
+            yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count)
 
     def install(self, batch: pb.PageBatch) -> None:
         decoded = self._decoder.decode(batch)
@@ -124,10 +123,14 @@ class BulkPuller:
             c = self.counters
             c["pages"] += done.copied + done.zeroed
             c["zero"] += done.zeroed
-            c["bytes_wire"] += batch.ByteSize()
             c["bytes_pages"] += (done.copied + done.zeroed) * self.mem.page_size
             c["batches"] += 1
             self._cond.notify_all()
+
+    def snapshot(self) -> dict:
+        """The counters, for the agent."""
+        with self._cond:
+            return dict(self.counters, bytes_wire=self.client.bytes_wire)
 
     def stop(self) -> None:
         with self._cond:
@@ -136,24 +139,27 @@ class BulkPuller:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = worker.arg_parser(__doc__.splitlines()[0])
-    ap.add_argument("--max-bandwidth", type=int, default=0, help="bytes/s on the wire, 0: unlimited")
-    args = ap.parse_args(argv)
+    args = worker.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     os.nice(5)
     mem = worker.open_memory(args)
     if args.hint_fd >= 0:
         os.set_blocking(args.hint_fd, False)
+    channel = worker.connect(args.endpoint, "bulk")
+    go = worker.wait_go()
+    if go is None:  # --no-push, or the run was aborted before switchover
+        channel.close()
+        return 0
     planner = Planner(mem.bitmap, args.hint_fd)
-    puller = BulkPuller(mem, planner, args.run_id, args.max_bandwidth)
+    client = PagesClient(channel)
+    puller = BulkPuller(mem, planner, client, args.run_id, int(go.get("max_bandwidth", 0)))
     stop = worker.stop_on_stdin_close()
     threading.Thread(target=lambda: (stop.wait(), puller.stop()), daemon=True).start()
-    channel = rpc.channel(args.endpoint, purpose="bulk")
     reporter = worker.Reporter()
     error = None
     try:
-        for batch in pb_grpc.PagesStub(channel).Bulk(puller.requests(), metadata=rpc.METADATA):
+        for batch in client.bulk(puller.requests(), metadata=rpc.METADATA):
             puller.install(batch)
-            reporter.maybe(puller.counters)
+            reporter.maybe(puller.snapshot)
     except grpc.RpcError as err:
         if not stop.is_set():
             error = f"bulk stream from the source failed: {err.details() or err.code().name}"
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         error = f"bulk page install failed: {err}"
     channel.close()
     planner.close()
-    summary = dict(puller.counters, done=True)
+    summary = dict(puller.snapshot(), done=True)
     if error:
         summary["error"] = error
     worker.emit(summary)

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import rpc, stats
-from migrate.batches import BatchDecoder, BatchError
+from migrate.batches import BatchDecoder, BatchError, PagesClient
 from migrate.dest import worker
 from migrate.proto import migrate_pb2 as pb
-from migrate.proto import migrate_pb2_grpc as pb_grpc
 
 #: Pages fetched per fault: a 64 KiB aligned block around it.
 NEIGHBOURHOOD = 16
@@ -30,7 +29,7 @@ NEIGHBOURHOOD = 16
 class FaultServer:
     """Turns faults into urgent requests and urgent replies into installs."""
 
-    def __init__(self, mem: worker.Memory, stub: pb_grpc.PagesStub, run_id: str, hint_fd: int) -> None:
+    def __init__(self, mem: worker.Memory, client: PagesClient, run_id: str, hint_fd: int) -> None:
         self.mem = mem
         self._run_id = run_id
         self._hint_fd = hint_fd
@@ -43,7 +42,8 @@ class FaultServer:
         self.blocked_us = 0.0
         self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_wire": 0,
                          "bytes_pages": 0, "requests": 0}
-        self._responses = stub.Fetch(self._request_stream(), metadata=rpc.METADATA)
+        self._client = client
+        self._responses = client.fetch(self._request_stream(), metadata=rpc.METADATA)
         self.error: str | None = None
 
     def _request_stream(self) -> Iterator[pb.PageRequest]:
@@ -77,7 +77,6 @@ class FaultServer:
             msg = pb.PageRequest(run_id=self._run_id, req_id=req_id, first_page=first, count=count)
             with self._lock:
                 self.counters["requests"] += 1
-                self.counters["bytes_wire"] += msg.ByteSize()
             self._requests.put(msg)
             if self._hint_fd >= 0:
                 try:
@@ -102,7 +101,6 @@ class FaultServer:
                     c = self.counters
                     c["pages"] += done.copied + done.zeroed
                     c["zero"] += done.zeroed
-                    c["bytes_wire"] += batch.ByteSize()
                     c["bytes_pages"] += (done.copied + done.zeroed) * self.mem.page_size
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
@@ -113,9 +111,14 @@ class FaultServer:
     def close(self) -> None:
         self._requests.put(None)
 
+    def snapshot(self) -> dict:
+        """The counters, for the agent."""
+        with self._lock:
+            return dict(self.counters, bytes_wire=self._client.bytes_wire)
+
     def summary(self) -> dict:
         with self._lock:
-            out = dict(self.counters)
+            out = dict(self.counters, bytes_wire=self._client.bytes_wire)
             out["latency_us"] = stats.summarize(self.latencies_us)
             out["blocked_ms"] = round(self.blocked_us / 1000.0, 3)
         return out
@@ -124,11 +127,11 @@ class FaultServer:
 def main(argv: list[str] | None = None) -> int:
     args = worker.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     mem = worker.open_memory(args)
-    stop = worker.stop_on_stdin_close()
     if args.hint_fd >= 0:
         os.set_blocking(args.hint_fd, False)
-    channel = rpc.channel(args.endpoint, purpose="urgent")
-    server = FaultServer(mem, pb_grpc.PagesStub(channel), args.run_id, args.hint_fd)
+    channel = worker.connect(args.endpoint, "urgent")
+    stop = worker.stop_on_stdin_close()
+    server = FaultServer(mem, PagesClient(channel), args.run_id, args.hint_fd)
     receiver = threading.Thread(target=server.receive, daemon=True, name="urgent-replies")
     receiver.start()
     reporter = worker.Reporter()
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             server.on_faults(faults)
         elif mem.bitmap.is_full():
             break
-        reporter.maybe(server.counters)
+        reporter.maybe(server.snapshot)
     server.close()
     receiver.join(timeout=5)
     channel.close()

@@ -2,9 +2,9 @@
 
 PrepareIncoming creates empty guest RAM, starts a guest runner in restore
 mode (it registers its RAM with userfaultfd and hands us the fd), creates the
-received bitmap and checks that the source answers. StartIncoming starts the
-fault worker, resumes the guest with its execution state, and starts the bulk
-worker. A watcher notices when every page has arrived, stops the workers,
+received bitmap and starts both workers, which connect to the source.
+StartIncoming resumes the guest with its execution state and lets the bulk
+worker go. A watcher notices when every page has arrived, stops the workers,
 unregisters the userfaultfd and marks the run complete. The received bitmap
 is owned here; the workers only set bits in it.
 """
@@ -16,19 +16,20 @@ import subprocess
 import threading
 import time
 
-from migrate import rpc, spawn
+from migrate import spawn
 from migrate.bitmap import SharedBitmap
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import Uffd
 
-_CONNECT_TIMEOUT = 5.0
+#: Seconds a worker may take to start and connect (Python start-up on a busy host).
+_READY_TIMEOUT = 30.0
 _WATCH_EVERY = 0.02
 
 
 class Worker:
-    """A worker process and the last counters it reported."""
+    """A worker process, its readiness and the last counters it reported."""
 
     def __init__(self, kind: str, argv: list[str], fds: tuple[int, ...]) -> None:
         self.kind = kind
@@ -36,6 +37,7 @@ class Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=spawn.child_env())
         self.last: dict = {}
+        self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"{kind}-reports")
         self._reader.start()
 
@@ -45,10 +47,20 @@ class Worker:
                 self.last = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            self._ready.set()
+        self._ready.set()
 
-    @property
-    def done(self) -> bool:
-        return bool(self.last.get("done"))
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the worker's first line: connected to the source, or why not."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"{self.kind} worker did not start within {timeout:g} s")
+        if "error" in self.last or not self.last.get("ready"):
+            raise ConnectionError(self.last.get("error") or f"{self.kind} worker exited during start-up")
+
+    def send(self, message: dict) -> None:
+        """One JSON line on the worker's stdin."""
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close its stdin (the stop signal), wait, kill if it lingers; reap."""
@@ -95,9 +107,13 @@ class IncomingRun:
 
     # ------------------------------------------------------------ prepare
     def prepare(self) -> float:
-        """Create guest RAM, start the restore runner, check the source."""
+        """Create guest RAM, start the restore runner and both workers.
+
+        The workers connect to the source while the runner starts; each says
+        "ready" once its channel is up, so a source that cannot be reached
+        fails the prepare step, before the guest ever stops on the source.
+        """
         t0 = time.monotonic()
-        self._check_source()
         fd = create_memfd(self.name, self.spec.size)
         try:
             proc = GuestProcess.launch(self.spec, fd, restore=True)
@@ -106,7 +122,7 @@ class IncomingRun:
             raise
         self.guest = HostedGuest(self.name, self.spec, "runner", fd, proc, state="migrating-in", run_id=self.run_id)
         self.attach(proc.uffd, proc.regions)
-        self.phase = "prepared"
+        self.start_workers()
         return (time.monotonic() - t0) * 1000.0
 
     def attach(self, uffd_fd: int, regions: list[dict]) -> None:
@@ -132,22 +148,8 @@ class IncomingRun:
         finally:
             covered.close()
 
-    def _check_source(self) -> None:
-        for endpoint, purpose in ((self.source_endpoint, "urgent"), (self.bulk_endpoint, "bulk")):
-            ch = rpc.channel(endpoint, purpose=purpose)
-            try:
-                rpc.wait_ready(ch, endpoint, _CONNECT_TIMEOUT)
-            except rpc.AgentError:
-                raise ConnectionError(f"destination cannot reach the source at {endpoint}") from None
-            finally:
-                ch.close()
-
-    # -------------------------------------------------------------- start
-    def start(self, state_json: bytes, no_push: bool, max_bandwidth: int) -> float:
-        """Start the fault worker, resume the guest, start the bulk worker."""
-        if self.phase != "prepared":
-            raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
-        t0 = time.monotonic()
+    def start_workers(self) -> None:
+        """Start the fault worker (serving at once) and the bulk worker (waiting for "go")."""
         self._hint_r, self._hint_w = os.pipe2(os.O_CLOEXEC)
         common = ["--uffd", str(self.uffd.fd), "--bitmap-fd", str(self.bitmap.fd), "--pages", str(self.page_count),
                   "--page-size", str(self.spec.page_size), "--regions", json.dumps(self.regions),
@@ -155,15 +157,29 @@ class IncomingRun:
         fds = (self.uffd.fd, self.bitmap.fd)
         self.workers["faults"] = Worker("faults", common + ["--endpoint", self.source_endpoint,
                                                            "--hint-fd", str(self._hint_w)], fds + (self._hint_w,))
+        self.workers["bulk"] = Worker("bulk", common + ["--endpoint", self.bulk_endpoint,
+                                                       "--hint-fd", str(self._hint_r)], fds + (self._hint_r,))
+        for w in self.workers.values():
+            w.wait_ready(_READY_TIMEOUT)
+        self.phase = "prepared"
+
+    # -------------------------------------------------------------- start
+    def start(self, state_json: bytes, no_push: bool, max_bandwidth: int) -> float:
+        """Resume the guest with its execution state and let the bulk worker go."""
+        if self.phase != "prepared":
+            raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
+        t0 = time.monotonic()
         if self.guest is not None and self.guest.process is not None:
             state = json.loads(state_json) if state_json else None
             self.guest.process.resume(state or None)
             self.guest.state = "running"
         self._t_resume = time.monotonic()
-        if not no_push:
-            self.workers["bulk"] = Worker("bulk", common + ["--endpoint", self.bulk_endpoint, "--hint-fd",
-                                                            str(self._hint_r), "--max-bandwidth",
-                                                            str(max_bandwidth)], fds + (self._hint_r,))
+        bulk = self.workers["bulk"]
+        if no_push:
+            bulk.stop()
+            del self.workers["bulk"]
+        else:
+            bulk.send({"go": True, "max_bandwidth": max_bandwidth})
         self.phase = "running"
         self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"run-{self.run_id[:8]}")
         self._watcher.start()

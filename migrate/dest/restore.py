@@ -65,7 +65,7 @@ class UffdRestoreListener:
                 run = IncomingRun(prep.run_id, f"{self._image}-restore-{self._count}", spec_from_pb(prep.spec),
                                   self._source, f"{host}:{prep.bulk_endpoint.rsplit(':', 1)[1]}")
                 run.attach(uffd_fd, [dict(r) for r in regions])
-                run.phase = "prepared"
+                run.start_workers()
                 with self._lock:
                     self._incoming[run.run_id] = run
                 run.start(b"", no_push=False, max_bandwidth=0)

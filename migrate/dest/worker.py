@@ -4,7 +4,9 @@ The destination agent starts a fault worker (urgent path) and a bulk worker
 as separate processes, so neither waits on the other's GIL. Both receive the
 guest's userfaultfd and the shared received-bitmap as inherited fds, install
 pages with the native layer, and report counters to the agent as JSON lines
-on stdout. The agent closes a worker's stdin to stop it.
+on stdout: first {"ready": true} once connected to the source, then
+counters. The agent closes a worker's stdin to stop it; the bulk worker
+first waits for a {"go": ...} line (sent at switchover).
 """
 from __future__ import annotations
 
@@ -13,13 +15,20 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import grpc
+
+from migrate import rpc
 
 from migrate.bitmap import SharedBitmap
 from migrate.uffd import FaultReader, Region, Uffd
 
 #: Seconds between two counter lines.
 REPORT_EVERY = 0.2
+#: Seconds to wait for the source to accept a connection.
+CONNECT_TIMEOUT = 5.0
 
 
 @dataclass
@@ -53,6 +62,29 @@ def open_memory(args: argparse.Namespace) -> Memory:
     return Memory(uffd, bitmap, FaultReader(uffd, regions, args.page_size), args.pages, args.page_size)
 
 
+def connect(endpoint: str, purpose: str) -> grpc.Channel:
+    """A ready channel to the source, announced to the agent as {"ready": true}.
+
+    If the source cannot be reached, say why and exit: the agent fails the
+    prepare step and the guest stays on the source.
+    """
+    channel = rpc.channel(endpoint, purpose=purpose)
+    try:
+        rpc.wait_ready(channel, endpoint, CONNECT_TIMEOUT)
+    except rpc.AgentError:
+        channel.close()
+        emit({"error": f"destination cannot reach the source at {endpoint}", "done": True})
+        sys.exit(1)
+    emit({"ready": True})
+    return channel
+
+
+def wait_go() -> dict | None:
+    """The agent's go-ahead (a JSON line on stdin), or None if it closed stdin instead."""
+    line = sys.stdin.readline()
+    return json.loads(line) if line.strip() else None
+
+
 def emit(record: dict) -> None:
     """One JSON line to the agent."""
     sys.stdout.write(json.dumps(record) + "\n")
@@ -77,8 +109,8 @@ class Reporter:
     def __init__(self) -> None:
         self._last = 0.0
 
-    def maybe(self, counters: dict) -> None:
+    def maybe(self, snapshot: Callable[[], dict]) -> None:
         now = time.monotonic()
         if now - self._last >= REPORT_EVERY:
             self._last = now
-            emit(counters)
+            emit(snapshot())

@@ -20,23 +20,28 @@ import queue
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
 from migrate import rpc
-from migrate.batches import BatchEncoder
+from migrate.batches import BatchEncoder, approx_wire_size
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
 #: Most pages one bulk request may ask for (1 MiB of 4 KiB pages).
 MAX_BULK_PAGES = 256
-#: Encoded batches queued ahead of the network.
-_PIPELINE = 4
 
 
 class BulkPages(pb_grpc.PagesServicer):
-    """Pages.Bulk for one guest of one migration run."""
+    """Pages.Bulk for one guest of one migration run.
+
+    Compression adapts to the link by itself: encoder threads compress
+    requested batches while the sender ships whatever is ready; when nothing
+    compressed is ready and a request is still waiting, the sender takes it
+    and sends it raw. On a slow link the sender waits on the network, the
+    encoders keep ahead, and every batch goes compressed; on a fast link (or
+    a CPU-starved host) raw batches fill the gaps instead of stalling it.
+    """
 
     def __init__(self, mem: memoryview, page_size: int, run_id: str, level: int | None, threads: int) -> None:
         self._mem = mem
@@ -44,17 +49,20 @@ class BulkPages(pb_grpc.PagesServicer):
         self._page_count = len(mem) // page_size
         self._run_id = run_id
         self._level = level
+        self._threads = threads
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zstd")
         self._lock = threading.Lock()
         self.pages = 0
         self.bytes = 0
+        self.raw_batches = 0
 
-    def _encode(self, req: pb.BulkRequest) -> pb.PageBatch:
-        enc = getattr(self._local, "enc", None)
+    def _encoder(self, compress: bool) -> BatchEncoder:
+        key = "zstd" if compress else "raw"
+        enc = getattr(self._local, key, None)
         if enc is None:
-            enc = self._local.enc = BatchEncoder(self._mem, self._page_size, self._level)
-        return enc.encode(req.first_page, req.count)
+            enc = BatchEncoder(self._mem, self._page_size, self._level if compress else None)
+            setattr(self._local, key, enc)
+        return enc
 
     def _check(self, req: pb.BulkRequest) -> str | None:
         if req.run_id != self._run_id:
@@ -64,33 +72,72 @@ class BulkPages(pb_grpc.PagesServicer):
         return None
 
     def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
-        pending: queue.Queue[Future | str | None] = queue.Queue(maxsize=_PIPELINE)
+        todo: queue.Queue[pb.BulkRequest | None] = queue.Queue()
+        done: queue.Queue[pb.PageBatch | str | None] = queue.Queue()
+        state = {"requests": 0, "answered": 0, "ended": False}
 
         def read_requests() -> None:
             try:
                 for req in request_iterator:
                     problem = self._check(req)
                     if problem:
-                        pending.put(problem)
+                        done.put(problem)
                         return
-                    pending.put(self._pool.submit(self._encode, req))
+                    with self._lock:
+                        state["requests"] += 1
+                    todo.put(req)
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:
-                pending.put(None)
+                with self._lock:
+                    state["ended"] = True
+                done.put(None)  # wakes the sender to re-check the end
 
+        def compress() -> None:
+            while (req := todo.get()) is not None:
+                done.put(self._encoder(True).encode(req.first_page, req.count))
+
+        use_zstd = self._level is not None
+        workers = [threading.Thread(target=compress, daemon=True, name=f"zstd-{i}")
+                   for i in range(self._threads if use_zstd else 0)]
+        for w in workers:
+            w.start()
         threading.Thread(target=read_requests, daemon=True, name="bulk-requests").start()
-        while True:
-            item = pending.get()
-            if item is None:
-                return
-            if isinstance(item, str):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
-            batch = item.result()
-            with self._lock:
-                self.pages += batch.count
-                self.bytes += batch.ByteSize()
-            yield batch
+        try:
+            while True:
+                item = self._next_batch(todo, done, steal=True)
+                if item is None:
+                    with self._lock:
+                        if state["ended"] and state["answered"] == state["requests"]:
+                            return
+                    continue
+                if isinstance(item, str):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
+                with self._lock:
+                    state["answered"] += 1
+                    self.pages += item.count
+                    self.bytes += approx_wire_size(item)
+                yield item
+        finally:
+            for _ in workers:
+                todo.put(None)
+
+    def _next_batch(self, todo: queue.Queue, done: queue.Queue, steal: bool) -> pb.PageBatch | str | None:
+        """A ready batch; else a waiting request encoded raw; else wait for one."""
+        try:
+            return done.get_nowait()
+        except queue.Empty:
+            pass
+        if steal:
+            try:
+                req = todo.get_nowait()
+            except queue.Empty:
+                req = None
+            if req is not None:
+                with self._lock:
+                    self.raw_batches += 1
+                return self._encoder(False).encode(req.first_page, req.count)
+        return done.get()
 
     def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "urgent requests go to the source agent, not the bulk server")
@@ -120,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"port": port}), flush=True)
     sys.stdin.read()  # the agent closes our stdin to stop us
     server.stop(grace=0.5).wait()
-    print(json.dumps({"pages": service.pages, "bytes": service.bytes}), flush=True)
+    print(json.dumps({"pages": service.pages, "bytes": service.bytes, "raw_batches": service.raw_batches}),
+          flush=True)
     return 0
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import spawn
-from migrate.batches import BatchEncoder
+from migrate.batches import BatchEncoder, approx_wire_size
 from migrate.guests import HostedGuest
 from migrate.local import read_first_line
 from migrate.proto import migrate_pb2 as pb
@@ -58,7 +58,7 @@ class OutgoingRun:
         with self._lock:
             self.urgent_requests += 1
             self.urgent_pages += batch.count
-            self.urgent_bytes += batch.ByteSize()
+            self.urgent_bytes += approx_wire_size(batch)
 
     def switchover(self) -> pb.SwitchoverReply:
         """Pause the guest and hand over its execution state."""
