@@ -11,15 +11,16 @@ import functools
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from migrate import __version__, rpc
-from migrate.dest.incoming import IncomingRun
+from migrate.dest.incoming import MODES, IncomingRun
 from migrate.dest.restore import UffdRestoreListener
-from migrate.guests import GuestTable, spec_from_pb, spec_to_pb
+from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
@@ -84,7 +85,8 @@ class ControlService(pb_grpc.ControlServicer):
     def LaunchGuest(self, request: pb.LaunchGuestRequest, context: grpc.ServicerContext) -> pb.GuestInfo:
         self._need("source")
         spec = spec_from_pb(request.spec)
-        return self.guests.launch(request.name, spec, start_paused=request.start_paused).info()
+        content = content_from_pb(request.spec)
+        return self.guests.launch(request.name, spec, start_paused=request.start_paused, content=content).info()
 
     @_rpc
     def ListGuests(self, request: pb.ListGuestsRequest, context: grpc.ServicerContext) -> pb.ListGuestsReply:
@@ -121,12 +123,17 @@ class ControlService(pb_grpc.ControlServicer):
                 raise RuntimeError(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
             if guest.kind == "runner" and guest.state not in ("running", "paused"):
                 raise RuntimeError(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
-            run = OutgoingRun(guest, self._listen_host, self._level)
+            run = OutgoingRun(guest, self._listen_host, self._level, track_writes=request.track_writes)
             if guest.kind == "runner":
                 guest.run_id = run.run_id
         self.outgoing.add(run)
         return pb.PrepareOutgoingReply(run_id=run.run_id, bulk_endpoint=f"{self._listen_host}:{run.bulk_port}",
-                                       spec=spec_to_pb(guest.spec), page_count=guest.page_count)
+                                       spec=spec_to_pb(guest.spec, guest.content), page_count=guest.page_count,
+                                       tracking_error=run.tracking_error)
+
+    @_rpc
+    def ScanDirty(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.DirtySet:
+        return self.outgoing.get(request.run_id).scan_dirty()
 
     @_rpc
     def Switchover(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SwitchoverReply:
@@ -158,9 +165,12 @@ class ControlService(pb_grpc.ControlServicer):
                 raise FileExistsError(f"run {request.run_id} is already known here")
         if any(g.name == request.name for g in self.guests.all()):
             raise FileExistsError(f"a guest named {request.name!r} already exists on this agent")
+        mode = request.mode or "postcopy"
+        if mode not in MODES:
+            raise ValueError(f"unknown migration mode {mode!r}; known: {', '.join(MODES)}")
         run = IncomingRun(request.run_id, request.name, spec, request.source_endpoint, request.bulk_endpoint)
         try:
-            ms = run.prepare()
+            ms = run.prepare(mode)
             self.guests.adopt(run.guest)
         except BaseException:
             run.close()
@@ -179,9 +189,17 @@ class ControlService(pb_grpc.ControlServicer):
         return run
 
     @_rpc
+    def PrecopyRound(self, request: pb.PrecopyRoundRequest, context: grpc.ServicerContext) -> pb.PrecopyRoundReply:
+        return self._incoming(request.run_id).precopy_round(request.discard, request.pull, request.max_bandwidth,
+                                                            request.deadline_s)
+
+    @_rpc
     def StartIncoming(self, request: pb.StartIncomingRequest, context: grpc.ServicerContext) -> pb.StartIncomingReply:
-        run = self._incoming(request.run_id)
-        return pb.StartIncomingReply(resume_ms=run.start(request.state_json, request.no_push, request.max_bandwidth))
+        received_ns = time.time_ns()
+        reply = self._incoming(request.run_id).start(request.state_json, request.no_push, request.max_bandwidth,
+                                                    request.discard)
+        reply.received_ns = received_ns
+        return reply
 
     @_rpc
     def IncomingStatus(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:

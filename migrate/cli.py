@@ -160,9 +160,11 @@ _agent_option = click.option("--agent", default="127.0.0.1:7070", show_default=T
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--ops-per-sec", type=click.FloatRange(0, None), default=0.0, show_default=True,
               help="Throttle the workload (0: as fast as it goes).")
+@click.option("--content", type=click.Choice(("realistic", "random")), default="realistic", show_default=True,
+              help="Initial RAM: realistic (partly compressible, some zero pages) or random (incompressible).")
 @click.option("--paused", is_flag=True, help="Start paused.")
 def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops: int, threads: int,
-                ops_per_sec: float, paused: bool) -> None:
+                ops_per_sec: float, content: str, paused: bool) -> None:
     """Start guest NAME on a source agent.
 
     \b
@@ -170,7 +172,7 @@ def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops:
       migrate guest start vm1 --agent 127.0.0.1:7070 --size 1G --workload hotset --threads 2
     """
     spec = pb.GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=threads,
-                        ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE)
+                        ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE, content=content)
     with AgentClient(agent) as client:
         info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused),
                            timeout=600)

@@ -12,12 +12,25 @@ import threading
 from dataclasses import dataclass, field
 
 from migrate.guest.process import GuestProcess, GuestSpec
+from migrate.guest.workloads import fill_random
 from migrate.proto import migrate_pb2 as pb
 
 
-def spec_to_pb(spec: GuestSpec) -> pb.GuestSpec:
+#: What a guest's RAM holds before its workload starts.
+CONTENTS = ("realistic", "random")
+
+
+def spec_to_pb(spec: GuestSpec, content: str = "realistic") -> pb.GuestSpec:
     return pb.GuestSpec(size=spec.size, workload=spec.workload, seed=spec.seed, ops=spec.ops,
-                        threads=spec.threads, ops_per_sec=spec.ops_per_sec, page_size=spec.page_size)
+                        threads=spec.threads, ops_per_sec=spec.ops_per_sec, page_size=spec.page_size,
+                        content=content)
+
+
+def content_from_pb(msg: pb.GuestSpec) -> str:
+    content = msg.content or "realistic"
+    if content not in CONTENTS:
+        raise ValueError(f"unknown guest content {content!r}; known: {', '.join(CONTENTS)}")
+    return content
 
 
 def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
@@ -51,6 +64,7 @@ class HostedGuest:
     process: GuestProcess | None = None
     state: str = "running"
     run_id: str = ""
+    content: str = "realistic"
     _map: mmap.mmap | None = field(default=None, repr=False)
 
     @property
@@ -64,7 +78,7 @@ class HostedGuest:
         return memoryview(self._map)
 
     def info(self, *, with_progress: bool = False) -> pb.GuestInfo:
-        msg = pb.GuestInfo(name=self.name, spec=spec_to_pb(self.spec), state=self.state, kind=self.kind,
+        msg = pb.GuestInfo(name=self.name, spec=spec_to_pb(self.spec, self.content), state=self.state, kind=self.kind,
                            page_count=self.page_count, page_size=self.spec.page_size, run_id=self.run_id)
         if self.process is not None:
             msg.pid = self.process.pid
@@ -105,19 +119,29 @@ class GuestTable:
         self._lock = threading.Lock()
         self._guests: dict[str, HostedGuest] = {}
 
-    def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False) -> HostedGuest:
-        """Create guest RAM and start a runner on it."""
+    def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False,
+               content: str = "realistic") -> HostedGuest:
+        """Create guest RAM and start a runner on it.
+
+        "realistic" RAM is filled by the runner; "random" (incompressible,
+        for measuring transfers without compression's help) is filled here,
+        deterministically from the seed.
+        """
         self._reserve(name)
         fd = -1
         try:
             fd = create_memfd(name, spec.size)
-            proc = GuestProcess.launch(spec, fd, start_paused=start_paused)
+            if content == "random":
+                with mmap.mmap(fd, spec.size, mmap.MAP_SHARED) as ram:
+                    fill_random(ram, spec.seed)
+            proc = GuestProcess.launch(spec, fd, start_paused=start_paused, fill=content == "realistic")
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             self._release(name)
             raise
-        guest = HostedGuest(name, spec, "runner", fd, proc, state="paused" if start_paused else "running")
+        guest = HostedGuest(name, spec, "runner", fd, proc, state="paused" if start_paused else "running",
+                            content=content)
         return self._install(guest)
 
     def add_image(self, name: str, path: str, page_size: int = mmap.PAGESIZE) -> HostedGuest:

@@ -1,8 +1,17 @@
-"""`migrate run`: drive one post-copy migration between two agents.
+"""`migrate run`: drive one migration between two agents, in one of three modes.
+
+* postcopy: switch at once; the destination faults pages in and the rest is pushed.
+* hybrid: pre-copy rounds while the guest runs on the source, then post-copy.
+* precopy: pre-copy rounds, then stop-and-copy of the last dirty set; the
+  destination uses no userfaultfd (the classic baseline).
 
 The orchestrator only talks Control RPCs; pages flow directly from the source
-agent to the destination agent. Until the guest resumes on the destination
-every failure rolls back: the guest keeps (or resumes) running on the source.
+agent to the destination agent (dirty-page bitmaps, one bit per page, pass
+through here between the source's scans and the destination's discards).
+Until the guest resumes on the destination every failure rolls back: the
+guest keeps (or resumes) running on the source. When the source cannot
+track writes, hybrid and precopy fall back to postcopy and the report says
+why.
 """
 from __future__ import annotations
 
@@ -13,22 +22,91 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from migrate import report
+from migrate import convergence, report
 from migrate.client import AgentClient
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 
 #: Seconds between two status polls of the destination.
 POLL_EVERY = 0.1
+MODES = ("postcopy", "hybrid", "precopy")
+#: Hybrid: before pausing, discard stale pages on the destination (guest still
+#: running) until at most this many remain for the downtime, or SETTLE_STEPS passed.
+SETTLE_PAGES = 256
+SETTLE_STEPS = 3
 
 
 @dataclass
 class RunOptions:
     no_push: bool = False
-    max_bandwidth: int = 0          # bytes/s of bulk traffic, 0: unlimited
+    max_bandwidth: int = 0          # bytes/s of page traffic, 0: unlimited
     source_endpoint: str = ""       # the source as the destination reaches it (default: --from)
     verify: bool = False            # compare the final digest with an unmigrated run
     timeout: float = 3600.0
+    mode: str = "hybrid"            # postcopy, hybrid or precopy
+    precopy_rounds: int = 10        # most pre-copy rounds
+    precopy_seconds: float = 0.0    # most seconds of pre-copy, 0: no limit
+    max_downtime_ms: float = 20.0   # switch once the dirty set fits this at the link's pace
+
+    def limits(self) -> convergence.Limits:
+        return convergence.Limits(rounds=self.precopy_rounds, seconds=self.precopy_seconds,
+                                  max_downtime_ms=self.max_downtime_ms)
+
+    def check(self) -> None:
+        """ValueError with one clear line for options that cannot work."""
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.precopy_rounds < 1:
+            raise ValueError(f"precopy_rounds must be >= 1, got {self.precopy_rounds}")
+        if self.precopy_seconds < 0 or self.max_downtime_ms < 0:
+            raise ValueError("precopy_seconds and max_downtime_ms must be >= 0")
+        if self.mode == "precopy" and self.no_push:
+            raise ValueError("precopy mode moves every page by copy: --no-push needs postcopy or hybrid")
+
+
+def union(a: bytes, b: bytes) -> bytes:
+    """Two dirty bitmaps (wire format) as one; either may be empty."""
+    if not a or not b:
+        return a or b
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+class PrecopyLog:
+    """The pre-copy rounds of one run, for the switch policy and the report."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.rounds: list[convergence.Round] = []
+        self.settle: list[dict] = []
+        self.final_copy: pb.PrecopyRoundReply | None = None
+        self.switch_reason = ""
+        self.fallback = ""
+
+    @property
+    def bytes_wire(self) -> int:
+        return sum(r.bytes_wire for r in self.rounds) + (self.final_copy.bytes_wire if self.final_copy else 0)
+
+    @property
+    def pages(self) -> int:
+        return sum(r.sent for r in self.rounds) + (self.final_copy.pages if self.final_copy else 0)
+
+    def to_dict(self) -> dict:
+        doc = {
+            "rounds": [{"round": i + 1, "sent": r.sent, "discarded": r.discarded, "dirty": r.dirty,
+                        "dirty_rate": round(r.dirty_rate, 1), "seconds": round(r.seconds, 4),
+                        "bytes": r.bytes_wire} for i, r in enumerate(self.rounds)],
+            "settle": self.settle,
+            "pages": self.pages,
+            "bytes": self.bytes_wire,
+            "switch_reason": self.switch_reason,
+        }
+        if self.final_copy is not None:
+            f = self.final_copy
+            doc["final_copy"] = {"discarded": f.discarded, "sent": f.pages, "bytes": f.bytes_wire,
+                                 "seconds": round(f.seconds, 4)}
+        if self.fallback:
+            doc["fallback"] = self.fallback
+        return doc
 
 
 def _endpoint_with_port(endpoint: str, other: str) -> str:
@@ -41,9 +119,11 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             before_switchover: Callable[[], None] | None = None) -> dict:
     """Migrate guest `name` from agent `src` to agent `dst`; return the report.
 
-    `before_switchover` runs once both sides are prepared, just before the
-    guest pauses: experiments use it to switch at a precise moment.
+    `before_switchover` runs once both sides are prepared and pre-copy is
+    over, just before the guest pauses: experiments use it to switch at a
+    precise moment (pages written meanwhile are caught by the final scan).
     """
+    opts.check()
     with AgentClient(src) as source, AgentClient(dst) as dest:
         if "source" not in source.call("Hello", pb.HelloRequest()).roles:
             raise AgentError(f"agent at {src} is not a source agent")
@@ -51,16 +131,30 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             raise AgentError(f"agent at {dst} is not a destination agent")
         t_start_ns = time.time_ns()
         t0 = time.monotonic()
-        prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=name))
+        mode = opts.mode
+        prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=name, track_writes=mode != "postcopy"))
         run = pb.RunRef(run_id=prep.run_id)
+        log = PrecopyLog(prep.spec.page_size)
+        if mode != "postcopy" and prep.tracking_error:
+            log.fallback = f"{mode} needs write tracking; fell back to postcopy: {prep.tracking_error}"
+            mode = "postcopy"
         src_ep = opts.source_endpoint or src
         try:
             prepared = dest.call("PrepareIncoming", pb.PrepareIncomingRequest(
                 run_id=prep.run_id, name=name, spec=prep.spec, source_endpoint=src_ep,
-                bulk_endpoint=_endpoint_with_port(src_ep, prep.bulk_endpoint)), timeout=120)
+                bulk_endpoint=_endpoint_with_port(src_ep, prep.bulk_endpoint), mode=mode), timeout=120)
+            stale = _precopy(source, dest, run, opts, log) if mode != "postcopy" else b""
             if before_switchover:
                 before_switchover()
+            if mode == "hybrid":
+                stale = _settle(source, dest, run, stale, log)
             switch = source.call("Switchover", run)
+            stale = union(stale, switch.dirty.bitmap)
+            if mode == "precopy":  # stop-and-copy: the guest is paused meanwhile
+                log.final_copy = dest.call("PrecopyRound", pb.PrecopyRoundRequest(
+                    run_id=prep.run_id, discard=stale, pull=True, max_bandwidth=opts.max_bandwidth),
+                    timeout=opts.timeout)
+                stale = b""
         except BaseException:
             _best_effort(dest.call, "AbortIncoming", run)
             source.call("AbortOutgoing", run)
@@ -68,7 +162,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         try:
             started = dest.call("StartIncoming", pb.StartIncomingRequest(
                 run_id=prep.run_id, state_json=switch.state_json, no_push=opts.no_push,
-                max_bandwidth=opts.max_bandwidth))
+                max_bandwidth=opts.max_bandwidth, discard=stale))
         except AgentError:
             _best_effort(dest.call, "AbortIncoming", run)
             source.call("AbortOutgoing", run)
@@ -82,7 +176,71 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
     return report.build(
         name=name, spec=prep.spec, total_s=total_s, t_start_ns=t_start_ns, switch=switch,
         prepare_ms=prepared.prepare_ms, resume_ms=started.resume_ms, status=status, source_stats=src_stats,
-        before=before, after=after, verified=verified)
+        before=before, after=after, verified=verified, mode=mode, precopy=log.to_dict(),
+        precopy_pages=log.pages, precopy_bytes=log.bytes_wire,
+        downtime_parts=_downtime_parts(switch, started, log))
+
+
+def _precopy(source: AgentClient, dest: AgentClient, run: pb.RunRef, opts: RunOptions, log: PrecopyLog) -> bytes:
+    """Pre-copy rounds until the switch policy says stop; returns the dirty set not yet discarded.
+
+    Each round first discards the pages the previous scan found written
+    (so they are pulled again), and the next scan starts only after the
+    round returned: a page read by a round is always read before the scan
+    that would report a later write to it.
+    """
+    t0 = last_scan = time.monotonic()
+    stale = b""
+    while True:
+        left = opts.precopy_seconds - (time.monotonic() - t0) if opts.precopy_seconds else 0.0
+        r = dest.call("PrecopyRound", pb.PrecopyRoundRequest(
+            run_id=run.run_id, discard=stale, pull=True, max_bandwidth=opts.max_bandwidth,
+            deadline_s=max(left, 1e-3) if opts.precopy_seconds else 0.0), timeout=opts.timeout)
+        dirty = source.call("ScanDirty", run)
+        now = time.monotonic()
+        log.rounds.append(convergence.Round(sent=r.pages, discarded=r.discarded, seconds=r.seconds,
+                                            bytes_wire=r.bytes_wire, dirty=dirty.pages,
+                                            dirty_window_s=now - last_scan))
+        last_scan, stale = now, dirty.bitmap
+        reason = convergence.switch_reason(log.rounds, now - t0, opts.limits())
+        if reason:
+            log.switch_reason = reason
+            return stale
+
+
+def _settle(source: AgentClient, dest: AgentClient, run: pb.RunRef, stale: bytes, log: PrecopyLog) -> bytes:
+    """Hybrid: drop stale pages on the destination while the guest still runs.
+
+    Discarding costs no transfer, so repeating discard-and-scan shrinks what
+    is left for the downtime to about what the guest dirties in one short
+    step; returns the dirty set still to discard.
+    """
+    pages = _count(stale)
+    for _ in range(SETTLE_STEPS):
+        if pages <= SETTLE_PAGES:
+            break
+        r = dest.call("PrecopyRound", pb.PrecopyRoundRequest(run_id=run.run_id, discard=stale, pull=False))
+        dirty = source.call("ScanDirty", run)
+        log.settle.append({"discarded": r.discarded, "discard_ms": round(r.discard_ms, 3), "dirty": dirty.pages})
+        stale, pages = dirty.bitmap, dirty.pages
+    return stale
+
+
+def _count(bitmap: bytes) -> int:
+    return int.from_bytes(bitmap, "little").bit_count() if bitmap else 0
+
+
+def _downtime_parts(switch: pb.SwitchoverReply, started: pb.StartIncomingReply, log: PrecopyLog) -> dict:
+    """Where the downtime went, in ms: each part as the agent doing it timed it.
+
+    state_transfer is the hop from the source's reply to the destination's
+    request (CLOCK_REALTIME of both agents) minus the stop-and-copy in between.
+    """
+    copy_ms = log.final_copy.seconds * 1000.0 + log.final_copy.discard_ms if log.final_copy else 0.0
+    hop_ms = (started.received_ns - switch.sent_ns) / 1e6 if started.received_ns and switch.sent_ns else 0.0
+    return {"pause": round(switch.pause_ms, 3), "final_scan": round(switch.dirty.scan_ms, 3),
+            "state_transfer": round(max(hop_ms - copy_ms, 0.0), 3), "final_copy": round(copy_ms, 3),
+            "discard": round(started.discard_ms, 3), "resume": round(started.resume_ms, 3)}
 
 
 def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOptions,

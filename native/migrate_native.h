@@ -5,4 +5,5 @@
 #include "bitmap.h"
 #include "pages.h"
 #include "workload.h"
+#include "dirty.h"
 #endif

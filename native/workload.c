@@ -190,6 +190,19 @@ void mig_fill_realistic(uint8_t *mem, uint64_t size, uint32_t page_size, uint64_
         memset(mem + npages * page_size, 0, size - npages * page_size);
 }
 
+/* Incompressible content, for measuring transfers without compression's help. */
+void mig_fill_random(uint8_t *mem, uint64_t size, uint64_t seed)
+{
+    uint64_t s = mix64(seed ^ 0x52414e444f4dULL);
+    uint64_t i = 0;
+    for (; i + 8 <= size; i += 8) {
+        uint64_t r = rng_next(&s);
+        memcpy(mem + i, &r, 8);
+    }
+    for (; i < size; i++)
+        mem[i] = (uint8_t)rng_next(&s);
+}
+
 /* ----------------------------------------------------------------- digest */
 
 /*
@@ -228,8 +241,6 @@ uint64_t mig_digest(const uint8_t *mem, uint64_t size)
 
 /* -------------------------------------------------------------- workloads */
 
-/* Default pace of the idle workload when no rate is given (ops/s, total). */
-#define IDLE_DEFAULT_RATE 1000.0
 /* A throttled thread that fell this far behind (e.g. blocked on faults)
  * does not burst to catch up: its schedule restarts from now. */
 #define MAX_LAG_NS 100000000LL
@@ -334,14 +345,6 @@ static inline uint64_t do_op(struct wl_thread *th, uint64_t done, uint64_t *rng,
     }
 }
 
-static double thread_rate(struct mig_wl *wl)
-{
-    double rate = wl->rate;
-    if (rate <= 0 && wl->workload == MIG_WL_IDLE)
-        rate = IDLE_DEFAULT_RATE / wl->n;
-    return rate;
-}
-
 /* Sleep until mono time `due` unless a pause is requested; returns 1 if stopping. */
 static int sleep_until(struct mig_wl *wl, int64_t due)
 {
@@ -361,7 +364,7 @@ static void *wl_run(void *arg)
     struct mig_wl *wl = th->wl;
     uint64_t done = atomic_load_explicit(&th->ops_done, memory_order_relaxed);
     uint64_t target = th->target, rng = th->rng, acc = th->acc;
-    double rate = thread_rate(wl);
+    double rate = wl->rate;
     uint64_t every = 1;
     if (rate > 0) {
         double e = rate / 2000.0;                   /* check the clock ~2000 times/s */

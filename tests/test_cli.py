@@ -67,7 +67,7 @@ def test_bad_image():
 def test_size_not_a_page_multiple(agents, size):
     src, _ = agents
     out = run_cli("guest", "start", "odd", "--agent", src.address, "--size", size)
-    assert_clean_error(out, "page")
+    assert_clean_error(out, "guest size")
 
 
 def test_unknown_guest(agents):

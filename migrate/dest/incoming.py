@@ -2,15 +2,20 @@
 
 PrepareIncoming creates empty guest RAM, starts a guest runner in restore
 mode (it registers its RAM with userfaultfd and hands us the fd), creates the
-received bitmap and starts both workers, which connect to the source.
-StartIncoming resumes the guest with its execution state and lets the bulk
-worker go. A watcher notices when every page has arrived, stops the workers,
+received bitmap and starts both workers, which connect to the source. In
+hybrid and precopy modes, PrecopyRound calls then fill RAM while the guest
+still runs on the source (migrate.dest.precopy); in precopy mode the runner
+has no userfaultfd and no worker starts: every page arrives by pre-copy.
+StartIncoming first discards the pages the source reports stale, then
+resumes the guest with its execution state and lets the bulk worker go. A watcher notices when every page has arrived, stops the workers,
 unregisters the userfaultfd and marks the run complete. The received bitmap
 is owned here; the workers only set bits in it.
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -18,14 +23,19 @@ import time
 
 from migrate import spawn
 from migrate.bitmap import SharedBitmap
+from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import Uffd
 
+log = logging.getLogger("migrate.dest")
+
 #: Seconds a worker may take to start and connect (Python start-up on a busy host).
 _READY_TIMEOUT = 30.0
 _WATCH_EVERY = 0.02
+#: Migration modes: switch at once; pre-copy rounds then post-copy; pre-copy then stop-and-copy.
+MODES = ("postcopy", "hybrid", "precopy")
 
 
 class Worker:
@@ -34,12 +44,21 @@ class Worker:
     def __init__(self, kind: str, argv: list[str], fds: tuple[int, ...]) -> None:
         self.kind = kind
         self.proc = subprocess.Popen(spawn.module_argv(f"migrate.dest.{kind}", *argv), pass_fds=fds,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=spawn.child_env())
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=spawn.child_env())
         self.last: dict = {}
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"{kind}-reports")
         self._reader.start()
+        threading.Thread(target=self._read_stderr, daemon=True, name=f"{kind}-stderr").start()
+
+    def _read_stderr(self) -> None:
+        """Keep the worker's last words for error messages; pass them on to our log."""
+        for line in self.proc.stderr:
+            self.stderr_tail.append(line.rstrip())
+            log.warning("%s worker: %s", self.kind, line.rstrip())
+        self.proc.stderr.close()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -55,7 +74,9 @@ class Worker:
         if not self._ready.wait(timeout):
             raise TimeoutError(f"{self.kind} worker did not start within {timeout:g} s")
         if "error" in self.last or not self.last.get("ready"):
-            raise ConnectionError(self.last.get("error") or f"{self.kind} worker exited during start-up")
+            self.proc.wait(timeout=5)
+            why = self.stderr_tail[-1] if self.stderr_tail else f"exit status {self.proc.returncode}"
+            raise ConnectionError(self.last.get("error") or f"{self.kind} worker failed to start: {why}")
 
     def send(self, message: dict) -> None:
         """One JSON line on the worker's stdin."""
@@ -95,6 +116,9 @@ class IncomingRun:
         self.uffd: Uffd | None = None
         self.regions: list[tuple[int, int, int]] = []
         self.workers: dict[str, Worker] = {}
+        self.mode = "postcopy"
+        self.precopy: PrecopyPuller | None = None
+        self._round_lock = threading.Lock()   # one pre-copy round or start at a time
         self._hint_r = self._hint_w = -1
         self._t_resume = 0.0
         self._t_done = 0.0
@@ -106,23 +130,35 @@ class IncomingRun:
         return self.spec.size // self.spec.page_size
 
     # ------------------------------------------------------------ prepare
-    def prepare(self) -> float:
-        """Create guest RAM, start the restore runner and both workers.
+    def prepare(self, mode: str = "postcopy") -> float:
+        """Create guest RAM, start the runner and, unless in precopy mode, both workers.
 
         The workers connect to the source while the runner starts; each says
         "ready" once its channel is up, so a source that cannot be reached
         fails the prepare step, before the guest ever stops on the source.
+        In precopy mode the runner maps RAM without userfaultfd, paused and
+        untouched, and waits for its state.
         """
         t0 = time.monotonic()
+        self.mode = mode
         fd = create_memfd(self.name, self.spec.size)
         try:
-            proc = GuestProcess.launch(self.spec, fd, restore=True)
+            if mode == "precopy":
+                proc = GuestProcess.launch(self.spec, fd, start_paused=True, fill=False)
+            else:
+                proc = GuestProcess.launch(self.spec, fd, restore=True)
         except BaseException:
             os.close(fd)
             raise
         self.guest = HostedGuest(self.name, self.spec, "runner", fd, proc, state="migrating-in", run_id=self.run_id)
-        self.attach(proc.uffd, proc.regions)
-        self.start_workers()
+        if mode == "precopy":
+            self.bitmap = SharedBitmap.create(self.page_count)
+            self.phase = "prepared"
+        else:
+            self.attach(proc.uffd, proc.regions)
+            self.start_workers()
+        if mode != "postcopy":
+            self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id)
         return (time.monotonic() - t0) * 1000.0
 
     def attach(self, uffd_fd: int, regions: list[dict]) -> None:
@@ -163,27 +199,55 @@ class IncomingRun:
             w.wait_ready(_READY_TIMEOUT)
         self.phase = "prepared"
 
+    # ------------------------------------------------------------ pre-copy
+    def precopy_round(self, stale: bytes, pull: bool, max_bandwidth: int, deadline_s: float) -> pb.PrecopyRoundReply:
+        """Discard the stale pages, then (if `pull`) fetch every page not received."""
+        with self._round_lock:
+            if self.precopy is None:
+                raise RuntimeError(f"run {self.run_id} is in {self.mode} mode: it takes no pre-copy")
+            if self.phase != "prepared":
+                raise RuntimeError(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
+            t0 = time.monotonic()
+            discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size)
+            reply = pb.PrecopyRoundReply(discarded=discarded, discard_ms=(time.monotonic() - t0) * 1000.0)
+            if pull:
+                got = self.precopy.pull(max_bandwidth, deadline_s)
+                reply.pages, reply.zero, reply.bytes_wire, reply.seconds = \
+                    got.pages, got.zero, got.bytes_wire, got.seconds
+            reply.missing = self.page_count - self.bitmap.count()
+            return reply
+
     # -------------------------------------------------------------- start
-    def start(self, state_json: bytes, no_push: bool, max_bandwidth: int) -> float:
-        """Resume the guest with its execution state and let the bulk worker go."""
-        if self.phase != "prepared":
-            raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
-        t0 = time.monotonic()
-        if self.guest is not None and self.guest.process is not None:
-            state = json.loads(state_json) if state_json else None
-            self.guest.process.resume(state or None)
-            self.guest.state = "running"
-        self._t_resume = time.monotonic()
-        bulk = self.workers["bulk"]
-        if no_push:
+    def start(self, state_json: bytes, no_push: bool, max_bandwidth: int, stale: bytes = b"") -> pb.StartIncomingReply:
+        """Drop the stale pages, resume the guest with its execution state, let the bulk worker go."""
+        with self._round_lock:
+            if self.phase != "prepared":
+                raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
+            t0 = time.monotonic()
+            discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size) if self.guest else (0, 0)
+            t1 = time.monotonic()
+            if self.mode == "precopy" and not self.bitmap.is_full():
+                raise RuntimeError(f"run {self.run_id} still misses {self.page_count - self.bitmap.count()} pages "
+                                   "and has no userfaultfd to fetch them: copy them first")
+            if self.precopy is not None:
+                self.precopy.close()
+            if self.guest is not None and self.guest.process is not None:
+                state = json.loads(state_json) if state_json else None
+                self.guest.process.resume(state or None)
+                self.guest.state = "running"
+            self._t_resume = time.monotonic()
+            reply = pb.StartIncomingReply(resume_ms=(self._t_resume - t1) * 1000.0, discard_ms=(t1 - t0) * 1000.0,
+                                          discarded=discarded)
+        bulk = self.workers.get("bulk")
+        if bulk is not None and no_push:
             bulk.stop()
             del self.workers["bulk"]
-        else:
+        elif bulk is not None:
             bulk.send({"go": True, "max_bandwidth": max_bandwidth})
         self.phase = "running"
         self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"run-{self.run_id[:8]}")
         self._watcher.start()
-        return (time.monotonic() - t0) * 1000.0
+        return reply
 
     def _watch(self) -> None:
         while self.phase == "running":
@@ -222,6 +286,8 @@ class IncomingRun:
             w.stop(timeout=2)
 
     def abort(self, reason: str = "aborted") -> None:
+        if self.precopy is not None:
+            self.precopy.stop()  # a round in progress stops asking
         self._fail(reason)
 
     # ------------------------------------------------------------- status
@@ -247,6 +313,8 @@ class IncomingRun:
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""
+        if self.precopy is not None:
+            self.precopy.close()
         for w in self.workers.values():
             w.stop(timeout=2)
         for fd in (self._hint_r, self._hint_w):

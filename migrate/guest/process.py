@@ -309,6 +309,15 @@ class GuestProcess:
         """The execution state without pausing (exact only while paused)."""
         return self.call("state", timeout)["state"]
 
+    def track_writes(self, timeout: float = CALL_TIMEOUT) -> int:
+        """Have the runner write-protect its RAM for async write tracking; returns
+        the RAM's address in the runner (for PAGEMAP_SCAN on /proc/PID/pagemap).
+        RuntimeError names what the kernel lacks if it cannot."""
+        return int(self.call("track", timeout)["base"])
+
+    def untrack_writes(self, timeout: float = CALL_TIMEOUT) -> None:
+        self.call("untrack", timeout)
+
     def digest(self, timeout: float | None = None) -> str:
         return self.call("digest", DIGEST_TIMEOUT if timeout is None else timeout)["digest"]
 

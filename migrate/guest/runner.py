@@ -19,11 +19,15 @@ pages block in the kernel until the agent installs them.
 
 Control protocol (JSON lines on the control socket):
 
-- agent -> runner: ``{"id": n, "cmd": "pause"|"resume"|"state"|"digest"|"stats"|"stop", ...}``
+- agent -> runner: ``{"id": n, "cmd": "pause"|"resume"|"state"|"digest"|"stats"|"track"|"untrack"|"stop", ...}``
   (``resume`` takes an optional ``"state"``: an exported execution state).
 - runner -> agent: ``{"id": n, "ok": true, ...}`` or ``{"id": n, "ok": false, "error": "..."}``;
   pause/state reply ``{"state": {...}, "last_op_ns": t}``; digest ``{"digest": hex16}``;
-  stats ``{ops_done, ops_total, running, finished, first_op_ns, last_op_ns}``.
+  stats ``{ops_done, ops_total, running, finished, first_op_ns, last_op_ns}``;
+  track ``{"base", "size"}``: the runner's RAM is now registered with an
+  asynchronous write-protect userfaultfd and fully write-protected, so the
+  agent can read the written pages with PAGEMAP_SCAN on /proc/PID/pagemap
+  (migrate.source.dirty); untrack drops that registration.
 - events: ``{"event": "ready", "pid"}`` (source mode),
   ``{"event": "progress", "t_ns", "ops", "first_op_ns", "running"}`` every
   ~20 ms while running and once at every pause/resume,
@@ -98,6 +102,7 @@ class Runner:
         self.wl = Workload(self.mem, workload=args.workload, seed=args.seed, ops=args.ops, threads=args.threads,
                            ops_per_sec=args.ops_per_sec, page_size=args.page_size)
         self.uffd = None
+        self.wp_uffd = None                  # write tracking (source side), see cmd_track
         self.finished_sent = False
         self.closing = False
 
@@ -199,6 +204,34 @@ class Runner:
 
     def cmd_stats(self, msg: dict) -> dict:
         return self.stats()
+
+    def cmd_track(self, msg: dict) -> dict:
+        """Start write tracking: async WP registration of all RAM, all protected.
+
+        WP_ASYNC never blocks a writer (the kernel just notes the write), so
+        nobody reads this fd; keeping it open keeps the registration alive.
+        """
+        from migrate import uffd as U
+
+        with self.ctl_lock:
+            if self.wp_uffd is None:
+                features = U.FEATURE_WP_ASYNC | U.FEATURE_WP_UNPOPULATED | U.FEATURE_WP_HUGETLBFS_SHMEM
+                wp = U.Uffd.create(features, page_size=self.spec.page_size)
+                try:
+                    wp.register(self.wl.address, self.spec.size, U.MODE_WP)
+                    wp.writeprotect(self.wl.address, self.spec.size, True)
+                except OSError:
+                    wp.close()
+                    raise
+                self.wp_uffd = wp
+        return {"base": self.wl.address, "size": self.spec.size}
+
+    def cmd_untrack(self, msg: dict) -> dict:
+        with self.ctl_lock:
+            if self.wp_uffd is not None:
+                self.wp_uffd.close()         # closing the last fd unregisters the range
+                self.wp_uffd = None
+        return {}
 
     def cmd_stop(self, msg: dict) -> dict:
         return {}

@@ -45,6 +45,15 @@ def fill_realistic(buf: Any, page_size: int = mmap.PAGESIZE, seed: int = 1) -> N
         ffi.release(p)
 
 
+def fill_random(buf: Any, seed: int = 1) -> None:
+    """Fill a writable buffer with incompressible bytes, deterministic from `seed`."""
+    p = _ptr(buf, True)
+    try:
+        lib.mig_fill_random(p, len(p), seed & _U64)
+    finally:
+        ffi.release(p)
+
+
 def digest_int(buf: Any) -> int:
     p = _ptr(buf, False)
     try:

@@ -69,6 +69,11 @@ class ControlStub:
                 request_serializer=migrate__pb2.PrepareOutgoingRequest.SerializeToString,
                 response_deserializer=migrate__pb2.PrepareOutgoingReply.FromString,
                 _registered_method=True)
+        self.ScanDirty = channel.unary_unary(
+                '/migrate.v1.Control/ScanDirty',
+                request_serializer=migrate__pb2.RunRef.SerializeToString,
+                response_deserializer=migrate__pb2.DirtySet.FromString,
+                _registered_method=True)
         self.Switchover = channel.unary_unary(
                 '/migrate.v1.Control/Switchover',
                 request_serializer=migrate__pb2.RunRef.SerializeToString,
@@ -88,6 +93,11 @@ class ControlStub:
                 '/migrate.v1.Control/PrepareIncoming',
                 request_serializer=migrate__pb2.PrepareIncomingRequest.SerializeToString,
                 response_deserializer=migrate__pb2.PrepareIncomingReply.FromString,
+                _registered_method=True)
+        self.PrecopyRound = channel.unary_unary(
+                '/migrate.v1.Control/PrecopyRound',
+                request_serializer=migrate__pb2.PrecopyRoundRequest.SerializeToString,
+                response_deserializer=migrate__pb2.PrecopyRoundReply.FromString,
                 _registered_method=True)
         self.StartIncoming = channel.unary_unary(
                 '/migrate.v1.Control/StartIncoming',
@@ -152,6 +162,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScanDirty(self, request, context):
+        """pre-copy: the guest keeps running
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Switchover(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -173,6 +190,12 @@ class ControlServicer:
     def PrepareIncoming(self, request, context):
         """destination side
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrecopyRound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -233,6 +256,11 @@ def add_ControlServicer_to_server(servicer, server):
                     request_deserializer=migrate__pb2.PrepareOutgoingRequest.FromString,
                     response_serializer=migrate__pb2.PrepareOutgoingReply.SerializeToString,
             ),
+            'ScanDirty': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScanDirty,
+                    request_deserializer=migrate__pb2.RunRef.FromString,
+                    response_serializer=migrate__pb2.DirtySet.SerializeToString,
+            ),
             'Switchover': grpc.unary_unary_rpc_method_handler(
                     servicer.Switchover,
                     request_deserializer=migrate__pb2.RunRef.FromString,
@@ -252,6 +280,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.PrepareIncoming,
                     request_deserializer=migrate__pb2.PrepareIncomingRequest.FromString,
                     response_serializer=migrate__pb2.PrepareIncomingReply.SerializeToString,
+            ),
+            'PrecopyRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrecopyRound,
+                    request_deserializer=migrate__pb2.PrecopyRoundRequest.FromString,
+                    response_serializer=migrate__pb2.PrecopyRoundReply.SerializeToString,
             ),
             'StartIncoming': grpc.unary_unary_rpc_method_handler(
                     servicer.StartIncoming,
@@ -469,6 +502,33 @@ class Control:
             _registered_method=True)
 
     @staticmethod
+    def ScanDirty(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/ScanDirty',
+            migrate__pb2.RunRef.SerializeToString,
+            migrate__pb2.DirtySet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Switchover(request,
             target,
             options=(),
@@ -566,6 +626,33 @@ class Control:
             '/migrate.v1.Control/PrepareIncoming',
             migrate__pb2.PrepareIncomingRequest.SerializeToString,
             migrate__pb2.PrepareIncomingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrecopyRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/PrecopyRound',
+            migrate__pb2.PrecopyRoundRequest.SerializeToString,
+            migrate__pb2.PrecopyRoundReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,8 @@
 """Source side of a migration: the run, its bulk server, the urgent stream.
 
 A run begins with PrepareOutgoing (the guest keeps running; a bulk page
-server process starts), switches over (the guest pauses, its execution state
+server process starts; for pre-copy, write tracking starts: see
+migrate.source.dirty), answers ScanDirty during pre-copy rounds, switches over (the guest pauses, its execution state
 goes to the destination), serves pages until the destination has them all,
 and ends with CompleteOutgoing (the guest is released here) or
 AbortOutgoing (the guest resumes here as if nothing happened).
@@ -23,6 +24,7 @@ from migrate.guests import HostedGuest
 from migrate.local import read_first_line
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
+from migrate.source.dirty import DirtyTracker, TrackingUnavailable
 
 #: Most pages one urgent request may ask for.
 MAX_URGENT_PAGES = 64
@@ -32,7 +34,7 @@ _BULK_START_TIMEOUT = 20.0
 class OutgoingRun:
     """One guest leaving this agent."""
 
-    def __init__(self, guest: HostedGuest, listen_host: str, level: int) -> None:
+    def __init__(self, guest: HostedGuest, listen_host: str, level: int, track_writes: bool = False) -> None:
         self.run_id = uuid.uuid4().hex
         self.guest = guest
         self.switched = False
@@ -53,6 +55,50 @@ class OutgoingRun:
             raise RuntimeError(reply.get("error", "bulk page server failed to start"))
         self.bulk_port = int(reply["port"])
         self.bulk_stats: dict = {}
+        self.tracker: DirtyTracker | None = None
+        self.tracking_error = ""
+        if track_writes:
+            self._start_tracking()
+
+    def _start_tracking(self) -> None:
+        """Write-protect the guest's RAM for dirty tracking, or say why it cannot be done."""
+        proc = self.guest.process
+        if proc is None:
+            self.tracking_error = "an image guest has no runner to track"
+            return
+        try:
+            base = proc.track_writes()
+            self.tracker = DirtyTracker(proc.pid, base, self.guest.spec.size, self.guest.spec.page_size)
+        except (RuntimeError, TrackingUnavailable) as err:
+            self.tracking_error = f"write tracking is unavailable: {err}"
+            self._stop_tracking()
+
+    def _stop_tracking(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+        if self.guest.process is not None:
+            try:
+                self.guest.process.untrack_writes()
+            except (RuntimeError, TimeoutError):
+                pass  # a runner that is gone tracks nothing
+
+    def _take_dirty(self) -> pb.DirtySet:
+        if self.tracker is None:
+            return pb.DirtySet()
+        _, ms = self.tracker.scan()
+        bitmap, pages = self.tracker.take()
+        return pb.DirtySet(bitmap=bitmap, pages=pages, scan_ms=ms)
+
+    def scan_dirty(self) -> pb.DirtySet:
+        """Pages written since the previous scan, the guest still running."""
+        if self.tracker is None:
+            raise RuntimeError(f"run {self.run_id} does not track writes"
+                               + (f" ({self.tracking_error})" if self.tracking_error else ""))
+        if self.switched:
+            raise RuntimeError(f"run {self.run_id} has switched over already")
+        with self._lock:
+            return self._take_dirty()
 
     def count_urgent(self, batch: pb.PageBatch) -> None:
         with self._lock:
@@ -61,7 +107,8 @@ class OutgoingRun:
             self.urgent_bytes += approx_wire_size(batch)
 
     def switchover(self) -> pb.SwitchoverReply:
-        """Pause the guest and hand over its execution state."""
+        """Pause the guest and hand over its execution state and, with tracking,
+        the pages written since the last scan (stale wherever they were sent)."""
         t0 = time.monotonic()
         proc = self.guest.process
         if proc is None:  # an image: nothing runs, nothing to hand over
@@ -69,15 +116,19 @@ class OutgoingRun:
         else:
             state = proc.pause()
             last_op_ns = int(state.get("last_op_ns", 0))
+        pause_ms = (time.monotonic() - t0) * 1000.0
+        with self._lock:
+            dirty = self._take_dirty()
         self.state_json = json.dumps(state).encode()
         self.switched = True
         self.guest.state = "migrating-out"
-        return pb.SwitchoverReply(state_json=self.state_json, last_op_ns=last_op_ns,
-                                  pause_ms=(time.monotonic() - t0) * 1000.0)
+        return pb.SwitchoverReply(state_json=self.state_json, last_op_ns=last_op_ns, pause_ms=pause_ms,
+                                  dirty=dirty, sent_ns=time.time_ns())
 
     def abort(self) -> None:
         """Give the guest back to this host, running as before."""
         self._stop_bulk()
+        self._stop_tracking()
         if self.guest.process is not None and self.switched:
             self.guest.process.resume()
         self.guest.state = "running" if self.guest.kind == "runner" else "image"
@@ -85,6 +136,7 @@ class OutgoingRun:
 
     def complete(self) -> pb.SourceStats:
         self._stop_bulk()
+        self._stop_tracking()
         return pb.SourceStats(urgent_requests=self.urgent_requests, urgent_pages=self.urgent_pages,
                               urgent_bytes=self.urgent_bytes, bulk_pages=self.bulk_stats.get("pages", 0),
                               bulk_bytes=self.bulk_stats.get("bytes", 0))

@@ -1,0 +1,73 @@
+"""When to stop pre-copying: the switch policy of hybrid and precopy migrations.
+
+A pre-copy round sends every page the destination lacks; the source's scan
+after it says how many of them the guest wrote again meanwhile. Rounds go on
+while they pay off. The policy switches when the first of these holds:
+
+* the dirty set fits what the link moves within the target downtime
+  (`max_downtime_ms`): copying or discarding it is cheap;
+* the dirty set stopped shrinking (less than 10% smaller than the round
+  before): the guest dirties as fast as the link copies, more rounds only
+  burn bandwidth;
+* the round or time budget (`rounds`, `seconds`) is spent.
+
+Every condition is checked after each round and a round always ends, so
+pre-copy always ends, however fast the guest writes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: A round must shrink the dirty set below this fraction of the previous one to count as progress.
+SHRINK = 0.9
+
+
+@dataclass
+class Limits:
+    rounds: int = 10              # most pre-copy rounds (the first sends everything)
+    seconds: float = 0.0          # most seconds of pre-copy, 0: no limit
+    max_downtime_ms: float = 20.0
+
+
+@dataclass
+class Round:
+    """One pre-copy round as the orchestrator saw it."""
+
+    sent: int                     # pages pulled by the destination
+    discarded: int                # stale pages dropped before pulling
+    seconds: float                # the pull's duration
+    bytes_wire: int
+    dirty: int                    # pages the guest wrote since the previous scan
+    dirty_window_s: float         # time between that scan and the previous one
+
+    @property
+    def link_pages_per_s(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def dirty_rate(self) -> float:
+        """Pages dirtied per second over the round."""
+        return self.dirty / self.dirty_window_s if self.dirty_window_s > 0 else 0.0
+
+
+def link_pages_per_s(rounds: list[Round]) -> float:
+    """The link's pace in pages/s: the latest round that moved enough to time it."""
+    for r in reversed(rounds):
+        if r.sent >= 256 and r.seconds > 0:
+            return r.link_pages_per_s
+    return 0.0
+
+
+def switch_reason(rounds: list[Round], elapsed_s: float, limits: Limits) -> str | None:
+    """Why to stop pre-copying after `rounds`, or None to run another round."""
+    last = rounds[-1]
+    budget = link_pages_per_s(rounds) * limits.max_downtime_ms / 1000.0
+    if last.dirty <= budget:
+        return f"dirty set ({last.dirty} pages) fits the {limits.max_downtime_ms:g} ms downtime target"
+    if len(rounds) >= 2 and last.dirty >= SHRINK * rounds[-2].dirty:
+        return f"dirty set stopped shrinking ({rounds[-2].dirty} -> {last.dirty} pages)"
+    if len(rounds) >= limits.rounds:
+        return f"round limit ({limits.rounds}) reached"
+    if limits.seconds and elapsed_s >= limits.seconds:
+        return f"time limit ({limits.seconds:g} s) reached"
+    return None

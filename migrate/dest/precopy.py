@@ -1,0 +1,189 @@
+"""Pre-copy on the destination: pages written straight into guest RAM's memfd.
+
+Before the guest runs here, a round pulls every page whose received bit is
+clear from the source's bulk page server (Pages.Bulk, its own HTTP/2
+connection) and pwrite()s it into the memfd, then sets its bit. A page in
+the memfd's page cache never raises a MISSING fault in the runner's
+registered mapping: pre-copied pages are simply there when post-copy
+starts.
+
+Pages the source reports as written since they were sent are *discarded*:
+their bits are cleared, then they are punched out of the memfd
+(fallocate PUNCH_HOLE), so the runner faults on them again and post-copy
+fetches them fresh. Nothing stale stays visible.
+
+The trap: never read destination RAM through a mapping of the memfd. A
+read fault on a hole of a shared shmem mapping allocates a zero page in the
+page cache, and the runner would then read that zero page instead of
+faulting: post-copy silently broken. pwrite and pread do not allocate.
+
+Rounds run in the agent's process, one Control.PrecopyRound call each, and
+are strictly sequential with the source's scans (the orchestrator scans only
+after a round returned), so every page read in a round is read before the
+scan that follows it: a write after the read is always reported.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from migrate import rpc
+from migrate._errors import os_error
+from migrate._native import ffi, lib
+from migrate.batches import BatchDecoder, BatchError, DecodedBatch, PagesClient
+from migrate.bitmap import SharedBitmap
+from migrate.proto import migrate_pb2 as pb
+from migrate.source.bulk_server import MAX_BULK_PAGES
+
+#: Bulk requests in flight during a round: keeps the link busy while one installs.
+WINDOW = 8
+#: Seconds to wait for the bulk server to accept a connection.
+CONNECT_TIMEOUT = 5.0
+
+
+def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) -> tuple[int, int]:
+    """Mark the pages set in `stale` (bitmap wire format) not received and punch them out.
+
+    Returns (pages, fallocate calls). Bits are cleared before the punch: a
+    set bit always means the page is present.
+    """
+    if not stale:
+        return 0, 0
+    want = (received.nbits + 63) // 64 * 8
+    if len(stale) != want:
+        raise ValueError(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
+    runs = ffi.new("uint64_t *")
+    with ffi.from_buffer("uint64_t[]", stale) as bits:
+        n = lib.mig_discard_pages(memfd, received.ptr, bits, received.nbits, page_size, runs)
+    if n < 0:
+        raise os_error(-n, "discarding stale pages (fallocate PUNCH_HOLE)")
+    return int(n), int(runs[0])
+
+
+@dataclass
+class RoundStats:
+    """What one pre-copy round did."""
+
+    pages: int = 0
+    zero: int = 0
+    bytes_wire: int = 0
+    seconds: float = 0.0
+
+
+class Pacer:
+    """Sleeps while the bytes moved run ahead of a rate (bytes/s, 0: unlimited)."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._t0 = time.monotonic()
+
+    def wait(self, moved: int) -> None:
+        if self._rate > 0:
+            ahead = moved / self._rate - (time.monotonic() - self._t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+class PrecopyPuller:
+    """Pre-copy rounds into one incoming guest's memfd."""
+
+    def __init__(self, memfd: int, received: SharedBitmap, page_size: int, bulk_endpoint: str,
+                 run_id: str) -> None:
+        self._fd = memfd
+        self._received = received
+        self._page_size = page_size
+        self._run_id = run_id
+        self._endpoint = bulk_endpoint
+        self._channel: grpc.Channel | None = None
+        self._decoder = BatchDecoder(received.nbits, page_size)
+        self._zeros = memoryview(bytes(MAX_BULK_PAGES * page_size))
+        self._stop = threading.Event()
+        self.totals = RoundStats()
+
+    def _client(self) -> PagesClient:
+        if self._channel is None:
+            self._channel = rpc.channel(self._endpoint, purpose="precopy")
+            try:
+                rpc.wait_ready(self._channel, self._endpoint, CONNECT_TIMEOUT)
+            except rpc.AgentError as err:
+                raise ConnectionError(f"destination cannot reach the source's bulk server: {err}") from None
+        return PagesClient(self._channel)
+
+    def pull(self, max_bandwidth: int, deadline_s: float) -> RoundStats:
+        """Pull every page not received yet; stop asking after `deadline_s` seconds (0: no limit).
+
+        Returns when every request asked is installed.
+        """
+        client = self._client()
+        stats = RoundStats()
+        window = threading.Semaphore(WINDOW)
+        pacer = Pacer(max_bandwidth)
+        t0 = time.monotonic()
+        deadline = t0 + deadline_s if deadline_s > 0 else float("inf")
+
+        def requests() -> Iterator[pb.BulkRequest]:
+            page, n = 0, self._received.nbits
+            while (page := self._received.next_clear(page)) < n:
+                end = min(self._received.next_set(page), page + MAX_BULK_PAGES)
+                pacer.wait(client.bytes_wire)
+                while not window.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    return
+                yield pb.BulkRequest(run_id=self._run_id, first_page=page, count=end - page)
+                page = end
+
+        try:
+            for batch in client.bulk(requests(), metadata=rpc.METADATA):
+                decoded = self._decoder.decode(batch)
+                self._write(decoded)
+                self._received.set_range(decoded.first_page, decoded.count)
+                stats.pages += decoded.count
+                stats.zero += decoded.zero_pages
+                window.release()
+        except grpc.RpcError as err:
+            raise ConnectionError(f"pre-copy stream from the source failed: {err.details() or err.code().name}") \
+                from None
+        except BatchError as err:
+            raise ValueError(f"pre-copy batch refused: {err}") from None
+        stats.bytes_wire = client.bytes_wire
+        stats.seconds = time.monotonic() - t0
+        for key in ("pages", "zero", "bytes_wire", "seconds"):
+            setattr(self.totals, key, getattr(self.totals, key) + getattr(stats, key))
+        return stats
+
+    def _write(self, batch: DecodedBatch) -> None:
+        """pwritev the batch's pages into the memfd: data runs from the batch, zero runs from a zero buffer."""
+        size = self._page_size
+        data = memoryview(batch.data)
+        iov: list[memoryview] = []
+        page = pos = 0
+        runs = batch.zero_runs
+        for start, length in [*zip(runs[::2], runs[1::2]), (batch.count, 0)]:
+            if start > page:
+                nbytes = (start - page) * size
+                iov.append(data[pos:pos + nbytes])
+                pos += nbytes
+            if length:
+                iov.append(self._zeros[:length * size])
+            page = start + length
+        want = batch.count * size
+        done = os.pwritev(self._fd, iov, batch.first_page * size)
+        if done != want:
+            raise OSError(f"short pwrite into guest RAM: {done} of {want} bytes at page {batch.first_page}")
+
+    def stop(self) -> None:
+        """Make a running round stop asking (it returns once its requests are answered)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self.stop()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None

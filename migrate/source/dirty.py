@@ -1,0 +1,75 @@
+"""Write tracking on the source: which guest pages changed since the last look.
+
+The guest runner registers its own RAM with an asynchronous write-protect
+userfaultfd (UFFD_FEATURE_WP_ASYNC, see `migrate.guest.runner`), so a write
+to a protected page is never blocked: the kernel only records it. This agent
+then reads and re-protects the written pages in one PAGEMAP_SCAN ioctl on
+/proc/PID/pagemap, which acts on the runner's memory from our process. No
+fd crosses over: the runner keeps its uffd (the registration lives as long as
+it does), we keep the pagemap fd. The runner's control socket serializes
+"track" against everything else it does.
+
+Scans accumulate into a private bitmap until `take()` hands them out, so a
+probe scan never loses a page.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+from migrate._errors import os_error
+from migrate._native import lib
+from migrate.bitmap import SharedBitmap
+
+#: What a runner's WP userfaultfd needs from the kernel (the memfd is shmem).
+WP_FEATURES = ("WP_ASYNC", "WP_UNPOPULATED", "WP_HUGETLBFS_SHMEM")
+
+
+class TrackingUnavailable(RuntimeError):
+    """This kernel or process cannot track writes; pre-copy is impossible."""
+
+
+class DirtyTracker:
+    """Dirty pages of a runner whose RAM [base, base + size) is registered WP_ASYNC."""
+
+    def __init__(self, pid: int, base: int, size: int, page_size: int) -> None:
+        self.base = base
+        self.size = size
+        self.page_size = page_size
+        self.page_count = size // page_size
+        try:
+            self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise TrackingUnavailable(f"cannot open /proc/{pid}/pagemap: {err.strerror}") from None
+        self._dirty = SharedBitmap.create(self.page_count)
+        try:
+            self.scan()  # probes PAGEMAP_SCAN; what it finds stays pending
+        except TrackingUnavailable:
+            self.close()
+            raise
+
+    def scan(self) -> tuple[int, float]:
+        """Add the pages written since the previous scan; (pages found, ms taken)."""
+        t0 = time.perf_counter()
+        n = lib.mig_scan_dirty(self._pagemap, self.base, self.size, self.page_size, self._dirty.ptr, 0)
+        if n < 0:
+            if -n in (errno.ENOTTY, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                raise TrackingUnavailable(
+                    f"{os_error(-n, 'PAGEMAP_SCAN with PM_SCAN_WP_MATCHING|PM_SCAN_CHECK_WPASYNC')} "
+                    "(needs Linux 6.7+ and a WP_ASYNC registration)")
+            raise os_error(-n, f"PAGEMAP_SCAN 0x{self.base:x}+{self.size}")
+        return int(n), (time.perf_counter() - t0) * 1000.0
+
+    def take(self) -> tuple[bytes, int]:
+        """The pending dirty set (SharedBitmap wire format) and its page count; then none is pending."""
+        data = self._dirty.to_bytes()
+        count = self._dirty.count()
+        self._dirty.clear_range(0, self.page_count)
+        return data, count
+
+    def close(self) -> None:
+        if self._pagemap >= 0:
+            os.close(self._pagemap)
+            self._pagemap = -1
+        self._dirty.close()
