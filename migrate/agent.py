@@ -63,13 +63,14 @@ def _rpc(method: Callable) -> Callable:
 class ControlService(pb_grpc.ControlServicer):
     """Guests and migrations on one agent."""
 
-    def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1) -> None:
+    def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto") -> None:
         self.roles = roles
         self.guests = GuestTable()
         self.outgoing = OutgoingRuns()
         self.incoming: dict[str, IncomingRun] = {}
         self._listen_host = listen_host
         self._level = level
+        self._compress = compress
         self.lock = threading.Lock()
 
     def _need(self, role: str) -> None:
@@ -123,7 +124,7 @@ class ControlService(pb_grpc.ControlServicer):
                 raise RuntimeError(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
             if guest.kind == "runner" and guest.state not in ("running", "paused"):
                 raise RuntimeError(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
-            run = OutgoingRun(guest, self._listen_host, self._level, track_writes=request.track_writes)
+            run = OutgoingRun(guest, self._listen_host, self._level, self._compress, track_writes=request.track_writes)
             if guest.kind == "runner":
                 guest.run_id = run.run_id
         self.outgoing.add(run)
@@ -169,6 +170,8 @@ class ControlService(pb_grpc.ControlServicer):
         if mode not in MODES:
             raise ValueError(f"unknown migration mode {mode!r}; known: {', '.join(MODES)}")
         run = IncomingRun(request.run_id, request.name, spec, request.source_endpoint, request.bulk_endpoint)
+        if request.recovery_timeout_s > 0:
+            run.recovery_timeout = request.recovery_timeout_s
         try:
             ms = run.prepare(mode)
             self.guests.adopt(run.guest)
@@ -234,14 +237,14 @@ class ControlService(pb_grpc.ControlServicer):
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
           uffd_restore: tuple[str, str, str] | None = None,
-          on_ready: Callable[[int], None] | None = None, level: int = 1) -> None:
+          on_ready: Callable[[int], None] | None = None, level: int = 1, compress: str = "auto") -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name) for restoring
     external processes that connect with a Firecracker-style handshake.
     """
     host = listen.rsplit(":", 1)[0]
-    control = ControlService(roles, host, level)
+    control = ControlService(roles, host, level, compress)
     for name, path in (images or {}).items():
         control.guests.add_image(name, path)
     server = rpc.server()

@@ -30,6 +30,10 @@ class PagesClient:
     def __init__(self, channel: grpc.Channel) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.bind(channel)
+
+    def bind(self, channel: grpc.Channel) -> None:
+        """Make calls on `channel` from now on (after a reconnect); counters carry on."""
         self.fetch = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self._serialize,
                                            response_deserializer=self._parse)
         self.bulk = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self._serialize,

@@ -89,8 +89,10 @@ def source() -> None:
               help="Serve a memory image file as guest NAME (repeatable).")
 @click.option("--zstd-level", default=1, show_default=True, type=click.IntRange(-7, 22),
               help="Compression level of bulk batches.")
+@click.option("--compress", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
+              help="Compress bulk batches: when the link is the bottleneck (auto), always, or never.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, verbose: bool) -> None:
+def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, verbose: bool) -> None:
     """Run a source agent until interrupted.
 
     \b
@@ -105,7 +107,7 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, verbose:
         if not os.path.isfile(path):
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
-    _serve("source", listen, verbose, images=parsed, level=zstd_level)
+    _serve("source", listen, verbose, images=parsed, level=zstd_level, compress=compress)
 
 
 @cli.group()
@@ -280,25 +282,46 @@ def _finish_report(doc: dict, report_path: str | None) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the JSON report here.")
 @click.option("--no-push", is_flag=True, help="No bulk stream: pages arrive only when the guest faults on them.")
-@click.option("--max-bandwidth", type=RATE, default="0", help="Cap the bulk stream (e.g. 100M, 1gbit).")
+@click.option("--max-bandwidth", type=RATE, default="0",
+              help="Cap the page streams, pre-copy and bulk (e.g. 100M, 1gbit).")
 @click.option("--source-endpoint", metavar="HOST:PORT", default="",
               help="The source as the destination reaches it (default: --from).")
 @click.option("--verify", is_flag=True, help="Compare the final memory with an unmigrated run of the same guest.")
 @click.option("--timeout", type=click.FloatRange(1, None), default=3600.0, show_default=True,
               help="Seconds to wait for the migration to complete.")
+@click.option("--mode", type=click.Choice(orchestrator.MODES), default="hybrid", show_default=True,
+              help="postcopy: switch at once; hybrid: pre-copy rounds, then post-copy; "
+                   "precopy: pre-copy rounds, then stop-and-copy.")
+@click.option("--precopy-rounds", type=click.IntRange(1, None), default=10, show_default=True,
+              help="Most pre-copy rounds (the first sends every page).")
+@click.option("--precopy-seconds", type=click.FloatRange(0, None), default=0.0, show_default=True,
+              help="Most seconds of pre-copy (0: no limit).")
+@click.option("--max-downtime", "max_downtime_ms", type=click.FloatRange(0, None), default=20.0, show_default=True,
+              metavar="MS", help="Switch once the dirty set fits this many ms at the link's measured pace.")
 def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_push: bool, max_bandwidth: int,
-            source_endpoint: str, verify: bool, timeout: float) -> None:
-    """Migrate GUEST from one agent to another, in post-copy.
+            source_endpoint: str, verify: bool, timeout: float, mode: str, precopy_rounds: int,
+            precopy_seconds: float, max_downtime_ms: float) -> None:
+    """Migrate GUEST from one agent to another.
 
-    The guest resumes on the destination at once; its faults are served over
-    gRPC while the rest of its memory streams in.
+    In hybrid mode (the default) pages are copied while the guest still runs
+    on the source, re-sending the pages it writes meanwhile, until that stops
+    paying off; then the guest moves and the rest follows in post-copy: its
+    faults are served over gRPC while the remaining memory streams in.
+    postcopy moves the guest at once; precopy copies everything before the
+    guest resumes (the classic baseline). Without write tracking on the
+    source (Linux 6.7+: async userfaultfd write-protect and PAGEMAP_SCAN),
+    hybrid and precopy fall back to postcopy and the report says so.
 
     \b
-    Example:
+    Examples:
       migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --report vm1.json
+      migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --mode precopy --max-downtime 50
     """
+    if no_push and mode == "precopy":
+        raise click.UsageError("--no-push needs --mode postcopy or hybrid: precopy moves every page by copy")
     opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
-                                   verify=verify, timeout=timeout)
+                                   verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
+                                   precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms)
     doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine())
     _finish_report(doc, report_path)
     if doc.get("verified") is False:
@@ -349,3 +372,11 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+
+
+# The lab, benchmarks and plots (issue 4) live in their own modules.
+from migrate.bench.cli import bench, plot  # noqa: E402
+from migrate.lab.cli import lab  # noqa: E402
+
+for _command in (lab, bench, plot):
+    cli.add_command(_command)

@@ -47,6 +47,7 @@ class RunOptions:
     precopy_rounds: int = 10        # most pre-copy rounds
     precopy_seconds: float = 0.0    # most seconds of pre-copy, 0: no limit
     max_downtime_ms: float = 20.0   # switch once the dirty set fits this at the link's pace
+    recovery_timeout: float = 60.0  # seconds the destination keeps reconnecting to a lost source
 
     def limits(self) -> convergence.Limits:
         return convergence.Limits(rounds=self.precopy_rounds, seconds=self.precopy_seconds,
@@ -81,6 +82,7 @@ class PrecopyLog:
         self.final_copy: pb.PrecopyRoundReply | None = None
         self.switch_reason = ""
         self.fallback = ""
+        self.switch_discarded = 0     # stale pages the destination dropped at switchover
 
     @property
     def bytes_wire(self) -> int:
@@ -99,6 +101,7 @@ class PrecopyLog:
             "pages": self.pages,
             "bytes": self.bytes_wire,
             "switch_reason": self.switch_reason,
+            "switch_discarded": self.switch_discarded,
         }
         if self.final_copy is not None:
             f = self.final_copy
@@ -142,7 +145,8 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         try:
             prepared = dest.call("PrepareIncoming", pb.PrepareIncomingRequest(
                 run_id=prep.run_id, name=name, spec=prep.spec, source_endpoint=src_ep,
-                bulk_endpoint=_endpoint_with_port(src_ep, prep.bulk_endpoint), mode=mode), timeout=120)
+                bulk_endpoint=_endpoint_with_port(src_ep, prep.bulk_endpoint), mode=mode,
+                recovery_timeout_s=opts.recovery_timeout), timeout=120)
             stale = _precopy(source, dest, run, opts, log) if mode != "postcopy" else b""
             if before_switchover:
                 before_switchover()
@@ -167,6 +171,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             _best_effort(dest.call, "AbortIncoming", run)
             source.call("AbortOutgoing", run)
             raise
+        log.switch_discarded = started.discarded
         status = _wait_complete(dest, name, run, opts, on_status)
         total_s = time.monotonic() - t0
         before = source.call("InspectGuest", pb.GuestRef(name=name))

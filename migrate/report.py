@@ -2,7 +2,9 @@
 
 Field names are a contract (../shared/checks/report_fields.py checks them):
 total_s, downtime_ms, pages.*, faults.*, bytes.*, compression_ratio,
-guest.blocked_ms, guest.progress, verified.
+guest.blocked_ms, guest.progress, verified; and for the modes (issue 3):
+mode, precopy.rounds (pages sent and dirty pages per round), precopy.bytes,
+downtime_parts. bytes.* and compression_ratio count pre-copy traffic too.
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ def _rate(points: list[dict], lo: float, hi: float) -> float:
 
 def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, switch: pb.SwitchoverReply,
           prepare_ms: float, resume_ms: float, status: pb.MigrationStatus, source_stats: pb.SourceStats,
-          before: pb.GuestInfo, after: pb.GuestInfo, verified: bool | None, mode: str = "postcopy") -> dict:
-    """Assemble the report from what the agents said."""
+          before: pb.GuestInfo, after: pb.GuestInfo, verified: bool | None, mode: str = "postcopy",
+          precopy: dict | None = None, precopy_pages: int = 0, precopy_bytes: int = 0,
+          downtime_parts: dict | None = None) -> dict:
+    """Assemble the report from what the agents said (pre-copy rounds as the orchestrator logged them)."""
     detail = json.loads(status.detail_json or "{}")
     faults = detail.get("faults", {})
     latency = faults.get("latency_us") or summarize([])
@@ -39,7 +43,8 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         downtime_ms = switch.pause_ms + resume_ms
     progress = _progress(before, "source", t_start_ns) + _progress(after, "dest", t_start_ns)
     progress.sort(key=lambda p: p["t_s"])
-    wire = status.bytes_wire
+    wire = status.bytes_wire + precopy_bytes
+    page_bytes = status.bytes_pages + precopy_pages * spec.page_size
     doc = {
         "guest": {
             "name": name,
@@ -54,6 +59,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         "mode": mode,
         "total_s": round(total_s, 4),
         "downtime_ms": round(max(downtime_ms, 0.0), 3),
+        "downtime_parts": downtime_parts or {},
         "timings_ms": {"prepare": round(prepare_ms, 3), "pause": round(switch.pause_ms, 3),
                        "resume": round(resume_ms, 3)},
         "pages": {
@@ -62,11 +68,13 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "pushed": status.pages_pushed,
             "faulted": status.pages_faulted,
             "zero": status.pages_zero,
+            "precopied": precopy_pages,
             "page_size": spec.page_size,
         },
         "faults": {"count": status.faults, "latency_us": latency},
-        "bytes": {"wire": wire, "pages": status.bytes_pages},
-        "compression_ratio": round(status.bytes_pages / wire, 3) if wire else 1.0,
+        "bytes": {"wire": wire, "pages": page_bytes},
+        "compression_ratio": round(page_bytes / wire, 3) if wire else 1.0,
+        "precopy": precopy or {"rounds": [], "pages": 0, "bytes": 0},
         "source": {"urgent_requests": source_stats.urgent_requests, "urgent_pages": source_stats.urgent_pages,
                    "bulk_pages": source_stats.bulk_pages, "bulk_bytes": source_stats.bulk_bytes},
     }
@@ -80,18 +88,26 @@ def table(doc: dict) -> str:
     p, f, b = doc["pages"], doc["faults"], doc["bytes"]
     lat = f["latency_us"]
     mb = b["pages"] / MiB
+    pre = doc.get("precopy", {})
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in doc.get("downtime_parts", {}).items() if v)
     rows = [
         ("guest", f"{doc['guest']['name']}: {doc['guest']['size'] // MiB} MiB, {doc['guest']['workload']}"),
-        ("mode", doc.get("mode", "postcopy")),
+        ("mode", doc.get("mode", "postcopy") + (f" ({pre['fallback']})" if pre.get("fallback") else "")),
         ("total time", f"{doc['total_s']:.3f} s ({mb / doc['total_s']:.0f} MiB/s of guest memory)"
          if doc["total_s"] else "-"),
-        ("downtime", f"{doc['downtime_ms']:.2f} ms"),
-        ("pages", f"{p['total']} total: {p['pushed']} pushed, {p['faulted']} faulted, {p['zero']} zero"),
+        ("downtime", f"{doc['downtime_ms']:.2f} ms" + (f" (ms: {parts})" if parts else "")),
+        ("pages", f"{p['total']} total: {p.get('precopied', 0)} pre-copied, {p['pushed']} pushed, "
+                  f"{p['faulted']} faulted, {p['zero']} zero"),
         ("faults", f"{f['count']}: p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, max {lat['max']:.0f} µs"),
         ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"),
         ("on the wire", f"{b['wire'] / MiB:.1f} MiB for {mb:.1f} MiB of pages "
                         f"(compression {doc['compression_ratio']:.2f}x)"),
     ]
+    for i, r in enumerate(pre.get("rounds", []), 1):
+        rows.append((f"pre-copy {i}", f"{r['sent']} pages sent in {r['seconds']:.3f} s, {r['dirty']} dirtied "
+                                      f"({r['dirty_rate']:.0f} pages/s)"))
+    if pre.get("switch_reason"):
+        rows.append(("switched", pre["switch_reason"]))
     if "verified" in doc:
         rows.append(("verified", "yes: digest equals the unmigrated run" if doc["verified"]
                      else "NO: digest differs from the unmigrated run"))

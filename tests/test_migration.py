@@ -40,7 +40,11 @@ def stop(addr: str, name: str) -> None:
 
 
 def migrate_at(agents, name: str, s: pb.GuestSpec, fraction: float, **opts) -> dict:
-    """Launch, prepare, switch over once `fraction` of the work is done; --verify."""
+    """Launch, prepare, switch over once `fraction` of the work is done; --verify.
+
+    Post-copy unless `mode` says otherwise (tests/test_modes.py covers the others).
+    """
+    opts.setdefault("mode", "postcopy")
     src, dst = agents
     launch(src.address, name, s)
 

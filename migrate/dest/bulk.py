@@ -18,14 +18,17 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import rpc
-from migrate.batches import BatchDecoder, BatchError, PagesClient
+from migrate.batches import BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest import worker
+from migrate.dest.link import LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
 from migrate.source.bulk_server import MAX_BULK_PAGES
 
-#: Bulk requests in flight: enough to keep the link busy while one installs.
-WINDOW = 6
+#: Bulk requests in flight, in pages and in requests: enough to keep the link
+#: busy while one batch installs, even when the runs between faults are short.
+WINDOW_PAGES = 6 * MAX_BULK_PAGES
+WINDOW_REQUESTS = 32
 
 
 class Planner:
@@ -67,23 +70,33 @@ class Planner:
                 return page, end - page
         return None
 
+    def forget(self, first: int, count: int) -> None:
+        """Pages asked for on a stream that broke: ask for them again."""
+        self._asked.clear_range(first, count)
+
     def close(self) -> None:
         self._asked.close()
 
 
 class BulkPuller:
-    """Keeps WINDOW bulk requests in flight and installs the replies."""
+    """Keeps a window of bulk requests in flight and installs the replies.
 
-    def __init__(self, mem: worker.Memory, planner: Planner, client: PagesClient, run_id: str,
+    The window is counted in pages (so many small runs, as the guest's
+    faults leave behind, still keep the link busy) and in requests.
+    """
+
+    def __init__(self, mem: worker.Memory, planner: Planner, link: SourceLink, run_id: str,
                  max_bandwidth: int) -> None:
         self.mem = mem
-        self.client = client
+        self.link = link
         self._planner = planner
         self._run_id = run_id
         self._rate = max_bandwidth
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._cond = threading.Condition()
-        self._inflight = 0
+        self._inflight: dict[int, int] = {}  # first page -> count, asked and not yet answered
+        self._inflight_pages = 0
+        self._generation = 0                 # bumped when a broken stream's requests are written off
         self._stop = False
         self._t0 = time.monotonic()
         self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0}
@@ -92,26 +105,33 @@ class BulkPuller:
         """Sleep while the bytes received run ahead of --max-bandwidth."""
         if self._rate <= 0:
             return
-        ahead = self.client.bytes_wire / self._rate - (time.monotonic() - self._t0)
+        ahead = self.link.client.bytes_wire / self._rate - (time.monotonic() - self._t0)
         if ahead > 0:
             time.sleep(ahead)
 
+    def _window_full(self) -> bool:
+        return self._inflight_pages >= WINDOW_PAGES or len(self._inflight) >= WINDOW_REQUESTS
+
     def requests(self) -> Iterator[pb.BulkRequest]:
+        """The request stream of one call; it ends when that call is written off."""
+        with self._cond:
+            generation = self._generation
         while True:
             self._pace()
             with self._cond:
-                while self._inflight >= WINDOW and not self._stop:
+                while self._window_full() and not self._stop and generation == self._generation:
                     self._cond.wait()
-                if self._stop:
+                if self._stop or generation != self._generation:
                     return
                 rng = self._planner.next_range()
                 if rng is None:
-                    if self._inflight == 0:
+                    if not self._inflight:
                         return
                     self._cond.wait(0.05)
                     continue
-                self._inflight += 1
-            first, count = rng
+                first, count = rng
+                self._inflight[first] = count
+                self._inflight_pages += count
             yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count)
 
     def install(self, batch: pb.PageBatch) -> None:
@@ -119,23 +139,56 @@ class BulkPuller:
         done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
                                    decoded.zero_runs, decoded.data)
         with self._cond:
-            self._inflight -= 1
+            self._inflight_pages -= self._inflight.pop(batch.first_page, 0)
             c = self.counters
-            c["pages"] += done.copied + done.zeroed
+            c["pages"] += done.installed
             c["zero"] += done.zeroed
-            c["bytes_pages"] += (done.copied + done.zeroed) * self.mem.page_size
+            c["bytes_pages"] += done.installed * self.mem.page_size
             c["batches"] += 1
+            self._cond.notify_all()
+
+    def write_off_inflight(self) -> None:
+        """After a broken stream: its unanswered requests will be asked again."""
+        with self._cond:
+            for first, count in self._inflight.items():
+                self._planner.forget(first, count)
+            self._inflight.clear()
+            self._inflight_pages = 0
+            self._generation += 1
             self._cond.notify_all()
 
     def snapshot(self) -> dict:
         """The counters, for the agent."""
         with self._cond:
-            return dict(self.counters, bytes_wire=self.client.bytes_wire)
+            return dict(self.counters, **self.link.counters())
 
     def stop(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+
+
+def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | None:
+    """Stream until every page is in; reconnect on transport errors. Returns an error or None."""
+    reporter = worker.Reporter()
+    while True:
+        try:
+            for batch in link.client.bulk(puller.requests(), metadata=rpc.METADATA):
+                puller.install(batch)
+                reporter.maybe(puller.snapshot)
+            return None
+        except grpc.RpcError as err:
+            if stop.is_set():
+                return None
+            try:
+                link.recover(err)
+            except LinkLost as lost:
+                return str(lost)
+            except grpc.RpcError as fatal:
+                return f"bulk stream from the source failed: {fatal.details() or fatal.code().name}"
+            puller.write_off_inflight()
+        except (BatchError, OSError) as err:
+            return f"bulk page install failed: {err}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,28 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     mem = worker.open_memory(args)
     if args.hint_fd >= 0:
         os.set_blocking(args.hint_fd, False)
-    channel = worker.connect(args.endpoint, "bulk")
+    link = SourceLink(args.endpoint, "bulk", args.recovery_timeout)
     go = worker.wait_go()
     if go is None:  # --no-push, or the run was aborted before switchover
-        channel.close()
+        link.close()
         return 0
     planner = Planner(mem.bitmap, args.hint_fd)
-    client = PagesClient(channel)
-    puller = BulkPuller(mem, planner, client, args.run_id, int(go.get("max_bandwidth", 0)))
+    puller = BulkPuller(mem, planner, link, args.run_id, int(go.get("max_bandwidth", 0)))
     stop = worker.stop_on_stdin_close()
     threading.Thread(target=lambda: (stop.wait(), puller.stop()), daemon=True).start()
-    reporter = worker.Reporter()
-    error = None
-    try:
-        for batch in client.bulk(puller.requests(), metadata=rpc.METADATA):
-            puller.install(batch)
-            reporter.maybe(puller.snapshot)
-    except grpc.RpcError as err:
-        if not stop.is_set():
-            error = f"bulk stream from the source failed: {err.details() or err.code().name}"
-    except (BatchError, OSError) as err:
-        error = f"bulk page install failed: {err}"
-    channel.close()
+    error = pull(puller, link, stop)
+    link.close()
     planner.close()
     summary = dict(puller.snapshot(), done=True)
     if error:

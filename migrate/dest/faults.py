@@ -1,10 +1,12 @@
 """The destination's fault worker: the urgent path, in a process of its own.
 
 Loop: read many fault messages at once (native, GIL released; pages that
-already arrived are woken right there), ask the source for a small aligned
-neighbourhood around each missing page over the urgent Pages.Fetch stream
-(its own HTTP/2 connection), install the reply with one UFFDIO_COPY per run,
-and time each fault from its read to its install.
+already arrived are woken right there), ask the source for each missing page
+over the urgent Pages.Fetch stream (its own HTTP/2 connection) and, right
+behind it, for the aligned 64 KiB neighbourhood; install each reply with one
+UFFDIO_COPY per run, and time each fault from its read to its install. The
+faulting page travels alone so its reply is one small message; the
+neighbourhood follows on the same stream for the guest's next touches.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import rpc, stats
-from migrate.batches import BatchDecoder, BatchError, PagesClient
+from migrate.batches import BatchDecoder, BatchError
 from migrate.dest import worker
+from migrate.dest.link import LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
 
 #: Pages fetched per fault: a 64 KiB aligned block around it.
@@ -29,29 +32,33 @@ NEIGHBOURHOOD = 16
 class FaultServer:
     """Turns faults into urgent requests and urgent replies into installs."""
 
-    def __init__(self, mem: worker.Memory, client: PagesClient, run_id: str, hint_fd: int) -> None:
+    def __init__(self, mem: worker.Memory, link: SourceLink, run_id: str, hint_fd: int) -> None:
         self.mem = mem
+        self._link = link
         self._run_id = run_id
         self._hint_fd = hint_fd
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
-        self._requests: queue.SimpleQueue[pb.PageRequest | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._inflight: dict[int, list[tuple[int, int]]] = {}  # block start -> [(t_ns, waiters)]
+        # What is in flight: key ("page", n) or ("block", start) -> waiting faults [(t_ns, waiters)];
+        # request id -> key; request id -> the request (sent again after a reconnect).
+        self._waiting: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        self._keys: dict[int, tuple[str, int]] = {}
+        self._sent: dict[int, pb.PageRequest] = {}
         self._next_id = 1
+        self._closing = False
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
-        self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_wire": 0,
-                         "bytes_pages": 0, "requests": 0}
-        self._client = client
-        self._responses = client.fetch(self._request_stream(), metadata=rpc.METADATA)
+        self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0}
         self.error: str | None = None
+        self._requests: queue.SimpleQueue[pb.PageRequest | None] = queue.SimpleQueue()
+        self._responses = self._open_stream(self._requests)
 
-    def _request_stream(self) -> Iterator[pb.PageRequest]:
-        while True:
-            req = self._requests.get()
-            if req is None:
-                return
-            yield req
+    def _open_stream(self, requests: queue.SimpleQueue) -> Iterator[pb.PageBatch]:
+        def stream() -> Iterator[pb.PageRequest]:
+            while (req := requests.get()) is not None:
+                yield req
+
+        return self._link.client.fetch(stream(), metadata=rpc.METADATA)
 
     def _block(self, page: int) -> tuple[int, int, int]:
         """(key, first, count): the aligned neighbourhood of `page`, clipped to its region."""
@@ -63,62 +70,96 @@ class FaultServer:
                 return key, first, min(key + NEIGHBOURHOOD, end) - first
         return key, page, 1
 
+    def _ask(self, key: tuple[str, int], first: int, count: int, waiting: list[tuple[int, int]]) -> None:
+        """Send a request and record it in flight (call with the lock held)."""
+        req_id = self._next_id
+        self._next_id += 1
+        msg = pb.PageRequest(run_id=self._run_id, req_id=req_id, first_page=first, count=count)
+        self._keys[req_id] = key
+        self._waiting[key] = waiting
+        self._sent[req_id] = msg
+        self.counters["requests"] += 1
+        self._requests.put(msg)
+
     def on_faults(self, faults: list[tuple[int, int, int]]) -> None:
         for page, waiters, t_ns in faults:
-            key, first, count = self._block(page)
+            block, first, count = self._block(page)
             with self._lock:
                 self.counters["faults"] += 1
-                waiting = self._inflight.get(key)
-                if waiting is not None:
-                    waiting.append((t_ns, waiters))
+                pending = self._waiting.get(("page", page)) or self._waiting.get(("block", block))
+                if pending is not None:
+                    pending.append((t_ns, waiters))
                     continue
-                self._inflight[key] = [(t_ns, waiters)]
-                req_id = key + 1  # one request per block in flight: the key identifies it
-            msg = pb.PageRequest(run_id=self._run_id, req_id=req_id, first_page=first, count=count)
-            with self._lock:
-                self.counters["requests"] += 1
-            self._requests.put(msg)
+                self._ask(("page", page), page, 1, [(t_ns, waiters)])
+                if count > 1:
+                    self._ask(("block", block), first, count, [])
             if self._hint_fd >= 0:
                 try:
                     os.write(self._hint_fd, (first + count).to_bytes(8, "little"))
                 except BlockingIOError:
                     pass  # the bulk worker is behind on hints; it only loses a jump
 
+    def _install(self, batch: pb.PageBatch) -> None:
+        decoded = self._decoder.decode(batch)
+        done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
+                                   decoded.zero_runs, decoded.data)
+        now = time.monotonic_ns()
+        with self._lock:
+            self._sent.pop(batch.req_id, None)
+            key = self._keys.pop(batch.req_id, None)
+            for t_ns, waiters in self._waiting.pop(key, []) if key else []:
+                us = (now - t_ns) / 1000.0
+                self.latencies_us.append(us)
+                self.blocked_us += us * waiters
+            c = self.counters
+            c["pages"] += done.installed
+            c["zero"] += done.zeroed
+            c["bytes_pages"] += done.installed * self.mem.page_size
+
+    def _reopen(self) -> None:
+        """A fresh stream after a reconnect, carrying every request still unanswered."""
+        with self._lock:
+            old, self._requests = self._requests, queue.SimpleQueue()
+            old.put(None)  # ends the dead stream's request generator
+            self._responses = self._open_stream(self._requests)
+            for req_id in sorted(self._sent):
+                self._requests.put(self._sent[req_id])
+
     def receive(self) -> None:
         """Install urgent replies as they arrive (runs on its own thread)."""
-        try:
-            for batch in self._responses:
-                decoded = self._decoder.decode(batch)
-                done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
-                                           decoded.zero_runs, decoded.data)
-                now = time.monotonic_ns()
-                with self._lock:
-                    waiting = self._inflight.pop(batch.req_id - 1, [])
-                    for t_ns, waiters in waiting:
-                        us = (now - t_ns) / 1000.0
-                        self.latencies_us.append(us)
-                        self.blocked_us += us * waiters
-                    c = self.counters
-                    c["pages"] += done.copied + done.zeroed
-                    c["zero"] += done.zeroed
-                    c["bytes_pages"] += (done.copied + done.zeroed) * self.mem.page_size
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                self.error = f"urgent stream to the source failed: {err.details() or err.code().name}"
-        except (BatchError, OSError) as err:
-            self.error = f"urgent page install failed: {err}"
+        while True:
+            try:
+                for batch in self._responses:
+                    self._install(batch)
+                return
+            except grpc.RpcError as err:
+                if self._closing:
+                    return
+                try:
+                    self._link.recover(err)
+                except LinkLost as lost:
+                    self.error = str(lost)
+                    return
+                except grpc.RpcError as fatal:
+                    self.error = f"urgent stream to the source failed: {fatal.details() or fatal.code().name}"
+                    return
+                self._reopen()
+            except (BatchError, OSError) as err:
+                self.error = f"urgent page install failed: {err}"
+                return
 
     def close(self) -> None:
+        self._closing = True
         self._requests.put(None)
 
     def snapshot(self) -> dict:
         """The counters, for the agent."""
         with self._lock:
-            return dict(self.counters, bytes_wire=self._client.bytes_wire)
+            return dict(self.counters, **self._link.counters())
 
     def summary(self) -> dict:
+        out = self.snapshot()
         with self._lock:
-            out = dict(self.counters, bytes_wire=self._client.bytes_wire)
             out["latency_us"] = stats.summarize(self.latencies_us)
             out["blocked_ms"] = round(self.blocked_us / 1000.0, 3)
         return out
@@ -129,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     mem = worker.open_memory(args)
     if args.hint_fd >= 0:
         os.set_blocking(args.hint_fd, False)
-    channel = worker.connect(args.endpoint, "urgent")
+    link = SourceLink(args.endpoint, "urgent", args.recovery_timeout)
     stop = worker.stop_on_stdin_close()
-    server = FaultServer(mem, PagesClient(channel), args.run_id, args.hint_fd)
+    server = FaultServer(mem, link, args.run_id, args.hint_fd)
     receiver = threading.Thread(target=server.receive, daemon=True, name="urgent-replies")
     receiver.start()
     reporter = worker.Reporter()
@@ -144,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         reporter.maybe(server.snapshot)
     server.close()
     receiver.join(timeout=5)
-    channel.close()
-    summary = server.summary()
-    summary["done"] = True
+    link.close()
+    summary = dict(server.summary(), done=True)
     if server.error:
         summary["error"] = server.error
     worker.emit(summary)

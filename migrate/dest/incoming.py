@@ -31,6 +31,8 @@ from migrate.uffd import Uffd
 
 log = logging.getLogger("migrate.dest")
 
+#: Seconds workers keep reconnecting to a source that went away, unless told otherwise.
+DEFAULT_RECOVERY_TIMEOUT = 60.0
 #: Seconds a worker may take to start and connect (Python start-up on a busy host).
 _READY_TIMEOUT = 30.0
 _WATCH_EVERY = 0.02
@@ -107,6 +109,7 @@ class IncomingRun:
         self.run_id = run_id
         self.name = name
         self.spec = spec
+        self.recovery_timeout = DEFAULT_RECOVERY_TIMEOUT
         self.source_endpoint = source_endpoint
         self.bulk_endpoint = bulk_endpoint
         self.phase = "new"
@@ -189,7 +192,7 @@ class IncomingRun:
         self._hint_r, self._hint_w = os.pipe2(os.O_CLOEXEC)
         common = ["--uffd", str(self.uffd.fd), "--bitmap-fd", str(self.bitmap.fd), "--pages", str(self.page_count),
                   "--page-size", str(self.spec.page_size), "--regions", json.dumps(self.regions),
-                  "--run-id", self.run_id]
+                  "--run-id", self.run_id, "--recovery-timeout", str(self.recovery_timeout)]
         fds = (self.uffd.fd, self.bitmap.fd)
         self.workers["faults"] = Worker("faults", common + ["--endpoint", self.source_endpoint,
                                                            "--hint-fd", str(self._hint_w)], fds + (self._hint_w,))
@@ -229,13 +232,13 @@ class IncomingRun:
             if self.mode == "precopy" and not self.bitmap.is_full():
                 raise RuntimeError(f"run {self.run_id} still misses {self.page_count - self.bitmap.count()} pages "
                                    "and has no userfaultfd to fetch them: copy them first")
-            if self.precopy is not None:
-                self.precopy.close()
             if self.guest is not None and self.guest.process is not None:
                 state = json.loads(state_json) if state_json else None
                 self.guest.process.resume(state or None)
                 self.guest.state = "running"
             self._t_resume = time.monotonic()
+            if self.precopy is not None:  # after the resume: closing a channel takes a while
+                self.precopy.close()
             reply = pb.StartIncomingReply(resume_ms=(self._t_resume - t1) * 1000.0, discard_ms=(t1 - t0) * 1000.0,
                                           discarded=discarded)
         bulk = self.workers.get("bulk")

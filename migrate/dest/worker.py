@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import grpc
 
 from migrate import rpc
-
 from migrate.bitmap import SharedBitmap
 from migrate.uffd import FaultReader, Region, Uffd
 
@@ -52,6 +51,8 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--endpoint", required=True, help="source host:port")
     ap.add_argument("--run-id", required=True)
     ap.add_argument("--hint-fd", type=int, default=-1, help="pipe carrying faulted page indices to the bulk worker")
+    ap.add_argument("--recovery-timeout", type=float, default=60.0,
+                    help="seconds to keep reconnecting to a source that went away")
     return ap
 
 

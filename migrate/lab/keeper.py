@@ -23,7 +23,7 @@ import threading
 from migrate import spawn
 from migrate.lab import netns, state
 from migrate.lab.link import LinkSpec
-from migrate.lab.procs import NsProcess, start_time
+from migrate.lab.procs import NsProcess, same_process, start_time
 from migrate.lab.proxy import Forwarder
 
 SOURCE_PORT, DEST_PORT = 7070, 7071
@@ -71,6 +71,12 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
+    old = state.load(args.name)
+    if old and same_process(old["keeper_pid"], old["keeper_start"]):
+        print(f"error: lab {args.name} is already up (keeper pid {old['keeper_pid']})", flush=True)
+        sys.exit(1)
+    if old:  # its keeper and janitor both died: clear what they left
+        netns.teardown(old["namespaces"])
     janitor = _start_janitor(args.name, args.log)
     record = {"name": args.name, "namespaces": state.namespaces(args.name), "link": dataclasses.asdict(spec),
               "link_text": spec.describe(), "zstd_level": args.zstd_level, "log": args.log,

@@ -13,13 +13,16 @@ counters as a last JSON line.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import mmap
 import os
 import queue
+import time
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
@@ -30,39 +33,60 @@ from migrate.proto import migrate_pb2_grpc as pb_grpc
 
 #: Most pages one bulk request may ask for (1 MiB of 4 KiB pages).
 MAX_BULK_PAGES = 256
+#: When bulk batches are compressed: when the link is the bottleneck, always, never.
+COMPRESS_POLICIES = ("auto", "always", "never")
+#: Bytes/s zstd is assumed to compress until it has been measured here.
+_COMPRESS_BPS_GUESS = 400e6
 
 
 class BulkPages(pb_grpc.PagesServicer):
     """Pages.Bulk for one guest of one migration run.
 
-    Compression adapts to the link by itself: encoder threads compress
-    requested batches while the sender ships whatever is ready; when nothing
-    compressed is ready and a request is still waiting, the sender takes it
-    and sends it raw. On a slow link the sender waits on the network, the
-    encoders keep ahead, and every batch goes compressed; on a fast link (or
-    a CPU-starved host) raw batches fill the gaps instead of stalling it.
+    Compression adapts to the link. Each batch is compressed only when the
+    link is what limits us: when the last send took longer than compressing
+    the next batch would (spread over the encoder threads). Then encoders
+    work ahead of the sender and compression costs no time; on a fast link
+    or a CPU-starved host (loopback with both agents on two cores) batches
+    go raw, because there compressing would be the bottleneck.
     """
 
-    def __init__(self, mem: memoryview, page_size: int, run_id: str, level: int | None, threads: int) -> None:
+    def __init__(self, mem: memoryview, page_size: int, run_id: str, level: int, policy: str, threads: int) -> None:
         self._mem = mem
         self._page_size = page_size
         self._page_count = len(mem) // page_size
         self._run_id = run_id
         self._level = level
+        self._policy = policy
         self._threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zstd")
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._compress_bps = _COMPRESS_BPS_GUESS
         self.pages = 0
         self.bytes = 0
-        self.raw_batches = 0
+        self.compressed_batches = 0
 
-    def _encoder(self, compress: bool) -> BatchEncoder:
+    def _encode(self, req: pb.BulkRequest, compress: bool) -> pb.PageBatch:
         key = "zstd" if compress else "raw"
         enc = getattr(self._local, key, None)
         if enc is None:
             enc = BatchEncoder(self._mem, self._page_size, self._level if compress else None)
             setattr(self._local, key, enc)
-        return enc
+        if not compress:
+            return enc.encode(req.first_page, req.count)
+        t0 = time.monotonic()
+        batch = enc.encode(req.first_page, req.count)
+        seconds = time.monotonic() - t0
+        if seconds > 0 and batch.raw_len:
+            with self._lock:  # a moving average of this host's compression speed
+                self._compress_bps = 0.8 * self._compress_bps + 0.2 * batch.raw_len / seconds
+        return batch
+
+    def _should_compress(self, last_send_s: float, req: pb.BulkRequest) -> bool:
+        """Per policy; for "auto": would compressing `req` hide behind the link's pace?"""
+        if self._policy != "auto":
+            return self._policy == "always"
+        return last_send_s * self._threads > req.count * self._page_size / self._compress_bps
 
     def _check(self, req: pb.BulkRequest) -> str | None:
         if req.run_id != self._run_id:
@@ -72,72 +96,49 @@ class BulkPages(pb_grpc.PagesServicer):
         return None
 
     def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
-        todo: queue.Queue[pb.BulkRequest | None] = queue.Queue()
-        done: queue.Queue[pb.PageBatch | str | None] = queue.Queue()
-        state = {"requests": 0, "answered": 0, "ended": False}
+        incoming: queue.Queue[pb.BulkRequest | str | None] = queue.Queue()
 
         def read_requests() -> None:
             try:
                 for req in request_iterator:
                     problem = self._check(req)
+                    incoming.put(problem or req)
                     if problem:
-                        done.put(problem)
                         return
-                    with self._lock:
-                        state["requests"] += 1
-                    todo.put(req)
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:
-                with self._lock:
-                    state["ended"] = True
-                done.put(None)  # wakes the sender to re-check the end
+                incoming.put(None)
 
-        def compress() -> None:
-            while (req := todo.get()) is not None:
-                done.put(self._encoder(True).encode(req.first_page, req.count))
-
-        use_zstd = self._level is not None
-        workers = [threading.Thread(target=compress, daemon=True, name=f"zstd-{i}")
-                   for i in range(self._threads if use_zstd else 0)]
-        for w in workers:
-            w.start()
         threading.Thread(target=read_requests, daemon=True, name="bulk-requests").start()
-        try:
-            while True:
-                item = self._next_batch(todo, done, steal=True)
+        pending: collections.deque[Future | pb.PageBatch] = collections.deque()
+        ended = False
+        last_send_s = 0.0
+        while True:
+            while not ended and len(pending) <= self._threads:
+                try:
+                    item = incoming.get(block=not pending)
+                except queue.Empty:
+                    break
                 if item is None:
-                    with self._lock:
-                        if state["ended"] and state["answered"] == state["requests"]:
-                            return
-                    continue
-                if isinstance(item, str):
+                    ended = True
+                elif isinstance(item, str):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
-                with self._lock:
-                    state["answered"] += 1
-                    self.pages += item.count
-                    self.bytes += approx_wire_size(item)
-                yield item
-        finally:
-            for _ in workers:
-                todo.put(None)
-
-    def _next_batch(self, todo: queue.Queue, done: queue.Queue, steal: bool) -> pb.PageBatch | str | None:
-        """A ready batch; else a waiting request encoded raw; else wait for one."""
-        try:
-            return done.get_nowait()
-        except queue.Empty:
-            pass
-        if steal:
-            try:
-                req = todo.get_nowait()
-            except queue.Empty:
-                req = None
-            if req is not None:
-                with self._lock:
-                    self.raw_batches += 1
-                return self._encoder(False).encode(req.first_page, req.count)
-        return done.get()
+                elif self._should_compress(last_send_s, item):
+                    pending.append(self._pool.submit(self._encode, item, True))
+                else:
+                    pending.append(self._encode(item, False))
+            if not pending:
+                return
+            head = pending.popleft()
+            batch = head.result() if isinstance(head, Future) else head
+            with self._lock:
+                self.pages += batch.count
+                self.bytes += approx_wire_size(batch)
+                self.compressed_batches += batch.encoding == pb.ZSTD
+            t0 = time.monotonic()
+            yield batch
+            last_send_s = time.monotonic() - t0
 
     def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "urgent requests go to the source agent, not the bulk server")
@@ -150,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--page-size", type=int, required=True)
     ap.add_argument("--run-id", required=True)
     ap.add_argument("--listen", required=True, help="host:port (port 0 picks one)")
-    ap.add_argument("--level", type=int, default=1, help="zstd level; -100 sends raw")
+    ap.add_argument("--level", type=int, default=1, help="zstd level")
+    ap.add_argument("--compress", choices=COMPRESS_POLICIES, default="auto")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     os.nice(5)  # urgent work on this host goes first
     mem = memoryview(mmap.mmap(args.memfd, args.size, mmap.MAP_SHARED, mmap.PROT_READ))
-    service = BulkPages(mem, args.page_size, args.run_id, None if args.level == -100 else args.level, args.threads)
+    service = BulkPages(mem, args.page_size, args.run_id, args.level, args.compress, args.threads)
     server = rpc.server(workers=4)
     pb_grpc.add_PagesServicer_to_server(service, server)
     try:
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"port": port}), flush=True)
     sys.stdin.read()  # the agent closes our stdin to stop us
     server.stop(grace=0.5).wait()
-    print(json.dumps({"pages": service.pages, "bytes": service.bytes, "raw_batches": service.raw_batches}),
+    print(json.dumps({"pages": service.pages, "bytes": service.bytes, "compressed_batches": service.compressed_batches}),
           flush=True)
     return 0
 

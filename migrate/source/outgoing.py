@@ -34,7 +34,8 @@ _BULK_START_TIMEOUT = 20.0
 class OutgoingRun:
     """One guest leaving this agent."""
 
-    def __init__(self, guest: HostedGuest, listen_host: str, level: int, track_writes: bool = False) -> None:
+    def __init__(self, guest: HostedGuest, listen_host: str, level: int, compress: str = "auto",
+                 track_writes: bool = False) -> None:
         self.run_id = uuid.uuid4().hex
         self.guest = guest
         self.switched = False
@@ -46,7 +47,8 @@ class OutgoingRun:
         self._bulk = subprocess.Popen(
             spawn.module_argv("migrate.source.bulk_server", "--memfd", str(guest.fd),
                               "--size", str(guest.spec.size), "--page-size", str(guest.spec.page_size),
-                              "--run-id", self.run_id, "--listen", f"{listen_host}:0", "--level", str(level)),
+                              "--run-id", self.run_id, "--listen", f"{listen_host}:0", "--level", str(level),
+                              "--compress", compress),
             pass_fds=(guest.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=spawn.child_env())
         line = read_first_line(self._bulk, _BULK_START_TIMEOUT)
         reply = json.loads(line) if line else {"error": "bulk page server did not start"}

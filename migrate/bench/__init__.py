@@ -1,0 +1,1 @@
+"""`migrate bench`: run a matrix of migrations, each cell against an unmigrated baseline."""

@@ -1,0 +1,74 @@
+"""A worker's connection to the source, which outlives the link going down.
+
+When a stream to the source breaks with a transport error, the worker does
+not give up: faulting guest threads simply stay blocked (a missing page is
+never invented) while `recover` reconnects with backoff. The destination
+asks only for what its received bitmap lacks, so nothing needs replaying
+beyond the requests that were in flight. Past the recovery deadline the
+worker fails with a clear error; the guest stays paused, never corrupted.
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from migrate import rpc
+from migrate.batches import PagesClient
+from migrate.dest import worker
+
+#: Transport failures worth reconnecting for; anything else is a real refusal.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+_MAX_BACKOFF = 1.0
+
+
+class LinkLost(Exception):
+    """The source stayed unreachable past the recovery deadline."""
+
+
+class SourceLink:
+    """Channel + counting Pages client to one source endpoint, reconnectable."""
+
+    def __init__(self, endpoint: str, purpose: str, recovery_timeout: float) -> None:
+        self.endpoint = endpoint
+        self._purpose = purpose
+        self._timeout = recovery_timeout
+        self.channel = worker.connect(endpoint, purpose)
+        self.client = PagesClient(self.channel)
+        self.down = False
+        self.outages = 0
+        self.paused_s = 0.0
+
+    def counters(self) -> dict:
+        return {"bytes_wire": self.client.bytes_wire, "link_down": self.down, "outages": self.outages,
+                "paused_s": round(self.paused_s, 3)}
+
+    def recover(self, err: grpc.RpcError) -> None:
+        """Reconnect after `err`, or raise LinkLost (or re-raise a non-transport error)."""
+        code = err.code() if hasattr(err, "code") else None
+        if code not in _RETRYABLE:
+            raise err
+        self.down = True
+        self.outages += 1
+        t0 = time.monotonic()
+        backoff = 0.05
+        while True:
+            self.channel.close()
+            self.channel = rpc.channel(self.endpoint, purpose=self._purpose)
+            try:
+                rpc.wait_ready(self.channel, self.endpoint, backoff)
+                break
+            except rpc.AgentError:
+                pass
+            if time.monotonic() - t0 > self._timeout:
+                self.paused_s += time.monotonic() - t0
+                raise LinkLost(f"source at {self.endpoint} unreachable for {self._timeout:g} s "
+                               f"(gave up; the guest stays paused)") from None
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+        self.client.bind(self.channel)
+        self.paused_s += time.monotonic() - t0
+        self.down = False
+
+    def close(self) -> None:
+        self.channel.close()

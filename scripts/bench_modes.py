@@ -1,0 +1,109 @@
+"""Benchmark: postcopy vs hybrid vs precopy, side by side in one run.
+
+    python scripts/bench_modes.py [--size 1G] [--repeat 3] [--workloads random-write,hotset,seq-read]
+                                  [--json out.json]
+
+For each workload and mode, a fresh guest runs unthrottled on a local source
+agent for --warmup seconds, then migrates to a local destination agent over
+loopback. Modes alternate within each repetition so drift of a shared
+machine hits them alike. Prints one row per (workload, mode) with medians
+over the repetitions: total time, downtime, bytes on the wire, pages
+faulted, guest blocked time, and the guest's throughput during the
+migration as a fraction of its throughput before.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from migrate import orchestrator  # noqa: E402
+from migrate.client import AgentClient  # noqa: E402
+from migrate.local import LocalAgent  # noqa: E402
+from migrate.proto import migrate_pb2 as pb  # noqa: E402
+from migrate.units import parse_size  # noqa: E402
+
+MiB = 1 << 20
+#: Enough operations that an unthrottled guest is still busy when the migration ends.
+OPS = 2_000_000_000
+
+
+def one_run(src: str, dst: str, name: str, size: int, workload: str, mode: str, warmup: float) -> dict:
+    spec = pb.GuestSpec(size=size, workload=workload, seed=5, ops=OPS, threads=1, ops_per_sec=0,
+                        page_size=mmap.PAGESIZE)
+    with AgentClient(src) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec), timeout=600)
+    time.sleep(warmup)
+    try:
+        doc = orchestrator.migrate(name, src, dst, orchestrator.RunOptions(mode=mode, timeout=600))
+    finally:
+        for agent in (dst, src):
+            with AgentClient(agent) as c:
+                if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
+                    c.call("StopGuest", pb.GuestRef(name=name))
+    g = doc["guest"]
+    return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"], "wire_mib": doc["bytes"]["wire"] / MiB,
+            "faulted": doc["pages"]["faulted"], "blocked_ms": g["blocked_ms"],
+            "throughput": g["ops_per_s_during"] / g["ops_per_s_before"] if g["ops_per_s_before"] else 0.0,
+            "rounds": len(doc["precopy"]["rounds"]), "parts": doc["downtime_parts"],
+            "switch_reason": doc["precopy"].get("switch_reason", "")}
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def table(results: dict[tuple[str, str], list[dict]]) -> str:
+    head = (f"{'workload':13} {'mode':9} {'total s':>8} {'downtime ms':>12} {'(min-max)':>14} {'wire MiB':>9} "
+            f"{'faulted':>8} {'blocked ms':>11} {'tput':>6} {'rounds':>6}")
+    lines = [head, "-" * len(head)]
+    for (workload, mode), rows in results.items():
+        dts = [r["downtime_ms"] for r in rows]
+        lines.append(f"{workload:13} {mode:9} {median(rows, 'total_s'):8.2f} {median(rows, 'downtime_ms'):12.2f} "
+                     f"{f'({min(dts):.1f}-{max(dts):.1f})':>14} {median(rows, 'wire_mib'):9.0f} "
+                     f"{median(rows, 'faulted'):8.0f} {median(rows, 'blocked_ms'):11.1f} "
+                     f"{median(rows, 'throughput'):6.2f} {median(rows, 'rounds'):6.0f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds the guest runs before migrating")
+    ap.add_argument("--workloads", default="random-write,hotset,seq-read")
+    ap.add_argument("--modes", default=",".join(orchestrator.MODES))
+    ap.add_argument("--json", help="also write every run's numbers here")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    workloads, modes = args.workloads.split(","), args.modes.split(",")
+    results: dict[tuple[str, str], list[dict]] = {(w, m): [] for w in workloads for m in modes}
+    with tempfile.TemporaryDirectory(prefix="bench-modes-") as tmp, \
+            LocalAgent("source", log_path=f"{tmp}/source.log") as src, \
+            LocalAgent("dest", log_path=f"{tmp}/dest.log") as dst:
+        for rep in range(args.repeat):
+            for workload in workloads:
+                for mode in modes:
+                    row = one_run(src.address, dst.address, f"b{rep}-{workload}-{mode}", size, workload, mode,
+                                  args.warmup)
+                    results[(workload, mode)].append(row)
+                    print(f"[{rep + 1}/{args.repeat}] {workload:13} {mode:9} total {row['total_s']:.2f} s, "
+                          f"downtime {row['downtime_ms']:.2f} ms {row['parts']}, {row['switch_reason']}",
+                          file=sys.stderr, flush=True)
+    print(f"{size // MiB} MiB guest, 1 unthrottled thread, loopback, medians of {args.repeat} runs "
+          "(tput: guest ops/s during the migration / before)")
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{w}/{m}": rows for (w, m), rows in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The three migration modes end to end: postcopy, hybrid, precopy.
+
+Real agents, runners, write tracking, userfaultfd and gRPC. The oracle is
+the same as for post-copy: a migrated guest ends with the memory of the same
+guest never migrated (RunOptions(verify=True)). No assertion depends on
+timing: the switch policy may take any path, every path must be correct.
+"""
+from __future__ import annotations
+
+import mmap
+
+import pytest
+from test_cli import assert_clean_error, run_cli
+from test_migration import migrate_at
+
+from migrate import convergence
+from migrate.proto import migrate_pb2 as pb
+
+MiB = 1 << 20
+MODES = ["postcopy", "hybrid", "precopy"]
+WRITE_HEAVY = ["seq-write", "random-write", "hotset", "zipf"]
+
+
+def spec(workload: str, *, size: int = 8 * MiB, ops: int = 120_000, rate: float = 100_000) -> pb.GuestSpec:
+    return pb.GuestSpec(size=size, workload=workload, seed=11, ops=ops, threads=2, ops_per_sec=rate,
+                        page_size=mmap.PAGESIZE)
+
+
+@pytest.mark.parametrize("workload", WRITE_HEAVY)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_and_workload_at_two_moments(agents, mode, workload):
+    for i, fraction in enumerate((0.2, 0.7)):
+        doc = migrate_at(agents, f"{mode}-{workload}-{i}", spec(workload), fraction, mode=mode, timeout=120)
+        assert doc["verified"] is True, (mode, workload, fraction)
+        assert doc["mode"] == mode
+        p, pre = doc["pages"], doc["precopy"]
+        assert p["received"] == p["total"] == 8 * MiB // mmap.PAGESIZE
+        if mode == "postcopy":
+            assert pre["rounds"] == [] and p["precopied"] == 0
+        else:
+            assert pre["rounds"][0]["sent"] == p["total"]  # the first round sends everything
+            assert pre["bytes"] > 0 and pre["switch_reason"]
+        if mode == "precopy":  # no userfaultfd on the destination: nothing after the switch
+            assert p["faulted"] == p["pushed"] == 0 and doc["faults"]["count"] == 0
+        assert set(doc["downtime_parts"]) == {"pause", "final_scan", "state_transfer", "final_copy", "discard",
+                                              "resume"}
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "precopy"])
+def test_pages_written_after_precopy_are_never_seen_stale(agents, mode):
+    """seq-write without wrapping: every page written between its pre-copy and
+    the switch is written once, never again, so a stale copy would survive to
+    the final digest. Fails if the destination does not discard."""
+    pages = 8 * MiB // mmap.PAGESIZE
+    doc = migrate_at(agents, f"stale-{mode}", spec("seq-write", ops=pages - 100, rate=2_000), 0.6, mode=mode,
+                     timeout=120)
+    pre = doc["precopy"]
+    rewritten = pre["switch_discarded"] + sum(s["discarded"] for s in pre["settle"]) + \
+        pre.get("final_copy", {}).get("discarded", 0) + sum(r["discarded"] for r in pre["rounds"])
+    assert rewritten > 0
+    assert doc["verified"] is True
+
+
+@pytest.mark.parametrize("mode", ["precopy", "hybrid"])
+def test_guest_dirtying_faster_than_the_link_still_switches(agents, mode):
+    doc = migrate_at(agents, f"fast-{mode}", spec("random-write", ops=300_000), 0.0, mode=mode,
+                     max_bandwidth=4 * MiB, precopy_rounds=10, timeout=120)
+    pre = doc["precopy"]
+    assert doc["verified"] is True
+    assert 1 <= len(pre["rounds"]) <= 10 and pre["switch_reason"]
+
+
+def test_precopy_time_limit_cuts_a_round_short(agents):
+    doc = migrate_at(agents, "capped", spec("random-write", ops=200_000), 0.0, mode="precopy",
+                     max_bandwidth=8 * MiB, precopy_seconds=0.2, timeout=120)
+    pre = doc["precopy"]
+    assert doc["verified"] is True
+    assert pre["final_copy"]["sent"] > 0  # what the cut round left is copied at the switch
+
+
+def test_switch_policy():
+    limits = convergence.Limits(rounds=4, seconds=0, max_downtime_ms=10)
+    first = convergence.Round(sent=10_000, discarded=0, seconds=1.0, bytes_wire=0, dirty=5_000, dirty_window_s=1.0)
+    assert convergence.switch_reason([first], 1.0, limits) is None
+    fits = convergence.Round(sent=5_000, discarded=5_000, seconds=0.5, bytes_wire=0, dirty=90, dirty_window_s=0.5)
+    assert "fits" in convergence.switch_reason([first, fits], 1.5, limits)  # 10k pages/s * 10 ms = 100 pages
+    flat = convergence.Round(sent=5_000, discarded=5_000, seconds=0.5, bytes_wire=0, dirty=4_800, dirty_window_s=0.5)
+    assert "stopped shrinking" in convergence.switch_reason([first, flat], 1.5, limits)
+    shrinking = [convergence.Round(sent=10_000 >> i, discarded=0, seconds=1.0, bytes_wire=0, dirty=5_000 >> i,
+                                   dirty_window_s=1.0) for i in range(4)]
+    assert "round limit" in convergence.switch_reason(shrinking, 4.0, limits)
+    timed = convergence.Limits(rounds=10, seconds=0.5, max_downtime_ms=10)
+    assert "time limit" in convergence.switch_reason([first], 1.0, timed)
+
+
+def test_cli_rejects_bad_mode_options():
+    out = run_cli("run", "g", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--mode", "stop-and-pray")
+    assert_clean_error(out, "--mode")
+    out = run_cli("run", "g", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--mode", "precopy", "--no-push")
+    assert_clean_error(out, "--no-push")
