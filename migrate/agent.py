@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from migrate import __version__, rpc
+from migrate import __version__, rpc, validate
 from migrate.dest.incoming import MODES, IncomingRun
 from migrate.dest.restore import UffdRestoreListener
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
@@ -138,7 +138,10 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def Switchover(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SwitchoverReply:
-        return self.outgoing.get(request.run_id).switchover()
+        run = self.outgoing.get(request.run_id)
+        if run.switched:
+            raise RuntimeError(f"run {run.run_id} has switched over already")
+        return run.switchover()
 
     @_rpc
     def AbortOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.GuestInfo:
@@ -148,6 +151,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def CompleteOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SourceStats:
+        if not self.outgoing.get(request.run_id).switched:  # releasing it now would lose the guest
+            raise RuntimeError(f"run {request.run_id} has not switched over: abort it instead")
         run = self.outgoing.pop(request.run_id)
         stats = run.complete()
         if run.guest.kind == "runner":
@@ -159,8 +164,11 @@ class ControlService(pb_grpc.ControlServicer):
     def PrepareIncoming(self, request: pb.PrepareIncomingRequest, context: grpc.ServicerContext) -> pb.PrepareIncomingReply:
         self._need("dest")
         spec = spec_from_pb(request.spec)
-        if not request.run_id or not request.source_endpoint or not request.bulk_endpoint:
-            raise ValueError("run_id, source_endpoint and bulk_endpoint are required")
+        validate.run_id(request.run_id)
+        validate.guest_name(request.name)
+        validate.endpoint(request.source_endpoint, "source_endpoint")
+        validate.endpoint(request.bulk_endpoint, "bulk_endpoint")
+        validate.seconds(request.recovery_timeout_s, "recovery_timeout_s")
         with self.lock:
             if request.run_id in self.incoming:
                 raise FileExistsError(f"run {request.run_id} is already known here")
@@ -193,12 +201,14 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def PrecopyRound(self, request: pb.PrecopyRoundRequest, context: grpc.ServicerContext) -> pb.PrecopyRoundReply:
+        validate.seconds(request.deadline_s, "deadline_s")
         return self._incoming(request.run_id).precopy_round(request.discard, request.pull, request.max_bandwidth,
                                                             request.deadline_s)
 
     @_rpc
     def StartIncoming(self, request: pb.StartIncomingRequest, context: grpc.ServicerContext) -> pb.StartIncomingReply:
         received_ns = time.time_ns()
+        validate.state_json(request.state_json)  # before anything changes: a bad state leaves the run as it was
         reply = self._incoming(request.run_id).start(request.state_json, request.no_push, request.max_bandwidth,
                                                     request.discard)
         reply.received_ns = received_ns
@@ -211,6 +221,8 @@ class ControlService(pb_grpc.ControlServicer):
     @_rpc
     def AbortIncoming(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
         run = self._incoming(request.run_id)
+        if run.phase == "complete":  # its guest is the only copy now
+            raise RuntimeError(f"run {run.run_id} is complete: the guest lives here now (StopGuest stops it)")
         run.abort()
         status = run.status()
         with self.lock:

@@ -5,17 +5,20 @@ use) ends with one line on stderr and a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import click
 
 from migrate import orchestrator, report, rpc
 from migrate.client import AgentClient
 from migrate.proto import migrate_pb2 as pb
+from migrate.security import ENV, Credentials, listen_policy
 from migrate.units import parse_rate, parse_size
 
 MiB = 1024 * 1024
@@ -49,6 +52,34 @@ class _Rate(click.ParamType):
 SIZE, RATE = _Size(), _Rate()
 
 
+def _credential_options(command: Callable) -> Callable:
+    """--tls-cert/--tls-key/--tls-ca/--token (or their MIGRATE_* variables),
+    handed to the command as one checked `credentials` argument."""
+    file_opt = functools.partial(click.option, type=click.Path(dir_okay=False), default="", show_envvar=True)
+    options = [
+        file_opt("--tls-cert", envvar=ENV["cert"], metavar="PEM",
+                 help="Our certificate (an agent's server certificate, or a client certificate)."),
+        file_opt("--tls-key", envvar=ENV["key"], metavar="PEM", help="The private key of --tls-cert."),
+        file_opt("--tls-ca", envvar=ENV["ca"], metavar="PEM",
+                 help="CA that signs the peers' certificates; on an agent it makes client certificates mandatory."),
+        click.option("--token", envvar=ENV["token"], default="", show_envvar=True, metavar="TOKEN",
+                     help="Bearer token every call must carry (agents check it, clients send it)."),
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args, tls_cert: str, tls_key: str, tls_ca: str, token: str, **kw):  # noqa: ANN002, ANN003
+        credentials = Credentials(cert=tls_cert, key=tls_key, ca=tls_ca, token=token)
+        try:
+            credentials.check(server=command.__name__.endswith("_serve"))
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        return command(*args, credentials=credentials, **kw)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="migrate")
 def cli() -> None:
@@ -66,7 +97,14 @@ def cli() -> None:
 
 
 # ----------------------------------------------------------------- agents
-def _serve(role: str, listen: str, verbose: bool, **kw) -> None:
+def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, insecure_listen: bool, **kw) -> None:
+    try:
+        warning = listen_policy(listen, credentials, insecure_listen)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    if warning:
+        click.echo(warning, err=True)
+    credentials.export()  # for this agent's server and every process it starts
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"%(asctime)s {role} %(levelname)s %(message)s")
     from migrate.agent import serve  # the agent pulls in the native layer
@@ -76,6 +114,10 @@ def _serve(role: str, listen: str, verbose: bool, **kw) -> None:
         sys.stdout.flush()
 
     serve(listen, (role,), on_ready=ready, **kw)
+
+
+_insecure_option = click.option("--insecure-listen", is_flag=True,
+                                help="Allow listening beyond loopback without TLS (a warning is printed).")
 
 
 @cli.group()
@@ -92,7 +134,10 @@ def source() -> None:
 @click.option("--compress", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
               help="Compress bulk batches: when the link is the bottleneck (auto), always, or never.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, verbose: bool) -> None:
+@_insecure_option
+@_credential_options
+def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, verbose: bool,
+                 insecure_listen: bool, credentials: Credentials) -> None:
     """Run a source agent until interrupted.
 
     \b
@@ -107,7 +152,8 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
         if not os.path.isfile(path):
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
-    _serve("source", listen, verbose, images=parsed, level=zstd_level, compress=compress)
+    _serve("source", listen, verbose, credentials, insecure_listen, images=parsed, level=zstd_level,
+           compress=compress)
 
 
 @cli.group()
@@ -124,8 +170,10 @@ def dest() -> None:
 @click.option("--image", "image", metavar="NAME", default=None,
               help="With --uffd-socket: the image to restore into each process that connects.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_insecure_option
+@_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
-               verbose: bool) -> None:
+               verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
     \b
@@ -138,7 +186,7 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
     if (restore_from or image) and not uffd_socket:
         raise click.UsageError("--restore-from and --image go with --uffd-socket")
     restore = (uffd_socket, restore_from, image) if uffd_socket else None
-    _serve("dest", listen, verbose, uffd_restore=restore)
+    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore)
 
 
 # ----------------------------------------------------------------- guests
@@ -165,8 +213,9 @@ _agent_option = click.option("--agent", default="127.0.0.1:7070", show_default=T
 @click.option("--content", type=click.Choice(("realistic", "random")), default="realistic", show_default=True,
               help="Initial RAM: realistic (partly compressible, some zero pages) or random (incompressible).")
 @click.option("--paused", is_flag=True, help="Start paused.")
+@_credential_options
 def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops: int, threads: int,
-                ops_per_sec: float, content: str, paused: bool) -> None:
+                ops_per_sec: float, content: str, paused: bool, credentials: Credentials) -> None:
     """Start guest NAME on a source agent.
 
     \b
@@ -175,7 +224,7 @@ def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops:
     """
     spec = pb.GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=threads,
                         ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE, content=content)
-    with AgentClient(agent) as client:
+    with AgentClient(agent, credentials=credentials) as client:
         info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused),
                            timeout=600)
     click.echo(f"started {info.name}: pid {info.pid}, {info.spec.size // MiB} MiB, {info.spec.workload}")
@@ -183,14 +232,15 @@ def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops:
 
 @guest.command("list")
 @_agent_option
-def guest_list(agent: str) -> None:
+@_credential_options
+def guest_list(agent: str, credentials: Credentials) -> None:
     """List the guests on an agent.
 
     \b
     Example:
       migrate guest list --agent 127.0.0.1:7071
     """
-    with AgentClient(agent) as client:
+    with AgentClient(agent, credentials=credentials) as client:
         guests = client.call("ListGuests", pb.ListGuestsRequest()).guests
     if not guests:
         click.echo("no guests")
@@ -205,14 +255,15 @@ def guest_list(agent: str) -> None:
 @click.argument("name")
 @_agent_option
 @click.option("--digest", is_flag=True, help="Also hash the guest's memory.")
-def guest_stats(name: str, agent: str, digest: bool) -> None:
+@_credential_options
+def guest_stats(name: str, agent: str, digest: bool, credentials: Credentials) -> None:
     """Show a guest's state and progress.
 
     \b
     Example:
       migrate guest stats vm1 --agent 127.0.0.1:7071 --digest
     """
-    with AgentClient(agent) as client:
+    with AgentClient(agent, credentials=credentials) as client:
         info = client.call("InspectGuest", pb.GuestRef(name=name))
         digest_text = client.call("GuestDigest", pb.GuestRef(name=name), timeout=600).digest if digest else None
     click.echo(f"name       {info.name}\nstate      {info.state}\nkind       {info.kind}\npid        {info.pid or '-'}")
@@ -230,14 +281,15 @@ def guest_stats(name: str, agent: str, digest: bool) -> None:
 @guest.command("stop")
 @click.argument("name")
 @_agent_option
-def guest_stop(name: str, agent: str) -> None:
+@_credential_options
+def guest_stop(name: str, agent: str, credentials: Credentials) -> None:
     """Stop a guest and free its memory.
 
     \b
     Example:
       migrate guest stop vm1 --agent 127.0.0.1:7071
     """
-    with AgentClient(agent) as client:
+    with AgentClient(agent, credentials=credentials) as client:
         client.call("StopGuest", pb.GuestRef(name=name))
     click.echo(f"stopped {name}")
 
@@ -298,9 +350,10 @@ def _finish_report(doc: dict, report_path: str | None) -> None:
               help="Most seconds of pre-copy (0: no limit).")
 @click.option("--max-downtime", "max_downtime_ms", type=click.FloatRange(0, None), default=20.0, show_default=True,
               metavar="MS", help="Switch once the dirty set fits this many ms at the link's measured pace.")
+@_credential_options
 def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_push: bool, max_bandwidth: int,
             source_endpoint: str, verify: bool, timeout: float, mode: str, precopy_rounds: int,
-            precopy_seconds: float, max_downtime_ms: float) -> None:
+            precopy_seconds: float, max_downtime_ms: float, credentials: Credentials) -> None:
     """Migrate GUEST from one agent to another.
 
     In hybrid mode (the default) pages are copied while the guest still runs
@@ -322,7 +375,7 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
     opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
                                    verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
                                    precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms)
-    doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine())
+    doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
     _finish_report(doc, report_path)
     if doc.get("verified") is False:
         raise click.ClickException("verification failed: the migrated guest's memory differs")
@@ -374,9 +427,10 @@ def main() -> None:
         sys.exit(130)
 
 
-# The lab, benchmarks and plots (issue 4) live in their own modules.
+# The lab, benchmarks and plots (issue 4), and test certificates, live in their own modules.
 from migrate.bench.cli import bench, plot  # noqa: E402
+from migrate.certs import certs  # noqa: E402
 from migrate.lab.cli import lab  # noqa: E402
 
-for _command in (lab, bench, plot):
+for _command in (lab, bench, plot, certs):
     cli.add_command(_command)

@@ -7,17 +7,23 @@ import grpc
 
 from migrate import rpc
 from migrate.proto import migrate_pb2_grpc as pb_grpc
+from migrate.security import Credentials
 
 #: Seconds to wait for an agent to accept the connection.
 CONNECT_TIMEOUT = 5.0
 
 
 class AgentClient:
-    """Calls Control RPCs on one agent; failures raise rpc.AgentError."""
+    """Calls Control RPCs on one agent; failures raise rpc.AgentError.
 
-    def __init__(self, target: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    `credentials` (TLS files, token) default to this process's environment.
+    """
+
+    def __init__(self, target: str, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 credentials: Credentials | None = None) -> None:
         self.target = target
-        self._channel = rpc.channel(target)
+        self.credentials = Credentials.from_env() if credentials is None else credentials
+        self._channel = rpc.channel(target, credentials=self.credentials)
         try:
             rpc.wait_ready(self._channel, target, connect_timeout)
         except rpc.AgentError:

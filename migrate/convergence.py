@@ -6,9 +6,9 @@ while they pay off. The policy switches when the first of these holds:
 
 * the dirty set fits what the link moves within the target downtime
   (`max_downtime_ms`): copying or discarding it is cheap;
-* the dirty set stopped shrinking (less than 10% smaller than the round
-  before): the guest dirties as fast as the link copies, more rounds only
-  burn bandwidth;
+* the dirty set stopped shrinking: the guest wrote again at least 90% as
+  many pages as the round sent (a round sends the previous dirty set), so
+  it dirties as fast as the link copies and more rounds only burn bandwidth;
 * the round or time budget (`rounds`, `seconds`) is spent.
 
 Every condition is checked after each round and a round always ends, so
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: A round must shrink the dirty set below this fraction of the previous one to count as progress.
+#: A round must leave fewer dirty pages than this fraction of the pages it sent to count as progress.
 SHRINK = 0.9
 
 
@@ -64,8 +64,8 @@ def switch_reason(rounds: list[Round], elapsed_s: float, limits: Limits) -> str 
     budget = link_pages_per_s(rounds) * limits.max_downtime_ms / 1000.0
     if last.dirty <= budget:
         return f"dirty set ({last.dirty} pages) fits the {limits.max_downtime_ms:g} ms downtime target"
-    if len(rounds) >= 2 and last.dirty >= SHRINK * rounds[-2].dirty:
-        return f"dirty set stopped shrinking ({rounds[-2].dirty} -> {last.dirty} pages)"
+    if last.dirty >= SHRINK * last.sent:
+        return f"dirty set stopped shrinking ({last.sent} pages sent, {last.dirty} written again)"
     if len(rounds) >= limits.rounds:
         return f"round limit ({limits.rounds}) reached"
     if limits.seconds and elapsed_s >= limits.seconds:

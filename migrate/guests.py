@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import fill_random
 from migrate.proto import migrate_pb2 as pb
+from migrate.validate import guest_name, spec_fits
 
 
 #: What a guest's RAM holds before its workload starts.
@@ -39,7 +40,7 @@ def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
                      ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
                      page_size=msg.page_size or mmap.PAGESIZE)
     spec.validate()
-    return spec
+    return spec_fits(spec)
 
 
 def create_memfd(name: str, size: int) -> int:
@@ -187,8 +188,7 @@ class GuestTable:
             self.remove(guest.name)
 
     def _reserve(self, name: str) -> None:
-        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-            raise ValueError(f"bad guest name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        guest_name(name)
         with self._lock:
             if name in self._guests:
                 raise FileExistsError(f"a guest named {name!r} already exists on this agent")

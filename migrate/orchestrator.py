@@ -26,14 +26,15 @@ from migrate import convergence, report
 from migrate.client import AgentClient
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
+from migrate.security import Credentials
 
 #: Seconds between two status polls of the destination.
 POLL_EVERY = 0.1
 MODES = ("postcopy", "hybrid", "precopy")
 #: Hybrid: before pausing, discard stale pages on the destination (guest still
-#: running) until at most this many remain for the downtime, or SETTLE_STEPS passed.
+#: running) until a step finds at most this many to drop, or SETTLE_STEPS passed.
 SETTLE_PAGES = 256
-SETTLE_STEPS = 3
+SETTLE_STEPS = 5
 
 
 @dataclass
@@ -119,15 +120,17 @@ def _endpoint_with_port(endpoint: str, other: str) -> str:
 
 def migrate(name: str, src: str, dst: str, opts: RunOptions,
             on_status: Callable[[pb.MigrationStatus], None] | None = None,
-            before_switchover: Callable[[], None] | None = None) -> dict:
+            before_switchover: Callable[[], None] | None = None, credentials: Credentials | None = None) -> dict:
     """Migrate guest `name` from agent `src` to agent `dst`; return the report.
+
+    `credentials` (TLS, token) reach both agents; default: this process's environment.
 
     `before_switchover` runs once both sides are prepared and pre-copy is
     over, just before the guest pauses: experiments use it to switch at a
     precise moment (pages written meanwhile are caught by the final scan).
     """
     opts.check()
-    with AgentClient(src) as source, AgentClient(dst) as dest:
+    with AgentClient(src, credentials=credentials) as source, AgentClient(dst, credentials=credentials) as dest:
         if "source" not in source.call("Hello", pb.HelloRequest()).roles:
             raise AgentError(f"agent at {src} is not a source agent")
         if "dest" not in dest.call("Hello", pb.HelloRequest()).roles:
@@ -216,23 +219,19 @@ def _precopy(source: AgentClient, dest: AgentClient, run: pb.RunRef, opts: RunOp
 def _settle(source: AgentClient, dest: AgentClient, run: pb.RunRef, stale: bytes, log: PrecopyLog) -> bytes:
     """Hybrid: drop stale pages on the destination while the guest still runs.
 
-    Discarding costs no transfer, so repeating discard-and-scan shrinks what
-    is left for the downtime to about what the guest dirties in one short
-    step; returns the dirty set still to discard.
+    Discarding costs no transfer, and re-dirtied pages that are holes
+    already cost nothing, so repeating discard-and-scan shrinks what is left
+    for the downtime to what the guest newly dirties in one short step;
+    returns the dirty set still to discard.
     """
-    pages = _count(stale)
     for _ in range(SETTLE_STEPS):
-        if pages <= SETTLE_PAGES:
-            break
         r = dest.call("PrecopyRound", pb.PrecopyRoundRequest(run_id=run.run_id, discard=stale, pull=False))
         dirty = source.call("ScanDirty", run)
         log.settle.append({"discarded": r.discarded, "discard_ms": round(r.discard_ms, 3), "dirty": dirty.pages})
-        stale, pages = dirty.bitmap, dirty.pages
+        stale = dirty.bitmap
+        if r.discarded <= SETTLE_PAGES:
+            break
     return stale
-
-
-def _count(bitmap: bytes) -> int:
-    return int.from_bytes(bitmap, "little").bit_count() if bitmap else 0
 
 
 def _downtime_parts(switch: pb.SwitchoverReply, started: pb.StartIncomingReply, log: PrecopyLog) -> dict:

@@ -1,10 +1,14 @@
 """gRPC plumbing shared by agents, workers and the CLI.
 
-One place sets message-size limits, keepalives and the protocol-version
-check, so every channel and server in the project behaves the same.
+One place sets message-size limits, keepalives, credentials (TLS and the
+bearer token, see migrate.security) and the protocol-version check, so every
+channel and server in the project behaves the same. Without explicit
+credentials, channels and servers use this process's (its environment).
 """
 from __future__ import annotations
 
+import hmac
+import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -13,6 +17,9 @@ from typing import Any
 import grpc
 
 from migrate.proto import migrate_pb2 as pb
+from migrate.security import AUTH_KEY, Credentials
+
+log = logging.getLogger("migrate.rpc")
 
 PROTO_VERSION = pb.PROTO_VERSION
 VERSION_KEY = "migrate-proto"
@@ -35,17 +42,22 @@ class AgentError(Exception):
     """A failure talking to an agent, phrased for a user (one line)."""
 
 
-def channel(target: str, *, purpose: str = "control") -> grpc.Channel:
-    """An insecure channel to `target` (host:port).
+def channel(target: str, *, purpose: str = "control", credentials: Credentials | None = None) -> grpc.Channel:
+    """A channel to `target` (host:port), TLS and token as `credentials` say.
 
     Each `purpose` gets its own HTTP/2 connection (a distinct channel
     argument defeats gRPC's subchannel sharing), so urgent page requests
     never wait behind bulk frames.
     """
+    creds = Credentials.from_env() if credentials is None else credentials
     opts = _OPTIONS + [("grpc.channel_purpose", purpose)]
     if purpose != "control":
         opts.append(("grpc.use_local_subchannel_pool", 1))
-    return grpc.insecure_channel(target, options=opts)
+    tls = creds.channel_credentials()
+    ch = grpc.secure_channel(target, tls, options=opts) if tls else grpc.insecure_channel(target, options=opts)
+    if creds.token:
+        ch = grpc.intercept_channel(ch, _AddMetadata(creds.metadata()))
+    return ch
 
 
 def wait_ready(ch: grpc.Channel, target: str, timeout: float) -> None:
@@ -56,24 +68,29 @@ def wait_ready(ch: grpc.Channel, target: str, timeout: float) -> None:
         raise AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)") from None
 
 
-def server(workers: int = 8) -> grpc.Server:
-    """A gRPC server with the project's limits and a version check."""
+def server(workers: int = 8, credentials: Credentials | None = None) -> grpc.Server:
+    """A gRPC server with the project's limits, a version check and, if
+    `credentials` hold one, a bearer-token check (TLS is set by `bind`)."""
+    creds = Credentials.from_env() if credentials is None else credentials
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=_OPTIONS + [("grpc.so_reuseport", 0)],  # a taken port must be an error
-        interceptors=[_VersionCheck()],
+        interceptors=[_Gate(creds.token)],
         maximum_concurrent_rpcs=64,
     )
 
 
-def bind(srv: grpc.Server, address: str) -> int:
-    """Bind `address` (host:port, port may be 0); return the port.
+def bind(srv: grpc.Server, address: str, credentials: Credentials | None = None) -> int:
+    """Bind `address` (host:port, port may be 0), with TLS if `credentials`
+    hold a certificate; return the port.
 
     Raises AgentError with a clear message when the port is taken or the
     address is invalid (gRPC reports both as a bare RuntimeError or 0).
     """
+    creds = Credentials.from_env() if credentials is None else credentials
+    tls = creds.server_credentials()
     try:
-        port = srv.add_insecure_port(address)
+        port = srv.add_secure_port(address, tls) if tls else srv.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -81,18 +98,34 @@ def bind(srv: grpc.Server, address: str) -> int:
     return port
 
 
-class _VersionCheck(grpc.ServerInterceptor):
-    """Refuse calls from clients speaking another protocol version."""
+class _Gate(grpc.ServerInterceptor):
+    """Refuse calls from clients speaking another protocol version or, when
+    a token is set, not presenting it (compared in constant time)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode() if token else b""
+
+    def _refusal(self, meta: dict) -> tuple[grpc.StatusCode, str] | None:
+        if meta.get(VERSION_KEY) != str(PROTO_VERSION):
+            got = meta.get(VERSION_KEY, "none")
+            return (grpc.StatusCode.FAILED_PRECONDITION,
+                    f"protocol version mismatch: server speaks {PROTO_VERSION}, client sent {got}")
+        if self._expected:
+            given = meta.get(AUTH_KEY, "")
+            given = given.encode() if isinstance(given, str) else given
+            if not hmac.compare_digest(given, self._expected):
+                return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"
+        return None
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        meta = dict(details.invocation_metadata or ())
-        if meta.get(VERSION_KEY) == str(PROTO_VERSION):
+        refusal = self._refusal(dict(details.invocation_metadata or ()))
+        if refusal is None:
             return continuation(details)
-        got = meta.get(VERSION_KEY, "none")
-        msg = f"protocol version mismatch: server speaks {PROTO_VERSION}, client sent {got}"
+        code, msg = refusal
+        log.warning("%s refused: %s: %s", details.method, code.name, msg)
 
         def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, msg)
+            context.abort(code, msg)
 
         handler = continuation(details)
         if handler is None:
@@ -104,6 +137,29 @@ class _VersionCheck(grpc.ServerInterceptor):
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(refuse)
         return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the bearer token) to every call of a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._with(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._with(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._with(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Callable, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._with(details), request_iterator)
 
 
 def describe_error(err: grpc.RpcError, target: str) -> str:

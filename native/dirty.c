@@ -44,22 +44,53 @@ int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t pag
     return found;
 }
 
+/* Punch [first, first + count) pages out of the memfd. */
+static int punch(int memfd, uint64_t first, uint64_t count, uint32_t page_size)
+{
+    return fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(first * page_size),
+                     (off_t)(count * page_size));
+}
+
 int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, uint64_t nbits,
                           uint32_t page_size, uint64_t *runs)
 {
+    /* Only pages both stale and received are in the memfd: a clear bit
+     * already means a hole, and a guest that keeps re-dirtying the same
+     * pages costs nothing the second time. Runs merge across words. */
+    uint64_t nwords = (nbits + 63) / 64, run_first = 0, run_len = 0;
     int64_t pages = 0;
-    uint64_t page = mig_bitmap_next_set(stale, nbits, 0);
     *runs = 0;
-    while (page < nbits) {
-        uint64_t end = mig_bitmap_next_clear(stale, nbits, page);
+    for (uint64_t w = 0; w < nwords; w++) {
+        uint64_t m = stale[w];
+        if (w == nwords - 1 && nbits % 64)
+            m &= (1ULL << (nbits % 64)) - 1;
+        m &= __atomic_load_n(&received[w], __ATOMIC_ACQUIRE);
+        if (!m)
+            continue;
         /* Not received first: a set bit always means "present". */
-        mig_bitmap_clear(received, page, end - page);
-        if (fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(page * page_size),
-                      (off_t)((end - page) * page_size)) < 0)
+        __atomic_fetch_and(&received[w], ~m, __ATOMIC_RELEASE);
+        while (m) {
+            unsigned lo = (unsigned)__builtin_ctzll(m);
+            uint64_t rest = ~(m >> lo);
+            unsigned len = rest ? (unsigned)__builtin_ctzll(rest) : 64 - lo;
+            uint64_t first = w * 64 + lo;
+            if (run_len && run_first + run_len == first) {
+                run_len += len;
+            } else {
+                if (run_len && punch(memfd, run_first, run_len, page_size) < 0)
+                    return -errno;
+                *runs += run_len ? 1 : 0;
+                run_first = first;
+                run_len = len;
+            }
+            pages += len;
+            m = len + lo >= 64 ? 0 : m & ~(((1ULL << len) - 1) << lo);
+        }
+    }
+    if (run_len) {
+        if (punch(memfd, run_first, run_len, page_size) < 0)
             return -errno;
-        pages += end - page;
         (*runs)++;
-        page = mig_bitmap_next_set(stale, nbits, end);
     }
     return pages;
 }

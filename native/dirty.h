@@ -13,10 +13,11 @@
 int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
                        uint64_t *bitmap, uint64_t first_page);
 
-/* For every run of set bits in `stale` (nbits bits): clear those bits in
- * `received`, then punch the pages out of `memfd` (fallocate PUNCH_HOLE),
- * so a registered MISSING userfaultfd faults on them again. Returns the
- * pages discarded, or -errno; *runs gets the fallocate calls made. */
+/* For the pages set in both `stale` and `received` (nbits bits): clear
+ * their received bits, then punch them out of `memfd` (fallocate
+ * PUNCH_HOLE, one call per run), so a registered MISSING userfaultfd faults
+ * on them again. Pages not received are holes already and are left alone.
+ * Returns the pages discarded, or -errno; *runs gets the fallocate calls. */
 int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, uint64_t nbits,
                           uint32_t page_size, uint64_t *runs);
 

@@ -2,7 +2,7 @@
 """QEMU's own post-copy next to ours, on a guest of the same size and access pattern.
 
 Where `qemu-system-x86_64` is installed and /dev/kvm works, boots a tiny
-guest of our own (below: 40 bytes of 32-bit code behind a multiboot header,
+guest of our own (below: 36 bytes of 32-bit code behind a multiboot header,
 so QEMU's -kernel loads it straight into protected mode) that sweeps its RAM
 page by page forever, writing (or only reading) each page. Two QEMU
 processes, post-copy over loopback driven through QMP; then `query-migrate`
@@ -123,6 +123,18 @@ def _qemu(tmp: str, role: str, size_mib: int, kernel: str, extra: list[str]) -> 
         raise
 
 
+def _wait_booted(qmp: Qmp, timeout: float = 120.0) -> None:
+    """Until the vCPU runs our code (the BIOS takes seconds under software virtualization)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        regs = qmp.cmd("human-monitor-command", **{"command-line": "info registers"})
+        eip = next((int(w[4:], 16) for w in str(regs).split() if w.startswith("EIP=")), 0)
+        if LOAD <= eip < LOAD + 32 + len(_CODE["write"]):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the QEMU guest did not reach its code within {timeout:g} s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,6 +161,7 @@ def run_qemu(size: int, pattern: str, warmup: float, preempt: bool) -> dict:
             dst_qmp.cmd("migrate-set-capabilities",
                         capabilities=caps + [{"capability": "postcopy-blocktime", "state": True}])
             dst_qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+            _wait_booted(src_qmp)
             time.sleep(warmup)  # the guest sweeps its RAM meanwhile: every page is touched
             src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds

@@ -52,8 +52,8 @@ def migrate_at(agents, name: str, s: pb.GuestSpec, fraction: float, **opts) -> d
         assert wait_for(lambda: ops_done(src.address, name) >= fraction * s.ops, timeout=60)
 
     try:
-        doc = orchestrator.migrate(name, src.address, dst.address, orchestrator.RunOptions(verify=True, **opts),
-                                   before_switchover=at_fraction)
+        opts = orchestrator.RunOptions(verify=True, **opts)
+        doc = orchestrator.migrate(name, src.address, dst.address, opts, before_switchover=at_fraction)
     finally:
         with AgentClient(dst.address) as c:
             if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
@@ -116,7 +116,7 @@ def test_unreachable_source_leaves_guest_running_on_source(agents):
     src, dst = agents
     launch(src.address, "stay", spec("random-write", ops=10_000_000, rate=50_000))
     try:
-        opts = orchestrator.RunOptions(source_endpoint="127.0.0.1:1")  # the destination cannot reach this
+        opts = orchestrator.RunOptions(source_endpoint="127.0.0.1:1", mode="postcopy")  # the destination cannot reach this
         with pytest.raises(orchestrator.AgentError, match="cannot reach the source"):
             orchestrator.migrate("stay", src.address, dst.address, opts)
         with AgentClient(src.address) as c:

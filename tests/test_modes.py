@@ -86,6 +86,9 @@ def test_switch_policy():
     assert "fits" in convergence.switch_reason([first, fits], 1.5, limits)  # 10k pages/s * 10 ms = 100 pages
     flat = convergence.Round(sent=5_000, discarded=5_000, seconds=0.5, bytes_wire=0, dirty=4_800, dirty_window_s=0.5)
     assert "stopped shrinking" in convergence.switch_reason([first, flat], 1.5, limits)
+    everything = convergence.Round(sent=10_000, discarded=0, seconds=1.0, bytes_wire=0, dirty=9_500,
+                                   dirty_window_s=1.0)
+    assert "stopped shrinking" in convergence.switch_reason([everything], 1.0, limits)
     shrinking = [convergence.Round(sent=10_000 >> i, discarded=0, seconds=1.0, bytes_wire=0, dirty=5_000 >> i,
                                    dirty_window_s=1.0) for i in range(4)]
     assert "round limit" in convergence.switch_reason(shrinking, 4.0, limits)

@@ -23,11 +23,11 @@ from migrate.bitmap import SharedBitmap
 from migrate.dest import worker
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
-from migrate.source.bulk_server import MAX_BULK_PAGES
+from migrate.source.bulk_server import MAX_BULK_PAGES, MAX_REQUEST_PAGES
 
 #: Bulk requests in flight, in pages and in requests: enough to keep the link
-#: busy while one batch installs, even when the runs between faults are short.
-WINDOW_PAGES = 6 * MAX_BULK_PAGES
+#: busy while batches install, even when the runs between faults are short.
+WINDOW_PAGES = 2 * MAX_REQUEST_PAGES
 WINDOW_REQUESTS = 32
 
 
@@ -64,7 +64,7 @@ class Planner:
                 if self._asked.test(page):
                     page = self._asked.next_clear(page)
                     continue
-                end = min(page + MAX_BULK_PAGES, self._received.next_set(page), self._asked.next_set(page))
+                end = min(page + MAX_REQUEST_PAGES, self._received.next_set(page), self._asked.next_set(page))
                 self._asked.set_range(page, end - page)
                 self._cursor = end
                 return page, end - page
@@ -94,8 +94,9 @@ class BulkPuller:
         self._rate = max_bandwidth
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._cond = threading.Condition()
-        self._inflight: dict[int, int] = {}  # first page -> count, asked and not yet answered
+        self._inflight: dict[int, tuple[int, int, int]] = {}  # req_id -> (first, count, pages still due)
         self._inflight_pages = 0
+        self._next_id = 1
         self._generation = 0                 # bumped when a broken stream's requests are written off
         self._stop = False
         self._t0 = time.monotonic()
@@ -130,16 +131,25 @@ class BulkPuller:
                     self._cond.wait(0.05)
                     continue
                 first, count = rng
-                self._inflight[first] = count
+                req_id = self._next_id
+                self._next_id += 1
+                self._inflight[req_id] = (first, count, count)
                 self._inflight_pages += count
-            yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count)
+            yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count, req_id=req_id)
 
     def install(self, batch: pb.PageBatch) -> None:
         decoded = self._decoder.decode(batch)
         done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
                                    decoded.zero_runs, decoded.data)
         with self._cond:
-            self._inflight_pages -= self._inflight.pop(batch.first_page, 0)
+            if batch.req_id in self._inflight:
+                first, count, due = self._inflight[batch.req_id]
+                due -= batch.count
+                self._inflight_pages -= batch.count
+                if due > 0:
+                    self._inflight[batch.req_id] = (first, count, due)
+                else:
+                    del self._inflight[batch.req_id]
             c = self.counters
             c["pages"] += done.installed
             c["zero"] += done.zeroed
@@ -150,7 +160,7 @@ class BulkPuller:
     def write_off_inflight(self) -> None:
         """After a broken stream: its unanswered requests will be asked again."""
         with self._cond:
-            for first, count in self._inflight.items():
+            for first, count, _ in self._inflight.values():
                 self._planner.forget(first, count)
             self._inflight.clear()
             self._inflight_pages = 0

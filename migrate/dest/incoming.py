@@ -48,6 +48,7 @@ class Worker:
         self.proc = subprocess.Popen(spawn.module_argv(f"migrate.dest.{kind}", *argv), pass_fds=fds,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=spawn.child_env())
+        self.first: dict = {}
         self.last: dict = {}
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._ready = threading.Event()
@@ -65,20 +66,27 @@ class Worker:
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                self.last = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            self._ready.set()
+            if not self._ready.is_set():
+                self.first = record  # "ready", or why not: kept apart from the counters that follow
+                self._ready.set()
+            self.last = record
         self._ready.set()
 
     def wait_ready(self, timeout: float) -> None:
         """Wait for the worker's first line: connected to the source, or why not."""
         if not self._ready.wait(timeout):
             raise TimeoutError(f"{self.kind} worker did not start within {timeout:g} s")
-        if "error" in self.last or not self.last.get("ready"):
-            self.proc.wait(timeout=5)
+        if not self.first.get("ready"):
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             why = self.stderr_tail[-1] if self.stderr_tail else f"exit status {self.proc.returncode}"
-            raise ConnectionError(self.last.get("error") or f"{self.kind} worker failed to start: {why}")
+            raise ConnectionError(self.first.get("error") or f"{self.kind} worker failed to start: {why}")
 
     def send(self, message: dict) -> None:
         """One JSON line on the worker's stdin."""

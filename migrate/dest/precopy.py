@@ -47,10 +47,11 @@ CONNECT_TIMEOUT = 5.0
 
 
 def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) -> tuple[int, int]:
-    """Mark the pages set in `stale` (bitmap wire format) not received and punch them out.
+    """Mark the received pages set in `stale` (bitmap wire format) not received and punch them out.
 
     Returns (pages, fallocate calls). Bits are cleared before the punch: a
-    set bit always means the page is present.
+    set bit always means the page is present; a clear bit outside a round
+    means a hole, so stale pages not received cost nothing.
     """
     if not stale:
         return 0, 0

@@ -50,10 +50,12 @@ def build(record: dict, spec: LinkSpec, zstd_level: int, log: str) -> list[NsPro
         record["relay_pid"] = relay.pid
     netns.shape(src_ns, spec, relay_port)
     netns.shape(dst_ns, spec)
-    procs.append(NsProcess(src_ns, "migrate", "source", "serve", "--listen", f"{netns.SOURCE_ADDR}:{SOURCE_PORT}",
-                           "--zstd-level", str(zstd_level), log_path=log))
-    procs.append(NsProcess(dst_ns, "migrate", "dest", "serve", "--listen", f"{netns.DEST_ADDR}:{DEST_PORT}",
+    # Inside private namespaces: plaintext beyond loopback is what the lab is for.
+    procs.append(NsProcess(src_ns, "migrate", "source", "serve", "--insecure-listen",
+                           "--listen", f"{netns.SOURCE_ADDR}:{SOURCE_PORT}", "--zstd-level", str(zstd_level),
                            log_path=log))
+    procs.append(NsProcess(dst_ns, "migrate", "dest", "serve", "--insecure-listen",
+                           "--listen", f"{netns.DEST_ADDR}:{DEST_PORT}", log_path=log))
     return procs
 
 

@@ -117,11 +117,11 @@ def status(name: str) -> dict | None:
     record["keeper_alive"] = same_process(record["keeper_pid"], record["keeper_start"])
     running = {p for ns in record["namespaces"] for p in netns.pids(ns)}
     record["agents_alive"] = {role: record.get(f"{role}_pid") in running for role in ("source", "dest")}
-    record["link_stats"] = {ns: _qdisc_stats(ns) for ns in record["namespaces"] if netns.exists(ns)}
+    record["link_stats"] = {ns: qdisc_stats(ns) for ns in record["namespaces"] if netns.exists(ns)}
     return record
 
 
-def _qdisc_stats(ns: str) -> dict:
+def qdisc_stats(ns: str) -> dict:
     """Bytes, packets and drops the veth end has sent (tc -s), for `lab status`."""
     out = subprocess.run(["tc", "-j", "-s", "-n", ns, "qdisc", "show", "dev", netns.DEV],
                          capture_output=True, text=True).stdout

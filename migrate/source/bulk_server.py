@@ -31,8 +31,11 @@ from migrate.batches import BatchEncoder, approx_wire_size
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
-#: Most pages one bulk request may ask for (1 MiB of 4 KiB pages).
+#: Most pages in one batch (1 MiB of 4 KiB pages).
 MAX_BULK_PAGES = 256
+#: Most pages one bulk request may ask for: few requests keep the stream
+#: flowing like a push, without a round trip per batch.
+MAX_REQUEST_PAGES = 16 * MAX_BULK_PAGES
 #: When bulk batches are compressed: when the link is the bottleneck, always, never.
 COMPRESS_POLICIES = ("auto", "always", "never")
 #: Bytes/s zstd is assumed to compress until it has been measured here.
@@ -73,9 +76,9 @@ class BulkPages(pb_grpc.PagesServicer):
             enc = BatchEncoder(self._mem, self._page_size, self._level if compress else None)
             setattr(self._local, key, enc)
         if not compress:
-            return enc.encode(req.first_page, req.count)
+            return enc.encode(req.first_page, req.count, req.req_id)
         t0 = time.monotonic()
-        batch = enc.encode(req.first_page, req.count)
+        batch = enc.encode(req.first_page, req.count, req.req_id)
         seconds = time.monotonic() - t0
         if seconds > 0 and batch.raw_len:
             with self._lock:  # a moving average of this host's compression speed
@@ -91,7 +94,7 @@ class BulkPages(pb_grpc.PagesServicer):
     def _check(self, req: pb.BulkRequest) -> str | None:
         if req.run_id != self._run_id:
             return f"unknown run {req.run_id!r}"
-        if not 0 < req.count <= MAX_BULK_PAGES or req.first_page + req.count > self._page_count:
+        if not 0 < req.count <= MAX_REQUEST_PAGES or req.first_page + req.count > self._page_count:
             return f"bad page range [{req.first_page}, +{req.count}) for {self._page_count} pages"
         return None
 
@@ -102,9 +105,12 @@ class BulkPages(pb_grpc.PagesServicer):
             try:
                 for req in request_iterator:
                     problem = self._check(req)
-                    incoming.put(problem or req)
                     if problem:
+                        incoming.put(problem)
                         return
+                    for first in range(req.first_page, req.first_page + req.count, MAX_BULK_PAGES):
+                        count = min(MAX_BULK_PAGES, req.first_page + req.count - first)
+                        incoming.put(pb.BulkRequest(first_page=first, count=count, req_id=req.req_id))
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:

@@ -1,0 +1,82 @@
+"""Checks on what a peer sends that the protobuf types alone do not bound.
+
+Every RPC field reaches an argv, a memfd name, a thread count, a memory
+size or a JSON parser. Each check here raises ValueError with one line a
+user can act on, which the agent answers as INVALID_ARGUMENT, before any
+process, memory or file is created for the request.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from migrate.guest.process import GuestSpec
+
+#: Most workload threads a guest may ask for (the CLI's limit too).
+MAX_THREADS = 64
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})")
+
+
+def memory_capacity() -> int:
+    """Bytes this host can back at most: RAM plus swap (from /proc/meminfo)."""
+    total = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "SwapTotal"):
+                total += int(rest.split()[0]) * 1024
+    return total
+
+
+def guest_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"bad guest name {name[:80]!r}: use 1-64 letters, digits, '-', '_' or '.'")
+    return name
+
+
+def run_id(value: str) -> str:
+    if not _RUN_ID.fullmatch(value):
+        raise ValueError(f"bad run id {value[:80]!r}: 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+def endpoint(value: str, what: str) -> str:
+    """A HOST:PORT a destination will connect to."""
+    m = _ENDPOINT.fullmatch(value)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"bad {what} {value[:80]!r}: expected HOST:PORT")
+    return value
+
+
+def spec_fits(spec: GuestSpec) -> GuestSpec:
+    """Refuse specs this host cannot run: too much memory, too many threads."""
+    if spec.threads > MAX_THREADS:
+        raise ValueError(f"guest threads must be <= {MAX_THREADS}, got {spec.threads}")
+    capacity = memory_capacity()
+    if spec.size > capacity:
+        raise ValueError(f"guest size {spec.size} bytes exceeds this host's memory "
+                         f"({capacity} bytes of RAM and swap)")
+    return spec
+
+
+def seconds(value: float, what: str) -> float:
+    """A duration from the wire: finite and >= 0 (0 usually means "no limit")."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+    return value
+
+
+def state_json(raw: bytes) -> dict | None:
+    """A guest's execution state: a JSON object, or None when empty."""
+    if not raw:
+        return None
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"state_json is not valid JSON: {str(err)[:200]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"state_json must be a JSON object, got {type(state).__name__}")
+    return state
