@@ -6,6 +6,7 @@ use) ends with one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import mmap
 import os
@@ -312,8 +313,13 @@ class ProgressLine:
         frac = st.pages_received / total
         bar = "#" * int(frac * 30)
         rate = st.bytes_pages / MiB / st.elapsed_s if st.elapsed_s > 0 else 0.0
+        workers = json.loads(st.detail_json or "{}").values()
+        phase = st.phase
+        if any(w.get("link_down") for w in workers if isinstance(w, dict)):
+            paused = max(float(w.get("paused_s", 0.0)) for w in workers if isinstance(w, dict))
+            phase = f"PAUSED: link to the source down, reconnecting ({paused:.1f} s paused so far)"
         line = (f"[{bar:<30}] {frac * 100:5.1f}%  {st.pages_received}/{st.pages_total} pages  "
-                f"{rate:7.1f} MiB/s  faults {st.faults}  {st.phase}")
+                f"{rate:7.1f} MiB/s  faults {st.faults}  {phase}")
         if self._tty:
             click.echo("\r" + line + ("\n" if final else ""), err=True, nl=False)
         else:

@@ -39,14 +39,15 @@ def read_first_line(proc: subprocess.Popen, timeout: float) -> str:
 class LocalAgent:
     """`migrate {role} serve` on loopback, on a port the kernel picks."""
 
-    def __init__(self, role: str, *args: str, listen: str = "127.0.0.1:0", log_path: str | None = None) -> None:
+    def __init__(self, role: str, *args: str, listen: str = "127.0.0.1:0", log_path: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.role = role
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
                 spawn.module_argv("migrate", role, "serve", "--listen", listen, *args),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-                env=spawn.child_env())
+                env=spawn.child_env(env))
         finally:
             if log_path:
                 log.close()

@@ -28,6 +28,13 @@ def _rate(points: list[dict], lo: float, hi: float) -> float:
     return (inside[-1]["ops"] - inside[0]["ops"]) / (inside[-1]["t_s"] - inside[0]["t_s"])
 
 
+def _link(detail: dict) -> dict:
+    """Link outages the destination's workers rode out, and the time they waited."""
+    workers = [w for w in detail.values() if isinstance(w, dict)]
+    return {"outages": max((int(w.get("outages", 0)) for w in workers), default=0),
+            "paused_s": round(max((float(w.get("paused_s", 0.0)) for w in workers), default=0.0), 3)}
+
+
 def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, switch: pb.SwitchoverReply,
           prepare_ms: float, resume_ms: float, status: pb.MigrationStatus, source_stats: pb.SourceStats,
           before: pb.GuestInfo, after: pb.GuestInfo, verified: bool | None, mode: str = "postcopy",
@@ -75,6 +82,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         "bytes": {"wire": wire, "pages": page_bytes},
         "compression_ratio": round(page_bytes / wire, 3) if wire else 1.0,
         "precopy": precopy or {"rounds": [], "pages": 0, "bytes": 0},
+        "link": _link(detail),
         "source": {"urgent_requests": source_stats.urgent_requests, "urgent_pages": source_stats.urgent_pages,
                    "bulk_pages": source_stats.bulk_pages, "bulk_bytes": source_stats.bulk_bytes},
     }
@@ -106,6 +114,9 @@ def table(doc: dict) -> str:
     for i, r in enumerate(pre.get("rounds", []), 1):
         rows.append((f"pre-copy {i}", f"{r['sent']} pages sent in {r['seconds']:.3f} s, {r['dirty']} dirtied "
                                       f"({r['dirty_rate']:.0f} pages/s)"))
+    if doc.get("link", {}).get("outages"):
+        rows.append(("link", f"{doc['link']['outages']} outage(s) ridden out, "
+                             f"{doc['link']['paused_s']:.2f} s waiting for the source"))
     if pre.get("switch_reason"):
         rows.append(("switched", pre["switch_reason"]))
     if "verified" in doc:

@@ -275,6 +275,8 @@ class FaultReader:
         """
         if len(zero_runs) % 2:
             raise ValueError("zero_runs must hold (start, length) pairs")
+        if not 0 < count < 1 << 32 or first_page + count > bitmap.nbits:  # C trusts the range
+            raise ValueError(f"pages [{first_page}, +{count}) outside the bitmap's {bitmap.nbits} pages")
         runs = ffi.new("uint32_t[]", zero_runs if isinstance(zero_runs, (list, tuple)) else list(zero_runs))
         st = ffi.new("struct mig_install_stats *")
         with ffi.from_buffer("uint8_t[]", data) as buf:

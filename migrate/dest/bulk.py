@@ -51,8 +51,8 @@ class Planner:
             tail = data[len(data) - len(data) % 8 - 8:][:8]
             self._cursor = min(int.from_bytes(tail, "little"), self._received.nbits)
 
-    def next_range(self) -> tuple[int, int] | None:
-        """(first, count) of missing, unasked pages, or None when there are none."""
+    def next_range(self, max_pages: int = MAX_REQUEST_PAGES) -> tuple[int, int] | None:
+        """(first, count <= max_pages) of missing, unasked pages, or None when there are none."""
         self._take_hint()
         n = self._received.nbits
         for start in (self._cursor, 0):
@@ -64,7 +64,7 @@ class Planner:
                 if self._asked.test(page):
                     page = self._asked.next_clear(page)
                     continue
-                end = min(page + MAX_REQUEST_PAGES, self._received.next_set(page), self._asked.next_set(page))
+                end = min(page + max_pages, self._received.next_set(page), self._asked.next_set(page))
                 self._asked.set_range(page, end - page)
                 self._cursor = end
                 return page, end - page
@@ -100,6 +100,12 @@ class BulkPuller:
         self._generation = 0                 # bumped when a broken stream's requests are written off
         self._stop = False
         self._t0 = time.monotonic()
+        # Under --max-bandwidth a request carries at most ~50 ms of traffic, so
+        # pacing between requests is fine-grained enough to hold the rate.
+        self._request_pages = MAX_REQUEST_PAGES
+        if max_bandwidth > 0:
+            self._request_pages = max(16, min(MAX_REQUEST_PAGES, int(max_bandwidth * 0.05) // mem.page_size))
+        self._window_pages = min(WINDOW_PAGES, 2 * self._request_pages)
         self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0}
 
     def _pace(self) -> None:
@@ -111,7 +117,7 @@ class BulkPuller:
             time.sleep(ahead)
 
     def _window_full(self) -> bool:
-        return self._inflight_pages >= WINDOW_PAGES or len(self._inflight) >= WINDOW_REQUESTS
+        return self._inflight_pages >= self._window_pages or len(self._inflight) >= WINDOW_REQUESTS
 
     def requests(self) -> Iterator[pb.BulkRequest]:
         """The request stream of one call; it ends when that call is written off."""
@@ -124,7 +130,7 @@ class BulkPuller:
                     self._cond.wait()
                 if self._stop or generation != self._generation:
                     return
-                rng = self._planner.next_range()
+                rng = self._planner.next_range(self._request_pages)
                 if rng is None:
                     if not self._inflight:
                         return
@@ -180,12 +186,10 @@ class BulkPuller:
 
 def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | None:
     """Stream until every page is in; reconnect on transport errors. Returns an error or None."""
-    reporter = worker.Reporter()
     while True:
         try:
             for batch in link.client.bulk(puller.requests(), metadata=rpc.METADATA):
                 puller.install(batch)
-                reporter.maybe(puller.snapshot)
             return None
         except grpc.RpcError as err:
             if stop.is_set():
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     puller = BulkPuller(mem, planner, link, args.run_id, int(go.get("max_bandwidth", 0)))
     stop = worker.stop_on_stdin_close()
     threading.Thread(target=lambda: (stop.wait(), puller.stop()), daemon=True).start()
+    worker.report_periodically(puller.snapshot, stop)
     error = pull(puller, link, stop)
     link.close()
     planner.close()

@@ -175,14 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     server = FaultServer(mem, link, args.run_id, args.hint_fd)
     receiver = threading.Thread(target=server.receive, daemon=True, name="urgent-replies")
     receiver.start()
-    reporter = worker.Reporter()
+    worker.report_periodically(server.snapshot, stop)
     while not stop.is_set() and server.error is None:
         faults = mem.io.read(mem.bitmap, timeout_ms=20)
         if faults:
             server.on_faults(faults)
         elif mem.bitmap.is_full():
             break
-        reporter.maybe(server.snapshot)
     server.close()
     receiver.join(timeout=5)
     link.close()

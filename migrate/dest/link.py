@@ -37,21 +37,23 @@ class SourceLink:
         self.channel = worker.connect(endpoint, purpose)
         self.client = PagesClient(self.channel)
         self.down = False
+        self._down_since = 0.0
         self.outages = 0
         self.paused_s = 0.0
 
     def counters(self) -> dict:
+        paused = self.paused_s + (time.monotonic() - self._down_since if self.down else 0.0)
         return {"bytes_wire": self.client.bytes_wire, "link_down": self.down, "outages": self.outages,
-                "paused_s": round(self.paused_s, 3)}
+                "paused_s": round(paused, 3)}
 
     def recover(self, err: grpc.RpcError) -> None:
         """Reconnect after `err`, or raise LinkLost (or re-raise a non-transport error)."""
         code = err.code() if hasattr(err, "code") else None
         if code not in _RETRYABLE:
             raise err
+        t0 = self._down_since = time.monotonic()
         self.down = True
         self.outages += 1
-        t0 = time.monotonic()
         backoff = 0.05
         while True:
             self.channel.close()

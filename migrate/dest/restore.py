@@ -25,6 +25,17 @@ log = logging.getLogger("migrate.restore")
 _HANDSHAKE_TIMEOUT = 10.0
 
 
+def _require_userfaultfd(fd: int) -> None:
+    """ValueError (the fd closed) unless `fd` is a userfaultfd: a client could send any file."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = "?"
+    if kind != "anon_inode:[userfaultfd]":
+        os.close(fd)
+        raise ValueError(f"handshake carried {kind}, not a userfaultfd")
+
+
 class UffdRestoreListener:
     """Accepts handshakes on `path` and restores each client from `image`."""
 
@@ -40,6 +51,7 @@ class UffdRestoreListener:
             os.unlink(path)  # a stale socket from an earlier agent
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.bind(path)
+        os.chmod(path, 0o600)  # whoever connects gets a guest's memory: this user only
         self._sock.listen(16)
         self._thread = threading.Thread(target=self._accept, daemon=True, name="uffd-socket")
         self._thread.start()
@@ -56,6 +68,7 @@ class UffdRestoreListener:
         run: IncomingRun | None = None
         try:
             uffd_fd, regions = recv_handshake(conn, timeout=_HANDSHAKE_TIMEOUT)
+            _require_userfaultfd(uffd_fd)
             self._count += 1
             with AgentClient(self._source) as source:
                 prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=self._image))

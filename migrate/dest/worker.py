@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,14 +103,15 @@ def stop_on_stdin_close() -> threading.Event:
     return stop
 
 
-class Reporter:
-    """Emits a counters line at most every REPORT_EVERY seconds."""
+def report_periodically(snapshot: Callable[[], dict], stop: threading.Event) -> None:
+    """Emit a counters line every REPORT_EVERY seconds until `stop`, from a thread.
 
-    def __init__(self) -> None:
-        self._last = 0.0
+    A thread of its own, so the agent hears about a link that went down even
+    while no page arrives.
+    """
 
-    def maybe(self, snapshot: Callable[[], dict]) -> None:
-        now = time.monotonic()
-        if now - self._last >= REPORT_EVERY:
-            self._last = now
+    def run() -> None:
+        while not stop.wait(REPORT_EVERY):
             emit(snapshot())
+
+    threading.Thread(target=run, daemon=True, name="reporter").start()

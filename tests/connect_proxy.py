@@ -1,0 +1,111 @@
+"""An HTTP CONNECT relay the tests control, to break links on purpose.
+
+gRPC clients honour the grpc_proxy environment variable: a destination agent
+started with it reaches the source only through this relay, on every port
+(urgent and bulk alike). `cut(seconds)` drops every relayed connection and
+refuses new ones for that long: a real link failure, seen by real sockets.
+"""
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+
+class ConnectProxy:
+    """Threaded CONNECT relay on 127.0.0.1; `url` goes into grpc_proxy."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._down_until = 0.0
+        self._closed = False
+        self.cuts = 0
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, target, *args) -> None:  # noqa: ANN001
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self._down_until or self._closed:
+                client.close()
+                continue
+            self._spawn(self._serve, client)
+
+    def _serve(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                client.close()
+                return
+            head += chunk
+        target = head.split(b" ", 2)[1].decode()
+        host, port = target.rsplit(":", 1)
+        try:
+            upstream = socket.create_connection((host, int(port)), timeout=5)
+        except OSError:
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+            client.close()
+            return
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        if rest:
+            upstream.sendall(rest)
+        with self._lock:
+            self._conns.update((client, upstream))
+        self._pump(client, upstream)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        peers = {a: b, b: a}
+        try:
+            while True:
+                ready, _, _ = select.select(list(peers), [], [], 0.5)
+                if time.monotonic() < self._down_until or self._closed:
+                    break
+                for s in ready:
+                    data = s.recv(1 << 16)
+                    if not data:
+                        return
+                    peers[s].sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.difference_update((a, b))
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def cut(self, seconds: float) -> None:
+        """Break every relayed connection now and refuse new ones for `seconds`."""
+        self.cuts += 1
+        self._down_until = time.monotonic() + seconds
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self.cut(0)
+        for t in self._threads:
+            t.join(timeout=2)

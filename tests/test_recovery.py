@@ -1,0 +1,108 @@
+"""Link failure mid-post-copy: the destination reconnects and loses nothing.
+
+The destination agent reaches the source only through a CONNECT relay the
+test controls (tests/connect_proxy.py); cutting it breaks the urgent and the
+bulk streams for real. Faulting guest threads must stay blocked (never see a
+zero page), both streams must resume, and the final memory must equal an
+unmigrated run.
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+
+import pytest
+
+from connect_proxy import ConnectProxy
+from migrate import orchestrator
+from migrate.client import AgentClient
+from migrate.local import LocalAgent, wait_for
+from migrate.proto import migrate_pb2 as pb
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def proxied(tmp_path):
+    proxy = ConnectProxy()
+    try:
+        with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
+                LocalAgent("dest", log_path=str(tmp_path / "dst.log"),
+                           env={"grpc_proxy": proxy.url}) as dst:
+            yield src, dst, proxy
+    finally:
+        proxy.close()
+
+
+def received_fraction(dst: str, run: dict) -> float:
+    with AgentClient(dst) as c:
+        for g in c.call("ListGuests", pb.ListGuestsRequest()).guests:
+            if g.run_id:
+                run["id"] = g.run_id
+        if "id" not in run:
+            return 0.0
+        st = c.call("IncomingStatus", pb.RunRef(run_id=run["id"]))
+        return st.pages_received / max(st.pages_total, 1)
+
+
+@pytest.mark.parametrize("outage_s", [0.5, 5.0])
+def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
+    src, dst, proxy = proxied
+    spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=5, ops=12_000, threads=2,
+                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+    with AgentClient(src.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name="wire", spec=spec), timeout=120)
+    run: dict = {}
+
+    def cut_when_underway() -> None:
+        if wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
+            proxy.cut(outage_s)
+
+    cutter = threading.Thread(target=cut_when_underway)
+    cutter.start()
+    try:
+        opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB)
+        doc = orchestrator.migrate("wire", src.address, dst.address, opts)
+    finally:
+        cutter.join()
+        with AgentClient(dst.address) as c:
+            if any(g.name == "wire" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
+                c.call("StopGuest", pb.GuestRef(name="wire"))
+    assert proxy.cuts == 1
+    assert doc["verified"] is True
+    assert doc["pages"]["received"] == doc["pages"]["total"]
+    link = doc["link"]
+    assert link["outages"] >= 1, (link, doc["total_s"])
+    assert link["paused_s"] >= outage_s * 0.5
+
+
+def test_source_gone_for_good_fails_clearly(proxied):
+    src, dst, proxy = proxied
+    spec = pb.GuestSpec(size=16 * MiB, workload="random-write", seed=5, ops=10_000_000, threads=1,
+                        ops_per_sec=50_000, page_size=mmap.PAGESIZE)
+    with AgentClient(src.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name="lost", spec=spec), timeout=120)
+    run: dict = {}
+
+    def cut_for_good() -> None:
+        if wait_for(lambda: received_fraction(dst.address, run) > 0.1, timeout=60):
+            proxy.cut(3600)
+
+    cutter = threading.Thread(target=cut_for_good)
+    cutter.start()
+    try:
+        opts = orchestrator.RunOptions(mode="postcopy", max_bandwidth=2 * MiB, recovery_timeout=2.0)
+        with pytest.raises(orchestrator.AgentError, match="unreachable"):
+            orchestrator.migrate("lost", src.address, dst.address, opts)
+    finally:
+        cutter.join()
+    with AgentClient(src.address) as c:  # the source keeps the guest's memory, paused, intact
+        info = c.call("InspectGuest", pb.GuestRef(name="lost"))
+        assert info.state == "migrating-out"
+    with AgentClient(dst.address) as c:
+        st = c.call("IncomingStatus", pb.RunRef(run_id=run["id"]))
+        assert st.phase == "failed" and "unreachable" in st.error
+        c.call("AbortIncoming", pb.RunRef(run_id=run["id"]))
+    with AgentClient(src.address) as c:
+        c.call("AbortOutgoing", pb.RunRef(run_id=run["id"]))
+        c.call("StopGuest", pb.GuestRef(name="lost"))
