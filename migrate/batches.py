@@ -15,6 +15,8 @@ import zstandard
 from migrate import pages
 from migrate.proto import migrate_pb2 as pb
 
+#: Most pages one urgent request may ask for (a fault's readahead).
+MAX_URGENT_PAGES = 64
 #: Compress only when it saves at least this fraction of the bytes.
 _WORTH_IT = 0.92
 

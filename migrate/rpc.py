@@ -35,6 +35,14 @@ _OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
+_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a taken port must be an error
+    # Accept the clients' 10 s keepalive pings, even on long quiet streams
+    # (gRPC's default answers them with GOAWAY "too many pings").
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
 METADATA = ((VERSION_KEY, str(PROTO_VERSION)),)
 
 
@@ -74,7 +82,7 @@ def server(workers: int = 8, credentials: Credentials | None = None) -> grpc.Ser
     creds = Credentials.from_env() if credentials is None else credentials
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        options=_OPTIONS + [("grpc.so_reuseport", 0)],  # a taken port must be an error
+        options=_OPTIONS + _SERVER_OPTIONS,
         interceptors=[_Gate(creds.token)],
         maximum_concurrent_rpcs=64,
     )

@@ -79,7 +79,7 @@ def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
 def test_source_gone_for_good_fails_clearly(proxied):
     src, dst, proxy = proxied
     spec = pb.GuestSpec(size=16 * MiB, workload="random-write", seed=5, ops=10_000_000, threads=1,
-                        ops_per_sec=50_000, page_size=mmap.PAGESIZE)
+                        ops_per_sec=500, page_size=mmap.PAGESIZE)
     with AgentClient(src.address) as c:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name="lost", spec=spec), timeout=120)
     run: dict = {}
@@ -91,7 +91,7 @@ def test_source_gone_for_good_fails_clearly(proxied):
     cutter = threading.Thread(target=cut_for_good)
     cutter.start()
     try:
-        opts = orchestrator.RunOptions(mode="postcopy", max_bandwidth=2 * MiB, recovery_timeout=2.0)
+        opts = orchestrator.RunOptions(mode="postcopy", max_bandwidth=1 * MiB, recovery_timeout=2.0)
         with pytest.raises(orchestrator.AgentError, match="unreachable"):
             orchestrator.migrate("lost", src.address, dst.address, opts)
     finally:

@@ -3,10 +3,10 @@
 Loop: read many fault messages at once (native, GIL released; pages that
 already arrived are woken right there), ask the source for each missing page
 over the urgent Pages.Fetch stream (its own HTTP/2 connection) and, right
-behind it, for the aligned 64 KiB neighbourhood; install each reply with one
-UFFDIO_COPY per run, and time each fault from its read to its install. The
-faulting page travels alone so its reply is one small message; the
-neighbourhood follows on the same stream for the guest's next touches.
+behind it, for its aligned 64 KiB neighbourhood, or, while the guest reads
+sequentially, a readahead that doubles up to 256 KiB; install each reply with
+one UFFDIO_COPY per run, and time each fault from its read to its install.
+The faulting page travels alone so its reply is one small message.
 """
 from __future__ import annotations
 
@@ -20,13 +20,16 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import rpc, stats
-from migrate.batches import BatchDecoder, BatchError
+from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.dest import worker
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
 
-#: Pages fetched per fault: a 64 KiB aligned block around it.
+#: Pages prefetched around a random fault: its aligned 64 KiB block.
 NEIGHBOURHOOD = 16
+#: Most pages prefetched after a fault, when the guest reads sequentially
+#: (the readahead doubles while faults keep landing right behind it).
+MAX_READAHEAD = MAX_URGENT_PAGES
 
 
 class FaultServer:
@@ -39,12 +42,14 @@ class FaultServer:
         self._hint_fd = hint_fd
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._lock = threading.Lock()
-        # What is in flight: key ("page", n) or ("block", start) -> waiting faults [(t_ns, waiters)];
-        # request id -> key; request id -> the request (sent again after a reconnect).
-        self._waiting: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        self._keys: dict[int, tuple[str, int]] = {}
+        # In flight, by request id: the faults waiting on it [(t_ns, waiters)], the request itself
+        # (sent again after a reconnect) and the pages it covers; and page -> request id.
+        self._waiting: dict[int, list[tuple[int, int]]] = {}
         self._sent: dict[int, pb.PageRequest] = {}
+        self._covers: dict[int, int] = {}
         self._next_id = 1
+        self._readahead = NEIGHBOURHOOD
+        self._expect = -1  # where a sequential reader's next fault would land
         self._closing = False
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
@@ -60,42 +65,52 @@ class FaultServer:
 
         return self._link.client.fetch(stream(), metadata=rpc.METADATA)
 
-    def _block(self, page: int) -> tuple[int, int, int]:
-        """(key, first, count): the aligned neighbourhood of `page`, clipped to its region."""
-        key = page - page % NEIGHBOURHOOD
+    def _region_end(self, page: int) -> int:
         for r in self.mem.io.regions:
             end = r.first_page + r.size // self.mem.page_size
             if r.first_page <= page < end:
-                first = max(key, r.first_page)
-                return key, first, min(key + NEIGHBOURHOOD, end) - first
-        return key, page, 1
+                return end
+        return page + 1
 
-    def _ask(self, key: tuple[str, int], first: int, count: int, waiting: list[tuple[int, int]]) -> None:
+    def _ask(self, first: int, count: int, waiting: list[tuple[int, int]]) -> None:
         """Send a request and record it in flight (call with the lock held)."""
         req_id = self._next_id
         self._next_id += 1
         msg = pb.PageRequest(run_id=self._run_id, req_id=req_id, first_page=first, count=count)
-        self._keys[req_id] = key
-        self._waiting[key] = waiting
+        self._waiting[req_id] = waiting
         self._sent[req_id] = msg
+        for page in range(first, first + count):
+            self._covers.setdefault(page, req_id)
         self.counters["requests"] += 1
         self._requests.put(msg)
 
+    def _prefetch(self, page: int) -> tuple[int, int]:
+        """(first, end) to fetch after `page`: its block, or more for a sequential reader."""
+        if self._expect <= page < self._expect + self._readahead:
+            self._readahead = min(2 * self._readahead, MAX_READAHEAD)
+            first = page + 1
+        else:
+            self._readahead = NEIGHBOURHOOD
+            first = page - page % NEIGHBOURHOOD
+        end = min(first + self._readahead, self._region_end(page))
+        self._expect = end
+        return first, end
+
     def on_faults(self, faults: list[tuple[int, int, int]]) -> None:
         for page, waiters, t_ns in faults:
-            block, first, count = self._block(page)
             with self._lock:
                 self.counters["faults"] += 1
-                pending = self._waiting.get(("page", page)) or self._waiting.get(("block", block))
-                if pending is not None:
-                    pending.append((t_ns, waiters))
+                req_id = self._covers.get(page)
+                if req_id is not None:
+                    self._waiting[req_id].append((t_ns, waiters))
                     continue
-                self._ask(("page", page), page, 1, [(t_ns, waiters)])
-                if count > 1:
-                    self._ask(("block", block), first, count, [])
+                self._ask(page, 1, [(t_ns, waiters)])
+                first, end = self._prefetch(page)
+                if end > first:
+                    self._ask(first, end - first, [])
             if self._hint_fd >= 0:
                 try:
-                    os.write(self._hint_fd, (first + count).to_bytes(8, "little"))
+                    os.write(self._hint_fd, end.to_bytes(8, "little"))
                 except BlockingIOError:
                     pass  # the bulk worker is behind on hints; it only loses a jump
 
@@ -105,9 +120,12 @@ class FaultServer:
                                    decoded.zero_runs, decoded.data)
         now = time.monotonic_ns()
         with self._lock:
-            self._sent.pop(batch.req_id, None)
-            key = self._keys.pop(batch.req_id, None)
-            for t_ns, waiters in self._waiting.pop(key, []) if key else []:
+            msg = self._sent.pop(batch.req_id, None)
+            if msg is not None:
+                for page in range(msg.first_page, msg.first_page + msg.count):
+                    if self._covers.get(page) == batch.req_id:
+                        del self._covers[page]
+            for t_ns, waiters in self._waiting.pop(batch.req_id, []):
                 us = (now - t_ns) / 1000.0
                 self.latencies_us.append(us)
                 self.blocked_us += us * waiters
@@ -180,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         faults = mem.io.read(mem.bitmap, timeout_ms=20)
         if faults:
             server.on_faults(faults)
-        elif mem.bitmap.is_full():
-            break
+        # No exit on a full bitmap: with pre-copy it fills before the switch and
+        # empties again (discards); the agent stops us by closing stdin.
     server.close()
     receiver.join(timeout=5)
     link.close()

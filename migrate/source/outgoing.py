@@ -19,15 +19,13 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import spawn
-from migrate.batches import BatchEncoder, approx_wire_size
+from migrate.batches import MAX_URGENT_PAGES, BatchEncoder, approx_wire_size
 from migrate.guests import HostedGuest
 from migrate.local import read_first_line
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.dirty import DirtyTracker, TrackingUnavailable
 
-#: Most pages one urgent request may ask for.
-MAX_URGENT_PAGES = 64
 _BULK_START_TIMEOUT = 20.0
 
 
