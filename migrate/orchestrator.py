@@ -76,8 +76,7 @@ def union(a: bytes, b: bytes) -> bytes:
 class PrecopyLog:
     """The pre-copy rounds of one run, for the switch policy and the report."""
 
-    def __init__(self, page_size: int) -> None:
-        self.page_size = page_size
+    def __init__(self) -> None:
         self.rounds: list[convergence.Round] = []
         self.settle: list[dict] = []
         self.final_copy: pb.PrecopyRoundReply | None = None
@@ -140,7 +139,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         mode = opts.mode
         prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=name, track_writes=mode != "postcopy"))
         run = pb.RunRef(run_id=prep.run_id)
-        log = PrecopyLog(prep.spec.page_size)
+        log = PrecopyLog()
         if mode != "postcopy" and prep.tracking_error:
             log.fallback = f"{mode} needs write tracking; fell back to postcopy: {prep.tracking_error}"
             mode = "postcopy"

@@ -104,7 +104,6 @@ class PrecopyPuller:
         self._decoder = BatchDecoder(received.nbits, page_size)
         self._zeros = memoryview(bytes(MAX_BULK_PAGES * page_size))
         self._stop = threading.Event()
-        self.totals = RoundStats()
 
     def _client(self) -> PagesClient:
         if self._channel is None:
@@ -155,8 +154,6 @@ class PrecopyPuller:
             raise ValueError(f"pre-copy batch refused: {err}") from None
         stats.bytes_wire = client.bytes_wire
         stats.seconds = time.monotonic() - t0
-        for key in ("pages", "zero", "bytes_wire", "seconds"):
-            setattr(self.totals, key, getattr(self.totals, key) + getattr(stats, key))
         return stats
 
     def _write(self, batch: DecodedBatch) -> None:

@@ -36,6 +36,8 @@ MAX_BULK_PAGES = 256
 #: Most pages one bulk request may ask for: few requests keep the stream
 #: flowing like a push, without a round trip per batch.
 MAX_REQUEST_PAGES = 16 * MAX_BULK_PAGES
+#: Batches a stream may have asked for and not yet been sent (64 MiB of pages).
+_QUEUED_BATCHES = 64
 #: When bulk batches are compressed: when the link is the bottleneck, always, never.
 COMPRESS_POLICIES = ("auto", "always", "never")
 #: Bytes/s zstd is assumed to compress until it has been measured here.
@@ -99,22 +101,33 @@ class BulkPages(pb_grpc.PagesServicer):
         return None
 
     def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
-        incoming: queue.Queue[pb.BulkRequest | str | None] = queue.Queue()
+        # Bounded: a client that floods requests is slowed by gRPC flow control, not served from RAM.
+        incoming: queue.Queue[pb.BulkRequest | str | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
+
+        def put(item: pb.BulkRequest | str | None) -> bool:
+            while context.is_active():
+                try:
+                    incoming.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    pass
+            return False
 
         def read_requests() -> None:
             try:
                 for req in request_iterator:
                     problem = self._check(req)
                     if problem:
-                        incoming.put(problem)
+                        put(problem)
                         return
                     for first in range(req.first_page, req.first_page + req.count, MAX_BULK_PAGES):
                         count = min(MAX_BULK_PAGES, req.first_page + req.count - first)
-                        incoming.put(pb.BulkRequest(first_page=first, count=count, req_id=req.req_id))
+                        if not put(pb.BulkRequest(first_page=first, count=count, req_id=req.req_id)):
+                            return
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:
-                incoming.put(None)
+                put(None)
 
         threading.Thread(target=read_requests, daemon=True, name="bulk-requests").start()
         pending: collections.deque[Future | pb.PageBatch] = collections.deque()

@@ -22,10 +22,6 @@ from migrate._errors import os_error
 from migrate._native import lib
 from migrate.bitmap import SharedBitmap
 
-#: What a runner's WP userfaultfd needs from the kernel (the memfd is shmem).
-WP_FEATURES = ("WP_ASYNC", "WP_UNPOPULATED", "WP_HUGETLBFS_SHMEM")
-
-
 class TrackingUnavailable(RuntimeError):
     """This kernel or process cannot track writes; pre-copy is impossible."""
 
