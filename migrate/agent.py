@@ -102,6 +102,8 @@ class ControlService(pb_grpc.ControlServicer):
         guest = self.guests.get(request.name)
         if guest.process is None:
             raise RuntimeError(f"guest {request.name!r} is an image; it has no runner to ask")
+        if guest.state == "migrating-in":  # its memory is not here yet, nor asked for before switchover
+            raise RuntimeError(f"guest {request.name!r} has not resumed here yet (run {guest.run_id})")
         return pb.DigestReply(digest=guest.process.digest(timeout=600))
 
     @_rpc

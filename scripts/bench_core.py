@@ -9,8 +9,8 @@ Measures in one run, on this machine, side by side:
   (d) the baseline: a raw Python gRPC bidi 4 KiB round trip and raw server
       streaming MiB/s (1 MiB messages), between two processes, no migrate code;
 and the peak resident memory of each agent's processes beyond the guest's
-shared mapping (RssAnon + RssFile; guest runners excluded), for 1 GiB and
-4 GiB guests. Targets are printed as ratios against the baseline.
+shared mapping (proportional: Pss_Anon + Pss_File; guest runners
+excluded), for 1 GiB and 4 GiB guests. Targets are printed as ratios against the baseline.
 
 usage: python scripts/bench_core.py [--quick] [--json OUT]
 """
@@ -110,14 +110,19 @@ def _parents() -> dict[int, int]:
 
 
 def _own_rss(pid: int) -> tuple[int, bool]:
-    """(RssAnon + RssFile in bytes, is_guest_runner)."""
+    """(Pss_Anon + Pss_File in bytes, is_guest_runner).
+
+    Proportional set size: a library page shared by the agent's processes
+    counts once across them; guest RAM (shmem) is left out.
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             runner = b"migrate.guest.runner" in f.read()
-        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
         return 0, False
-    kib = sum(int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "RssFile"))
+    kib = sum(int(fields.get(k, "0 kB").split()[0]) for k in ("Pss_Anon", "Pss_File"))
     return kib * 1024, runner
 
 
@@ -158,7 +163,8 @@ def migrate_once(src: LocalAgent, dst: LocalAgent, name: str, spec: pb.GuestSpec
         c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused), timeout=600)
     rss = RssPeak({"source": src.pid, "dest": dst.pid})
     try:
-        doc = orchestrator.migrate(name, src.address, dst.address, orchestrator.RunOptions(no_push=no_push))
+        doc = orchestrator.migrate(name, src.address, dst.address,
+                                   orchestrator.RunOptions(mode="postcopy", no_push=no_push))
     finally:
         peak = rss.stop()
         with AgentClient(dst.address) as c:
