@@ -30,3 +30,16 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def yield_cpu_to_urgent_work() -> None:
+    """Run the bulk path only on CPU time nothing else wants (SCHED_IDLE).
+
+    On a host where both agents share two cores, a bulk process at normal
+    priority delays the fault path by whole scheduler slices; an idle-class
+    one is preempted the moment a fault needs the CPU.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        os.nice(10)

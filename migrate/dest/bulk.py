@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from migrate import rpc
+from migrate import rpc, spawn
 from migrate.batches import BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest import worker
@@ -207,7 +207,7 @@ def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | N
 
 def main(argv: list[str] | None = None) -> int:
     args = worker.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    os.nice(5)
+    spawn.yield_cpu_to_urgent_work()
     mem = worker.open_memory(args)
     if args.hint_fd >= 0:
         os.set_blocking(args.hint_fd, False)

@@ -10,6 +10,7 @@ The faulting page travels alone so its reply is one small message.
 """
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import sys
@@ -27,9 +28,41 @@ from migrate.proto import migrate_pb2 as pb
 
 #: Pages prefetched around a random fault: its aligned 64 KiB block.
 NEIGHBOURHOOD = 16
+#: Faults remembered to tell clustered from scattered ones, and how near is "clustered".
+_RECENT = 16
+_CLUSTER = 4 * NEIGHBOURHOOD
 #: Most pages prefetched after a fault, when the guest reads sequentially
 #: (the readahead doubles while faults keep landing right behind it).
 MAX_READAHEAD = MAX_URGENT_PAGES
+
+
+class _Stream:
+    """One Fetch call: its request queue and its replies."""
+
+    def __init__(self, link: SourceLink) -> None:
+        self._requests: queue.SimpleQueue[pb.PageRequest | None] | None = None
+        self.reopen(link, [])
+
+    def reopen(self, link: SourceLink, unanswered: list[pb.PageRequest]) -> None:
+        """A fresh call (after a reconnect), sending `unanswered` again first."""
+        if self._requests is not None:
+            self._requests.put(None)  # ends the dead call's request generator
+        requests: queue.SimpleQueue[pb.PageRequest | None] = queue.SimpleQueue()
+        self._requests = requests
+
+        def stream() -> Iterator[pb.PageRequest]:
+            while (req := requests.get()) is not None:
+                yield req
+
+        self.replies = link.client.fetch(stream(), metadata=rpc.METADATA)
+        for msg in sorted(unanswered, key=lambda m: m.req_id):
+            requests.put(msg)
+
+    def send(self, msg: pb.PageRequest) -> None:
+        self._requests.put(msg)
+
+    def close(self) -> None:
+        self._requests.put(None)
 
 
 class FaultServer:
@@ -42,28 +75,21 @@ class FaultServer:
         self._hint_fd = hint_fd
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._lock = threading.Lock()
-        # In flight, by request id: the faults waiting on it [(t_ns, waiters)], the request itself
-        # (sent again after a reconnect) and the pages it covers; and page -> request id.
-        self._waiting: dict[int, list[tuple[int, int]]] = {}
+        # In flight, by request id: the faults waiting on it [(page, t_ns, waiters)], the request
+        # itself (sent again after a reconnect) and the pages it covers; and page -> request id.
+        self._waiting: dict[int, list[tuple[int, int, int]]] = {}
         self._sent: dict[int, pb.PageRequest] = {}
         self._covers: dict[int, int] = {}
         self._next_id = 1
         self._readahead = NEIGHBOURHOOD
         self._expect = -1  # where a sequential reader's next fault would land
+        self._recent: collections.deque[int] = collections.deque(maxlen=_RECENT)
         self._closing = False
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
         self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0}
         self.error: str | None = None
-        self._requests: queue.SimpleQueue[pb.PageRequest | None] = queue.SimpleQueue()
-        self._responses = self._open_stream(self._requests)
-
-    def _open_stream(self, requests: queue.SimpleQueue) -> Iterator[pb.PageBatch]:
-        def stream() -> Iterator[pb.PageRequest]:
-            while (req := requests.get()) is not None:
-                yield req
-
-        return self._link.client.fetch(stream(), metadata=rpc.METADATA)
+        self._stream = _Stream(link)
 
     def _region_end(self, page: int) -> int:
         for r in self.mem.io.regions:
@@ -72,7 +98,7 @@ class FaultServer:
                 return end
         return page + 1
 
-    def _ask(self, first: int, count: int, waiting: list[tuple[int, int]]) -> None:
+    def _ask(self, first: int, count: int, waiting: list[tuple[int, int, int]]) -> None:
         """Send a request and record it in flight (call with the lock held)."""
         req_id = self._next_id
         self._next_id += 1
@@ -82,16 +108,24 @@ class FaultServer:
         for page in range(first, first + count):
             self._covers.setdefault(page, req_id)
         self.counters["requests"] += 1
-        self._requests.put(msg)
+        self._stream.send(msg)
 
     def _prefetch(self, page: int) -> tuple[int, int]:
-        """(first, end) to fetch after `page`: its block, or more for a sequential reader."""
+        """(first, end) to fetch after `page`: a readahead for a sequential reader,
+        the page's block when faults cluster, nothing when they are scattered
+        (a prefetch no one touches only delays the next fault's reply)."""
+        clustered = any(abs(page - q) < _CLUSTER for q in self._recent)
+        self._recent.append(page)
         if self._expect <= page < self._expect + self._readahead:
             self._readahead = min(2 * self._readahead, MAX_READAHEAD)
             first = page + 1
-        else:
+        elif clustered:
             self._readahead = NEIGHBOURHOOD
             first = page - page % NEIGHBOURHOOD
+        else:
+            self._readahead = NEIGHBOURHOOD
+            self._expect = page + 1
+            return page + 1, page + 1
         end = min(first + self._readahead, self._region_end(page))
         self._expect = end
         return first, end
@@ -102,9 +136,9 @@ class FaultServer:
                 self.counters["faults"] += 1
                 req_id = self._covers.get(page)
                 if req_id is not None:
-                    self._waiting[req_id].append((t_ns, waiters))
+                    self._waiting[req_id].append((page, t_ns, waiters))
                     continue
-                self._ask(page, 1, [(t_ns, waiters)])
+                self._ask(page, 1, [(page, t_ns, waiters)])
                 first, end = self._prefetch(page)
                 if end > first:
                     self._ask(first, end - first, [])
@@ -125,29 +159,44 @@ class FaultServer:
                 for page in range(msg.first_page, msg.first_page + msg.count):
                     if self._covers.get(page) == batch.req_id:
                         del self._covers[page]
-            for t_ns, waiters in self._waiting.pop(batch.req_id, []):
-                us = (now - t_ns) / 1000.0
-                self.latencies_us.append(us)
-                self.blocked_us += us * waiters
+            self._resolve(self._waiting.pop(batch.req_id, []), now)
             c = self.counters
             c["pages"] += done.installed
             c["zero"] += done.zeroed
             c["bytes_pages"] += done.installed * self.mem.page_size
 
-    def _reopen(self) -> None:
-        """A fresh stream after a reconnect, carrying every request still unanswered."""
+    def _resolve(self, faults: list[tuple[int, int, int]], now_ns: int) -> None:
+        """Record the latency of faults whose page is in (call with the lock held)."""
+        for _, t_ns, waiters in faults:
+            us = (now_ns - t_ns) / 1000.0
+            self.latencies_us.append(us)
+            self.blocked_us += us * waiters
+
+    @property
+    def waiting(self) -> bool:
         with self._lock:
-            old, self._requests = self._requests, queue.SimpleQueue()
-            old.put(None)  # ends the dead stream's request generator
-            self._responses = self._open_stream(self._requests)
-            for req_id in sorted(self._sent):
-                self._requests.put(self._sent[req_id])
+            return any(self._waiting.values())
+
+    def resolve_arrived(self) -> None:
+        """Close the faults whose page another path (the bulk stream) installed first.
+
+        Their own reply may still be queued behind others; the guest thread
+        already runs again, and its latency ends now, not then.
+        """
+        now = time.monotonic_ns()
+        test = self.mem.bitmap.test
+        with self._lock:
+            for faults in self._waiting.values():
+                if faults and any(test(page) for page, _, _ in faults):
+                    arrived = [f for f in faults if test(f[0])]
+                    faults[:] = [f for f in faults if not test(f[0])]
+                    self._resolve(arrived, now)
 
     def receive(self) -> None:
         """Install urgent replies as they arrive (runs on its own thread)."""
         while True:
             try:
-                for batch in self._responses:
+                for batch in self._stream.replies:
                     self._install(batch)
                 return
             except grpc.RpcError as err:
@@ -161,14 +210,15 @@ class FaultServer:
                 except grpc.RpcError as fatal:
                     self.error = f"urgent stream to the source failed: {fatal.details() or fatal.code().name}"
                     return
-                self._reopen()
+                with self._lock:  # a fresh call carrying every request still unanswered
+                    self._stream.reopen(self._link, list(self._sent.values()))
             except (BatchError, OSError) as err:
                 self.error = f"urgent page install failed: {err}"
                 return
 
     def close(self) -> None:
         self._closing = True
-        self._requests.put(None)
+        self._stream.close()
 
     def snapshot(self) -> dict:
         """The counters, for the agent."""
@@ -195,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     receiver.start()
     worker.report_periodically(server.snapshot, stop)
     while not stop.is_set() and server.error is None:
-        faults = mem.io.read(mem.bitmap, timeout_ms=20)
+        faults = mem.io.read(mem.bitmap, timeout_ms=1 if server.waiting else 20)
         if faults:
             server.on_faults(faults)
+        server.resolve_arrived()
         # No exit on a full bitmap: with pre-copy it fills before the switch and
         # empties again (discards); the agent stops us by closing stdin.
     server.close()

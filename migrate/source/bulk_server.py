@@ -18,15 +18,15 @@ import json
 import mmap
 import os
 import queue
-import time
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
-from migrate import rpc
+from migrate import rpc, spawn
 from migrate.batches import BatchEncoder, approx_wire_size
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compress", choices=COMPRESS_POLICIES, default="auto")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    os.nice(5)  # urgent work on this host goes first
+    spawn.yield_cpu_to_urgent_work()
     mem = memoryview(mmap.mmap(args.memfd, args.size, mmap.MAP_SHARED, mmap.PROT_READ))
     service = BulkPages(mem, args.page_size, args.run_id, args.level, args.compress, args.threads)
     server = rpc.server(workers=4)
