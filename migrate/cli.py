@@ -354,12 +354,16 @@ def _finish_report(doc: dict, report_path: str | None) -> None:
               help="Most pre-copy rounds (the first sends every page).")
 @click.option("--precopy-seconds", type=click.FloatRange(0, None), default=0.0, show_default=True,
               help="Most seconds of pre-copy (0: no limit).")
+@click.option("--recovery-timeout", type=click.FloatRange(0.1, None), default=60.0, show_default=True,
+              metavar="S", help="If the link to the source drops mid-post-copy, keep reconnecting this long "
+                                "(the guest waits, paused) before failing.")
 @click.option("--max-downtime", "max_downtime_ms", type=click.FloatRange(0, None), default=20.0, show_default=True,
               metavar="MS", help="Switch once the dirty set fits this many ms at the link's measured pace.")
 @_credential_options
 def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_push: bool, max_bandwidth: int,
             source_endpoint: str, verify: bool, timeout: float, mode: str, precopy_rounds: int,
-            precopy_seconds: float, max_downtime_ms: float, credentials: Credentials) -> None:
+            precopy_seconds: float, recovery_timeout: float, max_downtime_ms: float,
+            credentials: Credentials) -> None:
     """Migrate GUEST from one agent to another.
 
     In hybrid mode (the default) pages are copied while the guest still runs
@@ -380,7 +384,8 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
         raise click.UsageError("--no-push needs --mode postcopy or hybrid: precopy moves every page by copy")
     opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
                                    verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
-                                   precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms)
+                                   precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,
+                                   recovery_timeout=recovery_timeout)
     doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
     _finish_report(doc, report_path)
     if doc.get("verified") is False:
@@ -394,7 +399,9 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the JSON report here.")
 @click.option("--no-push", is_flag=True, help="Pages arrive only through faults.")
-def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no_push: bool) -> None:
+@click.option("--mode", type=click.Choice(orchestrator.MODES), default="postcopy", show_default=True,
+              help="How to migrate (see `migrate run --help`).")
+def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no_push: bool, mode: str) -> None:
     """Migrate a running guest between two local agents, and check it.
 
     Starts a source and a destination agent on loopback, starts a guest
@@ -408,7 +415,9 @@ def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no
     """
     from migrate.demo import run_demo
 
-    doc = run_demo(size=size, workload=workload, threads=threads, no_push=no_push,
+    if no_push and mode == "precopy":
+        raise click.UsageError("--no-push needs --mode postcopy or hybrid")
+    doc = run_demo(size=size, workload=workload, threads=threads, no_push=no_push, mode=mode,
                    on_status=ProgressLine(), say=lambda text: click.echo(text, err=True))
     _finish_report(doc, report_path)
     if not doc.get("verified"):

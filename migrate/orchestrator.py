@@ -174,18 +174,30 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             source.call("AbortOutgoing", run)
             raise
         log.switch_discarded = started.discarded
-        status = _wait_complete(dest, name, run, opts, on_status)
+        timeline = report.Timeline(t0)
+        status = _wait_complete(dest, name, run, opts, _both(timeline, on_status))
         total_s = time.monotonic() - t0
         before = source.call("InspectGuest", pb.GuestRef(name=name))
         src_stats = source.call("CompleteOutgoing", run)
         after = dest.call("InspectGuest", pb.GuestRef(name=name))
         verified = _verify(source, dest, name, prep.spec) if opts.verify else None
-    return report.build(
+    doc = report.build(
         name=name, spec=prep.spec, total_s=total_s, t_start_ns=t_start_ns, switch=switch,
         prepare_ms=prepared.prepare_ms, resume_ms=started.resume_ms, status=status, source_stats=src_stats,
         before=before, after=after, verified=verified, mode=mode, precopy=log.to_dict(),
         precopy_pages=log.pages, precopy_bytes=log.bytes_wire,
         downtime_parts=_downtime_parts(switch, started, log))
+    doc.update(timeline=timeline.points, switchover_s=timeline.switchover_s())
+    return doc
+
+
+def _both(first: Callable[[pb.MigrationStatus], None],
+          then: Callable[[pb.MigrationStatus], None] | None) -> Callable[[pb.MigrationStatus], None]:
+    def call(status: pb.MigrationStatus) -> None:
+        first(status)
+        if then:
+            then(status)
+    return call
 
 
 def _precopy(source: AgentClient, dest: AgentClient, run: pb.RunRef, opts: RunOptions, log: PrecopyLog) -> bytes:

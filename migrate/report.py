@@ -9,6 +9,8 @@ downtime_parts. bytes.* and compression_ratio count pre-copy traffic too.
 from __future__ import annotations
 
 import json
+import statistics
+import time
 
 from migrate.proto import migrate_pb2 as pb
 from migrate.stats import summarize
@@ -26,6 +28,26 @@ def _rate(points: list[dict], lo: float, hi: float) -> float:
     if len(inside) < 2 or inside[-1]["t_s"] <= inside[0]["t_s"]:
         return 0.0
     return (inside[-1]["ops"] - inside[0]["ops"]) / (inside[-1]["t_s"] - inside[0]["t_s"])
+
+
+class Timeline:
+    """The destination's status polls: pages in over time, pushed vs faulted (for plots)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0  # time.monotonic() when the migration began
+        self.points: list[dict] = []
+        self._resumed: list[float] = []
+
+    def __call__(self, st: pb.MigrationStatus) -> None:
+        t = time.monotonic() - self.t0
+        self.points.append({"t_s": round(t, 4), "received": st.pages_received, "pushed": st.pages_pushed,
+                            "faulted": st.pages_faulted, "bytes_wire": st.bytes_wire})
+        if st.elapsed_s > 0:
+            self._resumed.append(t - st.elapsed_s)
+
+    def switchover_s(self) -> float | None:
+        """When the guest resumed on the destination (elapsed_s counts from there)."""
+        return round(statistics.median(self._resumed), 4) if self._resumed else None
 
 
 def _link(detail: dict) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import statistics
 import time
 
 from migrate import orchestrator
@@ -76,26 +75,6 @@ def baseline(h: Hosts, cell: Cell, m: Matrix, name: str) -> dict:
             "digest": digest}
 
 
-class Timeline:
-    """Collects the destination's status polls: pages in over time, pushed vs faulted."""
-
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-        self.points: list[dict] = []
-        self._resumed: list[float] = []
-
-    def __call__(self, st: pb.MigrationStatus) -> None:
-        t = time.monotonic() - self.t0
-        self.points.append({"t_s": round(t, 4), "received": st.pages_received, "pushed": st.pages_pushed,
-                            "faulted": st.pages_faulted, "bytes_wire": st.bytes_wire})
-        if st.elapsed_s > 0:
-            self._resumed.append(t - st.elapsed_s)
-
-    def switchover_s(self) -> float | None:
-        """When the guest resumed on the destination (elapsed_s counts from there)."""
-        return round(statistics.median(self._resumed), 4) if self._resumed else None
-
-
 def migrated(h: Hosts, cell: Cell, m: Matrix, name: str, reference_digest: str) -> dict:
     """Launch, migrate once switch_at of the work is done, let it finish, compare with the baseline."""
     with AgentClient(h.source) as src, AgentClient(h.dest) as dst:
@@ -103,10 +82,8 @@ def migrated(h: Hosts, cell: Cell, m: Matrix, name: str, reference_digest: str) 
         src.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=guest_spec(cell, m)), timeout=600)
         try:
             _wait(src, name, lambda i: i.ops_done >= m.switch_at * m.ops or i.finished, "make progress")
-            timeline = Timeline()
             launch_offset = (time.time_ns() - t0) / 1e9
-            doc = orchestrator.migrate(name, h.source, h.dest, run_options(cell.mode, h.source_endpoint),
-                                       on_status=timeline)
+            doc = orchestrator.migrate(name, h.source, h.dest, run_options(cell.mode, h.source_endpoint))
             _wait(dst, name, lambda i: i.finished, "finish")
             verified = dst.call("GuestDigest", pb.GuestRef(name=name), timeout=600).digest == reference_digest
         finally:
@@ -115,6 +92,5 @@ def migrated(h: Hosts, cell: Cell, m: Matrix, name: str, reference_digest: str) 
                     agent.call("StopGuest", pb.GuestRef(name=name))
                 except AgentError:
                     pass  # not (or no longer) there
-    doc.update(verified=verified, timeline=timeline.points, switchover_s=timeline.switchover_s(),
-               launch_offset_s=round(launch_offset, 4))
+    doc.update(verified=verified, launch_offset_s=round(launch_offset, 4))
     return doc

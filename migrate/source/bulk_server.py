@@ -16,7 +16,6 @@ import argparse
 import collections
 import json
 import mmap
-import os
 import queue
 import sys
 import threading
