@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 from migrate import spawn
 
@@ -36,25 +37,30 @@ def read_first_line(proc: subprocess.Popen, timeout: float) -> str:
     return ""
 
 
-class LocalAgent:
-    """`migrate {role} serve` on loopback, on a port the kernel picks."""
+class ServiceProcess:
+    """`python -m MODULE ARGS` that says "listening on HOST:PORT" first; ended by PID.
 
-    def __init__(self, role: str, *args: str, listen: str = "127.0.0.1:0", log_path: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.role = role
+    `prefix` runs it under another command (`ip netns exec NS` in the lab);
+    `preexec_fn` runs in the child before exec.
+    """
+
+    def __init__(self, module: str, *args: str, prefix: tuple[str, ...] = (), log_path: str | None = None,
+                 env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None,
+                 what: str = "") -> None:
+        self.what = what or f"{module} {' '.join(args[:2])}".strip()
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                spawn.module_argv("migrate", role, "serve", "--listen", listen, *args),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-                env=spawn.child_env(env))
+                [*prefix, *spawn.module_argv(module, *args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=log, start_new_session=True, env=spawn.child_env(env), preexec_fn=preexec_fn)
         finally:
             if log_path:
                 log.close()
         line = read_first_line(self.proc, _START_TIMEOUT)
         if not line.startswith("listening on "):
             self.stop()
-            raise RuntimeError(f"{role} agent did not start: {line or 'no output'}")
+            where = f" (see {log_path})" if log_path else ""
+            raise RuntimeError(f"{self.what} did not start: {line or 'no output'}{where}")
         self.address = line.split()[-1]
 
     @property
@@ -62,7 +68,7 @@ class LocalAgent:
         return self.proc.pid
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (the agent stops its guests and workers), then SIGKILL the group if needed."""
+        """SIGTERM (an agent stops its guests and workers), then SIGKILL the group if needed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -78,11 +84,21 @@ class LocalAgent:
         if self.proc.stdout:
             self.proc.stdout.close()
 
-    def __enter__(self) -> "LocalAgent":
+    def __enter__(self) -> "ServiceProcess":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalAgent(ServiceProcess):
+    """`migrate {role} serve` on loopback, on a port the kernel picks."""
+
+    def __init__(self, role: str, *args: str, listen: str = "127.0.0.1:0", log_path: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.role = role
+        super().__init__("migrate", role, "serve", "--listen", listen, *args, log_path=log_path, env=env,
+                         what=f"{role} agent")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:

@@ -54,11 +54,30 @@ def migrate_at(agents, name: str, s: pb.GuestSpec, fraction: float, **opts) -> d
     try:
         opts = orchestrator.RunOptions(verify=True, **opts)
         doc = orchestrator.migrate(name, src.address, dst.address, opts, before_switchover=at_fraction)
-    finally:
-        with AgentClient(dst.address) as c:
-            if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                c.call("StopGuest", pb.GuestRef(name=name))
+    except BaseException:
+        abandon(agents, name)  # the failure itself is what the test reports
+        raise
+    stop(dst.address, name)
     return doc
+
+
+def abandon(agents, name: str) -> None:
+    """Clean up after a failed migration: abort it on both sides, stop the guest wherever it is."""
+    for agent in agents:
+        with AgentClient(agent.address) as c:
+            for g in c.call("ListGuests", pb.ListGuestsRequest()).guests:
+                if g.name != name:
+                    continue
+                for abort in ("AbortIncoming", "AbortOutgoing"):
+                    if g.run_id:
+                        try:
+                            c.call(abort, pb.RunRef(run_id=g.run_id))
+                        except orchestrator.AgentError:
+                            pass  # not this side's kind of run
+                try:
+                    c.call("StopGuest", pb.GuestRef(name=name))
+                except orchestrator.AgentError:
+                    pass  # AbortIncoming already dropped it
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)

@@ -23,7 +23,8 @@ import threading
 from migrate import spawn
 from migrate.lab import netns, state
 from migrate.lab.link import LinkSpec
-from migrate.lab.procs import NsProcess, same_process, start_time
+from migrate.lab.procs import in_namespace, same_process, start_time
+from migrate.local import ServiceProcess
 from migrate.lab.proxy import Forwarder
 
 SOURCE_PORT, DEST_PORT = 7070, 7071
@@ -36,26 +37,26 @@ def _start_janitor(name: str, log: str) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def build(record: dict, spec: LinkSpec, zstd_level: int, log: str) -> list[NsProcess]:
+def build(record: dict, spec: LinkSpec, zstd_level: int, log: str) -> list[ServiceProcess]:
     """Namespaces, link, relay, agents; returns the processes started (relay first)."""
     src_ns, dst_ns = record["namespaces"]
     netns.create(src_ns, dst_ns)
-    procs: list[NsProcess] = []
+    procs: list[ServiceProcess] = []
     relay_port = None
     if spec.needs_relay:
-        relay = NsProcess(src_ns, "migrate.lab.relay", "--listen", "0.0.0.0:0", "--delay", str(spec.delay),
-                          "--jitter", str(spec.jitter), "--buffer", str(spec.relay_buffer()), log_path=log)
+        relay = in_namespace(src_ns, "migrate.lab.relay", "--listen", "0.0.0.0:0", "--delay", str(spec.delay),
+                             "--jitter", str(spec.jitter), "--buffer", str(spec.relay_buffer()), log_path=log)
         procs.append(relay)
         relay_port = int(relay.address.rsplit(":", 1)[1])
         record["relay_pid"] = relay.pid
     netns.shape(src_ns, spec, relay_port)
     netns.shape(dst_ns, spec)
     # Inside private namespaces: plaintext beyond loopback is what the lab is for.
-    procs.append(NsProcess(src_ns, "migrate", "source", "serve", "--insecure-listen",
-                           "--listen", f"{netns.SOURCE_ADDR}:{SOURCE_PORT}", "--zstd-level", str(zstd_level),
-                           log_path=log))
-    procs.append(NsProcess(dst_ns, "migrate", "dest", "serve", "--insecure-listen",
-                           "--listen", f"{netns.DEST_ADDR}:{DEST_PORT}", log_path=log))
+    procs.append(in_namespace(src_ns, "migrate", "source", "serve", "--insecure-listen",
+                              "--listen", f"{netns.SOURCE_ADDR}:{SOURCE_PORT}", "--zstd-level", str(zstd_level),
+                              log_path=log))
+    procs.append(in_namespace(dst_ns, "migrate", "dest", "serve", "--insecure-listen",
+                              "--listen", f"{netns.DEST_ADDR}:{DEST_PORT}", log_path=log))
     return procs
 
 
@@ -85,7 +86,7 @@ def main() -> None:
               "keeper_pid": os.getpid(), "keeper_start": start_time(os.getpid()),
               "janitor_pid": janitor.pid, "janitor_start": start_time(janitor.pid)}
     state.save(record)
-    procs: list[NsProcess] = []
+    procs: list[ServiceProcess] = []
     forwarders: list[Forwarder] = []
     try:
         procs = build(record, spec, args.zstd_level, args.log)

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
-import subprocess
 
-from migrate import spawn
-from migrate.local import read_first_line
+from migrate.local import ServiceProcess
 
 _PR_SET_PDEATHSIG = 1
 #: Loaded once here: a child between fork and exec must not dlopen.
 _libc = ctypes.CDLL(None, use_errno=True)
-_START_TIMEOUT = 30.0
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -29,37 +25,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-class NsProcess:
-    """`python -m MODULE ARGS` inside namespace `ns`, which prints "listening on HOST:PORT" first."""
-
-    def __init__(self, ns: str, module: str, *args: str, log_path: str) -> None:
-        self.what = f"{module} {' '.join(args[:2])}".strip()
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, *spawn.module_argv(module, *args)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=spawn.child_env(),
-                start_new_session=True, preexec_fn=die_with_parent)
-        line = read_first_line(self.proc, _START_TIMEOUT)
-        if not line.startswith("listening on "):
-            self.stop()
-            raise RuntimeError(f"{self.what} did not start in {ns}: {line or 'no output'} (see {log_path})")
-        self.address = line.split()[-1]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL its process group if it does not end in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+def in_namespace(ns: str, module: str, *args: str, log_path: str) -> ServiceProcess:
+    """`python -m MODULE ARGS` inside namespace `ns`, tied to its parent (the keeper)."""
+    return ServiceProcess(module, *args, prefix=("ip", "netns", "exec", ns), log_path=log_path,
+                          preexec_fn=die_with_parent, what=f"{module} {' '.join(args[:2])} in {ns}".strip())
 
 
 def start_time(pid: int) -> int:
