@@ -4,9 +4,10 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 
 import pytest
+
+from migrate import spawn
 
 from migrate.bench import driver, summary
 from migrate.bench.matrix import Matrix, load_toml
@@ -52,8 +53,8 @@ def test_bench_plot_renders(bench_dir, tmp_path):
     out, _, _ = bench_dir
     for args, name in (([], "bench.png"), (["--run", "1"], "run.png")):
         png = tmp_path / name
-        r = subprocess.run([sys.executable, "-m", "migrate", "plot", str(out), "-o", str(png), *args],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(spawn.module_argv("migrate", "plot", str(out), "-o", str(png), *args),
+                           capture_output=True, text=True, timeout=120, env=spawn.child_env())
         assert r.returncode == 0, r.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
@@ -67,6 +68,6 @@ def test_toml_matrix_and_bad_input(tmp_path):
     cfg.write_text("sizes = 1\nwarp = 9\n")
     with pytest.raises(ValueError, match="unknown key"):
         load_toml(str(cfg))
-    r = subprocess.run([sys.executable, "-m", "migrate", "bench", "--link", "fast", "-o", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = subprocess.run(spawn.module_argv("migrate", "bench", "--link", "fast", "-o", str(tmp_path / "o")),
+                       capture_output=True, text=True, env=spawn.child_env())
     assert r.returncode == 1 and "bad link profile" in r.stderr and "Traceback" not in r.stderr

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from migrate.plot import _cdf
+from migrate import spawn
 
 MiB = 1 << 20
 
@@ -36,8 +36,8 @@ def test_report_plot_renders(tmp_path):
     src = tmp_path / "vm1.json"
     src.write_text(json.dumps(report()))
     png = tmp_path / "vm1.png"
-    r = subprocess.run([sys.executable, "-m", "migrate", "plot", str(src), "-o", str(png)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(spawn.module_argv("migrate", "plot", str(src), "-o", str(png)),
+                       capture_output=True, text=True, timeout=120, env=spawn.child_env())
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
@@ -45,6 +45,6 @@ def test_report_plot_renders(tmp_path):
 def test_plot_rejects_other_files_in_one_line(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("[1, 2]")
-    r = subprocess.run([sys.executable, "-m", "migrate", "plot", str(bad), "-o", str(tmp_path / "x.png")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(spawn.module_argv("migrate", "plot", str(bad), "-o", str(tmp_path / "x.png")),
+                       capture_output=True, text=True, timeout=60, env=spawn.child_env())
     assert r.returncode == 1 and "neither a migration report nor a bench" in r.stderr and "Traceback" not in r.stderr

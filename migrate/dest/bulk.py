@@ -66,6 +66,9 @@ class Planner:
                     page = self._asked.next_clear(page)
                     continue
                 end = min(page + max_pages, self._received.next_set(page), self._asked.next_set(page))
+                if end <= page:  # installed by the fault worker between the two looks
+                    page += 1
+                    continue
                 self._asked.set_range(page, end - page)
                 self._cursor = end
                 return page, end - page

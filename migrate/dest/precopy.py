@@ -130,6 +130,9 @@ class PrecopyPuller:
             page, n = 0, self._received.nbits
             while (page := self._received.next_clear(page)) < n:
                 end = min(self._received.next_set(page), page + MAX_BULK_PAGES)
+                if end <= page:  # the bit was set meanwhile (a fault installed the page)
+                    page += 1
+                    continue
                 pacer.wait(client.bytes_wire)
                 while not window.acquire(timeout=0.1):
                     if self._stop.is_set():
