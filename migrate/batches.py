@@ -80,7 +80,7 @@ class BatchEncoder:
     def encode(self, first_page: int, count: int, req_id: int = 0) -> pb.PageBatch:
         zero_runs, data = pages.pack_pages(self._mem, first_page, count, self._page_size)
         batch = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
-                             raw_len=len(data))
+                             raw_len=len(data), checksum=pages.checksum(data))
         if self._cctx is not None and len(data):
             packed = self._cctx.compress(data)
             if len(packed) < _WORTH_IT * len(data):
@@ -142,4 +142,6 @@ class BatchDecoder:
             raise BatchError(f"unknown encoding {batch.encoding}")
         if len(data) != expected:
             raise BatchError(f"batch data is {len(data)} bytes, expected {expected}")
+        if pages.checksum(data) != batch.checksum:
+            raise BatchError(f"checksum mismatch in batch of pages [{first}, {first + count})")
         return DecodedBatch(first, count, runs, data, zero)

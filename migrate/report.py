@@ -51,10 +51,12 @@ class Timeline:
 
 
 def _link(detail: dict) -> dict:
-    """Link outages the destination's workers rode out, and the time they waited."""
+    """Link outages the destination's workers rode out, the time they waited, and the
+    batches they refused (checksum or shape wrong) and asked for again."""
     workers = [w for w in detail.values() if isinstance(w, dict)]
     return {"outages": max((int(w.get("outages", 0)) for w in workers), default=0),
-            "paused_s": round(max((float(w.get("paused_s", 0.0)) for w in workers), default=0.0), 3)}
+            "paused_s": round(max((float(w.get("paused_s", 0.0)) for w in workers), default=0.0), 3),
+            "refused_batches": sum(int(w.get("refused", 0)) for w in workers)}
 
 
 def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, switch: pb.SwitchoverReply,

@@ -24,6 +24,7 @@ class ConnectProxy:
         self._down_until = 0.0
         self._closed = False
         self.cuts = 0
+        self._corrupt = 0
         self._threads: list[threading.Thread] = []
         self._spawn(self._accept)
 
@@ -78,6 +79,11 @@ class ConnectProxy:
                     data = s.recv(1 << 16)
                     if not data:
                         return
+                    if s is b and self._corrupt and len(data) >= 1 << 15:
+                        self._corrupt -= 1
+                        flipped = bytearray(data)
+                        flipped[len(data) // 2] ^= 0x40
+                        data = bytes(flipped)
                     peers[s].sendall(data)
         except OSError:
             pass
@@ -102,6 +108,10 @@ class ConnectProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def corrupt(self, times: int = 1) -> None:
+        """Flip one bit in the middle of the next `times` large chunks coming from the source."""
+        self._corrupt = times
 
     def close(self) -> None:
         self._closed = True

@@ -110,7 +110,7 @@ class BulkPuller:
         if max_bandwidth > 0:
             self._request_pages = max(16, min(MAX_REQUEST_PAGES, int(max_bandwidth * 0.05) // mem.page_size))
         self._window_pages = min(WINDOW_PAGES, 2 * self._request_pages)
-        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0}
+        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0, "refused": 0}
 
     def _pace(self) -> None:
         """Sleep while the bytes received run ahead of --max-bandwidth."""
@@ -148,7 +148,11 @@ class BulkPuller:
             yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count, req_id=req_id)
 
     def install(self, batch: pb.PageBatch) -> None:
-        decoded = self._decoder.decode(batch)
+        try:
+            decoded = self._decoder.decode(batch)
+        except BatchError as err:
+            self._ask_again(batch, err)
+            return
         done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
                                    decoded.zero_runs, decoded.data)
         with self._cond:
@@ -167,15 +171,32 @@ class BulkPuller:
             c["batches"] += 1
             self._cond.notify_all()
 
+    def _ask_again(self, batch: pb.PageBatch, err: BatchError) -> None:
+        """A refused batch is never installed: plan its request's pages again."""
+        with self._cond:
+            self.counters["refused"] += 1
+            if self.counters["refused"] > worker.MAX_REFUSED:
+                raise err
+            if batch.req_id not in self._inflight:  # cannot tell which request: redo them all
+                self._write_off()
+                return
+            first, count, due = self._inflight.pop(batch.req_id)
+            self._inflight_pages -= due
+            self._planner.forget(first, count)
+            self._cond.notify_all()
+
     def write_off_inflight(self) -> None:
         """After a broken stream: its unanswered requests will be asked again."""
         with self._cond:
-            for first, count, _ in self._inflight.values():
-                self._planner.forget(first, count)
-            self._inflight.clear()
-            self._inflight_pages = 0
+            self._write_off()
             self._generation += 1
             self._cond.notify_all()
+
+    def _write_off(self) -> None:
+        for first, count, _ in self._inflight.values():
+            self._planner.forget(first, count)
+        self._inflight.clear()
+        self._inflight_pages = 0
 
     def snapshot(self) -> dict:
         """The counters, for the agent."""

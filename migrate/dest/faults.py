@@ -87,7 +87,8 @@ class FaultServer:
         self._closing = False
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
-        self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0}
+        self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0,
+                         "refused": 0}
         self.error: str | None = None
         self._stream = _Stream(link)
 
@@ -149,7 +150,11 @@ class FaultServer:
                     pass  # the bulk worker is behind on hints; it only loses a jump
 
     def _install(self, batch: pb.PageBatch) -> None:
-        decoded = self._decoder.decode(batch)
+        try:
+            decoded = self._decoder.decode(batch)
+        except BatchError as err:
+            self._ask_again(batch.req_id, err)
+            return
         done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
                                    decoded.zero_runs, decoded.data)
         now = time.monotonic_ns()
@@ -164,6 +169,15 @@ class FaultServer:
             c["pages"] += done.installed
             c["zero"] += done.zeroed
             c["bytes_pages"] += done.installed * self.mem.page_size
+
+    def _ask_again(self, req_id: int, err: BatchError) -> None:
+        """A refused batch is never installed: send its request again (a few times)."""
+        with self._lock:
+            self.counters["refused"] += 1
+            msg = self._sent.get(req_id)
+            if msg is None or self.counters["refused"] > worker.MAX_REFUSED:
+                raise err
+            self._stream.send(msg)
 
     def _resolve(self, faults: list[tuple[int, int, int]], now_ns: int) -> None:
         """Record the latency of faults whose page is in (call with the lock held)."""

@@ -25,6 +25,8 @@ from migrate.uffd import FaultReader, Region, Uffd
 
 #: Seconds between two counter lines.
 REPORT_EVERY = 0.2
+#: Refused (corrupt) batches a worker asks again for before it gives up on the source.
+MAX_REFUSED = 100
 #: Seconds to wait for the source to accept a connection.
 CONNECT_TIMEOUT = 5.0
 
