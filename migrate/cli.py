@@ -354,6 +354,9 @@ def _finish_report(doc: dict, report_path: str | None) -> None:
               help="Most pre-copy rounds (the first sends every page).")
 @click.option("--precopy-seconds", type=click.FloatRange(0, None), default=0.0, show_default=True,
               help="Most seconds of pre-copy (0: no limit).")
+@click.option("--resume", is_flag=True,
+              help="Finish a migration of GUEST whose `migrate run` died: wait for its last page and release "
+                   "the guest on the source (one not yet switched over is aborted; the guest stays put).")
 @click.option("--recovery-timeout", type=click.FloatRange(0.1, None), default=60.0, show_default=True,
               metavar="S", help="If the link to the source drops mid-post-copy, keep reconnecting this long "
                                 "(the guest waits, paused) before failing.")
@@ -362,7 +365,7 @@ def _finish_report(doc: dict, report_path: str | None) -> None:
 @_credential_options
 def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_push: bool, max_bandwidth: int,
             source_endpoint: str, verify: bool, timeout: float, mode: str, precopy_rounds: int,
-            precopy_seconds: float, recovery_timeout: float, max_downtime_ms: float,
+            precopy_seconds: float, resume: bool, recovery_timeout: float, max_downtime_ms: float,
             credentials: Credentials) -> None:
     """Migrate GUEST from one agent to another.
 
@@ -386,7 +389,10 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
                                    verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
                                    precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,
                                    recovery_timeout=recovery_timeout)
-    doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
+    if resume:
+        doc = orchestrator.resume(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
+    else:
+        doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
     _finish_report(doc, report_path)
     if doc.get("verified") is False:
         raise click.ClickException("verification failed: the migrated guest's memory differs")

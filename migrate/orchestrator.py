@@ -191,6 +191,42 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
     return doc
 
 
+def resume(name: str, src: str, dst: str, opts: RunOptions,
+           on_status: Callable[[pb.MigrationStatus], None] | None = None,
+           credentials: Credentials | None = None) -> dict:
+    """Finish a migration of `name` whose orchestrator died after the switchover.
+
+    The destination carried on alone (its workers need no orchestrator);
+    the source still holds the guest's memory, paused. Wait for the last
+    page, release the guest on the source, and report what can still be
+    known (the guest's own clocks give the downtime).
+    """
+    with AgentClient(src, credentials=credentials) as source, AgentClient(dst, credentials=credentials) as dest:
+        info = source.call("InspectGuest", pb.GuestRef(name=name))
+        if not info.run_id:
+            raise AgentError(f"guest {name!r} on {src} is not being migrated: nothing to resume")
+        run = pb.RunRef(run_id=info.run_id)
+        if info.state != "migrating-out":  # died before the switchover: undo it, the guest never left
+            _best_effort(dest.call, "AbortIncoming", run)
+            source.call("AbortOutgoing", run)
+            raise AgentError(f"the migration of {name!r} had not switched over; it was aborted and the guest "
+                             f"runs on {src} as before: start it again with `migrate run`")
+        t0 = time.monotonic()
+        t_start_ns = time.time_ns()
+        timeline = report.Timeline(t0)
+        status = _wait_complete(dest, name, run, opts, _both(timeline, on_status))
+        before = source.call("InspectGuest", pb.GuestRef(name=name))
+        src_stats = source.call("CompleteOutgoing", run)
+        after = dest.call("InspectGuest", pb.GuestRef(name=name))
+        verified = _verify(source, dest, name, before.spec) if opts.verify else None
+    doc = report.build(
+        name=name, spec=before.spec, total_s=time.monotonic() - t0, t_start_ns=t_start_ns,
+        switch=pb.SwitchoverReply(last_op_ns=before.last_op_ns), prepare_ms=0.0, resume_ms=0.0, status=status,
+        source_stats=src_stats, before=before, after=after, verified=verified, mode="resumed")
+    doc.update(timeline=timeline.points, switchover_s=timeline.switchover_s(), resumed_run=run.run_id)
+    return doc
+
+
 def _both(first: Callable[[pb.MigrationStatus], None],
           then: Callable[[pb.MigrationStatus], None] | None) -> Callable[[pb.MigrationStatus], None]:
     def call(status: pb.MigrationStatus) -> None:

@@ -125,3 +125,55 @@ def test_corrupted_batches_are_refused_and_fetched_again(proxied):
     assert doc["verified"] is True  # nothing corrupt was ever installed
     # Refused by checksum and fetched again (or, if a flip hit a frame header, the connection broke and recovered).
     assert doc["link"]["refused_batches"] + doc["link"]["outages"] >= 1, doc["link"]
+
+
+def test_orchestrator_killed_mid_postcopy_is_resumed(agents):
+    import signal
+    import subprocess
+
+    from migrate import spawn
+
+    src, dst = agents
+    spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=3, ops=12_000, threads=1,
+                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+    with AgentClient(src.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name="orphan", spec=spec), timeout=120)
+    run = spawn.module_argv("migrate", "run", "orphan", "--from", src.address, "--to", dst.address,
+                            "--mode", "postcopy", "--max-bandwidth", "4M")
+    orchestrator_proc = subprocess.Popen(run, env=spawn.child_env(), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+    try:
+        state: dict = {}
+        assert wait_for(lambda: received_fraction(dst.address, state) > 0.1, timeout=60)
+    finally:
+        orchestrator_proc.send_signal(signal.SIGKILL)
+        orchestrator_proc.wait()
+    out = subprocess.run(run + ["--resume", "--verify"], env=spawn.child_env(), capture_output=True, text=True,
+                         timeout=300)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert "yes: digest equals the unmigrated run" in out.stdout
+        with AgentClient(src.address) as c:  # released on the source
+            assert not any(g.name == "orphan" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests)
+    finally:
+        with AgentClient(dst.address) as c:
+            if any(g.name == "orphan" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
+                c.call("StopGuest", pb.GuestRef(name="orphan"))
+
+
+def test_resume_before_switchover_aborts_and_keeps_the_guest(agents):
+    src, dst = agents
+    spec = pb.GuestSpec(size=8 * MiB, workload="random-write", seed=3, ops=10_000_000, threads=1,
+                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+    with AgentClient(src.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name="early", spec=spec), timeout=120)
+        c.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name="early"))  # an orchestrator that died here
+    try:
+        with pytest.raises(orchestrator.AgentError, match="had not switched over"):
+            orchestrator.resume("early", src.address, dst.address, orchestrator.RunOptions(mode="postcopy"))
+        with AgentClient(src.address) as c:
+            info = c.call("InspectGuest", pb.GuestRef(name="early"))
+            assert info.state == "running" and not info.run_id
+    finally:
+        with AgentClient(src.address) as c:
+            c.call("StopGuest", pb.GuestRef(name="early"))
