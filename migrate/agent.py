@@ -19,6 +19,7 @@ import grpc
 
 from migrate import __version__, rpc, validate
 from migrate.dest.incoming import MODES, IncomingRun
+from migrate.dest.journal import Journal
 from migrate.dest.restore import UffdRestoreListener
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
@@ -68,6 +69,7 @@ class ControlService(pb_grpc.ControlServicer):
         self.guests = GuestTable()
         self.outgoing = OutgoingRuns()
         self.incoming: dict[str, IncomingRun] = {}
+        self.journal: Journal | None = None
         self._listen_host = listen_host
         self._level = level
         self._compress = compress
@@ -182,6 +184,7 @@ class ControlService(pb_grpc.ControlServicer):
         run = IncomingRun(request.run_id, request.name, spec, request.source_endpoint, request.bulk_endpoint)
         if request.recovery_timeout_s > 0:
             run.recovery_timeout = request.recovery_timeout_s
+        run.journal = self.journal
         try:
             ms = run.prepare(mode)
             self.guests.adopt(run.guest)
@@ -236,6 +239,20 @@ class ControlService(pb_grpc.ControlServicer):
             pass
         return status
 
+    def rejoin_runs(self) -> None:
+        """Take over the incoming runs a dead predecessor journaled."""
+        for record in self.journal.records():
+            try:
+                run = IncomingRun.rejoin(record, self.journal)
+            except (OSError, RuntimeError, ValueError, KeyError) as err:
+                log.error("cannot resume incoming run %s: %s", record.get("run_id"), err)
+                self.journal.drop(str(record.get("run_id")))
+                continue
+            self.guests.adopt(run.guest)
+            with self.lock:
+                self.incoming[run.run_id] = run
+            log.warning("resumed incoming run %s of guest %s", run.run_id, run.name)
+
     def shutdown(self) -> None:
         """Stop every run and guest this agent holds (on SIGTERM/SIGINT)."""
         for run in self.outgoing.all():
@@ -250,15 +267,20 @@ class ControlService(pb_grpc.ControlServicer):
 
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
-          uffd_restore: tuple[str, str, str] | None = None,
+          uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "",
           on_ready: Callable[[int], None] | None = None, level: int = 1, compress: str = "auto") -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name) for restoring
     external processes that connect with a Firecracker-style handshake.
+    `state_dir` journals incoming runs; the runs a previous agent left there
+    are taken over and finished.
     """
     host = listen.rsplit(":", 1)[0]
     control = ControlService(roles, host, level, compress)
+    if state_dir:
+        control.journal = Journal(state_dir)
+        control.rejoin_runs()
     for name, path in (images or {}).items():
         control.guests.add_image(name, path)
     server = rpc.server()

@@ -170,24 +170,28 @@ def dest() -> None:
               help="With --uffd-socket: the source agent serving the image.")
 @click.option("--image", "image", metavar="NAME", default=None,
               help="With --uffd-socket: the image to restore into each process that connects.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Journal incoming runs here, so that this agent, restarted after a crash with the same "
+                   "directory, takes its guests back and finishes their migrations.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
-               verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
+               state_dir: str | None, verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
     \b
     Examples:
       migrate dest serve --listen 127.0.0.1:7071
       migrate dest serve --uffd-socket /tmp/uffd.sock --restore-from 127.0.0.1:7070 --image snap
+      migrate dest serve --listen 127.0.0.1:7071 --state-dir /var/lib/migrate/dest
     """
     if uffd_socket and not (restore_from and image):
         raise click.UsageError("--uffd-socket needs --restore-from and --image")
     if (restore_from or image) and not uffd_socket:
         raise click.UsageError("--restore-from and --image go with --uffd-socket")
     restore = (uffd_socket, restore_from, image) if uffd_socket else None
-    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore)
+    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore, state_dir=state_dir or "")
 
 
 # ----------------------------------------------------------------- guests

@@ -35,7 +35,8 @@ class AgentClient:
         try:
             return getattr(self._stub, method)(request, metadata=rpc.METADATA, timeout=timeout)
         except grpc.RpcError as err:
-            raise rpc.AgentError(rpc.describe_error(err, self.target)) from None
+            unreachable = err.code() == grpc.StatusCode.UNAVAILABLE if hasattr(err, "code") else False
+            raise rpc.AgentError(rpc.describe_error(err, self.target), unreachable=unreachable) from None
 
     def close(self) -> None:
         self._channel.close()

@@ -304,8 +304,17 @@ def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOption
     """
     deadline = time.monotonic() + opts.timeout
     toucher: threading.Thread | None = None
+    down_since = 0.0
     while True:
-        status = dest.call("IncomingStatus", run)
+        try:
+            status = dest.call("IncomingStatus", run)
+            down_since = 0.0
+        except AgentError as err:  # a destination agent restarting (--state-dir) comes back: wait for it
+            down_since = down_since or time.monotonic()
+            if not err.unreachable or time.monotonic() - down_since > opts.recovery_timeout:
+                raise
+            time.sleep(POLL_EVERY * 5)
+            continue
         if on_status:
             on_status(status)
         if status.phase == "complete":

@@ -47,7 +47,14 @@ METADATA = ((VERSION_KEY, str(PROTO_VERSION)),)
 
 
 class AgentError(Exception):
-    """A failure talking to an agent, phrased for a user (one line)."""
+    """A failure talking to an agent, phrased for a user (one line).
+
+    `unreachable` tells a transport failure (worth retrying) from a refusal.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def channel(target: str, *, purpose: str = "control", credentials: Credentials | None = None) -> grpc.Channel:

@@ -177,3 +177,50 @@ def test_resume_before_switchover_aborts_and_keeps_the_guest(agents):
     finally:
         with AgentClient(src.address) as c:
             c.call("StopGuest", pb.GuestRef(name="early"))
+
+
+def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path):
+    import signal
+    import os
+
+    state = str(tmp_path / "state")
+    with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src:
+        first = LocalAgent("dest", "--state-dir", state, log_path=str(tmp_path / "dst1.log"))
+        second = None
+        try:
+            spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=4, ops=12_000, threads=2,
+                                ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+            with AgentClient(src.address) as c:
+                c.call("LaunchGuest", pb.LaunchGuestRequest(name="phoenix", spec=spec), timeout=120)
+            run: dict = {}
+            restarted = threading.Event()
+
+            def crash_and_restart() -> None:
+                nonlocal second
+                if not wait_for(lambda: received_fraction(first.address, run) > 0.2, timeout=60):
+                    return
+                os.kill(first.pid, signal.SIGKILL)  # no cleanup at all: workers die, the runner lives on
+                first.proc.wait()
+                second = LocalAgent("dest", "--state-dir", state, listen=first.address,
+                                    log_path=str(tmp_path / "dst2.log"))
+                restarted.set()
+
+            chaos = threading.Thread(target=crash_and_restart)
+            chaos.start()
+            try:
+                opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB,
+                                               recovery_timeout=60)
+                doc = orchestrator.migrate("phoenix", src.address, first.address, opts)
+            finally:
+                chaos.join()
+            assert restarted.is_set()
+            assert doc["verified"] is True
+            assert doc["pages"]["received"] == doc["pages"]["total"]
+            with AgentClient(second.address) as c:
+                assert c.call("InspectGuest", pb.GuestRef(name="phoenix")).state in ("running", "finished")
+                c.call("StopGuest", pb.GuestRef(name="phoenix"))
+            assert not os.listdir(state)  # journal and runner socket gone once done
+        finally:
+            if second is not None:
+                second.stop()
+            first.stop()

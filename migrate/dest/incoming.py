@@ -23,6 +23,7 @@ import time
 
 from migrate import spawn
 from migrate.bitmap import SharedBitmap
+from migrate.dest.journal import Journal, resident_ranges
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
@@ -118,6 +119,8 @@ class IncomingRun:
         self.name = name
         self.spec = spec
         self.recovery_timeout = DEFAULT_RECOVERY_TIMEOUT
+        self.journal: Journal | None = None  # set by an agent with --state-dir
+        self._push: dict = {}
         self.source_endpoint = source_endpoint
         self.bulk_endpoint = bulk_endpoint
         self.phase = "new"
@@ -157,7 +160,8 @@ class IncomingRun:
             if mode == "precopy":
                 proc = GuestProcess.launch(self.spec, fd, start_paused=True, fill=False)
             else:
-                proc = GuestProcess.launch(self.spec, fd, restore=True)
+                rejoin = self.journal.socket_path(self.run_id) if self.journal else ""
+                proc = GuestProcess.launch(self.spec, fd, restore=True, rejoin=rejoin)
         except BaseException:
             os.close(fd)
             raise
@@ -170,6 +174,7 @@ class IncomingRun:
             self.start_workers()
         if mode != "postcopy":
             self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id)
+        self._record()
         return (time.monotonic() - t0) * 1000.0
 
     def attach(self, uffd_fd: int, regions: list[dict]) -> None:
@@ -249,16 +254,52 @@ class IncomingRun:
                 self.precopy.close()
             reply = pb.StartIncomingReply(resume_ms=(self._t_resume - t1) * 1000.0, discard_ms=(t1 - t0) * 1000.0,
                                           discarded=discarded)
+        self._go(no_push, max_bandwidth)
+        return reply
+
+    def _go(self, no_push: bool, max_bandwidth: int) -> None:
+        """Let the bulk worker go (or stop it: --no-push) and watch for the last page."""
         bulk = self.workers.get("bulk")
         if bulk is not None and no_push:
             bulk.stop()
             del self.workers["bulk"]
         elif bulk is not None:
             bulk.send({"go": True, "max_bandwidth": max_bandwidth})
+        self._push = {"no_push": no_push, "max_bandwidth": max_bandwidth}
         self.phase = "running"
+        self._record()
         self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"run-{self.run_id[:8]}")
         self._watcher.start()
-        return reply
+
+    def _record(self) -> None:
+        """Journal this run (with --state-dir), so a restarted agent can finish it."""
+        if self.journal is None or self.mode == "precopy":
+            return
+        self.journal.save(self.run_id, {
+            "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
+            "source_endpoint": self.source_endpoint, "bulk_endpoint": self.bulk_endpoint,
+            "recovery_timeout": self.recovery_timeout, "phase": self.phase, **self._push})
+
+    @classmethod
+    def rejoin(cls, record: dict, journal: Journal) -> "IncomingRun":
+        """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart workers."""
+        run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), record["source_endpoint"],
+                  record["bulk_endpoint"])
+        run.journal = journal
+        run.mode = record["mode"]
+        run.recovery_timeout = float(record["recovery_timeout"])
+        proc, memfd = GuestProcess.rejoin(journal.socket_path(run.run_id), run.spec)
+        running = record["phase"] == "running"
+        run.guest = HostedGuest(run.name, run.spec, "runner", memfd, proc,
+                                state="running" if running else "migrating-in", run_id=run.run_id)
+        run.attach(proc.uffd, proc.regions)
+        for first, count in resident_ranges(memfd, run.spec.size, run.spec.page_size):
+            run.bitmap.set_range(first, count)
+        run.start_workers()
+        if running:
+            run._t_resume = time.monotonic()
+            run._go(bool(record.get("no_push")), int(record.get("max_bandwidth", 0)))
+        return run
 
     def _watch(self) -> None:
         while self.phase == "running":
@@ -286,6 +327,8 @@ class IncomingRun:
             self.phase = "complete"
         if self.guest is not None:
             self.guest.run_id = ""
+        if self.journal is not None:
+            self.journal.drop(self.run_id)
 
     def _fail(self, error: str) -> None:
         with self._lock:
@@ -295,6 +338,8 @@ class IncomingRun:
             self.phase = "failed"
         for w in self.workers.values():
             w.stop(timeout=2)
+        if self.journal is not None:
+            self.journal.drop(self.run_id)
 
     def abort(self, reason: str = "aborted") -> None:
         if self.precopy is not None:

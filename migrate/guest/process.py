@@ -7,6 +7,7 @@ import json
 import logging
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -79,6 +80,42 @@ class GuestSpec:
         return spec
 
 
+class _Adopted:
+    """The few Popen methods GuestProcess uses, for a runner this process did not start."""
+
+    stderr = None
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return 0 if f.read().rsplit(")", 1)[1].split()[0] == "Z" else None
+        except (OSError, IndexError):
+            return 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return 0
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 class _Slot:
     __slots__ = ("done", "reply")
 
@@ -119,9 +156,10 @@ class GuestProcess:
     # ------------------------------------------------------------ launch
     @classmethod
     def launch(cls, spec: GuestSpec, memfd: int, *, restore: bool = False, start_paused: bool = False,
-               fill: bool = True, timeout: float | None = None) -> "GuestProcess":
+               fill: bool = True, timeout: float | None = None, rejoin: str = "") -> "GuestProcess":
         """Start a runner on `memfd` and wait until it is ready (source mode)
-        or has handed over its userfaultfd (restore mode)."""
+        or has handed over its userfaultfd (restore mode). A restore-mode
+        runner given a `rejoin` socket path outlives this agent (see rejoin())."""
         spec.validate()
         size = os.fstat(memfd).st_size
         if size < spec.size:
@@ -133,6 +171,8 @@ class GuestProcess:
                 "--parent-pid", str(os.getpid())]
         if restore:
             args.append("--restore")
+            if rejoin:
+                args += ["--rejoin", rejoin]
         if start_paused:
             args.append("--start-paused")
         if not fill:
@@ -167,6 +207,34 @@ class GuestProcess:
             raise
         return gp
 
+    @classmethod
+    def rejoin(cls, path: str, spec: GuestSpec, timeout: float = CALL_TIMEOUT) -> tuple["GuestProcess", int]:
+        """Take over a restore-mode runner whose agent died: (process, RAM memfd).
+
+        The runner answers on `path` with its pid and regions, and hands over
+        its userfaultfd (as :attr:`uffd`) and its RAM's memfd (the caller's).
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            data, fds, _, _ = socket.recv_fds(sock, 65536, 2)
+            sock.settimeout(None)
+        except OSError as e:
+            sock.close()
+            raise RuntimeError(f"no guest runner answers on {path}: {e}") from None
+        if len(fds) != 2 or not data.endswith(b"\n"):
+            for fd in fds:
+                os.close(fd)
+            sock.close()
+            raise RuntimeError(f"guest runner on {path} did not hand over its userfaultfd and memory")
+        hello = json.loads(data)
+        gp = cls(spec, _Adopted(int(hello["pid"])), sock)
+        gp.uffd, gp.regions = fds[0], hello["regions"]
+        gp._reader = threading.Thread(target=gp._read_loop, daemon=True, name=f"guest-{gp.pid}")
+        gp._reader.start()
+        return gp, fds[1]
+
     def _receive_uffd(self, timeout: float) -> None:
         from migrate.handshake import recv_handshake
         try:
@@ -185,6 +253,8 @@ class GuestProcess:
     # ----------------------------------------------------------- readers
     def _read_stderr(self) -> None:
         stream = self._proc.stderr
+        if stream is None:  # an adopted runner: its stderr went to the agent that started it
+            return
         try:
             for raw in stream:
                 line = raw.decode(errors="replace").rstrip()

@@ -34,7 +34,11 @@ Control protocol (JSON lines on the control socket):
   ``{"event": "finished", "ops", "t_ns"}`` when all ops are done.
 
 The runner exits when the control socket closes or on ``stop``; it also asks
-the kernel for SIGKILL when its parent (thread) dies.
+the kernel for SIGKILL when its parent (thread) dies. With ``--rejoin PATH``
+(restore mode, an agent with a state directory) it outlives its agent
+instead: it listens on PATH, and a restarted agent that connects gets one
+line ``{"event": "rejoined", "pid", "regions"}`` with the userfaultfd and
+the RAM memfd attached (SCM_RIGHTS), then the command protocol goes on.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ import threading
 import time
 
 PROGRESS_EVERY = 0.02
+#: Seconds a --rejoin runner waits for a restarted agent before giving up.
+REJOIN_TIMEOUT = 600.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--restore", action="store_true", help="destination mode: hand a userfaultfd to the agent")
     ap.add_argument("--start-paused", action="store_true")
     ap.add_argument("--no-fill", action="store_true", help="source mode: keep the memfd's content")
+    ap.add_argument("--rejoin", default="",
+                    help="restore mode: outlive the agent; a restarted agent connects to this unix socket path")
     ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -98,7 +106,10 @@ class Runner:
         self.send_lock = threading.Lock()
         self.ctl_lock = threading.Lock()     # serializes pause/resume/state changes
         self.mem = mmap.mmap(args.memfd, args.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        os.close(args.memfd)                 # the mapping keeps the file
+        self.memfd = args.memfd if args.rejoin else -1  # a rejoining agent gets RAM's fd again
+        if not args.rejoin:
+            os.close(args.memfd)             # the mapping keeps the file
+        self.listener: socket.socket | None = None
         self.wl = Workload(self.mem, workload=args.workload, seed=args.seed, ops=args.ops, threads=args.threads,
                            ops_per_sec=args.ops_per_sec, page_size=args.page_size)
         self.uffd = None
@@ -113,7 +124,9 @@ class Runner:
             try:
                 self.sock.sendall(line)
             except OSError:
-                os._exit(0)                  # the agent is gone
+                if not self.listener:
+                    os._exit(0)              # the agent is gone
+                # else: dropped; a restarted agent will rejoin (see rejoin())
 
     def progress(self) -> None:
         self.send({"event": "progress", "t_ns": time.time_ns(), "ops": self.wl.ops_done,
@@ -148,8 +161,34 @@ class Runner:
         self.uffd.register(base, self.spec.size, U.MODE_MISSING)
         # We keep our copy of the fd open: if the agent's copy were the last
         # one and it went away, faulting threads would read zero pages.
-        send_handshake(self.sock, self.uffd.fd,
-                       [{"base_host_virt_addr": base, "size": self.spec.size, "offset": 0, "page_size": page}])
+        self.regions = [{"base_host_virt_addr": base, "size": self.spec.size, "offset": 0, "page_size": page}]
+        send_handshake(self.sock, self.uffd.fd, self.regions)
+        if self.args.rejoin:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            if os.path.exists(self.args.rejoin):
+                os.unlink(self.args.rejoin)
+            self.listener.bind(self.args.rejoin)
+            os.chmod(self.args.rejoin, 0o600)
+            self.listener.listen(1)
+
+    def rejoin(self) -> bool:
+        """Wait for a restarted agent; hand it our uffd and RAM again. False: none came.
+
+        Faulting guest threads stay blocked meanwhile: we still hold the
+        userfaultfd, so no fault is ever answered with a zero page.
+        """
+        self.listener.settimeout(REJOIN_TIMEOUT)
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return False
+        conn.settimeout(None)
+        hello = json.dumps({"event": "rejoined", "pid": os.getpid(), "regions": self.regions}).encode() + b"\n"
+        socket.send_fds(conn, [hello], [self.uffd.fd, self.memfd])
+        with self.send_lock:
+            self.sock.close()
+            self.sock = conn
+        return True
 
     # ----------------------------------------------------------- commands
     def handle(self, msg: dict) -> None:
@@ -257,9 +296,12 @@ class Runner:
             try:
                 chunk = self.sock.recv(65536)
             except OSError:                  # ECONNRESET: the agent closed with data unread
+                chunk = b""
+            if not chunk:                    # the agent closed the socket (or died)
+                if self.listener and self.rejoin():
+                    buf = b""
+                    continue
                 return
-            if not chunk:
-                return                       # the agent closed the socket (or died)
             buf += chunk
             while b"\n" in buf and not self.closing:
                 line, buf = buf.split(b"\n", 1)
@@ -277,7 +319,8 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    if not args.rejoin:
+        _die_with_parent(args.parent_pid)
     try:
         runner = Runner(args)
     except (ValueError, OSError) as e:
@@ -290,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     threading.Thread(target=runner.progress_loop, daemon=True, name="progress").start()
     runner.command_loop()
+    if runner.listener:
+        runner.listener.close()
+        os.unlink(args.rejoin)
     # Stop or agent gone.  Do not join workload threads: on a destination they
     # may be blocked on faults nobody will resolve.  Guest RAM is the memfd.
     sys.stderr.flush()
