@@ -19,7 +19,7 @@ import grpc
 
 from migrate import __version__, rpc, validate
 from migrate.dest.incoming import MODES, IncomingRun
-from migrate.dest.journal import Journal
+from migrate.journal import Journal
 from migrate.dest.restore import UffdRestoreListener
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
@@ -89,7 +89,8 @@ class ControlService(pb_grpc.ControlServicer):
         self._need("source")
         spec = spec_from_pb(request.spec)
         content = content_from_pb(request.spec)
-        return self.guests.launch(request.name, spec, start_paused=request.start_paused, content=content).info()
+        return self.guests.launch(request.name, spec, start_paused=request.start_paused, content=content,
+                                  backing=request.backing).info()
 
     @_rpc
     def ListGuests(self, request: pb.ListGuestsRequest, context: grpc.ServicerContext) -> pb.ListGuestsReply:
@@ -145,12 +146,24 @@ class ControlService(pb_grpc.ControlServicer):
         run = self.outgoing.get(request.run_id)
         if run.switched:
             raise RuntimeError(f"run {run.run_id} has switched over already")
-        return run.switchover()
+        reply = run.switchover()
+        self._record_outgoing(run)
+        return reply
+
+    def _record_outgoing(self, run: OutgoingRun) -> None:
+        """Journal a switched-over run of a file-backed guest: a restarted agent can still serve it."""
+        if self.journal is None or not run.guest.backing:
+            return
+        g = run.guest
+        self.journal.save(run.run_id, {"side": "out", "run_id": run.run_id, "name": g.name, "spec": g.spec.to_dict(),
+                                       "backing": g.backing, "content": g.content, "bulk_port": run.bulk_port})
 
     @_rpc
     def AbortOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.GuestInfo:
         run = self.outgoing.pop(request.run_id)
         run.abort()
+        if self.journal is not None:
+            self.journal.drop(run.run_id)
         return run.guest.info()
 
     @_rpc
@@ -159,6 +172,8 @@ class ControlService(pb_grpc.ControlServicer):
             raise RuntimeError(f"run {request.run_id} has not switched over: abort it instead")
         run = self.outgoing.pop(request.run_id)
         stats = run.complete()
+        if self.journal is not None:
+            self.journal.drop(run.run_id)
         if run.guest.kind == "runner":
             self.guests.remove(run.guest.name)  # the guest lives on the destination now
         return stats
@@ -240,8 +255,11 @@ class ControlService(pb_grpc.ControlServicer):
         return status
 
     def rejoin_runs(self) -> None:
-        """Take over the incoming runs a dead predecessor journaled."""
+        """Take over the runs a dead predecessor journaled: serve outgoing ones, finish incoming ones."""
         for record in self.journal.records():
+            if record.get("side") == "out":
+                self._serve_again(record)
+                continue
             try:
                 run = IncomingRun.rejoin(record, self.journal)
             except (OSError, RuntimeError, ValueError, KeyError) as err:
@@ -253,10 +271,38 @@ class ControlService(pb_grpc.ControlServicer):
                 self.incoming[run.run_id] = run
             log.warning("resumed incoming run %s of guest %s", run.run_id, run.name)
 
+    def _serve_again(self, record: dict) -> None:
+        """Serve a switched-over file-backed guest's pages again, same run, same bulk port."""
+        try:
+            guest = self.guests.restore_switched(record)
+        except (OSError, ValueError, KeyError) as err:
+            log.error("cannot serve outgoing run %s again: %s", record.get("run_id"), err)
+            self.journal.drop(str(record.get("run_id")))
+            return
+        try:
+            run = OutgoingRun(guest, self._listen_host, self._level, self._compress, run_id=record["run_id"],
+                              bulk_port=int(record["bulk_port"]))
+        except RuntimeError as err:
+            log.error("cannot serve outgoing run %s again: %s", record["run_id"], err)
+            self.guests.remove(guest.name)
+            return
+        run.switched = True
+        self.outgoing.add(run)
+        log.warning("serving outgoing run %s of guest %s again", run.run_id, guest.name)
+
     def shutdown(self) -> None:
-        """Stop every run and guest this agent holds (on SIGTERM/SIGINT)."""
+        """Stop every run and guest this agent holds (on SIGTERM/SIGINT).
+
+        An outgoing run that switched over is not undone: the guest runs on
+        the destination, and resuming it here too would split it in two. Its
+        bulk server stops; a file-backed guest's journal entry stays, so a
+        restarted agent serves the remaining pages.
+        """
         for run in self.outgoing.all():
-            run.abort()
+            if run.switched:
+                run.complete()
+            else:
+                run.abort()
         with self.lock:
             runs = list(self.incoming.values())
             self.incoming.clear()

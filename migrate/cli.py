@@ -134,11 +134,14 @@ def source() -> None:
               help="Compression level of bulk batches.")
 @click.option("--compress", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
               help="Compress bulk batches: when the link is the bottleneck (auto), always, or never.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Journal switched-over migrations of file-backed guests here, so that this agent, restarted "
+                   "after a crash with the same directory, serves their remaining pages again.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_insecure_option
 @_credential_options
-def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, verbose: bool,
-                 insecure_listen: bool, credentials: Credentials) -> None:
+def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, state_dir: str | None,
+                 verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
     """Run a source agent until interrupted.
 
     \b
@@ -154,7 +157,7 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
     _serve("source", listen, verbose, credentials, insecure_listen, images=parsed, level=zstd_level,
-           compress=compress)
+           compress=compress, state_dir=state_dir or "")
 
 
 @cli.group()
@@ -217,10 +220,13 @@ _agent_option = click.option("--agent", default="127.0.0.1:7070", show_default=T
               help="Throttle the workload (0: as fast as it goes).")
 @click.option("--content", type=click.Choice(("realistic", "random")), default="realistic", show_default=True,
               help="Initial RAM: realistic (partly compressible, some zero pages) or random (incompressible).")
+@click.option("--backing", metavar="file:PATH", default="",
+              help="Keep guest RAM in this file (on the source agent's host) instead of anonymous memory: "
+                   "with `source serve --state-dir`, a restarted source finishes its migration.")
 @click.option("--paused", is_flag=True, help="Start paused.")
 @_credential_options
 def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops: int, threads: int,
-                ops_per_sec: float, content: str, paused: bool, credentials: Credentials) -> None:
+                ops_per_sec: float, content: str, backing: str, paused: bool, credentials: Credentials) -> None:
     """Start guest NAME on a source agent.
 
     \b
@@ -230,8 +236,8 @@ def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops:
     spec = pb.GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=threads,
                         ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE, content=content)
     with AgentClient(agent, credentials=credentials) as client:
-        info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused),
-                           timeout=600)
+        info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused,
+                                                                 backing=backing), timeout=600)
     click.echo(f"started {info.name}: pid {info.pid}, {info.spec.size // MiB} MiB, {info.spec.workload}")
 
 

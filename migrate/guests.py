@@ -54,6 +54,27 @@ def create_memfd(name: str, size: int) -> int:
     return fd
 
 
+def open_backing(backing: str, size: int) -> int:
+    """An fd for guest RAM kept in a file ("file:PATH"), sized to `size`.
+
+    A file outlives the agent, so a source agent restarted mid-post-copy can
+    serve the rest of the pages from it.
+    """
+    kind, sep, path = backing.partition(":")
+    if kind != "file" or not sep or not path:
+        raise ValueError(f"bad backing {backing!r}: use file:PATH")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise ValueError(f"cannot open backing file {path}: {err.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 @dataclass
 class HostedGuest:
     """One guest on this agent. `mem` is a read-only view of its RAM."""
@@ -66,6 +87,7 @@ class HostedGuest:
     state: str = "running"
     run_id: str = ""
     content: str = "realistic"
+    backing: str = ""               # "file:PATH" when RAM lives in a file
     _map: mmap.mmap | None = field(default=None, repr=False)
 
     @property
@@ -121,7 +143,7 @@ class GuestTable:
         self._guests: dict[str, HostedGuest] = {}
 
     def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False,
-               content: str = "realistic") -> HostedGuest:
+               content: str = "realistic", backing: str = "") -> HostedGuest:
         """Create guest RAM and start a runner on it.
 
         "realistic" RAM is filled by the runner; "random" (incompressible,
@@ -131,7 +153,7 @@ class GuestTable:
         self._reserve(name)
         fd = -1
         try:
-            fd = create_memfd(name, spec.size)
+            fd = open_backing(backing, spec.size) if backing else create_memfd(name, spec.size)
             if content == "random":
                 with mmap.mmap(fd, spec.size, mmap.MAP_SHARED) as ram:
                     fill_random(ram, spec.seed)
@@ -142,7 +164,7 @@ class GuestTable:
             self._release(name)
             raise
         guest = HostedGuest(name, spec, "runner", fd, proc, state="paused" if start_paused else "running",
-                            content=content)
+                            content=content, backing=backing)
         return self._install(guest)
 
     def add_image(self, name: str, path: str, page_size: int = mmap.PAGESIZE) -> HostedGuest:
@@ -158,6 +180,14 @@ class GuestTable:
         spec = GuestSpec(size=size, workload="idle", seed=0, ops=0, threads=1, page_size=page_size)
         self._reserve(name)
         return self._install(HostedGuest(name, spec, "image", fd, state="image"))
+
+    def restore_switched(self, record: dict) -> HostedGuest:
+        """A file-backed guest a dead predecessor had switched over: only its memory is left here."""
+        fd = open_backing(record["backing"], record["spec"]["size"])
+        guest = HostedGuest(record["name"], GuestSpec.from_dict(record["spec"]), "runner", fd, None,
+                            state="migrating-out", run_id=record["run_id"], content=record.get("content", "realistic"),
+                            backing=record["backing"])
+        return self.adopt(guest)
 
     def adopt(self, guest: HostedGuest) -> HostedGuest:
         """Host a guest created elsewhere (an incoming migration)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+import time
 
 import pytest
 
@@ -220,6 +221,55 @@ def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path)
                 assert c.call("InspectGuest", pb.GuestRef(name="phoenix")).state in ("running", "finished")
                 c.call("StopGuest", pb.GuestRef(name="phoenix"))
             assert not os.listdir(state)  # journal and runner socket gone once done
+        finally:
+            if second is not None:
+                second.stop()
+            first.stop()
+
+
+def test_source_agent_killed_and_restarted_serves_a_file_backed_guest(tmp_path):
+    import os
+    import signal
+
+    state = str(tmp_path / "state")
+    backing = f"file:{tmp_path / 'ram.img'}"
+    with LocalAgent("dest", log_path=str(tmp_path / "dst.log")) as dst:
+        first = LocalAgent("source", "--state-dir", state, log_path=str(tmp_path / "src1.log"))
+        second = None
+        try:
+            spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=6, ops=12_000, threads=2,
+                                ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+            with AgentClient(first.address) as c:
+                c.call("LaunchGuest", pb.LaunchGuestRequest(name="lazarus", spec=spec, backing=backing),
+                       timeout=120)
+            run: dict = {}
+            restarted = threading.Event()
+
+            def crash_and_restart() -> None:
+                nonlocal second
+                if not wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
+                    return
+                os.kill(first.pid, signal.SIGKILL)  # the guest's memory survives in its file
+                first.proc.wait()
+                time.sleep(0.5)  # the destination sees the source gone and waits for it
+                second = LocalAgent("source", "--state-dir", state, listen=first.address,
+                                    log_path=str(tmp_path / "src2.log"))
+                restarted.set()
+
+            chaos = threading.Thread(target=crash_and_restart)
+            chaos.start()
+            try:
+                opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB,
+                                               recovery_timeout=60)
+                doc = orchestrator.migrate("lazarus", first.address, dst.address, opts)
+            finally:
+                chaos.join()
+            assert restarted.is_set()
+            assert doc["verified"] is True
+            assert doc["link"]["outages"] >= 1
+            with AgentClient(dst.address) as c:
+                c.call("StopGuest", pb.GuestRef(name="lazarus"))
+            assert not [f for f in os.listdir(state) if f.endswith(".json")]
         finally:
             if second is not None:
                 second.stop()

@@ -23,7 +23,7 @@ import time
 
 from migrate import spawn
 from migrate.bitmap import SharedBitmap
-from migrate.dest.journal import Journal, resident_ranges
+from migrate.journal import Journal, resident_ranges
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
@@ -276,7 +276,7 @@ class IncomingRun:
         if self.journal is None or self.mode == "precopy":
             return
         self.journal.save(self.run_id, {
-            "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
+            "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
             "source_endpoint": self.source_endpoint, "bulk_endpoint": self.bulk_endpoint,
             "recovery_timeout": self.recovery_timeout, "phase": self.phase, **self._push})
 

@@ -33,8 +33,10 @@ class OutgoingRun:
     """One guest leaving this agent."""
 
     def __init__(self, guest: HostedGuest, listen_host: str, level: int, compress: str = "auto",
-                 track_writes: bool = False) -> None:
-        self.run_id = uuid.uuid4().hex
+                 track_writes: bool = False, run_id: str = "", bulk_port: int = 0) -> None:
+        """`run_id` and `bulk_port` are given when a restarted agent takes a run back
+        (the destination reconnects to the same run on the same ports)."""
+        self.run_id = run_id or uuid.uuid4().hex
         self.guest = guest
         self.switched = False
         self.state_json = b""
@@ -45,7 +47,7 @@ class OutgoingRun:
         self._bulk = subprocess.Popen(
             spawn.module_argv("migrate.source.bulk_server", "--memfd", str(guest.fd),
                               "--size", str(guest.spec.size), "--page-size", str(guest.spec.page_size),
-                              "--run-id", self.run_id, "--listen", f"{listen_host}:0", "--level", str(level),
+                              "--run-id", self.run_id, "--listen", f"{listen_host}:{bulk_port}", "--level", str(level),
                               "--compress", compress),
             pass_fds=(guest.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=spawn.child_env())
         line = read_first_line(self._bulk, _BULK_START_TIMEOUT)

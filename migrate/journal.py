@@ -1,12 +1,13 @@
-"""The destination agent's journal of incoming runs, for surviving a restart.
+"""An agent's journal of its migrations, for surviving a restart.
 
-With `migrate dest serve --state-dir DIR` every incoming run is recorded in
-DIR/RUN.json, and its guest runner listens on DIR/RUN.sock. If the agent
-dies (kill -9, a crash), the runner lives on: faulting guest threads stay
-blocked on its userfaultfd, never fed a zero page. A restarted agent with
-the same DIR reads the journal, rejoins each runner (getting its uffd and
-RAM back), rebuilds the received bitmap from what RAM really holds, starts
-new workers and finishes the run.
+With `--state-dir DIR` an agent records each run it could finish after a
+crash in DIR/RUN.json. On the destination every incoming run, whose guest
+runner listens on DIR/RUN.sock and outlives the agent: faulting guest
+threads stay blocked on its userfaultfd, never fed a zero page; a restarted
+agent rejoins each runner (getting its uffd and RAM back), rebuilds the
+received bitmap from what RAM really holds, starts new workers and finishes
+the run. On the source every switched-over run of a file-backed guest: a
+restarted agent serves its pages again from the file, on the same ports.
 """
 from __future__ import annotations
 
