@@ -5,7 +5,7 @@ for runs of missing pages (up to 16 MiB a request, answered in batches of up
 to 1 MiB) keeping a window of requests in flight, and installs each batch
 with as few ioctls as possible. The fault worker sends it the pages the
 guest is faulting on, and the cursor jumps there: the guest's working set
-arrives first. Runs at idle CPU priority, in its own process, so it never
+arrives first. Runs at low CPU priority, in its own process, so it never
 delays the fault worker.
 """
 from __future__ import annotations
