@@ -45,7 +45,11 @@ def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
 
 def create_memfd(name: str, size: int) -> int:
     """A sealed-size memfd for guest RAM (MFD_CLOEXEC: passed on explicitly)."""
-    fd = os.memfd_create(f"migrate-guest-{name}", os.MFD_CLOEXEC)
+    return _sized(os.memfd_create(f"migrate-guest-{name}", os.MFD_CLOEXEC), size)
+
+
+def _sized(fd: int, size: int) -> int:
+    """`fd`, truncated to `size` (closed if that fails)."""
     try:
         os.ftruncate(fd, size)
     except OSError:
@@ -67,12 +71,7 @@ def open_backing(backing: str, size: int) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as err:
         raise ValueError(f"cannot open backing file {path}: {err.strerror}") from None
-    try:
-        os.ftruncate(fd, size)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+    return _sized(fd, size)
 
 
 @dataclass

@@ -180,97 +180,97 @@ def test_resume_before_switchover_aborts_and_keeps_the_guest(agents):
             c.call("StopGuest", pb.GuestRef(name="early"))
 
 
+class Restarter:
+    """Kills an agent (SIGKILL, no cleanup) once a migration is underway, and starts it again
+    with the same state directory and address."""
+
+    def __init__(self, first: LocalAgent, state: str, watch: str, log_path: str) -> None:
+        self.first = first
+        self.second: LocalAgent | None = None
+        self._args = (first.role, "--state-dir", state)
+        self._watch = watch
+        self._log = log_path
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import os
+        import signal
+
+        run: dict = {}
+        if not wait_for(lambda: received_fraction(self._watch, run) > 0.2, timeout=60):
+            return
+        os.kill(self.first.pid, signal.SIGKILL)
+        self.first.proc.wait()
+        time.sleep(0.5)  # the others notice it is gone
+        self.second = LocalAgent(*self._args, listen=self.first.address, log_path=self._log)
+
+    def join(self) -> LocalAgent:
+        self._thread.join()
+        assert self.second is not None, "the migration never got underway"
+        return self.second
+
+    def stop(self) -> None:
+        self._thread.join()
+        if self.second is not None:
+            self.second.stop()
+        self.first.stop()
+
+
+def migrate_through_a_restart(name: str, src: str, dst: str, restarter: Restarter) -> dict:
+    opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB, recovery_timeout=60)
+    try:
+        return orchestrator.migrate(name, src, dst, opts)
+    finally:
+        restarter.join()
+
+
+RESTART_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=4, ops=12_000, threads=2,
+                            ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+
+
 def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path):
-    import signal
     import os
 
     state = str(tmp_path / "state")
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src:
         first = LocalAgent("dest", "--state-dir", state, log_path=str(tmp_path / "dst1.log"))
-        second = None
+        restarter = None
         try:
-            spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=4, ops=12_000, threads=2,
-                                ops_per_sec=2_000, page_size=mmap.PAGESIZE)
             with AgentClient(src.address) as c:
-                c.call("LaunchGuest", pb.LaunchGuestRequest(name="phoenix", spec=spec), timeout=120)
-            run: dict = {}
-            restarted = threading.Event()
-
-            def crash_and_restart() -> None:
-                nonlocal second
-                if not wait_for(lambda: received_fraction(first.address, run) > 0.2, timeout=60):
-                    return
-                os.kill(first.pid, signal.SIGKILL)  # no cleanup at all: workers die, the runner lives on
-                first.proc.wait()
-                second = LocalAgent("dest", "--state-dir", state, listen=first.address,
-                                    log_path=str(tmp_path / "dst2.log"))
-                restarted.set()
-
-            chaos = threading.Thread(target=crash_and_restart)
-            chaos.start()
-            try:
-                opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB,
-                                               recovery_timeout=60)
-                doc = orchestrator.migrate("phoenix", src.address, first.address, opts)
-            finally:
-                chaos.join()
-            assert restarted.is_set()
+                c.call("LaunchGuest", pb.LaunchGuestRequest(name="phoenix", spec=RESTART_SPEC), timeout=120)
+            # the workers die with the agent; the runner lives on, its faulting threads blocked
+            restarter = Restarter(first, state, first.address, str(tmp_path / "dst2.log"))
+            doc = migrate_through_a_restart("phoenix", src.address, first.address, restarter)
             assert doc["verified"] is True
             assert doc["pages"]["received"] == doc["pages"]["total"]
-            with AgentClient(second.address) as c:
+            with AgentClient(restarter.second.address) as c:
                 assert c.call("InspectGuest", pb.GuestRef(name="phoenix")).state in ("running", "finished")
                 c.call("StopGuest", pb.GuestRef(name="phoenix"))
             assert not os.listdir(state)  # journal and runner socket gone once done
         finally:
-            if second is not None:
-                second.stop()
-            first.stop()
+            (restarter or first).stop()
 
 
 def test_source_agent_killed_and_restarted_serves_a_file_backed_guest(tmp_path):
     import os
-    import signal
 
     state = str(tmp_path / "state")
     backing = f"file:{tmp_path / 'ram.img'}"
     with LocalAgent("dest", log_path=str(tmp_path / "dst.log")) as dst:
         first = LocalAgent("source", "--state-dir", state, log_path=str(tmp_path / "src1.log"))
-        second = None
+        restarter = None
         try:
-            spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=6, ops=12_000, threads=2,
-                                ops_per_sec=2_000, page_size=mmap.PAGESIZE)
             with AgentClient(first.address) as c:
-                c.call("LaunchGuest", pb.LaunchGuestRequest(name="lazarus", spec=spec, backing=backing),
+                c.call("LaunchGuest", pb.LaunchGuestRequest(name="lazarus", spec=RESTART_SPEC, backing=backing),
                        timeout=120)
-            run: dict = {}
-            restarted = threading.Event()
-
-            def crash_and_restart() -> None:
-                nonlocal second
-                if not wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
-                    return
-                os.kill(first.pid, signal.SIGKILL)  # the guest's memory survives in its file
-                first.proc.wait()
-                time.sleep(0.5)  # the destination sees the source gone and waits for it
-                second = LocalAgent("source", "--state-dir", state, listen=first.address,
-                                    log_path=str(tmp_path / "src2.log"))
-                restarted.set()
-
-            chaos = threading.Thread(target=crash_and_restart)
-            chaos.start()
-            try:
-                opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB,
-                                               recovery_timeout=60)
-                doc = orchestrator.migrate("lazarus", first.address, dst.address, opts)
-            finally:
-                chaos.join()
-            assert restarted.is_set()
+            # the guest's memory survives in its file
+            restarter = Restarter(first, state, dst.address, str(tmp_path / "src2.log"))
+            doc = migrate_through_a_restart("lazarus", first.address, dst.address, restarter)
             assert doc["verified"] is True
             assert doc["link"]["outages"] >= 1
             with AgentClient(dst.address) as c:
                 c.call("StopGuest", pb.GuestRef(name="lazarus"))
             assert not [f for f in os.listdir(state) if f.endswith(".json")]
         finally:
-            if second is not None:
-                second.stop()
-            first.stop()
+            (restarter or first).stop()
