@@ -4,7 +4,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <sys/ioctl.h>
 
 #include "bitmap.h"
 #include "uffd.h"
@@ -18,28 +17,19 @@ int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t pag
     uint64_t pos = base, end = base + len;
     int64_t found = 0;
     while (pos < end) {
-        struct pm_scan_arg arg = {
-            .size = sizeof(arg),
-            .flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            .start = pos,
-            .end = end,
-            .vec = (uint64_t)(uintptr_t)vec,
-            .vec_len = SCAN_VEC,
-            .category_mask = PAGE_IS_WRITTEN,
-            .return_mask = PAGE_IS_WRITTEN,
-        };
-        int got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+        uint64_t walk_end;
+        int got = mig_pagemap_scan_chunk(pagemap_fd, pos, end, vec, SCAN_VEC, &walk_end);
         if (got < 0)
-            return -errno;
+            return got;
         for (int i = 0; i < got; i++) {
             uint64_t first = (vec[i].start - base) / page_size;
             uint64_t count = (vec[i].end - vec[i].start) / page_size;
             mig_bitmap_set(bitmap, first_page + first, count);
             found += count;
         }
-        if (arg.walk_end <= pos)
+        if (walk_end <= pos)
             return -EIO;  /* the kernel made no progress: never spin */
-        pos = arg.walk_end;
+        pos = walk_end;
     }
     return found;
 }

@@ -41,6 +41,20 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+/* An ioctl said EAGAIN (the mm is changing): yield and retry, unless no
+ * progress was made for EAGAIN_RETRY_NS since the first EAGAIN (*deadline
+ * is 0 until then; callers reset it to 0 on progress). */
+static int eagain_budget_spent(int64_t *deadline)
+{
+    int64_t now = (int64_t)mono_ns();
+    if (!*deadline)
+        *deadline = now + EAGAIN_RETRY_NS;
+    else if (now > *deadline)
+        return 1;
+    sched_yield();
+    return 0;
+}
+
 int mig_uffd_open(int nonblock)
 {
     int flags = O_CLOEXEC | (nonblock ? O_NONBLOCK : 0);
@@ -146,12 +160,8 @@ static int64_t fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint
             off += page_size;
             skipped++;
         } else if (err == EAGAIN) {
-            int64_t now = (int64_t)mono_ns();
-            if (!deadline)
-                deadline = now + EAGAIN_RETRY_NS;
-            else if (now > deadline)
+            if (eagain_budget_spent(&deadline))
                 return -EAGAIN;
-            sched_yield();
         } else if (err) {
             return -err;
         }
@@ -185,12 +195,8 @@ int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t
             off += (uint64_t)m.move;
             deadline = 0;
         } else if (err == EAGAIN) {
-            int64_t now = (int64_t)mono_ns();
-            if (!deadline)
-                deadline = now + EAGAIN_RETRY_NS;
-            else if (now > deadline)
+            if (eagain_budget_spent(&deadline))
                 return -EAGAIN;
-            sched_yield();
         } else if (err) {
             return -err;
         }
@@ -412,6 +418,26 @@ int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint
 
 /* ---- dirty tracking ---- */
 
+int mig_pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct page_region *vec,
+                           uint32_t vec_len, uint64_t *walk_end)
+{
+    struct pm_scan_arg arg = {
+        .size = sizeof(arg),
+        .flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        .start = start,
+        .end = end,
+        .vec = (uint64_t)(uintptr_t)vec,
+        .vec_len = vec_len,
+        .category_mask = PAGE_IS_WRITTEN,
+        .return_mask = PAGE_IS_WRITTEN,
+    };
+    int got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+    if (got < 0)
+        return -errno;
+    *walk_end = arg.walk_end;
+    return got;
+}
+
 int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t *out_ranges,
                              uint32_t max_ranges, uint64_t *walk_end)
 {
@@ -422,19 +448,9 @@ int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint6
     *walk_end = start;
     while (*walk_end < end && n < max_ranges) {
         uint32_t room = max_ranges - n;
-        struct pm_scan_arg arg = {
-            .size = sizeof(arg),
-            .flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            .start = *walk_end,
-            .end = end,
-            .vec = (uint64_t)(uintptr_t)vec,
-            .vec_len = room < 128 ? room : 128,
-            .category_mask = PAGE_IS_WRITTEN,
-            .return_mask = PAGE_IS_WRITTEN,
-        };
-        int got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+        int got = mig_pagemap_scan_chunk(pagemap_fd, *walk_end, end, vec, room < 128 ? room : 128, walk_end);
         if (got < 0)
-            return -errno;
+            return got;
         for (int i = 0; i < got; i++) {
             if (n && out_ranges[2 * n - 1] == vec[i].start) {
                 out_ranges[2 * n - 1] = vec[i].end;
@@ -444,7 +460,6 @@ int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint6
                 n++;
             }
         }
-        *walk_end = arg.walk_end;
     }
     return (int)n;
 }

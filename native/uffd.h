@@ -137,6 +137,12 @@ int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint
                     const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
                     uint64_t data_len, struct mig_install_stats *st);
 
+/* One PAGEMAP_SCAN: pages of [start, end) written since they were last write-protected,
+ * into vec (at most vec_len regions), protected again by the same call. Returns the
+ * number of regions or -errno; *walk_end is where the kernel stopped. (C only.) */
+int mig_pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct page_region *vec,
+                           uint32_t vec_len, uint64_t *walk_end);
+
 int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t *out_ranges,
                              uint32_t max_ranges, uint64_t *walk_end);
 
