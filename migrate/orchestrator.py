@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from migrate import convergence, report
+from migrate import convergence, report, rpc
 from migrate.client import AgentClient
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
@@ -112,11 +112,6 @@ class PrecopyLog:
         return doc
 
 
-def _endpoint_with_port(endpoint: str, other: str) -> str:
-    """`endpoint`'s host with `other`'s port."""
-    return f"{endpoint.rsplit(':', 1)[0]}:{other.rsplit(':', 1)[1]}"
-
-
 def migrate(name: str, src: str, dst: str, opts: RunOptions,
             on_status: Callable[[pb.MigrationStatus], None] | None = None,
             before_switchover: Callable[[], None] | None = None, credentials: Credentials | None = None) -> dict:
@@ -147,7 +142,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         try:
             prepared = dest.call("PrepareIncoming", pb.PrepareIncomingRequest(
                 run_id=prep.run_id, name=name, spec=prep.spec, source_endpoint=src_ep,
-                bulk_endpoint=_endpoint_with_port(src_ep, prep.bulk_endpoint), mode=mode,
+                bulk_endpoint=rpc.endpoint_with_port(src_ep, prep.bulk_endpoint), mode=mode,
                 recovery_timeout_s=opts.recovery_timeout), timeout=120)
             stale = _precopy(source, dest, run, opts, log) if mode != "postcopy" else b""
             if before_switchover:
@@ -174,21 +169,41 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             source.call("AbortOutgoing", run)
             raise
         log.switch_discarded = started.discarded
-        timeline = report.Timeline(t0)
-        status = _wait_complete(dest, name, run, opts, _both(timeline, on_status))
-        total_s = time.monotonic() - t0
-        before = source.call("InspectGuest", pb.GuestRef(name=name))
-        src_stats = source.call("CompleteOutgoing", run)
-        after = dest.call("InspectGuest", pb.GuestRef(name=name))
-        verified = _verify(source, dest, name, prep.spec) if opts.verify else None
+        end = _finish(source, dest, name, run, prep.spec, opts, on_status, t0)
     doc = report.build(
-        name=name, spec=prep.spec, total_s=total_s, t_start_ns=t_start_ns, switch=switch,
-        prepare_ms=prepared.prepare_ms, resume_ms=started.resume_ms, status=status, source_stats=src_stats,
-        before=before, after=after, verified=verified, mode=mode, precopy=log.to_dict(),
-        precopy_pages=log.pages, precopy_bytes=log.bytes_wire,
+        name=name, spec=prep.spec, total_s=end.total_s, t_start_ns=t_start_ns, switch=switch,
+        prepare_ms=prepared.prepare_ms, resume_ms=started.resume_ms, status=end.status,
+        source_stats=end.source_stats, before=end.before, after=end.after, verified=end.verified, mode=mode,
+        precopy=log.to_dict(), precopy_pages=log.pages, precopy_bytes=log.bytes_wire,
         downtime_parts=_downtime_parts(switch, started, log))
-    doc.update(timeline=timeline.points, switchover_s=timeline.switchover_s())
+    doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s())
     return doc
+
+
+@dataclass
+class _Ending:
+    """What the last steps of a migration tell the report."""
+
+    timeline: report.Timeline
+    status: pb.MigrationStatus
+    total_s: float
+    before: pb.GuestInfo
+    source_stats: pb.SourceStats
+    after: pb.GuestInfo
+    verified: bool | None
+
+
+def _finish(source: AgentClient, dest: AgentClient, name: str, run: pb.RunRef, spec: pb.GuestSpec,
+            opts: RunOptions, on_status: Callable[[pb.MigrationStatus], None] | None, t0: float) -> _Ending:
+    """Wait for the last page, release the guest on the source, and check it if asked."""
+    timeline = report.Timeline(t0)
+    status = _wait_complete(dest, name, run, opts, _both(timeline, on_status))
+    total_s = time.monotonic() - t0
+    before = source.call("InspectGuest", pb.GuestRef(name=name))
+    src_stats = source.call("CompleteOutgoing", run)
+    after = dest.call("InspectGuest", pb.GuestRef(name=name))
+    verified = _verify(source, dest, name, spec) if opts.verify else None
+    return _Ending(timeline, status, total_s, before, src_stats, after, verified)
 
 
 def resume(name: str, src: str, dst: str, opts: RunOptions,
@@ -211,19 +226,14 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
             source.call("AbortOutgoing", run)
             raise AgentError(f"the migration of {name!r} had not switched over; it was aborted and the guest "
                              f"runs on {src} as before: start it again with `migrate run`")
-        t0 = time.monotonic()
         t_start_ns = time.time_ns()
-        timeline = report.Timeline(t0)
-        status = _wait_complete(dest, name, run, opts, _both(timeline, on_status))
-        before = source.call("InspectGuest", pb.GuestRef(name=name))
-        src_stats = source.call("CompleteOutgoing", run)
-        after = dest.call("InspectGuest", pb.GuestRef(name=name))
-        verified = _verify(source, dest, name, before.spec) if opts.verify else None
+        end = _finish(source, dest, name, run, info.spec, opts, on_status, time.monotonic())
     doc = report.build(
-        name=name, spec=before.spec, total_s=time.monotonic() - t0, t_start_ns=t_start_ns,
-        switch=pb.SwitchoverReply(last_op_ns=before.last_op_ns), prepare_ms=0.0, resume_ms=0.0, status=status,
-        source_stats=src_stats, before=before, after=after, verified=verified, mode="resumed")
-    doc.update(timeline=timeline.points, switchover_s=timeline.switchover_s(), resumed_run=run.run_id)
+        name=name, spec=info.spec, total_s=end.total_s, t_start_ns=t_start_ns,
+        switch=pb.SwitchoverReply(last_op_ns=end.before.last_op_ns), prepare_ms=0.0, resume_ms=0.0,
+        status=end.status, source_stats=end.source_stats, before=end.before, after=end.after,
+        verified=end.verified, mode="resumed")
+    doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s(), resumed_run=run.run_id)
     return doc
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -177,6 +176,11 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._with(details), request_iterator)
 
 
+def endpoint_with_port(endpoint: str, other: str) -> str:
+    """`endpoint`'s host with `other`'s port: a second service of the same agent, as the caller reaches it."""
+    return f"{endpoint.rsplit(':', 1)[0]}:{other.rsplit(':', 1)[1]}"
+
+
 def describe_error(err: grpc.RpcError, target: str) -> str:
     """Turn a gRPC error into one line a user can act on."""
     code = err.code() if hasattr(err, "code") else None
@@ -187,7 +191,3 @@ def describe_error(err: grpc.RpcError, target: str) -> str:
         return f"agent at {target} did not answer in time"
     return details or f"{code.name if code else 'error'} from {target}"
 
-
-def monotonic_ms() -> float:
-    """Milliseconds on the monotonic clock, for phase timings."""
-    return time.monotonic() * 1000.0

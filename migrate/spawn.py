@@ -45,3 +45,12 @@ def yield_cpu_to_urgent_work() -> None:
     except (OSError, AttributeError):
         pass  # not Linux: the niceness alone still helps
     os.nice(10)
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` runs (and is not a zombie), whoever its parent is."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -186,13 +186,9 @@ class FaultServer:
             self.latencies_us.append(us)
             self.blocked_us += us * waiters
 
-    @property
-    def waiting(self) -> bool:
-        with self._lock:
-            return any(self._waiting.values())
-
-    def resolve_arrived(self) -> None:
-        """Close the faults whose page another path (the bulk stream) installed first.
+    def resolve_arrived(self) -> bool:
+        """Close the faults whose page another path (the bulk stream) installed first;
+        True while faults still wait.
 
         Their own reply may still be queued behind others; the guest thread
         already runs again, and its latency ends now, not then.
@@ -205,6 +201,7 @@ class FaultServer:
                     arrived = [f for f in faults if test(f[0])]
                     faults[:] = [f for f in faults if not test(f[0])]
                     self._resolve(arrived, now)
+            return any(self._waiting.values())
 
     def receive(self) -> None:
         """Install urgent replies as they arrive (runs on its own thread)."""
@@ -258,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     receiver = threading.Thread(target=server.receive, daemon=True, name="urgent-replies")
     receiver.start()
     worker.report_periodically(server.snapshot, stop)
+    waiting = False
     while not stop.is_set() and server.error is None:
-        faults = mem.io.read(mem.bitmap, timeout_ms=1 if server.waiting else 20)
+        faults = mem.io.read(mem.bitmap, timeout_ms=1 if waiting else 20)
         if faults:
             server.on_faults(faults)
-        server.resolve_arrived()
+        waiting = server.resolve_arrived()
         # No exit on a full bitmap: with pre-copy it fills before the switch and
         # empties again (discards); the agent stops us by closing stdin.
     server.close()

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+from migrate import rpc
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
@@ -74,9 +75,8 @@ class UffdRestoreListener:
                 prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=self._image))
                 ref = pb.RunRef(run_id=prep.run_id)
                 source.call("Switchover", ref)
-                host = self._source.rsplit(":", 1)[0]
                 run = IncomingRun(prep.run_id, f"{self._image}-restore-{self._count}", spec_from_pb(prep.spec),
-                                  self._source, f"{host}:{prep.bulk_endpoint.rsplit(':', 1)[1]}")
+                                  self._source, rpc.endpoint_with_port(self._source, prep.bulk_endpoint))
                 run.attach(uffd_fd, [dict(r) for r in regions])
                 run.start_workers()
                 with self._lock:

@@ -89,11 +89,7 @@ class _Adopted:
         self.pid = pid
 
     def poll(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return 0 if f.read().rsplit(")", 1)[1].split()[0] == "Z" else None
-        except (OSError, IndexError):
-            return 0
+        return None if spawn.alive(self.pid) else 0
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -5,6 +5,7 @@ import ctypes
 import signal
 
 from migrate.local import ServiceProcess
+from migrate.spawn import alive
 
 _PR_SET_PDEATHSIG = 1
 #: Loaded once here: a child between fork and exec must not dlopen.
@@ -14,15 +15,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `sig` to this process when its parent dies (a crashed keeper)."""
     _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-
-def alive(pid: int) -> bool:
-    """True if `pid` runs (and is not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def in_namespace(ns: str, module: str, *args: str, log_path: str) -> ServiceProcess:
