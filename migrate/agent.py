@@ -17,7 +17,8 @@ from typing import Any
 
 import grpc
 
-from migrate import __version__, rpc, validate
+from migrate import __version__, rpc, spawn, validate
+from migrate.batches import add_pages_servicer
 from migrate.dest.incoming import MODES, IncomingRun
 from migrate.journal import Journal
 from migrate.dest.restore import UffdRestoreListener
@@ -322,6 +323,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     `state_dir` journals incoming runs; the runs a previous agent left there
     are taken over and finished.
     """
+    spawn.tune_allocator()
     host = listen.rsplit(":", 1)[0]
     control = ControlService(roles, host, level, compress)
     if state_dir:
@@ -332,7 +334,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     server = rpc.server()
     pb_grpc.add_ControlServicer_to_server(control, server)
     if "source" in roles:
-        pb_grpc.add_PagesServicer_to_server(UrgentPages(control.outgoing), server)
+        add_pages_servicer(UrgentPages(control.outgoing), server)
     port = rpc.bind(server, listen)
     listener = None
     if uffd_restore:

@@ -55,9 +55,39 @@ class PagesClient:
         return pb.PageBatch.FromString(raw)
 
 
-def approx_wire_size(batch: pb.PageBatch) -> int:
-    """A batch's size on the wire, give or take a few header bytes (no re-encoding)."""
-    return len(batch.data) + 5 * len(batch.zero_runs) + 24
+def add_pages_servicer(servicer: object, server: grpc.Server) -> None:
+    """Register a Pages servicer whose methods yield EncodedBatch.wire bytes.
+
+    The bytes go out as they are: no PageBatch message is built and
+    serialized again, which would copy every megabyte twice more.
+    """
+    handlers = {
+        "Fetch": grpc.stream_stream_rpc_method_handler(servicer.Fetch, request_deserializer=pb.PageRequest.FromString),
+        "Bulk": grpc.stream_stream_rpc_method_handler(servicer.Bulk, request_deserializer=pb.BulkRequest.FromString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("migrate.v1.Pages", handlers),))
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A PageBatch serialized for the wire, with what its sender counts."""
+
+    wire: bytes
+    count: int
+    compressed: bool
+
+
+#: The key of PageBatch.data (field 6, length-delimited) on the wire.
+_DATA_KEY = bytes([6 << 3 | 2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 class BatchError(ValueError):
@@ -77,18 +107,26 @@ class BatchEncoder:
         if level is not None:
             self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
 
-    def encode(self, first_page: int, count: int, req_id: int = 0) -> pb.PageBatch:
+    def encode(self, first_page: int, count: int, req_id: int = 0) -> EncodedBatch:
+        """Pages [first_page, first_page + count) as one serialized PageBatch.
+
+        The small fields are serialized as a message and the data field is
+        appended by hand: a parser merges the two, and the page bytes are
+        copied once, from the packing buffer into the wire bytes.
+        """
         zero_runs, data = pages.pack_pages(self._mem, first_page, count, self._page_size)
-        batch = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
-                             raw_len=len(data), checksum=pages.checksum(data))
+        header = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
+                              raw_len=len(data), checksum=pages.checksum(data))
+        payload: bytes | memoryview = data
         if self._cctx is not None and len(data):
             packed = self._cctx.compress(data)
             if len(packed) < _WORTH_IT * len(data):
-                batch.encoding = pb.ZSTD
-                batch.data = packed
-                return batch
-        batch.data = bytes(data)
-        return batch
+                header.encoding = pb.ZSTD
+                payload = packed
+        parts = [header.SerializeToString()]
+        if len(payload):
+            parts += [_DATA_KEY, _varint(len(payload)), payload]
+        return EncodedBatch(b"".join(parts), count, header.encoding == pb.ZSTD)
 
 
 @dataclass

@@ -108,7 +108,8 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         "precopy": precopy or {"rounds": [], "pages": 0, "bytes": 0},
         "link": _link(detail),
         "source": {"urgent_requests": source_stats.urgent_requests, "urgent_pages": source_stats.urgent_pages,
-                   "bulk_pages": source_stats.bulk_pages, "bulk_bytes": source_stats.bulk_bytes},
+                   "bulk_pages": source_stats.bulk_pages, "bulk_bytes": source_stats.bulk_bytes,
+                   "compressed_batches": source_stats.bulk_compressed_batches},
     }
     if verified is not None:
         doc["verified"] = verified

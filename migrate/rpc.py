@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import socket
+import urllib.parse
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -179,6 +181,28 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 def endpoint_with_port(endpoint: str, other: str) -> str:
     """`endpoint`'s host with `other`'s port: a second service of the same agent, as the caller reaches it."""
     return f"{endpoint.rsplit(':', 1)[0]}:{other.rsplit(':', 1)[1]}"
+
+
+def is_local_peer(peer: str) -> bool:
+    """Is a gRPC peer ("ipv4:10.0.0.2:5000", "ipv6:[::1]:5000", "unix:...") on this host?
+
+    An address is this host's when a socket can bind to it here: loopback
+    and this network namespace's own addresses, not a peer's in another
+    namespace (the lab's emulated hosts).
+    """
+    kind, _, rest = peer.partition(":")
+    if kind == "unix":
+        return True
+    family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(kind)
+    if family is None:
+        return False
+    host = urllib.parse.unquote(rest.rsplit(":", 1)[0]).strip("[]")
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
 
 
 def describe_error(err: grpc.RpcError, target: str) -> str:

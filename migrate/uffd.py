@@ -84,13 +84,17 @@ class Region:
 
 @dataclass
 class InstallStats:
-    """What one install did, in pages (ioctls: install ioctls issued)."""
+    """What one install did, in pages (ioctls: install ioctls issued), and
+    when it was done (done_ns, time.monotonic_ns's clock): the moment the
+    guest's faulting threads could run again, before this process got back
+    to Python."""
 
     copied: int
     zeroed: int
     skipped: int
     eexist: int
     ioctls: int
+    done_ns: int
 
     @property
     def installed(self) -> int:
@@ -285,7 +289,7 @@ class FaultReader:
             if r < 0:
                 raise os_error(-r, f"mig_install first_page={first_page} count={count} "
                                    f"zero_runs={len(zero_runs) // 2} data_len={len(buf)}")
-        return InstallStats(st.copied, st.zeroed, st.skipped, st.eexist, st.ioctls)
+        return InstallStats(st.copied, st.zeroed, st.skipped, st.eexist, st.ioctls, st.done_ns)
 
 
 def pagemap_scan_written(pagemap_fd: int, start: int, end: int, chunk: int = 1024) -> list[tuple[int, int]]:

@@ -6,4 +6,5 @@
 #include "pages.h"
 #include "workload.h"
 #include "dirty.h"
+#include "alloc.h"
 #endif

@@ -413,6 +413,7 @@ int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint
             data += (end - p) * page_size;
         p = end;
     }
+    st->done_ns = mono_ns();
     return installed;
 }
 

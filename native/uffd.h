@@ -108,6 +108,7 @@ struct mig_install_stats {
     uint64_t skipped; /* pages already set in the bitmap, not touched */
     uint64_t eexist;  /* pages the kernel found present (someone raced us) */
     uint64_t ioctls;  /* install ioctls issued */
+    uint64_t done_ns; /* CLOCK_MONOTONIC when the last page was in place (set by mig_install) */
 };
 
 /* Counters, accumulated (+=) by mig_read_faults. */

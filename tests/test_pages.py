@@ -1,4 +1,4 @@
-"""pack_pages / expand_pages: zero runs, data layout, round trips."""
+"""pack_pages / expand_pages and page batches: zero runs, data layout, round trips."""
 from __future__ import annotations
 
 import errno
@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrate._native import ffi, lib
+from migrate.batches import BatchDecoder, BatchEncoder
 from migrate.pages import expand_pages, pack_pages
+from migrate.proto import migrate_pb2 as pb
 
 
 def zero_runs_of(flags: list[bool]) -> list[int]:
@@ -87,3 +89,21 @@ def test_native_pack_reports_enospc_when_runs_overflow() -> None:
 def test_expand_refuses_inconsistent_shapes(zero_runs: list[int], data_pages: int) -> None:
     with pytest.raises(ValueError):
         expand_pages(3, 64, zero_runs, bytes(64 * data_pages))
+
+
+@settings(max_examples=200, deadline=None)
+@given(memories(), st.sampled_from([None, 1]), st.integers(0, 2**64 - 1))
+def test_encoded_batches_parse_and_decode_to_the_pages(mem: tuple[int, list[bytes]], level: int | None,
+                                                       req_id: int) -> None:
+    """The encoder's hand-appended data field parses as a PageBatch, and the
+    decoder gives back exactly the pages (raw or zstd, any zero pattern)."""
+    size, page_list = mem
+    if not page_list:
+        return
+    memory = b"".join(page_list)
+    encoded = BatchEncoder(memoryview(memory), size, level).encode(0, len(page_list), req_id)
+    batch = pb.PageBatch.FromString(encoded.wire)
+    assert (batch.req_id, batch.first_page, batch.count) == (req_id, 0, len(page_list))
+    assert encoded.compressed == (batch.encoding == pb.ZSTD)
+    decoded = BatchDecoder(len(page_list), size).decode(batch)
+    assert expand_pages(decoded.count, size, decoded.zero_runs, decoded.data) == memory

@@ -1,5 +1,6 @@
 import pytest
 
+from migrate.rpc import is_local_peer
 from migrate.stats import log2_bucket, percentile, summarize
 from migrate.units import parse_rate, parse_size
 
@@ -38,3 +39,12 @@ def test_summary():
     assert s["hist_log2_us"]["64"] == 37  # 64..100
     assert summarize([])["count"] == 0
     assert percentile([5.0], 99) == 5.0
+
+
+@pytest.mark.parametrize("peer,local", [("ipv4:127.0.0.1:5000", True), ("ipv6:[::1]:5000", True),
+                                        ("ipv6:%5B::1%5D:5000", True), ("unix:/run/x.sock", True),
+                                        ("ipv4:192.0.2.7:5000", False), ("ipv6:[2001:db8::7]:5000", False),
+                                        ("weird", False)])
+def test_local_peers(peer, local):
+    """The bulk server never compresses for a destination on its own host."""
+    assert is_local_peer(peer) is local

@@ -24,11 +24,14 @@ from migrate.bitmap import SharedBitmap
 from migrate.dest import worker
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
-from migrate.source.bulk_server import MAX_REQUEST_PAGES
+from migrate.source.bulk_server import MAX_BULK_PAGES, MAX_REQUEST_PAGES
 
 #: Bulk requests in flight, in pages and in requests: enough to keep the link
 #: busy while batches install, even when the runs between faults are short.
-WINDOW_PAGES = 2 * MAX_REQUEST_PAGES
+#: Pages asked for and not yet installed never exceed WINDOW_PAGES: they are
+#: this worker's batch buffers (16 MiB of 4 KiB pages), the bound on what
+#: gRPC can have received ahead of the installs.
+WINDOW_PAGES = MAX_REQUEST_PAGES
 WINDOW_REQUESTS = 32
 
 
@@ -120,8 +123,12 @@ class BulkPuller:
         if ahead > 0:
             time.sleep(ahead)
 
-    def _window_full(self) -> bool:
-        return self._inflight_pages >= self._window_pages or len(self._inflight) >= WINDOW_REQUESTS
+    def _room(self) -> int:
+        """Pages the next request may ask for; 0 while the window is too full to bother."""
+        if len(self._inflight) >= WINDOW_REQUESTS:
+            return 0
+        room = min(self._request_pages, self._window_pages - self._inflight_pages)
+        return room if room >= min(self._request_pages, MAX_BULK_PAGES) else 0
 
     def requests(self) -> Iterator[pb.BulkRequest]:
         """The request stream of one call; it ends when that call is written off."""
@@ -130,11 +137,11 @@ class BulkPuller:
         while True:
             self._pace()
             with self._cond:
-                while self._window_full() and not self._stop and generation == self._generation:
+                while not (room := self._room()) and not self._stop and generation == self._generation:
                     self._cond.wait()
                 if self._stop or generation != self._generation:
                     return
-                rng = self._planner.next_range(self._request_pages)
+                rng = self._planner.next_range(room)
                 if rng is None:
                     if not self._inflight:
                         return
@@ -232,11 +239,17 @@ def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | N
 
 def main(argv: list[str] | None = None) -> int:
     args = worker.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    spawn.tune_allocator()
     spawn.yield_cpu_to_urgent_work()
     mem = worker.open_memory(args)
     if args.hint_fd >= 0:
         os.set_blocking(args.hint_fd, False)
-    link = SourceLink(args.endpoint, "bulk", args.recovery_timeout)
+    try:
+        link = SourceLink(args.endpoint, "bulk", args.recovery_timeout)
+    except ConnectionError as err:
+        worker.emit({"error": str(err), "done": True})
+        return 1
+    worker.emit({"ready": True})
     go = worker.wait_go()
     if go is None:  # --no-push, or the run was aborted before switchover
         link.close()

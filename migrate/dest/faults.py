@@ -1,4 +1,4 @@
-"""The destination's fault worker: the urgent path, in a process of its own.
+"""The destination's urgent path: faults in, urgent requests out, replies installed.
 
 Loop: read many fault messages at once (native, GIL released; pages that
 already arrived are woken right there), ask the source for each missing page
@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -157,7 +156,7 @@ class FaultServer:
             return
         done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
                                    decoded.zero_runs, decoded.data)
-        now = time.monotonic_ns()
+        now = done.done_ns  # the guest ran again then, whatever delays us on the way back to Python
         with self._lock:
             msg = self._sent.pop(batch.req_id, None)
             if msg is not None:
@@ -244,34 +243,68 @@ class FaultServer:
         return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = worker.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    mem = worker.open_memory(args)
-    if args.hint_fd >= 0:
-        os.set_blocking(args.hint_fd, False)
-    link = SourceLink(args.endpoint, "urgent", args.recovery_timeout)
-    stop = worker.stop_on_stdin_close()
-    server = FaultServer(mem, link, args.run_id, args.hint_fd)
-    receiver = threading.Thread(target=server.receive, daemon=True, name="urgent-replies")
-    receiver.start()
-    worker.report_periodically(server.snapshot, stop)
-    waiting = False
-    while not stop.is_set() and server.error is None:
-        faults = mem.io.read(mem.bitmap, timeout_ms=1 if waiting else 20)
-        if faults:
-            server.on_faults(faults)
-        waiting = server.resolve_arrived()
-        # No exit on a full bitmap: with pre-copy it fills before the switch and
-        # empties again (discards); the agent stops us by closing stdin.
-    server.close()
-    receiver.join(timeout=5)
-    link.close()
-    summary = dict(server.summary(), done=True)
-    if server.error:
-        summary["error"] = server.error
-    worker.emit(summary)
-    return 1 if server.error else 0
+class FaultLoop:
+    """The urgent path, run by the destination agent: a fault loop and a reply receiver.
 
+    Two threads of the agent rather than a process of their own: the agent
+    is idle while pages move, and one Python process less keeps the
+    destination within its memory budget. The bulk worker, which is busy,
+    stays a separate (niced) process, so its GIL never delays a fault.
+    Connecting happens here: a source that cannot be reached raises
+    ConnectionError, before the guest ever stops on the source.
+    """
 
-if __name__ == "__main__":
-    sys.exit(main())
+    kind = "faults"
+
+    def __init__(self, mem: worker.Memory, endpoint: str, run_id: str, hint_fd: int,
+                 recovery_timeout: float) -> None:
+        self._mem = mem
+        self._link = SourceLink(endpoint, "urgent", recovery_timeout)
+        self._server = FaultServer(mem, self._link, run_id, hint_fd)
+        self._stop = threading.Event()
+        self._summary: dict | None = None
+        self._receiver = threading.Thread(target=self._server.receive, daemon=True, name="urgent-replies")
+        self._loop = threading.Thread(target=self._run, daemon=True, name="fault-loop")
+        self._receiver.start()
+        self._loop.start()
+
+    def _run(self) -> None:
+        server, mem = self._server, self._mem
+        waiting = False
+        try:
+            while not self._stop.is_set() and server.error is None:
+                faults = mem.io.read(mem.bitmap, timeout_ms=1 if waiting else 20)
+                if faults:
+                    server.on_faults(faults)
+                waiting = server.resolve_arrived()
+                # No exit on a full bitmap: with pre-copy it fills before the switch
+                # and empties again (discards); the agent stops us.
+        except (OSError, BatchError) as err:
+            server.error = f"fault loop failed: {err}"
+
+    @property
+    def last(self) -> dict:
+        """The counters; after stop(), the summary with latencies."""
+        if self._summary is not None:
+            return self._summary
+        out = self._server.snapshot()
+        if self._server.error:
+            out["error"] = self._server.error
+        return out
+
+    def failure(self) -> str | None:
+        """Why the urgent path stopped serving, or None while it serves."""
+        return self._server.error
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._summary is not None:
+            return
+        self._stop.set()
+        self._loop.join(timeout)
+        self._server.close()
+        self._receiver.join(timeout=5)
+        self._link.close()
+        summary = dict(self._server.summary(), done=True)
+        if self._server.error:
+            summary["error"] = self._server.error
+        self._summary = summary

@@ -2,14 +2,16 @@
 
 PrepareIncoming creates empty guest RAM, starts a guest runner in restore
 mode (it registers its RAM with userfaultfd and hands us the fd), creates the
-received bitmap and starts both workers, which connect to the source. In
+received bitmap, starts the urgent path (dest/faults.py, threads of this
+agent) and the bulk worker process; both connect to the source. In
 hybrid and precopy modes, PrecopyRound calls then fill RAM while the guest
 still runs on the source (migrate.dest.precopy); in precopy mode the runner
 has no userfaultfd and no worker starts: every page arrives by pre-copy.
 StartIncoming first discards the pages the source reports stale, then
-resumes the guest with its execution state and lets the bulk worker go. A watcher notices when every page has arrived, stops the workers,
-unregisters the userfaultfd and marks the run complete. The received bitmap
-is owned here; the workers only set bits in it.
+resumes the guest with its execution state and lets the bulk worker go. A
+watcher notices when every page has arrived, stops both paths, unregisters
+the userfaultfd and marks the run complete. The received bitmap is owned
+here; the two paths only set bits in it.
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ import time
 from migrate import spawn
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
+from migrate.dest.faults import FaultLoop
 from migrate.dest.precopy import PrecopyPuller, discard
+from migrate.dest.worker import Memory
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.proto import migrate_pb2 as pb
-from migrate.uffd import Uffd
+from migrate.uffd import FaultReader, Region, Uffd
 
 log = logging.getLogger("migrate.dest")
 
@@ -42,7 +46,7 @@ MODES = ("postcopy", "hybrid", "precopy")
 
 
 class Worker:
-    """A worker process, its readiness and the last counters it reported."""
+    """A worker process (the bulk worker), its readiness and the last counters it reported."""
 
     def __init__(self, kind: str, argv: list[str], fds: tuple[int, ...]) -> None:
         self.kind = kind
@@ -89,6 +93,13 @@ class Worker:
             why = self.stderr_tail[-1] if self.stderr_tail else f"exit status {self.proc.returncode}"
             raise ConnectionError(self.first.get("error") or f"{self.kind} worker failed to start: {why}")
 
+    def failure(self) -> str | None:
+        """Why the worker stopped serving, or None while it serves."""
+        if self.proc.poll() in (None, 0):
+            return None
+        self._reader.join(timeout=1)  # its last line says why
+        return self.last.get("error") or f"{self.kind} worker exited with status {self.proc.returncode}"
+
     def send(self, message: dict) -> None:
         """One JSON line on the worker's stdin."""
         self.proc.stdin.write(json.dumps(message) + "\n")
@@ -129,7 +140,7 @@ class IncomingRun:
         self.bitmap: SharedBitmap | None = None
         self.uffd: Uffd | None = None
         self.regions: list[tuple[int, int, int]] = []
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[str, Worker | FaultLoop] = {}
         self.mode = "postcopy"
         self.precopy: PrecopyPuller | None = None
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
@@ -201,18 +212,20 @@ class IncomingRun:
             covered.close()
 
     def start_workers(self) -> None:
-        """Start the fault worker (serving at once) and the bulk worker (waiting for "go")."""
+        """Start the bulk worker (waiting for "go") and the urgent path (serving at once)."""
         self._hint_r, self._hint_w = os.pipe2(os.O_CLOEXEC)
-        common = ["--uffd", str(self.uffd.fd), "--bitmap-fd", str(self.bitmap.fd), "--pages", str(self.page_count),
-                  "--page-size", str(self.spec.page_size), "--regions", json.dumps(self.regions),
-                  "--run-id", self.run_id, "--recovery-timeout", str(self.recovery_timeout)]
-        fds = (self.uffd.fd, self.bitmap.fd)
-        self.workers["faults"] = Worker("faults", common + ["--endpoint", self.source_endpoint,
-                                                           "--hint-fd", str(self._hint_w)], fds + (self._hint_w,))
-        self.workers["bulk"] = Worker("bulk", common + ["--endpoint", self.bulk_endpoint,
-                                                       "--hint-fd", str(self._hint_r)], fds + (self._hint_r,))
-        for w in self.workers.values():
-            w.wait_ready(_READY_TIMEOUT)
+        os.set_blocking(self._hint_w, False)  # a bulk worker behind on hints only loses a jump
+        bulk = Worker("bulk", ["--uffd", str(self.uffd.fd), "--bitmap-fd", str(self.bitmap.fd),
+                               "--pages", str(self.page_count), "--page-size", str(self.spec.page_size),
+                               "--regions", json.dumps(self.regions), "--run-id", self.run_id,
+                               "--recovery-timeout", str(self.recovery_timeout), "--endpoint", self.bulk_endpoint,
+                               "--hint-fd", str(self._hint_r)], (self.uffd.fd, self.bitmap.fd, self._hint_r))
+        self.workers["bulk"] = bulk
+        mem = Memory(self.uffd, self.bitmap, FaultReader(self.uffd, [Region(*r) for r in self.regions],
+                                                         self.spec.page_size), self.page_count, self.spec.page_size)
+        self.workers["faults"] = FaultLoop(mem, self.source_endpoint, self.run_id, self._hint_w,
+                                           self.recovery_timeout)
+        bulk.wait_ready(_READY_TIMEOUT)
         self.phase = "prepared"
 
     # ------------------------------------------------------------ pre-copy
@@ -307,11 +320,9 @@ class IncomingRun:
                 self._t_done = time.monotonic()
                 self._finish()
                 return
-            failed = [w for w in self.workers.values() if w.proc.poll() not in (None, 0)]
-            if failed:
-                w = failed[0]
-                time.sleep(0.1)  # let its last line arrive
-                self._fail(w.last.get("error") or f"{w.kind} worker exited with status {w.proc.returncode}")
+            failure = next((f for f in (w.failure() for w in self.workers.values()) if f), None)
+            if failure:
+                self._fail(failure)
                 return
             time.sleep(_WATCH_EVERY)
 

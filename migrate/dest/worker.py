@@ -1,12 +1,13 @@
-"""What the destination's two worker processes share.
+"""What the destination's urgent path and its bulk worker process share.
 
-The destination agent starts a fault worker (urgent path) and a bulk worker
-as separate processes, so neither waits on the other's GIL. Both receive the
-guest's userfaultfd and the shared received-bitmap as inherited fds, install
-pages with the native layer, and report counters to the agent as JSON lines
-on stdout: first {"ready": true} once connected to the source, then
-counters. The agent closes a worker's stdin to stop it; the bulk worker
-first waits for a {"go": ...} line (sent at switchover).
+The destination agent runs the urgent path itself (dest/faults.py) and
+starts the bulk worker as a separate process, so the busy bulk path never
+holds the GIL the urgent path needs. Both install pages with the native
+layer into the guest's userfaultfd and set bits in the received bitmap; the
+bulk worker gets both as inherited fds and reports to the agent as JSON
+lines on stdout: first {"ready": true} once connected to the source (or
+why not), then counters. It waits for a {"go": ...} line (sent at
+switchover); the agent closes its stdin to stop it.
 """
 from __future__ import annotations
 
@@ -65,19 +66,17 @@ def open_memory(args: argparse.Namespace) -> Memory:
 
 
 def connect(endpoint: str, purpose: str) -> grpc.Channel:
-    """A ready channel to the source, announced to the agent as {"ready": true}.
+    """A ready channel to the source.
 
-    If the source cannot be reached, say why and exit: the agent fails the
-    prepare step and the guest stays on the source.
+    Raises ConnectionError if the source cannot be reached: the agent fails
+    the prepare step and the guest stays on the source.
     """
     channel = rpc.channel(endpoint, purpose=purpose)
     try:
         rpc.wait_ready(channel, endpoint, CONNECT_TIMEOUT)
     except rpc.AgentError:
         channel.close()
-        emit({"error": f"destination cannot reach the source at {endpoint}", "done": True})
-        sys.exit(1)
-    emit({"ready": True})
+        raise ConnectionError(f"destination cannot reach the source at {endpoint}") from None
     return channel
 
 

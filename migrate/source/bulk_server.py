@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 
 from migrate import rpc, spawn
-from migrate.batches import BatchEncoder, approx_wire_size
+from migrate.batches import BatchEncoder, EncodedBatch, add_pages_servicer
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
@@ -36,23 +36,32 @@ MAX_BULK_PAGES = 256
 #: Most pages one bulk request may ask for: few requests keep the stream
 #: flowing like a push, without a round trip per batch.
 MAX_REQUEST_PAGES = 4096
+#: Encoder threads: compressed batches are encoded this many ahead of the sender.
+ENCODERS = 2
 #: Batches a stream may have asked for and not yet been sent.
 _QUEUED_BATCHES = 64
 #: When bulk batches are compressed: when the link is the bottleneck, always, never.
 COMPRESS_POLICIES = ("auto", "always", "never")
 #: Bytes/s zstd is assumed to compress until it has been measured here.
 _COMPRESS_BPS_GUESS = 400e6
+#: Under "auto", data that compressed worse than this (compressed / raw) is
+#: sent raw, with one batch in _PROBE_EVERY compressed to notice a change.
+_STOP_RATIO = 0.9
+_PROBE_EVERY = 32
 
 
 class BulkPages(pb_grpc.PagesServicer):
     """Pages.Bulk for one guest of one migration run.
 
-    Compression adapts to the link. Each batch is compressed only when the
-    link is what limits us: when the last send took longer than compressing
-    the next batch would (spread over the encoder threads). Then encoders
-    work ahead of the sender and compression costs no time; on a fast link
-    or a CPU-starved host (loopback with both agents on two cores) batches
-    go raw, because there compressing would be the bottleneck.
+    Compression ("auto") adapts to the link and to the data. A batch is
+    compressed only when the link is what limits us: when the last send took
+    longer than compressing the next batch would (spread over the encoder
+    threads). Then encoders work ahead of the sender and compression costs
+    no time. It is not when the data does not compress (the measured ratio
+    says so; a probe now and then notices when that changes), and never
+    when the destination is on this host: a loopback "link" is memory, a
+    send that takes long waits for the destination's CPU, and compressing
+    would take that same CPU.
     """
 
     def __init__(self, mem: memoryview, page_size: int, run_id: str, level: int, policy: str, threads: int) -> None:
@@ -67,11 +76,13 @@ class BulkPages(pb_grpc.PagesServicer):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._compress_bps = _COMPRESS_BPS_GUESS
+        self._ratio = 0.5  # compressed / raw bytes, a moving average
+        self._skipped = 0  # batches sent raw for their poor ratio since the last probe
         self.pages = 0
         self.bytes = 0
         self.compressed_batches = 0
 
-    def _encode(self, req: pb.BulkRequest, compress: bool) -> pb.PageBatch:
+    def _encode(self, req: pb.BulkRequest, compress: bool) -> EncodedBatch:
         key = "zstd" if compress else "raw"
         enc = getattr(self._local, key, None)
         if enc is None:
@@ -82,15 +93,24 @@ class BulkPages(pb_grpc.PagesServicer):
         t0 = time.monotonic()
         batch = enc.encode(req.first_page, req.count, req.req_id)
         seconds = time.monotonic() - t0
-        if seconds > 0 and batch.raw_len:
-            with self._lock:  # a moving average of this host's compression speed
-                self._compress_bps = 0.8 * self._compress_bps + 0.2 * batch.raw_len / seconds
+        raw = batch.count * self._page_size
+        with self._lock:  # moving averages of this host's compression speed and this guest's ratio
+            if seconds > 0:
+                self._compress_bps = 0.8 * self._compress_bps + 0.2 * raw / seconds
+            self._ratio = 0.8 * self._ratio + 0.2 * len(batch.wire) / raw
         return batch
 
-    def _should_compress(self, last_send_s: float, req: pb.BulkRequest) -> bool:
-        """Per policy; for "auto": would compressing `req` hide behind the link's pace?"""
+    def _should_compress(self, last_send_s: float, req: pb.BulkRequest, local_peer: bool) -> bool:
+        """Per policy; for "auto": does the data compress, and would compressing hide behind the link's pace?"""
         if self._policy != "auto":
             return self._policy == "always"
+        if local_peer:
+            return False
+        if self._ratio > _STOP_RATIO:
+            self._skipped += 1
+            if self._skipped < _PROBE_EVERY:
+                return False
+            self._skipped = 0
         return last_send_s * self._threads > req.count * self._page_size / self._compress_bps
 
     def _check(self, req: pb.BulkRequest) -> str | None:
@@ -100,7 +120,7 @@ class BulkPages(pb_grpc.PagesServicer):
             return f"bad page range [{req.first_page}, +{req.count}) for {self._page_count} pages"
         return None
 
-    def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
+    def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         # Bounded: a client that floods requests is slowed by gRPC flow control, not served from RAM.
         incoming: queue.Queue[pb.BulkRequest | str | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
 
@@ -130,7 +150,8 @@ class BulkPages(pb_grpc.PagesServicer):
                 put(None)
 
         threading.Thread(target=read_requests, daemon=True, name="bulk-requests").start()
-        pending: collections.deque[Future | pb.PageBatch] = collections.deque()
+        local_peer = rpc.is_local_peer(context.peer())
+        pending: collections.deque[Future | EncodedBatch] = collections.deque()
         ended = False
         last_send_s = 0.0
         while True:
@@ -143,7 +164,7 @@ class BulkPages(pb_grpc.PagesServicer):
                     ended = True
                 elif isinstance(item, str):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
-                elif self._should_compress(last_send_s, item):
+                elif self._should_compress(last_send_s, item, local_peer):
                     pending.append(self._pool.submit(self._encode, item, True))
                 else:
                     pending.append(self._encode(item, False))
@@ -153,13 +174,13 @@ class BulkPages(pb_grpc.PagesServicer):
             batch = head.result() if isinstance(head, Future) else head
             with self._lock:
                 self.pages += batch.count
-                self.bytes += approx_wire_size(batch)
-                self.compressed_batches += batch.encoding == pb.ZSTD
+                self.bytes += len(batch.wire)
+                self.compressed_batches += batch.compressed
             t0 = time.monotonic()
-            yield batch
+            yield batch.wire
             last_send_s = time.monotonic() - t0
 
-    def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
+    def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "urgent requests go to the source agent, not the bulk server")
 
 
@@ -172,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", required=True, help="host:port (port 0 picks one)")
     ap.add_argument("--level", type=int, default=1, help="zstd level")
     ap.add_argument("--compress", choices=COMPRESS_POLICIES, default="auto")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=ENCODERS)
     args = ap.parse_args(argv)
+    spawn.tune_allocator()
     spawn.yield_cpu_to_urgent_work()
     mem = memoryview(mmap.mmap(args.memfd, args.size, mmap.MAP_SHARED, mmap.PROT_READ))
     service = BulkPages(mem, args.page_size, args.run_id, args.level, args.compress, args.threads)
     server = rpc.server(workers=4)
-    pb_grpc.add_PagesServicer_to_server(service, server)
+    add_pages_servicer(service, server)
     try:
         port = rpc.bind(server, args.listen)
     except rpc.AgentError as err:

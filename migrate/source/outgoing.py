@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import spawn
-from migrate.batches import MAX_URGENT_PAGES, BatchEncoder, approx_wire_size
+from migrate.batches import MAX_URGENT_PAGES, BatchEncoder, EncodedBatch
 from migrate.guests import HostedGuest
 from migrate.local import read_first_line
 from migrate.proto import migrate_pb2 as pb
@@ -102,11 +102,11 @@ class OutgoingRun:
         with self._lock:
             return self._take_dirty()
 
-    def count_urgent(self, batch: pb.PageBatch) -> None:
+    def count_urgent(self, batch: EncodedBatch) -> None:
         with self._lock:
             self.urgent_requests += 1
             self.urgent_pages += batch.count
-            self.urgent_bytes += approx_wire_size(batch)
+            self.urgent_bytes += len(batch.wire)
 
     def switchover(self) -> pb.SwitchoverReply:
         """Pause the guest and hand over its execution state and, with tracking,
@@ -141,7 +141,8 @@ class OutgoingRun:
         self._stop_tracking()
         return pb.SourceStats(urgent_requests=self.urgent_requests, urgent_pages=self.urgent_pages,
                               urgent_bytes=self.urgent_bytes, bulk_pages=self.bulk_stats.get("pages", 0),
-                              bulk_bytes=self.bulk_stats.get("bytes", 0))
+                              bulk_bytes=self.bulk_stats.get("bytes", 0),
+                              bulk_compressed_batches=self.bulk_stats.get("compressed_batches", 0))
 
     def _stop_bulk(self) -> None:
         proc = self._bulk
@@ -196,7 +197,7 @@ class UrgentPages(pb_grpc.PagesServicer):
     def __init__(self, runs: OutgoingRuns) -> None:
         self._runs = runs
 
-    def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
+    def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         encoders: dict[str, BatchEncoder] = {}
         for req in request_iterator:
             try:
@@ -214,8 +215,8 @@ class UrgentPages(pb_grpc.PagesServicer):
                 enc = encoders[req.run_id] = BatchEncoder(run.guest.mem, run.guest.spec.page_size, None)
             batch = enc.encode(req.first_page, req.count, req.req_id)
             run.count_urgent(batch)
-            yield batch
+            yield batch.wire
 
-    def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[pb.PageBatch]:
+    def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         context.abort(grpc.StatusCode.UNIMPLEMENTED,
                       "bulk pages come from the bulk server named in PrepareOutgoingReply.bulk_endpoint")
