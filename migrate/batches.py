@@ -6,6 +6,7 @@ corrupted frame is refused, never installed). Incompressible data goes raw.
 """
 from __future__ import annotations
 
+import errno
 import threading
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import grpc
 import zstandard
 
 from migrate import pages
+from migrate._native import ffi, lib
 from migrate.proto import migrate_pb2 as pb
 
 #: Most pages one urgent request may ask for (a fault's readahead).
@@ -24,9 +26,12 @@ _WORTH_IT = 0.92
 class PagesClient:
     """Pages.Fetch and Pages.Bulk calls that count the exact bytes on the wire.
 
-    Counting in the (de)serializers is free, where message.ByteSize() would
-    encode a megabyte batch again. Requests are serialized on one thread and
-    replies parsed on another, so each counter has a single writer.
+    Replies come back as the serialized PageBatch bytes: BatchDecoder parses
+    them in C and installs straight from them, where a protobuf message
+    would copy every megabyte twice (into the message, then out of its data
+    field). Counting in the (de)serializers is free. Requests are serialized
+    on one thread and replies received on another, so each counter has a
+    single writer.
     """
 
     def __init__(self, channel: grpc.Channel) -> None:
@@ -50,9 +55,9 @@ class PagesClient:
         self.bytes_sent += len(raw)
         return raw
 
-    def _parse(self, raw: bytes) -> pb.PageBatch:
+    def _parse(self, raw: bytes) -> bytes:
         self.bytes_received += len(raw)
-        return pb.PageBatch.FromString(raw)
+        return raw
 
 
 def add_pages_servicer(servicer: object, server: grpc.Server) -> None:
@@ -91,7 +96,15 @@ def _varint(n: int) -> bytes:
 
 
 class BatchError(ValueError):
-    """A batch that must not be installed (bad shape, checksum, size)."""
+    """A batch that must not be installed (bad shape, checksum, size).
+
+    `req_id` names the request it answered, None when even that could not
+    be read.
+    """
+
+    def __init__(self, message: str, req_id: int | None = None) -> None:
+        super().__init__(message)
+        self.req_id = req_id
 
 
 class BatchEncoder:
@@ -131,55 +144,70 @@ class BatchEncoder:
 
 @dataclass
 class DecodedBatch:
+    req_id: int
     first_page: int
     count: int
     zero_runs: list[int]
-    data: bytes
+    data: bytes | memoryview  # raw batches: a view into the received bytes
     zero_pages: int
 
 
+#: Most zero_runs values a batch may carry (a 256-page batch needs at most 256).
+_MAX_RUN_VALUES = 4096
+
+
+class _ParseBuffers(threading.local):
+    def __init__(self) -> None:
+        self.batch = ffi.new("struct mig_batch *")
+        self.runs = ffi.new("uint32_t[]", _MAX_RUN_VALUES)
+        self.dctx = zstandard.ZstdDecompressor()
+
+
 class BatchDecoder:
-    """Validates and decompresses PageBatch messages (destination side)."""
+    """Parses, validates and decompresses serialized PageBatch messages (destination side)."""
 
     def __init__(self, page_count: int, page_size: int) -> None:
         self._page_count = page_count
         self._page_size = page_size
-        self._local = threading.local()
+        self._local = _ParseBuffers()
 
-    def _dctx(self) -> zstandard.ZstdDecompressor:
-        dctx = getattr(self._local, "dctx", None)
-        if dctx is None:
-            dctx = self._local.dctx = zstandard.ZstdDecompressor()
-        return dctx
-
-    def decode(self, batch: pb.PageBatch) -> DecodedBatch:
-        first, count = batch.first_page, batch.count
+    def decode(self, raw: bytes) -> DecodedBatch:
+        """The batch in `raw`, checked (shape, size, checksum); raises BatchError."""
+        buf = self._local
+        with ffi.from_buffer("uint8_t[]", raw) as src:
+            r = lib.mig_parse_batch(src, len(raw), buf.batch, buf.runs, _MAX_RUN_VALUES)
+        if r < 0:
+            raise BatchError("not a PageBatch" if r == -errno.EINVAL else "too many zero runs in a batch")
+        b = buf.batch
+        first, count, req_id = b.first_page, b.count, b.req_id
         if count == 0 or first + count > self._page_count:
-            raise BatchError(f"batch pages [{first}, {first + count}) outside the guest's {self._page_count} pages")
-        runs = list(batch.zero_runs)
+            raise BatchError(f"batch pages [{first}, {first + count}) outside the guest's {self._page_count} pages",
+                             req_id)
+        runs = ffi.unpack(buf.runs, b.nzero_runs)
         if len(runs) % 2:
-            raise BatchError("zero_runs must hold (start, length) pairs")
+            raise BatchError("zero_runs must hold (start, length) pairs", req_id)
         zero = 0
         end = 0
         for start, length in zip(runs[::2], runs[1::2]):
             if start < end or length == 0 or start + length > count:
-                raise BatchError(f"bad zero run ({start}, {length}) in a batch of {count} pages")
+                raise BatchError(f"bad zero run ({start}, {length}) in a batch of {count} pages", req_id)
             end = start + length
             zero += length
         expected = (count - zero) * self._page_size
-        if batch.raw_len != expected:
-            raise BatchError(f"batch declares {batch.raw_len} data bytes, its shape needs {expected}")
-        if batch.encoding == pb.ZSTD:
+        if b.raw_len != expected:
+            raise BatchError(f"batch declares {b.raw_len} data bytes, its shape needs {expected}", req_id)
+        payload = memoryview(raw)[b.data_off:b.data_off + b.data_len]
+        if b.encoding == pb.ZSTD:
             try:
-                data = self._dctx().decompress(batch.data, max_output_size=expected)
+                data: bytes | memoryview = buf.dctx.decompress(payload, max_output_size=expected)
             except zstandard.ZstdError as err:
-                raise BatchError(f"corrupt zstd frame: {err}") from None
-        elif batch.encoding == pb.RAW:
-            data = batch.data
+                raise BatchError(f"corrupt zstd frame: {err}", req_id) from None
+        elif b.encoding == pb.RAW:
+            data = payload
         else:
-            raise BatchError(f"unknown encoding {batch.encoding}")
+            raise BatchError(f"unknown encoding {b.encoding}", req_id)
         if len(data) != expected:
-            raise BatchError(f"batch data is {len(data)} bytes, expected {expected}")
-        if pages.checksum(data) != batch.checksum:
-            raise BatchError(f"checksum mismatch in batch of pages [{first}, {first + count})")
-        return DecodedBatch(first, count, runs, data, zero)
+            raise BatchError(f"batch data is {len(data)} bytes, expected {expected}", req_id)
+        if pages.checksum(data) != b.checksum:
+            raise BatchError(f"checksum mismatch in batch of pages [{first}, {first + count})", req_id)
+        return DecodedBatch(req_id, first, count, runs, data, zero)

@@ -43,3 +43,85 @@ int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, 
     *nzero_runs = runs;
     return (int64_t)out;
 }
+
+/* ---- PageBatch parsing (the destination's receive path) ---- */
+
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
+
+/* A base-128 varint at *p (at most 10 bytes, within end); advances *p. */
+static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+        if (*p >= end)
+            return -EINVAL;
+        uint8_t b = *(*p)++;
+        v |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) {
+            *out = v;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+static int append_run(struct mig_batch *out, uint32_t *runs, uint32_t max_runs, uint64_t v)
+{
+    if (out->nzero_runs == max_runs)
+        return -ENOSPC;
+    runs[out->nzero_runs++] = (uint32_t)v;
+    return 0;
+}
+
+int mig_parse_batch(const uint8_t *buf, uint64_t len, struct mig_batch *out, uint32_t *runs, uint32_t max_runs)
+{
+    const uint8_t *p = buf, *end = buf + len;
+    memset(out, 0, sizeof(*out));
+    while (p < end) {
+        uint64_t key, v, n;
+        if (read_varint(&p, end, &key) < 0)
+            return -EINVAL;
+        uint64_t field = key >> 3;
+        int wt = (int)(key & 7);
+        if (field == 0)
+            return -EINVAL;
+        if (wt == WT_VARINT) {
+            if (read_varint(&p, end, &v) < 0)
+                return -EINVAL;
+            switch (field) {
+            case 1: out->req_id = v; break;
+            case 2: out->first_page = v; break;
+            case 3: out->count = (uint32_t)v; break;
+            case 4: if (append_run(out, runs, max_runs, v) < 0) return -ENOSPC; break;
+            case 5: out->encoding = (int32_t)v; break;
+            case 7: out->raw_len = (uint32_t)v; break;
+            case 8: out->checksum = v; break;
+            default: break; /* unknown, or a known field with another wire type: skipped */
+            }
+        } else if (wt == WT_LEN) {
+            if (read_varint(&p, end, &n) < 0 || n > (uint64_t)(end - p))
+                return -EINVAL;
+            const uint8_t *field_end = p + n;
+            if (field == 6) {
+                out->data_off = (uint64_t)(p - buf);
+                out->data_len = n;
+            } else if (field == 4) { /* packed zero_runs */
+                while (p < field_end) {
+                    if (read_varint(&p, field_end, &v) < 0)
+                        return -EINVAL;
+                    if (append_run(out, runs, max_runs, v) < 0)
+                        return -ENOSPC;
+                }
+            }
+            p = field_end;
+        } else if (wt == WT_I64 || wt == WT_I32) {
+            uint64_t size = wt == WT_I64 ? 8 : 4;
+            if (size > (uint64_t)(end - p))
+                return -EINVAL;
+            p += size;
+        } else {
+            return -EINVAL; /* groups (3, 4) and wire types 6, 7 have no place here */
+        }
+    }
+    return 0;
+}

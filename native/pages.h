@@ -13,4 +13,20 @@
 int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, uint32_t *zero_runs,
                        uint32_t max_runs, uint32_t *nzero_runs, uint8_t *dst);
 
+/* The fields of a serialized PageBatch (proto/migrate.proto). data_off and
+ * data_len locate the data field inside the buffer parsed: the pages are
+ * never copied out of it. */
+struct mig_batch {
+    uint64_t req_id, first_page, checksum, data_off, data_len;
+    uint32_t count, raw_len, nzero_runs;
+    int32_t encoding;
+};
+
+/* Parse a serialized PageBatch of len bytes at buf, as any protobuf parser
+ * would: fields in any order, the last of a scalar wins, zero_runs packed or
+ * not, unknown fields skipped. zero_runs values go to runs (room for
+ * max_runs). Returns 0, -EINVAL for bytes that are not a PageBatch, or
+ * -ENOSPC for more than max_runs zero_runs values. */
+int mig_parse_batch(const uint8_t *buf, uint64_t len, struct mig_batch *out, uint32_t *runs, uint32_t max_runs);
+
 #endif

@@ -105,5 +105,75 @@ def test_encoded_batches_parse_and_decode_to_the_pages(mem: tuple[int, list[byte
     batch = pb.PageBatch.FromString(encoded.wire)
     assert (batch.req_id, batch.first_page, batch.count) == (req_id, 0, len(page_list))
     assert encoded.compressed == (batch.encoding == pb.ZSTD)
-    decoded = BatchDecoder(len(page_list), size).decode(batch)
+    decoded = BatchDecoder(len(page_list), size).decode(encoded.wire)
+    assert (decoded.req_id, decoded.first_page, decoded.count) == (req_id, 0, len(page_list))
     assert expand_pages(decoded.count, size, decoded.zero_runs, decoded.data) == memory
+
+
+u64 = st.integers(0, 2**64 - 1)
+u32 = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(u64, u64, u32, st.lists(u32, max_size=40), st.integers(-2**31, 2**31 - 1), st.binary(max_size=300), u32, u64,
+       st.booleans(), st.lists(st.tuples(st.integers(9, 2**29 - 1), st.integers(0, 5), st.binary(max_size=20)),
+                               max_size=3))
+def test_native_parser_reads_what_protobuf_writes(req_id, first, count, runs, encoding, data, raw_len, checksum,
+                                                  unpacked, unknown) -> None:
+    """mig_parse_batch agrees with protobuf: any field values, packed or unpacked
+    zero_runs, unknown fields of every wire type anywhere, fields repeated."""
+    msg = pb.PageBatch(req_id=req_id, first_page=first, count=count, zero_runs=runs, encoding=encoding, data=data,
+                       raw_len=raw_len, checksum=checksum)
+    wire = msg.SerializeToString()
+    if unpacked and runs:  # the same runs as separate varint fields, after the rest
+        wire = pb.PageBatch(**{k: getattr(msg, k) for k in ("req_id", "first_page", "count", "encoding", "data",
+                                                            "raw_len", "checksum")}).SerializeToString()
+        wire += b"".join(_key(4, 0) + _varint(r) for r in runs)
+    for field, kind, payload in unknown:
+        wire = _unknown_field(field, kind, payload) + wire
+    wire += pb.PageBatch(first_page=first).SerializeToString()  # a repeated scalar: the last one wins
+    out = ffi.new("struct mig_batch *")
+    values = ffi.new("uint32_t[]", 64)
+    assert lib.mig_parse_batch(wire, len(wire), out, values, 64) == 0
+    assert (out.req_id, out.first_page, out.count, out.encoding, out.raw_len, out.checksum) == \
+        (req_id, first, count, encoding, raw_len, checksum)
+    assert ffi.unpack(values, out.nzero_runs) == runs
+    assert wire[out.data_off:out.data_off + out.data_len] == data
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def _unknown_field(field: int, kind: int, payload: bytes) -> bytes:
+    """A field this message does not have, of any wire type (kind 4 and 5: a known field, wrong wire type)."""
+    if kind == 0:
+        return _key(field, 0) + _varint(len(payload))
+    if kind == 1:
+        return _key(field, 1) + payload.ljust(8, b"x")[:8]
+    if kind == 2:
+        return _key(field, 2) + _varint(len(payload)) + payload
+    if kind == 3:
+        return _key(field, 5) + payload.ljust(4, b"x")[:4]
+    return _key(1 + kind, 1 if kind == 4 else 5) + payload.ljust(8, b"x")[:8 if kind == 4 else 4]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_native_parser_refuses_garbage_cleanly(junk: bytes) -> None:
+    """Random bytes parse or are refused with EINVAL/ENOSPC, never read out of bounds,
+    and a parsed data field always lies inside the buffer."""
+    out = ffi.new("struct mig_batch *")
+    values = ffi.new("uint32_t[]", 8)
+    r = lib.mig_parse_batch(junk, len(junk), out, values, 8)
+    assert r in (0, -errno.EINVAL, -errno.ENOSPC)
+    if r == 0:
+        assert out.data_off + out.data_len <= len(junk)

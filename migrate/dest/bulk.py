@@ -1,16 +1,17 @@
 """The destination's bulk worker: pulls every page not yet received.
 
 It walks the received bitmap with a cursor, asks the source's bulk server
-for runs of missing pages (up to 16 MiB a request, answered in batches of up
-to 1 MiB) keeping a window of requests in flight, and installs each batch
-with as few ioctls as possible. The fault worker sends it the pages the
-guest is faulting on, and the cursor jumps there: the guest's working set
-arrives first. Runs at low CPU priority, in its own process, so it never
-delays the fault worker.
+for runs of missing pages (answered in batches of up to 1 MiB) keeping a
+window of at most 16 MiB in flight, and installs each batch with as few
+ioctls as possible, from two threads. The urgent path sends it the pages
+the guest is faulting on, and the cursor jumps there: the guest's working
+set arrives first. Runs at low CPU priority, in its own process, so it never
+delays the urgent path.
 """
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 import time
@@ -33,6 +34,8 @@ from migrate.source.bulk_server import MAX_BULK_PAGES, MAX_REQUEST_PAGES
 #: gRPC can have received ahead of the installs.
 WINDOW_PAGES = MAX_REQUEST_PAGES
 WINDOW_REQUESTS = 32
+#: Threads installing batches (see _Installers).
+INSTALLERS = 2
 
 
 class Planner:
@@ -154,14 +157,14 @@ class BulkPuller:
                 self._inflight_pages += count
             yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count, req_id=req_id)
 
-    def install(self, batch: pb.PageBatch) -> None:
+    def install(self, raw: bytes) -> None:
+        """Install one received batch (serialized), or plan its pages again if it is refused."""
         try:
-            decoded = self._decoder.decode(batch)
+            batch = self._decoder.decode(raw)
         except BatchError as err:
-            self._ask_again(batch, err)
+            self._ask_again(err)
             return
-        done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
-                                   decoded.zero_runs, decoded.data)
+        done = self.mem.io.install(self.mem.bitmap, batch.first_page, batch.count, batch.zero_runs, batch.data)
         with self._cond:
             if batch.req_id in self._inflight:
                 first, count, due = self._inflight[batch.req_id]
@@ -178,16 +181,16 @@ class BulkPuller:
             c["batches"] += 1
             self._cond.notify_all()
 
-    def _ask_again(self, batch: pb.PageBatch, err: BatchError) -> None:
+    def _ask_again(self, err: BatchError) -> None:
         """A refused batch is never installed: plan its request's pages again."""
         with self._cond:
             self.counters["refused"] += 1
             if self.counters["refused"] > worker.MAX_REFUSED:
                 raise err
-            if batch.req_id not in self._inflight:  # cannot tell which request: redo them all
+            if err.req_id not in self._inflight:  # cannot tell which request: redo them all
                 self._write_off()
                 return
-            first, count, due = self._inflight.pop(batch.req_id)
+            first, count, due = self._inflight.pop(err.req_id)
             self._inflight_pages -= due
             self._planner.forget(first, count)
             self._cond.notify_all()
@@ -216,12 +219,57 @@ class BulkPuller:
             self._cond.notify_all()
 
 
+class _Installers:
+    """INSTALLERS threads installing the batches one stream receives.
+
+    Most of an install is the kernel allocating and filling guest pages
+    (UFFDIO_COPY), with the GIL released; two threads do that in parallel
+    while the stream's thread receives the next batches. Batches may install
+    in any order: the bitmap and the per-request counts do not care.
+    """
+
+    def __init__(self, puller: BulkPuller) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2 * INSTALLERS)
+        self._error: BatchError | OSError | None = None
+        self._threads = [threading.Thread(target=self._run, args=(puller,), daemon=True, name=f"install-{i}")
+                         for i in range(INSTALLERS)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, puller: BulkPuller) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    puller.install(batch)
+                except (BatchError, OSError) as err:
+                    self._error = err
+
+    def put(self, batch: bytes) -> None:
+        """Queue a batch; raises the first install error instead, once there is one."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def drain(self) -> None:
+        """Install every batch queued, stop the threads; raise the first install error."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        if self._error is not None:
+            raise self._error
+
+
 def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | None:
     """Stream until every page is in; reconnect on transport errors. Returns an error or None."""
     while True:
+        installers = _Installers(puller)
         try:
-            for batch in link.client.bulk(puller.requests(), metadata=rpc.METADATA):
-                puller.install(batch)
+            try:
+                for batch in link.client.bulk(puller.requests(), metadata=rpc.METADATA):
+                    installers.put(batch)
+            finally:
+                installers.drain()  # what arrived before a break is installed, not asked again
             return None
         except grpc.RpcError as err:
             if stop.is_set():

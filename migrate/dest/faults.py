@@ -148,14 +148,13 @@ class FaultServer:
                 except BlockingIOError:
                     pass  # the bulk worker is behind on hints; it only loses a jump
 
-    def _install(self, batch: pb.PageBatch) -> None:
+    def _install(self, raw: bytes) -> None:
         try:
-            decoded = self._decoder.decode(batch)
+            batch = self._decoder.decode(raw)
         except BatchError as err:
-            self._ask_again(batch.req_id, err)
+            self._ask_again(err)
             return
-        done = self.mem.io.install(self.mem.bitmap, decoded.first_page, decoded.count,
-                                   decoded.zero_runs, decoded.data)
+        done = self.mem.io.install(self.mem.bitmap, batch.first_page, batch.count, batch.zero_runs, batch.data)
         now = done.done_ns  # the guest ran again then, whatever delays us on the way back to Python
         with self._lock:
             msg = self._sent.pop(batch.req_id, None)
@@ -169,14 +168,16 @@ class FaultServer:
             c["zero"] += done.zeroed
             c["bytes_pages"] += done.installed * self.mem.page_size
 
-    def _ask_again(self, req_id: int, err: BatchError) -> None:
-        """A refused batch is never installed: send its request again (a few times)."""
+    def _ask_again(self, err: BatchError) -> None:
+        """A refused batch is never installed: send its request again (a few times);
+        every unanswered one when the batch does not say which it answers."""
         with self._lock:
             self.counters["refused"] += 1
-            msg = self._sent.get(req_id)
-            if msg is None or self.counters["refused"] > worker.MAX_REFUSED:
+            if self.counters["refused"] > worker.MAX_REFUSED:
                 raise err
-            self._stream.send(msg)
+            msg = self._sent.get(err.req_id) if err.req_id is not None else None
+            for again in [msg] if msg is not None else sorted(self._sent.values(), key=lambda m: m.req_id):
+                self._stream.send(again)
 
     def _resolve(self, faults: list[tuple[int, int, int]], now_ns: int) -> None:
         """Record the latency of faults whose page is in (call with the lock held)."""
