@@ -127,9 +127,9 @@ class BatchEncoder:
         appended by hand: a parser merges the two, and the page bytes are
         copied once, from the packing buffer into the wire bytes.
         """
-        zero_runs, data = pages.pack_pages(self._mem, first_page, count, self._page_size)
+        zero_runs, data, checksum = pages.pack_pages(self._mem, first_page, count, self._page_size)
         header = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
-                              raw_len=len(data), checksum=pages.checksum(data))
+                              raw_len=len(data), checksum=checksum)
         payload: bytes | memoryview = data
         if self._cctx is not None and len(data):
             packed = self._cctx.compress(data)
@@ -208,6 +208,7 @@ class BatchDecoder:
             raise BatchError(f"unknown encoding {b.encoding}", req_id)
         if len(data) != expected:
             raise BatchError(f"batch data is {len(data)} bytes, expected {expected}", req_id)
-        if pages.checksum(data) != b.checksum:
+        digest = b.data_digest if b.encoding == pb.RAW else pages.checksum(data)
+        if digest != b.checksum:
             raise BatchError(f"checksum mismatch in batch of pages [{first}, {first + count})", req_id)
         return DecodedBatch(req_id, first, count, runs, data, zero)

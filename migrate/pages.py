@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from migrate._errors import os_error
 from migrate._native import ffi, lib
@@ -25,6 +26,7 @@ class _Scratch(threading.local):
         self.data = ffi.new("uint8_t[]", 0)
         self.runs = ffi.new("uint32_t[]", 0)
         self.nruns = ffi.new("uint32_t *")
+        self.digest = ffi.new("uint64_t *")
 
     def ensure(self, count: int, page_size: int) -> None:
         if count * page_size > len(self.data):
@@ -38,13 +40,20 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> tuple[list[int], memoryview]:
+class Packed(NamedTuple):
+    zero_runs: list[int]
+    data: memoryview
+    checksum: int  # checksum(data)
+
+
+def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> Packed:
     """Split pages [first_page, first_page + count) of `mem` into zero runs and data.
 
-    Returns (zero_runs, data): zero_runs are flat (start, length) pairs
-    relative to first_page, sorted; data is the non-zero pages concatenated in
-    order. `data` is a view into a per-thread buffer that the next pack_pages
-    call in the same thread overwrites: consume or copy it before then.
+    Returns (zero_runs, data, checksum): zero_runs are flat (start, length)
+    pairs relative to first_page, sorted; data is the non-zero pages
+    concatenated in order, checksum its digest. `data` is a view into a
+    per-thread buffer that the next pack_pages call in the same thread
+    overwrites: consume or copy it before then.
     """
     if page_size <= 0 or page_size % 64:
         raise ValueError(f"page size {page_size} is not a positive multiple of 64")
@@ -57,10 +66,10 @@ def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> tupl
         if end > len(src):
             raise ValueError(f"pages [{first_page}, {first_page + count}) end beyond memory of {len(src)} bytes")
         n = lib.mig_pack_pages(src + first_page * page_size, count, page_size, s.runs, len(s.runs) // 2,
-                               s.nruns, s.data)
+                               s.nruns, s.data, s.digest)
     if n < 0:
         raise os_error(-n, f"mig_pack_pages first_page={first_page} count={count}")
-    return ffi.unpack(s.runs, 2 * s.nruns[0]), memoryview(ffi.buffer(s.data, n))
+    return Packed(ffi.unpack(s.runs, 2 * s.nruns[0]), memoryview(ffi.buffer(s.data, n)), int(s.digest[0]))
 
 
 def checksum(data: Buffer) -> int:

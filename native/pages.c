@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "pages.h"
+#include "workload.h"
 
 /* Is the page (page_size a multiple of 64) all zero? ORs 64-byte blocks word
  * by word (the compiler vectorizes the inner loop) and stops at the first
@@ -21,7 +22,7 @@ static int page_is_zero(const uint8_t *p, uint32_t page_size)
 }
 
 int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, uint32_t *zero_runs,
-                       uint32_t max_runs, uint32_t *nzero_runs, uint8_t *dst)
+                       uint32_t max_runs, uint32_t *nzero_runs, uint8_t *dst, uint64_t *digest)
 {
     uint32_t runs = 0;
     uint64_t out = 0;
@@ -41,6 +42,7 @@ int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, 
         }
     }
     *nzero_runs = runs;
+    *digest = mig_digest(dst, out);
     return (int64_t)out;
 }
 
@@ -123,5 +125,6 @@ int mig_parse_batch(const uint8_t *buf, uint64_t len, struct mig_batch *out, uin
             return -EINVAL; /* groups (3, 4) and wire types 6, 7 have no place here */
         }
     }
+    out->data_digest = mig_digest(buf + out->data_off, out->data_len);
     return 0;
 }

@@ -8,16 +8,18 @@
 /* Scan npages pages at src. Zero pages become runs (start, len) in zero_runs,
  * pairs relative to src, at most max_runs pairs; *nzero_runs gets their
  * number. The other pages are copied, in order, contiguously into dst (room
- * for npages pages). Returns bytes written to dst, or -ENOSPC when the runs
- * do not fit. */
+ * for npages pages), and *digest gets mig_digest of what was copied: one
+ * call (one GIL release) per batch, which matters on the urgent path.
+ * Returns bytes written to dst, or -ENOSPC when the runs do not fit. */
 int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, uint32_t *zero_runs,
-                       uint32_t max_runs, uint32_t *nzero_runs, uint8_t *dst);
+                       uint32_t max_runs, uint32_t *nzero_runs, uint8_t *dst, uint64_t *digest);
 
 /* The fields of a serialized PageBatch (proto/migrate.proto). data_off and
  * data_len locate the data field inside the buffer parsed: the pages are
- * never copied out of it. */
+ * never copied out of it. data_digest is mig_digest of the data field as it
+ * travelled (the checksum itself when the batch is raw). */
 struct mig_batch {
-    uint64_t req_id, first_page, checksum, data_off, data_len;
+    uint64_t req_id, first_page, checksum, data_off, data_len, data_digest;
     uint32_t count, raw_len, nzero_runs;
     int32_t encoding;
 };

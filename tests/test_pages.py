@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from migrate._native import ffi, lib
 from migrate.batches import BatchDecoder, BatchEncoder
-from migrate.pages import expand_pages, pack_pages
+from migrate.pages import checksum as digest_of, expand_pages, pack_pages
 from migrate.proto import migrate_pb2 as pb
 
 
@@ -48,17 +48,18 @@ def test_pack_expand_round_trip(mem: tuple[int, list[bytes]], data: st.DataObjec
     first = data.draw(st.integers(0, len(page_list)))
     count = data.draw(st.integers(0, len(page_list) - first))
     buf = bytearray(b"".join(page_list))
-    zero_runs, packed = pack_pages(buf, first, count, size)
+    zero_runs, packed, digest = pack_pages(buf, first, count, size)
     window = page_list[first:first + count]
     assert zero_runs == zero_runs_of([p == bytes(size) for p in window])
     assert bytes(packed) == b"".join(p for p in window if p != bytes(size))
     assert expand_pages(count, size, zero_runs, packed) == b"".join(window)
+    assert digest == digest_of(packed)
 
 
 def test_pack_reads_an_mmap_and_checks_bounds() -> None:
     mem = mmap.mmap(-1, 4 * 4096)
     mem[2 * 4096 + 4095] = 7
-    zero_runs, data = pack_pages(mem, 1, 3, 4096)
+    zero_runs, data, _ = pack_pages(mem, 1, 3, 4096)
     assert zero_runs == [0, 1, 2, 1] and bytes(data) == mem[2 * 4096:3 * 4096]
     del data
     with pytest.raises(ValueError):
@@ -74,8 +75,9 @@ def test_native_pack_reports_enospc_when_runs_overflow() -> None:
     runs = ffi.new("uint32_t[]", 2)
     nruns = ffi.new("uint32_t *")
     dst = ffi.new("uint8_t[]", 3 * size)
-    assert lib.mig_pack_pages(src, 3, size, runs, 1, nruns, dst) == -errno.ENOSPC
-    assert lib.mig_pack_pages(src, 2, size, runs, 1, nruns, dst) == size
+    digest = ffi.new("uint64_t *")
+    assert lib.mig_pack_pages(src, 3, size, runs, 1, nruns, dst, digest) == -errno.ENOSPC
+    assert lib.mig_pack_pages(src, 2, size, runs, 1, nruns, dst, digest) == size
     assert (nruns[0], runs[0], runs[1]) == (1, 0, 1)
 
 
@@ -139,6 +141,7 @@ def test_native_parser_reads_what_protobuf_writes(req_id, first, count, runs, en
         (req_id, first, count, encoding, raw_len, checksum)
     assert ffi.unpack(values, out.nzero_runs) == runs
     assert wire[out.data_off:out.data_off + out.data_len] == data
+    assert out.data_digest == digest_of(data)
 
 
 def _key(field: int, wire_type: int) -> bytes:

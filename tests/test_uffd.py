@@ -419,7 +419,7 @@ def test_install_batch_across_regions(guest_factory, kind: str) -> None:
     g.uffd.copy(g.addr(4), content(104))
     bm.set_range(4)  # received earlier: must be left alone
     g.uffd.copy(g.addr(7), content(107))  # present but not yet in the bitmap: EEXIST
-    zero_runs, data = pages.pack_pages(src, 2, 8, P)
+    zero_runs, data, _ = pages.pack_pages(src, 2, 8, P)
     assert zero_runs == [1, 1, 6, 1]
     st = reader.install(bm, 2, 8, zero_runs, data)
     assert (st.copied, st.zeroed, st.skipped, st.eexist) == (4, 2, 1, 1)
@@ -470,7 +470,7 @@ def test_fault_loop_with_neighbourhood_installs(guest_factory, kind: str) -> Non
     while not g.done():
         for page, _, _ in reader.read(bm, 50):
             first = page // 4 * 4
-            zero_runs, data = pages.pack_pages(src, first, 4, P)
+            zero_runs, data, _ = pages.pack_pages(src, first, 4, P)
             reader.install(bm, first, 4, zero_runs, data)
     assert g.result() == [digest(bytes(src[p * P:(p + 1) * P])) for p in touches]
     bm.close()
@@ -490,7 +490,7 @@ def test_install_on_hugetlbfs(guest_factory) -> None:
     bm = SharedBitmap.create(g.npages)
     reader = U.FaultReader(g.uffd.fd, g.regions, h)
     data = random.Random(1).randbytes(h)
-    zero_runs, packed = pages.pack_pages(bytes(h) + data + bytes(h), 0, 3, h)
+    zero_runs, packed, _ = pages.pack_pages(bytes(h) + data + bytes(h), 0, 3, h)
     st = reader.install(bm, 0, 3, zero_runs, packed)
     assert (st.copied, st.zeroed) == (1, 2) and bm.is_full()
     assert g.call(child_read_pages, [0, 1, 2]) == [digest(bytes(h)), digest(data), digest(bytes(h))]
