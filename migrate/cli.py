@@ -19,6 +19,7 @@ import click
 from migrate import orchestrator, report, rpc
 from migrate.client import AgentClient
 from migrate.proto import migrate_pb2 as pb
+from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
 from migrate.units import parse_rate, parse_size
 
@@ -132,8 +133,9 @@ def source() -> None:
               help="Serve a memory image file as guest NAME (repeatable).")
 @click.option("--zstd-level", default=1, show_default=True, type=click.IntRange(-7, 22),
               help="Compression level of bulk batches.")
-@click.option("--compress", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
-              help="Compress bulk batches: when the link is the bottleneck (auto), always, or never.")
+@click.option("--compress", type=click.Choice(COMPRESS_POLICIES), default="auto", show_default=True,
+              help="Compress bulk batches: when the link is the bottleneck and the data compresses, never for a "
+                   "destination on this host (auto); always; or never.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Journal switched-over migrations of file-backed guests here, so that this agent, restarted "
                    "after a crash with the same directory, serves their remaining pages again.")
@@ -367,7 +369,8 @@ def _finish_report(doc: dict, report_path: str | None) -> None:
 @click.option("--resume", is_flag=True,
               help="Finish a migration of GUEST whose `migrate run` died: wait for its last page and release "
                    "the guest on the source (one not yet switched over is aborted; the guest stays put).")
-@click.option("--recovery-timeout", type=click.FloatRange(0.1, None), default=60.0, show_default=True,
+@click.option("--recovery-timeout", type=click.FloatRange(0.1, None),
+              default=orchestrator.RunOptions.recovery_timeout, show_default=True,
               metavar="S", help="If the link to the source drops mid-post-copy, keep reconnecting this long "
                                 "(the guest waits, paused) before failing.")
 @click.option("--max-downtime", "max_downtime_ms", type=click.FloatRange(0, None), default=20.0, show_default=True,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from migrate import convergence, report, rpc
 from migrate.client import AgentClient
+from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.security import Credentials
@@ -48,7 +49,7 @@ class RunOptions:
     precopy_rounds: int = 10        # most pre-copy rounds
     precopy_seconds: float = 0.0    # most seconds of pre-copy, 0: no limit
     max_downtime_ms: float = 20.0   # switch once the dirty set fits this at the link's pace
-    recovery_timeout: float = 60.0  # seconds the destination keeps reconnecting to a lost source
+    recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT  # seconds the destination reconnects to a lost source
 
     def limits(self) -> convergence.Limits:
         return convergence.Limits(rounds=self.precopy_rounds, seconds=self.precopy_seconds,

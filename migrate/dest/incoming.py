@@ -27,6 +27,7 @@ from migrate import spawn
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
 from migrate.dest.faults import FaultLoop
+from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.dest.worker import Memory
 from migrate.guest.process import GuestProcess, GuestSpec
@@ -36,8 +37,6 @@ from migrate.uffd import FaultReader, Region, Uffd
 
 log = logging.getLogger("migrate.dest")
 
-#: Seconds workers keep reconnecting to a source that went away, unless told otherwise.
-DEFAULT_RECOVERY_TIMEOUT = 60.0
 #: Seconds a worker may take to start and connect (Python start-up on a busy host).
 _READY_TIMEOUT = 30.0
 _WATCH_EVERY = 0.02

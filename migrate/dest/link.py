@@ -21,6 +21,8 @@ from migrate.dest import worker
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 _MAX_BACKOFF = 1.0
+#: Seconds a path keeps reconnecting to a source that went away, unless the run says otherwise.
+DEFAULT_RECOVERY_TIMEOUT = 60.0
 
 
 class LinkLost(Exception):

@@ -53,7 +53,7 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--endpoint", required=True, help="source host:port")
     ap.add_argument("--run-id", required=True)
     ap.add_argument("--hint-fd", type=int, default=-1, help="pipe carrying faulted page indices to the bulk worker")
-    ap.add_argument("--recovery-timeout", type=float, default=60.0,
+    ap.add_argument("--recovery-timeout", type=float, required=True,
                     help="seconds to keep reconnecting to a source that went away")
     return ap
 
