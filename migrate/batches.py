@@ -14,8 +14,11 @@ import grpc
 import zstandard
 
 from migrate import pages
+from migrate._errors import os_error
 from migrate._native import ffi, lib
+from migrate.bitmap import SharedBitmap
 from migrate.proto import migrate_pb2 as pb
+from migrate.uffd import FaultReader, InstallStats, install_stats
 
 #: Most pages one urgent request may ask for (a fault's readahead).
 MAX_URGENT_PAGES = 64
@@ -143,6 +146,15 @@ class BatchEncoder:
 
 
 @dataclass
+class InstalledBatch:
+    """What BatchDecoder.install put in place, and which request it answered."""
+
+    req_id: int
+    count: int
+    done: InstallStats
+
+
+@dataclass
 class DecodedBatch:
     req_id: int
     first_page: int
@@ -160,6 +172,7 @@ class _ParseBuffers(threading.local):
     def __init__(self) -> None:
         self.batch = ffi.new("struct mig_batch *")
         self.runs = ffi.new("uint32_t[]", _MAX_RUN_VALUES)
+        self.stats = ffi.new("struct mig_install_stats *")
         self.dctx = zstandard.ZstdDecompressor()
 
 
@@ -170,6 +183,27 @@ class BatchDecoder:
         self._page_count = page_count
         self._page_size = page_size
         self._local = _ParseBuffers()
+
+    def install(self, raw: bytes, reader: FaultReader, bitmap: SharedBitmap) -> InstalledBatch:
+        """Check and install the batch in `raw`; raises BatchError (refused) or OSError.
+
+        A raw batch is parsed, checked and installed by one native call:
+        on the urgent path every GIL release costs a wait for the GIL back.
+        """
+        buf = self._local
+        with ffi.from_buffer("uint8_t[]", raw) as src:
+            r = lib.mig_install_batch(*reader.target(bitmap), self._page_count, src, len(raw), buf.runs,
+                                      _MAX_RUN_VALUES, buf.batch, buf.stats)
+        if r == -errno.EPROTONOSUPPORT:  # compressed: decompress here, then install
+            batch = self.decode(raw)
+            done = reader.install(bitmap, batch.first_page, batch.count, batch.zero_runs, batch.data)
+            return InstalledBatch(batch.req_id, batch.count, done)
+        if r == -errno.EBADMSG:
+            self.decode(raw)  # says what is wrong with it
+            raise BatchError("batch refused", buf.batch.req_id)
+        if r < 0:
+            raise os_error(-r, f"mig_install_batch first_page={buf.batch.first_page} count={buf.batch.count}")
+        return InstalledBatch(buf.batch.req_id, buf.batch.count, install_stats(buf.stats))
 
     def decode(self, raw: bytes) -> DecodedBatch:
         """The batch in `raw`, checked (shape, size, checksum); raises BatchError."""

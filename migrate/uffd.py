@@ -263,6 +263,10 @@ class FaultReader:
         pages, waiters, t_ns = self._pages, self._waiters, self._t_ns
         return [(pages[i], waiters[i], t_ns[i]) for i in range(n)]
 
+    def target(self, bitmap: SharedBitmap) -> tuple:
+        """(fd, region table, region count, page size, bitmap pointer): what native installers take."""
+        return self._fd, self._table, len(self.regions), self.page_size, self._bitmap_ptr(bitmap)
+
     @property
     def stats(self) -> FaultStats:
         s = self._stats
@@ -284,12 +288,16 @@ class FaultReader:
         runs = ffi.new("uint32_t[]", zero_runs if isinstance(zero_runs, (list, tuple)) else list(zero_runs))
         st = ffi.new("struct mig_install_stats *")
         with ffi.from_buffer("uint8_t[]", data) as buf:
-            r = lib.mig_install(self._fd, self._table, len(self.regions), self.page_size, self._bitmap_ptr(bitmap),
-                                first_page, count, runs, len(zero_runs) // 2, buf, len(buf), st)
+            r = lib.mig_install(*self.target(bitmap), first_page, count, runs, len(zero_runs) // 2, buf, len(buf), st)
             if r < 0:
                 raise os_error(-r, f"mig_install first_page={first_page} count={count} "
                                    f"zero_runs={len(zero_runs) // 2} data_len={len(buf)}")
-        return InstallStats(st.copied, st.zeroed, st.skipped, st.eexist, st.ioctls, st.done_ns)
+        return install_stats(st)
+
+
+def install_stats(st: object) -> InstallStats:
+    """An InstallStats from the native struct mig_install_stats."""
+    return InstallStats(st.copied, st.zeroed, st.skipped, st.eexist, st.ioctls, st.done_ns)
 
 
 def pagemap_scan_written(pagemap_fd: int, start: int, end: int, chunk: int = 1024) -> list[tuple[int, int]]:

@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stddef.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -17,6 +18,7 @@
 
 #include "bitmap.h"
 #include "uffd.h"
+#include "pages.h"
 
 /* How long an install keeps retrying -EAGAIN without progress. The kernel
  * says -EAGAIN while the guest's mm is changing (a non-cooperative event such
@@ -380,20 +382,28 @@ static int64_t install_run(int fd, const struct mig_region *regions, int nregion
     return installed;
 }
 
-int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                    uint64_t *bitmap, uint64_t first_page, uint32_t count,
-                    const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
-                    uint64_t data_len, struct mig_install_stats *st)
+/* Do the zero runs (sorted, non-empty, within count) and the data length
+ * (one page per non-zero page) describe `count` pages? */
+static int shape_ok(uint32_t count, const uint32_t *zero_runs, uint32_t nzero_runs, uint32_t page_size,
+                    uint64_t data_len)
 {
     uint64_t zero_pages = 0, prev_end = 0;
     for (uint32_t i = 0; i < nzero_runs; i++) {
         uint64_t s = zero_runs[2 * i], l = zero_runs[2 * i + 1];
         if (s < prev_end || l == 0 || s + l > count)
-            return -EINVAL;
+            return 0;
         zero_pages += l;
         prev_end = s + l;
     }
-    if ((count - zero_pages) * page_size != data_len)
+    return (count - zero_pages) * page_size == data_len;
+}
+
+int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                    uint64_t *bitmap, uint64_t first_page, uint32_t count,
+                    const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
+                    uint64_t data_len, struct mig_install_stats *st)
+{
+    if (!shape_ok(count, zero_runs, nzero_runs, page_size, data_len))
         return -EINVAL;
 
     int64_t installed = 0;
@@ -415,6 +425,24 @@ int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint
     }
     st->done_ns = mono_ns();
     return installed;
+}
+
+int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                          uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len, uint32_t *runs,
+                          uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    int r = mig_parse_batch(buf, len, b, runs, max_runs);
+    if (r < 0)
+        return -EBADMSG;
+    if (b->encoding != 0)
+        return -EPROTONOSUPPORT;
+    if (b->count == 0 || b->first_page >= npages || b->count > npages - b->first_page || b->nzero_runs % 2 ||
+        b->raw_len != b->data_len || !shape_ok(b->count, runs, b->nzero_runs / 2, page_size, b->data_len) ||
+        b->data_digest != b->checksum)
+        return -EBADMSG;
+    return mig_install(fd, regions, nregions, page_size, bitmap, b->first_page, b->count, runs, b->nzero_runs / 2,
+                       buf + b->data_off, b->data_len, st);
 }
 
 /* ---- dirty tracking ---- */

@@ -138,6 +138,19 @@ int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint
                     const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
                     uint64_t data_len, struct mig_install_stats *st);
 
+/* Parse a serialized PageBatch (buf, len) and, if it is raw, check it and
+ * install it: the urgent path's whole receive in one call (one GIL
+ * release). npages bounds the batch's pages (the bitmap's size). Returns
+ * pages installed; -EBADMSG for bytes that are not a sound raw batch (bad
+ * shape, size or checksum: refuse it, ask again); -EPROTONOSUPPORT for a
+ * compressed batch (the caller decompresses and uses mig_install); or
+ * mig_install's errors. *b gets the parsed fields, runs its zero runs, *st
+ * (reset first) what the install did. */
+struct mig_batch;
+int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                          uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len, uint32_t *runs,
+                          uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st);
+
 /* One PAGEMAP_SCAN: pages of [start, end) written since they were last write-protected,
  * into vec (at most vec_len regions), protected again by the same call. Returns the
  * number of regions or -errno; *walk_end is where the kernel stopped. (C only.) */

@@ -542,3 +542,44 @@ def test_move_pages_into_a_registered_range() -> None:
         assert err.value.errno == errno.ENOENT and "UFFDIO_MOVE" in str(err.value)
     dst.close()
     src.close()
+
+
+def test_batches_install_in_one_call_and_refuse_damage() -> None:
+    """BatchDecoder.install: a raw and a compressed batch land exactly; a batch with
+    one flipped data byte, or bytes that are no batch, are refused (BatchError
+    naming the request when it can be read) and install nothing."""
+    from migrate.batches import BatchDecoder, BatchEncoder, BatchError
+
+    n = 16
+    src = bytearray(os.urandom(n * P))
+    src[3 * P:5 * P] = bytes(2 * P)  # zero pages travel as a run
+    fd = os.memfd_create("batch-install")
+    os.ftruncate(fd, n * P)
+    mem = mmap.mmap(fd, n * P, mmap.MAP_SHARED)
+    bitmap = SharedBitmap.create(n)
+    try:
+        with U.Uffd.create() as uffd:
+            uffd.register(address_of(mem), n * P)
+            io = U.FaultReader(uffd, [U.Region(base=address_of(mem), size=n * P, first_page=0)], P)
+            decoder = BatchDecoder(n, P)
+            raw = BatchEncoder(memoryview(src), P, None).encode(0, 8, req_id=5).wire
+            text = b"compressible " * (n * P // 13 + 1)
+            packed = BatchEncoder(memoryview(text[:n * P]), P, 1).encode(8, 8, req_id=6)
+            assert packed.compressed
+            damaged = bytearray(raw)
+            damaged[-P] ^= 1
+            with pytest.raises(BatchError) as refused:
+                decoder.install(bytes(damaged), io, bitmap)
+            assert refused.value.req_id == 5 and bitmap.count() == 0
+            with pytest.raises(BatchError) as garbage:
+                decoder.install(b"\xff" * 40, io, bitmap)
+            assert garbage.value.req_id is None
+            assert decoder.install(raw, io, bitmap).req_id == 5
+            assert decoder.install(packed.wire, io, bitmap).done.installed == 8
+            assert bitmap.count() == n
+            assert mem[:8 * P] == bytes(src[:8 * P]) and mem[8 * P:] == text[8 * P:n * P]
+            uffd.unregister(address_of(mem), n * P)
+    finally:
+        bitmap.close()
+        mem.close()
+        os.close(fd)

@@ -160,11 +160,11 @@ class BulkPuller:
     def install(self, raw: bytes) -> None:
         """Install one received batch (serialized), or plan its pages again if it is refused."""
         try:
-            batch = self._decoder.decode(raw)
+            batch = self._decoder.install(raw, self.mem.io, self.mem.bitmap)
         except BatchError as err:
             self._ask_again(err)
             return
-        done = self.mem.io.install(self.mem.bitmap, batch.first_page, batch.count, batch.zero_runs, batch.data)
+        done = batch.done
         with self._cond:
             if batch.req_id in self._inflight:
                 first, count, due = self._inflight[batch.req_id]

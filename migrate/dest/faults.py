@@ -150,11 +150,11 @@ class FaultServer:
 
     def _install(self, raw: bytes) -> None:
         try:
-            batch = self._decoder.decode(raw)
+            batch = self._decoder.install(raw, self.mem.io, self.mem.bitmap)
         except BatchError as err:
             self._ask_again(err)
             return
-        done = self.mem.io.install(self.mem.bitmap, batch.first_page, batch.count, batch.zero_runs, batch.data)
+        done = batch.done
         now = done.done_ns  # the guest ran again then, whatever delays us on the way back to Python
         with self._lock:
             msg = self._sent.pop(batch.req_id, None)
