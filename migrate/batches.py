@@ -126,15 +126,20 @@ class BatchEncoder:
     def encode(self, first_page: int, count: int, req_id: int = 0) -> EncodedBatch:
         """Pages [first_page, first_page + count) as one serialized PageBatch.
 
-        The small fields are serialized as a message and the data field is
-        appended by hand: a parser merges the two, and the page bytes are
-        copied once, from the packing buffer into the wire bytes.
+        Raw batches are serialized natively (pages.encode_batch). For one
+        that may be compressed, the small fields are serialized as a message
+        and the data field is appended by hand: a parser merges the two, and
+        the page bytes are copied once, from the packing buffer into the
+        wire bytes.
         """
+        if self._cctx is None:
+            return EncodedBatch(pages.encode_batch(self._mem, first_page, count, self._page_size, req_id), count,
+                                False)
         zero_runs, data, checksum = pages.pack_pages(self._mem, first_page, count, self._page_size)
         header = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
                               raw_len=len(data), checksum=checksum)
         payload: bytes | memoryview = data
-        if self._cctx is not None and len(data):
+        if len(data):
             packed = self._cctx.compress(data)
             if len(packed) < _WORTH_IT * len(data):
                 header.encoding = pb.ZSTD

@@ -19,7 +19,7 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 
 class _Scratch(threading.local):
-    """Per-thread output buffers for pack_pages, grown on demand and reused."""
+    """Per-thread output buffers for pack_pages and encode_batch, grown on demand and reused."""
 
     def __init__(self) -> None:
         self.capacity = 0  # pages
@@ -27,10 +27,12 @@ class _Scratch(threading.local):
         self.runs = ffi.new("uint32_t[]", 0)
         self.nruns = ffi.new("uint32_t *")
         self.digest = ffi.new("uint64_t *")
+        self.end = ffi.new("uint64_t *")
 
     def ensure(self, count: int, page_size: int) -> None:
-        if count * page_size > len(self.data):
-            self.data = ffi.new("uint8_t[]", count * page_size)
+        room = count * page_size + 64 + 10 * (count + 2)  # MIG_BATCH_ROOM (native/pages.h)
+        if room > len(self.data):
+            self.data = ffi.new("uint8_t[]", room)
         if count > self.capacity:
             # Zero and non-zero runs alternate: at most ceil(count / 2) zero runs.
             self.runs = ffi.new("uint32_t[]", 2 * ((count + 1) // 2))
@@ -46,6 +48,15 @@ class Packed(NamedTuple):
     checksum: int  # checksum(data)
 
 
+def _check_range(mem_len: int, first_page: int, count: int, page_size: int) -> None:
+    if page_size <= 0 or page_size % 64:
+        raise ValueError(f"page size {page_size} is not a positive multiple of 64")
+    if first_page < 0 or count < 0:
+        raise ValueError(f"bad page range first_page={first_page} count={count}")
+    if (first_page + count) * page_size > mem_len:
+        raise ValueError(f"pages [{first_page}, {first_page + count}) end beyond memory of {mem_len} bytes")
+
+
 def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> Packed:
     """Split pages [first_page, first_page + count) of `mem` into zero runs and data.
 
@@ -55,21 +66,33 @@ def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> Pack
     per-thread buffer that the next pack_pages call in the same thread
     overwrites: consume or copy it before then.
     """
-    if page_size <= 0 or page_size % 64:
-        raise ValueError(f"page size {page_size} is not a positive multiple of 64")
-    if first_page < 0 or count < 0:
-        raise ValueError(f"bad page range first_page={first_page} count={count}")
     s = _scratch
-    s.ensure(count, page_size)
     with ffi.from_buffer("uint8_t[]", mem) as src:
-        end = (first_page + count) * page_size
-        if end > len(src):
-            raise ValueError(f"pages [{first_page}, {first_page + count}) end beyond memory of {len(src)} bytes")
+        _check_range(len(src), first_page, count, page_size)
+        s.ensure(count, page_size)
         n = lib.mig_pack_pages(src + first_page * page_size, count, page_size, s.runs, len(s.runs) // 2,
                                s.nruns, s.data, s.digest)
     if n < 0:
         raise os_error(-n, f"mig_pack_pages first_page={first_page} count={count}")
     return Packed(ffi.unpack(s.runs, 2 * s.nruns[0]), memoryview(ffi.buffer(s.data, n)), int(s.digest[0]))
+
+
+def encode_batch(mem: Buffer, first_page: int, count: int, page_size: int, req_id: int) -> bytes:
+    """Pages [first_page, first_page + count) of `mem` as a serialized raw PageBatch.
+
+    One native call does it all (on the source's urgent path every call
+    that releases the GIL costs a wait to get it back); the pages are copied
+    into place once, then once more into the bytes returned.
+    """
+    s = _scratch
+    with ffi.from_buffer("uint8_t[]", mem) as src:
+        _check_range(len(src), first_page, count, page_size)
+        s.ensure(count, page_size)
+        start = lib.mig_encode_batch(src + first_page * page_size, count, page_size, req_id, first_page, s.runs,
+                                     len(s.runs) // 2, s.data, s.end)
+    if start < 0:
+        raise os_error(-start, f"mig_encode_batch first_page={first_page} count={count}")
+    return ffi.buffer(s.data + start, s.end[0] - start)[:]
 
 
 def checksum(data: Buffer) -> int:

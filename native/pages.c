@@ -46,7 +46,70 @@ int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, 
     return (int64_t)out;
 }
 
-/* ---- PageBatch parsing (the destination's receive path) ---- */
+/* ---- PageBatch serializing (the source) and parsing (the destination) ---- */
+
+static uint8_t *put_varint(uint8_t *p, uint64_t v)
+{
+    while (v > 0x7F) {
+        *p++ = (uint8_t)(v & 0x7F) | 0x80;
+        v >>= 7;
+    }
+    *p++ = (uint8_t)v;
+    return p;
+}
+
+static uint32_t varint_len(uint64_t v)
+{
+    uint32_t n = 1;
+    while (v > 0x7F) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+int64_t mig_encode_batch(const uint8_t *src, uint32_t npages, uint32_t page_size, uint64_t req_id,
+                         uint64_t first_page, uint32_t *runs, uint32_t max_runs, uint8_t *out, uint64_t *end)
+{
+    /* The pages go to their final place first, after room for the header,
+     * which is then written right-aligned in front of them. */
+    uint64_t room = MIG_BATCH_ROOM(npages, page_size) - (uint64_t)npages * page_size;
+    uint32_t nruns;
+    uint64_t digest;
+    int64_t n = mig_pack_pages(src, npages, page_size, runs, max_runs, &nruns, out + room, &digest);
+    if (n < 0)
+        return n;
+    uint8_t hdr[64 + 10 * 2], *h = hdr;
+    uint64_t runs_len = 0;
+    for (uint32_t i = 0; i < 2 * nruns; i++)
+        runs_len += varint_len(runs[i]);
+    *h++ = 1 << 3; h = put_varint(h, req_id);
+    *h++ = 2 << 3; h = put_varint(h, first_page);
+    *h++ = 3 << 3; h = put_varint(h, npages);
+    *h++ = 7 << 3; h = put_varint(h, (uint64_t)n);
+    *h++ = 8 << 3; h = put_varint(h, digest);
+    uint64_t hdr_len = (uint64_t)(h - hdr);
+    uint64_t runs_field = nruns ? 1 + varint_len(runs_len) + runs_len : 0;
+    uint64_t data_field = n ? 1 + varint_len((uint64_t)n) : 0;
+    uint64_t start = room - data_field - runs_field - hdr_len;
+    uint8_t *p = out + start;
+    memcpy(p, hdr, hdr_len);
+    p += hdr_len;
+    if (nruns) {
+        *p++ = 4 << 3 | 2;
+        p = put_varint(p, runs_len);
+        for (uint32_t i = 0; i < 2 * nruns; i++)
+            p = put_varint(p, runs[i]);
+    }
+    if (n) {
+        *p++ = 6 << 3 | 2;
+        p = put_varint(p, (uint64_t)n);
+    }
+    *end = room + (uint64_t)n;
+    return (int64_t)start;
+}
+
+/* ---- PageBatch parsing ---- */
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
 
