@@ -30,7 +30,7 @@ class _Scratch(threading.local):
         self.end = ffi.new("uint64_t *")
 
     def ensure(self, count: int, page_size: int) -> None:
-        room = count * page_size + 64 + 10 * (count + 2)  # MIG_BATCH_ROOM (native/pages.h)
+        room = count * page_size + 64 + 10 * (count + 2)  # MIG_BATCH_ROOM (native/pages.h checks it)
         if room > len(self.data):
             self.data = ffi.new("uint8_t[]", room)
         if count > self.capacity:
@@ -89,7 +89,7 @@ def encode_batch(mem: Buffer, first_page: int, count: int, page_size: int, req_i
         _check_range(len(src), first_page, count, page_size)
         s.ensure(count, page_size)
         start = lib.mig_encode_batch(src + first_page * page_size, count, page_size, req_id, first_page, s.runs,
-                                     len(s.runs) // 2, s.data, s.end)
+                                     len(s.runs) // 2, s.data, len(s.data), s.end)
     if start < 0:
         raise os_error(-start, f"mig_encode_batch first_page={first_page} count={count}")
     return ffi.buffer(s.data + start, s.end[0] - start)[:]

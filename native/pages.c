@@ -69,8 +69,11 @@ static uint32_t varint_len(uint64_t v)
 }
 
 int64_t mig_encode_batch(const uint8_t *src, uint32_t npages, uint32_t page_size, uint64_t req_id,
-                         uint64_t first_page, uint32_t *runs, uint32_t max_runs, uint8_t *out, uint64_t *end)
+                         uint64_t first_page, uint32_t *runs, uint32_t max_runs, uint8_t *out, uint64_t out_len,
+                         uint64_t *end)
 {
+    if (out_len < MIG_BATCH_ROOM(npages, page_size))
+        return -ENOSPC;
     /* The pages go to their final place first, after room for the header,
      * which is then written right-aligned in front of them. */
     uint64_t room = MIG_BATCH_ROOM(npages, page_size) - (uint64_t)npages * page_size;

@@ -19,13 +19,14 @@ int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, 
 #define MIG_BATCH_ROOM(npages, page_size) ((uint64_t)(npages) * (page_size) + 64 + 10 * ((uint64_t)(npages) + 2))
 
 /* Serialize pages [0, npages) at src as a raw PageBatch (proto/migrate.proto)
- * into out (room: MIG_BATCH_ROOM bytes): zero pages as runs, the other pages
- * as data, with their checksum; req_id and first_page as given. The source's
- * whole encode in one call, the pages copied once. Returns the offset in out
- * where the message starts (it ends at *end), or -ENOSPC. runs is scratch
- * room for max_runs pairs. */
+ * into out (out_len bytes, at least MIG_BATCH_ROOM): zero pages as runs, the
+ * other pages as data, with their checksum; req_id and first_page as given.
+ * The source's whole encode in one call, the pages copied once. Returns the
+ * offset in out where the message starts (it ends at *end), or -ENOSPC (out
+ * too small, or more than max_runs zero runs: runs is scratch room). */
 int64_t mig_encode_batch(const uint8_t *src, uint32_t npages, uint32_t page_size, uint64_t req_id,
-                         uint64_t first_page, uint32_t *runs, uint32_t max_runs, uint8_t *out, uint64_t *end);
+                         uint64_t first_page, uint32_t *runs, uint32_t max_runs, uint8_t *out, uint64_t out_len,
+                         uint64_t *end);
 
 /* The fields of a serialized PageBatch (proto/migrate.proto). data_off and
  * data_len locate the data field inside the buffer parsed: the pages are

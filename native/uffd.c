@@ -398,14 +398,11 @@ static int shape_ok(uint32_t count, const uint32_t *zero_runs, uint32_t nzero_ru
     return (count - zero_pages) * page_size == data_len;
 }
 
-int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                    uint64_t *bitmap, uint64_t first_page, uint32_t count,
-                    const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
-                    uint64_t data_len, struct mig_install_stats *st)
+/* mig_install once the shape is known to be sound. */
+static int64_t install_pages(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                             uint64_t *bitmap, uint64_t first_page, uint32_t count, const uint32_t *zero_runs,
+                             uint32_t nzero_runs, const uint8_t *data, struct mig_install_stats *st)
 {
-    if (!shape_ok(count, zero_runs, nzero_runs, page_size, data_len))
-        return -EINVAL;
-
     int64_t installed = 0;
     uint64_t p = 0;
     uint32_t z = 0;
@@ -427,6 +424,17 @@ int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint
     return installed;
 }
 
+int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                    uint64_t *bitmap, uint64_t first_page, uint32_t count,
+                    const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
+                    uint64_t data_len, struct mig_install_stats *st)
+{
+    if (!shape_ok(count, zero_runs, nzero_runs, page_size, data_len))
+        return -EINVAL;
+    return install_pages(fd, regions, nregions, page_size, bitmap, first_page, count, zero_runs, nzero_runs, data,
+                         st);
+}
+
 int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
                           uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len, uint32_t *runs,
                           uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st)
@@ -441,8 +449,8 @@ int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions
         b->raw_len != b->data_len || !shape_ok(b->count, runs, b->nzero_runs / 2, page_size, b->data_len) ||
         b->data_digest != b->checksum)
         return -EBADMSG;
-    return mig_install(fd, regions, nregions, page_size, bitmap, b->first_page, b->count, runs, b->nzero_runs / 2,
-                       buf + b->data_off, b->data_len, st);
+    return install_pages(fd, regions, nregions, page_size, bitmap, b->first_page, b->count, runs,
+                         b->nzero_runs / 2, buf + b->data_off, st);
 }
 
 /* ---- dirty tracking ---- */

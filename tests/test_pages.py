@@ -81,6 +81,18 @@ def test_native_pack_reports_enospc_when_runs_overflow() -> None:
     assert (nruns[0], runs[0], runs[1]) == (1, 0, 1)
 
 
+def test_native_encode_refuses_an_output_buffer_too_small() -> None:
+    size = 64
+    src = ffi.from_buffer("uint8_t[]", bytearray(b"x" * 2 * size))
+    runs = ffi.new("uint32_t[]", 2)
+    end = ffi.new("uint64_t *")
+    room = 2 * size + 64 + 10 * (2 + 2)  # MIG_BATCH_ROOM(2, 64)
+    out = ffi.new("uint8_t[]", room)
+    assert lib.mig_encode_batch(src, 2, size, 1, 0, runs, 1, out, room - 1, end) == -errno.ENOSPC
+    start = lib.mig_encode_batch(src, 2, size, 1, 0, runs, 1, out, room, end)
+    assert start >= 0 and pb.PageBatch.FromString(ffi.buffer(out + start, end[0] - start)[:]).count == 2
+
+
 @pytest.mark.parametrize("zero_runs, data_pages", [
     ([0], 3),           # not pairs
     ([1, 1, 0, 1], 1),  # unsorted
