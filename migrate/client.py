@@ -6,6 +6,7 @@ from typing import Any
 import grpc
 
 from migrate import rpc
+from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.security import Credentials
 
@@ -37,6 +38,17 @@ class AgentClient:
         except grpc.RpcError as err:
             unreachable = err.code() == grpc.StatusCode.UNAVAILABLE if hasattr(err, "code") else False
             raise rpc.AgentError(rpc.describe_error(err, self.target), unreachable=unreachable) from None
+
+    def stop_if_hosted(self, name: str) -> bool:
+        """Stop guest `name` if this agent hosts it; True if it did.
+
+        For cleaning up after a migration that may or may not have moved the
+        guest here.
+        """
+        if not any(g.name == name for g in self.call("ListGuests", pb.ListGuestsRequest()).guests):
+            return False
+        self.call("StopGuest", pb.GuestRef(name=name))
+        return True
 
     def close(self) -> None:
         self._channel.close()

@@ -210,8 +210,7 @@ def migrate_once(src: LocalAgent, dst: LocalAgent, name: str, spec: pb.GuestSpec
     finally:
         peak = rss.stop()
         with AgentClient(dst.address) as c:
-            if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                c.call("StopGuest", pb.GuestRef(name=name))
+            c.stop_if_hosted(name)
     return doc, peak
 
 

@@ -46,8 +46,7 @@ def one_run(src: str, dst: str, name: str, size: int, workload: str, mode: str, 
     finally:
         for agent in (dst, src):
             with AgentClient(agent) as c:
-                if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                    c.call("StopGuest", pb.GuestRef(name=name))
+                c.stop_if_hosted(name)
     g = doc["guest"]
     return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"], "wire_mib": doc["bytes"]["wire"] / MiB,
             "faulted": doc["pages"]["faulted"], "blocked_ms": g["blocked_ms"],

@@ -199,8 +199,7 @@ def run_ours(size: int, pattern: str, warmup: float) -> dict:
             doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", ""))
         finally:
             with AgentClient(dst.address) as c:
-                if any(g.name == "cmp" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                    c.call("StopGuest", pb.GuestRef(name="cmp"))
+                c.stop_if_hosted("cmp")
     return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"], "remote_faults": doc["faults"]["count"],
             "blocked_ms": doc["guest"]["blocked_ms"], "wire_mib": doc["bytes"]["wire"] / MiB,
             "fault_p50_us": doc["faults"]["latency_us"]["p50"]}

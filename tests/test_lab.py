@@ -93,8 +93,7 @@ def _migrate_across(lab: lifecycle.Lab, name: str, spec: pb.GuestSpec, **opts) -
                                    on_status=lambda st: samples.append((time.monotonic(), st.bytes_wire)))
     finally:
         with AgentClient(lab.dest) as c:
-            if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                c.call("StopGuest", pb.GuestRef(name=name))
+            c.stop_if_hosted(name)
     return doc, samples
 
 

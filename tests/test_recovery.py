@@ -67,8 +67,7 @@ def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
     finally:
         cutter.join()
         with AgentClient(dst.address) as c:
-            if any(g.name == "wire" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                c.call("StopGuest", pb.GuestRef(name="wire"))
+            c.stop_if_hosted("wire")
     assert proxy.cuts == 1
     assert doc["verified"] is True
     assert doc["pages"]["received"] == doc["pages"]["total"]
@@ -121,8 +120,7 @@ def test_corrupted_batches_are_refused_and_fetched_again(proxied):
                                    orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=16 * MiB))
     finally:
         with AgentClient(dst.address) as c:
-            if any(g.name == "flip" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                c.call("StopGuest", pb.GuestRef(name="flip"))
+            c.stop_if_hosted("flip")
     assert doc["verified"] is True  # nothing corrupt was ever installed
     # Refused by checksum and fetched again (or, if a flip hit a frame header, the connection broke and recovered).
     assert doc["link"]["refused_batches"] + doc["link"]["outages"] >= 1, doc["link"]
@@ -158,8 +156,7 @@ def test_orchestrator_killed_mid_postcopy_is_resumed(agents):
             assert not any(g.name == "orphan" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests)
     finally:
         with AgentClient(dst.address) as c:
-            if any(g.name == "orphan" for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-                c.call("StopGuest", pb.GuestRef(name="orphan"))
+            c.stop_if_hosted("orphan")
 
 
 def test_resume_before_switchover_aborts_and_keeps_the_guest(agents):

@@ -133,8 +133,7 @@ def test_pages_only_for_the_run_named(tls_agents, pki) -> None:
 
 def stop_if_there(address: str, creds: Credentials, name: str) -> None:
     with AgentClient(address, credentials=creds) as c:
-        if any(g.name == name for g in c.call("ListGuests", pb.ListGuestsRequest()).guests):
-            c.call("StopGuest", pb.GuestRef(name=name))
+        c.stop_if_hosted(name)
 
 
 def fetch_code(address: str, creds: Credentials, run_id: str) -> grpc.StatusCode:

@@ -164,7 +164,6 @@ class BulkPuller:
         except BatchError as err:
             self._ask_again(err)
             return
-        done = batch.done
         with self._cond:
             if batch.req_id in self._inflight:
                 first, count, due = self._inflight[batch.req_id]
@@ -174,11 +173,8 @@ class BulkPuller:
                     self._inflight[batch.req_id] = (first, count, due)
                 else:
                     del self._inflight[batch.req_id]
-            c = self.counters
-            c["pages"] += done.installed
-            c["zero"] += done.zeroed
-            c["bytes_pages"] += done.installed * self.mem.page_size
-            c["batches"] += 1
+            self.mem.count(self.counters, batch.done)
+            self.counters["batches"] += 1
             self._cond.notify_all()
 
     def _ask_again(self, err: BatchError) -> None:

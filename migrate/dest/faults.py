@@ -154,8 +154,7 @@ class FaultServer:
         except BatchError as err:
             self._ask_again(err)
             return
-        done = batch.done
-        now = done.done_ns  # the guest ran again then, whatever delays us on the way back to Python
+        now = batch.done.done_ns  # the guest ran again then, whatever delays us on the way back to Python
         with self._lock:
             msg = self._sent.pop(batch.req_id, None)
             if msg is not None:
@@ -163,10 +162,7 @@ class FaultServer:
                     if self._covers.get(page) == batch.req_id:
                         del self._covers[page]
             self._resolve(self._waiting.pop(batch.req_id, []), now)
-            c = self.counters
-            c["pages"] += done.installed
-            c["zero"] += done.zeroed
-            c["bytes_pages"] += done.installed * self.mem.page_size
+            self.mem.count(self.counters, batch.done)
 
     def _ask_again(self, err: BatchError) -> None:
         """A refused batch is never installed: send its request again (a few times);

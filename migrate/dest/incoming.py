@@ -33,7 +33,7 @@ from migrate.dest.worker import Memory
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.proto import migrate_pb2 as pb
-from migrate.uffd import FaultReader, Region, Uffd
+from migrate.uffd import Uffd
 
 log = logging.getLogger("migrate.dest")
 
@@ -220,8 +220,7 @@ class IncomingRun:
                                "--recovery-timeout", str(self.recovery_timeout), "--endpoint", self.bulk_endpoint,
                                "--hint-fd", str(self._hint_r)], (self.uffd.fd, self.bitmap.fd, self._hint_r))
         self.workers["bulk"] = bulk
-        mem = Memory(self.uffd, self.bitmap, FaultReader(self.uffd, [Region(*r) for r in self.regions],
-                                                         self.spec.page_size), self.page_count, self.spec.page_size)
+        mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
         self.workers["faults"] = FaultLoop(mem, self.source_endpoint, self.run_id, self._hint_w,
                                            self.recovery_timeout)
         bulk.wait_ready(_READY_TIMEOUT)

@@ -22,7 +22,7 @@ import grpc
 
 from migrate import rpc
 from migrate.bitmap import SharedBitmap
-from migrate.uffd import FaultReader, Region, Uffd
+from migrate.uffd import FaultReader, InstallStats, Region, Uffd
 
 #: Seconds between two counter lines.
 REPORT_EVERY = 0.2
@@ -34,13 +34,30 @@ CONNECT_TIMEOUT = 5.0
 
 @dataclass
 class Memory:
-    """The guest memory a worker installs into."""
+    """The guest memory a path installs into: its received bitmap and its installer."""
 
-    uffd: Uffd
     bitmap: SharedBitmap
     io: FaultReader
-    page_count: int
-    page_size: int
+
+    @classmethod
+    def over(cls, uffd: Uffd | int, bitmap: SharedBitmap, regions: list[tuple[int, int, int]],
+             page_size: int) -> Memory:
+        """Memory behind `uffd`, mapped as (base, size, first_page) regions."""
+        return cls(bitmap, FaultReader(uffd, [Region(*r) for r in regions], page_size))
+
+    @property
+    def page_count(self) -> int:
+        return self.bitmap.nbits
+
+    @property
+    def page_size(self) -> int:
+        return self.io.page_size
+
+    def count(self, counters: dict, done: InstallStats) -> None:
+        """Add an install to a path's "pages", "zero" and "bytes_pages" counters."""
+        counters["pages"] += done.installed
+        counters["zero"] += done.zeroed
+        counters["bytes_pages"] += done.installed * self.page_size
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
@@ -59,10 +76,9 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def open_memory(args: argparse.Namespace) -> Memory:
-    uffd = Uffd(args.uffd)
-    regions = [Region(base=b, size=s, first_page=f) for b, s, f in json.loads(args.regions)]
-    bitmap = SharedBitmap.attach(args.bitmap_fd, args.pages)
-    return Memory(uffd, bitmap, FaultReader(uffd, regions, args.page_size), args.pages, args.page_size)
+    """The memory the agent passed in (inherited uffd and bitmap fds)."""
+    return Memory.over(args.uffd, SharedBitmap.attach(args.bitmap_fd, args.pages), json.loads(args.regions),
+                       args.page_size)
 
 
 def connect(endpoint: str, purpose: str) -> grpc.Channel:
