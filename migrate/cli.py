@@ -325,10 +325,10 @@ class ProgressLine:
         frac = st.pages_received / total
         bar = "#" * int(frac * 30)
         rate = st.bytes_pages / MiB / st.elapsed_s if st.elapsed_s > 0 else 0.0
-        workers = json.loads(st.detail_json or "{}").values()
+        detail = json.loads(st.detail_json or "{}")
         phase = st.phase
-        if any(w.get("link_down") for w in workers if isinstance(w, dict)):
-            paused = max(float(w.get("paused_s", 0.0)) for w in workers if isinstance(w, dict))
+        if any(isinstance(w, dict) and w.get("link_down") for w in detail.values()):
+            paused = report.link_summary(detail)["paused_s"]
             phase = f"PAUSED: link to the source down, reconnecting ({paused:.1f} s paused so far)"
         line = (f"[{bar:<30}] {frac * 100:5.1f}%  {st.pages_received}/{st.pages_total} pages  "
                 f"{rate:7.1f} MiB/s  faults {st.faults}  {phase}")

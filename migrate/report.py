@@ -50,7 +50,7 @@ class Timeline:
         return round(statistics.median(self._resumed), 4) if self._resumed else None
 
 
-def _link(detail: dict) -> dict:
+def link_summary(detail: dict) -> dict:
     """Link outages the destination's workers rode out, the time they waited, and the
     batches they refused (checksum or shape wrong) and asked for again."""
     workers = [w for w in detail.values() if isinstance(w, dict)]
@@ -106,7 +106,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         "bytes": {"wire": wire, "pages": page_bytes},
         "compression_ratio": round(page_bytes / wire, 3) if wire else 1.0,
         "precopy": precopy or {"rounds": [], "pages": 0, "bytes": 0},
-        "link": _link(detail),
+        "link": link_summary(detail),
         "source": {"urgent_requests": source_stats.urgent_requests, "urgent_pages": source_stats.urgent_pages,
                    "bulk_pages": source_stats.bulk_pages, "bulk_bytes": source_stats.bulk_bytes,
                    "compressed_batches": source_stats.bulk_compressed_batches},
