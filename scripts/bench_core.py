@@ -5,7 +5,9 @@ Measures in one run, on this machine, side by side:
   (a) urgent fault latency p50/p99 with the bulk stream off (--no-push),
   (b) the same while the bulk stream saturates,
   (c) bulk throughput in MiB/s of guest memory installed, realistic and
-      incompressible RAM,
+      incompressible RAM, over the report's transfer_s (from the guest's
+      resume on the destination to its last page in; the raw stream's
+      figure likewise leaves out its process and channel start),
   (d) the baseline: a raw Python gRPC bidi 4 KiB round trip and raw server
       streaming MiB/s (1 MiB messages), between two processes, no migrate code;
 and the peak resident memory of each agent's processes beyond the guest's
@@ -35,7 +37,7 @@ from concurrent import futures
 
 import grpc
 
-from migrate import orchestrator, spawn
+from migrate import orchestrator, report, spawn
 from migrate.batches import MAX_URGENT_PAGES
 from migrate.client import AgentClient
 from migrate.dest.bulk import WINDOW_PAGES
@@ -219,12 +221,6 @@ def guest(size: int, workload: str, ops: int, content: str = "realistic") -> pb.
                         content=content)
 
 
-def transfer_mib_s(doc: dict) -> float:
-    """MiB/s of guest memory installed, from resume to the last page."""
-    seconds = doc["total_s"] - doc["timings_ms"]["prepare"] / 1000.0
-    return doc["bytes"]["pages"] / MiB / seconds
-
-
 def install_ceiling(size: int) -> float:
     """MiB/s of UFFDIO_COPY into `size` bytes of fresh shmem, one thread, no network.
 
@@ -344,7 +340,7 @@ def main() -> int:
                     raw = baseline()
                     doc, peak = migrate_once(src, dst, f"bulk-{content}-{size // MiB}-{i}",
                                              guest(size, "idle", 0, content), paused=True)
-                    rates.append(transfer_mib_s(doc))
+                    rates.append(report.transfer_mib_s(doc))
                     vs_raw.append(rates[-1] / raw["stream_mib_s"])
                     peaks.append(peak)
                     ratios.append(doc["compression_ratio"])
@@ -357,14 +353,14 @@ def main() -> int:
             print(f"install ceiling, {size // MiB} MiB ...", file=sys.stderr)
             out[f"ceiling_{size // MiB}"] = median([ceiling_in_child(size) for _ in runs])
     out["raw"] = {k: median([r[k] for r in raws]) for k in raws[0]}
-    report(out, big, huge)
+    print_table(out, big, huge)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0
 
 
-def report(out: dict, big: int, huge: int) -> None:
+def print_table(out: dict, big: int, huge: int) -> None:
     raw, a, b = out["raw"], out["a"], out["b"]
     print(f"\nmedians of {out['repeat']} runs, each ratio against the baseline measured just before its run;"
           " peak memory: the highest of the runs")

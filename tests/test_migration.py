@@ -10,7 +10,7 @@ import mmap
 
 import pytest
 
-from migrate import orchestrator
+from migrate import orchestrator, report
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
 from migrate.proto import migrate_pb2 as pb
@@ -116,6 +116,9 @@ def test_idle_guest_gets_everything_by_push(agents):
     # ~15 % zero pages; "auto" sends the rest raw to a destination on this host
     assert doc["compression_ratio"] > 1.1
     assert doc["source"]["compressed_batches"] == 0, doc["source"]
+    # the transfer runs from the resume to the last page, inside the whole migration
+    assert 0 < doc["transfer_s"] < doc["total_s"]
+    assert report.transfer_mib_s(doc) == pytest.approx(16 / doc["transfer_s"], rel=0.01)
 
 
 def test_compressed_batches_arrive_intact(tmp_path):
