@@ -29,6 +29,9 @@ from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
 
 log = logging.getLogger("migrate.agent")
 
+#: Completed incoming runs whose final status IncomingStatus still answers.
+_KEEP_FINISHED = 64
+
 _ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (KeyError, grpc.StatusCode.NOT_FOUND),
     (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
@@ -211,7 +214,14 @@ class ControlService(pb_grpc.ControlServicer):
             raise
         with self.lock:
             self.incoming[run.run_id] = run
+            self._forget_finished()
         return pb.PrepareIncomingReply(prepare_ms=ms)
+
+    def _forget_finished(self) -> None:
+        """Keep the statuses of the last _KEEP_FINISHED completed runs only (caller holds the lock)."""
+        finished = [run_id for run_id, run in self.incoming.items() if run.phase == "complete"]
+        for run_id in finished[:-_KEEP_FINISHED]:  # oldest first: dicts keep insertion order
+            del self.incoming[run_id]
 
     def _incoming(self, run_id: str) -> IncomingRun:
         with self.lock:

@@ -7,6 +7,7 @@ reference guest on the source agent and compares).
 from __future__ import annotations
 
 import mmap
+import os
 
 import pytest
 
@@ -119,6 +120,23 @@ def test_idle_guest_gets_everything_by_push(agents):
     # the transfer runs from the resume to the last page, inside the whole migration
     assert 0 < doc["transfer_s"] < doc["total_s"]
     assert report.transfer_mib_s(doc) == pytest.approx(16 / doc["transfer_s"], rel=0.01)
+
+
+def test_agent_gives_back_a_completed_runs_descriptors(agents):
+    """A long-lived destination agent holds no descriptor of a migration once it completed
+    (userfaultfd, bitmap, pipes), and still answers that migration's status."""
+    dst = agents[1]
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{dst.pid}/fd"))
+
+    migrate_at(agents, "first", spec("idle", size=4 * MiB, ops=0, rate=0), 0.0)
+    before = fds()
+    for i in range(3):
+        doc = migrate_at(agents, f"again{i}", spec("random-write", size=4 * MiB, ops=2000), 0.5)
+        assert doc["verified"] is True
+    assert fds() == before
+    assert doc["pages"]["received"] == doc["pages"]["total"]  # the final status, after the release
 
 
 def test_compressed_batches_arrive_intact(tmp_path):

@@ -48,3 +48,18 @@ def test_summary():
 def test_local_peers(peer, local):
     """The bulk server never compresses for a destination on its own host."""
     assert is_local_peer(peer) is local
+
+
+def test_agent_keeps_the_newest_finished_runs_only(monkeypatch):
+    """A destination agent answers for its last completed runs and forgets older ones;
+    runs still under way are never dropped."""
+    from types import SimpleNamespace
+
+    from migrate import agent
+
+    monkeypatch.setattr(agent, "_KEEP_FINISHED", 2)
+    control = agent.ControlService(("dest",), "127.0.0.1")
+    for i, phase in enumerate(["complete", "running", "complete", "complete", "failed", "complete"]):
+        control.incoming[f"r{i}"] = SimpleNamespace(phase=phase)
+    control._forget_finished()
+    assert list(control.incoming) == ["r1", "r3", "r4", "r5"]

@@ -147,6 +147,7 @@ class IncomingRun:
         self._t_resume = 0.0
         self._t_done = 0.0
         self._watcher: threading.Thread | None = None
+        self._final: pb.MigrationStatus | None = None  # the status once complete and released
         self._lock = threading.Lock()
 
     @property
@@ -334,6 +335,9 @@ class IncomingRun:
                 pass  # the guest unmapped or exited: nothing left to unregister
         with self._lock:
             self.phase = "complete"
+            # An agent lives through many migrations: keep the last status, give back the descriptors.
+            self._final = self._status()
+            self._release()
         if self.guest is not None:
             self.guest.run_id = ""
         if self.journal is not None:
@@ -357,6 +361,10 @@ class IncomingRun:
 
     # ------------------------------------------------------------- status
     def status(self) -> pb.MigrationStatus:
+        with self._lock:
+            return self._final or self._status()
+
+    def _status(self) -> pb.MigrationStatus:
         totals = {"pages": 0, "zero": 0, "bytes_wire": 0, "bytes_pages": 0}
         for w in self.workers.values():
             for key in totals:
@@ -378,10 +386,15 @@ class IncomingRun:
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""
-        if self.precopy is not None:
-            self.precopy.close()
         for w in self.workers.values():
             w.stop(timeout=2)
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        """Close the run's descriptors and mappings; its workers have stopped."""
+        if self.precopy is not None:
+            self.precopy.close()
         for fd in (self._hint_r, self._hint_w):
             if fd >= 0:
                 os.close(fd)
