@@ -392,7 +392,8 @@ class IncomingRun:
             self._release()
 
     def _release(self) -> None:
-        """Close the run's descriptors and mappings; its workers have stopped."""
+        """Close the run's descriptors and mappings, drop its stopped workers."""
+        self.workers = {}
         if self.precopy is not None:
             self.precopy.close()
         for fd in (self._hint_r, self._hint_w):
