@@ -19,7 +19,14 @@ before every run (the host's speed drifts); every measurement runs
 installing a guest into fresh memory (UFFDIO_COPY alone, no network), which
 on a virtual machine bounds (c) for large guests.
 
-usage: python scripts/bench_core.py [--quick] [--repeat N] [--json OUT]
+On loopback the two agents, their bulk paths and the guest share this
+machine's cores, so (c) measures CPU per byte more than the transfer; with
+--link (default 1gbit) (c) and its raw baseline are measured again across a
+lab link (two network namespaces, tc-shaped veth; the raw server runs in the
+source's namespace, its client in the destination's), where the wire is the
+bottleneck, as between two hosts.
+
+usage: python scripts/bench_core.py [--quick] [--repeat N] [--link PROFILE|none] [--json OUT]
 """
 from __future__ import annotations
 
@@ -33,7 +40,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
@@ -41,6 +50,9 @@ from migrate import orchestrator, report, spawn
 from migrate.batches import MAX_URGENT_PAGES
 from migrate.client import AgentClient
 from migrate.dest.bulk import WINDOW_PAGES
+from migrate.lab import netns
+from migrate.lab.lifecycle import Lab
+from migrate.lab.link import LinkSpec
 from migrate.local import LocalAgent
 from migrate.proto import migrate_pb2 as pb
 from migrate.source.bulk_server import ENCODERS, MAX_BULK_PAGES
@@ -51,8 +63,8 @@ _RAW_MSG = 1 * MiB
 
 
 # ------------------------------------------------------------ raw baseline
-def raw_server() -> None:
-    """A bare gRPC server: an echo bidi method and a 1 MiB server stream."""
+def raw_server(host: str) -> None:
+    """A bare gRPC server on `host`: an echo bidi method and a 1 MiB server stream."""
     payload = os.urandom(_RAW_MSG)
 
     def stream(req: bytes, ctx: grpc.ServicerContext):
@@ -69,38 +81,54 @@ def raw_server() -> None:
     })
     server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_send_message_length", 8 * MiB)])
     server.add_generic_rpc_handlers((handler,))
-    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    print(server.add_insecure_port(f"{host}:0"), flush=True)
     server.start()
     sys.stdin.read()
     server.stop(0)
 
 
-def raw_baseline(stream_mib: int) -> dict:
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--raw-server"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=spawn.child_env())
+def raw_client(address: str, stream_mib: int) -> dict:
+    """Stream `stream_mib` MiB from the raw server, then 3000 echo round trips of 4 KiB."""
+    ch = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 * MiB)])
+    ident = lambda b: b  # noqa: E731
+    stream = ch.unary_stream("/raw/Stream", request_serializer=ident, response_deserializer=ident)
+    t = time.perf_counter()
+    total = sum(len(m) for m in stream(str(stream_mib).encode()))
+    stream_mibs = total / MiB / (time.perf_counter() - t)
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    replies = ch.stream_stream("/raw/Echo", request_serializer=ident, response_deserializer=ident)(
+        iter(requests.get, None))
+    msg = os.urandom(4096)
+    lat = []
+    for _ in range(3000):
+        t = time.perf_counter()
+        requests.put(msg)
+        next(replies)
+        lat.append((time.perf_counter() - t) * 1e6)
+    requests.put(None)
+    ch.close()
+    lat.sort()
+    return {"stream_mib_s": round(stream_mibs, 1), "rtt_p50_us": round(lat[len(lat) // 2], 1),
+            "rtt_p99_us": round(lat[int(len(lat) * 0.99)], 1)}
+
+
+def _in(ns: str | None, *args: str) -> list[str]:
+    """argv running this script with `args`, inside network namespace `ns` if given."""
+    return [*(("ip", "netns", "exec", ns) if ns else ()), sys.executable, os.path.abspath(__file__), *args]
+
+
+def raw_baseline(stream_mib: int, lab: Lab | None = None) -> dict:
+    """Raw gRPC between two fresh processes: on loopback, or across `lab`'s link
+    (server in the source's namespace, client in the destination's)."""
+    src_ns, dst_ns = lab.record["namespaces"] if lab else (None, None)
+    host = netns.SOURCE_ADDR if lab else "127.0.0.1"
+    proc = subprocess.Popen(_in(src_ns, "--raw-server", host), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=spawn.child_env())
     try:
         port = int(proc.stdout.readline())
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 8 * MiB)])
-        ident = lambda b: b  # noqa: E731
-        stream = ch.unary_stream("/raw/Stream", request_serializer=ident, response_deserializer=ident)
-        t = time.perf_counter()
-        total = sum(len(m) for m in stream(str(stream_mib).encode()))
-        stream_mibs = total / MiB / (time.perf_counter() - t)
-        requests: queue.SimpleQueue = queue.SimpleQueue()
-        replies = ch.stream_stream("/raw/Echo", request_serializer=ident, response_deserializer=ident)(
-            iter(requests.get, None))
-        msg = os.urandom(4096)
-        lat = []
-        for _ in range(3000):
-            t = time.perf_counter()
-            requests.put(msg)
-            next(replies)
-            lat.append((time.perf_counter() - t) * 1e6)
-        requests.put(None)
-        ch.close()
-        lat.sort()
-        return {"stream_mib_s": round(stream_mibs, 1), "rtt_p50_us": round(lat[len(lat) // 2], 1),
-                "rtt_p99_us": round(lat[int(len(lat) * 0.99)], 1)}
+        out = subprocess.run(_in(dst_ns, "--raw-client", f"{host}:{port}", "--stream-mib", str(stream_mib)),
+                             capture_output=True, text=True, env=spawn.child_env(), check=True, timeout=600)
+        return json.loads(out.stdout)
     finally:
         proc.stdin.close()
         proc.wait(timeout=10)
@@ -200,18 +228,39 @@ class RssPeak:
 
 
 # --------------------------------------------------------------- scenarios
-def migrate_once(src: LocalAgent, dst: LocalAgent, name: str, spec: pb.GuestSpec, *, paused: bool,
+@dataclass(frozen=True)
+class Agents:
+    """A source and a destination agent: addresses, PIDs (for memory), and the
+    source's address as the destination reaches it (across a lab link)."""
+
+    source: str
+    dest: str
+    source_pid: int
+    dest_pid: int
+    source_endpoint: str = ""
+
+    @classmethod
+    def local(cls, src: LocalAgent, dst: LocalAgent) -> "Agents":
+        return cls(src.address, dst.address, src.pid, dst.pid)
+
+    @classmethod
+    def across(cls, lab: Lab) -> "Agents":
+        r = lab.record
+        return cls(lab.source, lab.dest, r["source_pid"], r["dest_pid"], lab.source_endpoint)
+
+
+def migrate_once(agents: Agents, name: str, spec: pb.GuestSpec, *, paused: bool,
                  no_push: bool = False) -> tuple[dict, dict]:
     """Launch a guest, migrate it, stop it; return (report, peak rss per side)."""
-    with AgentClient(src.address) as c:
+    with AgentClient(agents.source) as c:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused), timeout=600)
-    rss = RssPeak({"source": src.pid, "dest": dst.pid})
+    rss = RssPeak({"source": agents.source_pid, "dest": agents.dest_pid})
     try:
-        doc = orchestrator.migrate(name, src.address, dst.address,
-                                   orchestrator.RunOptions(mode="postcopy", no_push=no_push))
+        doc = orchestrator.migrate(name, agents.source, agents.dest, orchestrator.RunOptions(
+            mode="postcopy", no_push=no_push, source_endpoint=agents.source_endpoint))
     finally:
         peak = rss.stop()
-        with AgentClient(dst.address) as c:
+        with AgentClient(agents.dest) as c:
             c.stop_if_hosted(name)
     return doc, peak
 
@@ -288,11 +337,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller guests (256 MiB / 1 GiB)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
     ap.add_argument("--json", help="write all numbers here")
-    ap.add_argument("--raw-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--link", default="1gbit", metavar="PROFILE",
+                    help="also measure (c) across a lab link shaped so (migrate lab profiles, e.g. 1gbit, "
+                         "10gbit/100us); 'none' skips it")
+    ap.add_argument("--raw-server", metavar="HOST", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-client", metavar="ADDRESS", help=argparse.SUPPRESS)
+    ap.add_argument("--stream-mib", type=int, default=256, help=argparse.SUPPRESS)
     ap.add_argument("--install-ceiling", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw_server:
-        raw_server()
+        raw_server(args.raw_server)
+        return 0
+    if args.raw_client:
+        print(json.dumps(raw_client(args.raw_client, args.stream_mib)))
         return 0
     if args.install_ceiling:
         print(install_ceiling(args.install_ceiling))
@@ -304,24 +361,47 @@ def main() -> int:
     out: dict = {"repeat": args.repeat}
     raws: list[dict] = []
 
-    def baseline() -> dict:
+    def baseline(lab: Lab | None = None) -> dict:
         """The raw gRPC numbers right now: each ratio is taken against the baseline
         measured just before, so a host that slows down mid-run skews no ratio."""
-        raws.append(raw_baseline(stream_mib=256))
-        return raws[-1]
+        raw = raw_baseline(256, lab)
+        if lab is None:
+            raws.append(raw)
+        return raw
+
+    def bulk(agents: Agents, size: int, content: str, lab: Lab | None = None) -> dict:
+        """(c): migrate an idle guest `runs` times, each against a fresh raw baseline."""
+        rates, vs_raw, peaks, ratios = [], [], [], []
+        where = f" across {lab.spec.describe()}" if lab else ""
+        for i in runs:
+            print(f"(d) raw gRPC, (c) bulk{where}, {content} RAM, {size // MiB} MiB: run {i + 1} ...",
+                  file=sys.stderr)
+            raw = baseline(lab)
+            doc, peak = migrate_once(agents, f"bulk-{content}-{size // MiB}-{i}", guest(size, "idle", 0, content),
+                                     paused=True)
+            rates.append(report.transfer_mib_s(doc))
+            vs_raw.append(rates[-1] / raw["stream_mib_s"])
+            peaks.append(peak)
+            ratios.append(doc["compression_ratio"])
+        return {"mib_s": median(rates), "mib_s_runs": [round(r, 1) for r in rates],
+                "ratio": round(statistics.median(vs_raw), 2), "ratio_runs": [round(r, 2) for r in vs_raw],
+                "compression_ratio": median(ratios),
+                "rss_mib": {side: round(max(p[side] for p in peaks) / MiB, 1) for side in ("source", "dest")},
+                "rss_budget_mib": {side: budget_mib(side, size) for side in ("source", "dest")}}
 
     with LocalAgent("source") as src, LocalAgent("dest") as dst:
+        agents = Agents.local(src, dst)
         print("warm-up migration ...", file=sys.stderr)
-        migrate_once(src, dst, "warm-up", guest(32 * MiB, "random-read", 2000), paused=True)
+        migrate_once(agents, "warm-up", guest(32 * MiB, "random-read", 2000), paused=True)
         lat: dict[str, list[dict]] = {"a": [], "b": []}
         vs = {"a": [], "b": []}
         for i in runs:
             print(f"(d) raw gRPC, (a) faults with bulk off, (b) faults while bulk runs: run {i + 1} ...",
                   file=sys.stderr)
             raw = baseline()
-            a = migrate_once(src, dst, f"lat-a{i}", guest(128 * MiB, "random-read", 4000), paused=True,
+            a = migrate_once(agents, f"lat-a{i}", guest(128 * MiB, "random-read", 4000), paused=True,
                              no_push=True)[0]["faults"]["latency_us"]
-            b = migrate_once(src, dst, f"lat-b{i}", guest(big, "random-read", 1 << 40), paused=True)[0][
+            b = migrate_once(agents, f"lat-b{i}", guest(big, "random-read", 1 << 40), paused=True)[0][
                 "faults"]["latency_us"]
             lat["a"].append(a)
             lat["b"].append(b)
@@ -333,25 +413,14 @@ def main() -> int:
             out[key]["ratio_runs"] = [round(r, 2) for r in vs[key]]
         for size in (big, huge):
             for content in ("realistic", "random"):
-                rates, vs_raw, peaks, ratios = [], [], [], []
-                for i in runs:
-                    print(f"(d) raw gRPC, (c) bulk, {content} RAM, {size // MiB} MiB: run {i + 1} ...",
-                          file=sys.stderr)
-                    raw = baseline()
-                    doc, peak = migrate_once(src, dst, f"bulk-{content}-{size // MiB}-{i}",
-                                             guest(size, "idle", 0, content), paused=True)
-                    rates.append(report.transfer_mib_s(doc))
-                    vs_raw.append(rates[-1] / raw["stream_mib_s"])
-                    peaks.append(peak)
-                    ratios.append(doc["compression_ratio"])
-                out[f"c_{content}_{size // MiB}"] = {
-                    "mib_s": median(rates), "mib_s_runs": [round(r, 1) for r in rates],
-                    "ratio": round(statistics.median(vs_raw), 2), "ratio_runs": [round(r, 2) for r in vs_raw],
-                    "compression_ratio": median(ratios),
-                    "rss_mib": {side: round(max(p[side] for p in peaks) / MiB, 1) for side in ("source", "dest")},
-                    "rss_budget_mib": {side: budget_mib(side, size) for side in ("source", "dest")}}
+                out[f"c_{content}_{size // MiB}"] = bulk(agents, size, content)
             print(f"install ceiling, {size // MiB} MiB ...", file=sys.stderr)
             out[f"ceiling_{size // MiB}"] = median([ceiling_in_child(size) for _ in runs])
+    if args.link != "none":
+        with Lab(LinkSpec.parse(args.link)) as lab:
+            out["link"] = {"profile": lab.spec.describe(), "size_mib": big // MiB}
+            for content in ("realistic", "random"):
+                out["link"][content] = bulk(Agents.across(lab), big, content, lab)
     out["raw"] = {k: median([r[k] for r in raws]) for k in raws[0]}
     print_table(out, big, huge)
     if args.json:
@@ -364,10 +433,10 @@ def print_table(out: dict, big: int, huge: int) -> None:
     raw, a, b = out["raw"], out["a"], out["b"]
     print(f"\nmedians of {out['repeat']} runs, each ratio against the baseline measured just before its run;"
           " peak memory: the highest of the runs")
-    print(f"{'metric':50} {'value':>12}  {'target':>22}")
+    print(f"{'metric':58} {'value':>12}  {'target':>22}")
 
     def row(name: str, value: str, target: str = "") -> None:
-        print(f"{name:50} {value:>12}  {target:>22}")
+        print(f"{name:58} {value:>12}  {target:>22}")
 
     row("(d) raw gRPC bidi 4 KiB round trip p50", f"{raw['rtt_p50_us']:.0f} µs")
     row("(d) raw gRPC streaming, 1 MiB messages", f"{raw['stream_mib_s']:.0f} MiB/s")
@@ -382,9 +451,21 @@ def print_table(out: dict, big: int, huge: int) -> None:
         for content, goal in (("realistic", 1.0), ("random", 0.8)):
             c = out[f"c_{content}_{size // MiB}"]
             row(f"(c) bulk {content}, {size // MiB} MiB", f"{c['mib_s']:.0f} MiB/s", f"{c['ratio']:.2f}x raw (>= {goal})")
-            rss, budget = c["rss_mib"], c["rss_budget_mib"]
-            row(f"    peak memory source / dest (budget {budget['source']:.0f} / {budget['dest']:.0f})",
-                f"{rss['source']:.0f} / {rss['dest']:.0f} MiB")
+            memory_row(row, c)
+    if "link" in out:
+        link = out["link"]
+        print(f"\nacross a lab link ({link['profile']}): the wire, not the two shared cores, is the bottleneck")
+        for content, goal in (("realistic", 1.0), ("random", 0.8)):
+            c = link[content]
+            row(f"(c) bulk {content}, {link['size_mib']} MiB (compression {c['compression_ratio']:.2f}x)",
+                f"{c['mib_s']:.0f} MiB/s", f"{c['ratio']:.2f}x raw (>= {goal})")
+            memory_row(row, c)
+
+
+def memory_row(row: Callable[[str, str], None], c: dict) -> None:
+    rss, budget = c["rss_mib"], c["rss_budget_mib"]
+    row(f"    peak memory source / dest (budget {budget['source']:.0f} / {budget['dest']:.0f})",
+        f"{rss['source']:.0f} / {rss['dest']:.0f} MiB")
 
 
 if __name__ == "__main__":
