@@ -71,3 +71,15 @@ def test_toml_matrix_and_bad_input(tmp_path):
     r = subprocess.run(spawn.module_argv("migrate", "bench", "--link", "fast", "-o", str(tmp_path / "o")),
                        capture_output=True, text=True, env=spawn.child_env())
     assert r.returncode == 1 and "bad link profile" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_core_bench_raw_baseline_runs_between_two_processes(monkeypatch):
+    """scripts/bench_core.py's baseline: a raw server and client process pair that stream and echo for real."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    bench_core = importlib.import_module("bench_core")
+    raw = bench_core.raw_baseline(8)
+    assert raw["stream_mib_s"] > 0
+    assert 0 < raw["rtt_p50_us"] <= raw["rtt_p99_us"]
