@@ -48,7 +48,7 @@ def yield_cpu_to_urgent_work() -> None:
     os.nice(10)
 
 
-#: Allocations below this come from the heap: page batches (1 MiB) and gRPC's socket read buffers (up to 4 MiB).
+#: Allocations below this come from the heap: page batches (up to 1 MiB) and gRPC's socket read buffers (up to 4 MiB).
 _MMAP_THRESHOLD = 8 << 20
 #: Free heap memory beyond this is given back to the kernel (more kept measured no faster).
 _TRIM_THRESHOLD = 2 << 20

@@ -1,8 +1,8 @@
 """The destination's bulk worker: pulls every page not yet received.
 
 It walks the received bitmap with a cursor, asks the source's bulk server
-for runs of missing pages (answered in batches of up to 1 MiB) keeping a
-window of at most 16 MiB in flight, and installs each batch with as few
+for runs of missing pages (answered in batches of up to 512 KiB) keeping a
+window of at most 6 MiB in flight, and installs each batch with as few
 ioctls as possible, from two threads. The urgent path sends it the pages
 the guest is faulting on, and the cursor jumps there: the guest's working
 set arrives first. Runs at low CPU priority, in its own process, so it never
