@@ -169,7 +169,7 @@ class DecodedBatch:
     zero_pages: int
 
 
-#: Most zero_runs values a batch may carry (a 256-page batch needs at most 256).
+#: Most zero_runs values a batch may carry (a batch of N pages needs at most N).
 _MAX_RUN_VALUES = 4096
 
 

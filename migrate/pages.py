@@ -30,7 +30,7 @@ class _Scratch(threading.local):
         self.end = ffi.new("uint64_t *")
 
     def ensure(self, count: int, page_size: int) -> None:
-        room = count * page_size + 64 + 10 * (count + 2)  # MIG_BATCH_ROOM (native/pages.h checks it)
+        room = count * (page_size + lib.MIG_BATCH_ROOM_PER_PAGE) + lib.MIG_BATCH_ROOM_FIXED  # MIG_BATCH_ROOM
         if room > len(self.data):
             self.data = ffi.new("uint8_t[]", room)
         if count > self.capacity:

@@ -72,17 +72,18 @@ int64_t mig_encode_batch(const uint8_t *src, uint32_t npages, uint32_t page_size
                          uint64_t first_page, uint32_t *runs, uint32_t max_runs, uint8_t *out, uint64_t out_len,
                          uint64_t *end)
 {
-    if (out_len < MIG_BATCH_ROOM(npages, page_size))
+    uint64_t need = MIG_BATCH_ROOM(npages, page_size);
+    if (out_len < need)
         return -ENOSPC;
     /* The pages go to their final place first, after room for the header,
      * which is then written right-aligned in front of them. */
-    uint64_t room = MIG_BATCH_ROOM(npages, page_size) - (uint64_t)npages * page_size;
+    uint64_t room = need - (uint64_t)npages * page_size;
     uint32_t nruns;
     uint64_t digest;
     int64_t n = mig_pack_pages(src, npages, page_size, runs, max_runs, &nruns, out + room, &digest);
     if (n < 0)
         return n;
-    uint8_t hdr[64 + 10 * 2], *h = hdr;
+    uint8_t hdr[MIG_BATCH_ROOM_FIXED], *h = hdr; /* 5 keys and varints: at most 55 */
     uint64_t runs_len = 0;
     for (uint32_t i = 0; i < 2 * nruns; i++)
         runs_len += varint_len(runs[i]);

@@ -14,9 +14,14 @@
 int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, uint32_t *zero_runs,
                        uint32_t max_runs, uint32_t *nzero_runs, uint8_t *dst, uint64_t *digest);
 
-/* Room encode_batch needs at out for npages pages: the pages plus the most
- * the other fields can take. */
-#define MIG_BATCH_ROOM(npages, page_size) ((uint64_t)(npages) * (page_size) + 64 + 10 * ((uint64_t)(npages) + 2))
+/* Room mig_encode_batch needs at out for npages pages: the pages plus the
+ * most the other fields can take, MIG_BATCH_ROOM_PER_PAGE bytes a page
+ * (its zero_runs varints) and MIG_BATCH_ROOM_FIXED bytes (the scalar
+ * fields and keys). Python sizes its buffers from the same two constants. */
+#define MIG_BATCH_ROOM_PER_PAGE 10
+#define MIG_BATCH_ROOM_FIXED 84
+#define MIG_BATCH_ROOM(npages, page_size) \
+    ((uint64_t)(npages) * ((page_size) + MIG_BATCH_ROOM_PER_PAGE) + MIG_BATCH_ROOM_FIXED)
 
 /* Serialize pages [0, npages) at src as a raw PageBatch (proto/migrate.proto)
  * into out (out_len bytes, at least MIG_BATCH_ROOM): zero pages as runs, the

@@ -86,7 +86,8 @@ def test_native_encode_refuses_an_output_buffer_too_small() -> None:
     src = ffi.from_buffer("uint8_t[]", bytearray(b"x" * 2 * size))
     runs = ffi.new("uint32_t[]", 2)
     end = ffi.new("uint64_t *")
-    room = 2 * size + 64 + 10 * (2 + 2)  # MIG_BATCH_ROOM(2, 64)
+    room = 2 * size + 64 + 10 * (2 + 2)
+    assert 2 * (size + lib.MIG_BATCH_ROOM_PER_PAGE) + lib.MIG_BATCH_ROOM_FIXED == room  # what Python allocates
     out = ffi.new("uint8_t[]", room)
     assert lib.mig_encode_batch(src, 2, size, 1, 0, runs, 1, out, room - 1, end) == -errno.ENOSPC
     start = lib.mig_encode_batch(src, 2, size, 1, 0, runs, 1, out, room, end)
