@@ -12,7 +12,8 @@ Measures in one run, on this machine, side by side:
       streaming MiB/s (1 MiB messages), between two processes, no migrate code;
 and the peak resident memory of each agent's processes beyond the guest's
 shared mapping (RssAnon + Pss_File; guest runners excluded), for 1 GiB and
-4 GiB guests, against a budget of 64 MiB + 1 bit per page + batch buffers.
+4 GiB guests, against a budget of 64 MiB + 1 bit per page + batch buffers,
+and the CPU both agents spent per guest MiB, against the raw stream's.
 Targets are printed as ratios against the baseline, which is measured again
 before every run (the host's speed drifts); every measurement runs
 --repeat times and medians are printed. Also printed: the host's ceiling for
@@ -60,6 +61,7 @@ from migrate.source.bulk_server import ENCODERS, MAX_BULK_PAGES
 MiB = 1 << 20
 GiB = 1 << 30
 _RAW_MSG = 1 * MiB
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------ raw baseline
@@ -87,14 +89,20 @@ def raw_server(host: str) -> None:
     server.stop(0)
 
 
-def raw_client(address: str, stream_mib: int) -> dict:
-    """Stream `stream_mib` MiB from the raw server, then 3000 echo round trips of 4 KiB."""
+def raw_client(address: str, stream_mib: int, server_pid: int) -> dict:
+    """Stream `stream_mib` MiB from the raw server, then 3000 echo round trips of 4 KiB.
+
+    Also: the CPU both processes spent per MiB streamed (the server's read
+    from its /proc entry: same PID namespace, even across a lab's netns).
+    """
     ch = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 * MiB)])
     ident = lambda b: b  # noqa: E731
     stream = ch.unary_stream("/raw/Stream", request_serializer=ident, response_deserializer=ident)
+    cpu0 = cpu_seconds(os.getpid()) + cpu_seconds(server_pid)
     t = time.perf_counter()
     total = sum(len(m) for m in stream(str(stream_mib).encode()))
     stream_mibs = total / MiB / (time.perf_counter() - t)
+    cpu_ms_per_mib = (cpu_seconds(os.getpid()) + cpu_seconds(server_pid) - cpu0) * 1000 / (total / MiB)
     requests: queue.SimpleQueue = queue.SimpleQueue()
     replies = ch.stream_stream("/raw/Echo", request_serializer=ident, response_deserializer=ident)(
         iter(requests.get, None))
@@ -108,7 +116,8 @@ def raw_client(address: str, stream_mib: int) -> dict:
     requests.put(None)
     ch.close()
     lat.sort()
-    return {"stream_mib_s": round(stream_mibs, 1), "rtt_p50_us": round(lat[len(lat) // 2], 1),
+    return {"stream_mib_s": round(stream_mibs, 1), "cpu_ms_per_mib": round(cpu_ms_per_mib, 2),
+            "rtt_p50_us": round(lat[len(lat) // 2], 1),
             "rtt_p99_us": round(lat[int(len(lat) * 0.99)], 1)}
 
 
@@ -126,7 +135,8 @@ def raw_baseline(stream_mib: int, lab: Lab | None = None) -> dict:
                             text=True, env=spawn.child_env())
     try:
         port = int(proc.stdout.readline())
-        out = subprocess.run(_in(dst_ns, "--raw-client", f"{host}:{port}", "--stream-mib", str(stream_mib)),
+        out = subprocess.run(_in(dst_ns, "--raw-client", f"{host}:{port}", "--stream-mib", str(stream_mib),
+                                 "--server-pid", str(proc.pid)),
                              capture_output=True, text=True, env=spawn.child_env(), check=True, timeout=600)
         return json.loads(out.stdout)
     finally:
@@ -178,21 +188,39 @@ def _pss_file_bytes(pid: int) -> int:
     return _field_bytes(pid, "smaps_rollup", "Pss_File")
 
 
-class RssPeak:
-    """Peak memory of an agent's process tree beyond the guest's shared mapping.
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
-    Every 50 ms: the sum of RssAnon (private memory; our processes are
-    started fresh, not forked, so none of it is shared) plus the library
-    share Pss_File, read once a second only: smaps_rollup walks every page
-    table entry, and for processes that map a 4 GiB guest that walk would
-    steal the CPU being measured. Guest runners and guest RAM (shmem) are
-    left out.
+
+class Usage:
+    """What each agent's process tree uses during a migration, guest runners left out.
+
+    Peak memory beyond the guest's shared mapping: every 50 ms, the sum of
+    RssAnon (private memory; our processes are started fresh, not forked,
+    so none of it is shared) plus the library share Pss_File, read once a
+    second only: smaps_rollup walks every page table entry, and for
+    processes that map a 4 GiB guest that walk would steal the CPU being
+    measured.
+
+    CPU seconds: per process, the last value seen minus the first (0 for
+    workers started during the run). A worker's last < 50 ms before it
+    exits go uncounted; workers idle then, waiting to be stopped.
     """
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.peak = {name: 0 for name in pids}
         self._pids = pids
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._side: dict[int, str] = {}
         self._stop = threading.Event()
+        self._sample_cpu(self._trees(_parents()), started=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -205,14 +233,26 @@ class RssPeak:
             todo.extend(c for c, p in parents.items() if p == pid)
         return out
 
+    def _trees(self, parents: dict[int, int]) -> dict[str, list[int]]:
+        return {name: self._tree(root, parents) for name, root in self._pids.items()}
+
+    def _sample_cpu(self, trees: dict[str, list[int]], started: bool = False) -> None:
+        """`started`: the processes were there before the run (count from now, not from 0)."""
+        for name, pids in trees.items():
+            for pid in pids:
+                seconds = cpu_seconds(pid)
+                if seconds:
+                    self._cpu_first.setdefault(pid, seconds if started else 0.0)
+                    self._cpu_last[pid] = seconds
+                    self._side[pid] = name
+
     def _run(self) -> None:
         pss_file: dict[int, int] = {}
         trees: dict[str, list[int]] = {}
         tick = 0
         while not self._stop.wait(0.05):
             if tick % 5 == 0:  # new workers appear during the run
-                parents = _parents()
-                trees = {name: self._tree(root, parents) for name, root in self._pids.items()}
+                trees = self._trees(_parents())
             for pid in (p for pids in trees.values() for p in pids):
                 if pid not in pss_file or tick % 20 == 0:
                     pss_file[pid] = _pss_file_bytes(pid)
@@ -220,11 +260,17 @@ class RssPeak:
             for name, pids in trees.items():
                 total = sum(_anon_bytes(pid) + pss_file.get(pid, 0) for pid in pids)
                 self.peak[name] = max(self.peak[name], total)
+            self._sample_cpu(trees)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> dict[str, dict[str, float]]:
+        """{"rss": peak bytes per side, "cpu_s": CPU seconds per side}."""
         self._stop.set()
         self._thread.join()
-        return self.peak
+        self._sample_cpu(self._trees(_parents()))
+        cpu = {name: 0.0 for name in self._pids}
+        for pid, last in self._cpu_last.items():
+            cpu[self._side[pid]] += last - self._cpu_first[pid]
+        return {"rss": self.peak, "cpu_s": cpu}
 
 
 # --------------------------------------------------------------- scenarios
@@ -251,18 +297,18 @@ class Agents:
 
 def migrate_once(agents: Agents, name: str, spec: pb.GuestSpec, *, paused: bool,
                  no_push: bool = False) -> tuple[dict, dict]:
-    """Launch a guest, migrate it, stop it; return (report, peak rss per side)."""
+    """Launch a guest, migrate it, stop it; return (report, Usage.stop()'s rss and CPU per side)."""
     with AgentClient(agents.source) as c:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused), timeout=600)
-    rss = RssPeak({"source": agents.source_pid, "dest": agents.dest_pid})
+    usage = Usage({"source": agents.source_pid, "dest": agents.dest_pid})
     try:
         doc = orchestrator.migrate(name, agents.source, agents.dest, orchestrator.RunOptions(
             mode="postcopy", no_push=no_push, source_endpoint=agents.source_endpoint))
     finally:
-        peak = rss.stop()
+        used = usage.stop()
         with AgentClient(agents.dest) as c:
             c.stop_if_hosted(name)
-    return doc, peak
+    return doc, used
 
 
 def guest(size: int, workload: str, ops: int, content: str = "realistic") -> pb.GuestSpec:
@@ -283,7 +329,7 @@ def install_ceiling(size: int) -> float:
     from migrate.bitmap import SharedBitmap
     from migrate.uffd import FaultReader, Region, Uffd
 
-    chunk = 256
+    chunk = MAX_BULK_PAGES
     data = os.urandom(chunk * mmap.PAGESIZE)
     pages = size // mmap.PAGESIZE
     fd = os.memfd_create("ceiling")
@@ -343,13 +389,14 @@ def main() -> int:
     ap.add_argument("--raw-server", metavar="HOST", help=argparse.SUPPRESS)
     ap.add_argument("--raw-client", metavar="ADDRESS", help=argparse.SUPPRESS)
     ap.add_argument("--stream-mib", type=int, default=256, help=argparse.SUPPRESS)
+    ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--install-ceiling", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw_server:
         raw_server(args.raw_server)
         return 0
     if args.raw_client:
-        print(json.dumps(raw_client(args.raw_client, args.stream_mib)))
+        print(json.dumps(raw_client(args.raw_client, args.stream_mib, args.server_pid)))
         return 0
     if args.install_ceiling:
         print(install_ceiling(args.install_ceiling))
@@ -371,21 +418,25 @@ def main() -> int:
 
     def bulk(agents: Agents, size: int, content: str, lab: Lab | None = None) -> dict:
         """(c): migrate an idle guest `runs` times, each against a fresh raw baseline."""
-        rates, vs_raw, peaks, ratios = [], [], [], []
+        rates, vs_raw, peaks, ratios, cpu, raw_cpu = [], [], [], [], [], []
         where = f" across {lab.spec.describe()}" if lab else ""
         for i in runs:
             print(f"(d) raw gRPC, (c) bulk{where}, {content} RAM, {size // MiB} MiB: run {i + 1} ...",
                   file=sys.stderr)
             raw = baseline(lab)
-            doc, peak = migrate_once(agents, f"bulk-{content}-{size // MiB}-{i}", guest(size, "idle", 0, content),
+            doc, used = migrate_once(agents, f"bulk-{content}-{size // MiB}-{i}", guest(size, "idle", 0, content),
                                      paused=True)
             rates.append(report.transfer_mib_s(doc))
             vs_raw.append(rates[-1] / raw["stream_mib_s"])
-            peaks.append(peak)
+            peaks.append(used["rss"])
             ratios.append(doc["compression_ratio"])
+            cpu.append({side: seconds * 1000 / (size / MiB) for side, seconds in used["cpu_s"].items()})
+            raw_cpu.append(raw["cpu_ms_per_mib"])
         return {"mib_s": median(rates), "mib_s_runs": [round(r, 1) for r in rates],
                 "ratio": round(statistics.median(vs_raw), 2), "ratio_runs": [round(r, 2) for r in vs_raw],
                 "compression_ratio": median(ratios),
+                "cpu_ms_per_mib": {side: round(statistics.median(c[side] for c in cpu), 2) for side in cpu[0]},
+                "raw_cpu_ms_per_mib": round(statistics.median(raw_cpu), 2),
                 "rss_mib": {side: round(max(p[side] for p in peaks) / MiB, 1) for side in ("source", "dest")},
                 "rss_budget_mib": {side: budget_mib(side, size) for side in ("source", "dest")}}
 
@@ -451,6 +502,7 @@ def print_table(out: dict, big: int, huge: int) -> None:
         for content, goal in (("realistic", 1.0), ("random", 0.8)):
             c = out[f"c_{content}_{size // MiB}"]
             row(f"(c) bulk {content}, {size // MiB} MiB", f"{c['mib_s']:.0f} MiB/s", f"{c['ratio']:.2f}x raw (>= {goal})")
+            cpu_row(row, c)
             memory_row(row, c)
     if "link" in out:
         link = out["link"]
@@ -459,7 +511,18 @@ def print_table(out: dict, big: int, huge: int) -> None:
             c = link[content]
             row(f"(c) bulk {content}, {link['size_mib']} MiB (compression {c['compression_ratio']:.2f}x)",
                 f"{c['mib_s']:.0f} MiB/s", f"{c['ratio']:.2f}x raw (>= {goal})")
+            cpu_row(row, c)
             memory_row(row, c)
+
+
+def cpu_row(row: Callable[[str, str], None], c: dict) -> None:
+    """CPU per guest MiB, each agent's processes over the whole migration
+    (worker starts and switchover included), against the raw stream's per
+    MiB streamed (server and client): on loopback, where both ends share
+    this machine's cores, their sum bounds (c)."""
+    cpu = c["cpu_ms_per_mib"]
+    row(f"    CPU ms per MiB, source + dest (raw gRPC {c['raw_cpu_ms_per_mib']:.2f})",
+        f"{cpu['source']:.2f} + {cpu['dest']:.2f}")
 
 
 def memory_row(row: Callable[[str, str], None], c: dict) -> None:

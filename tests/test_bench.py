@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -81,5 +83,26 @@ def test_core_bench_raw_baseline_runs_between_two_processes(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
     bench_core = importlib.import_module("bench_core")
     raw = bench_core.raw_baseline(8)
-    assert raw["stream_mib_s"] > 0
+    assert raw["stream_mib_s"] > 0 and raw["cpu_ms_per_mib"] > 0
     assert 0 < raw["rtt_p50_us"] <= raw["rtt_p99_us"]
+
+
+def test_core_bench_usage_counts_cpu_of_processes_started_during_the_run(monkeypatch):
+    """Usage counts a worker born after it started from zero, and the root only from its start."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    bench_core = importlib.import_module("bench_core")
+    usage = bench_core.Usage({"me": os.getpid()})
+    spin = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n" \
+           "print(flush=True)\nsys.stdin.read()"
+    worker = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        worker.stdout.readline()  # done spinning, still alive
+        used = usage.stop()
+    finally:
+        worker.stdin.close()
+        worker.wait(timeout=10)
+    assert used["cpu_s"]["me"] >= 0.5
+    assert used["rss"]["me"] > 0
