@@ -178,6 +178,8 @@ class _ParseBuffers(threading.local):
         self.batch = ffi.new("struct mig_batch *")
         self.runs = ffi.new("uint32_t[]", _MAX_RUN_VALUES)
         self.stats = ffi.new("struct mig_install_stats *")
+        self.data_bytes = ffi.new("uint64_t *")
+        self.bad_run = ffi.new("uint32_t *")
         self.dctx = zstandard.ZstdDecompressor()
 
 
@@ -219,22 +221,20 @@ class BatchDecoder:
             raise BatchError("not a PageBatch" if r == -errno.EINVAL else "too many zero runs in a batch")
         b = buf.batch
         first, count, req_id = b.first_page, b.count, b.req_id
-        if count == 0 or first + count > self._page_count:
+        runs = ffi.unpack(buf.runs, b.nzero_runs)
+        fault = lib.mig_check_batch(b, buf.runs, self._page_count, self._page_size, buf.data_bytes, buf.bad_run)
+        if fault == lib.MIG_BATCH_RANGE:
             raise BatchError(f"batch pages [{first}, {first + count}) outside the guest's {self._page_count} pages",
                              req_id)
-        runs = ffi.unpack(buf.runs, b.nzero_runs)
-        if len(runs) % 2:
+        if fault == lib.MIG_BATCH_RUN_PAIRS:
             raise BatchError("zero_runs must hold (start, length) pairs", req_id)
-        zero = 0
-        end = 0
-        for start, length in zip(runs[::2], runs[1::2]):
-            if start < end or length == 0 or start + length > count:
-                raise BatchError(f"bad zero run ({start}, {length}) in a batch of {count} pages", req_id)
-            end = start + length
-            zero += length
-        expected = (count - zero) * self._page_size
-        if b.raw_len != expected:
-            raise BatchError(f"batch declares {b.raw_len} data bytes, its shape needs {expected}", req_id)
+        if fault == lib.MIG_BATCH_RUN:
+            start, length = runs[2 * buf.bad_run[0]:2 * buf.bad_run[0] + 2]
+            raise BatchError(f"bad zero run ({start}, {length}) in a batch of {count} pages", req_id)
+        if fault == lib.MIG_BATCH_SIZE:
+            raise BatchError(f"batch declares {b.raw_len} data bytes, its shape needs {buf.data_bytes[0]}", req_id)
+        expected = buf.data_bytes[0]
+        zero = count - expected // self._page_size
         payload = memoryview(raw)[b.data_off:b.data_off + b.data_len]
         if b.encoding == pb.ZSTD:
             try:

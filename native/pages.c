@@ -195,3 +195,32 @@ int mig_parse_batch(const uint8_t *buf, uint64_t len, struct mig_batch *out, uin
     out->data_digest = mig_digest(buf + out->data_off, out->data_len);
     return 0;
 }
+
+int64_t mig_zero_pages(uint32_t count, const uint32_t *runs, uint32_t npairs, uint32_t *bad)
+{
+    uint64_t zero_pages = 0, prev_end = 0;
+    for (uint32_t i = 0; i < npairs; i++) {
+        uint64_t s = runs[2 * i], l = runs[2 * i + 1];
+        if (s < prev_end || l == 0 || s + l > count) {
+            *bad = i;
+            return -1;
+        }
+        zero_pages += l;
+        prev_end = s + l;
+    }
+    return (int64_t)zero_pages;
+}
+
+int mig_check_batch(const struct mig_batch *b, const uint32_t *runs, uint64_t npages, uint32_t page_size,
+                    uint64_t *data_bytes, uint32_t *bad_run)
+{
+    if (b->count == 0 || b->first_page >= npages || b->count > npages - b->first_page)
+        return MIG_BATCH_RANGE;
+    if (b->nzero_runs % 2)
+        return MIG_BATCH_RUN_PAIRS;
+    int64_t zero_pages = mig_zero_pages(b->count, runs, b->nzero_runs / 2, bad_run);
+    if (zero_pages < 0)
+        return MIG_BATCH_RUN;
+    *data_bytes = (b->count - (uint64_t)zero_pages) * page_size;
+    return b->raw_len == *data_bytes ? MIG_BATCH_OK : MIG_BATCH_SIZE;
+}

@@ -50,4 +50,20 @@ struct mig_batch {
  * -ENOSPC for more than max_runs zero_runs values. */
 int mig_parse_batch(const uint8_t *buf, uint64_t len, struct mig_batch *out, uint32_t *runs, uint32_t max_runs);
 
+/* Pages covered by npairs zero runs (start, length) in a batch of count
+ * pages, or -1 when a run is empty, out of order, overlapping or beyond
+ * count (*bad gets its index). */
+int64_t mig_zero_pages(uint32_t count, const uint32_t *runs, uint32_t npairs, uint32_t *bad);
+
+/* Why a parsed batch may not be installed (MIG_BATCH_OK when it may): its
+ * pages outside the guest's npages, zero_runs values not in pairs, a bad
+ * zero run (*bad_run gets its index), or raw_len not one page per non-zero
+ * page (*data_bytes gets what the shape needs, once the runs are sound).
+ * The one statement of a batch's shape: the installer applies it, Python
+ * names the broken rule. Data length and checksum depend on the encoding;
+ * the caller checks them. */
+enum mig_batch_fault { MIG_BATCH_OK, MIG_BATCH_RANGE, MIG_BATCH_RUN_PAIRS, MIG_BATCH_RUN, MIG_BATCH_SIZE };
+int mig_check_batch(const struct mig_batch *b, const uint32_t *runs, uint64_t npages, uint32_t page_size,
+                    uint64_t *data_bytes, uint32_t *bad_run);
+
 #endif

@@ -382,20 +382,14 @@ static int64_t install_run(int fd, const struct mig_region *regions, int nregion
     return installed;
 }
 
-/* Do the zero runs (sorted, non-empty, within count) and the data length
- * (one page per non-zero page) describe `count` pages? */
+/* Do the zero runs (see mig_zero_pages) and the data length (one page per
+ * non-zero page) describe `count` pages? */
 static int shape_ok(uint32_t count, const uint32_t *zero_runs, uint32_t nzero_runs, uint32_t page_size,
                     uint64_t data_len)
 {
-    uint64_t zero_pages = 0, prev_end = 0;
-    for (uint32_t i = 0; i < nzero_runs; i++) {
-        uint64_t s = zero_runs[2 * i], l = zero_runs[2 * i + 1];
-        if (s < prev_end || l == 0 || s + l > count)
-            return 0;
-        zero_pages += l;
-        prev_end = s + l;
-    }
-    return (count - zero_pages) * page_size == data_len;
+    uint32_t bad;
+    int64_t zero_pages = mig_zero_pages(count, zero_runs, nzero_runs, &bad);
+    return zero_pages >= 0 && (count - (uint64_t)zero_pages) * page_size == data_len;
 }
 
 /* mig_install once the shape is known to be sound. */
@@ -445,9 +439,10 @@ int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions
         return -EBADMSG;
     if (b->encoding != 0)
         return -EPROTONOSUPPORT;
-    if (b->count == 0 || b->first_page >= npages || b->count > npages - b->first_page || b->nzero_runs % 2 ||
-        b->raw_len != b->data_len || !shape_ok(b->count, runs, b->nzero_runs / 2, page_size, b->data_len) ||
-        b->data_digest != b->checksum)
+    uint64_t data_bytes;
+    uint32_t bad_run;
+    if (mig_check_batch(b, runs, npages, page_size, &data_bytes, &bad_run) != MIG_BATCH_OK ||
+        b->data_len != data_bytes || b->data_digest != b->checksum)
         return -EBADMSG;
     return install_pages(fd, regions, nregions, page_size, bitmap, b->first_page, b->count, runs,
                          b->nzero_runs / 2, buf + b->data_off, st);

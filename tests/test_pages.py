@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrate._native import ffi, lib
-from migrate.batches import BatchDecoder, BatchEncoder
+from migrate.batches import BatchDecoder, BatchEncoder, BatchError
 from migrate.pages import checksum as digest_of, expand_pages, pack_pages
 from migrate.proto import migrate_pb2 as pb
 
@@ -193,3 +193,28 @@ def test_native_parser_refuses_garbage_cleanly(junk: bytes) -> None:
     assert r in (0, -errno.EINVAL, -errno.ENOSPC)
     if r == 0:
         assert out.data_off + out.data_len <= len(junk)
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"first_page": 6, "count": 4}, "outside the guest's 8 pages"),
+    ({"count": 0}, "outside the guest's 8 pages"),
+    ({"zero_runs": [1]}, "must hold (start, length) pairs"),
+    ({"zero_runs": [2, 1, 1, 1]}, "bad zero run (1, 1)"),     # out of order
+    ({"zero_runs": [0, 0]}, "bad zero run (0, 0)"),           # empty
+    ({"zero_runs": [3, 2]}, "bad zero run (3, 2)"),           # past the batch's end
+    ({"zero_runs": [0, 1]}, "declares 256 data bytes, its shape needs 192"),
+])
+def test_decoder_names_the_shape_rule_a_batch_breaks(fields: dict, says: str) -> None:
+    """A raw batch of 4 pages of 64 bytes, sound but for `fields`: refused by the
+    decoder with the rule it breaks; mig_check_batch, which the one-call installer
+    applies, refuses it too."""
+    data = bytes(range(256))
+    sound = {"req_id": 9, "first_page": 0, "count": 4, "encoding": pb.RAW, "raw_len": len(data), "data": data,
+             "checksum": digest_of(data)}
+    wire = pb.PageBatch(**{**sound, **fields}).SerializeToString()
+    with pytest.raises(BatchError) as refused:
+        BatchDecoder(8, 64).decode(wire)
+    assert says in str(refused.value) and refused.value.req_id == 9
+    batch, runs = ffi.new("struct mig_batch *"), ffi.new("uint32_t[]", 8)
+    assert lib.mig_parse_batch(wire, len(wire), batch, runs, 8) == 0
+    assert lib.mig_check_batch(batch, runs, 8, 64, ffi.new("uint64_t *"), ffi.new("uint32_t *")) != lib.MIG_BATCH_OK
