@@ -22,6 +22,14 @@ from migrate.uffd import FaultReader, InstallStats, install_stats
 
 #: Most pages one urgent request may ask for (a fault's readahead).
 MAX_URGENT_PAGES = 64
+#: Most pages in one batch (512 KiB of 4 KiB pages). 1 MiB batches moved
+#: pages no faster and made faults wait longer behind the bulk stream (p99
+#: with bulk on / off: 3.4x vs 2.5x, medians of 9 runs each); larger
+#: batches also cost memory on both ends.
+MAX_BULK_PAGES = 128
+#: Most pages one bulk request may ask for: few requests keep the stream
+#: flowing like a push, without a round trip per batch.
+MAX_REQUEST_PAGES = 4096
 #: Compress only when it saves at least this fraction of the bytes.
 _WORTH_IT = 0.92
 

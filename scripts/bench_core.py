@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import grpc
 
 from migrate import orchestrator, report, spawn
-from migrate.batches import MAX_URGENT_PAGES
+from migrate.batches import MAX_BULK_PAGES, MAX_URGENT_PAGES
 from migrate.client import AgentClient
 from migrate.dest.bulk import WINDOW_PAGES
 from migrate.lab import netns
@@ -56,7 +56,7 @@ from migrate.lab.lifecycle import Lab
 from migrate.lab.link import LinkSpec
 from migrate.local import LocalAgent
 from migrate.proto import migrate_pb2 as pb
-from migrate.source.bulk_server import ENCODERS, MAX_BULK_PAGES
+from migrate.source.bulk_server import ENCODERS
 
 MiB = 1 << 20
 GiB = 1 << 30

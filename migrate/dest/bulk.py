@@ -20,12 +20,11 @@ from collections.abc import Iterator
 import grpc
 
 from migrate import rpc, spawn
-from migrate.batches import BatchDecoder, BatchError
+from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest import worker
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
-from migrate.source.bulk_server import MAX_BULK_PAGES, MAX_REQUEST_PAGES
 
 #: Bulk requests in flight, in pages and in requests: enough to keep the link
 #: busy while batches install, even when the runs between faults are short.

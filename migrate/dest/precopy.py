@@ -35,10 +35,9 @@ import grpc
 from migrate import rpc
 from migrate._errors import os_error
 from migrate._native import ffi, lib
-from migrate.batches import BatchDecoder, BatchError, DecodedBatch, PagesClient
+from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch, PagesClient
 from migrate.bitmap import SharedBitmap
 from migrate.proto import migrate_pb2 as pb
-from migrate.source.bulk_server import MAX_BULK_PAGES
 
 #: Bulk requests in flight during a round: keeps the link busy while one installs.
 WINDOW = 8

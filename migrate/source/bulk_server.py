@@ -26,18 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 
 from migrate import rpc, spawn
-from migrate.batches import BatchEncoder, EncodedBatch, add_pages_servicer
+from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchEncoder, EncodedBatch, add_pages_servicer
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
-#: Most pages in one batch (512 KiB of 4 KiB pages). 1 MiB batches moved
-#: pages no faster and made faults wait longer behind the bulk stream (p99
-#: with bulk on / off: 3.4x vs 2.5x, medians of 9 runs each); larger
-#: batches also cost memory on both ends.
-MAX_BULK_PAGES = 128
-#: Most pages one bulk request may ask for: few requests keep the stream
-#: flowing like a push, without a round trip per batch.
-MAX_REQUEST_PAGES = 4096
 #: Encoder threads: compressed batches are encoded this many ahead of the sender.
 ENCODERS = 2
 #: Batches a stream may have asked for and not yet been sent.
