@@ -210,7 +210,7 @@ class Usage:
 
     CPU seconds: per process, the last value seen minus the first (0 for
     workers started during the run). A worker's last < 50 ms before it
-    exits go uncounted; workers idle then, waiting to be stopped.
+    exits go uncounted: its shutdown, after its pages have moved.
     """
 
     def __init__(self, pids: dict[str, int]) -> None:
