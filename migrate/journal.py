@@ -5,7 +5,7 @@ crash in DIR/RUN.json. On the destination every incoming run, whose guest
 runner listens on DIR/RUN.sock and outlives the agent: faulting guest
 threads stay blocked on its userfaultfd, never fed a zero page; a restarted
 agent rejoins each runner (getting its uffd and RAM back), rebuilds the
-received bitmap from what RAM really holds, starts new workers and finishes
+received bitmap from what RAM really holds, starts both paths afresh and finishes
 the run. On the source every switched-over run of a file-backed guest: a
 restarted agent serves its pages again from the file, on the same ports.
 """

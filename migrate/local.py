@@ -68,7 +68,7 @@ class ServiceProcess:
         return self.proc.pid
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (an agent stops its guests and workers), then SIGKILL the group if needed."""
+        """SIGTERM (an agent stops its guests and bulk servers), then SIGKILL the group if needed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

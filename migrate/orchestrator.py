@@ -212,7 +212,7 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
            credentials: Credentials | None = None) -> dict:
     """Finish a migration of `name` whose orchestrator died after the switchover.
 
-    The destination carried on alone (its workers need no orchestrator);
+    The destination carried on alone (its paths need no orchestrator);
     the source still holds the guest's memory, paused. Wait for the last
     page, release the guest on the source, and report what can still be
     known (the guest's own clocks give the downtime).

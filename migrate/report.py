@@ -51,12 +51,12 @@ class Timeline:
 
 
 def link_summary(detail: dict) -> dict:
-    """Link outages the destination's workers rode out, the time they waited, and the
+    """Link outages the destination's paths rode out, the time they waited, and the
     batches they refused (checksum or shape wrong) and asked for again."""
-    workers = [w for w in detail.values() if isinstance(w, dict)]
-    return {"outages": max((int(w.get("outages", 0)) for w in workers), default=0),
-            "paused_s": round(max((float(w.get("paused_s", 0.0)) for w in workers), default=0.0), 3),
-            "refused_batches": sum(int(w.get("refused", 0)) for w in workers)}
+    paths = [p for p in detail.values() if isinstance(p, dict)]
+    return {"outages": max((int(p.get("outages", 0)) for p in paths), default=0),
+            "paused_s": round(max((float(p.get("paused_s", 0.0)) for p in paths), default=0.0), 3),
+            "refused_batches": sum(int(p.get("refused", 0)) for p in paths)}
 
 
 def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, switch: pb.SwitchoverReply,

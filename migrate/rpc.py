@@ -1,4 +1,4 @@
-"""gRPC plumbing shared by agents, workers and the CLI.
+"""gRPC plumbing shared by agents, the bulk page server and the CLI.
 
 One place sets message-size limits, keepalives, credentials (TLS and the
 bearer token, see migrate.security) and the protocol-version check, so every

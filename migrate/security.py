@@ -6,10 +6,11 @@ only. To listen elsewhere it needs TLS (`--tls-cert/--tls-key`); with a CA
 (mutual TLS). A bearer token, if set, is checked on every call on top.
 
 Credentials live in the environment (MIGRATE_TLS_CERT, MIGRATE_TLS_KEY,
-MIGRATE_TLS_CA, MIGRATE_TOKEN): an agent exports its own there, and every
-process it starts (the bulk page server, the destination's workers, which
-connect to the source agent) inherits them, so the whole page path is
-protected exactly like the control path without any plumbing of its own.
+MIGRATE_TLS_CA, MIGRATE_TOKEN): an agent exports its own there, so the
+process it starts (the bulk page server) inherits them and the
+destination's urgent and bulk paths connect to the source agent with them:
+the whole page path is protected exactly like the control path without any
+plumbing of its own.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Starting our own Python child processes (runners, workers, agents).
+"""Starting our own Python child processes (runners, bulk page servers, agents).
 
 A child must import exactly the `migrate` package its parent runs, not
 whatever `migrate/` directory happens to be in the current directory (a
@@ -36,7 +36,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def yield_cpu_to_urgent_work() -> None:
     """Let the fault path preempt the bulk path (SCHED_BATCH, nice 10).
 
-    On a host where both agents share two cores, a bulk process at normal
+    On Linux both settings belong to the calling thread and pass to the
+    threads it starts: the source's bulk server calls this first thing (the
+    whole process), the destination's bulk path from its own thread. On a
+    host where both agents share two cores, a bulk process at normal
     priority delays the fault path by whole scheduler slices. SCHED_IDLE
     was tried too: faults got no faster, and a guest that keeps faulting
     starved the bulk stream (1 GiB post-copy took 20-30 % longer).
@@ -60,7 +63,7 @@ _ARENA_MAX = 1
 def tune_allocator() -> None:
     """Reuse megabyte-sized message buffers instead of mapping each one afresh.
 
-    For a process that moves pages through gRPC (agents, workers, the bulk
+    For a process that moves pages through gRPC (agents, the bulk page
     server); call it first thing, before threads start. See native/alloc.c
     for why: by default every 1 MiB batch costs 256 page faults, twice.
     """

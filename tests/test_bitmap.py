@@ -126,3 +126,25 @@ def test_processes_share_bits_and_never_lose_concurrent_updates() -> None:
         assert os.waitstatus_to_exitcode(status) == 0
         assert lost == 0
         assert bm.next_set() == 2
+
+
+def test_bulk_planner_asks_for_missing_pages_once_and_jumps_to_faults() -> None:
+    """The bulk path's Planner: runs of missing, unasked pages from its cursor;
+    a jump (where the guest faults) moves the cursor; forgotten pages are asked again."""
+    from migrate.dest.bulk import Planner
+
+    received = SharedBitmap.create(1000)
+    received.set_range(10, 5)
+    planner = Planner(received)
+    try:
+        assert planner.next_range(100) == (0, 10)      # up to the received run
+        assert planner.next_range(100) == (15, 100)
+        planner.jump(600)
+        assert planner.next_range(50) == (600, 50)
+        planner.forget(15, 100)
+        assert planner.next_range(1000) == (650, 350)  # on from the cursor first ...
+        assert planner.next_range(1000) == (15, 585)   # ... then from 0: forgotten and never asked
+        assert planner.next_range(1000) is None
+    finally:
+        planner.close()
+        received.close()

@@ -1,18 +1,15 @@
-"""The destination's bulk worker: pulls every page not yet received.
+"""The destination's bulk path: pulls every page not yet received.
 
 It walks the received bitmap with a cursor, asks the source's bulk server
 for runs of missing pages (answered in batches of up to 512 KiB) keeping a
 window of at most 6 MiB in flight, and installs each batch with as few
-ioctls as possible, from two threads. The urgent path sends it the pages
-the guest is faulting on, and the cursor jumps there: the guest's working
-set arrives first. Runs at low CPU priority, in its own process, so it never
-delays the urgent path.
+ioctls as possible, from two threads. The urgent path tells it where the
+guest faults, and the cursor jumps there: the guest's working set arrives
+first. Its threads run in the agent at low CPU priority (see BulkLoop).
 """
 from __future__ import annotations
 
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,16 +19,16 @@ import grpc
 from migrate import rpc, spawn
 from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
-from migrate.dest import worker
 from migrate.dest.link import LinkLost, SourceLink
+from migrate.dest.paths import MAX_REFUSED, Memory
 from migrate.proto import migrate_pb2 as pb
 
 #: Bulk requests in flight, in pages and in requests: enough to keep the link
 #: busy while batches install, even when the runs between faults are short.
 #: Pages asked for and not yet installed never exceed WINDOW_PAGES: they are
-#: this worker's batch buffers (6 MiB of 4 KiB pages), the bound on what
+#: the bulk path's batch buffers (6 MiB of 4 KiB pages), the bound on what
 #: gRPC can have received ahead of the installs. Each window MiB costs the
-#: worker ~1.6 MiB (gRPC's copy of a message, allocator slack); 6 MiB kept
+#: agent ~1.6 MiB (gRPC's copy of a message, allocator slack); 6 MiB kept
 #: the bulk rate of 16 MiB on loopback (4 MiB lost 15 %) and covers the
 #: bandwidth-delay product of a 1 GB/s link up to a 6 ms round trip.
 WINDOW_PAGES = 1536
@@ -43,26 +40,28 @@ INSTALLERS = 2
 class Planner:
     """Chooses the next run of pages to ask for: missing and not yet asked."""
 
-    def __init__(self, received: SharedBitmap, hint_fd: int) -> None:
+    def __init__(self, received: SharedBitmap) -> None:
         self._received = received
         self._asked = SharedBitmap.create(received.nbits)
-        self._hint_fd = hint_fd
         self._cursor = 0
+        self._jump: int | None = None
 
-    def _take_hint(self) -> None:
-        if self._hint_fd < 0:
-            return
-        try:
-            data = os.read(self._hint_fd, 8 * 64)
-        except BlockingIOError:
-            return
-        if len(data) >= 8:
-            tail = data[len(data) - len(data) % 8 - 8:][:8]
-            self._cursor = min(int.from_bytes(tail, "little"), self._received.nbits)
+    def jump(self, page: int) -> None:
+        """Go on from `page` next (the urgent path calls this where the guest faults).
+
+        A plain store, no lock: a jump lost to a race with the planner only
+        leaves the cursor where it was, and the next fault moves it again.
+        """
+        self._jump = page
+
+    def _take_jump(self) -> None:
+        page, self._jump = self._jump, None
+        if page is not None:
+            self._cursor = min(page, self._received.nbits)
 
     def next_range(self, max_pages: int = MAX_REQUEST_PAGES) -> tuple[int, int] | None:
         """(first, count <= max_pages) of missing, unasked pages, or None when there are none."""
-        self._take_hint()
+        self._take_jump()
         n = self._received.nbits
         for start in (self._cursor, 0):
             page = start
@@ -74,7 +73,7 @@ class Planner:
                     page = self._asked.next_clear(page)
                     continue
                 end = min(page + max_pages, self._received.next_set(page), self._asked.next_set(page))
-                if end <= page:  # installed by the fault worker between the two looks
+                if end <= page:  # installed by the urgent path between the two looks
                     page += 1
                     continue
                 self._asked.set_range(page, end - page)
@@ -97,7 +96,7 @@ class BulkPuller:
     faults leave behind, still keep the link busy) and in requests.
     """
 
-    def __init__(self, mem: worker.Memory, planner: Planner, link: SourceLink, run_id: str,
+    def __init__(self, mem: Memory, planner: Planner, link: SourceLink, run_id: str,
                  max_bandwidth: int) -> None:
         self.mem = mem
         self.link = link
@@ -183,7 +182,7 @@ class BulkPuller:
         """A refused batch is never installed: plan its request's pages again."""
         with self._cond:
             self.counters["refused"] += 1
-            if self.counters["refused"] > worker.MAX_REFUSED:
+            if self.counters["refused"] > MAX_REFUSED:
                 raise err
             if err.req_id not in self._inflight:  # cannot tell which request: redo them all
                 self._write_off()
@@ -283,37 +282,76 @@ def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | N
             return f"bulk page install failed: {err}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = worker.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    spawn.tune_allocator()
-    spawn.yield_cpu_to_urgent_work()
-    mem = worker.open_memory(args)
-    if args.hint_fd >= 0:
-        os.set_blocking(args.hint_fd, False)
-    try:
-        link = SourceLink(args.endpoint, "bulk", args.recovery_timeout)
-    except ConnectionError as err:
-        worker.emit({"error": str(err), "done": True})
-        return 1
-    worker.emit({"ready": True})
-    go = worker.wait_go()
-    if go is None:  # --no-push, or the run was aborted before switchover
-        link.close()
-        return 0
-    planner = Planner(mem.bitmap, args.hint_fd)
-    puller = BulkPuller(mem, planner, link, args.run_id, int(go.get("max_bandwidth", 0)))
-    stop = worker.stop_on_stdin_close()
-    threading.Thread(target=lambda: (stop.wait(), puller.stop()), daemon=True).start()
-    worker.report_periodically(puller.snapshot, stop)
-    error = pull(puller, link, stop)
-    link.close()
-    planner.close()
-    summary = dict(puller.snapshot(), done=True)
-    if error:
-        summary["error"] = error
-    worker.emit(summary)
-    return 1 if error else 0
+class BulkLoop:
+    """The bulk path of one incoming run: threads of the destination agent.
 
+    Threads, not a process of their own: a second Python process with gRPC
+    cost the destination ~20 MiB before a page moved and put it over its
+    memory budget. As threads, the bulk stream's gRPC work shares the
+    agent's normal priority: a guest faulting while the bulk runs is blocked
+    less in total (the stream is faster, so it faults less), and a single
+    fault's tail is longer (docs/architecture.md has the numbers). The
+    pulling and installing threads are niced (spawn.yield_cpu_to_urgent_work).
 
-if __name__ == "__main__":
-    sys.exit(main())
+    Connecting happens here: a source that cannot be reached raises
+    ConnectionError, before the guest ever stops on the source. Nothing
+    moves until start(), at switchover.
+    """
+
+    kind = "bulk"
+
+    def __init__(self, mem: Memory, endpoint: str, run_id: str, recovery_timeout: float) -> None:
+        self._mem = mem
+        self._run_id = run_id
+        self._link = SourceLink(endpoint, "bulk", recovery_timeout)
+        self.planner = Planner(mem.bitmap)
+        self._stop = threading.Event()
+        self._puller: BulkPuller | None = None
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self._summary: dict | None = None
+
+    def start(self, max_bandwidth: int) -> None:
+        """Pull every missing page, at most `max_bandwidth` bytes/s (0: no limit)."""
+        self._puller = BulkPuller(self._mem, self.planner, self._link, self._run_id, max_bandwidth)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bulk-pull")
+        self._thread.start()
+
+    def _run(self) -> None:
+        spawn.yield_cpu_to_urgent_work()  # this thread, and the installers it starts
+        try:
+            self._error = pull(self._puller, self._link, self._stop)
+        finally:  # here, not in stop(): a thread still reconnecting must not lose its planner
+            self._link.close()
+            self.planner.close()
+
+    @property
+    def last(self) -> dict:
+        """The counters; after stop(), the final ones."""
+        if self._summary is not None:
+            return self._summary
+        out = self._puller.snapshot() if self._puller else {}
+        if self._error:
+            out["error"] = self._error
+        return out
+
+    def failure(self) -> str | None:
+        """Why the bulk path stopped serving, or None while it serves (or is done)."""
+        return self._error
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop asking; what arrived is installed. A stream still open after
+        `timeout` (a source that stopped answering) is cancelled."""
+        if self._summary is not None:
+            return
+        self._stop.set()
+        if self._thread is None:
+            self._link.close()
+            self.planner.close()
+        else:
+            self._puller.stop()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._link.close()
+                self._thread.join(timeout)
+        self._summary = dict(self.last, done=True)

@@ -11,18 +11,17 @@ The faulting page travels alone so its reply is one small message.
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from migrate import rpc, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
-from migrate.dest import worker
 from migrate.dest.link import LinkLost, SourceLink
+from migrate.dest.paths import MAX_REFUSED, Memory
 from migrate.proto import migrate_pb2 as pb
 
 #: Pages prefetched around a random fault: its aligned 64 KiB block.
@@ -67,11 +66,11 @@ class _Stream:
 class FaultServer:
     """Turns faults into urgent requests and urgent replies into installs."""
 
-    def __init__(self, mem: worker.Memory, link: SourceLink, run_id: str, hint_fd: int) -> None:
+    def __init__(self, mem: Memory, link: SourceLink, run_id: str, jump: Callable[[int], None]) -> None:
         self.mem = mem
         self._link = link
         self._run_id = run_id
-        self._hint_fd = hint_fd
+        self._jump = jump
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._lock = threading.Lock()
         # In flight, by request id: the faults waiting on it [(page, t_ns, waiters)], the request
@@ -142,11 +141,7 @@ class FaultServer:
                 first, end = self._prefetch(page)
                 if end > first:
                     self._ask(first, end - first, [])
-            if self._hint_fd >= 0:
-                try:
-                    os.write(self._hint_fd, end.to_bytes(8, "little"))
-                except BlockingIOError:
-                    pass  # the bulk worker is behind on hints; it only loses a jump
+            self._jump(end)
 
     def _install(self, raw: bytes) -> None:
         try:
@@ -169,7 +164,7 @@ class FaultServer:
         every unanswered one when the batch does not say which it answers."""
         with self._lock:
             self.counters["refused"] += 1
-            if self.counters["refused"] > worker.MAX_REFUSED:
+            if self.counters["refused"] > MAX_REFUSED:
                 raise err
             msg = self._sent.get(err.req_id) if err.req_id is not None else None
             for again in [msg] if msg is not None else sorted(self._sent.values(), key=lambda m: m.req_id):
@@ -243,21 +238,19 @@ class FaultServer:
 class FaultLoop:
     """The urgent path, run by the destination agent: a fault loop and a reply receiver.
 
-    Two threads of the agent rather than a process of their own: the agent
-    is idle while pages move, and one Python process less keeps the
-    destination within its memory budget. The bulk worker, which is busy,
-    stays a separate (niced) process, so its GIL never delays a fault.
-    Connecting happens here: a source that cannot be reached raises
-    ConnectionError, before the guest ever stops on the source.
+    Two threads of the agent, as the bulk path is (see dest/bulk.py for
+    why not processes). Connecting happens here: a source that cannot be
+    reached raises ConnectionError, before the guest ever stops on the
+    source. `jump` tells the bulk path where the guest faults.
     """
 
     kind = "faults"
 
-    def __init__(self, mem: worker.Memory, endpoint: str, run_id: str, hint_fd: int,
+    def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
                  recovery_timeout: float) -> None:
         self._mem = mem
         self._link = SourceLink(endpoint, "urgent", recovery_timeout)
-        self._server = FaultServer(mem, self._link, run_id, hint_fd)
+        self._server = FaultServer(mem, self._link, run_id, jump)
         self._stop = threading.Event()
         self._summary: dict | None = None
         self._receiver = threading.Thread(target=self._server.receive, daemon=True, name="urgent-replies")

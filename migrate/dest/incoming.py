@@ -2,34 +2,32 @@
 
 PrepareIncoming creates empty guest RAM, starts a guest runner in restore
 mode (it registers its RAM with userfaultfd and hands us the fd), creates the
-received bitmap, starts the urgent path (dest/faults.py, threads of this
-agent) and the bulk worker process; both connect to the source. In
+received bitmap, and starts the urgent path (dest/faults.py) and the bulk
+path (dest/bulk.py), threads of this agent; both connect to the source. In
 hybrid and precopy modes, PrecopyRound calls then fill RAM while the guest
 still runs on the source (migrate.dest.precopy); in precopy mode the runner
-has no userfaultfd and no worker starts: every page arrives by pre-copy.
+has no userfaultfd and neither path starts: every page arrives by pre-copy.
 StartIncoming first discards the pages the source reports stale, then
-resumes the guest with its execution state and lets the bulk worker go. A
+resumes the guest with its execution state and lets the bulk path go. A
 watcher notices when every page has arrived, stops both paths, unregisters
 the userfaultfd and marks the run complete. The received bitmap is owned
 here; the two paths only set bits in it.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 
-from migrate import spawn
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
+from migrate.dest.bulk import BulkLoop
 from migrate.dest.faults import FaultLoop
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
+from migrate.dest.paths import Memory
 from migrate.dest.precopy import PrecopyPuller, discard
-from migrate.dest.worker import Memory
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.proto import migrate_pb2 as pb
@@ -37,88 +35,9 @@ from migrate.uffd import Uffd
 
 log = logging.getLogger("migrate.dest")
 
-#: Seconds a worker may take to start and connect (Python start-up on a busy host).
-_READY_TIMEOUT = 30.0
 _WATCH_EVERY = 0.02
 #: Migration modes: switch at once; pre-copy rounds then post-copy; pre-copy then stop-and-copy.
 MODES = ("postcopy", "hybrid", "precopy")
-
-
-class Worker:
-    """A worker process (the bulk worker), its readiness and the last counters it reported."""
-
-    def __init__(self, kind: str, argv: list[str], fds: tuple[int, ...]) -> None:
-        self.kind = kind
-        self.proc = subprocess.Popen(spawn.module_argv(f"migrate.dest.{kind}", *argv), pass_fds=fds,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=spawn.child_env())
-        self.first: dict = {}
-        self.last: dict = {}
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"{kind}-reports")
-        self._reader.start()
-        threading.Thread(target=self._read_stderr, daemon=True, name=f"{kind}-stderr").start()
-
-    def _read_stderr(self) -> None:
-        """Keep the worker's last words for error messages; pass them on to our log."""
-        for line in self.proc.stderr:
-            self.stderr_tail.append(line.rstrip())
-            log.warning("%s worker: %s", self.kind, line.rstrip())
-        self.proc.stderr.close()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not self._ready.is_set():
-                self.first = record  # "ready", or why not: kept apart from the counters that follow
-                self._ready.set()
-            self.last = record
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> None:
-        """Wait for the worker's first line: connected to the source, or why not."""
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"{self.kind} worker did not start within {timeout:g} s")
-        if not self.first.get("ready"):
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            why = self.stderr_tail[-1] if self.stderr_tail else f"exit status {self.proc.returncode}"
-            raise ConnectionError(self.first.get("error") or f"{self.kind} worker failed to start: {why}")
-
-    def failure(self) -> str | None:
-        """Why the worker stopped serving, or None while it serves."""
-        if self.proc.poll() in (None, 0):
-            return None
-        self._reader.join(timeout=1)  # its last line says why
-        return self.last.get("error") or f"{self.kind} worker exited with status {self.proc.returncode}"
-
-    def send(self, message: dict) -> None:
-        """One JSON line on the worker's stdin."""
-        self.proc.stdin.write(json.dumps(message) + "\n")
-        self.proc.stdin.flush()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Close its stdin (the stop signal), wait, kill if it lingers; reap."""
-        if self.proc.stdin and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(timeout=2)
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 class IncomingRun:
@@ -139,11 +58,10 @@ class IncomingRun:
         self.bitmap: SharedBitmap | None = None
         self.uffd: Uffd | None = None
         self.regions: list[tuple[int, int, int]] = []
-        self.workers: dict[str, Worker | FaultLoop] = {}
+        self.paths: dict[str, BulkLoop | FaultLoop] = {}
         self.mode = "postcopy"
         self.precopy: PrecopyPuller | None = None
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
-        self._hint_r = self._hint_w = -1
         self._t_resume = 0.0
         self._t_done = 0.0
         self._watcher: threading.Thread | None = None
@@ -156,13 +74,12 @@ class IncomingRun:
 
     # ------------------------------------------------------------ prepare
     def prepare(self, mode: str = "postcopy") -> float:
-        """Create guest RAM, start the runner and, unless in precopy mode, both workers.
+        """Create guest RAM, start the runner and, unless in precopy mode, both paths.
 
-        The workers connect to the source while the runner starts; each says
-        "ready" once its channel is up, so a source that cannot be reached
-        fails the prepare step, before the guest ever stops on the source.
-        In precopy mode the runner maps RAM without userfaultfd, paused and
-        untouched, and waits for its state.
+        Each path connects to the source as it starts, so a source that
+        cannot be reached fails the prepare step, before the guest ever
+        stops on the source. In precopy mode the runner maps RAM without
+        userfaultfd, paused and untouched, and waits for its state.
         """
         t0 = time.monotonic()
         self.mode = mode
@@ -182,7 +99,7 @@ class IncomingRun:
             self.phase = "prepared"
         else:
             self.attach(proc.uffd, proc.regions)
-            self.start_workers()
+            self.start_paths()
         if mode != "postcopy":
             self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id)
         self._record()
@@ -211,20 +128,13 @@ class IncomingRun:
         finally:
             covered.close()
 
-    def start_workers(self) -> None:
-        """Start the bulk worker (waiting for "go") and the urgent path (serving at once)."""
-        self._hint_r, self._hint_w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(self._hint_w, False)  # a bulk worker behind on hints only loses a jump
-        bulk = Worker("bulk", ["--uffd", str(self.uffd.fd), "--bitmap-fd", str(self.bitmap.fd),
-                               "--pages", str(self.page_count), "--page-size", str(self.spec.page_size),
-                               "--regions", json.dumps(self.regions), "--run-id", self.run_id,
-                               "--recovery-timeout", str(self.recovery_timeout), "--endpoint", self.bulk_endpoint,
-                               "--hint-fd", str(self._hint_r)], (self.uffd.fd, self.bitmap.fd, self._hint_r))
-        self.workers["bulk"] = bulk
+    def start_paths(self) -> None:
+        """Start the bulk path (waiting for start()) and the urgent path (serving at once)."""
         mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
-        self.workers["faults"] = FaultLoop(mem, self.source_endpoint, self.run_id, self._hint_w,
+        bulk = BulkLoop(mem, self.bulk_endpoint, self.run_id, self.recovery_timeout)
+        self.paths["bulk"] = bulk
+        self.paths["faults"] = FaultLoop(mem, self.source_endpoint, self.run_id, bulk.planner.jump,
                                            self.recovery_timeout)
-        bulk.wait_ready(_READY_TIMEOUT)
         self.phase = "prepared"
 
     # ------------------------------------------------------------ pre-copy
@@ -247,7 +157,7 @@ class IncomingRun:
 
     # -------------------------------------------------------------- start
     def start(self, state_json: bytes, no_push: bool, max_bandwidth: int, stale: bytes = b"") -> pb.StartIncomingReply:
-        """Drop the stale pages, resume the guest with its execution state, let the bulk worker go."""
+        """Drop the stale pages, resume the guest with its execution state, let the bulk path go."""
         with self._round_lock:
             if self.phase != "prepared":
                 raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
@@ -270,13 +180,13 @@ class IncomingRun:
         return reply
 
     def _go(self, no_push: bool, max_bandwidth: int) -> None:
-        """Let the bulk worker go (or stop it: --no-push) and watch for the last page."""
-        bulk = self.workers.get("bulk")
+        """Let the bulk path go (or stop it: --no-push) and watch for the last page."""
+        bulk = self.paths.get("bulk")
         if bulk is not None and no_push:
             bulk.stop()
-            del self.workers["bulk"]
+            del self.paths["bulk"]
         elif bulk is not None:
-            bulk.send({"go": True, "max_bandwidth": max_bandwidth})
+            bulk.start(max_bandwidth)
         self._push = {"no_push": no_push, "max_bandwidth": max_bandwidth}
         self.phase = "running"
         self._record()
@@ -294,7 +204,7 @@ class IncomingRun:
 
     @classmethod
     def rejoin(cls, record: dict, journal: Journal) -> "IncomingRun":
-        """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart workers."""
+        """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths."""
         run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), record["source_endpoint"],
                   record["bulk_endpoint"])
         run.journal = journal
@@ -307,7 +217,7 @@ class IncomingRun:
         run.attach(proc.uffd, proc.regions)
         for first, count in resident_ranges(memfd, run.spec.size, run.spec.page_size):
             run.bitmap.set_range(first, count)
-        run.start_workers()
+        run.start_paths()
         if running:
             run._t_resume = time.monotonic()
             run._go(bool(record.get("no_push")), int(record.get("max_bandwidth", 0)))
@@ -319,14 +229,14 @@ class IncomingRun:
                 self._t_done = time.monotonic()
                 self._finish()
                 return
-            failure = next((f for f in (w.failure() for w in self.workers.values()) if f), None)
+            failure = next((f for f in (w.failure() for w in self.paths.values()) if f), None)
             if failure:
                 self._fail(failure)
                 return
             time.sleep(_WATCH_EVERY)
 
     def _finish(self) -> None:
-        for w in self.workers.values():
+        for w in self.paths.values():
             w.stop()
         for base, size, _ in self.regions:
             try:
@@ -349,7 +259,7 @@ class IncomingRun:
                 return
             self.error = error
             self.phase = "failed"
-        for w in self.workers.values():
+        for w in self.paths.values():
             w.stop(timeout=2)
         if self.journal is not None:
             self.journal.drop(self.run_id)
@@ -366,13 +276,13 @@ class IncomingRun:
 
     def _status(self) -> pb.MigrationStatus:
         totals = {"pages": 0, "zero": 0, "bytes_wire": 0, "bytes_pages": 0}
-        for w in self.workers.values():
+        for w in self.paths.values():
             for key in totals:
                 totals[key] += int(w.last.get(key, 0))
-        faults = self.workers.get("faults")
-        bulk = self.workers.get("bulk")
+        faults = self.paths.get("faults")
+        bulk = self.paths.get("bulk")
         end = self._t_done or time.monotonic()
-        detail = {k: w.last for k, w in self.workers.items()}
+        detail = {k: w.last for k, w in self.paths.items()}
         return pb.MigrationStatus(
             run_id=self.run_id, phase=self.phase, error=self.error,
             pages_total=self.page_count,
@@ -386,20 +296,16 @@ class IncomingRun:
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""
-        for w in self.workers.values():
+        for w in self.paths.values():
             w.stop(timeout=2)
         with self._lock:
             self._release()
 
     def _release(self) -> None:
-        """Close the run's descriptors and mappings, drop its stopped workers."""
-        self.workers = {}
+        """Close the run's descriptors and mappings, drop its stopped paths."""
+        self.paths = {}
         if self.precopy is not None:
             self.precopy.close()
-        for fd in (self._hint_r, self._hint_w):
-            if fd >= 0:
-                os.close(fd)
-        self._hint_r = self._hint_w = -1
         if self.bitmap is not None:
             self.bitmap.close()
             self.bitmap = None

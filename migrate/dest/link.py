@@ -1,11 +1,11 @@
-"""A worker's connection to the source, which outlives the link going down.
+"""A destination path's connection to the source, which outlives the link going down.
 
-When a stream to the source breaks with a transport error, the worker does
+When a stream to the source breaks with a transport error, the path does
 not give up: faulting guest threads simply stay blocked (a missing page is
 never invented) while `recover` reconnects with backoff. The destination
 asks only for what its received bitmap lacks, so nothing needs replaying
 beyond the requests that were in flight. Past the recovery deadline the
-worker fails with a clear error; the guest stays paused, never corrupted.
+path fails with a clear error; the guest stays paused, never corrupted.
 """
 from __future__ import annotations
 
@@ -15,14 +15,30 @@ import grpc
 
 from migrate import rpc
 from migrate.batches import PagesClient
-from migrate.dest import worker
 
 #: Transport failures worth reconnecting for; anything else is a real refusal.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 _MAX_BACKOFF = 1.0
+#: Seconds to wait for the source to accept a connection.
+CONNECT_TIMEOUT = 5.0
 #: Seconds a path keeps reconnecting to a source that went away, unless the run says otherwise.
 DEFAULT_RECOVERY_TIMEOUT = 60.0
+
+
+def connect(endpoint: str, purpose: str) -> grpc.Channel:
+    """A ready channel to the source.
+
+    Raises ConnectionError if the source cannot be reached: the agent fails
+    the prepare step and the guest stays on the source.
+    """
+    channel = rpc.channel(endpoint, purpose=purpose)
+    try:
+        rpc.wait_ready(channel, endpoint, CONNECT_TIMEOUT)
+    except rpc.AgentError:
+        channel.close()
+        raise ConnectionError(f"destination cannot reach the source at {endpoint}") from None
+    return channel
 
 
 class LinkLost(Exception):
@@ -36,7 +52,7 @@ class SourceLink:
         self.endpoint = endpoint
         self._purpose = purpose
         self._timeout = recovery_timeout
-        self.channel = worker.connect(endpoint, purpose)
+        self.channel = connect(endpoint, purpose)
         self.client = PagesClient(self.channel)
         self.down = False
         self._down_since = 0.0

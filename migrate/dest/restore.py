@@ -78,7 +78,7 @@ class UffdRestoreListener:
                 run = IncomingRun(prep.run_id, f"{self._image}-restore-{self._count}", spec_from_pb(prep.spec),
                                   self._source, rpc.endpoint_with_port(self._source, prep.bulk_endpoint))
                 run.attach(uffd_fd, [dict(r) for r in regions])
-                run.start_workers()
+                run.start_paths()
                 with self._lock:
                     self._incoming[run.run_id] = run
                 run.start(b"", no_push=False, max_bandwidth=0)

@@ -1,0 +1,44 @@
+"""What the destination's two paths share: the guest memory they install into.
+
+The urgent path (dest/faults.py) and the bulk path (dest/bulk.py) both run
+as threads of the destination agent. Each installs pages with the native
+layer into the guest's userfaultfd and sets bits in the received bitmap,
+which the incoming run owns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from migrate.bitmap import SharedBitmap
+from migrate.uffd import FaultReader, InstallStats, Region, Uffd
+
+#: Refused (corrupt) batches a path asks again for before it gives up on the source.
+MAX_REFUSED = 100
+
+
+@dataclass
+class Memory:
+    """The guest memory a path installs into: its received bitmap and its installer."""
+
+    bitmap: SharedBitmap
+    io: FaultReader
+
+    @classmethod
+    def over(cls, uffd: Uffd | int, bitmap: SharedBitmap, regions: list[tuple[int, int, int]],
+             page_size: int) -> Memory:
+        """Memory behind `uffd`, mapped as (base, size, first_page) regions."""
+        return cls(bitmap, FaultReader(uffd, [Region(*r) for r in regions], page_size))
+
+    @property
+    def page_count(self) -> int:
+        return self.bitmap.nbits
+
+    @property
+    def page_size(self) -> int:
+        return self.io.page_size
+
+    def count(self, counters: dict, done: InstallStats) -> None:
+        """Add an install to a path's "pages", "zero" and "bytes_pages" counters."""
+        counters["pages"] += done.installed
+        counters["zero"] += done.zeroed
+        counters["bytes_pages"] += done.installed * self.page_size
