@@ -271,3 +271,19 @@ def test_source_agent_killed_and_restarted_serves_a_file_backed_guest(tmp_path):
             assert not [f for f in os.listdir(state) if f.endswith(".json")]
         finally:
             (restarter or first).stop()
+
+
+def test_a_path_thread_that_hits_a_bug_fails_the_run_instead_of_ending_quietly(caplog) -> None:
+    """paths.guarded: an unexpected exception in a path's thread reaches the run as
+    its error (with the traceback logged); a thread that returns reports nothing."""
+    from migrate.dest.paths import guarded
+
+    errors: list[str] = []
+
+    def buggy() -> None:
+        raise KeyError("oops")
+
+    guarded("bulk path", buggy, errors.append)()
+    guarded("fault loop", lambda: None, errors.append)()
+    assert errors == ["bulk path failed: KeyError('oops')"]
+    assert "Traceback" in caplog.text and "bulk path failed" in caplog.text

@@ -20,7 +20,7 @@ from migrate import rpc, spawn
 from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
-from migrate.dest.paths import MAX_REFUSED, Memory
+from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.proto import migrate_pb2 as pb
 
 #: Bulk requests in flight, in pages and in requests: enough to keep the link
@@ -227,7 +227,7 @@ class _Installers:
 
     def __init__(self, puller: BulkPuller) -> None:
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2 * INSTALLERS)
-        self._error: BatchError | OSError | None = None
+        self._error: Exception | None = None
         self._threads = [threading.Thread(target=self._run, args=(puller,), daemon=True, name=f"install-{i}")
                          for i in range(INSTALLERS)]
         for t in self._threads:
@@ -238,7 +238,7 @@ class _Installers:
             if self._error is None:
                 try:
                     puller.install(batch)
-                except (BatchError, OSError) as err:
+                except Exception as err:  # noqa: BLE001 - raised again in the stream's thread
                     self._error = err
 
     def put(self, batch: bytes) -> None:
@@ -314,7 +314,8 @@ class BulkLoop:
     def start(self, max_bandwidth: int) -> None:
         """Pull every missing page, at most `max_bandwidth` bytes/s (0: no limit)."""
         self._puller = BulkPuller(self._mem, self.planner, self._link, self._run_id, max_bandwidth)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bulk-pull")
+        self._thread = threading.Thread(target=guarded("bulk path", self._run, self._fail), daemon=True,
+                                        name="bulk-pull")
         self._thread.start()
 
     def _run(self) -> None:
@@ -324,6 +325,9 @@ class BulkLoop:
         finally:  # here, not in stop(): a thread still reconnecting must not lose its planner
             self._link.close()
             self.planner.close()
+
+    def _fail(self, error: str) -> None:
+        self._error = self._error or error
 
     @property
     def last(self) -> dict:

@@ -21,7 +21,7 @@ import grpc
 from migrate import rpc, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.dest.link import LinkLost, SourceLink
-from migrate.dest.paths import MAX_REFUSED, Memory
+from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.proto import migrate_pb2 as pb
 
 #: Pages prefetched around a random fault: its aligned 64 KiB block.
@@ -253,8 +253,10 @@ class FaultLoop:
         self._server = FaultServer(mem, self._link, run_id, jump)
         self._stop = threading.Event()
         self._summary: dict | None = None
-        self._receiver = threading.Thread(target=self._server.receive, daemon=True, name="urgent-replies")
-        self._loop = threading.Thread(target=self._run, daemon=True, name="fault-loop")
+        self._receiver = threading.Thread(target=guarded("urgent reply receiver", self._server.receive, self._fail),
+                                          daemon=True, name="urgent-replies")
+        self._loop = threading.Thread(target=guarded("fault loop", self._run, self._fail), daemon=True,
+                                      name="fault-loop")
         self._receiver.start()
         self._loop.start()
 
@@ -271,6 +273,10 @@ class FaultLoop:
                 # and empties again (discards); the agent stops us.
         except (OSError, BatchError) as err:
             server.error = f"fault loop failed: {err}"
+
+    def _fail(self, error: str) -> None:
+        if self._server.error is None:
+            self._server.error = error
 
     @property
     def last(self) -> dict:

@@ -7,13 +7,32 @@ which the incoming run owns.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from migrate.bitmap import SharedBitmap
 from migrate.uffd import FaultReader, InstallStats, Region, Uffd
 
+log = logging.getLogger("migrate.dest")
+
 #: Refused (corrupt) batches a path asks again for before it gives up on the source.
 MAX_REFUSED = 100
+
+
+def guarded(what: str, body: Callable[[], None], fail: Callable[[str], None]) -> Callable[[], None]:
+    """`body` as a path's thread target: an exception it does not expect (a bug)
+    is logged with its traceback and fails the run through `fail`, instead of
+    ending the thread quietly and leaving the run waiting for pages forever."""
+
+    def run() -> None:
+        try:
+            body()
+        except Exception as err:  # noqa: BLE001 - whatever it is, the run must hear of it
+            log.exception("%s failed", what)
+            fail(f"{what} failed: {err!r}")
+
+    return run
 
 
 @dataclass
