@@ -75,25 +75,25 @@ def test_toml_matrix_and_bad_input(tmp_path):
     assert r.returncode == 1 and "bad link profile" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_core_bench_raw_baseline_runs_between_two_processes(monkeypatch):
-    """scripts/bench_core.py's baseline: a raw server and client process pair that stream and echo for real."""
+@pytest.fixture
+def bench_core(monkeypatch):
+    """scripts/bench_core.py as a module (scripts/ is not a package)."""
     import importlib
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
-    bench_core = importlib.import_module("bench_core")
+    return importlib.import_module("bench_core")
+
+
+def test_core_bench_raw_baseline_runs_between_two_processes(bench_core):
+    """scripts/bench_core.py's baseline: a raw server and client process pair that stream and echo for real."""
     raw = bench_core.raw_baseline(8)
     assert raw["stream_mib_s"] > 0 and raw["cpu_ms_per_mib"] > 0
     assert 0 < raw["rtt_p50_us"] <= raw["rtt_p99_us"]
 
 
-def test_core_bench_usage_counts_cpu_of_processes_started_during_the_run(monkeypatch):
+def test_core_bench_usage_counts_cpu_of_processes_started_during_the_run(bench_core):
     """Usage counts a worker born after it started from zero, and the root only from its start."""
-    import importlib
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
-    bench_core = importlib.import_module("bench_core")
     usage = bench_core.Usage({"me": os.getpid()})
     spin = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n" \
            "print(flush=True)\nsys.stdin.read()"

@@ -124,7 +124,7 @@ def test_idle_guest_gets_everything_by_push(agents):
 
 def test_agent_gives_back_a_completed_runs_descriptors(agents):
     """A long-lived destination agent holds no descriptor of a migration once it completed
-    (userfaultfd, bitmap, pipes), and still answers that migration's status."""
+    (userfaultfd, bitmap memfd), and still answers that migration's status."""
     dst = agents[1]
 
     def fds() -> int:

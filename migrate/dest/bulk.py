@@ -298,8 +298,6 @@ class BulkLoop:
     moves until start(), at switchover.
     """
 
-    kind = "bulk"
-
     def __init__(self, mem: Memory, endpoint: str, run_id: str, recovery_timeout: float) -> None:
         self._mem = mem
         self._run_id = run_id
@@ -323,8 +321,11 @@ class BulkLoop:
         try:
             self._error = pull(self._puller, self._link, self._stop)
         finally:  # here, not in stop(): a thread still reconnecting must not lose its planner
-            self._link.close()
-            self.planner.close()
+            self._close()
+
+    def _close(self) -> None:
+        self._link.close()
+        self.planner.close()
 
     def _fail(self, error: str) -> None:
         self._error = self._error or error
@@ -350,8 +351,7 @@ class BulkLoop:
             return
         self._stop.set()
         if self._thread is None:
-            self._link.close()
-            self.planner.close()
+            self._close()
         else:
             self._puller.stop()
             self._thread.join(timeout)

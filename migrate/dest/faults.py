@@ -244,8 +244,6 @@ class FaultLoop:
     source. `jump` tells the bulk path where the guest faults.
     """
 
-    kind = "faults"
-
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
                  recovery_timeout: float) -> None:
         self._mem = mem

@@ -134,7 +134,7 @@ class IncomingRun:
         bulk = BulkLoop(mem, self.bulk_endpoint, self.run_id, self.recovery_timeout)
         self.paths["bulk"] = bulk
         self.paths["faults"] = FaultLoop(mem, self.source_endpoint, self.run_id, bulk.planner.jump,
-                                           self.recovery_timeout)
+                                         self.recovery_timeout)
         self.phase = "prepared"
 
     # ------------------------------------------------------------ pre-copy
