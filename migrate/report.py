@@ -19,7 +19,12 @@ MiB = 1024 * 1024
 
 
 def _progress(info: pb.GuestInfo, host: str, t_start_ns: int) -> list[dict]:
-    return [{"t_s": round((p.t_ns - t_start_ns) / 1e9, 4), "ops": p.ops, "host": host} for p in info.progress]
+    """The guest's own progress samples, in seconds since the run began.
+
+    A sample without a timestamp (t_ns 0: a slot the guest never filled)
+    says nothing about when: it is left out rather than placed at 1970."""
+    return [{"t_s": round((p.t_ns - t_start_ns) / 1e9, 4), "ops": p.ops, "host": host}
+            for p in info.progress if p.t_ns > 0]
 
 
 def _rate(points: list[dict], lo: float, hi: float) -> float:
@@ -70,7 +75,9 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
     latency = faults.get("latency_us") or summarize([])
     if after.first_op_ns and switch.last_op_ns:
         downtime_ms = (after.first_op_ns - switch.last_op_ns) / 1e6
-    else:  # the guest did no work across the switch: the control path is the downtime
+    elif downtime_parts:  # the guest did no work across the switch: its parts, as the agents timed them
+        downtime_ms = sum(downtime_parts.values())
+    else:  # a resumed run knows no parts: the control path it saw
         downtime_ms = switch.pause_ms + resume_ms
     progress = _progress(before, "source", t_start_ns) + _progress(after, "dest", t_start_ns)
     progress.sort(key=lambda p: p["t_s"])

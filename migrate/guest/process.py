@@ -299,7 +299,8 @@ class GuestProcess:
             elif msg.get("ok") is False:
                 log.warning("guest %d: %s", self.pid, msg.get("error"))
             return
-        if event in ("progress", "finished") and "t_ns" in msg:
+        # "finished" carries the last op's time: 0 when the guest did no op here (it had finished before).
+        if event in ("progress", "finished") and int(msg.get("t_ns", 0)) > 0:
             self.progress.append((int(msg["t_ns"]), int(msg.get("ops", 0))))
             if len(self.progress) > _MAX_PROGRESS:
                 del self.progress[: _MAX_PROGRESS // 2]
