@@ -1,11 +1,13 @@
 """Benchmark: postcopy vs hybrid vs precopy, side by side in one run.
 
-    python scripts/bench_modes.py [--size 1G] [--repeat 3] [--workloads random-write,hotset,seq-read]
-                                  [--json out.json]
+    python scripts/bench_modes.py [--size 1G] [--repeat 3] [--workloads random-write,hotset]
+                                  [--dirty-rates 1,10,50,max] [--json out.json]
 
-For each workload and mode, a fresh guest runs unthrottled on a local source
+For each workload, dirty rate and mode, a fresh guest runs on a local source
 agent for --warmup seconds, then migrates to a local destination agent over
-loopback. Modes alternate within each repetition so drift of a shared
+loopback. A dirty rate is the share of RAM the guest writes per second
+(one op writes one page: --ops-per-sec = rate x pages), as users run
+guests; "max" is an unthrottled guest writing as fast as one thread can. Modes alternate within each repetition so drift of a shared
 machine hits them alike. Prints one row per (workload, mode) with medians
 over the repetitions: total time, downtime, bytes on the wire, pages
 faulted, guest blocked time, and the guest's throughput during the
@@ -35,9 +37,14 @@ MiB = 1 << 20
 OPS = 2_000_000_000
 
 
-def one_run(src: str, dst: str, name: str, size: int, workload: str, mode: str, warmup: float) -> dict:
-    spec = pb.GuestSpec(size=size, workload=workload, seed=5, ops=OPS, threads=1, ops_per_sec=0,
-                        page_size=mmap.PAGESIZE)
+def ops_per_sec(rate: str, size: int) -> float:
+    """A dirty rate ("10": 10 % of RAM per second; "max": unthrottled) as the guest's ops/s."""
+    return 0.0 if rate == "max" else float(rate) / 100 * (size // mmap.PAGESIZE)
+
+
+def one_run(src: str, dst: str, name: str, size: int, workload: str, rate: str, mode: str, warmup: float) -> dict:
+    spec = pb.GuestSpec(size=size, workload=workload, seed=5, ops=OPS, threads=1,
+                        ops_per_sec=ops_per_sec(rate, size), page_size=mmap.PAGESIZE)
     with AgentClient(src) as c:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec), timeout=600)
     time.sleep(warmup)
@@ -59,13 +66,13 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def table(results: dict[tuple[str, str], list[dict]]) -> str:
-    head = (f"{'workload':13} {'mode':9} {'total s':>8} {'downtime ms':>12} {'(min-max)':>14} {'wire MiB':>9} "
+def table(results: dict[tuple[str, str, str], list[dict]]) -> str:
+    head = (f"{'workload':13} {'dirty/s':>7} {'mode':9} {'total s':>8} {'downtime ms':>12} {'(min-max)':>14} {'wire MiB':>9} "
             f"{'faulted':>8} {'blocked ms':>11} {'tput':>6} {'rounds':>6}")
     lines = [head, "-" * len(head)]
-    for (workload, mode), rows in results.items():
+    for (workload, rate, mode), rows in results.items():
         dts = [r["downtime_ms"] for r in rows]
-        lines.append(f"{workload:13} {mode:9} {median(rows, 'total_s'):8.2f} {median(rows, 'downtime_ms'):12.2f} "
+        lines.append(f"{workload:13} {rate + ('%' if rate != 'max' else ''):>7} {mode:9} {median(rows, 'total_s'):8.2f} {median(rows, 'downtime_ms'):12.2f} "
                      f"{f'({min(dts):.1f}-{max(dts):.1f})':>14} {median(rows, 'wire_mib'):9.0f} "
                      f"{median(rows, 'faulted'):8.0f} {median(rows, 'blocked_ms'):11.1f} "
                      f"{median(rows, 'throughput'):6.2f} {median(rows, 'rounds'):6.0f}")
@@ -77,30 +84,34 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds the guest runs before migrating")
-    ap.add_argument("--workloads", default="random-write,hotset,seq-read")
+    ap.add_argument("--workloads", default="random-write,hotset")
+    ap.add_argument("--dirty-rates", default="1,10,50,max",
+                    help="percent of RAM the guest writes per second, or max (unthrottled)")
     ap.add_argument("--modes", default=",".join(orchestrator.MODES))
     ap.add_argument("--json", help="also write every run's numbers here")
     args = ap.parse_args()
     size = parse_size(args.size)
-    workloads, modes = args.workloads.split(","), args.modes.split(",")
-    results: dict[tuple[str, str], list[dict]] = {(w, m): [] for w in workloads for m in modes}
+    workloads, rates, modes = args.workloads.split(","), args.dirty_rates.split(","), args.modes.split(",")
+    for rate in rates:
+        if rate != "max" and not rate.replace(".", "", 1).isdigit():
+            ap.error(f"--dirty-rates: {rate!r} is neither a percentage nor max")
+    results: dict[tuple[str, str, str], list[dict]] = {(w, r, m): [] for w in workloads for r in rates for m in modes}
     with tempfile.TemporaryDirectory(prefix="bench-modes-") as tmp, \
             LocalAgent("source", log_path=f"{tmp}/source.log") as src, \
             LocalAgent("dest", log_path=f"{tmp}/dest.log") as dst:
         for rep in range(args.repeat):
-            for workload in workloads:
-                for mode in modes:
-                    row = one_run(src.address, dst.address, f"b{rep}-{workload}-{mode}", size, workload, mode,
-                                  args.warmup)
-                    results[(workload, mode)].append(row)
-                    print(f"[{rep + 1}/{args.repeat}] {workload:13} {mode:9} total {row['total_s']:.2f} s, "
-                          f"downtime {row['downtime_ms']:.2f} ms {row['parts']}, {row['switch_reason']}",
-                          file=sys.stderr, flush=True)
-    print(f"{size // MiB} MiB guest, 1 unthrottled thread, loopback, medians of {args.repeat} runs "
+            for workload, rate, mode in results:
+                row = one_run(src.address, dst.address, f"b{rep}-{workload}-{rate}-{mode}", size, workload, rate,
+                              mode, args.warmup)
+                results[(workload, rate, mode)].append(row)
+                print(f"[{rep + 1}/{args.repeat}] {workload:13} {rate:>4} {mode:9} total {row['total_s']:.2f} s, "
+                      f"downtime {row['downtime_ms']:.2f} ms {row['parts']}, {row['switch_reason']}",
+                      file=sys.stderr, flush=True)
+    print(f"{size // MiB} MiB guest, 1 thread, loopback, medians of {args.repeat} runs "
           "(tput: guest ops/s during the migration / before)")
     print(table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{w}/{m}": rows for (w, m), rows in results.items()}, indent=1))
+        Path(args.json).write_text(json.dumps({"/".join(k): rows for k, rows in results.items()}, indent=1))
     return 0
 
 
