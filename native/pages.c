@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "pages.h"
-#include "workload.h"
+#include "dp_common.h"
 
 /* Is the page (page_size a multiple of 64) all zero? ORs 64-byte blocks word
  * by word (the compiler vectorizes the inner loop) and stops at the first
