@@ -13,6 +13,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -324,6 +325,17 @@ static int setopt(int fd, int level, int name, int value)
     return setsockopt(fd, level, name, &value, sizeof value) ? -errno : 0;
 }
 
+static long sysctl_value(const char *path)
+{
+    char text[32] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    return n > 0 ? strtol(text, NULL, 10) : 0;
+}
+
 int dp_tune_socket(int fd, int bulk)
 {
     int r = setopt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
@@ -333,9 +345,12 @@ int dp_tune_socket(int fd, int bulk)
     if (!r) r = setopt(fd, IPPROTO_TCP, TCP_KEEPCNT, 2);
     if (!r) r = setopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, DP_USER_TIMEOUT_MS);
     if (!r && bulk) {
-        /* Best effort: capped by net.core.[rw]mem_max, never an error. */
-        setopt(fd, SOL_SOCKET, SO_SNDBUF, DP_BULK_SOCKBUF);
-        setopt(fd, SOL_SOCKET, SO_RCVBUF, DP_BULK_SOCKBUF);
+        /* A size set by hand turns the kernel's autotuning off: only where
+         * the limit lets the buffer be that large, never an error. */
+        if (sysctl_value("/proc/sys/net/core/wmem_max") >= DP_BULK_SOCKBUF)
+            setopt(fd, SOL_SOCKET, SO_SNDBUF, DP_BULK_SOCKBUF);
+        if (sysctl_value("/proc/sys/net/core/rmem_max") >= DP_BULK_SOCKBUF)
+            setopt(fd, SOL_SOCKET, SO_RCVBUF, DP_BULK_SOCKBUF);
     }
     return r;
 }

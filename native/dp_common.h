@@ -76,7 +76,8 @@ int dp_send_full(int fd, const void *buf, size_t len);
  * Tune a connected data socket: TCP_NODELAY, keepalive (1 s idle, 0.5 s
  * interval rounded to the kernel's 1 s unit, 2 probes), TCP_USER_TIMEOUT
  * 1500 ms, so a dead peer is noticed within ~2 s; bulk sockets get
- * larger kernel buffers. Returns 0 or -errno. */
+ * DP_BULK_SOCKBUF kernel buffers where net.core.[rw]mem_max allow that
+ * much (else autotuning stays). Returns 0 or -errno. */
 #define DP_USER_TIMEOUT_MS 1500
 #define DP_BULK_SOCKBUF (4 << 20)
 int dp_tune_socket(int fd, int bulk);
