@@ -133,7 +133,7 @@ static int spawn(pthread_t *tid, void *(*fn)(void *), void *arg)
  * touching them. Only where data lies is remembered (a stale answer there
  * costs an allocation, never a wrong page); a hole is asked about every
  * time, since the guest may have written it since. */
-#define HOLE_QUERIES_PER_BATCH 4
+#define HOLE_QUERIES_PER_BATCH 8
 
 struct holes {
     uint64_t data_lo, data_hi;  /* pages [data_lo, data_hi) held data when last asked */
