@@ -1,6 +1,7 @@
 """gRPC plumbing shared by agents, the bulk page server and the CLI.
 
-One place sets message-size limits, keepalives, credentials (TLS and the
+One place sets message-size limits, keepalives, how many calls a server
+runs at once (migrate.admission), credentials (TLS and the
 bearer token, see migrate.security) and the protocol-version check, so every
 channel and server in the project behaves the same. Without explicit
 credentials, channels and servers use this process's (its environment).

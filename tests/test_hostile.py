@@ -39,6 +39,8 @@ RE = grpc.StatusCode.RESOURCE_EXHAUSTED
 PAGE_STREAMS = next(c for c in AGENT_CALLS if c.name == "page streams")
 SLOW = next(c for c in AGENT_CALLS if c.name == "slow control calls")
 BULK_STREAMS = BULK_CALLS[0]
+#: The largest bulk request (pages); the server splits it into many batches.
+BIG_REQUEST = 4096
 
 
 class OpenStream:
@@ -94,7 +96,7 @@ def channel(source) -> Iterator[grpc.Channel]:
 def bulk_run(source, channel) -> Iterator[tuple[str, str]]:
     """(run id, bulk server address) of a small guest switched over on the source."""
     control = pb_grpc.ControlStub(channel)
-    spec = pb.GuestSpec(size=64 * PAGE, workload="idle", ops=0, page_size=PAGE)
+    spec = pb.GuestSpec(size=BIG_REQUEST * PAGE, workload="idle", ops=0, page_size=PAGE)
     control.LaunchGuest(pb.LaunchGuestRequest(name="h", spec=spec), metadata=rpc.METADATA, timeout=CALL_TIMEOUT)
     prep = control.PrepareOutgoing(pb.PrepareOutgoingRequest(name="h"), metadata=rpc.METADATA, timeout=CALL_TIMEOUT)
     control.Switchover(pb.RunRef(run_id=prep.run_id), metadata=rpc.METADATA, timeout=CALL_TIMEOUT)
@@ -134,6 +136,20 @@ def test_cancelled_bulk_streams_free_their_workers(bulk_run) -> None:
             assert (batch.first_page, batch.count) == (i, 1)
     finally:
         ch.close()
+
+
+def test_a_bulk_stream_that_ends_is_served_to_its_last_request(bulk_run) -> None:
+    """More batches asked for than the server queues, then the end of the requests: every batch comes."""
+    run_id, bulk = bulk_run
+    requests = [pb.BulkRequest(run_id=run_id, first_page=0, count=BIG_REQUEST, req_id=i) for i in range(3)]
+    ch = rpc.channel(bulk, purpose="hostile-bulk", credentials=CREDS)
+    try:
+        multi = ch.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=lambda m: m.SerializeToString(),
+                                 response_deserializer=pb.PageBatch.FromString)
+        batches = list(multi(iter(requests), metadata=rpc.METADATA, timeout=CALL_TIMEOUT))
+    finally:
+        ch.close()
+    assert sum(b.count for b in batches) == 3 * BIG_REQUEST
 
 
 def test_idle_bulk_streams_are_bounded_per_peer(bulk_run) -> None:

@@ -126,7 +126,7 @@ class BulkPages(pb_grpc.PagesServicer):
         # Bounded: a client that floods requests is slowed by gRPC flow control, not served from RAM.
         incoming: queue.Queue[pb.BulkRequest | str | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
 
-        def put(item: pb.BulkRequest | str) -> bool:
+        def put(item: pb.BulkRequest | str | None) -> bool:
             while context.is_active():
                 try:
                     incoming.put(item, timeout=_IDLE_CHECK_S)
@@ -136,7 +136,7 @@ class BulkPages(pb_grpc.PagesServicer):
             return False
 
         def wake() -> None:
-            """Tell the loop below the requests ended; never blocks (a full queue means it is not waiting)."""
+            """Wake the loop below when the call ends: never blocks (a full queue means it is not waiting)."""
             try:
                 incoming.put_nowait(None)
             except queue.Full:
@@ -156,7 +156,7 @@ class BulkPages(pb_grpc.PagesServicer):
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:
-                wake()
+                put(None)  # waits for room: every request before it is served
 
         if not context.add_callback(wake):  # a call that ends (cancelled, say) wakes the loop at once
             wake()
@@ -236,6 +236,7 @@ def _tell_agent(message: dict) -> None:
         print(json.dumps(message), flush=True)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+
 
 if __name__ == "__main__":
     sys.exit(main())
