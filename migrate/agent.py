@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from migrate import __version__, rpc, spawn, validate
+from migrate.admission import CallClass
 from migrate.batches import add_pages_servicer
 from migrate.dest.incoming import MODES, IncomingRun
 from migrate.journal import Journal
@@ -31,6 +32,19 @@ log = logging.getLogger("migrate.agent")
 
 #: Completed incoming runs whose final status IncomingStatus still answers.
 _KEEP_FINISHED = 64
+
+_CONTROL = "/migrate.v1.Control/"
+#: Control calls that may wait on the network or a guest (a prepare towards a silent source waits out
+#: its connect timeout; a digest waits for the guest's memory).
+_SLOW_CONTROL = ("PrepareIncoming", "PrepareOutgoing", "StartIncoming", "PrecopyRound", "GuestDigest",
+                 "LaunchGuest", "Switchover")
+#: What an agent serves at once, each class on workers of its own (migrate.admission): slow control
+#: calls cannot starve quick ones (Hello, status, abort), and no stream holds a control worker.
+CALLS = (
+    CallClass("slow control calls", tuple(_CONTROL + m for m in _SLOW_CONTROL), per_peer=4, total=16),
+    CallClass("control calls", (_CONTROL,), per_peer=16, total=32),
+    CallClass("page streams", ("/migrate.v1.Pages/",), per_peer=8, total=32),
+)
 
 _ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (KeyError, grpc.StatusCode.NOT_FOUND),
@@ -341,7 +355,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
         control.rejoin_runs()
     for name, path in (images or {}).items():
         control.guests.add_image(name, path)
-    server = rpc.server()
+    server = rpc.server(CALLS)
     pb_grpc.add_ControlServicer_to_server(control, server)
     if "source" in roles:
         add_pages_servicer(UrgentPages(control.outgoing), server)

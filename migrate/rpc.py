@@ -1,6 +1,7 @@
 """gRPC plumbing shared by agents, the bulk page server and the CLI.
 
-One place sets message-size limits, keepalives, credentials (TLS and the
+One place sets message-size limits, keepalives, how many calls a server
+runs at once (migrate.admission), credentials (TLS and the
 bearer token, see migrate.security) and the protocol-version check, so every
 channel and server in the project behaves the same. Without explicit
 credentials, channels and servers use this process's (its environment).
@@ -10,13 +11,13 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
-import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
 import grpc
 
+from migrate.admission import Admission, CallClass, peer_host, refusal
 from migrate.proto import migrate_pb2 as pb
 from migrate.security import AUTH_KEY, Credentials
 
@@ -45,6 +46,11 @@ _SERVER_OPTIONS = [
 ]
 
 METADATA = ((VERSION_KEY, str(PROTO_VERSION)),)
+#: Workers of a server's default pool: refusals (which end at once) and calls of no class.
+_DEFAULT_WORKERS = 4
+#: Calls a server accepts beyond its classes' bounds (refusals on their way out, calls of no class);
+#: past that gRPC itself answers RESOURCE_EXHAUSTED.
+_QUEUED_CALLS = 64
 
 
 class AgentError(Exception):
@@ -84,15 +90,20 @@ def wait_ready(ch: grpc.Channel, target: str, timeout: float) -> None:
         raise AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)") from None
 
 
-def server(workers: int = 8, credentials: Credentials | None = None) -> grpc.Server:
+def server(calls: Sequence[CallClass] = (), credentials: Credentials | None = None) -> grpc.Server:
     """A gRPC server with the project's limits, a version check and, if
-    `credentials` hold one, a bearer-token check (TLS is set by `bind`)."""
+    `credentials` hold one, a bearer-token check (TLS is set by `bind`).
+
+    Each class of `calls` runs on a pool of its own, bounded in all and per
+    peer (migrate.admission); the default pool serves refusals and any
+    call of no class. Calls refused by the gate are never counted.
+    """
     creds = Credentials.from_env() if credentials is None else credentials
     return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=_DEFAULT_WORKERS, thread_name_prefix="grpc"),
         options=_OPTIONS + _SERVER_OPTIONS,
-        interceptors=[_Gate(creds.token)],
-        maximum_concurrent_rpcs=64,
+        interceptors=[_Gate(creds.token), Admission(calls)],
+        maximum_concurrent_rpcs=sum(c.total for c in calls) + _QUEUED_CALLS,
     )
 
 
@@ -134,25 +145,12 @@ class _Gate(grpc.ServerInterceptor):
         return None
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        refusal = self._refusal(dict(details.invocation_metadata or ()))
-        if refusal is None:
+        refused = self._refusal(dict(details.invocation_metadata or ()))
+        if refused is None:
             return continuation(details)
-        code, msg = refusal
+        code, msg = refused
         log.warning("%s refused: %s: %s", details.method, code.name, msg)
-
-        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(code, msg)
-
-        handler = continuation(details)
-        if handler is None:
-            return None
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(refuse)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(refuse)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(refuse)
-        return grpc.unary_unary_rpc_method_handler(refuse)
+        return None if continuation(details) is None else refusal(code, msg)
 
 
 class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -190,13 +188,13 @@ def is_local_peer(peer: str) -> bool:
     and this network namespace's own addresses, not a peer's in another
     namespace (the lab's emulated hosts).
     """
-    kind, _, rest = peer.partition(":")
+    kind = peer.partition(":")[0]
     if kind == "unix":
         return True
     family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(kind)
     if family is None:
         return False
-    host = urllib.parse.unquote(rest.rsplit(":", 1)[0]).strip("[]")
+    host = peer_host(peer)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.bind((host, 0))

@@ -8,7 +8,9 @@ parent's package root.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,25 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+#: prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Be killed (SIGKILL) when the parent dies, even by SIGKILL, so that no
+    orphan keeps serving, or keeps guest memory mapped.
+
+    Linux sends the signal when the parent *thread* that started this
+    process ends: agents start their children from the main thread or from
+    gRPC's pool threads, which live as long as the agent. Call it first
+    thing; a parent that died before the call is noticed some other way
+    (the bulk page server's stdin is at EOF then).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def yield_cpu_to_urgent_work() -> None:

@@ -39,7 +39,7 @@ def test_version_mismatch_is_refused():
         def Hello(self, request, context):
             return pb.HelloReply(proto_version=rpc.PROTO_VERSION)
 
-    server = rpc.server(workers=2)
+    server = rpc.server()
     pb_grpc.add_ControlServicer_to_server(Hello(), server)
     port = rpc.bind(server, "127.0.0.1:0")
     server.start()
@@ -59,11 +59,11 @@ def test_version_mismatch_is_refused():
 def test_port_in_use_is_a_clear_error():
     from migrate import rpc
 
-    first = rpc.server(workers=1)
+    first = rpc.server()
     port = rpc.bind(first, "127.0.0.1:0")
     first.start()
     try:
         with pytest.raises(rpc.AgentError, match="cannot listen"):
-            rpc.bind(rpc.server(workers=1), f"127.0.0.1:{port}")
+            rpc.bind(rpc.server(), f"127.0.0.1:{port}")
     finally:
         first.stop(0).wait()

@@ -8,7 +8,8 @@ own HTTP/2 connection.
 
 Started by the source agent with the memfd inherited; prints one JSON line
 {"port": N} when listening, serves until its stdin closes, then prints its
-counters as a last JSON line.
+counters as a last JSON line. It never outlives its agent: the kernel kills
+it when the agent dies (PR_SET_PDEATHSIG), and stdin's EOF stops it too.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import collections
 import json
 import mmap
+import os
 import queue
 import sys
 import threading
@@ -26,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 
 from migrate import rpc, spawn
+from migrate.admission import CallClass
 from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchEncoder, EncodedBatch, add_pages_servicer
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
@@ -42,6 +45,11 @@ _COMPRESS_BPS_GUESS = 400e6
 #: sent raw, with one batch in _PROBE_EVERY compressed to notice a change.
 _STOP_RATIO = 0.9
 _PROBE_EVERY = 32
+#: Seconds an idle stream waits before it looks whether its call is still alive.
+_IDLE_CHECK_S = 0.5
+#: Streams served at once, in all and per destination host, each on a worker of its own (migrate.admission).
+#: A destination needs one or two (bulk, pre-copy) plus those of a dropped link not yet noticed as dead.
+CALLS = (CallClass("bulk streams", ("/migrate.v1.Pages/",), per_peer=8, total=16),)
 
 
 class BulkPages(pb_grpc.PagesServicer):
@@ -121,11 +129,18 @@ class BulkPages(pb_grpc.PagesServicer):
         def put(item: pb.BulkRequest | str | None) -> bool:
             while context.is_active():
                 try:
-                    incoming.put(item, timeout=0.5)
+                    incoming.put(item, timeout=_IDLE_CHECK_S)
                     return True
                 except queue.Full:
                     pass
             return False
+
+        def wake() -> None:
+            """Wake the loop below when the call ends: never blocks (a full queue means it is not waiting)."""
+            try:
+                incoming.put_nowait(None)
+            except queue.Full:
+                pass
 
         def read_requests() -> None:
             try:
@@ -141,8 +156,10 @@ class BulkPages(pb_grpc.PagesServicer):
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:
-                put(None)
+                put(None)  # waits for room: every request before it is served
 
+        if not context.add_callback(wake):  # a call that ends (cancelled, say) wakes the loop at once
+            wake()
         threading.Thread(target=read_requests, daemon=True, name="bulk-requests").start()
         local_peer = rpc.is_local_peer(context.peer())
         pending: collections.deque[Future | EncodedBatch] = collections.deque()
@@ -151,9 +168,13 @@ class BulkPages(pb_grpc.PagesServicer):
         while True:
             while not ended and len(pending) <= self._threads:
                 try:
-                    item = incoming.get(block=not pending)
+                    item = incoming.get_nowait() if pending else incoming.get(timeout=_IDLE_CHECK_S)
                 except queue.Empty:
-                    break
+                    if pending:
+                        break  # send what is ready
+                    if not context.is_active():
+                        return  # the call ended while idle (wake() got no room): the worker comes back
+                    continue
                 if item is None:
                     ended = True
                 elif isinstance(item, str):
@@ -189,24 +210,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compress", choices=COMPRESS_POLICIES, default="auto")
     ap.add_argument("--threads", type=int, default=ENCODERS)
     args = ap.parse_args(argv)
+    spawn.die_with_parent()
     spawn.tune_allocator()
     spawn.yield_cpu_to_urgent_work()
     mem = memoryview(mmap.mmap(args.memfd, args.size, mmap.MAP_SHARED, mmap.PROT_READ))
     service = BulkPages(mem, args.page_size, args.run_id, args.level, args.compress, args.threads)
-    server = rpc.server(workers=4)
+    server = rpc.server(CALLS)
     add_pages_servicer(service, server)
     try:
         port = rpc.bind(server, args.listen)
     except rpc.AgentError as err:
-        print(json.dumps({"error": str(err)}), flush=True)
+        _tell_agent({"error": str(err)})
         return 1
     server.start()
-    print(json.dumps({"port": port}), flush=True)
-    sys.stdin.read()  # the agent closes our stdin to stop us
+    _tell_agent({"port": port})
+    sys.stdin.read()  # EOF: the agent closed our stdin to stop us, or it is gone
     server.stop(grace=0.5).wait()
-    print(json.dumps({"pages": service.pages, "bytes": service.bytes, "compressed_batches": service.compressed_batches}),
-          flush=True)
+    _tell_agent({"pages": service.pages, "bytes": service.bytes, "compressed_batches": service.compressed_batches})
     return 0
+
+
+def _tell_agent(message: dict) -> None:
+    """One JSON line on stdout; an agent that is gone hears nothing, and no traceback says so."""
+    try:
+        print(json.dumps(message), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
 
 
 if __name__ == "__main__":
