@@ -8,6 +8,7 @@ unmigrated run.
 """
 from __future__ import annotations
 
+import json
 import mmap
 import threading
 import time
@@ -74,6 +75,46 @@ def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
     link = doc["link"]
     assert link["outages"] >= 1, (link, doc["total_s"])
     assert link["paused_s"] >= outage_s * 0.5
+
+
+def test_blackhole_is_an_outage_counted_from_the_last_byte(proxied, capsys):
+    """Packets dropped, no reset: the keepalive notices within about a second, the
+    progress shows PAUSED, and the report counts one outage as long as the silence."""
+    from migrate.cli import ProgressLine
+
+    src, dst, proxy = proxied
+    spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=6, ops=12_000, threads=2,
+                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+    with AgentClient(src.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name="hole", spec=spec), timeout=120)
+    run: dict = {}
+    paused: list[pb.MigrationStatus] = []
+
+    def watch(status: pb.MigrationStatus) -> None:
+        detail = json.loads(status.detail_json or "{}")
+        if any(isinstance(p, dict) and p.get("link_down") for p in detail.values()):
+            paused.append(status)
+
+    def blackhole_when_underway() -> None:
+        if wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
+            proxy.blackhole(3.0)
+
+    cutter = threading.Thread(target=blackhole_when_underway)
+    cutter.start()
+    try:
+        opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB)
+        doc = orchestrator.migrate("hole", src.address, dst.address, opts, on_status=watch)
+    finally:
+        cutter.join()
+        with AgentClient(dst.address) as c:
+            c.stop_if_hosted("hole")
+    assert proxy.cuts == 1
+    assert doc["verified"] is True
+    assert doc["link"]["outages"] == 1, doc["link"]
+    assert doc["link"]["paused_s"] >= 2.0, doc["link"]
+    assert paused, "the link was never reported down while it was silent"
+    ProgressLine()(paused[-1])
+    assert "PAUSED: link to the source down" in capsys.readouterr().err
 
 
 def test_source_gone_for_good_fails_clearly(proxied):
