@@ -117,6 +117,52 @@ def test_blackhole_is_an_outage_counted_from_the_last_byte(proxied, capsys):
     assert "PAUSED: link to the source down" in capsys.readouterr().err
 
 
+PRECOPY_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=7, ops=30_000, threads=2,
+                            ops_per_sec=3_000, page_size=mmap.PAGESIZE)
+
+
+def migrate_with_cut(proxied, name: str, mode: str, cut_at: str) -> dict:
+    """Migrate in `mode`, cutting the link once: mid pre-copy round ("round") or
+    just before the settle step / stop-and-copy ("switch")."""
+    src, dst, proxy = proxied
+    with AgentClient(src.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=PRECOPY_SPEC), timeout=120)
+    run: dict = {}
+
+    def cut_mid_round() -> None:
+        if wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
+            proxy.cut(1.0)
+
+    cutter = threading.Thread(target=cut_mid_round) if cut_at == "round" else None
+    if cutter:
+        cutter.start()
+    try:
+        opts = orchestrator.RunOptions(mode=mode, verify=True, max_bandwidth=4 * MiB, precopy_rounds=3)
+        return orchestrator.migrate(name, src.address, dst.address, opts,
+                                    before_switchover=(lambda: proxy.cut(1.0)) if cut_at == "switch" else None)
+    finally:
+        if cutter:
+            cutter.join()
+        with AgentClient(dst.address) as c:
+            c.stop_if_hosted(name)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "precopy"])
+@pytest.mark.parametrize("cut_at", ["round", "switch"])
+def test_link_cut_in_precopy_modes_recovers(proxied, mode, cut_at):
+    """A pre-copy round's stream breaks, or the link is cut as the settle step (hybrid)
+    or the stop-and-copy (precopy) begins: the round carries on after reconnecting,
+    nothing stale is left, and the guest ends with the memory of an unmigrated run."""
+    doc = migrate_with_cut(proxied, f"{mode}-{cut_at}", mode, cut_at)
+    proxy = proxied[2]
+    assert proxy.cuts == 1
+    if doc["precopy"].get("fallback"):
+        pytest.skip(doc["precopy"]["fallback"])
+    assert doc["mode"] == mode
+    assert doc["verified"] is True
+    assert doc["pages"]["received"] == doc["pages"]["total"]
+
+
 def test_source_gone_for_good_fails_clearly(proxied):
     src, dst, proxy = proxied
     spec = pb.GuestSpec(size=16 * MiB, workload="random-write", seed=5, ops=10_000_000, threads=1,

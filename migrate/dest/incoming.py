@@ -101,7 +101,8 @@ class IncomingRun:
             self.attach(proc.uffd, proc.regions)
             self.start_paths()
         if mode != "postcopy":
-            self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id)
+            self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id,
+                                         self.recovery_timeout)
         self._record()
         return (time.monotonic() - t0) * 1000.0
 
