@@ -267,8 +267,9 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
             source.call("AbortOutgoing", run)
             raise AgentError(f"the migration of {name!r} had not switched over; it was aborted and the guest "
                              f"runs on {src} as before: start it again with `migrate run`")
-        t_start_ns = time.time_ns()
-        end = _finish_or_say(source, dest, name, run, info.spec, opts, on_status, time.monotonic(), src)
+        t_start_ns = _started_ns(dest, run)
+        t0 = time.monotonic() - max(time.time_ns() - t_start_ns, 0) / 1e9  # the total counts from the first start
+        end = _finish_or_say(source, dest, name, run, info.spec, opts, on_status, t0, src)
     doc = report.build(
         name=name, spec=info.spec, total_s=end.total_s, t_start_ns=t_start_ns,
         switch=pb.SwitchoverReply(last_op_ns=end.before.last_op_ns), prepare_ms=0.0, resume_ms=0.0,
@@ -276,6 +277,15 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
         verified=end.verified, mode="resumed")
     doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s(), resumed_run=run.run_id)
     return doc
+
+
+def _started_ns(dest: AgentClient, run: pb.RunRef) -> int:
+    """When the run began (the destination recorded it, in its journal too), or now if it cannot say."""
+    try:
+        detail = json.loads(dest.call("IncomingStatus", run).detail_json or "{}")
+    except (AgentError, ValueError):
+        return time.time_ns()
+    return int(detail.get("started_ns") or time.time_ns())
 
 
 def _both(first: Callable[[pb.MigrationStatus], None],
