@@ -90,7 +90,7 @@ def _abort_incoming(name: str, run: pb.RunRef, src: str, dst: str, *, switched: 
                 raise AgentError(f"the destination {dst} does not answer ({err}): add --force if it is gone "
                                  f"for good") from None
             hosted = {g.name: g for g in dest.call("ListGuests", pb.ListGuestsRequest()).guests}
-            if name in hosted and hosted[name].state != "migrating-in":
+            if switched and name in hosted and hosted[name].state != "migrating-in":
                 raise AgentError(f"guest {name!r} runs on the destination {dst} ({hosted[name].state}): resuming "
                                  f"it on the source would split it in two") from None
             return f" (the destination {dst} had lost the run)"

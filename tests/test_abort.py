@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+from by_hand import resumed_on_destination
 from migrate import orchestrator, spawn
 from migrate.abort import abort
 from migrate.client import AgentClient
@@ -140,15 +141,7 @@ def test_abort_is_refused_while_the_guest_runs_on_the_destination_and_once_it_co
                         page_size=mmap.PAGESIZE)
     with AgentClient(src.address) as s, AgentClient(dst.address) as d:
         s.call("LaunchGuest", pb.LaunchGuestRequest(name="vm", spec=spec), timeout=120)
-        # An orchestrator that died after the guest resumed on the destination.
-        prep = s.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name="vm"))
-        run = pb.RunRef(run_id=prep.run_id)
-        d.call("PrepareIncoming", pb.PrepareIncomingRequest(
-            run_id=prep.run_id, name="vm", spec=prep.spec, source_endpoint=src.address,
-            bulk_endpoint=prep.bulk_endpoint), timeout=120)
-        switch = s.call("Switchover", run)
-        d.call("StartIncoming", pb.StartIncomingRequest(run_id=prep.run_id, state_json=switch.state_json,
-                                                        max_bandwidth=2 * MiB))
+        run = resumed_on_destination(s, d, "vm", 2 * MiB)  # and the orchestrator died
         try:
             with pytest.raises(AgentError, match="would split it in two"):
                 abort("vm", src.address, dst.address)

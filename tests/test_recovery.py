@@ -8,6 +8,7 @@ unmigrated run.
 """
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import threading
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from by_hand import resumed_on_destination
 from connect_proxy import ConnectProxy
 from migrate import orchestrator
 from migrate.client import AgentClient
@@ -47,28 +49,41 @@ def received_fraction(dst: str, run: dict) -> float:
         return st.pages_received / max(st.pages_total, 1)
 
 
-@pytest.mark.parametrize("outage_s", [0.5, 5.0])
-def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
-    src, dst, proxy = proxied
-    spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=5, ops=12_000, threads=2,
-                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+def migrate_breaking_the_link(proxied, name: str, spec: pb.GuestSpec, opts: orchestrator.RunOptions,
+                              breaks=None, **kw) -> dict:  # noqa: ANN001
+    """Migrate guest `name` through the proxy, calling `breaks()` once a fifth of its pages
+    are in (if given); the guest is stopped on the destination afterwards."""
+    src, dst, _ = proxied
     with AgentClient(src.address) as c:
-        c.call("LaunchGuest", pb.LaunchGuestRequest(name="wire", spec=spec), timeout=120)
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec), timeout=120)
     run: dict = {}
 
-    def cut_when_underway() -> None:
+    def break_when_underway() -> None:
         if wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
-            proxy.cut(outage_s)
+            breaks()
 
-    cutter = threading.Thread(target=cut_when_underway)
-    cutter.start()
+    breaker = threading.Thread(target=break_when_underway) if breaks else None
+    if breaker:
+        breaker.start()
     try:
-        opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB)
-        doc = orchestrator.migrate("wire", src.address, dst.address, opts)
+        return orchestrator.migrate(name, src.address, dst.address, opts, **kw)
     finally:
-        cutter.join()
+        if breaker:
+            breaker.join()
         with AgentClient(dst.address) as c:
-            c.stop_if_hosted("wire")
+            c.stop_if_hosted(name)
+
+
+POSTCOPY_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=5, ops=12_000, threads=2,
+                             ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+POSTCOPY_OPTIONS = dict(mode="postcopy", verify=True, max_bandwidth=4 * MiB)
+
+
+@pytest.mark.parametrize("outage_s", [0.5, 5.0])
+def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
+    proxy = proxied[2]
+    doc = migrate_breaking_the_link(proxied, "wire", POSTCOPY_SPEC, orchestrator.RunOptions(**POSTCOPY_OPTIONS),
+                                    lambda: proxy.cut(outage_s))
     assert proxy.cuts == 1
     assert doc["verified"] is True
     assert doc["pages"]["received"] == doc["pages"]["total"]
@@ -82,12 +97,7 @@ def test_blackhole_is_an_outage_counted_from_the_last_byte(proxied, capsys):
     progress shows PAUSED, and the report counts one outage as long as the silence."""
     from migrate.cli import ProgressLine
 
-    src, dst, proxy = proxied
-    spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=6, ops=12_000, threads=2,
-                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
-    with AgentClient(src.address) as c:
-        c.call("LaunchGuest", pb.LaunchGuestRequest(name="hole", spec=spec), timeout=120)
-    run: dict = {}
+    proxy = proxied[2]
     paused: list[pb.MigrationStatus] = []
 
     def watch(status: pb.MigrationStatus) -> None:
@@ -95,19 +105,8 @@ def test_blackhole_is_an_outage_counted_from_the_last_byte(proxied, capsys):
         if any(isinstance(p, dict) and p.get("link_down") for p in detail.values()):
             paused.append(status)
 
-    def blackhole_when_underway() -> None:
-        if wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
-            proxy.blackhole(3.0)
-
-    cutter = threading.Thread(target=blackhole_when_underway)
-    cutter.start()
-    try:
-        opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB)
-        doc = orchestrator.migrate("hole", src.address, dst.address, opts, on_status=watch)
-    finally:
-        cutter.join()
-        with AgentClient(dst.address) as c:
-            c.stop_if_hosted("hole")
+    doc = migrate_breaking_the_link(proxied, "hole", POSTCOPY_SPEC, orchestrator.RunOptions(**POSTCOPY_OPTIONS),
+                                    lambda: proxy.blackhole(3.0), on_status=watch)
     assert proxy.cuts == 1
     assert doc["verified"] is True
     assert doc["link"]["outages"] == 1, doc["link"]
@@ -121,40 +120,18 @@ PRECOPY_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=7, ops=
                             ops_per_sec=3_000, page_size=mmap.PAGESIZE)
 
 
-def migrate_with_cut(proxied, name: str, mode: str, cut_at: str) -> dict:
-    """Migrate in `mode`, cutting the link once: mid pre-copy round ("round") or
-    just before the settle step / stop-and-copy ("switch")."""
-    src, dst, proxy = proxied
-    with AgentClient(src.address) as c:
-        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=PRECOPY_SPEC), timeout=120)
-    run: dict = {}
-
-    def cut_mid_round() -> None:
-        if wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
-            proxy.cut(1.0)
-
-    cutter = threading.Thread(target=cut_mid_round) if cut_at == "round" else None
-    if cutter:
-        cutter.start()
-    try:
-        opts = orchestrator.RunOptions(mode=mode, verify=True, max_bandwidth=4 * MiB, precopy_rounds=3)
-        return orchestrator.migrate(name, src.address, dst.address, opts,
-                                    before_switchover=(lambda: proxy.cut(1.0)) if cut_at == "switch" else None)
-    finally:
-        if cutter:
-            cutter.join()
-        with AgentClient(dst.address) as c:
-            c.stop_if_hosted(name)
-
-
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
 @pytest.mark.parametrize("cut_at", ["round", "switch"])
 def test_link_cut_in_precopy_modes_recovers(proxied, mode, cut_at):
     """A pre-copy round's stream breaks, or the link is cut as the settle step (hybrid)
     or the stop-and-copy (precopy) begins: the round carries on after reconnecting,
     nothing stale is left, and the guest ends with the memory of an unmigrated run."""
-    doc = migrate_with_cut(proxied, f"{mode}-{cut_at}", mode, cut_at)
     proxy = proxied[2]
+    cut = functools.partial(proxy.cut, 1.0)
+    opts = orchestrator.RunOptions(mode=mode, verify=True, max_bandwidth=4 * MiB, precopy_rounds=3)
+    doc = migrate_breaking_the_link(proxied, f"{mode}-{cut_at}", PRECOPY_SPEC, opts,
+                                    cut if cut_at == "round" else None,
+                                    before_switchover=cut if cut_at == "switch" else None)
     assert proxy.cuts == 1
     if doc["precopy"].get("fallback"):
         pytest.skip(doc["precopy"]["fallback"])
@@ -253,15 +230,8 @@ def test_a_resumed_run_reports_its_time_from_the_original_start(agents):
                         ops_per_sec=2_000, page_size=mmap.PAGESIZE)
     with AgentClient(src.address) as s, AgentClient(dst.address) as d:
         s.call("LaunchGuest", pb.LaunchGuestRequest(name="late", spec=spec), timeout=120)
-        prep = s.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name="late"))
         t_first = time.monotonic()  # the destination's run starts after this
-        run = pb.RunRef(run_id=prep.run_id)
-        d.call("PrepareIncoming", pb.PrepareIncomingRequest(
-            run_id=prep.run_id, name="late", spec=prep.spec, source_endpoint=src.address,
-            bulk_endpoint=prep.bulk_endpoint), timeout=120)
-        switch = s.call("Switchover", run)
-        d.call("StartIncoming", pb.StartIncomingRequest(run_id=prep.run_id, state_json=switch.state_json,
-                                                        max_bandwidth=4 * MiB))
+        run = resumed_on_destination(s, d, "late", 4 * MiB)  # and the orchestrator died
         try:
             assert wait_for(lambda: d.call("IncomingStatus", run).phase == "complete", timeout=120)
             waited = time.monotonic() - t_first
@@ -269,7 +239,7 @@ def test_a_resumed_run_reports_its_time_from_the_original_start(agents):
         finally:
             d.stop_if_hosted("late")
             s.stop_if_hosted("late")
-    assert doc["total_s"] >= waited, (doc["total_s"], waited)
+    assert doc["total_s"] >= 0.8 * waited, (doc["total_s"], waited)  # waited includes PrepareOutgoing
     assert doc["pages"]["pushed"] + doc["pages"]["faulted"] == doc["pages"]["received"]
 
 
