@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -48,6 +49,7 @@ class PagesClient:
     def __init__(self, channel: grpc.Channel) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.heard = time.monotonic()  # when the last reply arrived: a link outage starts there
         self.bind(channel)
 
     def bind(self, channel: grpc.Channel) -> None:
@@ -68,6 +70,7 @@ class PagesClient:
 
     def _parse(self, raw: bytes) -> bytes:
         self.bytes_received += len(raw)
+        self.heard = time.monotonic()
         return raw
 
 

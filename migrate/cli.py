@@ -411,6 +411,30 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
         raise click.ClickException("verification failed: the migrated guest's memory differs")
 
 
+@cli.command("abort")
+@click.argument("guest_name", metavar="GUEST")
+@click.option("--from", "src", required=True, metavar="HOST:PORT", help="Source agent (it holds the guest's memory).")
+@click.option("--to", "dst", default="", metavar="HOST:PORT",
+              help="Destination agent: its side of the run is checked and stopped first.")
+@click.option("--force", is_flag=True,
+              help="The destination is gone for good (unreachable, or not named): resume on the source anyway.")
+@_credential_options
+def abort_cmd(guest_name: str, src: str, dst: str, force: bool, credentials: Credentials) -> None:
+    """Abort a migration of GUEST that cannot finish, and resume GUEST on the source.
+
+    Safe at any step: after the switchover the guest resumes on the source
+    only if it is not running on the destination (its run there failed, or
+    the destination lost it); otherwise the refusal says why and what to do.
+
+    \b
+    Example:
+      migrate abort vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071
+    """
+    from migrate.abort import abort
+
+    click.echo(abort(guest_name, src, dst, force=force, credentials=credentials))
+
+
 @cli.command("demo")
 @click.option("--size", type=SIZE, default="512M", show_default=True, help="Guest RAM.")
 @click.option("--workload", type=click.Choice(WORKLOADS), default="random-write", show_default=True)
@@ -453,6 +477,9 @@ def main() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
+    except orchestrator.RunFailed as err:
+        click.echo(f"error: {err}\nnext: {err.next_step}", err=True)
+        sys.exit(1)
     except (rpc.AgentError, ValueError, OSError, RuntimeError, TimeoutError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)

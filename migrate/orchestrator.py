@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from migrate import convergence, report, rpc
+from migrate import abort, convergence, report, rpc
 from migrate.client import AgentClient
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.proto import migrate_pb2 as pb
@@ -36,6 +36,18 @@ MODES = ("postcopy", "hybrid", "precopy")
 #: running) until a step finds at most this many to drop, or SETTLE_STEPS passed.
 SETTLE_PAGES = 256
 SETTLE_STEPS = 5
+
+
+class RunFailed(AgentError):
+    """A migration that failed, with what to do next: one line naming the command."""
+
+    def __init__(self, message: str, next_step: str) -> None:
+        super().__init__(message)
+        self.next_step = next_step
+
+
+class DestinationFailed(AgentError):
+    """The destination's run failed: the guest waits, paused, on the source."""
 
 
 @dataclass
@@ -157,20 +169,18 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
                     run_id=prep.run_id, discard=stale, pull=True, max_bandwidth=opts.max_bandwidth),
                     timeout=opts.timeout)
                 stale = b""
-        except BaseException:
-            _best_effort(dest.call, "AbortIncoming", run)
-            source.call("AbortOutgoing", run)
+        except BaseException as err:
+            _roll_back(source, dest, run, err, name, src, dst)
             raise
         try:
             started = dest.call("StartIncoming", pb.StartIncomingRequest(
                 run_id=prep.run_id, state_json=switch.state_json, no_push=opts.no_push,
                 max_bandwidth=opts.max_bandwidth, discard=stale))
-        except AgentError:
-            _best_effort(dest.call, "AbortIncoming", run)
-            source.call("AbortOutgoing", run)
+        except AgentError as err:
+            _roll_back(source, dest, run, err, name, src, dst)
             raise
         log.switch_discarded = started.discarded
-        end = _finish(source, dest, name, run, prep.spec, opts, on_status, t0)
+        end = _finish_or_say(source, dest, name, run, prep.spec, opts, on_status, t0, src)
     doc = report.build(
         name=name, spec=prep.spec, total_s=end.total_s, t_start_ns=t_start_ns, switch=switch,
         prepare_ms=prepared.prepare_ms, resume_ms=started.resume_ms, status=end.status,
@@ -179,6 +189,36 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         downtime_parts=_downtime_parts(switch, started, log))
     doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s())
     return doc
+
+
+def _roll_back(source: AgentClient, dest: AgentClient, run: pb.RunRef, err: BaseException,
+               name: str, src: str, dst: str) -> None:
+    """Undo a run that failed before the guest resumed on the destination: it runs on the source again.
+
+    Raises RunFailed saying what to do next when `err` is an agent's
+    failure (the caller re-raises anything else, e.g. an interrupt).
+    """
+    _best_effort(dest.call, "AbortIncoming", run)
+    try:
+        source.call("AbortOutgoing", run)
+    except AgentError as undo:
+        raise RunFailed(f"{err}; undoing it failed too: {undo}", f"`{abort.command(name, src, dst)}`") from err
+    if isinstance(err, AgentError):
+        raise RunFailed(str(err), f"nothing to undo: {name!r} runs on {src} as before; "
+                                  f"`migrate run` it again once the cause is fixed") from err
+
+
+def _finish_or_say(source: AgentClient, dest: AgentClient, name: str, run: pb.RunRef, spec: pb.GuestSpec,
+                   opts: RunOptions, on_status: Callable[[pb.MigrationStatus], None] | None, t0: float,
+                   src: str) -> "_Ending":
+    """_finish, its failures saying how to get out: after the switchover the guest waits on the source."""
+    try:
+        return _finish(source, dest, name, run, spec, opts, on_status, t0)
+    except DestinationFailed as err:
+        raise RunFailed(str(err), f"`{abort.command(name, src, dest.target)}` resumes the guest on {src}") from err
+    except AgentError as err:
+        raise RunFailed(str(err), f"`{abort.command(name, src, dest.target, resume=True)}` waits for the run "
+                                  f"to finish; if it failed, `{abort.command(name, src, dest.target)}`") from err
 
 
 @dataclass
@@ -227,8 +267,9 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
             source.call("AbortOutgoing", run)
             raise AgentError(f"the migration of {name!r} had not switched over; it was aborted and the guest "
                              f"runs on {src} as before: start it again with `migrate run`")
-        t_start_ns = time.time_ns()
-        end = _finish(source, dest, name, run, info.spec, opts, on_status, time.monotonic())
+        t_start_ns = _started_ns(dest, run)
+        t0 = time.monotonic() - max(time.time_ns() - t_start_ns, 0) / 1e9  # the total counts from the first start
+        end = _finish_or_say(source, dest, name, run, info.spec, opts, on_status, t0, src)
     doc = report.build(
         name=name, spec=info.spec, total_s=end.total_s, t_start_ns=t_start_ns,
         switch=pb.SwitchoverReply(last_op_ns=end.before.last_op_ns), prepare_ms=0.0, resume_ms=0.0,
@@ -236,6 +277,15 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
         verified=end.verified, mode="resumed")
     doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s(), resumed_run=run.run_id)
     return doc
+
+
+def _started_ns(dest: AgentClient, run: pb.RunRef) -> int:
+    """When the run began (the destination recorded it, in its journal too), or now if it cannot say."""
+    try:
+        detail = json.loads(dest.call("IncomingStatus", run).detail_json or "{}")
+    except (AgentError, ValueError):
+        return time.time_ns()
+    return int(detail.get("started_ns") or time.time_ns())
 
 
 def _both(first: Callable[[pb.MigrationStatus], None],
@@ -331,7 +381,7 @@ def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOption
         if status.phase == "complete":
             return status
         if status.phase == "failed":
-            raise AgentError(f"migration failed on the destination: {status.error}")
+            raise DestinationFailed(f"migration failed on the destination: {status.error}")
         if time.monotonic() > deadline:
             raise AgentError(f"migration did not complete within {opts.timeout:g} s")
         if opts.no_push and toucher is None and dest.call("InspectGuest", pb.GuestRef(name=name)).finished:

@@ -37,11 +37,24 @@ _OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
+#: Keepalive of a destination's page channels to its source (urgent, bulk,
+#: pre-copy): a ping after this many ms without traffic, and the link is dead
+#: when a ping (keepalive or flow-control probe) stays unanswered this long.
+#: A link that goes silent (a blackhole: packets dropped, no reset) fails the
+#: stream within LINK_SILENCE_S, so the path reconnects and the outage shows,
+#: where the control channels' 10 s + 5 s would hide it. (gRPC core enforces
+#: the ack deadline through "grpc.http2.ping_timeout_ms", default one minute;
+#: "grpc.keepalive_timeout_ms" alone is not acted on.)
+LINK_KEEPALIVE_MS = (500, 1000)
+#: The longest a page channel's link can be silent before its stream fails.
+LINK_SILENCE_S = sum(LINK_KEEPALIVE_MS) / 1000.0
+
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a taken port must be an error
-    # Accept the clients' 10 s keepalive pings, even on long quiet streams
-    # (gRPC's default answers them with GOAWAY "too many pings").
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # Accept the clients' keepalive pings (every LINK_KEEPALIVE_MS[0] on page
+    # channels), even on long quiet streams (gRPC's default answers them with
+    # GOAWAY "too many pings").
+    ("grpc.http2.min_ping_interval_without_data_ms", LINK_KEEPALIVE_MS[0] // 2),
     ("grpc.http2.max_ping_strikes", 0),
 ]
 
@@ -73,8 +86,11 @@ def channel(target: str, *, purpose: str = "control", credentials: Credentials |
     """
     creds = Credentials.from_env() if credentials is None else credentials
     opts = _OPTIONS + [("grpc.channel_purpose", purpose)]
-    if purpose != "control":
-        opts.append(("grpc.use_local_subchannel_pool", 1))
+    if purpose != "control":  # a page channel: its own connection, and a link outage noticed within a second
+        opts = [o for o in opts if o[0] not in ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")]
+        opts += [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", LINK_KEEPALIVE_MS[0]),
+                 ("grpc.keepalive_timeout_ms", LINK_KEEPALIVE_MS[1]),
+                 ("grpc.http2.ping_timeout_ms", LINK_KEEPALIVE_MS[1])]
     tls = creds.channel_credentials()
     ch = grpc.secure_channel(target, tls, options=opts) if tls else grpc.insecure_channel(target, options=opts)
     if creds.token:

@@ -4,6 +4,8 @@ gRPC clients honour the grpc_proxy environment variable: a destination agent
 started with it reaches the source only through this relay, on every port
 (urgent and bulk alike). `cut(seconds)` drops every relayed connection and
 refuses new ones for that long: a real link failure, seen by real sockets.
+`blackhole(seconds)` stops forwarding without closing anything (packets
+dropped, no reset): only a keepalive can tell.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class ConnectProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._down_until = 0.0
+        self._silent_until = 0.0
         self._closed = False
         self.cuts = 0
         self._corrupt = 0
@@ -44,7 +47,13 @@ class ConnectProxy:
                 continue
             self._spawn(self._serve, client)
 
+    def _hush(self) -> None:
+        """Wait out a blackhole (or until closed)."""
+        while time.monotonic() < self._silent_until and not self._closed:
+            time.sleep(0.02)
+
     def _serve(self, client: socket.socket) -> None:
+        self._hush()
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = client.recv(4096)
@@ -75,6 +84,9 @@ class ConnectProxy:
                 ready, _, _ = select.select(list(peers), [], [], 0.5)
                 if time.monotonic() < self._down_until or self._closed:
                     break
+                if time.monotonic() < self._silent_until:
+                    self._hush()  # what was sent meanwhile waits in the kernel, as if dropped and resent
+                    continue
                 for s in ready:
                     data = s.recv(1 << 16)
                     if not data:
@@ -108,6 +120,11 @@ class ConnectProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def blackhole(self, seconds: float) -> None:
+        """Forward nothing, on every connection old and new, for `seconds`; close nothing."""
+        self.cuts += 1
+        self._silent_until = time.monotonic() + seconds
 
     def corrupt(self, times: int = 1) -> None:
         """Flip one bit in the middle of the next `times` large chunks coming from the source."""

@@ -8,12 +8,15 @@ unmigrated run.
 """
 from __future__ import annotations
 
+import functools
+import json
 import mmap
 import threading
 import time
 
 import pytest
 
+from by_hand import resumed_on_destination
 from connect_proxy import ConnectProxy
 from migrate import orchestrator
 from migrate.client import AgentClient
@@ -46,34 +49,95 @@ def received_fraction(dst: str, run: dict) -> float:
         return st.pages_received / max(st.pages_total, 1)
 
 
-@pytest.mark.parametrize("outage_s", [0.5, 5.0])
-def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
-    src, dst, proxy = proxied
-    spec = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=5, ops=12_000, threads=2,
-                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+def migrate_breaking_the_link(proxied, name: str, spec: pb.GuestSpec, opts: orchestrator.RunOptions,
+                              breaks=None, **kw) -> dict:  # noqa: ANN001
+    """Migrate guest `name` through the proxy, calling `breaks()` once a fifth of its pages
+    are in (if given); the guest is stopped on the destination afterwards."""
+    src, dst, _ = proxied
     with AgentClient(src.address) as c:
-        c.call("LaunchGuest", pb.LaunchGuestRequest(name="wire", spec=spec), timeout=120)
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec), timeout=120)
     run: dict = {}
 
-    def cut_when_underway() -> None:
+    def break_when_underway() -> None:
         if wait_for(lambda: received_fraction(dst.address, run) > 0.2, timeout=60):
-            proxy.cut(outage_s)
+            breaks()
 
-    cutter = threading.Thread(target=cut_when_underway)
-    cutter.start()
+    breaker = threading.Thread(target=break_when_underway) if breaks else None
+    if breaker:
+        breaker.start()
     try:
-        opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB)
-        doc = orchestrator.migrate("wire", src.address, dst.address, opts)
+        return orchestrator.migrate(name, src.address, dst.address, opts, **kw)
     finally:
-        cutter.join()
+        if breaker:
+            breaker.join()
         with AgentClient(dst.address) as c:
-            c.stop_if_hosted("wire")
+            c.stop_if_hosted(name)
+
+
+POSTCOPY_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=5, ops=12_000, threads=2,
+                             ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+POSTCOPY_OPTIONS = dict(mode="postcopy", verify=True, max_bandwidth=4 * MiB)
+
+
+@pytest.mark.parametrize("outage_s", [0.5, 5.0])
+def test_link_cut_mid_postcopy_recovers(proxied, outage_s):
+    proxy = proxied[2]
+    doc = migrate_breaking_the_link(proxied, "wire", POSTCOPY_SPEC, orchestrator.RunOptions(**POSTCOPY_OPTIONS),
+                                    lambda: proxy.cut(outage_s))
     assert proxy.cuts == 1
     assert doc["verified"] is True
     assert doc["pages"]["received"] == doc["pages"]["total"]
     link = doc["link"]
     assert link["outages"] >= 1, (link, doc["total_s"])
     assert link["paused_s"] >= outage_s * 0.5
+
+
+def test_blackhole_is_an_outage_counted_from_the_last_byte(proxied, capsys):
+    """Packets dropped, no reset: the keepalive notices within about a second, the
+    progress shows PAUSED, and the report counts one outage as long as the silence."""
+    from migrate.cli import ProgressLine
+
+    proxy = proxied[2]
+    paused: list[pb.MigrationStatus] = []
+
+    def watch(status: pb.MigrationStatus) -> None:
+        detail = json.loads(status.detail_json or "{}")
+        if any(isinstance(p, dict) and p.get("link_down") for p in detail.values()):
+            paused.append(status)
+
+    doc = migrate_breaking_the_link(proxied, "hole", POSTCOPY_SPEC, orchestrator.RunOptions(**POSTCOPY_OPTIONS),
+                                    lambda: proxy.blackhole(3.0), on_status=watch)
+    assert proxy.cuts == 1
+    assert doc["verified"] is True
+    assert doc["link"]["outages"] == 1, doc["link"]
+    assert doc["link"]["paused_s"] >= 2.0, doc["link"]
+    assert paused, "the link was never reported down while it was silent"
+    ProgressLine()(paused[-1])
+    assert "PAUSED: link to the source down" in capsys.readouterr().err
+
+
+PRECOPY_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=7, ops=30_000, threads=2,
+                            ops_per_sec=3_000, page_size=mmap.PAGESIZE)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "precopy"])
+@pytest.mark.parametrize("cut_at", ["round", "switch"])
+def test_link_cut_in_precopy_modes_recovers(proxied, mode, cut_at):
+    """A pre-copy round's stream breaks, or the link is cut as the settle step (hybrid)
+    or the stop-and-copy (precopy) begins: the round carries on after reconnecting,
+    nothing stale is left, and the guest ends with the memory of an unmigrated run."""
+    proxy = proxied[2]
+    cut = functools.partial(proxy.cut, 1.0)
+    opts = orchestrator.RunOptions(mode=mode, verify=True, max_bandwidth=4 * MiB, precopy_rounds=3)
+    doc = migrate_breaking_the_link(proxied, f"{mode}-{cut_at}", PRECOPY_SPEC, opts,
+                                    cut if cut_at == "round" else None,
+                                    before_switchover=cut if cut_at == "switch" else None)
+    assert proxy.cuts == 1
+    if doc["precopy"].get("fallback"):
+        pytest.skip(doc["precopy"]["fallback"])
+    assert doc["mode"] == mode
+    assert doc["verified"] is True
+    assert doc["pages"]["received"] == doc["pages"]["total"]
 
 
 def test_source_gone_for_good_fails_clearly(proxied):
@@ -159,6 +223,26 @@ def test_orchestrator_killed_mid_postcopy_is_resumed(agents):
             c.stop_if_hosted("orphan")
 
 
+def test_a_resumed_run_reports_its_time_from_the_original_start(agents):
+    """An orchestrator that died after the switchover, resumed once the destination finished alone."""
+    src, dst = agents
+    spec = pb.GuestSpec(size=16 * MiB, workload="random-write", seed=3, ops=4_000, threads=1,
+                        ops_per_sec=2_000, page_size=mmap.PAGESIZE)
+    with AgentClient(src.address) as s, AgentClient(dst.address) as d:
+        s.call("LaunchGuest", pb.LaunchGuestRequest(name="late", spec=spec), timeout=120)
+        t_first = time.monotonic()  # the destination's run starts after this
+        run = resumed_on_destination(s, d, "late", 4 * MiB)  # and the orchestrator died
+        try:
+            assert wait_for(lambda: d.call("IncomingStatus", run).phase == "complete", timeout=120)
+            waited = time.monotonic() - t_first
+            doc = orchestrator.resume("late", src.address, dst.address, orchestrator.RunOptions())
+        finally:
+            d.stop_if_hosted("late")
+            s.stop_if_hosted("late")
+    assert doc["total_s"] >= 0.8 * waited, (doc["total_s"], waited)  # waited includes PrepareOutgoing
+    assert doc["pages"]["pushed"] + doc["pages"]["faulted"] == doc["pages"]["received"]
+
+
 def test_resume_before_switchover_aborts_and_keeps_the_guest(agents):
     src, dst = agents
     spec = pb.GuestSpec(size=8 * MiB, workload="random-write", seed=3, ops=10_000_000, threads=1,
@@ -241,6 +325,8 @@ def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path)
             doc = migrate_through_a_restart("phoenix", src.address, first.address, restarter)
             assert doc["verified"] is True
             assert doc["pages"]["received"] == doc["pages"]["total"]
+            # The pages installed before the restart count too (journaled every 0.25 s).
+            assert doc["pages"]["pushed"] + doc["pages"]["faulted"] >= 0.9 * doc["pages"]["total"], doc["pages"]
             with AgentClient(restarter.second.address) as c:
                 assert c.call("InspectGuest", pb.GuestRef(name="phoenix")).state in ("running", "finished")
                 c.call("StopGuest", pb.GuestRef(name="phoenix"))

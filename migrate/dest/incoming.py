@@ -36,6 +36,10 @@ from migrate.uffd import Uffd
 log = logging.getLogger("migrate.dest")
 
 _WATCH_EVERY = 0.02
+#: Seconds between two journal records of a running run's counters (with --state-dir).
+_JOURNAL_EVERY = 0.25
+#: The counters a restarted agent carries on from (pages received come from the memfd itself).
+_COUNTERS = ("pushed", "faulted", "zero", "bytes_wire", "bytes_pages", "faults")
 #: Migration modes: switch at once; pre-copy rounds then post-copy; pre-copy then stop-and-copy.
 MODES = ("postcopy", "hybrid", "precopy")
 
@@ -50,6 +54,9 @@ class IncomingRun:
         self.recovery_timeout = DEFAULT_RECOVERY_TIMEOUT
         self.journal: Journal | None = None  # set by an agent with --state-dir
         self._push: dict = {}
+        self.started_ns = time.time_ns()   # the run's start, as a resumed `migrate run` reports it
+        self._resumed_ns = 0               # when the guest resumed here (realtime: it survives a restart)
+        self._before: dict[str, int] = dict.fromkeys(_COUNTERS, 0)  # counted by a previous agent
         self.source_endpoint = source_endpoint
         self.bulk_endpoint = bulk_endpoint
         self.phase = "new"
@@ -101,7 +108,8 @@ class IncomingRun:
             self.attach(proc.uffd, proc.regions)
             self.start_paths()
         if mode != "postcopy":
-            self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id)
+            self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id,
+                                         self.recovery_timeout)
         self._record()
         return (time.monotonic() - t0) * 1000.0
 
@@ -188,6 +196,7 @@ class IncomingRun:
         elif bulk is not None:
             bulk.start(max_bandwidth)
         self._push = {"no_push": no_push, "max_bandwidth": max_bandwidth}
+        self._resumed_ns = self._resumed_ns or time.time_ns()
         self.phase = "running"
         self._record()
         self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"run-{self.run_id[:8]}")
@@ -197,10 +206,27 @@ class IncomingRun:
         """Journal this run (with --state-dir), so a restarted agent can finish it."""
         if self.journal is None or self.mode == "precopy":
             return
+        with self._lock:  # never after _finish or _fail dropped the record
+            if self.phase not in ("complete", "failed"):
+                self._save_record()
+
+    def _save_record(self) -> None:
         self.journal.save(self.run_id, {
             "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
             "source_endpoint": self.source_endpoint, "bulk_endpoint": self.bulk_endpoint,
-            "recovery_timeout": self.recovery_timeout, "phase": self.phase, **self._push})
+            "recovery_timeout": self.recovery_timeout, "phase": self.phase, "started_ns": self.started_ns,
+            "resumed_ns": self._resumed_ns, "counters": self._counters(), **self._push})
+
+    def _counters(self) -> dict[str, int]:
+        """The run's counters so far, a previous agent's included."""
+        now = {key: 0 for key in _COUNTERS}
+        for kind, w in list(self.paths.items()):
+            last = w.last
+            now["pushed" if kind == "bulk" else "faulted"] += int(last.get("pages", 0))
+            for key in ("zero", "bytes_wire", "bytes_pages"):
+                now[key] += int(last.get(key, 0))
+            now["faults"] += int(last.get("faults", 0))
+        return {key: now[key] + self._before.get(key, 0) for key in _COUNTERS}
 
     @classmethod
     def rejoin(cls, record: dict, journal: Journal) -> "IncomingRun":
@@ -210,6 +236,9 @@ class IncomingRun:
         run.journal = journal
         run.mode = record["mode"]
         run.recovery_timeout = float(record["recovery_timeout"])
+        run.started_ns = int(record.get("started_ns", run.started_ns))
+        run._resumed_ns = int(record.get("resumed_ns", 0))
+        run._before.update({k: int(v) for k, v in record.get("counters", {}).items() if k in _COUNTERS})
         proc, memfd = GuestProcess.rejoin(journal.socket_path(run.run_id), run.spec)
         running = record["phase"] == "running"
         run.guest = HostedGuest(run.name, run.spec, "runner", memfd, proc,
@@ -218,13 +247,17 @@ class IncomingRun:
         for first, count in resident_ranges(memfd, run.spec.size, run.spec.page_size):
             run.bitmap.set_range(first, count)
         run.start_paths()
-        if running:
-            run._t_resume = time.monotonic()
+        if running:  # elapsed time counts from the resume, before the restart
+            run._t_resume = time.monotonic() - max(time.time_ns() - run._resumed_ns, 0) / 1e9
             run._go(bool(record.get("no_push")), int(record.get("max_bandwidth", 0)))
         return run
 
     def _watch(self) -> None:
+        recorded = time.monotonic()
         while self.phase == "running":
+            if time.monotonic() - recorded > _JOURNAL_EVERY:  # a restarted agent counts on from here
+                self._record()
+                recorded = time.monotonic()
             if self.bitmap.is_full():
                 self._t_done = time.monotonic()
                 self._finish()
@@ -275,22 +308,16 @@ class IncomingRun:
             return self._final or self._status()
 
     def _status(self) -> pb.MigrationStatus:
-        totals = {"pages": 0, "zero": 0, "bytes_wire": 0, "bytes_pages": 0}
-        for w in self.paths.values():
-            for key in totals:
-                totals[key] += int(w.last.get(key, 0))
-        faults = self.paths.get("faults")
-        bulk = self.paths.get("bulk")
+        counts = self._counters()
         end = self._t_done or time.monotonic()
-        detail = {k: w.last for k, w in self.paths.items()}
+        detail: dict = {k: w.last for k, w in self.paths.items()}
+        detail["started_ns"] = self.started_ns
         return pb.MigrationStatus(
             run_id=self.run_id, phase=self.phase, error=self.error,
             pages_total=self.page_count,
             pages_received=self.bitmap.count() if self.bitmap else 0,
-            pages_pushed=int(bulk.last.get("pages", 0)) if bulk else 0,
-            pages_faulted=int(faults.last.get("pages", 0)) if faults else 0,
-            pages_zero=totals["zero"], faults=int(faults.last.get("faults", 0)) if faults else 0,
-            bytes_wire=totals["bytes_wire"], bytes_pages=totals["bytes_pages"],
+            pages_pushed=counts["pushed"], pages_faulted=counts["faulted"], pages_zero=counts["zero"],
+            faults=counts["faults"], bytes_wire=counts["bytes_wire"], bytes_pages=counts["bytes_pages"],
             elapsed_s=(end - self._t_resume) if self._t_resume else 0.0,
             detail_json=json.dumps(detail))
 

@@ -64,12 +64,23 @@ class SourceLink:
         return {"bytes_wire": self.client.bytes_wire, "link_down": self.down, "outages": self.outages,
                 "paused_s": round(paused, 3)}
 
+    def _outage_start(self) -> float:
+        """When the link went down: at the last reply received, or, for a path that
+        was idle, no earlier than the keepalive allows (pings kept proving it up)."""
+        now = time.monotonic()
+        return min(now, max(self.client.heard, now - rpc.LINK_SILENCE_S))
+
     def recover(self, err: grpc.RpcError) -> None:
-        """Reconnect after `err`, or raise LinkLost (or re-raise a non-transport error)."""
+        """Reconnect after `err`, or raise LinkLost (or re-raise a non-transport error).
+
+        The outage counts from the last byte received, not from its
+        detection (a blackhole is noticed only by the keepalive), and so
+        does the recovery deadline.
+        """
         code = err.code() if hasattr(err, "code") else None
         if code not in _RETRYABLE:
             raise err
-        t0 = self._down_since = time.monotonic()
+        t0 = self._down_since = self._outage_start()
         self.down = True
         self.outages += 1
         backoff = 0.05

@@ -37,12 +37,11 @@ from migrate._errors import os_error
 from migrate._native import ffi, lib
 from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch, PagesClient
 from migrate.bitmap import SharedBitmap
+from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT, LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
 
 #: Bulk requests in flight during a round: keeps the link busy while one installs.
 WINDOW = 8
-#: Seconds to wait for the bulk server to accept a connection.
-CONNECT_TIMEOUT = 5.0
 
 
 def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) -> tuple[int, int]:
@@ -90,73 +89,90 @@ class Pacer:
 
 
 class PrecopyPuller:
-    """Pre-copy rounds into one incoming guest's memfd."""
+    """Pre-copy rounds into one incoming guest's memfd.
+
+    Its link to the source's bulk server rides out outages as the
+    post-copy paths' do (dest/link.py): a round whose stream breaks
+    reconnects and carries on with the pages still missing, so only the
+    requests in flight are asked again; past the recovery timeout the round
+    fails with ConnectionError and the run is rolled back (the guest never
+    left the source).
+    """
 
     def __init__(self, memfd: int, received: SharedBitmap, page_size: int, bulk_endpoint: str,
-                 run_id: str) -> None:
+                 run_id: str, recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT) -> None:
         self._fd = memfd
         self._received = received
         self._page_size = page_size
         self._run_id = run_id
         self._endpoint = bulk_endpoint
-        self._channel: grpc.Channel | None = None
+        self._recovery_timeout = recovery_timeout
+        self._link: SourceLink | None = None
         self._decoder = BatchDecoder(received.nbits, page_size)
         self._zeros = memoryview(bytes(MAX_BULK_PAGES * page_size))
         self._stop = threading.Event()
 
-    def _client(self) -> PagesClient:
-        if self._channel is None:
-            self._channel = rpc.channel(self._endpoint, purpose="precopy")
-            try:
-                rpc.wait_ready(self._channel, self._endpoint, CONNECT_TIMEOUT)
-            except rpc.AgentError as err:
-                raise ConnectionError(f"destination cannot reach the source's bulk server: {err}") from None
-        return PagesClient(self._channel)
+    def _connect(self) -> SourceLink:
+        if self._link is None:  # ConnectionError if the source's bulk server cannot be reached
+            self._link = SourceLink(self._endpoint, "precopy", self._recovery_timeout)
+        return self._link
 
     def pull(self, max_bandwidth: int, deadline_s: float) -> RoundStats:
         """Pull every page not received yet; stop asking after `deadline_s` seconds (0: no limit).
 
         Returns when every request asked is installed.
         """
-        client = self._client()
+        link = self._connect()
         stats = RoundStats()
-        window = threading.Semaphore(WINDOW)
         pacer = Pacer(max_bandwidth)
         t0 = time.monotonic()
         deadline = t0 + deadline_s if deadline_s > 0 else float("inf")
-
-        def requests() -> Iterator[pb.BulkRequest]:
-            page, n = 0, self._received.nbits
-            while (page := self._received.next_clear(page)) < n:
-                end = min(self._received.next_set(page), page + MAX_BULK_PAGES)
-                if end <= page:  # the bit was set meanwhile (a fault installed the page)
-                    page += 1
-                    continue
-                pacer.wait(client.bytes_wire)
-                while not window.acquire(timeout=0.1):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set() or time.monotonic() > deadline:
-                    return
-                yield pb.BulkRequest(run_id=self._run_id, first_page=page, count=end - page)
-                page = end
-
-        try:
-            for batch in client.bulk(requests(), metadata=rpc.METADATA):
-                decoded = self._decoder.decode(batch)
-                self._write(decoded)
-                self._received.set_range(decoded.first_page, decoded.count)
-                stats.pages += decoded.count
-                stats.zero += decoded.zero_pages
-                window.release()
-        except grpc.RpcError as err:
-            raise ConnectionError(f"pre-copy stream from the source failed: {err.details() or err.code().name}") \
-                from None
-        except BatchError as err:
-            raise ValueError(f"pre-copy batch refused: {err}") from None
-        stats.bytes_wire = client.bytes_wire
+        wire0 = link.client.bytes_wire
+        while True:
+            window = threading.Semaphore(WINDOW)
+            try:
+                for batch in link.client.bulk(self._requests(link, window, pacer, wire0, deadline),
+                                              metadata=rpc.METADATA):
+                    decoded = self._decoder.decode(batch)
+                    self._write(decoded)
+                    self._received.set_range(decoded.first_page, decoded.count)
+                    stats.pages += decoded.count
+                    stats.zero += decoded.zero_pages
+                    window.release()
+                break
+            except grpc.RpcError as err:
+                if self._stop.is_set():
+                    break
+                try:  # then ask again for what is still missing: the unanswered requests
+                    link.recover(err)
+                except LinkLost as lost:
+                    raise ConnectionError(f"pre-copy stream from the source failed: {lost}") from None
+                except grpc.RpcError as fatal:
+                    raise ConnectionError("pre-copy stream from the source failed: "
+                                          f"{fatal.details() or fatal.code().name}") from None
+            except BatchError as err:
+                raise ValueError(f"pre-copy batch refused: {err}") from None
+        stats.bytes_wire = link.client.bytes_wire - wire0
         stats.seconds = time.monotonic() - t0
         return stats
+
+    def _requests(self, link: SourceLink, window: threading.Semaphore, pacer: Pacer, wire0: int,
+                  deadline: float) -> Iterator[pb.BulkRequest]:
+        """A request for each run of missing pages, at most WINDOW unanswered, paced."""
+        page, n = 0, self._received.nbits
+        while (page := self._received.next_clear(page)) < n:
+            end = min(self._received.next_set(page), page + MAX_BULK_PAGES)
+            if end <= page:  # the bit was set meanwhile (a fault installed the page)
+                page += 1
+                continue
+            pacer.wait(link.client.bytes_wire - wire0)
+            while not window.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return
+            yield pb.BulkRequest(run_id=self._run_id, first_page=page, count=end - page)
+            page = end
 
     def _write(self, batch: DecodedBatch) -> None:
         """pwritev the batch's pages into the memfd: data runs from the batch, zero runs from a zero buffer."""
@@ -184,6 +200,6 @@ class PrecopyPuller:
 
     def close(self) -> None:
         self.stop()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        if self._link is not None:
+            self._link.close()
+            self._link = None
