@@ -334,7 +334,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     are taken over and finished.
     """
     spawn.tune_allocator()
-    host = listen.rsplit(":", 1)[0]
+    host = validate.split_endpoint(listen, "listen address", listen=True)[0]
     control = ControlService(roles, host, level, compress)
     if state_dir:
         control.journal = Journal(state_dir)

@@ -19,6 +19,7 @@ import grpc
 
 from migrate.proto import migrate_pb2 as pb
 from migrate.security import AUTH_KEY, Credentials
+from migrate.validate import split_endpoint
 
 log = logging.getLogger("migrate.rpc")
 
@@ -180,7 +181,7 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 def endpoint_with_port(endpoint: str, other: str) -> str:
     """`endpoint`'s host with `other`'s port: a second service of the same agent, as the caller reaches it."""
-    return f"{endpoint.rsplit(':', 1)[0]}:{other.rsplit(':', 1)[1]}"
+    return f"{split_endpoint(endpoint)[0]}:{split_endpoint(other)[1]}"
 
 
 def is_local_peer(peer: str) -> bool:
