@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from migrate import __version__, rpc, spawn, validate
+from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
 from migrate.dest.incoming import MODES, IncomingRun
 from migrate.journal import Journal
@@ -68,9 +69,10 @@ def _rpc(method: Callable) -> Callable:
 class ControlService(pb_grpc.ControlServicer):
     """Guests and migrations on one agent."""
 
-    def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto") -> None:
+    def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto",
+                 backing_dir: BackingDir | None = None) -> None:
         self.roles = roles
-        self.guests = GuestTable()
+        self.guests = GuestTable(backing_dir)
         self.outgoing = OutgoingRuns()
         self.incoming: dict[str, IncomingRun] = {}
         self.journal: Journal | None = None
@@ -154,13 +156,22 @@ class ControlService(pb_grpc.ControlServicer):
         self._record_outgoing(run)
         return reply
 
+    def _journaled(self, run: OutgoingRun) -> bool:
+        """Does a restarted agent serve this run again (a switched-over file-backed guest, with --state-dir)?"""
+        return self.journal is not None and run.guest.backing is not None and run.switched
+
     def _record_outgoing(self, run: OutgoingRun) -> None:
-        """Journal a switched-over run of a file-backed guest: a restarted agent can still serve it."""
-        if self.journal is None or not run.guest.backing:
+        """Journal a switched-over run of a file-backed guest: a restarted agent can still serve it.
+
+        The record names the backing file and its directory; the file stays
+        until the run completes (CompleteOutgoing), even if this agent dies.
+        """
+        if not self._journaled(run):
             return
         g = run.guest
         self.journal.save(run.run_id, {"side": "out", "run_id": run.run_id, "name": g.name, "spec": g.spec.to_dict(),
-                                       "backing": g.backing, "content": g.content, "bulk_port": run.bulk_port})
+                                       "backing": g.backing.name, "backing_dir": g.backing.dir.path,
+                                       "content": g.content, "bulk_port": run.bulk_port})
 
     @_rpc
     def AbortOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.GuestInfo:
@@ -295,7 +306,7 @@ class ControlService(pb_grpc.ControlServicer):
                               bulk_port=int(record["bulk_port"]))
         except RuntimeError as err:
             log.error("cannot serve outgoing run %s again: %s", record["run_id"], err)
-            self.guests.remove(guest.name)
+            self.guests.remove(guest.name, keep_backing=True)  # journaled still: a later restart may serve it
             return
         run.switched = True
         self.outgoing.add(run)
@@ -307,8 +318,9 @@ class ControlService(pb_grpc.ControlServicer):
         An outgoing run that switched over is not undone: the guest runs on
         the destination, and resuming it here too would split it in two. Its
         bulk server stops; a file-backed guest's journal entry stays, so a
-        restarted agent serves the remaining pages.
+        restarted agent serves the remaining pages, so its file stays too.
         """
+        keep = frozenset(run.guest.name for run in self.outgoing.all() if self._journaled(run))
         for run in self.outgoing.all():
             if run.switched:
                 run.complete()
@@ -320,22 +332,23 @@ class ControlService(pb_grpc.ControlServicer):
         for run in runs:
             run.abort("agent shutting down")
             run.close()
-        self.guests.close_all()
+        self.guests.close_all(keep_backing=keep)
 
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
-          uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "",
+          uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "", backing_dir: str = "",
           on_ready: Callable[[int], None] | None = None, level: int = 1, compress: str = "auto") -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name) for restoring
     external processes that connect with a Firecracker-style handshake.
     `state_dir` journals incoming runs; the runs a previous agent left there
-    are taken over and finished.
+    are taken over and finished. `backing_dir` is where guests' RAM files
+    may be created (none without it).
     """
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
-    control = ControlService(roles, host, level, compress)
+    control = ControlService(roles, host, level, compress, BackingDir(backing_dir) if backing_dir else None)
     if state_dir:
         control.journal = Journal(state_dir)
         control.rejoin_runs()

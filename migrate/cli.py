@@ -148,11 +148,14 @@ def source() -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Journal switched-over migrations of file-backed guests here, so that this agent, restarted "
                    "after a crash with the same directory, serves their remaining pages again.")
+@click.option("--backing-dir", type=click.Path(file_okay=False), default=None,
+              help="Where `guest start --backing file:NAME` creates guest RAM files (each a new file, removed "
+                   "when its guest stops or migrates away); without it, file backing is refused.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_insecure_option
 @_credential_options
 def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, state_dir: str | None,
-                 verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
+                 backing_dir: str | None, verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
     """Run a source agent until interrupted.
 
     \b
@@ -168,7 +171,7 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
     _serve("source", listen, verbose, credentials, insecure_listen, images=parsed, level=zstd_level,
-           compress=compress, state_dir=state_dir or "")
+           compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "")
 
 
 @cli.group()
@@ -232,9 +235,10 @@ _agent_option = click.option("--agent", type=ENDPOINT, default="127.0.0.1:7070",
               help="Throttle the workload (0: as fast as it goes).")
 @click.option("--content", type=click.Choice(("realistic", "random")), default="realistic", show_default=True,
               help="Initial RAM: realistic (partly compressible, some zero pages) or random (incompressible).")
-@click.option("--backing", metavar="file:PATH", default="",
-              help="Keep guest RAM in this file (on the source agent's host) instead of anonymous memory: "
-                   "with `source serve --state-dir`, a restarted source finishes its migration.")
+@click.option("--backing", metavar="file:NAME", default="",
+              help="Keep guest RAM in a new file NAME in the source agent's --backing-dir instead of anonymous "
+                   "memory (NAME: 1-64 letters, digits, '.', '-' or '_', not starting with '.'): with `source "
+                   "serve --state-dir`, a restarted source finishes its migration.")
 @click.option("--paused", is_flag=True, help="Start paused.")
 @_credential_options
 def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops: int, threads: int,

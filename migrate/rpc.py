@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import queue
+import re
 import socket
+import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent import futures
@@ -77,12 +80,67 @@ def channel(target: str, *, purpose: str = "control", credentials: Credentials |
     return ch
 
 
-def wait_ready(ch: grpc.Channel, target: str, timeout: float) -> None:
-    """Block until `ch` is connected, or raise AgentError naming `target`."""
+def wait_ready(ch: grpc.Channel, target: str, timeout: float, *, tls: bool | None = None) -> None:
+    """Block until `ch` is connected, or raise AgentError naming `target`.
+
+    With `tls` set (whether `ch` speaks TLS, to word the failure), a refused
+    TLS handshake fails at once with its reason: a user's command must not
+    wait out credentials that retrying cannot fix. Anything else (connection
+    refused, an agent still starting) is retried until `timeout`, and with
+    `tls` None everything is (the page paths, reconnecting through outages).
+    """
+    states: queue.SimpleQueue = queue.SimpleQueue()
+    ch.subscribe(states.put, try_to_connect=True)
+    deadline = time.monotonic() + timeout
     try:
-        grpc.channel_ready_future(ch).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)") from None
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                state = states.get(timeout=left)
+            except queue.Empty:
+                break
+            if state is grpc.ChannelConnectivity.READY:
+                return
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and tls is not None:
+                refusal = _handshake_refusal(_last_error(ch), tls, target)
+                if refusal:
+                    raise AgentError(refusal)
+    finally:
+        ch.unsubscribe(states.put)
+    raise AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)")
+
+
+def _last_error(ch: grpc.Channel) -> str:
+    """Why `ch` failed to connect, as gRPC tells it to a call that does not wait."""
+    hello = ch.unary_unary("/migrate.Control/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+                           response_deserializer=pb.HelloReply.FromString)
+    try:
+        hello(pb.HelloRequest(), metadata=METADATA, timeout=5, wait_for_ready=False)
+    except grpc.RpcError as err:
+        return err.details() or "" if hasattr(err, "details") else str(err)
+    return ""
+
+
+_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)(?::\s*([^:]+))?")
+
+
+def _handshake_refusal(error: str, tls: bool, target: str) -> str:
+    """One line for a TLS handshake failure in gRPC's connect error, "" if it is not one.
+
+    The server drops a client that speaks plaintext, or that has no
+    client certificate, without a word: gRPC then says "Socket closed".
+    """
+    if "handshake failed" in error.lower():
+        m = _SSL_REASON.search(error)
+        reason = (" ".join(p.strip() for p in m.groups() if p and p.strip() != "OK") if m else error)[:200]
+        if m and m.group(1) == "WRONG_VERSION_NUMBER":
+            reason = "the agent does not speak TLS (WRONG_VERSION_NUMBER)"
+        return f"TLS handshake failed with the agent at {target}: {reason}"
+    if "socket closed" in error.lower():
+        if tls:
+            return (f"TLS handshake failed: the agent at {target} closed the connection "
+                    "(does it require a client certificate? give --tls-cert/--tls-key)")
+        return f"the agent at {target} closed the connection at once (does it require TLS? give --tls-ca)"
+    return ""
 
 
 def server(workers: int = 8, credentials: Credentials | None = None) -> grpc.Server:

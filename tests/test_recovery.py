@@ -253,14 +253,16 @@ def test_source_agent_killed_and_restarted_serves_a_file_backed_guest(tmp_path):
     import os
 
     state = str(tmp_path / "state")
-    backing = f"file:{tmp_path / 'ram.img'}"
+    room = tmp_path / "ram"
     with LocalAgent("dest", log_path=str(tmp_path / "dst.log")) as dst:
-        first = LocalAgent("source", "--state-dir", state, log_path=str(tmp_path / "src1.log"))
+        # restarted with --state-dir only: the journal says where the file is
+        first = LocalAgent("source", "--state-dir", state, "--backing-dir", str(room),
+                           log_path=str(tmp_path / "src1.log"))
         restarter = None
         try:
             with AgentClient(first.address) as c:
-                c.call("LaunchGuest", pb.LaunchGuestRequest(name="lazarus", spec=RESTART_SPEC, backing=backing),
-                       timeout=120)
+                c.call("LaunchGuest", pb.LaunchGuestRequest(name="lazarus", spec=RESTART_SPEC,
+                                                            backing="file:ram.img"), timeout=120)
             # the guest's memory survives in its file
             restarter = Restarter(first, state, dst.address, str(tmp_path / "src2.log"))
             doc = migrate_through_a_restart("lazarus", first.address, dst.address, restarter)
@@ -269,6 +271,7 @@ def test_source_agent_killed_and_restarted_serves_a_file_backed_guest(tmp_path):
             with AgentClient(dst.address) as c:
                 c.call("StopGuest", pb.GuestRef(name="lazarus"))
             assert not [f for f in os.listdir(state) if f.endswith(".json")]
+            assert not os.listdir(room)  # the file went once the run completed
         finally:
             (restarter or first).stop()
 
