@@ -32,6 +32,9 @@ log = logging.getLogger("migrate.agent")
 
 #: Completed incoming runs whose final status IncomingStatus still answers.
 _KEEP_FINISHED = 64
+#: Most characters of an error a log line or a status echoes: a client's
+#: 100 KB name must not fill the log (names and ids are bounded at the API too).
+_MAX_ECHO = 500
 
 _ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (KeyError, grpc.StatusCode.NOT_FOUND),
@@ -59,9 +62,9 @@ def _rpc(method: Callable) -> Callable:
             else:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method.__name__)
-            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            text = str(err.args[0] if isinstance(err, KeyError) and err.args else err)[:_MAX_ECHO]
             log.warning("%s: %s: %s", method.__name__, code.name, text)
-            context.abort(code, str(text))
+            context.abort(code, text)
 
     return wrapper
 
@@ -145,11 +148,11 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def ScanDirty(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.DirtySet:
-        return self.outgoing.get(request.run_id).scan_dirty()
+        return self._outgoing(request.run_id).scan_dirty()
 
     @_rpc
     def Switchover(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SwitchoverReply:
-        run = self.outgoing.get(request.run_id)
+        run = self._outgoing(request.run_id)
         if run.switched:
             raise RuntimeError(f"run {run.run_id} has switched over already")
         reply = run.switchover()
@@ -175,7 +178,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def AbortOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.GuestInfo:
-        run = self.outgoing.pop(request.run_id)
+        run = self.outgoing.pop(validate.run_id(request.run_id))
         run.abort()
         if self.journal is not None:
             self.journal.drop(run.run_id)
@@ -183,9 +186,9 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def CompleteOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SourceStats:
-        if not self.outgoing.get(request.run_id).switched:  # releasing it now would lose the guest
+        if not self._outgoing(request.run_id).switched:  # releasing it now would lose the guest
             raise RuntimeError(f"run {request.run_id} has not switched over: abort it instead")
-        run = self.outgoing.pop(request.run_id)
+        run = self.outgoing.pop(validate.run_id(request.run_id))
         stats = run.complete()
         if self.journal is not None:
             self.journal.drop(run.run_id)
@@ -234,11 +237,16 @@ class ControlService(pb_grpc.ControlServicer):
         for run_id in finished[:-_KEEP_FINISHED]:  # oldest first: dicts keep insertion order
             del self.incoming[run_id]
 
+    def _outgoing(self, run_id: str) -> OutgoingRun:
+        return self.outgoing.get(validate.run_id(run_id))
+
     def _incoming(self, run_id: str) -> IncomingRun:
+        validate.run_id(run_id)
         with self.lock:
             run = self.incoming.get(run_id)
         if run is None:
-            raise KeyError(f"no incoming migration {run_id!r} on this agent")
+            raise KeyError(f"no incoming migration {run_id!r} on this agent: it lost the run "
+                           "(restarted without --state-dir?) or never had it")
         return run
 
     @_rpc

@@ -412,6 +412,7 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
     """
     if no_push and mode == "precopy":
         raise click.UsageError("--no-push needs --mode postcopy or hybrid: precopy moves every page by copy")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # what the orchestrator waits for, if it must
     opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
                                    verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
                                    precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,

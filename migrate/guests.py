@@ -205,6 +205,7 @@ class GuestTable:
         return self._install(guest)
 
     def get(self, name: str) -> HostedGuest:
+        guest_name(name)  # bounded: a 100 KB name is refused, never echoed
         with self._lock:
             guest = self._guests.get(name)
         if guest is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import queue
 import re
 import socket
 import time
@@ -89,37 +88,34 @@ def wait_ready(ch: grpc.Channel, target: str, timeout: float, *, tls: bool | Non
     refused, an agent still starting) is retried until `timeout`, and with
     `tls` None everything is (the page paths, reconnecting through outages).
     """
-    states: queue.SimpleQueue = queue.SimpleQueue()
-    ch.subscribe(states.put, try_to_connect=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                state = states.get(timeout=left)
-            except queue.Empty:
-                break
-            if state is grpc.ChannelConnectivity.READY:
-                return
-            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and tls is not None:
-                refusal = _handshake_refusal(_last_error(ch), tls, target)
-                if refusal:
-                    raise AgentError(refusal)
-    finally:
-        ch.unsubscribe(states.put)
-    raise AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)")
-
-
-def _last_error(ch: grpc.Channel) -> str:
-    """Why `ch` failed to connect, as gRPC tells it to a call that does not wait."""
+    unreachable = AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)")
+    if tls is None:
+        try:
+            grpc.channel_ready_future(ch).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise unreachable from None
+        return
+    # A call that does not wait for the channel fails as soon as a connection
+    # attempt does, with gRPC's reason; any answer at all means connected.
     hello = ch.unary_unary("/migrate.Control/Hello", request_serializer=pb.HelloRequest.SerializeToString,
                            response_deserializer=pb.HelloReply.FromString)
-    try:
-        hello(pb.HelloRequest(), metadata=METADATA, timeout=5, wait_for_ready=False)
-    except grpc.RpcError as err:
-        return err.details() or "" if hasattr(err, "details") else str(err)
-    return ""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            hello(pb.HelloRequest(), metadata=METADATA, timeout=left, wait_for_ready=False)
+            return
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                return  # connected; the caller's own call reports any refusal
+            refusal = _handshake_refusal(err.details() or "", tls, target)
+            if refusal:
+                raise AgentError(refusal) from None
+        time.sleep(min(_RETRY_CONNECT, max(deadline - time.monotonic(), 0)))
+    raise unreachable
 
 
+#: Seconds between two connection attempts of a client waiting for an agent.
+_RETRY_CONNECT = 0.1
 _SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)(?::\s*([^:]+))?")
 
 
