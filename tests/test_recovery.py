@@ -226,7 +226,7 @@ RESTART_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=4, ops=
                             ops_per_sec=2_000, page_size=mmap.PAGESIZE)
 
 
-def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path):
+def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path, caplog):
     import os
 
     state = str(tmp_path / "state")
@@ -239,6 +239,7 @@ def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path)
             # the workers die with the agent; the runner lives on, its faulting threads blocked
             restarter = Restarter(first, state, first.address, str(tmp_path / "dst2.log"))
             doc = migrate_through_a_restart("phoenix", src.address, first.address, restarter)
+            assert "waiting up to 60 s for it to come back" in caplog.text  # not silent while it waits
             assert doc["verified"] is True
             assert doc["pages"]["received"] == doc["pages"]["total"]
             with AgentClient(restarter.second.address) as c:
