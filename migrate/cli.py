@@ -52,7 +52,7 @@ def _pages(text: str) -> int:
     return size
 
 
-SIZE, RATE, PAGES = _Parsed("SIZE", parse_size), _Parsed("RATE", parse_rate), _Parsed("SIZE", _pages)
+RATE, PAGES = _Parsed("RATE", parse_rate), _Parsed("SIZE", _pages)
 ENDPOINT = _Parsed("HOST:PORT", validate.endpoint)
 LISTEN = _Parsed("HOST:PORT", functools.partial(validate.endpoint, what="listen address", listen=True))
 
