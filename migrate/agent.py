@@ -19,6 +19,7 @@ import grpc
 
 from migrate import __version__, rpc, spawn, validate
 from migrate.admission import CallClass
+from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
 from migrate.dest.incoming import MODES, IncomingRun
 from migrate.journal import Journal
@@ -32,6 +33,9 @@ log = logging.getLogger("migrate.agent")
 
 #: Completed incoming runs whose final status IncomingStatus still answers.
 _KEEP_FINISHED = 64
+#: Most characters of an error a log line or a status echoes: a client's
+#: 100 KB name must not fill the log (names and ids are bounded at the API too).
+_MAX_ECHO = 500
 
 _CONTROL = "/migrate.v1.Control/"
 #: Control calls that may wait on the network or a guest (a prepare towards a silent source waits out
@@ -72,9 +76,9 @@ def _rpc(method: Callable) -> Callable:
             else:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method.__name__)
-            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            text = str(err.args[0] if isinstance(err, KeyError) and err.args else err)[:_MAX_ECHO]
             log.warning("%s: %s: %s", method.__name__, code.name, text)
-            context.abort(code, str(text))
+            context.abort(code, text)
 
     return wrapper
 
@@ -82,9 +86,10 @@ def _rpc(method: Callable) -> Callable:
 class ControlService(pb_grpc.ControlServicer):
     """Guests and migrations on one agent."""
 
-    def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto") -> None:
+    def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto",
+                 backing_dir: BackingDir | None = None) -> None:
         self.roles = roles
-        self.guests = GuestTable()
+        self.guests = GuestTable(backing_dir)
         self.outgoing = OutgoingRuns()
         self.incoming: dict[str, IncomingRun] = {}
         self.journal: Journal | None = None
@@ -157,28 +162,37 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def ScanDirty(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.DirtySet:
-        return self.outgoing.get(request.run_id).scan_dirty()
+        return self._outgoing(request.run_id).scan_dirty()
 
     @_rpc
     def Switchover(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SwitchoverReply:
-        run = self.outgoing.get(request.run_id)
+        run = self._outgoing(request.run_id)
         if run.switched:
             raise RuntimeError(f"run {run.run_id} has switched over already")
         reply = run.switchover()
         self._record_outgoing(run)
         return reply
 
+    def _journaled(self, run: OutgoingRun) -> bool:
+        """Does a restarted agent serve this run again (a switched-over file-backed guest, with --state-dir)?"""
+        return self.journal is not None and run.guest.backing is not None and run.switched
+
     def _record_outgoing(self, run: OutgoingRun) -> None:
-        """Journal a switched-over run of a file-backed guest: a restarted agent can still serve it."""
-        if self.journal is None or not run.guest.backing:
+        """Journal a switched-over run of a file-backed guest: a restarted agent can still serve it.
+
+        The record names the backing file and its directory; the file stays
+        until the run completes (CompleteOutgoing), even if this agent dies.
+        """
+        if not self._journaled(run):
             return
         g = run.guest
         self.journal.save(run.run_id, {"side": "out", "run_id": run.run_id, "name": g.name, "spec": g.spec.to_dict(),
-                                       "backing": g.backing, "content": g.content, "bulk_port": run.bulk_port})
+                                       "backing": g.backing.name, "backing_dir": g.backing.dir.path,
+                                       "content": g.content, "bulk_port": run.bulk_port})
 
     @_rpc
     def AbortOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.GuestInfo:
-        run = self.outgoing.pop(request.run_id)
+        run = self.outgoing.pop(validate.run_id(request.run_id))
         run.abort()
         if self.journal is not None:
             self.journal.drop(run.run_id)
@@ -186,9 +200,9 @@ class ControlService(pb_grpc.ControlServicer):
 
     @_rpc
     def CompleteOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SourceStats:
-        if not self.outgoing.get(request.run_id).switched:  # releasing it now would lose the guest
+        if not self._outgoing(request.run_id).switched:  # releasing it now would lose the guest
             raise RuntimeError(f"run {request.run_id} has not switched over: abort it instead")
-        run = self.outgoing.pop(request.run_id)
+        run = self.outgoing.pop(validate.run_id(request.run_id))
         stats = run.complete()
         if self.journal is not None:
             self.journal.drop(run.run_id)
@@ -237,11 +251,16 @@ class ControlService(pb_grpc.ControlServicer):
         for run_id in finished[:-_KEEP_FINISHED]:  # oldest first: dicts keep insertion order
             del self.incoming[run_id]
 
+    def _outgoing(self, run_id: str) -> OutgoingRun:
+        return self.outgoing.get(validate.run_id(run_id))
+
     def _incoming(self, run_id: str) -> IncomingRun:
+        validate.run_id(run_id)
         with self.lock:
             run = self.incoming.get(run_id)
         if run is None:
-            raise KeyError(f"no incoming migration {run_id!r} on this agent")
+            raise KeyError(f"no incoming migration {run_id!r} on this agent: it lost the run "
+                           "(restarted without --state-dir?) or never had it")
         return run
 
     @_rpc
@@ -309,7 +328,7 @@ class ControlService(pb_grpc.ControlServicer):
                               bulk_port=int(record["bulk_port"]))
         except RuntimeError as err:
             log.error("cannot serve outgoing run %s again: %s", record["run_id"], err)
-            self.guests.remove(guest.name)
+            self.guests.remove(guest.name, keep_backing=True)  # journaled still: a later restart may serve it
             return
         run.switched = True
         self.outgoing.add(run)
@@ -321,8 +340,9 @@ class ControlService(pb_grpc.ControlServicer):
         An outgoing run that switched over is not undone: the guest runs on
         the destination, and resuming it here too would split it in two. Its
         bulk server stops; a file-backed guest's journal entry stays, so a
-        restarted agent serves the remaining pages.
+        restarted agent serves the remaining pages, so its file stays too.
         """
+        keep = frozenset(run.guest.name for run in self.outgoing.all() if self._journaled(run))
         for run in self.outgoing.all():
             if run.switched:
                 run.complete()
@@ -334,22 +354,23 @@ class ControlService(pb_grpc.ControlServicer):
         for run in runs:
             run.abort("agent shutting down")
             run.close()
-        self.guests.close_all()
+        self.guests.close_all(keep_backing=keep)
 
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
-          uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "",
+          uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "", backing_dir: str = "",
           on_ready: Callable[[int], None] | None = None, level: int = 1, compress: str = "auto") -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name) for restoring
     external processes that connect with a Firecracker-style handshake.
     `state_dir` journals incoming runs; the runs a previous agent left there
-    are taken over and finished.
+    are taken over and finished. `backing_dir` is where guests' RAM files
+    may be created (none without it).
     """
     spawn.tune_allocator()
-    host = listen.rsplit(":", 1)[0]
-    control = ControlService(roles, host, level, compress)
+    host = validate.split_endpoint(listen, "listen address", listen=True)[0]
+    control = ControlService(roles, host, level, compress, BackingDir(backing_dir) if backing_dir else None)
     if state_dir:
         control.journal = Journal(state_dir)
         control.rejoin_runs()

@@ -16,42 +16,45 @@ from collections.abc import Callable
 
 import click
 
-from migrate import orchestrator, report, rpc
+from migrate import orchestrator, report, rpc, validate
 from migrate.client import AgentClient
 from migrate.proto import migrate_pb2 as pb
 from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
-from migrate.units import parse_rate, parse_size
+from migrate.units import format_size, parse_rate, parse_size
 
 MiB = 1024 * 1024
 WORKLOADS = ("seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle")
 
 
-class _Size(click.ParamType):
-    name = "SIZE"
+class _Parsed(click.ParamType):
+    """A value `parse` checks (ValueError: a one-line usage error naming the option)."""
+
+    def __init__(self, name: str, parse: Callable[[str], object]) -> None:
+        self.name = name
+        self._parse = parse
 
     def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
-        if isinstance(value, int):
+        if not isinstance(value, str):
             return value
         try:
-            return parse_size(value)
+            return self._parse(value)
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
 
-class _Rate(click.ParamType):
-    name = "RATE"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_rate(value)
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
+def _pages(text: str) -> int:
+    """A guest size: whole pages only, never rounded behind the user's back."""
+    size = parse_size(text)
+    if size <= 0 or size % mmap.PAGESIZE:
+        raise ValueError(f"{text!r} is {size} bytes: a guest size must be a positive whole number "
+                         f"of {mmap.PAGESIZE}-byte pages")
+    return size
 
 
-SIZE, RATE = _Size(), _Rate()
+RATE, PAGES = _Parsed("RATE", parse_rate), _Parsed("SIZE", _pages)
+ENDPOINT = _Parsed("HOST:PORT", validate.endpoint)
+LISTEN = _Parsed("HOST:PORT", functools.partial(validate.endpoint, what="listen address", listen=True))
 
 
 def _credential_options(command: Callable) -> Callable:
@@ -65,11 +68,15 @@ def _credential_options(command: Callable) -> Callable:
         file_opt("--tls-ca", envvar=ENV["ca"], metavar="PEM",
                  help="CA that signs the peers' certificates; on an agent it makes client certificates mandatory."),
         click.option("--token", envvar=ENV["token"], default="", show_envvar=True, metavar="TOKEN",
-                     help="Bearer token every call must carry (agents check it, clients send it)."),
+                     help=f"Bearer token every call must carry (agents check it, clients send it). Prefer "
+                          f"{ENV['token']}: other users see command lines in `ps`."),
     ]
 
     @functools.wraps(command)
     def wrapper(*args, tls_cert: str, tls_key: str, tls_ca: str, token: str, **kw):  # noqa: ANN002, ANN003
+        if click.get_current_context().get_parameter_source("token") is click.core.ParameterSource.COMMANDLINE:
+            click.echo(f"warning: --token shows in the process list (ps) to every user of this host; "
+                       f"set {ENV['token']} in the environment instead", err=True)
         credentials = Credentials(cert=tls_cert, key=tls_key, ca=tls_ca, token=token)
         try:
             credentials.check(server=command.__name__.endswith("_serve"))
@@ -104,22 +111,23 @@ def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, inse
         warning = listen_policy(listen, credentials, insecure_listen)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    if warning:
-        click.echo(warning, err=True)
     credentials.export()  # for this agent's server and every process it starts
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    if warning:
+        logging.getLogger("migrate.agent").warning("%s", warning)
     from migrate.agent import serve  # the agent pulls in the native layer
 
     def ready(port: int) -> None:
-        click.echo(f"listening on {listen.rsplit(':', 1)[0]}:{port}")
+        click.echo(f"listening on {validate.split_endpoint(listen, listen=True)[0]}:{port}")
         sys.stdout.flush()
 
     serve(listen, (role,), on_ready=ready, **kw)
 
 
 _insecure_option = click.option("--insecure-listen", is_flag=True,
-                                help="Allow listening beyond loopback without TLS (a warning is printed).")
+                                help="Allow listening beyond loopback without TLS or client authentication "
+                                     "(client certificates or a token); a warning is logged.")
 
 
 @cli.group()
@@ -128,7 +136,8 @@ def source() -> None:
 
 
 @source.command("serve")
-@click.option("--listen", default="127.0.0.1:7070", show_default=True, help="HOST:PORT to listen on (port 0: any).")
+@click.option("--listen", type=LISTEN, default="127.0.0.1:7070", show_default=True,
+              help="HOST:PORT to listen on (port 0: any).")
 @click.option("--image", "images", multiple=True, metavar="NAME=PATH",
               help="Serve a memory image file as guest NAME (repeatable).")
 @click.option("--zstd-level", default=1, show_default=True, type=click.IntRange(-7, 22),
@@ -139,11 +148,14 @@ def source() -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Journal switched-over migrations of file-backed guests here, so that this agent, restarted "
                    "after a crash with the same directory, serves their remaining pages again.")
+@click.option("--backing-dir", type=click.Path(file_okay=False), default=None,
+              help="Where `guest start --backing file:NAME` creates guest RAM files (each a new file, removed "
+                   "when its guest stops or migrates away); without it, file backing is refused.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_insecure_option
 @_credential_options
 def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, state_dir: str | None,
-                 verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
+                 backing_dir: str | None, verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
     """Run a source agent until interrupted.
 
     \b
@@ -159,7 +171,7 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
     _serve("source", listen, verbose, credentials, insecure_listen, images=parsed, level=zstd_level,
-           compress=compress, state_dir=state_dir or "")
+           compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "")
 
 
 @cli.group()
@@ -168,10 +180,11 @@ def dest() -> None:
 
 
 @dest.command("serve")
-@click.option("--listen", default="127.0.0.1:7071", show_default=True, help="HOST:PORT to listen on (port 0: any).")
+@click.option("--listen", type=LISTEN, default="127.0.0.1:7071", show_default=True,
+              help="HOST:PORT to listen on (port 0: any).")
 @click.option("--uffd-socket", type=click.Path(dir_okay=False), default=None,
               help="Also accept Firecracker-style UFFD handshakes on this unix socket.")
-@click.option("--restore-from", metavar="HOST:PORT", default=None,
+@click.option("--restore-from", type=ENDPOINT, default=None,
               help="With --uffd-socket: the source agent serving the image.")
 @click.option("--image", "image", metavar="NAME", default=None,
               help="With --uffd-socket: the image to restore into each process that connects.")
@@ -205,14 +218,14 @@ def guest() -> None:
     """Start, list, inspect and stop guests on an agent."""
 
 
-_agent_option = click.option("--agent", default="127.0.0.1:7070", show_default=True, metavar="HOST:PORT",
+_agent_option = click.option("--agent", type=ENDPOINT, default="127.0.0.1:7070", show_default=True,
                              help="The agent to talk to.")
 
 
 @guest.command("start")
 @click.argument("name")
 @_agent_option
-@click.option("--size", type=SIZE, default="512M", show_default=True, help="Guest RAM (e.g. 64M, 1G).")
+@click.option("--size", type=PAGES, default="512M", show_default=True, help="Guest RAM (e.g. 64M, 1G).")
 @click.option("--workload", type=click.Choice(WORKLOADS), default="random-write", show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1, show_default=True)
 @click.option("--ops", type=click.IntRange(0, None), default=2_000_000, show_default=True,
@@ -222,9 +235,10 @@ _agent_option = click.option("--agent", default="127.0.0.1:7070", show_default=T
               help="Throttle the workload (0: as fast as it goes).")
 @click.option("--content", type=click.Choice(("realistic", "random")), default="realistic", show_default=True,
               help="Initial RAM: realistic (partly compressible, some zero pages) or random (incompressible).")
-@click.option("--backing", metavar="file:PATH", default="",
-              help="Keep guest RAM in this file (on the source agent's host) instead of anonymous memory: "
-                   "with `source serve --state-dir`, a restarted source finishes its migration.")
+@click.option("--backing", metavar="file:NAME", default="",
+              help="Keep guest RAM in a new file NAME in the source agent's --backing-dir instead of anonymous "
+                   "memory (NAME: 1-64 letters, digits, '.', '-' or '_', not starting with '.'): with `source "
+                   "serve --state-dir`, a restarted source finishes its migration.")
 @click.option("--paused", is_flag=True, help="Start paused.")
 @_credential_options
 def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops: int, threads: int,
@@ -240,7 +254,7 @@ def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops:
     with AgentClient(agent, credentials=credentials) as client:
         info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused,
                                                                  backing=backing), timeout=600)
-    click.echo(f"started {info.name}: pid {info.pid}, {info.spec.size // MiB} MiB, {info.spec.workload}")
+    click.echo(f"started {info.name}: pid {info.pid}, {format_size(info.spec.size)}, {info.spec.workload}")
 
 
 @guest.command("list")
@@ -260,7 +274,7 @@ def guest_list(agent: str, credentials: Credentials) -> None:
         return
     click.echo(f"{'NAME':16} {'STATE':14} {'KIND':6} {'SIZE':>9} {'WORKLOAD':13} {'OPS':>12} PID")
     for g in guests:
-        click.echo(f"{g.name:16} {g.state:14} {g.kind:6} {g.spec.size // MiB:>5} MiB {g.spec.workload:13} "
+        click.echo(f"{g.name:16} {g.state:14} {g.kind:6} {format_size(g.spec.size):>9} {g.spec.workload:13} "
                    f"{g.ops_done:>12} {g.pid or '-'}")
 
 
@@ -280,7 +294,7 @@ def guest_stats(name: str, agent: str, digest: bool, credentials: Credentials) -
         info = client.call("InspectGuest", pb.GuestRef(name=name))
         digest_text = client.call("GuestDigest", pb.GuestRef(name=name), timeout=600).digest if digest else None
     click.echo(f"name       {info.name}\nstate      {info.state}\nkind       {info.kind}\npid        {info.pid or '-'}")
-    click.echo(f"size       {info.spec.size // MiB} MiB ({info.page_count} pages of {info.page_size} B)")
+    click.echo(f"size       {format_size(info.spec.size)} ({info.page_count} pages of {info.page_size} B)")
     click.echo(f"workload   {info.spec.workload}, seed {info.spec.seed}, {info.spec.threads} thread(s)")
     click.echo(f"ops        {info.ops_done} of {info.spec.ops}{' (finished)' if info.finished else ''}")
     if len(info.progress) >= 2:
@@ -347,14 +361,14 @@ def _finish_report(doc: dict, report_path: str | None) -> None:
 
 @cli.command("run")
 @click.argument("guest_name", metavar="GUEST")
-@click.option("--from", "src", required=True, metavar="HOST:PORT", help="Source agent.")
-@click.option("--to", "dst", required=True, metavar="HOST:PORT", help="Destination agent.")
+@click.option("--from", "src", type=ENDPOINT, required=True, help="Source agent.")
+@click.option("--to", "dst", type=ENDPOINT, required=True, help="Destination agent.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the JSON report here.")
 @click.option("--no-push", is_flag=True, help="No bulk stream: pages arrive only when the guest faults on them.")
 @click.option("--max-bandwidth", type=RATE, default="0",
               help="Cap the page streams, pre-copy and bulk (e.g. 100M, 1gbit).")
-@click.option("--source-endpoint", metavar="HOST:PORT", default="",
+@click.option("--source-endpoint", type=_Parsed("HOST:PORT", lambda v: validate.endpoint(v) if v else v), default="",
               help="The source as the destination reaches it (default: --from).")
 @click.option("--verify", is_flag=True, help="Compare the final memory with an unmigrated run of the same guest.")
 @click.option("--timeout", type=click.FloatRange(1, None), default=3600.0, show_default=True,
@@ -398,6 +412,7 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
     """
     if no_push and mode == "precopy":
         raise click.UsageError("--no-push needs --mode postcopy or hybrid: precopy moves every page by copy")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # what the orchestrator waits for, if it must
     opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
                                    verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
                                    precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,
@@ -436,7 +451,7 @@ def abort_cmd(guest_name: str, src: str, dst: str, force: bool, credentials: Cre
 
 
 @cli.command("demo")
-@click.option("--size", type=SIZE, default="512M", show_default=True, help="Guest RAM.")
+@click.option("--size", type=PAGES, default="512M", show_default=True, help="Guest RAM.")
 @click.option("--workload", type=click.Choice(WORKLOADS), default="random-write", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,

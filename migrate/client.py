@@ -26,7 +26,7 @@ class AgentClient:
         self.credentials = Credentials.from_env() if credentials is None else credentials
         self._channel = rpc.channel(target, credentials=self.credentials)
         try:
-            rpc.wait_ready(self._channel, target, connect_timeout)
+            rpc.wait_ready(self._channel, target, connect_timeout, tls=self.credentials.tls)
         except rpc.AgentError:
             self._channel.close()
             raise

@@ -11,6 +11,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from migrate.backing import BackingDir, BackingFile
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import fill_random
 from migrate.proto import migrate_pb2 as pb
@@ -58,22 +59,6 @@ def _sized(fd: int, size: int) -> int:
     return fd
 
 
-def open_backing(backing: str, size: int) -> int:
-    """An fd for guest RAM kept in a file ("file:PATH"), sized to `size`.
-
-    A file outlives the agent, so a source agent restarted mid-post-copy can
-    serve the rest of the pages from it.
-    """
-    kind, sep, path = backing.partition(":")
-    if kind != "file" or not sep or not path:
-        raise ValueError(f"bad backing {backing!r}: use file:PATH")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as err:
-        raise ValueError(f"cannot open backing file {path}: {err.strerror}") from None
-    return _sized(fd, size)
-
-
 @dataclass
 class HostedGuest:
     """One guest on this agent. `mem` is a read-only view of its RAM."""
@@ -86,7 +71,7 @@ class HostedGuest:
     state: str = "running"
     run_id: str = ""
     content: str = "realistic"
-    backing: str = ""               # "file:PATH" when RAM lives in a file
+    backing: BackingFile | None = None  # when RAM lives in a file (migrate/backing.py)
     _map: mmap.mmap | None = field(default=None, repr=False)
 
     @property
@@ -118,8 +103,12 @@ class HostedGuest:
                 msg.progress.extend(pb.ProgressPoint(t_ns=t, ops=o) for t, o in list(self.process.progress))
         return msg
 
-    def close(self) -> None:
-        """Stop the runner (by PID, reaped) and release the memory."""
+    def close(self, *, keep_backing: bool = False) -> None:
+        """Stop the runner (by PID, reaped) and release the memory.
+
+        Its backing file goes too, unless `keep_backing`: a switched-over run
+        journaled for a restarted agent still needs it.
+        """
         if self.process is not None:
             self.process.stop()
             self.process = None
@@ -132,14 +121,17 @@ class HostedGuest:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.backing is not None and not keep_backing:
+            self.backing.remove()
 
 
 class GuestTable:
     """Name -> HostedGuest, safe to use from gRPC worker threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, backing_dir: BackingDir | None = None) -> None:
         self._lock = threading.Lock()
         self._guests: dict[str, HostedGuest] = {}
+        self.backing_dir = backing_dir
 
     def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False,
                content: str = "realistic", backing: str = "") -> HostedGuest:
@@ -149,10 +141,16 @@ class GuestTable:
         for measuring transfers without compression's help) is filled here,
         deterministically from the seed.
         """
+        if backing and self.backing_dir is None:
+            raise ValueError("this agent keeps no backing files: start it with --backing-dir DIR")
         self._reserve(name)
         fd = -1
+        made = None
         try:
-            fd = open_backing(backing, spec.size) if backing else create_memfd(name, spec.size)
+            if backing:
+                made, fd = self.backing_dir.create(backing, spec.size)
+            else:
+                fd = create_memfd(name, spec.size)
             if content == "random":
                 with mmap.mmap(fd, spec.size, mmap.MAP_SHARED) as ram:
                     fill_random(ram, spec.seed)
@@ -160,10 +158,12 @@ class GuestTable:
         except BaseException:
             if fd >= 0:
                 os.close(fd)
+            if made is not None:
+                made.remove()
             self._release(name)
             raise
         guest = HostedGuest(name, spec, "runner", fd, proc, state="paused" if start_paused else "running",
-                            content=content, backing=backing)
+                            content=content, backing=made)
         return self._install(guest)
 
     def add_image(self, name: str, path: str, page_size: int = mmap.PAGESIZE) -> HostedGuest:
@@ -181,12 +181,23 @@ class GuestTable:
         return self._install(HostedGuest(name, spec, "image", fd, state="image"))
 
     def restore_switched(self, record: dict) -> HostedGuest:
-        """A file-backed guest a dead predecessor had switched over: only its memory is left here."""
-        fd = open_backing(record["backing"], record["spec"]["size"])
+        """A file-backed guest a dead predecessor had switched over: only its memory is left here.
+
+        Its file is found where the journal says, in the directory the dead
+        agent was given, whatever this agent's --backing-dir.
+        """
+        directory = self.backing_dir
+        if directory is None or directory.path != record["backing_dir"]:
+            directory = BackingDir(record["backing_dir"])
+        made, fd = directory.reopen(record["backing"], record["spec"]["size"])
         guest = HostedGuest(record["name"], GuestSpec.from_dict(record["spec"]), "runner", fd, None,
                             state="migrating-out", run_id=record["run_id"], content=record.get("content", "realistic"),
-                            backing=record["backing"])
-        return self.adopt(guest)
+                            backing=made)
+        try:
+            return self.adopt(guest)
+        except BaseException:
+            guest.close(keep_backing=True)
+            raise
 
     def adopt(self, guest: HostedGuest) -> HostedGuest:
         """Host a guest created elsewhere (an incoming migration)."""
@@ -194,6 +205,7 @@ class GuestTable:
         return self._install(guest)
 
     def get(self, name: str) -> HostedGuest:
+        guest_name(name)  # bounded: a 100 KB name is refused, never echoed
         with self._lock:
             guest = self._guests.get(name)
         if guest is None:
@@ -204,17 +216,18 @@ class GuestTable:
         with self._lock:
             return [g for g in self._guests.values() if g is not None]
 
-    def remove(self, name: str) -> HostedGuest:
+    def remove(self, name: str, *, keep_backing: bool = False) -> HostedGuest:
         with self._lock:
             guest = self._guests.pop(name, None)
         if guest is None:
             raise KeyError(f"no guest named {name!r} on this agent")
-        guest.close()
+        guest.close(keep_backing=keep_backing)
         return guest
 
-    def close_all(self) -> None:
+    def close_all(self, keep_backing: frozenset[str] = frozenset()) -> None:
+        """Stop every guest; those named in `keep_backing` keep their backing files."""
         for guest in self.all():
-            self.remove(guest.name)
+            self.remove(guest.name, keep_backing=guest.name in keep_backing)
 
     def _reserve(self, name: str) -> None:
         guest_name(name)

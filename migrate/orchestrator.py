@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.security import Credentials
+
+_log = logging.getLogger("migrate.orchestrator")
 
 #: Seconds between two status polls of the destination.
 POLL_EVERY = 0.1
@@ -371,6 +374,9 @@ def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOption
             status = dest.call("IncomingStatus", run)
             down_since = 0.0
         except AgentError as err:  # a destination agent restarting (--state-dir) comes back: wait for it
+            if err.unreachable and not down_since:
+                _log.warning("destination %s unreachable (%s): waiting up to %g s for it to come back",
+                             dest.target, err, opts.recovery_timeout)
             down_since = down_since or time.monotonic()
             if not err.unreachable or time.monotonic() - down_since > opts.recovery_timeout:
                 raise

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import socket
+import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
@@ -20,6 +23,7 @@ import grpc
 from migrate.admission import Admission, CallClass, peer_host, refusal
 from migrate.proto import migrate_pb2 as pb
 from migrate.security import AUTH_KEY, Credentials
+from migrate.validate import split_endpoint
 
 log = logging.getLogger("migrate.rpc")
 
@@ -98,12 +102,64 @@ def channel(target: str, *, purpose: str = "control", credentials: Credentials |
     return ch
 
 
-def wait_ready(ch: grpc.Channel, target: str, timeout: float) -> None:
-    """Block until `ch` is connected, or raise AgentError naming `target`."""
-    try:
-        grpc.channel_ready_future(ch).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)") from None
+def wait_ready(ch: grpc.Channel, target: str, timeout: float, *, tls: bool | None = None) -> None:
+    """Block until `ch` is connected, or raise AgentError naming `target`.
+
+    With `tls` set (whether `ch` speaks TLS, to word the failure), a refused
+    TLS handshake fails at once with its reason: a user's command must not
+    wait out credentials that retrying cannot fix. Anything else (connection
+    refused, an agent still starting) is retried until `timeout`, and with
+    `tls` None everything is (the page paths, reconnecting through outages).
+    """
+    unreachable = AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)")
+    if tls is None:
+        try:
+            grpc.channel_ready_future(ch).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise unreachable from None
+        return
+    # A call that does not wait for the channel fails as soon as a connection
+    # attempt does, with gRPC's reason; any answer at all means connected.
+    hello = ch.unary_unary("/migrate.v1.Control/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+                           response_deserializer=pb.HelloReply.FromString)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            hello(pb.HelloRequest(), metadata=METADATA, timeout=left, wait_for_ready=False)
+            return
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                return  # connected; the caller's own call reports any refusal
+            why = _handshake_refusal(err.details() or "", tls, target)
+            if why:
+                raise AgentError(why) from None
+        time.sleep(min(_RETRY_CONNECT, max(deadline - time.monotonic(), 0)))
+    raise unreachable
+
+
+#: Seconds between two connection attempts of a client waiting for an agent.
+_RETRY_CONNECT = 0.1
+_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)(?::\s*([^:]+))?")
+
+
+def _handshake_refusal(error: str, tls: bool, target: str) -> str:
+    """One line for a TLS handshake failure in gRPC's connect error, "" if it is not one.
+
+    The server drops a client that speaks plaintext, or that has no
+    client certificate, without a word: gRPC then says "Socket closed".
+    """
+    if "handshake failed" in error.lower():
+        m = _SSL_REASON.search(error)
+        reason = (" ".join(p.strip() for p in m.groups() if p and p.strip() != "OK") if m else error)[:200]
+        if m and m.group(1) == "WRONG_VERSION_NUMBER":
+            reason = "the agent does not speak TLS (WRONG_VERSION_NUMBER)"
+        return f"TLS handshake failed with the agent at {target}: {reason}"
+    if "socket closed" in error.lower():
+        if tls:
+            return (f"TLS handshake failed: the agent at {target} closed the connection "
+                    "(does it require a client certificate? give --tls-cert/--tls-key)")
+        return f"the agent at {target} closed the connection at once (does it require TLS? give --tls-ca)"
+    return ""
 
 
 def server(calls: Sequence[CallClass] = (), credentials: Credentials | None = None) -> grpc.Server:
@@ -194,7 +250,7 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 def endpoint_with_port(endpoint: str, other: str) -> str:
     """`endpoint`'s host with `other`'s port: a second service of the same agent, as the caller reaches it."""
-    return f"{endpoint.rsplit(':', 1)[0]}:{other.rsplit(':', 1)[1]}"
+    return f"{split_endpoint(endpoint)[0]}:{split_endpoint(other)[1]}"
 
 
 def is_local_peer(peer: str) -> bool:

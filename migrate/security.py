@@ -1,9 +1,10 @@
 """Who may talk to an agent: TLS credentials, a bearer token, where to listen.
 
 An agent serves guest memory, so by default it is reachable from loopback
-only. To listen elsewhere it needs TLS (`--tls-cert/--tls-key`); with a CA
-(`--tls-ca`) it also demands a client certificate signed by that CA
-(mutual TLS). A bearer token, if set, is checked on every call on top.
+only. To listen elsewhere it needs TLS (`--tls-cert/--tls-key`) and a way
+to authenticate clients: a CA (`--tls-ca`), which makes it demand a client
+certificate signed by that CA (mutual TLS), or a bearer token, checked on
+every call (on top of client certificates when both are set).
 
 Credentials live in the environment (MIGRATE_TLS_CERT, MIGRATE_TLS_KEY,
 MIGRATE_TLS_CA, MIGRATE_TOKEN): an agent exports its own there, so the
@@ -19,6 +20,8 @@ import os
 from dataclasses import dataclass, fields
 
 import grpc
+
+from migrate.validate import split_endpoint
 
 #: Environment variable holding each credential.
 ENV = {"cert": "MIGRATE_TLS_CERT", "key": "MIGRATE_TLS_KEY", "ca": "MIGRATE_TLS_CA", "token": "MIGRATE_TOKEN"}
@@ -129,16 +132,24 @@ def is_loopback(host: str) -> bool:
 
 
 def listen_policy(listen: str, creds: Credentials, insecure_listen: bool) -> str | None:
-    """Refuse (ValueError) a plaintext agent reachable from other hosts; return a warning to show, if any.
+    """Refuse (ValueError) an agent other hosts could misuse; return a warning to log, if any.
 
-    Without TLS anyone who reaches the port can read guest memory, so only
-    loopback is allowed unless the operator insists with --insecure-listen.
+    Off loopback an agent needs TLS (else anyone on the path reads guest
+    memory and tokens) and client authentication, client certificates or a
+    token (else anyone who reaches the port, holding only the public CA,
+    starts, stops and reads its guests). Only --insecure-listen overrides
+    that, with a warning.
     """
-    host = listen.rsplit(":", 1)[0]
-    if creds.cert or is_loopback(host):
+    host = split_endpoint(listen, "listen address", listen=True)[0]
+    missing = []
+    if not creds.cert:
+        missing.append("TLS (--tls-cert/--tls-key)")
+    if not (creds.ca or creds.token):
+        missing.append("client authentication (--tls-ca for client certificates, or a token)")
+    if is_loopback(host) or not missing:
         return None
     if not insecure_listen:
-        raise ValueError(f"refusing to listen on {listen} without TLS: give --tls-cert/--tls-key "
-                         "(and --tls-ca for client certificates), listen on loopback, or pass --insecure-listen")
-    return (f"warning: listening on {listen} without TLS: anyone who can reach it controls its guests "
-            "and can read their memory")
+        raise ValueError(f"refusing to listen on {listen} without {' or '.join(missing)}: "
+                         "add them, listen on loopback, or pass --insecure-listen")
+    return (f"listening on {listen} without {' or '.join(missing)} (--insecure-listen): anyone who can reach "
+            "it may control its guests and read their memory")

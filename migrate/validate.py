@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import TYPE_CHECKING
 
-from migrate.guest.process import GuestSpec
+if TYPE_CHECKING:  # light to import: the lab's relay and the CLI's option parsing use this module
+    from migrate.guest.process import GuestSpec
 
 #: Most workload threads a guest may ask for (the CLI's limit too).
 MAX_THREADS = 64
@@ -43,11 +45,22 @@ def run_id(value: str) -> str:
     return value
 
 
-def endpoint(value: str, what: str) -> str:
-    """A HOST:PORT a destination will connect to."""
+def split_endpoint(value: str, what: str = "endpoint", *, listen: bool = False) -> tuple[str, int]:
+    """HOST and PORT of `value`: the one parser of endpoints (flags and RPC fields alike).
+
+    The port must be 1-65535, or 0 when listening (any free port): gRPC
+    would take 99999 as 99999 mod 65536 and listen somewhere unexpected.
+    """
     m = _ENDPOINT.fullmatch(value)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ValueError(f"bad {what} {value[:80]!r}: expected HOST:PORT")
+    lowest = 0 if listen else 1
+    if not m or not lowest <= int(m.group(2)) <= 65535:
+        raise ValueError(f"bad {what} {value[:80]!r}: expected HOST:PORT with a port from {lowest} to 65535")
+    return m.group(1), int(m.group(2))
+
+
+def endpoint(value: str, what: str = "endpoint", *, listen: bool = False) -> str:
+    """`value` if it is a valid HOST:PORT (see split_endpoint), else ValueError."""
+    split_endpoint(value, what, listen=listen)
     return value
 
 

@@ -178,3 +178,10 @@ def test_cli_rejects_bad_input_in_one_line():
         r = subprocess.run(spawn.module_argv("migrate", "lab", *args), 
                            capture_output=True, text=True, env=spawn.child_env())
         assert r.returncode == 2 and "Traceback" not in r.stderr and "Error: Invalid value" in r.stderr, r.stderr
+
+
+def test_cli_down_of_an_unknown_lab_fails_in_one_line(tmp_path):
+    name = lifecycle.unique_name("nope")
+    r = subprocess.run(spawn.module_argv("migrate", "lab", "down", "--name", name), capture_output=True, text=True,
+                       timeout=60, env=spawn.child_env({"MIGRATE_LAB_DIR": str(tmp_path)}))
+    assert r.returncode == 1 and r.stderr.strip() == f"Error: no lab named {name}", r.stderr

@@ -310,7 +310,7 @@ RESTART_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=4, ops=
                             ops_per_sec=2_000, page_size=mmap.PAGESIZE)
 
 
-def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path):
+def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path, caplog):
     import os
 
     state = str(tmp_path / "state")
@@ -323,6 +323,7 @@ def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path)
             # the workers die with the agent; the runner lives on, its faulting threads blocked
             restarter = Restarter(first, state, first.address, str(tmp_path / "dst2.log"))
             doc = migrate_through_a_restart("phoenix", src.address, first.address, restarter)
+            assert "waiting up to 60 s for it to come back" in caplog.text  # not silent while it waits
             assert doc["verified"] is True
             assert doc["pages"]["received"] == doc["pages"]["total"]
             # The pages installed before the restart count too (journaled every 0.25 s).
@@ -339,14 +340,16 @@ def test_source_agent_killed_and_restarted_serves_a_file_backed_guest(tmp_path):
     import os
 
     state = str(tmp_path / "state")
-    backing = f"file:{tmp_path / 'ram.img'}"
+    room = tmp_path / "ram"
     with LocalAgent("dest", log_path=str(tmp_path / "dst.log")) as dst:
-        first = LocalAgent("source", "--state-dir", state, log_path=str(tmp_path / "src1.log"))
+        # restarted with --state-dir only: the journal says where the file is
+        first = LocalAgent("source", "--state-dir", state, "--backing-dir", str(room),
+                           log_path=str(tmp_path / "src1.log"))
         restarter = None
         try:
             with AgentClient(first.address) as c:
-                c.call("LaunchGuest", pb.LaunchGuestRequest(name="lazarus", spec=RESTART_SPEC, backing=backing),
-                       timeout=120)
+                c.call("LaunchGuest", pb.LaunchGuestRequest(name="lazarus", spec=RESTART_SPEC,
+                                                            backing="file:ram.img"), timeout=120)
             # the guest's memory survives in its file
             restarter = Restarter(first, state, dst.address, str(tmp_path / "src2.log"))
             doc = migrate_through_a_restart("lazarus", first.address, dst.address, restarter)
@@ -355,6 +358,7 @@ def test_source_agent_killed_and_restarted_serves_a_file_backed_guest(tmp_path):
             with AgentClient(dst.address) as c:
                 c.call("StopGuest", pb.GuestRef(name="lazarus"))
             assert not [f for f in os.listdir(state) if f.endswith(".json")]
+            assert not os.listdir(room)  # the file went once the run completed
         finally:
             (restarter or first).stop()
 

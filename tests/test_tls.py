@@ -23,7 +23,7 @@ from migrate.client import AgentClient
 from migrate.local import LocalAgent
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
-from migrate.security import Credentials
+from migrate.security import Credentials, listen_policy
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -173,7 +173,55 @@ def test_plaintext_agent_refuses_to_listen_beyond_loopback() -> None:
 def test_insecure_listen_warns(tmp_path) -> None:
     with LocalAgent("source", "--insecure-listen", listen="0.0.0.0:0", log_path=str(tmp_path / "log")) as agent:
         assert agent.role in hello(f"127.0.0.1:{agent.address.rsplit(':', 1)[1]}", Credentials()).roles
-    assert "without TLS" in (tmp_path / "log").read_text()
+    assert "WARNING listening on 0.0.0.0:0 without TLS" in (tmp_path / "log").read_text()
+
+
+def test_tls_without_client_authentication_refuses_to_listen_beyond_loopback(pki) -> None:
+    """A server certificate alone lets anyone holding the (public) CA control the agent."""
+    d = pki[0]
+    out = run_cli("source", "serve", "--listen", "0.0.0.0:0", "--tls-cert", str(d / "server.pem"),
+                  "--tls-key", str(d / "server-key.pem"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "Error: refusing to listen on 0.0.0.0:0 without client authentication (--tls-ca for client certificates, "
+        "or a token): add them, listen on loopback, or pass --insecure-listen"]
+
+
+def test_listen_policy(pki) -> None:
+    d = pki[0]
+    server = Credentials(cert=str(d / "server.pem"), key=str(d / "server-key.pem"))
+    for creds in (replace(server, ca=str(d / "ca.pem")), replace(server, token=TOKEN)):
+        assert listen_policy("10.1.2.3:7070", creds, insecure_listen=False) is None
+    for creds in (server, Credentials(token=TOKEN), Credentials(ca=str(d / "ca.pem"))):
+        with pytest.raises(ValueError, match="refusing to listen on 10.1.2.3:7070 without"):
+            listen_policy("10.1.2.3:7070", creds, insecure_listen=False)
+        assert "--insecure-listen" in listen_policy("10.1.2.3:7070", creds, insecure_listen=True)
+        assert listen_policy("127.0.0.1:7070", creds, insecure_listen=False) is None
+        assert listen_policy("[::1]:7070", creds, insecure_listen=False) is None
+
+
+@pytest.mark.parametrize("why,needle", [
+    ("no client certificate", "TLS handshake failed: the agent at"),
+    ("an impostor's CA", "TLS handshake failed with the agent at"),
+    ("plaintext", "closed the connection at once (does it require TLS?"),
+])
+def test_a_tls_refusal_is_named_at_once(tls_agents, pki, why: str, needle: str) -> None:
+    """Not "cannot reach agent (no answer within N s)": the reason, without waiting N s."""
+    ours, theirs = pki
+    creds = {"no client certificate": Credentials(ca=str(ours / "ca.pem"), token=TOKEN),
+             "an impostor's CA": client_creds(ours, ca=theirs / "ca.pem"),
+             "plaintext": Credentials(token=TOKEN)}[why]
+    with pytest.raises(rpc.AgentError) as err:
+        AgentClient(tls_agents[0].address, credentials=creds, connect_timeout=120)
+    assert needle in str(err.value)
+
+
+def test_cli_tls_refusal_is_one_line(tls_agents, pki) -> None:
+    """gRPC's own handshake log lines stay off stderr."""
+    out = run_cli("guest", "list", "--agent", tls_agents[0].address, "--tls-ca", str(pki[1] / "ca.pem"))
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: TLS handshake failed with the agent at"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_cli_credentials(tls_agents, pki, tmp_path) -> None:

@@ -11,7 +11,7 @@ def test_sizes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "abc", "12Q", "-5M", "1e9"])
+@pytest.mark.parametrize("text", ["", "abc", "12Q", "-5M", "1e9", "1.3M", "0.5"])
 def test_bad_sizes(text):
     with pytest.raises(ValueError, match="bad size"):
         parse_size(text)

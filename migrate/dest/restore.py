@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 
@@ -48,12 +49,16 @@ class UffdRestoreListener:
         self._source = source
         self._image = image
         self._count = 0
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from an earlier agent
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock.bind(path)
-        os.chmod(path, 0o600)  # whoever connects gets a guest's memory: this user only
-        self._sock.listen(16)
+        try:
+            if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket from an earlier agent (any other file stays, and bind says so)
+            self._sock.bind(path)
+            os.chmod(path, 0o600)  # whoever connects gets a guest's memory: this user only
+            self._sock.listen(16)
+        except OSError as err:
+            self._sock.close()
+            raise ValueError(f"cannot listen on --uffd-socket {path}: {err.strerror}") from None
         self._thread = threading.Thread(target=self._accept, daemon=True, name="uffd-socket")
         self._thread.start()
 

@@ -83,8 +83,13 @@ def lab_down(name: str, every: bool) -> None:
     Example:
       migrate lab down --name wan
     """
-    for n in state.names() if every else [name]:
-        click.echo(f"lab {n} is down" if lifecycle.down(n) else f"no lab named {n}")
+    if every:
+        for n in state.names():
+            click.echo(f"lab {n} is down" if lifecycle.down(n) else f"no lab named {n}")
+    elif lifecycle.down(name):
+        click.echo(f"lab {name} is down")
+    else:
+        raise click.ClickException(f"no lab named {name}")
 
 
 @lab.command("status")

@@ -26,6 +26,7 @@ from migrate.lab.link import LinkSpec
 from migrate.lab.procs import in_namespace, same_process, start_time
 from migrate.local import ServiceProcess
 from migrate.lab.proxy import Forwarder
+from migrate.validate import split_endpoint
 
 SOURCE_PORT, DEST_PORT = 7070, 7071
 
@@ -47,7 +48,7 @@ def build(record: dict, spec: LinkSpec, zstd_level: int, log: str) -> list[Servi
         relay = in_namespace(src_ns, "migrate.lab.relay", "--listen", "0.0.0.0:0", "--delay", str(spec.delay),
                              "--jitter", str(spec.jitter), "--buffer", str(spec.relay_buffer()), log_path=log)
         procs.append(relay)
-        relay_port = int(relay.address.rsplit(":", 1)[1])
+        relay_port = split_endpoint(relay.address)[1]
         record["relay_pid"] = relay.pid
     netns.shape(src_ns, spec, relay_port)
     netns.shape(dst_ns, spec)

@@ -13,6 +13,7 @@ import socket
 import threading
 
 from migrate.lab import netns
+from migrate.validate import split_endpoint
 
 
 class Forwarder:
@@ -20,8 +21,7 @@ class Forwarder:
 
     def __init__(self, ns: str, target: str) -> None:
         self.ns = ns
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
+        self.target = split_endpoint(target)
         self._server = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._server.getsockname()[1]}"
         threading.Thread(target=self._accept, name=f"forward-{ns}", daemon=True).start()

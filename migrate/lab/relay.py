@@ -27,6 +27,7 @@ import sys
 import time
 
 from migrate.lab.procs import die_with_parent
+from migrate.validate import split_endpoint
 
 _SO_ORIGINAL_DST = 80
 _CHUNK = 256 * 1024
@@ -114,10 +115,10 @@ def pump(a: socket.socket, b: socket.socket, delay: float, jitter: float, buffer
 
 
 def serve(listen: str, delay: float, jitter: float, buffer: int) -> None:
-    host, port = listen.rsplit(":", 1)
+    host, port = split_endpoint(listen, "--listen", listen=True)
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((host, int(port)))
+    server.bind((host, port))
     server.listen(128)
     print(f"listening on {host}:{server.getsockname()[1]}", flush=True)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
