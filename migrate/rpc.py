@@ -13,7 +13,6 @@ import logging
 import re
 import socket
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any

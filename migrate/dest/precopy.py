@@ -35,7 +35,7 @@ import grpc
 from migrate import rpc
 from migrate._errors import os_error
 from migrate._native import ffi, lib
-from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch, PagesClient
+from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT, LinkLost, SourceLink
 from migrate.proto import migrate_pb2 as pb
