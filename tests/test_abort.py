@@ -37,8 +37,12 @@ def run_of(agent: str, name: str) -> str:
 
 
 def received(dst: str, run_id: str) -> float:
+    """Share of the run's pages the destination has (0 until it has prepared the run)."""
     with AgentClient(dst) as c:
-        st = c.call("IncomingStatus", pb.RunRef(run_id=run_id))
+        try:
+            st = c.call("IncomingStatus", pb.RunRef(run_id=run_id))
+        except AgentError:
+            return 0.0
     return st.pages_received / max(st.pages_total, 1)
 
 
