@@ -191,11 +191,15 @@ def dest() -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Journal incoming runs here, so that this agent, restarted after a crash with the same "
                    "directory, takes its guests back and finishes their migrations.")
+@click.option("--max-incoming-ram", type=_Parsed("SIZE", parse_size), default="0",
+              help="Most guest RAM promised to incoming runs at once (0: what the host's available memory "
+                   "allows); a run past it is refused before its guest leaves the source.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
-               state_dir: str | None, verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
+               state_dir: str | None, max_incoming_ram: int, verbose: bool, insecure_listen: bool,
+               credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
     \b
@@ -209,7 +213,8 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
     if (restore_from or image) and not uffd_socket:
         raise click.UsageError("--restore-from and --image go with --uffd-socket")
     restore = (uffd_socket, restore_from, image) if uffd_socket else None
-    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore, state_dir=state_dir or "")
+    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore, state_dir=state_dir or "",
+           max_incoming_ram=max_incoming_ram)
 
 
 # ----------------------------------------------------------------- guests
