@@ -21,7 +21,9 @@ from migrate import __version__, rpc, spawn, validate
 from migrate.admission import CallClass
 from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
+from migrate.dest.capacity import Ledger, NoRoom
 from migrate.dest.incoming import MODES, IncomingRun
+from migrate.guest.process import GuestSpec
 from migrate.journal import Journal
 from migrate.dest.restore import UffdRestoreListener
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
@@ -51,6 +53,7 @@ CALLS = (
 )
 
 _ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (NoRoom, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (KeyError, grpc.StatusCode.NOT_FOUND),
     (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -87,8 +90,9 @@ class ControlService(pb_grpc.ControlServicer):
     """Guests and migrations on one agent."""
 
     def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto",
-                 backing_dir: BackingDir | None = None) -> None:
+                 backing_dir: BackingDir | None = None, max_incoming_ram: int = 0) -> None:
         self.roles = roles
+        self.ledger = Ledger(max_incoming_ram)
         self.guests = GuestTable(backing_dir)
         self.outgoing = OutgoingRuns()
         self.incoming: dict[str, IncomingRun] = {}
@@ -228,6 +232,14 @@ class ControlService(pb_grpc.ControlServicer):
         mode = request.mode or "postcopy"
         if mode not in MODES:
             raise ValueError(f"unknown migration mode {mode!r}; known: {', '.join(MODES)}")
+        self.ledger.admit(request.name, spec.size, self._incoming_runs())
+        try:
+            ms = self._prepare_incoming(request, spec, mode)
+        finally:
+            self.ledger.settle(request.name)
+        return pb.PrepareIncomingReply(prepare_ms=ms)
+
+    def _prepare_incoming(self, request: pb.PrepareIncomingRequest, spec: GuestSpec, mode: str) -> float:
         run = IncomingRun(request.run_id, request.name, spec, request.source_endpoint, request.bulk_endpoint)
         if request.recovery_timeout_s > 0:
             run.recovery_timeout = request.recovery_timeout_s
@@ -243,7 +255,21 @@ class ControlService(pb_grpc.ControlServicer):
         with self.lock:
             self.incoming[run.run_id] = run
             self._forget_finished()
-        return pb.PrepareIncomingReply(prepare_ms=ms)
+        return ms
+
+    def _incoming_runs(self) -> list[IncomingRun]:
+        with self.lock:
+            return list(self.incoming.values())
+
+    @_rpc
+    def Capacity(self, request: pb.CapacityRequest, context: grpc.ServicerContext) -> pb.CapacityReply:
+        self._need("dest")
+        return self.ledger.report(self._incoming_runs())
+
+    @_rpc
+    def SetBandwidth(self, request: pb.SetBandwidthRequest, context: grpc.ServicerContext) -> pb.SetBandwidthReply:
+        self._incoming(request.run_id).set_bandwidth(request.max_bandwidth)
+        return pb.SetBandwidthReply(max_bandwidth=request.max_bandwidth)
 
     def _forget_finished(self) -> None:
         """Keep the statuses of the last _KEEP_FINISHED completed runs only (caller holds the lock)."""
@@ -359,18 +385,21 @@ class ControlService(pb_grpc.ControlServicer):
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
           uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "", backing_dir: str = "",
-          on_ready: Callable[[int], None] | None = None, level: int = 1, compress: str = "auto") -> None:
+          on_ready: Callable[[int], None] | None = None, level: int = 1, compress: str = "auto",
+          max_incoming_ram: int = 0) -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name) for restoring
     external processes that connect with a Firecracker-style handshake.
     `state_dir` journals incoming runs; the runs a previous agent left there
     are taken over and finished. `backing_dir` is where guests' RAM files
-    may be created (none without it).
+    may be created (none without it). `max_incoming_ram` caps the RAM
+    promised to incoming runs at once (0: only the host's memory limits it).
     """
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
-    control = ControlService(roles, host, level, compress, BackingDir(backing_dir) if backing_dir else None)
+    control = ControlService(roles, host, level, compress, BackingDir(backing_dir) if backing_dir else None,
+                             max_incoming_ram)
     if state_dir:
         control.journal = Journal(state_dir)
         control.rejoin_runs()

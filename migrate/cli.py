@@ -191,11 +191,15 @@ def dest() -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Journal incoming runs here, so that this agent, restarted after a crash with the same "
                    "directory, takes its guests back and finishes their migrations.")
+@click.option("--max-incoming-ram", type=_Parsed("SIZE", parse_size), default="0",
+              help="Most guest RAM promised to incoming runs at once (0: what the host's available memory "
+                   "allows); a run past it is refused before its guest leaves the source.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
-               state_dir: str | None, verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
+               state_dir: str | None, max_incoming_ram: int, verbose: bool, insecure_listen: bool,
+               credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
     \b
@@ -209,7 +213,8 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
     if (restore_from or image) and not uffd_socket:
         raise click.UsageError("--restore-from and --image go with --uffd-socket")
     restore = (uffd_socket, restore_from, image) if uffd_socket else None
-    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore, state_dir=state_dir or "")
+    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore, state_dir=state_dir or "",
+           max_incoming_ram=max_incoming_ram)
 
 
 # ----------------------------------------------------------------- guests
@@ -424,6 +429,89 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
     _finish_report(doc, report_path)
     if doc.get("verified") is False:
         raise click.ClickException("verification failed: the migrated guest's memory differs")
+
+
+class DrainBoard:
+    """The drain's progress on stderr: one line per active run and a total.
+
+    On a terminal the block is redrawn in place; in a pipe each line is
+    printed when it changes (coarsely: every 10 % of a run), so a log of a
+    drain stays short and readable.
+    """
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._drawn = 0
+        self._last: dict[str, str] = {}
+
+    def __call__(self, drain_run) -> None:  # noqa: ANN001 - a migrate.drain.Drain
+        from migrate.drain import progress_lines
+
+        lines = progress_lines(drain_run, coarse=not self._tty)
+        if self._tty:
+            up = f"\x1b[{self._drawn}F\x1b[J" if self._drawn else ""
+            click.echo(up + "\n".join(lines), err=True)
+            self._drawn = len(lines)
+            return
+        for line in lines:
+            key = line.split(" -> ")[0] if " -> " in line else "total"
+            if self._last.get(key) != line:
+                self._last[key] = line
+                click.echo(line, err=True)
+
+
+@cli.command("drain")
+@click.option("--from", "src", type=ENDPOINT, required=True, help="Source agent to empty.")
+@click.option("--to", "dsts", type=ENDPOINT, required=True, multiple=True,
+              help="Destination agent (repeatable): each guest goes to the one with the most free memory.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=2, show_default=True, help="Most runs at once.")
+@click.option("--max-bandwidth", type=RATE, default="0",
+              help="Cap on the page traffic of all runs together, shared equally by the active runs (e.g. 1gbit).")
+@click.option("--mode", type=click.Choice(orchestrator.MODES), default="hybrid", show_default=True,
+              help="How each guest moves (see `migrate run --help`).")
+@click.option("--report-dir", type=click.Path(file_okay=False, writable=True), default=None,
+              help="Write each run's JSON report here (GUEST.json), and the drain's summary (drain.json).")
+@click.option("--verify", is_flag=True, help="Check each migrated guest against an unmigrated run.")
+@click.option("--timeout", type=click.FloatRange(1, None), default=3600.0, show_default=True,
+              help="Seconds each run may take to complete.")
+@click.option("--recovery-timeout", type=click.FloatRange(0.1, None),
+              default=orchestrator.RunOptions.recovery_timeout, show_default=True, metavar="S",
+              help="How long a destination keeps reconnecting to a lost source before its run fails.")
+@_credential_options
+def drain_cmd(src: str, dsts: tuple[str, ...], parallel: int, max_bandwidth: int, mode: str, report_dir: str | None,
+              verify: bool, timeout: float, recovery_timeout: float, credentials: Credentials) -> None:
+    """Migrate every guest of a source agent to the destination agents, a few at a time.
+
+    Guests go largest first, each to the destination with the most free
+    memory that holds it; a guest that fits nowhere stays running on the
+    source. Exits non-zero when any guest did not move, naming it.
+
+    \b
+    Example:
+      migrate drain --from 10.0.0.1:7070 --to 10.0.0.2:7071 --to 10.0.0.3:7071 --parallel 2 --report-dir out
+    """
+    from migrate.drain import Drain, summary_table
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if report_dir:
+        os.makedirs(report_dir, exist_ok=True)
+    opts = orchestrator.RunOptions(verify=verify, timeout=timeout, mode=mode, recovery_timeout=recovery_timeout)
+    run = Drain(src, list(dsts), opts, parallel=parallel, max_bandwidth=max_bandwidth, report_dir=report_dir or "",
+                credentials=credentials, on_tick=DrainBoard())
+    outcomes = run.run()
+    if not outcomes:
+        click.echo(f"nothing to drain: {src} hosts no guest to move")
+        return
+    click.echo(summary_table(run))
+    if report_dir:
+        click.echo(f"reports written to {report_dir}")
+    left = [o for o in outcomes if not o.moved]
+    bad = [o.name for o in outcomes if o.moved and o.report.get("verified") is False]
+    if left:
+        raise click.ClickException(f"{len(left)} of {len(outcomes)} guest(s) not moved: "
+                                   + "; ".join(f"{o.name} ({o.error})" for o in left))
+    if bad:
+        raise click.ClickException(f"verification failed for {', '.join(bad)}: the migrated memory differs")
 
 
 @cli.command("abort")

@@ -29,7 +29,8 @@ def free_port() -> int:
 
 def test_help_has_examples():
     for cmd in (["--help"], ["run", "--help"], ["demo", "--help"], ["guest", "start", "--help"],
-                ["source", "serve", "--help"], ["dest", "serve", "--help"]):
+                ["source", "serve", "--help"], ["dest", "serve", "--help"],
+                ["drain", "--help"]):
         out = run_cli(*cmd)
         assert out.returncode == 0, out.stderr
         assert "migrate" in out.stdout and ("Example" in out.stdout or "Quick start" in out.stdout)

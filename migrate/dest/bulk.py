@@ -35,6 +35,8 @@ WINDOW_PAGES = 1536
 WINDOW_REQUESTS = 32
 #: Threads installing batches (see _Installers).
 INSTALLERS = 2
+#: Longest single sleep of the pacer: a raised rate takes effect within this long.
+_PACE_SLEEP = 0.1
 
 
 class Planner:
@@ -110,22 +112,43 @@ class BulkPuller:
         self._next_id = 1
         self._generation = 0                 # bumped when a broken stream's requests are written off
         self._stop = False
-        self._t0 = time.monotonic()
-        # Under --max-bandwidth a request carries at most ~50 ms of traffic, so
-        # pacing between requests is fine-grained enough to hold the rate.
+        self._rate = 0
         self._request_pages = MAX_REQUEST_PAGES
-        if max_bandwidth > 0:
-            self._request_pages = max(16, min(MAX_REQUEST_PAGES, int(max_bandwidth * 0.05) // mem.page_size))
-        self._window_pages = min(WINDOW_PAGES, 2 * self._request_pages)
+        self._window_pages = WINDOW_PAGES
+        self._t0, self._wire0 = time.monotonic(), 0
+        self.set_bandwidth(max_bandwidth)
         self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0, "refused": 0}
 
+    def set_bandwidth(self, max_bandwidth: int) -> None:
+        """Pace at `max_bandwidth` bytes/s from now on (0: unlimited).
+
+        The pace counts from the change: a raised rate does not burst to
+        make up for the slower past, a lowered one does not stall to pay
+        for the faster past. Under a rate a request carries at most ~50 ms
+        of traffic, so pacing between requests is fine-grained enough to
+        hold it.
+        """
+        with self._cond:
+            self._rate = max_bandwidth
+            self._t0, self._wire0 = time.monotonic(), self.link.client.bytes_wire
+            self._request_pages = MAX_REQUEST_PAGES
+            if max_bandwidth > 0:
+                self._request_pages = max(16, min(MAX_REQUEST_PAGES,
+                                                  int(max_bandwidth * 0.05) // self.mem.page_size))
+            self._window_pages = min(WINDOW_PAGES, 2 * self._request_pages)
+            self._cond.notify_all()
+
     def _pace(self) -> None:
-        """Sleep while the bytes received run ahead of --max-bandwidth."""
-        if self._rate <= 0:
-            return
-        ahead = self.link.client.bytes_wire / self._rate - (time.monotonic() - self._t0)
-        if ahead > 0:
-            time.sleep(ahead)
+        """Sleep while the bytes received since the last change of pace run ahead of the rate."""
+        while True:
+            with self._cond:
+                rate, t0, wire0, stop = self._rate, self._t0, self._wire0, self._stop
+            if rate <= 0 or stop:
+                return
+            ahead = (self.link.client.bytes_wire - wire0) / rate - (time.monotonic() - t0)
+            if ahead <= 0:
+                return
+            time.sleep(min(ahead, _PACE_SLEEP))
 
     def _room(self) -> int:
         """Pages the next request may ask for; 0 while the window is too full to bother."""
@@ -308,6 +331,11 @@ class BulkLoop:
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self._summary: dict | None = None
+
+    def set_bandwidth(self, max_bandwidth: int) -> None:
+        """Pace the pull at `max_bandwidth` bytes/s from now on (0: unlimited); before start() start's rate wins."""
+        if self._puller is not None:
+            self._puller.set_bandwidth(max_bandwidth)
 
     def start(self, max_bandwidth: int) -> None:
         """Pull every missing page, at most `max_bandwidth` bytes/s (0: no limit)."""

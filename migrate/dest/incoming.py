@@ -302,6 +302,29 @@ class IncomingRun:
             self.precopy.stop()  # a round in progress stops asking
         self._fail(reason)
 
+    def set_bandwidth(self, max_bandwidth: int) -> None:
+        """Pace the bulk path at `max_bandwidth` bytes/s from now on (0: unlimited); urgent requests never are.
+
+        Any bulk path that can change its pace on the fly has `set_bandwidth`.
+        """
+        with self._lock:
+            if self.phase in ("complete", "failed"):
+                raise RuntimeError(f"run {self.run_id} is {self.phase}: it moves no more pages")
+            self._push["max_bandwidth"] = max_bandwidth
+            paths = list(self.paths.values())
+        for path in paths:
+            setter = getattr(path, "set_bandwidth", None)
+            if setter is not None:
+                setter(max_bandwidth)
+
+    def promised_bytes(self) -> tuple[int, int]:
+        """(guest RAM, bytes not yet received) while the run holds memory it has not filled; (0, 0) once complete."""
+        with self._lock:
+            if self.phase == "complete":
+                return 0, 0
+            received = self.bitmap.count() * self.spec.page_size if self.bitmap is not None else 0
+        return self.spec.size, max(self.spec.size - received, 0)
+
     # ------------------------------------------------------------- status
     def status(self) -> pb.MigrationStatus:
         with self._lock:

@@ -114,6 +114,16 @@ class ControlStub:
                 request_serializer=migrate__pb2.RunRef.SerializeToString,
                 response_deserializer=migrate__pb2.MigrationStatus.FromString,
                 _registered_method=True)
+        self.Capacity = channel.unary_unary(
+                '/migrate.v1.Control/Capacity',
+                request_serializer=migrate__pb2.CapacityRequest.SerializeToString,
+                response_deserializer=migrate__pb2.CapacityReply.FromString,
+                _registered_method=True)
+        self.SetBandwidth = channel.unary_unary(
+                '/migrate.v1.Control/SetBandwidth',
+                request_serializer=migrate__pb2.SetBandwidthRequest.SerializeToString,
+                response_deserializer=migrate__pb2.SetBandwidthReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -218,6 +228,18 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Capacity(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBandwidth(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +322,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.AbortIncoming,
                     request_deserializer=migrate__pb2.RunRef.FromString,
                     response_serializer=migrate__pb2.MigrationStatus.SerializeToString,
+            ),
+            'Capacity': grpc.unary_unary_rpc_method_handler(
+                    servicer.Capacity,
+                    request_deserializer=migrate__pb2.CapacityRequest.FromString,
+                    response_serializer=migrate__pb2.CapacityReply.SerializeToString,
+            ),
+            'SetBandwidth': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBandwidth,
+                    request_deserializer=migrate__pb2.SetBandwidthRequest.FromString,
+                    response_serializer=migrate__pb2.SetBandwidthReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -734,6 +766,60 @@ class Control:
             '/migrate.v1.Control/AbortIncoming',
             migrate__pb2.RunRef.SerializeToString,
             migrate__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Capacity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/Capacity',
+            migrate__pb2.CapacityRequest.SerializeToString,
+            migrate__pb2.CapacityReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBandwidth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/SetBandwidth',
+            migrate__pb2.SetBandwidthRequest.SerializeToString,
+            migrate__pb2.SetBandwidthReply.FromString,
             options,
             channel_credentials,
             insecure,

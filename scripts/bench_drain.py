@@ -1,0 +1,142 @@
+"""Benchmark: `migrate drain` at several --parallel, against one idle guest's rate in the same run.
+
+    python scripts/bench_drain.py [--guests 4] [--size 256M] [--ops-per-sec 300000] [--parallel 1,2,4]
+                                  [--baseline-size 1G] [--mode postcopy] [--json out.json]
+
+On one local source and one local destination agent (loopback): first one
+idle guest of --baseline-size migrates alone (its rate after the resume is
+the reference), then for each --parallel, --guests fresh `hotset` guests
+are drained. Prints, per --parallel: the drain's wall time, each guest's
+total and blocked time and its push rate (bulk bytes over its post-copy
+time: the fairness measure), and the aggregate MiB/s (guest RAM moved over
+the drain's wall time). The issue's targets, checked at the end: the
+aggregate of the largest --parallel at least 80 % of the reference, no
+guest's total time past 2x the median, push rates within 2x of each other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from migrate import orchestrator, report  # noqa: E402
+from migrate.client import AgentClient  # noqa: E402
+from migrate.drain import Drain  # noqa: E402
+from migrate.local import LocalAgent  # noqa: E402
+from migrate.proto import migrate_pb2 as pb  # noqa: E402
+from migrate.units import parse_size  # noqa: E402
+
+MiB = 1 << 20
+#: Enough operations that a guest is still busy when its migration ends.
+OPS = 2_000_000_000
+
+
+def launch(src: str, name: str, size: int, workload: str, rate: float) -> None:
+    spec = pb.GuestSpec(size=size, workload=workload, seed=3, ops=OPS if workload != "idle" else 0, threads=1,
+                        ops_per_sec=rate, page_size=mmap.PAGESIZE)
+    with AgentClient(src) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec), timeout=600)
+
+
+def clear(dst: str, names: list[str]) -> None:
+    with AgentClient(dst) as c:
+        for name in names:
+            c.stop_if_hosted(name)
+
+
+def push_mib_s(doc: dict) -> float:
+    """Bulk bytes pushed over the run's post-copy time: how fast the run's own push went."""
+    pushed = doc["pages"]["pushed"] * doc["pages"]["page_size"]
+    return pushed / MiB / doc["transfer_s"] if doc["transfer_s"] else 0.0
+
+
+def baseline(src: str, dst: str, size: int, mode: str) -> float:
+    launch(src, "baseline", size, "idle", 0.0)
+    try:
+        doc = orchestrator.migrate("baseline", src, dst, orchestrator.RunOptions(mode=mode, timeout=600))
+    finally:
+        clear(dst, ["baseline"])
+    return report.transfer_mib_s(doc)
+
+
+def drain_once(src: str, dst: str, args: argparse.Namespace, parallel: int) -> dict:
+    names = [f"p{parallel}g{i}" for i in range(args.guests)]
+    for name in names:
+        launch(src, name, args.size, "hotset", args.ops_per_sec)
+    time.sleep(args.warmup)
+    t0 = time.monotonic()
+    try:
+        outcomes = Drain(src, [dst], orchestrator.RunOptions(mode=args.mode, timeout=600), parallel=parallel).run()
+    finally:
+        wall = time.monotonic() - t0
+        clear(dst, names)
+    rows = [{"guest": o.name, "moved": o.moved, "error": o.error,
+             **({"total_s": o.report["total_s"], "blocked_ms": o.report["guest"]["blocked_ms"],
+                 "push_mib_s": round(push_mib_s(o.report), 1)} if o.moved else {})} for o in outcomes]
+    return {"parallel": parallel, "wall_s": round(wall, 3), "aggregate_mib_s": round(args.guests * args.size / MiB / wall, 1),
+            "guests": rows}
+
+
+def verdict(result: dict, reference: float) -> list[str]:
+    """The issue's targets for one --parallel, as lines saying met or missed."""
+    moved = [g for g in result["guests"] if g["moved"]]
+    totals = [g["total_s"] for g in moved]
+    rates = [g["push_mib_s"] for g in moved if g["push_mib_s"]]
+    lines = []
+    if totals:
+        worst = max(totals) / statistics.median(totals)
+        lines.append(f"slowest guest {worst:.2f}x the median total (target <= 2)")
+    if rates:
+        lines.append(f"push rates {min(rates):.0f}-{max(rates):.0f} MiB/s, {max(rates) / min(rates):.2f}x apart "
+                     f"(target <= 2)")
+    lines.append(f"aggregate {result['aggregate_mib_s']:.0f} MiB/s = {result['aggregate_mib_s'] / reference:.0%} "
+                 f"of one idle guest's {reference:.0f} MiB/s (target >= 80 % at the largest --parallel)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--guests", type=int, default=4)
+    ap.add_argument("--size", type=parse_size, default="256M")
+    ap.add_argument("--ops-per-sec", type=float, default=300_000)
+    ap.add_argument("--parallel", default="1,2,4")
+    ap.add_argument("--baseline-size", type=parse_size, default="1G")
+    ap.add_argument("--mode", choices=orchestrator.MODES, default="postcopy")
+    ap.add_argument("--warmup", type=float, default=1.0, help="Seconds the guests run before the drain.")
+    ap.add_argument("--json", default=None, help="Write the results here.")
+    args = ap.parse_args()
+    logs = tempfile.mkdtemp(prefix="bench-drain-")
+    results = []
+    with LocalAgent("source", log_path=f"{logs}/source.log") as src, \
+            LocalAgent("dest", log_path=f"{logs}/dest.log") as dst:
+        reference = baseline(src.address, dst.address, args.baseline_size, args.mode)
+        print(f"one idle {args.baseline_size // MiB} MiB guest alone: {reference:.0f} MiB/s after the resume")
+        for parallel in (int(p) for p in args.parallel.split(",")):
+            result = drain_once(src.address, dst.address, args, parallel)
+            results.append(result)
+            print(f"\n--parallel {parallel}: drained {args.guests} x {args.size // MiB} MiB in {result['wall_s']:.2f} s")
+            print(f"  {'GUEST':10} {'TOTAL':>8} {'BLOCKED':>9} {'PUSH':>11}")
+            for g in result["guests"]:
+                if g["moved"]:
+                    print(f"  {g['guest']:10} {g['total_s']:7.2f}s {g['blocked_ms']:7.0f}ms "
+                          f"{g['push_mib_s']:6.0f} MiB/s")
+                else:
+                    print(f"  {g['guest']:10} not moved: {g['error']}")
+            for line in verdict(result, reference):
+                print(f"  {line}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"reference_mib_s": reference, "args": {k: v for k, v in vars(args).items() if k != "json"},
+                       "results": results}, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
