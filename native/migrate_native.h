@@ -7,4 +7,5 @@
 #include "workload.h"
 #include "dirty.h"
 #include "alloc.h"
+#include "dp_dest.h"
 #endif
