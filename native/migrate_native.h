@@ -7,5 +7,8 @@
 #include "workload.h"
 #include "dirty.h"
 #include "alloc.h"
+#include "dp_wire.h"
+#include "dp_common.h"
+#include "dp_source.h"
 #include "dp_dest.h"
 #endif
