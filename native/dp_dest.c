@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "dp_common.h"
 #include "dp_dest.h"
 #include "dp_wire.h"
 #include "pages.h"
@@ -69,13 +70,6 @@ enum link_state { LINK_UP, LINK_DOWN };
 
 /* ---- small helpers ---- */
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 static void add(uint64_t *c, uint64_t v)
 {
     __atomic_fetch_add(c, v, __ATOMIC_RELAXED);
@@ -99,85 +93,13 @@ static void deadline_in(struct timespec *ts, uint64_t ns)
     ts->tv_nsec = (long)(t % 1000000000ULL);
 }
 
-/* ---- zstd, loaded at run time (no -dev package needed) ---- */
-
-typedef struct ZSTD_DCtx_s ZSTD_DCtx;
-static struct {
-    ZSTD_DCtx *(*create)(void);
-    size_t (*free)(ZSTD_DCtx *);
-    size_t (*decompress)(ZSTD_DCtx *, void *, size_t, const void *, size_t);
-    unsigned (*is_error)(size_t);
-    unsigned long long (*content_size)(const void *, size_t);
-    size_t (*frame_size)(const void *, size_t);
-} zstd;
-
-static void load_zstd(void)
-{
-    void *lib = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!lib)
-        return;
-    zstd.free = (size_t(*)(ZSTD_DCtx *))dlsym(lib, "ZSTD_freeDCtx");
-    zstd.decompress = (size_t(*)(ZSTD_DCtx *, void *, size_t, const void *, size_t))dlsym(lib, "ZSTD_decompressDCtx");
-    zstd.is_error = (unsigned (*)(size_t))dlsym(lib, "ZSTD_isError");
-    zstd.content_size = (unsigned long long (*)(const void *, size_t))dlsym(lib, "ZSTD_getFrameContentSize");
-    zstd.frame_size = (size_t(*)(const void *, size_t))dlsym(lib, "ZSTD_findFrameCompressedSize");
-    ZSTD_DCtx *(*create)(void) = (ZSTD_DCtx * (*)(void)) dlsym(lib, "ZSTD_createDCtx");
-    if (zstd.free && zstd.decompress && zstd.is_error && zstd.content_size && zstd.frame_size)
-        zstd.create = create; /* set last: the table is usable once create is set */
-}
-
-static ZSTD_DCtx *new_dctx(void)
-{
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, load_zstd);
-    return zstd.create ? zstd.create() : NULL;
-}
-
 /* ---- sockets ---- */
-
-static void set_int(int fd, int level, int opt, int v)
-{
-    setsockopt(fd, level, opt, &v, sizeof(v)); /* best effort: a missing option only slows detection */
-}
-
-/* Send all of buf; -errno on failure (never SIGPIPE). */
-static int send_all(int fd, const void *buf, size_t len)
-{
-    const uint8_t *p = buf;
-    while (len) {
-        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-/* Read exactly len bytes; -errno, or -ECONNRESET on EOF. */
-static int recv_all(int fd, void *buf, size_t len)
-{
-    uint8_t *p = buf;
-    while (len) {
-        ssize_t n = recv(fd, p, len, MSG_WAITALL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? -errno : -ECONNRESET;
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
 
 /* ---- the connection to the source ---- */
 
 struct link {
     char host[256];
-    char port[16];
+    uint16_t port;
     uint8_t key[DP_KEY_LEN];
     uint32_t kind;
     uint32_t page_size;
@@ -203,56 +125,23 @@ static int nap(const struct link *l, int ms)
  * -errno with a reason in why. */
 static int dial(const struct link *l, char *why, size_t why_len)
 {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
-    int r = getaddrinfo(l->host, l->port, &hints, &ai);
-    if (r) {
-        snprintf(why, why_len, "%s", gai_strerror(r));
-        return -EHOSTUNREACH;
-    }
-    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int fd = dp_connect(l->host, l->port, CONNECT_TIMEOUT_MS, l->kind == DP_KIND_BULK);
     if (fd < 0) {
-        r = -errno;
-        freeaddrinfo(ai);
-        snprintf(why, why_len, "socket: %s", strerror(-r));
-        return r;
+        snprintf(why, why_len, "connect: %s", strerror(-fd));
+        return fd;
     }
-    r = connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS ? -errno : 0;
-    freeaddrinfo(ai);
-    if (!r) {
-        struct pollfd p[2] = {{.fd = fd, .events = POLLOUT}, {.fd = l->stopfd, .events = POLLIN}};
-        int n = poll(p, 2, CONNECT_TIMEOUT_MS);
-        int soerr = 0;
-        socklen_t sl = sizeof(soerr);
-        if (n < 0)
-            r = -errno;
-        else if (p[1].revents)
-            r = -ECANCELED;
-        else if (n == 0)
-            r = -ETIMEDOUT;
-        else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0 || soerr)
-            r = -(soerr ? soerr : errno);
-    }
-    if (r) {
-        snprintf(why, why_len, "connect: %s", strerror(-r));
-        close(fd);
-        return r;
-    }
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1);
-    set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
-    set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, 1);
-    set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, 1);
-    set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, 2);
-    set_int(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, 1500);
+    int r;
     struct timeval tv = {.tv_sec = HELLO_TIMEOUT_MS / 1000, .tv_usec = (HELLO_TIMEOUT_MS % 1000) * 1000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     struct dp_hello hello = {.version = DP_VERSION, .kind = l->kind};
     memcpy(hello.magic, DP_MAGIC, DP_MAGIC_LEN);
     memcpy(hello.key, l->key, DP_KEY_LEN);
     struct dp_hello_reply reply;
-    r = send_all(fd, &hello, sizeof(hello));
-    if (!r)
-        r = recv_all(fd, &reply, sizeof(reply));
+    r = dp_send_full(fd, &hello, sizeof(hello));
+    if (!r) {
+        ssize_t n = dp_read_full(fd, &reply, sizeof(reply));
+        r = n == (ssize_t)sizeof(reply) ? 0 : n < 0 ? (int)n : -ECONNRESET;
+    }
     if (r) {
         snprintf(why, why_len, "hello: %s", r == -ECONNRESET ? "the source closed the connection (wrong key?)"
                                                               : r == -EAGAIN ? "no reply" : strerror(-r));
@@ -278,7 +167,7 @@ static int dial(const struct link *l, char *why, size_t why_len)
  * when the path stops). */
 static int redial(const struct link *l, double limit_s, char *why, size_t why_len)
 {
-    uint64_t give_up = now_ns() + (uint64_t)(limit_s * 1e9);
+    uint64_t give_up = (uint64_t)dp_mono_ns() + (uint64_t)(limit_s * 1e9);
     int backoff = BACKOFF_MIN_MS;
     for (;;) {
         if (stopped(l))
@@ -286,7 +175,7 @@ static int redial(const struct link *l, double limit_s, char *why, size_t why_le
         int fd = dial(l, why, why_len);
         if (fd >= 0 || fd == -ECANCELED)
             return fd;
-        if (now_ns() >= give_up)
+        if ((uint64_t)dp_mono_ns() >= give_up)
             return fd;
         if (nap(l, backoff))
             return -ECANCELED;
@@ -472,13 +361,8 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
         return REFUSED;
     const uint8_t *data = payload;
     if (hdr->encoding == DP_ZSTD) {
-        if (!ctx->dctx || !hdr->data_len)
-            return REFUSED;
-        if (zstd.frame_size(payload, hdr->data_len) != hdr->data_len ||
-            zstd.content_size(payload, hdr->data_len) != need)
-            return REFUSED;
-        size_t n = zstd.decompress(ctx->dctx, ctx->scratch, h->max_data, payload, hdr->data_len);
-        if (zstd.is_error(n) || n != need)
+        const char *why;
+        if (!ctx->dctx || dp_zstd_decompress(ctx->dctx, ctx->scratch, need, payload, hdr->data_len, &why))
             return REFUSED;
         data = ctx->scratch;
     } else if (hdr->encoding != DP_RAW || hdr->data_len != need) {
@@ -500,7 +384,7 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     st->copied = hdr->count - zero;
     st->zeroed = zero;
     mig_bitmap_set(h->received, hdr->first_page, hdr->count);
-    st->done_ns = now_ns();
+    st->done_ns = (uint64_t)dp_mono_ns();
     return INSTALLED;
 }
 
@@ -521,7 +405,7 @@ static int refuse(struct mig_dpd *h, const struct dp_batch *b)
     if (++h->refused <= MAX_REFUSED)
         return 0;
     pthread_mutex_unlock(&h->mu);
-    fail(h, "the source at %s:%s sent %d corrupt batches (the last for pages [%llu, +%u)); gave up",
+    fail(h, "the source at %s:%u sent %d corrupt batches (the last for pages [%llu, +%u)); gave up",
          h->link.host, h->link.port, MAX_REFUSED + 1, (unsigned long long)b->first_page, b->count);
     pthread_mutex_lock(&h->mu);
     return -1;
@@ -579,6 +463,33 @@ static uint64_t take_bits(uint64_t bits, uint64_t base, uint64_t prev_end, uint6
     return out;
 }
 
+/* Cut runs into pieces of at most batch_pages: the source answers a run in
+ * batches of up to DP_BATCH_PAGES pages, so with pages larger than 4 KiB
+ * the runs asked for bound the batches (BATCH_BYTES). Pieces beyond
+ * DP_MAX_RUNS are given back (asked bits cleared). Returns the runs; *pages
+ * drops by what was given back. */
+static uint32_t split_runs(struct mig_dpd *h, struct dp_run *runs, uint32_t nruns, uint64_t *pages)
+{
+    if (h->batch_pages >= DP_BATCH_PAGES)
+        return nruns;
+    struct dp_run out[DP_MAX_RUNS];
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end;) {
+            uint32_t len = end - p < h->batch_pages ? (uint32_t)(end - p) : h->batch_pages;
+            if (n == DP_MAX_RUNS) {
+                mig_bitmap_clear(h->asked, p, len);
+                *pages -= len;
+            } else {
+                out[n++] = (struct dp_run){.first_page = p, .count = len};
+            }
+            p += len;
+        }
+    }
+    memcpy(runs, out, n * sizeof(*out));
+    return n;
+}
+
 /* Claim up to max_pages missing, unasked pages from the cursor on (wrapping
  * once) into at most DP_MAX_RUNS runs; returns the number of runs. (lock held) */
 static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages, uint64_t *npages_out)
@@ -617,6 +528,7 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
         if (h->cursor >= h->npages)
             h->cursor = 0;
     }
+    nruns = split_runs(h, runs, nruns, &pages);
     *npages_out = pages;
     return nruns;
 }
@@ -662,7 +574,7 @@ static void *requester_main(void *arg)
     uint8_t msg[sizeof(struct dp_request) + DP_MAX_RUNS * sizeof(struct dp_run)];
     pthread_mutex_lock(&h->mu);
     while (!h->finished) {
-        uint64_t now = now_ns();
+        uint64_t now = (uint64_t)dp_mono_ns();
         if (!h->round_active || h->fd < 0) {
             pthread_cond_wait(&h->cond, &h->mu);
             continue;
@@ -712,7 +624,7 @@ static void *requester_main(void *arg)
         int fd = h->fd;
         h->sending++;
         pthread_mutex_unlock(&h->mu);
-        int err = send_all(fd, msg, sizeof(rq) + nruns * sizeof(struct dp_run));
+        int err = dp_send_full(fd, msg, sizeof(rq) + nruns * sizeof(struct dp_run));
         add(&h->c.requests, 1);
         pthread_mutex_lock(&h->mu);
         h->sending--;
@@ -760,7 +672,7 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
         shutdown(h->fd, SHUT_RDWR);
     if (h->finished)
         return -1;
-    uint64_t lost_at = now_ns();
+    uint64_t lost_at = (uint64_t)dp_mono_ns();
     put(&h->c.link_down, 1);
     add(&h->c.outages, 1);
     h->down_since = h->last_rx_ns ? h->last_rx_ns : lost_at;
@@ -780,10 +692,10 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
     char reason[512];
     snprintf(reason, sizeof(reason), "%s", why);
     pthread_mutex_unlock(&h->mu);
-    double left = h->link.recovery_s - (double)(now_ns() - lost_at) / 1e9;
+    double left = h->link.recovery_s - (double)((uint64_t)dp_mono_ns() - lost_at) / 1e9;
     int fd = redial(&h->link, left > 0 ? left : 0, reason, sizeof(reason));
     if (fd < 0 && fd != -ECANCELED)
-        fail(h, "lost the source at %s:%s: %s (for %g s; gave up, the guest stays paused)", h->link.host,
+        fail(h, "lost the source at %s:%u: %s (for %g s; gave up, the guest stays paused)", h->link.host,
              h->link.port, reason, h->link.recovery_s);
     pthread_mutex_lock(&h->mu);
     if (fd < 0 || h->finished) {
@@ -792,7 +704,7 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
         return -1;
     }
     h->fd = fd;
-    add(&h->c.paused_ns, now_ns() - h->down_since);
+    add(&h->c.paused_ns, (uint64_t)dp_mono_ns() - h->down_since);
     put(&h->c.link_down, 0);
     pthread_cond_broadcast(&h->cond);
     return fd;
@@ -840,7 +752,7 @@ static void *receiver_main(void *arg)
             }
             hi += (uint32_t)n;
             add(&h->c.bytes_wire, (uint64_t)n);
-            h->last_rx_ns = now_ns();
+            h->last_rx_ns = (uint64_t)dp_mono_ns();
             continue;
         }
         struct dp_batch b;
@@ -876,14 +788,14 @@ static void *receiver_main(void *arg)
         memcpy(s->buf + off, stage + lo, copy);
         lo += (uint32_t)copy;
         if (copy < flen) {
-            int r = recv_all(fd, s->buf + off + copy, flen - copy);
-            if (r) {
-                snprintf(whybuf, sizeof(whybuf), "%s", r == -ECONNRESET ? "connection closed mid-batch" : strerror(-r));
+            ssize_t r = dp_read_full(fd, s->buf + off + copy, flen - copy);
+            if (r != (ssize_t)(flen - copy)) {
+                snprintf(whybuf, sizeof(whybuf), "%s", r >= 0 ? "connection closed mid-batch" : strerror((int)-r));
                 why = whybuf;
                 continue; /* the partial frame stays out of the slot: never installed */
             }
             add(&h->c.bytes_wire, flen - copy);
-            h->last_rx_ns = now_ns();
+            h->last_rx_ns = (uint64_t)dp_mono_ns();
         }
         s->offs[s->nframes++] = (uint32_t)off;
         s->len = (uint32_t)(off + flen);
@@ -922,7 +834,7 @@ static void *installer_main(void *arg)
 {
     struct mig_dpd *h = arg;
     lower_priority();
-    struct installer_ctx ctx = {.dctx = new_dctx(), .scratch = malloc(h->max_data)};
+    struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     pthread_mutex_lock(&h->mu);
     for (;;) {
         while (!h->qlen && !h->finished)
@@ -965,7 +877,7 @@ static void *installer_main(void *arg)
     }
     pthread_mutex_unlock(&h->mu);
     if (ctx.dctx)
-        zstd.free(ctx.dctx);
+        dp_zstd_free_dctx(ctx.dctx);
     free(ctx.scratch);
     return NULL;
 }
@@ -984,7 +896,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     }
     h->role = role;
     snprintf(h->link.host, sizeof(h->link.host), "%s", host);
-    snprintf(h->link.port, sizeof(h->link.port), "%d", port);
+    h->link.port = (uint16_t)port;
     memcpy(h->link.key, key, DP_KEY_LEN);
     h->link.kind = role == ROLE_BULK ? DP_KIND_BULK : DP_KIND_FAULT;
     h->link.page_size = page_size;
@@ -1041,6 +953,7 @@ struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key,
                                    npages, received, asked, recovery_s, err, err_len);
     if (!h)
         return NULL;
+    h->next_id = 1; /* id 0 marks a free request slot */
     h->run_store = calloc(REQ_SLOTS * DP_MAX_RUNS, sizeof(struct dp_run));
     h->slot_bytes = (uint32_t)(sizeof(struct dp_batch) + 8 * (DP_BATCH_PAGES / 2 + 1) + h->max_data + 2 * FRAME_ALIGN +
                                STAGE_BYTES);
@@ -1074,7 +987,7 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
         memset(h->asked, 0, (h->npages + 63) / 64 * 8);
         h->cursor = 0;
         h->rate = max_bandwidth;
-        h->round_t0 = now_ns();
+        h->round_t0 = (uint64_t)dp_mono_ns();
         h->round_bytes0 = get(&h->c.bytes_wire);
         h->round_deadline = deadline_s > 0 ? h->round_t0 + (uint64_t)(deadline_s * 1e9) : 0;
         h->stop_asking = 0;
@@ -1174,7 +1087,7 @@ static void record_latency(struct mig_dpd *h, uint64_t lat_ns, uint32_t waiters)
  * (their request was written off). Returns 1 while faults still wait. */
 static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *ask, uint32_t *nask)
 {
-    uint64_t now = done_ns ? done_ns : now_ns();
+    uint64_t now = done_ns ? done_ns : (uint64_t)dp_mono_ns();
     uint32_t kept = 0;
     for (uint32_t i = 0; i < h->nwaiting; i++) {
         struct waiting *w = &h->waiting[i];
@@ -1222,8 +1135,10 @@ static uint32_t claim_block(struct mig_dpd *h, uint64_t page, struct dp_run *run
         mask &= ~(~0ULL << (h->npages % 64));
     uint64_t want = mask & ~__atomic_load_n(&h->received[w], __ATOMIC_ACQUIRE);
     uint64_t got = want & ~__atomic_fetch_or(&h->asked[w], want, __ATOMIC_ACQ_REL);
-    *pages = (uint32_t)__builtin_popcountll(got);
-    return append_runs(runs, 0, w * 64, got);
+    uint64_t n = (uint64_t)__builtin_popcountll(got);
+    uint32_t nruns = split_runs(h, runs, append_runs(runs, 0, w * 64, got), &n);
+    *pages = (uint32_t)n;
+    return nruns;
 }
 
 /* Requests for new faults: each page alone, then its neighbourhood. */
@@ -1264,7 +1179,7 @@ static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char
     pthread_mutex_unlock(&h->mu);
     if (stopped(&h->link))
         return -1;
-    uint64_t lost_at = now_ns();
+    uint64_t lost_at = (uint64_t)dp_mono_ns();
     put(&h->c.link_down, 1);
     add(&h->c.outages, 1);
     for (int i = 0; i < FAULT_REQS; i++) {
@@ -1278,7 +1193,7 @@ static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char
     fd = redial(&h->link, h->link.recovery_s, reason, sizeof(reason));
     if (fd < 0) {
         if (fd != -ECANCELED)
-            fail(h, "lost the source at %s:%s: %s (for %g s; gave up, the guest stays paused)", h->link.host,
+            fail(h, "lost the source at %s:%u: %s (for %g s; gave up, the guest stays paused)", h->link.host,
                  h->link.port, reason, h->link.recovery_s);
         return -1;
     }
@@ -1290,7 +1205,7 @@ static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char
         h->fd = fd;
     }
     pthread_mutex_unlock(&h->mu);
-    add(&h->c.paused_ns, now_ns() - (last_rx ? last_rx : lost_at));
+    add(&h->c.paused_ns, (uint64_t)dp_mono_ns() - (last_rx ? last_rx : lost_at));
     put(&h->c.link_down, 0);
     return fd;
 }
@@ -1346,7 +1261,7 @@ static void *faulter_main(void *arg)
     uint32_t cap = 2 * (h->max_data + 4096);
     uint8_t *buf = malloc(cap);
     uint8_t *out = malloc(64 << 10);
-    struct installer_ctx ctx = {.dctx = new_dctx(), .scratch = malloc(h->max_data)};
+    struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     uint64_t pages[FAULTS_PER_READ], t_ns[FAULTS_PER_READ];
     uint32_t waiters[FAULTS_PER_READ];
     struct mig_fault_stats fst = {0};
@@ -1387,7 +1302,7 @@ static void *faulter_main(void *arg)
             if (got > 0) {
                 hi += (uint32_t)got;
                 add(&h->c.bytes_wire, (uint64_t)got);
-                last_rx = now_ns();
+                last_rx = (uint64_t)dp_mono_ns();
                 if (fault_frames(h, &ctx, buf, &lo, hi, &why) < 0) {
                     if (__atomic_load_n(&h->failed, __ATOMIC_ACQUIRE))
                         break;
@@ -1416,7 +1331,7 @@ static void *faulter_main(void *arg)
                 len += fault_request(h, out + len, &again[i], 1, 1);
         }
         if (len) {
-            int err = send_all(fd, out, len);
+            int err = dp_send_full(fd, out, len);
             if (err)
                 why = strerror(-err);
         }
@@ -1427,7 +1342,7 @@ static void *faulter_main(void *arg)
     h->fd = -1;
     pthread_mutex_unlock(&h->mu);
     if (ctx.dctx)
-        zstd.free(ctx.dctx);
+        dp_zstd_free_dctx(ctx.dctx);
     free(ctx.scratch);
     free(out);
     free(buf);
