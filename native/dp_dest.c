@@ -59,8 +59,9 @@
 #define FAULT_REQS 1024            /* fault path: requests in flight (a power of two) */
 #define MAX_WAITING 4096           /* fault path: faults waiting for their page */
 #define FAULTS_PER_READ 256
-#define CONNECT_TIMEOUT_MS 2000
-#define HELLO_TIMEOUT_MS 2000
+#define CONNECT_TIMEOUT_MS 1000    /* also bounds how long a stop waits for a connection attempt */
+#define HELLO_TIMEOUT_MS 1000
+#define FAULT_PATIENCE_NS 500000   /* a fault waits this long for a page the bulk path asked, then asks itself */
 #define FIRST_CONNECT_S 5.0        /* mig_dpd_*_new keeps trying this long */
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 1000
@@ -217,6 +218,7 @@ struct slot {
 struct waiting {      /* fault path: a fault whose page is not in yet */
     uint64_t page, t_ns;
     uint32_t waiters;
+    uint32_t asked;   /* the fault path asked for the page itself */
 };
 
 struct mig_dpd {
@@ -535,8 +537,9 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
 
 /* ---- bulk: the requester ---- */
 
-static void lower_priority(void)
+static void lower_priority(const char *name)
 {
+    pthread_setname_np(pthread_self(), name);
     struct sched_param sp = {0};
     sched_setscheduler(0, SCHED_BATCH, &sp); /* the calling thread; best effort */
     setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
@@ -570,7 +573,7 @@ static void end_round(struct mig_dpd *h)
 static void *requester_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority();
+    lower_priority("dpd-request");
     uint8_t msg[sizeof(struct dp_request) + DP_MAX_RUNS * sizeof(struct dp_run)];
     pthread_mutex_lock(&h->mu);
     while (!h->finished) {
@@ -713,7 +716,7 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
 static void *receiver_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority();
+    lower_priority("dpd-receive");
     uint8_t *stage = malloc(STAGE_BYTES);
     uint32_t lo = 0, hi = 0, read_size = STAGE_BYTES;
     int cur = -1;
@@ -833,7 +836,7 @@ static int settle(struct mig_dpd *h, struct req *table, uint32_t nslots, const s
 static void *installer_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority();
+    lower_priority("dpd-install");
     struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     pthread_mutex_lock(&h->mu);
     for (;;) {
@@ -1063,6 +1066,7 @@ const char *mig_dpd_error(struct mig_dpd *h)
 
 static void raise_priority(void)
 {
+    pthread_setname_np(pthread_self(), "dpd-fault");
     struct sched_param sp = {.sched_priority = 1};
     if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10); /* best effort: needs privileges */
@@ -1083,8 +1087,11 @@ static void record_latency(struct mig_dpd *h, uint64_t lat_ns, uint32_t waiters)
 }
 
 /* Resolve the waiting faults whose page is in (done_ns: when it was
- * installed, 0 for now); ask again for those nobody has asked for any more
- * (their request was written off). Returns 1 while faults still wait. */
+ * installed, 0 for now). With `ask`, collect the pages to ask for alone: a
+ * page nobody asks for any more (its request was written off), or one the
+ * bulk path asked for that is still not in after FAULT_PATIENCE_NS (a slow,
+ * paced bulk window must not hold a fault up: one page asked twice is
+ * cheaper). Returns 1 while faults still wait. */
 static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *ask, uint32_t *nask)
 {
     uint64_t now = done_ns ? done_ns : (uint64_t)dp_mono_ns();
@@ -1095,10 +1102,14 @@ static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *as
             record_latency(h, now > w->t_ns ? now - w->t_ns : 0, w->waiters);
             continue;
         }
-        if (nask && *nask < DP_MAX_RUNS &&
-            !(__atomic_fetch_or(&h->asked[w->page / 64], 1ULL << (w->page % 64), __ATOMIC_ACQ_REL) &
-              (1ULL << (w->page % 64))))
-            ask[(*nask)++] = (struct dp_run){.first_page = w->page, .count = 1};
+        if (ask && *nask < DP_MAX_RUNS) {
+            uint64_t bit = 1ULL << (w->page % 64);
+            int claimed = !(__atomic_fetch_or(&h->asked[w->page / 64], bit, __ATOMIC_ACQ_REL) & bit);
+            if (claimed || (!w->asked && now - w->t_ns > FAULT_PATIENCE_NS)) {
+                ask[(*nask)++] = (struct dp_run){.first_page = w->page, .count = 1};
+                w->asked = 1;
+            }
+        }
         h->waiting[kept++] = *w;
     }
     h->nwaiting = kept;
@@ -1149,8 +1160,9 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
     for (int i = 0; i < n; i++) {
         uint64_t p = pages[i];
         add(&h->c.faults, 1);
-        if (h->nwaiting < MAX_WAITING)
-            h->waiting[h->nwaiting++] = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
+        struct waiting *w = h->nwaiting < MAX_WAITING ? &h->waiting[h->nwaiting++] : NULL;
+        if (w)
+            *w = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
         if (h->bulk)
             mig_dpd_jump(h->bulk, p);
         if (len + 2 * (sizeof(struct dp_request) + NEIGHBOURHOOD * sizeof(struct dp_run)) > room)
@@ -1159,6 +1171,8 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
         if (!(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit)) {
             struct dp_run one = {.first_page = p, .count = 1};
             len += fault_request(h, out + len, &one, 1, 1);
+            if (w)
+                w->asked = 1;
         }
         struct dp_run runs[NEIGHBOURHOOD];
         uint32_t npages;

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -72,6 +72,22 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         if time.monotonic() > deadline:
             pytest.fail(f"test left behind processes {sorted(left)} / fds {grew}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def memfds() -> Iterator[Callable[[int], int]]:
+    """make(size): a fresh memfd of `size` bytes, closed after the test."""
+    made: list[int] = []
+
+    def make(size: int) -> int:
+        fd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        made.append(fd)
+        return fd
+
+    yield make
+    for fd in made:
+        os.close(fd)
 
 
 @pytest.fixture

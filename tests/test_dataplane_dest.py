@@ -22,6 +22,7 @@ from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.paths import Memory
+from migrate.dest.precopy import discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import Workload, digest, fill_realistic
 from migrate.source.dataplane import DataServer
@@ -39,21 +40,6 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = WAIT_S) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-@pytest.fixture
-def memfds() -> Iterator[Callable[[int], int]]:
-    made: list[int] = []
-
-    def make(size: int) -> int:
-        fd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        os.close(fd)
 
 
 def filled(make: Callable[[int], int], size: int, seed: int = 5) -> int:
@@ -148,7 +134,6 @@ def test_precopy_rounds_write_the_memfd_and_fetch_discarded_pages_again(memfds) 
                 stale = bytearray((npages + 63) // 64 * 8)
                 for page in range(3, npages, 97):
                     stale[page // 8] |= 1 << (page % 8)
-                from migrate.dest.precopy import discard
                 discarded, _ = discard(dst, received, bytes(stale), PAGE)
                 again = puller.pull(0, 0)
                 assert again.pages == discarded == len(range(3, npages, 97))
@@ -294,12 +279,18 @@ class SourceProcess:
         self.proc.stdout.close()
 
 
-def test_a_source_killed_mid_stream_and_restarted_is_resumed_from(memfds, restored) -> None:
-    size = 64 * MiB
+def bulk_from_a_child(memfds, restored, size: int, recovery_timeout: float) -> tuple[int, Restored, SourceProcess,
+                                                                                     NativeBulk]:
+    """(source memfd, restored guest, source process, bulk path from it into the guest)."""
     src = filled(memfds, size)
     guest = restored(idle_spec(size), memfds(size))
     source = SourceProcess(src, size)
-    bulk = NativeBulk(guest.mem, source.endpoint, KEY, recovery_timeout=60)
+    return src, guest, source, NativeBulk(guest.mem, source.endpoint, KEY, recovery_timeout)
+
+
+def test_a_source_killed_mid_stream_and_restarted_is_resumed_from(memfds, restored) -> None:
+    size = 64 * MiB
+    src, guest, source, bulk = bulk_from_a_child(memfds, restored, size, recovery_timeout=60)
     try:
         bulk.start(64 * MiB)  # ~1 s: killed well before the end
         wait_for(lambda: bulk.last["pages"] > 2000, "pages to arrive")
@@ -317,11 +308,7 @@ def test_a_source_killed_mid_stream_and_restarted_is_resumed_from(memfds, restor
 
 
 def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored) -> None:
-    size = 32 * MiB
-    src = filled(memfds, size)
-    guest = restored(idle_spec(size), memfds(size))
-    source = SourceProcess(src, size)
-    bulk = NativeBulk(guest.mem, source.endpoint, KEY, recovery_timeout=1.0)
+    _, guest, source, bulk = bulk_from_a_child(memfds, restored, 32 * MiB, recovery_timeout=1.0)
     try:
         bulk.start(16 * MiB)
         wait_for(lambda: bulk.last["pages"] > 0, "pages to arrive")

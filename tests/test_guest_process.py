@@ -10,7 +10,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -46,21 +45,6 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-@pytest.fixture
-def memfds() -> Iterator[callable]:
-    made: list[int] = []
-
-    def make(size: int) -> int:
-        fd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        os.close(fd)
 
 
 def reference_digest(spec: GuestSpec) -> str:

@@ -83,7 +83,31 @@ def _check_key(key: bytes) -> bytes:
     return bytes(key)
 
 
-class NativeBulk:
+class _Path:
+    """What NativeBulk and NativeFaultLoop share: counters while running, a summary once stopped."""
+
+    _path: _Handle
+    _summary: dict | None = None
+
+    def _snapshot(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def last(self) -> dict:
+        """The counters; after stop(), the final ones."""
+        if self._summary is not None:
+            return self._summary
+        out = self._snapshot()
+        if err := self._path.error():
+            out["error"] = err
+        return out
+
+    def failure(self) -> str | None:
+        """Why the path stopped serving, or None while it serves (or is done)."""
+        return self._path.error()
+
+
+class NativeBulk(_Path):
     """The bulk path of one incoming run over the native data plane (same interface as BulkLoop).
 
     Connecting happens here: a source that cannot be reached raises
@@ -104,7 +128,6 @@ class NativeBulk:
             self.asked.close()
             raise
         self._path = _Handle(handle, [self.asked])
-        self._summary: dict | None = None
 
     def start(self, max_bandwidth: int) -> None:
         """Pull every missing page, at most `max_bandwidth` bytes/s (0: no limit)."""
@@ -121,19 +144,8 @@ class NativeBulk:
         """The C path, for a native fault path to move its cursor."""
         return self._path.h
 
-    @property
-    def last(self) -> dict:
-        """The counters; after stop(), the final ones."""
-        if self._summary is not None:
-            return self._summary
-        out = {"kind": "bulk", **self._path.counters(), "done": bool(self._path._counters.done)}
-        if err := self._path.error():
-            out["error"] = err
-        return out
-
-    def failure(self) -> str | None:
-        """Why the bulk path stopped serving, or None while it serves (or is done)."""
-        return self._path.error()
+    def _snapshot(self) -> dict:
+        return {"kind": "bulk", **self._path.counters(), "done": bool(self._path._counters.done)}
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop asking; whole batches received are installed. Returns promptly (the C
@@ -160,6 +172,7 @@ class NativePrecopy:
             self._asked.close()
             raise
         self._path = _Handle(handle, [self._asked])
+        self._closed = False
 
     def pull(self, max_bandwidth: int, deadline_s: float) -> RoundStats:
         """Pull every page not received yet; stop asking after `deadline_s` seconds (0: no limit).
@@ -167,6 +180,8 @@ class NativePrecopy:
         Returns when every request asked is installed. A source lost past the
         recovery timeout raises ConnectionError.
         """
+        if self._closed:
+            raise RuntimeError("pre-copy pull on a closed NativePrecopy")
         before = self._path.counters()
         t0 = time.monotonic()
         r = lib.mig_dpd_round(self._path.h, max_bandwidth, deadline_s)
@@ -180,13 +195,15 @@ class NativePrecopy:
 
     def stop(self) -> None:
         """Make a running round stop asking (it returns once its requests are answered)."""
-        lib.mig_dpd_stop_asking(self._path.h)
+        if not self._closed:
+            lib.mig_dpd_stop_asking(self._path.h)
 
     def close(self) -> None:
+        self._closed = True
         self._path.free()
 
 
-class NativeFaultLoop:
+class NativeFaultLoop(_Path):
     """The urgent path over the native data plane (same interface as FaultLoop).
 
     One C thread reads the userfaultfd and asks the source on a connection of
@@ -214,7 +231,6 @@ class NativeFaultLoop:
                 obj.close()
             raise
         self._path = _Handle(handle, owned)
-        self._summary: dict | None = None
 
     def _snapshot(self) -> dict:
         c = self._path._counters
@@ -232,21 +248,9 @@ class NativeFaultLoop:
                        hist_log2_us={str(1 << k): int(c.hist[k]) for k in range(32) if c.hist[k]})
         return out
 
-    @property
-    def last(self) -> dict:
-        """The counters; after stop(), the summary with latencies."""
-        if self._summary is not None:
-            return self._summary
-        out = self._snapshot()
-        if err := self._path.error():
-            out["error"] = err
-        return out
-
-    def failure(self) -> str | None:
-        """Why the urgent path stopped serving, or None while it serves."""
-        return self._path.error()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving (the thread is joined at once; `timeout` is only an upper bound); keep the summary."""
         if self._summary is not None:
             return
         self._path.stop()
