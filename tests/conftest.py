@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from migrate.guest.process import GuestSpec
+from migrate.guest.workloads import Workload, digest, fill_realistic
 from migrate.local import LocalAgent
 
 
@@ -88,6 +90,22 @@ def memfds() -> Iterator[Callable[[int], int]]:
     yield make
     for fd in made:
         os.close(fd)
+
+
+@pytest.fixture
+def reference_digest() -> Callable[[GuestSpec], str]:
+    """digest(spec): the memory digest of a never-migrated, never-paused run of `spec`, computed in-process."""
+
+    def compute(spec: GuestSpec) -> str:
+        buf = bytearray(spec.size)
+        fill_realistic(buf, spec.page_size, spec.seed)
+        with Workload(buf, workload=spec.workload, seed=spec.seed, ops=spec.ops, threads=spec.threads,
+                      page_size=spec.page_size) as wl:
+            wl.start()
+            assert wl.wait_finished(300)
+        return digest(buf)
+
+    return compute
 
 
 @pytest.fixture

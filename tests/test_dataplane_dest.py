@@ -24,7 +24,7 @@ from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import discard
 from migrate.guest.process import GuestProcess, GuestSpec
-from migrate.guest.workloads import Workload, digest, fill_realistic
+from migrate.guest.workloads import digest, fill_realistic
 from migrate.source.dataplane import DataServer
 from migrate.uffd import Uffd
 
@@ -323,19 +323,8 @@ def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored
 
 # ------------------------------------------------------------------ faults
 
-def reference_digest(spec: GuestSpec) -> str:
-    """The digest of a never-migrated run of `spec`, computed in-process."""
-    buf = bytearray(spec.size)
-    fill_realistic(buf, spec.page_size, spec.seed)
-    with Workload(buf, workload=spec.workload, seed=spec.seed, ops=spec.ops, threads=spec.threads,
-                  page_size=spec.page_size) as wl:
-        wl.start()
-        assert wl.wait_finished(300)
-    return digest(buf)
-
-
 @pytest.mark.parametrize("push", [True, False], ids=["bulk+faults", "faults-only"])
-def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, push: bool) -> None:
+def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool) -> None:
     spec = GuestSpec(size=32 * MiB, workload="hotset", seed=13, ops=200_000, threads=2, ops_per_sec=200_000)
     src_fd = memfds(spec.size)
     src = GuestProcess.launch(spec, src_fd)
