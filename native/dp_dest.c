@@ -852,7 +852,7 @@ static void *installer_main(void *arg)
         struct slot *s = &h->slots[si];
         for (uint32_t i = 0; i < s->nframes; i++) {
             struct mig_install_stats st;
-            struct dp_batch b;
+            struct dp_batch b = {0};
             int v = ctx.scratch ? install_frame(h, &ctx, s->buf + s->offs[i], &st, &b) : -ENOMEM;
             if (v < 0) {
                 fail(h, "installing pages [%llu, +%u) from the source failed: %s", (unsigned long long)b.first_page,
@@ -986,8 +986,11 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
     } else if (h->round_active) {
         r = -EBUSY;
     } else {
-        /* Nothing is in flight between rounds: pages discarded since are asked again. */
-        memset(h->asked, 0, (h->npages + 63) / 64 * 8);
+        /* Pre-copy: nothing is in flight between rounds, and pages discarded
+         * since the last one are asked again. (A bulk path into the
+         * userfaultfd has one round, its asked bits shared with the fault path.) */
+        if (h->to_memfd)
+            memset(h->asked, 0, (h->npages + 63) / 64 * 8);
         h->cursor = 0;
         h->rate = max_bandwidth;
         h->round_t0 = (uint64_t)dp_mono_ns();
@@ -1187,10 +1190,10 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
  * the new socket or -1 (stopped or failed). */
 static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char *why)
 {
-    close(fd);
     pthread_mutex_lock(&h->mu);
-    h->fd = -1;
+    h->fd = -1; /* unpublished before the close: a stop never shuts down a reused descriptor */
     pthread_mutex_unlock(&h->mu);
+    close(fd);
     if (stopped(&h->link))
         return -1;
     uint64_t lost_at = (uint64_t)dp_mono_ns();
@@ -1284,9 +1287,11 @@ static void *faulter_main(void *arg)
     pthread_mutex_lock(&h->mu);
     int fd = h->fd;
     pthread_mutex_unlock(&h->mu);
-    const char *why = buf && out && ctx.scratch ? NULL : "out of memory";
-    if (why)
+    const char *why = NULL;
+    if (!buf || !out || !ctx.scratch) {
         fail(h, "the fault path could not start: out of memory");
+        goto out;
+    }
     while (!why || (fd = fault_recover(h, fd, last_rx, why)) >= 0) {
         if (why) {
             why = NULL;
@@ -1350,11 +1355,12 @@ static void *faulter_main(void *arg)
                 why = strerror(-err);
         }
     }
-    if (fd >= 0)
-        close(fd);
+out:
     pthread_mutex_lock(&h->mu);
     h->fd = -1;
     pthread_mutex_unlock(&h->mu);
+    if (fd >= 0)
+        close(fd);
     if (ctx.dctx)
         dp_zstd_free_dctx(ctx.dctx);
     free(ctx.scratch);
