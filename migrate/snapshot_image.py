@@ -64,6 +64,8 @@ def read_state(image_path: str, image_size: int) -> dict | None:
         raise BadSnapshot(f"{path}: bad guest spec: {err}") from None
     if spec.size != image_size:
         raise BadSnapshot(f"{path} describes {spec.size} bytes of RAM, the image holds {image_size}")
+    if doc.get("content", "realistic") not in ("realistic", "random"):
+        raise BadSnapshot(f"{path}: unknown guest content {str(doc.get('content'))[:40]!r}")
     if not isinstance(doc.get("state"), dict) or not isinstance(doc["state"].get("threads"), list):
         raise BadSnapshot(f"{path} holds no execution state")
     doc["spec"] = spec
