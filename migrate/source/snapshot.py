@@ -32,6 +32,17 @@ KEEP_FINISHED = 64
 PACE_WINDOW_S = 1.0
 
 
+def snapshot_name(file: str) -> str:
+    """FILE, checked: it and FILE.state.json must both be plain names in the directory."""
+    try:
+        file_name(f"file:{file}{STATE_SUFFIX}")
+        return file_name(f"file:{file}")
+    except ValueError:
+        raise ValueError(f"bad snapshot name {file[:80]!r}: a plain file name in the agent's --snapshot-dir, "
+                         f"1-{64 - len(STATE_SUFFIX)} letters, digits, '.', '-' or '_', not starting with '.'") \
+            from None
+
+
 def _pace_before(guest: HostedGuest, t_ns: int) -> float:
     """The guest's ops per second over the PACE_WINDOW_S before t_ns (0 if unknown)."""
     points = [(t, o) for t, o in list(guest.process.progress) if t_ns - PACE_WINDOW_S * 1e9 <= t <= t_ns]
@@ -49,10 +60,14 @@ class SnapshotJob:
         if guest.run_id or guest.state not in ("running", "paused"):
             raise RuntimeError(f"guest {guest.name!r} is {guest.state}"
                                + (f" (run {guest.run_id})" if guest.run_id else "") + ": no snapshot now")
-        file_name(f"file:{file}{STATE_SUFFIX}")  # the state file's name must be valid too
+        snapshot_name(file)
         self.guest = guest
         self.directory = directory
-        self.made, fd = directory.create(f"file:{file}", guest.spec.size)
+        try:
+            self.made, fd = directory.create(f"file:{file}", guest.spec.size)
+        except FileExistsError:
+            raise FileExistsError(f"snapshot {file} already exists in {directory.path}: choose another name "
+                                  "(an agent never writes into a file it did not create)") from None
         self.file = file
         self.error = ""
         self.phase = "running"
@@ -142,4 +157,4 @@ class Snapshots:
     def path(self, file: str) -> str:
         """Where snapshot `file` is (ValueError for a bad name or no directory)."""
         directory = self._dir()
-        return os.path.join(directory.path, file_name(f"file:{file}"))
+        return os.path.join(directory.path, snapshot_name(file))
