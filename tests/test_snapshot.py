@@ -6,6 +6,7 @@ memory the image must hold (migrate.snapshot_image.reference_digest).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -18,7 +19,7 @@ from migrate.guest.workloads import WORKLOADS, digest
 from migrate.local import LocalAgent
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
-from migrate.snapshot_image import STATE_SUFFIX, read_state, reference_digest
+from migrate.snapshot_image import STATE_SUFFIX, read_state, reference_digest, state_doc
 
 MiB = 1 << 20
 
@@ -127,8 +128,6 @@ def test_served_image_with_a_state_file_is_its_guest(tmp_path) -> None:
         assert gp.wait_finished(60)
         taken, _ = snapshot_to(gp, str(tmp_path / "img"), spec.size)
     os.close(fd)
-    from migrate.snapshot_image import state_doc
-    import json
     (tmp_path / ("img" + STATE_SUFFIX)).write_text(json.dumps(state_doc("g", spec, "realistic", taken)))
     with LocalAgent("source", "--image", f"img={tmp_path / 'img'}", log_path=str(tmp_path / "src.log")) as src, \
             AgentClient(src.address) as client:
@@ -161,3 +160,22 @@ def test_snapshot_files_follow_the_backing_rules(tmp_path) -> None:
         client.call("StopGuest", pb.GuestRef(name="vm"))
     assert sorted(os.listdir(room)) == ["link", "taken"]
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_cli_snapshot_reports_and_fails_in_one_line(tmp_path) -> None:
+    from tests.test_cli import assert_clean_error, run_cli
+
+    room = tmp_path / "snaps"
+    with LocalAgent("source", "--snapshot-dir", str(room), log_path=str(tmp_path / "src.log")) as src:
+        assert run_cli("guest", "start", "vm", "--agent", src.address, "--size", "8M", "--workload", "seq-write",
+                       "--ops", "100000000", "--ops-per-sec", "1000000").returncode == 0
+        out = run_cli("snapshot", "vm", "--agent", src.address, "-o", "vm.snap", "--report", str(tmp_path / "r.json"))
+        assert out.returncode == 0, out.stderr
+        assert "downtime" in out.stdout and "WP faults" in out.stdout and "100.0%" in out.stderr
+        doc = json.loads((tmp_path / "r.json").read_text())
+        assert doc["pages"] == 2048 and doc["bytes"] == 8 * MiB and doc["guest_ops_per_s_during"] > 0
+        assert_clean_error(run_cli("snapshot", "vm", "--agent", src.address, "-o", "vm.snap"), "already exists")
+        assert_clean_error(run_cli("snapshot", "vm", "--agent", src.address, "-o", "../up"), "bad snapshot name")
+        assert_clean_error(run_cli("restore", "nothing", "--from", src.address, "--to", src.address),
+                           "cannot open image")
+        assert run_cli("guest", "stop", "vm", "--agent", src.address).returncode == 0
