@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -225,6 +227,11 @@ static int stream_chunk(struct mig_snap *s, uint8_t *buf, uint8_t *mine, uint64_
 static void *stream_loop(void *arg)
 {
     struct mig_snap *s = arg;
+    /* Below the fault thread and the guest: a waking fault thread preempts the stream at once
+     * (SCHED_BATCH, nice 10, as the migration's bulk paths); best effort. */
+    struct sched_param none = {0};
+    sched_setscheduler(0, SCHED_BATCH, &none);
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
     uint8_t *buf = malloc((size_t)s->chunk * s->page_size);
     uint8_t *mine = malloc(s->chunk);
     if (!buf || !mine)
