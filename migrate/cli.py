@@ -331,19 +331,34 @@ def guest_stop(name: str, agent: str, credentials: Credentials) -> None:
 
 
 # -------------------------------------------------------------- migration
-class ProgressLine:
-    """One line of migration progress on stderr: pages in, MB/s, faults."""
+class _StderrLine:
+    """A progress line on stderr: redrawn in place on a terminal (10 a second), else one line every 2 s."""
 
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
         self._last = 0.0
 
-    def __call__(self, st: pb.MigrationStatus) -> None:
+    def _due(self, final: bool) -> bool:
         now = time.monotonic()
-        final = st.phase in ("complete", "failed")
         if not final and now - self._last < (0.1 if self._tty else 2.0):
-            return
+            return False
         self._last = now
+        return True
+
+    def _show(self, line: str, final: bool) -> None:
+        if self._tty:
+            click.echo("\r" + line + ("\n" if final else ""), err=True, nl=False)
+        else:
+            click.echo(line, err=True)
+
+
+class ProgressLine(_StderrLine):
+    """One line of migration progress on stderr: pages in, MB/s, faults."""
+
+    def __call__(self, st: pb.MigrationStatus) -> None:
+        final = st.phase in ("complete", "failed")
+        if not self._due(final):
+            return
         total = max(st.pages_total, 1)
         frac = st.pages_received / total
         bar = "#" * int(frac * 30)
@@ -353,16 +368,12 @@ class ProgressLine:
         if any(isinstance(w, dict) and w.get("link_down") for w in detail.values()):
             paused = report.link_summary(detail)["paused_s"]
             phase = f"PAUSED: link to the source down, reconnecting ({paused:.1f} s paused so far)"
-        line = (f"[{bar:<30}] {frac * 100:5.1f}%  {st.pages_received}/{st.pages_total} pages  "
-                f"{rate:7.1f} MiB/s  faults {st.faults}  {phase}")
-        if self._tty:
-            click.echo("\r" + line + ("\n" if final else ""), err=True, nl=False)
-        else:
-            click.echo(line, err=True)
+        self._show(f"[{bar:<30}] {frac * 100:5.1f}%  {st.pages_received}/{st.pages_total} pages  "
+                   f"{rate:7.1f} MiB/s  faults {st.faults}  {phase}", final)
 
 
-def _finish_report(doc: dict, report_path: str | None) -> None:
-    click.echo(report.table(doc))
+def _finish_report(doc: dict, report_path: str | None, table: Callable[[dict], str] = report.table) -> None:
+    click.echo(table(doc))
     if report_path:
         orchestrator.write_report(doc, report_path)
         click.echo(f"report written to {report_path}")
@@ -435,27 +446,17 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
         raise click.ClickException("verification failed: the migrated guest's memory differs")
 
 
-class SnapshotLine:
+class SnapshotLine(_StderrLine):
     """One line of snapshot progress on stderr: pages saved, MiB/s, WP faults, guest blocked."""
 
-    def __init__(self) -> None:
-        self._tty = sys.stderr.isatty()
-        self._last = 0.0
-
     def __call__(self, p: pb.SnapshotProgress) -> None:
-        now = time.monotonic()
         final = p.phase != "running"
-        if not final and now - self._last < (0.1 if self._tty else 2.0):
+        if not self._due(final):
             return
-        self._last = now
         frac = p.pages_saved / max(p.pages_total, 1)
         rate = p.bytes_written / MiB / p.elapsed_s if p.elapsed_s > 0 else 0.0
-        line = (f"[{'#' * int(frac * 30):<30}] {frac * 100:5.1f}%  {p.pages_saved}/{p.pages_total} pages  "
-                f"{rate:7.1f} MiB/s  WP faults {p.wp_faults}  blocked {p.blocked_ms:.1f} ms  {p.phase}")
-        if self._tty:
-            click.echo("\r" + line + ("\n" if final else ""), err=True, nl=False)
-        else:
-            click.echo(line, err=True)
+        self._show(f"[{'#' * int(frac * 30):<30}] {frac * 100:5.1f}%  {p.pages_saved}/{p.pages_total} pages  "
+                   f"{rate:7.1f} MiB/s  WP faults {p.wp_faults}  blocked {p.blocked_ms:.1f} ms  {p.phase}", final)
 
 
 @cli.command("snapshot")
@@ -486,10 +487,7 @@ def snapshot_cmd(guest_name: str, agent: str, file: str, report_path: str | None
 
     doc = checkpoint.take(guest_name, agent, file, on_progress=SnapshotLine(), timeout=timeout,
                           credentials=credentials)
-    click.echo(checkpoint.table(doc))
-    if report_path:
-        orchestrator.write_report(doc, report_path)
-        click.echo(f"report written to {report_path}")
+    _finish_report(doc, report_path, checkpoint.table)
 
 
 @cli.command("restore")

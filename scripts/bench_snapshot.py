@@ -128,7 +128,7 @@ def one_rate(size: int, rate: float, threads: int, directory: str, warmup: float
 def qemu_background_snapshot(size: int, directory: str, warmup: float) -> dict:
     """QEMU's background snapshot of a guest sweeping (writing) its RAM, to a file."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from compare_qemu import Qmp, _qemu, _wait_booted, guest_image  # noqa: F401 - QEMU helpers shared there
+    from compare_qemu import _qemu, _wait_booted, guest_image, wait_migration  # QEMU helpers shared there
 
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-qemu-") as tmp:
         kernel = os.path.join(tmp, "guest.bin")
@@ -141,13 +141,7 @@ def qemu_background_snapshot(size: int, directory: str, warmup: float) -> dict:
             _wait_booted(qmp)
             time.sleep(warmup)
             qmp.cmd("migrate", uri=f"exec:cat > {out}")
-            deadline = time.monotonic() + 600
-            while (info := qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("QEMU's background snapshot did not complete within 600 s")
-                time.sleep(0.05)
-            if info["status"] == "failed":
-                raise RuntimeError(f"QEMU's background snapshot failed: {info.get('error-desc', '?')}")
+            info = wait_migration(qmp, "background snapshot")
             total = info.get("total-time", 0) / 1e3
             return {"downtime_ms": float(info.get("downtime", 0)), "total_s": total, "blocked_ms": None,
                     "max_fault_ms": None, "wp_faults": None,
