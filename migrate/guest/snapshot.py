@@ -12,6 +12,7 @@ frees them; page bytes never enter it.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from migrate import uffd as U
@@ -29,6 +30,7 @@ class LiveSnapshot:
     def __init__(self, wl: Workload, out_fd: int, page_size: int) -> None:
         self.out_fd = out_fd
         self._h = None
+        self._lock = threading.Lock()
         self.result: dict | None = None
         self.uffd = U.Uffd.create(U.FEATURE_WP_HUGETLBFS_SHMEM, page_size=page_size)
         try:
@@ -62,14 +64,21 @@ class LiveSnapshot:
         finally:
             if was_running:
                 self.wl.start()
+        threading.Thread(target=self._finish, daemon=True, name="snapshot-end").start()
         t1 = time.monotonic_ns()
         ops = sum(int(t["ops_done"]) for t in state["threads"])
         return {"state": state, "ops": ops, "downtime_ms": (t1 - t0) / 1e6, "t_ns": time.time_ns()}
 
-    def status(self) -> dict:
-        """Counters so far; once done, the threads are freed and the registration dropped."""
-        if self.result is not None:
-            return self.result
+    def _finish(self) -> None:
+        """At the end: the counters and the guest's ops at that moment, then free everything."""
+        while not lib.mig_snap_wait(self._h, 1000):
+            pass
+        with self._lock:
+            doc = self._stats()
+            self.close()
+            self.result = doc
+
+    def _stats(self) -> dict:
         st = ffi.new("struct mig_snap_stats *")
         lib.mig_snap_stats(self._h, st)
         doc = {k: int(getattr(st, k)) for k in ("pages_total", "pages_saved", "pages_streamed", "pages_faulted",
@@ -78,10 +87,16 @@ class LiveSnapshot:
         doc["done"] = bool(doc["done"])
         doc["error"] = os.strerror(-st.error) if st.error else ""
         doc["ops_done"] = self.wl.ops_done
-        if doc["done"]:
-            self.close()
-            self.result = doc
         return doc
+
+    def status(self) -> dict:
+        """Counters so far (``done``: every page saved, the threads freed, the registration dropped)."""
+        with self._lock:
+            if self.result is not None:
+                return self.result
+            doc = self._stats()
+            doc["done"] = False  # until _finish has freed everything
+            return doc
 
     def close(self) -> None:
         """Stop (every page unprotected first), free, unregister, close the file. Idempotent."""
