@@ -30,6 +30,7 @@ from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
+from migrate.source.snapshot import Snapshots
 
 log = logging.getLogger("migrate.agent")
 
@@ -43,7 +44,7 @@ _CONTROL = "/migrate.v1.Control/"
 #: Control calls that may wait on the network or a guest (a prepare towards a silent source waits out
 #: its connect timeout; a digest waits for the guest's memory).
 _SLOW_CONTROL = ("PrepareIncoming", "PrepareOutgoing", "StartIncoming", "PrecopyRound", "GuestDigest",
-                 "LaunchGuest", "Switchover")
+                 "LaunchGuest", "Switchover", "StartSnapshot", "LoadSnapshot")
 #: What an agent serves at once, each class on workers of its own (migrate.admission): slow control
 #: calls cannot starve quick ones (Hello, status, abort), and no stream holds a control worker.
 CALLS = (
@@ -90,10 +91,12 @@ class ControlService(pb_grpc.ControlServicer):
     """Guests and migrations on one agent."""
 
     def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto",
-                 backing_dir: BackingDir | None = None, max_incoming_ram: int = 0) -> None:
+                 backing_dir: BackingDir | None = None, snapshot_dir: BackingDir | None = None,
+                 max_incoming_ram: int = 0) -> None:
         self.roles = roles
         self.ledger = Ledger(max_incoming_ram)
         self.guests = GuestTable(backing_dir)
+        self.snapshots = Snapshots(snapshot_dir or backing_dir)
         self.outgoing = OutgoingRuns()
         self.incoming: dict[str, IncomingRun] = {}
         self.journal: Journal | None = None
@@ -213,6 +216,22 @@ class ControlService(pb_grpc.ControlServicer):
         if run.guest.kind == "runner":
             self.guests.remove(run.guest.name)  # the guest lives on the destination now
         return stats
+
+    @_rpc
+    def StartSnapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotProgress:
+        self._need("source")
+        guest = self.guests.get(request.name)
+        with self.lock:  # not while a migration of it is being prepared
+            return self.snapshots.start(guest, request.file).progress()
+
+    @_rpc
+    def SnapshotStatus(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotProgress:
+        return self.snapshots.get(request.file).progress()
+
+    @_rpc
+    def LoadSnapshot(self, request: pb.LoadSnapshotRequest, context: grpc.ServicerContext) -> pb.GuestInfo:
+        self._need("source")
+        return self.guests.add_image(request.name, self.snapshots.path(request.file), nofollow=True).info()
 
     # -------------------------------------------------- destination side
     @_rpc
@@ -385,21 +404,23 @@ class ControlService(pb_grpc.ControlServicer):
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
           uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "", backing_dir: str = "",
-          on_ready: Callable[[int], None] | None = None, level: int = 1, compress: str = "auto",
-          max_incoming_ram: int = 0) -> None:
+          snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None, level: int = 1,
+          compress: str = "auto", max_incoming_ram: int = 0) -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name) for restoring
     external processes that connect with a Firecracker-style handshake.
     `state_dir` journals incoming runs; the runs a previous agent left there
     are taken over and finished. `backing_dir` is where guests' RAM files
-    may be created (none without it). `max_incoming_ram` caps the RAM
-    promised to incoming runs at once (0: only the host's memory limits it).
+    may be created (none without it); `snapshot_dir` where snapshots are
+    written and loaded from (default: `backing_dir`). `max_incoming_ram`
+    caps the RAM promised to incoming runs at once (0: only the host's
+    memory limits it).
     """
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
     control = ControlService(roles, host, level, compress, BackingDir(backing_dir) if backing_dir else None,
-                             max_incoming_ram)
+                             BackingDir(snapshot_dir) if snapshot_dir else None, max_incoming_ram)
     if state_dir:
         control.journal = Journal(state_dir)
         control.rejoin_runs()

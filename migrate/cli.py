@@ -151,12 +151,20 @@ def source() -> None:
 @click.option("--backing-dir", type=click.Path(file_okay=False), default=None,
               help="Where `guest start --backing file:NAME` creates guest RAM files (each a new file, removed "
                    "when its guest stops or migrates away); without it, file backing is refused.")
+@click.option("--snapshot-dir", type=click.Path(file_okay=False), default=None,
+              help="Where `migrate snapshot -o FILE` writes FILE and FILE.state.json (new files only) and "
+                   "`migrate restore FILE` reads them (default: --backing-dir; without either, refused).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_insecure_option
 @_credential_options
 def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, state_dir: str | None,
-                 backing_dir: str | None, verbose: bool, insecure_listen: bool, credentials: Credentials) -> None:
+                 backing_dir: str | None, snapshot_dir: str | None, verbose: bool, insecure_listen: bool,
+                 credentials: Credentials) -> None:
     """Run a source agent until interrupted.
+
+    \b
+    An --image with a snapshot's state file next to it (PATH.state.json,
+    see `migrate snapshot`) is that guest, resumable on a destination.
 
     \b
     Example:
@@ -171,7 +179,8 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
     _serve("source", listen, verbose, credentials, insecure_listen, images=parsed, level=zstd_level,
-           compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "")
+           compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "",
+           snapshot_dir=snapshot_dir or "")
 
 
 @cli.group()
@@ -327,19 +336,34 @@ def guest_stop(name: str, agent: str, credentials: Credentials) -> None:
 
 
 # -------------------------------------------------------------- migration
-class ProgressLine:
-    """One line of migration progress on stderr: pages in, MB/s, faults."""
+class _StderrLine:
+    """A progress line on stderr: redrawn in place on a terminal (10 a second), else one line every 2 s."""
 
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
         self._last = 0.0
 
-    def __call__(self, st: pb.MigrationStatus) -> None:
+    def _due(self, final: bool) -> bool:
         now = time.monotonic()
-        final = st.phase in ("complete", "failed")
         if not final and now - self._last < (0.1 if self._tty else 2.0):
-            return
+            return False
         self._last = now
+        return True
+
+    def _show(self, line: str, final: bool) -> None:
+        if self._tty:
+            click.echo("\r" + line + ("\n" if final else ""), err=True, nl=False)
+        else:
+            click.echo(line, err=True)
+
+
+class ProgressLine(_StderrLine):
+    """One line of migration progress on stderr: pages in, MB/s, faults."""
+
+    def __call__(self, st: pb.MigrationStatus) -> None:
+        final = st.phase in ("complete", "failed")
+        if not self._due(final):
+            return
         total = max(st.pages_total, 1)
         frac = st.pages_received / total
         bar = "#" * int(frac * 30)
@@ -349,16 +373,12 @@ class ProgressLine:
         if any(isinstance(w, dict) and w.get("link_down") for w in detail.values()):
             paused = report.link_summary(detail)["paused_s"]
             phase = f"PAUSED: link to the source down, reconnecting ({paused:.1f} s paused so far)"
-        line = (f"[{bar:<30}] {frac * 100:5.1f}%  {st.pages_received}/{st.pages_total} pages  "
-                f"{rate:7.1f} MiB/s  faults {st.faults}  {phase}")
-        if self._tty:
-            click.echo("\r" + line + ("\n" if final else ""), err=True, nl=False)
-        else:
-            click.echo(line, err=True)
+        self._show(f"[{bar:<30}] {frac * 100:5.1f}%  {st.pages_received}/{st.pages_total} pages  "
+                   f"{rate:7.1f} MiB/s  faults {st.faults}  {phase}", final)
 
 
-def _finish_report(doc: dict, report_path: str | None) -> None:
-    click.echo(report.table(doc))
+def _finish_report(doc: dict, report_path: str | None, table: Callable[[dict], str] = report.table) -> None:
+    click.echo(table(doc))
     if report_path:
         orchestrator.write_report(doc, report_path)
         click.echo(f"report written to {report_path}")
@@ -512,6 +532,81 @@ def drain_cmd(src: str, dsts: tuple[str, ...], parallel: int, max_bandwidth: int
                                    + "; ".join(f"{o.name} ({o.error})" for o in left))
     if bad:
         raise click.ClickException(f"verification failed for {', '.join(bad)}: the migrated memory differs")
+class SnapshotLine(_StderrLine):
+    """One line of snapshot progress on stderr: pages saved, MiB/s, WP faults, guest blocked."""
+
+    def __call__(self, p: pb.SnapshotProgress) -> None:
+        final = p.phase != "running"
+        if not self._due(final):
+            return
+        frac = p.pages_saved / max(p.pages_total, 1)
+        rate = p.bytes_written / MiB / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        self._show(f"[{'#' * int(frac * 30):<30}] {frac * 100:5.1f}%  {p.pages_saved}/{p.pages_total} pages  "
+                   f"{rate:7.1f} MiB/s  WP faults {p.wp_faults}  blocked {p.blocked_ms:.1f} ms  {p.phase}", final)
+
+
+@cli.command("snapshot")
+@click.argument("guest_name", metavar="GUEST")
+@_agent_option
+@click.option("-o", "--output", "file", required=True, metavar="FILE",
+              help="The snapshot's name: a new file in the agent's --snapshot-dir (1-53 letters, digits, '.', "
+                   "'-' or '_', not starting with '.'); FILE.state.json holds the guest's execution state.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the JSON report here.")
+@click.option("--timeout", type=click.FloatRange(1, None), default=3600.0, show_default=True,
+              help="Seconds to wait for the snapshot to complete.")
+@_credential_options
+def snapshot_cmd(guest_name: str, agent: str, file: str, report_path: str | None, timeout: float,
+                 credentials: Credentials) -> None:
+    """Save a consistent snapshot of running GUEST while it keeps running.
+
+    The guest pauses only to write-protect its memory and save its execution
+    state (milliseconds); its memory is then saved as it was at that
+    instant while it runs on: a write to a page not yet saved waits until
+    that one page is saved. Restore it elsewhere with `migrate restore`.
+
+    \b
+    Example:
+      migrate snapshot vm1 --agent 127.0.0.1:7070 -o vm1.snap --report snap.json
+    """
+    from migrate import checkpoint
+
+    doc = checkpoint.take(guest_name, agent, file, on_progress=SnapshotLine(), timeout=timeout,
+                          credentials=credentials)
+    _finish_report(doc, report_path, checkpoint.table)
+
+
+@cli.command("restore")
+@click.argument("file", metavar="FILE")
+@click.option("--from", "src", type=ENDPOINT, required=True,
+              help="The source agent whose --snapshot-dir holds FILE; it serves the memory.")
+@click.option("--to", "dst", type=ENDPOINT, required=True, help="Destination agent: the guest resumes there.")
+@click.option("--name", default="", help="The restored guest's name (default: FILE).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the JSON report here.")
+@click.option("--verify", is_flag=True, help="Let the guest finish and compare its memory with an unmigrated run.")
+@click.option("--max-bandwidth", type=RATE, default="0", help="Cap the page streams (e.g. 100M, 1gbit).")
+@_credential_options
+def restore_cmd(file: str, src: str, dst: str, name: str, report_path: str | None, verify: bool,
+                max_bandwidth: int, credentials: Credentials) -> None:
+    """Resume a snapshot on another agent, lazily: post-copy from the snapshot's image.
+
+    The guest runs on the destination at once, from the execution state
+    saved at the snapshot; its memory faults in from the image the source
+    agent serves, and the rest streams behind it.
+
+    \b
+    Example:
+      migrate restore vm1.snap --from 127.0.0.1:7070 --to 127.0.0.1:7071 --name vm1
+    """
+    from migrate import checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    opts = orchestrator.RunOptions(verify=verify, max_bandwidth=max_bandwidth, mode="postcopy")
+    doc = checkpoint.restore(file, src, dst, name, opts, on_status=ProgressLine(), credentials=credentials)
+    _finish_report(doc, report_path)
+    if doc.get("verified") is False:
+        raise click.ClickException("verification failed: the restored guest's memory differs")
 
 
 @cli.command("abort")

@@ -15,6 +15,7 @@ from migrate.backing import BackingDir, BackingFile
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import fill_random
 from migrate.proto import migrate_pb2 as pb
+from migrate.snapshot_image import read_state
 from migrate.validate import guest_name, spec_fits
 
 
@@ -72,6 +73,7 @@ class HostedGuest:
     run_id: str = ""
     content: str = "realistic"
     backing: BackingFile | None = None  # when RAM lives in a file (migrate/backing.py)
+    saved_state: dict | None = None     # an image's execution state (a snapshot's, migrate/snapshot_image.py)
     _map: mmap.mmap | None = field(default=None, repr=False)
 
     @property
@@ -166,19 +168,34 @@ class GuestTable:
                             content=content, backing=made)
         return self._install(guest)
 
-    def add_image(self, name: str, path: str, page_size: int = mmap.PAGESIZE) -> HostedGuest:
-        """Serve a memory image file as a guest's RAM (read-only)."""
+    def add_image(self, name: str, path: str, page_size: int = mmap.PAGESIZE, *, nofollow: bool = False) -> HostedGuest:
+        """Serve a memory image file as a guest's RAM (read-only).
+
+        With a snapshot's state file next to it (PATH.state.json) the image
+        is that guest, resumable elsewhere: its saved spec, content and
+        execution state; without one, an idle guest of the image's size.
+        """
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
         except OSError as err:
             raise ValueError(f"cannot open image {path}: {err.strerror}") from None
-        size = os.fstat(fd).st_size
-        if size == 0 or size % page_size:
+        try:
+            size = os.fstat(fd).st_size
+            saved = read_state(path, size)
+            if saved is not None:
+                spec, content, state = saved["spec"], saved.get("content", "realistic"), saved["state"]
+            else:
+                spec = GuestSpec(size=size, workload="idle", seed=0, ops=0, threads=1, page_size=page_size)
+                content, state = "realistic", None
+            if size == 0 or size % spec.page_size:
+                raise ValueError(f"image {path} is {size} bytes: not a positive multiple of the "
+                                 f"{spec.page_size}-byte page")
+            self._reserve(name)
+        except BaseException:
             os.close(fd)
-            raise ValueError(f"image {path} is {size} bytes: not a positive multiple of the {page_size}-byte page")
-        spec = GuestSpec(size=size, workload="idle", seed=0, ops=0, threads=1, page_size=page_size)
-        self._reserve(name)
-        return self._install(HostedGuest(name, spec, "image", fd, state="image"))
+            raise
+        return self._install(HostedGuest(name, spec, "image", fd, state="image", content=content,
+                                         saved_state=state))
 
     def restore_switched(self, record: dict) -> HostedGuest:
         """A file-backed guest a dead predecessor had switched over: only its memory is left here.

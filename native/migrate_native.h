@@ -6,6 +6,7 @@
 #include "pages.h"
 #include "workload.h"
 #include "dirty.h"
+#include "snapshot.h"
 #include "alloc.h"
 #include "dp_wire.h"
 #include "dp_common.h"

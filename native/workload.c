@@ -498,6 +498,18 @@ int mig_wl_set_thread_state(struct mig_wl *h, uint32_t i, uint64_t ops_done, uin
     return rc;
 }
 
+int mig_wl_limit_thread(struct mig_wl *h, uint32_t i, uint64_t target)
+{
+    if (!h || i >= h->n)
+        return -EINVAL;
+    pthread_mutex_lock(&h->ctl);
+    int rc = h->running ? -EBUSY : target > h->t[i].target ? -ERANGE : 0;
+    if (!rc)
+        h->t[i].target = target;
+    pthread_mutex_unlock(&h->ctl);
+    return rc;
+}
+
 uint64_t mig_wl_ops_done(struct mig_wl *h)
 {
     uint64_t sum = 0;

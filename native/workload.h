@@ -38,6 +38,9 @@ void mig_wl_free(struct mig_wl *h);
 uint32_t mig_wl_nthreads(struct mig_wl *h);
 int mig_wl_get_thread_state(struct mig_wl *h, uint32_t i, mig_wl_thread_state *out);
 int mig_wl_set_thread_state(struct mig_wl *h, uint32_t i, uint64_t ops_done, uint64_t rng, uint64_t acc);
+/* Stop thread i after `target` of its ops (no more than its share; paused only): a reference
+ * run to exactly the op counts a snapshot recorded. */
+int mig_wl_limit_thread(struct mig_wl *h, uint32_t i, uint64_t target);
 uint64_t mig_wl_ops_done(struct mig_wl *h);
 uint64_t mig_wl_ops_total(struct mig_wl *h);
 int mig_wl_finished(struct mig_wl *h);

@@ -141,6 +141,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_migration(qmp: Qmp, what: str, timeout: float = 600.0) -> dict:
+    """Poll query-migrate until it completes; RuntimeError naming `what` if it fails or takes too long."""
+    deadline = time.monotonic() + timeout
+    while (info := qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"QEMU's {what} did not complete within {timeout:g} s")
+        time.sleep(0.05)
+    if info["status"] == "failed":
+        raise RuntimeError(f"QEMU's {what} failed: {info.get('error-desc', '?')}")
+    return info
+
+
 def run_qemu(size: int, pattern: str, warmup: float, preempt: bool) -> dict:
     """QEMU post-copy of the sweeping guest over loopback; returns query-migrate's numbers."""
     with tempfile.TemporaryDirectory(prefix="compare-qemu-") as tmp:
@@ -165,13 +177,7 @@ def run_qemu(size: int, pattern: str, warmup: float, preempt: bool) -> dict:
             time.sleep(warmup)  # the guest sweeps its RAM meanwhile: every page is touched
             src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
-            deadline = time.monotonic() + 600
-            while (info := src_qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("QEMU's migration did not complete within 600 s")
-                time.sleep(0.05)
-            if info["status"] == "failed":
-                raise RuntimeError(f"QEMU's migration failed: {info.get('error-desc', '?')}")
+            info = wait_migration(src_qmp, "migration")
             dinfo = dst_qmp.cmd("query-migrate")
             ram = info.get("ram", {})
             return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),

@@ -329,9 +329,9 @@ class GuestProcess:
             raise RuntimeError(f"guest runner {self.pid} {what}: it exited{self._why()}")
         raise TimeoutError(f"guest runner {self.pid} {what} within {timeout} s{self._why()}")
 
-    def call(self, cmd: str, timeout: float = CALL_TIMEOUT, **kw: object) -> dict:
-        """Send one command and wait for its reply (RuntimeError if it fails
-        or the runner is gone, TimeoutError if it does not answer in time)."""
+    def call(self, cmd: str, timeout: float = CALL_TIMEOUT, fds: tuple[int, ...] = (), **kw: object) -> dict:
+        """Send one command (with `fds` attached, SCM_RIGHTS) and wait for its reply
+        (RuntimeError if it fails or the runner is gone, TimeoutError if it does not answer in time)."""
         if self._stopped:
             raise RuntimeError(f"guest runner {self.pid} was stopped")
         rid = next(self._ids)
@@ -344,7 +344,11 @@ class GuestProcess:
             line = (json.dumps({"id": rid, "cmd": cmd, **kw}) + "\n").encode()
             try:
                 with self._send_lock:
-                    self._sock.sendall(line)
+                    if fds:  # a command line is short: one sendmsg carries it whole
+                        if socket.send_fds(self._sock, [line], list(fds)) != len(line):
+                            raise OSError("short send of a command with fds")
+                    else:
+                        self._sock.sendall(line)
             except OSError as e:
                 self._proc_wait(1.0)
                 raise RuntimeError(f"guest runner {self.pid} unreachable ({e}){self._why()}") from None
@@ -384,6 +388,18 @@ class GuestProcess:
 
     def untrack_writes(self, timeout: float = CALL_TIMEOUT) -> None:
         self.call("untrack", timeout)
+
+    def snapshot(self, image_fd: int, timeout: float = CALL_TIMEOUT) -> dict:
+        """Have the runner write-protect its RAM at one instant and save it into
+        `image_fd` (a copy is sent; the caller keeps its own) while it runs:
+        ``{"state", "ops", "downtime_ms", "t_ns"}``; then poll :meth:`snapshot_status`."""
+        reply = self.call("snapshot", timeout, fds=(image_fd,))
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+
+    def snapshot_status(self, timeout: float = CALL_TIMEOUT) -> dict:
+        """The snapshot's counters (migrate.guest.snapshot); ``done`` once every page is saved."""
+        reply = self.call("snapshot_status", timeout)
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
 
     def digest(self, timeout: float | None = None) -> str:
         return self.call("digest", DIGEST_TIMEOUT if timeout is None else timeout)["digest"]

@@ -19,8 +19,10 @@ pages block in the kernel until the agent installs them.
 
 Control protocol (JSON lines on the control socket):
 
-- agent -> runner: ``{"id": n, "cmd": "pause"|"resume"|"state"|"digest"|"stats"|"track"|"untrack"|"stop", ...}``
-  (``resume`` takes an optional ``"state"``: an exported execution state).
+- agent -> runner: ``{"id": n, "cmd": "pause"|"resume"|"state"|"digest"|"stats"|"track"|"untrack"|
+  "snapshot"|"snapshot_status"|"stop", ...}``
+  (``resume`` takes an optional ``"state"``: an exported execution state;
+  ``snapshot`` comes with the image file's fd attached, SCM_RIGHTS).
 - runner -> agent: ``{"id": n, "ok": true, ...}`` or ``{"id": n, "ok": false, "error": "..."}``;
   pause/state reply ``{"state": {...}, "last_op_ns": t}``; digest ``{"digest": hex16}``;
   stats ``{ops_done, ops_total, running, finished, first_op_ns, last_op_ns}``;
@@ -114,6 +116,8 @@ class Runner:
                            ops_per_sec=args.ops_per_sec, page_size=args.page_size)
         self.uffd = None
         self.wp_uffd = None                  # write tracking (source side), see cmd_track
+        self.snapshot = None                 # the latest live snapshot, see cmd_snapshot
+        self.rx_fds: list[int] = []          # fds that came with commands (a snapshot's file)
         self.finished_sent = False
         self.closing = False
 
@@ -272,6 +276,34 @@ class Runner:
                 self.wp_uffd = None
         return {}
 
+    def cmd_snapshot(self, msg: dict) -> dict:
+        """Write-protect all RAM at one instant and start saving it into the attached file."""
+        from migrate.guest.snapshot import LiveSnapshot
+
+        if not self.rx_fds:
+            raise ValueError("snapshot needs the image file's fd attached (SCM_RIGHTS)")
+        fd = self.rx_fds.pop(0)
+        with self.ctl_lock:
+            busy = ("write tracking is on (a migration is being prepared)" if self.wp_uffd is not None else
+                    "a snapshot is running" if self.snapshot is not None and self.snapshot.result is None else "")
+            if busy:
+                os.close(fd)
+                raise RuntimeError(f"{busy}: no snapshot now")
+            snap = LiveSnapshot(self.wl, fd, self.spec.page_size)
+            try:
+                taken = snap.take()
+            except BaseException:
+                snap.close()
+                raise
+            self.snapshot = snap
+        self.progress()
+        return taken
+
+    def cmd_snapshot_status(self, msg: dict) -> dict:
+        if self.snapshot is None:
+            raise RuntimeError("no snapshot was taken")
+        return self.snapshot.status()
+
     def cmd_stop(self, msg: dict) -> dict:
         return {}
 
@@ -294,9 +326,10 @@ class Runner:
         buf = b""
         while not self.closing:
             try:
-                chunk = self.sock.recv(65536)
+                chunk, fds, _, _ = socket.recv_fds(self.sock, 65536, 4)
             except OSError:                  # ECONNRESET: the agent closed with data unread
-                chunk = b""
+                chunk, fds = b"", []
+            self.rx_fds.extend(fds)
             if not chunk:                    # the agent closed the socket (or died)
                 if self.listener and self.rejoin():
                     buf = b""

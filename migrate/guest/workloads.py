@@ -181,6 +181,18 @@ class Workload:
             if rc:
                 raise ValueError(f"execution state thread {i}: ops_done {vals[0]} exceeds its share of ops")
 
+    def limit(self, counts: list[int]) -> None:
+        """Stop thread i after counts[i] ops (paused only; at most its share): a
+        reference run to exactly the op counts a snapshot recorded."""
+        if len(counts) != self.threads:
+            raise ValueError(f"{len(counts)} op counts for {self.threads} threads")
+        for i, n in enumerate(counts):
+            rc = lib.mig_wl_limit_thread(self._handle(), i, n)
+            if rc == -errno.EBUSY:
+                raise RuntimeError("cannot limit a running workload")
+            if rc:
+                raise ValueError(f"thread {i}: {n} ops exceed its share")
+
     def close(self) -> None:
         """Pause, free the engine and release the buffer. Idempotent."""
         if self._h is not None:

@@ -89,6 +89,21 @@ class ControlStub:
                 request_serializer=migrate__pb2.RunRef.SerializeToString,
                 response_deserializer=migrate__pb2.SourceStats.FromString,
                 _registered_method=True)
+        self.StartSnapshot = channel.unary_unary(
+                '/migrate.v1.Control/StartSnapshot',
+                request_serializer=migrate__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=migrate__pb2.SnapshotProgress.FromString,
+                _registered_method=True)
+        self.SnapshotStatus = channel.unary_unary(
+                '/migrate.v1.Control/SnapshotStatus',
+                request_serializer=migrate__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=migrate__pb2.SnapshotProgress.FromString,
+                _registered_method=True)
+        self.LoadSnapshot = channel.unary_unary(
+                '/migrate.v1.Control/LoadSnapshot',
+                request_serializer=migrate__pb2.LoadSnapshotRequest.SerializeToString,
+                response_deserializer=migrate__pb2.GuestInfo.FromString,
+                _registered_method=True)
         self.PrepareIncoming = channel.unary_unary(
                 '/migrate.v1.Control/PrepareIncoming',
                 request_serializer=migrate__pb2.PrepareIncomingRequest.SerializeToString,
@@ -197,6 +212,25 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartSnapshot(self, request, context):
+        """returns once the guest runs again
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PrepareIncoming(self, request, context):
         """destination side
         """
@@ -297,6 +331,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.CompleteOutgoing,
                     request_deserializer=migrate__pb2.RunRef.FromString,
                     response_serializer=migrate__pb2.SourceStats.SerializeToString,
+            ),
+            'StartSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSnapshot,
+                    request_deserializer=migrate__pb2.SnapshotRequest.FromString,
+                    response_serializer=migrate__pb2.SnapshotProgress.SerializeToString,
+            ),
+            'SnapshotStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotStatus,
+                    request_deserializer=migrate__pb2.SnapshotRequest.FromString,
+                    response_serializer=migrate__pb2.SnapshotProgress.SerializeToString,
+            ),
+            'LoadSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadSnapshot,
+                    request_deserializer=migrate__pb2.LoadSnapshotRequest.FromString,
+                    response_serializer=migrate__pb2.GuestInfo.SerializeToString,
             ),
             'PrepareIncoming': grpc.unary_unary_rpc_method_handler(
                     servicer.PrepareIncoming,
@@ -631,6 +680,87 @@ class Control:
             '/migrate.v1.Control/CompleteOutgoing',
             migrate__pb2.RunRef.SerializeToString,
             migrate__pb2.SourceStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/StartSnapshot',
+            migrate__pb2.SnapshotRequest.SerializeToString,
+            migrate__pb2.SnapshotProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/SnapshotStatus',
+            migrate__pb2.SnapshotRequest.SerializeToString,
+            migrate__pb2.SnapshotProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/LoadSnapshot',
+            migrate__pb2.LoadSnapshotRequest.SerializeToString,
+            migrate__pb2.GuestInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,8 +113,8 @@ class OutgoingRun:
         the pages written since the last scan (stale wherever they were sent)."""
         t0 = time.monotonic()
         proc = self.guest.process
-        if proc is None:  # an image: nothing runs, nothing to hand over
-            state, last_op_ns = {}, 0
+        if proc is None:  # an image: nothing runs; a snapshot's image hands over its saved state
+            state, last_op_ns = self.guest.saved_state or {}, 0
         else:
             state = proc.pause()
             last_op_ns = int(state.get("last_op_ns", 0))
