@@ -5,6 +5,13 @@ total_s, downtime_ms, pages.*, faults.*, bytes.*, compression_ratio,
 guest.blocked_ms, guest.progress, verified; and for the modes (issue 3):
 mode, precopy.rounds (pages sent and dirty pages per round), precopy.bytes,
 downtime_parts. bytes.* and compression_ratio count pre-copy traffic too.
+
+The pages add up: pages.before_resume + pushed + faulted + recovered ==
+received (== total once complete). before_resume are the pages already here
+when the guest resumed (pre-copied and not written again; precopied counts
+every page the rounds sent, re-sent ones too); recovered, the pages a
+restarted destination agent found in RAM beyond its journal's counters;
+zero pages are among pushed and faulted.
 """
 from __future__ import annotations
 
@@ -108,6 +115,8 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "faulted": status.pages_faulted,
             "zero": status.pages_zero,
             "precopied": precopy_pages,
+            "before_resume": status.pages_before_resume,
+            "recovered": status.pages_recovered,
             "page_size": spec.page_size,
         },
         "faults": {"count": status.faults, "latency_us": latency},
@@ -131,6 +140,14 @@ def transfer_mib_s(doc: dict) -> float:
     return after / MiB / doc["transfer_s"] if doc["transfer_s"] else 0.0
 
 
+def _pages(p: dict) -> str:
+    """The pages row: where they came from, adding up to the total once complete."""
+    kept = f" ({p.get('before_resume', 0)} kept)" if p.get("precopied") else ""
+    recovered = f", {p['recovered']} recovered at a restart" if p.get("recovered") else ""
+    return (f"{p['total']} total: {p.get('precopied', 0)} pre-copied{kept}, {p['pushed']} pushed, "
+            f"{p['faulted']} faulted{recovered}, {p['zero']} zero")
+
+
 def table(doc: dict) -> str:
     """The report as a short table for a terminal."""
     p, f, b = doc["pages"], doc["faults"], doc["bytes"]
@@ -145,8 +162,7 @@ def table(doc: dict) -> str:
         ("after resume", f"{doc['transfer_s']:.3f} s to the last page "
                          f"({transfer_mib_s(doc):.0f} MiB/s of guest memory)" if transfer_mib_s(doc) else "-"),
         ("downtime", f"{doc['downtime_ms']:.2f} ms" + (f" (ms: {parts})" if parts else "")),
-        ("pages", f"{p['total']} total: {p.get('precopied', 0)} pre-copied, {p['pushed']} pushed, "
-                  f"{p['faulted']} faulted, {p['zero']} zero"),
+        ("pages", _pages(p)),
         ("faults", f"{f['count']}: p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, max {lat['max']:.0f} µs"),
         ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"),
         ("on the wire", f"{b['wire'] / MiB:.1f} MiB for {mb:.1f} MiB of pages "

@@ -35,6 +35,7 @@ def test_every_mode_and_workload_at_two_moments(agents, mode, workload):
         assert doc["mode"] == mode
         p, pre = doc["pages"], doc["precopy"]
         assert p["received"] == p["total"] == 8 * MiB // mmap.PAGESIZE
+        assert p["before_resume"] + p["pushed"] + p["faulted"] + p["recovered"] == p["total"], p
         if mode == "postcopy":
             assert pre["rounds"] == [] and p["precopied"] == 0
         else:

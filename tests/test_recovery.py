@@ -240,7 +240,8 @@ def test_a_resumed_run_reports_its_time_from_the_original_start(agents):
             d.stop_if_hosted("late")
             s.stop_if_hosted("late")
     assert doc["total_s"] >= 0.8 * waited, (doc["total_s"], waited)  # waited includes PrepareOutgoing
-    assert doc["pages"]["pushed"] + doc["pages"]["faulted"] == doc["pages"]["received"]
+    pages = doc["pages"]  # reported like any run: the same fields, adding up
+    assert pages["before_resume"] + pages["pushed"] + pages["faulted"] + pages["recovered"] == pages["received"]
 
 
 def test_resume_before_switchover_aborts_and_keeps_the_guest(agents):
@@ -326,8 +327,11 @@ def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path,
             assert "waiting up to 60 s for it to come back" in caplog.text  # not silent while it waits
             assert doc["verified"] is True
             assert doc["pages"]["received"] == doc["pages"]["total"]
-            # The pages installed before the restart count too (journaled every 0.25 s).
-            assert doc["pages"]["pushed"] + doc["pages"]["faulted"] >= 0.9 * doc["pages"]["total"], doc["pages"]
+            # The pages installed before the restart count too (journaled every 0.25 s); those installed
+            # after the last journal write count as recovered: the report adds up exactly, whatever the timing.
+            pages = doc["pages"]
+            assert pages["pushed"] + pages["faulted"] + pages["recovered"] == pages["total"], pages
+            assert pages["before_resume"] == 0 and pages["recovered"] < pages["total"], pages
             with AgentClient(restarter.second.address) as c:
                 assert c.call("InspectGuest", pb.GuestRef(name="phoenix")).state in ("running", "finished")
                 c.call("StopGuest", pb.GuestRef(name="phoenix"))
