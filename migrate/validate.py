@@ -12,6 +12,7 @@ import math
 import re
 
 from migrate.guest.process import GuestSpec
+from migrate.planes import KEY_BYTES, DataPlane, PageRoute
 
 #: Most workload threads a guest may ask for (the CLI's limit too).
 MAX_THREADS = 64
@@ -49,6 +50,18 @@ def endpoint(value: str, what: str) -> str:
     if not m or not 0 < int(m.group(2)) < 65536:
         raise ValueError(f"bad {what} {value[:80]!r}: expected HOST:PORT")
     return value
+
+
+def page_route(route: PageRoute) -> PageRoute:
+    """Endpoints (and, on the native plane, a key) the destination can use."""
+    endpoint(route.source_endpoint, "source_endpoint")
+    if route.plane is DataPlane.NATIVE:
+        endpoint(route.data_endpoint, "data_endpoint")
+        if len(route.data_key) != KEY_BYTES:
+            raise ValueError(f"data_key must be {KEY_BYTES} bytes, got {len(route.data_key)}")
+    else:
+        endpoint(route.bulk_endpoint, "bulk_endpoint")
+    return route
 
 
 def spec_fits(spec: GuestSpec) -> GuestSpec:

@@ -6,7 +6,10 @@ over the urgent Pages.Fetch stream (its own HTTP/2 connection) and, right
 behind it, for its aligned 64 KiB neighbourhood, or, while the guest reads
 sequentially, a readahead that doubles up to 256 KiB; install each reply with
 one UFFDIO_COPY per run, and time each fault from its read to its install.
-The faulting page travels alone so its reply is one small message.
+The faulting page travels alone so its reply is one small message. A
+prefetch asks only for pages not received and, beside a native bulk path,
+not asked by it (its `asked` bitmap, where the prefetch marks its own): no
+page goes on the wire twice for a prefetch.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import grpc
 
 from migrate import rpc, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
+from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.proto import migrate_pb2 as pb
@@ -66,11 +70,13 @@ class _Stream:
 class FaultServer:
     """Turns faults into urgent requests and urgent replies into installs."""
 
-    def __init__(self, mem: Memory, link: SourceLink, run_id: str, jump: Callable[[int], None]) -> None:
+    def __init__(self, mem: Memory, link: SourceLink, run_id: str, jump: Callable[[int], None],
+                 asked: SharedBitmap | None = None) -> None:
         self.mem = mem
         self._link = link
         self._run_id = run_id
         self._jump = jump
+        self._asked = asked
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._lock = threading.Lock()
         # In flight, by request id: the faults waiting on it [(page, t_ns, waiters)], the request
@@ -139,9 +145,23 @@ class FaultServer:
                     continue
                 self._ask(page, 1, [(page, t_ns, waiters)])
                 first, end = self._prefetch(page)
-                if end > first:
-                    self._ask(first, end - first, [])
+                for run_first, count in self._wanted(first, end):
+                    self._ask(run_first, count, [])
             self._jump(end)
+
+    def _wanted(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """Runs of pages in [first, end) neither received nor asked by the bulk path (marked asked now)."""
+        received, asked = self.mem.bitmap, self._asked
+        page = first
+        while (page := received.next_clear(page)) < end:
+            if asked is not None and asked.test(page):
+                page = asked.next_clear(page)
+                continue
+            stop = min(end, received.next_set(page), asked.next_set(page) if asked is not None else end)
+            if asked is not None:
+                asked.set_range(page, stop - page)
+            yield page, stop - page
+            page = stop
 
     def _install(self, raw: bytes) -> None:
         try:
@@ -241,14 +261,16 @@ class FaultLoop:
     Two threads of the agent, as the bulk path is (see dest/bulk.py for
     why not processes). Connecting happens here: a source that cannot be
     reached raises ConnectionError, before the guest ever stops on the
-    source. `jump` tells the bulk path where the guest faults.
+    source. `jump` tells the bulk path where the guest faults; `asked`, a
+    native bulk path's bitmap of pages asked for, keeps prefetches from
+    asking them again.
     """
 
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
-                 recovery_timeout: float) -> None:
+                 recovery_timeout: float, asked: SharedBitmap | None = None) -> None:
         self._mem = mem
         self._link = SourceLink(endpoint, "urgent", recovery_timeout)
-        self._server = FaultServer(mem, self._link, run_id, jump)
+        self._server = FaultServer(mem, self._link, run_id, jump, asked)
         self._stop = threading.Event()
         self._summary: dict | None = None
         self._receiver = threading.Thread(target=guarded("urgent reply receiver", self._server.receive, self._fail),

@@ -2,8 +2,11 @@
 
 PrepareIncoming creates empty guest RAM, starts a guest runner in restore
 mode (it registers its RAM with userfaultfd and hands us the fd), creates the
-received bitmap, and starts the urgent path (dest/faults.py) and the bulk
-path (dest/bulk.py), threads of this agent; both connect to the source. In
+received bitmap, and starts the urgent path and the bulk path; both
+connect to the source. On the gRPC data plane they are threads of this
+agent (dest/faults.py, dest/bulk.py); on the native plane C threads
+(dest/dataplane.py), the urgent path staying on gRPC unless the run asks
+for the native fault path (migrate.planes). In
 hybrid and precopy modes, PrecopyRound calls then fill RAM while the guest
 still runs on the source (migrate.dest.precopy); in precopy mode the runner
 has no userfaultfd and neither path starts: every page arrives by pre-copy.
@@ -24,12 +27,14 @@ import time
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import BulkLoop
+from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
+from migrate.planes import DataPlane, FaultPath, PageRoute
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import Uffd
 
@@ -43,24 +48,23 @@ MODES = ("postcopy", "hybrid", "precopy")
 class IncomingRun:
     """One guest arriving at this agent."""
 
-    def __init__(self, run_id: str, name: str, spec: GuestSpec, source_endpoint: str, bulk_endpoint: str) -> None:
+    def __init__(self, run_id: str, name: str, spec: GuestSpec, route: PageRoute) -> None:
         self.run_id = run_id
         self.name = name
         self.spec = spec
         self.recovery_timeout = DEFAULT_RECOVERY_TIMEOUT
         self.journal: Journal | None = None  # set by an agent with --state-dir
         self._push: dict = {}
-        self.source_endpoint = source_endpoint
-        self.bulk_endpoint = bulk_endpoint
+        self.route = route
         self.phase = "new"
         self.error = ""
         self.guest: HostedGuest | None = None
         self.bitmap: SharedBitmap | None = None
         self.uffd: Uffd | None = None
         self.regions: list[tuple[int, int, int]] = []
-        self.paths: dict[str, BulkLoop | FaultLoop] = {}
+        self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
         self.mode = "postcopy"
-        self.precopy: PrecopyPuller | None = None
+        self.precopy: PrecopyPuller | NativePrecopy | None = None
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
         self._t_resume = 0.0
         self._t_done = 0.0
@@ -101,7 +105,11 @@ class IncomingRun:
             self.attach(proc.uffd, proc.regions)
             self.start_paths()
         if mode != "postcopy":
-            self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id)
+            r = self.route
+            if r.plane is DataPlane.NATIVE:
+                self.precopy = NativePrecopy(fd, self.bitmap, self.spec.page_size, r.data_endpoint, r.data_key)
+            else:
+                self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, r.bulk_endpoint, self.run_id)
         self._record()
         return (time.monotonic() - t0) * 1000.0
 
@@ -129,12 +137,26 @@ class IncomingRun:
             covered.close()
 
     def start_paths(self) -> None:
-        """Start the bulk path (waiting for start()) and the urgent path (serving at once)."""
+        """Start the bulk path (waiting for start()) and the urgent path (serving at once), on the run's plane.
+
+        A gRPC urgent path beside a native bulk skips, in its prefetch, the
+        pages the bulk has asked for already (its `asked` bitmap): asking
+        them twice would put them twice on the wire.
+        """
         mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
-        bulk = BulkLoop(mem, self.bulk_endpoint, self.run_id, self.recovery_timeout)
+        r = self.route
+        if r.plane is DataPlane.NATIVE:
+            bulk: BulkLoop | NativeBulk = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
+            jump, asked = bulk.jump, bulk.asked
+        else:
+            bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout)
+            jump, asked = bulk.planner.jump, None
         self.paths["bulk"] = bulk
-        self.paths["faults"] = FaultLoop(mem, self.source_endpoint, self.run_id, bulk.planner.jump,
-                                         self.recovery_timeout)
+        if r.fault_path is FaultPath.NATIVE:
+            self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
+        else:
+            self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
+                                             asked=asked)
         self.phase = "prepared"
 
     # ------------------------------------------------------------ pre-copy
@@ -199,14 +221,12 @@ class IncomingRun:
             return
         self.journal.save(self.run_id, {
             "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
-            "source_endpoint": self.source_endpoint, "bulk_endpoint": self.bulk_endpoint,
-            "recovery_timeout": self.recovery_timeout, "phase": self.phase, **self._push})
+            **self.route.to_dict(), "recovery_timeout": self.recovery_timeout, "phase": self.phase, **self._push})
 
     @classmethod
     def rejoin(cls, record: dict, journal: Journal) -> "IncomingRun":
         """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths."""
-        run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), record["source_endpoint"],
-                  record["bulk_endpoint"])
+        run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), PageRoute.from_dict(record))
         run.journal = journal
         run.mode = record["mode"]
         run.recovery_timeout = float(record["recovery_timeout"])
@@ -292,7 +312,8 @@ class IncomingRun:
             pages_zero=totals["zero"], faults=int(faults.last.get("faults", 0)) if faults else 0,
             bytes_wire=totals["bytes_wire"], bytes_pages=totals["bytes_pages"],
             elapsed_s=(end - self._t_resume) if self._t_resume else 0.0,
-            detail_json=json.dumps(detail))
+            detail_json=json.dumps(detail), data_plane=self.route.plane.value,
+            fault_path=self.route.fault_path.value)
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""
