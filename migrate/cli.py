@@ -119,11 +119,11 @@ def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, inse
 
 
 _data_plane_option = click.option(
-    "--data-plane", type=click.Choice(list(planes.DataPlane)), default=None,
+    "--data-plane", type=click.Choice([p.value for p in planes.DataPlane]), default=None,
     help="How page data travels: native (C threads, plain TCP, a one-time key per run) or grpc (the Pages "
          "service, TLS when configured). Default: native, or grpc when TLS is configured.")
 _fault_path_option = click.option(
-    "--fault-path", type=click.Choice(list(planes.FaultPath)), default=planes.FaultPath.GRPC.value,
+    "--fault-path", type=click.Choice([p.value for p in planes.FaultPath]), default=planes.FaultPath.GRPC.value,
     show_default=True, help="How the guest's faults are served: over gRPC, or native (needs --data-plane native).")
 
 _insecure_option = click.option("--insecure-listen", is_flag=True,
@@ -421,7 +421,7 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
     try:
         opts.check(credentials.tls)
     except ValueError as err:
-        raise click.UsageError(str(err)) from None
+        raise click.ClickException(str(err)) from None
     if resume:
         doc = orchestrator.resume(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
     else:
@@ -464,7 +464,7 @@ def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no
     try:
         opts.check()
     except ValueError as err:
-        raise click.UsageError(str(err)) from None
+        raise click.ClickException(str(err)) from None
     doc = run_demo(size=size, workload=workload, threads=threads, opts=opts,
                    on_status=ProgressLine(), say=lambda text: click.echo(text, err=True))
     _finish_report(doc, report_path)

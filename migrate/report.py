@@ -110,6 +110,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "faulted": status.pages_faulted,
             "zero": status.pages_zero,
             "precopied": precopy_pages,
+            "duplicates": sum(int(p.get("duplicates", 0)) for p in detail.values() if isinstance(p, dict)),
             "page_size": spec.page_size,
         },
         "faults": {"count": status.faults, "latency_us": latency},
@@ -151,7 +152,7 @@ def table(doc: dict) -> str:
                          f"({transfer_mib_s(doc):.0f} MiB/s of guest memory)" if transfer_mib_s(doc) else "-"),
         ("downtime", f"{doc['downtime_ms']:.2f} ms" + (f" (ms: {parts})" if parts else "")),
         ("pages", f"{p['total']} total: {p.get('precopied', 0)} pre-copied, {p['pushed']} pushed, "
-                  f"{p['faulted']} faulted, {p['zero']} zero"),
+                  f"{p['faulted']} faulted, {p['zero']} zero, {p.get('duplicates', 0)} came twice"),
         ("faults", f"{f['count']}: p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, max {lat['max']:.0f} µs"),
         ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"),
         ("on the wire", f"{b['wire'] / MiB:.1f} MiB for {mb:.1f} MiB of pages "

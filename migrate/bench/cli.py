@@ -27,7 +27,7 @@ def _sizes(ctx, param, values):  # noqa: ANN001 - click's signature
               help="Workload (repeatable) [hotset].")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(MODES), help="Migration mode (repeatable) "
               "[postcopy].")
-@click.option("--data-plane", "planes", multiple=True, type=click.Choice(list(DataPlane)),
+@click.option("--data-plane", "planes", multiple=True, type=click.Choice([p.value for p in DataPlane]),
               help="Data plane (repeatable) [native].")
 @click.option("--level", "levels", multiple=True, type=click.IntRange(-7, 22),
               help="zstd level of the source (repeatable) [1].")
