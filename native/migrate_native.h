@@ -7,4 +7,7 @@
 #include "workload.h"
 #include "dirty.h"
 #include "alloc.h"
+#include "dp_wire.h"
+#include "dp_common.h"
+#include "dp_source.h"
 #endif

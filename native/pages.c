@@ -3,12 +3,9 @@
 #include <string.h>
 
 #include "pages.h"
-#include "workload.h"
+#include "dp_common.h"
 
-/* Is the page (page_size a multiple of 64) all zero? ORs 64-byte blocks word
- * by word (the compiler vectorizes the inner loop) and stops at the first
- * block with a set bit: non-zero pages usually differ from zero early. */
-static int page_is_zero(const uint8_t *p, uint32_t page_size)
+int mig_page_is_zero(const uint8_t *p, uint32_t page_size)
 {
     const uint64_t *w = (const uint64_t *)p;
     for (uint32_t i = 0; i < page_size / 8; i += 8) {
@@ -28,7 +25,7 @@ int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, 
     uint64_t out = 0;
     for (uint32_t i = 0; i < npages; i++) {
         const uint8_t *page = src + (uint64_t)i * page_size;
-        if (!page_is_zero(page, page_size)) {
+        if (!mig_page_is_zero(page, page_size)) {
             memcpy(dst + out, page, page_size);
             out += page_size;
         } else if (runs && zero_runs[2 * runs - 2] + zero_runs[2 * runs - 1] == i) {

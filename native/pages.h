@@ -5,6 +5,11 @@
 
 #include <stdint.h>
 
+/* Is the page (page_size a multiple of 64) all zero? ORs 64-byte blocks word
+ * by word (the compiler vectorizes the inner loop) and stops at the first
+ * block with a set bit: non-zero pages usually differ from zero early. */
+int mig_page_is_zero(const uint8_t *p, uint32_t page_size);
+
 /* Scan npages pages at src. Zero pages become runs (start, len) in zero_runs,
  * pairs relative to src, at most max_runs pairs; *nzero_runs gets their
  * number. The other pages are copied, in order, contiguously into dst (room

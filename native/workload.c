@@ -1,5 +1,5 @@
 /*
- * Synthetic guest: realistic memory content, a memory digest and a
+ * Synthetic guest: realistic memory content and a
  * deterministic multi-threaded workload engine.
  *
  * Determinism contract: each workload thread owns a disjoint slice of pages
@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include "workload.h"
+#include "mix.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -22,21 +23,8 @@
 #include <time.h>
 
 #define GOLDEN 0x9E3779B97F4A7C15ULL
-#define P1 0x9E3779B97F4A7C15ULL
-#define P2 0xC2B2AE3D27D4EB4FULL
-#define P3 0x165667B19E3779F9ULL
-#define P4 0x85EBCA77C2B2AE63ULL
 
 /* ------------------------------------------------------------------ utils */
-
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-
-static inline uint64_t mix64(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
 
 /* splitmix64: the whole RNG state is one u64, easy to export. */
 static inline uint64_t rng_next(uint64_t *s)
@@ -54,14 +42,6 @@ static inline uint64_t bounded(uint64_t r, uint64_t n)
 static inline uint64_t mulhi(uint64_t a, uint64_t b)
 {
     return (uint64_t)(((unsigned __int128)a * b) >> 64);
-}
-
-static inline void store64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-static inline uint64_t load64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v;
 }
 
 int64_t mig_realtime_ns(void)
@@ -201,42 +181,6 @@ void mig_fill_random(uint8_t *mem, uint64_t size, uint64_t seed)
     }
     for (; i < size; i++)
         mem[i] = (uint8_t)rng_next(&s);
-}
-
-/* ----------------------------------------------------------------- digest */
-
-/*
- * Four independent lanes over 8-byte words.  Each lane step
- * h = rotl(h ^ w * P1, 31) * P2 is a bijection of w for a fixed h and of h
- * for a fixed w, and the lanes are combined by bijective steps, so any
- * change confined to one word (one flipped byte) always changes the digest.
- */
-uint64_t mig_digest(const uint8_t *mem, uint64_t size)
-{
-    uint64_t h0 = 0x243F6A8885A308D3ULL, h1 = 0x13198A2E03707344ULL;
-    uint64_t h2 = 0xA4093822299F31D0ULL, h3 = 0x082EFA98EC4E6C89ULL;
-    uint64_t i = 0;
-    if (mem) {
-        for (; i + 32 <= size; i += 32) {
-            h0 = rotl64(h0 ^ (load64(mem + i) * P1), 31) * P2;
-            h1 = rotl64(h1 ^ (load64(mem + i + 8) * P1), 31) * P2;
-            h2 = rotl64(h2 ^ (load64(mem + i + 16) * P1), 31) * P2;
-            h3 = rotl64(h3 ^ (load64(mem + i + 24) * P1), 31) * P2;
-        }
-        for (; i + 8 <= size; i += 8)
-            h0 = rotl64(h0 ^ (load64(mem + i) * P1), 31) * P2;
-        if (i < size) {
-            uint8_t tail[8] = {0};
-            memcpy(tail, mem + i, size - i);
-            h1 = rotl64(h1 ^ (load64(tail) * P1), 31) * P2;
-        }
-    }
-    uint64_t f = size * P3 + P4;
-    f = rotl64(f ^ h0, 27) * P1;
-    f = rotl64(f ^ h1, 27) * P1;
-    f = rotl64(f ^ h2, 27) * P1;
-    f = rotl64(f ^ h3, 27) * P1;
-    return mix64(f);
 }
 
 /* -------------------------------------------------------------- workloads */

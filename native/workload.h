@@ -29,7 +29,6 @@ struct mig_wl;
 
 void mig_fill_realistic(uint8_t *mem, uint64_t size, uint32_t page_size, uint64_t seed);
 void mig_fill_random(uint8_t *mem, uint64_t size, uint64_t seed);
-uint64_t mig_digest(const uint8_t *mem, uint64_t size);
 
 struct mig_wl *mig_wl_new(uint8_t *mem, uint64_t size, uint32_t page_size, int workload_id,
                           uint64_t seed, uint64_t total_ops, uint32_t nthreads, double ops_per_sec);

@@ -1,0 +1,470 @@
+/* The native data plane's source (see dp_source.h, docs/protocol.md).
+ *
+ * One accept thread; one thread per accepted connection, which reads the
+ * hello, then requests, and answers each with batches built straight from
+ * a read-only mapping of the guest's memfd: zero pages become runs, the
+ * other pages are checksummed where they are, while the scan has them hot,
+ * and sent from the mapping by one sendmsg per batch (no copy but the
+ * kernel's), or compressed into a per-connection buffer. */
+#define _GNU_SOURCE
+#include "dp_source.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "dp_common.h"
+#include "pages.h"
+
+/* A hello must arrive this soon after the connection is accepted. */
+#define HELLO_TIMEOUT_S 2
+/* Connections served at once; more are dropped at accept (counted rejected). */
+#define MAX_CONNECTIONS 64
+
+/* "auto" compression (the policy of migrate/source/bulk_server.py):
+ * compressed / raw above STOP_RATIO: send raw, probing one batch in
+ * PROBE_EVERY; zstd's speed assumed until measured; compress only when it
+ * saves WORTH_IT of the bytes. */
+#define STOP_RATIO 0.9
+#define PROBE_EVERY 32
+#define COMPRESS_BPS_GUESS 400e6
+#define WORTH_IT 0.92
+
+#define ADD(field, n) __atomic_fetch_add(&s->counters.field, (n), __ATOMIC_RELAXED)
+
+struct conn {
+    struct mig_dp_source *s;
+    int fd;
+    pthread_t tid;
+    int done;                   /* the thread has ended: join it (under s->mu) */
+    struct conn *next;
+};
+
+struct mig_dp_source {
+    const uint8_t *mem;
+    uint64_t size, npages;
+    uint32_t page_size;
+    uint8_t key[DP_KEY_LEN];
+    int compress, level;
+    int listen_fd;
+    uint16_t port;
+    pthread_t accept_tid;
+    int stopping;               /* under mu */
+    pthread_mutex_t mu;
+    struct conn *conns;         /* under mu */
+    int nconns;
+    struct mig_dp_source_counters counters;
+};
+
+/* ------------------------------------------------------------- compression */
+
+/* Per bulk connection: the "auto" policy's moving averages and zstd's room. */
+struct squeeze {
+    ZSTD_CCtx *cctx;
+    uint8_t *buf;
+    size_t cap;
+    int local_peer;
+    double compress_bps, ratio, last_send_s;
+    unsigned skipped;
+};
+
+static int should_compress(const struct mig_dp_source *s, struct squeeze *z, uint32_t raw_len)
+{
+    if (!z->cctx || raw_len == 0)
+        return 0;
+    if (s->compress != MIG_DP_COMPRESS_AUTO)
+        return s->compress == MIG_DP_COMPRESS_ALWAYS;
+    if (z->local_peer)  /* a loopback "link" is memory: compressing takes the CPU the peer needs */
+        return 0;
+    if (z->ratio > STOP_RATIO) {
+        if (++z->skipped < PROBE_EVERY)
+            return 0;
+        z->skipped = 0;
+    }
+    /* The link is the bottleneck when the last send took longer than compressing this would. */
+    return z->last_send_s > raw_len / z->compress_bps;
+}
+
+/* Compress the batch's data into z->buf; 1 when it is worth sending so. */
+static int squeeze_batch(struct squeeze *z, const struct iovec *data, int n, uint32_t raw_len, uint32_t *out_len)
+{
+    const char *err;
+    int64_t t0 = dp_mono_ns();
+    int64_t len = dp_zstd_compress_iov(z->cctx, z->buf, z->cap, data, n, raw_len, &err);
+    double seconds = (dp_mono_ns() - t0) / 1e9;
+    if (len < 0)
+        return 0;  /* zstd failing is not the peer's problem: this batch goes raw */
+    if (seconds > 0)
+        z->compress_bps = 0.8 * z->compress_bps + 0.2 * raw_len / seconds;
+    z->ratio = 0.8 * z->ratio + 0.2 * (double)len / raw_len;
+    *out_len = (uint32_t)len;
+    return len < WORTH_IT * raw_len;
+}
+
+/* Start a thread with every signal blocked: signals are the Python main
+ * thread's business, and our blocking calls then never see EINTR. */
+static int spawn(pthread_t *tid, void *(*fn)(void *), void *arg)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int r = pthread_create(tid, NULL, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return r;
+}
+
+/* ----------------------------------------------------------------- serving */
+
+/* Send pages [first, first + count) (count <= DP_BATCH_PAGES) as one batch.
+ * Returns 0 or -errno. */
+static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, uint64_t req_id, uint64_t first,
+                      uint32_t count, int fault)
+{
+    const uint32_t ps = s->page_size;
+    uint32_t runs[DP_BATCH_PAGES + 1];  /* pairs; at most one zero run per two pages, plus one */
+    struct iovec iov[2 + DP_BATCH_PAGES];
+    struct dp_batch h = {.magic = DP_BATCH_MAGIC, .encoding = DP_RAW, .req_id = req_id, .first_page = first,
+                         .count = count};
+    struct dp_digest digest;
+    dp_digest_init(&digest);
+    int ndata = 0;
+    uint32_t nruns = 0, zero = 0;
+    const uint8_t *base = s->mem + first * ps;
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *page = base + (uint64_t)i * ps;
+        if (mig_page_is_zero(page, ps)) {
+            if (nruns && runs[2 * nruns - 2] + runs[2 * nruns - 1] == i) {
+                runs[2 * nruns - 1]++;
+            } else {
+                runs[2 * nruns] = i;
+                runs[2 * nruns + 1] = 1;
+                nruns++;
+            }
+            zero++;
+            continue;
+        }
+        dp_digest_update(&digest, page, ps);  /* while the zero check has it in cache */
+        struct iovec *last = ndata ? &iov[2 + ndata - 1] : NULL;
+        if (last && (const uint8_t *)last->iov_base + last->iov_len == page)
+            last->iov_len += ps;
+        else
+            iov[2 + ndata++] = (struct iovec){(void *)page, ps};
+    }
+    h.nzero_pairs = nruns;
+    h.raw_len = (count - zero) * ps;
+    h.data_len = h.raw_len;
+    h.checksum = dp_digest_final(&digest);
+    if (!fault && should_compress(s, z, h.raw_len) && squeeze_batch(z, &iov[2], ndata, h.raw_len, &h.data_len)) {
+        h.encoding = DP_ZSTD;
+        iov[2] = (struct iovec){z->buf, h.data_len};
+        ndata = 1;
+        ADD(compressed_batches, 1);
+    }
+    iov[0] = (struct iovec){&h, sizeof h};
+    iov[1] = (struct iovec){runs, nruns * 2 * sizeof(uint32_t)};
+    int64_t t0 = dp_mono_ns();
+    int r = dp_send_iov(fd, iov, 2 + ndata);
+    if (z)
+        z->last_send_s = (dp_mono_ns() - t0) / 1e9;
+    if (r)
+        return r;
+    ADD(zero_pages, zero);
+    ADD(bytes, sizeof h + nruns * 2 * sizeof(uint32_t) + h.data_len);
+    if (fault)
+        ADD(fault_pages, count);
+    else
+        ADD(pages, count);
+    return 0;
+}
+
+/* Read and check one request; 1: its runs are in runs[0..*nruns), 0: the
+ * peer closed between requests, -1: the connection ends (broken, or a bad
+ * request: counted). */
+static int read_request(struct mig_dp_source *s, int fd, struct dp_request *req, struct dp_run *runs)
+{
+    ssize_t n = dp_read_full(fd, req, sizeof *req);
+    if (n == 0)
+        return 0;
+    if (n != (ssize_t)sizeof *req)
+        return -1;
+    if (req->magic != DP_REQ_MAGIC || req->nruns == 0 || req->nruns > DP_MAX_RUNS) {
+        ADD(bad_requests, 1);
+        return -1;
+    }
+    size_t len = (size_t)req->nruns * sizeof *runs;
+    if (dp_read_full(fd, runs, len) != (ssize_t)len)
+        return -1;
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < req->nruns; i++) {
+        total += runs[i].count;
+        if (runs[i].count == 0 || runs[i].first_page >= s->npages || runs[i].count > s->npages - runs[i].first_page ||
+            total > DP_MAX_REQUEST_PAGES) {
+            ADD(bad_requests, 1);
+            return -1;
+        }
+    }
+    return 1;
+}
+
+static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
+{
+    struct dp_request req;
+    struct dp_run runs[DP_MAX_RUNS];
+    while (read_request(s, fd, &req, runs) > 0) {
+        ADD(requests, !fault);
+        ADD(fault_requests, fault);
+        for (uint32_t i = 0; i < req.nruns; i++) {
+            for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end; p += DP_BATCH_PAGES) {
+                uint32_t count = end - p < DP_BATCH_PAGES ? (uint32_t)(end - p) : DP_BATCH_PAGES;
+                if (send_batch(s, fd, z, req.req_id, p, count, fault))
+                    return;
+            }
+        }
+    }
+}
+
+/* The hello: 1 and the kind, or 0 (counted rejected). */
+static int hello(struct mig_dp_source *s, int fd, uint32_t *kind)
+{
+    /* One recv: its timeout bounds the whole hello (a peer dribbling bytes
+     * gets no fresh timeout per byte); our threads block every signal. */
+    struct timeval tv = {.tv_sec = HELLO_TIMEOUT_S};
+    struct dp_hello h;
+    memset(&h, 0, sizeof h);
+    int ok = !setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) &&
+             recv(fd, &h, sizeof h, MSG_WAITALL) == (ssize_t)sizeof h && !memcmp(h.magic, DP_MAGIC, DP_MAGIC_LEN) &&
+             h.version == DP_VERSION && (h.kind == DP_KIND_BULK || h.kind == DP_KIND_FAULT);
+    ok = dp_key_equal(h.key, s->key, DP_KEY_LEN) & ok;  /* compared whatever else was wrong */
+    if (!ok) {
+        ADD(rejected, 1);
+        return 0;
+    }
+    struct timeval forever = {0};
+    struct dp_hello_reply reply = {.status = 0, .page_size = s->page_size, .npages = s->npages};
+    memcpy(reply.magic, DP_MAGIC, DP_MAGIC_LEN);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof forever) ||
+        dp_tune_socket(fd, h.kind == DP_KIND_BULK) || dp_send_full(fd, &reply, sizeof reply))
+        return 0;
+    ADD(connections, 1);
+    *kind = h.kind;
+    return 1;
+}
+
+/* Fault requests are short and bounded: serve them ahead of everything else
+ * on this host, real-time if allowed, else at nice -10. */
+static void raise_priority(void)
+{
+    struct sched_param sp = {.sched_priority = 1};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
+        setpriority(PRIO_PROCESS, (id_t)gettid(), -10);
+}
+
+static void *conn_main(void *arg)
+{
+    struct conn *c = arg;
+    struct mig_dp_source *s = c->s;
+    uint32_t kind;
+    if (hello(s, c->fd, &kind)) {
+        if (kind == DP_KIND_FAULT) {
+            raise_priority();
+            serve(s, c->fd, 1, NULL);
+        } else {
+            struct squeeze z = {.compress_bps = COMPRESS_BPS_GUESS, .ratio = 0.5, .local_peer = dp_peer_is_local(c->fd)};
+            if (s->compress != MIG_DP_COMPRESS_NEVER && (z.cctx = dp_zstd_cctx(s->level))) {
+                z.cap = dp_zstd_bound((size_t)DP_BATCH_PAGES * s->page_size);
+                z.buf = malloc(z.cap);
+            }
+            if (!z.buf) {
+                dp_zstd_free_cctx(z.cctx);
+                z.cctx = NULL;
+            }
+            serve(s, c->fd, 0, &z);
+            dp_zstd_free_cctx(z.cctx);
+            free(z.buf);
+        }
+    }
+    shutdown(c->fd, SHUT_RDWR);
+    pthread_mutex_lock(&s->mu);
+    c->done = 1;
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* Join and free ended connections (all of them when `all`, after shutting
+ * their sockets down). Called with s->mu held; drops it while joining. */
+static void reap(struct mig_dp_source *s, int all)
+{
+    struct conn **pp = &s->conns;
+    while (*pp) {
+        struct conn *c = *pp;
+        if (!c->done && !all) {
+            pp = &c->next;
+            continue;
+        }
+        *pp = c->next;
+        s->nconns--;
+        shutdown(c->fd, SHUT_RDWR);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(c->tid, NULL);
+        close(c->fd);
+        free(c);
+        pthread_mutex_lock(&s->mu);
+        pp = &s->conns;
+    }
+}
+
+static void *accept_main(void *arg)
+{
+    struct mig_dp_source *s = arg;
+    for (;;) {
+        int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        pthread_mutex_lock(&s->mu);
+        if (s->stopping) {
+            pthread_mutex_unlock(&s->mu);
+            if (fd >= 0)
+                close(fd);
+            return NULL;
+        }
+        reap(s, 0);
+        if (fd < 0) {
+            pthread_mutex_unlock(&s->mu);
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                usleep(100000);  /* out of something: do not spin */
+            continue;
+        }
+        struct conn *c = s->nconns < MAX_CONNECTIONS ? calloc(1, sizeof *c) : NULL;
+        if (c) {
+            *c = (struct conn){.s = s, .fd = fd, .next = s->conns};
+            if (spawn(&c->tid, conn_main, c)) {
+                free(c);
+                c = NULL;
+            } else {
+                s->conns = c;
+                s->nconns++;
+            }
+        }
+        pthread_mutex_unlock(&s->mu);
+        if (!c) {
+            ADD(rejected, 1);
+            close(fd);
+        }
+    }
+}
+
+struct mig_dp_source *mig_dp_source_start(int memfd, uint64_t size, uint32_t page_size, const char *host,
+                                          uint16_t port, const uint8_t *key, int compress, int level, int *err)
+{
+    if (page_size == 0 || page_size % 64 || size % page_size || size == 0 || page_size > (1u << 24)) {
+        *err = EINVAL;
+        return NULL;
+    }
+    struct mig_dp_source *s = calloc(1, sizeof *s);
+    if (!s) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    s->size = size;
+    s->npages = size / page_size;
+    s->page_size = page_size;
+    s->compress = compress;
+    s->level = level;
+    memcpy(s->key, key, DP_KEY_LEN);
+    pthread_mutex_init(&s->mu, NULL);
+    void *mem = mmap(NULL, size, PROT_READ, MAP_SHARED, memfd, 0);
+    if (mem == MAP_FAILED) {
+        *err = errno;
+        goto fail;
+    }
+    s->mem = mem;
+    s->listen_fd = dp_listen(host, port, &s->port);
+    if (s->listen_fd < 0) {
+        *err = -s->listen_fd;
+        goto fail;
+    }
+    int r = spawn(&s->accept_tid, accept_main, s);
+    if (r) {
+        *err = r;
+        close(s->listen_fd);
+        goto fail;
+    }
+    return s;
+fail:
+    if (s->mem)
+        munmap((void *)s->mem, size);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+    return NULL;
+}
+
+uint16_t mig_dp_source_port(const struct mig_dp_source *s)
+{
+    return s->port;
+}
+
+void mig_dp_source_counters(const struct mig_dp_source *s, struct mig_dp_source_counters *out)
+{
+    const uint64_t *in = (const uint64_t *)&s->counters;
+    uint64_t *o = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++)
+        o[i] = __atomic_load_n(&in[i], __ATOMIC_RELAXED);
+}
+
+void mig_dp_source_stop(struct mig_dp_source *s, struct mig_dp_source_counters *final)
+{
+    pthread_mutex_lock(&s->mu);
+    s->stopping = 1;
+    pthread_mutex_unlock(&s->mu);
+    shutdown(s->listen_fd, SHUT_RDWR);  /* wakes accept() */
+    pthread_join(s->accept_tid, NULL);
+    close(s->listen_fd);
+    pthread_mutex_lock(&s->mu);
+    reap(s, 1);
+    pthread_mutex_unlock(&s->mu);
+    if (final)
+        mig_dp_source_counters(s, final);
+    munmap((void *)s->mem, s->size);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+/* ------------------------------------------------------------ raw baseline */
+
+int64_t mig_dp_raw_send(int fd, const uint8_t *buf, uint64_t len, uint64_t total)
+{
+    uint64_t sent = 0;
+    while (sent < total) {
+        uint64_t n = total - sent < len ? total - sent : len;
+        int r = dp_send_full(fd, buf, n);
+        if (r)
+            return r;
+        sent += n;
+    }
+    return (int64_t)sent;
+}
+
+int64_t mig_dp_raw_recv(int fd, uint64_t total)
+{
+    enum { SINK = 1 << 20 };
+    uint8_t *sink = malloc(SINK);
+    if (!sink)
+        return -ENOMEM;
+    int64_t got = 0;
+    while ((uint64_t)got < total) {
+        ssize_t n = recv(fd, sink, total - got < SINK ? total - got : SINK, 0);
+        if (n <= 0 && (n == 0 || errno != EINTR)) {
+            got = n == 0 ? -ECONNRESET : -errno;
+            break;
+        }
+        got += n > 0 ? n : 0;
+    }
+    free(sink);
+    return got;
+}
