@@ -232,16 +232,17 @@ def test_a_data_connection_without_the_run_key_is_refused_and_the_run_goes_on(ag
     assert "refused 1 data connection(s)" in (tmp_path / "source.log").read_text()
 
 
-def test_duplicates_on_the_wire_are_counted_and_below_one_percent(agents, plane):
-    """A guest faulting all over its memory while the bulk streams: the fault path's
-    pages are not asked again by the bulk (nor its prefetch by a native bulk's asks),
-    so what comes twice stays under 1 % of the pages, and so does the wire's excess."""
+@pytest.mark.parametrize("fault_path", ["grpc", "native"])
+def test_duplicates_on_the_wire_are_counted_and_below_one_percent(agents, fault_path):
+    """A guest faulting all over its memory while the native bulk streams: the fault
+    path's pages are not asked again by the bulk (nor its prefetch what the bulk asked),
+    so what comes twice stays under 1 % of the pages, and so does the wire's excess.
+    (The grpc plane's bulk does not share its asks with the fault path: it is not held to this.)"""
     doc = migrate_at(agents, "twice", spec("random-write", size=32 * MiB, ops=200_000, rate=200_000, threads=2), 0.3,
-                     data_plane=plane, max_bandwidth=32 * MiB)
+                     data_plane="native", fault_path=fault_path, max_bandwidth=32 * MiB)
     assert doc["verified"] is True
     p = doc["pages"]
     assert doc["faults"]["count"] > 0
     assert p["duplicates"] <= 0.01 * p["total"], p
-    if plane == "native":
-        nonzero = (p["total"] - p["zero"]) * p["page_size"]
-        assert doc["bytes"]["wire"] <= 1.01 * nonzero, (doc["bytes"], nonzero)
+    nonzero = (p["total"] - p["zero"]) * p["page_size"]
+    assert doc["bytes"]["wire"] <= 1.01 * nonzero, (doc["bytes"], nonzero)
