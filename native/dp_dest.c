@@ -1,0 +1,1532 @@
+/* The native data plane, destination side (see dp_dest.h).
+ *
+ * Bulk path: a requester thread plans requests from a cursor over the
+ * received bitmap and the `asked` bitmap (a page is claimed with an atomic
+ * test-and-set, so neither path asks for a page the other has in flight) and
+ * keeps a window in flight; a receiver thread reads frames into slots of a
+ * ring (small frames packed many to a slot, from a staging buffer: one
+ * recv() for many of them; a large frame's data read straight into its
+ * slot); two installer threads verify each frame completely and install it
+ * (UFFDIO_COPY / UFFDIO_ZEROPAGE runs, or pwrite() into the memfd), then set
+ * the bitmap bits. A frame is installed only once fully received and
+ * verified: a peer that dies mid-batch leaves no half-installed page.
+ *
+ * Fault path: one thread polls the userfaultfd and its own connection.
+ *
+ * Link loss (error, EOF, or a blackhole noticed by TCP_USER_TIMEOUT and
+ * keepalive): the requests in flight are written off (their pages' asked
+ * bits cleared), and the path reconnects with backoff until its recovery
+ * timeout; the bitmap stays the truth. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bitmap.h"
+#include "dp_dest.h"
+#include "dp_wire.h"
+#include "pages.h"
+#include "workload.h"
+
+/* ---- limits ---- */
+
+#define WINDOW_BYTES (8u << 20)    /* pages asked and not yet installed, in bytes */
+#define WINDOW_REQUESTS 64
+#define REQ_SLOTS 128              /* > WINDOW_REQUESTS: a request id's slot is free when it is reused */
+#define BATCH_BYTES (512u << 10)   /* a batch's pages: DP_BATCH_PAGES base pages, or one huge page */
+#define NSLOTS 8                   /* ring of receive slots */
+#define STAGE_BYTES (64u << 10)    /* receiver's staging buffer for headers and small frames */
+#define FRAME_ALIGN 64             /* a frame's data starts 64-byte aligned in its slot */
+#define MAX_REFUSED 100
+#define NEIGHBOURHOOD 16           /* pages a fault path prefetches: the fault's aligned block */
+#define FAULT_REQS 1024            /* fault path: requests in flight (a power of two) */
+#define MAX_WAITING 4096           /* fault path: faults waiting for their page */
+#define FAULTS_PER_READ 256
+#define CONNECT_TIMEOUT_MS 2000
+#define HELLO_TIMEOUT_MS 2000
+#define FIRST_CONNECT_S 5.0        /* mig_dpd_*_new keeps trying this long */
+#define BACKOFF_MIN_MS 50
+#define BACKOFF_MAX_MS 1000
+
+enum role { ROLE_BULK, ROLE_FAULT };
+enum link_state { LINK_UP, LINK_DOWN };
+
+/* ---- small helpers ---- */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void add(uint64_t *c, uint64_t v)
+{
+    __atomic_fetch_add(c, v, __ATOMIC_RELAXED);
+}
+
+static void put(uint64_t *c, uint64_t v)
+{
+    __atomic_store_n(c, v, __ATOMIC_RELAXED);
+}
+
+static uint64_t get(const uint64_t *c)
+{
+    return __atomic_load_n(c, __ATOMIC_RELAXED);
+}
+
+static void deadline_in(struct timespec *ts, uint64_t ns)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    uint64_t t = (uint64_t)ts->tv_nsec + ns;
+    ts->tv_sec += (time_t)(t / 1000000000ULL);
+    ts->tv_nsec = (long)(t % 1000000000ULL);
+}
+
+/* ---- zstd, loaded at run time (no -dev package needed) ---- */
+
+typedef struct ZSTD_DCtx_s ZSTD_DCtx;
+static struct {
+    ZSTD_DCtx *(*create)(void);
+    size_t (*free)(ZSTD_DCtx *);
+    size_t (*decompress)(ZSTD_DCtx *, void *, size_t, const void *, size_t);
+    unsigned (*is_error)(size_t);
+    unsigned long long (*content_size)(const void *, size_t);
+    size_t (*frame_size)(const void *, size_t);
+} zstd;
+
+static void load_zstd(void)
+{
+    void *lib = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib)
+        return;
+    zstd.free = (size_t(*)(ZSTD_DCtx *))dlsym(lib, "ZSTD_freeDCtx");
+    zstd.decompress = (size_t(*)(ZSTD_DCtx *, void *, size_t, const void *, size_t))dlsym(lib, "ZSTD_decompressDCtx");
+    zstd.is_error = (unsigned (*)(size_t))dlsym(lib, "ZSTD_isError");
+    zstd.content_size = (unsigned long long (*)(const void *, size_t))dlsym(lib, "ZSTD_getFrameContentSize");
+    zstd.frame_size = (size_t(*)(const void *, size_t))dlsym(lib, "ZSTD_findFrameCompressedSize");
+    ZSTD_DCtx *(*create)(void) = (ZSTD_DCtx * (*)(void)) dlsym(lib, "ZSTD_createDCtx");
+    if (zstd.free && zstd.decompress && zstd.is_error && zstd.content_size && zstd.frame_size)
+        zstd.create = create; /* set last: the table is usable once create is set */
+}
+
+static ZSTD_DCtx *new_dctx(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, load_zstd);
+    return zstd.create ? zstd.create() : NULL;
+}
+
+/* ---- sockets ---- */
+
+static void set_int(int fd, int level, int opt, int v)
+{
+    setsockopt(fd, level, opt, &v, sizeof(v)); /* best effort: a missing option only slows detection */
+}
+
+/* Send all of buf; -errno on failure (never SIGPIPE). */
+static int send_all(int fd, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Read exactly len bytes; -errno, or -ECONNRESET on EOF. */
+static int recv_all(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    while (len) {
+        ssize_t n = recv(fd, p, len, MSG_WAITALL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -ECONNRESET;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* ---- the connection to the source ---- */
+
+struct link {
+    char host[256];
+    char port[16];
+    uint8_t key[DP_KEY_LEN];
+    uint32_t kind;
+    uint32_t page_size;
+    uint64_t npages;
+    double recovery_s;
+    int stopfd; /* eventfd: readable once the path stops */
+};
+
+static int stopped(const struct link *l)
+{
+    struct pollfd p = {.fd = l->stopfd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
+/* Sleep ms unless the path stops first (returns 1 then). */
+static int nap(const struct link *l, int ms)
+{
+    struct pollfd p = {.fd = l->stopfd, .events = POLLIN};
+    return poll(&p, 1, ms) > 0;
+}
+
+/* One connection attempt: connect, tune, hello. Returns the socket or
+ * -errno with a reason in why. */
+static int dial(const struct link *l, char *why, size_t why_len)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
+    int r = getaddrinfo(l->host, l->port, &hints, &ai);
+    if (r) {
+        snprintf(why, why_len, "%s", gai_strerror(r));
+        return -EHOSTUNREACH;
+    }
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        r = -errno;
+        freeaddrinfo(ai);
+        snprintf(why, why_len, "socket: %s", strerror(-r));
+        return r;
+    }
+    r = connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS ? -errno : 0;
+    freeaddrinfo(ai);
+    if (!r) {
+        struct pollfd p[2] = {{.fd = fd, .events = POLLOUT}, {.fd = l->stopfd, .events = POLLIN}};
+        int n = poll(p, 2, CONNECT_TIMEOUT_MS);
+        int soerr = 0;
+        socklen_t sl = sizeof(soerr);
+        if (n < 0)
+            r = -errno;
+        else if (p[1].revents)
+            r = -ECANCELED;
+        else if (n == 0)
+            r = -ETIMEDOUT;
+        else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0 || soerr)
+            r = -(soerr ? soerr : errno);
+    }
+    if (r) {
+        snprintf(why, why_len, "connect: %s", strerror(-r));
+        close(fd);
+        return r;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+    set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
+    set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, 1);
+    set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, 1);
+    set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, 2);
+    set_int(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, 1500);
+    struct timeval tv = {.tv_sec = HELLO_TIMEOUT_MS / 1000, .tv_usec = (HELLO_TIMEOUT_MS % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    struct dp_hello hello = {.version = DP_VERSION, .kind = l->kind};
+    memcpy(hello.magic, DP_MAGIC, DP_MAGIC_LEN);
+    memcpy(hello.key, l->key, DP_KEY_LEN);
+    struct dp_hello_reply reply;
+    r = send_all(fd, &hello, sizeof(hello));
+    if (!r)
+        r = recv_all(fd, &reply, sizeof(reply));
+    if (r) {
+        snprintf(why, why_len, "hello: %s", r == -ECONNRESET ? "the source closed the connection (wrong key?)"
+                                                              : r == -EAGAIN ? "no reply" : strerror(-r));
+    } else if (memcmp(reply.magic, DP_MAGIC, DP_MAGIC_LEN) || reply.status) {
+        snprintf(why, why_len, "hello refused (status %u)", reply.status);
+        r = -EPROTO;
+    } else if (reply.page_size != l->page_size || reply.npages != l->npages) {
+        snprintf(why, why_len, "the source serves %llu pages of %u bytes, not %llu of %u",
+                 (unsigned long long)reply.npages, reply.page_size, (unsigned long long)l->npages, l->page_size);
+        r = -EPROTO;
+    }
+    if (r) {
+        close(fd);
+        return r;
+    }
+    tv.tv_sec = tv.tv_usec = 0;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    return fd;
+}
+
+/* Connect with backoff (50 ms doubling to 1 s) for up to limit_s seconds.
+ * Returns the socket, or -errno with the last reason in why (-ECANCELED
+ * when the path stops). */
+static int redial(const struct link *l, double limit_s, char *why, size_t why_len)
+{
+    uint64_t give_up = now_ns() + (uint64_t)(limit_s * 1e9);
+    int backoff = BACKOFF_MIN_MS;
+    for (;;) {
+        if (stopped(l))
+            return -ECANCELED;
+        int fd = dial(l, why, why_len);
+        if (fd >= 0 || fd == -ECANCELED)
+            return fd;
+        if (now_ns() >= give_up)
+            return fd;
+        if (nap(l, backoff))
+            return -ECANCELED;
+        backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
+    }
+}
+
+/* ---- frames ---- */
+
+/* Does a batch header frame sanely (sizes within bounds)? If not, the
+ * stream cannot be followed any further. */
+static int framing_ok(const struct dp_batch *b, uint32_t max_data)
+{
+    return b->magic == DP_BATCH_MAGIC && b->count >= 1 && b->count <= DP_BATCH_PAGES &&
+           b->nzero_pairs <= DP_BATCH_PAGES / 2 + 1 && b->data_len <= max_data && b->raw_len <= max_data;
+}
+
+static uint64_t frame_len(const struct dp_batch *b)
+{
+    return sizeof(*b) + 8ull * b->nzero_pairs + b->data_len;
+}
+
+/* ---- the handle ---- */
+
+struct req {
+    uint64_t id;      /* 0: slot free */
+    uint32_t due;     /* pages still to come */
+    uint32_t nruns;
+    struct dp_run *runs;
+};
+
+struct slot {
+    uint8_t *buf;
+    uint32_t nframes;
+    uint32_t len;
+    uint32_t *offs; /* frame offsets */
+};
+
+struct waiting {      /* fault path: a fault whose page is not in yet */
+    uint64_t page, t_ns;
+    uint32_t waiters;
+};
+
+struct mig_dpd {
+    int role;
+    struct link link;
+    int target_fd, to_memfd;
+    struct mig_region *regions;
+    int nregions;
+    uint32_t page_size;
+    uint64_t npages;
+    uint64_t *received, *asked;
+    uint32_t batch_pages; /* most pages a batch may carry */
+    uint32_t max_data;    /* most data bytes a frame may carry */
+    uint32_t slot_bytes;
+    struct mig_dpd_counters c;
+    char error[512];
+    int failed;           /* error is set (read with acquire) */
+
+    pthread_mutex_t mu;
+    pthread_cond_t cond;  /* any state change: waiters re-check */
+    int fd;               /* the connection; -1 while down */
+    int sending;          /* requester threads in send() on fd */
+    int stopping;
+    int finished;         /* threads must exit */
+    uint64_t down_since;  /* when the last byte arrived before a loss */
+    uint64_t last_rx_ns;
+    uint64_t refused;
+
+    /* bulk */
+    int started, has_receiver, has_requester;
+    pthread_t requester, receiver, installers[2];
+    int ninstallers;
+    struct req reqs[REQ_SLOTS];
+    struct dp_run *run_store;
+    uint32_t nreq;
+    uint64_t inflight_pages, next_id;
+    uint64_t window_pages, request_pages;
+    uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
+    int round_active, stop_asking;
+    uint64_t rate, round_deadline, round_t0, round_bytes0;
+    struct slot slots[NSLOTS];
+    int free_slots[NSLOTS], nfree;
+    int queue[NSLOTS], qhead, qlen;
+    int busy;             /* installers working on a slot */
+
+    /* fault */
+    struct mig_dpd *bulk;
+    pthread_t faulter;
+    struct req freqs[FAULT_REQS];
+    struct dp_run *frun_store;
+    struct waiting *waiting;
+    uint32_t nwaiting;
+    uint64_t *samples;
+    uint64_t nsamples;
+};
+
+__attribute__((format(printf, 2, 3))) static void fail(struct mig_dpd *h, const char *fmt, ...)
+{
+    pthread_mutex_lock(&h->mu);
+    if (!h->failed) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(h->error, sizeof(h->error), fmt, ap);
+        va_end(ap);
+        __atomic_store_n(&h->failed, 1, __ATOMIC_RELEASE);
+    }
+    h->finished = 1;
+    if (h->fd >= 0)
+        shutdown(h->fd, SHUT_RDWR);
+    pthread_cond_broadcast(&h->cond);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* Clear the asked bits of a request's pages: they will be asked again. */
+static void forget(struct mig_dpd *h, const struct req *r)
+{
+    for (uint32_t i = 0; i < r->nruns; i++)
+        mig_bitmap_clear(h->asked, r->runs[i].first_page, r->runs[i].count);
+}
+
+/* Does the request cover pages [first, first + count) within one run? */
+static int covers(const struct req *r, uint64_t first, uint32_t count)
+{
+    for (uint32_t i = 0; i < r->nruns; i++)
+        if (first >= r->runs[i].first_page && first + count <= r->runs[i].first_page + r->runs[i].count)
+            return 1;
+    return 0;
+}
+
+/* ---- verify and install one frame ---- */
+
+enum verdict { INSTALLED, REFUSED };
+
+struct installer_ctx {
+    ZSTD_DCtx *dctx;
+    uint8_t *scratch;     /* decompressed data */
+    uint64_t lat_done_ns; /* when the last install finished */
+};
+
+/* pwrite the non-zero runs of a batch into the memfd (zero pages are holes). */
+static int64_t write_memfd(struct mig_dpd *h, const struct dp_batch *b, const uint32_t *runs, const uint8_t *data)
+{
+    uint64_t p = 0, ps = h->page_size;
+    uint32_t z = 0, npairs = b->nzero_pairs;
+    while (p < b->count) {
+        if (z < npairs && runs[2 * z] == p) {
+            p += runs[2 * z + 1];
+            z++;
+            continue;
+        }
+        uint64_t end = z < npairs ? runs[2 * z] : b->count, len = (end - p) * ps, off = 0;
+        while (off < len) {
+            ssize_t n = pwrite(h->target_fd, data + off, len - off, (off_t)((b->first_page + p) * ps + off));
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                return n < 0 ? -errno : -EIO;
+            off += (uint64_t)n;
+        }
+        data += len;
+        p = end;
+    }
+    return 0;
+}
+
+/* Verify a whole frame (shape, sizes, zstd frame, checksum) and install it.
+ * Returns INSTALLED, REFUSED, or -errno when installing failed. *st gets
+ * what the install did. */
+static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uint8_t *frame,
+                         struct mig_install_stats *st, struct dp_batch *hdr)
+{
+    memcpy(hdr, frame, sizeof(*hdr));
+    uint32_t runs[2 * (DP_BATCH_PAGES / 2 + 1)];
+    memcpy(runs, frame + sizeof(*hdr), 8ull * hdr->nzero_pairs);
+    const uint8_t *payload = frame + sizeof(*hdr) + 8ull * hdr->nzero_pairs;
+    struct mig_batch b = {.req_id = hdr->req_id, .first_page = hdr->first_page, .checksum = hdr->checksum,
+                          .data_len = hdr->data_len, .count = hdr->count, .raw_len = hdr->raw_len,
+                          .nzero_runs = 2 * hdr->nzero_pairs, .encoding = (int32_t)hdr->encoding};
+    uint64_t need;
+    uint32_t bad;
+    if (hdr->count > h->batch_pages || mig_check_batch(&b, runs, h->npages, h->page_size, &need, &bad) != MIG_BATCH_OK)
+        return REFUSED;
+    const uint8_t *data = payload;
+    if (hdr->encoding == DP_ZSTD) {
+        if (!ctx->dctx || !hdr->data_len)
+            return REFUSED;
+        if (zstd.frame_size(payload, hdr->data_len) != hdr->data_len ||
+            zstd.content_size(payload, hdr->data_len) != need)
+            return REFUSED;
+        size_t n = zstd.decompress(ctx->dctx, ctx->scratch, h->max_data, payload, hdr->data_len);
+        if (zstd.is_error(n) || n != need)
+            return REFUSED;
+        data = ctx->scratch;
+    } else if (hdr->encoding != DP_RAW || hdr->data_len != need) {
+        return REFUSED;
+    }
+    if (mig_digest(data, need) != hdr->checksum)
+        return REFUSED;
+    memset(st, 0, sizeof(*st));
+    if (!h->to_memfd) {
+        int64_t r = mig_install(h->target_fd, h->regions, h->nregions, h->page_size, h->received, hdr->first_page,
+                                hdr->count, runs, hdr->nzero_pairs, data, need, st);
+        return r < 0 ? (int)r : INSTALLED;
+    }
+    /* Pre-copy: pages not yet received are holes; write the data, set the bits. */
+    int64_t r = write_memfd(h, hdr, runs, data);
+    if (r < 0)
+        return (int)r;
+    uint64_t zero = hdr->count - need / h->page_size;
+    st->copied = hdr->count - zero;
+    st->zeroed = zero;
+    mig_bitmap_set(h->received, hdr->first_page, hdr->count);
+    st->done_ns = now_ns();
+    return INSTALLED;
+}
+
+static void count_install(struct mig_dpd *h, const struct mig_install_stats *st)
+{
+    uint64_t installed = st->copied + st->zeroed;
+    add(&h->c.pages, installed);
+    add(&h->c.zero, st->zeroed);
+    add(&h->c.bytes_pages, installed * h->page_size);
+    add(&h->c.duplicates, st->skipped + st->eexist);
+    add(&h->c.batches, 1);
+}
+
+/* A refused frame: count it; past MAX_REFUSED the path fails. (lock held) */
+static int refuse(struct mig_dpd *h, const struct dp_batch *b)
+{
+    add(&h->c.refused, 1);
+    if (++h->refused <= MAX_REFUSED)
+        return 0;
+    pthread_mutex_unlock(&h->mu);
+    fail(h, "the source at %s:%s sent %d corrupt batches (the last for pages [%llu, +%u)); gave up",
+         h->link.host, h->link.port, MAX_REFUSED + 1, (unsigned long long)b->first_page, b->count);
+    pthread_mutex_lock(&h->mu);
+    return -1;
+}
+
+/* ---- bulk: planning ---- */
+
+/* Runs of set bits of a word: calls emit(first_page, count) for each, in
+ * order, merging with the previous run across words. */
+static uint32_t append_runs(struct dp_run *runs, uint32_t nruns, uint64_t base, uint64_t bits)
+{
+    while (bits) {
+        unsigned s = (unsigned)__builtin_ctzll(bits);
+        uint64_t shifted = bits >> s;
+        unsigned len = ~shifted ? (unsigned)__builtin_ctzll(~shifted) : 64 - s;
+        uint64_t first = base + s;
+        if (nruns && runs[nruns - 1].first_page + runs[nruns - 1].count == first)
+            runs[nruns - 1].count += len;
+        else
+            runs[nruns++] = (struct dp_run){.first_page = first, .count = len};
+        bits &= len + s >= 64 ? 0 : ~0ULL << (s + len);
+    }
+    return nruns;
+}
+
+/* Runs a word's bits would add after a run ending at page prev_end. */
+static unsigned runs_in(uint64_t bits, uint64_t base, uint64_t prev_end)
+{
+    unsigned n = (unsigned)__builtin_popcountll(bits & ~(bits << 1));
+    if ((bits & 1) && prev_end == base)
+        n--;
+    return n;
+}
+
+/* The lowest bits of `bits` holding at most max_pages pages and adding at
+ * most max_runs runs. */
+static uint64_t take_bits(uint64_t bits, uint64_t base, uint64_t prev_end, uint64_t max_pages, unsigned max_runs)
+{
+    if ((uint64_t)__builtin_popcountll(bits) <= max_pages && runs_in(bits, base, prev_end) <= max_runs)
+        return bits;
+    uint64_t out = 0;
+    uint64_t pages = 0;
+    unsigned runs = 0;
+    while (bits && pages < max_pages) {
+        unsigned s = (unsigned)__builtin_ctzll(bits);
+        uint64_t one = 1ULL << s;
+        int joins = (out & (one >> 1) && s) || (!out && s == 0 && prev_end == base);
+        if (!joins && runs == max_runs)
+            break;
+        runs += !joins;
+        out |= one;
+        bits &= ~one;
+        pages++;
+    }
+    return out;
+}
+
+/* Claim up to max_pages missing, unasked pages from the cursor on (wrapping
+ * once) into at most DP_MAX_RUNS runs; returns the number of runs. (lock held) */
+static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages, uint64_t *npages_out)
+{
+    uint64_t jump = __atomic_exchange_n(&h->jump_to, UINT64_MAX, __ATOMIC_RELAXED);
+    if (jump != UINT64_MAX && jump < h->npages)
+        h->cursor = jump;
+    uint64_t nwords = (h->npages + 63) / 64, pages = 0;
+    uint32_t nruns = 0;
+    uint64_t start = h->cursor / 64;
+    for (uint64_t i = 0; i <= nwords && pages < max_pages && nruns < DP_MAX_RUNS; i++) {
+        uint64_t w = (start + i) % nwords;
+        uint64_t avail = ~__atomic_load_n(&h->received[w], __ATOMIC_ACQUIRE) &
+                         ~__atomic_load_n(&h->asked[w], __ATOMIC_ACQUIRE);
+        if (i == 0)
+            avail &= ~0ULL << (h->cursor % 64);
+        else if (i == nwords)
+            avail &= (h->cursor % 64) ? ~(~0ULL << (h->cursor % 64)) : 0;
+        if (w == nwords - 1 && h->npages % 64)
+            avail &= ~(~0ULL << (h->npages % 64));
+        if (!avail)
+            continue;
+        uint64_t base = w * 64;
+        uint64_t prev_end = nruns ? runs[nruns - 1].first_page + runs[nruns - 1].count : UINT64_MAX;
+        uint64_t want = take_bits(avail, base, prev_end, max_pages - pages, DP_MAX_RUNS - nruns);
+        uint64_t got = want & ~__atomic_fetch_or(&h->asked[w], want, __ATOMIC_ACQ_REL);
+        if (!got)
+            continue;
+        if (runs_in(got, base, prev_end) > DP_MAX_RUNS - nruns) { /* the fault path split a run: give it all back */
+            __atomic_fetch_and(&h->asked[w], ~got, __ATOMIC_RELEASE);
+            break;
+        }
+        nruns = append_runs(runs, nruns, base, got);
+        pages += (uint64_t)__builtin_popcountll(got);
+        h->cursor = base + 64 - (uint64_t)__builtin_clzll(got);
+        if (h->cursor >= h->npages)
+            h->cursor = 0;
+    }
+    *npages_out = pages;
+    return nruns;
+}
+
+/* ---- bulk: the requester ---- */
+
+static void lower_priority(void)
+{
+    struct sched_param sp = {0};
+    sched_setscheduler(0, SCHED_BATCH, &sp); /* the calling thread; best effort */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+}
+
+static int bitmap_full(const struct mig_dpd *h)
+{
+    return mig_bitmap_count(h->received, h->npages) == h->npages;
+}
+
+/* Has the round ended? (lock held) */
+static int round_over(struct mig_dpd *h, uint64_t now)
+{
+    if (bitmap_full(h))
+        return 1;
+    return h->nreq == 0 && (h->stop_asking || (h->round_deadline && now >= h->round_deadline));
+}
+
+static void end_round(struct mig_dpd *h)
+{
+    h->round_active = 0;
+    if (!h->to_memfd) { /* the bulk path after the switch: every page is in, the threads go */
+        put(&h->c.done, 1);
+        h->finished = 1;
+        if (h->fd >= 0)
+            shutdown(h->fd, SHUT_RDWR);
+    }
+    pthread_cond_broadcast(&h->cond);
+}
+
+static void *requester_main(void *arg)
+{
+    struct mig_dpd *h = arg;
+    lower_priority();
+    uint8_t msg[sizeof(struct dp_request) + DP_MAX_RUNS * sizeof(struct dp_run)];
+    pthread_mutex_lock(&h->mu);
+    while (!h->finished) {
+        uint64_t now = now_ns();
+        if (!h->round_active || h->fd < 0) {
+            pthread_cond_wait(&h->cond, &h->mu);
+            continue;
+        }
+        if (round_over(h, now)) {
+            end_round(h);
+            continue;
+        }
+        struct timespec ts;
+        uint64_t room = h->window_pages > h->inflight_pages ? h->window_pages - h->inflight_pages : 0;
+        uint64_t least = h->request_pages < DP_BATCH_PAGES ? h->request_pages : DP_BATCH_PAGES;
+        if (!h->nreq)
+            room = h->request_pages; /* an empty window takes one whole request */
+        if (h->stop_asking || (h->round_deadline && now >= h->round_deadline) || h->nreq >= WINDOW_REQUESTS ||
+            room < least) {
+            deadline_in(&ts, 2000000); /* the deadline, or pages installed by another path */
+            pthread_cond_timedwait(&h->cond, &h->mu, &ts);
+            continue;
+        }
+        if (h->rate) {
+            double ahead = (double)(get(&h->c.bytes_wire) - h->round_bytes0) / (double)h->rate -
+                           (double)(now - h->round_t0) / 1e9;
+            if (ahead > 0) {
+                deadline_in(&ts, (uint64_t)(ahead * 1e9));
+                pthread_cond_timedwait(&h->cond, &h->mu, &ts);
+                continue;
+            }
+        }
+        if (room > h->request_pages)
+            room = h->request_pages;
+        struct req *r = &h->reqs[h->next_id % REQ_SLOTS];
+        uint64_t npages;
+        uint32_t nruns = plan(h, r->runs, room, &npages);
+        if (!nruns) { /* every missing page is asked: wait for installs, or for the fault path */
+            deadline_in(&ts, 2000000);
+            pthread_cond_timedwait(&h->cond, &h->mu, &ts);
+            continue;
+        }
+        r->id = h->next_id++;
+        r->due = (uint32_t)npages;
+        r->nruns = nruns;
+        h->nreq++;
+        h->inflight_pages += npages;
+        struct dp_request rq = {.magic = DP_REQ_MAGIC, .nruns = nruns, .req_id = r->id};
+        memcpy(msg, &rq, sizeof(rq));
+        memcpy(msg + sizeof(rq), r->runs, nruns * sizeof(struct dp_run));
+        int fd = h->fd;
+        h->sending++;
+        pthread_mutex_unlock(&h->mu);
+        int err = send_all(fd, msg, sizeof(rq) + nruns * sizeof(struct dp_run));
+        add(&h->c.requests, 1);
+        pthread_mutex_lock(&h->mu);
+        h->sending--;
+        if (err && h->fd == fd)
+            shutdown(fd, SHUT_RDWR); /* the receiver notices and recovers */
+        pthread_cond_broadcast(&h->cond);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+/* ---- bulk: the receiver ---- */
+
+/* Hand the slot being filled to the installers. (lock held) */
+static void hand_off(struct mig_dpd *h, int *cur)
+{
+    if (*cur < 0 || !h->slots[*cur].nframes)
+        return;
+    h->queue[(h->qhead + h->qlen) % NSLOTS] = *cur;
+    h->qlen++;
+    *cur = -1;
+    pthread_cond_broadcast(&h->cond);
+}
+
+/* A free slot, waiting for one; -1 when the path stops. (lock held) */
+static int take_slot(struct mig_dpd *h)
+{
+    while (!h->nfree && !h->finished)
+        pthread_cond_wait(&h->cond, &h->mu);
+    if (h->finished)
+        return -1;
+    int s = h->free_slots[--h->nfree];
+    h->slots[s].nframes = 0;
+    h->slots[s].len = 0;
+    return s;
+}
+
+/* The connection broke (reason in why): wait until nothing uses it, write
+ * off the requests in flight, reconnect. Returns the new socket, or -1 when
+ * the path stops or fails. (lock held; released while reconnecting) */
+static int recover(struct mig_dpd *h, int *cur, const char *why)
+{
+    hand_off(h, cur); /* whole frames received before the break are installed */
+    if (h->fd >= 0)
+        shutdown(h->fd, SHUT_RDWR);
+    if (h->finished)
+        return -1;
+    uint64_t lost_at = now_ns();
+    put(&h->c.link_down, 1);
+    add(&h->c.outages, 1);
+    h->down_since = h->last_rx_ns ? h->last_rx_ns : lost_at;
+    while ((h->sending || h->qlen || h->busy) && !h->finished)
+        pthread_cond_wait(&h->cond, &h->mu);
+    for (int i = 0; i < REQ_SLOTS; i++) {
+        if (h->reqs[i].id) {
+            forget(h, &h->reqs[i]);
+            h->reqs[i].id = 0;
+        }
+    }
+    h->nreq = 0;
+    h->inflight_pages = 0;
+    close(h->fd);
+    h->fd = -1;
+    pthread_cond_broadcast(&h->cond);
+    char reason[512];
+    snprintf(reason, sizeof(reason), "%s", why);
+    pthread_mutex_unlock(&h->mu);
+    double left = h->link.recovery_s - (double)(now_ns() - lost_at) / 1e9;
+    int fd = redial(&h->link, left > 0 ? left : 0, reason, sizeof(reason));
+    if (fd < 0 && fd != -ECANCELED)
+        fail(h, "lost the source at %s:%s: %s (for %g s; gave up, the guest stays paused)", h->link.host,
+             h->link.port, reason, h->link.recovery_s);
+    pthread_mutex_lock(&h->mu);
+    if (fd < 0 || h->finished) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    h->fd = fd;
+    add(&h->c.paused_ns, now_ns() - h->down_since);
+    put(&h->c.link_down, 0);
+    pthread_cond_broadcast(&h->cond);
+    return fd;
+}
+
+static void *receiver_main(void *arg)
+{
+    struct mig_dpd *h = arg;
+    lower_priority();
+    uint8_t *stage = malloc(STAGE_BYTES);
+    uint32_t lo = 0, hi = 0, read_size = STAGE_BYTES;
+    int cur = -1;
+    pthread_mutex_lock(&h->mu);
+    int fd = h->fd;
+    pthread_mutex_unlock(&h->mu);
+    const char *why = NULL;
+    char whybuf[128];
+    while (stage) {
+        if (why) {
+            pthread_mutex_lock(&h->mu);
+            fd = recover(h, &cur, why);
+            pthread_mutex_unlock(&h->mu);
+            if (fd < 0)
+                break;
+            why = NULL;
+            lo = hi = 0; /* a partial frame of the lost connection is dropped */
+        }
+        if (hi - lo < sizeof(struct dp_batch)) { /* need a header: about to block, let the installers go */
+            pthread_mutex_lock(&h->mu);
+            hand_off(h, &cur);
+            pthread_mutex_unlock(&h->mu);
+            if (lo) {
+                memmove(stage, stage + lo, hi - lo);
+                hi -= lo;
+                lo = 0;
+            }
+            uint32_t want = read_size < STAGE_BYTES - hi ? read_size : STAGE_BYTES - hi;
+            ssize_t n = recv(fd, stage + hi, want, 0);
+            if (n <= 0) {
+                if (n < 0 && errno == EINTR)
+                    continue;
+                snprintf(whybuf, sizeof(whybuf), "%s", n ? strerror(errno) : "connection closed");
+                why = whybuf;
+                continue;
+            }
+            hi += (uint32_t)n;
+            add(&h->c.bytes_wire, (uint64_t)n);
+            h->last_rx_ns = now_ns();
+            continue;
+        }
+        struct dp_batch b;
+        memcpy(&b, stage + lo, sizeof(b));
+        if (!framing_ok(&b, h->max_data)) {
+            pthread_mutex_lock(&h->mu);
+            int gave_up = refuse(h, &b);
+            pthread_mutex_unlock(&h->mu);
+            if (gave_up)
+                break;
+            why = "a frame that cannot be followed (bad magic or sizes)";
+            continue;
+        }
+        uint64_t flen = frame_len(&b), pre = flen - b.data_len, have = hi - lo;
+        pthread_mutex_lock(&h->mu);
+        if (have < flen)
+            hand_off(h, &cur); /* this frame needs a blocking read: let the others go first */
+        struct slot *s = cur >= 0 ? &h->slots[cur] : NULL;
+        uint64_t off = s ? ((s->len + pre + FRAME_ALIGN - 1) / FRAME_ALIGN * FRAME_ALIGN) - pre : 0;
+        if (s && (off + flen > h->slot_bytes || s->nframes == h->slot_bytes / 4096)) {
+            hand_off(h, &cur);
+            s = NULL;
+        }
+        if (!s) {
+            cur = take_slot(h);
+            s = cur >= 0 ? &h->slots[cur] : NULL;
+            off = FRAME_ALIGN - pre % FRAME_ALIGN;
+        }
+        pthread_mutex_unlock(&h->mu);
+        if (!s)
+            break;
+        uint64_t copy = have < flen ? have : flen;
+        memcpy(s->buf + off, stage + lo, copy);
+        lo += (uint32_t)copy;
+        if (copy < flen) {
+            int r = recv_all(fd, s->buf + off + copy, flen - copy);
+            if (r) {
+                snprintf(whybuf, sizeof(whybuf), "%s", r == -ECONNRESET ? "connection closed mid-batch" : strerror(-r));
+                why = whybuf;
+                continue; /* the partial frame stays out of the slot: never installed */
+            }
+            add(&h->c.bytes_wire, flen - copy);
+            h->last_rx_ns = now_ns();
+        }
+        s->offs[s->nframes++] = (uint32_t)off;
+        s->len = (uint32_t)(off + flen);
+        /* After a large frame, read the next header alone (its data goes straight into a slot). */
+        read_size = flen > STAGE_BYTES / 4 ? 4096 : STAGE_BYTES;
+    }
+    if (!stage)
+        fail(h, "the bulk path's receiver: out of memory");
+    free(stage);
+    pthread_mutex_lock(&h->mu);
+    hand_off(h, &cur);
+    h->finished = 1;
+    pthread_cond_broadcast(&h->cond);
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+/* ---- bulk: the installers ---- */
+
+/* Account a frame's pages to its request. (lock held) Returns 0, or -1 when
+ * the frame does not belong to a request in flight. */
+static int settle(struct mig_dpd *h, struct req *table, uint32_t nslots, const struct dp_batch *b, int refused)
+{
+    struct req *r = &table[b->req_id % nslots];
+    if (!r->id || r->id != b->req_id || !covers(r, b->first_page, b->count) || b->count > r->due)
+        return -1;
+    if (refused)
+        mig_bitmap_clear(h->asked, b->first_page, b->count);
+    r->due -= b->count;
+    if (!r->due)
+        r->id = 0;
+    return 0;
+}
+
+static void *installer_main(void *arg)
+{
+    struct mig_dpd *h = arg;
+    lower_priority();
+    struct installer_ctx ctx = {.dctx = new_dctx(), .scratch = malloc(h->max_data)};
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (!h->qlen && !h->finished)
+            pthread_cond_wait(&h->cond, &h->mu);
+        if (!h->qlen)
+            break; /* finished, and nothing left to install */
+        int si = h->queue[h->qhead];
+        h->qhead = (h->qhead + 1) % NSLOTS;
+        h->qlen--;
+        h->busy++;
+        pthread_mutex_unlock(&h->mu);
+        struct slot *s = &h->slots[si];
+        for (uint32_t i = 0; i < s->nframes; i++) {
+            struct mig_install_stats st;
+            struct dp_batch b;
+            int v = ctx.scratch ? install_frame(h, &ctx, s->buf + s->offs[i], &st, &b) : -ENOMEM;
+            if (v < 0) {
+                fail(h, "installing pages [%llu, +%u) from the source failed: %s", (unsigned long long)b.first_page,
+                     b.count, strerror(-v));
+                break;
+            }
+            if (v == INSTALLED)
+                count_install(h, &st);
+            pthread_mutex_lock(&h->mu);
+            int known = settle(h, h->reqs, REQ_SLOTS, &b, v == REFUSED) == 0;
+            if (known) {
+                h->inflight_pages -= b.count;
+                if (!h->reqs[b.req_id % REQ_SLOTS].id)
+                    h->nreq--;
+            }
+            if (v == REFUSED && !refuse(h, &b) && !known && h->fd >= 0)
+                shutdown(h->fd, SHUT_RDWR); /* cannot tell whose pages these were: start over */
+            pthread_cond_broadcast(&h->cond);
+            pthread_mutex_unlock(&h->mu);
+        }
+        pthread_mutex_lock(&h->mu);
+        h->busy--;
+        h->free_slots[h->nfree++] = si;
+        pthread_cond_broadcast(&h->cond);
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (ctx.dctx)
+        zstd.free(ctx.dctx);
+    free(ctx.scratch);
+    return NULL;
+}
+
+/* ---- construction ---- */
+
+static struct mig_dpd *new_handle(int role, const char *host, int port, const uint8_t *key, int target_fd,
+                                  int to_memfd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                                  uint64_t npages, uint64_t *received, uint64_t *asked, double recovery_s,
+                                  char *err, uint32_t err_len)
+{
+    struct mig_dpd *h = calloc(1, sizeof(*h));
+    if (!h) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    h->role = role;
+    snprintf(h->link.host, sizeof(h->link.host), "%s", host);
+    snprintf(h->link.port, sizeof(h->link.port), "%d", port);
+    memcpy(h->link.key, key, DP_KEY_LEN);
+    h->link.kind = role == ROLE_BULK ? DP_KIND_BULK : DP_KIND_FAULT;
+    h->link.page_size = page_size;
+    h->link.npages = npages;
+    h->link.recovery_s = recovery_s;
+    h->link.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    h->target_fd = target_fd;
+    h->to_memfd = to_memfd;
+    h->page_size = page_size;
+    h->npages = npages;
+    h->received = received;
+    h->asked = asked;
+    h->batch_pages = page_size * DP_BATCH_PAGES <= BATCH_BYTES ? DP_BATCH_PAGES : BATCH_BYTES / page_size;
+    if (!h->batch_pages)
+        h->batch_pages = 1;
+    uint64_t raw = (uint64_t)h->batch_pages * page_size;
+    h->max_data = (uint32_t)(raw + raw / 128 + 4096); /* room for an incompressible zstd frame */
+    h->fd = -1;
+    h->jump_to = UINT64_MAX;
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    if (nregions > 0) {
+        h->regions = calloc((size_t)nregions, sizeof(*regions));
+        if (h->regions)
+            memcpy(h->regions, regions, (size_t)nregions * sizeof(*regions));
+        h->nregions = nregions;
+    }
+    if (h->link.stopfd < 0 || (nregions > 0 && !h->regions)) {
+        snprintf(err, err_len, "out of resources: %s", strerror(errno));
+        mig_dpd_free(h);
+        return NULL;
+    }
+    char why[256];
+    int fd = redial(&h->link, FIRST_CONNECT_S, why, sizeof(why));
+    if (fd < 0) {
+        snprintf(err, err_len, "cannot reach the source's data plane at %s:%d: %s", host, port, why);
+        mig_dpd_free(h);
+        return NULL;
+    }
+    h->fd = fd;
+    return h;
+}
+
+struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key, int target_fd, int to_memfd,
+                                 const struct mig_region *regions, int nregions, uint32_t page_size,
+                                 uint64_t npages, uint64_t *received, uint64_t *asked, double recovery_s,
+                                 char *err, uint32_t err_len)
+{
+    struct mig_dpd *h = new_handle(ROLE_BULK, host, port, key, target_fd, to_memfd, regions, nregions, page_size,
+                                   npages, received, asked, recovery_s, err, err_len);
+    if (!h)
+        return NULL;
+    h->run_store = calloc(REQ_SLOTS * DP_MAX_RUNS, sizeof(struct dp_run));
+    h->slot_bytes = (uint32_t)(sizeof(struct dp_batch) + 8 * (DP_BATCH_PAGES / 2 + 1) + h->max_data + 2 * FRAME_ALIGN +
+                               STAGE_BYTES);
+    int ok = h->run_store != NULL;
+    for (int i = 0; i < REQ_SLOTS && ok; i++)
+        h->reqs[i].runs = h->run_store + (size_t)i * DP_MAX_RUNS;
+    for (int i = 0; i < NSLOTS && ok; i++) {
+        h->slots[i].buf = aligned_alloc(4096, (h->slot_bytes + 4095) / 4096 * 4096);
+        h->slots[i].offs = calloc(h->slot_bytes / 4096 + 1, sizeof(uint32_t));
+        ok = h->slots[i].buf && h->slots[i].offs;
+        h->free_slots[h->nfree++] = i;
+    }
+    if (!ok) {
+        snprintf(err, err_len, "out of memory for the receive buffers");
+        mig_dpd_free(h);
+        return NULL;
+    }
+    return h;
+}
+
+int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
+{
+    pthread_mutex_lock(&h->mu);
+    int r = 0;
+    if (__atomic_load_n(&h->failed, __ATOMIC_ACQUIRE) || h->finished) {
+        r = -EPIPE;
+    } else if (h->round_active) {
+        r = -EBUSY;
+    } else {
+        /* Nothing is in flight between rounds: pages discarded since are asked again. */
+        memset(h->asked, 0, (h->npages + 63) / 64 * 8);
+        h->cursor = 0;
+        h->rate = max_bandwidth;
+        h->round_t0 = now_ns();
+        h->round_bytes0 = get(&h->c.bytes_wire);
+        h->round_deadline = deadline_s > 0 ? h->round_t0 + (uint64_t)(deadline_s * 1e9) : 0;
+        h->stop_asking = 0;
+        /* Under a rate limit a request carries ~50 ms of traffic, so pacing stays fine-grained. */
+        uint64_t window = WINDOW_BYTES / h->page_size, per_req = window / 4;
+        if (max_bandwidth) {
+            uint64_t paced = (uint64_t)(max_bandwidth * 0.05) / h->page_size;
+            per_req = paced < 16 ? 16 : paced < per_req ? paced : per_req;
+            window = 2 * per_req < window ? 2 * per_req : window;
+        }
+        h->request_pages = per_req ? per_req : 1;
+        h->window_pages = window > h->request_pages ? window : h->request_pages;
+        h->round_active = 1;
+        if (!h->started) {
+            h->started = 1;
+            r = pthread_create(&h->receiver, NULL, receiver_main, h);
+            h->has_receiver = !r;
+            if (!r)
+                h->has_requester = !(r = pthread_create(&h->requester, NULL, requester_main, h));
+            for (int i = 0; i < 2 && !r; i++)
+                if (!(r = pthread_create(&h->installers[i], NULL, installer_main, h)))
+                    h->ninstallers++;
+            if (r) { /* the threads that did start are joined by mig_dpd_stop */
+                snprintf(h->error, sizeof(h->error), "cannot start the bulk path's threads: %s", strerror(r));
+                __atomic_store_n(&h->failed, 1, __ATOMIC_RELEASE);
+                h->finished = 1;
+                r = -r;
+            }
+        }
+        pthread_cond_broadcast(&h->cond);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return r;
+}
+
+int mig_dpd_wait(struct mig_dpd *h, int timeout_ms)
+{
+    struct timespec ts;
+    deadline_in(&ts, (uint64_t)timeout_ms * 1000000ULL);
+    pthread_mutex_lock(&h->mu);
+    while (h->round_active && !h->finished && !h->failed)
+        if (pthread_cond_timedwait(&h->cond, &h->mu, &ts) == ETIMEDOUT)
+            break;
+    int r = h->failed ? -1 : (!h->round_active || h->finished) ? 1 : 0;
+    pthread_mutex_unlock(&h->mu);
+    return r;
+}
+
+void mig_dpd_stop_asking(struct mig_dpd *h)
+{
+    pthread_mutex_lock(&h->mu);
+    h->stop_asking = 1;
+    pthread_cond_broadcast(&h->cond);
+    pthread_mutex_unlock(&h->mu);
+}
+
+void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
+{
+    __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
+}
+
+const struct mig_dpd_counters *mig_dpd_counters(struct mig_dpd *h)
+{
+    return &h->c;
+}
+
+const char *mig_dpd_error(struct mig_dpd *h)
+{
+    return __atomic_load_n(&h->failed, __ATOMIC_ACQUIRE) ? h->error : NULL;
+}
+
+/* ---- the fault path ---- */
+
+static void raise_priority(void)
+{
+    struct sched_param sp = {.sched_priority = 1};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10); /* best effort: needs privileges */
+}
+
+static void record_latency(struct mig_dpd *h, uint64_t lat_ns, uint32_t waiters)
+{
+    uint64_t us = lat_ns / 1000;
+    int bucket = us ? 63 - __builtin_clzll(us) : 0;
+    add(&h->c.hist[bucket < 32 ? bucket : 31], 1);
+    add(&h->c.resolved, 1);
+    add(&h->c.lat_sum_ns, lat_ns);
+    add(&h->c.blocked_ns, lat_ns * waiters);
+    if (lat_ns > get(&h->c.lat_max_ns))
+        put(&h->c.lat_max_ns, lat_ns);
+    __atomic_store_n(&h->samples[h->nsamples % MIG_DPD_SAMPLES], lat_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->nsamples, h->nsamples + 1, __ATOMIC_RELEASE);
+}
+
+/* Resolve the waiting faults whose page is in (done_ns: when it was
+ * installed, 0 for now); ask again for those nobody has asked for any more
+ * (their request was written off). Returns 1 while faults still wait. */
+static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *ask, uint32_t *nask)
+{
+    uint64_t now = done_ns ? done_ns : now_ns();
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < h->nwaiting; i++) {
+        struct waiting *w = &h->waiting[i];
+        if (mig_bitmap_test(h->received, w->page)) {
+            record_latency(h, now > w->t_ns ? now - w->t_ns : 0, w->waiters);
+            continue;
+        }
+        if (nask && *nask < DP_MAX_RUNS &&
+            !(__atomic_fetch_or(&h->asked[w->page / 64], 1ULL << (w->page % 64), __ATOMIC_ACQ_REL) &
+              (1ULL << (w->page % 64))))
+            ask[(*nask)++] = (struct dp_run){.first_page = w->page, .count = 1};
+        h->waiting[kept++] = *w;
+    }
+    h->nwaiting = kept;
+    return kept > 0;
+}
+
+/* Record a request of the fault path in flight and append it to out. */
+static size_t fault_request(struct mig_dpd *h, uint8_t *out, const struct dp_run *runs, uint32_t nruns, uint32_t pages)
+{
+    uint64_t id = ++h->next_id;
+    struct req *r = &h->freqs[id % FAULT_REQS];
+    if (r->id) { /* FAULT_REQS in flight: the oldest is long gone; ask its pages again later */
+        forget(h, r);
+        r->id = 0;
+    }
+    r->id = id;
+    r->due = pages;
+    r->nruns = nruns;
+    memcpy(r->runs, runs, nruns * sizeof(*runs));
+    struct dp_request rq = {.magic = DP_REQ_MAGIC, .nruns = nruns, .req_id = id};
+    memcpy(out, &rq, sizeof(rq));
+    memcpy(out + sizeof(rq), runs, nruns * sizeof(*runs));
+    add(&h->c.requests, 1);
+    return sizeof(rq) + nruns * sizeof(*runs);
+}
+
+/* Claim the missing, unasked pages of page's aligned neighbourhood as runs. */
+static uint32_t claim_block(struct mig_dpd *h, uint64_t page, struct dp_run *runs, uint32_t *pages)
+{
+    uint64_t first = page - page % NEIGHBOURHOOD, w = first / 64;
+    unsigned shift = (unsigned)(first % 64);
+    uint64_t mask = (NEIGHBOURHOOD >= 64 ? ~0ULL : ((1ULL << NEIGHBOURHOOD) - 1)) << shift;
+    if (first + NEIGHBOURHOOD > h->npages)
+        mask &= ~(~0ULL << (h->npages % 64));
+    uint64_t want = mask & ~__atomic_load_n(&h->received[w], __ATOMIC_ACQUIRE);
+    uint64_t got = want & ~__atomic_fetch_or(&h->asked[w], want, __ATOMIC_ACQ_REL);
+    *pages = (uint32_t)__builtin_popcountll(got);
+    return append_runs(runs, 0, w * 64, got);
+}
+
+/* Requests for new faults: each page alone, then its neighbourhood. */
+static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t *waiters, const uint64_t *t_ns,
+                        int n, uint8_t *out, size_t room)
+{
+    size_t len = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t p = pages[i];
+        add(&h->c.faults, 1);
+        if (h->nwaiting < MAX_WAITING)
+            h->waiting[h->nwaiting++] = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
+        if (h->bulk)
+            mig_dpd_jump(h->bulk, p);
+        if (len + 2 * (sizeof(struct dp_request) + NEIGHBOURHOOD * sizeof(struct dp_run)) > room)
+            continue; /* asked on the next turn (settle_waiting) */
+        uint64_t bit = 1ULL << (p % 64);
+        if (!(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit)) {
+            struct dp_run one = {.first_page = p, .count = 1};
+            len += fault_request(h, out + len, &one, 1, 1);
+        }
+        struct dp_run runs[NEIGHBOURHOOD];
+        uint32_t npages;
+        uint32_t nruns = claim_block(h, p, runs, &npages);
+        if (nruns)
+            len += fault_request(h, out + len, runs, nruns, npages);
+    }
+    return len;
+}
+
+/* The fault connection broke: write off its requests, reconnect. Returns
+ * the new socket or -1 (stopped or failed). */
+static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char *why)
+{
+    close(fd);
+    pthread_mutex_lock(&h->mu);
+    h->fd = -1;
+    pthread_mutex_unlock(&h->mu);
+    if (stopped(&h->link))
+        return -1;
+    uint64_t lost_at = now_ns();
+    put(&h->c.link_down, 1);
+    add(&h->c.outages, 1);
+    for (int i = 0; i < FAULT_REQS; i++) {
+        if (h->freqs[i].id) {
+            forget(h, &h->freqs[i]);
+            h->freqs[i].id = 0;
+        }
+    }
+    char reason[512];
+    snprintf(reason, sizeof(reason), "%s", why);
+    fd = redial(&h->link, h->link.recovery_s, reason, sizeof(reason));
+    if (fd < 0) {
+        if (fd != -ECANCELED)
+            fail(h, "lost the source at %s:%s: %s (for %g s; gave up, the guest stays paused)", h->link.host,
+                 h->link.port, reason, h->link.recovery_s);
+        return -1;
+    }
+    pthread_mutex_lock(&h->mu);
+    if (h->stopping) {
+        close(fd);
+        fd = -1;
+    } else {
+        h->fd = fd;
+    }
+    pthread_mutex_unlock(&h->mu);
+    add(&h->c.paused_ns, now_ns() - (last_rx ? last_rx : lost_at));
+    put(&h->c.link_down, 0);
+    return fd;
+}
+
+/* Verify and install whole frames in buf[*lo, *hi). Returns 0, or -1 with
+ * why set when the stream is broken (or the path failed). */
+static int fault_frames(struct mig_dpd *h, struct installer_ctx *ctx, uint8_t *buf, uint32_t *lo, uint32_t hi,
+                        const char **why)
+{
+    while (hi - *lo >= sizeof(struct dp_batch)) {
+        struct dp_batch b;
+        memcpy(&b, buf + *lo, sizeof(b));
+        if (!framing_ok(&b, h->max_data)) {
+            *why = "a frame that cannot be followed (bad magic or sizes)";
+            pthread_mutex_lock(&h->mu);
+            refuse(h, &b);
+            pthread_mutex_unlock(&h->mu);
+            return -1;
+        }
+        uint64_t flen = frame_len(&b);
+        if (hi - *lo < flen)
+            break;
+        struct mig_install_stats st;
+        int v = install_frame(h, ctx, buf + *lo, &st, &b);
+        *lo += (uint32_t)flen;
+        if (v < 0) {
+            fail(h, "installing faulted pages [%llu, +%u) failed: %s", (unsigned long long)b.first_page, b.count,
+                 strerror(-v));
+            *why = h->error;
+            return -1;
+        }
+        int known = settle(h, h->freqs, FAULT_REQS, &b, v == REFUSED) == 0;
+        if (v == REFUSED) {
+            pthread_mutex_lock(&h->mu);
+            int gave_up = refuse(h, &b);
+            pthread_mutex_unlock(&h->mu);
+            if (gave_up || !known) {
+                *why = gave_up ? h->error : "a corrupt batch of unknown request";
+                return -1;
+            }
+            continue; /* its pages are asked again by settle_waiting */
+        }
+        count_install(h, &st);
+        settle_waiting(h, st.done_ns, NULL, NULL);
+    }
+    return 0;
+}
+
+static void *faulter_main(void *arg)
+{
+    struct mig_dpd *h = arg;
+    raise_priority();
+    uint32_t cap = 2 * (h->max_data + 4096);
+    uint8_t *buf = malloc(cap);
+    uint8_t *out = malloc(64 << 10);
+    struct installer_ctx ctx = {.dctx = new_dctx(), .scratch = malloc(h->max_data)};
+    uint64_t pages[FAULTS_PER_READ], t_ns[FAULTS_PER_READ];
+    uint32_t waiters[FAULTS_PER_READ];
+    struct mig_fault_stats fst = {0};
+    uint32_t lo = 0, hi = 0;
+    uint64_t last_rx = 0;
+    pthread_mutex_lock(&h->mu);
+    int fd = h->fd;
+    pthread_mutex_unlock(&h->mu);
+    const char *why = buf && out && ctx.scratch ? NULL : "out of memory";
+    if (why)
+        fail(h, "the fault path could not start: out of memory");
+    while (!why || (fd = fault_recover(h, fd, last_rx, why)) >= 0) {
+        if (why) {
+            why = NULL;
+            lo = hi = 0;
+        }
+        size_t len = 0;
+        struct pollfd p[3] = {{.fd = h->target_fd, .events = POLLIN}, {.fd = fd, .events = POLLIN},
+                              {.fd = h->link.stopfd, .events = POLLIN}};
+        int n = poll(p, 3, h->nwaiting ? 1 : 50);
+        if (n < 0 && errno != EINTR) {
+            fail(h, "fault path: poll: %s", strerror(errno));
+            break;
+        }
+        if (p[2].revents)
+            break;
+        if (p[1].revents) {
+            if (hi == cap || (lo && cap - hi < h->max_data + 4096)) {
+                memmove(buf, buf + lo, hi - lo);
+                hi -= lo;
+                lo = 0;
+            }
+            ssize_t got = recv(fd, buf + hi, cap - hi, MSG_DONTWAIT);
+            if (got <= 0 && !(got < 0 && (errno == EAGAIN || errno == EINTR))) {
+                why = got ? strerror(errno) : "connection closed";
+                continue;
+            }
+            if (got > 0) {
+                hi += (uint32_t)got;
+                add(&h->c.bytes_wire, (uint64_t)got);
+                last_rx = now_ns();
+                if (fault_frames(h, &ctx, buf, &lo, hi, &why) < 0) {
+                    if (__atomic_load_n(&h->failed, __ATOMIC_ACQUIRE))
+                        break;
+                    continue;
+                }
+                if (lo == hi)
+                    lo = hi = 0;
+            }
+        }
+        if (p[0].revents) {
+            int k = mig_read_faults(h->target_fd, h->regions, h->nregions, h->page_size, h->received, pages, waiters,
+                                    t_ns, FAULTS_PER_READ, 0, &fst);
+            if (k < 0 && k != -EINTR && k != -EAGAIN) {
+                fail(h, "fault path: reading faults: %s", strerror(-k));
+                break;
+            }
+            put(&h->c.woken, fst.woken);
+            if (k > 0)
+                len = on_faults(h, pages, waiters, t_ns, k, out, 64 << 10);
+        }
+        if (h->nwaiting) {
+            struct dp_run again[DP_MAX_RUNS];
+            uint32_t nagain = 0;
+            settle_waiting(h, 0, again, &nagain);
+            for (uint32_t i = 0; i < nagain && len + 64 <= (64 << 10); i++)
+                len += fault_request(h, out + len, &again[i], 1, 1);
+        }
+        if (len) {
+            int err = send_all(fd, out, len);
+            if (err)
+                why = strerror(-err);
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+    pthread_mutex_lock(&h->mu);
+    h->fd = -1;
+    pthread_mutex_unlock(&h->mu);
+    if (ctx.dctx)
+        zstd.free(ctx.dctx);
+    free(ctx.scratch);
+    free(out);
+    free(buf);
+    return NULL;
+}
+
+struct mig_dpd *mig_dpd_fault_new(const char *host, int port, const uint8_t *key, int uffd,
+                                  const struct mig_region *regions, int nregions, uint32_t page_size,
+                                  uint64_t npages, uint64_t *received, uint64_t *asked, struct mig_dpd *bulk,
+                                  double recovery_s, char *err, uint32_t err_len)
+{
+    struct mig_dpd *h = new_handle(ROLE_FAULT, host, port, key, uffd, 0, regions, nregions, page_size, npages,
+                                   received, asked, recovery_s, err, err_len);
+    if (!h)
+        return NULL;
+    h->bulk = bulk;
+    h->frun_store = calloc(FAULT_REQS * NEIGHBOURHOOD, sizeof(struct dp_run));
+    h->waiting = calloc(MAX_WAITING, sizeof(*h->waiting));
+    h->samples = calloc(MIG_DPD_SAMPLES, sizeof(uint64_t));
+    int r = h->frun_store && h->waiting && h->samples ? 0 : ENOMEM;
+    for (int i = 0; i < FAULT_REQS && !r; i++)
+        h->freqs[i].runs = h->frun_store + (size_t)i * NEIGHBOURHOOD;
+    if (!r)
+        r = pthread_create(&h->faulter, NULL, faulter_main, h);
+    if (r) {
+        snprintf(err, err_len, "cannot start the fault path: %s", strerror(r));
+        mig_dpd_free(h);
+        return NULL;
+    }
+    h->started = 1;
+    return h;
+}
+
+uint64_t mig_dpd_samples(struct mig_dpd *h, uint64_t *out, uint64_t max)
+{
+    if (!h->samples)
+        return 0;
+    uint64_t n = __atomic_load_n(&h->nsamples, __ATOMIC_ACQUIRE);
+    uint64_t have = n < MIG_DPD_SAMPLES ? n : MIG_DPD_SAMPLES;
+    if (have > max)
+        have = max;
+    for (uint64_t i = 0; i < have; i++)
+        out[i] = __atomic_load_n(&h->samples[(n - have + i) % MIG_DPD_SAMPLES], __ATOMIC_RELAXED);
+    return have;
+}
+
+/* ---- stop and free ---- */
+
+void mig_dpd_stop(struct mig_dpd *h)
+{
+    pthread_mutex_lock(&h->mu);
+    if (h->stopping) {
+        pthread_mutex_unlock(&h->mu);
+        return;
+    }
+    h->stopping = 1;
+    h->finished = 1;
+    if (h->link.stopfd >= 0) {
+        uint64_t one = 1;
+        if (write(h->link.stopfd, &one, sizeof(one)) < 0) { /* an eventfd write does not fail here */
+        }
+    }
+    if (h->fd >= 0)
+        shutdown(h->fd, SHUT_RDWR);
+    pthread_cond_broadcast(&h->cond);
+    int started = h->started;
+    pthread_mutex_unlock(&h->mu);
+    if (started && h->role == ROLE_FAULT)
+        pthread_join(h->faulter, NULL);
+    if (h->has_receiver)
+        pthread_join(h->receiver, NULL);
+    if (h->has_requester)
+        pthread_join(h->requester, NULL);
+    for (int i = 0; i < h->ninstallers; i++)
+        pthread_join(h->installers[i], NULL);
+    if (h->fd >= 0) {
+        close(h->fd);
+        h->fd = -1;
+    }
+    h->round_active = 0;
+}
+
+void mig_dpd_free(struct mig_dpd *h)
+{
+    if (!h)
+        return;
+    mig_dpd_stop(h);
+    if (h->link.stopfd >= 0)
+        close(h->link.stopfd);
+    for (int i = 0; i < NSLOTS; i++) {
+        free(h->slots[i].buf);
+        free(h->slots[i].offs);
+    }
+    free(h->run_store);
+    free(h->frun_store);
+    free(h->waiting);
+    free(h->samples);
+    free(h->regions);
+    pthread_cond_destroy(&h->cond);
+    pthread_mutex_destroy(&h->mu);
+    free(h);
+}

@@ -1,0 +1,98 @@
+/* The native data plane's destination side (see dp_dest.c, docs/protocol.md
+ * "Native data plane"): C threads that ask the source for pages over TCP,
+ * verify the batches and install them, never handing page bytes to Python.
+ *
+ * One handle per path: a bulk path (pulls every missing page; into a
+ * userfaultfd after the switch, or pwrite()s into the guest's memfd during
+ * pre-copy rounds) or a fault path (serves a userfaultfd's faults). Python
+ * starts and stops them and reads their counters. */
+#ifndef MIGRATE_DP_DEST_H
+#define MIGRATE_DP_DEST_H
+
+#include <stdint.h>
+
+#include "uffd.h"
+
+/* Counters of one path, updated atomically by its threads while Python reads
+ * them (aligned 64-bit words). The fault fields stay 0 on a bulk path. */
+struct mig_dpd_counters {
+    uint64_t pages;       /* pages installed by this path */
+    uint64_t zero;        /* of which zero pages */
+    uint64_t bytes_wire;  /* bytes received (frames, headers included) */
+    uint64_t bytes_pages; /* pages installed * page size */
+    uint64_t batches;     /* batches installed */
+    uint64_t refused;     /* batches refused (verification failed) */
+    uint64_t duplicates;  /* pages received that were already in place */
+    uint64_t requests;    /* requests sent */
+    uint64_t link_down;   /* 1 while the connection is down */
+    uint64_t outages;     /* connections lost */
+    uint64_t paused_ns;   /* time from the last byte received to the reconnect, summed */
+    uint64_t done;        /* bulk: every page is in */
+    uint64_t faults;      /* fault path: faults read on missing pages */
+    uint64_t woken;       /* fault path: faults on pages already in, woken at once */
+    uint64_t resolved;    /* fault path: faults whose page arrived */
+    uint64_t blocked_ns;  /* fault path: latency * waiting threads, summed */
+    uint64_t lat_sum_ns;
+    uint64_t lat_max_ns;
+    uint64_t hist[32];    /* fault latency, log2 µs buckets (bucket 0 also holds < 1 µs) */
+};
+
+/* Latency samples a fault path keeps (the newest). */
+#define MIG_DPD_SAMPLES 65536
+
+struct mig_dpd;
+
+/* A bulk path connected to the source at host:port (hello with `key`,
+ * DP_KEY_LEN bytes), installing into `target_fd`: a userfaultfd over
+ * `regions` (to_memfd 0) or the guest's memfd (to_memfd 1, regions unused).
+ * received (npages bits) is the run's bitmap, asked (npages bits, all clear)
+ * the pages asked and not yet installed, shared with a fault path. Nothing
+ * moves until mig_dpd_round. NULL on failure, with a message in err. */
+struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key, int target_fd, int to_memfd,
+                                 const struct mig_region *regions, int nregions, uint32_t page_size,
+                                 uint64_t npages, uint64_t *received, uint64_t *asked, double recovery_s,
+                                 char *err, uint32_t err_len);
+
+/* Start a round on a bulk path: pull every page whose received bit is clear,
+ * at most max_bandwidth bytes/s (0: no limit), asking nothing after
+ * deadline_s seconds (0: none). A bulk path into a userfaultfd has one round,
+ * that ends when every page is in; a pre-copy path has one per pull.
+ * -EBUSY while a round runs, -EPIPE once the path failed. */
+int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s);
+
+/* Wait up to timeout_ms for the round to end: 1 ended, 0 still running, -1
+ * the path failed (mig_dpd_error says why). */
+int mig_dpd_wait(struct mig_dpd *h, int timeout_ms);
+
+/* Ask nothing more in this round (it ends once what was asked is in). */
+void mig_dpd_stop_asking(struct mig_dpd *h);
+
+/* Go on asking from `page` (the fault path calls this where the guest faults). */
+void mig_dpd_jump(struct mig_dpd *h, uint64_t page);
+
+/* A fault path: reads the faults of `uffd` over `regions`, asks the source
+ * (host:port, a connection of kind fault) for each missing page, then its
+ * aligned 16-page neighbourhood, installs the replies, and moves `bulk`'s
+ * cursor (may be NULL) to the fault. asked is shared with `bulk` (the same
+ * bitmap) or its own. Serves at once. NULL on failure, message in err. */
+struct mig_dpd *mig_dpd_fault_new(const char *host, int port, const uint8_t *key, int uffd,
+                                  const struct mig_region *regions, int nregions, uint32_t page_size,
+                                  uint64_t npages, uint64_t *received, uint64_t *asked, struct mig_dpd *bulk,
+                                  double recovery_s, char *err, uint32_t err_len);
+
+/* The newest fault latency samples (ns), oldest first, at most max: returns how many. */
+uint64_t mig_dpd_samples(struct mig_dpd *h, uint64_t *out, uint64_t max);
+
+const struct mig_dpd_counters *mig_dpd_counters(struct mig_dpd *h);
+
+/* Why the path stopped serving, or NULL while it serves. */
+const char *mig_dpd_error(struct mig_dpd *h);
+
+/* Stop every thread (prompt: sockets are shut down), install what was fully
+ * received, close the connection. Idempotent. */
+void mig_dpd_stop(struct mig_dpd *h);
+
+/* mig_dpd_stop, then free the handle. */
+void mig_dpd_free(struct mig_dpd *h);
+
+#endif
