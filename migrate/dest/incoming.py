@@ -65,6 +65,7 @@ class IncomingRun:
         self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
         self.mode = "postcopy"
         self.precopy: PrecopyPuller | NativePrecopy | None = None
+        self._asked: SharedBitmap | None = None  # pages asked for, shared by the gRPC paths
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
         self._t_resume = 0.0
         self._t_done = 0.0
@@ -139,9 +140,10 @@ class IncomingRun:
     def start_paths(self) -> None:
         """Start the bulk path (waiting for start()) and the urgent path (serving at once), on the run's plane.
 
-        A gRPC urgent path beside a native bulk skips, in its prefetch, the
-        pages the bulk has asked for already (its `asked` bitmap): asking
-        them twice would put them twice on the wire.
+        Both paths share the bitmap of pages asked for (the native bulk's,
+        or one this run keeps for the gRPC paths): the bulk does not ask what
+        the urgent path asked, nor a gRPC urgent path's prefetch what the
+        bulk asked. Asking twice would put pages twice on the wire.
         """
         mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
         r = self.route
@@ -149,8 +151,9 @@ class IncomingRun:
             bulk: BulkLoop | NativeBulk = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
             jump, asked = bulk.jump, bulk.asked
         else:
-            bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout)
-            jump, asked = bulk.planner.jump, None
+            self._asked = asked = SharedBitmap.create(self.page_count)
+            bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout, asked)
+            jump = bulk.planner.jump
         self.paths["bulk"] = bulk
         if r.fault_path is FaultPath.NATIVE:
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
@@ -327,9 +330,10 @@ class IncomingRun:
         self.paths = {}
         if self.precopy is not None:
             self.precopy.close()
-        if self.bitmap is not None:
-            self.bitmap.close()
-            self.bitmap = None
+        for bitmap in (self.bitmap, self._asked):
+            if bitmap is not None:
+                bitmap.close()
+        self.bitmap = self._asked = None
         if self.uffd is not None:
             self.uffd.close()
             self.uffd = None
