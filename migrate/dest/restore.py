@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 
-from migrate import rpc
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
