@@ -6,10 +6,12 @@ over the urgent Pages.Fetch stream (its own HTTP/2 connection) and, right
 behind it, for its aligned 64 KiB neighbourhood, or, while the guest reads
 sequentially, a readahead that doubles up to 256 KiB; install each reply with
 one UFFDIO_COPY per run, and time each fault from its read to its install.
-The faulting page travels alone so its reply is one small message. A
-prefetch asks only for pages not received and, beside a native bulk path,
-not asked by it (its `asked` bitmap, where the prefetch marks its own): no
-page goes on the wire twice for a prefetch.
+The faulting page travels alone so its reply is one small message. With
+the bulk path's `asked` bitmap (pages asked for by either path; the urgent
+path marks its own there), a fault on a page the bulk has in flight waits
+for the bulk's batch (asked again urgently only if the bulk writes that
+request off), and a prefetch asks only for pages neither received nor
+asked: no page goes on the wire twice.
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ class FaultServer:
         self._expect = -1  # where a sequential reader's next fault would land
         self._recent: collections.deque[int] = collections.deque(maxlen=_RECENT)
         self._closing = False
+        self._on_bulk: list[tuple[int, int, int]] = []  # faults waiting for a page the bulk has in flight
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
         self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0,
@@ -143,11 +146,20 @@ class FaultServer:
                 if req_id is not None:
                     self._waiting[req_id].append((page, t_ns, waiters))
                     continue
-                self._ask(page, 1, [(page, t_ns, waiters)])
+                if self._asked is not None and self._asked.test(page):
+                    self._on_bulk.append((page, t_ns, waiters))
+                else:
+                    self._ask_page(page, t_ns, waiters)
                 first, end = self._prefetch(page)
                 for run_first, count in self._wanted(first, end):
                     self._ask(run_first, count, [])
             self._jump(end)
+
+    def _ask_page(self, page: int, t_ns: int, waiters: int) -> None:
+        """Ask for a faulting page alone (call with the lock held)."""
+        if self._asked is not None:
+            self._asked.set_range(page, 1)
+        self._ask(page, 1, [(page, t_ns, waiters)])
 
     def _wanted(self, first: int, end: int) -> Iterator[tuple[int, int]]:
         """Runs of pages in [first, end) neither received nor asked by the bulk path (marked asked now)."""
@@ -212,7 +224,15 @@ class FaultServer:
                     arrived = [f for f in faults if test(f[0])]
                     faults[:] = [f for f in faults if not test(f[0])]
                     self._resolve(arrived, now)
-            return any(self._waiting.values())
+            if self._on_bulk:
+                self._resolve([f for f in self._on_bulk if test(f[0])], now)
+                on_bulk, self._on_bulk = [f for f in self._on_bulk if not test(f[0])], []
+                for page, t_ns, waiters in on_bulk:
+                    if self._asked.test(page):
+                        self._on_bulk.append((page, t_ns, waiters))
+                    else:  # the bulk wrote its request off (a link lost): ask for it here
+                        self._ask_page(page, t_ns, waiters)
+            return any(self._waiting.values()) or bool(self._on_bulk)
 
     def receive(self) -> None:
         """Install urgent replies as they arrive (runs on its own thread)."""
