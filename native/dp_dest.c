@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "dp_common.h"
 #include "dp_dest.h"
 #include "dp_wire.h"
 #include "pages.h"
@@ -58,8 +59,9 @@
 #define FAULT_REQS 1024            /* fault path: requests in flight (a power of two) */
 #define MAX_WAITING 4096           /* fault path: faults waiting for their page */
 #define FAULTS_PER_READ 256
-#define CONNECT_TIMEOUT_MS 2000
-#define HELLO_TIMEOUT_MS 2000
+#define CONNECT_TIMEOUT_MS 1000    /* also bounds how long a stop waits for a connection attempt */
+#define HELLO_TIMEOUT_MS 1000
+#define FAULT_PATIENCE_NS 500000   /* a fault waits this long for a page the bulk path asked, then asks itself */
 #define FIRST_CONNECT_S 5.0        /* mig_dpd_*_new keeps trying this long */
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 1000
@@ -68,13 +70,6 @@ enum role { ROLE_BULK, ROLE_FAULT };
 enum link_state { LINK_UP, LINK_DOWN };
 
 /* ---- small helpers ---- */
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 static void add(uint64_t *c, uint64_t v)
 {
@@ -99,85 +94,13 @@ static void deadline_in(struct timespec *ts, uint64_t ns)
     ts->tv_nsec = (long)(t % 1000000000ULL);
 }
 
-/* ---- zstd, loaded at run time (no -dev package needed) ---- */
-
-typedef struct ZSTD_DCtx_s ZSTD_DCtx;
-static struct {
-    ZSTD_DCtx *(*create)(void);
-    size_t (*free)(ZSTD_DCtx *);
-    size_t (*decompress)(ZSTD_DCtx *, void *, size_t, const void *, size_t);
-    unsigned (*is_error)(size_t);
-    unsigned long long (*content_size)(const void *, size_t);
-    size_t (*frame_size)(const void *, size_t);
-} zstd;
-
-static void load_zstd(void)
-{
-    void *lib = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!lib)
-        return;
-    zstd.free = (size_t(*)(ZSTD_DCtx *))dlsym(lib, "ZSTD_freeDCtx");
-    zstd.decompress = (size_t(*)(ZSTD_DCtx *, void *, size_t, const void *, size_t))dlsym(lib, "ZSTD_decompressDCtx");
-    zstd.is_error = (unsigned (*)(size_t))dlsym(lib, "ZSTD_isError");
-    zstd.content_size = (unsigned long long (*)(const void *, size_t))dlsym(lib, "ZSTD_getFrameContentSize");
-    zstd.frame_size = (size_t(*)(const void *, size_t))dlsym(lib, "ZSTD_findFrameCompressedSize");
-    ZSTD_DCtx *(*create)(void) = (ZSTD_DCtx * (*)(void)) dlsym(lib, "ZSTD_createDCtx");
-    if (zstd.free && zstd.decompress && zstd.is_error && zstd.content_size && zstd.frame_size)
-        zstd.create = create; /* set last: the table is usable once create is set */
-}
-
-static ZSTD_DCtx *new_dctx(void)
-{
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, load_zstd);
-    return zstd.create ? zstd.create() : NULL;
-}
-
 /* ---- sockets ---- */
-
-static void set_int(int fd, int level, int opt, int v)
-{
-    setsockopt(fd, level, opt, &v, sizeof(v)); /* best effort: a missing option only slows detection */
-}
-
-/* Send all of buf; -errno on failure (never SIGPIPE). */
-static int send_all(int fd, const void *buf, size_t len)
-{
-    const uint8_t *p = buf;
-    while (len) {
-        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-/* Read exactly len bytes; -errno, or -ECONNRESET on EOF. */
-static int recv_all(int fd, void *buf, size_t len)
-{
-    uint8_t *p = buf;
-    while (len) {
-        ssize_t n = recv(fd, p, len, MSG_WAITALL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? -errno : -ECONNRESET;
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
 
 /* ---- the connection to the source ---- */
 
 struct link {
     char host[256];
-    char port[16];
+    uint16_t port;
     uint8_t key[DP_KEY_LEN];
     uint32_t kind;
     uint32_t page_size;
@@ -203,56 +126,23 @@ static int nap(const struct link *l, int ms)
  * -errno with a reason in why. */
 static int dial(const struct link *l, char *why, size_t why_len)
 {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
-    int r = getaddrinfo(l->host, l->port, &hints, &ai);
-    if (r) {
-        snprintf(why, why_len, "%s", gai_strerror(r));
-        return -EHOSTUNREACH;
-    }
-    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int fd = dp_connect(l->host, l->port, CONNECT_TIMEOUT_MS, l->kind == DP_KIND_BULK);
     if (fd < 0) {
-        r = -errno;
-        freeaddrinfo(ai);
-        snprintf(why, why_len, "socket: %s", strerror(-r));
-        return r;
+        snprintf(why, why_len, "connect: %s", strerror(-fd));
+        return fd;
     }
-    r = connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS ? -errno : 0;
-    freeaddrinfo(ai);
-    if (!r) {
-        struct pollfd p[2] = {{.fd = fd, .events = POLLOUT}, {.fd = l->stopfd, .events = POLLIN}};
-        int n = poll(p, 2, CONNECT_TIMEOUT_MS);
-        int soerr = 0;
-        socklen_t sl = sizeof(soerr);
-        if (n < 0)
-            r = -errno;
-        else if (p[1].revents)
-            r = -ECANCELED;
-        else if (n == 0)
-            r = -ETIMEDOUT;
-        else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0 || soerr)
-            r = -(soerr ? soerr : errno);
-    }
-    if (r) {
-        snprintf(why, why_len, "connect: %s", strerror(-r));
-        close(fd);
-        return r;
-    }
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1);
-    set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
-    set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, 1);
-    set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, 1);
-    set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, 2);
-    set_int(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, 1500);
+    int r;
     struct timeval tv = {.tv_sec = HELLO_TIMEOUT_MS / 1000, .tv_usec = (HELLO_TIMEOUT_MS % 1000) * 1000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     struct dp_hello hello = {.version = DP_VERSION, .kind = l->kind};
     memcpy(hello.magic, DP_MAGIC, DP_MAGIC_LEN);
     memcpy(hello.key, l->key, DP_KEY_LEN);
     struct dp_hello_reply reply;
-    r = send_all(fd, &hello, sizeof(hello));
-    if (!r)
-        r = recv_all(fd, &reply, sizeof(reply));
+    r = dp_send_full(fd, &hello, sizeof(hello));
+    if (!r) {
+        ssize_t n = dp_read_full(fd, &reply, sizeof(reply));
+        r = n == (ssize_t)sizeof(reply) ? 0 : n < 0 ? (int)n : -ECONNRESET;
+    }
     if (r) {
         snprintf(why, why_len, "hello: %s", r == -ECONNRESET ? "the source closed the connection (wrong key?)"
                                                               : r == -EAGAIN ? "no reply" : strerror(-r));
@@ -278,7 +168,7 @@ static int dial(const struct link *l, char *why, size_t why_len)
  * when the path stops). */
 static int redial(const struct link *l, double limit_s, char *why, size_t why_len)
 {
-    uint64_t give_up = now_ns() + (uint64_t)(limit_s * 1e9);
+    uint64_t give_up = (uint64_t)dp_mono_ns() + (uint64_t)(limit_s * 1e9);
     int backoff = BACKOFF_MIN_MS;
     for (;;) {
         if (stopped(l))
@@ -286,7 +176,7 @@ static int redial(const struct link *l, double limit_s, char *why, size_t why_le
         int fd = dial(l, why, why_len);
         if (fd >= 0 || fd == -ECANCELED)
             return fd;
-        if (now_ns() >= give_up)
+        if ((uint64_t)dp_mono_ns() >= give_up)
             return fd;
         if (nap(l, backoff))
             return -ECANCELED;
@@ -328,6 +218,7 @@ struct slot {
 struct waiting {      /* fault path: a fault whose page is not in yet */
     uint64_t page, t_ns;
     uint32_t waiters;
+    uint32_t asked;   /* the fault path asked for the page itself */
 };
 
 struct mig_dpd {
@@ -472,13 +363,8 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
         return REFUSED;
     const uint8_t *data = payload;
     if (hdr->encoding == DP_ZSTD) {
-        if (!ctx->dctx || !hdr->data_len)
-            return REFUSED;
-        if (zstd.frame_size(payload, hdr->data_len) != hdr->data_len ||
-            zstd.content_size(payload, hdr->data_len) != need)
-            return REFUSED;
-        size_t n = zstd.decompress(ctx->dctx, ctx->scratch, h->max_data, payload, hdr->data_len);
-        if (zstd.is_error(n) || n != need)
+        const char *why;
+        if (!ctx->dctx || dp_zstd_decompress(ctx->dctx, ctx->scratch, need, payload, hdr->data_len, &why))
             return REFUSED;
         data = ctx->scratch;
     } else if (hdr->encoding != DP_RAW || hdr->data_len != need) {
@@ -500,7 +386,7 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     st->copied = hdr->count - zero;
     st->zeroed = zero;
     mig_bitmap_set(h->received, hdr->first_page, hdr->count);
-    st->done_ns = now_ns();
+    st->done_ns = (uint64_t)dp_mono_ns();
     return INSTALLED;
 }
 
@@ -521,7 +407,7 @@ static int refuse(struct mig_dpd *h, const struct dp_batch *b)
     if (++h->refused <= MAX_REFUSED)
         return 0;
     pthread_mutex_unlock(&h->mu);
-    fail(h, "the source at %s:%s sent %d corrupt batches (the last for pages [%llu, +%u)); gave up",
+    fail(h, "the source at %s:%u sent %d corrupt batches (the last for pages [%llu, +%u)); gave up",
          h->link.host, h->link.port, MAX_REFUSED + 1, (unsigned long long)b->first_page, b->count);
     pthread_mutex_lock(&h->mu);
     return -1;
@@ -579,6 +465,33 @@ static uint64_t take_bits(uint64_t bits, uint64_t base, uint64_t prev_end, uint6
     return out;
 }
 
+/* Cut runs into pieces of at most batch_pages: the source answers a run in
+ * batches of up to DP_BATCH_PAGES pages, so with pages larger than 4 KiB
+ * the runs asked for bound the batches (BATCH_BYTES). Pieces beyond
+ * DP_MAX_RUNS are given back (asked bits cleared). Returns the runs; *pages
+ * drops by what was given back. */
+static uint32_t split_runs(struct mig_dpd *h, struct dp_run *runs, uint32_t nruns, uint64_t *pages)
+{
+    if (h->batch_pages >= DP_BATCH_PAGES)
+        return nruns;
+    struct dp_run out[DP_MAX_RUNS];
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end;) {
+            uint32_t len = end - p < h->batch_pages ? (uint32_t)(end - p) : h->batch_pages;
+            if (n == DP_MAX_RUNS) {
+                mig_bitmap_clear(h->asked, p, len);
+                *pages -= len;
+            } else {
+                out[n++] = (struct dp_run){.first_page = p, .count = len};
+            }
+            p += len;
+        }
+    }
+    memcpy(runs, out, n * sizeof(*out));
+    return n;
+}
+
 /* Claim up to max_pages missing, unasked pages from the cursor on (wrapping
  * once) into at most DP_MAX_RUNS runs; returns the number of runs. (lock held) */
 static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages, uint64_t *npages_out)
@@ -617,14 +530,16 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
         if (h->cursor >= h->npages)
             h->cursor = 0;
     }
+    nruns = split_runs(h, runs, nruns, &pages);
     *npages_out = pages;
     return nruns;
 }
 
 /* ---- bulk: the requester ---- */
 
-static void lower_priority(void)
+static void lower_priority(const char *name)
 {
+    pthread_setname_np(pthread_self(), name);
     struct sched_param sp = {0};
     sched_setscheduler(0, SCHED_BATCH, &sp); /* the calling thread; best effort */
     setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
@@ -658,11 +573,11 @@ static void end_round(struct mig_dpd *h)
 static void *requester_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority();
+    lower_priority("dpd-request");
     uint8_t msg[sizeof(struct dp_request) + DP_MAX_RUNS * sizeof(struct dp_run)];
     pthread_mutex_lock(&h->mu);
     while (!h->finished) {
-        uint64_t now = now_ns();
+        uint64_t now = (uint64_t)dp_mono_ns();
         if (!h->round_active || h->fd < 0) {
             pthread_cond_wait(&h->cond, &h->mu);
             continue;
@@ -712,7 +627,7 @@ static void *requester_main(void *arg)
         int fd = h->fd;
         h->sending++;
         pthread_mutex_unlock(&h->mu);
-        int err = send_all(fd, msg, sizeof(rq) + nruns * sizeof(struct dp_run));
+        int err = dp_send_full(fd, msg, sizeof(rq) + nruns * sizeof(struct dp_run));
         add(&h->c.requests, 1);
         pthread_mutex_lock(&h->mu);
         h->sending--;
@@ -760,7 +675,7 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
         shutdown(h->fd, SHUT_RDWR);
     if (h->finished)
         return -1;
-    uint64_t lost_at = now_ns();
+    uint64_t lost_at = (uint64_t)dp_mono_ns();
     put(&h->c.link_down, 1);
     add(&h->c.outages, 1);
     h->down_since = h->last_rx_ns ? h->last_rx_ns : lost_at;
@@ -780,10 +695,10 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
     char reason[512];
     snprintf(reason, sizeof(reason), "%s", why);
     pthread_mutex_unlock(&h->mu);
-    double left = h->link.recovery_s - (double)(now_ns() - lost_at) / 1e9;
+    double left = h->link.recovery_s - (double)((uint64_t)dp_mono_ns() - lost_at) / 1e9;
     int fd = redial(&h->link, left > 0 ? left : 0, reason, sizeof(reason));
     if (fd < 0 && fd != -ECANCELED)
-        fail(h, "lost the source at %s:%s: %s (for %g s; gave up, the guest stays paused)", h->link.host,
+        fail(h, "lost the source at %s:%u: %s (for %g s; gave up, the guest stays paused)", h->link.host,
              h->link.port, reason, h->link.recovery_s);
     pthread_mutex_lock(&h->mu);
     if (fd < 0 || h->finished) {
@@ -792,7 +707,7 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
         return -1;
     }
     h->fd = fd;
-    add(&h->c.paused_ns, now_ns() - h->down_since);
+    add(&h->c.paused_ns, (uint64_t)dp_mono_ns() - h->down_since);
     put(&h->c.link_down, 0);
     pthread_cond_broadcast(&h->cond);
     return fd;
@@ -801,7 +716,7 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
 static void *receiver_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority();
+    lower_priority("dpd-receive");
     uint8_t *stage = malloc(STAGE_BYTES);
     uint32_t lo = 0, hi = 0, read_size = STAGE_BYTES;
     int cur = -1;
@@ -840,7 +755,7 @@ static void *receiver_main(void *arg)
             }
             hi += (uint32_t)n;
             add(&h->c.bytes_wire, (uint64_t)n);
-            h->last_rx_ns = now_ns();
+            h->last_rx_ns = (uint64_t)dp_mono_ns();
             continue;
         }
         struct dp_batch b;
@@ -876,14 +791,14 @@ static void *receiver_main(void *arg)
         memcpy(s->buf + off, stage + lo, copy);
         lo += (uint32_t)copy;
         if (copy < flen) {
-            int r = recv_all(fd, s->buf + off + copy, flen - copy);
-            if (r) {
-                snprintf(whybuf, sizeof(whybuf), "%s", r == -ECONNRESET ? "connection closed mid-batch" : strerror(-r));
+            ssize_t r = dp_read_full(fd, s->buf + off + copy, flen - copy);
+            if (r != (ssize_t)(flen - copy)) {
+                snprintf(whybuf, sizeof(whybuf), "%s", r >= 0 ? "connection closed mid-batch" : strerror((int)-r));
                 why = whybuf;
                 continue; /* the partial frame stays out of the slot: never installed */
             }
             add(&h->c.bytes_wire, flen - copy);
-            h->last_rx_ns = now_ns();
+            h->last_rx_ns = (uint64_t)dp_mono_ns();
         }
         s->offs[s->nframes++] = (uint32_t)off;
         s->len = (uint32_t)(off + flen);
@@ -921,8 +836,8 @@ static int settle(struct mig_dpd *h, struct req *table, uint32_t nslots, const s
 static void *installer_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority();
-    struct installer_ctx ctx = {.dctx = new_dctx(), .scratch = malloc(h->max_data)};
+    lower_priority("dpd-install");
+    struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     pthread_mutex_lock(&h->mu);
     for (;;) {
         while (!h->qlen && !h->finished)
@@ -937,7 +852,7 @@ static void *installer_main(void *arg)
         struct slot *s = &h->slots[si];
         for (uint32_t i = 0; i < s->nframes; i++) {
             struct mig_install_stats st;
-            struct dp_batch b;
+            struct dp_batch b = {0};
             int v = ctx.scratch ? install_frame(h, &ctx, s->buf + s->offs[i], &st, &b) : -ENOMEM;
             if (v < 0) {
                 fail(h, "installing pages [%llu, +%u) from the source failed: %s", (unsigned long long)b.first_page,
@@ -965,7 +880,7 @@ static void *installer_main(void *arg)
     }
     pthread_mutex_unlock(&h->mu);
     if (ctx.dctx)
-        zstd.free(ctx.dctx);
+        dp_zstd_free_dctx(ctx.dctx);
     free(ctx.scratch);
     return NULL;
 }
@@ -984,7 +899,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     }
     h->role = role;
     snprintf(h->link.host, sizeof(h->link.host), "%s", host);
-    snprintf(h->link.port, sizeof(h->link.port), "%d", port);
+    h->link.port = (uint16_t)port;
     memcpy(h->link.key, key, DP_KEY_LEN);
     h->link.kind = role == ROLE_BULK ? DP_KIND_BULK : DP_KIND_FAULT;
     h->link.page_size = page_size;
@@ -1041,6 +956,7 @@ struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key,
                                    npages, received, asked, recovery_s, err, err_len);
     if (!h)
         return NULL;
+    h->next_id = 1; /* id 0 marks a free request slot */
     h->run_store = calloc(REQ_SLOTS * DP_MAX_RUNS, sizeof(struct dp_run));
     h->slot_bytes = (uint32_t)(sizeof(struct dp_batch) + 8 * (DP_BATCH_PAGES / 2 + 1) + h->max_data + 2 * FRAME_ALIGN +
                                STAGE_BYTES);
@@ -1070,11 +986,14 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
     } else if (h->round_active) {
         r = -EBUSY;
     } else {
-        /* Nothing is in flight between rounds: pages discarded since are asked again. */
-        memset(h->asked, 0, (h->npages + 63) / 64 * 8);
+        /* Pre-copy: nothing is in flight between rounds, and pages discarded
+         * since the last one are asked again. (A bulk path into the
+         * userfaultfd has one round, its asked bits shared with the fault path.) */
+        if (h->to_memfd)
+            memset(h->asked, 0, (h->npages + 63) / 64 * 8);
         h->cursor = 0;
         h->rate = max_bandwidth;
-        h->round_t0 = now_ns();
+        h->round_t0 = (uint64_t)dp_mono_ns();
         h->round_bytes0 = get(&h->c.bytes_wire);
         h->round_deadline = deadline_s > 0 ? h->round_t0 + (uint64_t)(deadline_s * 1e9) : 0;
         h->stop_asking = 0;
@@ -1150,6 +1069,7 @@ const char *mig_dpd_error(struct mig_dpd *h)
 
 static void raise_priority(void)
 {
+    pthread_setname_np(pthread_self(), "dpd-fault");
     struct sched_param sp = {.sched_priority = 1};
     if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10); /* best effort: needs privileges */
@@ -1170,11 +1090,14 @@ static void record_latency(struct mig_dpd *h, uint64_t lat_ns, uint32_t waiters)
 }
 
 /* Resolve the waiting faults whose page is in (done_ns: when it was
- * installed, 0 for now); ask again for those nobody has asked for any more
- * (their request was written off). Returns 1 while faults still wait. */
+ * installed, 0 for now). With `ask`, collect the pages to ask for alone: a
+ * page nobody asks for any more (its request was written off), or one the
+ * bulk path asked for that is still not in after FAULT_PATIENCE_NS (a slow,
+ * paced bulk window must not hold a fault up: one page asked twice is
+ * cheaper). Returns 1 while faults still wait. */
 static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *ask, uint32_t *nask)
 {
-    uint64_t now = done_ns ? done_ns : now_ns();
+    uint64_t now = done_ns ? done_ns : (uint64_t)dp_mono_ns();
     uint32_t kept = 0;
     for (uint32_t i = 0; i < h->nwaiting; i++) {
         struct waiting *w = &h->waiting[i];
@@ -1182,10 +1105,14 @@ static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *as
             record_latency(h, now > w->t_ns ? now - w->t_ns : 0, w->waiters);
             continue;
         }
-        if (nask && *nask < DP_MAX_RUNS &&
-            !(__atomic_fetch_or(&h->asked[w->page / 64], 1ULL << (w->page % 64), __ATOMIC_ACQ_REL) &
-              (1ULL << (w->page % 64))))
-            ask[(*nask)++] = (struct dp_run){.first_page = w->page, .count = 1};
+        if (ask && *nask < DP_MAX_RUNS) {
+            uint64_t bit = 1ULL << (w->page % 64);
+            int claimed = !(__atomic_fetch_or(&h->asked[w->page / 64], bit, __ATOMIC_ACQ_REL) & bit);
+            if (claimed || (!w->asked && now - w->t_ns > FAULT_PATIENCE_NS)) {
+                ask[(*nask)++] = (struct dp_run){.first_page = w->page, .count = 1};
+                w->asked = 1;
+            }
+        }
         h->waiting[kept++] = *w;
     }
     h->nwaiting = kept;
@@ -1222,8 +1149,10 @@ static uint32_t claim_block(struct mig_dpd *h, uint64_t page, struct dp_run *run
         mask &= ~(~0ULL << (h->npages % 64));
     uint64_t want = mask & ~__atomic_load_n(&h->received[w], __ATOMIC_ACQUIRE);
     uint64_t got = want & ~__atomic_fetch_or(&h->asked[w], want, __ATOMIC_ACQ_REL);
-    *pages = (uint32_t)__builtin_popcountll(got);
-    return append_runs(runs, 0, w * 64, got);
+    uint64_t n = (uint64_t)__builtin_popcountll(got);
+    uint32_t nruns = split_runs(h, runs, append_runs(runs, 0, w * 64, got), &n);
+    *pages = (uint32_t)n;
+    return nruns;
 }
 
 /* Requests for new faults: each page alone, then its neighbourhood. */
@@ -1234,8 +1163,9 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
     for (int i = 0; i < n; i++) {
         uint64_t p = pages[i];
         add(&h->c.faults, 1);
-        if (h->nwaiting < MAX_WAITING)
-            h->waiting[h->nwaiting++] = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
+        struct waiting *w = h->nwaiting < MAX_WAITING ? &h->waiting[h->nwaiting++] : NULL;
+        if (w)
+            *w = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
         if (h->bulk)
             mig_dpd_jump(h->bulk, p);
         if (len + 2 * (sizeof(struct dp_request) + NEIGHBOURHOOD * sizeof(struct dp_run)) > room)
@@ -1244,6 +1174,8 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
         if (!(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit)) {
             struct dp_run one = {.first_page = p, .count = 1};
             len += fault_request(h, out + len, &one, 1, 1);
+            if (w)
+                w->asked = 1;
         }
         struct dp_run runs[NEIGHBOURHOOD];
         uint32_t npages;
@@ -1258,13 +1190,13 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
  * the new socket or -1 (stopped or failed). */
 static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char *why)
 {
-    close(fd);
     pthread_mutex_lock(&h->mu);
-    h->fd = -1;
+    h->fd = -1; /* unpublished before the close: a stop never shuts down a reused descriptor */
     pthread_mutex_unlock(&h->mu);
+    close(fd);
     if (stopped(&h->link))
         return -1;
-    uint64_t lost_at = now_ns();
+    uint64_t lost_at = (uint64_t)dp_mono_ns();
     put(&h->c.link_down, 1);
     add(&h->c.outages, 1);
     for (int i = 0; i < FAULT_REQS; i++) {
@@ -1278,7 +1210,7 @@ static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char
     fd = redial(&h->link, h->link.recovery_s, reason, sizeof(reason));
     if (fd < 0) {
         if (fd != -ECANCELED)
-            fail(h, "lost the source at %s:%s: %s (for %g s; gave up, the guest stays paused)", h->link.host,
+            fail(h, "lost the source at %s:%u: %s (for %g s; gave up, the guest stays paused)", h->link.host,
                  h->link.port, reason, h->link.recovery_s);
         return -1;
     }
@@ -1290,7 +1222,7 @@ static int fault_recover(struct mig_dpd *h, int fd, uint64_t last_rx, const char
         h->fd = fd;
     }
     pthread_mutex_unlock(&h->mu);
-    add(&h->c.paused_ns, now_ns() - (last_rx ? last_rx : lost_at));
+    add(&h->c.paused_ns, (uint64_t)dp_mono_ns() - (last_rx ? last_rx : lost_at));
     put(&h->c.link_down, 0);
     return fd;
 }
@@ -1346,7 +1278,7 @@ static void *faulter_main(void *arg)
     uint32_t cap = 2 * (h->max_data + 4096);
     uint8_t *buf = malloc(cap);
     uint8_t *out = malloc(64 << 10);
-    struct installer_ctx ctx = {.dctx = new_dctx(), .scratch = malloc(h->max_data)};
+    struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     uint64_t pages[FAULTS_PER_READ], t_ns[FAULTS_PER_READ];
     uint32_t waiters[FAULTS_PER_READ];
     struct mig_fault_stats fst = {0};
@@ -1355,9 +1287,11 @@ static void *faulter_main(void *arg)
     pthread_mutex_lock(&h->mu);
     int fd = h->fd;
     pthread_mutex_unlock(&h->mu);
-    const char *why = buf && out && ctx.scratch ? NULL : "out of memory";
-    if (why)
+    const char *why = NULL;
+    if (!buf || !out || !ctx.scratch) {
         fail(h, "the fault path could not start: out of memory");
+        goto out;
+    }
     while (!why || (fd = fault_recover(h, fd, last_rx, why)) >= 0) {
         if (why) {
             why = NULL;
@@ -1387,7 +1321,7 @@ static void *faulter_main(void *arg)
             if (got > 0) {
                 hi += (uint32_t)got;
                 add(&h->c.bytes_wire, (uint64_t)got);
-                last_rx = now_ns();
+                last_rx = (uint64_t)dp_mono_ns();
                 if (fault_frames(h, &ctx, buf, &lo, hi, &why) < 0) {
                     if (__atomic_load_n(&h->failed, __ATOMIC_ACQUIRE))
                         break;
@@ -1416,18 +1350,19 @@ static void *faulter_main(void *arg)
                 len += fault_request(h, out + len, &again[i], 1, 1);
         }
         if (len) {
-            int err = send_all(fd, out, len);
+            int err = dp_send_full(fd, out, len);
             if (err)
                 why = strerror(-err);
         }
     }
-    if (fd >= 0)
-        close(fd);
+out:
     pthread_mutex_lock(&h->mu);
     h->fd = -1;
     pthread_mutex_unlock(&h->mu);
+    if (fd >= 0)
+        close(fd);
     if (ctx.dctx)
-        zstd.free(ctx.dctx);
+        dp_zstd_free_dctx(ctx.dctx);
     free(ctx.scratch);
     free(out);
     free(buf);

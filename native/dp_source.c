@@ -10,9 +10,11 @@
 #include "dp_source.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -54,6 +56,7 @@ struct mig_dp_source {
     uint32_t page_size;
     uint8_t key[DP_KEY_LEN];
     int compress, level;
+    int holes_fd;               /* our own open file of the memfd, for SEEK_DATA (-1: none) */
     int listen_fd;
     uint16_t port;
     pthread_t accept_tid;
@@ -121,12 +124,48 @@ static int spawn(pthread_t *tid, void *(*fn)(void *), void *arg)
     return r;
 }
 
+/* ------------------------------------------------------------------- holes */
+
+/* Pages never written (or discarded) are holes in the memfd: zero pages
+ * that reading through the mapping would allocate, here, one by one. So a
+ * batch asks the file where its data is (SEEK_DATA / SEEK_HOLE: a few
+ * syscalls a batch, never one a page) and sends holes as zero runs without
+ * touching them. Only where data lies is remembered (a stale answer there
+ * costs an allocation, never a wrong page); a hole is asked about every
+ * time, since the guest may have written it since. */
+#define HOLE_QUERIES_PER_BATCH 8
+
+struct holes {
+    uint64_t data_lo, data_hi;  /* pages [data_lo, data_hi) held data when last asked */
+    int budget;                 /* queries this batch may still make */
+};
+
+/* How many pages from `page` (not past `limit`) are holes: 0 when it holds
+ * data, or when we may not ask. */
+static uint64_t holes_at(const struct mig_dp_source *s, struct holes *h, uint64_t page, uint64_t limit)
+{
+    if (s->holes_fd < 0 || (page >= h->data_lo && page < h->data_hi) || h->budget <= 0)
+        return 0;
+    h->budget--;
+    const uint64_t ps = s->page_size;
+    off_t data = lseek(s->holes_fd, (off_t)(page * ps), SEEK_DATA);
+    if (data < 0)
+        return errno == ENXIO ? limit - page : 0;  /* ENXIO: no data from there on */
+    uint64_t data_page = (uint64_t)data / ps;
+    if (data_page > page)
+        return (data_page < limit ? data_page : limit) - page;
+    off_t hole = lseek(s->holes_fd, data, SEEK_HOLE);
+    h->data_lo = page;
+    h->data_hi = hole > data ? ((uint64_t)hole + ps - 1) / ps : page + 1;
+    return 0;
+}
+
 /* ----------------------------------------------------------------- serving */
 
 /* Send pages [first, first + count) (count <= DP_BATCH_PAGES) as one batch.
  * Returns 0 or -errno. */
-static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, uint64_t req_id, uint64_t first,
-                      uint32_t count, int fault)
+static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct holes *holes, uint64_t req_id,
+                      uint64_t first, uint32_t count, int fault)
 {
     const uint32_t ps = s->page_size;
     uint32_t runs[DP_BATCH_PAGES + 1];  /* pairs; at most one zero run per two pages, plus one */
@@ -138,19 +177,23 @@ static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, uint64
     int ndata = 0;
     uint32_t nruns = 0, zero = 0;
     const uint8_t *base = s->mem + first * ps;
-    for (uint32_t i = 0; i < count; i++) {
+    holes->budget = HOLE_QUERIES_PER_BATCH;
+    for (uint32_t i = 0, n; i < count; i += n) {
         const uint8_t *page = base + (uint64_t)i * ps;
-        if (mig_page_is_zero(page, ps)) {
+        n = (uint32_t)holes_at(s, holes, first + i, first + count);
+        if (n || mig_page_is_zero(page, ps)) {
+            n = n ? n : 1;
             if (nruns && runs[2 * nruns - 2] + runs[2 * nruns - 1] == i) {
-                runs[2 * nruns - 1]++;
+                runs[2 * nruns - 1] += n;
             } else {
                 runs[2 * nruns] = i;
-                runs[2 * nruns + 1] = 1;
+                runs[2 * nruns + 1] = n;
                 nruns++;
             }
-            zero++;
+            zero += n;
             continue;
         }
+        n = 1;
         dp_digest_update(&digest, page, ps);  /* while the zero check has it in cache */
         struct iovec *last = ndata ? &iov[2 + ndata - 1] : NULL;
         if (last && (const uint8_t *)last->iov_base + last->iov_len == page)
@@ -218,13 +261,14 @@ static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
 {
     struct dp_request req;
     struct dp_run runs[DP_MAX_RUNS];
+    struct holes holes = {0};
     while (read_request(s, fd, &req, runs) > 0) {
         ADD(requests, !fault);
         ADD(fault_requests, fault);
         for (uint32_t i = 0; i < req.nruns; i++) {
             for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end; p += DP_BATCH_PAGES) {
                 uint32_t count = end - p < DP_BATCH_PAGES ? (uint32_t)(end - p) : DP_BATCH_PAGES;
-                if (send_batch(s, fd, z, req.req_id, p, count, fault))
+                if (send_batch(s, fd, z, &holes, req.req_id, p, count, fault))
                     return;
             }
         }
@@ -384,18 +428,24 @@ struct mig_dp_source *mig_dp_source_start(int memfd, uint64_t size, uint32_t pag
         goto fail;
     }
     s->mem = mem;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", memfd);
+    s->holes_fd = open(path, O_RDONLY | O_CLOEXEC);  /* a file offset of our own for lseek */
     s->listen_fd = dp_listen(host, port, &s->port);
     if (s->listen_fd < 0) {
         *err = -s->listen_fd;
-        goto fail;
+        goto fail_holes;
     }
     int r = spawn(&s->accept_tid, accept_main, s);
     if (r) {
         *err = r;
         close(s->listen_fd);
-        goto fail;
+        goto fail_holes;
     }
     return s;
+fail_holes:
+    if (s->holes_fd >= 0)
+        close(s->holes_fd);
 fail:
     if (s->mem)
         munmap((void *)s->mem, size);
@@ -431,6 +481,8 @@ void mig_dp_source_stop(struct mig_dp_source *s, struct mig_dp_source_counters *
     if (final)
         mig_dp_source_counters(s, final);
     munmap((void *)s->mem, s->size);
+    if (s->holes_fd >= 0)
+        close(s->holes_fd);
     pthread_mutex_destroy(&s->mu);
     free(s);
 }

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from migrate.guest.process import GuestSpec
+from migrate.guest.workloads import Workload, digest, fill_realistic
 from migrate.local import LocalAgent
 
 
@@ -72,6 +74,38 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         if time.monotonic() > deadline:
             pytest.fail(f"test left behind processes {sorted(left)} / fds {grew}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def memfds() -> Iterator[Callable[[int], int]]:
+    """make(size): a fresh memfd of `size` bytes, closed after the test."""
+    made: list[int] = []
+
+    def make(size: int) -> int:
+        fd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        made.append(fd)
+        return fd
+
+    yield make
+    for fd in made:
+        os.close(fd)
+
+
+@pytest.fixture
+def reference_digest() -> Callable[[GuestSpec], str]:
+    """digest(spec): the memory digest of a never-migrated, never-paused run of `spec`, computed in-process."""
+
+    def compute(spec: GuestSpec) -> str:
+        buf = bytearray(spec.size)
+        fill_realistic(buf, spec.page_size, spec.seed)
+        with Workload(buf, workload=spec.workload, seed=spec.seed, ops=spec.ops, threads=spec.threads,
+                      page_size=spec.page_size) as wl:
+            wl.start()
+            assert wl.wait_finished(300)
+        return digest(buf)
+
+    return compute
 
 
 @pytest.fixture

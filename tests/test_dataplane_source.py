@@ -204,6 +204,26 @@ def test_a_multi_run_request_returns_its_pages_in_order(server: DataServer) -> N
     assert counters["bytes"] == sum(b["wire"] for b in got)
 
 
+def test_holes_in_the_memfd_are_sent_as_zero_runs_without_being_allocated() -> None:
+    """Never-written pages are zero: reading them through the mapping would allocate them at the source."""
+    fd = os.memfd_create("sparse", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, NPAGES * PAGE)
+        written = {5: b"a", 6: b"b", 130: b"c", NPAGES - 1: b"d"}
+        for page, fill in written.items():
+            os.pwrite(fd, fill * PAGE, page * PAGE)
+        blocks = os.fstat(fd).st_blocks
+        with DataServer(fd, NPAGES * PAGE, PAGE, "127.0.0.1", key=KEY) as srv, client(srv) as c:
+            c.hello()
+            c.request([(0, NPAGES), (6, 1)])
+            got = [p for b in c.batches(NPAGES + 1) for p in b["pages"]]
+            assert srv.counters()["zero_pages"] == NPAGES - len(written)
+        assert got == [written.get(i, b"\0") * PAGE for i in range(NPAGES)] + [b"b" * PAGE]
+        assert os.fstat(fd).st_blocks == blocks
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("server", ["always"], indirect=True)
 def test_compression_always_sends_valid_zstd_frames(server: DataServer) -> None:
     with client(server) as c:

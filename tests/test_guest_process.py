@@ -10,13 +10,12 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from migrate import spawn
 from migrate.guest.process import GuestProcess, GuestSpec
-from migrate.guest.workloads import Workload, digest, fill_realistic
+from migrate.guest.workloads import digest, fill_realistic
 
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20
@@ -46,32 +45,6 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-@pytest.fixture
-def memfds() -> Iterator[callable]:
-    made: list[int] = []
-
-    def make(size: int) -> int:
-        fd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        os.close(fd)
-
-
-def reference_digest(spec: GuestSpec) -> str:
-    """The digest of a never-migrated, never-paused run, computed in-process."""
-    buf = bytearray(spec.size)
-    fill_realistic(buf, spec.page_size, spec.seed)
-    with Workload(buf, workload=spec.workload, seed=spec.seed, ops=spec.ops, threads=spec.threads,
-                  page_size=spec.page_size) as wl:
-        wl.start()
-        assert wl.wait_finished(300)
-    return digest(buf)
 
 
 def memfd_digest(fd: int, size: int) -> str:
@@ -168,7 +141,7 @@ def test_launch_progress_pause_resume_digest_stop(memfds) -> None:
         gp.stats()
 
 
-def test_paused_runs_finish_with_the_reference_digest(memfds) -> None:
+def test_paused_runs_finish_with_the_reference_digest(memfds, reference_digest) -> None:
     spec = GuestSpec(size=16 * MiB, workload="hotset", seed=8, ops=120_000, threads=2, ops_per_sec=100_000)
     fd = memfds(spec.size)
     with GuestProcess.launch(spec, fd) as gp:
@@ -273,7 +246,7 @@ class FaultServer:
             raise self.error
 
 
-def test_restore_mode_mini_postcopy(memfds) -> None:
+def test_restore_mode_mini_postcopy(memfds, reference_digest) -> None:
     """Pause a source guest, resume it in a restore-mode runner whose faults
     this test resolves from the source memory: same digest as a run never
     migrated."""

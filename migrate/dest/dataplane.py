@@ -1,0 +1,261 @@
+"""The native data plane's destination side: C threads pull, verify and install pages.
+
+Drop-in replacements for the gRPC paths, with the same interfaces:
+NativeBulk for dest.bulk.BulkLoop, NativePrecopy for dest.precopy.PrecopyPuller
+and NativeFaultLoop for dest.faults.FaultLoop. Page bytes never reach Python:
+each path is a handle on C threads (native/dp_dest.c) that Python starts,
+watches (counters, an error string) and stops. Wire format and behaviour:
+docs/protocol.md, "Native data plane".
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+from migrate import stats
+from migrate._native import ffi, lib
+from migrate.bitmap import SharedBitmap
+from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
+from migrate.dest.paths import Memory
+from migrate.dest.precopy import RoundStats
+
+_ERR_LEN = 512
+#: Counters every path reports (names as the gRPC paths' `last`).
+_COMMON = ("pages", "zero", "bytes_wire", "bytes_pages", "batches", "refused", "duplicates", "requests", "outages")
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"data endpoint {endpoint!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class _Handle:
+    """One C path (struct mig_dpd): its counters and error, and a stop that joins its threads."""
+
+    def __init__(self, handle: object, owned: list[object]) -> None:
+        self.h = handle
+        self._counters = lib.mig_dpd_counters(handle)
+        # Freed when the wrapper goes: the threads are joined first, then what they pointed at is let go.
+        self._finalizer = weakref.finalize(self, _free, handle, owned)
+
+    def counters(self) -> dict:
+        c = self._counters
+        out = {name: int(getattr(c, name)) for name in _COMMON}
+        out["link_down"] = bool(c.link_down)
+        out["paused_s"] = round(c.paused_ns / 1e9, 3)
+        return out
+
+    def error(self) -> str | None:
+        err = lib.mig_dpd_error(self.h)
+        return None if err == ffi.NULL else ffi.string(err).decode(errors="replace")
+
+    def stop(self) -> None:
+        lib.mig_dpd_stop(self.h)  # joins the threads; the GIL is released meanwhile
+
+    def free(self) -> None:
+        self._finalizer()
+
+
+def _free(handle: object, owned: list[object]) -> None:
+    lib.mig_dpd_free(handle)
+    for obj in owned:
+        close = getattr(obj, "close", None)
+        if close is not None:
+            close()
+
+
+def _open(kind: str, endpoint: str, create: object) -> object:
+    """Call a C constructor that connects (create(host, port, err, err_len)); ConnectionError if it cannot."""
+    host, port = split_endpoint(endpoint)
+    err = ffi.new("char[]", _ERR_LEN)
+    handle = create(host.encode(), port, err, _ERR_LEN)
+    if handle == ffi.NULL:
+        raise ConnectionError(f"destination {kind}: {ffi.string(err).decode(errors='replace')}")
+    return handle
+
+
+def _check_key(key: bytes) -> bytes:
+    if len(key) != lib.DP_KEY_LEN:
+        raise ValueError(f"a data plane key has {lib.DP_KEY_LEN} bytes, not {len(key)}")
+    return bytes(key)
+
+
+class _Path:
+    """What NativeBulk and NativeFaultLoop share: counters while running, a summary once stopped."""
+
+    _path: _Handle
+    _summary: dict | None = None
+
+    def _snapshot(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def last(self) -> dict:
+        """The counters; after stop(), the final ones."""
+        if self._summary is not None:
+            return self._summary
+        out = self._snapshot()
+        if err := self._path.error():
+            out["error"] = err
+        return out
+
+    def failure(self) -> str | None:
+        """Why the path stopped serving, or None while it serves (or is done)."""
+        return self._path.error()
+
+
+class NativeBulk(_Path):
+    """The bulk path of one incoming run over the native data plane (same interface as BulkLoop).
+
+    Connecting happens here: a source that cannot be reached raises
+    ConnectionError, before the guest ever stops on the source. Nothing moves
+    until start(), at switchover. `asked` is the bitmap of pages asked and
+    not yet in (either path's), which the native fault path shares.
+    """
+
+    def __init__(self, mem: Memory, endpoint: str, key: bytes, recovery_timeout: float) -> None:
+        self._mem = mem
+        self.asked = SharedBitmap.create(mem.page_count)
+        fd, table, nregions, page_size, received = mem.io.target(mem.bitmap)
+        try:
+            handle = _open("bulk path", endpoint, lambda host, port, err, n: lib.mig_dpd_bulk_new(
+                host, port, _check_key(key), fd, 0, table, nregions, page_size, mem.page_count, received,
+                self.asked.ptr, recovery_timeout, err, n))
+        except BaseException:
+            self.asked.close()
+            raise
+        self._path = _Handle(handle, [self.asked])
+
+    def start(self, max_bandwidth: int) -> None:
+        """Pull every missing page, at most `max_bandwidth` bytes/s (0: no limit)."""
+        r = lib.mig_dpd_round(self._path.h, max_bandwidth, 0.0)
+        if r < 0:
+            raise OSError(-r, f"starting the native bulk path: {self._path.error() or 'failed'}")
+
+    def jump(self, page: int) -> None:
+        """Go on from `page` next (where the guest faults)."""
+        lib.mig_dpd_jump(self._path.h, page)
+
+    @property
+    def handle(self) -> object:
+        """The C path, for a native fault path to move its cursor."""
+        return self._path.h
+
+    def _snapshot(self) -> dict:
+        return {"kind": "bulk", **self._path.counters(), "done": bool(self._path._counters.done)}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop asking; whole batches received are installed. Returns promptly (the C
+        threads' sockets are shut down), so `timeout` is only an upper bound."""
+        if self._summary is not None:
+            return
+        self._path.stop()
+        self._summary = dict(self.last, done=True)
+
+
+class NativePrecopy:
+    """Pre-copy rounds into one incoming guest's memfd over the native data plane
+    (same interface as PrecopyPuller): pages pwrite()n into the memfd, zero pages left as holes."""
+
+    def __init__(self, memfd: int, received: SharedBitmap, page_size: int, endpoint: str, key: bytes,
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT) -> None:
+        self._received = received
+        self._asked = SharedBitmap.create(received.nbits)
+        try:
+            handle = _open("pre-copy", endpoint, lambda host, port, err, n: lib.mig_dpd_bulk_new(
+                host, port, _check_key(key), memfd, 1, ffi.NULL, 0, page_size, received.nbits, received.ptr,
+                self._asked.ptr, recovery_timeout, err, n))
+        except BaseException:
+            self._asked.close()
+            raise
+        self._path = _Handle(handle, [self._asked])
+        self._closed = False
+
+    def pull(self, max_bandwidth: int, deadline_s: float) -> RoundStats:
+        """Pull every page not received yet; stop asking after `deadline_s` seconds (0: no limit).
+
+        Returns when every request asked is installed. A source lost past the
+        recovery timeout raises ConnectionError.
+        """
+        if self._closed:
+            raise RuntimeError("pre-copy pull on a closed NativePrecopy")
+        before = self._path.counters()
+        t0 = time.monotonic()
+        r = lib.mig_dpd_round(self._path.h, max_bandwidth, deadline_s)
+        while r >= 0 and (r := lib.mig_dpd_wait(self._path.h, 100)) == 0:
+            pass
+        if r < 0:
+            raise ConnectionError(f"pre-copy from the source failed: {self._path.error() or 'stopped'}")
+        after = self._path.counters()
+        return RoundStats(pages=after["pages"] - before["pages"], zero=after["zero"] - before["zero"],
+                          bytes_wire=after["bytes_wire"] - before["bytes_wire"], seconds=time.monotonic() - t0)
+
+    def stop(self) -> None:
+        """Make a running round stop asking (it returns once its requests are answered)."""
+        if not self._closed:
+            lib.mig_dpd_stop_asking(self._path.h)
+
+    def close(self) -> None:
+        self._closed = True
+        self._path.free()
+
+
+class NativeFaultLoop(_Path):
+    """The urgent path over the native data plane (same interface as FaultLoop).
+
+    One C thread reads the userfaultfd and asks the source on a connection of
+    its own; `bulk` (a NativeBulk, or None) shares its `asked` bitmap, so a
+    page is never asked twice while in flight, and its cursor follows the
+    faults. Serves from construction on.
+    """
+
+    def __init__(self, mem: Memory, endpoint: str, key: bytes, bulk: NativeBulk | None,
+                 recovery_timeout: float) -> None:
+        self._bulk = bulk  # kept alive while this path may move its cursor
+        owned: list[object] = []
+        if bulk is not None:
+            asked = bulk.asked
+        else:
+            asked = SharedBitmap.create(mem.page_count)
+            owned.append(asked)
+        fd, table, nregions, page_size, received = mem.io.target(mem.bitmap)
+        try:
+            handle = _open("fault path", endpoint, lambda host, port, err, n: lib.mig_dpd_fault_new(
+                host, port, _check_key(key), fd, table, nregions, page_size, mem.page_count, received, asked.ptr,
+                bulk.handle if bulk is not None else ffi.NULL, recovery_timeout, err, n))
+        except BaseException:
+            for obj in owned:
+                obj.close()
+            raise
+        self._path = _Handle(handle, owned)
+
+    def _snapshot(self) -> dict:
+        c = self._path._counters
+        return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken)}
+
+    def _latency(self) -> dict:
+        """The latency summary as FaultLoop's: percentiles from the newest samples, the rest exact."""
+        c = self._path._counters
+        buf = ffi.new("uint64_t[]", lib.MIG_DPD_SAMPLES)
+        n = lib.mig_dpd_samples(self._path.h, buf, lib.MIG_DPD_SAMPLES)
+        out = stats.summarize([buf[i] / 1000.0 for i in range(n)])
+        if c.resolved:
+            out.update(count=int(c.resolved), max=round(c.lat_max_ns / 1000.0, 1),
+                       mean=round(c.lat_sum_ns / c.resolved / 1000.0, 1),
+                       hist_log2_us={str(1 << k): int(c.hist[k]) for k in range(32) if c.hist[k]})
+        return out
+
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving (the thread is joined at once; `timeout` is only an upper bound); keep the summary."""
+        if self._summary is not None:
+            return
+        self._path.stop()
+        summary = dict(self._snapshot(), latency_us=self._latency(),
+                       blocked_ms=round(self._path._counters.blocked_ns / 1e6, 3), done=True)
+        if err := self._path.error():
+            summary["error"] = err
+        self._summary = summary

@@ -1,0 +1,357 @@
+"""The native data plane's destination (migrate.dest.dataplane) against the real
+source (DataServer, in this process or in a child that gets killed), a real
+userfaultfd (a restore-mode guest runner) and, for corruption, a small
+wire-speaking fake source."""
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from migrate import spawn
+from migrate._native import ffi, lib
+from migrate.bitmap import SharedBitmap
+from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
+from migrate.dest.paths import Memory
+from migrate.dest.precopy import discard
+from migrate.guest.process import GuestProcess, GuestSpec
+from migrate.guest.workloads import digest, fill_realistic
+from migrate.source.dataplane import DataServer
+from migrate.uffd import Uffd
+
+PAGE = mmap.PAGESIZE
+MiB = 1 << 20
+KEY = bytes(range(32))
+WAIT_S = 120.0
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def filled(make: Callable[[int], int], size: int, seed: int = 5) -> int:
+    """A memfd of `size` bytes of realistic guest content (zero pages included)."""
+    fd = make(size)
+    with mmap.mmap(fd, size) as m:
+        fill_realistic(m, PAGE, seed)
+    return fd
+
+
+def memfd_digest(fd: int, size: int) -> str:
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        return digest(m)
+
+
+class Restored:
+    """A restore-mode guest runner on a fresh memfd and the Memory its userfaultfd fills."""
+
+    def __init__(self, spec: GuestSpec, memfd: int) -> None:
+        self.spec = spec
+        self.proc = GuestProcess.launch(spec, memfd, restore=True)
+        self.uffd = Uffd(self.proc.uffd)
+        self.proc.uffd = None
+        self.bitmap = SharedBitmap.create(spec.size // spec.page_size)
+        regions = [(r["base_host_virt_addr"], r["size"], r["offset"] // spec.page_size) for r in self.proc.regions]
+        self.mem = Memory.over(self.uffd, self.bitmap, regions, spec.page_size)
+
+    def close(self) -> None:
+        self.proc.stop()
+        self.uffd.close()
+        self.bitmap.close()
+
+
+@pytest.fixture
+def restored() -> Iterator[Callable[[GuestSpec, int], Restored]]:
+    made: list[Restored] = []
+
+    def make(spec: GuestSpec, memfd: int) -> Restored:
+        made.append(Restored(spec, memfd))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def idle_spec(size: int) -> GuestSpec:
+    return GuestSpec(size=size, workload="idle", seed=5, ops=0)
+
+
+def pull_all(bulk: NativeBulk, rate: int = 0) -> dict:
+    bulk.start(rate)
+    wait_for(lambda: bulk.last.get("done") or bulk.failure(), "the bulk path to finish")
+    bulk.stop()
+    return bulk.last
+
+
+# ------------------------------------------------------------------ bulk, pre-copy
+
+def test_bulk_pull_into_a_registered_guest_gives_its_memory(memfds, restored) -> None:
+    size = 32 * MiB
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+        last = pull_all(NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10))
+        served = server.counters()
+    assert "error" not in last and last["done"]
+    assert guest.bitmap.is_full()
+    assert last["pages"] == size // PAGE and last["duplicates"] == 0 and last["refused"] == 0
+    assert 0 < last["zero"] < last["pages"] and last["bytes_pages"] == size
+    assert last["bytes_wire"] == served["bytes"] and last["requests"] == served["requests"]
+    assert {"batches", "link_down", "outages", "paused_s"} <= last.keys()
+    assert guest.proc.digest() == memfd_digest(src, size)
+
+
+def test_precopy_rounds_write_the_memfd_and_fetch_discarded_pages_again(memfds) -> None:
+    size = 16 * MiB
+    npages = size // PAGE
+    src, dst = filled(memfds, size), memfds(size)
+    received = SharedBitmap.create(npages)
+    try:
+        with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+            puller = NativePrecopy(dst, received, PAGE, server.endpoint, KEY)
+            try:
+                first = puller.pull(0, 0)
+                assert received.is_full() and first.pages == npages and 0 < first.zero < npages
+                assert first.bytes_wire > 0
+                # the source writes some pages: the destination discards them, the next round fetches them
+                with mmap.mmap(src, size) as m:
+                    for page in range(3, npages, 97):
+                        m[page * PAGE:page * PAGE + 8] = b"rewritten"[:8]
+                stale = bytearray((npages + 63) // 64 * 8)
+                for page in range(3, npages, 97):
+                    stale[page // 8] |= 1 << (page % 8)
+                discarded, _ = discard(dst, received, bytes(stale), PAGE)
+                again = puller.pull(0, 0)
+                assert again.pages == discarded == len(range(3, npages, 97))
+            finally:
+                puller.close()
+        assert received.is_full()
+        assert memfd_digest(dst, size) == memfd_digest(src, size)
+    finally:
+        received.close()
+
+
+def test_a_wrong_key_cannot_connect(memfds) -> None:
+    size = 1 * MiB
+    src, dst = filled(memfds, size), memfds(size)
+    received = SharedBitmap.create(size // PAGE)
+    try:
+        with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+            with pytest.raises(ConnectionError, match=f"{server.endpoint}.*closed the connection"):
+                NativePrecopy(dst, received, PAGE, server.endpoint, bytes(32))
+            assert server.counters()["rejected"] >= 1
+    finally:
+        received.close()
+
+
+# ------------------------------------------------------------------ a corrupt frame
+
+HELLO = struct.Struct("<8sII32s")
+REPLY = struct.Struct("<8sIIQ")
+REQUEST = struct.Struct("<IIQ")
+RUN = struct.Struct("<QII")
+BATCH = struct.Struct("<IIQQIIIIQ")
+
+
+class CorruptingSource:
+    """A wire-speaking source that flips one byte of the data of its `nth` batch
+    (after computing the checksum): that batch must be refused and asked again."""
+
+    def __init__(self, content: bytes, nth: int) -> None:
+        self._content = content
+        self._nth = nth
+        self.batches = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self._listener.accept()
+                self._conns.append(conn)
+                threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+        except OSError:
+            return  # closed
+
+    def _read(self, conn: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            got = conn.recv(n - len(buf))
+            if not got:
+                raise ConnectionError
+            buf += got
+        return buf
+
+    def _conn(self, conn: socket.socket) -> None:
+        try:
+            magic, _, _, _ = HELLO.unpack(self._read(conn, HELLO.size))
+            conn.sendall(REPLY.pack(magic, 0, PAGE, len(self._content) // PAGE))
+            while True:
+                _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
+                for _ in range(nruns):
+                    first, count, _ = RUN.unpack(self._read(conn, RUN.size))
+                    for p in range(first, first + count, 128):
+                        n = min(128, first + count - p)
+                        conn.sendall(self._batch(req_id, p, n))
+        except (ConnectionError, OSError):
+            conn.close()
+
+    def _batch(self, req_id: int, first: int, count: int) -> bytes:
+        data = bytearray(self._content[first * PAGE:(first + count) * PAGE])
+        checksum = lib.mig_digest(ffi.from_buffer(data), len(data))
+        self.batches += 1
+        if self.batches == self._nth:
+            data[100] ^= 0xFF
+        return BATCH.pack(0x48435442, 0, req_id, first, count, 0, len(data), len(data), checksum) + bytes(data)
+
+    def close(self) -> None:
+        self._listener.close()
+        for c in self._conns:
+            c.close()
+        self._thread.join(5)
+
+
+def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
+    size = 4 * MiB
+    src, dst = filled(memfds, size), memfds(size)
+    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        content = bytes(m)
+    received = SharedBitmap.create(size // PAGE)
+    source = CorruptingSource(content, nth=3)
+    try:
+        puller = NativePrecopy(dst, received, PAGE, source.endpoint, KEY)
+        try:
+            got = puller.pull(0, 0)
+            counters = puller._path.counters()
+        finally:
+            puller.close()
+    finally:
+        source.close()
+        received.close()
+    assert counters["refused"] == 1 and counters["outages"] == 0
+    assert got.pages == size // PAGE
+    assert memfd_digest(dst, size) == digest(content)
+
+
+# ------------------------------------------------------------------ link loss
+
+SOURCE_SCRIPT = """
+import sys, time
+from migrate.source.dataplane import DataServer
+memfd, size, port, key = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+with DataServer(memfd, size, {page}, "127.0.0.1", port, key=key, compress="never") as s:
+    print(s.port, flush=True)
+    time.sleep(3600)
+"""
+
+
+class SourceProcess:
+    """A DataServer in a child process, to be killed (SIGKILL) mid-stream and started again on its port."""
+
+    def __init__(self, memfd: int, size: int, port: int = 0) -> None:
+        argv = [sys.executable, "-c", SOURCE_SCRIPT.format(page=PAGE), str(memfd), str(size), str(port), KEY.hex()]
+        self.proc = subprocess.Popen(argv, pass_fds=(memfd,), stdout=subprocess.PIPE, env=spawn.child_env(),
+                                     cwd=os.getcwd())
+        self.port = int(self.proc.stdout.readline())
+        self.endpoint = f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+def bulk_from_a_child(memfds, restored, size: int, recovery_timeout: float) -> tuple[int, Restored, SourceProcess,
+                                                                                     NativeBulk]:
+    """(source memfd, restored guest, source process, bulk path from it into the guest)."""
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    source = SourceProcess(src, size)
+    return src, guest, source, NativeBulk(guest.mem, source.endpoint, KEY, recovery_timeout)
+
+
+def test_a_source_killed_mid_stream_and_restarted_is_resumed_from(memfds, restored) -> None:
+    size = 64 * MiB
+    src, guest, source, bulk = bulk_from_a_child(memfds, restored, size, recovery_timeout=60)
+    try:
+        bulk.start(64 * MiB)  # ~1 s: killed well before the end
+        wait_for(lambda: bulk.last["pages"] > 2000, "pages to arrive")
+        source.kill()
+        wait_for(lambda: bulk.last["link_down"], "the loss to be noticed")
+        source = SourceProcess(src, size, source.port)
+        wait_for(lambda: bulk.last.get("done") or bulk.failure(), "the bulk path to finish")
+    finally:
+        bulk.stop()
+        source.kill()
+    last = bulk.last
+    assert "error" not in last and last["done"]
+    assert last["outages"] == 1 and not last["link_down"] and last["paused_s"] > 0
+    assert guest.proc.digest() == memfd_digest(src, size)
+
+
+def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored) -> None:
+    _, guest, source, bulk = bulk_from_a_child(memfds, restored, 32 * MiB, recovery_timeout=1.0)
+    try:
+        bulk.start(16 * MiB)
+        wait_for(lambda: bulk.last["pages"] > 0, "pages to arrive")
+        source.kill()
+        wait_for(bulk.failure, "the path to give up")
+    finally:
+        bulk.stop()
+        source.kill()
+    assert bulk.failure().startswith(f"lost the source at {source.endpoint}: ")
+    assert bulk.last["error"] == bulk.failure() and not guest.bitmap.is_full()
+
+
+# ------------------------------------------------------------------ faults
+
+@pytest.mark.parametrize("push", [True, False], ids=["bulk+faults", "faults-only"])
+def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool) -> None:
+    spec = GuestSpec(size=32 * MiB, workload="hotset", seed=13, ops=200_000, threads=2, ops_per_sec=200_000)
+    src_fd = memfds(spec.size)
+    src = GuestProcess.launch(spec, src_fd)
+    try:
+        wait_for(lambda: src.progress and src.progress[-1][1] > 0, "source progress")
+        state = src.pause()
+        guest = restored(spec, memfds(spec.size))
+        with DataServer(src_fd, spec.size, PAGE, "127.0.0.1", key=KEY) as server:
+            bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10) if push else None
+            faults = NativeFaultLoop(guest.mem, server.endpoint, KEY, bulk, recovery_timeout=10)
+            try:
+                guest.proc.resume(state)
+                if bulk is not None:
+                    bulk.start(32 * MiB)  # slow enough for the guest to fault ahead of it
+                assert guest.proc.wait_finished(300)
+                d = guest.proc.digest(timeout=300)  # faults in every page still missing
+            finally:
+                faults.stop()
+                if bulk is not None:
+                    bulk.stop()
+        f = faults.last
+        assert "error" not in f and f["faults"] > 0 and f["pages"] > 0
+        assert f["latency_us"]["count"] > 0 and f["latency_us"]["p50"] > 0 and f["blocked_ms"] > 0
+        assert d == reference_digest(spec)
+        if bulk is not None:
+            b = bulk.last
+            wire_pages = b["pages"] + b["duplicates"] + f["pages"] + f["duplicates"]
+            assert b["duplicates"] + f["duplicates"] < 0.01 * wire_pages, (b, f)
+    finally:
+        src.stop()
