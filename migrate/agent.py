@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from migrate import __version__, rpc, spawn, validate
+from migrate import __version__, planes, rpc, spawn, validate
 from migrate.admission import CallClass
 from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
@@ -159,13 +159,19 @@ class ControlService(pb_grpc.ControlServicer):
                 raise RuntimeError(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
             if guest.kind == "runner" and guest.state not in ("running", "paused"):
                 raise RuntimeError(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
-            run = OutgoingRun(guest, self._listen_host, self._level, self._compress, track_writes=request.track_writes)
+            run = OutgoingRun(guest, self._listen_host, self._level, self._compress, track_writes=request.track_writes,
+                              plane=planes.data_plane(request.data_plane))
             if guest.kind == "runner":
                 guest.run_id = run.run_id
         self.outgoing.add(run)
-        return pb.PrepareOutgoingReply(run_id=run.run_id, bulk_endpoint=f"{self._listen_host}:{run.bulk_port}",
-                                       spec=spec_to_pb(guest.spec, guest.content), page_count=guest.page_count,
-                                       tracking_error=run.tracking_error)
+        reply = pb.PrepareOutgoingReply(run_id=run.run_id, spec=spec_to_pb(guest.spec, guest.content),
+                                        page_count=guest.page_count, tracking_error=run.tracking_error)
+        endpoint = f"{self._listen_host}:{run.pages.port}"
+        if run.plane is planes.DataPlane.NATIVE:
+            reply.data_endpoint, reply.data_key = endpoint, run.pages.key
+        else:
+            reply.bulk_endpoint = endpoint
+        return reply
 
     @_rpc
     def ScanDirty(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.DirtySet:
@@ -195,7 +201,8 @@ class ControlService(pb_grpc.ControlServicer):
         g = run.guest
         self.journal.save(run.run_id, {"side": "out", "run_id": run.run_id, "name": g.name, "spec": g.spec.to_dict(),
                                        "backing": g.backing.name, "backing_dir": g.backing.dir.path,
-                                       "content": g.content, "bulk_port": run.bulk_port})
+                                       "content": g.content, "data_plane": run.plane.value,
+                                       "port": run.pages.port, "key": run.pages.key.hex()})
 
     @_rpc
     def AbortOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.GuestInfo:
@@ -240,8 +247,10 @@ class ControlService(pb_grpc.ControlServicer):
         spec = spec_from_pb(request.spec)
         validate.run_id(request.run_id)
         validate.guest_name(request.name)
-        validate.endpoint(request.source_endpoint, "source_endpoint")
-        validate.endpoint(request.bulk_endpoint, "bulk_endpoint")
+        plane = planes.data_plane(request.data_plane)
+        route = validate.page_route(planes.PageRoute(
+            request.source_endpoint, request.bulk_endpoint, plane, request.data_endpoint, request.data_key,
+            planes.fault_path(request.fault_path, plane)))
         validate.seconds(request.recovery_timeout_s, "recovery_timeout_s")
         with self.lock:
             if request.run_id in self.incoming:
@@ -253,13 +262,14 @@ class ControlService(pb_grpc.ControlServicer):
             raise ValueError(f"unknown migration mode {mode!r}; known: {', '.join(MODES)}")
         self.ledger.admit(request.name, spec.size, self._incoming_runs())
         try:
-            ms = self._prepare_incoming(request, spec, mode)
+            ms = self._prepare_incoming(request, spec, mode, route)
         finally:
             self.ledger.settle(request.name)
         return pb.PrepareIncomingReply(prepare_ms=ms)
 
-    def _prepare_incoming(self, request: pb.PrepareIncomingRequest, spec: GuestSpec, mode: str) -> float:
-        run = IncomingRun(request.run_id, request.name, spec, request.source_endpoint, request.bulk_endpoint)
+    def _prepare_incoming(self, request: pb.PrepareIncomingRequest, spec: GuestSpec, mode: str,
+                          route: planes.PageRoute) -> float:
+        run = IncomingRun(request.run_id, request.name, spec, route)
         if request.recovery_timeout_s > 0:
             run.recovery_timeout = request.recovery_timeout_s
         run.journal = self.journal
@@ -361,7 +371,7 @@ class ControlService(pb_grpc.ControlServicer):
             log.warning("resumed incoming run %s of guest %s", run.run_id, run.name)
 
     def _serve_again(self, record: dict) -> None:
-        """Serve a switched-over file-backed guest's pages again, same run, same bulk port."""
+        """Serve a switched-over file-backed guest's pages again: same run, same plane, port and key."""
         try:
             guest = self.guests.restore_switched(record)
         except (OSError, ValueError, KeyError) as err:
@@ -370,8 +380,9 @@ class ControlService(pb_grpc.ControlServicer):
             return
         try:
             run = OutgoingRun(guest, self._listen_host, self._level, self._compress, run_id=record["run_id"],
-                              bulk_port=int(record["bulk_port"]))
-        except RuntimeError as err:
+                              plane=planes.data_plane(record["data_plane"]), port=int(record["port"]),
+                              key=bytes.fromhex(record["key"]) or None)
+        except (RuntimeError, OSError, ValueError, KeyError) as err:
             log.error("cannot serve outgoing run %s again: %s", record["run_id"], err)
             self.guests.remove(guest.name, keep_backing=True)  # journaled still: a later restart may serve it
             return
@@ -384,7 +395,7 @@ class ControlService(pb_grpc.ControlServicer):
 
         An outgoing run that switched over is not undone: the guest runs on
         the destination, and resuming it here too would split it in two. Its
-        bulk server stops; a file-backed guest's journal entry stays, so a
+        page server stops; a file-backed guest's journal entry stays, so a
         restarted agent serves the remaining pages, so its file stays too.
         """
         keep = frozenset(run.guest.name for run in self.outgoing.all() if self._journaled(run))
@@ -403,13 +414,13 @@ class ControlService(pb_grpc.ControlServicer):
 
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
-          uffd_restore: tuple[str, str, str] | None = None, state_dir: str = "", backing_dir: str = "",
-          snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None, level: int = 1,
-          compress: str = "auto", max_incoming_ram: int = 0) -> None:
+          uffd_restore: tuple[str, str, str, planes.DataPlane] | None = None, state_dir: str = "",
+          backing_dir: str = "", snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None,
+          level: int = 1, compress: str = "auto", max_incoming_ram: int = 0) -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
-    `uffd_restore` is (socket path, source agent, image name) for restoring
-    external processes that connect with a Firecracker-style handshake.
+    `uffd_restore` is (socket path, source agent, image name, data plane) for
+    restoring external processes that connect with a Firecracker-style handshake.
     `state_dir` journals incoming runs; the runs a previous agent left there
     are taken over and finished. `backing_dir` is where guests' RAM files
     may be created (none without it); `snapshot_dir` where snapshots are
@@ -433,8 +444,8 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     port = rpc.bind(server, listen)
     listener = None
     if uffd_restore:
-        path, source, image = uffd_restore
-        listener = UffdRestoreListener(control.incoming, control.lock, path, source, image)
+        path, source, image, plane = uffd_restore
+        listener = UffdRestoreListener(control.incoming, control.lock, path, source, image, plane)
     server.start()
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from migrate import orchestrator, report, rpc, validate
+from migrate import orchestrator, planes, report, rpc, validate
 from migrate.client import AgentClient
 from migrate.proto import migrate_pb2 as pb
 from migrate.source.bulk_server import COMPRESS_POLICIES
@@ -125,6 +125,14 @@ def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, inse
     serve(listen, (role,), on_ready=ready, **kw)
 
 
+_data_plane_option = click.option(
+    "--data-plane", type=click.Choice([p.value for p in planes.DataPlane]), default=None,
+    help="How page data travels: native (C threads, plain TCP, a one-time key per run) or grpc (the Pages "
+         "service, TLS when configured). Default: native, or grpc when TLS is configured.")
+_fault_path_option = click.option(
+    "--fault-path", type=click.Choice([p.value for p in planes.FaultPath]), default=planes.FaultPath.GRPC.value,
+    show_default=True, help="How the guest's faults are served: over gRPC, or native (needs --data-plane native).")
+
 _insecure_option = click.option("--insecure-listen", is_flag=True,
                                 help="Allow listening beyond loopback without TLS or client authentication "
                                      "(client certificates or a token); a warning is logged.")
@@ -197,6 +205,7 @@ def dest() -> None:
               help="With --uffd-socket: the source agent serving the image.")
 @click.option("--image", "image", metavar="NAME", default=None,
               help="With --uffd-socket: the image to restore into each process that connects.")
+@_data_plane_option
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Journal incoming runs here, so that this agent, restarted after a crash with the same "
                    "directory, takes its guests back and finishes their migrations.")
@@ -207,7 +216,8 @@ def dest() -> None:
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
-               state_dir: str | None, max_incoming_ram: int, verbose: bool, insecure_listen: bool,
+               data_plane: str | None, state_dir: str | None, max_incoming_ram: int, verbose: bool,
+               insecure_listen: bool,
                credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
@@ -219,9 +229,10 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
     """
     if uffd_socket and not (restore_from and image):
         raise click.UsageError("--uffd-socket needs --restore-from and --image")
-    if (restore_from or image) and not uffd_socket:
-        raise click.UsageError("--restore-from and --image go with --uffd-socket")
-    restore = (uffd_socket, restore_from, image) if uffd_socket else None
+    if (restore_from or image or data_plane) and not uffd_socket:
+        raise click.UsageError("--restore-from, --image and --data-plane go with --uffd-socket")
+    plane = planes.DataPlane(data_plane) if data_plane else planes.default_plane(credentials.tls)
+    restore = (uffd_socket, restore_from, image, plane) if uffd_socket else None
     _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore, state_dir=state_dir or "",
            max_incoming_ram=max_incoming_ram)
 
@@ -414,17 +425,21 @@ def _finish_report(doc: dict, report_path: str | None, table: Callable[[dict], s
                                 "(the guest waits, paused) before failing.")
 @click.option("--max-downtime", "max_downtime_ms", type=click.FloatRange(0, None), default=20.0, show_default=True,
               metavar="MS", help="Switch once the dirty set fits this many ms at the link's measured pace.")
+@_data_plane_option
+@_fault_path_option
 @_credential_options
 def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_push: bool, max_bandwidth: int,
             source_endpoint: str, verify: bool, timeout: float, mode: str, precopy_rounds: int,
             precopy_seconds: float, resume: bool, recovery_timeout: float, max_downtime_ms: float,
-            credentials: Credentials) -> None:
+            data_plane: str | None, fault_path: str, credentials: Credentials) -> None:
     """Migrate GUEST from one agent to another.
 
     In hybrid mode (the default) pages are copied while the guest still runs
     on the source, re-sending the pages it writes meanwhile, until that stops
     paying off; then the guest moves and the rest follows in post-copy: its
-    faults are served over gRPC while the remaining memory streams in.
+    faults are served while the remaining memory streams in, both over the
+    native data plane (C threads, plain TCP) unless TLS is configured or
+    --data-plane grpc is given; faults go over gRPC unless --fault-path native.
     postcopy moves the guest at once; precopy copies everything before the
     guest resumes (the classic baseline). Without write tracking on the
     source (Linux 6.7+: async userfaultfd write-protect and PAGEMAP_SCAN),
@@ -441,7 +456,12 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
     opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
                                    verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
                                    precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,
-                                   recovery_timeout=recovery_timeout)
+                                   recovery_timeout=recovery_timeout, data_plane=data_plane or "",
+                                   fault_path=fault_path)
+    try:
+        opts.check(credentials.tls)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     if resume:
         doc = orchestrator.resume(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
     else:
@@ -642,7 +662,10 @@ def abort_cmd(guest_name: str, src: str, dst: str, force: bool, credentials: Cre
 @click.option("--no-push", is_flag=True, help="Pages arrive only through faults.")
 @click.option("--mode", type=click.Choice(orchestrator.MODES), default="postcopy", show_default=True,
               help="How to migrate (see `migrate run --help`).")
-def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no_push: bool, mode: str) -> None:
+@_data_plane_option
+@_fault_path_option
+def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no_push: bool, mode: str,
+             data_plane: str | None, fault_path: str) -> None:
     """Migrate a running guest between two local agents, and check it.
 
     Starts a source and a destination agent on loopback, starts a guest
@@ -658,7 +681,13 @@ def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no
 
     if no_push and mode == "precopy":
         raise click.UsageError("--no-push needs --mode postcopy or hybrid")
-    doc = run_demo(size=size, workload=workload, threads=threads, no_push=no_push, mode=mode,
+    opts = orchestrator.RunOptions(no_push=no_push, verify=True, mode=mode, data_plane=data_plane or "",
+                                   fault_path=fault_path)
+    try:
+        opts.check()
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    doc = run_demo(size=size, workload=workload, threads=threads, opts=opts,
                    on_status=ProgressLine(), say=lambda text: click.echo(text, err=True))
     _finish_report(doc, report_path)
     if not doc.get("verified"):

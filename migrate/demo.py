@@ -19,9 +19,9 @@ RUN_SECONDS = 5.0
 SWITCH_AT = 0.25
 
 
-def run_demo(*, size: int, workload: str, threads: int, no_push: bool, mode: str,
+def run_demo(*, size: int, workload: str, threads: int, opts: orchestrator.RunOptions,
              on_status: Callable[[pb.MigrationStatus], None], say: Callable[[str], None]) -> dict:
-    """Start two agents and a guest, migrate it mid-run, verify, return the report."""
+    """Start two agents and a guest, migrate it mid-run as `opts` say, verify, return the report."""
     ops = int(OPS_PER_SEC * RUN_SECONDS)
     spec = pb.GuestSpec(size=size, workload=workload, seed=42, ops=ops, threads=threads,
                         ops_per_sec=OPS_PER_SEC, page_size=mmap.PAGESIZE)
@@ -34,8 +34,7 @@ def run_demo(*, size: int, workload: str, threads: int, no_push: bool, mode: str
                 say(f"starting guest 'demo': {size >> 20} MiB, {workload}, {threads} thread(s), {ops} ops")
                 client.call("LaunchGuest", pb.LaunchGuestRequest(name="demo", spec=spec), timeout=600)
                 _wait_progress(client, "demo", int(ops * SWITCH_AT))
-            say(f"guest is {SWITCH_AT:.0%} through its work: migrating it ({mode})")
-            opts = orchestrator.RunOptions(no_push=no_push, verify=True, mode=mode)
+            say(f"guest is {SWITCH_AT:.0%} through its work: migrating it ({opts.mode})")
             doc = orchestrator.migrate("demo", src.address, dst.address, opts, on_status=on_status)
             say("guest finished on the destination; memory compared with an unmigrated run")
     return doc

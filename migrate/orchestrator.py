@@ -6,8 +6,9 @@
   destination uses no userfaultfd (the classic baseline).
 
 The orchestrator only talks Control RPCs; pages flow directly from the source
-agent to the destination agent (dirty-page bitmaps, one bit per page, pass
-through here between the source's scans and the destination's discards).
+agent to the destination agent, on the native data plane or over gRPC
+(migrate.planes; dirty-page bitmaps, one bit per page, pass through here
+between the source's scans and the destination's discards).
 Until the guest resumes on the destination every failure rolls back: the
 guest keeps (or resumes) running on the source. When the source cannot
 track writes, hybrid and precopy fall back to postcopy and the report says
@@ -23,9 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from migrate import abort, convergence, report, rpc
+from migrate import abort, convergence, planes, report
 from migrate.client import AgentClient
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
+from migrate.planes import DataPlane, PageRoute
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.security import Credentials
@@ -65,13 +67,20 @@ class RunOptions:
     precopy_seconds: float = 0.0    # most seconds of pre-copy, 0: no limit
     max_downtime_ms: float = 20.0   # switch once the dirty set fits this at the link's pace
     recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT  # seconds the destination reconnects to a lost source
+    data_plane: str = ""            # native or grpc; "": native unless TLS is configured (planes.default_plane)
+    fault_path: str = "grpc"        # grpc or native (needs the native data plane)
 
     def limits(self) -> convergence.Limits:
         return convergence.Limits(rounds=self.precopy_rounds, seconds=self.precopy_seconds,
                                   max_downtime_ms=self.max_downtime_ms)
 
-    def check(self) -> None:
+    def plane(self, tls: bool) -> DataPlane:
+        """The data plane to use, `tls` saying whether TLS protects the agents' links."""
+        return planes.data_plane(self.data_plane) if self.data_plane else planes.default_plane(tls)
+
+    def check(self, tls: bool = False) -> None:
         """ValueError with one clear line for options that cannot work."""
+        planes.fault_path(self.fault_path, self.plane(tls))
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         if self.precopy_rounds < 1:
@@ -139,7 +148,9 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
     over, just before the guest pauses: experiments use it to switch at a
     precise moment (pages written meanwhile are caught by the final scan).
     """
-    opts.check()
+    credentials = Credentials.from_env() if credentials is None else credentials
+    opts.check(credentials.tls)
+    plane = opts.plane(credentials.tls)
     with AgentClient(src, credentials=credentials) as source, AgentClient(dst, credentials=credentials) as dest:
         if "source" not in source.call("Hello", pb.HelloRequest()).roles:
             raise AgentError(f"agent at {src} is not a source agent")
@@ -148,18 +159,18 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         t_start_ns = time.time_ns()
         t0 = time.monotonic()
         mode = opts.mode
-        prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=name, track_writes=mode != "postcopy"))
+        prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=name, track_writes=mode != "postcopy",
+                                                                        data_plane=plane))
         run = pb.RunRef(run_id=prep.run_id)
         log = PrecopyLog()
         if mode != "postcopy" and prep.tracking_error:
             log.fallback = f"{mode} needs write tracking; fell back to postcopy: {prep.tracking_error}"
             mode = "postcopy"
-        src_ep = opts.source_endpoint or src
+        route = PageRoute.offered(opts.source_endpoint or src, prep, plane, planes.FaultPath(opts.fault_path))
         try:
-            prepared = dest.call("PrepareIncoming", pb.PrepareIncomingRequest(
-                run_id=prep.run_id, name=name, spec=prep.spec, source_endpoint=src_ep,
-                bulk_endpoint=rpc.endpoint_with_port(src_ep, prep.bulk_endpoint), mode=mode,
-                recovery_timeout_s=opts.recovery_timeout), timeout=120)
+            prepared = dest.call("PrepareIncoming", route.fill(pb.PrepareIncomingRequest(
+                run_id=prep.run_id, name=name, spec=prep.spec, mode=mode,
+                recovery_timeout_s=opts.recovery_timeout)), timeout=120)
             stale = _precopy(source, dest, run, opts, log) if mode != "postcopy" else b""
             if before_switchover:
                 before_switchover()
@@ -189,7 +200,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         prepare_ms=prepared.prepare_ms, resume_ms=started.resume_ms, status=end.status,
         source_stats=end.source_stats, before=end.before, after=end.after, verified=end.verified, mode=mode,
         precopy=log.to_dict(), precopy_pages=log.pages, precopy_bytes=log.bytes_wire,
-        downtime_parts=_downtime_parts(switch, started, log))
+        downtime_parts=_downtime_parts(switch, started, log), tls=credentials.tls)
     doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s())
     return doc
 
@@ -260,6 +271,7 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
     page, release the guest on the source, and report what can still be
     known (the guest's own clocks give the downtime).
     """
+    credentials = Credentials.from_env() if credentials is None else credentials
     with AgentClient(src, credentials=credentials) as source, AgentClient(dst, credentials=credentials) as dest:
         info = source.call("InspectGuest", pb.GuestRef(name=name))
         if not info.run_id:
@@ -277,7 +289,7 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
         name=name, spec=info.spec, total_s=end.total_s, t_start_ns=t_start_ns,
         switch=pb.SwitchoverReply(last_op_ns=end.before.last_op_ns), prepare_ms=0.0, resume_ms=0.0,
         status=end.status, source_stats=end.source_stats, before=end.before, after=end.after,
-        verified=end.verified, mode="resumed")
+        verified=end.verified, mode="resumed", tls=credentials.tls)
     doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s(), resumed_run=run.run_id)
     return doc
 

@@ -4,14 +4,16 @@ Field names are a contract (../shared/checks/report_fields.py checks them):
 total_s, downtime_ms, pages.*, faults.*, bytes.*, compression_ratio,
 guest.blocked_ms, guest.progress, verified; and for the modes (issue 3):
 mode, precopy.rounds (pages sent and dirty pages per round), precopy.bytes,
-downtime_parts. bytes.* and compression_ratio count pre-copy traffic too.
+downtime_parts; and for the data plane (issue 11): data_plane, fault_path,
+tls, data_plane_encrypted. bytes.* and compression_ratio count pre-copy traffic too.
 
 The pages add up: pages.before_resume + pushed + faulted + recovered ==
 received (== total once complete). before_resume are the pages already here
 when the guest resumed (pre-copied and not written again; precopied counts
 every page the rounds sent, re-sent ones too); recovered, the pages a
 restarted destination agent found in RAM beyond its journal's counters;
-zero pages are among pushed and faulted.
+zero pages are among pushed and faulted; duplicates are pages that came
+twice (both paths had asked for them), counted once in the sum.
 """
 from __future__ import annotations
 
@@ -75,8 +77,12 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
           prepare_ms: float, resume_ms: float, status: pb.MigrationStatus, source_stats: pb.SourceStats,
           before: pb.GuestInfo, after: pb.GuestInfo, verified: bool | None, mode: str = "postcopy",
           precopy: dict | None = None, precopy_pages: int = 0, precopy_bytes: int = 0,
-          downtime_parts: dict | None = None) -> dict:
-    """Assemble the report from what the agents said (pre-copy rounds as the orchestrator logged them)."""
+          downtime_parts: dict | None = None, tls: bool = False) -> dict:
+    """Assemble the report from what the agents said (pre-copy rounds as the orchestrator logged them).
+
+    `tls`: whether TLS protected the agents' links; page data was encrypted
+    only if it also went over gRPC (the native plane has no TLS).
+    """
     detail = json.loads(status.detail_json or "{}")
     faults = detail.get("faults", {})
     latency = faults.get("latency_us") or summarize([])
@@ -102,6 +108,10 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "ops_per_s_during": round(_rate(progress, 0.0, total_s), 1),
         },
         "mode": mode,
+        "data_plane": status.data_plane or "grpc",
+        "fault_path": status.fault_path or "grpc",
+        "tls": tls,
+        "data_plane_encrypted": tls and (status.data_plane or "grpc") == "grpc",
         "total_s": round(total_s, 4),
         "transfer_s": round(status.elapsed_s, 4),
         "downtime_ms": round(max(downtime_ms, 0.0), 3),
@@ -117,6 +127,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "precopied": precopy_pages,
             "before_resume": status.pages_before_resume,
             "recovered": status.pages_recovered,
+            "duplicates": sum(int(p.get("duplicates", 0)) for p in detail.values() if isinstance(p, dict)),
             "page_size": spec.page_size,
         },
         "faults": {"count": status.faults, "latency_us": latency},
@@ -145,7 +156,7 @@ def _pages(p: dict) -> str:
     kept = f" ({p.get('before_resume', 0)} kept)" if p.get("precopied") else ""
     recovered = f", {p['recovered']} recovered at a restart" if p.get("recovered") else ""
     return (f"{p['total']} total: {p.get('precopied', 0)} pre-copied{kept}, {p['pushed']} pushed, "
-            f"{p['faulted']} faulted{recovered}, {p['zero']} zero")
+            f"{p['faulted']} faulted{recovered}, {p['zero']} zero, {p.get('duplicates', 0)} came twice")
 
 
 def table(doc: dict) -> str:
@@ -158,6 +169,9 @@ def table(doc: dict) -> str:
     rows = [
         ("guest", f"{doc['guest']['name']}: {doc['guest']['size'] // MiB} MiB, {doc['guest']['workload']}"),
         ("mode", doc.get("mode", "postcopy") + (f" ({pre['fallback']})" if pre.get("fallback") else "")),
+        ("data plane", f"{doc.get('data_plane', 'grpc')}, faults over {doc.get('fault_path', 'grpc')}"
+                       + (" (page data went UNENCRYPTED: the native plane has no TLS)"
+                          if doc.get("tls") and not doc.get("data_plane_encrypted") else "")),
         ("total time", f"{doc['total_s']:.3f} s" if doc["total_s"] else "-"),
         ("after resume", f"{doc['transfer_s']:.3f} s to the last page "
                          f"({transfer_mib_s(doc):.0f} MiB/s of guest memory)" if transfer_mib_s(doc) else "-"),

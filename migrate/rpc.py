@@ -22,7 +22,6 @@ import grpc
 from migrate.admission import Admission, CallClass, peer_host, refusal
 from migrate.proto import migrate_pb2 as pb
 from migrate.security import AUTH_KEY, Credentials
-from migrate.validate import split_endpoint
 
 log = logging.getLogger("migrate.rpc")
 
@@ -245,11 +244,6 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def intercept_stream_stream(self, continuation: Callable, details: Any, request_iterator: Any) -> Any:
         return continuation(self._with(details), request_iterator)
-
-
-def endpoint_with_port(endpoint: str, other: str) -> str:
-    """`endpoint`'s host with `other`'s port: a second service of the same agent, as the caller reaches it."""
-    return f"{split_endpoint(endpoint)[0]}:{split_endpoint(other)[1]}"
 
 
 def is_local_peer(peer: str) -> bool:

@@ -12,6 +12,8 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+from migrate.planes import KEY_BYTES, DataPlane, PageRoute
+
 if TYPE_CHECKING:  # light to import: the lab's relay and the CLI's option parsing use this module
     from migrate.guest.process import GuestSpec
 
@@ -58,10 +60,27 @@ def split_endpoint(value: str, what: str = "endpoint", *, listen: bool = False) 
     return m.group(1), int(m.group(2))
 
 
+def endpoint_with_port(endpoint: str, other: str) -> str:
+    """`endpoint`'s host with `other`'s port: a second service of the same agent, as the caller reaches it."""
+    return f"{split_endpoint(endpoint)[0]}:{split_endpoint(other)[1]}"
+
+
 def endpoint(value: str, what: str = "endpoint", *, listen: bool = False) -> str:
     """`value` if it is a valid HOST:PORT (see split_endpoint), else ValueError."""
     split_endpoint(value, what, listen=listen)
     return value
+
+
+def page_route(route: PageRoute) -> PageRoute:
+    """Endpoints (and, on the native plane, a key) the destination can use."""
+    endpoint(route.source_endpoint, "source_endpoint")
+    if route.plane is DataPlane.NATIVE:
+        endpoint(route.data_endpoint, "data_endpoint")
+        if len(route.data_key) != KEY_BYTES:
+            raise ValueError(f"data_key must be {KEY_BYTES} bytes, got {len(route.data_key)}")
+    else:
+        endpoint(route.bulk_endpoint, "bulk_endpoint")
+    return route
 
 
 def spec_fits(spec: GuestSpec) -> GuestSpec:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from migrate import orchestrator  # noqa: E402
 from migrate.client import AgentClient  # noqa: E402
 from migrate.local import LocalAgent  # noqa: E402
+from migrate.planes import DataPlane  # noqa: E402
 from migrate.proto import migrate_pb2 as pb  # noqa: E402
 from migrate.units import parse_size  # noqa: E402
 
@@ -42,14 +43,16 @@ def ops_per_sec(rate: str, size: int) -> float:
     return 0.0 if rate == "max" else float(rate) / 100 * (size // mmap.PAGESIZE)
 
 
-def one_run(src: str, dst: str, name: str, size: int, workload: str, rate: str, mode: str, warmup: float) -> dict:
+def one_run(src: str, dst: str, name: str, size: int, workload: str, rate: str, mode: str, warmup: float,
+            plane: str = "") -> dict:
     spec = pb.GuestSpec(size=size, workload=workload, seed=5, ops=OPS, threads=1,
                         ops_per_sec=ops_per_sec(rate, size), page_size=mmap.PAGESIZE)
     with AgentClient(src) as c:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec), timeout=600)
     time.sleep(warmup)
     try:
-        doc = orchestrator.migrate(name, src, dst, orchestrator.RunOptions(mode=mode, timeout=600))
+        doc = orchestrator.migrate(name, src, dst, orchestrator.RunOptions(mode=mode, timeout=600,
+                                                                                data_plane=plane))
     finally:
         for agent in (dst, src):
             with AgentClient(agent) as c:
@@ -89,6 +92,8 @@ def main() -> int:
                     help="percent of RAM the guest writes per second, or max (unthrottled)")
     ap.add_argument("--modes", default=",".join(orchestrator.MODES))
     ap.add_argument("--json", help="also write every run's numbers here")
+    ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
+                    help="the data plane (default: native)")
     args = ap.parse_args()
     size = parse_size(args.size)
     workloads, rates, modes = args.workloads.split(","), args.dirty_rates.split(","), args.modes.split(",")
@@ -102,7 +107,7 @@ def main() -> int:
         for rep in range(args.repeat):
             for workload, rate, mode in results:
                 row = one_run(src.address, dst.address, f"b{rep}-{workload}-{rate}-{mode}", size, workload, rate,
-                              mode, args.warmup)
+                              mode, args.warmup, args.data_plane)
                 results[(workload, rate, mode)].append(row)
                 print(f"[{rep + 1}/{args.repeat}] {workload:13} {rate:>4} {mode:9} total {row['total_s']:.2f} s, "
                       f"downtime {row['downtime_ms']:.2f} ms {row['parts']}, {row['switch_reason']}",

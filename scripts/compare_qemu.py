@@ -32,6 +32,7 @@ from migrate import orchestrator
 from migrate.bench.runs import run_options
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
+from migrate.planes import DataPlane
 from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
@@ -190,7 +191,7 @@ def run_qemu(size: int, pattern: str, warmup: float, preempt: bool) -> dict:
                 p.wait()
 
 
-def run_ours(size: int, pattern: str, warmup: float) -> dict:
+def run_ours(size: int, pattern: str, warmup: float, plane: str = "") -> dict:
     """Our post-copy of a seq-write / seq-read guest of the same size between two local agents."""
     workload = {"write": "seq-write", "read": "seq-read"}[pattern]
     spec = pb.GuestSpec(size=size, workload=workload, seed=1, ops=10**12, threads=1, ops_per_sec=0,
@@ -202,7 +203,7 @@ def run_ours(size: int, pattern: str, warmup: float) -> dict:
             c.call("LaunchGuest", pb.LaunchGuestRequest(name="cmp", spec=spec), timeout=600)
             wait_for(lambda: False, timeout=warmup)
         try:
-            doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", ""))
+            doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
         finally:
             with AgentClient(dst.address) as c:
                 c.stop_if_hosted("cmp")
@@ -230,6 +231,8 @@ def main() -> int:
     ap.add_argument("--size", default="512M", help="guest RAM (default 512M)")
     ap.add_argument("--pattern", choices=("write", "read"), default="write", help="what the guest does to each page")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds the guest runs before migrating")
+    ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
+                    help="our data plane (default: native)")
     args = ap.parse_args()
     try:
         size = parse_size(args.size)
@@ -244,7 +247,7 @@ def main() -> int:
     try:
         rows["QEMU post-copy"] = run_qemu(size, args.pattern, args.warmup, preempt=False)
         rows["QEMU post-copy + preempt"] = run_qemu(size, args.pattern, args.warmup, preempt=True)
-        rows["migrate (ours)"] = run_ours(size, args.pattern, args.warmup)
+        rows["migrate (ours)"] = run_ours(size, args.pattern, args.warmup, args.data_plane)
     except (RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -114,3 +114,9 @@ def agents(tmp_path) -> Iterator[tuple[LocalAgent, LocalAgent]]:
     with LocalAgent("source", log_path=str(tmp_path / "source.log")) as src, \
             LocalAgent("dest", log_path=str(tmp_path / "dest.log")) as dst:
         yield src, dst
+
+
+@pytest.fixture(params=["native", "grpc"])
+def plane(request: pytest.FixtureRequest) -> str:
+    """The data plane a migration test runs on: every core case runs on both."""
+    return request.param

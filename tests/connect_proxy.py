@@ -2,8 +2,10 @@
 
 gRPC clients honour the grpc_proxy environment variable: a destination agent
 started with it reaches the source only through this relay, on every port
-(urgent and bulk alike). `cut(seconds)` drops every relayed connection and
-refuses new ones for that long: a real link failure, seen by real sockets.
+(urgent and bulk alike). The native data plane ignores grpc_proxy: its
+endpoint is relayed by `forward(target)`, a plain TCP relay under the same
+control. `cut(seconds)` drops every relayed connection and refuses new ones
+for that long: a real link failure, seen by real sockets.
 `blackhole(seconds)` stops forwarding without closing anything (packets
 dropped, no reset): only a keepalive can tell.
 """
@@ -29,6 +31,7 @@ class ConnectProxy:
         self.cuts = 0
         self._corrupt = 0
         self._threads: list[threading.Thread] = []
+        self._forwards: list[socket.socket] = []
         self._spawn(self._accept)
 
     def _spawn(self, target, *args) -> None:  # noqa: ANN001
@@ -36,23 +39,44 @@ class ConnectProxy:
         t.start()
         self._threads.append(t)
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket | None = None, target: tuple[str, int] | None = None) -> None:
+        listener = listener or self._listener
         while True:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             if time.monotonic() < self._down_until or self._closed:
                 client.close()
                 continue
-            self._spawn(self._serve, client)
+            self._spawn(self._relay if target else self._serve, client, target)
 
     def _hush(self) -> None:
         """Wait out a blackhole (or until closed)."""
         while time.monotonic() < self._silent_until and not self._closed:
             time.sleep(0.02)
 
-    def _serve(self, client: socket.socket) -> None:
+    def forward(self, target: str) -> str:
+        """A plain TCP relay to `target` (HOST:PORT), cut and corrupted with the rest; returns its HOST:PORT."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self._forwards.append(listener)
+        host, port = target.rsplit(":", 1)
+        self._spawn(self._accept, listener, (host, int(port)))
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def _relay(self, client: socket.socket, target: tuple[str, int]) -> None:
+        try:
+            upstream = socket.create_connection(target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        self._hush()
+        with self._lock:
+            self._conns.update((client, upstream))
+        self._pump(client, upstream)
+
+    def _serve(self, client: socket.socket, _target: None = None) -> None:
         self._hush()
         head = b""
         while b"\r\n\r\n" not in head:
@@ -133,6 +157,8 @@ class ConnectProxy:
     def close(self) -> None:
         self._closed = True
         self._listener.close()
+        for listener in self._forwards:
+            listener.close()
         self.cut(0)
         for t in self._threads:
             t.join(timeout=2)

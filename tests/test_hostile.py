@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from migrate import rpc, spawn
+from migrate import rpc, spawn, validate
 from migrate.admission import CallClass
 from migrate.agent import CALLS as AGENT_CALLS
 from migrate.local import LocalAgent, read_first_line, wait_for
@@ -101,7 +101,7 @@ def bulk_run(source, channel) -> Iterator[tuple[str, str]]:
     prep = control.PrepareOutgoing(pb.PrepareOutgoingRequest(name="h"), metadata=rpc.METADATA, timeout=CALL_TIMEOUT)
     control.Switchover(pb.RunRef(run_id=prep.run_id), metadata=rpc.METADATA, timeout=CALL_TIMEOUT)
     try:
-        yield prep.run_id, rpc.endpoint_with_port(source.address, prep.bulk_endpoint)
+        yield prep.run_id, validate.endpoint_with_port(source.address, prep.bulk_endpoint)
     finally:
         control.AbortOutgoing(pb.RunRef(run_id=prep.run_id), metadata=rpc.METADATA, timeout=CALL_TIMEOUT)
         control.StopGuest(pb.GuestRef(name="h"), metadata=rpc.METADATA, timeout=CALL_TIMEOUT)
@@ -177,7 +177,7 @@ def test_bulk_server_dies_with_its_agent(tmp_path) -> None:
         prep = control.PrepareOutgoing(pb.PrepareOutgoingRequest(name="k"), metadata=rpc.METADATA,
                                        timeout=CALL_TIMEOUT)
         [bulk_pid] = [p for p in descendants(agent.pid) if b"bulk_server" in open(f"/proc/{p}/cmdline", "rb").read()]
-        bulk_ch = rpc.channel(rpc.endpoint_with_port(agent.address, prep.bulk_endpoint), purpose="hostile-bulk")
+        bulk_ch = rpc.channel(validate.endpoint_with_port(agent.address, prep.bulk_endpoint), purpose="hostile-bulk")
         stream = OpenStream(bulk_ch, "Bulk")  # idle: its worker waits for a request
         try:
             wait_for(lambda: hello(control) == grpc.StatusCode.OK, CALL_TIMEOUT)

@@ -98,12 +98,12 @@ def _migrate_across(lab: lifecycle.Lab, name: str, spec: pb.GuestSpec, **opts) -
 
 
 @needs_lab
-def test_delay_is_real_and_migration_is_correct(tmp_path):
+def test_delay_is_real_and_migration_is_correct(tmp_path, plane):
     """1 ms each way: every remote fault costs at least the 2 ms round trip; the digest still matches."""
     with lifecycle.Lab(LinkSpec(delay=0.001), log=str(tmp_path / "lab.log")) as lab:
         spec = pb.GuestSpec(size=16 * MiB, workload="random-write", seed=3, ops=40_000, threads=1,
                             ops_per_sec=40_000, page_size=mmap.PAGESIZE)
-        doc, _ = _migrate_across(lab, "delayed", spec, no_push=True)
+        doc, _ = _migrate_across(lab, "delayed", spec, no_push=True, data_plane=plane)
     assert doc["verified"] is True
     lat = doc["faults"]["latency_us"]
     assert lat["count"] > 20
@@ -114,7 +114,7 @@ def test_delay_is_real_and_migration_is_correct(tmp_path):
 
 
 @needs_lab
-def test_rate_limit_is_real(tmp_path):
+def test_rate_limit_is_real(tmp_path, plane):
     """At 1 Gbit/s the push never exceeds 1 Gbit/s: overall, and on the link's own counters over any 0.25 s."""
     rate = 125_000_000
     with lifecycle.Lab(LinkSpec(rate=rate), log=str(tmp_path / "lab.log")) as lab:
@@ -134,7 +134,7 @@ def test_rate_limit_is_real(tmp_path):
         try:
             spec = pb.GuestSpec(size=96 * MiB, workload="idle", seed=3, ops=1, threads=1, ops_per_sec=0,
                                 page_size=mmap.PAGESIZE, content="random")  # incompressible: wire = pages
-            doc, _ = _migrate_across(lab, "shaped", spec)
+            doc, _ = _migrate_across(lab, "shaped", spec, data_plane=plane)
         finally:
             done.set()
             sampler.join()

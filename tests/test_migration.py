@@ -1,4 +1,5 @@
-"""Post-copy migration end to end: real agents, runners, userfaultfd and gRPC.
+"""Post-copy migration end to end: real agents, runners, userfaultfd, gRPC
+control and each data plane (the `plane` fixture: native and grpc).
 
 The oracle: a guest migrated at any moment ends with the same memory digest
 as the same guest never migrated (the orchestrator's --verify runs that
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
+import struct
 
 import pytest
 
-from migrate import orchestrator, report
+from migrate import orchestrator, planes, report
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
 from migrate.proto import migrate_pb2 as pb
@@ -82,24 +85,26 @@ def abandon(agents, name: str) -> None:
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
-def test_every_workload_at_three_moments(agents, workload):
+def test_every_workload_at_three_moments(agents, plane, workload):
     for i, fraction in enumerate((0.1, 0.5, 0.9)):
-        doc = migrate_at(agents, f"{workload}-{i}", spec(workload), fraction)
+        doc = migrate_at(agents, f"{workload}-{i}", spec(workload), fraction, data_plane=plane)
         assert doc["verified"] is True, (workload, fraction)
+        assert doc["data_plane"] == plane and doc["fault_path"] == "grpc"
         p = doc["pages"]
         assert p["received"] == p["total"] == 16 * MiB // mmap.PAGESIZE
         assert p["pushed"] + p["faulted"] <= p["total"]
 
 
-def test_multithreaded_guest_with_push_and_faults_racing(agents):
-    doc = migrate_at(agents, "racy", spec("random-write", size=32 * MiB, ops=200_000, rate=200_000, threads=4), 0.3)
+def test_multithreaded_guest_with_push_and_faults_racing(agents, plane):
+    doc = migrate_at(agents, "racy", spec("random-write", size=32 * MiB, ops=200_000, rate=200_000, threads=4), 0.3,
+                     data_plane=plane)
     assert doc["verified"] is True
     assert doc["faults"]["count"] > 0 and doc["pages"]["pushed"] > 0
 
 
-def test_no_push_moves_every_page_by_fault(agents):
+def test_no_push_moves_every_page_by_fault(agents, plane):
     doc = migrate_at(agents, "nopush", spec("random-write", size=8 * MiB, ops=20_000, rate=50_000), 0.3,
-                     no_push=True)
+                     no_push=True, data_plane=plane)
     assert doc["verified"] is True
     p = doc["pages"]
     assert p["pushed"] == 0
@@ -107,8 +112,8 @@ def test_no_push_moves_every_page_by_fault(agents):
     assert doc["faults"]["count"] > 0
 
 
-def test_idle_guest_gets_everything_by_push(agents):
-    doc = migrate_at(agents, "idler", spec("idle", size=16 * MiB, ops=0, rate=0), 0.0)
+def test_idle_guest_gets_everything_by_push(agents, plane):
+    doc = migrate_at(agents, "idler", spec("idle", size=16 * MiB, ops=0, rate=0), 0.0, data_plane=plane)
     assert doc["verified"] is True
     p = doc["pages"]
     assert p["faulted"] == 0 and p["pushed"] == p["total"]
@@ -122,7 +127,7 @@ def test_idle_guest_gets_everything_by_push(agents):
     assert report.transfer_mib_s(doc) == pytest.approx(16 / doc["transfer_s"], rel=0.01)
 
 
-def test_agent_gives_back_a_completed_runs_descriptors(agents):
+def test_agent_gives_back_a_completed_runs_descriptors(agents, plane):
     """A long-lived destination agent holds no descriptor of a migration once it completed
     (userfaultfd, bitmap memfd), and still answers that migration's status."""
     dst = agents[1]
@@ -130,32 +135,32 @@ def test_agent_gives_back_a_completed_runs_descriptors(agents):
     def fds() -> int:
         return len(os.listdir(f"/proc/{dst.pid}/fd"))
 
-    migrate_at(agents, "first", spec("idle", size=4 * MiB, ops=0, rate=0), 0.0)
+    migrate_at(agents, "first", spec("idle", size=4 * MiB, ops=0, rate=0), 0.0, data_plane=plane)
     before = fds()
     for i in range(3):
-        doc = migrate_at(agents, f"again{i}", spec("random-write", size=4 * MiB, ops=2000), 0.5)
+        doc = migrate_at(agents, f"again{i}", spec("random-write", size=4 * MiB, ops=2000), 0.5, data_plane=plane)
         assert doc["verified"] is True
     assert fds() == before
     assert doc["pages"]["received"] == doc["pages"]["total"]  # the final status, after the release
 
 
-def test_compressed_batches_arrive_intact(tmp_path):
+def test_compressed_batches_arrive_intact(tmp_path, plane):
     """--compress always: every batch of realistic memory travels as a zstd frame."""
     with LocalAgent("source", "--compress", "always", log_path=str(tmp_path / "source.log")) as src, \
             LocalAgent("dest", log_path=str(tmp_path / "dest.log")) as dst:
-        doc = migrate_at((src, dst), "packed", spec("idle", size=16 * MiB, ops=0, rate=0), 0.0)
+        doc = migrate_at((src, dst), "packed", spec("idle", size=16 * MiB, ops=0, rate=0), 0.0, data_plane=plane)
     assert doc["verified"] is True
     assert doc["pages"]["pushed"] == doc["pages"]["total"]
     assert doc["source"]["compressed_batches"] > 0
     assert doc["compression_ratio"] > 2.0
 
 
-def test_report_fields_contract(agents, tmp_path):
+def test_report_fields_contract(agents, plane, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
-    doc = migrate_at(agents, "reported", spec("hotset"), 0.5)
+    doc = migrate_at(agents, "reported", spec("hotset"), 0.5, data_plane=plane)
     path = tmp_path / "report.json"
     orchestrator.write_report(doc, str(path))
     check = Path(__file__).resolve().parents[2] / "shared" / "checks" / "report_fields.py"
@@ -165,11 +170,12 @@ def test_report_fields_contract(agents, tmp_path):
     assert out.returncode == 0, out.stdout
 
 
-def test_unreachable_source_leaves_guest_running_on_source(agents):
+def test_unreachable_source_leaves_guest_running_on_source(agents, plane):
     src, dst = agents
     launch(src.address, "stay", spec("random-write", ops=10_000_000, rate=50_000))
     try:
-        opts = orchestrator.RunOptions(source_endpoint="127.0.0.1:1", mode="postcopy")  # the destination cannot reach this
+        # the destination cannot reach this
+        opts = orchestrator.RunOptions(source_endpoint="127.0.0.1:1", mode="postcopy", data_plane=plane)
         with pytest.raises(orchestrator.AgentError, match="cannot reach the source"):
             orchestrator.migrate("stay", src.address, dst.address, opts)
         with AgentClient(src.address) as c:
@@ -181,3 +187,62 @@ def test_unreachable_source_leaves_guest_running_on_source(agents):
             assert not c.call("ListGuests", pb.ListGuestsRequest()).guests
     finally:
         stop(src.address, "stay")
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_native_fault_path_migrates_every_workload(agents, workload):
+    doc = migrate_at(agents, f"nf-{workload}", spec(workload), 0.5, data_plane="native", fault_path="native")
+    assert doc["verified"] is True
+    assert doc["data_plane"] == "native" and doc["fault_path"] == "native"
+    assert doc["pages"]["received"] == doc["pages"]["total"]
+
+
+def test_a_data_connection_without_the_run_key_is_refused_and_the_run_goes_on(agents, monkeypatch, tmp_path):
+    """Whoever reaches the data port without the run's key gets nothing: the source
+    drops it (and logs it), the migration carries on undisturbed."""
+    routes: list[planes.PageRoute] = []
+    offered = planes.PageRoute.offered
+
+    def record(cls, *args, **kw):  # noqa: ANN001, ANN002, ANN003
+        routes.append(offered(*args, **kw))
+        return routes[-1]
+
+    monkeypatch.setattr(planes.PageRoute, "offered", classmethod(record))
+    src, dst = agents
+    s = spec("random-write", ops=40_000, rate=50_000)
+    launch(src.address, "guarded", s)
+
+    def intrude() -> None:  # both sides prepared: the data server listens
+        host, port = routes[0].data_endpoint.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"MIGDP\0\0\1" + struct.pack("<II", 1, 1) + os.urandom(planes.KEY_BYTES))
+            try:
+                assert sock.recv(64) == b""  # closed, no hello reply
+            except ConnectionResetError:
+                pass
+
+    opts = orchestrator.RunOptions(verify=True, mode="postcopy", data_plane="native", max_bandwidth=8 * MiB)
+    try:
+        doc = orchestrator.migrate("guarded", src.address, dst.address, opts, before_switchover=intrude)
+    except BaseException:
+        abandon(agents, "guarded")
+        raise
+    stop(dst.address, "guarded")
+    assert doc["verified"] is True
+    assert "refused 1 data connection(s)" in (tmp_path / "source.log").read_text()
+
+
+@pytest.mark.parametrize("fault_path", ["grpc", "native"])
+def test_duplicates_on_the_wire_are_counted_and_below_one_percent(agents, fault_path):
+    """A guest faulting all over its memory while the native bulk streams: the fault
+    path's pages are not asked again by the bulk (nor its prefetch what the bulk asked),
+    so what comes twice stays under 1 % of the pages, and so does the wire's excess.
+    (The grpc plane's bulk does not share its asks with the fault path: it is not held to this.)"""
+    doc = migrate_at(agents, "twice", spec("random-write", size=32 * MiB, ops=200_000, rate=200_000, threads=2), 0.3,
+                     data_plane="native", fault_path=fault_path, max_bandwidth=32 * MiB)
+    assert doc["verified"] is True
+    p = doc["pages"]
+    assert doc["faults"]["count"] > 0
+    assert p["duplicates"] <= 0.01 * p["total"], p
+    nonzero = (p["total"] - p["zero"]) * p["page_size"]
+    assert doc["bytes"]["wire"] <= 1.01 * nonzero, (doc["bytes"], nonzero)

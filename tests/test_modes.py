@@ -28,9 +28,10 @@ def spec(workload: str, *, size: int = 8 * MiB, ops: int = 120_000, rate: float 
 
 @pytest.mark.parametrize("workload", WRITE_HEAVY)
 @pytest.mark.parametrize("mode", MODES)
-def test_every_mode_and_workload_at_two_moments(agents, mode, workload):
+def test_every_mode_and_workload_at_two_moments(agents, plane, mode, workload):
     for i, fraction in enumerate((0.2, 0.7)):
-        doc = migrate_at(agents, f"{mode}-{workload}-{i}", spec(workload), fraction, mode=mode, timeout=120)
+        doc = migrate_at(agents, f"{mode}-{workload}-{i}", spec(workload), fraction, mode=mode, timeout=120,
+                         data_plane=plane)
         assert doc["verified"] is True, (mode, workload, fraction)
         assert doc["mode"] == mode
         p, pre = doc["pages"], doc["precopy"]
@@ -48,13 +49,13 @@ def test_every_mode_and_workload_at_two_moments(agents, mode, workload):
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
-def test_pages_written_after_precopy_are_never_seen_stale(agents, mode):
+def test_pages_written_after_precopy_are_never_seen_stale(agents, plane, mode):
     """seq-write without wrapping: every page written between its pre-copy and
     the switch is written once, never again, so a stale copy would survive to
     the final digest. Fails if the destination does not discard."""
     pages = 8 * MiB // mmap.PAGESIZE
     doc = migrate_at(agents, f"stale-{mode}", spec("seq-write", ops=pages - 100, rate=2_000), 0.6, mode=mode,
-                     timeout=120)
+                     timeout=120, data_plane=plane)
     pre = doc["precopy"]
     rewritten = pre["switch_discarded"] + sum(s["discarded"] for s in pre["settle"]) + \
         pre.get("final_copy", {}).get("discarded", 0) + sum(r["discarded"] for r in pre["rounds"])
@@ -63,17 +64,17 @@ def test_pages_written_after_precopy_are_never_seen_stale(agents, mode):
 
 
 @pytest.mark.parametrize("mode", ["precopy", "hybrid"])
-def test_guest_dirtying_faster_than_the_link_still_switches(agents, mode):
+def test_guest_dirtying_faster_than_the_link_still_switches(agents, plane, mode):
     doc = migrate_at(agents, f"fast-{mode}", spec("random-write", ops=300_000), 0.0, mode=mode,
-                     max_bandwidth=4 * MiB, precopy_rounds=10, timeout=120)
+                     max_bandwidth=4 * MiB, precopy_rounds=10, timeout=120, data_plane=plane)
     pre = doc["precopy"]
     assert doc["verified"] is True
     assert 1 <= len(pre["rounds"]) <= 10 and pre["switch_reason"]
 
 
-def test_precopy_time_limit_cuts_a_round_short(agents):
+def test_precopy_time_limit_cuts_a_round_short(agents, plane):
     doc = migrate_at(agents, "capped", spec("random-write", ops=200_000), 0.0, mode="precopy",
-                     max_bandwidth=8 * MiB, precopy_seconds=0.2, timeout=120)
+                     max_bandwidth=8 * MiB, precopy_seconds=0.2, timeout=120, data_plane=plane)
     pre = doc["precopy"]
     assert doc["verified"] is True
     assert pre["final_copy"]["sent"] > 0  # what the cut round left is copied at the switch
@@ -102,3 +103,10 @@ def test_cli_rejects_bad_mode_options():
     assert_clean_error(out, "--mode")
     out = run_cli("run", "g", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--mode", "precopy", "--no-push")
     assert_clean_error(out, "--no-push")
+
+
+def test_cli_refuses_the_native_fault_path_without_the_native_plane():
+    out = run_cli("run", "g", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--data-plane", "grpc",
+                  "--fault-path", "native")
+    assert_clean_error(out, "--fault-path native needs the native data plane")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -27,13 +27,13 @@ def make_image(path: Path, pages: int, page: int = 4096) -> None:
     path.write_bytes(b"".join(chunks))
 
 
-def test_foreign_process_restored_from_image(tmp_path):
+def test_foreign_process_restored_from_image(tmp_path, plane):
     image = tmp_path / "mem.img"
     make_image(image, 2048)
     sock = tmp_path / "uffd.sock"
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                       log_path=str(tmp_path / "dst.log")):
+                       "--data-plane", plane, log_path=str(tmp_path / "dst.log")):
         out = subprocess.run([sys.executable, str(HERE / "uffd_client.py"), str(sock), str(image), "11"],
                              capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from migrate import certs, orchestrator, rpc, spawn
+from migrate import certs, orchestrator, report, rpc, spawn
 from migrate.client import AgentClient
 from migrate.local import LocalAgent
 from migrate.proto import migrate_pb2 as pb
@@ -83,7 +83,10 @@ def test_refused(tls_agents, pki, why: str) -> None:
             assert "bearer token" in str(err.value)
 
 
-def test_postcopy_migration_over_mtls(tls_agents, pki) -> None:
+@pytest.mark.parametrize("plane", ["", "native"])
+def test_postcopy_migration_over_mtls(tls_agents, pki, plane) -> None:
+    """With TLS, page data stays in gRPC (encrypted) unless the native plane is asked
+    for explicitly; then the report says page data went unencrypted."""
     src, dst = tls_agents
     creds = client_creds(pki[0])
     spec = pb.GuestSpec(size=16 << 20, workload="random-write", seed=3, ops=40_000, ops_per_sec=100_000,
@@ -92,8 +95,12 @@ def test_postcopy_migration_over_mtls(tls_agents, pki) -> None:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name="tls-vm", spec=spec), timeout=120)
     try:
         doc = orchestrator.migrate("tls-vm", src.address, dst.address,
-                                   orchestrator.RunOptions(verify=True, mode="postcopy"), credentials=creds)
+                                   orchestrator.RunOptions(verify=True, mode="postcopy", data_plane=plane),
+                                   credentials=creds)
         assert doc["verified"] is True
+        assert doc["data_plane"] == (plane or "grpc") and doc["tls"] is True
+        assert doc["data_plane_encrypted"] is (plane != "native")
+        assert ("UNENCRYPTED" in report.table(doc)) is (plane == "native")
     finally:
         for agent in tls_agents:
             stop_if_there(agent.address, creds, "tls-vm")

@@ -8,6 +8,7 @@ import click
 
 from migrate.bench import driver, summary
 from migrate.bench.matrix import MODES, WORKLOADS, Matrix, load_toml
+from migrate.planes import DataPlane
 from migrate.units import parse_size
 
 
@@ -26,6 +27,8 @@ def _sizes(ctx, param, values):  # noqa: ANN001 - click's signature
               help="Workload (repeatable) [hotset].")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(MODES), help="Migration mode (repeatable) "
               "[postcopy].")
+@click.option("--data-plane", "planes", multiple=True, type=click.Choice([p.value for p in DataPlane]),
+              help="Data plane (repeatable) [native].")
 @click.option("--level", "levels", multiple=True, type=click.IntRange(-7, 22),
               help="zstd level of the source (repeatable) [1].")
 @click.option("--link", "links", multiple=True, metavar="PROFILE",
@@ -45,7 +48,7 @@ def _sizes(ctx, param, values):  # noqa: ANN001 - click's signature
 def bench(config: str | None, out_dir: str, fresh: bool, **axes) -> None:
     """Run a matrix of migrations, each cell also once unmigrated (its baseline).
 
-    The matrix is size x workload x mode x zstd level x link x reps. Every
+    The matrix is size x workload x mode x data plane x zstd level x link x reps. Every
     finished run is appended to OUT/bench.jsonl at once; running the same
     command again resumes where it stopped. OUT/summary.csv gets
     min/median/max of every metric per cell; a table of medians is printed.

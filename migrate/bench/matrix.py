@@ -1,7 +1,7 @@
 """The bench matrix: axes from the command line or a TOML file, expanded into cells.
 
-A cell is one combination of link profile, zstd level, guest size, workload
-and mode; each is run `reps` times plus once unmigrated (the baseline).
+A cell is one combination of link profile, zstd level, guest size, workload,
+mode and data plane; each is run `reps` times plus once unmigrated (the baseline).
 Cells are ordered so each (link, level) pair needs one set of agents.
 """
 from __future__ import annotations
@@ -11,13 +11,14 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 
 from migrate.lab.link import LinkSpec
+from migrate.planes import DataPlane
 from migrate.units import parse_size
 
 LOOPBACK = "loopback"
 WORKLOADS = ("seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle")
 MODES = ("postcopy", "hybrid", "precopy")
 #: Axes: a TOML key may hold one value or a list.
-AXES = ("sizes", "workloads", "modes", "levels", "links")
+AXES = ("sizes", "workloads", "modes", "levels", "links", "planes")
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,15 @@ class Cell:
     size: int
     workload: str
     mode: str
+    plane: str = DataPlane.NATIVE.value
 
     @property
     def key(self) -> str:
         """Identifies the cell in the results file (resume matches on it)."""
-        return f"{self.link}|{self.level}|{self.size}|{self.workload}|{self.mode}"
+        return f"{self.link}|{self.level}|{self.size}|{self.workload}|{self.mode}|{self.plane}"
 
     def describe(self) -> str:
-        return f"{self.link}, zstd {self.level}, {self.size >> 20} MiB {self.workload}, {self.mode}"
+        return f"{self.link}, zstd {self.level}, {self.size >> 20} MiB {self.workload}, {self.mode}, {self.plane}"
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Matrix:
     modes: list[str] = field(default_factory=lambda: ["postcopy"])
     levels: list[int] = field(default_factory=lambda: [1])
     links: list[str] = field(default_factory=lambda: [LOOPBACK])
+    planes: list[str] = field(default_factory=lambda: [DataPlane.NATIVE.value])
     reps: int = 3
     ops: int = 4_000_000
     ops_per_sec: float = 1_000_000.0
@@ -59,6 +62,9 @@ class Matrix:
         for m in self.modes:
             if m not in MODES:
                 raise ValueError(f"unknown mode {m!r}; use one of {', '.join(MODES)}")
+        for plane in self.planes:
+            if plane not in list(DataPlane):
+                raise ValueError(f"unknown data plane {plane!r}; use one of {', '.join(DataPlane)}")
         for link in self.links:
             if link != LOOPBACK:
                 LinkSpec.parse(link)
@@ -72,8 +78,8 @@ class Matrix:
         return self
 
     def cells(self) -> list[Cell]:
-        return [Cell(link, level, size, workload, mode) for link, level, size, workload, mode in
-                itertools.product(self.links, self.levels, self.sizes, self.workloads, self.modes)]
+        return [Cell(*axes) for axes in
+                itertools.product(self.links, self.levels, self.sizes, self.workloads, self.modes, self.planes)]
 
     def merged(self, overrides: dict) -> "Matrix":
         """This matrix with the given fields replaced (command-line options over a file)."""
@@ -91,6 +97,7 @@ def load_toml(path: str) -> Matrix:
     sizes = ["64M", "256M"]
     workloads = "hotset"
     modes = ["postcopy", "hybrid"]
+    planes = ["native", "grpc"]
     links = ["loopback", "10gbit/100us", "1gbit/1ms"]
     reps = 3
     """

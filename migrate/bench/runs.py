@@ -26,8 +26,9 @@ def mode_supported(mode: str) -> bool:
     return mode == "postcopy" or "mode" in {f.name for f in dataclasses.fields(orchestrator.RunOptions)}
 
 
-def run_options(mode: str, source_endpoint: str) -> orchestrator.RunOptions:
-    opts = orchestrator.RunOptions(source_endpoint=source_endpoint)
+def run_options(mode: str, source_endpoint: str, plane: str = "") -> orchestrator.RunOptions:
+    """Options for one migrated run (`plane` "": the default data plane)."""
+    opts = orchestrator.RunOptions(source_endpoint=source_endpoint, data_plane=plane)
     if "mode" in {f.name for f in dataclasses.fields(orchestrator.RunOptions)}:
         opts.mode = mode
     return opts
@@ -83,7 +84,7 @@ def migrated(h: Hosts, cell: Cell, m: Matrix, name: str, reference_digest: str) 
         try:
             _wait(src, name, lambda i: i.ops_done >= m.switch_at * m.ops or i.finished, "make progress")
             launch_offset = (time.time_ns() - t0) / 1e9
-            doc = orchestrator.migrate(name, h.source, h.dest, run_options(cell.mode, h.source_endpoint))
+            doc = orchestrator.migrate(name, h.source, h.dest, run_options(cell.mode, h.source_endpoint, cell.plane))
             _wait(dst, name, lambda i: i.finished, "finish")
             verified = dst.call("GuestDigest", pb.GuestRef(name=name), timeout=600).digest == reference_digest
         finally:

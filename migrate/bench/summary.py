@@ -23,7 +23,7 @@ METRICS: dict[str, Callable[[dict, dict | None], float]] = {
     "guest_ops_per_s": lambda r, b: r["guest"]["ops_per_s_during"],
     "vs_baseline": lambda r, b: r["guest"]["ops_per_s_during"] / b["ops_per_s"] if b and b["ops_per_s"] else 0.0,
 }
-CELL_COLUMNS = ("link", "level", "size", "workload", "mode")
+CELL_COLUMNS = ("link", "level", "size", "workload", "mode", "plane")
 
 
 def cells(records: list[dict]) -> list[dict]:
@@ -44,7 +44,7 @@ def cells(records: list[dict]) -> list[dict]:
     rows = []
     for key in order:
         e = by_key[key]
-        row = {c: e["cell"][c] for c in CELL_COLUMNS}
+        row = {c: e["cell"].get(c, "grpc" if c == "plane" else None) for c in CELL_COLUMNS}  # before planes: grpc
         row["size_mib"] = row.pop("size") // MiB
         row.update(runs=len(e["runs"]), failed=e["failed"],
                    verified=all(run.get("verified") for run in e["runs"]) if e["runs"] else "",
@@ -69,7 +69,7 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 def table(rows: list[dict]) -> str:
     """Medians per cell, for a terminal (and issue notes: it is valid Markdown)."""
-    head = ["link", "mode", "workload", "MiB", "zstd", "runs", "total s", "downtime ms", "faults",
+    head = ["link", "mode", "plane", "workload", "MiB", "zstd", "runs", "total s", "downtime ms", "faults",
             "fault p50 µs", "fault p99 µs", "faulted", "pushed", "wire MiB", "ratio", "guest vs baseline",
             "verified"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -78,7 +78,7 @@ def table(rows: list[dict]) -> str:
             v = r[f"{name}_median"]
             return "-" if v == "" else format(v, fmt)
         lines.append("| " + " | ".join([
-            r["link"], r["mode"], r["workload"], str(r["size_mib"]), str(r["level"]),
+            r["link"], r["mode"], r["plane"], r["workload"], str(r["size_mib"]), str(r["level"]),
             f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
             med("total_s", ".2f"), med("downtime_ms", ".1f"), med("faults", ".0f"), med("fault_p50_us", ".0f"),
             med("fault_p99_us", ".0f"), med("pages_faulted", ".0f"), med("pages_pushed", ".0f"),

@@ -40,11 +40,17 @@ _PACE_SLEEP = 0.1
 
 
 class Planner:
-    """Chooses the next run of pages to ask for: missing and not yet asked."""
+    """Chooses the next run of pages to ask for: missing and not yet asked.
 
-    def __init__(self, received: SharedBitmap) -> None:
+    `asked` (pages asked for by any path) may be shared with the urgent path,
+    which then leaves out of its prefetch what the bulk asked and marks what
+    it asks; the planner closes it only if it created it.
+    """
+
+    def __init__(self, received: SharedBitmap, asked: SharedBitmap | None = None) -> None:
         self._received = received
-        self._asked = SharedBitmap.create(received.nbits)
+        self._owns_asked = asked is None
+        self._asked = SharedBitmap.create(received.nbits) if asked is None else asked
         self._cursor = 0
         self._jump: int | None = None
 
@@ -88,7 +94,8 @@ class Planner:
         self._asked.clear_range(first, count)
 
     def close(self) -> None:
-        self._asked.close()
+        if self._owns_asked:
+            self._asked.close()
 
 
 class BulkPuller:
@@ -321,11 +328,12 @@ class BulkLoop:
     moves until start(), at switchover.
     """
 
-    def __init__(self, mem: Memory, endpoint: str, run_id: str, recovery_timeout: float) -> None:
+    def __init__(self, mem: Memory, endpoint: str, run_id: str, recovery_timeout: float,
+                 asked: SharedBitmap | None = None) -> None:
         self._mem = mem
         self._run_id = run_id
         self._link = SourceLink(endpoint, "bulk", recovery_timeout)
-        self.planner = Planner(mem.bitmap)
+        self.planner = Planner(mem.bitmap, asked)
         self._stop = threading.Event()
         self._puller: BulkPuller | None = None
         self._thread: threading.Thread | None = None

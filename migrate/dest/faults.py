@@ -6,7 +6,12 @@ over the urgent Pages.Fetch stream (its own HTTP/2 connection) and, right
 behind it, for its aligned 64 KiB neighbourhood, or, while the guest reads
 sequentially, a readahead that doubles up to 256 KiB; install each reply with
 one UFFDIO_COPY per run, and time each fault from its read to its install.
-The faulting page travels alone so its reply is one small message.
+The faulting page travels alone so its reply is one small message. With
+the bulk path's `asked` bitmap (pages asked for by either path; the urgent
+path marks its own there), a fault on a page the bulk has in flight waits
+for the bulk's batch (asked again urgently only if the bulk writes that
+request off), and a prefetch asks only for pages neither received nor
+asked: no page goes on the wire twice.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import grpc
 
 from migrate import rpc, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
+from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.proto import migrate_pb2 as pb
@@ -66,11 +72,13 @@ class _Stream:
 class FaultServer:
     """Turns faults into urgent requests and urgent replies into installs."""
 
-    def __init__(self, mem: Memory, link: SourceLink, run_id: str, jump: Callable[[int], None]) -> None:
+    def __init__(self, mem: Memory, link: SourceLink, run_id: str, jump: Callable[[int], None],
+                 asked: SharedBitmap | None = None) -> None:
         self.mem = mem
         self._link = link
         self._run_id = run_id
         self._jump = jump
+        self._asked = asked
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._lock = threading.Lock()
         # In flight, by request id: the faults waiting on it [(page, t_ns, waiters)], the request
@@ -83,6 +91,7 @@ class FaultServer:
         self._expect = -1  # where a sequential reader's next fault would land
         self._recent: collections.deque[int] = collections.deque(maxlen=_RECENT)
         self._closing = False
+        self._on_bulk: list[tuple[int, int, int]] = []  # faults waiting for a page the bulk has in flight
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
         self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0,
@@ -137,11 +146,34 @@ class FaultServer:
                 if req_id is not None:
                     self._waiting[req_id].append((page, t_ns, waiters))
                     continue
-                self._ask(page, 1, [(page, t_ns, waiters)])
+                if self._asked is not None and self._asked.test(page):
+                    self._on_bulk.append((page, t_ns, waiters))
+                else:
+                    self._ask_page(page, t_ns, waiters)
                 first, end = self._prefetch(page)
-                if end > first:
-                    self._ask(first, end - first, [])
+                for run_first, count in self._wanted(first, end):
+                    self._ask(run_first, count, [])
             self._jump(end)
+
+    def _ask_page(self, page: int, t_ns: int, waiters: int) -> None:
+        """Ask for a faulting page alone (call with the lock held)."""
+        if self._asked is not None:
+            self._asked.set_range(page, 1)
+        self._ask(page, 1, [(page, t_ns, waiters)])
+
+    def _wanted(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """Runs of pages in [first, end) neither received nor asked by the bulk path (marked asked now)."""
+        received, asked = self.mem.bitmap, self._asked
+        page = first
+        while (page := received.next_clear(page)) < end:
+            if asked is not None and asked.test(page):
+                page = asked.next_clear(page)
+                continue
+            stop = min(end, received.next_set(page), asked.next_set(page) if asked is not None else end)
+            if asked is not None:
+                asked.set_range(page, stop - page)
+            yield page, stop - page
+            page = stop
 
     def _install(self, raw: bytes) -> None:
         try:
@@ -192,7 +224,15 @@ class FaultServer:
                     arrived = [f for f in faults if test(f[0])]
                     faults[:] = [f for f in faults if not test(f[0])]
                     self._resolve(arrived, now)
-            return any(self._waiting.values())
+            if self._on_bulk:
+                self._resolve([f for f in self._on_bulk if test(f[0])], now)
+                on_bulk, self._on_bulk = [f for f in self._on_bulk if not test(f[0])], []
+                for page, t_ns, waiters in on_bulk:
+                    if self._asked.test(page):
+                        self._on_bulk.append((page, t_ns, waiters))
+                    else:  # the bulk wrote its request off (a link lost): ask for it here
+                        self._ask_page(page, t_ns, waiters)
+            return any(self._waiting.values()) or bool(self._on_bulk)
 
     def receive(self) -> None:
         """Install urgent replies as they arrive (runs on its own thread)."""
@@ -241,14 +281,16 @@ class FaultLoop:
     Two threads of the agent, as the bulk path is (see dest/bulk.py for
     why not processes). Connecting happens here: a source that cannot be
     reached raises ConnectionError, before the guest ever stops on the
-    source. `jump` tells the bulk path where the guest faults.
+    source. `jump` tells the bulk path where the guest faults; `asked`, a
+    native bulk path's bitmap of pages asked for, keeps prefetches from
+    asking them again.
     """
 
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
-                 recovery_timeout: float) -> None:
+                 recovery_timeout: float, asked: SharedBitmap | None = None) -> None:
         self._mem = mem
         self._link = SourceLink(endpoint, "urgent", recovery_timeout)
-        self._server = FaultServer(mem, self._link, run_id, jump)
+        self._server = FaultServer(mem, self._link, run_id, jump, asked)
         self._stop = threading.Event()
         self._summary: dict | None = None
         self._receiver = threading.Thread(target=guarded("urgent reply receiver", self._server.receive, self._fail),

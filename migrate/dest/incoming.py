@@ -2,8 +2,11 @@
 
 PrepareIncoming creates empty guest RAM, starts a guest runner in restore
 mode (it registers its RAM with userfaultfd and hands us the fd), creates the
-received bitmap, and starts the urgent path (dest/faults.py) and the bulk
-path (dest/bulk.py), threads of this agent; both connect to the source. In
+received bitmap, and starts the urgent path and the bulk path; both
+connect to the source. On the gRPC data plane they are threads of this
+agent (dest/faults.py, dest/bulk.py); on the native plane C threads
+(dest/dataplane.py), the urgent path staying on gRPC unless the run asks
+for the native fault path (migrate.planes). In
 hybrid and precopy modes, PrecopyRound calls then fill RAM while the guest
 still runs on the source (migrate.dest.precopy); in precopy mode the runner
 has no userfaultfd and neither path starts: every page arrives by pre-copy.
@@ -24,12 +27,14 @@ import time
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import BulkLoop
+from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
+from migrate.planes import DataPlane, FaultPath, PageRoute
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import Uffd
 
@@ -48,7 +53,7 @@ MODES = ("postcopy", "hybrid", "precopy")
 class IncomingRun:
     """One guest arriving at this agent."""
 
-    def __init__(self, run_id: str, name: str, spec: GuestSpec, source_endpoint: str, bulk_endpoint: str) -> None:
+    def __init__(self, run_id: str, name: str, spec: GuestSpec, route: PageRoute) -> None:
         self.run_id = run_id
         self.name = name
         self.spec = spec
@@ -59,17 +64,17 @@ class IncomingRun:
         self._resumed_ns = 0               # when the guest resumed here (realtime: it survives a restart)
         # What the paths do not count: a previous agent's counters, the pages here at the resume, recovered ones.
         self._before: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self.source_endpoint = source_endpoint
-        self.bulk_endpoint = bulk_endpoint
+        self.route = route
         self.phase = "new"
         self.error = ""
         self.guest: HostedGuest | None = None
         self.bitmap: SharedBitmap | None = None
         self.uffd: Uffd | None = None
         self.regions: list[tuple[int, int, int]] = []
-        self.paths: dict[str, BulkLoop | FaultLoop] = {}
+        self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
         self.mode = "postcopy"
-        self.precopy: PrecopyPuller | None = None
+        self.precopy: PrecopyPuller | NativePrecopy | None = None
+        self._asked: SharedBitmap | None = None  # pages asked for, shared by the gRPC paths
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
         self._t_resume = 0.0
         self._t_done = 0.0
@@ -110,8 +115,13 @@ class IncomingRun:
             self.attach(proc.uffd, proc.regions)
             self.start_paths()
         if mode != "postcopy":
-            self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, self.bulk_endpoint, self.run_id,
-                                         self.recovery_timeout)
+            r = self.route
+            if r.plane is DataPlane.NATIVE:
+                self.precopy = NativePrecopy(fd, self.bitmap, self.spec.page_size, r.data_endpoint, r.data_key,
+                                             self.recovery_timeout)
+            else:
+                self.precopy = PrecopyPuller(fd, self.bitmap, self.spec.page_size, r.bulk_endpoint, self.run_id,
+                                             self.recovery_timeout)
         self._record()
         return (time.monotonic() - t0) * 1000.0
 
@@ -139,12 +149,28 @@ class IncomingRun:
             covered.close()
 
     def start_paths(self) -> None:
-        """Start the bulk path (waiting for start()) and the urgent path (serving at once)."""
+        """Start the bulk path (waiting for start()) and the urgent path (serving at once), on the run's plane.
+
+        Both paths share the bitmap of pages asked for (the native bulk's,
+        or one this run keeps for the gRPC paths): the bulk does not ask what
+        the urgent path asked, nor a gRPC urgent path's prefetch what the
+        bulk asked. Asking twice would put pages twice on the wire.
+        """
         mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
-        bulk = BulkLoop(mem, self.bulk_endpoint, self.run_id, self.recovery_timeout)
+        r = self.route
+        if r.plane is DataPlane.NATIVE:
+            bulk: BulkLoop | NativeBulk = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
+            jump, asked = bulk.jump, bulk.asked
+        else:
+            self._asked = asked = SharedBitmap.create(self.page_count)
+            bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout, asked)
+            jump = bulk.planner.jump
         self.paths["bulk"] = bulk
-        self.paths["faults"] = FaultLoop(mem, self.source_endpoint, self.run_id, bulk.planner.jump,
-                                         self.recovery_timeout)
+        if r.fault_path is FaultPath.NATIVE:
+            self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
+        else:
+            self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
+                                             asked=asked)
         self.phase = "prepared"
 
     # ------------------------------------------------------------ pre-copy
@@ -216,8 +242,8 @@ class IncomingRun:
     def _save_record(self) -> None:
         self.journal.save(self.run_id, {
             "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
-            "source_endpoint": self.source_endpoint, "bulk_endpoint": self.bulk_endpoint,
-            "recovery_timeout": self.recovery_timeout, "phase": self.phase, "started_ns": self.started_ns,
+            **self.route.to_dict(), "recovery_timeout": self.recovery_timeout, "phase": self.phase,
+            "started_ns": self.started_ns,
             "resumed_ns": self._resumed_ns, "counters": self._counters(), **self._push})
 
     def _counters(self) -> dict[str, int]:
@@ -234,8 +260,7 @@ class IncomingRun:
     @classmethod
     def rejoin(cls, record: dict, journal: Journal) -> "IncomingRun":
         """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths."""
-        run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), record["source_endpoint"],
-                  record["bulk_endpoint"])
+        run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), PageRoute.from_dict(record))
         run.journal = journal
         run.mode = record["mode"]
         run.recovery_timeout = float(record["recovery_timeout"])
@@ -357,7 +382,8 @@ class IncomingRun:
             pages_recovered=counts["recovered"], pages_before_resume=counts["before_resume"],
             faults=counts["faults"], bytes_wire=counts["bytes_wire"], bytes_pages=counts["bytes_pages"],
             elapsed_s=(end - self._t_resume) if self._t_resume else 0.0,
-            detail_json=json.dumps(detail))
+            detail_json=json.dumps(detail), data_plane=self.route.plane.value,
+            fault_path=self.route.fault_path.value)
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""
@@ -371,9 +397,10 @@ class IncomingRun:
         self.paths = {}
         if self.precopy is not None:
             self.precopy.close()
-        if self.bitmap is not None:
-            self.bitmap.close()
-            self.bitmap = None
+        for bitmap in (self.bitmap, self._asked):
+            if bitmap is not None:
+                bitmap.close()
+        self.bitmap = self._asked = None
         if self.uffd is not None:
             self.uffd.close()
             self.uffd = None

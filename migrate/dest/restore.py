@@ -4,7 +4,8 @@
 listens on a unix socket. A process (any VMM speaking Firecracker's UFFD
 handshake, not only our runner) connects, sends its registered userfaultfd
 and region list; the agent then resolves that process's faults, and pushes
-the rest of the image, from the source agent serving image NAME.
+the rest of the image, from the source agent serving image NAME, on the
+data plane the agent was given (native unless TLS is configured).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import stat
 import threading
 import time
 
-from migrate import rpc
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
 from migrate.handshake import recv_handshake
+from migrate.planes import DataPlane, PageRoute
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 
@@ -42,8 +43,9 @@ class UffdRestoreListener:
     """Accepts handshakes on `path` and restores each client from `image`."""
 
     def __init__(self, incoming: dict[str, IncomingRun], lock: threading.Lock, path: str, source: str,
-                 image: str) -> None:
+                 image: str, plane: DataPlane) -> None:
         self._incoming = incoming
+        self._plane = plane
         self._lock = lock
         self._path = path
         self._source = source
@@ -77,11 +79,12 @@ class UffdRestoreListener:
             _require_userfaultfd(uffd_fd)
             self._count += 1
             with AgentClient(self._source) as source:
-                prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=self._image))
+                prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=self._image,
+                                                                                data_plane=self._plane))
                 ref = pb.RunRef(run_id=prep.run_id)
                 source.call("Switchover", ref)
                 run = IncomingRun(prep.run_id, f"{self._image}-restore-{self._count}", spec_from_pb(prep.spec),
-                                  self._source, rpc.endpoint_with_port(self._source, prep.bulk_endpoint))
+                                  PageRoute.offered(self._source, prep, self._plane))
                 run.attach(uffd_fd, [dict(r) for r in regions])
                 run.start_paths()
                 with self._lock:

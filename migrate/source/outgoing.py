@@ -1,15 +1,18 @@
-"""Source side of a migration: the run, its bulk server, the urgent stream.
+"""Source side of a migration: the run, its page server, the urgent stream.
 
-A run begins with PrepareOutgoing (the guest keeps running; a bulk page
-server process starts; for pre-copy, write tracking starts: see
-migrate.source.dirty), answers ScanDirty during pre-copy rounds, switches over (the guest pauses, its execution state
-goes to the destination), serves pages until the destination has them all,
-and ends with CompleteOutgoing (the guest is released here) or
-AbortOutgoing (the guest resumes here as if nothing happened).
+A run begins with PrepareOutgoing (the guest keeps running; its page server
+starts: a DataServer of the native plane, C threads in this agent, or a
+bulk page server process for the gRPC plane; for pre-copy, write tracking
+starts: see migrate.source.dirty), answers ScanDirty during pre-copy
+rounds, switches over (the guest pauses, its execution state goes to the
+destination), serves pages until the destination has them all, and ends
+with CompleteOutgoing (the guest is released here) or AbortOutgoing (the
+guest resumes here as if nothing happened).
 """
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import threading
 import time
@@ -22,41 +25,129 @@ from migrate import spawn
 from migrate.batches import MAX_URGENT_PAGES, BatchEncoder, EncodedBatch
 from migrate.guests import HostedGuest
 from migrate.local import read_first_line
+from migrate.planes import DataPlane
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
+from migrate.source.dataplane import DataServer
 from migrate.source.dirty import DirtyTracker, TrackingUnavailable
 
+log = logging.getLogger("migrate.source")
+
 _BULK_START_TIMEOUT = 20.0
+#: Seconds between two looks at a data server's counters for refused connections.
+_WATCH_REJECTED_EVERY = 0.5
+
+
+class BulkProcess:
+    """The gRPC plane's page server: migrate.source.bulk_server, a process of its own."""
+
+    key = b""  # the gRPC plane authenticates like the control plane (TLS, token)
+
+    def __init__(self, guest: HostedGuest, run_id: str, listen_host: str, port: int, level: int,
+                 compress: str) -> None:
+        self._proc = subprocess.Popen(
+            spawn.module_argv("migrate.source.bulk_server", "--memfd", str(guest.fd),
+                              "--size", str(guest.spec.size), "--page-size", str(guest.spec.page_size),
+                              "--run-id", run_id, "--listen", f"{listen_host}:{port}", "--level", str(level),
+                              "--compress", compress),
+            pass_fds=(guest.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=spawn.child_env())
+        line = read_first_line(self._proc, _BULK_START_TIMEOUT)
+        reply = json.loads(line) if line else {"error": "bulk page server did not start"}
+        self._stats: dict = {}
+        if "port" not in reply:
+            self.close()
+            raise RuntimeError(reply.get("error", "bulk page server failed to start"))
+        self.port = int(reply["port"])
+
+    def stats(self) -> dict:
+        """Its counters (pages, bytes, compressed_batches), known once it stopped."""
+        return self._stats
+
+    def close(self) -> None:
+        """Stop it and keep its last counters (idempotent)."""
+        proc = self._proc
+        if proc.poll() is None:
+            try:
+                out, _ = proc.communicate(input="", timeout=5)
+                lines = [ln for ln in out.splitlines() if ln.strip()]
+                if lines:
+                    self._stats = json.loads(lines[-1])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        elif proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+        if proc.stdout and not proc.stdout.closed:
+            proc.stdout.close()
+
+
+class NativeServer:
+    """The native plane's page server: a DataServer (C threads of this agent) and a
+    watcher that logs a line whenever connections without the run's key were refused."""
+
+    def __init__(self, guest: HostedGuest, run_id: str, listen_host: str, port: int, level: int, compress: str,
+                 key: bytes | None) -> None:
+        self._run_id = run_id
+        self._server = DataServer(guest.fd, guest.spec.size, guest.spec.page_size, listen_host, port, key=key,
+                                  compress=compress, level=level)
+        self.port = self._server.port
+        self.key = self._server.key
+        if not self._server.zstd_available:
+            log.info("run %s: libzstd.so.1 not found, native page data goes uncompressed", run_id)
+        self._stats: dict | None = None
+        self._stop = threading.Event()
+        self._rejected = 0
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"dp-watch-{run_id[:8]}")
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_WATCH_REJECTED_EVERY):
+            self._note_rejected(self._server.counters())
+
+    def _note_rejected(self, counters: dict) -> None:
+        rejected = int(counters.get("rejected", 0))
+        if rejected > self._rejected:
+            log.warning("run %s: refused %d data connection(s) that did not show the run's key (%d in all)",
+                        self._run_id, rejected - self._rejected, rejected)
+            self._rejected = rejected
+
+    def stats(self) -> dict:
+        """Its counters, live until it stops, then the last ones."""
+        return self._stats if self._stats is not None else self._server.counters()
+
+    def close(self) -> None:
+        """Stop serving, keep the last counters (idempotent)."""
+        if self._stats is not None:
+            return
+        self._stop.set()
+        self._watcher.join()
+        self._stats = self._server.counters()
+        self._note_rejected(self._stats)
+        self._server.close()
 
 
 class OutgoingRun:
     """One guest leaving this agent."""
 
     def __init__(self, guest: HostedGuest, listen_host: str, level: int, compress: str = "auto",
-                 track_writes: bool = False, run_id: str = "", bulk_port: int = 0) -> None:
-        """`run_id` and `bulk_port` are given when a restarted agent takes a run back
-        (the destination reconnects to the same run on the same ports)."""
+                 track_writes: bool = False, run_id: str = "", plane: DataPlane = DataPlane.GRPC, port: int = 0,
+                 key: bytes | None = None) -> None:
+        """`run_id`, `port` (and `key` on the native plane) are given when a restarted agent
+        takes a run back (the destination reconnects to the same run, port and key)."""
         self.run_id = run_id or uuid.uuid4().hex
         self.guest = guest
+        self.plane = plane
         self.switched = False
         self.state_json = b""
         self.urgent_requests = 0
         self.urgent_pages = 0
         self.urgent_bytes = 0
         self._lock = threading.Lock()
-        self._bulk = subprocess.Popen(
-            spawn.module_argv("migrate.source.bulk_server", "--memfd", str(guest.fd),
-                              "--size", str(guest.spec.size), "--page-size", str(guest.spec.page_size),
-                              "--run-id", self.run_id, "--listen", f"{listen_host}:{bulk_port}", "--level", str(level),
-                              "--compress", compress),
-            pass_fds=(guest.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=spawn.child_env())
-        line = read_first_line(self._bulk, _BULK_START_TIMEOUT)
-        reply = json.loads(line) if line else {"error": "bulk page server did not start"}
-        if "port" not in reply:
-            self._stop_bulk()
-            raise RuntimeError(reply.get("error", "bulk page server failed to start"))
-        self.bulk_port = int(reply["port"])
-        self.bulk_stats: dict = {}
+        if plane is DataPlane.NATIVE:
+            self.pages: BulkProcess | NativeServer = NativeServer(guest, self.run_id, listen_host, port, level,
+                                                                  compress, key)
+        else:
+            self.pages = BulkProcess(guest, self.run_id, listen_host, port, level, compress)
         self.tracker: DirtyTracker | None = None
         self.tracking_error = ""
         if track_writes:
@@ -129,7 +220,7 @@ class OutgoingRun:
 
     def abort(self) -> None:
         """Give the guest back to this host, running as before."""
-        self._stop_bulk()
+        self.pages.close()
         self._stop_tracking()
         if self.guest.process is not None and self.switched:
             self.guest.process.resume()
@@ -137,28 +228,14 @@ class OutgoingRun:
         self.guest.run_id = ""
 
     def complete(self) -> pb.SourceStats:
-        self._stop_bulk()
+        self.pages.close()
         self._stop_tracking()
-        return pb.SourceStats(urgent_requests=self.urgent_requests, urgent_pages=self.urgent_pages,
-                              urgent_bytes=self.urgent_bytes, bulk_pages=self.bulk_stats.get("pages", 0),
-                              bulk_bytes=self.bulk_stats.get("bytes", 0),
-                              bulk_compressed_batches=self.bulk_stats.get("compressed_batches", 0))
-
-    def _stop_bulk(self) -> None:
-        proc = self._bulk
-        if proc.poll() is None:
-            try:
-                out, _ = proc.communicate(input="", timeout=5)
-                lines = [ln for ln in out.splitlines() if ln.strip()]
-                if lines:
-                    self.bulk_stats = json.loads(lines[-1])
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        elif proc.stdin and not proc.stdin.closed:
-            proc.stdin.close()
-        if proc.stdout and not proc.stdout.closed:
-            proc.stdout.close()
+        served = self.pages.stats()
+        return pb.SourceStats(urgent_requests=self.urgent_requests + served.get("fault_requests", 0),
+                              urgent_pages=self.urgent_pages + served.get("fault_pages", 0),
+                              urgent_bytes=self.urgent_bytes, bulk_pages=served.get("pages", 0),
+                              bulk_bytes=served.get("bytes", 0),
+                              bulk_compressed_batches=served.get("compressed_batches", 0))
 
 
 class OutgoingRuns:
