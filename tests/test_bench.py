@@ -92,6 +92,12 @@ def test_core_bench_raw_baseline_runs_between_two_processes(bench_core):
     assert 0 < raw["rtt_p50_us"] <= raw["rtt_p99_us"]
 
 
+def test_core_bench_raw_c_stream_runs_between_two_processes(bench_core):
+    """scripts/bench_core.py's C baseline: a sender and a receiver process move the bytes for real."""
+    raw = bench_core.raw_c_baseline(16)
+    assert raw["stream_mib_s"] > 0 and raw["cpu_ms_per_mib"] > 0
+
+
 def test_core_bench_usage_counts_cpu_of_processes_started_during_the_run(bench_core):
     """Usage counts a worker born after it started from zero, and the root only from its start."""
     usage = bench_core.Usage({"me": os.getpid()})
