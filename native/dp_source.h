@@ -19,7 +19,7 @@ struct mig_dp_source_counters {
     uint64_t requests, pages;    /* bulk connections' requests and pages served */
     uint64_t fault_requests, fault_pages;
     uint64_t zero_pages;         /* pages sent as zero runs */
-    uint64_t bytes;              /* wire bytes of batches sent */
+    uint64_t bytes;              /* wire bytes of batches sent (counted as handed to the socket) */
     uint64_t compressed_batches;
 };
 
