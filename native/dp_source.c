@@ -106,7 +106,7 @@ static int should_compress(const struct mig_dp_source *s, struct squeeze *z, uin
     return raw_len * z->send_s_per_byte > raw_len / z->compress_bps;
 }
 
-/* Compress the batch's data into z->buf; 1 when it is worth sending so. */
+/* Compress the batch's data into z->buf: 1 and the frame's length in *out_len when it is worth sending so. */
 static int squeeze_batch(struct squeeze *z, const struct iovec *data, int n, uint32_t raw_len, uint32_t *out_len)
 {
     const char *err;
@@ -118,8 +118,10 @@ static int squeeze_batch(struct squeeze *z, const struct iovec *data, int n, uin
     if (seconds > 0)
         z->compress_bps = 0.8 * z->compress_bps + 0.2 * raw_len / seconds;
     z->ratio = 0.8 * z->ratio + 0.2 * (double)len / raw_len;
+    if (len >= WORTH_IT * raw_len)
+        return 0;  /* sent raw: *out_len stays raw_len */
     *out_len = (uint32_t)len;
-    return len < WORTH_IT * raw_len;
+    return 1;
 }
 
 /* Start a thread with every signal blocked: signals are the Python main
@@ -197,6 +199,7 @@ static int flush(struct mig_dp_source *s, int fd, struct squeeze *z, struct outq
     ADD(zero_pages, q->zero);
     ADD(bytes, q->bytes);
     ADD(compressed_batches, q->compressed);
+    ADD(sends, 1);
     if (fault)
         ADD(fault_pages, q->pages);
     else
