@@ -390,14 +390,15 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     return INSTALLED;
 }
 
-static void count_install(struct mig_dpd *h, const struct mig_install_stats *st)
+/* Count what installing `batches` batches did (st: their sums). */
+static void count_install(struct mig_dpd *h, const struct mig_install_stats *st, uint64_t batches)
 {
     uint64_t installed = st->copied + st->zeroed;
     add(&h->c.pages, installed);
     add(&h->c.zero, st->zeroed);
     add(&h->c.bytes_pages, installed * h->page_size);
     add(&h->c.duplicates, st->skipped + st->eexist);
-    add(&h->c.batches, 1);
+    add(&h->c.batches, batches);
 }
 
 /* A refused frame: count it; past MAX_REFUSED the path fails. (lock held) */
@@ -713,6 +714,20 @@ static int recover(struct mig_dpd *h, int *cur, const char *why)
     return fd;
 }
 
+/* How many bytes the staging buffer must hold before the receiver goes on
+ * with its first `have` bytes: a header, or a small frame whole (so a slot
+ * keeps filling while frames arrive, and is handed to the installers only
+ * when the stream pauses or it is full: one wakeup per slot, not per recv). */
+static uint64_t staged_need(const struct mig_dpd *h, const uint8_t *staged, uint32_t have)
+{
+    if (have < sizeof(struct dp_batch))
+        return sizeof(struct dp_batch);
+    struct dp_batch b;
+    memcpy(&b, staged, sizeof(b));
+    uint64_t flen = frame_len(&b);
+    return framing_ok(&b, h->max_data) && flen <= STAGE_BYTES / 2 ? flen : sizeof(b);
+}
+
 static void *receiver_main(void *arg)
 {
     struct mig_dpd *h = arg;
@@ -735,17 +750,20 @@ static void *receiver_main(void *arg)
             why = NULL;
             lo = hi = 0; /* a partial frame of the lost connection is dropped */
         }
-        if (hi - lo < sizeof(struct dp_batch)) { /* need a header: about to block, let the installers go */
-            pthread_mutex_lock(&h->mu);
-            hand_off(h, &cur);
-            pthread_mutex_unlock(&h->mu);
+        if (hi - lo < staged_need(h, stage + lo, hi - lo)) {
             if (lo) {
                 memmove(stage, stage + lo, hi - lo);
                 hi -= lo;
                 lo = 0;
             }
             uint32_t want = read_size < STAGE_BYTES - hi ? read_size : STAGE_BYTES - hi;
-            ssize_t n = recv(fd, stage + hi, want, 0);
+            ssize_t n = recv(fd, stage + hi, want, MSG_DONTWAIT);
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) { /* about to block: let the installers go */
+                pthread_mutex_lock(&h->mu);
+                hand_off(h, &cur);
+                pthread_mutex_unlock(&h->mu);
+                n = recv(fd, stage + hi, want, 0);
+            }
             if (n <= 0) {
                 if (n < 0 && errno == EINTR)
                     continue;
@@ -770,23 +788,21 @@ static void *receiver_main(void *arg)
             continue;
         }
         uint64_t flen = frame_len(&b), pre = flen - b.data_len, have = hi - lo;
-        pthread_mutex_lock(&h->mu);
-        if (have < flen)
-            hand_off(h, &cur); /* this frame needs a blocking read: let the others go first */
+        /* The slot being filled is the receiver's alone: the lock only to hand it off or take another. */
         struct slot *s = cur >= 0 ? &h->slots[cur] : NULL;
         uint64_t off = s ? ((s->len + pre + FRAME_ALIGN - 1) / FRAME_ALIGN * FRAME_ALIGN) - pre : 0;
-        if (s && (off + flen > h->slot_bytes || s->nframes == h->slot_bytes / 4096)) {
-            hand_off(h, &cur);
-            s = NULL;
-        }
-        if (!s) {
-            cur = take_slot(h);
-            s = cur >= 0 ? &h->slots[cur] : NULL;
+        int full = s && (off + flen > h->slot_bytes || s->nframes == h->slot_bytes / 4096);
+        if (!s || full || have < flen) {
+            pthread_mutex_lock(&h->mu);
+            hand_off(h, &cur); /* full, or this frame needs a blocking read: let the others go first */
+            if (cur < 0)       /* (an empty slot is kept) */
+                cur = take_slot(h);
+            pthread_mutex_unlock(&h->mu);
+            if (cur < 0)
+                break;
+            s = &h->slots[cur];
             off = FRAME_ALIGN - pre % FRAME_ALIGN;
         }
-        pthread_mutex_unlock(&h->mu);
-        if (!s)
-            break;
         uint64_t copy = have < flen ? have : flen;
         memcpy(s->buf + off, stage + lo, copy);
         lo += (uint32_t)copy;
@@ -833,11 +849,37 @@ static int settle(struct mig_dpd *h, struct req *table, uint32_t nslots, const s
     return 0;
 }
 
+/* A frame an installer is done with: its header and verdict, settled with
+ * the rest of its slot under one lock. */
+struct installed {
+    struct dp_batch b;
+    int verdict;
+};
+
+/* Settle a slot's frames with their requests: one lock and one wakeup per
+ * slot, not per frame (a slot holds ~150 one-page frames of a scattered set). (lock held) */
+static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        const struct dp_batch *b = &done[i].b;
+        int refused = done[i].verdict == REFUSED;
+        int known = settle(h, h->reqs, REQ_SLOTS, b, refused) == 0;
+        if (known) {
+            h->inflight_pages -= b->count;
+            if (!h->reqs[b->req_id % REQ_SLOTS].id)
+                h->nreq--;
+        }
+        if (refused && !refuse(h, b) && !known && h->fd >= 0)
+            shutdown(h->fd, SHUT_RDWR); /* cannot tell whose pages these were: start over */
+    }
+}
+
 static void *installer_main(void *arg)
 {
     struct mig_dpd *h = arg;
     lower_priority("dpd-install");
     struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
+    struct installed *done = malloc((h->slot_bytes / 4096 + 1) * sizeof(*done));
     pthread_mutex_lock(&h->mu);
     for (;;) {
         while (!h->qlen && !h->finished)
@@ -850,30 +892,29 @@ static void *installer_main(void *arg)
         h->busy++;
         pthread_mutex_unlock(&h->mu);
         struct slot *s = &h->slots[si];
+        struct mig_install_stats sum = {0};
+        uint32_t n = 0, installed = 0;
         for (uint32_t i = 0; i < s->nframes; i++) {
             struct mig_install_stats st;
             struct dp_batch b = {0};
-            int v = ctx.scratch ? install_frame(h, &ctx, s->buf + s->offs[i], &st, &b) : -ENOMEM;
+            int v = ctx.scratch && done ? install_frame(h, &ctx, s->buf + s->offs[i], &st, &b) : -ENOMEM;
             if (v < 0) {
                 fail(h, "installing pages [%llu, +%u) from the source failed: %s", (unsigned long long)b.first_page,
                      b.count, strerror(-v));
                 break;
             }
-            if (v == INSTALLED)
-                count_install(h, &st);
-            pthread_mutex_lock(&h->mu);
-            int known = settle(h, h->reqs, REQ_SLOTS, &b, v == REFUSED) == 0;
-            if (known) {
-                h->inflight_pages -= b.count;
-                if (!h->reqs[b.req_id % REQ_SLOTS].id)
-                    h->nreq--;
+            done[n++] = (struct installed){.b = b, .verdict = v};
+            if (v == INSTALLED) {
+                sum.copied += st.copied;
+                sum.zeroed += st.zeroed;
+                sum.skipped += st.skipped;
+                sum.eexist += st.eexist;
+                installed++;
             }
-            if (v == REFUSED && !refuse(h, &b) && !known && h->fd >= 0)
-                shutdown(h->fd, SHUT_RDWR); /* cannot tell whose pages these were: start over */
-            pthread_cond_broadcast(&h->cond);
-            pthread_mutex_unlock(&h->mu);
         }
+        count_install(h, &sum, installed);
         pthread_mutex_lock(&h->mu);
+        settle_slot(h, done, n);
         h->busy--;
         h->free_slots[h->nfree++] = si;
         pthread_cond_broadcast(&h->cond);
@@ -882,6 +923,7 @@ static void *installer_main(void *arg)
     if (ctx.dctx)
         dp_zstd_free_dctx(ctx.dctx);
     free(ctx.scratch);
+    free(done);
     return NULL;
 }
 
@@ -1265,7 +1307,7 @@ static int fault_frames(struct mig_dpd *h, struct installer_ctx *ctx, uint8_t *b
             }
             continue; /* its pages are asked again by settle_waiting */
         }
-        count_install(h, &st);
+        count_install(h, &st, 1);
         settle_waiting(h, st.done_ns, NULL, NULL);
     }
     return 0;

@@ -4,8 +4,10 @@
  * hello, then requests, and answers each with batches built straight from
  * a read-only mapping of the guest's memfd: zero pages become runs, the
  * other pages are checksummed where they are, while the scan has them hot,
- * and sent from the mapping by one sendmsg per batch (no copy but the
- * kernel's), or compressed into a per-connection buffer. */
+ * and sent from the mapping (no copy but the kernel's), or compressed into
+ * a per-connection buffer. Batches are queued and sent many to a sendmsg
+ * (struct outq): a scattered request answered with one-page batches costs
+ * one sendmsg per OUT_BYTES, not one per page. */
 #define _GNU_SOURCE
 #include "dp_source.h"
 
@@ -39,6 +41,13 @@
 #define PROBE_EVERY 32
 #define COMPRESS_BPS_GUESS 400e6
 #define WORTH_IT 0.92
+
+/* The outgoing queue's budget: a sendmsg goes once this many bytes or
+ * batches are queued (or the request is answered). A full 128-page batch
+ * is sent alone, as before; one-page batches go ~60 to a sendmsg. */
+#define OUT_BYTES (256u << 10)
+#define OUT_BATCHES 256
+#define OUT_IOVS 1024  /* IOV_MAX */
 
 #define ADD(field, n) __atomic_fetch_add(&s->counters.field, (n), __ATOMIC_RELAXED)
 
@@ -75,7 +84,8 @@ struct squeeze {
     uint8_t *buf;
     size_t cap;
     int local_peer;
-    double compress_bps, ratio, last_send_s;
+    double compress_bps, ratio;
+    double send_s_per_byte;     /* how long the last sendmsg took, per byte it sent */
     unsigned skipped;
 };
 
@@ -92,11 +102,11 @@ static int should_compress(const struct mig_dp_source *s, struct squeeze *z, uin
             return 0;
         z->skipped = 0;
     }
-    /* The link is the bottleneck when the last send took longer than compressing this would. */
-    return z->last_send_s > raw_len / z->compress_bps;
+    /* The link is the bottleneck when sending this would take longer than compressing it. */
+    return raw_len * z->send_s_per_byte > raw_len / z->compress_bps;
 }
 
-/* Compress the batch's data into z->buf; 1 when it is worth sending so. */
+/* Compress the batch's data into z->buf: 1 and the frame's length in *out_len when it is worth sending so. */
 static int squeeze_batch(struct squeeze *z, const struct iovec *data, int n, uint32_t raw_len, uint32_t *out_len)
 {
     const char *err;
@@ -108,8 +118,10 @@ static int squeeze_batch(struct squeeze *z, const struct iovec *data, int n, uin
     if (seconds > 0)
         z->compress_bps = 0.8 * z->compress_bps + 0.2 * raw_len / seconds;
     z->ratio = 0.8 * z->ratio + 0.2 * (double)len / raw_len;
+    if (len >= WORTH_IT * raw_len)
+        return 0;  /* sent raw: *out_len stays raw_len */
     *out_len = (uint32_t)len;
-    return len < WORTH_IT * raw_len;
+    return 1;
 }
 
 /* Start a thread with every signal blocked: signals are the Python main
@@ -162,16 +174,56 @@ static uint64_t holes_at(const struct mig_dp_source *s, struct holes *h, uint64_
 
 /* ----------------------------------------------------------------- serving */
 
-/* Send pages [first, first + count) (count <= DP_BATCH_PAGES) as one batch.
- * Returns 0 or -errno. */
-static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct holes *holes, uint64_t req_id,
-                      uint64_t first, uint32_t count, int fault)
+/* A batch's header and its zero runs, contiguous: one iovec on the wire. */
+struct frame {
+    struct dp_batch h;
+    uint32_t runs[DP_BATCH_PAGES + 2];  /* pairs; at most one zero run per two pages, plus one */
+};
+
+/* Batches built and not yet sent: their frames, the iovecs that send them
+ * (frames, then data straight from the mapping or from zstd's buffer), and
+ * what the counters get once they are sent. */
+struct outq {
+    struct frame *frames;       /* OUT_BATCHES */
+    struct iovec iov[OUT_IOVS];
+    int nframes, niov;
+    uint64_t bytes, pages, zero, compressed;
+};
+
+/* Send what is queued. Returns 0 or -errno. Counted before it is sent, so
+ * a peer that has received it reads counters that include it. */
+static int flush(struct mig_dp_source *s, int fd, struct squeeze *z, struct outq *q, int fault)
+{
+    if (!q->niov)
+        return 0;
+    ADD(zero_pages, q->zero);
+    ADD(bytes, q->bytes);
+    ADD(compressed_batches, q->compressed);
+    ADD(sends, 1);
+    if (fault)
+        ADD(fault_pages, q->pages);
+    else
+        ADD(pages, q->pages);
+    int64_t t0 = dp_mono_ns();
+    int r = dp_send_iov(fd, q->iov, q->niov);
+    if (z)
+        z->send_s_per_byte = (dp_mono_ns() - t0) / 1e9 / q->bytes;
+    q->nframes = q->niov = 0;
+    q->bytes = q->pages = q->zero = q->compressed = 0;
+    return r;
+}
+
+/* Queue pages [first, first + count) (count <= DP_BATCH_PAGES) as one
+ * batch, sending the queue when it is full. Returns 0 or -errno. */
+static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct holes *holes, struct outq *q,
+                      uint64_t req_id, uint64_t first, uint32_t count, int fault)
 {
     const uint32_t ps = s->page_size;
-    uint32_t runs[DP_BATCH_PAGES + 1];  /* pairs; at most one zero run per two pages, plus one */
-    struct iovec iov[2 + DP_BATCH_PAGES];
-    struct dp_batch h = {.magic = DP_BATCH_MAGIC, .encoding = DP_RAW, .req_id = req_id, .first_page = first,
-                         .count = count};
+    struct frame *f = &q->frames[q->nframes];
+    uint32_t *runs = f->runs;
+    f->h = (struct dp_batch){.magic = DP_BATCH_MAGIC, .encoding = DP_RAW, .req_id = req_id, .first_page = first,
+                             .count = count};
+    struct iovec *data = &q->iov[q->niov + 1];  /* after the frame's own iovec */
     struct dp_digest digest;
     dp_digest_init(&digest);
     int ndata = 0;
@@ -195,36 +247,34 @@ static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct
         }
         n = 1;
         dp_digest_update(&digest, page, ps);  /* while the zero check has it in cache */
-        struct iovec *last = ndata ? &iov[2 + ndata - 1] : NULL;
+        struct iovec *last = ndata ? &data[ndata - 1] : NULL;
         if (last && (const uint8_t *)last->iov_base + last->iov_len == page)
             last->iov_len += ps;
         else
-            iov[2 + ndata++] = (struct iovec){(void *)page, ps};
+            data[ndata++] = (struct iovec){(void *)page, ps};
     }
-    h.nzero_pairs = nruns;
-    h.raw_len = (count - zero) * ps;
-    h.data_len = h.raw_len;
-    h.checksum = dp_digest_final(&digest);
-    if (!fault && should_compress(s, z, h.raw_len) && squeeze_batch(z, &iov[2], ndata, h.raw_len, &h.data_len)) {
-        h.encoding = DP_ZSTD;
-        iov[2] = (struct iovec){z->buf, h.data_len};
+    f->h.nzero_pairs = nruns;
+    f->h.raw_len = (count - zero) * ps;
+    f->h.data_len = f->h.raw_len;
+    f->h.checksum = dp_digest_final(&digest);
+    int squeezed = !fault && should_compress(s, z, f->h.raw_len) &&
+                   squeeze_batch(z, data, ndata, f->h.raw_len, &f->h.data_len);
+    if (squeezed) {
+        f->h.encoding = DP_ZSTD;
+        data[0] = (struct iovec){z->buf, f->h.data_len};
         ndata = 1;
-        ADD(compressed_batches, 1);
+        q->compressed++;
     }
-    iov[0] = (struct iovec){&h, sizeof h};
-    iov[1] = (struct iovec){runs, nruns * 2 * sizeof(uint32_t)};
-    int64_t t0 = dp_mono_ns();
-    int r = dp_send_iov(fd, iov, 2 + ndata);
-    if (z)
-        z->last_send_s = (dp_mono_ns() - t0) / 1e9;
-    if (r)
-        return r;
-    ADD(zero_pages, zero);
-    ADD(bytes, sizeof h + nruns * 2 * sizeof(uint32_t) + h.data_len);
-    if (fault)
-        ADD(fault_pages, count);
-    else
-        ADD(pages, count);
+    size_t head = sizeof f->h + nruns * 2 * sizeof(uint32_t);
+    q->iov[q->niov] = (struct iovec){f, head};
+    q->niov += 1 + ndata;
+    q->nframes++;
+    q->bytes += head + f->h.data_len;
+    q->pages += count;
+    q->zero += zero;
+    /* Full, or the next batch might not fit, or zstd's buffer is about to be reused: send. */
+    if (squeezed || q->bytes >= OUT_BYTES || q->nframes == OUT_BATCHES || q->niov + 1 + DP_BATCH_PAGES > OUT_IOVS)
+        return flush(s, fd, z, q, fault);
     return 0;
 }
 
@@ -262,17 +312,28 @@ static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
     struct dp_request req;
     struct dp_run runs[DP_MAX_RUNS];
     struct holes holes = {0};
+    struct outq *q = malloc(sizeof *q);
+    if (!q || !(q->frames = malloc(OUT_BATCHES * sizeof *q->frames))) {
+        free(q);
+        return;  /* out of memory: the destination sees the connection close and reconnects */
+    }
+    q->nframes = q->niov = 0;
+    q->bytes = q->pages = q->zero = q->compressed = 0;
     while (read_request(s, fd, &req, runs) > 0) {
         ADD(requests, !fault);
         ADD(fault_requests, fault);
-        for (uint32_t i = 0; i < req.nruns; i++) {
-            for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end; p += DP_BATCH_PAGES) {
+        int err = 0;
+        for (uint32_t i = 0; i < req.nruns && !err; i++) {
+            for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end && !err; p += DP_BATCH_PAGES) {
                 uint32_t count = end - p < DP_BATCH_PAGES ? (uint32_t)(end - p) : DP_BATCH_PAGES;
-                if (send_batch(s, fd, z, &holes, req.req_id, p, count, fault))
-                    return;
+                err = send_batch(s, fd, z, &holes, q, req.req_id, p, count, fault);
             }
         }
+        if (err || flush(s, fd, z, q, fault))  /* a request answered: nothing of it waits */
+            break;
     }
+    free(q->frames);
+    free(q);
 }
 
 /* The hello: 1 and the kind, or 0 (counted rejected). */
@@ -317,6 +378,7 @@ static void *conn_main(void *arg)
     struct mig_dp_source *s = c->s;
     uint32_t kind;
     if (hello(s, c->fd, &kind)) {
+        pthread_setname_np(pthread_self(), kind == DP_KIND_FAULT ? "dps-fault" : "dps-bulk");
         if (kind == DP_KIND_FAULT) {
             raise_priority();
             serve(s, c->fd, 1, NULL);

@@ -19,8 +19,9 @@ struct mig_dp_source_counters {
     uint64_t requests, pages;    /* bulk connections' requests and pages served */
     uint64_t fault_requests, fault_pages;
     uint64_t zero_pages;         /* pages sent as zero runs */
-    uint64_t bytes;              /* wire bytes of batches sent */
+    uint64_t bytes;              /* wire bytes of batches sent (counted as handed to the socket) */
     uint64_t compressed_batches;
+    uint64_t sends;              /* sendmsg calls that carried batches (many one-page batches go in one) */
 };
 
 struct mig_dp_source;

@@ -224,6 +224,32 @@ def test_holes_in_the_memfd_are_sent_as_zero_runs_without_being_allocated() -> N
         os.close(fd)
 
 
+@pytest.mark.parametrize("server", ["never", "always"], indirect=True)
+def test_scattered_one_page_runs_come_back_in_order_many_batches_to_a_send(server: DataServer) -> None:
+    """A scattered set (many one-page runs, in no order) is answered one batch per run, queued and sent
+    many to a sendmsg, with every counter exact (a compressed batch is sent at once: its buffer is reused)."""
+    rnd = random.Random(3)
+    requests = {21: rnd.sample(range(NPAGES), 256), 22: rnd.sample(range(NPAGES), 100)}
+    with client(server) as c:
+        c.hello()
+        for req_id, pages in requests.items():
+            c.request([(p, 1) for p in pages], req_id=req_id)
+        got = c.batches(sum(len(pages) for pages in requests.values()))
+    assert [(b["req_id"], b["first"], b["count"]) for b in got] == [
+        (req_id, p, 1) for req_id, pages in requests.items() for p in pages]
+    assert [b["pages"][0] for b in got] == [expected(p, 1)[0] for pages in requests.values() for p in pages]
+    counters = server.counters()
+    compressed = sum(b["encoding"] == 1 for b in got)
+    assert counters["requests"] == 2 and counters["pages"] == len(got)
+    assert counters["zero_pages"] == sum(b["zero"] for b in got)
+    assert counters["bytes"] == sum(b["wire"] for b in got)
+    assert counters["compressed_batches"] == compressed
+    if compressed:
+        assert compressed <= counters["sends"] < len(got)
+    else:
+        assert counters["sends"] <= len(got) // 20  # ~60 one-page batches to a sendmsg
+
+
 @pytest.mark.parametrize("server", ["always"], indirect=True)
 def test_compression_always_sends_valid_zstd_frames(server: DataServer) -> None:
     with client(server) as c:
