@@ -270,6 +270,7 @@ class ControlService(pb_grpc.ControlServicer):
     def _prepare_incoming(self, request: pb.PrepareIncomingRequest, spec: GuestSpec, mode: str,
                           route: planes.PageRoute) -> float:
         run = IncomingRun(request.run_id, request.name, spec, route)
+        run.set_policy(request.policy, request.working_set, request.record_ws)
         if request.recovery_timeout_s > 0:
             run.recovery_timeout = request.recovery_timeout_s
         run.journal = self.journal

@@ -427,11 +427,16 @@ def _finish_report(doc: dict, report_path: str | None, table: Callable[[dict], s
               metavar="MS", help="Switch once the dirty set fits this many ms at the link's measured pace.")
 @_data_plane_option
 @_fault_path_option
+@click.option("--policy", default="", metavar="NAME[:K=V,...]",
+              help="Push and prefetch policy: sequential, bubble, trend, replay:ws=FILE, or module:Class "
+                   "(importable by the destination agent).")
+@click.option("--record-ws", type=click.Path(dir_okay=False, writable=True), default="", metavar="FILE",
+              help="Write the pages the guest faulted on (its working set) to FILE, for --policy replay:ws=FILE.")
 @_credential_options
 def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_push: bool, max_bandwidth: int,
             source_endpoint: str, verify: bool, timeout: float, mode: str, precopy_rounds: int,
             precopy_seconds: float, resume: bool, recovery_timeout: float, max_downtime_ms: float,
-            data_plane: str | None, fault_path: str, credentials: Credentials) -> None:
+            data_plane: str | None, fault_path: str, policy: str, record_ws: str, credentials: Credentials) -> None:
     """Migrate GUEST from one agent to another.
 
     In hybrid mode (the default) pages are copied while the guest still runs
@@ -449,6 +454,8 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
     Examples:
       migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --report vm1.json
       migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --mode precopy --max-downtime 50
+      migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --policy trend
+      migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --policy replay:ws=vm1.ws
     """
     if no_push and mode == "precopy":
         raise click.UsageError("--no-push needs --mode postcopy or hybrid: precopy moves every page by copy")
@@ -457,7 +464,7 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
                                    verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
                                    precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,
                                    recovery_timeout=recovery_timeout, data_plane=data_plane or "",
-                                   fault_path=fault_path)
+                                   fault_path=fault_path, policy=policy, record_ws=record_ws)
     try:
         opts.check(credentials.tls)
     except ValueError as err:

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from migrate import abort, convergence, planes, report
+from migrate import abort, convergence, planes, policies, report
+from migrate.policies import workingset
 from migrate.client import AgentClient
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.planes import DataPlane, PageRoute
@@ -69,6 +70,8 @@ class RunOptions:
     recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT  # seconds the destination reconnects to a lost source
     data_plane: str = ""            # native or grpc; "": native unless TLS is configured (planes.default_plane)
     fault_path: str = "grpc"        # grpc or native (needs the native data plane)
+    policy: str = ""                # push and prefetch policy, NAME[:key=value,...] (migrate.policies); "": none
+    record_ws: str = ""             # write the pages the guest faulted on to this working-set file
 
     def limits(self) -> convergence.Limits:
         return convergence.Limits(rounds=self.precopy_rounds, seconds=self.precopy_seconds,
@@ -89,6 +92,20 @@ class RunOptions:
             raise ValueError("precopy_seconds and max_downtime_ms must be >= 0")
         if self.mode == "precopy" and self.no_push:
             raise ValueError("precopy mode moves every page by copy: --no-push needs postcopy or hybrid")
+        if self.policy:
+            policies.parse(self.policy).build()  # a bad name, parameter or file fails here, before anything moves
+
+    def policy_request(self, spec: pb.GuestSpec) -> tuple[str, bytes]:
+        """(policy spec, working set) for PrepareIncoming: a ws=FILE is read here and travels as ranges."""
+        if not self.policy:
+            return "", b""
+        parsed = policies.parse(self.policy)
+        path = parsed.get("ws")
+        if not path:
+            return str(parsed), b""
+        ws = workingset.load(path)
+        ws.check_fits(spec.size // spec.page_size, spec.page_size)
+        return str(parsed.without("ws")), workingset.pack(ws.ranges)
 
 
 def union(a: bytes, b: bytes) -> bytes:
@@ -168,9 +185,11 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             mode = "postcopy"
         route = PageRoute.offered(opts.source_endpoint or src, prep, plane, planes.FaultPath(opts.fault_path))
         try:
+            policy, working_set = opts.policy_request(prep.spec)
             prepared = dest.call("PrepareIncoming", route.fill(pb.PrepareIncomingRequest(
                 run_id=prep.run_id, name=name, spec=prep.spec, mode=mode,
-                recovery_timeout_s=opts.recovery_timeout)), timeout=120)
+                recovery_timeout_s=opts.recovery_timeout, policy=policy, working_set=working_set,
+                record_ws=bool(opts.record_ws))), timeout=120)
             stale = _precopy(source, dest, run, opts, log) if mode != "postcopy" else b""
             if before_switchover:
                 before_switchover()
@@ -195,6 +214,8 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             raise
         log.switch_discarded = started.discarded
         end = _finish_or_say(source, dest, name, run, prep.spec, opts, on_status, t0, src)
+        if opts.record_ws:
+            _save_working_set(opts.record_ws, prep.spec, end.status, stale)
     doc = report.build(
         name=name, spec=prep.spec, total_s=end.total_s, t_start_ns=t_start_ns, switch=switch,
         prepare_ms=prepared.prepare_ms, resume_ms=started.resume_ms, status=end.status,
@@ -203,6 +224,17 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         downtime_parts=_downtime_parts(switch, started, log), tls=credentials.tls)
     doc.update(timeline=end.timeline.points, switchover_s=end.timeline.switchover_s())
     return doc
+
+
+def _save_working_set(path: str, spec: pb.GuestSpec, status: pb.MigrationStatus, stale: bytes) -> None:
+    """Write the working set: the pages faulted on (first-touch order), then those written at the end
+    of pre-copy and discarded at the switch (hybrid), which the guest was using."""
+    npages = spec.size // spec.page_size
+    ranges = workingset.unpack(status.working_set, npages)
+    faulted = {p for first, count in ranges for p in range(first, first + count)}
+    written = int.from_bytes(stale, "little") if stale else 0
+    extra = [p for p in range(npages) if written >> p & 1 and p not in faulted] if written else []
+    workingset.save(path, npages, spec.page_size, ranges + workingset.ranges_of(extra))
 
 
 def _roll_back(source: AgentClient, dest: AgentClient, run: pb.RunRef, err: BaseException,

@@ -55,10 +55,12 @@
 #define STAGE_BYTES (64u << 10)    /* receiver's staging buffer for headers and small frames */
 #define FRAME_ALIGN 64             /* a frame's data starts 64-byte aligned in its slot */
 #define MAX_REFUSED 100
-#define NEIGHBOURHOOD 16           /* pages a fault path prefetches: the fault's aligned block */
+#define NEIGHBOURHOOD 16           /* pages a fault path prefetches by default: the fault's aligned block */
 #define FAULT_REQS 1024            /* fault path: requests in flight (a power of two) */
 #define MAX_WAITING 4096           /* fault path: faults waiting for their page */
 #define FAULTS_PER_READ 256
+/* fault path: room for the requests of one read's faults (each page alone, then its neighbourhood) */
+#define FAULT_OUT_BYTES (FAULTS_PER_READ * (2 * sizeof(struct dp_request) + (1 + MIG_DPD_MAX_NEIGHBOURHOOD) * sizeof(struct dp_run)))
 #define CONNECT_TIMEOUT_MS 1000    /* also bounds how long a stop waits for a connection attempt */
 #define HELLO_TIMEOUT_MS 1000
 #define FAULT_PATIENCE_NS 500000   /* a fault waits this long for a page the bulk path asked, then asks itself */
@@ -257,6 +259,8 @@ struct mig_dpd {
     uint64_t inflight_pages, next_id;
     uint64_t window_pages, request_pages;
     uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
+    struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
+    uint32_t pq_head, pq_len;
     int round_active, stop_asking;
     uint64_t rate, round_deadline, round_t0, round_bytes0;
     struct slot slots[NSLOTS];
@@ -273,6 +277,10 @@ struct mig_dpd {
     uint32_t nwaiting;
     uint64_t *samples;
     uint64_t nsamples;
+    uint64_t nb;          /* neighbourhood: pages | shape << 16 | (uint32_t)stride << 32, set by a policy */
+    uint64_t *pf;         /* pages this path prefetched, not yet counted as hits */
+    uint64_t *history;    /* the newest faults (MIG_DPD_HISTORY), written at history_head */
+    uint64_t history_head;
 };
 
 __attribute__((format(printf, 2, 3))) static void fail(struct mig_dpd *h, const char *fmt, ...)
@@ -493,8 +501,84 @@ static uint32_t split_runs(struct mig_dpd *h, struct dp_run *runs, uint32_t nrun
     return n;
 }
 
-/* Claim up to max_pages missing, unasked pages from the cursor on (wrapping
- * once) into at most DP_MAX_RUNS runs; returns the number of runs. (lock held) */
+/* Pages of word w neither received nor asked, within mask. */
+static uint64_t unasked(const struct mig_dpd *h, uint64_t w, uint64_t mask)
+{
+    uint64_t avail = mask & ~__atomic_load_n(&h->received[w], __ATOMIC_ACQUIRE) &
+                     ~__atomic_load_n(&h->asked[w], __ATOMIC_ACQUIRE);
+    if (w == (h->npages - 1) / 64 && h->npages % 64)
+        avail &= ~(~0ULL << (h->npages % 64));
+    return avail;
+}
+
+/* Claim what fits a request of max_pages pages and DP_MAX_RUNS runs of
+ * `avail` (pages of word w) and append it to runs. Returns the bits
+ * claimed (0: none: taken by the other path meanwhile), or UINT64_MAX when
+ * the request can take nothing more. */
+static uint64_t claim_word(struct mig_dpd *h, uint64_t w, uint64_t avail, struct dp_run *runs, uint32_t *nruns,
+                           uint64_t *pages, uint64_t max_pages)
+{
+    if (*pages >= max_pages || *nruns >= DP_MAX_RUNS)
+        return UINT64_MAX;
+    uint64_t base = w * 64;
+    uint64_t prev_end = *nruns ? runs[*nruns - 1].first_page + runs[*nruns - 1].count : UINT64_MAX;
+    uint64_t want = take_bits(avail, base, prev_end, max_pages - *pages, DP_MAX_RUNS - *nruns);
+    uint64_t got = want & ~__atomic_fetch_or(&h->asked[w], want, __ATOMIC_ACQ_REL);
+    if (!got)
+        return 0;
+    if (runs_in(got, base, prev_end) > DP_MAX_RUNS - *nruns) { /* the fault path split a run: give it all back */
+        __atomic_fetch_and(&h->asked[w], ~got, __ATOMIC_RELEASE);
+        return UINT64_MAX;
+    }
+    *nruns = append_runs(runs, *nruns, base, got);
+    *pages += (uint64_t)__builtin_popcountll(got);
+    return got;
+}
+
+/* Claim the missing, unasked pages of [first, end) in order; returns the
+ * page where the request filled up (end when the range is done). */
+static uint64_t claim_range(struct mig_dpd *h, uint64_t first, uint64_t end, struct dp_run *runs, uint32_t *nruns,
+                            uint64_t *pages, uint64_t max_pages)
+{
+    for (uint64_t w = first / 64; w * 64 < end; w++) {
+        uint64_t mask = ~0ULL;
+        if (w == first / 64)
+            mask &= ~0ULL << (first % 64);
+        if (end < w * 64 + 64)
+            mask &= ~(~0ULL << (end % 64));
+        uint64_t avail = unasked(h, w, mask);
+        if (!avail)
+            continue;
+        uint64_t got = claim_word(h, w, avail, runs, nruns, pages, max_pages);
+        if (got == UINT64_MAX)
+            return w * 64 > first ? w * 64 : first;
+        if (got && (*pages >= max_pages || *nruns >= DP_MAX_RUNS)) /* full: go on after its last page */
+            return w * 64 + 64 - (uint64_t)__builtin_clzll(got);
+    }
+    return end;
+}
+
+/* Take ranges from the plan queue, in order, until the request is full. (lock held) */
+static void take_planned(struct mig_dpd *h, struct dp_run *runs, uint32_t *nruns, uint64_t *pages, uint64_t max_pages)
+{
+    while (h->pq_len && *pages < max_pages && *nruns < DP_MAX_RUNS) {
+        struct dp_run *r = &h->planq[h->pq_head];
+        uint64_t end = r->first_page + r->count, before = *pages;
+        uint64_t stop = claim_range(h, r->first_page, end, runs, nruns, pages, max_pages);
+        add(&h->c.planned, *pages - before);
+        if (stop < end) {
+            r->count = (uint32_t)(end - stop);
+            r->first_page = stop;
+            return;
+        }
+        h->pq_head = (h->pq_head + 1) % MIG_DPD_PLAN_RUNS;
+        h->pq_len--;
+    }
+}
+
+/* Claim up to max_pages missing, unasked pages into at most DP_MAX_RUNS
+ * runs: the plan queue's first, else from the cursor on (wrapping once);
+ * returns the number of runs. (lock held) */
 static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages, uint64_t *npages_out)
 {
     uint64_t jump = __atomic_exchange_n(&h->jump_to, UINT64_MAX, __ATOMIC_RELAXED);
@@ -502,34 +586,25 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
         h->cursor = jump;
     uint64_t nwords = (h->npages + 63) / 64, pages = 0;
     uint32_t nruns = 0;
+    take_planned(h, runs, &nruns, &pages, max_pages);
     uint64_t start = h->cursor / 64;
-    for (uint64_t i = 0; i <= nwords && pages < max_pages && nruns < DP_MAX_RUNS; i++) {
-        uint64_t w = (start + i) % nwords;
-        uint64_t avail = ~__atomic_load_n(&h->received[w], __ATOMIC_ACQUIRE) &
-                         ~__atomic_load_n(&h->asked[w], __ATOMIC_ACQUIRE);
-        if (i == 0)
-            avail &= ~0ULL << (h->cursor % 64);
-        else if (i == nwords)
-            avail &= (h->cursor % 64) ? ~(~0ULL << (h->cursor % 64)) : 0;
-        if (w == nwords - 1 && h->npages % 64)
-            avail &= ~(~0ULL << (h->npages % 64));
-        if (!avail)
-            continue;
-        uint64_t base = w * 64;
-        uint64_t prev_end = nruns ? runs[nruns - 1].first_page + runs[nruns - 1].count : UINT64_MAX;
-        uint64_t want = take_bits(avail, base, prev_end, max_pages - pages, DP_MAX_RUNS - nruns);
-        uint64_t got = want & ~__atomic_fetch_or(&h->asked[w], want, __ATOMIC_ACQ_REL);
-        if (!got)
-            continue;
-        if (runs_in(got, base, prev_end) > DP_MAX_RUNS - nruns) { /* the fault path split a run: give it all back */
-            __atomic_fetch_and(&h->asked[w], ~got, __ATOMIC_RELEASE);
-            break;
+    if (!nruns) { /* the cursor, when the queue gave nothing */
+        for (uint64_t i = 0; i <= nwords; i++) {
+            uint64_t w = (start + i) % nwords, mask = ~0ULL;
+            if (i == 0)
+                mask = ~0ULL << (h->cursor % 64);
+            else if (i == nwords)
+                mask = (h->cursor % 64) ? ~(~0ULL << (h->cursor % 64)) : 0;
+            uint64_t avail = unasked(h, w, mask);
+            uint64_t got = avail ? claim_word(h, w, avail, runs, &nruns, &pages, max_pages) : 0;
+            if (got == UINT64_MAX)
+                break;
+            if (!got)
+                continue;
+            h->cursor = w * 64 + 64 - (uint64_t)__builtin_clzll(got);
+            if (h->cursor >= h->npages)
+                h->cursor = 0;
         }
-        nruns = append_runs(runs, nruns, base, got);
-        pages += (uint64_t)__builtin_popcountll(got);
-        h->cursor = base + 64 - (uint64_t)__builtin_clzll(got);
-        if (h->cursor >= h->npages)
-            h->cursor = 0;
     }
     nruns = split_runs(h, runs, nruns, &pages);
     *npages_out = pages;
@@ -1181,20 +1256,95 @@ static size_t fault_request(struct mig_dpd *h, uint8_t *out, const struct dp_run
     return sizeof(rq) + nruns * sizeof(*runs);
 }
 
-/* Claim the missing, unasked pages of page's aligned neighbourhood as runs. */
-static uint32_t claim_block(struct mig_dpd *h, uint64_t page, struct dp_run *runs, uint32_t *pages)
+/* The neighbourhood setting: pages, shape and stride. */
+static void neighbourhood(const struct mig_dpd *h, uint32_t *pages, uint32_t *shape, int64_t *stride)
 {
-    uint64_t first = page - page % NEIGHBOURHOOD, w = first / 64;
-    unsigned shift = (unsigned)(first % 64);
-    uint64_t mask = (NEIGHBOURHOOD >= 64 ? ~0ULL : ((1ULL << NEIGHBOURHOOD) - 1)) << shift;
-    if (first + NEIGHBOURHOOD > h->npages)
-        mask &= ~(~0ULL << (h->npages % 64));
-    uint64_t want = mask & ~__atomic_load_n(&h->received[w], __ATOMIC_ACQUIRE);
-    uint64_t got = want & ~__atomic_fetch_or(&h->asked[w], want, __ATOMIC_ACQ_REL);
-    uint64_t n = (uint64_t)__builtin_popcountll(got);
-    uint32_t nruns = split_runs(h, runs, append_runs(runs, 0, w * 64, got), &n);
-    *pages = (uint32_t)n;
+    uint64_t nb = __atomic_load_n(&h->nb, __ATOMIC_RELAXED);
+    *pages = (uint32_t)(nb & 0xffff);
+    *shape = (uint32_t)((nb >> 16) & 0xff);
+    *stride = (int32_t)(uint32_t)(nb >> 32);
+    if (*shape == MIG_NB_ALIGNED || *stride == 0)
+        *stride = 1;
+}
+
+/* The k-th page of page's neighbourhood (k from 0), or UINT64_MAX when it
+ * falls outside the guest or is the page itself. */
+static uint64_t neighbour(const struct mig_dpd *h, uint64_t page, uint32_t pages, uint32_t shape, int64_t stride,
+                          uint32_t k)
+{
+    int64_t q;
+    switch (shape) {
+    case MIG_NB_FORWARD:
+        q = (int64_t)page + (int64_t)(k + 1) * stride;
+        break;
+    case MIG_NB_BACKWARD:
+        q = (int64_t)page - (int64_t)(k + 1) * stride;
+        break;
+    case MIG_NB_AROUND:
+        q = (int64_t)page + (k % 2 ? -1 : 1) * (int64_t)(k / 2 + 1) * stride;
+        break;
+    default:
+        q = (int64_t)(page - page % pages + k);
+        break;
+    }
+    return q < 0 || (uint64_t)q >= h->npages || (uint64_t)q == page ? UINT64_MAX : (uint64_t)q;
+}
+
+/* Claim the missing, unasked pages of page's neighbourhood (the policy's
+ * shape, see mig_dpd_set_neighbourhood) as runs, and mark them prefetched. */
+static uint32_t claim_neighbourhood(struct mig_dpd *h, uint64_t page, struct dp_run *runs, uint32_t *npages)
+{
+    uint32_t want, shape;
+    int64_t stride;
+    neighbourhood(h, &want, &shape, &stride);
+    uint32_t nruns = 0;
+    uint64_t got = 0;
+    for (uint32_t k = 0; k < want; k++) {
+        uint64_t q = neighbour(h, page, want, shape, stride, k), bit = 1ULL << (q % 64);
+        if (q == UINT64_MAX || mig_bitmap_test(h->received, q) ||
+            (__atomic_fetch_or(&h->asked[q / 64], bit, __ATOMIC_ACQ_REL) & bit))
+            continue;
+        mig_bitmap_set(h->pf, q, 1);
+        got++;
+        struct dp_run *last = nruns ? &runs[nruns - 1] : NULL;
+        if (last && last->first_page + last->count == q)
+            last->count++;
+        else if (last && q + 1 == last->first_page)
+            last->first_page = q, last->count++;
+        else
+            runs[nruns++] = (struct dp_run){.first_page = q, .count = 1};
+    }
+    add(&h->c.prefetched, got);
+    nruns = split_runs(h, runs, nruns, &got);
+    *npages = (uint32_t)got;
     return nruns;
+}
+
+/* A fault on page: count the prefetched pages it shows were used (the page
+ * itself, on its way; the prefetched pages right before and after it,
+ * stride apart, which the guest went through without faulting). */
+static void count_hits(struct mig_dpd *h, uint64_t page)
+{
+    uint32_t want, shape;
+    int64_t stride;
+    neighbourhood(h, &want, &shape, &stride);
+    if (stride < 0)
+        stride = -stride;
+    uint64_t hits = 0;
+    if (mig_bitmap_test(h->pf, page)) {
+        mig_bitmap_clear(h->pf, page, 1);
+        hits++;
+    }
+    for (int dir = -1; dir <= 1; dir += 2) {
+        for (int64_t k = 1, q; k <= MIG_DPD_MAX_NEIGHBOURHOOD; k++) {
+            q = (int64_t)page + dir * k * stride;
+            if (q < 0 || (uint64_t)q >= h->npages || !mig_bitmap_test(h->pf, (uint64_t)q))
+                break;
+            mig_bitmap_clear(h->pf, (uint64_t)q, 1);
+            hits++;
+        }
+    }
+    add(&h->c.prefetch_hits, hits);
 }
 
 /* Requests for new faults: each page alone, then its neighbourhood. */
@@ -1205,12 +1355,15 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
     for (int i = 0; i < n; i++) {
         uint64_t p = pages[i];
         add(&h->c.faults, 1);
+        __atomic_store_n(&h->history[h->history_head % MIG_DPD_HISTORY], p, __ATOMIC_RELAXED);
+        __atomic_store_n(&h->history_head, h->history_head + 1, __ATOMIC_RELEASE);
+        count_hits(h, p);
         struct waiting *w = h->nwaiting < MAX_WAITING ? &h->waiting[h->nwaiting++] : NULL;
         if (w)
             *w = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
         if (h->bulk)
             mig_dpd_jump(h->bulk, p);
-        if (len + 2 * (sizeof(struct dp_request) + NEIGHBOURHOOD * sizeof(struct dp_run)) > room)
+        if (len + 2 * sizeof(struct dp_request) + (1 + MIG_DPD_MAX_NEIGHBOURHOOD) * sizeof(struct dp_run) > room)
             continue; /* asked on the next turn (settle_waiting) */
         uint64_t bit = 1ULL << (p % 64);
         if (!(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit)) {
@@ -1219,9 +1372,9 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
             if (w)
                 w->asked = 1;
         }
-        struct dp_run runs[NEIGHBOURHOOD];
+        struct dp_run runs[MIG_DPD_MAX_NEIGHBOURHOOD];
         uint32_t npages;
-        uint32_t nruns = claim_block(h, p, runs, &npages);
+        uint32_t nruns = claim_neighbourhood(h, p, runs, &npages);
         if (nruns)
             len += fault_request(h, out + len, runs, nruns, npages);
     }
@@ -1319,7 +1472,7 @@ static void *faulter_main(void *arg)
     raise_priority();
     uint32_t cap = 2 * (h->max_data + 4096);
     uint8_t *buf = malloc(cap);
-    uint8_t *out = malloc(64 << 10);
+    uint8_t *out = malloc(FAULT_OUT_BYTES);
     struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     uint64_t pages[FAULTS_PER_READ], t_ns[FAULTS_PER_READ];
     uint32_t waiters[FAULTS_PER_READ];
@@ -1382,13 +1535,13 @@ static void *faulter_main(void *arg)
             }
             put(&h->c.woken, fst.woken);
             if (k > 0)
-                len = on_faults(h, pages, waiters, t_ns, k, out, 64 << 10);
+                len = on_faults(h, pages, waiters, t_ns, k, out, FAULT_OUT_BYTES);
         }
         if (h->nwaiting) {
             struct dp_run again[DP_MAX_RUNS];
             uint32_t nagain = 0;
             settle_waiting(h, 0, again, &nagain);
-            for (uint32_t i = 0; i < nagain && len + 64 <= (64 << 10); i++)
+            for (uint32_t i = 0; i < nagain && len + 64 <= FAULT_OUT_BYTES; i++)
                 len += fault_request(h, out + len, &again[i], 1, 1);
         }
         if (len) {
@@ -1421,12 +1574,15 @@ struct mig_dpd *mig_dpd_fault_new(const char *host, int port, const uint8_t *key
     if (!h)
         return NULL;
     h->bulk = bulk;
-    h->frun_store = calloc(FAULT_REQS * NEIGHBOURHOOD, sizeof(struct dp_run));
+    h->frun_store = calloc(FAULT_REQS * MIG_DPD_MAX_NEIGHBOURHOOD, sizeof(struct dp_run));
     h->waiting = calloc(MAX_WAITING, sizeof(*h->waiting));
     h->samples = calloc(MIG_DPD_SAMPLES, sizeof(uint64_t));
-    int r = h->frun_store && h->waiting && h->samples ? 0 : ENOMEM;
+    h->pf = calloc((npages + 63) / 64, sizeof(uint64_t));
+    h->history = calloc(MIG_DPD_HISTORY, sizeof(uint64_t));
+    mig_dpd_set_neighbourhood(h, NEIGHBOURHOOD, MIG_NB_ALIGNED, 1);
+    int r = h->frun_store && h->waiting && h->samples && h->pf && h->history ? 0 : ENOMEM;
     for (int i = 0; i < FAULT_REQS && !r; i++)
-        h->freqs[i].runs = h->frun_store + (size_t)i * NEIGHBOURHOOD;
+        h->freqs[i].runs = h->frun_store + (size_t)i * MIG_DPD_MAX_NEIGHBOURHOOD;
     if (!r)
         r = pthread_create(&h->faulter, NULL, faulter_main, h);
     if (r) {
@@ -1502,8 +1658,87 @@ void mig_dpd_free(struct mig_dpd *h)
     free(h->frun_store);
     free(h->waiting);
     free(h->samples);
+    free(h->pf);
+    free(h->history);
+    free(h->planq);
     free(h->regions);
     pthread_cond_destroy(&h->cond);
     pthread_mutex_destroy(&h->mu);
     free(h);
+}
+
+/* ---- policy hooks ---- */
+
+uint32_t mig_dpd_plan(struct mig_dpd *h, const uint64_t *ranges, uint32_t n)
+{
+    pthread_mutex_lock(&h->mu);
+    if (!h->planq)
+        h->planq = calloc(MIG_DPD_PLAN_RUNS, sizeof(*h->planq));
+    uint32_t taken = 0;
+    for (; h->planq && taken < n && h->pq_len < MIG_DPD_PLAN_RUNS; taken++) {
+        uint64_t first = ranges[2 * taken], count = ranges[2 * taken + 1];
+        if (first >= h->npages || !count)
+            continue;
+        if (count > h->npages - first)
+            count = h->npages - first;
+        if (count > UINT32_MAX)
+            count = UINT32_MAX;
+        h->planq[(h->pq_head + h->pq_len++) % MIG_DPD_PLAN_RUNS] =
+            (struct dp_run){.first_page = first, .count = (uint32_t)count};
+    }
+    pthread_cond_broadcast(&h->cond);
+    pthread_mutex_unlock(&h->mu);
+    return taken;
+}
+
+uint32_t mig_dpd_plan_len(struct mig_dpd *h)
+{
+    pthread_mutex_lock(&h->mu);
+    uint32_t n = h->pq_len;
+    pthread_mutex_unlock(&h->mu);
+    return n;
+}
+
+void mig_dpd_plan_clear(struct mig_dpd *h)
+{
+    pthread_mutex_lock(&h->mu);
+    h->pq_len = 0;
+    pthread_mutex_unlock(&h->mu);
+}
+
+void mig_dpd_set_neighbourhood(struct mig_dpd *h, uint32_t pages, uint32_t shape, int32_t stride)
+{
+    if (pages > MIG_DPD_MAX_NEIGHBOURHOOD)
+        pages = MIG_DPD_MAX_NEIGHBOURHOOD;
+    if (shape > MIG_NB_AROUND)
+        shape = MIG_NB_ALIGNED;
+    uint64_t nb = (uint64_t)pages | (uint64_t)shape << 16 | (uint64_t)(uint32_t)stride << 32;
+    __atomic_store_n(&h->nb, nb, __ATOMIC_RELAXED);
+}
+
+uint64_t mig_dpd_history(struct mig_dpd *h, uint64_t *pos, uint64_t *out, uint64_t max, uint64_t *lost)
+{
+    *lost = 0;
+    if (!h->history)
+        return 0;
+    uint64_t head = __atomic_load_n(&h->history_head, __ATOMIC_ACQUIRE);
+    if (head - *pos > MIG_DPD_HISTORY) {
+        *lost = head - MIG_DPD_HISTORY - *pos;
+        *pos = head - MIG_DPD_HISTORY;
+    }
+    uint64_t n = head - *pos < max ? head - *pos : max;
+    for (uint64_t i = 0; i < n; i++)
+        out[i] = __atomic_load_n(&h->history[(*pos + i) % MIG_DPD_HISTORY], __ATOMIC_RELAXED);
+    /* entries the writer overwrote while they were copied are dropped */
+    uint64_t now = __atomic_load_n(&h->history_head, __ATOMIC_ACQUIRE), skip = 0;
+    if (now > MIG_DPD_HISTORY && now - MIG_DPD_HISTORY > *pos)
+        skip = now - MIG_DPD_HISTORY - *pos;
+    if (skip > n)
+        skip = n;
+    if (skip) {
+        memmove(out, out + skip, (n - skip) * sizeof(*out));
+        *lost += skip;
+    }
+    *pos += n;
+    return n - skip;
 }

@@ -35,6 +35,10 @@ struct mig_dpd_counters {
     uint64_t lat_sum_ns;
     uint64_t lat_max_ns;
     uint64_t hist[32];    /* fault latency, log2 µs buckets (bucket 0 also holds < 1 µs) */
+    /* policy hooks (below) */
+    uint64_t planned;       /* bulk: pages asked because the plan queue named them */
+    uint64_t prefetched;    /* fault path: neighbour pages asked with a fault */
+    uint64_t prefetch_hits; /* fault path: prefetched pages the guest went on to use (see mig_dpd_set_neighbourhood) */
 };
 
 /* Latency samples a fault path keeps (the newest). */
@@ -94,5 +98,45 @@ void mig_dpd_stop(struct mig_dpd *h);
 
 /* mig_dpd_stop, then free the handle. */
 void mig_dpd_free(struct mig_dpd *h);
+
+/* ---- policy hooks (docs/architecture.md "Push and prefetch policies") ----
+ * A policy runs in Python on its own thread, never on the fault path: it
+ * reads the fault history in batches, queues page ranges for the bulk path
+ * and sets the shape of the neighbourhood the fault path fetches itself. */
+
+#define MIG_DPD_PLAN_RUNS 4096        /* ranges the plan queue holds */
+#define MIG_DPD_HISTORY 65536         /* faults the history ring holds (the newest) */
+#define MIG_DPD_MAX_NEIGHBOURHOOD 128 /* most pages fetched with one fault */
+
+/* Neighbourhood shapes: the fault's aligned block of `pages`; `pages` pages
+ * after it (page + stride, + 2 stride, ...); before it; both sides, nearest
+ * first. */
+enum { MIG_NB_ALIGNED = 0, MIG_NB_FORWARD = 1, MIG_NB_BACKWARD = 2, MIG_NB_AROUND = 3 };
+
+/* Bulk path: queue n ranges (pairs first_page, count) to ask next, in that
+ * order, before the cursor's; pages received or asked meanwhile are skipped.
+ * Returns the ranges taken (fewer once the queue is full). */
+uint32_t mig_dpd_plan(struct mig_dpd *h, const uint64_t *ranges, uint32_t n);
+
+/* Bulk path: ranges still queued. */
+uint32_t mig_dpd_plan_len(struct mig_dpd *h);
+
+/* Bulk path: drop every range queued (the cursor takes over). */
+void mig_dpd_plan_clear(struct mig_dpd *h);
+
+/* Fault path: fetch `pages` (0..MIG_DPD_MAX_NEIGHBOURHOOD, clipped) with
+ * each fault, in `shape`, every `stride`-th page (1: contiguous; ignored by
+ * MIG_NB_ALIGNED). Applies from the next fault on. A prefetched page counts
+ * as a hit when the guest later faults on it while it is on its way, or
+ * faults on a page right past it (stride apart, either side: the guest went
+ * through it without faulting); a prefetched page the guest touches and
+ * then leaves for somewhere else is not seen, so hits are a lower bound. */
+void mig_dpd_set_neighbourhood(struct mig_dpd *h, uint32_t pages, uint32_t shape, int32_t stride);
+
+/* Fault path: the pages faulted on (missing ones, in the order read) from
+ * position *pos on, at most max into out; *pos advances past them, and
+ * *lost gets how many were overwritten before this read (a reader behind by
+ * more than MIG_DPD_HISTORY). Returns how many were copied. */
+uint64_t mig_dpd_history(struct mig_dpd *h, uint64_t *pos, uint64_t *out, uint64_t max, uint64_t *lost);
 
 #endif

@@ -9,10 +9,11 @@ first. Its threads run in the agent at low CPU priority (see BulkLoop).
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -37,10 +38,13 @@ WINDOW_REQUESTS = 32
 INSTALLERS = 2
 #: Longest single sleep of the pacer: a raised rate takes effect within this long.
 _PACE_SLEEP = 0.1
+#: Ranges the plan queue holds (a policy's, see migrate.policies; MIG_DPD_PLAN_RUNS on the native plane).
+PLAN_RUNS = 4096
 
 
 class Planner:
-    """Chooses the next run of pages to ask for: missing and not yet asked.
+    """Chooses the next run of pages to ask for: missing and not yet asked, from
+    the plan queue a policy fills first, else from the cursor.
 
     `asked` (pages asked for by any path) may be shared with the urgent path,
     which then leaves out of its prefetch what the bulk asked and marks what
@@ -53,6 +57,9 @@ class Planner:
         self._asked = SharedBitmap.create(received.nbits) if asked is None else asked
         self._cursor = 0
         self._jump: int | None = None
+        self._queue: collections.deque[tuple[int, int]] = collections.deque()
+        self._queue_lock = threading.Lock()
+        self.planned = 0  # pages asked because the plan queue named them
 
     def jump(self, page: int) -> None:
         """Go on from `page` next (the urgent path calls this where the guest faults).
@@ -67,26 +74,65 @@ class Planner:
         if page is not None:
             self._cursor = min(page, self._received.nbits)
 
+    def plan(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Queue ranges to ask next, in order, before the cursor's; returns how many the bounded queue took."""
+        with self._queue_lock:
+            taken = list(ranges[:PLAN_RUNS - len(self._queue)])
+            self._queue.extend(taken)
+        return len(taken)
+
+    def plan_len(self) -> int:
+        return len(self._queue)
+
+    def plan_clear(self) -> None:
+        with self._queue_lock:
+            self._queue.clear()
+
+    def _claim(self, page: int, stop: int, max_pages: int) -> tuple[int, int] | None:
+        """The first run of missing, unasked pages in [page, stop), at most max_pages, marked asked."""
+        while page < stop:
+            page = self._received.next_clear(page)
+            if page >= stop:
+                break
+            if self._asked.test(page):
+                page = self._asked.next_clear(page)
+                continue
+            end = min(page + max_pages, stop, self._received.next_set(page), self._asked.next_set(page))
+            if end <= page:  # installed by the urgent path between the two looks
+                page += 1
+                continue
+            self._asked.set_range(page, end - page)
+            return page, end - page
+        return None
+
+    def _planned(self, max_pages: int) -> tuple[int, int] | None:
+        """The next run the plan queue names, or None once it is empty."""
+        with self._queue_lock:
+            while self._queue:
+                first, count = self._queue[0]
+                stop = min(first + count, self._received.nbits)
+                got = self._claim(first, stop, max_pages)
+                if got is None:
+                    self._queue.popleft()
+                    continue
+                end = got[0] + got[1]
+                if end < stop:
+                    self._queue[0] = (end, stop - end)
+                else:
+                    self._queue.popleft()
+                self.planned += got[1]
+                return got
+        return None
+
     def next_range(self, max_pages: int = MAX_REQUEST_PAGES) -> tuple[int, int] | None:
         """(first, count <= max_pages) of missing, unasked pages, or None when there are none."""
         self._take_jump()
-        n = self._received.nbits
+        if (got := self._planned(max_pages)) is not None:
+            return got
         for start in (self._cursor, 0):
-            page = start
-            while page < n:
-                page = self._received.next_clear(page)
-                if page >= n:
-                    break
-                if self._asked.test(page):
-                    page = self._asked.next_clear(page)
-                    continue
-                end = min(page + max_pages, self._received.next_set(page), self._asked.next_set(page))
-                if end <= page:  # installed by the urgent path between the two looks
-                    page += 1
-                    continue
-                self._asked.set_range(page, end - page)
-                self._cursor = end
-                return page, end - page
+            if (got := self._claim(start, self._received.nbits, max_pages)) is not None:
+                self._cursor = got[0] + got[1]
+                return got
         return None
 
     def forget(self, first: int, count: int) -> None:
@@ -340,6 +386,15 @@ class BulkLoop:
         self._error: str | None = None
         self._summary: dict | None = None
 
+    def plan(self, ranges: Sequence[tuple[int, int]]) -> int:
+        return self.planner.plan(ranges)
+
+    def plan_len(self) -> int:
+        return self.planner.plan_len()
+
+    def plan_clear(self) -> None:
+        self.planner.plan_clear()
+
     def set_bandwidth(self, max_bandwidth: int) -> None:
         """Pace the pull at `max_bandwidth` bytes/s from now on (0: unlimited); before start() start's rate wins."""
         if self._puller is not None:
@@ -372,6 +427,7 @@ class BulkLoop:
         if self._summary is not None:
             return self._summary
         out = self._puller.snapshot() if self._puller else {}
+        out["planned"] = self.planner.planned
         if self._error:
             out["error"] = self._error
         return out

@@ -18,6 +18,7 @@ from migrate.bitmap import SharedBitmap
 from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import RoundStats
+from migrate.policies.base import SHAPES, Neighbourhood
 
 _ERR_LEN = 512
 #: Counters every path reports (names as the gRPC paths' `last`).
@@ -144,8 +145,20 @@ class NativeBulk(_Path):
         """The C path, for a native fault path to move its cursor."""
         return self._path.h
 
+    def plan(self, ranges: list[tuple[int, int]]) -> int:
+        """Queue ranges to ask next, before the cursor's; returns how many the bounded queue took."""
+        flat = ffi.new("uint64_t[]", [v for r in ranges[:lib.MIG_DPD_PLAN_RUNS] for v in r])
+        return int(lib.mig_dpd_plan(self._path.h, flat, min(len(ranges), lib.MIG_DPD_PLAN_RUNS)))
+
+    def plan_len(self) -> int:
+        return int(lib.mig_dpd_plan_len(self._path.h))
+
+    def plan_clear(self) -> None:
+        lib.mig_dpd_plan_clear(self._path.h)
+
     def _snapshot(self) -> dict:
-        return {"kind": "bulk", **self._path.counters(), "done": bool(self._path._counters.done)}
+        c = self._path._counters
+        return {"kind": "bulk", **self._path.counters(), "planned": int(c.planned), "done": bool(c.done)}
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop asking; whole batches received are installed. Returns promptly (the C
@@ -231,10 +244,28 @@ class NativeFaultLoop(_Path):
                 obj.close()
             raise
         self._path = _Handle(handle, owned)
+        self._history_pos = ffi.new("uint64_t *")
+        self._history_buf = ffi.new("uint64_t[]", lib.MIG_DPD_HISTORY)
+
+    def new_faults(self) -> list[int]:
+        """The pages faulted on since the last call, in order (a reader that fell behind loses the oldest)."""
+        lost = ffi.new("uint64_t *")
+        n = lib.mig_dpd_history(self._path.h, self._history_pos, self._history_buf, lib.MIG_DPD_HISTORY, lost)
+        return list(ffi.unpack(self._history_buf, n))
+
+    def prefetch_counts(self) -> tuple[int, int]:
+        """(neighbour pages prefetched, of them seen used) so far."""
+        c = self._path._counters
+        return int(c.prefetched), int(c.prefetch_hits)
+
+    def set_neighbourhood(self, nb: Neighbourhood) -> None:
+        """What each following fault fetches with it (applied by the C fault thread)."""
+        lib.mig_dpd_set_neighbourhood(self._path.h, nb.pages, SHAPES.index(nb.shape), nb.stride)
 
     def _snapshot(self) -> dict:
         c = self._path._counters
-        return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken)}
+        return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken),
+                "prefetched": int(c.prefetched), "prefetch_hits": int(c.prefetch_hits)}
 
     def _latency(self) -> dict:
         """The latency summary as FaultLoop's: percentiles from the newest samples, the rest exact."""

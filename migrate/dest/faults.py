@@ -28,6 +28,8 @@ from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
+from migrate.policies.base import Neighbourhood
+from migrate.policies.workingset import ranges_of
 from migrate.proto import migrate_pb2 as pb
 
 #: Pages prefetched around a random fault: its aligned 64 KiB block.
@@ -38,6 +40,8 @@ _CLUSTER = 4 * NEIGHBOURHOOD
 #: Most pages prefetched after a fault, when the guest reads sequentially
 #: (the readahead doubles while faults keep landing right behind it).
 MAX_READAHEAD = MAX_URGENT_PAGES
+#: Faults kept for a policy to read (the newest).
+HISTORY = 65536
 
 
 class _Stream:
@@ -95,7 +99,12 @@ class FaultServer:
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
         self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0,
-                         "refused": 0}
+                         "refused": 0, "prefetched": 0, "prefetch_hits": 0}
+        # For a policy (migrate.policies): the faults it has not read yet, the neighbourhood it set
+        # (None: the built-in readahead above), and the prefetched pages not yet seen used.
+        self.history: collections.deque[int] = collections.deque(maxlen=HISTORY)
+        self.neighbourhood: Neighbourhood | None = None
+        self._prefetched = SharedBitmap.create(mem.page_count)
         self.error: str | None = None
         self._stream = _Stream(link)
 
@@ -138,10 +147,35 @@ class FaultServer:
         self._expect = end
         return first, end
 
+    def _neighbours(self, page: int) -> tuple[list[tuple[int, int]], int]:
+        """(runs to prefetch with a fault on `page`, where the bulk path goes on from)."""
+        nb = self.neighbourhood
+        if nb is None:
+            first, end = self._prefetch(page)
+            return [(first, end - first)], end
+        return ranges_of(sorted(nb.pages_of(page, self.mem.page_count))), page
+
+    def _count_hits(self, page: int) -> None:
+        """Prefetched pages this fault shows used: the page itself (on its way), and those right
+        before and after it, stride apart (gone through without a fault); as the native path counts."""
+        pf, n = self._prefetched, self.mem.page_count
+        stride = abs(self.neighbourhood.stride) if self.neighbourhood and self.neighbourhood.shape != "aligned" else 1
+        hits = [page] if pf.test(page) else []
+        for step in (-stride, stride):
+            q = page + step
+            while 0 <= q < n and pf.test(q) and len(hits) <= 2 * MAX_READAHEAD:
+                hits.append(q)
+                q += step
+        for q in hits:
+            pf.clear_range(q, 1)
+        self.counters["prefetch_hits"] += len(hits)
+
     def on_faults(self, faults: list[tuple[int, int, int]]) -> None:
         for page, waiters, t_ns in faults:
             with self._lock:
                 self.counters["faults"] += 1
+                self.history.append(page)
+                self._count_hits(page)
                 req_id = self._covers.get(page)
                 if req_id is not None:
                     self._waiting[req_id].append((page, t_ns, waiters))
@@ -150,10 +184,14 @@ class FaultServer:
                     self._on_bulk.append((page, t_ns, waiters))
                 else:
                     self._ask_page(page, t_ns, waiters)
-                first, end = self._prefetch(page)
-                for run_first, count in self._wanted(first, end):
-                    self._ask(run_first, count, [])
-            self._jump(end)
+                runs, jump_to = self._neighbours(page)
+                for first, count in runs:
+                    for run_first, n in self._wanted(first, first + count):
+                        self._prefetched.set_range(run_first, n)
+                        self.counters["prefetched"] += n
+                        for at in range(run_first, run_first + n, MAX_URGENT_PAGES):
+                            self._ask(at, min(MAX_URGENT_PAGES, run_first + n - at), [])
+            self._jump(jump_to)
 
     def _ask_page(self, page: int, t_ns: int, waiters: int) -> None:
         """Ask for a faulting page alone (call with the lock held)."""
@@ -261,6 +299,7 @@ class FaultServer:
     def close(self) -> None:
         self._closing = True
         self._stream.close()
+        self._prefetched.close()
 
     def snapshot(self) -> dict:
         """The counters, for the agent."""
@@ -331,6 +370,21 @@ class FaultLoop:
     def failure(self) -> str | None:
         """Why the urgent path stopped serving, or None while it serves."""
         return self._server.error
+
+    def new_faults(self) -> list[int]:
+        """The pages faulted on since the last call, in order (for a policy)."""
+        history, out = self._server.history, []
+        while history:
+            out.append(history.popleft())
+        return out
+
+    def prefetch_counts(self) -> tuple[int, int]:
+        c = self._server.counters
+        return c["prefetched"], c["prefetch_hits"]
+
+    def set_neighbourhood(self, nb: Neighbourhood) -> None:
+        """What each following fault fetches with it."""
+        self._server.neighbourhood = nb
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._summary is not None:

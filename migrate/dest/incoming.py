@@ -35,6 +35,9 @@ from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.planes import DataPlane, FaultPath, PageRoute
+from migrate.policies import Policy, PolicySpec, parse, workingset
+from migrate.policies.base import RunInfo
+from migrate.policies.runner import PolicyRunner
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import Uffd
 
@@ -81,6 +84,23 @@ class IncomingRun:
         self._watcher: threading.Thread | None = None
         self._final: pb.MigrationStatus | None = None  # the status once complete and released
         self._lock = threading.Lock()
+        # Push and prefetch policy (migrate.policies): built at prepare, run from the resume on.
+        self._policy: tuple[PolicySpec, Policy] | None = None
+        self._working_set: list[tuple[int, int]] = []
+        self._record_ws = False
+        self._runner: PolicyRunner | None = None
+        self.recorded_ws: list[tuple[int, int]] = []
+
+    def set_policy(self, spec: str, working_set: bytes = b"", record_ws: bool = False) -> None:
+        """Use policy `spec` ("": none) with a working set to replay (wire format), and/or record one.
+
+        PolicyError (a ValueError) with one line when the policy cannot be built.
+        """
+        if spec:
+            parsed = parse(spec)
+            self._policy = (parsed, parsed.build())
+        self._working_set = workingset.unpack(working_set, self.page_count)
+        self._record_ws = record_ws
 
     @property
     def page_count(self) -> int:
@@ -222,7 +242,9 @@ class IncomingRun:
         if bulk is not None and no_push:
             bulk.stop()
             del self.paths["bulk"]
-        elif bulk is not None:
+            bulk = None
+        self._start_policy(bulk)
+        if bulk is not None:
             bulk.start(max_bandwidth)
         self._push = {"no_push": no_push, "max_bandwidth": max_bandwidth}
         self._resumed_ns = self._resumed_ns or time.time_ns()
@@ -230,6 +252,22 @@ class IncomingRun:
         self._record()
         self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"run-{self.run_id[:8]}")
         self._watcher.start()
+
+    def _start_policy(self, bulk: BulkLoop | NativeBulk | None) -> None:
+        """Run the policy (or a plain recorder) beside the paths; its first decision is queued before the bulk starts."""
+        faults = self.paths.get("faults")
+        if faults is None or (self._policy is None and not self._record_ws):
+            return
+        spec, policy = self._policy if self._policy is not None else (PolicySpec("none"), Policy())
+        info = RunInfo(self.page_count, self.spec.page_size, tuple(self._working_set))
+        self._runner = PolicyRunner(policy, str(spec), info, faults, bulk, record=self._record_ws)
+        self._runner.start()
+
+    def _stop_policy(self) -> None:
+        if self._runner is not None:
+            self._runner.stop()
+            if self._record_ws:
+                self.recorded_ws = self._runner.working_set()
 
     def _record(self) -> None:
         """Journal this run (with --state-dir), so a restarted agent can finish it."""
@@ -308,6 +346,7 @@ class IncomingRun:
             time.sleep(_WATCH_EVERY)
 
     def _finish(self) -> None:
+        self._stop_policy()
         for w in self.paths.values():
             w.stop()
         for base, size, _ in self.regions:
@@ -331,6 +370,7 @@ class IncomingRun:
                 return
             self.error = error
             self.phase = "failed"
+        self._stop_policy()
         for w in self.paths.values():
             w.stop(timeout=2)
         if self.journal is not None:
@@ -374,6 +414,9 @@ class IncomingRun:
         end = self._t_done or time.monotonic()
         detail: dict = {k: w.last for k, w in self.paths.items()}
         detail["started_ns"] = self.started_ns
+        if self._runner is not None:
+            detail["policy"] = self._runner.summary()
+        faults = detail.get("faults", {})
         return pb.MigrationStatus(
             run_id=self.run_id, phase=self.phase, error=self.error,
             pages_total=self.page_count,
@@ -383,10 +426,14 @@ class IncomingRun:
             faults=counts["faults"], bytes_wire=counts["bytes_wire"], bytes_pages=counts["bytes_pages"],
             elapsed_s=(end - self._t_resume) if self._t_resume else 0.0,
             detail_json=json.dumps(detail), data_plane=self.route.plane.value,
-            fault_path=self.route.fault_path.value)
+            fault_path=self.route.fault_path.value, pages_prefetched=int(faults.get("prefetched", 0)),
+            prefetch_hits=int(faults.get("prefetch_hits", 0)),
+            policy=str(self._policy[0]) if self._policy else "",
+            working_set=workingset.pack(self.recorded_ws) if self.phase == "complete" else b"")
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""
+        self._stop_policy()
         for w in self.paths.values():
             w.stop(timeout=2)
         with self._lock:
