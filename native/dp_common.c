@@ -12,10 +12,13 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -477,4 +480,20 @@ int dp_key_equal(const uint8_t *a, const uint8_t *b, size_t len)
     for (size_t i = 0; i < len; i++)
         diff |= a[i] ^ b[i];
     return diff == 0;
+}
+
+void dp_thread_for_bulk(const char *name)
+{
+    pthread_setname_np(pthread_self(), name);
+    struct sched_param sp = {0};
+    sched_setscheduler(0, SCHED_BATCH, &sp); /* 0: the calling thread */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+}
+
+void dp_thread_for_faults(const char *name)
+{
+    pthread_setname_np(pthread_self(), name);
+    struct sched_param sp = {.sched_priority = 1};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10);
 }

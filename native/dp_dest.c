@@ -613,14 +613,6 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
 
 /* ---- bulk: the requester ---- */
 
-static void lower_priority(const char *name)
-{
-    pthread_setname_np(pthread_self(), name);
-    struct sched_param sp = {0};
-    sched_setscheduler(0, SCHED_BATCH, &sp); /* the calling thread; best effort */
-    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
-}
-
 static int bitmap_full(const struct mig_dpd *h)
 {
     return mig_bitmap_count(h->received, h->npages) == h->npages;
@@ -649,7 +641,7 @@ static void end_round(struct mig_dpd *h)
 static void *requester_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority("dpd-request");
+    dp_thread_for_bulk("dpd-request");
     uint8_t msg[sizeof(struct dp_request) + DP_MAX_RUNS * sizeof(struct dp_run)];
     pthread_mutex_lock(&h->mu);
     while (!h->finished) {
@@ -806,7 +798,7 @@ static uint64_t staged_need(const struct mig_dpd *h, const uint8_t *staged, uint
 static void *receiver_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority("dpd-receive");
+    dp_thread_for_bulk("dpd-receive");
     uint8_t *stage = malloc(STAGE_BYTES);
     uint32_t lo = 0, hi = 0, read_size = STAGE_BYTES;
     int cur = -1;
@@ -952,7 +944,7 @@ static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_
 static void *installer_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    lower_priority("dpd-install");
+    dp_thread_for_bulk("dpd-install");
     struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     struct installed *done = malloc((h->slot_bytes / 4096 + 1) * sizeof(*done));
     pthread_mutex_lock(&h->mu);
@@ -1183,14 +1175,6 @@ const char *mig_dpd_error(struct mig_dpd *h)
 }
 
 /* ---- the fault path ---- */
-
-static void raise_priority(void)
-{
-    pthread_setname_np(pthread_self(), "dpd-fault");
-    struct sched_param sp = {.sched_priority = 1};
-    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
-        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10); /* best effort: needs privileges */
-}
 
 static void record_latency(struct mig_dpd *h, uint64_t lat_ns, uint32_t waiters)
 {
@@ -1469,7 +1453,7 @@ static int fault_frames(struct mig_dpd *h, struct installer_ctx *ctx, uint8_t *b
 static void *faulter_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    raise_priority();
+    dp_thread_for_faults("dpd-fault");
     uint32_t cap = 2 * (h->max_data + 4096);
     uint8_t *buf = malloc(cap);
     uint8_t *out = malloc(FAULT_OUT_BYTES);

@@ -363,26 +363,17 @@ static int hello(struct mig_dp_source *s, int fd, uint32_t *kind)
     return 1;
 }
 
-/* Fault requests are short and bounded: serve them ahead of everything else
- * on this host, real-time if allowed, else at nice -10. */
-static void raise_priority(void)
-{
-    struct sched_param sp = {.sched_priority = 1};
-    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
-        setpriority(PRIO_PROCESS, (id_t)gettid(), -10);
-}
-
 static void *conn_main(void *arg)
 {
     struct conn *c = arg;
     struct mig_dp_source *s = c->s;
     uint32_t kind;
     if (hello(s, c->fd, &kind)) {
-        pthread_setname_np(pthread_self(), kind == DP_KIND_FAULT ? "dps-fault" : "dps-bulk");
-        if (kind == DP_KIND_FAULT) {
-            raise_priority();
+        if (kind == DP_KIND_FAULT) { /* short and bounded: ahead of everything else on this host */
+            dp_thread_for_faults("dps-fault");
             serve(s, c->fd, 1, NULL);
         } else {
+            dp_thread_for_bulk("dps-bulk");
             struct squeeze z = {.compress_bps = COMPRESS_BPS_GUESS, .ratio = 0.5, .local_peer = dp_peer_is_local(c->fd)};
             if (s->compress != MIG_DP_COMPRESS_NEVER && (z.cctx = dp_zstd_cctx(s->level))) {
                 z.cap = dp_zstd_bound((size_t)DP_BATCH_PAGES * s->page_size);
