@@ -140,7 +140,8 @@ def test_agent_gives_back_a_completed_runs_descriptors(agents, plane):
     for i in range(3):
         doc = migrate_at(agents, f"again{i}", spec("random-write", size=4 * MiB, ops=2000), 0.5, data_plane=plane)
         assert doc["verified"] is True
-    assert fds() == before
+    # No growth: a descriptor of the first run that gRPC or the kernel closes a little later may even go.
+    assert wait_for(lambda: fds() <= before, timeout=10), (fds(), before)
     assert doc["pages"]["received"] == doc["pages"]["total"]  # the final status, after the release
 
 
