@@ -25,6 +25,7 @@ from migrate.dest.capacity import Ledger, NoRoom
 from migrate.dest.incoming import MODES, IncomingRun
 from migrate.guest.process import GuestSpec
 from migrate.journal import Journal
+from migrate.metrics import MetricsServer
 from migrate.dest.restore import UffdRestoreListener
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
@@ -416,7 +417,7 @@ class ControlService(pb_grpc.ControlServicer):
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
           uffd_restore: tuple[str, str, str, planes.DataPlane] | None = None, state_dir: str = "",
           backing_dir: str = "", snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None,
-          level: int = 1, compress: str = "auto", max_incoming_ram: int = 0) -> None:
+          level: int = 1, compress: str = "auto", max_incoming_ram: int = 0, metrics: str = "") -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name, data plane) for
@@ -426,7 +427,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     may be created (none without it); `snapshot_dir` where snapshots are
     written and loaded from (default: `backing_dir`). `max_incoming_ram`
     caps the RAM promised to incoming runs at once (0: only the host's
-    memory limits it).
+    memory limits it). `metrics` (HOST:PORT) serves Prometheus metrics there.
     """
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
@@ -442,6 +443,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     if "source" in roles:
         add_pages_servicer(UrgentPages(control.outgoing), server)
     port = rpc.bind(server, listen)
+    exporter = MetricsServer(metrics, control) if metrics else None  # a daemon thread: nothing to undo on failure
     listener = None
     if uffd_restore:
         path, source, image, plane = uffd_restore
@@ -456,6 +458,8 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
         while not stopping.wait(0.5):
             pass
     finally:
+        if exporter:
+            exporter.close()
         if listener:
             listener.close()
         server.stop(grace=1.0)
