@@ -40,7 +40,7 @@ def _incoming(status_detail: str, pushed: int, faulted: int, faults: int, wire: 
     """An incoming run's counters: pages by path, faults, bytes, outages and its latency buckets."""
     detail = json.loads(status_detail or "{}")
     sample: Sample = {("pages", "pushed"): pushed, ("pages", "faulted"): faulted, ("faults", ""): faults,
-                      ("wire", "incoming"): wire, ("outages", ""): link_summary(detail)["outages"]}
+                      ("wire", ""): wire, ("outages", ""): link_summary(detail)["outages"]}
     latency = (detail.get("faults") or {}).get("latency_us") or {}
     for low, count in (latency.get("hist_log2_us") or {}).items():
         sample[("latency", low)] = count
@@ -69,10 +69,8 @@ class AgentCollector(Collector):
             phases[("incoming", st.phase)] += 1
             runs[("in", st.run_id)] = _incoming(st.detail_json, st.pages_pushed, st.pages_faulted, st.faults,
                                                 st.bytes_wire)
-        for out in self._control.outgoing.all():
+        for out in self._control.outgoing.all():  # by phase only: a gRPC-plane source counts bytes elsewhere
             phases[("outgoing", "switched" if out.switched else "prepared")] += 1
-            served = out.pages.stats()
-            runs[("out", out.run_id)] = {("wire", "outgoing"): served.get("bytes", 0) + out.urgent_bytes}
         return runs, phases
 
     def collect(self) -> Iterator[Metric]:
@@ -101,11 +99,8 @@ class AgentCollector(Collector):
         yield pages
         yield CounterMetricFamily("migrate_faults", "Guest page faults served after the resume",
                                   value=totals[("faults", "")])
-        wire = CounterMetricFamily("migrate_wire_bytes", "Bytes of pages on the wire (compressed), by side",
-                                   labels=["side"])
-        for side in ("incoming", "outgoing"):
-            wire.add_metric([side], totals[("wire", side)])
-        yield wire
+        yield CounterMetricFamily("migrate_wire_bytes", "Bytes of pages this destination received on the wire "
+                                  "after the resume (compressed)", value=totals[("wire", "")])
         yield CounterMetricFamily("migrate_link_outages", "Outages of the link to the source that the destination "
                                   "rode out", value=totals[("outages", "")])
         yield self._latency(totals)
