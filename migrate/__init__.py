@@ -42,14 +42,31 @@ _EXPORTS = {
 }
 __all__ = ["__version__", *_EXPORTS]
 
-if TYPE_CHECKING:
-    from migrate.api import TLS, Client, migrate, resume
-    from migrate.errors import (AgentError, AgentUnreachable, AlreadyExists, BadRequest, FailedPrecondition,
-                                GuestNotFound, InternalError, KernelFeatureMissing, MigrateError, PermissionDenied,
-                                ResourceExhausted, RunFailed, TimedOut, Unauthenticated)
-    from migrate.records import AgentInfo, Capacity, GuestInfo, MigrationStatus, Spec
-    from migrate.report import Report
-
+if TYPE_CHECKING:  # the same names for type checkers ("X as X": re-exported)
+    from migrate.api import TLS as TLS
+    from migrate.api import Client as Client
+    from migrate.api import migrate as migrate
+    from migrate.api import resume as resume
+    from migrate.errors import AgentError as AgentError
+    from migrate.errors import AgentUnreachable as AgentUnreachable
+    from migrate.errors import AlreadyExists as AlreadyExists
+    from migrate.errors import BadRequest as BadRequest
+    from migrate.errors import FailedPrecondition as FailedPrecondition
+    from migrate.errors import GuestNotFound as GuestNotFound
+    from migrate.errors import InternalError as InternalError
+    from migrate.errors import KernelFeatureMissing as KernelFeatureMissing
+    from migrate.errors import MigrateError as MigrateError
+    from migrate.errors import PermissionDenied as PermissionDenied
+    from migrate.errors import ResourceExhausted as ResourceExhausted
+    from migrate.errors import RunFailed as RunFailed
+    from migrate.errors import TimedOut as TimedOut
+    from migrate.errors import Unauthenticated as Unauthenticated
+    from migrate.records import AgentInfo as AgentInfo
+    from migrate.records import Capacity as Capacity
+    from migrate.records import GuestInfo as GuestInfo
+    from migrate.records import MigrationStatus as MigrationStatus
+    from migrate.records import Spec as Spec
+    from migrate.report import Report as Report
 
 def __getattr__(name: str) -> Any:
     """Load a public name's module on first use (PEP 562)."""

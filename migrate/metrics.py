@@ -55,8 +55,8 @@ class AgentCollector(Collector):
     def __init__(self, control: ControlService) -> None:
         self._control = control
         self._lock = threading.Lock()
-        self._last: dict[tuple[str, str], Sample] = {}   # (side, run_id) -> its counters at the last scrape
-        self._retired: Sample = collections.Counter()      # the last counters of runs the agent forgot
+        self._last: dict[tuple[str, str], Sample] = {}  # (side, run_id) -> its counters at the last scrape
+        self._retired: collections.Counter[tuple[str, str]] = collections.Counter()  # last counts of forgotten runs
 
     def _samples(self) -> tuple[dict[tuple[str, str], Sample], collections.Counter[tuple[str, str]]]:
         """Each run's counters now, and how many runs are in each (side, phase)."""

@@ -8,7 +8,6 @@ immutable values a program can keep, compare and hash.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -201,20 +200,19 @@ class SnapshotProgress:
     ops_per_s_before: float
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def from_message(cls: type[R], msg: Any) -> R:
     """A `cls` record holding the fields of protobuf message `msg` (nested records and tuples too)."""
     values = {}
-    for name, hint in _hints(cls).items():
+    for name, hint in typing.get_type_hints(cls).items():
         value = getattr(msg, name)
-        if dataclasses.is_dataclass(hint):
+        if _is_record(hint):
             value = from_message(hint, value)
         elif typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
-            value = tuple(from_message(item, v) if dataclasses.is_dataclass(item) else v for v in value)
+            value = tuple(from_message(item, v) if _is_record(item) else v for v in value)
         values[name] = value
     return cls(**values)
+
+
+def _is_record(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)

@@ -30,7 +30,9 @@ def free_port() -> int:
 
 
 def test_the_example_in_docs_api_md_runs() -> None:
-    code = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), re.S).group(1)
+    found = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), re.S)
+    assert found, "docs/api.md has no python block"
+    code = found.group(1)
     exec(compile(code, "docs/api.md", "exec"), {"__name__": "docs_api_example"})  # noqa: S102 - our own docs
 
 
@@ -84,7 +86,8 @@ def test_every_control_operation_has_a_client_method() -> None:
         assert callable(getattr(migrate.Client, name, None)), f"no Client.{name} for {method.name}"
 
 
-def test_report_round_trips_the_json_the_cli_writes(agents, tmp_path) -> None:
+def test_report_round_trips_the_json_the_cli_writes(agents: tuple[LocalAgent, LocalAgent],
+                                                    tmp_path: Path) -> None:
     src, dst = agents
     with migrate.Client(src.address) as source:
         source.launch("rt", size="8M", workload="hotset", ops=20_000)
@@ -134,7 +137,7 @@ def test_each_error_class_travels_as_its_status_and_back() -> None:
     assert type(errors.from_status(grpc.StatusCode.DATA_LOSS, "x")) is errors.AgentError
 
 
-def test_bad_inputs_raise_their_error_class(agents) -> None:
+def test_bad_inputs_raise_their_error_class(agents: tuple[LocalAgent, LocalAgent]) -> None:
     src, dst = agents
     with migrate.Client(src.address) as source, migrate.Client(dst.address) as dest:
         source.launch("e1", size="4M", workload="idle", ops=0)
@@ -164,7 +167,7 @@ def test_bad_inputs_raise_their_error_class(agents) -> None:
     assert unreachable.value.unreachable
 
 
-def test_a_wrong_token_is_unauthenticated(tmp_path) -> None:
+def test_a_wrong_token_is_unauthenticated(tmp_path: Path) -> None:
     with LocalAgent("source", env={"MIGRATE_TOKEN": "right-token"}, log_path=str(tmp_path / "src.log")) as src:
         with migrate.Client(src.address, token="wrong-token") as client, \
                 pytest.raises(migrate.Unauthenticated, match="bearer token"):
@@ -173,7 +176,7 @@ def test_a_wrong_token_is_unauthenticated(tmp_path) -> None:
             assert client.hello().roles == ("source",)
 
 
-def test_a_destination_without_room_fails_the_run_and_the_guest_stays(tmp_path) -> None:
+def test_a_destination_without_room_fails_the_run_and_the_guest_stays(tmp_path: Path) -> None:
     """ResourceExhausted from the destination's step; migrate() raises RunFailed caused by it."""
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--max-incoming-ram", "1M", log_path=str(tmp_path / "dst.log")) as dst, \
@@ -202,7 +205,7 @@ def scrape(port: int) -> dict[str, float]:
             if line.startswith("migrate_")}
 
 
-def test_metrics_are_scraped_during_a_migration(tmp_path) -> None:
+def test_metrics_are_scraped_during_a_migration(tmp_path: Path) -> None:
     port = free_port()
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--metrics", f"127.0.0.1:{port}", log_path=str(tmp_path / "dst.log")) as dst:
