@@ -2,8 +2,22 @@
 
 The destination resolves a guest's userfaultfd page faults by fetching pages
 from the source while a bulk stream pushes the rest; see docs/architecture.md.
+
+As a library (docs/api.md)::
+
+    import migrate
+    with migrate.Client("127.0.0.1:7070") as source:
+        source.launch("vm1", size="64M", workload="random-write")
+    report = migrate.migrate("vm1", source="127.0.0.1:7070", dest="127.0.0.1:7071")
+
+The names below load on first use: `import migrate` alone loads nothing
+else, and the client side never loads the native layer (migrate._native).
 """
+from __future__ import annotations
+
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -13,3 +27,52 @@ __version__ = "0.1.0"
 # imports grpc (every entry point imports this package first); our own
 # messages say what failed. GRPC_VERBOSITY=DEBUG in the environment brings it back.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "Client": "migrate.api", "TLS": "migrate.api", "migrate": "migrate.api", "resume": "migrate.api",
+    "Report": "migrate.report",
+    "AgentInfo": "migrate.records", "GuestInfo": "migrate.records", "Spec": "migrate.records",
+    "Capacity": "migrate.records", "MigrationStatus": "migrate.records",
+    "MigrateError": "migrate.errors", "AgentError": "migrate.errors", "AgentUnreachable": "migrate.errors",
+    "BadRequest": "migrate.errors", "GuestNotFound": "migrate.errors", "AlreadyExists": "migrate.errors",
+    "FailedPrecondition": "migrate.errors", "ResourceExhausted": "migrate.errors",
+    "PermissionDenied": "migrate.errors", "Unauthenticated": "migrate.errors", "TimedOut": "migrate.errors",
+    "KernelFeatureMissing": "migrate.errors", "RunFailed": "migrate.errors", "InternalError": "migrate.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # the same names for type checkers ("X as X": re-exported)
+    from migrate.api import TLS as TLS
+    from migrate.api import Client as Client
+    from migrate.api import migrate as migrate
+    from migrate.api import resume as resume
+    from migrate.errors import AgentError as AgentError
+    from migrate.errors import AgentUnreachable as AgentUnreachable
+    from migrate.errors import AlreadyExists as AlreadyExists
+    from migrate.errors import BadRequest as BadRequest
+    from migrate.errors import FailedPrecondition as FailedPrecondition
+    from migrate.errors import GuestNotFound as GuestNotFound
+    from migrate.errors import InternalError as InternalError
+    from migrate.errors import KernelFeatureMissing as KernelFeatureMissing
+    from migrate.errors import MigrateError as MigrateError
+    from migrate.errors import PermissionDenied as PermissionDenied
+    from migrate.errors import ResourceExhausted as ResourceExhausted
+    from migrate.errors import RunFailed as RunFailed
+    from migrate.errors import TimedOut as TimedOut
+    from migrate.errors import Unauthenticated as Unauthenticated
+    from migrate.records import AgentInfo as AgentInfo
+    from migrate.records import Capacity as Capacity
+    from migrate.records import GuestInfo as GuestInfo
+    from migrate.records import MigrationStatus as MigrationStatus
+    from migrate.records import Spec as Spec
+    from migrate.report import Report as Report
+
+def __getattr__(name: str) -> Any:
+    """Load a public name's module on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'migrate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

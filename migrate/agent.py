@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from migrate import __version__, planes, rpc, spawn, validate
+from migrate import __version__, errors, planes, rpc, spawn, validate
 from migrate.admission import CallClass
 from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
@@ -25,6 +25,7 @@ from migrate.dest.capacity import Ledger, NoRoom
 from migrate.dest.incoming import MODES, IncomingRun
 from migrate.guest.process import GuestSpec
 from migrate.journal import Journal
+from migrate.metrics import MetricsServer
 from migrate.dest.restore import UffdRestoreListener
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
@@ -53,6 +54,8 @@ CALLS = (
     CallClass("page streams", ("/migrate.v1.Pages/",), per_peer=8, total=32),
 )
 
+#: Built-in exceptions as statuses, for raise sites not yet using migrate.errors (whose own
+#: table, errors.STATUS, comes first: errors.status_of).
 _ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NoRoom, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (KeyError, grpc.StatusCode.NOT_FOUND),
@@ -74,10 +77,8 @@ def _rpc(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status
-            for kind, code in _ERRORS:
-                if isinstance(err, kind):
-                    break
-            else:
+            code = errors.status_of(err) or next((c for kind, c in _ERRORS if isinstance(err, kind)), None)
+            if code is None:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method.__name__)
             text = str(err.args[0] if isinstance(err, KeyError) and err.args else err)[:_MAX_ECHO]
@@ -417,7 +418,7 @@ class ControlService(pb_grpc.ControlServicer):
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
           uffd_restore: tuple[str, str, str, planes.DataPlane] | None = None, state_dir: str = "",
           backing_dir: str = "", snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None,
-          level: int = 1, compress: str = "auto", max_incoming_ram: int = 0) -> None:
+          level: int = 1, compress: str = "auto", max_incoming_ram: int = 0, metrics: str = "") -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` is (socket path, source agent, image name, data plane) for
@@ -427,7 +428,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     may be created (none without it); `snapshot_dir` where snapshots are
     written and loaded from (default: `backing_dir`). `max_incoming_ram`
     caps the RAM promised to incoming runs at once (0: only the host's
-    memory limits it).
+    memory limits it). `metrics` (HOST:PORT) serves Prometheus metrics there.
     """
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
@@ -443,6 +444,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     if "source" in roles:
         add_pages_servicer(UrgentPages(control.outgoing), server)
     port = rpc.bind(server, listen)
+    exporter = MetricsServer(metrics, control) if metrics else None  # a daemon thread: nothing to undo on failure
     listener = None
     if uffd_restore:
         path, source, image, plane = uffd_restore
@@ -457,6 +459,8 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
         while not stopping.wait(0.5):
             pass
     finally:
+        if exporter:
+            exporter.close()
         if listener:
             listener.close()
         server.stop(grace=1.0)

@@ -106,7 +106,8 @@ def cli() -> None:
 
 
 # ----------------------------------------------------------------- agents
-def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, insecure_listen: bool, **kw) -> None:
+def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, insecure_listen: bool, metrics: str,
+           **kw) -> None:
     try:
         warning = listen_policy(listen, credentials, insecure_listen)
     except ValueError as err:
@@ -122,7 +123,7 @@ def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, inse
         click.echo(f"listening on {validate.split_endpoint(listen, listen=True)[0]}:{port}")
         sys.stdout.flush()
 
-    serve(listen, (role,), on_ready=ready, **kw)
+    serve(listen, (role,), on_ready=ready, metrics=metrics, **kw)
 
 
 _data_plane_option = click.option(
@@ -133,6 +134,10 @@ _fault_path_option = click.option(
     "--fault-path", type=click.Choice([p.value for p in planes.FaultPath]), default=planes.FaultPath.GRPC.value,
     show_default=True, help="How the guest's faults are served: over gRPC, or native (needs --data-plane native).")
 
+_metrics_option = click.option(
+    "--metrics", type=_Parsed("HOST:PORT", lambda v: v and validate.endpoint(v, "metrics address", listen=True)),
+    default="", help="Serve Prometheus metrics at http://HOST:PORT/metrics (runs by phase, pages by path, faults "
+                     "and their latency, bytes on the wire, link outages).")
 _insecure_option = click.option("--insecure-listen", is_flag=True,
                                 help="Allow listening beyond loopback without TLS or client authentication "
                                      "(client certificates or a token); a warning is logged.")
@@ -163,11 +168,12 @@ def source() -> None:
               help="Where `migrate snapshot -o FILE` writes FILE and FILE.state.json (new files only) and "
                    "`migrate restore FILE` reads them (default: --backing-dir; without either, refused).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_metrics_option
 @_insecure_option
 @_credential_options
 def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, state_dir: str | None,
-                 backing_dir: str | None, snapshot_dir: str | None, verbose: bool, insecure_listen: bool,
-                 credentials: Credentials) -> None:
+                 backing_dir: str | None, snapshot_dir: str | None, verbose: bool, metrics: str,
+                 insecure_listen: bool, credentials: Credentials) -> None:
     """Run a source agent until interrupted.
 
     \b
@@ -186,7 +192,7 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
         if not os.path.isfile(path):
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
-    _serve("source", listen, verbose, credentials, insecure_listen, images=parsed, level=zstd_level,
+    _serve("source", listen, verbose, credentials, insecure_listen, metrics, images=parsed, level=zstd_level,
            compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "",
            snapshot_dir=snapshot_dir or "")
 
@@ -213,12 +219,12 @@ def dest() -> None:
               help="Most guest RAM promised to incoming runs at once (0: what the host's available memory "
                    "allows); a run past it is refused before its guest leaves the source.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_metrics_option
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
-               data_plane: str | None, state_dir: str | None, max_incoming_ram: int, verbose: bool,
-               insecure_listen: bool,
-               credentials: Credentials) -> None:
+               data_plane: str | None, state_dir: str | None, max_incoming_ram: int, verbose: bool, metrics: str,
+               insecure_listen: bool, credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
     \b
@@ -233,8 +239,8 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
         raise click.UsageError("--restore-from, --image and --data-plane go with --uffd-socket")
     plane = planes.DataPlane(data_plane) if data_plane else planes.default_plane(credentials.tls)
     restore = (uffd_socket, restore_from, image, plane) if uffd_socket else None
-    _serve("dest", listen, verbose, credentials, insecure_listen, uffd_restore=restore, state_dir=state_dir or "",
-           max_incoming_ram=max_incoming_ram)
+    _serve("dest", listen, verbose, credentials, insecure_listen, metrics, uffd_restore=restore,
+           state_dir=state_dir or "", max_incoming_ram=max_incoming_ram)
 
 
 # ----------------------------------------------------------------- guests

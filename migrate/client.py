@@ -1,11 +1,15 @@
-"""A small client for an agent's Control service, with user-facing errors."""
+"""A small client for an agent's Control service, with user-facing errors.
+
+Calls by method name with protobuf messages: the orchestrator's and the
+CLI's plumbing. Programs use migrate.api.Client, which wraps this one.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import grpc
 
-from migrate import rpc
+from migrate import errors, rpc
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.security import Credentials
@@ -15,7 +19,7 @@ CONNECT_TIMEOUT = 5.0
 
 
 class AgentClient:
-    """Calls Control RPCs on one agent; failures raise rpc.AgentError.
+    """Calls Control RPCs on one agent; failures raise the migrate.errors class of their status.
 
     `credentials` (TLS files, token) default to this process's environment.
     """
@@ -36,8 +40,8 @@ class AgentClient:
         try:
             return getattr(self._stub, method)(request, metadata=rpc.METADATA, timeout=timeout)
         except grpc.RpcError as err:
-            unreachable = err.code() == grpc.StatusCode.UNAVAILABLE if hasattr(err, "code") else False
-            raise rpc.AgentError(rpc.describe_error(err, self.target), unreachable=unreachable) from None
+            code = err.code() if hasattr(err, "code") else None
+            raise errors.from_status(code, rpc.describe_error(err, self.target)) from None
 
     def stop_if_hosted(self, name: str) -> bool:
         """Stop guest `name` if this agent hosts it; True if it did.

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from migrate import abort, convergence, planes, policies, report
 from migrate.policies import workingset
 from migrate.client import AgentClient
-from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
 from migrate.planes import DataPlane, PageRoute
 from migrate.proto import migrate_pb2 as pb
-from migrate.rpc import AgentError
+from migrate.errors import AgentError, FailedPrecondition, RunFailed
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.security import Credentials
 
 _log = logging.getLogger("migrate.orchestrator")
@@ -42,14 +42,6 @@ MODES = ("postcopy", "hybrid", "precopy")
 #: running) until a step finds at most this many to drop, or SETTLE_STEPS passed.
 SETTLE_PAGES = 256
 SETTLE_STEPS = 5
-
-
-class RunFailed(AgentError):
-    """A migration that failed, with what to do next: one line naming the command."""
-
-    def __init__(self, message: str, next_step: str) -> None:
-        super().__init__(message)
-        self.next_step = next_step
 
 
 class DestinationFailed(AgentError):
@@ -170,9 +162,9 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
     plane = opts.plane(credentials.tls)
     with AgentClient(src, credentials=credentials) as source, AgentClient(dst, credentials=credentials) as dest:
         if "source" not in source.call("Hello", pb.HelloRequest()).roles:
-            raise AgentError(f"agent at {src} is not a source agent")
+            raise FailedPrecondition(f"agent at {src} is not a source agent")
         if "dest" not in dest.call("Hello", pb.HelloRequest()).roles:
-            raise AgentError(f"agent at {dst} is not a destination agent")
+            raise FailedPrecondition(f"agent at {dst} is not a destination agent")
         t_start_ns = time.time_ns()
         t0 = time.monotonic()
         mode = opts.mode
@@ -307,12 +299,12 @@ def resume(name: str, src: str, dst: str, opts: RunOptions,
     with AgentClient(src, credentials=credentials) as source, AgentClient(dst, credentials=credentials) as dest:
         info = source.call("InspectGuest", pb.GuestRef(name=name))
         if not info.run_id:
-            raise AgentError(f"guest {name!r} on {src} is not being migrated: nothing to resume")
+            raise FailedPrecondition(f"guest {name!r} on {src} is not being migrated: nothing to resume")
         run = pb.RunRef(run_id=info.run_id)
         if info.state != "migrating-out":  # died before the switchover: undo it, the guest never left
             _best_effort(dest.call, "AbortIncoming", run)
             source.call("AbortOutgoing", run)
-            raise AgentError(f"the migration of {name!r} had not switched over; it was aborted and the guest "
+            raise FailedPrecondition(f"the migration of {name!r} had not switched over; it was aborted and the guest "
                              f"runs on {src} as before: start it again with `migrate run`")
         t_start_ns = _started_ns(dest, run)
         t0 = time.monotonic() - max(time.time_ns() - t_start_ns, 0) / 1e9  # the total counts from the first start
@@ -476,5 +468,4 @@ def _best_effort(fn: Callable, *args: object) -> None:
 
 def write_report(doc: dict, path: str) -> None:
     with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
+        f.write(report.dumps(doc))

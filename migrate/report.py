@@ -17,14 +17,162 @@ twice (both paths had asked for them), counted once in the sum.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from migrate.proto import migrate_pb2 as pb
 from migrate.stats import summarize
 
 MiB = 1024 * 1024
+_D = TypeVar("_D", bound="_Document")
+
+
+@dataclass
+class _Document:
+    """A JSON object as typed attributes that writes back exactly as read.
+
+    Keys no attribute names (added by a newer version) stay in `extra`; the
+    order the keys came in is kept, so to_dict(from_dict(doc)) == doc and
+    dumps of both are the same text.
+    """
+
+    extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
+    _keys: tuple[str, ...] = field(default=(), kw_only=True, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls: type[_D], doc: dict[str, Any]) -> _D:
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("extra", "_keys")}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name in names and f.name not in doc
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"not a migration report: {cls.__name__} lacks {', '.join(missing)}")
+        values = {}
+        for name in names & doc.keys():
+            kind, value = hints[name], doc[name]
+            values[name] = kind.from_dict(value) if isinstance(kind, type) and issubclass(kind, _Document) else value
+        return cls(**values, extra={k: v for k, v in doc.items() if k not in names}, _keys=tuple(doc))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: keys in the order they were read; set attributes not read, after them."""
+        names = [f.name for f in dataclasses.fields(self) if f.name not in ("extra", "_keys")]
+        order = list(self._keys) + [n for n in names + list(self.extra) if n not in self._keys]
+        doc: dict[str, Any] = {}
+        for key in order:
+            if key in names:
+                value = getattr(self, key)
+                if value is None and key not in self._keys:
+                    continue  # an optional field this report never had
+                doc[key] = value.to_dict() if isinstance(value, _Document) else value
+            elif key in self.extra:
+                doc[key] = self.extra[key]
+        return doc
+
+
+@dataclass
+class GuestSummary(_Document):
+    """The migrated guest: its shape, its blocked time and its own progress samples."""
+
+    name: str
+    size: int
+    workload: str
+    threads: int
+    blocked_ms: float
+    progress: list[dict[str, Any]]
+    ops_per_s_before: float
+    ops_per_s_during: float
+
+
+@dataclass
+class Pages(_Document):
+    """Where the pages came from: before_resume + pushed + faulted + recovered == received."""
+
+    total: int
+    received: int
+    pushed: int
+    faulted: int
+    zero: int
+    precopied: int
+    before_resume: int
+    recovered: int
+    duplicates: int
+    page_size: int
+
+
+@dataclass
+class Faults(_Document):
+    """Faults served after the resume; latency_us: p50, p99, max, mean, count, hist_log2_us."""
+
+    count: int
+    latency_us: dict[str, Any]
+
+
+@dataclass
+class Bytes(_Document):
+    """Bytes on the wire (compressed) and of page data, pre-copy included."""
+
+    wire: int
+    pages: int
+
+
+@dataclass
+class Link(_Document):
+    """Link outages the destination rode out, the time it waited, batches refused and asked again."""
+
+    outages: int
+    paused_s: float
+    refused_batches: int
+
+
+@dataclass
+class Report(_Document):
+    """One migration's report: the JSON document `migrate run --report` writes, as attributes.
+
+    `Report.from_json(text).to_json() == text` for a report the CLI wrote.
+    Optional fields are None when the run did not produce them (verified
+    without --verify, resumed_run unless resumed).
+    """
+
+    guest: GuestSummary
+    mode: str
+    data_plane: str
+    fault_path: str
+    tls: bool
+    data_plane_encrypted: bool
+    total_s: float
+    transfer_s: float
+    downtime_ms: float
+    downtime_parts: dict[str, float]
+    timings_ms: dict[str, float]
+    pages: Pages
+    faults: Faults
+    bytes: Bytes
+    compression_ratio: float
+    precopy: dict[str, Any]
+    link: Link
+    source: dict[str, int]
+    verified: bool | None = None
+    timeline: list[dict[str, Any]] | None = None
+    switchover_s: float | None = None
+    resumed_run: str | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls.from_dict(json.loads(text))
+
+    def to_json(self) -> str:
+        """The report as the CLI writes it (migrate.report.dumps)."""
+        return dumps(self.to_dict())
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """A report as JSON text: what `--report FILE` holds."""
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def _progress(info: pb.GuestInfo, host: str, t_start_ns: int) -> list[dict]:

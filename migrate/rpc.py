@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from migrate.admission import Admission, CallClass, peer_host, refusal
+from migrate.errors import AgentError, AgentUnreachable
 from migrate.proto import migrate_pb2 as pb
 from migrate.security import AUTH_KEY, Credentials
 
@@ -50,6 +51,8 @@ _OPTIONS = [
 LINK_KEEPALIVE_MS = (500, 1000)
 #: The longest a page channel's link can be silent before its stream fails.
 LINK_SILENCE_S = sum(LINK_KEEPALIVE_MS) / 1000.0
+#: Seconds a destination's path keeps reconnecting to a source that went away, unless the run says otherwise.
+DEFAULT_RECOVERY_TIMEOUT = 60.0
 
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a taken port must be an error
@@ -66,17 +69,6 @@ _DEFAULT_WORKERS = 4
 #: Calls a server accepts beyond its classes' bounds (refusals on their way out, calls of no class);
 #: past that gRPC itself answers RESOURCE_EXHAUSTED.
 _QUEUED_CALLS = 64
-
-
-class AgentError(Exception):
-    """A failure talking to an agent, phrased for a user (one line).
-
-    `unreachable` tells a transport failure (worth retrying) from a refusal.
-    """
-
-    def __init__(self, message: str, *, unreachable: bool = False) -> None:
-        super().__init__(message)
-        self.unreachable = unreachable
 
 
 def channel(target: str, *, purpose: str = "control", credentials: Credentials | None = None) -> grpc.Channel:
@@ -109,7 +101,7 @@ def wait_ready(ch: grpc.Channel, target: str, timeout: float, *, tls: bool | Non
     refused, an agent still starting) is retried until `timeout`, and with
     `tls` None everything is (the page paths, reconnecting through outages).
     """
-    unreachable = AgentError(f"cannot reach agent at {target} (no answer within {timeout:g} s)")
+    unreachable = AgentUnreachable(f"cannot reach agent at {target} (no answer within {timeout:g} s)")
     if tls is None:
         try:
             grpc.channel_ready_future(ch).result(timeout=timeout)

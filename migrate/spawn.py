@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import migrate
-from migrate._native import lib
 
 _ROOT = str(Path(migrate.__file__).resolve().parent.parent)
 
@@ -88,6 +87,7 @@ def tune_allocator() -> None:
     server); call it first thing, before threads start. See native/alloc.c
     for why: by default every 1 MiB batch costs 256 page faults, twice.
     """
+    from migrate._native import lib  # here: starting children (migrate.local) needs no native layer
     if lib.mig_tune_malloc(_MMAP_THRESHOLD, _TRIM_THRESHOLD, _ARENA_MAX) < 0:
         raise OSError("mallopt refused the allocator settings")
 

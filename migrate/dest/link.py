@@ -14,6 +14,7 @@ import time
 import grpc
 
 from migrate import rpc
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT  # noqa: F401 - the destination paths import it from here
 from migrate.batches import PagesClient
 
 #: Transport failures worth reconnecting for; anything else is a real refusal.
@@ -22,8 +23,6 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusC
 _MAX_BACKOFF = 1.0
 #: Seconds to wait for the source to accept a connection.
 CONNECT_TIMEOUT = 5.0
-#: Seconds a path keeps reconnecting to a source that went away, unless the run says otherwise.
-DEFAULT_RECOVERY_TIMEOUT = 60.0
 
 
 def connect(endpoint: str, purpose: str) -> grpc.Channel:

@@ -1,0 +1,153 @@
+"""The errors `migrate` raises, and the gRPC status each travels as.
+
+One hierarchy: every error of the library is a MigrateError. Those an
+agent reports (or that talking to one causes) are AgentErrors, and each
+kind of refusal has its own class, so a program can tell a missing guest
+from a full host without reading messages::
+
+    MigrateError
+    └── AgentError                   a failure reported by an agent, or talking to one
+        ├── AgentUnreachable         UNAVAILABLE: no answer (worth retrying)
+        ├── BadRequest               INVALID_ARGUMENT: the request cannot work as given
+        ├── GuestNotFound            NOT_FOUND: no such guest (or run) on that agent
+        ├── AlreadyExists            ALREADY_EXISTS: the name (or run, or file) is taken
+        ├── FailedPrecondition       FAILED_PRECONDITION: not in this state, role or version
+        ├── ResourceExhausted        RESOURCE_EXHAUSTED: no room (memory, call slots)
+        ├── PermissionDenied         PERMISSION_DENIED
+        ├── Unauthenticated          UNAUTHENTICATED: missing or wrong token
+        ├── TimedOut                 DEADLINE_EXCEEDED
+        ├── KernelFeatureMissing     UNIMPLEMENTED: the agent's kernel lacks what it needs
+        ├── RunFailed                ABORTED: a migration failed; `next_step` says what to do
+        └── InternalError            INTERNAL: a bug (the agent logged its traceback)
+
+STATUS is the one table of class -> status code: an agent answers an error
+of a class with its code (migrate.agent), and a client turns a status back
+into the class (from_status). The native layer's failures are OSErrors
+carrying their errno (os_error); an agent answers the errnos that mean "the
+kernel cannot" (ENOSYS, EOPNOTSUPP) as KernelFeatureMissing.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import grpc
+
+
+class MigrateError(Exception):
+    """Base of every error the library raises."""
+
+
+class AgentError(MigrateError):
+    """A failure talking to an agent, or one it reported, phrased for a user (one line).
+
+    `unreachable` tells a transport failure (worth retrying) from a refusal.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+class AgentUnreachable(AgentError):
+    """The agent did not answer: not running, wrong address, or the network is down."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, unreachable=True)
+
+
+class BadRequest(AgentError):
+    """The request cannot work as given (a bad size, name, mode, workload...)."""
+
+
+class GuestNotFound(AgentError):
+    """No guest (or migration run) of that name on the agent."""
+
+
+class AlreadyExists(AgentError):
+    """A guest, run or file of that name already exists there."""
+
+
+class FailedPrecondition(AgentError):
+    """Not now, or not here: the guest is being migrated, the agent has another role,
+    the client speaks another protocol version..."""
+
+
+class ResourceExhausted(AgentError):
+    """The agent has no room: memory for an incoming guest, or call slots."""
+
+
+class PermissionDenied(AgentError):
+    """The agent may not do it (file permissions, ...)."""
+
+
+class Unauthenticated(AgentError):
+    """The agent refused the caller's credentials (missing or wrong bearer token)."""
+
+
+class TimedOut(AgentError):
+    """The agent did not answer within the call's deadline."""
+
+
+class KernelFeatureMissing(AgentError):
+    """The agent's kernel lacks a feature the operation needs (a userfaultfd feature, ...)."""
+
+
+class RunFailed(AgentError):
+    """A migration that failed, with what to do next: one line naming the command."""
+
+    def __init__(self, message: str, next_step: str = "") -> None:
+        super().__init__(message)
+        self.next_step = next_step
+
+
+class InternalError(AgentError):
+    """A bug on the agent's side: its log holds the traceback."""
+
+
+#: The status code each error travels as, and the class a client raises for it.
+STATUS: dict[type[AgentError], grpc.StatusCode] = {
+    AgentUnreachable: grpc.StatusCode.UNAVAILABLE,
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    GuestNotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
+    KernelFeatureMissing: grpc.StatusCode.UNIMPLEMENTED,
+    RunFailed: grpc.StatusCode.ABORTED,
+    InternalError: grpc.StatusCode.INTERNAL,
+}
+_BY_CODE = {code: cls for cls, code in STATUS.items()}
+#: errnos of the native layer that mean the kernel cannot do it (not that the call was wrong).
+_KERNEL_LACKS = (errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def status_of(err: BaseException) -> grpc.StatusCode | None:
+    """The status an agent answers `err` with, if `err` is one of ours; None for anything else."""
+    if isinstance(err, OSError) and err.errno in _KERNEL_LACKS:
+        return STATUS[KernelFeatureMissing]
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return None
+
+
+def from_status(code: grpc.StatusCode | None, message: str) -> AgentError:
+    """The error a client raises for an agent's status `code` and its one-line `message`."""
+    cls = _BY_CODE.get(code) if code is not None else None
+    return cls(message) if cls is not None else AgentError(message)
+
+
+def os_error(err: int, what: str) -> OSError:
+    """The OSError for errno `err` raised by native operation `what` (e.g. "UFFDIO_COPY dst=0x7f.. len=4096").
+
+    Native calls return >= 0 or -errno. The error carries the errno (so
+    ``OSError(errno, ...)`` becomes the matching subclass: ProcessLookupError
+    for ESRCH, FileExistsError for EEXIST, ...) and names the operation and
+    its arguments, because "Invalid argument" alone says nothing about which
+    of a dozen ioctls on which range failed.
+    """
+    return OSError(err, f"{what}: {os.strerror(err)}")
