@@ -174,6 +174,10 @@ class MigrationStatus:
     fault_path: str
     pages_recovered: int
     pages_before_resume: int
+    pages_prefetched: int
+    prefetch_hits: int
+    policy: str
+    working_set: bytes
 
 
 @dataclass(frozen=True)

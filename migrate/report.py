@@ -102,6 +102,7 @@ class Pages(_Document):
     recovered: int
     duplicates: int
     page_size: int
+    prefetched: int | None = None
 
 
 @dataclass
@@ -160,6 +161,8 @@ class Report(_Document):
     timeline: list[dict[str, Any]] | None = None
     switchover_s: float | None = None
     resumed_run: str | None = None
+    policy: str | None = None
+    prefetch: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, text: str) -> Report:

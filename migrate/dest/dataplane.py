@@ -15,7 +15,7 @@ import weakref
 from migrate import stats
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
-from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import RoundStats
 from migrate.policies.base import SHAPES, Neighbourhood

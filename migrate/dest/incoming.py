@@ -29,7 +29,7 @@ from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import BulkLoop
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
-from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec

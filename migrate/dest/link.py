@@ -14,7 +14,6 @@ import time
 import grpc
 
 from migrate import rpc
-from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT  # noqa: F401 - the destination paths import it from here
 from migrate.batches import PagesClient
 
 #: Transport failures worth reconnecting for; anything else is a real refusal.

@@ -37,7 +37,8 @@ from migrate._errors import os_error
 from migrate._native import ffi, lib
 from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch
 from migrate.bitmap import SharedBitmap
-from migrate.dest.link import DEFAULT_RECOVERY_TIMEOUT, LinkLost, SourceLink
+from migrate.dest.link import LinkLost, SourceLink
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.proto import migrate_pb2 as pb
 
 #: Bulk requests in flight during a round: keeps the link busy while one installs.
