@@ -94,13 +94,18 @@ class IncomingRun:
         self.recorded_ws: list[tuple[int, int]] = []
         self.before_resume_ms = 0.0  # the guest stayed stopped this long for a policy's before_resume pages
 
-    def set_policy(self, spec: str, working_set: bytes = b"", record_ws: bool = False) -> None:
+    def set_policy(self, spec: str, working_set: bytes = b"", record_ws: bool = False,
+                   allow_modules: bool = False) -> None:
         """Use policy `spec` ("": none) with a working set to replay (wire format), and/or record one.
 
+        A module:Class policy only with `allow_modules` (the agent's
+        --allow-policy-modules): building it imports that module here.
         PolicyError (a ValueError) with one line when the policy cannot be built.
         """
         if spec:
             parsed = parse(spec)
+            if not allow_modules:
+                parsed.require_builtin()
             self._policy = (parsed, parsed.build())
         self._working_set = workingset.unpack(working_set, self.page_count)
         self._record_ws = record_ws
@@ -314,7 +319,9 @@ class IncomingRun:
             "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
             **self.route.to_dict(), "recovery_timeout": self.recovery_timeout, "phase": self.phase,
             "started_ns": self.started_ns,
-            "resumed_ns": self._resumed_ns, "counters": self._counters(), **self._push})
+            "resumed_ns": self._resumed_ns, "counters": self._counters(), **self._push,
+            "policy": str(self._policy[0]) if self._policy else "", "record_ws": self._record_ws,
+            "working_set": workingset.pack(self._working_set).hex()})
 
     def _counters(self) -> dict[str, int]:
         """The run's counters so far, a previous agent's included."""
@@ -328,9 +335,16 @@ class IncomingRun:
         return {key: now[key] + self._before.get(key, 0) for key in _COUNTERS}
 
     @classmethod
-    def rejoin(cls, record: dict, journal: Journal) -> "IncomingRun":
-        """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths."""
+    def rejoin(cls, record: dict, journal: Journal, allow_modules: bool = False) -> "IncomingRun":
+        """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths.
+
+        The run keeps its policy (rebuilt afresh: what it had learnt is
+        lost, a replayed working set's pages here already are skipped);
+        what a recorder saw before the restart is lost too.
+        """
         run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), PageRoute.from_dict(record))
+        run.set_policy(record.get("policy", ""), bytes.fromhex(record.get("working_set", "")),
+                       bool(record.get("record_ws")), allow_modules)
         run.journal = journal
         run.mode = record["mode"]
         run.recovery_timeout = float(record["recovery_timeout"])
