@@ -82,6 +82,20 @@ def test_cli_rejects_bad_policy_in_one_line():
     assert_clean_error(out, "policy trend takes no parameter 'speed'")
 
 
+def test_dest_agent_imports_policy_modules_only_when_allowed(agents, tmp_path):
+    """--policy module:Class runs a module of the client's choosing in the destination agent: opt-in."""
+    from migrate.local import LocalAgent
+    from migrate.rpc import AgentError
+
+    s = spec("hotset", size=4 * MiB, ops=5_000)
+    with pytest.raises(AgentError, match="start it with --allow-policy-modules"):
+        migrate_at(agents, "g", s, 0.3, policy="tests.test_policies:Nothing", data_plane="native")
+    src, _ = agents
+    with LocalAgent("dest", "--allow-policy-modules", log_path=str(tmp_path / "dest2.log")) as dst:
+        doc = migrate_at((src, dst), "g", s, 0.3, policy="tests.test_policies:Nothing", data_plane="native")
+    assert doc["verified"] is True and doc["policy"] == "tests.test_policies:Nothing"
+
+
 def _faults(doc: dict) -> int:
     return doc["faults"]["count"]
 
