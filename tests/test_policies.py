@@ -96,6 +96,15 @@ def test_dest_agent_imports_policy_modules_only_when_allowed(agents, tmp_path):
     assert doc["verified"] is True and doc["policy"] == "tests.test_policies:Nothing"
 
 
+def test_dest_serve_checks_its_restore_policy_in_one_line(tmp_path):
+    sock = str(tmp_path / "u.sock")
+    out = run_cli("dest", "serve", "--listen", "127.0.0.1:0", "--uffd-socket", sock, "--restore-from",
+                  "127.0.0.1:1", "--image", "snap", "--policy", "replay:ws=/nonexistent/ws.json")
+    assert_clean_error(out, "cannot read working set /nonexistent/ws.json")
+    out = run_cli("dest", "serve", "--listen", "127.0.0.1:0", "--record-ws", str(tmp_path / "ws.json"))
+    assert_clean_error(out, "go with --uffd-socket")
+
+
 def _faults(doc: dict) -> int:
     return doc["faults"]["count"]
 
