@@ -26,7 +26,7 @@ from migrate.dest.incoming import MODES, IncomingRun
 from migrate.guest.process import GuestSpec
 from migrate.journal import Journal
 from migrate.metrics import MetricsServer
-from migrate.dest.restore import UffdRestoreListener
+from migrate.dest.restore import RestoreOptions, UffdRestoreListener
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
@@ -93,8 +93,9 @@ class ControlService(pb_grpc.ControlServicer):
 
     def __init__(self, roles: tuple[str, ...], listen_host: str, level: int = 1, compress: str = "auto",
                  backing_dir: BackingDir | None = None, snapshot_dir: BackingDir | None = None,
-                 max_incoming_ram: int = 0) -> None:
+                 max_incoming_ram: int = 0, allow_policy_modules: bool = False) -> None:
         self.roles = roles
+        self.allow_policy_modules = allow_policy_modules  # import a client's --policy module:Class
         self.ledger = Ledger(max_incoming_ram)
         self.guests = GuestTable(backing_dir)
         self.snapshots = Snapshots(snapshot_dir or backing_dir)
@@ -271,7 +272,7 @@ class ControlService(pb_grpc.ControlServicer):
     def _prepare_incoming(self, request: pb.PrepareIncomingRequest, spec: GuestSpec, mode: str,
                           route: planes.PageRoute) -> float:
         run = IncomingRun(request.run_id, request.name, spec, route)
-        run.set_policy(request.policy, request.working_set, request.record_ws)
+        run.set_policy(request.policy, request.working_set, request.record_ws, self.allow_policy_modules)
         if request.recovery_timeout_s > 0:
             run.recovery_timeout = request.recovery_timeout_s
         run.journal = self.journal
@@ -362,7 +363,7 @@ class ControlService(pb_grpc.ControlServicer):
                 self._serve_again(record)
                 continue
             try:
-                run = IncomingRun.rejoin(record, self.journal)
+                run = IncomingRun.rejoin(record, self.journal, self.allow_policy_modules)
             except (OSError, RuntimeError, ValueError, KeyError) as err:
                 log.error("cannot resume incoming run %s: %s", record.get("run_id"), err)
                 self.journal.drop(str(record.get("run_id")))
@@ -416,13 +417,16 @@ class ControlService(pb_grpc.ControlServicer):
 
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
-          uffd_restore: tuple[str, str, str, planes.DataPlane] | None = None, state_dir: str = "",
+          uffd_restore: RestoreOptions | None = None, state_dir: str = "",
           backing_dir: str = "", snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None,
-          level: int = 1, compress: str = "auto", max_incoming_ram: int = 0, metrics: str = "") -> None:
+          level: int = 1, compress: str = "auto", max_incoming_ram: int = 0, metrics: str = "",
+          allow_policy_modules: bool = False) -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
-    `uffd_restore` is (socket path, source agent, image name, data plane) for
-    restoring external processes that connect with a Firecracker-style handshake.
+    `uffd_restore` says how to restore external processes that connect
+    with a Firecracker-style handshake (socket, source agent, image, plane,
+    policy, working-set file to record). `allow_policy_modules` lets a
+    client's `--policy module:Class` be imported here.
     `state_dir` journals incoming runs; the runs a previous agent left there
     are taken over and finished. `backing_dir` is where guests' RAM files
     may be created (none without it); `snapshot_dir` where snapshots are
@@ -433,7 +437,8 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
     control = ControlService(roles, host, level, compress, BackingDir(backing_dir) if backing_dir else None,
-                             BackingDir(snapshot_dir) if snapshot_dir else None, max_incoming_ram)
+                             BackingDir(snapshot_dir) if snapshot_dir else None, max_incoming_ram,
+                             allow_policy_modules)
     if state_dir:
         control.journal = Journal(state_dir)
         control.rejoin_runs()
@@ -447,8 +452,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     exporter = MetricsServer(metrics, control) if metrics else None  # a daemon thread: nothing to undo on failure
     listener = None
     if uffd_restore:
-        path, source, image, plane = uffd_restore
-        listener = UffdRestoreListener(control.incoming, control.lock, path, source, image, plane)
+        listener = UffdRestoreListener(control.incoming, control.lock, uffd_restore)
     server.start()
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

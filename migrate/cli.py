@@ -218,13 +218,24 @@ def dest() -> None:
 @click.option("--max-incoming-ram", type=_Parsed("SIZE", parse_size), default="0",
               help="Most guest RAM promised to incoming runs at once (0: what the host's available memory "
                    "allows); a run past it is refused before its guest leaves the source.")
+@click.option("--policy", default="", metavar="NAME[:K=V,...]",
+              help="With --uffd-socket: the push and prefetch policy of each restore (e.g. replay:ws=FILE).")
+@click.option("--record-ws", type=click.Path(dir_okay=False, writable=True), default="", metavar="FILE",
+              help="With --uffd-socket: write the pages each restore's client faulted on to FILE, "
+                   "for --policy replay:ws=FILE on the next ones.")
+@click.option("--max-bandwidth", type=RATE, default="0",
+              help="With --uffd-socket: cap each restore's bulk push (e.g. 100M, 1gbit).")
+@click.option("--allow-policy-modules", is_flag=True,
+              help="Let a migration's --policy module:Class be imported by this agent (code of the client's "
+                   "choosing, run here: off by default; built-in policies are always allowed).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_metrics_option
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
-               data_plane: str | None, state_dir: str | None, max_incoming_ram: int, verbose: bool, metrics: str,
-               insecure_listen: bool, credentials: Credentials) -> None:
+               data_plane: str | None, state_dir: str | None, max_incoming_ram: int, policy: str, record_ws: str,
+               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, metrics: str, insecure_listen: bool,
+               credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
     \b
@@ -232,15 +243,26 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
       migrate dest serve --listen 127.0.0.1:7071
       migrate dest serve --uffd-socket /tmp/uffd.sock --restore-from 127.0.0.1:7070 --image snap
       migrate dest serve --listen 127.0.0.1:7071 --state-dir /var/lib/migrate/dest
+      migrate dest serve --uffd-socket /tmp/uffd.sock --restore-from 127.0.0.1:7070 --image snap --record-ws snap.ws
+      migrate dest serve --uffd-socket /tmp/uffd.sock --restore-from 127.0.0.1:7070 --image snap \\
+          --policy replay:ws=snap.ws
     """
     if uffd_socket and not (restore_from and image):
         raise click.UsageError("--uffd-socket needs --restore-from and --image")
-    if (restore_from or image or data_plane) and not uffd_socket:
-        raise click.UsageError("--restore-from, --image and --data-plane go with --uffd-socket")
+    if (restore_from or image or data_plane or policy or record_ws or max_bandwidth) and not uffd_socket:
+        raise click.UsageError("--restore-from, --image, --data-plane, --policy, --record-ws and --max-bandwidth "
+                               "go with --uffd-socket")
     plane = planes.DataPlane(data_plane) if data_plane else planes.default_plane(credentials.tls)
-    restore = (uffd_socket, restore_from, image, plane) if uffd_socket else None
+    restore = None
+    if uffd_socket:
+        from migrate.dest.restore import RestoreOptions  # the agent's side pulls in the native layer
+        restore = RestoreOptions(uffd_socket, restore_from, image, plane, policy, record_ws, max_bandwidth)
+        try:
+            restore.check()
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
     _serve("dest", listen, verbose, credentials, insecure_listen, metrics, uffd_restore=restore,
-           state_dir=state_dir or "", max_incoming_ram=max_incoming_ram)
+           state_dir=state_dir or "", max_incoming_ram=max_incoming_ram, allow_policy_modules=allow_policy_modules)
 
 
 # ----------------------------------------------------------------- guests

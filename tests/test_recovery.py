@@ -319,7 +319,7 @@ class Restarter:
 
 def migrate_through_a_restart(name: str, src: str, dst: str, restarter: Restarter, plane: str) -> dict:
     opts = orchestrator.RunOptions(mode="postcopy", verify=True, max_bandwidth=4 * MiB, recovery_timeout=60,
-                                   data_plane=plane)
+                                   data_plane=plane, policy="bubble:step=64")
     try:
         return orchestrator.migrate(name, src, dst, opts)
     finally:
@@ -345,6 +345,7 @@ def test_destination_agent_killed_and_restarted_finishes_the_migration(tmp_path,
             doc = migrate_through_a_restart("phoenix", src.address, first.address, restarter, plane)
             assert "waiting up to 60 s for it to come back" in caplog.text  # not silent while it waits
             assert doc["verified"] is True
+            assert doc["policy"] == "bubble:step=64"  # journaled: the restarted agent runs it too
             assert doc["pages"]["received"] == doc["pages"]["total"]
             # The pages installed before the restart count too (journaled every 0.25 s); those installed
             # after the last journal write count as recovered: the report adds up exactly, whatever the timing.

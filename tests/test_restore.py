@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from migrate.local import LocalAgent
+from migrate.local import LocalAgent, wait_for
+from migrate.policies import workingset
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,3 +40,39 @@ def test_foreign_process_restored_from_image(tmp_path, plane):
     assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())
     assert json.loads(out.stdout) == {"pages": 2048, "bad": 0}
     assert not os.path.exists(sock)  # the agent removed its socket on exit
+
+
+def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str) -> dict:
+    """One restore into a client that touches 10 % of the image (its top), waits for the restore to end
+    (its working-set file written by --record-ws), then checks every page. The push is capped so that it
+    comes to the top of the image long after the client touched it, on any machine."""
+    sock, ws = tmp_path / "uffd.sock", dest_args[dest_args.index("--record-ws") + 1]
+    with LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
+                    "--data-plane", "native", "--max-bandwidth", "64M", *dest_args, log_path=str(tmp_path / "dst.log")):
+        client = subprocess.Popen([sys.executable, str(HERE / "uffd_client.py"), str(sock), str(image), "11", "10"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            touched = json.loads(client.stdout.readline())
+            assert wait_for(lambda: os.path.exists(ws), timeout=60), (tmp_path / "dst.log").read_text()
+            out, _ = client.communicate("done\n", timeout=120)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    assert client.returncode == 0 and json.loads(out)["bad"] == 0, out
+    return touched
+
+
+def test_replayed_restore_faults_half_as_often(tmp_path):
+    """REAP's case: a snapshot restored twice; the second restore pushes first the pages the first one's
+    client faulted on (--record-ws, then --policy replay:ws=); the second's own recording counts its faults."""
+    image = tmp_path / "mem.img"
+    make_image(image, 32768)
+    first, second = str(tmp_path / "first.ws"), str(tmp_path / "second.ws")
+    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src:
+        restore_touching_working_set(tmp_path, src, image, "--record-ws", first)
+        restore_touching_working_set(tmp_path, src, image, "--policy", f"replay:ws={first}",
+                                     "--record-ws", second)
+    faulted_first, faulted_second = workingset.load(first).pages, workingset.load(second).pages
+    assert faulted_first >= 100, faulted_first  # about one fault per 64 KiB block of its working set
+    assert faulted_second * 2 <= faulted_first, (faulted_second, faulted_first)

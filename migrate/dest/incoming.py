@@ -51,6 +51,8 @@ _JOURNAL_EVERY = 0.25
 _COUNTERS = ("pushed", "faulted", "zero", "bytes_wire", "bytes_pages", "faults", "recovered", "before_resume")
 #: Migration modes: switch at once; pre-copy rounds then post-copy; pre-copy then stop-and-copy.
 MODES = ("postcopy", "hybrid", "precopy")
+#: Seconds the guest may stay stopped for a policy's `before_resume` pages (a replayed working set).
+BEFORE_RESUME_LIMIT = 30.0
 
 
 class IncomingRun:
@@ -90,14 +92,20 @@ class IncomingRun:
         self._record_ws = False
         self._runner: PolicyRunner | None = None
         self.recorded_ws: list[tuple[int, int]] = []
+        self.before_resume_ms = 0.0  # the guest stayed stopped this long for a policy's before_resume pages
 
-    def set_policy(self, spec: str, working_set: bytes = b"", record_ws: bool = False) -> None:
+    def set_policy(self, spec: str, working_set: bytes = b"", record_ws: bool = False,
+                   allow_modules: bool = False) -> None:
         """Use policy `spec` ("": none) with a working set to replay (wire format), and/or record one.
 
+        A module:Class policy only with `allow_modules` (the agent's
+        --allow-policy-modules): building it imports that module here.
         PolicyError (a ValueError) with one line when the policy cannot be built.
         """
         if spec:
             parsed = parse(spec)
+            if not allow_modules:
+                parsed.require_builtin()
             self._policy = (parsed, parsed.build())
         self._working_set = workingset.unpack(working_set, self.page_count)
         self._record_ws = record_ws
@@ -224,6 +232,11 @@ class IncomingRun:
                 raise RuntimeError(f"run {self.run_id} still misses {self.page_count - self.bitmap.count()} pages "
                                    "and has no userfaultfd to fetch them: copy them first")
             self._before["before_resume"] = self.bitmap.count()
+            bulk = self._launch(no_push, max_bandwidth)
+            t2 = time.monotonic()
+            self._fetch_before_resume(bulk)
+            self.before_resume_ms = (time.monotonic() - t2) * 1000.0
+            t2 = time.monotonic()
             if self.guest is not None and self.guest.process is not None:
                 state = json.loads(state_json) if state_json else None
                 self.guest.process.resume(state or None)
@@ -231,13 +244,13 @@ class IncomingRun:
             self._t_resume = time.monotonic()
             if self.precopy is not None:  # after the resume: closing a channel takes a while
                 self.precopy.close()
-            reply = pb.StartIncomingReply(resume_ms=(self._t_resume - t1) * 1000.0, discard_ms=(t1 - t0) * 1000.0,
+            reply = pb.StartIncomingReply(resume_ms=(self._t_resume - t2) * 1000.0, discard_ms=(t1 - t0) * 1000.0,
                                           discarded=discarded)
         self._go(no_push, max_bandwidth)
         return reply
 
-    def _go(self, no_push: bool, max_bandwidth: int) -> None:
-        """Let the bulk path go (or stop it: --no-push) and watch for the last page."""
+    def _launch(self, no_push: bool, max_bandwidth: int) -> BulkLoop | NativeBulk | None:
+        """Start the policy and let the bulk path go (or stop it: --no-push); the guest may still be stopped."""
         bulk = self.paths.get("bulk")
         if bulk is not None and no_push:
             bulk.stop()
@@ -246,6 +259,30 @@ class IncomingRun:
         self._start_policy(bulk)
         if bulk is not None:
             bulk.start(max_bandwidth)
+        return bulk
+
+    def _fetch_before_resume(self, bulk: BulkLoop | NativeBulk | None) -> None:
+        """Wait until the policy's `before_resume` ranges are here (the bulk path fetches them first).
+
+        Gives up, resuming the guest anyway, if the bulk path fails or they
+        take longer than BEFORE_RESUME_LIMIT: the guest then faults on the rest.
+        """
+        ranges = self._runner.before_resume if self._runner is not None and bulk is not None else []
+        deadline, i = time.monotonic() + BEFORE_RESUME_LIMIT, 0
+        while i < len(ranges):
+            first, count = ranges[i]
+            if self.bitmap.next_clear(first) >= first + count:
+                i += 1
+                continue
+            why = bulk.failure() or ("it took too long" if time.monotonic() > deadline else "")
+            if why:
+                log.warning("run %s resumes with %d of %d working-set ranges missing: %s", self.run_id,
+                            len(ranges) - i, len(ranges), why)
+                return
+            time.sleep(0.001)
+
+    def _go(self, no_push: bool, max_bandwidth: int) -> None:
+        """Watch for the last page (the paths and the policy run)."""
         self._push = {"no_push": no_push, "max_bandwidth": max_bandwidth}
         self._resumed_ns = self._resumed_ns or time.time_ns()
         self.phase = "running"
@@ -282,7 +319,9 @@ class IncomingRun:
             "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
             **self.route.to_dict(), "recovery_timeout": self.recovery_timeout, "phase": self.phase,
             "started_ns": self.started_ns,
-            "resumed_ns": self._resumed_ns, "counters": self._counters(), **self._push})
+            "resumed_ns": self._resumed_ns, "counters": self._counters(), **self._push,
+            "policy": str(self._policy[0]) if self._policy else "", "record_ws": self._record_ws,
+            "working_set": workingset.pack(self._working_set).hex()})
 
     def _counters(self) -> dict[str, int]:
         """The run's counters so far, a previous agent's included."""
@@ -296,9 +335,16 @@ class IncomingRun:
         return {key: now[key] + self._before.get(key, 0) for key in _COUNTERS}
 
     @classmethod
-    def rejoin(cls, record: dict, journal: Journal) -> "IncomingRun":
-        """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths."""
+    def rejoin(cls, record: dict, journal: Journal, allow_modules: bool = False) -> "IncomingRun":
+        """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths.
+
+        The run keeps its policy (rebuilt afresh: what it had learnt is
+        lost, a replayed working set's pages here already are skipped);
+        what a recorder saw before the restart is lost too.
+        """
         run = cls(record["run_id"], record["name"], GuestSpec.from_dict(record["spec"]), PageRoute.from_dict(record))
+        run.set_policy(record.get("policy", ""), bytes.fromhex(record.get("working_set", "")),
+                       bool(record.get("record_ws")), allow_modules)
         run.journal = journal
         run.mode = record["mode"]
         run.recovery_timeout = float(record["recovery_timeout"])
@@ -316,7 +362,9 @@ class IncomingRun:
         if running:  # elapsed time counts from the resume, before the restart
             run._count_recovered()
             run._t_resume = time.monotonic() - max(time.time_ns() - run._resumed_ns, 0) / 1e9
-            run._go(bool(record.get("no_push")), int(record.get("max_bandwidth", 0)))
+            no_push, max_bandwidth = bool(record.get("no_push")), int(record.get("max_bandwidth", 0))
+            run._launch(no_push, max_bandwidth)
+            run._go(no_push, max_bandwidth)
         return run
 
     def _count_recovered(self) -> None:
@@ -415,7 +463,7 @@ class IncomingRun:
         detail: dict = {k: w.last for k, w in self.paths.items()}
         detail["started_ns"] = self.started_ns
         if self._runner is not None:
-            detail["policy"] = self._runner.summary()
+            detail["policy"] = dict(self._runner.summary(), before_resume_ms=round(self.before_resume_ms, 3))
         faults = detail.get("faults", {})
         return pb.MigrationStatus(
             run_id=self.run_id, phase=self.phase, error=self.error,

@@ -6,6 +6,10 @@ handshake, not only our runner) connects, sends its registered userfaultfd
 and region list; the agent then resolves that process's faults, and pushes
 the rest of the image, from the source agent serving image NAME, on the
 data plane the agent was given (native unless TLS is configured).
+
+With `--record-ws FILE` each restore writes the pages its client faulted
+on; with `--policy replay:ws=FILE` each restore pushes them first: REAP's
+case, a function snapshot restored again and again.
 """
 from __future__ import annotations
 
@@ -15,17 +19,22 @@ import socket
 import stat
 import threading
 import time
+from dataclasses import dataclass
 
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
 from migrate.handshake import recv_handshake
 from migrate.planes import DataPlane, PageRoute
+from migrate.policies import parse, workingset
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 
 log = logging.getLogger("migrate.restore")
 _HANDSHAKE_TIMEOUT = 10.0
+#: Sent to the client once its restore runs, a policy's `before_resume` pages (a replayed working set)
+#: in: a VMM that waits for it resumes its guest then (REAP's eager prefetch); one that does not, ignores it.
+READY = b"R"
 
 
 def _require_userfaultfd(fd: int) -> None:
@@ -39,17 +48,35 @@ def _require_userfaultfd(fd: int) -> None:
         raise ValueError(f"handshake carried {kind}, not a userfaultfd")
 
 
-class UffdRestoreListener:
-    """Accepts handshakes on `path` and restores each client from `image`."""
+@dataclass(frozen=True)
+class RestoreOptions:
+    """`dest serve --uffd-socket PATH --restore-from SOURCE --image NAME [--policy P] [--record-ws FILE]`."""
 
-    def __init__(self, incoming: dict[str, IncomingRun], lock: threading.Lock, path: str, source: str,
-                 image: str, plane: DataPlane) -> None:
+    path: str
+    source: str
+    image: str
+    plane: DataPlane
+    policy: str = ""      # the operator's own: a module:Class is allowed
+    record_ws: str = ""   # written after each restore
+    max_bandwidth: int = 0  # bytes/s of each restore's bulk push (0: no cap)
+
+    def check(self) -> None:
+        """PolicyError (a ValueError) with one line when the policy cannot be built."""
+        if self.policy:
+            parse(self.policy).build()
+
+
+class UffdRestoreListener:
+    """Accepts handshakes on `opts.path` and restores each client from `opts.image`."""
+
+    def __init__(self, incoming: dict[str, IncomingRun], lock: threading.Lock, opts: RestoreOptions) -> None:
         self._incoming = incoming
-        self._plane = plane
+        self._opts = opts
+        self._plane = opts.plane
         self._lock = lock
-        self._path = path
-        self._source = source
-        self._image = image
+        self._path = path = opts.path
+        self._source = opts.source
+        self._image = opts.image
         self._count = 0
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -85,16 +112,20 @@ class UffdRestoreListener:
                 source.call("Switchover", ref)
                 run = IncomingRun(prep.run_id, f"{self._image}-restore-{self._count}", spec_from_pb(prep.spec),
                                   PageRoute.offered(self._source, prep, self._plane))
+                run.set_policy(self._opts.policy, record_ws=bool(self._opts.record_ws), allow_modules=True)
                 run.attach(uffd_fd, [dict(r) for r in regions])
                 run.start_paths()
                 with self._lock:
                     self._incoming[run.run_id] = run
-                run.start(b"", no_push=False, max_bandwidth=0)
+                run.start(b"", no_push=False, max_bandwidth=self._opts.max_bandwidth)
+                conn.sendall(READY)
                 log.warning("restoring image %s into a handshake client (run %s)", self._image, run.run_id)
                 while run.phase == "running":
                     time.sleep(0.05)
                 source.call("CompleteOutgoing", ref)
                 log.warning("restore run %s %s %s", run.run_id, run.phase, run.error)
+                if self._opts.record_ws and run.phase == "complete":
+                    workingset.save(self._opts.record_ws, run.page_count, run.spec.page_size, run.recorded_ws)
         except (ValueError, OSError, AgentError, RuntimeError) as err:
             log.error("uffd handshake client not restored: %s", err)
             if run is not None:

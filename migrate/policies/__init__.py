@@ -34,6 +34,16 @@ class PolicySpec:
     def get(self, key: str) -> str | None:
         return dict(self.params).get(key)
 
+    @property
+    def builtin(self) -> bool:
+        return self.name in BUILTINS
+
+    def require_builtin(self) -> None:
+        """PolicyError unless a built-in: an agent imports a user's module only when started to (--allow-policy-modules)."""
+        if not self.builtin:
+            raise PolicyError(f"policy {self.name} is a module:Class, and this destination agent loads none; "
+                              f"start it with --allow-policy-modules, or use one of {', '.join(BUILTINS)}")
+
     def policy_class(self) -> type[Policy]:
         if self.name in BUILTINS:
             return BUILTINS[self.name]

@@ -35,7 +35,8 @@ pages already received or asked are skipped, so a policy may name ranges
 loosely. `replace` drops what is still queued first. The queue is bounded
 (`Tick.queued` says how many ranges wait): what does not fit waits in the
 runner and is queued as room frees. A `neighbourhood` applies to the
-following faults; None leaves it as it is.
+following faults; None leaves it as it is. start() may also name ranges
+`before_resume`: the destination fetches them before it lets the guest run.
 """
 from __future__ import annotations
 
@@ -118,6 +119,10 @@ class Decision:
     push: list[tuple[int, int]] = field(default_factory=list)
     replace: bool = False
     neighbourhood: Neighbourhood | None = None
+    #: Only from start(): ranges queued before `push` and fetched BEFORE the guest resumes (REAP's eager
+    #: prefetch of a recorded working set): the guest's first accesses find them here instead of faulting,
+    #: for a longer stop. Ignored with --no-push (nothing pulls them then).
+    before_resume: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Policy:

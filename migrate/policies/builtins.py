@@ -138,24 +138,40 @@ class Trend(Policy):
 
 
 class Replay(Policy):
-    """Pushes first the pages a previous run of the same guest faulted on (a working-set file).
+    """Fetches first the pages a previous run of the same guest faulted on (a working-set file), as REAP does.
 
     `ws=FILE` is read by the command that names it: `migrate run` sends it
-    to the destination, `migrate dest serve` reads it itself. The rest
-    follows the cursor; the neighbourhood is the default block.
+    to the destination, `migrate dest serve` reads it itself. With `eager=1`
+    (the default) the working set is fetched before the guest resumes:
+    queued after the resume it would race the guest, which touches its
+    working set in its first milliseconds, and lose (the first migration's
+    faults come then). `eager=0` only queues it first. A working set
+    holds the pages faulted on; each fault also fetched its aligned block,
+    whose other pages the guest went on to use without faulting, so each
+    recorded page brings its aligned block of `block` pages (the default
+    neighbourhood; 1: the pages alone). The rest follows the cursor; the
+    neighbourhood is the default block.
     """
 
     name = "replay"
-    params = {"ws": str}
+    params = {"ws": str, "eager": int, "block": int}
 
-    def __init__(self, ws: str = "") -> None:
+    def __init__(self, ws: str = "", eager: int = 1, block: int = DEFAULT_PAGES) -> None:
+        if eager not in (0, 1):
+            raise ValueError("eager is 0 or 1")
+        if not 1 <= block <= MAX_NEIGHBOURHOOD:
+            raise ValueError(f"block is 1..{MAX_NEIGHBOURHOOD} pages")
         self.working_set = workingset.load(ws) if ws else None
+        self.eager, self.block = bool(eager), block
 
     def start(self, run: RunInfo) -> Decision:
         ranges = list(run.working_set)
         if not ranges and self.working_set is not None:
             self.working_set.check_fits(run.npages, run.page_size)
             ranges = list(self.working_set.ranges)
+        ranges = workingset.blocks_of(ranges, self.block, run.npages)
+        if self.eager:
+            return Decision(before_resume=ranges, neighbourhood=Neighbourhood())
         return Decision(push=ranges, neighbourhood=Neighbourhood())
 
 

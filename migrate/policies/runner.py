@@ -51,13 +51,21 @@ class PolicyRunner:
         self._seen: set[int] = set()
         self._order: list[int] = []
         self._counts = (0, 0)
+        self.before_resume: list[tuple[int, int]] = []
         self._failed = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """The policy's first decision, applied before the bulk path starts; then the thread."""
-        self._apply(self._call(self.policy.start, self._run))
+        """The policy's first decision, applied before the bulk path starts; then the thread.
+
+        Its `before_resume` ranges are queued first and kept in
+        self.before_resume, for the run to wait for before resuming the guest.
+        """
+        first = self._call(self.policy.start, self._run)
+        self.before_resume = [r for r in first.before_resume if r[1] > 0]
+        first.push = self.before_resume + first.push
+        self._apply(first)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="policy")
         self._thread.start()
 

@@ -48,6 +48,23 @@ def ranges_of(pages: Iterable[int]) -> list[tuple[int, int]]:
     return out
 
 
+def blocks_of(ranges: Sequence[tuple[int, int]], block: int, npages: int) -> list[tuple[int, int]]:
+    """The aligned blocks of `block` pages the ranges touch, each once, in the ranges' order, merged."""
+    out: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for first, count in ranges:
+        for b in range(first - first % block, first + count, block):
+            if b in seen or b >= npages:
+                continue
+            seen.add(b)
+            n = min(block, npages - b)
+            if out and out[-1][0] + out[-1][1] == b:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((b, n))
+    return out
+
+
 def pack(ranges: Sequence[tuple[int, int]]) -> bytes:
     if len(ranges) > MAX_RANGES:
         raise PolicyError(f"a working set holds at most {MAX_RANGES} ranges, not {len(ranges)}")

@@ -1,0 +1,107 @@
+"""Benchmark: push and prefetch policies side by side, and the REAP case (issue 15).
+
+    python scripts/bench_policies.py [--size 512M] [--workloads seq-read,random-read,hotset,zipf]
+                                     [--max-bandwidth 200M] [--ops 200000] [--image 512M] [--json out.json]
+
+Per workload, a fresh guest (same seed each time) runs until a tenth of its
+--ops are done, then migrates post-copy over loopback (native data plane
+and fault path, the push capped by --max-bandwidth so that the order of
+pages matters) under `sequential`, `bubble` and `trend`; the `sequential`
+run records the working set (--record-ws), and `replay` migrates the same
+guest again with it. One row per (workload, policy): remote faults, guest
+blocked ms, downtime, total time. Then REAP's case: an --image-sized
+snapshot restored twice over --uffd-socket into the handshake test client
+(tests/uffd_client.py), which touches a fixed 10 % of it in random order;
+the first restore records, the second replays: the client's time to touch
+its working set and the faults of each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from migrate import orchestrator  # noqa: E402
+from migrate.local import LocalAgent, wait_for  # noqa: E402
+from migrate.policies import workingset  # noqa: E402
+from migrate.units import parse_rate, parse_size  # noqa: E402
+from tests.test_migration import launch, ops_done, spec, stop  # noqa: E402
+from tests.test_restore import make_image, restore_touching_working_set  # noqa: E402
+
+POLICIES = ("sequential", "bubble", "trend", "replay")
+
+
+def one_run(src: str, dst: str, size: int, workload: str, ops: int, policy: str, max_bandwidth: int,
+            record_ws: str = "") -> dict:
+    s = spec(workload, size=size, ops=ops)
+    launch(src, "bench", s)
+    wait_for(lambda: ops_done(src, "bench") >= ops // 10, timeout=600)
+    t0 = time.monotonic()
+    doc = orchestrator.migrate("bench", src, dst, orchestrator.RunOptions(
+        mode="postcopy", timeout=600, data_plane="native", fault_path="native", policy=policy,
+        record_ws=record_ws, max_bandwidth=max_bandwidth))
+    stop(dst, "bench")
+    return {"faults": doc["faults"]["count"], "blocked_ms": doc["guest"]["blocked_ms"],
+            "downtime_ms": doc["downtime_ms"], "total_s": doc["total_s"], "wall_s": time.monotonic() - t0,
+            "hit_ratio": doc["prefetch"]["hit_ratio"]}
+
+
+def policies(args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    with LocalAgent("source", log_path=str(work / "src.log")) as src, \
+            LocalAgent("dest", log_path=str(work / "dst.log")) as dst:
+        for workload in args.workloads.split(","):
+            ws = str(work / f"{workload}.ws")
+            for policy in POLICIES:
+                name = f"replay:ws={ws}" if policy == "replay" else policy
+                row = one_run(src.address, dst.address, args.size, workload, args.ops, name, args.max_bandwidth,
+                              record_ws=ws if policy == "sequential" else "")
+                rows.append({"workload": workload, "policy": policy, **row})
+                print(f"{workload:12} {policy:10} faults {row['faults']:7} blocked {row['blocked_ms']:9.1f} ms "
+                      f"downtime {row['downtime_ms']:8.1f} ms total {row['total_s']:6.2f} s "
+                      f"hits {row['hit_ratio']:.2f}", flush=True)
+    return rows
+
+
+def reap(args: argparse.Namespace, work: Path) -> dict:
+    image = work / "snap.img"
+    make_image(image, args.image // 4096)
+    first, second = str(work / "first.ws"), str(work / "second.ws")
+    with LocalAgent("source", "--image", f"snap={image}", log_path=str(work / "reap-src.log")) as src:
+        cold = restore_touching_working_set(work, src, image, "--record-ws", first)
+        warm = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={first}",
+                                            "--record-ws", second)
+    out = {"first_ms": cold["ws_ms"], "replayed_ms": warm["ws_ms"], "ws_pages": cold["ws_pages"],
+           "first_faults": workingset.load(first).pages, "replayed_faults": workingset.load(second).pages}
+    print(f"REAP {args.image // (1 << 20)} MiB, {out['ws_pages']} pages touched: first {out['first_ms']:.1f} ms "
+          f"({out['first_faults']} faults), replayed {out['replayed_ms']:.1f} ms ({out['replayed_faults']} faults), "
+          f"{out['first_ms'] / max(out['replayed_ms'], 1e-3):.1f}x", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=parse_size, default=parse_size("512M"))
+    ap.add_argument("--image", type=parse_size, default=parse_size("512M"))
+    ap.add_argument("--ops", type=int, default=200_000)
+    ap.add_argument("--workloads", default="seq-read,random-read,hotset,zipf")
+    ap.add_argument("--max-bandwidth", type=parse_rate, default=parse_rate("200M"))
+    ap.add_argument("--skip-reap", action="store_true")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-policies-") as tmp:
+        doc = {"policies": policies(args, Path(tmp))}
+        if not args.skip_reap:
+            doc["reap"] = reap(args, Path(tmp))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
