@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from migrate import orchestrator
+from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
 from migrate.policies.base import Neighbourhood, Policy, RunInfo
 from tests.test_cli import assert_clean_error, run_cli
+from migrate.proto import migrate_pb2 as pb
 from tests.test_migration import WORKLOADS, migrate_at, spec
 
 MiB = 1 << 20
@@ -146,24 +149,41 @@ def test_trend_halves_the_faults_of_a_sequential_reader(agents, fault_path):
     assert trend["prefetch"]["hit_ratio"] > 0.5
 
 
-def test_replay_halves_the_faults_of_a_repeated_hotset_migration(agents, tmp_path):
-    """The second migration of the same guest (same seed) fetches what the first one's faults fetched
-    before it resumes (REAP's case); the first, under `sequential`, is the baseline.
+def migrate_paused(agents, name: str, s: pb.GuestSpec, **opts) -> dict:
+    """Launch `name` paused, migrate it (it does all its work on the destination), stop it there.
 
-    The guest has little work left after the switch, as a function invocation does: with much left,
-    hotset's cold 10 % of accesses land in nearly every 64 KiB block and the working set is the whole
-    guest, and replaying it is a stop-and-copy.
+    The same guest then touches the same pages in the same order on every
+    run, whatever the machine's speed: a deterministic working set."""
+    src, dst = agents
+    with AgentClient(src.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=s, start_paused=True), timeout=120)
+    try:
+        doc = orchestrator.migrate(name, src.address, dst.address,
+                                   orchestrator.RunOptions(mode="postcopy", verify=True, **opts))
+    finally:
+        for agent in agents:
+            with AgentClient(agent.address) as c:
+                c.stop_if_hosted(name)
+    return doc
+
+
+def test_replay_halves_the_faults_of_a_repeated_hotset_migration(agents, tmp_path):
+    """The second migration of the same guest (same seed, same work) fetches what the first one's
+    faults fetched before it resumes (REAP's case); the first, under `sequential`, is the baseline.
+
+    The guest starts paused and does all of its (little) work on the destination, as a function
+    invocation does: with much work, hotset's cold 10 % of accesses land in nearly every 64 KiB
+    block and the working set is the whole guest, and replaying it is a stop-and-copy.
     """
     ws = str(tmp_path / "hotset.ws")
-    s = spec("hotset", size=32 * MiB, ops=5_000, rate=10_000)
-    first = migrate_at(agents, "g", s, 0.8, policy="sequential", record_ws=ws, max_bandwidth=20 * MiB,
-                       data_plane="native", fault_path="native")
+    s = spec("hotset", size=32 * MiB, ops=1_500, rate=10_000)
+    opts = dict(max_bandwidth=20 * MiB, data_plane="native", fault_path="native")
+    first = migrate_paused(agents, "g", s, policy="sequential", record_ws=ws, **opts)
     recorded = workingset.load(ws)
     assert 0 < recorded.pages <= _faults(first), (recorded.pages, _faults(first))
     fetched = sum(n for _, n in workingset.blocks_of(recorded.ranges, 16, recorded.npages))
     assert fetched * 2 < recorded.npages, fetched  # a working set, not the whole guest
-    second = migrate_at(agents, "g", s, 0.8, policy=f"replay:ws={ws}", max_bandwidth=20 * MiB,
-                        data_plane="native", fault_path="native")
+    second = migrate_paused(agents, "g", s, policy=f"replay:ws={ws}", **opts)
     assert first["verified"] and second["verified"]
-    assert _faults(first) >= 40, _faults(first)  # the guest still had work when it moved
+    assert _faults(first) >= 40, _faults(first)  # the guest worked on the destination
     assert _faults(second) * 2 <= _faults(first), (_faults(second), _faults(first))
