@@ -51,6 +51,9 @@ FEATURE_POISON: int = lib.UFFD_FEATURE_POISON
 FEATURE_WP_ASYNC: int = lib.UFFD_FEATURE_WP_ASYNC
 FEATURE_MOVE: int = lib.UFFD_FEATURE_MOVE
 
+#: The non-cooperative events: the guest's madvise, munmap, mremap and fork, told to the handler.
+EVENT_FEATURES = FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP | FEATURE_EVENT_REMAP | FEATURE_EVENT_FORK
+
 _FEATURE_NAMES = {value: name[len("FEATURE_"):] for name, value in globals().items() if name.startswith("FEATURE_")}
 
 

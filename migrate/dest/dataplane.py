@@ -235,7 +235,8 @@ class NativeFaultLoop(_Path):
 
     def _snapshot(self) -> dict:
         c = self._path._counters
-        return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken)}
+        return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken),
+                "events": self._mem.io.events()}
 
     def _latency(self) -> dict:
         """The latency summary as FaultLoop's: percentiles from the newest samples, the rest exact."""
