@@ -259,6 +259,12 @@ class FaultReader:
     def fd(self) -> int:
         return self._fd
 
+    def close(self) -> None:
+        """Free the space now (else when the reader is collected); no path may use it afterwards."""
+        if self._space is not None:
+            ffi.release(self._space)
+            self._space = None
+
     @property
     def features(self) -> int:
         """The features the userfaultfd's creator enabled (0 if the kernel does not say)."""

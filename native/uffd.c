@@ -222,8 +222,6 @@ int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t
  * mig_read_faults. Each blocked guest thread has at most one fault pending,
  * so this is far more than a guest has threads. */
 #define STASH_MSGS 1024
-/* Faults put off while an event was pending (-EAGAIN), woken after it. */
-#define DEFER_MAX 256
 
 struct mig_space {
     pthread_rwlock_t lock;        /* installers read, the event handler writes (see uffd.h) */
@@ -235,9 +233,8 @@ struct mig_space {
     int nregions;
     struct mig_region *regions;   /* changed by REMAP and UNMAP, under the write lock */
     struct mig_event_stats ev;
-    uint32_t nstash, ndefer;
+    uint32_t nstash;
     struct uffd_msg stash[STASH_MSGS];
-    uint64_t defer[DEFER_MAX];
 };
 
 #define EVENT_FEATURES \
@@ -269,9 +266,12 @@ struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nr
     struct mig_space *s = calloc(1, sizeof(*s));
     if (!s)
         return NULL;
+    int64_t features = fd_features(fd);
+    s->features = features < 0 ? 0 : (uint64_t)features;
+    s->events = features < 0 || (features & EVENT_FEATURES); /* unknown: assume it may */
     s->regions = calloc((size_t)(nregions > 0 ? nregions : 1), sizeof(*regions));
-    s->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (!s->regions || s->wakefd < 0) {
+    s->wakefd = s->events ? eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1; /* only pump() stashes */
+    if (!s->regions || (s->events && s->wakefd < 0)) {
         if (s->wakefd >= 0)
             close(s->wakefd);
         free(s->regions);
@@ -282,9 +282,6 @@ struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nr
     s->nregions = nregions;
     s->fd = fd;
     s->page_size = page_size;
-    int64_t features = fd_features(fd);
-    s->features = features < 0 ? 0 : (uint64_t)features;
-    s->events = features < 0 || (features & EVENT_FEATURES); /* unknown: assume it may */
     pthread_rwlockattr_t a;
     pthread_rwlockattr_init(&a);
     /* The event handler must not starve behind a stream of installs. */
@@ -299,7 +296,8 @@ void mig_space_free(struct mig_space *s)
     if (!s)
         return;
     pthread_rwlock_destroy(&s->lock);
-    close(s->wakefd);
+    if (s->wakefd >= 0)
+        close(s->wakefd);
     free(s->regions);
     free(s);
 }
@@ -408,7 +406,7 @@ static int64_t rework(struct mig_space *s, uint64_t *bitmap, uint64_t start, uin
 static int handle_events(struct mig_space *s, uint64_t *bitmap, struct uffd_msg *msgs, int k,
                          struct mig_fault_stats *stats)
 {
-    int nf = 0, any = 0;
+    int nf = 0;
     for (int i = 0; i < k; i++) {
         const struct uffd_msg *m = &msgs[i];
         uint64_t start = 0, end = 0;
@@ -451,12 +449,6 @@ static int handle_events(struct mig_space *s, uint64_t *bitmap, struct uffd_msg 
             stats->other_events++;
         if (end > start)
             mig_uffd_wake(s->fd, start, end - start);
-        any = 1;
-    }
-    if (any) { /* the event that put them off is read: let them fault again */
-        for (uint32_t i = 0; i < s->ndefer; i++)
-            mig_uffd_wake(s->fd, s->defer[i], s->page_size);
-        s->ndefer = 0;
     }
     return nf;
 }
@@ -540,7 +532,9 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
  * thread), one discarded since it was received (REMOVE, a punched hole: it
  * is missing again, and a discarded page reads as zeros), or an address
  * outside every region (memory that is not the image's: zeros). A zero page
- * that meets -EAGAIN (an event is pending) is put off until the event is read. */
+ * that meets -EAGAIN is put off: the kernel says so from an event's start
+ * until its own thread runs on after we read it, so the faulting thread is
+ * woken to fault again, and tried again when that fault is read. */
 static void serve_zero(struct mig_space *s, uint64_t addr, struct mig_fault_stats *stats)
 {
     uint64_t eexist = 0, ioctls = 0, covered = 0;
@@ -549,12 +543,9 @@ static void serve_zero(struct mig_space *s, uint64_t addr, struct mig_fault_stat
         s->ev.zero_served++;
     } else if (eexist) {
         stats->woken++;
-    } else if (!covered && (r == 0 || r == -EAGAIN)) {
+    } else if (!covered && r == 0) {
         s->ev.deferred++;
-        if (s->ndefer < DEFER_MAX)
-            s->defer[s->ndefer++] = addr;
-        else
-            mig_uffd_wake(s->fd, addr, s->page_size); /* it faults again at once */
+        mig_uffd_wake(s->fd, addr, s->page_size);
     }
     /* Any other error (the range is gone, the process exited) leaves nobody to serve. */
 }
@@ -569,7 +560,7 @@ int mig_read_faults(struct mig_space *s, uint64_t *bitmap, uint64_t *out_pages, 
             return r < 0 ? -errno : 0;
     }
     uint64_t drained;
-    if (read(s->wakefd, &drained, sizeof(drained)) < 0) { /* EAGAIN: nothing was stashed */
+    if (s->wakefd >= 0 && read(s->wakefd, &drained, sizeof(drained)) < 0) { /* EAGAIN: nothing was stashed */
     }
 
     struct uffd_msg msgs[MSG_BATCH];

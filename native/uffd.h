@@ -128,7 +128,7 @@ struct mig_event_stats {
     uint64_t remapped_pages;
     uint64_t fork;           /* UFFD_EVENT_FORK: a child's userfaultfd, refused (closed) */
     uint64_t zero_served;    /* faults answered with a zero page: a discarded page, or outside every region */
-    uint64_t deferred;       /* faults put off while the mm was changing, woken once its event was read */
+    uint64_t deferred;       /* zero pages put off while the mm was changing: woken to fault again */
 };
 
 /* The guest address space one userfaultfd serves: its region table, which
@@ -157,7 +157,8 @@ void mig_space_events(struct mig_space *s, struct mig_event_stats *out);
 int mig_space_regions(struct mig_space *s, struct mig_region *out, int max);
 /* 1 if faults read by an installer wait for mig_read_faults. */
 int mig_space_stashed(struct mig_space *s);
-/* Readable when an installer stashed faults: poll it beside the fd. */
+/* Readable when an installer stashed faults: poll it beside the fd (-1 on
+ * an fd without events, where nothing is ever stashed). */
 int mig_space_wakefd(const struct mig_space *s);
 
 int mig_uffd_open(int nonblock);

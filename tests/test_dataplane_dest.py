@@ -69,6 +69,7 @@ class Restored:
 
     def close(self) -> None:
         self.proc.stop()
+        self.mem.io.close()
         self.uffd.close()
         self.bitmap.close()
 
