@@ -416,19 +416,15 @@ static int handle_events(struct mig_space *s, uint64_t *bitmap, struct uffd_msg 
             msgs[nf++] = *m;
             continue;
         case UFFD_EVENT_REMOVE: /* the kernel zaps the range once this is read */
+        case UFFD_EVENT_UNMAP: { /* already unmapped: out of the table too */
+            int unmap = m->event == UFFD_EVENT_UNMAP;
             start = m->arg.remove.start;
             end = m->arg.remove.end;
-            pages = rework(s, bitmap, start, end, 1, 0, 0, 0);
-            s->ev.remove++;
-            s->ev.removed_pages += pages > 0 ? (uint64_t)pages : 0;
+            pages = rework(s, bitmap, start, end, 1, unmap, 0, 0);
+            ++*(unmap ? &s->ev.unmap : &s->ev.remove);
+            *(unmap ? &s->ev.unmapped_pages : &s->ev.removed_pages) += pages > 0 ? (uint64_t)pages : 0;
             break;
-        case UFFD_EVENT_UNMAP: /* already unmapped */
-            start = m->arg.remove.start;
-            end = m->arg.remove.end;
-            pages = rework(s, bitmap, start, end, 1, 1, 0, 0);
-            s->ev.unmap++;
-            s->ev.unmapped_pages += pages > 0 ? (uint64_t)pages : 0;
-            break;
+        }
         case UFFD_EVENT_REMAP: /* already moved */
             start = m->arg.remap.from;
             end = start + m->arg.remap.len;

@@ -6,6 +6,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from migrate.local import LocalAgent, wait_for
@@ -27,13 +29,20 @@ def make_image(path: Path, pages: int, page: int = 4096) -> None:
     path.write_bytes(b"".join(chunks))
 
 
+@contextmanager
+def restoring(tmp_path: Path, image: Path, sock: Path) -> Iterator[None]:
+    """A source agent serving `image` and a destination agent restoring it into whoever connects to `sock`."""
+    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
+            LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
+                       log_path=str(tmp_path / "dst.log")):
+        yield
+
+
 def test_foreign_process_restored_from_image(tmp_path):
     image = tmp_path / "mem.img"
     make_image(image, 2048)
     sock = tmp_path / "uffd.sock"
-    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
-            LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                       log_path=str(tmp_path / "dst.log")):
+    with restoring(tmp_path, image, sock):
         out = subprocess.run([sys.executable, str(HERE / "uffd_client.py"), str(sock), str(image), "11"],
                              capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())
@@ -51,9 +60,7 @@ def test_foreign_process_changing_its_memory_during_the_restore(tmp_path):
     image = tmp_path / "mem.img"
     make_image(image, 2048)
     sock = tmp_path / "uffd.sock"
-    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
-            LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                       log_path=str(tmp_path / "dst.log")):
+    with restoring(tmp_path, image, sock):
         out = subprocess.run([str(exe), str(sock), str(image)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())
         assert json.loads(out.stdout) == {"pages": 2048, "bad": 0}
