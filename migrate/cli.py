@@ -24,7 +24,7 @@ from migrate.security import ENV, Credentials, listen_policy
 from migrate.units import format_size, parse_rate, parse_size
 
 MiB = 1024 * 1024
-WORKLOADS = ("seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle")
+WORKLOADS = ("seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle", "balloon")
 
 
 class _Parsed(click.ParamType):

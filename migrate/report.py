@@ -287,6 +287,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         "prefetch": {"pages": status.pages_prefetched, "hits": status.prefetch_hits,
                      "hit_ratio": round(status.prefetch_hits / status.pages_prefetched, 3)
                      if status.pages_prefetched else 0.0},
+        "events": faults.get("events", {}),  # what the guest did to its memory meanwhile (REMOVE, UNMAP, ...)
         "bytes": {"wire": wire, "pages": page_bytes},
         "compression_ratio": round(page_bytes / wire, 3) if wire else 1.0,
         "precopy": precopy or {"rounds": [], "pages": 0, "bytes": 0},
@@ -341,6 +342,9 @@ def table(doc: dict) -> str:
     for i, r in enumerate(pre.get("rounds", []), 1):
         rows.append((f"pre-copy {i}", f"{r['sent']} pages sent in {r['seconds']:.3f} s, {r['dirty']} dirtied "
                                       f"({r['dirty_rate']:.0f} pages/s)"))
+    if any(doc.get("events", {}).values()):
+        ev = doc["events"]
+        rows.append(("guest events", ", ".join(f"{k} {v}" for k, v in ev.items() if v)))
     if doc.get("link", {}).get("outages"):
         rows.append(("link", f"{doc['link']['outages']} outage(s) ridden out, "
                              f"{doc['link']['paused_s']:.2f} s waiting for the source"))

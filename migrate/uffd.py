@@ -51,6 +51,9 @@ FEATURE_POISON: int = lib.UFFD_FEATURE_POISON
 FEATURE_WP_ASYNC: int = lib.UFFD_FEATURE_WP_ASYNC
 FEATURE_MOVE: int = lib.UFFD_FEATURE_MOVE
 
+#: The non-cooperative events: the guest's madvise, munmap, mremap and fork, told to the handler.
+EVENT_FEATURES = FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP | FEATURE_EVENT_REMAP | FEATURE_EVENT_FORK
+
 _FEATURE_NAMES = {value: name[len("FEATURE_"):] for name, value in globals().items() if name.startswith("FEATURE_")}
 
 
@@ -105,7 +108,7 @@ class InstallStats:
 @dataclass
 class FaultStats:
     """Cumulative counts of a FaultReader: messages read, faults on pages
-    already received (woken at once), other events and stray addresses."""
+    already received (woken at once), events of a kind not known."""
 
     msgs: int
     woken: int
@@ -209,13 +212,21 @@ class Uffd:
         self.close()
 
 
-class FaultReader:
-    """The fault loop step and the batch installer over one region table.
+#: The non-cooperative event counters of a space (struct mig_event_stats), as reported.
+EVENT_COUNTERS = ("remove", "removed_pages", "unmap", "unmapped_pages", "remap", "remapped_pages", "fork",
+                  "zero_served", "deferred")
 
-    read() and install() map global page indices to the guest's addresses
-    through `regions`. read() reuses preallocated output arrays: one
-    FaultReader per reading thread. install() allocates per call and may run
-    from any thread or process sharing the fd and the bitmap.
+
+class FaultReader:
+    """The fault loop step and the batch installer over one guest address space.
+
+    The space (native/uffd.c, struct mig_space) holds the region table, which
+    the guest's mremap and munmap change (UFFD_EVENT_REMAP, UNMAP), and the
+    lock that keeps installs and event handling apart (see native/uffd.h):
+    read() handles the events it reads, and every installer of the run goes
+    through target(), so all of them see one table. read() reuses
+    preallocated output arrays: one FaultReader per reading thread. install()
+    allocates per call and may run from any thread sharing the bitmap.
     """
 
     def __init__(self, uffd: Uffd | int, regions: Sequence[Region], page_size: int = PAGE_SIZE,
@@ -233,12 +244,31 @@ class FaultReader:
         self.page_size = page_size
         self.regions = tuple(regions)
         self.npages = max(r.first_page + r.size // page_size for r in regions)
-        self._table = ffi.new("struct mig_region[]", [(r.base, r.size, r.first_page) for r in regions])
+        table = ffi.new("struct mig_region[]", [(r.base, r.size, r.first_page) for r in regions])
+        space = lib.mig_space_new(self._fd, table, len(regions), page_size)
+        if space == ffi.NULL:
+            raise MemoryError("no memory for a userfaultfd's address space")
+        self._space = ffi.gc(space, lib.mig_space_free)
         self._max = max_faults
         self._pages = ffi.new("uint64_t[]", max_faults)
         self._waiters = ffi.new("uint32_t[]", max_faults)
         self._t_ns = ffi.new("uint64_t[]", max_faults)
         self._stats = ffi.new("struct mig_fault_stats *")
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Free the space now (else when the reader is collected); no path may use it afterwards."""
+        if self._space is not None:
+            ffi.release(self._space)
+            self._space = None
+
+    @property
+    def features(self) -> int:
+        """The features the userfaultfd's creator enabled (0 if the kernel does not say)."""
+        return int(lib.mig_space_features(self._space))
 
     def _bitmap_ptr(self, bitmap: SharedBitmap) -> object:
         """The bitmap's cffi pointer, once it is known to cover every page (C does not check)."""
@@ -249,12 +279,13 @@ class FaultReader:
     def read(self, bitmap: SharedBitmap, timeout_ms: int) -> list[tuple[int, int, int]]:
         """Wait up to timeout_ms for faults; return [(page, waiters, t_ns)] for missing pages.
 
-        Faults on pages already set in `bitmap` are woken in C and not
-        returned. t_ns is CLOCK_MONOTONIC (time.monotonic_ns) when the fault
-        was read. An empty list means a timeout (or a signal: call again).
+        Faults on pages already set in `bitmap` are answered in C and not
+        returned (woken, or given a zero page if the page was discarded
+        since); events are handled in C. t_ns is CLOCK_MONOTONIC
+        (time.monotonic_ns) when the fault was read. An empty list means a
+        timeout (or a signal: call again).
         """
-        n = lib.mig_read_faults(self._fd, self._table, len(self.regions), self.page_size,
-                                self._bitmap_ptr(bitmap), self._pages, self._waiters, self._t_ns,
+        n = lib.mig_read_faults(self._space, self._bitmap_ptr(bitmap), self._pages, self._waiters, self._t_ns,
                                 self._max, timeout_ms, self._stats)
         if n < 0:
             if -n == errno.EINTR:  # let the caller's loop see the signal
@@ -264,13 +295,29 @@ class FaultReader:
         return [(pages[i], waiters[i], t_ns[i]) for i in range(n)]
 
     def target(self, bitmap: SharedBitmap) -> tuple:
-        """(fd, region table, region count, page size, bitmap pointer): what native installers take."""
-        return self._fd, self._table, len(self.regions), self.page_size, self._bitmap_ptr(bitmap)
+        """(space, bitmap pointer): what native installers take. The space lives as long as this reader."""
+        return self._space, self._bitmap_ptr(bitmap)
 
     @property
     def stats(self) -> FaultStats:
         s = self._stats
         return FaultStats(s.msgs, s.woken, s.other_events)
+
+    def events(self) -> dict[str, int]:
+        """The non-cooperative events handled so far, by kind (EVENT_COUNTERS)."""
+        ev = ffi.new("struct mig_event_stats *")
+        lib.mig_space_events(self._space, ev)
+        return {name: int(getattr(ev, name)) for name in EVENT_COUNTERS}
+
+    def current_regions(self) -> list[Region]:
+        """The region table as events left it (REMAP moves pieces, UNMAP drops them)."""
+        room = 3 * len(self.regions) + 64
+        while True:
+            out = ffi.new("struct mig_region[]", room)
+            n = lib.mig_space_regions(self._space, out, room)
+            if n <= room:
+                return [Region(out[i].base, out[i].size, out[i].first_page) for i in range(n)]
+            room = n
 
     def install(self, bitmap: SharedBitmap, first_page: int, count: int, zero_runs: Sequence[int],
                 data: bytes | bytearray | memoryview) -> InstallStats:

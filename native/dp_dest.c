@@ -227,8 +227,7 @@ struct mig_dpd {
     int role;
     struct link link;
     int target_fd, to_memfd;
-    struct mig_region *regions;
-    int nregions;
+    struct mig_space *space; /* the userfaultfd's (NULL into a memfd): its region table and lock */
     uint32_t page_size;
     uint64_t npages;
     uint64_t *received, *asked;
@@ -382,7 +381,7 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
         return REFUSED;
     memset(st, 0, sizeof(*st));
     if (!h->to_memfd) {
-        int64_t r = mig_install(h->target_fd, h->regions, h->nregions, h->page_size, h->received, hdr->first_page,
+        int64_t r = mig_install(h->space, h->received, hdr->first_page,
                                 hdr->count, runs, hdr->nzero_pairs, data, need, st);
         return r < 0 ? (int)r : INSTALLED;
     }
@@ -997,7 +996,7 @@ static void *installer_main(void *arg)
 /* ---- construction ---- */
 
 static struct mig_dpd *new_handle(int role, const char *host, int port, const uint8_t *key, int target_fd,
-                                  int to_memfd, const struct mig_region *regions, int nregions, uint32_t page_size,
+                                  int to_memfd, struct mig_space *space, uint32_t page_size,
                                   uint64_t npages, uint64_t *received, uint64_t *asked, double recovery_s,
                                   char *err, uint32_t err_len)
 {
@@ -1034,13 +1033,8 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&h->cond, &ca);
     pthread_condattr_destroy(&ca);
-    if (nregions > 0) {
-        h->regions = calloc((size_t)nregions, sizeof(*regions));
-        if (h->regions)
-            memcpy(h->regions, regions, (size_t)nregions * sizeof(*regions));
-        h->nregions = nregions;
-    }
-    if (h->link.stopfd < 0 || (nregions > 0 && !h->regions)) {
+    h->space = space;
+    if (h->link.stopfd < 0) {
         snprintf(err, err_len, "out of resources: %s", strerror(errno));
         mig_dpd_free(h);
         return NULL;
@@ -1057,11 +1051,11 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
 }
 
 struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key, int target_fd, int to_memfd,
-                                 const struct mig_region *regions, int nregions, uint32_t page_size,
+                                 struct mig_space *space, uint32_t page_size,
                                  uint64_t npages, uint64_t *received, uint64_t *asked, double recovery_s,
                                  char *err, uint32_t err_len)
 {
-    struct mig_dpd *h = new_handle(ROLE_BULK, host, port, key, target_fd, to_memfd, regions, nregions, page_size,
+    struct mig_dpd *h = new_handle(ROLE_BULK, host, port, key, target_fd, to_memfd, space, page_size,
                                    npages, received, asked, recovery_s, err, err_len);
     if (!h)
         return NULL;
@@ -1477,9 +1471,10 @@ static void *faulter_main(void *arg)
             lo = hi = 0;
         }
         size_t len = 0;
-        struct pollfd p[3] = {{.fd = h->target_fd, .events = POLLIN}, {.fd = fd, .events = POLLIN},
-                              {.fd = h->link.stopfd, .events = POLLIN}};
-        int n = poll(p, 3, h->nwaiting ? 1 : 50);
+        struct pollfd p[4] = {{.fd = h->target_fd, .events = POLLIN}, {.fd = fd, .events = POLLIN},
+                              {.fd = h->link.stopfd, .events = POLLIN},
+                              {.fd = mig_space_wakefd(h->space), .events = POLLIN}};
+        int n = poll(p, 4, h->nwaiting ? 1 : 50);
         if (n < 0 && errno != EINTR) {
             fail(h, "fault path: poll: %s", strerror(errno));
             break;
@@ -1510,8 +1505,8 @@ static void *faulter_main(void *arg)
                     lo = hi = 0;
             }
         }
-        if (p[0].revents) {
-            int k = mig_read_faults(h->target_fd, h->regions, h->nregions, h->page_size, h->received, pages, waiters,
+        if (p[0].revents || mig_space_stashed(h->space)) {
+            int k = mig_read_faults(h->space, h->received, pages, waiters,
                                     t_ns, FAULTS_PER_READ, 0, &fst);
             if (k < 0 && k != -EINTR && k != -EAGAIN) {
                 fail(h, "fault path: reading faults: %s", strerror(-k));
@@ -1548,12 +1543,12 @@ out:
     return NULL;
 }
 
-struct mig_dpd *mig_dpd_fault_new(const char *host, int port, const uint8_t *key, int uffd,
-                                  const struct mig_region *regions, int nregions, uint32_t page_size,
+struct mig_dpd *mig_dpd_fault_new(const char *host, int port, const uint8_t *key, struct mig_space *space,
+                                  uint32_t page_size,
                                   uint64_t npages, uint64_t *received, uint64_t *asked, struct mig_dpd *bulk,
                                   double recovery_s, char *err, uint32_t err_len)
 {
-    struct mig_dpd *h = new_handle(ROLE_FAULT, host, port, key, uffd, 0, regions, nregions, page_size, npages,
+    struct mig_dpd *h = new_handle(ROLE_FAULT, host, port, key, mig_space_fd(space), 0, space, page_size, npages,
                                    received, asked, recovery_s, err, err_len);
     if (!h)
         return NULL;
@@ -1645,7 +1640,6 @@ void mig_dpd_free(struct mig_dpd *h)
     free(h->pf);
     free(h->history);
     free(h->planq);
-    free(h->regions);
     pthread_cond_destroy(&h->cond);
     pthread_mutex_destroy(&h->mu);
     free(h);

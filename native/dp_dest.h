@@ -48,12 +48,13 @@ struct mig_dpd;
 
 /* A bulk path connected to the source at host:port (hello with `key`,
  * DP_KEY_LEN bytes), installing into `target_fd`: a userfaultfd over
- * `regions` (to_memfd 0) or the guest's memfd (to_memfd 1, regions unused).
+ * `space` (to_memfd 0: target_fd is the space's fd) or the guest's memfd
+ * (to_memfd 1, space NULL).
  * received (npages bits) is the run's bitmap, asked (npages bits, all clear)
  * the pages asked and not yet installed, shared with a fault path. Nothing
  * moves until mig_dpd_round. NULL on failure, with a message in err. */
 struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key, int target_fd, int to_memfd,
-                                 const struct mig_region *regions, int nregions, uint32_t page_size,
+                                 struct mig_space *space, uint32_t page_size,
                                  uint64_t npages, uint64_t *received, uint64_t *asked, double recovery_s,
                                  char *err, uint32_t err_len);
 
@@ -74,13 +75,13 @@ void mig_dpd_stop_asking(struct mig_dpd *h);
 /* Go on asking from `page` (the fault path calls this where the guest faults). */
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page);
 
-/* A fault path: reads the faults of `uffd` over `regions`, asks the source
+/* A fault path: reads the faults of the userfaultfd of `space`, asks the source
  * (host:port, a connection of kind fault) for each missing page, then its
  * aligned 16-page neighbourhood, installs the replies, and moves `bulk`'s
  * cursor (may be NULL) to the fault. asked is shared with `bulk` (the same
  * bitmap) or its own. Serves at once. NULL on failure, message in err. */
-struct mig_dpd *mig_dpd_fault_new(const char *host, int port, const uint8_t *key, int uffd,
-                                  const struct mig_region *regions, int nregions, uint32_t page_size,
+struct mig_dpd *mig_dpd_fault_new(const char *host, int port, const uint8_t *key, struct mig_space *space,
+                                  uint32_t page_size,
                                   uint64_t npages, uint64_t *received, uint64_t *asked, struct mig_dpd *bulk,
                                   double recovery_s, char *err, uint32_t err_len);
 

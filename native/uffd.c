@@ -9,7 +9,10 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -129,12 +132,15 @@ int mig_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
  * src is NULL. The kernel stops at the first page already present and says
  * -EAGAIN with the bytes done (or -EEXIST when none were): resume after the
  * bytes done, skip a present page (counted in *eexist: a push and a fault
- * raced, the page is there, which is all we want), and retry -EAGAIN without
- * progress for up to EAGAIN_RETRY_NS. Waiters of skipped pages are woken once
- * at the end unless the mode says DONTWAKE (the same bit for both ioctls).
- * Returns the bytes newly filled, or -errno. */
+ * raced, the page is there, which is all we want). -EAGAIN without progress
+ * (an event waits to be read) is retried for up to EAGAIN_RETRY_NS, or, with
+ * `covered` (not NULL), ends the call: *covered says how many bytes from dst
+ * on are in place (filled or found present), so the caller can read the event
+ * and go on. Waiters of skipped pages are woken once at the end unless the
+ * mode says DONTWAKE (the same bit for both ioctls). Returns the bytes newly
+ * filled, or -errno. */
 static int64_t fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint64_t mode,
-                    uint32_t page_size, uint64_t *eexist, uint64_t *ioctls)
+                    uint32_t page_size, uint64_t *eexist, uint64_t *ioctls, uint64_t *covered)
 {
     uint64_t off = 0, skipped = 0;
     int64_t done = 0, deadline = 0;
@@ -162,6 +168,8 @@ static int64_t fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint
             off += page_size;
             skipped++;
         } else if (err == EAGAIN) {
+            if (covered)
+                break;
             if (eagain_budget_spent(&deadline))
                 return -EAGAIN;
         } else if (err) {
@@ -169,21 +177,23 @@ static int64_t fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint
         }
     }
     if (skipped && !(mode & UFFDIO_COPY_MODE_DONTWAKE))
-        mig_uffd_wake(fd, dst, len);
+        mig_uffd_wake(fd, dst, off);
     *eexist += skipped;
+    if (covered)
+        *covered = off;
     return done;
 }
 
 int64_t mig_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, uint32_t page_size)
 {
     uint64_t eexist = 0, ioctls = 0;
-    return fill(fd, dst, src, len, mode, page_size, &eexist, &ioctls);
+    return fill(fd, dst, src, len, mode, page_size, &eexist, &ioctls, NULL);
 }
 
 int64_t mig_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, uint32_t page_size)
 {
     uint64_t eexist = 0, ioctls = 0;
-    return fill(fd, start, NULL, len, mode, page_size, &eexist, &ioctls);
+    return fill(fd, start, NULL, len, mode, page_size, &eexist, &ioctls, NULL);
 }
 
 int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode)
@@ -206,23 +216,289 @@ int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t
     return (int64_t)off;
 }
 
-/* ---- region table ---- */
+/* ---- the space: region table, lock, events ---- */
 
-static const struct mig_region *region_of_addr(const struct mig_region *r, int n, uint64_t addr)
+/* Fault messages an installer read while pumping events, kept for the next
+ * mig_read_faults. Each blocked guest thread has at most one fault pending,
+ * so this is far more than a guest has threads. */
+#define STASH_MSGS 1024
+
+struct mig_space {
+    pthread_rwlock_t lock;        /* installers read, the event handler writes (see uffd.h) */
+    int fd;
+    int wakefd;                   /* eventfd: faults were stashed */
+    int events;                   /* the fd may carry non-cooperative events */
+    uint64_t features;
+    uint32_t page_size;
+    int nregions;
+    struct mig_region *regions;   /* changed by REMAP and UNMAP, under the write lock */
+    struct mig_event_stats ev;
+    uint32_t nstash;
+    struct uffd_msg stash[STASH_MSGS];
+};
+
+#define EVENT_FEATURES \
+    (UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP)
+
+/* The features the creator of fd enabled: the "API:" line of its fdinfo
+ * (api:features:ioctls, in hex). Returns -1 when it cannot be read. */
+static int64_t fd_features(int fd)
 {
-    for (int i = 0; i < n; i++)
-        if (addr >= r[i].base && addr - r[i].base < r[i].size)
-            return &r[i];
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0)
+        return -1;
+    ssize_t n = read(f, buf, sizeof(buf) - 1);
+    close(f);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    const char *api = strstr(buf, "API:");
+    unsigned long long version, features;
+    if (!api || sscanf(api + 4, " %llx:%llx", &version, &features) != 2)
+        return -1;
+    return (int64_t)(features & 0x7fffffffULL); /* bit 31 is the kernel's own "initialized" mark */
+}
+
+struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nregions, uint32_t page_size)
+{
+    struct mig_space *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    int64_t features = fd_features(fd);
+    s->features = features < 0 ? 0 : (uint64_t)features;
+    s->events = features < 0 || (features & EVENT_FEATURES); /* unknown: assume it may */
+    s->regions = calloc((size_t)(nregions > 0 ? nregions : 1), sizeof(*regions));
+    s->wakefd = s->events ? eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1; /* only pump() stashes */
+    if (!s->regions || (s->events && s->wakefd < 0)) {
+        if (s->wakefd >= 0)
+            close(s->wakefd);
+        free(s->regions);
+        free(s);
+        return NULL;
+    }
+    memcpy(s->regions, regions, (size_t)nregions * sizeof(*regions));
+    s->nregions = nregions;
+    s->fd = fd;
+    s->page_size = page_size;
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    /* The event handler must not starve behind a stream of installs. */
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&s->lock, &a);
+    pthread_rwlockattr_destroy(&a);
+    return s;
+}
+
+void mig_space_free(struct mig_space *s)
+{
+    if (!s)
+        return;
+    pthread_rwlock_destroy(&s->lock);
+    if (s->wakefd >= 0)
+        close(s->wakefd);
+    free(s->regions);
+    free(s);
+}
+
+int mig_space_fd(const struct mig_space *s)
+{
+    return s->fd;
+}
+
+uint64_t mig_space_features(const struct mig_space *s)
+{
+    return s->features;
+}
+
+void mig_space_events(struct mig_space *s, struct mig_event_stats *out)
+{
+    pthread_rwlock_rdlock(&s->lock);
+    *out = s->ev;
+    pthread_rwlock_unlock(&s->lock);
+}
+
+int mig_space_regions(struct mig_space *s, struct mig_region *out, int max)
+{
+    pthread_rwlock_rdlock(&s->lock);
+    int n = s->nregions;
+    memcpy(out, s->regions, (size_t)(n < max ? n : max) * sizeof(*out));
+    pthread_rwlock_unlock(&s->lock);
+    return n;
+}
+
+int mig_space_wakefd(const struct mig_space *s)
+{
+    return s->wakefd;
+}
+
+int mig_space_stashed(struct mig_space *s)
+{
+    return __atomic_load_n(&s->nstash, __ATOMIC_ACQUIRE) > 0;
+}
+
+static const struct mig_region *region_of_addr(const struct mig_space *s, uint64_t addr)
+{
+    for (int i = 0; i < s->nregions; i++)
+        if (addr >= s->regions[i].base && addr - s->regions[i].base < s->regions[i].size)
+            return &s->regions[i];
     return NULL;
 }
 
-static const struct mig_region *region_of_page(const struct mig_region *r, int n, uint32_t page_size,
-                                               uint64_t page)
+static const struct mig_region *region_of_page(const struct mig_space *s, uint64_t page)
 {
-    for (int i = 0; i < n; i++)
-        if (page >= r[i].first_page && page - r[i].first_page < r[i].size / page_size)
-            return &r[i];
+    for (int i = 0; i < s->nregions; i++)
+        if (page >= s->regions[i].first_page && page - s->regions[i].first_page < s->regions[i].size / s->page_size)
+            return &s->regions[i];
     return NULL;
+}
+
+/* Mark the image pages mapped in [start, end) received (they will never be
+ * fetched or installed) and, with `cut`, take them out of the table, or
+ * with `move`, move them to `to` + their offset from start. Returns the pages
+ * concerned, or -ENOMEM. Call with the write lock held. */
+static int64_t rework(struct mig_space *s, uint64_t *bitmap, uint64_t start, uint64_t end, int mark, int cut,
+                      int move, uint64_t to)
+{
+    struct mig_region *out = NULL;
+    int n = 0;
+    if (cut || move) {
+        out = calloc((size_t)s->nregions * 3, sizeof(*out));
+        if (!out)
+            return -ENOMEM;
+    }
+    int64_t pages = 0;
+    for (int i = 0; i < s->nregions; i++) {
+        struct mig_region r = s->regions[i];
+        uint64_t lo = r.base > start ? r.base : start, hi = r.base + r.size < end ? r.base + r.size : end;
+        if (lo >= hi) {
+            if (out)
+                out[n++] = r;
+            continue;
+        }
+        uint64_t first = r.first_page + (lo - r.base) / s->page_size, count = (hi - lo) / s->page_size;
+        pages += (int64_t)count;
+        if (mark)
+            mig_bitmap_set(bitmap, first, count);
+        if (!out)
+            continue;
+        if (lo > r.base)
+            out[n++] = (struct mig_region){.base = r.base, .size = lo - r.base, .first_page = r.first_page};
+        if (move)
+            out[n++] = (struct mig_region){.base = to + (lo - start), .size = hi - lo, .first_page = first};
+        if (hi < r.base + r.size)
+            out[n++] = (struct mig_region){.base = hi, .size = r.base + r.size - hi,
+                                           .first_page = first + count};
+    }
+    if (out) {
+        free(s->regions);
+        s->regions = out;
+        s->nregions = n;
+    }
+    return pages;
+}
+
+/* Handle the events among msgs[0, k) (write lock held) and keep the faults,
+ * in order, at the front. Threads that may wait on an event's range are woken:
+ * their page is now received without being installed, or lives elsewhere, so
+ * they must fault again to be served. Returns the faults kept. */
+static int handle_events(struct mig_space *s, uint64_t *bitmap, struct uffd_msg *msgs, int k,
+                         struct mig_fault_stats *stats)
+{
+    int nf = 0;
+    for (int i = 0; i < k; i++) {
+        const struct uffd_msg *m = &msgs[i];
+        uint64_t start = 0, end = 0;
+        int64_t pages = 0;
+        switch (m->event) {
+        case UFFD_EVENT_PAGEFAULT:
+            msgs[nf++] = *m;
+            continue;
+        case UFFD_EVENT_REMOVE: /* the kernel zaps the range once this is read */
+        case UFFD_EVENT_UNMAP: { /* already unmapped: out of the table too */
+            int unmap = m->event == UFFD_EVENT_UNMAP;
+            start = m->arg.remove.start;
+            end = m->arg.remove.end;
+            pages = rework(s, bitmap, start, end, 1, unmap, 0, 0);
+            ++*(unmap ? &s->ev.unmap : &s->ev.remove);
+            *(unmap ? &s->ev.unmapped_pages : &s->ev.removed_pages) += pages > 0 ? (uint64_t)pages : 0;
+            break;
+        }
+        case UFFD_EVENT_REMAP: /* already moved */
+            start = m->arg.remap.from;
+            end = start + m->arg.remap.len;
+            pages = rework(s, bitmap, start, end, 0, 0, 1, m->arg.remap.to);
+            mig_uffd_wake(s->fd, m->arg.remap.to, m->arg.remap.len);
+            s->ev.remap++;
+            s->ev.remapped_pages += pages > 0 ? (uint64_t)pages : 0;
+            break;
+        case UFFD_EVENT_FORK: /* refused: see docs/architecture.md "Non-cooperative events" */
+            close((int)m->arg.fork.ufd);
+            s->ev.fork++;
+            break;
+        default:
+            stats->other_events++;
+            break;
+        }
+        if (pages < 0) /* out of memory for the new table: the old one stays, and the run goes on */
+            stats->other_events++;
+        if (end > start)
+            mig_uffd_wake(s->fd, start, end - start);
+    }
+    return nf;
+}
+
+static int readable(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
+/* Read up to `want` messages into msgs: the stashed ones first. Returns how
+ * many, or -errno. Call with the lock held (for writing if events). */
+static int take_msgs(struct mig_space *s, struct uffd_msg *msgs, int want)
+{
+    int k = (int)s->nstash < want ? (int)s->nstash : want;
+    if (k) {
+        memcpy(msgs, s->stash, (size_t)k * sizeof(*msgs));
+        memmove(s->stash, s->stash + k, (size_t)(s->nstash - (uint32_t)k) * sizeof(*msgs));
+        __atomic_store_n(&s->nstash, s->nstash - (uint32_t)k, __ATOMIC_RELEASE);
+    }
+    if (k == want || !readable(s->fd))
+        return k;
+    ssize_t got = read(s->fd, msgs + k, (size_t)(want - k) * sizeof(*msgs));
+    if (got < 0)
+        /* EAGAIN: another reader drained the queue after our poll. */
+        return k || errno == EAGAIN ? k : -errno;
+    return k + (int)(got / (ssize_t)sizeof(*msgs));
+}
+
+/* An installer was told -EAGAIN: an event waits to be read. Read what is
+ * pending, handle its events, stash its faults for mig_read_faults. */
+static void pump(struct mig_space *s, uint64_t *bitmap)
+{
+    if (!s->events) {
+        sched_yield();
+        return;
+    }
+    struct mig_fault_stats unused = {0};
+    pthread_rwlock_wrlock(&s->lock);
+    int room = STASH_MSGS - (int)s->nstash;
+    if (room > 0 && readable(s->fd)) {
+        struct uffd_msg *fresh = s->stash + s->nstash;
+        ssize_t got = read(s->fd, fresh, (size_t)room * sizeof(*fresh));
+        if (got > 0) {
+            int nf = handle_events(s, bitmap, fresh, (int)(got / (ssize_t)sizeof(*fresh)), &unused);
+            __atomic_store_n(&s->nstash, s->nstash + (uint32_t)nf, __ATOMIC_RELEASE);
+            uint64_t one = 1;
+            if (nf && write(s->wakefd, &one, sizeof(one)) < 0) { /* an eventfd write does not fail here */
+            }
+        }
+    }
+    pthread_rwlock_unlock(&s->lock);
+    if (room <= 0)
+        sched_yield();
 }
 
 /* ---- fault loop step ---- */
@@ -244,14 +520,44 @@ static void add_fault(uint64_t page, uint64_t t_ns, uint64_t *pages, uint32_t *w
     ++*n;
 }
 
-int mig_read_faults(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                    const uint64_t *bitmap, uint64_t *out_pages, uint32_t *out_waiters,
+static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size, uint64_t *eexist,
+                         uint64_t *ioctls, uint64_t *covered);
+
+/* A fault on a page that needs no fetching: one received already (installed
+ * after the thread faulted: a zero page attempt finds it present and wakes the
+ * thread), one discarded since it was received (REMOVE, a punched hole: it
+ * is missing again, and a discarded page reads as zeros), or an address
+ * outside every region (memory that is not the image's: zeros). A zero page
+ * that meets -EAGAIN is put off: the kernel says so from an event's start
+ * until its own thread runs on after we read it, so the faulting thread is
+ * woken to fault again, and tried again when that fault is read. */
+static void serve_zero(struct mig_space *s, uint64_t addr, struct mig_fault_stats *stats)
+{
+    uint64_t eexist = 0, ioctls = 0, covered = 0;
+    int64_t r = fill_zero(s->fd, addr, s->page_size, s->page_size, &eexist, &ioctls, &covered);
+    if (r > 0) {
+        s->ev.zero_served++;
+    } else if (eexist) {
+        stats->woken++;
+    } else if (!covered && r == 0) {
+        s->ev.deferred++;
+        mig_uffd_wake(s->fd, addr, s->page_size);
+    }
+    /* Any other error (the range is gone, the process exited) leaves nobody to serve. */
+}
+
+int mig_read_faults(struct mig_space *s, uint64_t *bitmap, uint64_t *out_pages, uint32_t *out_waiters,
                     uint64_t *out_t_ns, int max_out, int timeout_ms, struct mig_fault_stats *stats)
 {
-    struct pollfd pfd = {.fd = fd, .events = POLLIN};
-    int r = poll(&pfd, 1, timeout_ms);
-    if (r <= 0)
-        return r < 0 ? -errno : 0;
+    if (!mig_space_stashed(s)) {
+        struct pollfd pfd[2] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->wakefd, .events = POLLIN}};
+        int r = poll(pfd, 2, timeout_ms);
+        if (r <= 0)
+            return r < 0 ? -errno : 0;
+    }
+    uint64_t drained;
+    if (s->wakefd >= 0 && read(s->wakefd, &drained, sizeof(drained)) < 0) { /* EAGAIN: nothing was stashed */
+    }
 
     struct uffd_msg msgs[MSG_BATCH];
     int n = 0;
@@ -266,44 +572,33 @@ int mig_read_faults(int fd, const struct mig_region *regions, int nregions, uint
             want = MSG_BATCH;
         if (want <= 0)
             break;
-        ssize_t got = read(fd, msgs, (size_t)want * sizeof(struct uffd_msg));
-        if (got < 0) {
-            /* EAGAIN: another reader drained the queue after our poll. */
-            if (n || errno == EAGAIN)
+        if (s->events)
+            pthread_rwlock_wrlock(&s->lock);
+        else
+            pthread_rwlock_rdlock(&s->lock);
+        int k = take_msgs(s, msgs, (int)want);
+        if (k < 0) {
+            pthread_rwlock_unlock(&s->lock);
+            if (n)
                 break;
-            return -errno;
+            return k;
         }
         uint64_t now = mono_ns();
-        int64_t k = got / (ssize_t)sizeof(struct uffd_msg);
         budget -= k;
         stats->msgs += (uint64_t)k;
-        for (int64_t i = 0; i < k; i++) {
-            const struct uffd_msg *m = &msgs[i];
-            uint64_t addr = m->arg.pagefault.address & ~((uint64_t)page_size - 1);
-            const struct mig_region *reg =
-                m->event == UFFD_EVENT_PAGEFAULT ? region_of_addr(regions, nregions, addr) : NULL;
-            if (!reg) {
-                stats->other_events++;
-                continue;
-            }
-            uint64_t page = reg->first_page + (addr - reg->base) / page_size;
-            if (mig_bitmap_test(bitmap, page)) {
-                /* Installed after this thread faulted but before we read
-                 * the message. The installer woke it already unless it
-                 * used DONTWAKE; a wake costs little, a lost one hangs the
-                 * guest. A failed wake has nobody to wake: ignore it. */
-                mig_uffd_wake(fd, addr, page_size);
-                stats->woken++;
-                continue;
-            }
-            add_fault(page, now, out_pages, out_waiters, out_t_ns, &n);
+        int nf = handle_events(s, bitmap, msgs, k, stats);
+        for (int i = 0; i < nf; i++) {
+            uint64_t addr = msgs[i].arg.pagefault.address & ~((uint64_t)s->page_size - 1);
+            const struct mig_region *reg = region_of_addr(s, addr);
+            uint64_t page = reg ? reg->first_page + (addr - reg->base) / s->page_size : 0;
+            if (!reg || mig_bitmap_test(bitmap, page))
+                serve_zero(s, addr, stats);
+            else
+                add_fault(page, now, out_pages, out_waiters, out_t_ns, &n);
         }
+        pthread_rwlock_unlock(&s->lock);
         if (k < want)
             break; /* the queue is drained */
-        /* The buffer filled: more may be queued. Check before reading again
-         * so that a blocking fd never blocks here. */
-        if (poll(&pfd, 1, 0) <= 0)
-            break;
     }
     return n;
 }
@@ -319,12 +614,13 @@ static void map_zero_area(void)
 }
 
 /* Zero-fill [dst, dst + len): UFFDIO_ZEROPAGE for base pages; for huge pages
- * UFFDIO_COPY from the zero area, ZERO_AREA_SIZE at a time. */
+ * UFFDIO_COPY from the zero area, ZERO_AREA_SIZE at a time. `covered` as
+ * for fill. */
 static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size, uint64_t *eexist,
-                         uint64_t *ioctls)
+                         uint64_t *ioctls, uint64_t *covered)
 {
     if (page_size <= (uint64_t)sysconf(_SC_PAGESIZE))
-        return fill(fd, dst, NULL, len, 0, page_size, eexist, ioctls);
+        return fill(fd, dst, NULL, len, 0, page_size, eexist, ioctls, covered);
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, map_zero_area);
     if (!zero_area)
@@ -333,11 +629,15 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
         return -EINVAL;
     int64_t done = 0;
     for (uint64_t off = 0; off < len; off += ZERO_AREA_SIZE) {
-        uint64_t chunk = len - off < ZERO_AREA_SIZE ? len - off : ZERO_AREA_SIZE;
-        int64_t r = fill(fd, dst + off, zero_area, chunk, 0, page_size, eexist, ioctls);
+        uint64_t chunk = len - off < ZERO_AREA_SIZE ? len - off : ZERO_AREA_SIZE, part = chunk;
+        int64_t r = fill(fd, dst + off, zero_area, chunk, 0, page_size, eexist, ioctls, covered ? &part : NULL);
         if (r < 0)
             return r;
         done += r;
+        if (covered)
+            *covered = off + part;
+        if (part < chunk)
+            break;
     }
     return done;
 }
@@ -345,40 +645,57 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
 /* Install global pages [page, page + n), all zero (src NULL) or all data
  * (src = the bytes of page `page`): skip pages set in the bitmap, one ioctl
  * per piece that is clear in the bitmap and within one region, then set the
- * piece's bits. Returns pages newly installed or -errno. */
-static int64_t install_run(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                           uint64_t *bitmap, uint64_t page, uint64_t n, const uint8_t *src,
+ * piece's bits; all under the space's read lock (see uffd.h). On -EAGAIN
+ * the lock is dropped and the pending event read (pump) before going on.
+ * Returns pages newly installed or -errno. */
+static int64_t install_run(struct mig_space *s, uint64_t *bitmap, uint64_t page, uint64_t n, const uint8_t *src,
                            struct mig_install_stats *st)
 {
     const uint64_t first = page, end = page + n;
-    int64_t installed = 0;
+    const uint32_t ps = s->page_size;
+    int64_t installed = 0, deadline = 0;
+    pthread_rwlock_rdlock(&s->lock);
     while (page < end) {
         uint64_t clear = mig_bitmap_next_clear(bitmap, end, page);
         st->skipped += clear - page;
         page = clear;
         if (page == end)
             break;
-        const struct mig_region *reg = region_of_page(regions, nregions, page_size, page);
-        if (!reg)
-            return -EINVAL;
-        uint64_t stop = reg->first_page + reg->size / page_size;
+        const struct mig_region *reg = region_of_page(s, page);
+        if (!reg) {
+            installed = -EINVAL;
+            break;
+        }
+        uint64_t stop = reg->first_page + reg->size / ps;
         uint64_t piece_end = mig_bitmap_next_set(bitmap, stop < end ? stop : end, page);
-        uint64_t addr = reg->base + (page - reg->first_page) * page_size;
-        uint64_t len = (piece_end - page) * page_size;
-        int64_t r = src ? fill(fd, addr, src + (page - first) * page_size, len, 0, page_size, &st->eexist,
-                               &st->ioctls)
-                        : fill_zero(fd, addr, len, page_size, &st->eexist, &st->ioctls);
-        if (r < 0)
-            return r;
-        r /= page_size;
+        uint64_t addr = reg->base + (page - reg->first_page) * ps;
+        uint64_t len = (piece_end - page) * ps, covered = 0;
+        int64_t r = src ? fill(s->fd, addr, src + (page - first) * ps, len, 0, ps, &st->eexist, &st->ioctls,
+                               &covered)
+                        : fill_zero(s->fd, addr, len, ps, &st->eexist, &st->ioctls, &covered);
+        if (r < 0) {
+            installed = r;
+            break;
+        }
+        r /= ps;
         if (src)
             st->copied += (uint64_t)r;
         else
             st->zeroed += (uint64_t)r;
         installed += r;
-        mig_bitmap_set(bitmap, page, piece_end - page);
-        page = piece_end;
+        mig_bitmap_set(bitmap, page, covered / ps);
+        page += covered / ps;
+        if (covered)
+            deadline = 0;
+        if (page < piece_end) { /* -EAGAIN: an event waits to be read */
+            pthread_rwlock_unlock(&s->lock);
+            if (eagain_budget_spent(&deadline))
+                return -EAGAIN;
+            pump(s, bitmap);
+            pthread_rwlock_rdlock(&s->lock);
+        }
     }
+    pthread_rwlock_unlock(&s->lock);
     return installed;
 }
 
@@ -393,9 +710,9 @@ static int shape_ok(uint32_t count, const uint32_t *zero_runs, uint32_t nzero_ru
 }
 
 /* mig_install once the shape is known to be sound. */
-static int64_t install_pages(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                             uint64_t *bitmap, uint64_t first_page, uint32_t count, const uint32_t *zero_runs,
-                             uint32_t nzero_runs, const uint8_t *data, struct mig_install_stats *st)
+static int64_t install_pages(struct mig_space *s, uint64_t *bitmap, uint64_t first_page, uint32_t count,
+                             const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
+                             struct mig_install_stats *st)
 {
     int64_t installed = 0;
     uint64_t p = 0;
@@ -403,35 +720,31 @@ static int64_t install_pages(int fd, const struct mig_region *regions, int nregi
     while (p < count) {
         int zero = z < nzero_runs && zero_runs[2 * z] == p;
         uint64_t end = zero ? p + zero_runs[2 * z + 1] : z < nzero_runs ? zero_runs[2 * z] : count;
-        int64_t r = install_run(fd, regions, nregions, page_size, bitmap, first_page + p, end - p,
-                                zero ? NULL : data, st);
+        int64_t r = install_run(s, bitmap, first_page + p, end - p, zero ? NULL : data, st);
         if (r < 0)
             return r;
         installed += r;
         if (zero)
             z++;
         else
-            data += (end - p) * page_size;
+            data += (end - p) * s->page_size;
         p = end;
     }
     st->done_ns = mono_ns();
     return installed;
 }
 
-int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                    uint64_t *bitmap, uint64_t first_page, uint32_t count,
+int64_t mig_install(struct mig_space *s, uint64_t *bitmap, uint64_t first_page, uint32_t count,
                     const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
                     uint64_t data_len, struct mig_install_stats *st)
 {
-    if (!shape_ok(count, zero_runs, nzero_runs, page_size, data_len))
+    if (!shape_ok(count, zero_runs, nzero_runs, s->page_size, data_len))
         return -EINVAL;
-    return install_pages(fd, regions, nregions, page_size, bitmap, first_page, count, zero_runs, nzero_runs, data,
-                         st);
+    return install_pages(s, bitmap, first_page, count, zero_runs, nzero_runs, data, st);
 }
 
-int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                          uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len, uint32_t *runs,
-                          uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st)
+int64_t mig_install_batch(struct mig_space *s, uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len,
+                          uint32_t *runs, uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st)
 {
     memset(st, 0, sizeof(*st));
     int r = mig_parse_batch(buf, len, b, runs, max_runs);
@@ -441,11 +754,10 @@ int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions
         return -EPROTONOSUPPORT;
     uint64_t data_bytes;
     uint32_t bad_run;
-    if (mig_check_batch(b, runs, npages, page_size, &data_bytes, &bad_run) != MIG_BATCH_OK ||
+    if (mig_check_batch(b, runs, npages, s->page_size, &data_bytes, &bad_run) != MIG_BATCH_OK ||
         b->data_len != data_bytes || b->data_digest != b->checksum)
         return -EBADMSG;
-    return install_pages(fd, regions, nregions, page_size, bitmap, b->first_page, b->count, runs,
-                         b->nzero_runs / 2, buf + b->data_off, st);
+    return install_pages(s, bitmap, b->first_page, b->count, runs, b->nzero_runs / 2, buf + b->data_off, st);
 }
 
 /* ---- dirty tracking ---- */

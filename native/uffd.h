@@ -115,8 +115,51 @@ struct mig_install_stats {
 struct mig_fault_stats {
     uint64_t msgs;         /* uffd_msg read */
     uint64_t woken;        /* fault messages for pages already received: woken at once */
-    uint64_t other_events; /* non-pagefault events, and faults outside every region */
+    uint64_t other_events; /* events of a kind we do not know */
 };
+
+/* Non-cooperative events a space has handled (see mig_space). */
+struct mig_event_stats {
+    uint64_t remove;         /* UFFD_EVENT_REMOVE: MADV_DONTNEED / MADV_REMOVE */
+    uint64_t removed_pages;  /* image pages they discarded: never fetched again, zero if touched */
+    uint64_t unmap;          /* UFFD_EVENT_UNMAP: munmap, or mremap over a region */
+    uint64_t unmapped_pages; /* image pages gone with them */
+    uint64_t remap;          /* UFFD_EVENT_REMAP: mremap moved a range */
+    uint64_t remapped_pages;
+    uint64_t fork;           /* UFFD_EVENT_FORK: a child's userfaultfd, refused (closed) */
+    uint64_t zero_served;    /* faults answered with a zero page: a discarded page, or outside every region */
+    uint64_t deferred;       /* zero pages put off while the mm was changing: woken to fault again */
+};
+
+/* The guest address space one userfaultfd serves: its region table, which
+ * REMAP and UNMAP events change, and what it takes to read events safely.
+ *
+ * Every installer (mig_install, mig_install_batch, the native data plane)
+ * holds the space's lock for reading from its bitmap check to its
+ * UFFDIO_COPY; the fault reader holds it for writing from its read() of the
+ * messages to the end of their handling, when the fd has event features. The
+ * kernel zaps a REMOVE range only once its event is read, and the handler
+ * marks the range received under the same lock: so an install either lands
+ * before the zap (and is zapped) or sees the range received and skips it, and
+ * a discarded page never comes back with the image's old bytes. An installer
+ * told -EAGAIN (an event is waiting to be read) drops the lock and reads the
+ * pending messages itself (events handled, faults kept for the next
+ * mig_read_faults), so no thread ever waits for another to read an event. */
+struct mig_space;
+
+struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nregions, uint32_t page_size);
+void mig_space_free(struct mig_space *s);
+int mig_space_fd(const struct mig_space *s);
+/* The features the fd's creator enabled (from /proc/self/fdinfo), or 0 if unknown. */
+uint64_t mig_space_features(const struct mig_space *s);
+void mig_space_events(struct mig_space *s, struct mig_event_stats *out);
+/* The current region table into out (at most max); returns how many regions there are. */
+int mig_space_regions(struct mig_space *s, struct mig_region *out, int max);
+/* 1 if faults read by an installer wait for mig_read_faults. */
+int mig_space_stashed(struct mig_space *s);
+/* Readable when an installer stashed faults: poll it beside the fd (-1 on
+ * an fd without events, where nothing is ever stashed). */
+int mig_space_wakefd(const struct mig_space *s);
 
 int mig_uffd_open(int nonblock);
 int mig_uffd_probe(uint64_t *features_out, uint64_t *ioctls_out);
@@ -129,12 +172,14 @@ int mig_uffd_wake(int fd, uint64_t start, uint64_t len);
 int mig_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
 
-int mig_read_faults(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                    const uint64_t *bitmap, uint64_t *out_pages, uint32_t *out_waiters,
+/* Wait up to timeout_ms for messages; handle the events among them (see
+ * mig_space) and the faults on pages already received (woken, or, for a page
+ * discarded since, answered with a zero page); return the other faults'
+ * pages, deduplicated, with their waiter counts and read times. */
+int mig_read_faults(struct mig_space *s, uint64_t *bitmap, uint64_t *out_pages, uint32_t *out_waiters,
                     uint64_t *out_t_ns, int max_out, int timeout_ms, struct mig_fault_stats *stats);
 
-int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                    uint64_t *bitmap, uint64_t first_page, uint32_t count,
+int64_t mig_install(struct mig_space *s, uint64_t *bitmap, uint64_t first_page, uint32_t count,
                     const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
                     uint64_t data_len, struct mig_install_stats *st);
 
@@ -147,8 +192,7 @@ int64_t mig_install(int fd, const struct mig_region *regions, int nregions, uint
  * mig_install's errors. *b gets the parsed fields, runs its zero runs, *st
  * (reset first) what the install did. */
 struct mig_batch;
-int64_t mig_install_batch(int fd, const struct mig_region *regions, int nregions, uint32_t page_size,
-                          uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len, uint32_t *runs,
+int64_t mig_install_batch(struct mig_space *s, uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len, uint32_t *runs,
                           uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st);
 
 /* One PAGEMAP_SCAN: pages of [start, end) written since they were last write-protected,

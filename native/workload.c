@@ -20,6 +20,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #define GOLDEN 0x9E3779B97F4A7C15ULL
@@ -241,6 +242,18 @@ static inline uint64_t op_read(struct wl_thread *th, uint8_t *page, uint64_t r, 
     return rotl64(acc ^ v, 5) * P2 + 1;
 }
 
+/* Balloon: pages [p, p + n) of the thread's slice are given back, as a
+ * balloon driver inflating does. MADV_REMOVE frees them from the memfd (or
+ * hugetlbfs file) behind a shared mapping; memory it cannot free (a private
+ * mapping) is zeroed instead, so the range reads as zeros either way and the
+ * run stays deterministic. */
+static inline void op_discard(struct wl_thread *th, uint64_t p, uint64_t n)
+{
+    uint64_t len = n * th->wl->page_size;
+    if (madvise(page_ptr(th, p), len, MADV_REMOVE) != 0)
+        memset(page_ptr(th, p), 0, len);
+}
+
 /* One operation; returns the new accumulator. */
 static inline uint64_t do_op(struct wl_thread *th, uint64_t done, uint64_t *rng, uint64_t acc)
 {
@@ -283,6 +296,20 @@ static inline uint64_t do_op(struct wl_thread *th, uint64_t done, uint64_t *rng,
             return acc;
         }
         return op_read(th, page_ptr(th, p), r, acc);
+    }
+    case MIG_WL_BALLOON: {                          /* 1 op in 16 discards up to 16 pages, the rest reuse */
+        uint64_t u = rng_next(rng);
+        r = rng_next(rng);
+        if (bounded(u, 16) == 0) {
+            uint64_t n = 1 + bounded(r, np < 16 ? np : 16);
+            op_discard(th, bounded(rng_next(rng), np - n + 1), n);
+            return acc;
+        }
+        p = bounded(rng_next(rng), np);
+        if ((r >> 62) == 0)                         /* 25% reads (zeros on a discarded page) */
+            return op_read(th, page_ptr(th, p), r, acc);
+        op_write(th, page_ptr(th, p), r, done);
+        return acc;
     }
     default:                                        /* idle: touches nothing */
         return acc;

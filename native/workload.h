@@ -11,7 +11,8 @@ enum {
     MIG_WL_HOTSET = 4,
     MIG_WL_ZIPF = 5,
     MIG_WL_IDLE = 6,
-    MIG_WL_COUNT = 7,
+    MIG_WL_BALLOON = 7,
+    MIG_WL_COUNT = 8,
 };
 
 typedef struct {

@@ -70,6 +70,7 @@ class Restored:
 
     def close(self) -> None:
         self.proc.stop()
+        self.mem.io.close()
         self.uffd.close()
         self.bitmap.close()
 
@@ -360,9 +361,13 @@ def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored
 
 # ------------------------------------------------------------------ faults
 
+@pytest.mark.parametrize("workload", ["hotset", "balloon"])
 @pytest.mark.parametrize("push", [True, False], ids=["bulk+faults", "faults-only"])
-def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool) -> None:
-    spec = GuestSpec(size=32 * MiB, workload="hotset", seed=13, ops=200_000, threads=2, ops_per_sec=200_000)
+def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool,
+                                                     workload: str) -> None:
+    """balloon: the guest discards (MADV_REMOVE) ranges while its pages arrive, so
+    REMOVE events race the fault path's and the bulk path's installs."""
+    spec = GuestSpec(size=32 * MiB, workload=workload, seed=13, ops=200_000, threads=2, ops_per_sec=200_000)
     src_fd = memfds(spec.size)
     src = GuestProcess.launch(spec, src_fd)
     try:
@@ -386,6 +391,8 @@ def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference
         assert "error" not in f and f["faults"] > 0 and f["pages"] > 0
         assert f["latency_us"]["count"] > 0 and f["latency_us"]["p50"] > 0 and f["blocked_ms"] > 0
         assert d == reference_digest(spec)
+        if workload == "balloon":
+            assert f["events"]["remove"] > 0 and f["events"]["removed_pages"] > 0
         if bulk is not None:
             b = bulk.last
             wire_pages = b["pages"] + b["duplicates"] + f["pages"] + f["duplicates"]

@@ -240,6 +240,7 @@ class FaultServer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)
+        self.reader.close()
         self.bitmap.close()
         self.uffd.close()
         if self.error:

@@ -6,6 +6,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from migrate.local import LocalAgent, wait_for
@@ -28,13 +30,20 @@ def make_image(path: Path, pages: int, page: int = 4096) -> None:
     path.write_bytes(b"".join(chunks))
 
 
+@contextmanager
+def restoring(tmp_path: Path, image: Path, sock: Path, plane: str) -> Iterator[None]:
+    """A source agent serving `image` and a destination agent restoring it into whoever connects to `sock`."""
+    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
+            LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
+                       "--data-plane", plane, log_path=str(tmp_path / "dst.log")):
+        yield
+
+
 def test_foreign_process_restored_from_image(tmp_path, plane):
     image = tmp_path / "mem.img"
     make_image(image, 2048)
     sock = tmp_path / "uffd.sock"
-    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
-            LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                       "--data-plane", plane, log_path=str(tmp_path / "dst.log")):
+    with restoring(tmp_path, image, sock, plane):
         out = subprocess.run([sys.executable, str(HERE / "uffd_client.py"), str(sock), str(image), "11"],
                              capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())
@@ -76,3 +85,21 @@ def test_replayed_restore_faults_half_as_often(tmp_path):
     faulted_first, faulted_second = workingset.load(first).pages, workingset.load(second).pages
     assert faulted_first >= 100, faulted_first  # about one fault per 64 KiB block of its working set
     assert faulted_second * 2 <= faulted_first, (faulted_second, faulted_first)
+
+
+def test_foreign_process_changing_its_memory_during_the_restore(tmp_path, plane):
+    """A C program with EVENT_REMOVE and EVENT_REMAP (Firecracker with a balloon) discards
+    ranges before and after they arrive and moves one with mremap while it is restored:
+    every discarded page reads zero, every other page the image, and the run ends."""
+    exe = tmp_path / "uffd_events_client"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(HERE / "c" / "uffd_events_client.c")],
+                   check=True, capture_output=True, timeout=120)
+    image = tmp_path / "mem.img"
+    make_image(image, 2048)
+    sock = tmp_path / "uffd.sock"
+    with restoring(tmp_path, image, sock, plane):
+        out = subprocess.run([str(exe), str(sock), str(image)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())
+        assert json.loads(out.stdout) == {"pages": 2048, "bad": 0}
+        # every page arrived or was given back: the run ends
+        assert wait_for(lambda: " complete " in (tmp_path / "dst.log").read_text(), timeout=60)

@@ -1,6 +1,8 @@
 """Native workload engine: fill, digest, determinism, pause/export/import."""
 from __future__ import annotations
 
+import mmap
+import os
 import random
 import threading
 import time
@@ -126,7 +128,7 @@ def test_workload_deterministic_and_seeded(workload: str) -> None:
         assert d1 != d3
 
 
-@pytest.mark.parametrize("workload", ["random-write", "hotset", "zipf", "seq-write", "random-read"])
+@pytest.mark.parametrize("workload", ["random-write", "hotset", "zipf", "seq-write", "random-read", "balloon"])
 def test_multithreaded_determinism(workload: str) -> None:
     size, ops = 4 << 20, 80_001
     digests, accs = set(), set()
@@ -137,6 +139,25 @@ def test_multithreaded_determinism(workload: str) -> None:
         accs.add(tuple(t["acc"] for t in state["threads"]))
         assert sum(t["ops_done"] for t in state["threads"]) == ops
     assert len(digests) == 1 and len(accs) == 1
+
+
+def test_balloon_frees_memfd_pages_and_ends_as_on_private_memory() -> None:
+    """On a memfd (a guest's RAM) the balloon's discards free pages (holes in the file);
+    on private memory they are zeroed: the same final memory either way."""
+    size = 4 << 20
+    fd = os.memfd_create("balloon", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size, mmap.MAP_SHARED) as shared:
+            shared[:] = filled(size)
+            run_to_end(shared, "balloon", 5, 20_000, threads=2)
+            # (before anything reads them: a read fault on a hole fills it)
+            assert os.lseek(fd, 0, os.SEEK_HOLE) < size  # discarded pages not written again
+            private = filled(size)
+            run_to_end(private, "balloon", 5, 20_000, threads=2)
+            assert digest(shared) == digest(private) != digest(filled(size))
+    finally:
+        os.close(fd)
 
 
 def test_skewed_workloads_concentrate_writes() -> None:

@@ -120,10 +120,10 @@ class NativeBulk(_Path):
     def __init__(self, mem: Memory, endpoint: str, key: bytes, recovery_timeout: float) -> None:
         self._mem = mem
         self.asked = SharedBitmap.create(mem.page_count)
-        fd, table, nregions, page_size, received = mem.io.target(mem.bitmap)
+        space, received = mem.io.target(mem.bitmap)
         try:
             handle = _open("bulk path", endpoint, lambda host, port, err, n: lib.mig_dpd_bulk_new(
-                host, port, _check_key(key), fd, 0, table, nregions, page_size, mem.page_count, received,
+                host, port, _check_key(key), mem.io.fd, 0, space, mem.page_size, mem.page_count, received,
                 self.asked.ptr, recovery_timeout, err, n))
         except BaseException:
             self.asked.close()
@@ -179,7 +179,7 @@ class NativePrecopy:
         self._asked = SharedBitmap.create(received.nbits)
         try:
             handle = _open("pre-copy", endpoint, lambda host, port, err, n: lib.mig_dpd_bulk_new(
-                host, port, _check_key(key), memfd, 1, ffi.NULL, 0, page_size, received.nbits, received.ptr,
+                host, port, _check_key(key), memfd, 1, ffi.NULL, page_size, received.nbits, received.ptr,
                 self._asked.ptr, recovery_timeout, err, n))
         except BaseException:
             self._asked.close()
@@ -228,16 +228,17 @@ class NativeFaultLoop(_Path):
     def __init__(self, mem: Memory, endpoint: str, key: bytes, bulk: NativeBulk | None,
                  recovery_timeout: float) -> None:
         self._bulk = bulk  # kept alive while this path may move its cursor
+        self._mem = mem  # and the address space its C thread reads and installs into
         owned: list[object] = []
         if bulk is not None:
             asked = bulk.asked
         else:
             asked = SharedBitmap.create(mem.page_count)
             owned.append(asked)
-        fd, table, nregions, page_size, received = mem.io.target(mem.bitmap)
+        space, received = mem.io.target(mem.bitmap)
         try:
             handle = _open("fault path", endpoint, lambda host, port, err, n: lib.mig_dpd_fault_new(
-                host, port, _check_key(key), fd, table, nregions, page_size, mem.page_count, received, asked.ptr,
+                host, port, _check_key(key), space, mem.page_size, mem.page_count, received, asked.ptr,
                 bulk.handle if bulk is not None else ffi.NULL, recovery_timeout, err, n))
         except BaseException:
             for obj in owned:
@@ -265,7 +266,8 @@ class NativeFaultLoop(_Path):
     def _snapshot(self) -> dict:
         c = self._path._counters
         return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken),
-                "prefetched": int(c.prefetched), "prefetch_hits": int(c.prefetch_hits)}
+                "prefetched": int(c.prefetched), "prefetch_hits": int(c.prefetch_hits),
+                "events": self._mem.io.events()}
 
     def _latency(self) -> dict:
         """The latency summary as FaultLoop's: percentiles from the newest samples, the rest exact."""

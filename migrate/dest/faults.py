@@ -304,7 +304,7 @@ class FaultServer:
     def snapshot(self) -> dict:
         """The counters, for the agent."""
         with self._lock:
-            return dict(self.counters, **self._link.counters())
+            return dict(self.counters, **self._link.counters(), events=self.mem.io.events())
 
     def summary(self) -> dict:
         out = self.snapshot()

@@ -29,8 +29,8 @@ from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import BulkLoop
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
+from migrate.dest.paths import Memory, note_events
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
-from migrate.dest.paths import Memory
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
@@ -402,6 +402,10 @@ class IncomingRun:
                 self.uffd.unregister(base, size)
             except OSError:
                 pass  # the guest unmapped or exited: nothing left to unregister
+        events = self.paths["faults"].last.get("events", {}) if "faults" in self.paths else {}
+        note_events(self.run_id, events)
+        if self.guest is not None and self.guest.process is not None:
+            self.guest.process.release_uffd()  # so a discard still waiting on its event is let go
         with self._lock:
             self.phase = "complete"
             # An agent lives through many migrations: keep the last status, give back the descriptors.

@@ -63,3 +63,19 @@ class Memory:
         counters["pages"] += done.installed
         counters["zero"] += done.zeroed
         counters["bytes_pages"] += done.installed * self.page_size
+
+
+def note_events(run_id: str, events: dict) -> None:
+    """Log what the guest did to its memory during the run (the events the fault path handled).
+
+    A fork is worth a look: its child's userfaultfd was refused (closed), so the
+    child's copy of the pages that had not arrived reads as zeros
+    (docs/architecture.md, "Non-cooperative events").
+    """
+    if events.get("fork"):
+        log.warning("run %s: the guest forked %d time(s) during the restore; each child's userfaultfd was "
+                    "refused: pages that had not arrived read as zeros in the child", run_id, events["fork"])
+    moved = {k: v for k, v in events.items() if v and k != "fork"}
+    if moved:
+        log.info("run %s: guest memory events %s", run_id, ", ".join(f"{k}={v}" for k, v in moved.items()))
+

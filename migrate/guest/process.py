@@ -389,6 +389,15 @@ class GuestProcess:
     def untrack_writes(self, timeout: float = CALL_TIMEOUT) -> None:
         self.call("untrack", timeout)
 
+    def release_uffd(self, timeout: float = CALL_TIMEOUT) -> None:
+        """Restore mode, the run complete: the runner closes its userfaultfd (best effort: a
+        runner that is gone has none). Once ours is closed too, an event the guest still
+        waits on (a discard begun as the run ended) is let go by the kernel."""
+        try:
+            self.call("release_uffd", timeout=timeout)
+        except (RuntimeError, OSError, TimeoutError):
+            pass
+
     def snapshot(self, image_fd: int, timeout: float = CALL_TIMEOUT) -> dict:
         """Have the runner write-protect its RAM at one instant and save it into
         `image_fd` (a copy is sent; the caller keeps its own) while it runs:

@@ -20,7 +20,7 @@ pages block in the kernel until the agent installs them.
 Control protocol (JSON lines on the control socket):
 
 - agent -> runner: ``{"id": n, "cmd": "pause"|"resume"|"state"|"digest"|"stats"|"track"|"untrack"|
-  "snapshot"|"snapshot_status"|"stop", ...}``
+  "snapshot"|"snapshot_status"|"release_uffd"|"stop", ...}``
   (``resume`` takes an optional ``"state"``: an exported execution state;
   ``snapshot`` comes with the image file's fd attached, SCM_RIGHTS).
 - runner -> agent: ``{"id": n, "ok": true, ...}`` or ``{"id": n, "ok": false, "error": "..."}``;
@@ -160,6 +160,9 @@ class Runner:
 
         page = self.spec.page_size
         features = U.FEATURE_MISSING_SHMEM | (U.FEATURE_MISSING_HUGETLBFS if page > mmap.PAGESIZE else 0)
+        # The agent handles what the guest does to its own memory meanwhile
+        # (docs/architecture.md, "Non-cooperative events"), where the kernel can say.
+        features |= U.EVENT_FEATURES & U.probe_features()
         self.uffd = U.Uffd.create(features, page_size=page)
         base = self.wl.address
         self.uffd.register(base, self.spec.size, U.MODE_MISSING)
@@ -303,6 +306,13 @@ class Runner:
         if self.snapshot is None:
             raise RuntimeError("no snapshot was taken")
         return self.snapshot.status()
+
+    def cmd_release_uffd(self, msg: dict) -> dict:
+        """The restore is complete: close our userfaultfd (see GuestProcess.release_uffd)."""
+        if self.uffd is not None and self.listener is None:  # a rejoinable runner keeps it for a new agent
+            self.uffd.close()
+            self.uffd = None
+        return {}
 
     def cmd_stop(self, msg: dict) -> dict:
         return {}

@@ -23,6 +23,7 @@ WORKLOADS: dict[str, int] = {
     "hotset": lib.MIG_WL_HOTSET,
     "zipf": lib.MIG_WL_ZIPF,
     "idle": lib.MIG_WL_IDLE,
+    "balloon": lib.MIG_WL_BALLOON,
 }
 #: workloads that never write guest memory
 READ_ONLY = frozenset({"seq-read", "random-read", "idle"})

@@ -1,0 +1,119 @@
+/* A foreign process speaking Firecracker's UFFD handshake, with non-cooperative
+ * events enabled (as Firecracker does when a balloon is configured), that
+ * changes its memory while it is being restored.
+ *
+ * usage: uffd_events_client SOCKET IMAGE
+ *
+ * Maps anonymous memory the size of IMAGE, registers it with a userfaultfd
+ * (EVENT_REMOVE | EVENT_REMAP), sends it to SOCKET, then: discards pages
+ * [100, 400) at once (before they arrive), reads [1000, 1300) and discards
+ * them (after they arrived), moves [1500, 1800) elsewhere with mremap, and
+ * reads every page: a discarded page must be zeros, every other page the
+ * image's bytes (the moved ones at their new address). Prints
+ * {"pages": N, "bad": K} and exits 0 only if K is 0. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define DISCARD_EARLY_FIRST 100
+#define DISCARD_EARLY_END 400
+#define DISCARD_LATE_FIRST 1000
+#define DISCARD_LATE_END 1300
+#define MOVE_FIRST 1500
+#define MOVE_END 1800
+
+static void die(const char *what)
+{
+    perror(what);
+    exit(2);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s SOCKET IMAGE\n", argv[0]);
+        return 2;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    int img = open(argv[2], O_RDONLY);
+    struct stat st;
+    if (img < 0 || fstat(img, &st) < 0)
+        die("image");
+    size_t size = (size_t)st.st_size, npages = size / (size_t)page;
+    if (npages < MOVE_END)
+        die("image too small");
+    uint8_t *image = mmap(NULL, size, PROT_READ, MAP_PRIVATE, img, 0);
+    uint8_t *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (image == MAP_FAILED || mem == MAP_FAILED)
+        die("mmap");
+
+    int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (uffd < 0)
+        die("userfaultfd");
+    struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP};
+    if (ioctl(uffd, UFFDIO_API, &api) < 0)
+        die("UFFDIO_API");
+    struct uffdio_register reg = {.range = {.start = (uintptr_t)mem, .len = size},
+                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+        die("UFFDIO_REGISTER");
+
+    char body[256];
+    int len = snprintf(body, sizeof(body),
+                       "[{\"base_host_virt_addr\": %lu, \"size\": %zu, \"offset\": 0, \"page_size\": %ld}]",
+                       (unsigned long)(uintptr_t)mem, size, page);
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", argv[1]);
+    if (s < 0 || connect(s, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+        die("connect");
+    char cbuf[CMSG_SPACE(sizeof(int))] = {0};
+    struct iovec iov = {.iov_base = body, .iov_len = (size_t)len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &uffd, sizeof(int));
+    if (sendmsg(s, &msg, 0) < 0)
+        die("sendmsg");
+
+    /* A balloon inflating before the pages arrive... */
+    if (madvise(mem + DISCARD_EARLY_FIRST * page, (DISCARD_EARLY_END - DISCARD_EARLY_FIRST) * page, MADV_DONTNEED))
+        die("madvise early");
+    /* ...and after they did. */
+    volatile uint8_t sink = 0;
+    for (size_t p = DISCARD_LATE_FIRST; p < DISCARD_LATE_END; p++)
+        sink ^= mem[p * page];
+    if (madvise(mem + DISCARD_LATE_FIRST * page, (DISCARD_LATE_END - DISCARD_LATE_FIRST) * page, MADV_DONTNEED))
+        die("madvise late");
+    /* A range moved while it is restored. */
+    size_t move_len = (MOVE_END - MOVE_FIRST) * page;
+    uint8_t *dst = mmap(NULL, move_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (dst == MAP_FAILED ||
+        mremap(mem + MOVE_FIRST * page, move_len, move_len, MREMAP_MAYMOVE | MREMAP_FIXED, dst) != dst)
+        die("mremap");
+
+    static uint8_t zero[1 << 16];
+    size_t bad = 0;
+    for (size_t p = 0; p < npages; p++) {
+        int discarded = (p >= DISCARD_EARLY_FIRST && p < DISCARD_EARLY_END) ||
+                        (p >= DISCARD_LATE_FIRST && p < DISCARD_LATE_END);
+        const uint8_t *at = p >= MOVE_FIRST && p < MOVE_END ? dst + (p - MOVE_FIRST) * page : mem + p * page;
+        bad += memcmp(at, discarded ? zero : image + p * page, (size_t)page) != 0;
+    }
+    printf("{\"pages\": %zu, \"bad\": %zu}\n", npages, bad);
+    close(s);
+    return bad ? 1 : 0;
+}
