@@ -10,4 +10,5 @@
 #include "dp_wire.h"
 #include "dp_common.h"
 #include "dp_source.h"
+#include "kvm.h"
 #endif
