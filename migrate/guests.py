@@ -25,7 +25,7 @@ CONTENTS = ("realistic", "random")
 def spec_to_pb(spec: GuestSpec, content: str = "realistic") -> pb.GuestSpec:
     return pb.GuestSpec(size=spec.size, workload=spec.workload, seed=spec.seed, ops=spec.ops,
                         threads=spec.threads, ops_per_sec=spec.ops_per_sec, page_size=spec.page_size,
-                        content=content)
+                        content=content, kind=spec.kind)
 
 
 def content_from_pb(msg: pb.GuestSpec) -> str:
@@ -39,7 +39,7 @@ def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
     """A validated GuestSpec (ValueError with a clear message otherwise)."""
     spec = GuestSpec(size=msg.size, workload=msg.workload or "random-write", seed=msg.seed,
                      ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
-                     page_size=msg.page_size or mmap.PAGESIZE)
+                     page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or "synthetic")
     spec.validate()
     return spec_fits(spec)
 
@@ -141,6 +141,8 @@ class GuestTable:
         for measuring transfers without compression's help) is filled here,
         deterministically from the seed.
         """
+        if spec.kind == "kvm" and content != "realistic":
+            raise ValueError("a kvm guest's RAM is what its image writes: content must be realistic")
         if backing and self.backing_dir is None:
             raise ValueError("this agent keeps no backing files: start it with --backing-dir DIR")
         self._reserve(name)

@@ -325,7 +325,7 @@ static int set_cpuid(struct mig_kvm *vm, int vcpu_fd)
     return -E2BIG;
 }
 
-struct mig_kvm *mig_kvm_new(uint8_t *mem, uint64_t size, uint32_t nvcpus, char *err, size_t errlen)
+struct mig_kvm *mig_kvm_new(const char *device, uint8_t *mem, uint64_t size, uint32_t nvcpus, char *err, size_t errlen)
 {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, install_kick);
@@ -349,16 +349,16 @@ struct mig_kvm *mig_kvm_new(uint8_t *mem, uint64_t size, uint32_t nvcpus, char *
     }
     for (uint32_t i = 0; i < nvcpus; i++)
         vm->v[i].fd = -1;
-    if ((vm->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0) {
-        snprintf(err, errlen, "/dev/kvm is not usable: %s", strerror(errno));
+    if ((vm->kvm_fd = open(device, O_RDWR | O_CLOEXEC)) < 0) {
+        snprintf(err, errlen, "%s is not usable: %s", device, strerror(errno));
         goto fail;
     }
     if (ioctl(vm->kvm_fd, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) {
-        snprintf(err, errlen, "/dev/kvm speaks an unknown KVM API version");
+        snprintf(err, errlen, "%s does not speak KVM API version %d", device, KVM_API_VERSION);
         goto fail;
     }
     if ((vm->vm_fd = ioctl(vm->kvm_fd, KVM_CREATE_VM, 0)) < 0) {
-        snprintf(err, errlen, "/dev/kvm cannot create a VM: %s", strerror(errno));
+        snprintf(err, errlen, "%s cannot create a VM: %s", device, strerror(errno));
         goto fail;
     }
     ioctl(vm->vm_fd, KVM_SET_TSS_ADDR, 0xfffbd000UL);  /* VMX wants it; others ignore it */

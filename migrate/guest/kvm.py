@@ -64,12 +64,18 @@ def check_spec(spec: Any) -> None:
         raise KvmError("a kvm guest runs unthrottled: ops_per_sec must be 0")
 
 
+def kvm_device() -> str:
+    """The KVM device: /dev/kvm, or $MIGRATE_KVM_DEVICE (tests point it at a missing file)."""
+    return os.environ.get("MIGRATE_KVM_DEVICE") or "/dev/kvm"
+
+
 def kvm_problem() -> str | None:
-    """Why /dev/kvm cannot run a guest here, or None."""
+    """Why the KVM device cannot run a guest here, or None."""
+    dev = kvm_device()
     try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        os.close(os.open(dev, os.O_RDWR | os.O_CLOEXEC))
     except OSError as err:
-        return f"/dev/kvm is not usable: {err.strerror}"
+        return f"{dev} is not usable: {err.strerror}"
     return None
 
 
@@ -122,7 +128,7 @@ class Machine:
         self.n = spec.threads
         self._buf = ffi.from_buffer("uint8_t[]", mem, require_writable=True)
         err = ffi.new("char[256]")
-        vm = lib.mig_kvm_new(self._buf, self.size, self.n, err, 256)
+        vm = lib.mig_kvm_new(kvm_device().encode(), self._buf, self.size, self.n, err, 256)
         if vm == ffi.NULL:
             ffi.release(self._buf)
             raise KvmError(ffi.string(err).decode(errors="replace"))
@@ -296,6 +302,9 @@ class KvmRunner(Runner):
         return Machine(self.mem, self.spec)
 
     def prepare(self) -> None:
+        """Load and boot the image, unless --no-fill: RAM and registers then come with a state."""
+        if self.args.no_fill:
+            return
         path = Path(self.args.image)
         try:
             image = path.read_bytes()
