@@ -97,6 +97,8 @@ class HostedGuest:
             msg.finished = bool(stats.get("finished", False))
             msg.first_op_ns = int(stats.get("first_op_ns", 0) or 0)
             msg.last_op_ns = int(stats.get("last_op_ns", 0) or 0)
+            msg.vcpu_blocked_ms.extend(float(v) for v in stats.get("vcpu_blocked_ms", ()))
+            msg.guest_digest = str(stats.get("guest_digest", ""))
             if msg.finished and self.state == "running":
                 msg.state = "finished"
             if with_progress:

@@ -207,6 +207,9 @@ class Machine:
     def vcpu_blocked_ms(self) -> list[float]:
         return [round(v.blocked_ns / 1e6, 3) for v in self._info()]
 
+    def vcpu_run_ms(self) -> list[float]:
+        return [round(v.run_ns / 1e6, 3) for v in self._info()]
+
     def poll_text(self) -> list[str]:
         """The guest's complete text lines since the last call (a "digest" line is remembered)."""
         ffi, lib = _ffi()
@@ -325,6 +328,7 @@ class KvmRunner(Runner):
     def stats(self) -> dict:
         self.wl.poll_text()
         return {**super().stats(), "kind": self.KIND, "vcpu_blocked_ms": self.wl.vcpu_blocked_ms(),
+                "vcpu_run_ms": self.wl.vcpu_run_ms(),
                 "guest_digest": self.wl.guest_digest, "error": self.wl.error()}
 
 
