@@ -237,9 +237,9 @@ def _threads_for(kind: str, vcpus: int | None, threads: int) -> int:
     if vcpus is None:
         return threads
     if kind != "kvm":
-        raise click.UsageError("--vcpus applies to --kind kvm (a synthetic guest has --threads)")
+        raise click.ClickException("--vcpus applies to --kind kvm (a synthetic guest has --threads)")
     if not 1 <= vcpus <= KVM_MAX_VCPUS:
-        raise click.UsageError(f"--vcpus must be 1 to {KVM_MAX_VCPUS}, not {vcpus}")
+        raise click.ClickException(f"--vcpus must be 1 to {KVM_MAX_VCPUS}, not {vcpus}")
     return vcpus
 
 

@@ -115,7 +115,8 @@ tramp32:
     mov %eax, %ss
     mov $1, %esi
     lock xadd %esi, next_cpu
-    jmp _ap32
+    mov $_ap32, %eax                 /* absolute: this code runs from its copy at 0x8000 */
+    jmp *%eax
     .align 8
 tramp_gdt_ptr:
     .word gdt_end - gdt - 1
