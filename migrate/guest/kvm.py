@@ -60,6 +60,8 @@ def check_spec(spec: Any) -> None:
         raise KvmError(f"a kvm guest has 1 to {MAX_VCPUS} vCPUs, not {spec.threads}")
     if not MIN_SIZE <= spec.size <= MAX_SIZE:
         raise KvmError(f"a kvm guest has {MIN_SIZE >> 20} MiB to {MAX_SIZE >> 30} GiB of RAM, not {spec.size} bytes")
+    if spec.size % (1 << 20):
+        raise KvmError(f"a kvm guest's RAM is whole MiB (QEMU's -m), not {spec.size} bytes")
     if spec.ops_per_sec:
         raise KvmError("a kvm guest runs unthrottled: ops_per_sec must be 0")
 
@@ -83,6 +85,13 @@ def cmdline(spec: Any, vmm: bool = True) -> str:
     """The guest's multiboot command line (QEMU: -append; `vmm=1`: our VMM starts the other vCPUs)."""
     line = f"workload={spec.workload} seed={spec.seed} ops={spec.ops} vcpus={spec.threads}"
     return line + (" vmm=1" if vmm else "")
+
+
+def qemu_argv(spec: Any, debugcon: str, image: Path = IMAGE) -> list[str]:
+    """QEMU booting the same image with the same parameters; the guest's text goes to file `debugcon`."""
+    return ["qemu-system-x86_64", "-accel", "kvm", "-m", f"{spec.size >> 20}M", "-smp", str(spec.threads),
+            "-nodefaults", "-display", "none", "-kernel", str(image), "-append", cmdline(spec, vmm=False),
+            "-debugcon", f"file:{debugcon}"]
 
 
 def parse_image(data: bytes, size: int) -> tuple[int, int, bytes]:
