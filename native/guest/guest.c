@@ -11,7 +11,9 @@
  *   - PORT_DONE (out32): this vCPU's workload is over (it then spins)
  *   - PORT_APS  (out32): with vmm=1, the 32-bit entry of secondary vCPUs
  *                        (our VMM starts them there; QEMU's get INIT-SIPI-SIPI)
- *   - PORT_TEXT (0xe9, QEMU's isa-debugcon): text lines; vCPU 0, once every
+ *   - PORT_TEXT (0xe9, QEMU's isa-debugcon): text lines: at the start
+ *     "start pages <hex> ops_done <address of the per-vCPU ops counters>";
+ *     vCPU 0, once every
  *     vCPU is done, writes "digest <16 hex>\n".
  *
  * Memory: the image at 1 MiB, the workload region from WL_BASE to 2 MiB
@@ -59,6 +61,8 @@ void enter_user(void (*fn)(uint64_t), uint64_t rsp, uint64_t arg) __attribute__(
 
 static struct params P;
 static uint64_t slice_digest[MAX_CPUS], slice_acc[MAX_CPUS];
+/* Ops done per vCPU, stored at every report: QEMU's monitor reads them (scripts/compare_qemu.py). */
+static volatile uint64_t ops_done[MAX_CPUS];
 static uint32_t finished_cpus;
 static uint8_t ustacks[MAX_CPUS][USTACK] __attribute__((aligned(4096)));
 
@@ -287,6 +291,8 @@ static void user_main(uint64_t cpu)
     if (cpu == 0) {
         puts_port("start pages ");
         put_hex(P.npages);
+        puts_port(" ops_done ");
+        put_hex((uint64_t)(uintptr_t)ops_done);
         puts_port("\n");
     }
     for (uint64_t p = first; p < first + np; p++)
@@ -295,9 +301,12 @@ static void user_main(uint64_t cpu)
         target = 0;
     while (done < target) {
         acc = do_op(first, np, done, &rng, acc);
-        if ((++done & (REPORT_EVERY - 1)) == 0)
+        if ((++done & (REPORT_EVERY - 1)) == 0) {
+            ops_done[cpu] = done;
             outl(PORT_OPS, REPORT_EVERY);
+        }
     }
+    ops_done[cpu] = done;
     outl(PORT_OPS, (uint32_t)(done & (REPORT_EVERY - 1)));
     slice_digest[cpu] = digest_range(page_at(first), np * PAGE);
     slice_acc[cpu] = acc;
