@@ -544,22 +544,33 @@ int mig_kvm_set_part(struct mig_kvm *vm, uint32_t i, int part, const uint8_t *bu
     return ioctl(vm->v[i].fd, PARTS[part].set, buf) < 0 ? -errno : 0;
 }
 
-int mig_kvm_get_msrs(struct mig_kvm *vm, uint32_t i, uint32_t *index, uint64_t *data, uint32_t max)
+/* One MSR through KVM_GET_MSRS / KVM_SET_MSRS; 0 if KVM has it. */
+static int msr_io(int fd, unsigned long req, uint32_t index, uint64_t *data)
 {
-    if (i >= vm->n || vm->running)
-        return -EINVAL;
     struct {
         struct kvm_msrs h;
         struct kvm_msr_entry e;
     } one;
+    memset(&one, 0, sizeof(one));
+    one.h.nmsrs = 1;
+    one.e.index = index;
+    one.e.data = *data;
+    if (ioctl(fd, req, &one) != 1)
+        return -1;
+    *data = one.e.data;
+    return 0;
+}
+
+int mig_kvm_get_msrs(struct mig_kvm *vm, uint32_t i, uint32_t *index, uint64_t *data, uint32_t max)
+{
+    if (i >= vm->n || vm->running)
+        return -EINVAL;
     uint32_t n = 0;
     for (uint32_t k = 0; k < NMSR && n < max; k++) {
-        memset(&one, 0, sizeof(one));
-        one.h.nmsrs = 1;
-        one.e.index = MSR_LIST[k];
-        if (ioctl(vm->v[i].fd, KVM_GET_MSRS, &one) == 1) {  /* only the MSRs this KVM has */
+        uint64_t v = 0;
+        if (msr_io(vm->v[i].fd, KVM_GET_MSRS, MSR_LIST[k], &v) == 0) {  /* only the MSRs this KVM has */
             index[n] = MSR_LIST[k];
-            data[n++] = one.e.data;
+            data[n++] = v;
         }
     }
     return (int)n;
@@ -569,16 +580,9 @@ int mig_kvm_set_msrs(struct mig_kvm *vm, uint32_t i, const uint32_t *index, cons
 {
     if (i >= vm->n || vm->running)
         return -EINVAL;
-    struct {
-        struct kvm_msrs h;
-        struct kvm_msr_entry e;
-    } one;
     for (uint32_t k = 0; k < n; k++) {
-        memset(&one, 0, sizeof(one));
-        one.h.nmsrs = 1;
-        one.e.index = index[k];
-        one.e.data = data[k];
-        if (ioctl(vm->v[i].fd, KVM_SET_MSRS, &one) != 1)
+        uint64_t v = data[k];
+        if (msr_io(vm->v[i].fd, KVM_SET_MSRS, index[k], &v))
             return -(int)(k + 1);
     }
     return 0;

@@ -212,8 +212,9 @@ class KvmImageGuest:
         return sum(int(w, 16) for line in str(out).splitlines() for w in line.split(":", 1)[1].split())
 
     def qemu_digest(self, tmp: str, timeout: float = 3600.0) -> str:
+        """The digest the guest reported: on the destination, or on the source if it finished before moving."""
         deadline = time.monotonic() + timeout
-        while "digest " not in (text := self._text(tmp, "dest")):
+        while "digest " not in (text := self._text(tmp, "source") + self._text(tmp, "dest")):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the migrated QEMU guest reported no digest within {timeout:g} s")
             time.sleep(0.1)
@@ -335,7 +336,8 @@ def main() -> int:
                     help="tiny guest: what it does to each page")
     ap.add_argument("--workload", default="random-write", help="kvm guest: its workload")
     ap.add_argument("--vcpus", type=int, default=1, help="kvm guest: vCPUs (1-16)")
-    ap.add_argument("--ops", type=int, default=300_000_000, help="kvm guest: ops, then it reports its digest")
+    ap.add_argument("--ops", type=int, default=1_000_000_000,
+                    help="kvm guest: ops, then it reports its digest (enough to outlast the migration)")
     ap.add_argument("--seed", type=int, default=1, help="kvm guest: seed")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds the guest runs before migrating")
     args = ap.parse_args()

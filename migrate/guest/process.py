@@ -317,7 +317,9 @@ class GuestProcess:
             self.progress.append((int(msg["t_ns"]), int(msg.get("ops", 0))))
             if len(self.progress) > _MAX_PROGRESS:
                 del self.progress[: _MAX_PROGRESS // 2]
-        if event == "ready":
+        if event == "guest-error":           # a kvm guest's vCPU stopped (triple fault, KVM_RUN failure)
+            log.warning("guest %d: %s", self.pid, msg.get("error"))
+        elif event == "ready":
             self._ready.set()
         elif event == "finished":
             self._finished.set()
