@@ -153,7 +153,9 @@ def table(doc: dict) -> str:
         ("pages", f"{p['total']} total: {p.get('precopied', 0)} pre-copied, {p['pushed']} pushed, "
                   f"{p['faulted']} faulted, {p['zero']} zero"),
         ("faults", f"{f['count']}: p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, max {lat['max']:.0f} µs"),
-        ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"),
+        ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"
+                          + (" (vCPUs asleep in KVM_RUN: " + ", ".join(f"{v:.1f}" for v in vcpus) + " ms)"
+                             if (vcpus := doc["guest"].get("vcpu_blocked_ms")) else "")),
         ("on the wire", f"{b['wire'] / MiB:.1f} MiB for {mb:.1f} MiB of pages "
                         f"(compression {doc['compression_ratio']:.2f}x)"),
     ]

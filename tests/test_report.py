@@ -32,3 +32,11 @@ def test_progress_samples_without_a_timestamp_are_left_out() -> None:
     after = pb.GuestInfo(progress=[pb.ProgressPoint(t_ns=T0 + 2 * 10**8, ops=9), pb.ProgressPoint(t_ns=0, ops=9)])
     doc = build(pb.SwitchoverReply(), after, None, before)
     assert [p["t_s"] for p in doc["guest"]["progress"]] == [0.1, 0.2]
+
+
+def test_a_kvm_guests_per_vcpu_blocked_time_is_reported() -> None:
+    doc = build(pb.SwitchoverReply(), pb.GuestInfo(vcpu_blocked_ms=[1.5, 20.25]), None)
+    assert doc["guest"]["vcpu_blocked_ms"] == [1.5, 20.25]
+    assert "(vCPUs asleep in KVM_RUN: 1.5, 20.2 ms)" in report.table(doc)
+    synthetic = build(pb.SwitchoverReply(), pb.GuestInfo(), None)
+    assert synthetic["guest"]["vcpu_blocked_ms"] == [] and synthetic["guest"]["kind"] == "synthetic"
