@@ -143,8 +143,12 @@ class GuestTable:
         for measuring transfers without compression's help) is filled here,
         deterministically from the seed.
         """
-        if spec.kind == "kvm" and content != "realistic":
-            raise ValueError("a kvm guest's RAM is what its image writes: content must be realistic")
+        if spec.kind == "kvm":
+            from migrate.guest.kvm import kvm_problem
+            if content != "realistic":
+                raise ValueError("a kvm guest's RAM is what its image writes: content must be realistic")
+            if problem := kvm_problem():
+                raise ValueError(f"cannot run a kvm guest on this agent: {problem}")
         if backing and self.backing_dir is None:
             raise ValueError("this agent keeps no backing files: start it with --backing-dir DIR")
         self._reserve(name)

@@ -265,6 +265,16 @@ def test_missing_kvm_device_is_one_line():
     assert cli.stderr.strip().count("\n") == 0
 
 
+def test_an_agent_without_kvm_says_so_in_one_line(tmp_path):
+    from migrate.local import LocalAgent
+
+    with LocalAgent("source", log_path=str(tmp_path / "source.log"),
+                    env={"MIGRATE_KVM_DEVICE": "/nonexistent/kvm"}) as src:
+        out = run_cli("guest", "start", "vm", "--agent", src.address, "--size", "64M", "--kind", "kvm")
+    assert_clean_error(out, "cannot run a kvm guest on this agent: /nonexistent/kvm is not usable")
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+
+
 def test_bad_vcpu_count_is_one_line():
     for args in (["--kind", "kvm", "--vcpus", "17"], ["--kind", "kvm", "--vcpus", "0"], ["--vcpus", "2"]):
         out = run_cli("guest", "start", "vm", "--agent", "127.0.0.1:1", *args)
