@@ -282,3 +282,28 @@ def test_bad_vcpu_count_is_one_line():
         assert out.stderr.strip().count("\n") == 0, out.stderr
     out = _runner(kvm_spec(1), "--threads", "40")
     assert out.returncode != 0 and "1 to 16 vCPUs" in out.stderr and out.stderr.strip().count("\n") == 0
+
+
+@needs_kvm
+def test_a_guest_that_crashes_is_reported(tmp_path):
+    """An image whose first instruction is ud2 (no IDT: a triple fault) stops its vCPU with a clear error."""
+    magic, flags = 0x1BADB002, 0x00010002
+    image = tmp_path / "ud2.bin"
+    image.write_bytes(struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF, 1 << 20, 1 << 20, 0, 0,
+                                  (1 << 20) + 32) + b"\x0f\x0b" * 16)
+    spec = kvm_spec(1, ops=1000)
+    fd = create_memfd("kvm-ud2", SIZE)
+    parent, child = socket.socketpair()
+    argv = spawn.module_argv("migrate.guest.kvm", "--image", str(image), "--memfd", str(fd), "--control-fd",
+                             str(child.fileno()), "--size", str(SIZE), "--ops", "1000", "--workload", spec.workload)
+    proc = subprocess.Popen(argv, pass_fds=(fd, child.fileno()), env=spawn.child_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child.close()
+    try:
+        with parent.makefile("r") as events:
+            errors = (line for line in events if '"guest-error"' in line)
+            assert "vCPU 0 stopped: the guest triple-faulted" in next(errors, "")
+    finally:
+        parent.close()
+        proc.wait(30)
+        os.close(fd)

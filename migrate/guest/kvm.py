@@ -144,6 +144,7 @@ class Machine:
         self._vm = vm
         self._first_ns = 0
         self._last_ns = 0
+        self._ran = False                    # the latest start ran a vCPU
         self._text = b""
         self.guest_digest = ""
 
@@ -176,18 +177,23 @@ class Machine:
         return out
 
     def start(self) -> None:
+        """Run the started, unfinished vCPUs (none: nothing runs, as a finished workload)."""
         ffi, lib = _ffi()
-        if any(v.active and not v.finished for v in self._info()):
+        self._ran = any(v.active and not v.finished for v in self._info())
+        if self._ran:
             self._first_ns = time.time_ns()
         rc = lib.mig_kvm_start(self._vm)
         if rc:
             raise RuntimeError(f"cannot start the vCPUs: {os.strerror(-rc)}")
 
     def pause(self) -> None:
-        ran = self.running and not self.finished
+        """Stop every vCPU between two instructions. The last op's time is taken here
+        (for a finished guest: when the runner's progress loop notices, within ~20 ms)."""
+        was_running = self.running
         _ffi()[1].mig_kvm_pause(self._vm)
-        if ran or (self.finished and not self._last_ns):
+        if was_running and self._ran:
             self._last_ns = time.time_ns()
+        self._ran = False
 
     @property
     def running(self) -> bool:
@@ -309,6 +315,7 @@ class KvmRunner(Runner):
     """The runner with a KVM VM as its engine."""
 
     KIND = "kvm"
+    _reported = ""                           # the VMM error already sent as an event
 
     def make_engine(self) -> Machine:
         return Machine(self.mem, self.spec)
@@ -329,7 +336,7 @@ class KvmRunner(Runner):
             if not line.startswith("digest "):
                 self.send({"event": "guest-text", "line": line[:200]})
         err = self.wl.error()
-        if err and err != getattr(self, "_reported", ""):
+        if err and err != self._reported:
             self._reported = err
             self.send({"event": "guest-error", "error": err})
         super().progress()
