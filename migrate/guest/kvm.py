@@ -303,18 +303,12 @@ class Machine:
             if rc:
                 raise ValueError(f"execution state vCPU {i}: KVM refuses MSR 0x{msrs[-rc - 1][0]:x}")
 
-    def close(self) -> None:
-        if self._vm is not None:
-            ffi, lib = _ffi()
-            lib.mig_kvm_free(self._vm)
-            self._vm = None
-            ffi.release(self._buf)
-
 
 class KvmRunner(Runner):
     """The runner with a KVM VM as its engine."""
 
     KIND = "kvm"
+    PROG = "migrate.guest.kvm"
     _reported = ""                           # the VMM error already sent as an event
 
     def make_engine(self) -> Machine:

@@ -94,6 +94,7 @@ class Runner:
     engine through :meth:`make_engine` and :meth:`prepare` and keep the rest."""
 
     KIND = "synthetic"
+    PROG = "migrate.guest.runner"            # how its one-line errors begin
 
     def __init__(self, args: argparse.Namespace) -> None:
         from migrate.guest.process import GuestSpec
@@ -342,12 +343,12 @@ def main(argv: list[str] | None = None, runner_cls: type[Runner] = Runner,
     try:
         runner = runner_cls(args)
     except (ValueError, OSError) as e:
-        print(f"{runner_cls.__module__}: {e}", file=sys.stderr)
+        print(f"{runner_cls.PROG}: {e}", file=sys.stderr)
         return 2
     try:
         runner.setup()
     except Exception as e:  # noqa: BLE001
-        print(f"migrate.guest.runner: setup failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{runner_cls.PROG}: setup failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 3
     threading.Thread(target=runner.progress_loop, daemon=True, name="progress").start()
     runner.command_loop()
