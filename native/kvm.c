@@ -304,6 +304,8 @@ static void *vcpu_loop(void *arg)
 
 /* -------------------------------------------------------------------- VM */
 
+static void vm_free(struct mig_kvm *vm);
+
 static int set_cpuid(struct mig_kvm *vm, int vcpu_fd)
 {
     for (int nent = 64; nent <= 4096; nent *= 2) {
@@ -398,11 +400,12 @@ struct mig_kvm *mig_kvm_new(const char *device, uint8_t *mem, uint64_t size, uin
     }
     return vm;
 fail:
-    mig_kvm_free(vm);
+    vm_free(vm);
     return NULL;
 }
 
-void mig_kvm_free(struct mig_kvm *vm)
+/* Everything mig_kvm_new made (on its failure; a runner exits with its VM). */
+static void vm_free(struct mig_kvm *vm)
 {
     if (!vm)
         return;

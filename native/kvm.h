@@ -19,7 +19,6 @@ typedef struct {
 } mig_kvm_vcpu_info;
 
 struct mig_kvm *mig_kvm_new(const char *device, uint8_t *mem, uint64_t size, uint32_t nvcpus, char *err, size_t errlen);
-void mig_kvm_free(struct mig_kvm *vm);
 int mig_kvm_boot(struct mig_kvm *vm, uint32_t entry, uint32_t mbi);
 int mig_kvm_start(struct mig_kvm *vm);
 int mig_kvm_pause(struct mig_kvm *vm);
