@@ -77,21 +77,23 @@ class Client:
 
     def launch(self, name: str, *, size: int | str, workload: str = "random-write", ops: int = 2_000_000,
                threads: int = 1, ops_per_sec: float = 0.0, content: str = "realistic", backing: str = "",
-               seed: int = 1, paused: bool = False, page_size: int = mmap.PAGESIZE) -> GuestInfo:
+               seed: int = 1, paused: bool = False, page_size: int = mmap.PAGESIZE,
+               kind: str = "synthetic") -> GuestInfo:
         """Start guest `name` on a source agent.
 
         `size` in bytes, or as text ("64M", "1G"); `workload` one of seq-read,
         seq-write, random-read, random-write, hotset, zipf, idle; `ops`
         operations, then it idles; `ops_per_sec` 0 runs unthrottled;
         `content` "realistic" or "random" (incompressible); `backing`
-        "file:NAME" keeps RAM in a new file in the agent's --backing-dir.
+        "file:NAME" keeps RAM in a new file in the agent's --backing-dir;
+        `kind` "kvm" runs the guest image under KVM with `threads` vCPUs.
         """
         try:
             nbytes = parse_size(size) if isinstance(size, str) else size
         except ValueError as err:
             raise errors.BadRequest(str(err)) from None
         spec = pb.GuestSpec(size=nbytes, workload=workload, seed=seed, ops=ops, threads=threads,
-                            ops_per_sec=ops_per_sec, page_size=page_size, content=content)
+                            ops_per_sec=ops_per_sec, page_size=page_size, content=content, kind=kind)
         request = pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused, backing=backing)
         return self._call("LaunchGuest", request, GuestInfo, SLOW_TIMEOUT)
 

@@ -18,6 +18,8 @@ import click
 
 from migrate import orchestrator, planes, report, rpc, validate
 from migrate.client import AgentClient
+from migrate.guest.kvm import MAX_VCPUS as KVM_MAX_VCPUS
+from migrate.guest.process import KINDS
 from migrate.proto import migrate_pb2 as pb
 from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
@@ -275,6 +277,25 @@ _agent_option = click.option("--agent", type=ENDPOINT, default="127.0.0.1:7070",
                              help="The agent to talk to.")
 
 
+def _kind_options(fn: Callable) -> Callable:
+    fn = click.option("--vcpus", type=int, default=None,
+                      help="vCPUs of a kvm guest (its --threads), 1 to 16.")(fn)
+    return click.option("--kind", type=click.Choice(KINDS), default="synthetic", show_default=True,
+                        help="synthetic: the workload engine on RAM; kvm: a KVM virtual machine running the "
+                             "guest image (the same workloads, one slice of RAM per vCPU).")(fn)
+
+
+def _threads_for(kind: str, vcpus: int | None, threads: int) -> int:
+    """The spec's threads: --vcpus for a kvm guest (checked here: one line, before any agent is asked)."""
+    if vcpus is None:
+        return threads
+    if kind != "kvm":
+        raise click.ClickException("--vcpus applies to --kind kvm (a synthetic guest has --threads)")
+    if not 1 <= vcpus <= KVM_MAX_VCPUS:
+        raise click.ClickException(f"--vcpus must be 1 to {KVM_MAX_VCPUS}, not {vcpus}")
+    return vcpus
+
+
 @guest.command("start")
 @click.argument("name")
 @_agent_option
@@ -293,17 +314,21 @@ _agent_option = click.option("--agent", type=ENDPOINT, default="127.0.0.1:7070",
                    "memory (NAME: 1-64 letters, digits, '.', '-' or '_', not starting with '.'): with `source "
                    "serve --state-dir`, a restarted source finishes its migration.")
 @click.option("--paused", is_flag=True, help="Start paused.")
+@_kind_options
 @_credential_options
 def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops: int, threads: int,
-                ops_per_sec: float, content: str, backing: str, paused: bool, credentials: Credentials) -> None:
+                ops_per_sec: float, content: str, backing: str, paused: bool, kind: str, vcpus: int | None,
+                credentials: Credentials) -> None:
     """Start guest NAME on a source agent.
 
     \b
     Example:
       migrate guest start vm1 --agent 127.0.0.1:7070 --size 1G --workload hotset --threads 2
+      migrate guest start vm2 --agent 127.0.0.1:7070 --size 256M --kind kvm --vcpus 2 --ops 50000000
     """
+    threads = _threads_for(kind, vcpus, threads)
     spec = pb.GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=threads,
-                        ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE, content=content)
+                        ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE, content=content, kind=kind)
     with AgentClient(agent, credentials=credentials) as client:
         info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused,
                                                                  backing=backing), timeout=600)
@@ -699,8 +724,9 @@ def abort_cmd(guest_name: str, src: str, dst: str, force: bool, credentials: Cre
               help="How to migrate (see `migrate run --help`).")
 @_data_plane_option
 @_fault_path_option
+@_kind_options
 def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no_push: bool, mode: str,
-             data_plane: str | None, fault_path: str) -> None:
+             data_plane: str | None, fault_path: str, kind: str, vcpus: int | None) -> None:
     """Migrate a running guest between two local agents, and check it.
 
     Starts a source and a destination agent on loopback, starts a guest
@@ -716,13 +742,14 @@ def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no
 
     if no_push and mode == "precopy":
         raise click.UsageError("--no-push needs --mode postcopy or hybrid")
+    threads = _threads_for(kind, vcpus, threads)
     opts = orchestrator.RunOptions(no_push=no_push, verify=True, mode=mode, data_plane=data_plane or "",
                                    fault_path=fault_path)
     try:
         opts.check()
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    doc = run_demo(size=size, workload=workload, threads=threads, opts=opts,
+    doc = run_demo(size=size, workload=workload, threads=threads, opts=opts, kind=kind,
                    on_status=ProgressLine(), say=lambda text: click.echo(text, err=True))
     _finish_report(doc, report_path)
     if not doc.get("verified"):

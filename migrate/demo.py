@@ -19,19 +19,29 @@ RUN_SECONDS = 5.0
 SWITCH_AT = 0.25
 
 
+#: A kvm guest runs unthrottled: this many ops keep it busy for a few seconds.
+KVM_OPS = 100_000_000
+
+
 def run_demo(*, size: int, workload: str, threads: int, opts: orchestrator.RunOptions,
-             on_status: Callable[[pb.MigrationStatus], None], say: Callable[[str], None]) -> dict:
+             on_status: Callable[[pb.MigrationStatus], None], say: Callable[[str], None],
+             kind: str = "synthetic") -> dict:
     """Start two agents and a guest, migrate it mid-run as `opts` say, verify, return the report."""
-    ops = int(OPS_PER_SEC * RUN_SECONDS)
+    kvm = kind == "kvm"
+    if kvm:
+        from migrate.guest.kvm import kvm_problem
+        if why := kvm_problem():
+            raise RuntimeError(why)
+    ops = KVM_OPS if kvm else int(OPS_PER_SEC * RUN_SECONDS)
     spec = pb.GuestSpec(size=size, workload=workload, seed=42, ops=ops, threads=threads,
-                        ops_per_sec=OPS_PER_SEC, page_size=mmap.PAGESIZE)
+                        ops_per_sec=0 if kvm else OPS_PER_SEC, page_size=mmap.PAGESIZE, kind=kind)
     with tempfile.TemporaryDirectory(prefix="migrate-demo-") as tmp:
         say("starting a source and a destination agent on loopback")
         with LocalAgent("source", log_path=f"{tmp}/source.log") as src, \
                 LocalAgent("dest", log_path=f"{tmp}/dest.log") as dst:
             say(f"source agent {src.address} (pid {src.pid}), destination agent {dst.address} (pid {dst.pid})")
             with AgentClient(src.address) as client:
-                say(f"starting guest 'demo': {size >> 20} MiB, {workload}, {threads} thread(s), {ops} ops")
+                say(f"starting guest 'demo' ({kind}): {size >> 20} MiB, {workload}, {threads} thread(s), {ops} ops")
                 client.call("LaunchGuest", pb.LaunchGuestRequest(name="demo", spec=spec), timeout=600)
                 _wait_progress(client, "demo", int(ops * SWITCH_AT))
             say(f"guest is {SWITCH_AT:.0%} through its work: migrating it ({opts.mode})")

@@ -26,7 +26,7 @@ CONTENTS = ("realistic", "random")
 def spec_to_pb(spec: GuestSpec, content: str = "realistic") -> pb.GuestSpec:
     return pb.GuestSpec(size=spec.size, workload=spec.workload, seed=spec.seed, ops=spec.ops,
                         threads=spec.threads, ops_per_sec=spec.ops_per_sec, page_size=spec.page_size,
-                        content=content)
+                        content=content, kind=spec.kind)
 
 
 def content_from_pb(msg: pb.GuestSpec) -> str:
@@ -40,7 +40,7 @@ def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
     """A validated GuestSpec (ValueError with a clear message otherwise)."""
     spec = GuestSpec(size=msg.size, workload=msg.workload or "random-write", seed=msg.seed,
                      ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
-                     page_size=msg.page_size or mmap.PAGESIZE)
+                     page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or "synthetic")
     spec.validate()
     return spec_fits(spec)
 
@@ -99,6 +99,8 @@ class HostedGuest:
             msg.finished = bool(stats.get("finished", False))
             msg.first_op_ns = int(stats.get("first_op_ns", 0) or 0)
             msg.last_op_ns = int(stats.get("last_op_ns", 0) or 0)
+            msg.vcpu_blocked_ms.extend(float(v) for v in stats.get("vcpu_blocked_ms", ()))
+            msg.guest_digest = str(stats.get("guest_digest", ""))
             if msg.finished and self.state == "running":
                 msg.state = "finished"
             if with_progress:
@@ -143,6 +145,12 @@ class GuestTable:
         for measuring transfers without compression's help) is filled here,
         deterministically from the seed.
         """
+        if spec.kind == "kvm":
+            from migrate.guest.kvm import kvm_problem
+            if content != "realistic":
+                raise ValueError("a kvm guest's RAM is what its image writes: content must be realistic")
+            if problem := kvm_problem():
+                raise ValueError(f"cannot run a kvm guest on this agent: {problem}")
         if backing and self.backing_dir is None:
             raise ValueError("this agent keeps no backing files: start it with --backing-dir DIR")
         self._reserve(name)

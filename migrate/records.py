@@ -36,6 +36,7 @@ class Spec:
     ops_per_sec: float
     page_size: int
     content: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class GuestInfo:
     progress: tuple[ProgressPoint, ...]
     first_op_ns: int
     last_op_ns: int
+    vcpu_blocked_ms: tuple[float, ...]
+    guest_digest: str
 
 
 @dataclass(frozen=True)

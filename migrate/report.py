@@ -14,6 +14,9 @@ every page the rounds sent, re-sent ones too); recovered, the pages a
 restarted destination agent found in RAM beyond its journal's counters;
 zero pages are among pushed and faulted; duplicates are pages that came
 twice (both paths had asked for them), counted once in the sum.
+guest.kind, and for a kvm guest guest.vcpu_blocked_ms (issue 13): per vCPU,
+the ms its thread slept inside KVM_RUN on the destination, i.e. waited on
+missing pages (native/kvm.c); empty for a synthetic guest.
 """
 from __future__ import annotations
 
@@ -86,6 +89,8 @@ class GuestSummary(_Document):
     progress: list[dict[str, Any]]
     ops_per_s_before: float
     ops_per_s_during: float
+    kind: str | None = None
+    vcpu_blocked_ms: list[float] | None = None
 
 
 @dataclass
@@ -254,6 +259,8 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "workload": spec.workload,
             "threads": spec.threads,
             "blocked_ms": float(faults.get("blocked_ms", 0.0)),
+            "kind": spec.kind or "synthetic",
+            "vcpu_blocked_ms": list(after.vcpu_blocked_ms),
             "progress": progress,
             "ops_per_s_before": round(_rate(progress, -5.0, 0.0), 1),
             "ops_per_s_during": round(_rate(progress, 0.0, total_s), 1),
@@ -335,7 +342,9 @@ def table(doc: dict) -> str:
         ("downtime", f"{doc['downtime_ms']:.2f} ms" + (f" (ms: {parts})" if parts else "")),
         ("pages", _pages(p)),
         ("faults", f"{f['count']}: p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, max {lat['max']:.0f} µs"),
-        ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"),
+        ("guest blocked", f"{doc['guest']['blocked_ms']:.1f} ms"
+                          + (" (vCPUs asleep in KVM_RUN: " + ", ".join(f"{v:.1f}" for v in vcpus) + " ms)"
+                             if (vcpus := doc["guest"].get("vcpu_blocked_ms")) else "")),
         ("on the wire", f"{b['wire'] / MiB:.1f} MiB for {mb:.1f} MiB of pages "
                         f"(compression {doc['compression_ratio']:.2f}x)"),
     ]

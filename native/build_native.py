@@ -25,3 +25,6 @@ if __name__ == "__main__":
     # Development build: run from the project root; places the extension
     # next to the package (migrate/_native.*.so) for an editable checkout.
     ffibuilder.compile(tmpdir=str(HERE.parent), verbose=False)
+    # ... and the KVM guest image next to its runner (migrate/guest/kvm_image.bin).
+    import runpy
+    runpy.run_path(str(HERE / "guest" / "build_image.py"))["build"]()

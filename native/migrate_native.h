@@ -12,4 +12,5 @@
 #include "dp_common.h"
 #include "dp_source.h"
 #include "dp_dest.h"
+#include "kvm.h"
 #endif

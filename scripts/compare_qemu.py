@@ -1,18 +1,29 @@
 #!/usr/bin/env python3
 """QEMU's own post-copy next to ours, on a guest of the same size and access pattern.
 
-Where `qemu-system-x86_64` is installed and /dev/kvm works, boots a tiny
-guest of our own (below: 36 bytes of 32-bit code behind a multiboot header,
-so QEMU's -kernel loads it straight into protected mode) that sweeps its RAM
-page by page forever, writing (or only reading) each page. Two QEMU
-processes, post-copy over loopback driven through QMP; then `query-migrate`
-gives total-time, downtime, postcopy-requests and (destination)
-postcopy-blocktime. Our toolkit then migrates a guest of the same size
-running `seq-write` (or `seq-read`) between two local agents. One table.
+Where `qemu-system-x86_64` is installed and /dev/kvm works, two QEMU
+processes migrate post-copy over loopback, driven through QMP; then
+`query-migrate` gives total-time, downtime, postcopy-requests and
+(destination) postcopy-blocktime. Our toolkit then migrates a guest between
+two local agents. One table.
+
+--guest tiny (default): QEMU boots a tiny guest of our own (36 bytes of
+32-bit code behind a multiboot header) that sweeps its RAM page by page
+forever, writing (or only reading) each page; ours runs the synthetic
+`seq-write` (or `seq-read`) workload of the same size.
+
+--guest kvm: both boot the very same multiboot image (migrate/guest/kvm_image.bin,
+the kvm guest kind) with the same size, workload, seed, ops and vCPUs: QEMU
+with -kernel/-append/-smp, ours with `--kind kvm`. Each guest reports the
+digest of its own memory when its ops are done (QEMU: through isa-debugcon),
+and the table's `| final digest |` row must agree (exit 1 otherwise). Ops
+done during the migration: QEMU's from the guest's counters read through the
+monitor before and after, ours from the progress the guest reports.
 
 Installs nothing; exits 0 with a message saying what is missing otherwise.
 
     python scripts/compare_qemu.py --size 512M --pattern write
+    python scripts/compare_qemu.py --guest kvm --size 1G --workload random-write --vcpus 2
 """
 from __future__ import annotations
 
@@ -110,12 +121,10 @@ class Qmp:
         self.sock.close()
 
 
-def _qemu(tmp: str, role: str, size_mib: int, kernel: str, extra: list[str]) -> tuple[subprocess.Popen, Qmp]:
+def _qemu(tmp: str, role: str, argv: list[str]) -> tuple[subprocess.Popen, Qmp]:
     sock = os.path.join(tmp, f"{role}.qmp")
-    proc = subprocess.Popen(["qemu-system-x86_64", "-accel", "kvm", "-m", f"{size_mib}M", "-nodefaults",
-                             "-display", "none", "-kernel", kernel, "-qmp", f"unix:{sock},server=on,wait=off",
-                             *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(os.path.join(tmp, f"{role}.log"), "wb"))
+    proc = subprocess.Popen([*argv, "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{role}.log"), "wb"))
     try:
         return proc, Qmp(sock)
     except RuntimeError:
@@ -124,48 +133,109 @@ def _qemu(tmp: str, role: str, size_mib: int, kernel: str, extra: list[str]) -> 
         raise
 
 
-def _wait_booted(qmp: Qmp, timeout: float = 120.0) -> None:
-    """Until the vCPU runs our code (the BIOS takes seconds under software virtualization)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        regs = qmp.cmd("human-monitor-command", **{"command-line": "info registers"})
-        eip = next((int(w[4:], 16) for w in str(regs).split() if w.startswith("EIP=")), 0)
-        if LOAD <= eip < LOAD + 32 + len(_CODE["write"]):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"the QEMU guest did not reach its code within {timeout:g} s")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_migration(qmp: Qmp, what: str, timeout: float = 600.0) -> dict:
-    """Poll query-migrate until it completes; RuntimeError naming `what` if it fails or takes too long."""
-    deadline = time.monotonic() + timeout
-    while (info := qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"QEMU's {what} did not complete within {timeout:g} s")
-        time.sleep(0.05)
-    if info["status"] == "failed":
-        raise RuntimeError(f"QEMU's {what} failed: {info.get('error-desc', '?')}")
-    return info
+class TinyGuest:
+    """The 36-byte sweeping guest (QEMU) beside the synthetic seq-write / seq-read workload (ours)."""
 
+    def __init__(self, size: int, pattern: str) -> None:
+        self.size, self.pattern = size, pattern
+        self.title = f"{size // MiB} MiB guest sweeping its RAM ({pattern})"
 
-def run_qemu(size: int, pattern: str, warmup: float, preempt: bool) -> dict:
-    """QEMU post-copy of the sweeping guest over loopback; returns query-migrate's numbers."""
-    with tempfile.TemporaryDirectory(prefix="compare-qemu-") as tmp:
+    def qemu_argv(self, tmp: str, role: str) -> list[str]:
         kernel = os.path.join(tmp, "guest.bin")
         with open(kernel, "wb") as f:
-            f.write(guest_image(pattern))
+            f.write(guest_image(self.pattern))
+        return ["qemu-system-x86_64", "-accel", "kvm", "-m", f"{self.size // MiB}M", "-nodefaults",
+                "-display", "none", "-kernel", kernel]
+
+    def wait_booted(self, tmp: str, qmp: Qmp, timeout: float = 120.0) -> None:
+        """Until the vCPU runs our code (the BIOS takes seconds under software virtualization)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            regs = qmp.cmd("human-monitor-command", **{"command-line": "info registers"})
+            eip = next((int(w[4:], 16) for w in str(regs).split() if w.startswith("EIP=")), 0)
+            if LOAD <= eip < LOAD + 32 + len(_CODE["write"]):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the QEMU guest did not reach its code within {timeout:g} s")
+
+    def qemu_ops(self, tmp: str, role: str, qmp: Qmp) -> int | None:
+        return None
+
+    def qemu_digest(self, tmp: str) -> str | None:
+        return None
+
+    def ours_spec(self) -> pb.GuestSpec:
+        workload = {"write": "seq-write", "read": "seq-read"}[self.pattern]
+        return pb.GuestSpec(size=self.size, workload=workload, seed=1, ops=10**12, threads=1, ops_per_sec=0,
+                            page_size=mmap.PAGESIZE)
+
+
+class KvmImageGuest:
+    """The kvm guest kind's image, booted by QEMU and by our VMM with the same parameters."""
+
+    def __init__(self, size: int, workload: str, vcpus: int, ops: int, seed: int) -> None:
+        from migrate.guest.process import GuestSpec
+        self.spec = GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=vcpus, kind="kvm")
+        self.spec.validate()
+        self.title = (f"{size // MiB} MiB kvm guest image, {workload}, {vcpus} vCPU(s), {ops} ops, seed {seed}"
+                      " (both run the same image)")
+        self._ops_addr = 0
+
+    def qemu_argv(self, tmp: str, role: str) -> list[str]:
+        from migrate.guest.kvm import qemu_argv
+        return qemu_argv(self.spec, os.path.join(tmp, f"{role}.out"))
+
+    def _text(self, tmp: str, role: str) -> str:
+        try:
+            with open(os.path.join(tmp, f"{role}.out")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_booted(self, tmp: str, qmp: Qmp, timeout: float = 120.0) -> None:
+        """Until the guest says it starts its workload (at CPL3), and where it counts its ops."""
+        deadline = time.monotonic() + timeout
+        while "start pages" not in (text := self._text(tmp, "source")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the QEMU guest did not start its workload within {timeout:g} s")
+            time.sleep(0.05)
+        self._ops_addr = int(text.split(" ops_done ", 1)[1].split()[0], 16)
+
+    def qemu_ops(self, tmp: str, role: str, qmp: Qmp) -> int:
+        """Ops done so far: the guest's per-vCPU counters, read through the monitor."""
+        out = qmp.cmd("human-monitor-command", **{"command-line": f"xp /{self.spec.threads}gx {self._ops_addr}"})
+        return sum(int(w, 16) for line in str(out).splitlines() for w in line.split(":", 1)[1].split())
+
+    def qemu_digest(self, tmp: str, timeout: float = 3600.0) -> str:
+        """The digest the guest reported: on the destination, or on the source if it finished before moving."""
+        deadline = time.monotonic() + timeout
+        while "digest " not in (text := self._text(tmp, "source") + self._text(tmp, "dest")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the migrated QEMU guest reported no digest within {timeout:g} s")
+            time.sleep(0.1)
+        return text.split("digest ", 1)[1].split()[0]
+
+    def ours_spec(self) -> pb.GuestSpec:
+        s = self.spec
+        return pb.GuestSpec(size=s.size, workload=s.workload, seed=s.seed, ops=s.ops, threads=s.threads,
+                            ops_per_sec=0, page_size=s.page_size, kind="kvm")
+
+
+def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> dict:
+    """QEMU post-copy of the guest over loopback; returns query-migrate's numbers (and the guest's)."""
+    with tempfile.TemporaryDirectory(prefix="compare-qemu-") as tmp:
         port = _free_port()
         procs = []
         try:
-            src, src_qmp = _qemu(tmp, "source", size // MiB, kernel, [])
+            src, src_qmp = _qemu(tmp, "source", guest.qemu_argv(tmp, "source"))
             procs.append(src)
-            dst, dst_qmp = _qemu(tmp, "dest", size // MiB, kernel, ["-incoming", "defer"])
+            dst, dst_qmp = _qemu(tmp, "dest", guest.qemu_argv(tmp, "dest") + ["-incoming", "defer"])
             procs.append(dst)
             caps = [{"capability": "postcopy-ram", "state": True}]
             if preempt:
@@ -174,53 +244,86 @@ def run_qemu(size: int, pattern: str, warmup: float, preempt: bool) -> dict:
             dst_qmp.cmd("migrate-set-capabilities",
                         capabilities=caps + [{"capability": "postcopy-blocktime", "state": True}])
             dst_qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-            _wait_booted(src_qmp)
-            time.sleep(warmup)  # the guest sweeps its RAM meanwhile: every page is touched
+            guest.wait_booted(tmp, src_qmp)
+            time.sleep(warmup)  # the guest works on its RAM meanwhile
+            ops_before = guest.qemu_ops(tmp, "source", src_qmp)
             src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
-            info = wait_migration(src_qmp, "migration")
+            deadline = time.monotonic() + 600
+            while (info := src_qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("QEMU's migration did not complete within 600 s")
+                time.sleep(0.05)
+            if info["status"] == "failed":
+                raise RuntimeError(f"QEMU's migration failed: {info.get('error-desc', '?')}")
             dinfo = dst_qmp.cmd("query-migrate")
+            ops_after = guest.qemu_ops(tmp, "dest", dst_qmp)
             ram = info.get("ram", {})
             return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
                     "remote_faults": ram.get("postcopy-requests", 0),
                     "blocked_ms": float(dinfo.get("postcopy-blocktime", 0)),
-                    "wire_mib": ram.get("transferred", 0) / MiB, "fault_p50_us": None}
+                    "ops_during": None if ops_before is None else ops_after - ops_before,
+                    "wire_mib": ram.get("transferred", 0) / MiB, "fault_p50_us": None,
+                    "digest": guest.qemu_digest(tmp)}
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
 
 
-def run_ours(size: int, pattern: str, warmup: float, plane: str = "") -> dict:
-    """Our post-copy of a seq-write / seq-read guest of the same size between two local agents."""
-    workload = {"write": "seq-write", "read": "seq-read"}[pattern]
-    spec = pb.GuestSpec(size=size, workload=workload, seed=1, ops=10**12, threads=1, ops_per_sec=0,
-                        page_size=mmap.PAGESIZE)
+def _ops_during(doc: dict) -> int:
+    """Ops the guest did from the migration's start to its end, from the progress it reported."""
+    points = doc["guest"]["progress"]
+    at = [max((p["ops"] for p in points if p["host"] == host and lo <= p["t_s"] <= hi), default=0)
+          for host, lo, hi in (("source", -1e9, 0.0), ("dest", -1e9, doc["total_s"]))]
+    return max(at[1] - at[0], 0)
+
+
+def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "") -> dict:
+    """Our post-copy of the same guest between two local agents."""
+    spec = guest.ours_spec()
+    kvm = spec.kind == "kvm"
     with tempfile.TemporaryDirectory(prefix="compare-ours-") as tmp, \
             LocalAgent("source", log_path=f"{tmp}/source.log") as src, \
             LocalAgent("dest", log_path=f"{tmp}/dest.log") as dst:
         with AgentClient(src.address) as c:
             c.call("LaunchGuest", pb.LaunchGuestRequest(name="cmp", spec=spec), timeout=600)
+            wait_for(lambda: c.call("InspectGuest", pb.GuestRef(name="cmp")).ops_done > 0, timeout=120)
             wait_for(lambda: False, timeout=warmup)
         try:
             doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
+            digest = None
+            if kvm:
+                with AgentClient(dst.address) as c:
+                    deadline = time.monotonic() + 3600
+                    while not (info := c.call("InspectGuest", pb.GuestRef(name="cmp"))).guest_digest:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("our migrated guest reported no digest within 3600 s")
+                        time.sleep(0.1)
+                    digest = info.guest_digest
         finally:
             with AgentClient(dst.address) as c:
                 c.stop_if_hosted("cmp")
+    blocked = doc["guest"]["blocked_ms"]
     return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"], "remote_faults": doc["faults"]["count"],
-            "blocked_ms": doc["guest"]["blocked_ms"], "wire_mib": doc["bytes"]["wire"] / MiB,
-            "fault_p50_us": doc["faults"]["latency_us"]["p50"]}
+            "blocked_ms": sum(doc["guest"]["vcpu_blocked_ms"]) if kvm else blocked,
+            "ops_during": _ops_during(doc), "wire_mib": doc["bytes"]["wire"] / MiB,
+            "fault_p50_us": doc["faults"]["latency_us"]["p50"], "digest": digest}
 
 
-def table(size: int, pattern: str, rows: dict[str, dict]) -> str:
+def table(title: str, rows: dict[str, dict]) -> str:
     fields = [("total time", "total_s", "{:.2f} s"), ("downtime", "downtime_ms", "{:.1f} ms"),
               ("remote faults (postcopy-requests)", "remote_faults", "{}"),
               ("guest blocked (postcopy-blocktime)", "blocked_ms", "{:.0f} ms"),
-              ("fault p50", "fault_p50_us", "{:.0f} µs"), ("bytes on the wire", "wire_mib", "{:.0f} MiB")]
+              ("guest ops during the migration", "ops_during", "{}"),
+              ("fault p50", "fault_p50_us", "{:.0f} µs"), ("bytes on the wire", "wire_mib", "{:.0f} MiB"),
+              ("final digest", "digest", "{}")]
     names = list(rows)
-    out = [f"post-copy over loopback, {size // MiB} MiB guest sweeping its RAM ({pattern})", "",
+    out = [f"post-copy over loopback, {title}", "",
            "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key, fmt in fields:
+        if all(rows[n].get(key) is None for n in names):
+            continue
         cells = ["-" if rows[n].get(key) is None else fmt.format(rows[n][key]) for n in names]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -228,14 +331,23 @@ def table(size: int, pattern: str, rows: dict[str, dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--guest", choices=("tiny", "kvm"), default="tiny", help="which guest both sides run")
     ap.add_argument("--size", default="512M", help="guest RAM (default 512M)")
-    ap.add_argument("--pattern", choices=("write", "read"), default="write", help="what the guest does to each page")
+    ap.add_argument("--pattern", choices=("write", "read"), default="write",
+                    help="tiny guest: what it does to each page")
+    ap.add_argument("--workload", default="random-write", help="kvm guest: its workload")
+    ap.add_argument("--vcpus", type=int, default=1, help="kvm guest: vCPUs (1-16)")
+    ap.add_argument("--ops", type=int, default=1_000_000_000,
+                    help="kvm guest: ops, then it reports its digest (enough to outlast the migration)")
+    ap.add_argument("--seed", type=int, default=1, help="kvm guest: seed")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds the guest runs before migrating")
     ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
                     help="our data plane (default: native)")
     args = ap.parse_args()
     try:
         size = parse_size(args.size)
+        guest = TinyGuest(size, args.pattern) if args.guest == "tiny" else \
+            KvmImageGuest(size, args.workload, args.vcpus, args.ops, args.seed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -245,13 +357,17 @@ def main() -> int:
         return 0
     rows = {}
     try:
-        rows["QEMU post-copy"] = run_qemu(size, args.pattern, args.warmup, preempt=False)
-        rows["QEMU post-copy + preempt"] = run_qemu(size, args.pattern, args.warmup, preempt=True)
-        rows["migrate (ours)"] = run_ours(size, args.pattern, args.warmup, args.data_plane)
+        rows["QEMU post-copy"] = run_qemu(guest, args.warmup, preempt=False)
+        rows["QEMU post-copy + preempt"] = run_qemu(guest, args.warmup, preempt=True)
+        rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane)
     except (RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(table(size, args.pattern, rows))
+    print(table(guest.title, rows))
+    digests = {row["digest"] for row in rows.values()}
+    if args.guest == "kvm" and len(digests) != 1:
+        print(f"error: the guests' final digests differ: {', '.join(sorted(map(str, digests)))}", file=sys.stderr)
+        return 1
     return 0
 
 

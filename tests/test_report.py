@@ -45,3 +45,10 @@ def test_pages_recovered_at_a_restart_are_reported_and_add_up() -> None:
     assert p["before_resume"] + p["pushed"] + p["faulted"] + p["recovered"] == p["total"]
     assert "1 faulted, 1 recovered at a restart, 1 zero" in report.table(doc)
     assert "recovered" not in report.table(build(pb.SwitchoverReply(), pb.GuestInfo(), None))
+
+def test_a_kvm_guests_per_vcpu_blocked_time_is_reported() -> None:
+    doc = build(pb.SwitchoverReply(), pb.GuestInfo(vcpu_blocked_ms=[1.5, 20.25]), None)
+    assert doc["guest"]["vcpu_blocked_ms"] == [1.5, 20.25]
+    assert "(vCPUs asleep in KVM_RUN: 1.5, 20.2 ms)" in report.table(doc)
+    synthetic = build(pb.SwitchoverReply(), pb.GuestInfo(), None)
+    assert synthetic["guest"]["vcpu_blocked_ms"] == [] and synthetic["guest"]["kind"] == "synthetic"

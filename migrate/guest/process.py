@@ -25,6 +25,8 @@ LAUNCH_TIMEOUT_PER_GIB = 10.0
 CALL_TIMEOUT = 30.0
 DIGEST_TIMEOUT = 600.0
 _MAX_PROGRESS = 200_000
+#: Guest kinds: the synthetic workload engine, or a KVM virtual machine.
+KINDS = ("synthetic", "kvm")
 
 
 @dataclass
@@ -36,6 +38,12 @@ class GuestSpec:
     threads: int = 1
     ops_per_sec: float = 0.0
     page_size: int = mmap.PAGESIZE
+    #: "synthetic" (migrate.guest.runner) or "kvm" (migrate.guest.kvm: `threads` vCPUs)
+    kind: str = "synthetic"
+
+    @property
+    def runner_module(self) -> str:
+        return "migrate.guest.kvm" if self.kind == "kvm" else "migrate.guest.runner"
 
     def validate(self) -> None:
         """ValueError with a clear message if the spec cannot run."""
@@ -63,6 +71,11 @@ class GuestSpec:
                 or not self.ops_per_sec >= 0 or self.ops_per_sec == float("inf"):
             raise ValueError(f"guest ops_per_sec must be a finite number >= 0 (0 = unlimited), "
                              f"got {self.ops_per_sec!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown guest kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.kind == "kvm":
+            from migrate.guest.kvm import check_spec
+            check_spec(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +187,7 @@ class GuestProcess:
         if not fill:
             args.append("--no-fill")
         try:
-            proc = subprocess.Popen(spawn.module_argv("migrate.guest.runner", *args), env=spawn.child_env(),
+            proc = subprocess.Popen(spawn.module_argv(spec.runner_module, *args), env=spawn.child_env(),
                                     pass_fds=(memfd, child.fileno()), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except BaseException:
@@ -304,7 +317,9 @@ class GuestProcess:
             self.progress.append((int(msg["t_ns"]), int(msg.get("ops", 0))))
             if len(self.progress) > _MAX_PROGRESS:
                 del self.progress[: _MAX_PROGRESS // 2]
-        if event == "ready":
+        if event == "guest-error":           # a kvm guest's vCPU stopped (triple fault, KVM_RUN failure)
+            log.warning("guest %d: %s", self.pid, msg.get("error"))
+        elif event == "ready":
             self._ready.set()
         elif event == "finished":
             self._finished.set()

@@ -92,13 +92,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Runner:
+    """The synthetic kind's runner; subclasses (migrate.guest.kvm) bring another
+    engine through :meth:`make_engine` and :meth:`prepare` and keep the rest."""
+
+    KIND = "synthetic"
+    PROG = "migrate.guest.runner"            # how its one-line errors begin
+
     def __init__(self, args: argparse.Namespace) -> None:
         from migrate.guest.process import GuestSpec
-        from migrate.guest.workloads import Workload
 
         self.args = args
         self.spec = GuestSpec(size=args.size, workload=args.workload, seed=args.seed, ops=args.ops,
-                              threads=args.threads, ops_per_sec=args.ops_per_sec, page_size=args.page_size)
+                              threads=args.threads, ops_per_sec=args.ops_per_sec, page_size=args.page_size,
+                              kind=self.KIND)
         self.spec.validate()
         st = os.fstat(args.memfd)
         if st.st_size < args.size:
@@ -112,14 +118,27 @@ class Runner:
         if not args.rejoin:
             os.close(args.memfd)             # the mapping keeps the file
         self.listener: socket.socket | None = None
-        self.wl = Workload(self.mem, workload=args.workload, seed=args.seed, ops=args.ops, threads=args.threads,
-                           ops_per_sec=args.ops_per_sec, page_size=args.page_size)
+        self.wl = self.make_engine()
         self.uffd = None
         self.wp_uffd = None                  # write tracking (source side), see cmd_track
         self.snapshot = None                 # the latest live snapshot, see cmd_snapshot
         self.rx_fds: list[int] = []          # fds that came with commands (a snapshot's file)
         self.finished_sent = False
         self.closing = False
+
+    def make_engine(self):  # noqa: ANN201 - a Workload, or an engine with its interface
+        """What runs on guest RAM: the synthetic workload engine."""
+        from migrate.guest.workloads import Workload
+
+        a = self.args
+        return Workload(self.mem, workload=a.workload, seed=a.seed, ops=a.ops, threads=a.threads,
+                        ops_per_sec=a.ops_per_sec, page_size=a.page_size)
+
+    def prepare(self) -> None:
+        """Source mode, before ready: give guest RAM its initial content."""
+        if not self.args.no_fill:
+            from migrate.guest.workloads import fill_realistic
+            fill_realistic(self.mem, self.spec.page_size, self.spec.seed)
 
     # ------------------------------------------------------------- output
     def send(self, msg: dict) -> None:
@@ -146,9 +165,7 @@ class Runner:
         if self.args.restore:
             self._setup_restore()
             return
-        if not self.args.no_fill:
-            from migrate.guest.workloads import fill_realistic
-            fill_realistic(self.mem, self.spec.page_size, self.spec.seed)
+        self.prepare()
         self.send({"event": "ready", "pid": os.getpid()})
         if not self.args.start_paused:
             self.wl.start()
@@ -360,19 +377,21 @@ class Runner:
                 self.handle(msg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, runner_cls: type[Runner] = Runner,
+         args: argparse.Namespace | None = None) -> int:
+    if args is None:
+        args = parse_args(argv)
     if not args.rejoin:
         _die_with_parent(args.parent_pid)
     try:
-        runner = Runner(args)
+        runner = runner_cls(args)
     except (ValueError, OSError) as e:
-        print(f"migrate.guest.runner: {e}", file=sys.stderr)
+        print(f"{runner_cls.PROG}: {e}", file=sys.stderr)
         return 2
     try:
         runner.setup()
     except Exception as e:  # noqa: BLE001
-        print(f"migrate.guest.runner: setup failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{runner_cls.PROG}: setup failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 3
     threading.Thread(target=runner.progress_loop, daemon=True, name="progress").start()
     runner.command_loop()
