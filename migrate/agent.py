@@ -390,6 +390,7 @@ class ControlService(pb_grpc.ControlServicer):
             self.guests.remove(guest.name, keep_backing=True)  # journaled still: a later restart may serve it
             return
         run.switched = True
+        run.pages.freeze()  # the guest runs on the destination: this copy of its memory no longer changes
         self.outgoing.add(run)
         log.warning("serving outgoing run %s of guest %s again", run.run_id, guest.name)
 

@@ -48,6 +48,10 @@
 #define OUT_BYTES (256u << 10)
 #define OUT_BATCHES 256
 #define OUT_IOVS 1024  /* IOV_MAX */
+/* While the guest may write its memory (pre-copy), a batch's pages are
+ * copied before they are checksummed and sent (see send_batch): batches of
+ * at most this many bytes (or one page), and room for a queue of them. */
+#define LIVE_BATCH_BYTES (512u << 10)
 
 #define ADD(field, n) __atomic_fetch_add(&s->counters.field, (n), __ATOMIC_RELAXED)
 
@@ -69,6 +73,7 @@ struct mig_dp_source {
     int listen_fd;
     uint16_t port;
     pthread_t accept_tid;
+    int live;                   /* atomic: the guest may write its memory now (mig_dp_source_set_live) */
     int stopping;               /* under mu */
     pthread_mutex_t mu;
     struct conn *conns;         /* under mu */
@@ -188,6 +193,8 @@ struct outq {
     struct iovec iov[OUT_IOVS];
     int nframes, niov;
     uint64_t bytes, pages, zero, compressed;
+    uint8_t *bounce;            /* live: the queued batches' copied pages (allocated when first needed) */
+    size_t bounce_used, bounce_cap;
 };
 
 /* Send what is queued. Returns 0 or -errno. Counted before it is sent, so
@@ -210,6 +217,7 @@ static int flush(struct mig_dp_source *s, int fd, struct squeeze *z, struct outq
         z->send_s_per_byte = (dp_mono_ns() - t0) / 1e9 / q->bytes;
     q->nframes = q->niov = 0;
     q->bytes = q->pages = q->zero = q->compressed = 0;
+    q->bounce_used = 0;
     return r;
 }
 
@@ -224,6 +232,13 @@ static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct
     f->h = (struct dp_batch){.magic = DP_BATCH_MAGIC, .encoding = DP_RAW, .req_id = req_id, .first_page = first,
                              .count = count};
     struct iovec *data = &q->iov[q->niov + 1];  /* after the frame's own iovec */
+    /* A guest still running here may write a page between its checksum and
+     * the send (the kernel copies it out of the mapping then): the batch's
+     * pages are copied first and the copy is checksummed and sent. A torn
+     * copy is no harm: the write is in the next dirty scan and the page is
+     * sent again. Once the guest stopped here, pages go straight out of the
+     * mapping. */
+    uint8_t *copy = __atomic_load_n(&s->live, __ATOMIC_ACQUIRE) ? q->bounce + q->bounce_used : NULL;
     struct dp_digest digest;
     dp_digest_init(&digest);
     int ndata = 0;
@@ -246,6 +261,12 @@ static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct
             continue;
         }
         n = 1;
+        if (copy) {
+            memcpy(copy, page, ps);
+            page = copy;
+            copy += ps;
+            q->bounce_used += ps;
+        }
         dp_digest_update(&digest, page, ps);  /* while the zero check has it in cache */
         struct iovec *last = ndata ? &data[ndata - 1] : NULL;
         if (last && (const uint8_t *)last->iov_base + last->iov_len == page)
@@ -307,31 +328,52 @@ static int read_request(struct mig_dp_source *s, int fd, struct dp_request *req,
     return 1;
 }
 
+/* Room for one more batch of `count` pages; live, its copies must fit the
+ * bounce buffer (allocated at the first live batch): send the queue first
+ * if they do not. Returns 0 or -errno. */
+static int make_room(struct mig_dp_source *s, int fd, struct squeeze *z, struct outq *q, uint32_t count, int fault)
+{
+    if (!__atomic_load_n(&s->live, __ATOMIC_ACQUIRE))
+        return 0;
+    if (!q->bounce) {
+        q->bounce_cap = OUT_BYTES + (s->page_size > LIVE_BATCH_BYTES ? s->page_size : LIVE_BATCH_BYTES);
+        if (!(q->bounce = malloc(q->bounce_cap)))
+            return -ENOMEM;
+    }
+    if (q->bounce_used + (size_t)count * s->page_size > q->bounce_cap)
+        return flush(s, fd, z, q, fault);
+    return 0;
+}
+
 static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
 {
     struct dp_request req;
     struct dp_run runs[DP_MAX_RUNS];
     struct holes holes = {0};
-    struct outq *q = malloc(sizeof *q);
+    struct outq *q = calloc(1, sizeof *q);
     if (!q || !(q->frames = malloc(OUT_BATCHES * sizeof *q->frames))) {
         free(q);
         return;  /* out of memory: the destination sees the connection close and reconnects */
     }
-    q->nframes = q->niov = 0;
-    q->bytes = q->pages = q->zero = q->compressed = 0;
     while (read_request(s, fd, &req, runs) > 0) {
         ADD(requests, !fault);
         ADD(fault_requests, fault);
         int err = 0;
+        uint32_t most = DP_BATCH_PAGES;  /* pages a batch, fewer while the copies go through the bounce buffer */
+        if (__atomic_load_n(&s->live, __ATOMIC_ACQUIRE) && (uint64_t)most * s->page_size > LIVE_BATCH_BYTES)
+            most = s->page_size >= LIVE_BATCH_BYTES ? 1 : LIVE_BATCH_BYTES / s->page_size;
         for (uint32_t i = 0; i < req.nruns && !err; i++) {
-            for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end && !err; p += DP_BATCH_PAGES) {
-                uint32_t count = end - p < DP_BATCH_PAGES ? (uint32_t)(end - p) : DP_BATCH_PAGES;
-                err = send_batch(s, fd, z, &holes, q, req.req_id, p, count, fault);
+            for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end && !err; p += most) {
+                uint32_t count = end - p < most ? (uint32_t)(end - p) : most;
+                err = make_room(s, fd, z, q, count, fault);
+                if (!err)
+                    err = send_batch(s, fd, z, &holes, q, req.req_id, p, count, fault);
             }
         }
         if (err || flush(s, fd, z, q, fault))  /* a request answered: nothing of it waits */
             break;
     }
+    free(q->bounce);
     free(q->frames);
     free(q);
 }
@@ -473,6 +515,7 @@ struct mig_dp_source *mig_dp_source_start(int memfd, uint64_t size, uint32_t pag
     s->page_size = page_size;
     s->compress = compress;
     s->level = level;
+    s->live = 1;  /* until told otherwise, the guest may be writing */
     memcpy(s->key, key, DP_KEY_LEN);
     pthread_mutex_init(&s->mu, NULL);
     void *mem = mmap(NULL, size, PROT_READ, MAP_SHARED, memfd, 0);
@@ -505,6 +548,11 @@ fail:
     pthread_mutex_destroy(&s->mu);
     free(s);
     return NULL;
+}
+
+void mig_dp_source_set_live(struct mig_dp_source *s, int live)
+{
+    __atomic_store_n(&s->live, !!live, __ATOMIC_RELEASE);
 }
 
 uint16_t mig_dp_source_port(const struct mig_dp_source *s)

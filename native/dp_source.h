@@ -28,10 +28,15 @@ struct mig_dp_source;
 
 /* Map `size` bytes of memfd read-only and listen on host:port (port 0:
  * any). key: DP_KEY_LEN bytes. compress: enum mig_dp_compress; level: zstd's.
- * Returns NULL with *err = errno value on failure. */
+ * Returns NULL with *err = errno value on failure. The server starts
+ * "live": the guest may write its memory, so every page is copied before
+ * it is checksummed and sent; mig_dp_source_set_live(s, 0) once the guest
+ * stopped here (switchover, or an image nobody writes) sends pages straight
+ * from the mapping. */
 struct mig_dp_source *mig_dp_source_start(int memfd, uint64_t size, uint32_t page_size, const char *host,
                                           uint16_t port, const uint8_t *key, int compress, int level, int *err);
 uint16_t mig_dp_source_port(const struct mig_dp_source *s);
+void mig_dp_source_set_live(struct mig_dp_source *s, int live);
 void mig_dp_source_counters(const struct mig_dp_source *s, struct mig_dp_source_counters *out);
 /* Stop: shut every socket down, join every thread, unmap, free. Returns
  * promptly whatever the peers do. *final (if not NULL) gets the last

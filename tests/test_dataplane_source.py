@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import random
 import socket
@@ -15,6 +16,7 @@ import pytest
 import zstandard
 
 from migrate._native import ffi, lib
+from migrate.guest.workloads import Workload
 from migrate.source.dataplane import DataServer
 
 
@@ -366,3 +368,26 @@ def test_raw_baseline_moves_bytes_between_two_processes() -> None:
             assert lib.mig_dp_raw_send(conn.fileno(), buf, len(buf), total) == total
         out, _ = proc.communicate(timeout=120)
     assert int(out) == total
+
+
+def test_pages_of_a_guest_writing_meanwhile_always_match_their_checksum(memfd: int) -> None:
+    """Pre-copy reads a guest that keeps writing: a live server copies each page before its
+    checksum, so no batch is ever torn between checksum and send (the destination would refuse
+    it again and again); the copy may be stale, which the next dirty scan catches."""
+    size = NPAGES * PAGE
+    ram = mmap.mmap(memfd, size, mmap.MAP_SHARED)
+    writer = Workload(ram, workload="random-write", seed=3, ops=1 << 40, threads=2, ops_per_sec=0, page_size=PAGE)
+    writer.start()
+    try:
+        with DataServer(memfd, size, PAGE, "127.0.0.1", key=KEY) as srv:
+            c = Client(srv)
+            try:
+                c.hello()
+                for _ in range(20):
+                    c.request([(0, NPAGES)])
+                    c.batches(NPAGES)  # asserts each batch's checksum
+            finally:
+                c.close()
+    finally:
+        writer.close()
+        ram.close()

@@ -20,7 +20,6 @@ from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.guest.kvm import IMAGE, KvmError, check_spec, kvm_problem, parse_image, qemu_argv
 from migrate.guest.process import GuestProcess, GuestSpec
-from migrate.guest.workloads import digest
 from migrate.guests import create_memfd
 from migrate.proto import migrate_pb2 as pb
 

@@ -51,6 +51,12 @@ class DataServer:
         self._final = ffi.new("struct mig_dp_source_counters *")
         self.port: int = lib.mig_dp_source_port(handle)
 
+    def freeze(self) -> None:
+        """The guest stopped writing its memory here (switchover, or an image):
+        send pages straight from the mapping instead of copying them first."""
+        if self._handle is not None:
+            lib.mig_dp_source_set_live(self._handle, 0)
+
     @property
     def endpoint(self) -> str:
         """host:port as a destination dials it (IPv6 literals bracketed)."""

@@ -63,6 +63,9 @@ class BulkProcess:
         """Its counters (pages, bytes, compressed_batches), known once it stopped."""
         return self._stats
 
+    def freeze(self) -> None:
+        """Nothing to change: the bulk server copies every batch before its checksum."""
+
     def close(self) -> None:
         """Stop it and keep its last counters (idempotent)."""
         proc = self._proc
@@ -115,6 +118,10 @@ class NativeServer:
         """Its counters, live until it stops, then the last ones."""
         return self._stats if self._stats is not None else self._server.counters()
 
+    def freeze(self) -> None:
+        """The guest no longer writes its memory here: pages go out straight from its mapping."""
+        self._server.freeze()
+
     def close(self) -> None:
         """Stop serving, keep the last counters (idempotent)."""
         if self._stats is not None:
@@ -148,6 +155,8 @@ class OutgoingRun:
                                                                   compress, key)
         else:
             self.pages = BulkProcess(guest, self.run_id, listen_host, port, level, compress)
+        if guest.process is None:  # an image: nobody writes it
+            self.pages.freeze()
         self.tracker: DirtyTracker | None = None
         self.tracking_error = ""
         if track_writes:
@@ -214,6 +223,7 @@ class OutgoingRun:
             dirty = self._take_dirty()
         self.state_json = json.dumps(state).encode()
         self.switched = True
+        self.pages.freeze()
         self.guest.state = "migrating-out"
         return pb.SwitchoverReply(state_json=self.state_json, last_op_ns=last_op_ns, pause_ms=pause_ms,
                                   dirty=dirty, sent_ns=time.time_ns())
