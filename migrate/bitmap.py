@@ -24,8 +24,8 @@ def _nbytes(nbits: int) -> int:
 class SharedBitmap:
     """A bitmap of `nbits` bits in shared memory; bit i is page i.
 
-    `ptr` is the words as a cffi ``uint64_t *`` for native calls (valid until
-    close()). Wire format (to_bytes/load_bytes): the uint64 words in
+    `ptr` is the words as a cffi ``uint64_t *`` for native calls (valid as
+    long as this object lives). Wire format (to_bytes/load_bytes): the uint64 words in
     little-endian order, i.e. byte i // 8 holds bit i at position i % 8,
     padded to whole words with zero bits.
     """
@@ -122,11 +122,15 @@ class SharedBitmap:
         self._mm[:want] = data
 
     def close(self) -> None:
-        """Unmap and close the memfd (other processes' mappings stay valid)."""
+        """Close the memfd now; the mapping goes with the last reference to this object.
+
+        Not unmapped here: a thread may still walk the bitmap after its run
+        released it (a gRPC request iterator whose call just ended, a policy
+        finishing its step), and reading unmapped memory would kill the whole
+        agent. Other processes' mappings stay valid either way.
+        """
         if self._fd < 0:
             return
-        ffi.release(self._buf)
-        self._mm.close()
         os.close(self._fd)
         self._fd = -1
 
