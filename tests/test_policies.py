@@ -13,9 +13,9 @@ from migrate import orchestrator
 from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
 from migrate.policies.base import Neighbourhood, Policy, RunInfo
-from tests.test_cli import assert_clean_error, run_cli
+from test_cli import assert_clean_error, run_cli
 from migrate.proto import migrate_pb2 as pb
-from tests.test_migration import WORKLOADS, migrate_at, spec
+from test_migration import WORKLOADS, migrate_at, spec
 
 MiB = 1 << 20
 

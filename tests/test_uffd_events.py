@@ -14,7 +14,7 @@ import os
 from migrate import pages
 from migrate import uffd as U
 from migrate.bitmap import SharedBitmap
-from tests.test_uffd import (P, GuestContext, child_dontneed, child_read_pages, content, digest,  # noqa: F401
+from test_uffd import (P, GuestContext, child_dontneed, child_read_pages, content, digest,  # noqa: F401
                              guest_factory, wait_readable)
 
 LIBC = ctypes.CDLL(None, use_errno=True)
