@@ -8,10 +8,10 @@ the wire format.
 """
 from __future__ import annotations
 
-import mmap
 import os
 
 from migrate._native import ffi, lib
+from migrate.errors import os_error
 
 _WORD_BYTES = 8
 
@@ -40,9 +40,13 @@ class SharedBitmap:
         have = os.fstat(fd).st_size
         if have < size:
             raise ValueError(f"bitmap memfd holds {have} bytes, {nbits} bits need {size}")
-        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._buf = ffi.from_buffer("uint64_t[]", self._mm)
-        self.ptr = ffi.cast("uint64_t *", self._buf)
+        # Mapped natively, not with mmap.mmap (which keeps a dup of the fd): the
+        # mapping outlives close() and goes with this object (see close()).
+        ptr = lib.mig_bitmap_map(fd, size)
+        if ptr == ffi.NULL:
+            raise os_error(ffi.errno, f"mapping a bitmap of {nbits} bits")
+        self.ptr = ffi.gc(ptr, lambda p, n=size: lib.mig_bitmap_unmap(p, n), size)
+        self._mm = ffi.buffer(self.ptr, size)
 
     @classmethod
     def create(cls, nbits: int) -> SharedBitmap:

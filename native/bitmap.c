@@ -1,5 +1,7 @@
 /* Atomic page bitmaps (see bitmap.h). */
 #include "bitmap.h"
+#include <stddef.h>
+#include <sys/mman.h>
 
 #define WORD_BITS 64
 
@@ -81,4 +83,15 @@ uint64_t mig_bitmap_next_clear(const uint64_t *bm, uint64_t nbits, uint64_t star
 uint64_t mig_bitmap_next_set(const uint64_t *bm, uint64_t nbits, uint64_t start)
 {
     return next_bit(bm, nbits, start, 1);
+}
+
+uint64_t *mig_bitmap_map(int fd, uint64_t size)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void mig_bitmap_unmap(uint64_t *bm, uint64_t size)
+{
+    munmap(bm, size);
 }

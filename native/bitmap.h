@@ -17,5 +17,9 @@ uint64_t mig_bitmap_count(const uint64_t *bm, uint64_t nbits);
 /* First clear (set) bit in [start, nbits), or nbits if there is none. */
 uint64_t mig_bitmap_next_clear(const uint64_t *bm, uint64_t nbits, uint64_t start);
 uint64_t mig_bitmap_next_set(const uint64_t *bm, uint64_t nbits, uint64_t start);
+/* Map `size` bytes of memfd `fd` shared, read-write, without keeping a
+ * descriptor (NULL and errno on failure); mig_bitmap_unmap undoes it. */
+uint64_t *mig_bitmap_map(int fd, uint64_t size);
+void mig_bitmap_unmap(uint64_t *bm, uint64_t size);
 
 #endif
