@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import zstandard
 
+from migrate import spawn
 from migrate._native import ffi, lib
 from migrate.guest.workloads import Workload
 from migrate.source.dataplane import DataServer
@@ -360,8 +361,9 @@ with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as s:
 def test_raw_baseline_moves_bytes_between_two_processes() -> None:
     total = 64 << 20
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(listener.getsockname()[1]), str(total)],
-                                stdout=subprocess.PIPE, text=True)
+        listener.settimeout(60)  # a receiver that cannot start must fail the test, not hang it
+        proc = subprocess.Popen([sys.executable, "-P", "-c", RECEIVER, str(listener.getsockname()[1]), str(total)],
+                                stdout=subprocess.PIPE, text=True, env=spawn.child_env())
         conn, _ = listener.accept()
         with conn:
             buf = bytes(1 << 20)
