@@ -7,9 +7,12 @@ on timings.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from migrate import orchestrator
+from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
 from migrate.policies.base import Neighbourhood, Policy, RunInfo
@@ -21,7 +24,7 @@ MiB = 1 << 20
 
 
 class Nothing(Policy):
-    """A user's policy, loaded as tests.test_policies:Nothing."""
+    """A user's policy, loaded as test_policies:Nothing (pytest puts tests/ on the path)."""
 
     params = {"pages": int}
 
@@ -32,8 +35,8 @@ class Nothing(Policy):
 def test_parse_builtins_and_params():
     assert parse("trend:window=5,ahead=64").build().window == 5
     assert str(parse("bubble:step=32")) == "bubble:step=32"
-    assert type(parse("tests.test_policies:Nothing").build()).__name__ == "Nothing"
-    assert parse("tests.test_policies:Nothing:pages=4").build().pages == 4
+    assert type(parse("test_policies:Nothing").build()).__name__ == "Nothing"
+    assert parse("test_policies:Nothing:pages=4").build().pages == 4
 
 
 @pytest.mark.parametrize("text, message", [
@@ -44,7 +47,7 @@ def test_parse_builtins_and_params():
     ("replay:eager=2", "eager is 0 or 1"),
     ("trend:window", "is not key=value"),
     ("nosuchmod:Cls", "policy module 'nosuchmod' cannot be imported"),
-    ("tests.test_policies:Missing", "has no Policy subclass named 'Missing'"),
+    ("test_policies:Missing", "has no Policy subclass named 'Missing'"),
     ("replay:ws=/nonexistent/ws.json", "cannot read working set /nonexistent/ws.json"),
 ])
 def test_bad_policies_say_why_in_one_line(text, message):
@@ -92,11 +95,12 @@ def test_dest_agent_imports_policy_modules_only_when_allowed(agents, tmp_path):
 
     s = spec("hotset", size=4 * MiB, ops=5_000)
     with pytest.raises(AgentError, match="start it with --allow-policy-modules"):
-        migrate_at(agents, "g", s, 0.3, policy="tests.test_policies:Nothing", data_plane="native")
+        migrate_at(agents, "g", s, 0.3, policy="test_policies:Nothing", data_plane="native")
     src, _ = agents
-    with LocalAgent("dest", "--allow-policy-modules", log_path=str(tmp_path / "dest2.log")) as dst:
-        doc = migrate_at((src, dst), "g", s, 0.3, policy="tests.test_policies:Nothing", data_plane="native")
-    assert doc["verified"] is True and doc["policy"] == "tests.test_policies:Nothing"
+    on_path = {"PYTHONPATH": os.pathsep.join([spawn.child_env()["PYTHONPATH"], str(Path(__file__).parent)])}
+    with LocalAgent("dest", "--allow-policy-modules", log_path=str(tmp_path / "dest2.log"), env=on_path) as dst:
+        doc = migrate_at((src, dst), "g", s, 0.3, policy="test_policies:Nothing", data_plane="native")
+    assert doc["verified"] is True and doc["policy"] == "test_policies:Nothing"
 
 
 def test_dest_serve_checks_its_restore_policy_in_one_line(tmp_path):
