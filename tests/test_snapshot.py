@@ -169,7 +169,7 @@ def test_snapshot_files_follow_the_backing_rules(tmp_path) -> None:
 
 
 def test_cli_snapshot_reports_and_fails_in_one_line(tmp_path) -> None:
-    from tests.test_cli import assert_clean_error, run_cli
+    from test_cli import assert_clean_error, run_cli
 
     room = tmp_path / "snaps"
     with LocalAgent("source", "--snapshot-dir", str(room), log_path=str(tmp_path / "src.log")) as src:
