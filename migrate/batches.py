@@ -15,7 +15,7 @@ import grpc
 import zstandard
 
 from migrate import pages
-from migrate._errors import os_error
+from migrate.errors import os_error
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
 from migrate.proto import migrate_pb2 as pb

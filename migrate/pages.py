@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from migrate._errors import os_error
+from migrate.errors import os_error
 from migrate._native import ffi, lib
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap

@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from migrate._errors import os_error
+from migrate.errors import os_error
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
 

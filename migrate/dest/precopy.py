@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from migrate import rpc
-from migrate._errors import os_error
+from migrate.errors import os_error
 from migrate._native import ffi, lib
 from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch
 from migrate.bitmap import SharedBitmap

@@ -16,7 +16,7 @@ import threading
 import time
 
 from migrate import uffd as U
-from migrate._errors import os_error
+from migrate.errors import os_error
 from migrate._native import ffi, lib
 from migrate.guest.workloads import Workload
 

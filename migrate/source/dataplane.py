@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from migrate._errors import os_error
+from migrate.errors import os_error
 from migrate._native import ffi, lib
 
 #: The compression policies: the link-aware default, always, never.

@@ -18,7 +18,7 @@ import errno
 import os
 import time
 
-from migrate._errors import os_error
+from migrate.errors import os_error
 from migrate._native import lib
 from migrate.bitmap import SharedBitmap
 
