@@ -100,6 +100,12 @@ def test_a_raised_bulk_rate_does_not_pay_for_the_slower_past(monkeypatch):
     assert slept == []
 
 
+def test_drain_refuses_options_that_cannot_work_in_one_line():
+    out = drain_cli("--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--data-plane", "grpc", "--fault-path", "native")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "native" in out.stderr
+
+
 def test_most_at_once():
     runs = [Outcome("a", 1, started=1, ended=3), Outcome("b", 1, started=2, ended=4),
             Outcome("c", 1, started=3, ended=5), Outcome("d", 1)]
@@ -144,6 +150,39 @@ def test_set_bandwidth_paces_a_running_bulk_path_but_never_the_faults(agents, pl
             s.stop_if_hosted("vm")
 
 
+def test_drain_bandwidth_is_shared_by_the_active_runs_and_handed_on(tmp_path, plane):
+    """--max-bandwidth of a drain on either plane: two active runs hold half each (their destination's status
+    says so), the run left holds it all once the other completed. The total is then lifted so the test ends."""
+    total = 2 * MiB
+    with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
+            LocalAgent("dest", log_path=str(tmp_path / "dst.log")) as dst:
+        with AgentClient(src.address) as c:  # big goes first and alone; small (1 MiB/s: 4 s) ends long before it
+            for i, (name, size) in enumerate({"big": 32, "small": 4}.items()):
+                c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec(size, i + 1, ops=200)), timeout=120)
+        halves, whole = set(), []
+
+        def watch(drain: Drain) -> None:
+            active = drain.active_runs()
+            for o in active:
+                if o.status is None or o.status.phase != "running":
+                    continue
+                pace = json.loads(o.status.detail_json)["bulk"]["max_bandwidth"]
+                if len(active) == 2 and pace == total // 2:
+                    halves.add(o.name)
+                if o.name == "big" and len(active) == 1 and halves == {"big", "small"} and pace == total:
+                    whole.append(pace)
+                    drain.max_bandwidth = 1 << 30  # seen: let it finish
+
+        outcomes = Drain(src.address, [dst.address], orchestrator.RunOptions(mode="postcopy", data_plane=plane),
+                         parallel=2, max_bandwidth=total, on_tick=watch).run()
+        assert all(o.moved for o in outcomes), [o.error for o in outcomes]
+        assert halves == {"big", "small"} and whole
+        assert [o.report["data_plane"] for o in outcomes] == [plane, plane]
+        for name in ("big", "small"):
+            with AgentClient(dst.address) as d:
+                d.stop_if_hosted(name)
+
+
 def test_destination_refuses_a_run_it_cannot_hold_before_the_switchover(tmp_path):
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--max-incoming-ram", "8M", log_path=str(tmp_path / "dst.log")) as dst:
@@ -159,7 +198,7 @@ def test_destination_refuses_a_run_it_cannot_hold_before_the_switchover(tmp_path
         assert "vm" not in guests(dst.address)
 
 
-def test_drain_four_guests_two_at_a_time_to_two_destinations(tmp_path):
+def test_drain_four_guests_two_at_a_time_to_two_destinations(tmp_path, plane):
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--max-incoming-ram", "100M", log_path=str(tmp_path / "d1.log")) as d1, \
             LocalAgent("dest", "--max-incoming-ram", "100M", log_path=str(tmp_path / "d2.log")) as d2:
@@ -176,7 +215,7 @@ def test_drain_four_guests_two_at_a_time_to_two_destinations(tmp_path):
         watcher.start()
         try:
             out = drain_cli("--from", src.address, "--to", d1.address, "--to", d2.address, "--parallel", "2",
-                            "--mode", "postcopy", "--max-bandwidth", "48M", "--verify",
+                            "--mode", "postcopy", "--data-plane", plane, "--max-bandwidth", "48M", "--verify",
                             "--report-dir", str(tmp_path / "reports"))
         finally:
             done.set()
@@ -194,15 +233,15 @@ def test_drain_four_guests_two_at_a_time_to_two_destinations(tmp_path):
             assert f"{name} " in out.stdout and r["destination"] in out.stdout
             assert name in guests(r["destination"])
             report = json.loads((tmp_path / "reports" / f"{name}.json").read_text())
-            assert report["verified"] is True
+            assert report["verified"] is True and report["data_plane"] == plane
         assert not guests(src.address)
 
 
-def test_drain_leaves_a_guest_that_fits_nowhere_running_on_the_source(tmp_path):
+def test_drain_leaves_a_guest_that_fits_nowhere_running_on_the_source(tmp_path, plane):
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--max-incoming-ram", "40M", log_path=str(tmp_path / "d1.log")) as d1:
         launch(src.address, {"big": 64, "s1": 16, "s2": 16})
-        out = drain_cli("--from", src.address, "--to", d1.address, "--mode", "postcopy")
+        out = drain_cli("--from", src.address, "--to", d1.address, "--mode", "postcopy", "--data-plane", plane)
         assert out.returncode == 1
         assert "Traceback" not in out.stderr
         error = out.stderr.strip().splitlines()[-1]
@@ -213,7 +252,7 @@ def test_drain_leaves_a_guest_that_fits_nowhere_running_on_the_source(tmp_path):
         assert "not moved" in out.stdout
 
 
-def test_destination_killed_during_a_drain_fails_its_run_alone(tmp_path):
+def test_destination_killed_during_a_drain_fails_its_run_alone(tmp_path, plane):
     """The killed destination's run fails as a single run does (the guest waits, paused, on the source,
     and the summary says how to resume it); the other runs complete, on the destination still alive."""
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
@@ -231,7 +270,7 @@ def test_destination_killed_during_a_drain_fails_its_run_alone(tmp_path):
                         victim.append(o.name)
                         os.kill(d2.pid, signal.SIGKILL)  # no --state-dir: its runner dies with it
 
-            opts = orchestrator.RunOptions(mode="postcopy", recovery_timeout=1.0)
+            opts = orchestrator.RunOptions(mode="postcopy", recovery_timeout=1.0, data_plane=plane)
             outcomes = Drain(src.address, [d1.address, d2.address], opts, parallel=2, max_bandwidth=8 * MiB,
                              on_tick=kill_when_underway).run()
             assert len(victim) == 1
