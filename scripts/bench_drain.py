@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import os
 import statistics
 import sys
 import tempfile
@@ -51,6 +52,13 @@ def clear(dst: str, names: list[str]) -> None:
             c.stop_if_hosted(name)
 
 
+def agent_cpu_s(pid: int) -> float:
+    """CPU seconds of an agent: its threads, and its children it has reaped (a gRPC plane's bulk servers);
+    not its guests' runners, whose workload is not the migration's cost."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def push_mib_s(doc: dict) -> float:
     """Bulk bytes pushed over the run's post-copy time: how fast the run's own push went."""
     pushed = doc["pages"]["pushed"] * doc["pages"]["page_size"]
@@ -67,25 +75,28 @@ def baseline(src: str, dst: str, size: int, mode: str, data_plane: str) -> float
     return report.transfer_mib_s(doc)
 
 
-def drain_once(src: str, dst: str, args: argparse.Namespace, parallel: int) -> dict:
+def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, parallel: int) -> dict:
     names = [f"p{parallel}g{i}" for i in range(args.guests)]
     for name in names:
-        launch(src, name, args.size, "hotset", args.ops_per_sec)
+        launch(src.address, name, args.size, "hotset", args.ops_per_sec)
     time.sleep(args.warmup)
+    cpu0 = agent_cpu_s(src.pid), agent_cpu_s(dst.pid)
     t0 = time.monotonic()
     try:
         opts = orchestrator.RunOptions(mode=args.mode, timeout=600, data_plane=args.data_plane)
-        outcomes = Drain(src, [dst], opts, parallel=parallel).run()
+        outcomes = Drain(src.address, [dst.address], opts, parallel=parallel).run()
     finally:
         wall = time.monotonic() - t0
-        clear(dst, names)
+        cpu = [round((agent_cpu_s(a.pid) - c0) * 1000 / (args.guests * args.size / MiB), 2)
+               for a, c0 in zip((src, dst), cpu0)]
+        clear(dst.address, names)
     rows = [{"guest": o.name, "moved": o.moved, "error": o.error,
              **({"total_s": o.report["total_s"], "blocked_ms": o.report["guest"]["blocked_ms"],
                  "push_mib_s": round(push_mib_s(o.report), 1), "prepare_ms": o.report["timings_ms"]["prepare"],
                  "switchover_s": o.report["switchover_s"], "transfer_s": o.report["transfer_s"],
                  "started_s": round(o.started - t0, 3)} if o.moved else {})} for o in outcomes]
     return {"parallel": parallel, "wall_s": round(wall, 3), "aggregate_mib_s": round(args.guests * args.size / MiB / wall, 1),
-            "guests": rows}
+            "cpu_ms_per_mib": {"source_agent": cpu[0], "dest_agent": cpu[1]}, "guests": rows}
 
 
 def verdict(result: dict, reference: float) -> list[str]:
@@ -124,7 +135,7 @@ def main() -> None:
         reference = baseline(src.address, dst.address, args.baseline_size, args.mode, args.data_plane)
         print(f"one idle {args.baseline_size // MiB} MiB guest alone: {reference:.0f} MiB/s after the resume")
         for parallel in (int(p) for p in args.parallel.split(",")):
-            result = drain_once(src.address, dst.address, args, parallel)
+            result = drain_once(src, dst, args, parallel)
             results.append(result)
             print(f"\n--parallel {parallel}: drained {args.guests} x {args.size // MiB} MiB in {result['wall_s']:.2f} s")
             print(f"  {'GUEST':10} {'START':>7} {'PREPARE':>9} {'RESUMED':>8} {'TRANSFER':>9} {'TOTAL':>8} "
@@ -136,6 +147,8 @@ def main() -> None:
                           f"{g['blocked_ms']:7.0f}ms {g['push_mib_s']:6.0f} MiB/s")
                 else:
                     print(f"  {g['guest']:10} not moved: {g['error']}")
+            cpu = result["cpu_ms_per_mib"]
+            print(f"  agents' CPU: source {cpu['source_agent']:.2f} ms/MiB, destination {cpu['dest_agent']:.2f} ms/MiB")
             for line in verdict(result, reference):
                 print(f"  {line}")
     if args.json:
