@@ -237,6 +237,22 @@ def test_drain_four_guests_two_at_a_time_to_two_destinations(tmp_path, plane):
         assert not guests(src.address)
 
 
+def test_drain_past_the_agents_call_slots_retries_what_they_refused(tmp_path):
+    """--parallel 8 against agents that serve 4 slow calls per peer at once: the prepares past 4 are refused
+    (RESOURCE_EXHAUSTED), roll back, and go again with fewer runs at once; every guest moves."""
+    with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
+            LocalAgent("dest", log_path=str(tmp_path / "dst.log")) as dst:
+        names = {f"g{i}": 8 for i in range(8)}
+        launch(src.address, names)
+        outcomes = Drain(src.address, [dst.address], orchestrator.RunOptions(mode="postcopy"), parallel=8).run()
+        assert [o.name for o in outcomes if not o.moved] == [], [o.error for o in outcomes]
+        assert sorted(o.name for o in outcomes) == sorted(names) and set(guests(dst.address)) == set(names)
+        assert not guests(src.address)
+        with AgentClient(dst.address) as d:
+            for name in names:
+                d.stop_if_hosted(name)
+
+
 def test_drain_leaves_a_guest_that_fits_nowhere_running_on_the_source(tmp_path, plane):
     with LocalAgent("source", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--max-incoming-ram", "40M", log_path=str(tmp_path / "d1.log")) as d1:
