@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from migrate import abort, orchestrator
 from migrate.admission import SLOW_CALLS_PER_PEER
 from migrate.client import AgentClient
+from migrate.errors import ResourceExhausted
 from migrate.orchestrator import RunOptions
 from migrate.proto import migrate_pb2 as pb
-from migrate.errors import ResourceExhausted
 from migrate.rpc import AgentError
 from migrate.security import Credentials
 from migrate.units import format_size
