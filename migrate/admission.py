@@ -31,6 +31,9 @@ log = logging.getLogger("migrate.admission")
 
 #: Seconds between two log lines about refused calls of one class.
 _LOG_EVERY_S = 10.0
+#: Slow control calls (prepare, switchover, start, pre-copy rounds) an agent serves one peer at once:
+#: a client running many migrations (migrate drain) keeps at most this many going between two agents.
+SLOW_CALLS_PER_PEER = 4
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from migrate import __version__, errors, planes, rpc, spawn, validate
-from migrate.admission import CallClass
+from migrate.admission import SLOW_CALLS_PER_PEER, CallClass
 from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
 from migrate.dest.capacity import Ledger, NoRoom
@@ -49,7 +49,8 @@ _SLOW_CONTROL = ("PrepareIncoming", "PrepareOutgoing", "StartIncoming", "Precopy
 #: What an agent serves at once, each class on workers of its own (migrate.admission): slow control
 #: calls cannot starve quick ones (Hello, status, abort), and no stream holds a control worker.
 CALLS = (
-    CallClass("slow control calls", tuple(_CONTROL + m for m in _SLOW_CONTROL), per_peer=4, total=16),
+    CallClass("slow control calls", tuple(_CONTROL + m for m in _SLOW_CONTROL), per_peer=SLOW_CALLS_PER_PEER,
+              total=16),
     CallClass("control calls", (_CONTROL,), per_peer=16, total=32),
     CallClass("page streams", ("/migrate.v1.Pages/",), per_peer=8, total=32),
 )

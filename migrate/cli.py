@@ -577,9 +577,12 @@ class DrainBoard:
 @click.option("--recovery-timeout", type=click.FloatRange(0.1, None),
               default=orchestrator.RunOptions.recovery_timeout, show_default=True, metavar="S",
               help="How long a destination keeps reconnecting to a lost source before its run fails.")
+@_data_plane_option
+@_fault_path_option
 @_credential_options
 def drain_cmd(src: str, dsts: tuple[str, ...], parallel: int, max_bandwidth: int, mode: str, report_dir: str | None,
-              verify: bool, timeout: float, recovery_timeout: float, credentials: Credentials) -> None:
+              verify: bool, timeout: float, recovery_timeout: float, data_plane: str | None, fault_path: str,
+              credentials: Credentials) -> None:
     """Migrate every guest of a source agent to the destination agents, a few at a time.
 
     Guests go largest first, each to the destination with the most free
@@ -595,7 +598,12 @@ def drain_cmd(src: str, dsts: tuple[str, ...], parallel: int, max_bandwidth: int
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if report_dir:
         os.makedirs(report_dir, exist_ok=True)
-    opts = orchestrator.RunOptions(verify=verify, timeout=timeout, mode=mode, recovery_timeout=recovery_timeout)
+    opts = orchestrator.RunOptions(verify=verify, timeout=timeout, mode=mode, recovery_timeout=recovery_timeout,
+                                   data_plane=data_plane or "", fault_path=fault_path)
+    try:
+        opts.check(credentials.tls)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     run = Drain(src, list(dsts), opts, parallel=parallel, max_bandwidth=max_bandwidth, report_dir=report_dir or "",
                 credentials=credentials, on_tick=DrainBoard())
     outcomes = run.run()

@@ -18,7 +18,12 @@ do. What the drain adds is policy:
 * a run that failed after the switchover is aborted when that is safe
   (migrate.abort refuses when the guest may run on the destination), so a
   guest that did not move runs on the source again, or the summary says
-  what to do next.
+  what to do next;
+* a run an agent refused for want of room or of call slots (each agent
+  serves a few slow calls per peer at once, migrate.admission), rolled
+  back to the source, is tried again, up to RETRIES times, and the drain
+  runs fewer at once from then on: one less than were active at the
+  refusal, and at most SLOW_CALLS_PER_PEER.
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from migrate import abort, orchestrator
+from migrate.admission import SLOW_CALLS_PER_PEER
 from migrate.client import AgentClient
+from migrate.errors import ResourceExhausted
 from migrate.orchestrator import RunOptions
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
@@ -48,6 +55,8 @@ TICK = 0.25
 DRAINABLE = ("running", "paused", "finished")
 #: Seconds to wait for a destination agent to answer a Capacity or SetBandwidth call.
 _ASK_TIMEOUT = 5.0
+#: Times a guest is tried again after an agent refused its run (RESOURCE_EXHAUSTED) and it rolled back.
+RETRIES = 3
 
 
 class DrainError(AgentError):
@@ -69,6 +78,8 @@ class Outcome:
     status: pb.MigrationStatus | None = None   # the destination's latest word on the run
     opts: RunOptions | None = field(default=None, repr=False)
     applied_bandwidth: int | None = None       # the pace the destination was last told (None: not yet)
+    tries: int = 0                             # earlier runs an agent refused
+    refused: bool = False                      # an agent refused this run and the guest is back on the source
 
     @property
     def moved(self) -> bool:
@@ -107,6 +118,7 @@ class Drain:
         self._cond = threading.Condition()
         self._clients: dict[str, AgentClient] = {}
         self._threads: list[threading.Thread] = []
+        self._limit = parallel  # runs at once: lowered when an agent refuses one for want of call slots
 
     # ------------------------------------------------------------ the loop
     def run(self) -> list[Outcome]:
@@ -114,8 +126,12 @@ class Drain:
         self._check_roles()
         try:
             queue = self._guests()
-            while queue or self.active_runs():
-                while queue and len(self.active_runs()) < self.parallel:
+            while True:
+                active = self.active_runs()  # before the refused are taken: a run refused marks itself, then ends
+                queue = sorted(queue + self._take_refused(), key=lambda o: (-o.size, o.name))
+                if not queue and not active:
+                    break
+                while queue and len(self.active_runs()) < self._limit:
                     placed = self._place(queue)
                     if placed is None:
                         break
@@ -139,6 +155,15 @@ class Drain:
     def active_runs(self) -> list[Outcome]:
         with self._cond:
             return [o for o in self.outcomes if o.active]
+
+    def _take_refused(self) -> list[Outcome]:
+        """Refused runs that ended, as fresh entries to queue (those refused RETRIES times stay failures)."""
+        again = []
+        with self._cond:
+            for o in [o for o in self.outcomes if o.refused and o.ended and o.tries < RETRIES]:
+                self.outcomes.remove(o)
+                again.append(Outcome(o.name, o.size, tries=o.tries + 1))
+        return again
 
     def _tick(self) -> None:
         if self.on_tick:
@@ -237,7 +262,7 @@ class Drain:
                                                   credentials=self.credentials)
         except orchestrator.RunFailed as err:
             outcome.error, outcome.next_step = str(err), err.next_step
-            self._undo(outcome)
+            self._undo(outcome, refused=isinstance(err.__cause__, ResourceExhausted))
         except AgentError as err:
             outcome.error = str(err)
         except Exception as err:  # noqa: BLE001 - one run's surprise must not stop the others
@@ -249,18 +274,34 @@ class Drain:
             outcome.ended = time.monotonic()
             self._cond.notify_all()
 
-    def _undo(self, outcome: Outcome) -> None:
-        """After a failed run, resume the guest on the source when that is safe (migrate.abort decides)."""
+    def _undo(self, outcome: Outcome, refused: bool) -> None:
+        """After a failed run, resume the guest on the source when that is safe (migrate.abort decides).
+
+        A run an agent `refused` (RESOURCE_EXHAUSTED) that rolled back is
+        marked to be tried again, and the drain runs fewer at once."""
         try:
             with AgentClient(self.src, credentials=self.credentials) as source:
                 if not source.call("InspectGuest", pb.GuestRef(name=outcome.name)).run_id:
-                    return  # rolled back already: it runs on the source
+                    if refused:  # rolled back already: it runs on the source, and may go later
+                        self._refused(outcome)
+                    return
             note = abort.abort(outcome.name, self.src, outcome.dest, credentials=self.credentials)
         except AgentError as err:
             outcome.error += f"; not resumed on the source: {err}"
             return
         outcome.next_step = ""
         outcome.error += f"; {note}"
+
+    def _refused(self, outcome: Outcome) -> None:
+        """Mark `outcome` to go again; run fewer at once: less than were active (this one aside), and no more
+        than an agent serves one peer's slow calls (a run makes one at a time to each agent)."""
+        with self._cond:
+            limit = max(min(len([o for o in self.outcomes if o.active]) - 1, SLOW_CALLS_PER_PEER), 1)
+            if limit < self._limit:
+                _log.info("an agent refused the run of %s (%s): at most %d runs at once from now on",
+                          outcome.name, outcome.error, limit)
+                self._limit = limit
+            outcome.refused = True
 
     def _share_bandwidth(self) -> None:
         """Give every active run its share: the next steps of its run, and its bulk path on the destination."""

@@ -29,9 +29,12 @@ kernel cannot" (ENOSYS, EOPNOTSUPP) as KernelFeatureMissing.
 from __future__ import annotations
 
 import errno
+import functools
 import os
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 
 class MigrateError(Exception):
@@ -105,39 +108,59 @@ class InternalError(AgentError):
     """A bug on the agent's side: its log holds the traceback."""
 
 
-#: The status code each error travels as, and the class a client raises for it.
-STATUS: dict[type[AgentError], grpc.StatusCode] = {
-    AgentUnreachable: grpc.StatusCode.UNAVAILABLE,
-    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    GuestNotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
-    KernelFeatureMissing: grpc.StatusCode.UNIMPLEMENTED,
-    RunFailed: grpc.StatusCode.ABORTED,
-    InternalError: grpc.StatusCode.INTERNAL,
+#: The status code each error travels as (by name), and the class a client raises for it.
+_STATUS_NAMES: dict[type[AgentError], str] = {
+    AgentUnreachable: "UNAVAILABLE",
+    BadRequest: "INVALID_ARGUMENT",
+    GuestNotFound: "NOT_FOUND",
+    AlreadyExists: "ALREADY_EXISTS",
+    FailedPrecondition: "FAILED_PRECONDITION",
+    ResourceExhausted: "RESOURCE_EXHAUSTED",
+    PermissionDenied: "PERMISSION_DENIED",
+    Unauthenticated: "UNAUTHENTICATED",
+    TimedOut: "DEADLINE_EXCEEDED",
+    KernelFeatureMissing: "UNIMPLEMENTED",
+    RunFailed: "ABORTED",
+    InternalError: "INTERNAL",
 }
-_BY_CODE = {code: cls for cls, code in STATUS.items()}
+
+
+@functools.cache
+def _tables() -> tuple[dict[type[AgentError], grpc.StatusCode], dict[grpc.StatusCode, type[AgentError]]]:
+    """(STATUS, its inverse), built on first use: grpc loads only where a status is wanted. The native
+    layer raises os_error from here, and a guest runner importing it must not pay for grpc (~0.1 s of
+    CPU each, and a drain starts several at once)."""
+    import grpc
+
+    status = {cls: grpc.StatusCode[name] for cls, name in _STATUS_NAMES.items()}
+    return status, {code: cls for cls, code in status.items()}
+
+
+def __getattr__(name: str) -> object:
+    """STATUS: the class -> grpc.StatusCode table, the one an agent answers with (built on first use)."""
+    if name == "STATUS":
+        return _tables()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: errnos of the native layer that mean the kernel cannot do it (not that the call was wrong).
 _KERNEL_LACKS = (errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def status_of(err: BaseException) -> grpc.StatusCode | None:
     """The status an agent answers `err` with, if `err` is one of ours; None for anything else."""
+    status = _tables()[0]
     if isinstance(err, OSError) and err.errno in _KERNEL_LACKS:
-        return STATUS[KernelFeatureMissing]
+        return status[KernelFeatureMissing]
     for cls in type(err).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
+        if cls in status:
+            return status[cls]
     return None
 
 
 def from_status(code: grpc.StatusCode | None, message: str) -> AgentError:
     """The error a client raises for an agent's status `code` and its one-line `message`."""
-    cls = _BY_CODE.get(code) if code is not None else None
+    cls = _tables()[1].get(code) if code is not None else None
     return cls(message) if cls is not None else AgentError(message)
 
 

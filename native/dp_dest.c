@@ -1080,6 +1080,25 @@ struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key,
     return h;
 }
 
+/* Pace the requests at `rate` bytes/s (0: none), counted from now: a raised
+ * rate does not burst to make up for a slower past, a lowered one does not
+ * stall to pay for a faster past. Under a rate a request carries ~50 ms of
+ * traffic, so pacing stays fine-grained. (lock held) */
+static void set_pace(struct mig_dpd *h, uint64_t rate)
+{
+    h->rate = rate;
+    h->round_t0 = (uint64_t)dp_mono_ns();
+    h->round_bytes0 = get(&h->c.bytes_wire);
+    uint64_t window = WINDOW_BYTES / h->page_size, per_req = window / 4;
+    if (rate) {
+        uint64_t paced = (uint64_t)(rate * 0.05) / h->page_size;
+        per_req = paced < 16 ? 16 : paced < per_req ? paced : per_req;
+        window = 2 * per_req < window ? 2 * per_req : window;
+    }
+    h->request_pages = per_req ? per_req : 1;
+    h->window_pages = window > h->request_pages ? window : h->request_pages;
+}
+
 int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
 {
     pthread_mutex_lock(&h->mu);
@@ -1095,20 +1114,9 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
         if (h->to_memfd)
             memset(h->asked, 0, (h->npages + 63) / 64 * 8);
         h->cursor = 0;
-        h->rate = max_bandwidth;
-        h->round_t0 = (uint64_t)dp_mono_ns();
-        h->round_bytes0 = get(&h->c.bytes_wire);
+        set_pace(h, max_bandwidth);
         h->round_deadline = deadline_s > 0 ? h->round_t0 + (uint64_t)(deadline_s * 1e9) : 0;
         h->stop_asking = 0;
-        /* Under a rate limit a request carries ~50 ms of traffic, so pacing stays fine-grained. */
-        uint64_t window = WINDOW_BYTES / h->page_size, per_req = window / 4;
-        if (max_bandwidth) {
-            uint64_t paced = (uint64_t)(max_bandwidth * 0.05) / h->page_size;
-            per_req = paced < 16 ? 16 : paced < per_req ? paced : per_req;
-            window = 2 * per_req < window ? 2 * per_req : window;
-        }
-        h->request_pages = per_req ? per_req : 1;
-        h->window_pages = window > h->request_pages ? window : h->request_pages;
         h->round_active = 1;
         if (!h->started) {
             h->started = 1;
@@ -1130,6 +1138,22 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
     }
     pthread_mutex_unlock(&h->mu);
     return r;
+}
+
+void mig_dpd_set_bandwidth(struct mig_dpd *h, uint64_t max_bandwidth)
+{
+    pthread_mutex_lock(&h->mu);
+    set_pace(h, max_bandwidth);
+    pthread_cond_broadcast(&h->cond); /* a requester waiting out the old pace looks again */
+    pthread_mutex_unlock(&h->mu);
+}
+
+uint64_t mig_dpd_bandwidth(struct mig_dpd *h)
+{
+    pthread_mutex_lock(&h->mu);
+    uint64_t rate = h->rate;
+    pthread_mutex_unlock(&h->mu);
+    return rate;
 }
 
 int mig_dpd_wait(struct mig_dpd *h, int timeout_ms)

@@ -65,6 +65,13 @@ struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key,
  * -EBUSY while a round runs, -EPIPE once the path failed. */
 int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s);
 
+/* Pace the running round (and the next) at max_bandwidth bytes/s (0: no
+ * limit), counted from now; a fault path is never paced. */
+void mig_dpd_set_bandwidth(struct mig_dpd *h, uint64_t max_bandwidth);
+
+/* The pace in force, bytes/s (0: none). */
+uint64_t mig_dpd_bandwidth(struct mig_dpd *h);
+
 /* Wait up to timeout_ms for the round to end: 1 ended, 0 still running, -1
  * the path failed (mig_dpd_error says why). */
 int mig_dpd_wait(struct mig_dpd *h, int timeout_ms);

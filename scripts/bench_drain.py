@@ -1,7 +1,7 @@
 """Benchmark: `migrate drain` at several --parallel, against one idle guest's rate in the same run.
 
     python scripts/bench_drain.py [--guests 4] [--size 256M] [--ops-per-sec 300000] [--parallel 1,2,4]
-                                  [--baseline-size 1G] [--mode postcopy] [--json out.json]
+                                  [--baseline-size 1G] [--mode postcopy] [--data-plane native] [--json out.json]
 
 On one local source and one local destination agent (loopback): first one
 idle guest of --baseline-size migrates alone (its rate after the resume is
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import os
 import statistics
 import sys
 import tempfile
@@ -51,37 +52,51 @@ def clear(dst: str, names: list[str]) -> None:
             c.stop_if_hosted(name)
 
 
+def agent_cpu_s(pid: int) -> float:
+    """CPU seconds of an agent: its threads, and its children it has reaped (a gRPC plane's bulk servers);
+    not its guests' runners, whose workload is not the migration's cost."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def push_mib_s(doc: dict) -> float:
     """Bulk bytes pushed over the run's post-copy time: how fast the run's own push went."""
     pushed = doc["pages"]["pushed"] * doc["pages"]["page_size"]
     return pushed / MiB / doc["transfer_s"] if doc["transfer_s"] else 0.0
 
 
-def baseline(src: str, dst: str, size: int, mode: str) -> float:
+def baseline(src: str, dst: str, size: int, mode: str, data_plane: str) -> float:
     launch(src, "baseline", size, "idle", 0.0)
     try:
-        doc = orchestrator.migrate("baseline", src, dst, orchestrator.RunOptions(mode=mode, timeout=600))
+        doc = orchestrator.migrate("baseline", src, dst, orchestrator.RunOptions(mode=mode, timeout=600,
+                                                                                 data_plane=data_plane))
     finally:
         clear(dst, ["baseline"])
     return report.transfer_mib_s(doc)
 
 
-def drain_once(src: str, dst: str, args: argparse.Namespace, parallel: int) -> dict:
+def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, parallel: int) -> dict:
     names = [f"p{parallel}g{i}" for i in range(args.guests)]
     for name in names:
-        launch(src, name, args.size, "hotset", args.ops_per_sec)
+        launch(src.address, name, args.size, "hotset", args.ops_per_sec)
     time.sleep(args.warmup)
+    cpu0 = agent_cpu_s(src.pid), agent_cpu_s(dst.pid)
     t0 = time.monotonic()
     try:
-        outcomes = Drain(src, [dst], orchestrator.RunOptions(mode=args.mode, timeout=600), parallel=parallel).run()
+        opts = orchestrator.RunOptions(mode=args.mode, timeout=600, data_plane=args.data_plane)
+        outcomes = Drain(src.address, [dst.address], opts, parallel=parallel).run()
     finally:
         wall = time.monotonic() - t0
-        clear(dst, names)
+        cpu = [round((agent_cpu_s(a.pid) - c0) * 1000 / (args.guests * args.size / MiB), 2)
+               for a, c0 in zip((src, dst), cpu0)]
+        clear(dst.address, names)
     rows = [{"guest": o.name, "moved": o.moved, "error": o.error,
              **({"total_s": o.report["total_s"], "blocked_ms": o.report["guest"]["blocked_ms"],
-                 "push_mib_s": round(push_mib_s(o.report), 1)} if o.moved else {})} for o in outcomes]
+                 "push_mib_s": round(push_mib_s(o.report), 1), "prepare_ms": o.report["timings_ms"]["prepare"],
+                 "switchover_s": o.report["switchover_s"], "transfer_s": o.report["transfer_s"],
+                 "started_s": round(o.started - t0, 3)} if o.moved else {})} for o in outcomes]
     return {"parallel": parallel, "wall_s": round(wall, 3), "aggregate_mib_s": round(args.guests * args.size / MiB / wall, 1),
-            "guests": rows}
+            "cpu_ms_per_mib": {"source_agent": cpu[0], "dest_agent": cpu[1]}, "guests": rows}
 
 
 def verdict(result: dict, reference: float) -> list[str]:
@@ -109,6 +124,7 @@ def main() -> None:
     ap.add_argument("--parallel", default="1,2,4")
     ap.add_argument("--baseline-size", type=parse_size, default="1G")
     ap.add_argument("--mode", choices=orchestrator.MODES, default="postcopy")
+    ap.add_argument("--data-plane", choices=["native", "grpc"], default="native")
     ap.add_argument("--warmup", type=float, default=1.0, help="Seconds the guests run before the drain.")
     ap.add_argument("--json", default=None, help="Write the results here.")
     args = ap.parse_args()
@@ -116,19 +132,23 @@ def main() -> None:
     results = []
     with LocalAgent("source", log_path=f"{logs}/source.log") as src, \
             LocalAgent("dest", log_path=f"{logs}/dest.log") as dst:
-        reference = baseline(src.address, dst.address, args.baseline_size, args.mode)
+        reference = baseline(src.address, dst.address, args.baseline_size, args.mode, args.data_plane)
         print(f"one idle {args.baseline_size // MiB} MiB guest alone: {reference:.0f} MiB/s after the resume")
         for parallel in (int(p) for p in args.parallel.split(",")):
-            result = drain_once(src.address, dst.address, args, parallel)
+            result = drain_once(src, dst, args, parallel)
             results.append(result)
             print(f"\n--parallel {parallel}: drained {args.guests} x {args.size // MiB} MiB in {result['wall_s']:.2f} s")
-            print(f"  {'GUEST':10} {'TOTAL':>8} {'BLOCKED':>9} {'PUSH':>11}")
+            print(f"  {'GUEST':10} {'START':>7} {'PREPARE':>9} {'RESUMED':>8} {'TRANSFER':>9} {'TOTAL':>8} "
+                  f"{'BLOCKED':>9} {'PUSH':>11}")
             for g in result["guests"]:
                 if g["moved"]:
-                    print(f"  {g['guest']:10} {g['total_s']:7.2f}s {g['blocked_ms']:7.0f}ms "
-                          f"{g['push_mib_s']:6.0f} MiB/s")
+                    print(f"  {g['guest']:10} {g['started_s']:6.2f}s {g['prepare_ms']:7.0f}ms "
+                          f"{g['switchover_s'] or 0:7.2f}s {g['transfer_s']:8.2f}s {g['total_s']:7.2f}s "
+                          f"{g['blocked_ms']:7.0f}ms {g['push_mib_s']:6.0f} MiB/s")
                 else:
                     print(f"  {g['guest']:10} not moved: {g['error']}")
+            cpu = result["cpu_ms_per_mib"]
+            print(f"  agents' CPU: source {cpu['source_agent']:.2f} ms/MiB, destination {cpu['dest_agent']:.2f} ms/MiB")
             for line in verdict(result, reference):
                 print(f"  {line}")
     if args.json:

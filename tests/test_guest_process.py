@@ -85,6 +85,20 @@ def test_runner_refuses_bad_size(memfds) -> None:
     assert "multiple of the page size" in r.stderr
 
 
+def test_a_restore_runner_never_loads_grpc(memfds) -> None:
+    """A runner needs the native layer, not the control plane: grpc's import is ~0.1 s of CPU per runner,
+    and a drain starts several runners at once on each destination (their prepare times added up)."""
+    spec = GuestSpec(size=16 * PAGE, workload="idle", ops=0)
+    guest = GuestProcess.launch(spec, memfds(spec.size), restore=True)
+    try:
+        with open(f"/proc/{guest.pid}/maps") as f:
+            loaded = f.read()
+        assert "cygrpc" not in loaded and "_native" in loaded  # imported what it needs (its uffd), nothing more
+    finally:
+        os.close(guest.uffd)
+        guest.stop()
+
+
 def test_runner_exits_when_control_socket_closes(memfds) -> None:
     fd = memfds(MiB)
     a, b = socket.socketpair()

@@ -284,7 +284,7 @@ class BulkPuller:
     def snapshot(self) -> dict:
         """The counters, for the agent."""
         with self._cond:
-            return dict(self.counters, **self.link.counters())
+            return dict(self.counters, **self.link.counters(), max_bandwidth=self._rate)
 
     def stop(self) -> None:
         with self._cond:

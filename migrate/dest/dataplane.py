@@ -136,6 +136,10 @@ class NativeBulk(_Path):
         if r < 0:
             raise OSError(-r, f"starting the native bulk path: {self._path.error() or 'failed'}")
 
+    def set_bandwidth(self, max_bandwidth: int) -> None:
+        """Pace the pull at `max_bandwidth` bytes/s from now on (0: unlimited); the fault path never is."""
+        lib.mig_dpd_set_bandwidth(self._path.h, max_bandwidth)
+
     def jump(self, page: int) -> None:
         """Go on from `page` next (where the guest faults)."""
         lib.mig_dpd_jump(self._path.h, page)
@@ -158,7 +162,8 @@ class NativeBulk(_Path):
 
     def _snapshot(self) -> dict:
         c = self._path._counters
-        return {"kind": "bulk", **self._path.counters(), "planned": int(c.planned), "done": bool(c.done)}
+        return {"kind": "bulk", **self._path.counters(), "planned": int(c.planned), "done": bool(c.done),
+                "max_bandwidth": int(lib.mig_dpd_bandwidth(self._path.h))}
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop asking; whole batches received are installed. Returns promptly (the C
