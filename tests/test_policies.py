@@ -16,6 +16,7 @@ from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
 from migrate.policies.base import Neighbourhood, Policy, RunInfo
+from migrate.policies.runner import PolicyRunner
 from test_cli import assert_clean_error, run_cli
 from migrate.proto import migrate_pb2 as pb
 from test_migration import WORKLOADS, migrate_at, spec
@@ -83,6 +84,32 @@ def test_replay_fetches_the_recorded_pages_blocks_before_the_resume():
     assert lazy.before_resume == [] and lazy.push == [(20, 1), (3, 2)]
 
 
+class Feed:
+    """A fault path as a policy runner sees it: the neighbourhoods it was told."""
+
+    def __init__(self) -> None:
+        self.told: list[Neighbourhood] = []
+
+    def new_faults(self) -> list[int]:
+        return []
+
+    def prefetch_counts(self) -> tuple[int, int]:
+        return 0, 0
+
+    def set_neighbourhood(self, nb: Neighbourhood) -> None:
+        self.told.append(nb)
+
+
+def test_the_first_neighbourhood_reaches_the_fault_path_even_the_default():
+    """`sequential` names the default block: the gRPC fault path, whose own readahead runs until told,
+    must be told it too (it was not, and `sequential` ran with a readahead there)."""
+    feed = Feed()
+    runner = PolicyRunner(parse("sequential").build(), "sequential", RunInfo(64, 4096), feed, None)
+    runner.start()
+    runner.stop()
+    assert feed.told == [Neighbourhood()]
+
+
 def test_cli_rejects_bad_policy_in_one_line():
     out = run_cli("run", "g", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--policy", "trend:speed=3")
     assert_clean_error(out, "policy trend takes no parameter 'speed'")
@@ -141,15 +168,19 @@ def test_each_policy_on_the_grpc_paths(agents, policy, tmp_path):
     assert doc["verified"] is True
 
 
-@pytest.mark.parametrize("fault_path", ["native"])
-def test_trend_halves_the_faults_of_a_sequential_reader(agents, fault_path):
+#: (data plane, fault path): every pair that exists (the native fault path needs the native plane).
+PATHS = [("native", "native"), ("native", "grpc"), ("grpc", "grpc")]
+
+
+@pytest.mark.parametrize("data_plane, fault_path", PATHS)
+def test_trend_halves_the_faults_of_a_sequential_reader(agents, data_plane, fault_path):
     s = spec("seq-read", size=16 * MiB, ops=30_000)
-    base = migrate_at(agents, "g", s, 0.1, policy="sequential", no_push=True, data_plane="native",
-                      fault_path=fault_path)
-    trend = migrate_at(agents, "g", s, 0.1, policy="trend", no_push=True, data_plane="native",
-                       fault_path=fault_path)
+    opts = dict(no_push=True, data_plane=data_plane, fault_path=fault_path)
+    base = migrate_at(agents, "g", s, 0.1, policy="sequential", **opts)
+    trend = migrate_at(agents, "g", s, 0.1, policy="trend", **opts)
     assert base["verified"] and trend["verified"]
     assert _faults(trend) * 2 <= _faults(base), (_faults(trend), _faults(base))
+    assert trend["pages"]["prefetched"] == trend["prefetch"]["pages"] > 0
     assert trend["prefetch"]["hit_ratio"] > 0.5
 
 
