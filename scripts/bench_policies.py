@@ -10,10 +10,12 @@ pages matters) under `sequential`, `bubble` and `trend`; the `sequential`
 run records the working set (--record-ws), and `replay` migrates the same
 guest again with it. One row per (workload, policy): remote faults, guest
 blocked ms, downtime, total time. Then REAP's case: an --image-sized
-snapshot restored twice over --uffd-socket into the handshake test client
-(tests/uffd_client.py), which touches a fixed 10 % of it in random order;
-the first restore records, the second replays: the client's time to touch
-its working set and the faults of each.
+snapshot restored twice over --uffd-socket into a small C client
+(tests/c/uffd_ws_client.c), which touches a fixed 10 % of it in random
+order; the first restore records, the second replays: the client's time
+from its handshake until it has touched its working set (the wait for the
+replayed pages included; the touching alone in brackets) and the faults
+of each.
 """
 from __future__ import annotations
 
@@ -76,10 +78,12 @@ def reap(args: argparse.Namespace, work: Path) -> dict:
         cold = restore_touching_working_set(work, src, image, "--record-ws", first)
         warm = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={first}",
                                             "--record-ws", second)
-    out = {"first_ms": cold["ws_ms"], "replayed_ms": warm["ws_ms"], "ws_pages": cold["ws_pages"],
+    out = {"first_ms": cold["ws_ms"], "replayed_ms": warm["ws_ms"], "first_touch_ms": cold["touch_ms"],
+           "replayed_touch_ms": warm["touch_ms"], "ws_pages": cold["ws_pages"],
            "first_faults": workingset.load(first).pages, "replayed_faults": workingset.load(second).pages}
-    print(f"REAP {args.image // (1 << 20)} MiB, {out['ws_pages']} pages touched: first {out['first_ms']:.1f} ms "
-          f"({out['first_faults']} faults), replayed {out['replayed_ms']:.1f} ms ({out['replayed_faults']} faults), "
+    print(f"REAP {args.image // (1 << 20)} MiB, {out['ws_pages']} pages touched, handshake to working set "
+          f"touched: first {out['first_ms']:.1f} ms [{out['first_touch_ms']:.1f}] ({out['first_faults']} faults), "
+          f"replayed {out['replayed_ms']:.1f} ms [{out['replayed_touch_ms']:.1f}] ({out['replayed_faults']} faults), "
           f"{out['first_ms'] / max(out['replayed_ms'], 1e-3):.1f}x", flush=True)
     return out
 
