@@ -1,7 +1,7 @@
 """Benchmark: push and prefetch policies side by side, and the REAP case (issue 15).
 
-    python scripts/bench_policies.py [--size 512M] [--workloads seq-read,random-read,hotset,zipf]
-                                     [--max-bandwidth 200M] [--ops 200000] [--image 512M] [--json out.json]
+    python scripts/bench_policies.py [--size 1G] [--workloads seq-read,random-read,hotset,zipf]
+                                     [--max-bandwidth 200M] [--ops 400000] [--image 512M] [--json out.json]
 
 Per workload, a fresh guest (same seed each time) runs until a tenth of its
 --ops are done, then migrates post-copy over loopback (native data plane
@@ -57,7 +57,7 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     with LocalAgent("source", log_path=str(work / "src.log")) as src, \
             LocalAgent("dest", log_path=str(work / "dst.log")) as dst:
-        for workload in args.workloads.split(","):
+        for workload in filter(None, args.workloads.split(",")):
             ws = str(work / f"{workload}.ws")
             for policy in POLICIES:
                 name = f"replay:ws={ws}" if policy == "replay" else policy
@@ -70,14 +70,32 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
     return rows
 
 
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    """The issue's table (markdown): per workload and policy, remote faults (and the change against
+    `sequential`), guest blocked ms, total time."""
+    if not rows:
+        return
+    print(f"\n{args.size // (1 << 20)} MiB guest, push capped at {args.max_bandwidth // (1 << 20)} MiB/s, "
+          f"{args.ops} ops, switch at 10 %\n")
+    print("| workload | policy | remote faults | vs sequential | blocked ms | total s |")
+    print("|---|---|---:|---:|---:|---:|")
+    base = {r["workload"]: r["faults"] for r in rows if r["policy"] == "sequential"}
+    for r in rows:
+        ref = base.get(r["workload"]) or 0
+        change = f"{(r['faults'] - ref) * 100 / ref:+.0f} %" if ref else "-"
+        print(f"| {r['workload']} | {r['policy']} | {r['faults']} | {change} | {r['blocked_ms']:.0f} | "
+              f"{r['total_s']:.2f} |")
+    print(flush=True)
+
+
 def reap(args: argparse.Namespace, work: Path) -> dict:
     image = work / "snap.img"
     make_image(image, args.image // 4096)
     first, second = str(work / "first.ws"), str(work / "second.ws")
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(work / "reap-src.log")) as src:
-        cold = restore_touching_working_set(work, src, image, "--record-ws", first)
+        cold = restore_touching_working_set(work, src, image, "--record-ws", first, max_bandwidth=args.reap_bandwidth)
         warm = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={first}",
-                                            "--record-ws", second)
+                                            "--record-ws", second, max_bandwidth=args.reap_bandwidth)
     out = {"first_ms": cold["ws_ms"], "replayed_ms": warm["ws_ms"], "first_touch_ms": cold["touch_ms"],
            "replayed_touch_ms": warm["touch_ms"], "ws_pages": cold["ws_pages"],
            "first_faults": workingset.load(first).pages, "replayed_faults": workingset.load(second).pages}
@@ -90,16 +108,18 @@ def reap(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=parse_size, default=parse_size("512M"))
+    ap.add_argument("--size", type=parse_size, default=parse_size("1G"))
     ap.add_argument("--image", type=parse_size, default=parse_size("512M"))
-    ap.add_argument("--ops", type=int, default=200_000)
+    ap.add_argument("--ops", type=int, default=400_000)
     ap.add_argument("--workloads", default="seq-read,random-read,hotset,zipf")
     ap.add_argument("--max-bandwidth", type=parse_rate, default=parse_rate("200M"))
+    ap.add_argument("--reap-bandwidth", default="0", help="--max-bandwidth of the REAP restores (0: none)")
     ap.add_argument("--skip-reap", action="store_true")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-policies-") as tmp:
         doc = {"policies": policies(args, Path(tmp))}
+        print_table(doc["policies"], args)
         if not args.skip_reap:
             doc["reap"] = reap(args, Path(tmp))
     if args.json:

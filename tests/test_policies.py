@@ -221,4 +221,5 @@ def test_replay_halves_the_faults_of_a_repeated_hotset_migration(agents, tmp_pat
     second = migrate_paused(agents, "g", s, policy=f"replay:ws={ws}", **opts)
     assert first["verified"] and second["verified"]
     assert _faults(first) >= 40, _faults(first)  # the guest worked on the destination
+    print("REPLAY", _faults(first), _faults(second))
     assert _faults(second) * 2 <= _faults(first), (_faults(second), _faults(first))

@@ -60,14 +60,14 @@ def c_client(tmp_path: Path, name: str) -> Path:
     return exe
 
 
-def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str) -> dict:
+def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str, max_bandwidth: str = "64M") -> dict:
     """One restore into a C client that touches 10 % of the image (its top) in random order, waits for the
     restore to end (its working-set file written by --record-ws), then checks every page; returns what it
-    printed (ws_pages, ws_ms, touch_ms). The push is capped so that it comes to the top of the image long
-    after the client touched it, on any machine."""
+    printed (ws_pages, ws_ms, touch_ms). The push is capped (by default) so that it comes to the top of the
+    image long after the client touched it, on any machine."""
     sock, ws = tmp_path / "uffd.sock", dest_args[dest_args.index("--record-ws") + 1]
     with LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                    "--data-plane", "native", "--max-bandwidth", "64M", *dest_args, log_path=str(tmp_path / "dst.log")):
+                    "--data-plane", "native", "--max-bandwidth", max_bandwidth, *dest_args, log_path=str(tmp_path / "dst.log")):
         client = subprocess.Popen([str(c_client(tmp_path, "uffd_ws_client")), str(sock), str(image), "11", "10"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
