@@ -182,6 +182,9 @@ def test_trend_halves_the_faults_of_a_sequential_reader(agents, data_plane, faul
     assert _faults(trend) * 2 <= _faults(base), (_faults(trend), _faults(base))
     assert trend["pages"]["prefetched"] == trend["prefetch"]["pages"] > 0
     assert trend["prefetch"]["hit_ratio"] > 0.5
+    assert base["prefetch"]["neighbourhood"] == {"pages": 16, "shape": "aligned", "stride": 1}
+    grown = trend["prefetch"]["neighbourhood"]  # trend's adaptive size starts at 32 and doubles on hits
+    assert grown["shape"] == "forward" and grown["pages"] > 32, grown
 
 
 def migrate_paused(agents, name: str, s: pb.GuestSpec, **opts) -> dict:
@@ -221,5 +224,4 @@ def test_replay_halves_the_faults_of_a_repeated_hotset_migration(agents, tmp_pat
     second = migrate_paused(agents, "g", s, policy=f"replay:ws={ws}", **opts)
     assert first["verified"] and second["verified"]
     assert _faults(first) >= 40, _faults(first)  # the guest worked on the destination
-    print("REPLAY", _faults(first), _faults(second))
     assert _faults(second) * 2 <= _faults(first), (_faults(second), _faults(first))
