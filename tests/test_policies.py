@@ -15,7 +15,7 @@ import pytest
 from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
-from migrate.policies.base import Neighbourhood, Policy, RunInfo
+from migrate.policies.base import DEFAULT_PAGES, AdaptiveSize, Neighbourhood, Policy, RunInfo
 from migrate.policies.runner import PolicyRunner
 from test_cli import assert_clean_error, run_cli
 from migrate.proto import migrate_pb2 as pb
@@ -82,6 +82,14 @@ def test_replay_fetches_the_recorded_pages_blocks_before_the_resume():
     assert eager.before_resume == [(16, 16), (0, 16)] and eager.push == []
     lazy = parse("replay:eager=0,block=1").build().start(run)
     assert lazy.before_resume == [] and lazy.push == [(20, 1), (3, 2)]
+
+
+def test_adaptive_size_grows_on_hits_and_falls_back_to_the_default_block():
+    size = AdaptiveSize(start=32)
+    assert size.update(64, 60) == 64 and size.update(64, 64) == 128 and size.update(64, 64) == 128
+    for _ in range(6):
+        size.update(64, 0)
+    assert size.pages == DEFAULT_PAGES  # not below: every page moves once, a prefetch is never in vain
 
 
 class Feed:
