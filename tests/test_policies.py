@@ -233,3 +233,46 @@ def test_replay_halves_the_faults_of_a_repeated_hotset_migration(agents, tmp_pat
     assert first["verified"] and second["verified"]
     assert _faults(first) >= 40, _faults(first)  # the guest worked on the destination
     assert _faults(second) * 2 <= _faults(first), (_faults(second), _faults(first))
+
+
+class _Link:
+    """A source link whose urgent stream only collects what is asked."""
+
+    def __init__(self) -> None:
+        self.client = self
+
+    def fetch(self, requests, metadata=None):
+        return iter(())
+
+
+def test_grpc_fault_path_moves_a_policy_neighbourhood_on_with_faults_on_pages_in_flight():
+    """A reader that caught up with its forward readahead (a fault on a page in flight) gets the
+    unasked rest of its neighbourhood asked, as on the native path, but in runs of at least half a
+    request, never page by page."""
+    from types import SimpleNamespace
+
+    from migrate.bitmap import SharedBitmap
+    from migrate.dest.faults import FaultServer
+
+    received = SharedBitmap.create(1024)
+    mem = SimpleNamespace(bitmap=received, page_count=1024, page_size=4096,
+                          io=SimpleNamespace(regions=[SimpleNamespace(first_page=0, size=1024 * 4096)]))
+    server = FaultServer(mem, _Link(), "run", jump=lambda page: None)
+    asked: list[tuple[int, int]] = []
+    server._stream.send = lambda msg: asked.append((msg.first_page, msg.count))
+    try:
+        server.neighbourhood = Neighbourhood(128, "forward")
+        server.on_faults([(100, 1, 0)])
+        assert asked == [(100, 1), (101, 64), (165, 64)]
+        asked.clear()
+        server.on_faults([(110, 1, 0)])  # in flight: 10 pages further on, too few to ask
+        assert asked == []
+        server.on_faults([(150, 1, 0)])  # in flight: 50 pages further on
+        assert asked == [(229, 50)]
+        server.neighbourhood = None  # the built-in readahead asked past it already
+        asked.clear()
+        server.on_faults([(250, 1, 0)])
+        assert asked == []
+    finally:
+        server.close()
+        received.close()

@@ -206,15 +206,22 @@ class FaultServer:
         self._ask(page, 1, [(page, t_ns, waiters)])
 
     def _wanted(self, first: int, end: int, least: int = 1) -> Iterator[tuple[int, int]]:
-        """Runs of at least `least` pages in [first, end) neither received nor asked by the bulk path
-        (marked asked now)."""
-        received, asked = self.mem.bitmap, self._asked
+        """Runs of at least `least` pages in [first, end) neither received nor asked (marked asked now).
+
+        Asked: in the bulk path's bitmap, where this path marks its own too;
+        without one (the gRPC plane), covered by an urgent request in flight."""
+        received, asked, covers = self.mem.bitmap, self._asked, self._covers
         page = first
         while (page := received.next_clear(page)) < end:
             if asked is not None and asked.test(page):
                 page = asked.next_clear(page)
                 continue
+            if asked is None and page in covers:
+                page += 1
+                continue
             stop = min(end, received.next_set(page), asked.next_set(page) if asked is not None else end)
+            if asked is None:
+                stop = next((q for q in range(page, stop) if q in covers), stop)
             if stop - page < least:
                 page = stop
                 continue
