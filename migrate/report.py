@@ -293,7 +293,9 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         "policy": status.policy or "none",
         "prefetch": {"pages": status.pages_prefetched, "hits": status.prefetch_hits,
                      "hit_ratio": round(status.prefetch_hits / status.pages_prefetched, 3)
-                     if status.pages_prefetched else 0.0},
+                     if status.pages_prefetched else 0.0,
+                     # the policy's last neighbourhood (an adaptive one's size shows where it went); None without one
+                     "neighbourhood": detail.get("policy", {}).get("neighbourhood")},
         "events": faults.get("events", {}),  # what the guest did to its memory meanwhile (REMOVE, UNMAP, ...)
         "bytes": {"wire": wire, "pages": page_bytes},
         "compression_ratio": round(page_bytes / wire, 3) if wire else 1.0,

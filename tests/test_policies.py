@@ -15,7 +15,8 @@ import pytest
 from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
-from migrate.policies.base import Neighbourhood, Policy, RunInfo
+from migrate.policies.base import DEFAULT_PAGES, AdaptiveSize, Neighbourhood, Policy, RunInfo
+from migrate.policies.runner import PolicyRunner
 from test_cli import assert_clean_error, run_cli
 from migrate.proto import migrate_pb2 as pb
 from test_migration import WORKLOADS, migrate_at, spec
@@ -83,6 +84,40 @@ def test_replay_fetches_the_recorded_pages_blocks_before_the_resume():
     assert lazy.before_resume == [] and lazy.push == [(20, 1), (3, 2)]
 
 
+def test_adaptive_size_grows_on_hits_and_falls_back_to_the_default_block():
+    size = AdaptiveSize(start=32)
+    assert size.update(64, 60) == 64 and size.update(64, 64) == 128 and size.update(64, 64) == 128
+    for _ in range(6):
+        size.update(64, 0)
+    assert size.pages == DEFAULT_PAGES  # not below: every page moves once, a prefetch is never in vain
+
+
+class Feed:
+    """A fault path as a policy runner sees it: the neighbourhoods it was told."""
+
+    def __init__(self) -> None:
+        self.told: list[Neighbourhood] = []
+
+    def new_faults(self) -> list[int]:
+        return []
+
+    def prefetch_counts(self) -> tuple[int, int]:
+        return 0, 0
+
+    def set_neighbourhood(self, nb: Neighbourhood) -> None:
+        self.told.append(nb)
+
+
+def test_the_first_neighbourhood_reaches_the_fault_path_even_the_default():
+    """`sequential` names the default block: the gRPC fault path, whose own readahead runs until told,
+    must be told it too (it was not, and `sequential` ran with a readahead there)."""
+    feed = Feed()
+    runner = PolicyRunner(parse("sequential").build(), "sequential", RunInfo(64, 4096), feed, None)
+    runner.start()
+    runner.stop()
+    assert feed.told == [Neighbourhood()]
+
+
 def test_cli_rejects_bad_policy_in_one_line():
     out = run_cli("run", "g", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--policy", "trend:speed=3")
     assert_clean_error(out, "policy trend takes no parameter 'speed'")
@@ -141,16 +176,23 @@ def test_each_policy_on_the_grpc_paths(agents, policy, tmp_path):
     assert doc["verified"] is True
 
 
-@pytest.mark.parametrize("fault_path", ["native"])
-def test_trend_halves_the_faults_of_a_sequential_reader(agents, fault_path):
+#: (data plane, fault path): every pair that exists (the native fault path needs the native plane).
+PATHS = [("native", "native"), ("native", "grpc"), ("grpc", "grpc")]
+
+
+@pytest.mark.parametrize("data_plane, fault_path", PATHS)
+def test_trend_halves_the_faults_of_a_sequential_reader(agents, data_plane, fault_path):
     s = spec("seq-read", size=16 * MiB, ops=30_000)
-    base = migrate_at(agents, "g", s, 0.1, policy="sequential", no_push=True, data_plane="native",
-                      fault_path=fault_path)
-    trend = migrate_at(agents, "g", s, 0.1, policy="trend", no_push=True, data_plane="native",
-                       fault_path=fault_path)
+    opts = dict(no_push=True, data_plane=data_plane, fault_path=fault_path)
+    base = migrate_at(agents, "g", s, 0.1, policy="sequential", **opts)
+    trend = migrate_at(agents, "g", s, 0.1, policy="trend", **opts)
     assert base["verified"] and trend["verified"]
     assert _faults(trend) * 2 <= _faults(base), (_faults(trend), _faults(base))
+    assert trend["pages"]["prefetched"] == trend["prefetch"]["pages"] > 0
     assert trend["prefetch"]["hit_ratio"] > 0.5
+    assert base["prefetch"]["neighbourhood"] == {"pages": 16, "shape": "aligned", "stride": 1}
+    grown = trend["prefetch"]["neighbourhood"]  # trend's adaptive size starts at 32 and doubles on hits
+    assert grown["shape"] == "forward" and grown["pages"] > 32, grown
 
 
 def migrate_paused(agents, name: str, s: pb.GuestSpec, **opts) -> dict:
@@ -191,3 +233,46 @@ def test_replay_halves_the_faults_of_a_repeated_hotset_migration(agents, tmp_pat
     assert first["verified"] and second["verified"]
     assert _faults(first) >= 40, _faults(first)  # the guest worked on the destination
     assert _faults(second) * 2 <= _faults(first), (_faults(second), _faults(first))
+
+
+class _Link:
+    """A source link whose urgent stream only collects what is asked."""
+
+    def __init__(self) -> None:
+        self.client = self
+
+    def fetch(self, requests, metadata=None):
+        return iter(())
+
+
+def test_grpc_fault_path_moves_a_policy_neighbourhood_on_with_faults_on_pages_in_flight():
+    """A reader that caught up with its forward readahead (a fault on a page in flight) gets the
+    unasked rest of its neighbourhood asked, as on the native path, but in runs of at least half a
+    request, never page by page."""
+    from types import SimpleNamespace
+
+    from migrate.bitmap import SharedBitmap
+    from migrate.dest.faults import FaultServer
+
+    received = SharedBitmap.create(1024)
+    mem = SimpleNamespace(bitmap=received, page_count=1024, page_size=4096,
+                          io=SimpleNamespace(regions=[SimpleNamespace(first_page=0, size=1024 * 4096)]))
+    server = FaultServer(mem, _Link(), "run", jump=lambda page: None)
+    asked: list[tuple[int, int]] = []
+    server._stream.send = lambda msg: asked.append((msg.first_page, msg.count))
+    try:
+        server.neighbourhood = Neighbourhood(128, "forward")
+        server.on_faults([(100, 1, 0)])
+        assert asked == [(100, 1), (101, 64), (165, 64)]
+        asked.clear()
+        server.on_faults([(110, 1, 0)])  # in flight: 10 pages further on, too few to ask
+        assert asked == []
+        server.on_faults([(150, 1, 0)])  # in flight: 50 pages further on
+        assert asked == [(229, 50)]
+        server.neighbourhood = None  # the built-in readahead asked past it already
+        asked.clear()
+        server.on_faults([(250, 1, 0)])
+        assert asked == []
+    finally:
+        server.close()
+        received.close()

@@ -51,14 +51,24 @@ def test_foreign_process_restored_from_image(tmp_path, plane):
     assert not os.path.exists(sock)  # the agent removed its socket on exit
 
 
-def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str) -> dict:
-    """One restore into a client that touches 10 % of the image (its top), waits for the restore to end
-    (its working-set file written by --record-ws), then checks every page. The push is capped so that it
-    comes to the top of the image long after the client touched it, on any machine."""
+def c_client(tmp_path: Path, name: str) -> Path:
+    """tests/c/NAME.c built into tmp_path."""
+    exe = tmp_path / name
+    if not exe.exists():
+        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(HERE / "c" / f"{name}.c")],
+                       check=True, capture_output=True, timeout=120)
+    return exe
+
+
+def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str, max_bandwidth: str = "64M") -> dict:
+    """One restore into a C client that touches 10 % of the image (its top) in random order, waits for the
+    restore to end (its working-set file written by --record-ws), then checks every page; returns what it
+    printed (ws_pages, ws_ms, touch_ms). The push is capped (by default) so that it comes to the top of the
+    image long after the client touched it, on any machine."""
     sock, ws = tmp_path / "uffd.sock", dest_args[dest_args.index("--record-ws") + 1]
     with LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                    "--data-plane", "native", "--max-bandwidth", "64M", *dest_args, log_path=str(tmp_path / "dst.log")):
-        client = subprocess.Popen([sys.executable, str(HERE / "uffd_client.py"), str(sock), str(image), "11", "10"],
+                    "--data-plane", "native", "--max-bandwidth", max_bandwidth, *dest_args, log_path=str(tmp_path / "dst.log")):
+        client = subprocess.Popen([str(c_client(tmp_path, "uffd_ws_client")), str(sock), str(image), "11", "10"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             touched = json.loads(client.stdout.readline())
@@ -91,9 +101,7 @@ def test_foreign_process_changing_its_memory_during_the_restore(tmp_path, plane)
     """A C program with EVENT_REMOVE and EVENT_REMAP (Firecracker with a balloon) discards
     ranges before and after they arrive and moves one with mremap while it is restored:
     every discarded page reads zero, every other page the image, and the run ends."""
-    exe = tmp_path / "uffd_events_client"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(HERE / "c" / "uffd_events_client.c")],
-                   check=True, capture_output=True, timeout=120)
+    exe = c_client(tmp_path, "uffd_events_client")
     image = tmp_path / "mem.img"
     make_image(image, 2048)
     sock = tmp_path / "uffd.sock"

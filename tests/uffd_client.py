@@ -1,16 +1,12 @@
 """A foreign process speaking Firecracker's UFFD handshake (not our runner).
 
-usage: python uffd_client.py SOCKET IMAGE SEED [WS_PERCENT]
+usage: python uffd_client.py SOCKET IMAGE SEED
 
 Maps anonymous memory the size of IMAGE, creates and registers a
 userfaultfd with raw syscalls and ioctls (none of migrate's code), sends it
 with its region list to SOCKET, then reads every page in a random order and
-exits 0 only if each equals the image's bytes. With WS_PERCENT (REAP's
-case, a function's working set): it waits for the agent's ready byte (its
-working set in, as a VMM resumes its guest), touches the top WS_PERCENT of
-the image's pages in random order (where a sequential push comes last),
-prints {"ws_pages", "ws_ms"}, and waits for a line on stdin (its restore
-done) before reading every page.
+exits 0 only if each equals the image's bytes.
+(REAP's case, a working set touched first, is tests/c/uffd_ws_client.c.)
 """
 import ctypes
 import fcntl
@@ -21,7 +17,6 @@ import random
 import socket
 import struct
 import sys
-import time
 
 SYS_USERFAULTFD = 323  # x86_64
 UFFD_API = 0xAA
@@ -30,7 +25,7 @@ UFFDIO_REGISTER = 0xC020AA00   # _IOWR(0xAA, 0x00, struct uffdio_register)
 UFFDIO_REGISTER_MODE_MISSING = 1
 
 
-def main(sock_path: str, image_path: str, seed: int, ws_percent: int = 0) -> int:
+def main(sock_path: str, image_path: str, seed: int) -> int:
     with open(image_path, "rb") as f:
         image = f.read()
     size, page = len(image), mmap.PAGESIZE
@@ -48,17 +43,10 @@ def main(sock_path: str, image_path: str, seed: int, ws_percent: int = 0) -> int
         socket.send_fds(s, [json.dumps(regions).encode()], [fd])
         order = list(range(size // page))
         random.Random(seed).shuffle(order)
-        if ws_percent:
-            s.recv(1)
-            t0 = time.monotonic()
-            ws = [p for p in order if p >= len(order) - len(order) * ws_percent // 100]
-            sum(mem[p * page] for p in ws)
-            print(json.dumps({"ws_pages": len(ws), "ws_ms": (time.monotonic() - t0) * 1000.0}), flush=True)
-            sys.stdin.readline()
         bad = [p for p in order if mem[p * page:(p + 1) * page] != image[p * page:(p + 1) * page]]
     print(json.dumps({"pages": len(order), "bad": len(bad)}))
     return 0 if not bad else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])))
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))

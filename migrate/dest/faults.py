@@ -177,16 +177,22 @@ class FaultServer:
                 self.history.append(page)
                 self._count_hits(page)
                 req_id = self._covers.get(page)
+                least = 1
                 if req_id is not None:
                     self._waiting[req_id].append((page, t_ns, waiters))
-                    continue
-                if self._asked is not None and self._asked.test(page):
+                    if self.neighbourhood is None:
+                        continue  # the built-in readahead already asked past it
+                    # A policy's neighbourhood moves on with a fault on a page in flight, as on the native
+                    # path, so that a reader that caught up with its readahead keeps the pipe full; in
+                    # whole requests (a request per page or two would cost more than the faults it saves).
+                    least = MAX_URGENT_PAGES // 2
+                elif self._asked is not None and self._asked.test(page):
                     self._on_bulk.append((page, t_ns, waiters))
                 else:
                     self._ask_page(page, t_ns, waiters)
                 runs, jump_to = self._neighbours(page)
                 for first, count in runs:
-                    for run_first, n in self._wanted(first, first + count):
+                    for run_first, n in self._wanted(first, first + count, least):
                         self._prefetched.set_range(run_first, n)
                         self.counters["prefetched"] += n
                         for at in range(run_first, run_first + n, MAX_URGENT_PAGES):
@@ -199,15 +205,26 @@ class FaultServer:
             self._asked.set_range(page, 1)
         self._ask(page, 1, [(page, t_ns, waiters)])
 
-    def _wanted(self, first: int, end: int) -> Iterator[tuple[int, int]]:
-        """Runs of pages in [first, end) neither received nor asked by the bulk path (marked asked now)."""
-        received, asked = self.mem.bitmap, self._asked
+    def _wanted(self, first: int, end: int, least: int = 1) -> Iterator[tuple[int, int]]:
+        """Runs of at least `least` pages in [first, end) neither received nor asked (marked asked now).
+
+        Asked: in the bulk path's bitmap, where this path marks its own too;
+        without one (the gRPC plane), covered by an urgent request in flight."""
+        received, asked, covers = self.mem.bitmap, self._asked, self._covers
         page = first
         while (page := received.next_clear(page)) < end:
             if asked is not None and asked.test(page):
                 page = asked.next_clear(page)
                 continue
+            if asked is None and page in covers:
+                page += 1
+                continue
             stop = min(end, received.next_set(page), asked.next_set(page) if asked is not None else end)
+            if asked is None:
+                stop = next((q for q in range(page, stop) if q in covers), stop)
+            if stop - page < least:
+                page = stop
+                continue
             if asked is not None:
                 asked.set_range(page, stop - page)
             yield page, stop - page

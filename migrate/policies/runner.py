@@ -65,6 +65,9 @@ class PolicyRunner:
         first = self._call(self.policy.start, self._run)
         self.before_resume = [r for r in first.before_resume if r[1] > 0]
         first.push = self.before_resume + first.push
+        if first.neighbourhood is not None:  # even the default block: the gRPC path has a readahead of its own
+            self._nb = first.neighbourhood
+            self._faults.set_neighbourhood(first.neighbourhood)
         self._apply(first)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="policy")
         self._thread.start()

@@ -12,19 +12,10 @@
  * image's bytes (the moved ones at their new address). Prints
  * {"pages": N, "bad": K} and exits 0 only if K is 0. */
 #define _GNU_SOURCE
-#include <fcntl.h>
-#include <linux/userfaultfd.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/un.h>
-#include <unistd.h>
+
+#include "handshake.h"
 
 #define DISCARD_EARLY_FIRST 100
 #define DISCARD_EARLY_END 400
@@ -32,12 +23,6 @@
 #define DISCARD_LATE_END 1300
 #define MOVE_FIRST 1500
 #define MOVE_END 1800
-
-static void die(const char *what)
-{
-    perror(what);
-    exit(2);
-}
 
 int main(int argc, char **argv)
 {
@@ -58,36 +43,7 @@ int main(int argc, char **argv)
     if (image == MAP_FAILED || mem == MAP_FAILED)
         die("mmap");
 
-    int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-    if (uffd < 0)
-        die("userfaultfd");
-    struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP};
-    if (ioctl(uffd, UFFDIO_API, &api) < 0)
-        die("UFFDIO_API");
-    struct uffdio_register reg = {.range = {.start = (uintptr_t)mem, .len = size},
-                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
-    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
-        die("UFFDIO_REGISTER");
-
-    char body[256];
-    int len = snprintf(body, sizeof(body),
-                       "[{\"base_host_virt_addr\": %lu, \"size\": %zu, \"offset\": 0, \"page_size\": %ld}]",
-                       (unsigned long)(uintptr_t)mem, size, page);
-    int s = socket(AF_UNIX, SOCK_STREAM, 0);
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", argv[1]);
-    if (s < 0 || connect(s, (struct sockaddr *)&addr, sizeof(addr)) < 0)
-        die("connect");
-    char cbuf[CMSG_SPACE(sizeof(int))] = {0};
-    struct iovec iov = {.iov_base = body, .iov_len = (size_t)len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &uffd, sizeof(int));
-    if (sendmsg(s, &msg, 0) < 0)
-        die("sendmsg");
+    int s = uffd_handshake(argv[1], mem, size, page, UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP);
 
     /* A balloon inflating before the pages arrive... */
     if (madvise(mem + DISCARD_EARLY_FIRST * page, (DISCARD_EARLY_END - DISCARD_EARLY_FIRST) * page, MADV_DONTNEED))
