@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+/* cffi: begin */
 /* PAGEMAP_SCAN [base, base + len) of the process behind `pagemap_fd` for
  * pages written since they were last write-protected (PM_SCAN_WP_MATCHING |
  * PM_SCAN_CHECK_WPASYNC: the same call protects them again) and set their
@@ -20,5 +21,6 @@ int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t pag
  * Returns the pages discarded, or -errno; *runs gets the fallocate calls. */
 int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, uint64_t nbits,
                           uint32_t page_size, uint64_t *runs);
+/* cffi: end */
 
 #endif
