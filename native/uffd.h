@@ -214,15 +214,14 @@ int64_t mig_install_batch(struct mig_space *s, uint64_t *bitmap, uint64_t npages
                           uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st);
 /* cffi: end */
 
-/* One PAGEMAP_SCAN: pages of [start, end) written since they were last write-protected,
- * into vec (at most vec_len regions), protected again by the same call. Returns the
- * number of regions or -errno; *walk_end is where the kernel stopped. (C only.) */
-int mig_pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct page_region *vec,
-                           uint32_t vec_len, uint64_t *walk_end);
-
 /* cffi: begin */
-int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t *out_ranges,
-                             uint32_t max_ranges, uint64_t *walk_end);
+/* PAGEMAP_SCAN [base, base + len) of the process behind `pagemap_fd` for
+ * pages written since they were last write-protected (PM_SCAN_WP_MATCHING |
+ * PM_SCAN_CHECK_WPASYNC: the same call protects them again) and set their
+ * bits in `bitmap` (bit first_page + (addr - base) / page_size). Returns
+ * the pages found, or -errno. */
+int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
+                       uint64_t *bitmap, uint64_t first_page);
 /* cffi: end */
 
 #endif
