@@ -18,12 +18,14 @@ import mmap
 import os
 import pickle
 import random
+import re
 import select
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -594,3 +596,11 @@ def test_batches_install_in_one_call_and_refuse_damage() -> None:
         bitmap.close()
         mem.close()
         os.close(fd)
+
+
+def test_the_example_in_docs_uffd_md_runs() -> None:
+    """docs/uffd.md's example: register anonymous memory, fault from a thread, copy the page in."""
+    doc = Path(__file__).resolve().parent.parent / "docs" / "uffd.md"
+    found = re.search(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert found, "docs/uffd.md has no python block"
+    exec(compile(found.group(1), str(doc), "exec"), {"__name__": "docs_uffd_example"})  # noqa: S102 - our docs
