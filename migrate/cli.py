@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import click
 
@@ -97,7 +98,7 @@ class _Commands(click.Group):
     certificates) live in their own modules, loaded only when one is asked
     for (or listed by --help): agents and `migrate run` never import them."""
 
-    TOOLING = {"lab": ("migrate.lab.cli", "lab"), "bench": ("migrate.bench.cli", "bench"),
+    TOOLING: ClassVar[dict[str, tuple[str, str]]] = {"lab": ("migrate.lab.cli", "lab"), "bench": ("migrate.bench.cli", "bench"),
                "plot": ("migrate.bench.cli", "plot"), "certs": ("migrate.certs", "certs")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:

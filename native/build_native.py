@@ -32,9 +32,9 @@ EXTENSIONS = {
     "migrate.guest._workloads": (["workload.h"], ["workload.c"]),
 }
 
-_SECTION = re.compile(r"/\* cffi: begin \*/(.*?)/\* cffi: end \*/", re.S)
-_CONSTANTS = re.compile(r"/\* cffi: constants\s(.*?)\*/", re.S)
-_DEFINE = re.compile(r"^(\s*#define\s+\w+)\s+.*$", re.M)
+_SECTION = re.compile(r"/\* cffi: begin \*/(.*?)/\* cffi: end \*/", re.DOTALL)
+_CONSTANTS = re.compile(r"/\* cffi: constants\s(.*?)\*/", re.DOTALL)
+_DEFINE = re.compile(r"^(\s*#define\s+\w+)\s+.*$", re.MULTILINE)
 
 
 def cdef_of(header: Path) -> str:

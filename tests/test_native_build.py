@@ -25,7 +25,7 @@ def test_every_name_a_header_marks_for_python_is_in_its_extension(build: dict) -
     for module, (headers, _) in build["EXTENSIONS"].items():
         lib = importlib.import_module(module).lib
         for header in headers:
-            cdef = re.sub(r"/\*.*?\*/", "", build["cdef_of"](NATIVE / header), flags=re.S)
+            cdef = re.sub(r"/\*.*?\*/", "", build["cdef_of"](NATIVE / header), flags=re.DOTALL)
             names = set(re.findall(r"(\w+)\(", cdef)) | set(re.findall(r"#define (\w+)", cdef))
             assert names, f"{header} gives {module} nothing"
             assert not [n for n in names if not hasattr(lib, n)], (module, header)

@@ -5,8 +5,9 @@ import json
 import subprocess
 import sys
 
-from migrate import spawn
 from test_plot import report
+
+from migrate import spawn
 
 _CORE_IMPORTS = """
 import sys
@@ -18,8 +19,8 @@ print(sorted(m for m in sys.modules if m.startswith(tooling)))
 
 def test_agents_and_the_cli_import_no_tooling() -> None:
     """lab, bench, plot and certs (and matplotlib) load only when their command runs."""
-    out = subprocess.run([sys.executable, "-P", "-c", _CORE_IMPORTS], capture_output=True, text=True, timeout=120,
-                         env=spawn.child_env(), stdin=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-P", "-c", _CORE_IMPORTS], check=False, capture_output=True, text=True,
+                         timeout=120, env=spawn.child_env(), stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -37,6 +38,7 @@ def test_plot_without_matplotlib_names_the_extra_in_one_line(tmp_path) -> None:
     src = tmp_path / "vm1.json"
     src.write_text(json.dumps(report()))
     out = subprocess.run([sys.executable, "-P", "-c", _PLOT_WITHOUT_MATPLOTLIB, str(src), str(tmp_path / "x.png")],
-                         capture_output=True, text=True, timeout=120, env=spawn.child_env(), stdin=subprocess.DEVNULL)
+                         check=False, capture_output=True, text=True, timeout=120, env=spawn.child_env(),
+                         stdin=subprocess.DEVNULL)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["error: plotting needs matplotlib: pip install 'migrate[plot]'"]

@@ -19,7 +19,13 @@ its own, apart from migrations:
 Every kernel refusal is an OSError carrying the errno and naming the ioctl
 and range. docs/uffd.md has a complete example.
 """
-from migrate.uffd.faults import EVENT_COUNTERS, FaultReader, FaultStats, InstallStats, install_stats
+from migrate.uffd.faults import (
+    EVENT_COUNTERS,
+    FaultReader,
+    FaultStats,
+    InstallStats,
+    install_stats,
+)
 from migrate.uffd.fd import Uffd
 from migrate.uffd.features import (
     COPY_MODE_DONTWAKE,
@@ -65,5 +71,5 @@ __all__ = [
     "FEATURE_WP_ASYNC", "FEATURE_WP_HUGETLBFS_SHMEM", "FEATURE_WP_UNPOPULATED", "MODE_MINOR", "MODE_MISSING",
     "MODE_WP", "MOVE_MODE_ALLOW_SRC_HOLES", "MOVE_MODE_DONTWAKE", "PAGE_SIZE", "WRITEPROTECT_MODE_DONTWAKE",
     "WRITEPROTECT_MODE_WP", "ZEROPAGE_MODE_DONTWAKE", "FaultReader", "FaultStats", "InstallStats", "Region",
-    "Uffd", "feature_names", "install_stats", "scan_written",
+    "Uffd", "feature_names", "install_stats", "probe_features", "scan_written",
 ]

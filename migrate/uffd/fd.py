@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Self
 
 from migrate._native import ffi, lib
 from migrate.errors import os_error
-from migrate.uffd.features import MODE_MISSING, PAGE_SIZE, WRITEPROTECT_MODE_WP, feature_names, probe_features
+from migrate.uffd.features import (
+    MODE_MISSING,
+    PAGE_SIZE,
+    WRITEPROTECT_MODE_WP,
+    feature_names,
+    probe_features,
+)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -108,7 +115,7 @@ class Uffd:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> Uffd:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
