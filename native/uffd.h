@@ -163,18 +163,22 @@ struct mig_space;
 
 struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nregions, uint32_t page_size);
 void mig_space_free(struct mig_space *s);
-int mig_space_fd(const struct mig_space *s);
 /* The features the fd's creator enabled (from /proc/self/fdinfo), or 0 if unknown. */
 uint64_t mig_space_features(const struct mig_space *s);
 void mig_space_events(struct mig_space *s, struct mig_event_stats *out);
 /* The current region table into out (at most max); returns how many regions there are. */
 int mig_space_regions(struct mig_space *s, struct mig_region *out, int max);
+/* cffi: end */
+
+/* For the native fault path (dp_dest.c), C only: */
+int mig_space_fd(const struct mig_space *s);
 /* 1 if faults read by an installer wait for mig_read_faults. */
 int mig_space_stashed(struct mig_space *s);
 /* Readable when an installer stashed faults: poll it beside the fd (-1 on
  * an fd without events, where nothing is ever stashed). */
 int mig_space_wakefd(const struct mig_space *s);
 
+/* cffi: begin */
 int mig_uffd_open(int nonblock);
 int mig_uffd_probe(uint64_t *features_out, uint64_t *ioctls_out);
 int mig_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
