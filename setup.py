@@ -1,5 +1,7 @@
-"""Build hooks: compiles native/ into migrate._native with cffi (API mode), and
-the KVM guest image (native/guest/) into migrate/guest/kvm_image.bin."""
+"""Build hooks: compiles native/ into two cffi (API mode) extensions,
+migrate._native (the production layer) and migrate.guest._workloads (the
+synthetic workloads), see native/build_native.py; and the KVM guest image
+(native/guest/) into migrate/guest/kvm_image.bin."""
 import importlib.util
 from pathlib import Path
 
@@ -20,4 +22,7 @@ class BuildWithGuestImage(build_py):
         mod.build(Path(self.build_lib) / "migrate" / "guest" / "kvm_image.bin")
 
 
-setup(cffi_modules=["native/build_native.py:ffibuilder"], cmdclass={"build_py": BuildWithGuestImage})
+setup(
+    cffi_modules=["native/build_native.py:native_ffi", "native/build_native.py:workloads_ffi"],
+    cmdclass={"build_py": BuildWithGuestImage},
+)

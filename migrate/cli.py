@@ -6,6 +6,7 @@ use) ends with one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import mmap
@@ -13,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import click
 
@@ -91,7 +93,25 @@ def _credential_options(command: Callable) -> Callable:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The CLI's group. The tooling commands (the lab, benchmarks, plots, test
+    certificates) live in their own modules, loaded only when one is asked
+    for (or listed by --help): agents and `migrate run` never import them."""
+
+    TOOLING: ClassVar[dict[str, tuple[str, str]]] = {"lab": ("migrate.lab.cli", "lab"), "bench": ("migrate.bench.cli", "bench"),
+               "plot": ("migrate.bench.cli", "plot"), "certs": ("migrate.certs", "certs")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.TOOLING])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.TOOLING:
+            module, attr = self.TOOLING[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="migrate")
 def cli() -> None:
     """Post-copy live migration of a running guest's memory between hosts.
@@ -784,11 +804,3 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
 
-
-# The lab, benchmarks and plots (issue 4), and test certificates, live in their own modules.
-from migrate.bench.cli import bench, plot  # noqa: E402
-from migrate.certs import certs  # noqa: E402
-from migrate.lab.cli import lab  # noqa: E402
-
-for _command in (lab, bench, plot, certs):
-    cli.add_command(_command)

@@ -24,26 +24,13 @@ import os
 import select
 import socket
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Iterable
+
+from migrate.uffd.region import Region
 
 #: Largest handshake body accepted (Firecracker's own handler reads 1 KiB).
 MAX_BODY = 1 << 20
 _MIN_PAGE = 4096
-
-
-@dataclass(frozen=True)
-class Region:
-    """One guest memory region: `size` bytes at `base_host_virt_addr` in the
-    owner's address space hold guest memory at `offset` in the guest's RAM."""
-
-    base_host_virt_addr: int
-    size: int
-    offset: int
-    page_size: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _validate_int(i: int, region: dict, key: str) -> int:
@@ -55,8 +42,8 @@ def _validate_int(i: int, region: dict, key: str) -> int:
     return v
 
 
-def validate_regions(regions: Any) -> list[dict]:
-    """Strictly check decoded handshake regions; return normalized dicts
+def validate_regions(regions: Any) -> list[Region]:
+    """Strictly check decoded handshake regions; return them as Regions
     (``page_size`` in bytes).  ValueError with a clear message otherwise."""
     if not isinstance(regions, list):
         raise ValueError(f"handshake body must be a JSON array of regions, got {type(regions).__name__}")
@@ -85,18 +72,18 @@ def validate_regions(regions: Any) -> list[dict]:
         for key, v in (("base_host_virt_addr", base), ("size", size), ("offset", offset)):
             if v % page:
                 raise ValueError(f"handshake region {i}: {key}={v:#x} is not aligned to its page size {page}")
-        out.append(Region(base, size, offset, page).to_dict())
-    spans = sorted((r["base_host_virt_addr"], r["size"]) for r in out)
+        out.append(Region(base, size, offset, page))
+    spans = sorted((r.base, r.size) for r in out)
     for (b0, s0), (b1, _) in zip(spans, spans[1:]):
         if b0 + s0 > b1:
             raise ValueError(f"handshake regions overlap at {b1:#x}")
     return out
 
 
-def send_handshake(sock: socket.socket, uffd_fd: int, regions: Iterable[dict | Region]) -> None:
+def send_handshake(sock: socket.socket, uffd_fd: int, regions: Iterable[Region]) -> None:
     """Send the regions (JSON array) with `uffd_fd` attached, as Firecracker does."""
-    rows = [r.to_dict() if isinstance(r, Region) else dict(r) for r in regions]
-    body = json.dumps(validate_regions(rows)).encode()
+    rows = validate_regions([r.to_wire() for r in regions])
+    body = json.dumps([r.to_wire() for r in rows]).encode()
     fds = array.array("i", [uffd_fd])
     sent = sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
     if sent < len(body):
@@ -111,7 +98,7 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
-def recv_handshake(sock: socket.socket, timeout: float | None = 10.0) -> tuple[int, list[dict]]:
+def recv_handshake(sock: socket.socket, timeout: float | None = 10.0) -> tuple[int, list[Region]]:
     """Receive one handshake: (uffd fd, validated regions).
 
     The fd is received close-on-exec and belongs to the caller.  ValueError

@@ -48,8 +48,15 @@ def bench_run(records: list[dict], index: int) -> tuple[dict, dict | None]:
     return run["report"], base
 
 
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed: plotting is an extra of the package."""
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable("plotting needs matplotlib: pip install 'migrate[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

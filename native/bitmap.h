@@ -10,6 +10,7 @@
 
 #include <stdint.h>
 
+/* cffi: begin */
 void mig_bitmap_set(uint64_t *bm, uint64_t first, uint64_t count);
 void mig_bitmap_clear(uint64_t *bm, uint64_t first, uint64_t count);
 int mig_bitmap_test(const uint64_t *bm, uint64_t bit);
@@ -21,5 +22,6 @@ uint64_t mig_bitmap_next_set(const uint64_t *bm, uint64_t nbits, uint64_t start)
  * descriptor (NULL and errno on failure); mig_bitmap_unmap undoes it. */
 uint64_t *mig_bitmap_map(int fd, uint64_t size);
 void mig_bitmap_unmap(uint64_t *bm, uint64_t size);
+/* cffi: end */
 
 #endif

@@ -1,4 +1,4 @@
-/* Dirty-page scanning and stale-page discarding (see dirty.h). */
+/* Stale-page discarding on the destination (see dirty.h). */
 #define _GNU_SOURCE
 #include "dirty.h"
 
@@ -6,33 +6,6 @@
 #include <fcntl.h>
 
 #include "bitmap.h"
-#include "uffd.h"
-
-#define SCAN_VEC 512
-
-int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
-                       uint64_t *bitmap, uint64_t first_page)
-{
-    struct page_region vec[SCAN_VEC];
-    uint64_t pos = base, end = base + len;
-    int64_t found = 0;
-    while (pos < end) {
-        uint64_t walk_end;
-        int got = mig_pagemap_scan_chunk(pagemap_fd, pos, end, vec, SCAN_VEC, &walk_end);
-        if (got < 0)
-            return got;
-        for (int i = 0; i < got; i++) {
-            uint64_t first = (vec[i].start - base) / page_size;
-            uint64_t count = (vec[i].end - vec[i].start) / page_size;
-            mig_bitmap_set(bitmap, first_page + first, count);
-            found += count;
-        }
-        if (walk_end <= pos)
-            return -EIO;  /* the kernel made no progress: never spin */
-        pos = walk_end;
-    }
-    return found;
-}
 
 /* Punch [first, first + count) pages out of the memfd. */
 static int punch(int memfd, uint64_t first, uint64_t count, uint32_t page_size)

@@ -1,18 +1,11 @@
-/* Write tracking on the source and discarding stale pages on the destination
- * (pre-copy and hybrid migration). */
+/* Discarding stale pages on the destination (pre-copy and hybrid
+ * migration); the source's write tracking is mig_scan_dirty (uffd.h). */
 #ifndef MIGRATE_DIRTY_H
 #define MIGRATE_DIRTY_H
 
 #include <stdint.h>
 
-/* PAGEMAP_SCAN [base, base + len) of the process behind `pagemap_fd` for
- * pages written since they were last write-protected (PM_SCAN_WP_MATCHING |
- * PM_SCAN_CHECK_WPASYNC: the same call protects them again) and set their
- * bits in `bitmap` (bit first_page + (addr - base) / page_size). Returns
- * the pages found, or -errno. */
-int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
-                       uint64_t *bitmap, uint64_t first_page);
-
+/* cffi: begin */
 /* For the pages set in both `stale` and `received` (nbits bits): clear
  * their received bits, then punch them out of `memfd` (fallocate
  * PUNCH_HOLE, one call per run), so a registered MISSING userfaultfd faults
@@ -20,5 +13,6 @@ int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t pag
  * Returns the pages discarded, or -errno; *runs gets the fallocate calls. */
 int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, uint64_t nbits,
                           uint32_t page_size, uint64_t *runs);
+/* cffi: end */
 
 #endif

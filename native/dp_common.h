@@ -20,6 +20,7 @@
  * struct dp_digest computes the same digest over the data fed in any number
  * of pieces (dp_digest_update), so a batch's checksum is computed over the
  * pages where they are, with no copy: the digest of the concatenation. */
+/* cffi: begin */
 struct dp_digest {
     uint64_t h[4];
     uint64_t len;        /* bytes fed so far */
@@ -30,15 +31,18 @@ uint64_t mig_digest(const uint8_t *mem, uint64_t size);
 void dp_digest_init(struct dp_digest *d);
 void dp_digest_update(struct dp_digest *d, const void *data, size_t len);
 uint64_t dp_digest_final(const struct dp_digest *d);
+/* cffi: end */
 /* mig_digest of the concatenation of n iovecs. */
 uint64_t mig_digest_iov(const struct iovec *iov, int n);
 
 /* ---- zstd, loaded with dlopen("libzstd.so.1") on first use ----
  * Nothing of zstd is needed to build; without the library at run time
  * dp_zstd_available() is 0 and the plane runs uncompressed. */
+/* cffi: begin */
 int dp_zstd_available(void);
 /* Why zstd is not available (dlopen's message), or NULL when it is. */
 const char *dp_zstd_why_not(void);
+/* cffi: end */
 
 typedef struct ZSTD_CCtx_s ZSTD_CCtx;
 typedef struct ZSTD_DCtx_s ZSTD_DCtx;

@@ -43,7 +43,6 @@
 #include "dp_dest.h"
 #include "dp_wire.h"
 #include "pages.h"
-#include "workload.h"
 
 /* ---- limits ---- */
 

@@ -13,6 +13,7 @@
 
 #include "uffd.h"
 
+/* cffi: begin */
 /* Counters of one path, updated atomically by its threads while Python reads
  * them (aligned 64-bit words). The fault fields stay 0 on a bulk path. */
 struct mig_dpd_counters {
@@ -146,5 +147,6 @@ void mig_dpd_set_neighbourhood(struct mig_dpd *h, uint32_t pages, uint32_t shape
  * *lost gets how many were overwritten before this read (a reader behind by
  * more than MIG_DPD_HISTORY). Returns how many were copied. */
 uint64_t mig_dpd_history(struct mig_dpd *h, uint64_t *pos, uint64_t *out, uint64_t max, uint64_t *lost);
+/* cffi: end */
 
 #endif

@@ -9,6 +9,7 @@
 
 #include "dp_wire.h"
 
+/* cffi: begin */
 enum mig_dp_compress { MIG_DP_COMPRESS_NEVER = 0, MIG_DP_COMPRESS_ALWAYS = 1, MIG_DP_COMPRESS_AUTO = 2 };
 
 /* Read with atomic loads by mig_dp_source_counters. */
@@ -48,5 +49,6 @@ void mig_dp_source_stop(struct mig_dp_source *s, struct mig_dp_source_counters *
  * Return the bytes moved or -errno. */
 int64_t mig_dp_raw_send(int fd, const uint8_t *buf, uint64_t len, uint64_t total);
 int64_t mig_dp_raw_recv(int fd, uint64_t total);
+/* cffi: end */
 
 #endif

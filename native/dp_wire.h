@@ -15,15 +15,19 @@
 #define DP_MAGIC "MIGDP\0\0\1"
 #define DP_MAGIC_LEN 8
 #define DP_VERSION 1
+/* cffi: begin */
 #define DP_KEY_LEN 32
+/* cffi: end */
 
 enum dp_kind { DP_KIND_BULK = 1, DP_KIND_FAULT = 2 };
 enum dp_encoding { DP_RAW = 0, DP_ZSTD = 1 };
 
 /* Limits: runs in one request, pages in one request, pages in one batch. */
+/* cffi: begin */
 #define DP_MAX_RUNS 256
 #define DP_MAX_REQUEST_PAGES 4096
 #define DP_BATCH_PAGES 128
+/* cffi: end */
 
 #define DP_REQ_MAGIC 0x54535152u   /* "RQST" */
 #define DP_BATCH_MAGIC 0x48435442u /* "BTCH" */

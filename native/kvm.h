@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* cffi: begin */
 struct mig_kvm;
 
 enum { MIG_KVM_REGS, MIG_KVM_SREGS, MIG_KVM_XSAVE, MIG_KVM_XCRS, MIG_KVM_EVENTS, MIG_KVM_PARTS };
@@ -32,4 +33,5 @@ int mig_kvm_get_msrs(struct mig_kvm *vm, uint32_t i, uint32_t *index, uint64_t *
 int mig_kvm_set_msrs(struct mig_kvm *vm, uint32_t i, const uint32_t *index, const uint64_t *data, uint32_t n);
 int mig_kvm_text(struct mig_kvm *vm, char *buf, uint32_t len);
 int mig_kvm_error(struct mig_kvm *vm, char *buf, uint32_t len);
+/* cffi: end */
 #endif

@@ -10,6 +10,7 @@
  * block with a set bit: non-zero pages usually differ from zero early. */
 int mig_page_is_zero(const uint8_t *p, uint32_t page_size);
 
+/* cffi: begin */
 /* Scan npages pages at src. Zero pages become runs (start, len) in zero_runs,
  * pairs relative to src, at most max_runs pairs; *nzero_runs gets their
  * number. The other pages are copied, in order, contiguously into dst (room
@@ -18,16 +19,20 @@ int mig_page_is_zero(const uint8_t *p, uint32_t page_size);
  * Returns bytes written to dst, or -ENOSPC when the runs do not fit. */
 int64_t mig_pack_pages(const uint8_t *src, uint32_t npages, uint32_t page_size, uint32_t *zero_runs,
                        uint32_t max_runs, uint32_t *nzero_runs, uint8_t *dst, uint64_t *digest);
+/* cffi: end */
 
 /* Room mig_encode_batch needs at out for npages pages: the pages plus the
  * most the other fields can take, MIG_BATCH_ROOM_PER_PAGE bytes a page
  * (its zero_runs varints) and MIG_BATCH_ROOM_FIXED bytes (the scalar
  * fields and keys). Python sizes its buffers from the same two constants. */
+/* cffi: begin */
 #define MIG_BATCH_ROOM_PER_PAGE 10
 #define MIG_BATCH_ROOM_FIXED 84
+/* cffi: end */
 #define MIG_BATCH_ROOM(npages, page_size) \
     ((uint64_t)(npages) * ((page_size) + MIG_BATCH_ROOM_PER_PAGE) + MIG_BATCH_ROOM_FIXED)
 
+/* cffi: begin */
 /* Serialize pages [0, npages) at src as a raw PageBatch (proto/migrate.proto)
  * into out (out_len bytes, at least MIG_BATCH_ROOM): zero pages as runs, the
  * other pages as data, with their checksum; req_id and first_page as given.
@@ -54,12 +59,14 @@ struct mig_batch {
  * max_runs). Returns 0, -EINVAL for bytes that are not a PageBatch, or
  * -ENOSPC for more than max_runs zero_runs values. */
 int mig_parse_batch(const uint8_t *buf, uint64_t len, struct mig_batch *out, uint32_t *runs, uint32_t max_runs);
+/* cffi: end */
 
 /* Pages covered by npairs zero runs (start, length) in a batch of count
  * pages, or -1 when a run is empty, out of order, overlapping or beyond
  * count (*bad gets its index). */
 int64_t mig_zero_pages(uint32_t count, const uint32_t *runs, uint32_t npairs, uint32_t *bad);
 
+/* cffi: begin */
 /* Why a parsed batch may not be installed (MIG_BATCH_OK when it may): its
  * pages outside the guest's npages, zero_runs values not in pairs, a bad
  * zero run (*bad_run gets its index), or raw_len not one page per non-zero
@@ -70,5 +77,6 @@ int64_t mig_zero_pages(uint32_t count, const uint32_t *runs, uint32_t npairs, ui
 enum mig_batch_fault { MIG_BATCH_OK, MIG_BATCH_RANGE, MIG_BATCH_RUN_PAIRS, MIG_BATCH_RUN, MIG_BATCH_SIZE };
 int mig_check_batch(const struct mig_batch *b, const uint32_t *runs, uint64_t npages, uint32_t page_size,
                     uint64_t *data_bytes, uint32_t *bad_run);
+/* cffi: end */
 
 #endif

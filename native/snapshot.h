@@ -4,6 +4,7 @@
 
 #include <stdint.h>
 
+/* cffi: begin */
 /* What a snapshot did so far; read at any time with mig_snap_stats. */
 struct mig_snap_stats {
     uint64_t pages_total;
@@ -34,5 +35,6 @@ int mig_snap_wait(struct mig_snap *s, int64_t timeout_ms);
 void mig_snap_stats(struct mig_snap *s, struct mig_snap_stats *out);
 /* Stop early (if running: every page is unprotected, error -ECANCELED), join, free. */
 void mig_snap_free(struct mig_snap *s);
+/* cffi: end */
 
 #endif

@@ -760,10 +760,14 @@ int64_t mig_install_batch(struct mig_space *s, uint64_t *bitmap, uint64_t npages
     return install_pages(s, bitmap, b->first_page, b->count, runs, b->nzero_runs / 2, buf + b->data_off, st);
 }
 
-/* ---- dirty tracking ---- */
+/* ---- dirty tracking: PAGEMAP_SCAN ---- */
 
-int mig_pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct page_region *vec,
-                           uint32_t vec_len, uint64_t *walk_end)
+/* One PAGEMAP_SCAN: pages of [start, end) written since they were last
+ * write-protected, into vec (at most vec_len regions), protected again by the
+ * same call. Returns the number of regions or -errno; *walk_end is where the
+ * kernel stopped. */
+static int pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct page_region *vec,
+                              uint32_t vec_len, uint64_t *walk_end)
 {
     struct pm_scan_arg arg = {
         .size = sizeof(arg),
@@ -782,28 +786,28 @@ int mig_pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct 
     return got;
 }
 
-int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t *out_ranges,
-                             uint32_t max_ranges, uint64_t *walk_end)
+#define SCAN_VEC 512
+
+int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
+                       uint64_t *bitmap, uint64_t first_page)
 {
-    /* Scan in chunks of page_regions on the stack, continuing from where
-     * the kernel stopped, and merge regions that touch across chunks. */
-    struct page_region vec[128];
-    uint32_t n = 0;
-    *walk_end = start;
-    while (*walk_end < end && n < max_ranges) {
-        uint32_t room = max_ranges - n;
-        int got = mig_pagemap_scan_chunk(pagemap_fd, *walk_end, end, vec, room < 128 ? room : 128, walk_end);
+    struct page_region vec[SCAN_VEC];
+    uint64_t pos = base, end = base + len;
+    int64_t found = 0;
+    while (pos < end) {
+        uint64_t walk_end = pos;
+        int got = pagemap_scan_chunk(pagemap_fd, pos, end, vec, SCAN_VEC, &walk_end);
         if (got < 0)
             return got;
         for (int i = 0; i < got; i++) {
-            if (n && out_ranges[2 * n - 1] == vec[i].start) {
-                out_ranges[2 * n - 1] = vec[i].end;
-            } else {
-                out_ranges[2 * n] = vec[i].start;
-                out_ranges[2 * n + 1] = vec[i].end;
-                n++;
-            }
+            uint64_t first = (vec[i].start - base) / page_size;
+            uint64_t count = (vec[i].end - vec[i].start) / page_size;
+            mig_bitmap_set(bitmap, first_page + first, count);
+            found += count;
         }
+        if (walk_end <= pos)
+            return -EIO;  /* the kernel made no progress: never spin */
+        pos = walk_end;
     }
-    return (int)n;
+    return found;
 }

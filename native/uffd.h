@@ -91,8 +91,22 @@ struct pm_scan_arg {
 #define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
 #endif
 
+/* The kernel's constants Python reads (<linux/userfaultfd.h>, or the fallbacks above). */
+/* cffi: constants
+ * UFFDIO_REGISTER_MODE_MISSING UFFDIO_REGISTER_MODE_WP UFFDIO_REGISTER_MODE_MINOR
+ * UFFDIO_COPY_MODE_DONTWAKE UFFDIO_COPY_MODE_WP UFFDIO_ZEROPAGE_MODE_DONTWAKE
+ * UFFDIO_WRITEPROTECT_MODE_WP UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+ * UFFDIO_MOVE_MODE_DONTWAKE UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
+ * UFFD_FEATURE_PAGEFAULT_FLAG_WP UFFD_FEATURE_EVENT_FORK UFFD_FEATURE_EVENT_REMAP
+ * UFFD_FEATURE_EVENT_REMOVE UFFD_FEATURE_MISSING_HUGETLBFS UFFD_FEATURE_MISSING_SHMEM
+ * UFFD_FEATURE_EVENT_UNMAP UFFD_FEATURE_SIGBUS UFFD_FEATURE_THREAD_ID
+ * UFFD_FEATURE_MINOR_HUGETLBFS UFFD_FEATURE_MINOR_SHMEM UFFD_FEATURE_EXACT_ADDRESS
+ * UFFD_FEATURE_WP_HUGETLBFS_SHMEM UFFD_FEATURE_WP_UNPOPULATED UFFD_FEATURE_POISON
+ * UFFD_FEATURE_WP_ASYNC UFFD_FEATURE_MOVE */
+
 /* ---- our API ---- */
 
+/* cffi: begin */
 /* One guest memory region as mapped in the guest process: host virtual base,
  * size in bytes, and the global index of its first page. */
 struct mig_region {
@@ -149,18 +163,22 @@ struct mig_space;
 
 struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nregions, uint32_t page_size);
 void mig_space_free(struct mig_space *s);
-int mig_space_fd(const struct mig_space *s);
 /* The features the fd's creator enabled (from /proc/self/fdinfo), or 0 if unknown. */
 uint64_t mig_space_features(const struct mig_space *s);
 void mig_space_events(struct mig_space *s, struct mig_event_stats *out);
 /* The current region table into out (at most max); returns how many regions there are. */
 int mig_space_regions(struct mig_space *s, struct mig_region *out, int max);
+/* cffi: end */
+
+/* For the native fault path (dp_dest.c), C only: */
+int mig_space_fd(const struct mig_space *s);
 /* 1 if faults read by an installer wait for mig_read_faults. */
 int mig_space_stashed(struct mig_space *s);
 /* Readable when an installer stashed faults: poll it beside the fd (-1 on
  * an fd without events, where nothing is ever stashed). */
 int mig_space_wakefd(const struct mig_space *s);
 
+/* cffi: begin */
 int mig_uffd_open(int nonblock);
 int mig_uffd_probe(uint64_t *features_out, uint64_t *ioctls_out);
 int mig_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
@@ -171,7 +189,9 @@ int64_t mig_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, u
 int mig_uffd_wake(int fd, uint64_t start, uint64_t len);
 int mig_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
+/* cffi: end */
 
+/* cffi: begin */
 /* Wait up to timeout_ms for messages; handle the events among them (see
  * mig_space) and the faults on pages already received (woken, or, for a page
  * discarded since, answered with a zero page); return the other faults'
@@ -182,7 +202,9 @@ int mig_read_faults(struct mig_space *s, uint64_t *bitmap, uint64_t *out_pages, 
 int64_t mig_install(struct mig_space *s, uint64_t *bitmap, uint64_t first_page, uint32_t count,
                     const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,
                     uint64_t data_len, struct mig_install_stats *st);
+/* cffi: end */
 
+/* cffi: begin */
 /* Parse a serialized PageBatch (buf, len) and, if it is raw, check it and
  * install it: the urgent path's whole receive in one call (one GIL
  * release). npages bounds the batch's pages (the bitmap's size). Returns
@@ -194,14 +216,16 @@ int64_t mig_install(struct mig_space *s, uint64_t *bitmap, uint64_t first_page, 
 struct mig_batch;
 int64_t mig_install_batch(struct mig_space *s, uint64_t *bitmap, uint64_t npages, const uint8_t *buf, uint64_t len, uint32_t *runs,
                           uint32_t max_runs, struct mig_batch *b, struct mig_install_stats *st);
+/* cffi: end */
 
-/* One PAGEMAP_SCAN: pages of [start, end) written since they were last write-protected,
- * into vec (at most vec_len regions), protected again by the same call. Returns the
- * number of regions or -errno; *walk_end is where the kernel stopped. (C only.) */
-int mig_pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct page_region *vec,
-                           uint32_t vec_len, uint64_t *walk_end);
-
-int mig_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t *out_ranges,
-                             uint32_t max_ranges, uint64_t *walk_end);
+/* cffi: begin */
+/* PAGEMAP_SCAN [base, base + len) of the process behind `pagemap_fd` for
+ * pages written since they were last write-protected (PM_SCAN_WP_MATCHING |
+ * PM_SCAN_CHECK_WPASYNC: the same call protects them again) and set their
+ * bits in `bitmap` (bit first_page + (addr - base) / page_size). Returns
+ * the pages found, or -errno. */
+int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
+                       uint64_t *bitmap, uint64_t first_page);
+/* cffi: end */
 
 #endif

@@ -3,6 +3,7 @@
 #define MIGRATE_WORKLOAD_H
 #include <stdint.h>
 
+/* cffi: begin */
 enum {
     MIG_WL_SEQ_READ = 0,
     MIG_WL_SEQ_WRITE = 1,
@@ -47,5 +48,6 @@ uint64_t mig_wl_ops_total(struct mig_wl *h);
 int mig_wl_finished(struct mig_wl *h);
 int mig_wl_running(struct mig_wl *h);
 int mig_wl_wait_finished(struct mig_wl *h, int64_t timeout_ms);
+/* cffi: end */
 int64_t mig_realtime_ns(void);
 #endif

@@ -405,7 +405,7 @@ def install_ceiling(size: int) -> float:
         with Uffd.create() as uffd:
             uffd.register(base, size)
             bitmap = SharedBitmap.create(pages)
-            io = FaultReader(uffd, [Region(base=base, size=size, first_page=0)])
+            io = FaultReader(uffd, [Region(base=base, size=size)])
             t = time.perf_counter()
             for first in range(0, pages, chunk):
                 io.install(bitmap, first, chunk, [], data)

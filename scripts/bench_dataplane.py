@@ -99,8 +99,7 @@ def pull(endpoint: str, size: int, fraction: float, seed: int) -> None:
                 bits[page // 8] &= ~(1 << (page % 8))
             bitmap.load_bytes(bits)
         want = npages - bitmap.count()
-        regions = [(r["base_host_virt_addr"], r["size"], r["offset"] // PAGE) for r in guest.regions]
-        bulk = NativeBulk(Memory.over(uffd, bitmap, regions, PAGE), endpoint, KEY, recovery_timeout=10)
+        bulk = NativeBulk(Memory.over(uffd, bitmap, guest.regions, PAGE), endpoint, KEY, recovery_timeout=10)
         print("ready", flush=True)
         sys.stdin.readline()
         cpu0, t0 = cpu_now(), time.perf_counter()

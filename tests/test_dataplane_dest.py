@@ -65,8 +65,7 @@ class Restored:
         self.uffd = Uffd(self.proc.uffd)
         self.proc.uffd = None
         self.bitmap = SharedBitmap.create(spec.size // spec.page_size)
-        regions = [(r["base_host_virt_addr"], r["size"], r["offset"] // spec.page_size) for r in self.proc.regions]
-        self.mem = Memory.over(self.uffd, self.bitmap, regions, spec.page_size)
+        self.mem = Memory.over(self.uffd, self.bitmap, self.proc.regions, spec.page_size)
 
     def close(self) -> None:
         self.proc.stop()

@@ -16,6 +16,7 @@ import pytest
 from migrate import spawn
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import digest, fill_realistic
+from migrate.uffd import Region
 
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20
@@ -214,16 +215,16 @@ class FaultServer:
     """A minimal post-copy destination in this process: resolves the
     runner's faults from `source` (a 64 KiB neighbourhood each)."""
 
-    def __init__(self, uffd_fd: int, regions: list[dict], source: mmap.mmap, page_size: int) -> None:
+    def __init__(self, uffd_fd: int, regions: list[Region], source: mmap.mmap, page_size: int) -> None:
         from migrate.bitmap import SharedBitmap
-        from migrate.uffd import FaultReader, Region, Uffd
+        from migrate.uffd import FaultReader, Uffd
 
         r = regions[0]
-        self.base, self.size, self.page = r["base_host_virt_addr"], r["size"], page_size
+        self.base, self.size, self.page = r.base, r.size, page_size
         self.npages = self.size // page_size
         self.uffd = Uffd(uffd_fd, page_size=page_size)      # takes ownership of the fd
         self.bitmap = SharedBitmap.create(self.npages)
-        self.reader = FaultReader(uffd_fd, [Region(self.base, self.size, 0)], page_size)
+        self.reader = FaultReader(uffd_fd, regions, page_size)
         self.source = source
         self.faults = 0
         self.error: BaseException | None = None
@@ -279,8 +280,7 @@ def test_restore_mode_mini_postcopy(memfds, reference_digest) -> None:
 
         dst = GuestProcess.launch(spec, dst_fd, restore=True)
         assert dst.uffd is not None
-        assert dst.regions == [{"base_host_virt_addr": dst.regions[0]["base_host_virt_addr"], "size": spec.size,
-                                "offset": 0, "page_size": spec.page_size}]
+        assert dst.regions == [Region(dst.regions[0].base, spec.size, 0, spec.page_size)]
         # the restore runner touched nothing: the destination memfd is all holes
         # (checked with SEEK_DATA: reading through a mapping would allocate pages)
         with pytest.raises(OSError) as e:

@@ -135,7 +135,7 @@ def test_vcpus_fault_through_the_handed_over_userfaultfd():
             src = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
             gp2 = GuestProcess.launch(spec, fd2, restore=True)
             uffd = Uffd(gp2.uffd)
-            base = gp2.regions[0]["base_host_virt_addr"]
+            base = gp2.regions[0].base
             faults = []
 
             def serve() -> None:

@@ -18,17 +18,20 @@ import mmap
 import os
 import pickle
 import random
+import re
 import select
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from migrate import pages
 from migrate import uffd as U
+from migrate.uffd.pagemap import UNSUPPORTED
 from migrate._native import ffi
 from migrate.bitmap import SharedBitmap
 
@@ -155,13 +158,13 @@ class Guest:
         bases = json.loads(msg)
         self.regions, first = [], 0
         for base, n in zip(bases, sizes):
-            self.regions.append(U.Region(base, n * page_size, first))
+            self.regions.append(U.Region(base, n * page_size, first * page_size, page_size))
             first += n
         self.npages = first
 
     def addr(self, page: int) -> int:
         for r in self.regions:
-            if r.first_page <= page < r.first_page + r.size // self.page_size:
+            if r.first_page <= page < r.first_page + r.pages:
                 return r.base + (page - r.first_page) * self.page_size
         raise IndexError(page)
 
@@ -504,27 +507,37 @@ def test_pagemap_scan_reports_and_reprotects_written_pages() -> None:
     mem = mmap.mmap(-1, npages * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = address_of(mem)
     mem[0:P] = content(0)  # populated before tracking starts
+    found = SharedBitmap.create(npages + 2)
+
+    def scan() -> list[int]:
+        found.clear_range(0, found.nbits)
+        n = U.scan_written(pagemap, base, npages * P, P, found, first_page=2)
+        pages = [p - 2 for p in range(found.nbits) if found.test(p)]
+        assert n == len(pages)
+        return pages
+
     with U.Uffd.create(features=U.FEATURE_WP_ASYNC | U.FEATURE_WP_UNPOPULATED) as u:
         u.register(base, npages * P, U.MODE_WP)
         u.writeprotect(base, npages * P, True)
         pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
         try:
-            end = base + npages * P
-            assert U.pagemap_scan_written(pagemap, base, end) == []
-            for p in (1, 4, 5):
+            assert scan() == []
+            for p in (1, 4, 5, 7):
                 mem[p * P] = 1  # async WP: the write goes through and is recorded
             mem[0] = 1
-            want = [(base, base + 2 * P), (base + 4 * P, base + 6 * P)]
-            assert U.pagemap_scan_written(pagemap, base, end) == want
-            assert U.pagemap_scan_written(pagemap, base, end) == []  # the scan re-protected them
-            mem[7 * P] = 1
-            # A small chunk makes the scan resume from where the kernel stopped.
-            assert U.pagemap_scan_written(pagemap, base, end, chunk=1) == [(base + 7 * P, end)]
-            with pytest.raises(OSError) as err:
-                U.pagemap_scan_written(pagemap, base + 1, end)
-            assert err.value.errno == errno.EINVAL and "PAGEMAP_SCAN" in str(err.value)
+            assert scan() == [0, 1, 4, 5, 7]
+            assert scan() == []  # the scan re-protected them
+            with pytest.raises(ValueError):  # C trusts the range: Python checks it
+                U.scan_written(pagemap, base, (npages + 1) * P, P, found, first_page=2)
+            other = mmap.mmap(-1, P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            other[0] = 1
+            with pytest.raises(OSError) as err:  # not registered WP_ASYNC: the kernel refuses
+                U.scan_written(pagemap, address_of(other), P, P, found)
+            assert err.value.errno in UNSUPPORTED and "PAGEMAP_SCAN" in str(err.value)
+            other.close()
         finally:
             os.close(pagemap)
+    found.close()
     mem.close()
 
 
@@ -560,7 +573,7 @@ def test_batches_install_in_one_call_and_refuse_damage() -> None:
     try:
         with U.Uffd.create() as uffd:
             uffd.register(address_of(mem), n * P)
-            io = U.FaultReader(uffd, [U.Region(base=address_of(mem), size=n * P, first_page=0)], P)
+            io = U.FaultReader(uffd, [U.Region(base=address_of(mem), size=n * P)], P)
             decoder = BatchDecoder(n, P)
             raw = BatchEncoder(memoryview(src), P, None).encode(0, 8, req_id=5).wire
             text = b"compressible " * (n * P // 13 + 1)
@@ -583,3 +596,11 @@ def test_batches_install_in_one_call_and_refuse_damage() -> None:
         bitmap.close()
         mem.close()
         os.close(fd)
+
+
+def test_the_example_in_docs_uffd_md_runs() -> None:
+    """docs/uffd.md's example: register anonymous memory, fault from a thread, copy the page in."""
+    doc = Path(__file__).resolve().parent.parent / "docs" / "uffd.md"
+    found = re.search(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert found, "docs/uffd.md has no python block"
+    exec(compile(found.group(1), str(doc), "exec"), {"__name__": "docs_uffd_example"})  # noqa: S102 - our docs

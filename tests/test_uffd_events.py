@@ -94,8 +94,8 @@ def test_remap_moves_a_piece_of_a_region(guest_factory) -> None:
     assert reader.read(bm, 5000) == []
     dst = g.result()
     base = g.regions[0].base
-    assert reader.current_regions() == [U.Region(base, 2 * P, 0), U.Region(dst, 3 * P, 2),
-                                        U.Region(base + 5 * P, 3 * P, 5)]
+    assert reader.current_regions() == [U.Region(base, 2 * P, 0), U.Region(dst, 3 * P, 2 * P),
+                                        U.Region(base + 5 * P, 3 * P, 5 * P)]
     g.start(child_read_at, [dst, dst + P, dst + 2 * P, base, base + 7 * P])
     assert serve_until_done(g, reader, bm) == [digest(content(p)) for p in (2, 3, 4, 0, 7)]
     assert reader.events()["remap"] == 1 and reader.events()["remapped_pages"] == 3

@@ -110,7 +110,7 @@ class FaultServer:
 
     def _region_end(self, page: int) -> int:
         for r in self.mem.io.regions:
-            end = r.first_page + r.size // self.mem.page_size
+            end = r.first_page + r.pages
             if r.first_page <= page < end:
                 return end
         return page + 1

@@ -39,7 +39,7 @@ from migrate.policies import Policy, PolicySpec, parse, workingset
 from migrate.policies.base import RunInfo
 from migrate.policies.runner import PolicyRunner
 from migrate.proto import migrate_pb2 as pb
-from migrate.uffd import Uffd
+from migrate.uffd import Region, Uffd
 
 log = logging.getLogger("migrate.dest")
 
@@ -75,7 +75,7 @@ class IncomingRun:
         self.guest: HostedGuest | None = None
         self.bitmap: SharedBitmap | None = None
         self.uffd: Uffd | None = None
-        self.regions: list[tuple[int, int, int]] = []
+        self.regions: list[Region] = []
         self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
         self.mode = "postcopy"
         self.precopy: PrecopyPuller | NativePrecopy | None = None
@@ -153,7 +153,7 @@ class IncomingRun:
         self._record()
         return (time.monotonic() - t0) * 1000.0
 
-    def attach(self, uffd_fd: int, regions: list[dict]) -> None:
+    def attach(self, uffd_fd: int, regions: list[Region]) -> None:
         """Take over a registered userfaultfd and its Firecracker-style regions."""
         self.uffd = Uffd(uffd_fd)
         self.bitmap = SharedBitmap.create(self.page_count)
@@ -161,12 +161,10 @@ class IncomingRun:
         covered = SharedBitmap.create(self.page_count)
         try:
             for r in regions:
-                first = r["offset"] // page
-                count = r["size"] // page
-                if r["offset"] % page or first + count > self.page_count:
-                    raise ValueError(f"region {r} does not fit the guest's {self.page_count} pages")
-                self.regions.append((r["base_host_virt_addr"], r["size"], first))
-                covered.set_range(first, count)
+                if r.page_size != page or r.offset % page or r.first_page + r.pages > self.page_count:
+                    raise ValueError(f"region {r} does not fit the guest's {self.page_count} pages of {page}")
+                self.regions.append(r)
+                covered.set_range(r.first_page, r.pages)
             # Pages no region maps are never faulted on: count them as here.
             page_no = covered.next_clear(0)
             while page_no < self.page_count:
@@ -397,9 +395,9 @@ class IncomingRun:
         self._stop_policy()
         for w in self.paths.values():
             w.stop()
-        for base, size, _ in self.regions:
+        for r in self.regions:
             try:
-                self.uffd.unregister(base, size)
+                self.uffd.unregister(r.base, r.size)
             except OSError:
                 pass  # the guest unmapped or exited: nothing left to unregister
         events = self.paths["faults"].last.get("events", {}) if "faults" in self.paths else {}

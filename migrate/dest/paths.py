@@ -43,10 +43,9 @@ class Memory:
     io: FaultReader
 
     @classmethod
-    def over(cls, uffd: Uffd | int, bitmap: SharedBitmap, regions: list[tuple[int, int, int]],
-             page_size: int) -> Memory:
-        """Memory behind `uffd`, mapped as (base, size, first_page) regions."""
-        return cls(bitmap, FaultReader(uffd, [Region(*r) for r in regions], page_size))
+    def over(cls, uffd: Uffd | int, bitmap: SharedBitmap, regions: list[Region], page_size: int) -> Memory:
+        """Memory behind `uffd`, mapped as `regions`."""
+        return cls(bitmap, FaultReader(uffd, regions, page_size))
 
     @property
     def page_count(self) -> int:

@@ -113,7 +113,7 @@ class UffdRestoreListener:
                 run = IncomingRun(prep.run_id, f"{self._image}-restore-{self._count}", spec_from_pb(prep.spec),
                                   PageRoute.offered(self._source, prep, self._plane))
                 run.set_policy(self._opts.policy, record_ws=bool(self._opts.record_ws), allow_modules=True)
-                run.attach(uffd_fd, [dict(r) for r in regions])
+                run.attach(uffd_fd, regions)
                 run.start_paths()
                 with self._lock:
                     self._incoming[run.run_id] = run

@@ -13,9 +13,13 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from migrate import spawn
 from migrate.guest.workloads import WORKLOADS
+
+if TYPE_CHECKING:
+    from migrate.uffd import Region
 
 log = logging.getLogger("migrate.guest")
 
@@ -145,7 +149,7 @@ class GuestProcess:
         self.spec = spec
         self.pid = proc.pid
         self.uffd: int | None = None
-        self.regions: list[dict] = []
+        self.regions: list[Region] = []
         self.progress: list[tuple[int, int]] = []
         self._proc = proc
         self._sock = sock
@@ -237,9 +241,10 @@ class GuestProcess:
                 os.close(fd)
             sock.close()
             raise RuntimeError(f"guest runner on {path} did not hand over its userfaultfd and memory")
+        from migrate.handshake import validate_regions
         hello = json.loads(data)
         gp = cls(spec, _Adopted(int(hello["pid"])), sock)
-        gp.uffd, gp.regions = fds[0], hello["regions"]
+        gp.uffd, gp.regions = fds[0], validate_regions(hello["regions"])
         gp._reader = threading.Thread(target=gp._read_loop, daemon=True, name=f"guest-{gp.pid}")
         gp._reader.start()
         return gp, fds[1]
@@ -252,8 +257,8 @@ class GuestProcess:
             self._proc_wait(1.0)
             raise RuntimeError(f"guest runner {self.pid} sent no userfaultfd handshake: {e}{self._why()}") from None
         page = self.spec.page_size
-        ok = (len(regions) == 1 and regions[0]["size"] == self.spec.size and regions[0]["offset"] == 0
-              and regions[0]["page_size"] == page)
+        ok = (len(regions) == 1 and regions[0].size == self.spec.size and regions[0].offset == 0
+              and regions[0].page_size == page)
         if not ok:
             os.close(fd)
             raise RuntimeError(f"guest runner {self.pid} handshake regions {regions} do not match its spec")

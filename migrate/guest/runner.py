@@ -185,7 +185,7 @@ class Runner:
         self.uffd.register(base, self.spec.size, U.MODE_MISSING)
         # We keep our copy of the fd open: if the agent's copy were the last
         # one and it went away, faulting threads would read zero pages.
-        self.regions = [{"base_host_virt_addr": base, "size": self.spec.size, "offset": 0, "page_size": page}]
+        self.regions = [U.Region(base, self.spec.size, 0, page)]
         send_handshake(self.sock, self.uffd.fd, self.regions)
         if self.args.rejoin:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -207,7 +207,7 @@ class Runner:
         except OSError:
             return False
         conn.settimeout(None)
-        hello = json.dumps({"event": "rejoined", "pid": os.getpid(), "regions": self.regions}).encode() + b"\n"
+        hello = json.dumps({"event": "rejoined", "pid": os.getpid(), "regions": [r.to_wire() for r in self.regions]}).encode() + b"\n"
         socket.send_fds(conn, [hello], [self.uffd.fd, self.memfd])
         with self.send_lock:
             self.sock.close()

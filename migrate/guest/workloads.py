@@ -12,7 +12,8 @@ import errno
 import mmap
 from typing import Any
 
-from migrate._native import ffi, lib
+from migrate.guest._workloads import ffi, lib
+from migrate.pages import checksum
 
 #: workload name -> native id
 WORKLOADS: dict[str, int] = {
@@ -32,14 +33,14 @@ STATE_VERSION = 1
 _U64 = (1 << 64) - 1
 
 
-def _ptr(buf: Any, writable: bool) -> Any:
-    return ffi.from_buffer("uint8_t[]", buf, require_writable=writable)
+def _ptr(buf: Any) -> Any:
+    return ffi.from_buffer("uint8_t[]", buf, require_writable=True)
 
 
 def fill_realistic(buf: Any, page_size: int = mmap.PAGESIZE, seed: int = 1) -> None:
     """Fill a writable buffer with deterministic "realistic" content from `seed`:
     per page ~15% zero, ~40% text-like, ~25% structured records, ~20% random."""
-    p = _ptr(buf, True)
+    p = _ptr(buf)
     try:
         lib.mig_fill_realistic(p, len(p), page_size, seed & _U64)
     finally:
@@ -48,24 +49,16 @@ def fill_realistic(buf: Any, page_size: int = mmap.PAGESIZE, seed: int = 1) -> N
 
 def fill_random(buf: Any, seed: int = 1) -> None:
     """Fill a writable buffer with incompressible bytes, deterministic from `seed`."""
-    p = _ptr(buf, True)
+    p = _ptr(buf)
     try:
         lib.mig_fill_random(p, len(p), seed & _U64)
     finally:
         ffi.release(p)
 
 
-def digest_int(buf: Any) -> int:
-    p = _ptr(buf, False)
-    try:
-        return int(lib.mig_digest(p, len(p)))
-    finally:
-        ffi.release(p)
-
-
 def digest(buf: Any) -> str:
     """64-bit digest of a buffer as 16 hex chars (any single-word change alters it)."""
-    return f"{digest_int(buf):016x}"
+    return f"{checksum(buf):016x}"
 
 
 class Workload:
@@ -80,7 +73,7 @@ class Workload:
             raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
         self.workload, self.seed, self.ops, self.threads = workload, seed, ops, threads
         self.ops_per_sec, self.page_size = float(ops_per_sec), page_size
-        self._buf = _ptr(buf, True)
+        self._buf = _ptr(buf)
         self.size = len(self._buf)
         h = lib.mig_wl_new(self._buf, self.size, page_size, WORKLOADS[workload], seed & _U64, ops,
                            threads, self.ops_per_sec)

@@ -14,13 +14,12 @@ probe scan never loses a page.
 """
 from __future__ import annotations
 
-import errno
 import os
 import time
 
-from migrate.errors import os_error
-from migrate._native import lib
 from migrate.bitmap import SharedBitmap
+from migrate.uffd.pagemap import UNSUPPORTED, scan_written
+
 
 class TrackingUnavailable(RuntimeError):
     """This kernel or process cannot track writes; pre-copy is impossible."""
@@ -48,14 +47,13 @@ class DirtyTracker:
     def scan(self) -> tuple[int, float]:
         """Add the pages written since the previous scan; (pages found, ms taken)."""
         t0 = time.perf_counter()
-        n = lib.mig_scan_dirty(self._pagemap, self.base, self.size, self.page_size, self._dirty.ptr, 0)
-        if n < 0:
-            if -n in (errno.ENOTTY, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
-                raise TrackingUnavailable(
-                    f"{os_error(-n, 'PAGEMAP_SCAN with PM_SCAN_WP_MATCHING|PM_SCAN_CHECK_WPASYNC')} "
-                    "(needs Linux 6.7+ and a WP_ASYNC registration)")
-            raise os_error(-n, f"PAGEMAP_SCAN 0x{self.base:x}+{self.size}")
-        return int(n), (time.perf_counter() - t0) * 1000.0
+        try:
+            n = scan_written(self._pagemap, self.base, self.size, self.page_size, self._dirty)
+        except OSError as err:
+            if err.errno in UNSUPPORTED:
+                raise TrackingUnavailable(f"{err} (needs Linux 6.7+ and a WP_ASYNC registration)") from None
+            raise
+        return n, (time.perf_counter() - t0) * 1000.0
 
     def take(self) -> tuple[bytes, int]:
         """The pending dirty set (SharedBitmap wire format) and its page count; then none is pending."""
