@@ -511,14 +511,17 @@ static uint64_t unasked(const struct mig_dpd *h, uint64_t w, uint64_t mask)
 }
 
 /* Claim what fits a request of max_pages pages and DP_MAX_RUNS runs of
- * `avail` (pages of word w) and append it to runs. Returns the bits
- * claimed (0: none: taken by the other path meanwhile), or UINT64_MAX when
- * the request can take nothing more. */
-static uint64_t claim_word(struct mig_dpd *h, uint64_t w, uint64_t avail, struct dp_run *runs, uint32_t *nruns,
-                           uint64_t *pages, uint64_t max_pages)
+ * `avail` (pages of word w) and append it to runs. *got gets the bits
+ * claimed (0: none: taken by the other path meanwhile). Returns 0, or
+ * CLAIM_FULL when the request can take nothing more (*got 0). (A separate
+ * status, not a sentinel value of the bits: a whole word claimed is all ones.) */
+#define CLAIM_FULL 1
+static int claim_word(struct mig_dpd *h, uint64_t w, uint64_t avail, struct dp_run *runs, uint32_t *nruns,
+                      uint64_t *pages, uint64_t max_pages, uint64_t *got_out)
 {
+    *got_out = 0;
     if (*pages >= max_pages || *nruns >= DP_MAX_RUNS)
-        return UINT64_MAX;
+        return CLAIM_FULL;
     uint64_t base = w * 64;
     uint64_t prev_end = *nruns ? runs[*nruns - 1].first_page + runs[*nruns - 1].count : UINT64_MAX;
     uint64_t want = take_bits(avail, base, prev_end, max_pages - *pages, DP_MAX_RUNS - *nruns);
@@ -527,11 +530,12 @@ static uint64_t claim_word(struct mig_dpd *h, uint64_t w, uint64_t avail, struct
         return 0;
     if (runs_in(got, base, prev_end) > DP_MAX_RUNS - *nruns) { /* the fault path split a run: give it all back */
         __atomic_fetch_and(&h->asked[w], ~got, __ATOMIC_RELEASE);
-        return UINT64_MAX;
+        return CLAIM_FULL;
     }
     *nruns = append_runs(runs, *nruns, base, got);
     *pages += (uint64_t)__builtin_popcountll(got);
-    return got;
+    *got_out = got;
+    return 0;
 }
 
 /* Claim the missing, unasked pages of [first, end) in order; returns the
@@ -548,8 +552,8 @@ static uint64_t claim_range(struct mig_dpd *h, uint64_t first, uint64_t end, str
         uint64_t avail = unasked(h, w, mask);
         if (!avail)
             continue;
-        uint64_t got = claim_word(h, w, avail, runs, nruns, pages, max_pages);
-        if (got == UINT64_MAX)
+        uint64_t got;
+        if (claim_word(h, w, avail, runs, nruns, pages, max_pages, &got) == CLAIM_FULL)
             return w * 64 > first ? w * 64 : first;
         if (got && (*pages >= max_pages || *nruns >= DP_MAX_RUNS)) /* full: go on after its last page */
             return w * 64 + 64 - (uint64_t)__builtin_clzll(got);
@@ -595,8 +599,8 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
             else if (i == nwords)
                 mask = (h->cursor % 64) ? ~(~0ULL << (h->cursor % 64)) : 0;
             uint64_t avail = unasked(h, w, mask);
-            uint64_t got = avail ? claim_word(h, w, avail, runs, &nruns, &pages, max_pages) : 0;
-            if (got == UINT64_MAX)
+            uint64_t got = 0;
+            if (avail && claim_word(h, w, avail, runs, &nruns, &pages, max_pages, &got) == CLAIM_FULL)
                 break;
             if (!got)
                 continue;

@@ -117,6 +117,21 @@ def test_bulk_pull_into_a_registered_guest_gives_its_memory(memfds, restored) ->
     assert guest.proc.digest() == memfd_digest(src, size)
 
 
+def test_contiguous_missing_pages_go_out_in_large_requests(memfds, restored) -> None:
+    """A request takes whole words of the bitmap on end: a word claimed whole (64 pages, every bit set)
+    once read as "the request is full", so every request stopped at 64 pages and the next one scanned
+    the bitmap again from the start (quadratic in the guest's size)."""
+    size = 16 * MiB
+    npages = size // PAGE
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+        last = pull_all(NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10))
+    assert "error" not in last and guest.bitmap.is_full()
+    # every request but the last asks for at least a full batch (128 pages)
+    assert last["requests"] <= npages // 128 + 1, last
+
+
 def test_precopy_rounds_write_the_memfd_and_fetch_discarded_pages_again(memfds) -> None:
     size = 16 * MiB
     npages = size // PAGE
