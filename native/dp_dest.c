@@ -261,6 +261,7 @@ struct mig_dpd {
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
     uint32_t pq_head, pq_len;
     int round_active, stop_asking;
+    int dry;                  /* the last plan found nothing to ask */
     uint64_t rate, round_deadline, round_t0, round_bytes0;
     struct slot slots[NSLOTS];
     int free_slots[NSLOTS], nfree;
@@ -621,10 +622,12 @@ static int bitmap_full(const struct mig_dpd *h)
     return mig_bitmap_count(h->received, h->npages) == h->npages;
 }
 
-/* Has the round ended? (lock held) */
+/* Has the round ended? (lock held) The bitmap is counted only when it may
+ * be full (nothing of ours in flight, or nothing left to ask): counting
+ * it on every wakeup cost the requester O(guest size) per request. */
 static int round_over(struct mig_dpd *h, uint64_t now)
 {
-    if (bitmap_full(h))
+    if ((h->nreq == 0 || h->dry) && bitmap_full(h))
         return 1;
     return h->nreq == 0 && (h->stop_asking || (h->round_deadline && now >= h->round_deadline));
 }
@@ -682,6 +685,7 @@ static void *requester_main(void *arg)
         struct req *r = &h->reqs[h->next_id % REQ_SLOTS];
         uint64_t npages;
         uint32_t nruns = plan(h, r->runs, room, &npages);
+        h->dry = !nruns;
         if (!nruns) { /* every missing page is asked: wait for installs, or for the fault path */
             deadline_in(&ts, 2000000);
             pthread_cond_timedwait(&h->cond, &h->mu, &ts);
@@ -1113,6 +1117,7 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
         }
         h->request_pages = per_req ? per_req : 1;
         h->window_pages = window > h->request_pages ? window : h->request_pages;
+        h->dry = 0;
         h->round_active = 1;
         if (!h->started) {
             h->started = 1;
