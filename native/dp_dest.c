@@ -96,8 +96,6 @@ static void deadline_in(struct timespec *ts, uint64_t ns)
     ts->tv_nsec = (long)(t % 1000000000ULL);
 }
 
-/* ---- sockets ---- */
-
 /* ---- the connection to the source ---- */
 
 struct link {
@@ -262,6 +260,8 @@ struct mig_dpd {
     uint32_t pq_head, pq_len;
     int round_active, stop_asking;
     int dry;                  /* the last plan found nothing to ask */
+    uint32_t watched;         /* faults waiting for pages this bulk path asked: its installs are signalled */
+    int installed_fd;         /* eventfd: the bulk path installed pages while `watched` (the fault path polls it) */
     uint64_t rate, round_deadline, round_t0, round_bytes0;
     struct slot slots[NSLOTS];
     int free_slots[NSLOTS], nfree;
@@ -314,6 +314,26 @@ static int covers(const struct req *r, uint64_t first, uint32_t count)
         if (first >= r->runs[i].first_page && first + count <= r->runs[i].first_page + r->runs[i].count)
             return 1;
     return 0;
+}
+
+/* ---- faults waiting for the bulk path's pages ---- */
+
+/* Tell the bulk path how many faults wait for pages it asked for. */
+static void set_watched(struct mig_dpd *bulk, uint32_t n)
+{
+    if (bulk)
+        __atomic_store_n(&bulk->watched, n, __ATOMIC_RELEASE);
+}
+
+/* Installed pages: the fault path looks at once if faults wait for the bulk
+ * path's pages (UFFDIO_COPY has woken the guest: the fault's latency ends
+ * now, not when the fault path next wakes, and its patience does not run
+ * out on a page already in, which it would ask for again). */
+static void signal_installed(struct mig_dpd *h)
+{
+    uint64_t one = 1;
+    if (__atomic_load_n(&h->watched, __ATOMIC_ACQUIRE) && write(h->installed_fd, &one, sizeof(one)) < 0)
+        return; /* the counter is full: the fault path has plenty to read */
 }
 
 /* ---- verify and install one frame ---- */
@@ -979,6 +999,7 @@ static void *installer_main(void *arg)
             }
             done[n++] = (struct installed){.b = b, .verdict = v};
             if (v == INSTALLED) {
+                signal_installed(h);
                 sum.copied += st.copied;
                 sum.zeroed += st.zeroed;
                 sum.skipped += st.skipped;
@@ -1022,6 +1043,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     h->link.npages = npages;
     h->link.recovery_s = recovery_s;
     h->link.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    h->installed_fd = role == ROLE_BULK ? eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1;
     h->target_fd = target_fd;
     h->to_memfd = to_memfd;
     h->page_size = page_size;
@@ -1042,7 +1064,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     pthread_cond_init(&h->cond, &ca);
     pthread_condattr_destroy(&ca);
     h->space = space;
-    if (h->link.stopfd < 0) {
+    if (h->link.stopfd < 0 || (role == ROLE_BULK && h->installed_fd < 0)) {
         snprintf(err, err_len, "out of resources: %s", strerror(errno));
         mig_dpd_free(h);
         return NULL;
@@ -1202,7 +1224,7 @@ static void record_latency(struct mig_dpd *h, uint64_t lat_ns, uint32_t waiters)
 static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *ask, uint32_t *nask)
 {
     uint64_t now = done_ns ? done_ns : (uint64_t)dp_mono_ns();
-    uint32_t kept = 0;
+    uint32_t kept = 0, own = 0; /* own: waiting faults whose page this path asked itself */
     for (uint32_t i = 0; i < h->nwaiting; i++) {
         struct waiting *w = &h->waiting[i];
         if (mig_bitmap_test(h->received, w->page)) {
@@ -1218,9 +1240,29 @@ static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *as
             }
         }
         h->waiting[kept++] = *w;
+        own += w->asked;
     }
     h->nwaiting = kept;
+    set_watched(h->bulk, kept - own);
     return kept > 0;
+}
+
+/* How long the fault path may sleep: until the first waiting fault's
+ * patience with the bulk path runs out (to the nanosecond: poll()'s
+ * milliseconds held such a fault up to twice the patience), at most 1 ms
+ * while faults wait (a page whose request was written off is asked again
+ * then), 50 ms when none does. */
+static struct timespec fault_sleep(const struct mig_dpd *h)
+{
+    uint64_t ns = h->nwaiting ? 1000000 : 50000000, now = (uint64_t)dp_mono_ns();
+    for (uint32_t i = 0; i < h->nwaiting; i++) {
+        const struct waiting *w = &h->waiting[i];
+        if (!w->asked) {
+            uint64_t due = w->t_ns + FAULT_PATIENCE_NS, left = due > now ? due - now : 0;
+            ns = left < ns ? left : ns;
+        }
+    }
+    return (struct timespec){.tv_sec = (time_t)(ns / 1000000000ULL), .tv_nsec = (long)(ns % 1000000000ULL)};
 }
 
 /* Record a request of the fault path in flight and append it to out. */
@@ -1480,16 +1522,21 @@ static void *faulter_main(void *arg)
             lo = hi = 0;
         }
         size_t len = 0;
-        struct pollfd p[4] = {{.fd = h->target_fd, .events = POLLIN}, {.fd = fd, .events = POLLIN},
+        struct pollfd p[5] = {{.fd = h->target_fd, .events = POLLIN}, {.fd = fd, .events = POLLIN},
                               {.fd = h->link.stopfd, .events = POLLIN},
-                              {.fd = mig_space_wakefd(h->space), .events = POLLIN}};
-        int n = poll(p, 4, h->nwaiting ? 1 : 50);
+                              {.fd = mig_space_wakefd(h->space), .events = POLLIN},
+                              {.fd = h->bulk ? h->bulk->installed_fd : -1, .events = POLLIN}};
+        struct timespec sleep_for = fault_sleep(h);
+        int n = ppoll(p, 5, &sleep_for, NULL);
         if (n < 0 && errno != EINTR) {
             fail(h, "fault path: poll: %s", strerror(errno));
             break;
         }
         if (p[2].revents)
             break;
+        uint64_t signals; /* the bulk path installed pages: settle_waiting below looks at them */
+        if (p[4].revents && read(p[4].fd, &signals, sizeof(signals)) < 0)
+            signals = 0; /* (EAGAIN: read already) */
         if (p[1].revents) {
             if (hi == cap || (lo && cap - hi < h->max_data + 4096)) {
                 memmove(buf, buf + lo, hi - lo);
@@ -1539,6 +1586,7 @@ static void *faulter_main(void *arg)
         }
     }
 out:
+    set_watched(h->bulk, 0);
     pthread_mutex_lock(&h->mu);
     h->fd = -1;
     pthread_mutex_unlock(&h->mu);
@@ -1638,6 +1686,8 @@ void mig_dpd_free(struct mig_dpd *h)
     mig_dpd_stop(h);
     if (h->link.stopfd >= 0)
         close(h->link.stopfd);
+    if (h->installed_fd >= 0)
+        close(h->installed_fd);
     for (int i = 0; i < NSLOTS; i++) {
         free(h->slots[i].buf);
         free(h->slots[i].offs);
