@@ -49,6 +49,11 @@
 
 #define WINDOW_BYTES (8u << 20)    /* pages asked and not yet installed, in bytes */
 #define WINDOW_REQUESTS 64
+/* While the guest faults, the window shrinks to this: a fault on a page the
+ * bulk path has asked for waits behind what is in flight before it (see
+ * docs/protocol.md), and such faults get rarer with a smaller window. */
+#define FAULTING_WINDOW_BYTES (1u << 20)
+#define FAULTING_NS 20000000       /* "while the guest faults": a fault (a jump) within this long */
 #define REQ_SLOTS 128              /* > WINDOW_REQUESTS: a request id's slot is free when it is reused */
 #define BATCH_BYTES (512u << 10)   /* a batch's pages: DP_BATCH_PAGES base pages, or one huge page */
 #define NSLOTS 8                   /* ring of receive slots */
@@ -256,6 +261,7 @@ struct mig_dpd {
     uint64_t inflight_pages, next_id;
     uint64_t window_pages, request_pages;
     uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
+    uint64_t jumped_ns;       /* when the fault path last moved the cursor */
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
     uint32_t pq_head, pq_len;
     int round_active, stop_asking;
@@ -681,10 +687,16 @@ static void *requester_main(void *arg)
             continue;
         }
         struct timespec ts;
-        uint64_t room = h->window_pages > h->inflight_pages ? h->window_pages - h->inflight_pages : 0;
-        uint64_t least = h->request_pages < DP_BATCH_PAGES ? h->request_pages : DP_BATCH_PAGES;
+        uint64_t window = h->window_pages, per_request = h->request_pages;
+        if (now - __atomic_load_n(&h->jumped_ns, __ATOMIC_RELAXED) < FAULTING_NS) {
+            uint64_t faulting = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
+            window = faulting < window ? faulting : window;
+            per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
+        }
+        uint64_t room = window > h->inflight_pages ? window - h->inflight_pages : 0;
+        uint64_t least = per_request < DP_BATCH_PAGES ? per_request : DP_BATCH_PAGES;
         if (!h->nreq)
-            room = h->request_pages; /* an empty window takes one whole request */
+            room = per_request; /* an empty window takes one whole request */
         if (h->stop_asking || (h->round_deadline && now >= h->round_deadline) || h->nreq >= WINDOW_REQUESTS ||
             room < least) {
             deadline_in(&ts, 2000000); /* the deadline, or pages installed by another path */
@@ -700,8 +712,8 @@ static void *requester_main(void *arg)
                 continue;
             }
         }
-        if (room > h->request_pages)
-            room = h->request_pages;
+        if (room > per_request)
+            room = per_request;
         struct req *r = &h->reqs[h->next_id % REQ_SLOTS];
         uint64_t npages;
         uint32_t nruns = plan(h, r->runs, room, &npages);
@@ -1187,6 +1199,7 @@ void mig_dpd_stop_asking(struct mig_dpd *h)
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
 {
     __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->jumped_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
 }
 
 const struct mig_dpd_counters *mig_dpd_counters(struct mig_dpd *h)
