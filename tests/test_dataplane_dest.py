@@ -132,6 +132,34 @@ def test_contiguous_missing_pages_go_out_in_large_requests(memfds, restored) -> 
     assert last["requests"] <= npages // 128 + 1, last
 
 
+def test_while_the_guest_faults_the_bulk_asks_in_small_requests(memfds, restored) -> None:
+    """Within 20 ms of a fault (a jump) the bulk window is 1 MiB, its requests half that (128 pages): a fault
+    on a page in flight waits behind what was asked before it. Jumps come every ms here, so nearly every
+    request is small (the bound leaves room for a jumping thread the machine starves now and then)."""
+    size = 16 * MiB
+    npages = size // PAGE
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+        bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10)
+        bulk.jump(0)
+        done = threading.Event()
+
+        def faulting() -> None:
+            while not done.wait(0.001):
+                bulk.jump(0)
+
+        jumper = threading.Thread(target=faulting)
+        jumper.start()
+        try:
+            last = pull_all(bulk)
+        finally:
+            done.set()
+            jumper.join()
+    assert "error" not in last and guest.bitmap.is_full()
+    assert last["requests"] >= npages // 200, last  # 8 MiB windows: requests of ~350 pages; 1 MiB: <= 128
+
+
 def test_precopy_rounds_write_the_memfd_and_fetch_discarded_pages_again(memfds) -> None:
     size = 16 * MiB
     npages = size // PAGE
