@@ -48,6 +48,11 @@
 
 #define WINDOW_BYTES (8u << 20)    /* pages asked and not yet installed, in bytes */
 #define WINDOW_REQUESTS 64
+/* While the guest faults, the window shrinks to this: a fault on a page the
+ * bulk path has asked for waits behind what is in flight before it (see
+ * docs/protocol.md), and such faults get rarer with a smaller window. */
+#define FAULTING_WINDOW_BYTES (1u << 20)
+#define FAULTING_NS 20000000       /* "while the guest faults": a fault (a jump) within this long */
 #define REQ_SLOTS 128              /* > WINDOW_REQUESTS: a request id's slot is free when it is reused */
 #define BATCH_BYTES (512u << 10)   /* a batch's pages: DP_BATCH_PAGES base pages, or one huge page */
 #define NSLOTS 8                   /* ring of receive slots */
@@ -94,8 +99,6 @@ static void deadline_in(struct timespec *ts, uint64_t ns)
     ts->tv_sec += (time_t)(t / 1000000000ULL);
     ts->tv_nsec = (long)(t % 1000000000ULL);
 }
-
-/* ---- sockets ---- */
 
 /* ---- the connection to the source ---- */
 
@@ -257,9 +260,13 @@ struct mig_dpd {
     uint64_t inflight_pages, next_id;
     uint64_t window_pages, request_pages;
     uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
+    uint64_t jumped_ns;       /* when the fault path last moved the cursor */
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
     uint32_t pq_head, pq_len;
     int round_active, stop_asking;
+    int dry;                  /* the last plan found nothing to ask */
+    uint32_t watched;         /* faults waiting for pages this bulk path asked: its installs are signalled */
+    int installed_fd;         /* eventfd: the bulk path installed pages while `watched` (the fault path polls it) */
     uint64_t rate, round_deadline, round_t0, round_bytes0;
     struct slot slots[NSLOTS];
     int free_slots[NSLOTS], nfree;
@@ -312,6 +319,26 @@ static int covers(const struct req *r, uint64_t first, uint32_t count)
         if (first >= r->runs[i].first_page && first + count <= r->runs[i].first_page + r->runs[i].count)
             return 1;
     return 0;
+}
+
+/* ---- faults waiting for the bulk path's pages ---- */
+
+/* Tell the bulk path how many faults wait for pages it asked for. */
+static void set_watched(struct mig_dpd *bulk, uint32_t n)
+{
+    if (bulk)
+        __atomic_store_n(&bulk->watched, n, __ATOMIC_RELEASE);
+}
+
+/* Installed pages: the fault path looks at once if faults wait for the bulk
+ * path's pages (UFFDIO_COPY has woken the guest: the fault's latency ends
+ * now, not when the fault path next wakes, and its patience does not run
+ * out on a page already in, which it would ask for again). */
+static void signal_installed(struct mig_dpd *h)
+{
+    uint64_t one = 1;
+    if (__atomic_load_n(&h->watched, __ATOMIC_ACQUIRE) && write(h->installed_fd, &one, sizeof(one)) < 0)
+        return; /* the counter is full: the fault path has plenty to read */
 }
 
 /* ---- verify and install one frame ---- */
@@ -510,14 +537,17 @@ static uint64_t unasked(const struct mig_dpd *h, uint64_t w, uint64_t mask)
 }
 
 /* Claim what fits a request of max_pages pages and DP_MAX_RUNS runs of
- * `avail` (pages of word w) and append it to runs. Returns the bits
- * claimed (0: none: taken by the other path meanwhile), or UINT64_MAX when
- * the request can take nothing more. */
-static uint64_t claim_word(struct mig_dpd *h, uint64_t w, uint64_t avail, struct dp_run *runs, uint32_t *nruns,
-                           uint64_t *pages, uint64_t max_pages)
+ * `avail` (pages of word w) and append it to runs. *got gets the bits
+ * claimed (0: none: taken by the other path meanwhile). Returns 0, or
+ * CLAIM_FULL when the request can take nothing more (*got 0). (A separate
+ * status, not a sentinel value of the bits: a whole word claimed is all ones.) */
+#define CLAIM_FULL 1
+static int claim_word(struct mig_dpd *h, uint64_t w, uint64_t avail, struct dp_run *runs, uint32_t *nruns,
+                      uint64_t *pages, uint64_t max_pages, uint64_t *got_out)
 {
+    *got_out = 0;
     if (*pages >= max_pages || *nruns >= DP_MAX_RUNS)
-        return UINT64_MAX;
+        return CLAIM_FULL;
     uint64_t base = w * 64;
     uint64_t prev_end = *nruns ? runs[*nruns - 1].first_page + runs[*nruns - 1].count : UINT64_MAX;
     uint64_t want = take_bits(avail, base, prev_end, max_pages - *pages, DP_MAX_RUNS - *nruns);
@@ -526,11 +556,12 @@ static uint64_t claim_word(struct mig_dpd *h, uint64_t w, uint64_t avail, struct
         return 0;
     if (runs_in(got, base, prev_end) > DP_MAX_RUNS - *nruns) { /* the fault path split a run: give it all back */
         __atomic_fetch_and(&h->asked[w], ~got, __ATOMIC_RELEASE);
-        return UINT64_MAX;
+        return CLAIM_FULL;
     }
     *nruns = append_runs(runs, *nruns, base, got);
     *pages += (uint64_t)__builtin_popcountll(got);
-    return got;
+    *got_out = got;
+    return 0;
 }
 
 /* Claim the missing, unasked pages of [first, end) in order; returns the
@@ -547,8 +578,8 @@ static uint64_t claim_range(struct mig_dpd *h, uint64_t first, uint64_t end, str
         uint64_t avail = unasked(h, w, mask);
         if (!avail)
             continue;
-        uint64_t got = claim_word(h, w, avail, runs, nruns, pages, max_pages);
-        if (got == UINT64_MAX)
+        uint64_t got;
+        if (claim_word(h, w, avail, runs, nruns, pages, max_pages, &got) == CLAIM_FULL)
             return w * 64 > first ? w * 64 : first;
         if (got && (*pages >= max_pages || *nruns >= DP_MAX_RUNS)) /* full: go on after its last page */
             return w * 64 + 64 - (uint64_t)__builtin_clzll(got);
@@ -594,8 +625,8 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
             else if (i == nwords)
                 mask = (h->cursor % 64) ? ~(~0ULL << (h->cursor % 64)) : 0;
             uint64_t avail = unasked(h, w, mask);
-            uint64_t got = avail ? claim_word(h, w, avail, runs, &nruns, &pages, max_pages) : 0;
-            if (got == UINT64_MAX)
+            uint64_t got = 0;
+            if (avail && claim_word(h, w, avail, runs, &nruns, &pages, max_pages, &got) == CLAIM_FULL)
                 break;
             if (!got)
                 continue;
@@ -616,10 +647,12 @@ static int bitmap_full(const struct mig_dpd *h)
     return mig_bitmap_count(h->received, h->npages) == h->npages;
 }
 
-/* Has the round ended? (lock held) */
+/* Has the round ended? (lock held) The bitmap is counted only when it may
+ * be full (nothing of ours in flight, or nothing left to ask): counting
+ * it on every wakeup cost the requester O(guest size) per request. */
 static int round_over(struct mig_dpd *h, uint64_t now)
 {
-    if (bitmap_full(h))
+    if ((h->nreq == 0 || h->dry) && bitmap_full(h))
         return 1;
     return h->nreq == 0 && (h->stop_asking || (h->round_deadline && now >= h->round_deadline));
 }
@@ -653,10 +686,16 @@ static void *requester_main(void *arg)
             continue;
         }
         struct timespec ts;
-        uint64_t room = h->window_pages > h->inflight_pages ? h->window_pages - h->inflight_pages : 0;
-        uint64_t least = h->request_pages < DP_BATCH_PAGES ? h->request_pages : DP_BATCH_PAGES;
+        uint64_t window = h->window_pages, per_request = h->request_pages;
+        if (now - __atomic_load_n(&h->jumped_ns, __ATOMIC_RELAXED) < FAULTING_NS) {
+            uint64_t faulting = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
+            window = faulting < window ? faulting : window;
+            per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
+        }
+        uint64_t room = window > h->inflight_pages ? window - h->inflight_pages : 0;
+        uint64_t least = per_request < DP_BATCH_PAGES ? per_request : DP_BATCH_PAGES;
         if (!h->nreq)
-            room = h->request_pages; /* an empty window takes one whole request */
+            room = per_request; /* an empty window takes one whole request */
         if (h->stop_asking || (h->round_deadline && now >= h->round_deadline) || h->nreq >= WINDOW_REQUESTS ||
             room < least) {
             deadline_in(&ts, 2000000); /* the deadline, or pages installed by another path */
@@ -672,11 +711,12 @@ static void *requester_main(void *arg)
                 continue;
             }
         }
-        if (room > h->request_pages)
-            room = h->request_pages;
+        if (room > per_request)
+            room = per_request;
         struct req *r = &h->reqs[h->next_id % REQ_SLOTS];
         uint64_t npages;
         uint32_t nruns = plan(h, r->runs, room, &npages);
+        h->dry = !nruns;
         if (!nruns) { /* every missing page is asked: wait for installs, or for the fault path */
             deadline_in(&ts, 2000000);
             pthread_cond_timedwait(&h->cond, &h->mu, &ts);
@@ -970,6 +1010,7 @@ static void *installer_main(void *arg)
             }
             done[n++] = (struct installed){.b = b, .verdict = v};
             if (v == INSTALLED) {
+                signal_installed(h);
                 sum.copied += st.copied;
                 sum.zeroed += st.zeroed;
                 sum.skipped += st.skipped;
@@ -1013,6 +1054,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     h->link.npages = npages;
     h->link.recovery_s = recovery_s;
     h->link.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    h->installed_fd = role == ROLE_BULK ? eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1;
     h->target_fd = target_fd;
     h->to_memfd = to_memfd;
     h->page_size = page_size;
@@ -1033,7 +1075,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     pthread_cond_init(&h->cond, &ca);
     pthread_condattr_destroy(&ca);
     h->space = space;
-    if (h->link.stopfd < 0) {
+    if (h->link.stopfd < 0 || (role == ROLE_BULK && h->installed_fd < 0)) {
         snprintf(err, err_len, "out of resources: %s", strerror(errno));
         mig_dpd_free(h);
         return NULL;
@@ -1116,6 +1158,7 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
         set_pace(h, max_bandwidth);
         h->round_deadline = deadline_s > 0 ? h->round_t0 + (uint64_t)(deadline_s * 1e9) : 0;
         h->stop_asking = 0;
+        h->dry = 0;
         h->round_active = 1;
         if (!h->started) {
             h->started = 1;
@@ -1179,6 +1222,7 @@ void mig_dpd_stop_asking(struct mig_dpd *h)
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
 {
     __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->jumped_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
 }
 
 const struct mig_dpd_counters *mig_dpd_counters(struct mig_dpd *h)
@@ -1216,7 +1260,7 @@ static void record_latency(struct mig_dpd *h, uint64_t lat_ns, uint32_t waiters)
 static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *ask, uint32_t *nask)
 {
     uint64_t now = done_ns ? done_ns : (uint64_t)dp_mono_ns();
-    uint32_t kept = 0;
+    uint32_t kept = 0, own = 0; /* own: waiting faults whose page this path asked itself */
     for (uint32_t i = 0; i < h->nwaiting; i++) {
         struct waiting *w = &h->waiting[i];
         if (mig_bitmap_test(h->received, w->page)) {
@@ -1232,9 +1276,29 @@ static int settle_waiting(struct mig_dpd *h, uint64_t done_ns, struct dp_run *as
             }
         }
         h->waiting[kept++] = *w;
+        own += w->asked;
     }
     h->nwaiting = kept;
+    set_watched(h->bulk, kept - own);
     return kept > 0;
+}
+
+/* How long the fault path may sleep: until the first waiting fault's
+ * patience with the bulk path runs out (to the nanosecond: poll()'s
+ * milliseconds held such a fault up to twice the patience), at most 1 ms
+ * while faults wait (a page whose request was written off is asked again
+ * then), 50 ms when none does. */
+static struct timespec fault_sleep(const struct mig_dpd *h)
+{
+    uint64_t ns = h->nwaiting ? 1000000 : 50000000, now = (uint64_t)dp_mono_ns();
+    for (uint32_t i = 0; i < h->nwaiting; i++) {
+        const struct waiting *w = &h->waiting[i];
+        if (!w->asked) {
+            uint64_t due = w->t_ns + FAULT_PATIENCE_NS, left = due > now ? due - now : 0;
+            ns = left < ns ? left : ns;
+        }
+    }
+    return (struct timespec){.tv_sec = (time_t)(ns / 1000000000ULL), .tv_nsec = (long)(ns % 1000000000ULL)};
 }
 
 /* Record a request of the fault path in flight and append it to out. */
@@ -1494,16 +1558,21 @@ static void *faulter_main(void *arg)
             lo = hi = 0;
         }
         size_t len = 0;
-        struct pollfd p[4] = {{.fd = h->target_fd, .events = POLLIN}, {.fd = fd, .events = POLLIN},
+        struct pollfd p[5] = {{.fd = h->target_fd, .events = POLLIN}, {.fd = fd, .events = POLLIN},
                               {.fd = h->link.stopfd, .events = POLLIN},
-                              {.fd = mig_space_wakefd(h->space), .events = POLLIN}};
-        int n = poll(p, 4, h->nwaiting ? 1 : 50);
+                              {.fd = mig_space_wakefd(h->space), .events = POLLIN},
+                              {.fd = h->bulk ? h->bulk->installed_fd : -1, .events = POLLIN}};
+        struct timespec sleep_for = fault_sleep(h);
+        int n = ppoll(p, 5, &sleep_for, NULL);
         if (n < 0 && errno != EINTR) {
             fail(h, "fault path: poll: %s", strerror(errno));
             break;
         }
         if (p[2].revents)
             break;
+        uint64_t signals; /* the bulk path installed pages: settle_waiting below looks at them */
+        if (p[4].revents && read(p[4].fd, &signals, sizeof(signals)) < 0)
+            signals = 0; /* (EAGAIN: read already) */
         if (p[1].revents) {
             if (hi == cap || (lo && cap - hi < h->max_data + 4096)) {
                 memmove(buf, buf + lo, hi - lo);
@@ -1553,6 +1622,7 @@ static void *faulter_main(void *arg)
         }
     }
 out:
+    set_watched(h->bulk, 0);
     pthread_mutex_lock(&h->mu);
     h->fd = -1;
     pthread_mutex_unlock(&h->mu);
@@ -1652,6 +1722,8 @@ void mig_dpd_free(struct mig_dpd *h)
     mig_dpd_stop(h);
     if (h->link.stopfd >= 0)
         close(h->link.stopfd);
+    if (h->installed_fd >= 0)
+        close(h->installed_fd);
     for (int i = 0; i < NSLOTS; i++) {
         free(h->slots[i].buf);
         free(h->slots[i].offs);

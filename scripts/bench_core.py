@@ -211,12 +211,14 @@ def _parents() -> dict[int, int]:
     return out
 
 
-def _is_runner(pid: int) -> bool:
+def _is_runner(pid: int) -> bool | None:
+    """Is pid a guest runner? None when its command line cannot tell (gone, or exiting: empty)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"migrate.guest.runner" in f.read()
+            cmdline = f.read()
     except OSError:
-        return False
+        return None
+    return b"migrate.guest.runner" in cmdline if cmdline else None
 
 
 def _field_bytes(pid: int, path: str, field: str) -> int:
@@ -262,7 +264,10 @@ class Usage:
     measured.
 
     CPU seconds: per process, the last value seen minus the first (0 for
-    workers started during the run). A worker's last < 50 ms before it
+    workers started during the run). Whether a process is a guest runner is
+    decided once, when first seen: an exiting runner's command line reads
+    empty, and was taken for a worker started during the run (its whole
+    life's CPU, the filling of its RAM included, charged to the agent). A worker's last < 50 ms before it
     exits go uncounted: its shutdown, after its pages have moved.
     """
 
@@ -272,6 +277,7 @@ class Usage:
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self._side: dict[int, str] = {}
+        self._runner: dict[int, bool] = {}  # decided once per process, while its command line is readable
         self._stop = threading.Event()
         self._sample_cpu(self._trees(_parents()), started=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -281,7 +287,12 @@ class Usage:
         out, todo = [], [root]
         while todo:
             pid = todo.pop()
-            if not _is_runner(pid):
+            if pid not in self._runner:
+                runner = _is_runner(pid)
+                if runner is None:  # an exiting guest runner's command line reads empty: its whole CPU would count
+                    continue
+                self._runner[pid] = runner
+            if not self._runner[pid]:
                 out.append(pid)
             todo.extend(c for c, p in parents.items() if p == pid)
         return out

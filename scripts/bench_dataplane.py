@@ -69,6 +69,7 @@ def serve(memfd: int, size: int) -> None:
     """Source role: serve the memfd; answer every stdin line with this process's CPU seconds."""
     from migrate.source.dataplane import DataServer
     with DataServer(memfd, size, PAGE, "127.0.0.1", key=KEY, compress="never") as server:
+        server.freeze()  # nothing writes this RAM any more, as after a switchover: pages go out from the mapping
         print(server.port, flush=True)
         for _ in sys.stdin:
             print(cpu_now(), flush=True)

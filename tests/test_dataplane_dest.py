@@ -116,6 +116,49 @@ def test_bulk_pull_into_a_registered_guest_gives_its_memory(memfds, restored) ->
     assert guest.proc.digest() == memfd_digest(src, size)
 
 
+def test_contiguous_missing_pages_go_out_in_large_requests(memfds, restored) -> None:
+    """A request takes whole words of the bitmap on end: a word claimed whole (64 pages, every bit set)
+    once read as "the request is full", so every request stopped at 64 pages and the next one scanned
+    the bitmap again from the start (quadratic in the guest's size)."""
+    size = 16 * MiB
+    npages = size // PAGE
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+        last = pull_all(NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10))
+    assert "error" not in last and guest.bitmap.is_full()
+    # every request but the last asks for at least a full batch (128 pages)
+    assert last["requests"] <= npages // 128 + 1, last
+
+
+def test_while_the_guest_faults_the_bulk_asks_in_small_requests(memfds, restored) -> None:
+    """Within 20 ms of a fault (a jump) the bulk window is 1 MiB, its requests half that (128 pages): a fault
+    on a page in flight waits behind what was asked before it. Jumps come every ms here, so nearly every
+    request is small (the bound leaves room for a jumping thread the machine starves now and then)."""
+    size = 16 * MiB
+    npages = size // PAGE
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+        bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10)
+        bulk.jump(0)
+        done = threading.Event()
+
+        def faulting() -> None:
+            while not done.wait(0.001):
+                bulk.jump(0)
+
+        jumper = threading.Thread(target=faulting)
+        jumper.start()
+        try:
+            last = pull_all(bulk)
+        finally:
+            done.set()
+            jumper.join()
+    assert "error" not in last and guest.bitmap.is_full()
+    assert last["requests"] >= npages // 200, last  # 8 MiB windows: requests of ~350 pages; 1 MiB: <= 128
+
+
 def test_precopy_rounds_write_the_memfd_and_fetch_discarded_pages_again(memfds) -> None:
     size = 16 * MiB
     npages = size // PAGE
