@@ -31,8 +31,39 @@ MAX_BULK_PAGES = 128
 #: Most pages one bulk request may ask for: few requests keep the stream
 #: flowing like a push, without a round trip per batch.
 MAX_REQUEST_PAGES = 4096
+#: Most runs one bulk request may carry: a scattered set (a dirty set, the
+#: holes faults leave) travels in few requests, as on the native plane.
+MAX_REQUEST_RUNS = 256
 #: Compress only when it saves at least this fraction of the bytes.
 _WORTH_IT = 0.92
+
+
+Run = tuple[int, int]  # (first page, count)
+
+
+def bulk_request(run_id: str, req_id: int, runs: list[Run]) -> pb.BulkRequest:
+    """A Pages.Bulk request for `runs`, in order (at most MAX_REQUEST_RUNS runs, MAX_REQUEST_PAGES pages)."""
+    (first, count), rest = runs[0], runs[1:]
+    return pb.BulkRequest(run_id=run_id, req_id=req_id, first_page=first, count=count,
+                          runs=[pb.PageRun(first_page=f, count=c) for f, c in rest])
+
+
+class BulkRequestError(ValueError):
+    """A Pages.Bulk request the source refuses: too large, an empty run, pages out of range."""
+
+
+def request_runs(req: pb.BulkRequest, page_count: int) -> list[Run]:
+    """The runs a Pages.Bulk request asks for, in order; BulkRequestError if it breaks a limit."""
+    runs = [(req.first_page, req.count)] if req.count else []
+    runs.extend((r.first_page, r.count) for r in req.runs)
+    pages = sum(count for _, count in runs)
+    if not runs or len(runs) > MAX_REQUEST_RUNS or pages > MAX_REQUEST_PAGES:
+        raise BulkRequestError(f"a request for {pages} pages in {len(runs)} runs (at most {MAX_REQUEST_PAGES} "
+                               f"pages in {MAX_REQUEST_RUNS} runs)")
+    for first, count in runs:
+        if count == 0 or first + count > page_count:
+            raise BulkRequestError(f"bad page range [{first}, +{count}) for {page_count} pages")
+    return runs
 
 
 class PagesClient:

@@ -1,7 +1,7 @@
 """The destination's bulk path: pulls every page not yet received.
 
 It walks the received bitmap with a cursor, asks the source's bulk server
-for runs of missing pages (answered in batches of up to 512 KiB) keeping a
+for missing pages (many runs per request, answered in batches of up to 512 KiB) keeping a
 window of at most 6 MiB in flight, and installs each batch with as few
 ioctls as possible, from two threads. The urgent path tells it where the
 guest faults, and the cursor jumps there: the guest's working set arrives
@@ -18,7 +18,8 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from migrate import rpc, spawn
-from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchDecoder, BatchError
+from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
+                             bulk_request)
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
@@ -160,7 +161,7 @@ class BulkPuller:
         self._rate = max_bandwidth
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._cond = threading.Condition()
-        self._inflight: dict[int, tuple[int, int, int]] = {}  # req_id -> (first, count, pages still due)
+        self._inflight: dict[int, tuple[list[Run], int]] = {}  # req_id -> (runs, pages still due)
         self._inflight_pages = 0
         self._next_id = 1
         self._generation = 0                 # bumped when a broken stream's requests are written off
@@ -170,7 +171,8 @@ class BulkPuller:
         self._window_pages = WINDOW_PAGES
         self._t0, self._wire0 = time.monotonic(), 0
         self.set_bandwidth(max_bandwidth)
-        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0, "refused": 0}
+        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0, "refused": 0,
+                         "requests": 0}
 
     def set_bandwidth(self, max_bandwidth: int) -> None:
         """Pace at `max_bandwidth` bytes/s from now on (0: unlimited).
@@ -210,6 +212,15 @@ class BulkPuller:
         room = min(self._request_pages, self._window_pages - self._inflight_pages)
         return room if room >= min(self._request_pages, MAX_BULK_PAGES) else 0
 
+    def _take_runs(self, room: int) -> list[Run]:
+        """Runs to ask for next, `room` pages at most in MAX_REQUEST_RUNS runs: holes the guest's
+        faults left, or a policy's scattered plan, travel together in one request."""
+        runs: list[Run] = []
+        while room > 0 and len(runs) < MAX_REQUEST_RUNS and (rng := self._planner.next_range(room)) is not None:
+            runs.append(rng)
+            room -= rng[1]
+        return runs
+
     def requests(self) -> Iterator[pb.BulkRequest]:
         """The request stream of one call; it ends when that call is written off."""
         with self._cond:
@@ -221,18 +232,19 @@ class BulkPuller:
                     self._cond.wait()
                 if self._stop or generation != self._generation:
                     return
-                rng = self._planner.next_range(room)
-                if rng is None:
+                runs = self._take_runs(room)
+                if not runs:
                     if not self._inflight:
                         return
                     self._cond.wait(0.05)
                     continue
-                first, count = rng
+                count = sum(n for _, n in runs)
                 req_id = self._next_id
                 self._next_id += 1
-                self._inflight[req_id] = (first, count, count)
+                self._inflight[req_id] = (runs, count)
                 self._inflight_pages += count
-            yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count, req_id=req_id)
+                self.counters["requests"] += 1
+            yield bulk_request(self._run_id, req_id, runs)
 
     def install(self, raw: bytes) -> None:
         """Install one received batch (serialized), or plan its pages again if it is refused."""
@@ -243,11 +255,11 @@ class BulkPuller:
             return
         with self._cond:
             if batch.req_id in self._inflight:
-                first, count, due = self._inflight[batch.req_id]
+                runs, due = self._inflight[batch.req_id]
                 due -= batch.count
                 self._inflight_pages -= batch.count
                 if due > 0:
-                    self._inflight[batch.req_id] = (first, count, due)
+                    self._inflight[batch.req_id] = (runs, due)
                 else:
                     del self._inflight[batch.req_id]
             self.mem.count(self.counters, batch.done)
@@ -263,9 +275,9 @@ class BulkPuller:
             if err.req_id not in self._inflight:  # cannot tell which request: redo them all
                 self._write_off()
                 return
-            first, count, due = self._inflight.pop(err.req_id)
+            runs, due = self._inflight.pop(err.req_id)
             self._inflight_pages -= due
-            self._planner.forget(first, count)
+            self._forget(runs)
             self._cond.notify_all()
 
     def write_off_inflight(self) -> None:
@@ -275,9 +287,13 @@ class BulkPuller:
             self._generation += 1
             self._cond.notify_all()
 
-    def _write_off(self) -> None:
-        for first, count, _ in self._inflight.values():
+    def _forget(self, runs: list[Run]) -> None:
+        for first, count in runs:
             self._planner.forget(first, count)
+
+    def _write_off(self) -> None:
+        for runs, _ in self._inflight.values():
+            self._forget(runs)
         self._inflight.clear()
         self._inflight_pages = 0
 

@@ -35,14 +35,18 @@ import grpc
 from migrate import rpc
 from migrate.errors import os_error
 from migrate._native import ffi, lib
-from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch
+from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, DecodedBatch, Run,
+                             bulk_request)
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.proto import migrate_pb2 as pb
 
-#: Bulk requests in flight during a round: keeps the link busy while one installs.
-WINDOW = 8
+#: Pages asked for and not yet written during a round (8 MiB of 4 KiB pages): keeps the link busy while
+#: batches install. A request asks for at most half of it, in as many runs as the missing pages
+#: make (a dirty set is scattered: one request per run would wait a round trip per few pages).
+WINDOW_PAGES = 2048
+REQUEST_PAGES = WINDOW_PAGES // 2
 
 
 def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) -> tuple[int, int]:
@@ -89,6 +93,28 @@ class Pacer:
                 time.sleep(ahead)
 
 
+class PageWindow:
+    """Pages asked for and not yet answered, at most `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._out = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, pages: int, timeout: float) -> bool:
+        """Take room for `pages` (at most the limit); False if there was none within `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._out + pages <= self._limit, timeout):
+                return False
+            self._out += pages
+            return True
+
+    def release(self, pages: int) -> None:
+        with self._cond:
+            self._out -= pages
+            self._cond.notify_all()
+
+
 class PrecopyPuller:
     """Pre-copy rounds into one incoming guest's memfd.
 
@@ -130,7 +156,7 @@ class PrecopyPuller:
         deadline = t0 + deadline_s if deadline_s > 0 else float("inf")
         wire0 = link.client.bytes_wire
         while True:
-            window = threading.Semaphore(WINDOW)
+            window = PageWindow(WINDOW_PAGES)
             try:
                 for batch in link.client.bulk(self._requests(link, window, pacer, wire0, deadline),
                                               metadata=rpc.METADATA):
@@ -139,7 +165,7 @@ class PrecopyPuller:
                     self._received.set_range(decoded.first_page, decoded.count)
                     stats.pages += decoded.count
                     stats.zero += decoded.zero_pages
-                    window.release()
+                    window.release(decoded.count)
                 break
             except grpc.RpcError as err:
                 if self._stop.is_set():
@@ -157,23 +183,35 @@ class PrecopyPuller:
         stats.seconds = time.monotonic() - t0
         return stats
 
-    def _requests(self, link: SourceLink, window: threading.Semaphore, pacer: Pacer, wire0: int,
+    def _requests(self, link: SourceLink, window: PageWindow, pacer: Pacer, wire0: int,
                   deadline: float) -> Iterator[pb.BulkRequest]:
-        """A request for each run of missing pages, at most WINDOW unanswered, paced."""
+        """Requests for the missing pages, each up to REQUEST_PAGES in up to MAX_REQUEST_RUNS runs,
+        at most WINDOW_PAGES unanswered, paced."""
         page, n = 0, self._received.nbits
-        while (page := self._received.next_clear(page)) < n:
-            end = min(self._received.next_set(page), page + MAX_BULK_PAGES)
-            if end <= page:  # the bit was set meanwhile (a fault installed the page)
-                page += 1
-                continue
+        runs: list[Run] = []
+        pages = 0
+        while True:
+            page = self._received.next_clear(page)
+            if page < n:
+                end = min(self._received.next_set(page), page + REQUEST_PAGES - pages)
+                if end <= page:  # the bit was set meanwhile (a fault installed the page)
+                    page += 1
+                    continue
+                runs.append((page, end - page))
+                pages += end - page
+                page = end
+                if pages < REQUEST_PAGES and len(runs) < MAX_REQUEST_RUNS:
+                    continue
+            if not runs:
+                return
             pacer.wait(link.client.bytes_wire - wire0)
-            while not window.acquire(timeout=0.1):
+            while not window.acquire(pages, timeout=0.1):
                 if self._stop.is_set():
                     return
             if self._stop.is_set() or time.monotonic() > deadline:
                 return
-            yield pb.BulkRequest(run_id=self._run_id, first_page=page, count=end - page)
-            page = end
+            yield bulk_request(self._run_id, 0, runs)
+            runs, pages = [], 0
 
     def _write(self, batch: DecodedBatch) -> None:
         """pwritev the batch's pages into the memfd: data runs from the batch, zero runs from a zero buffer."""

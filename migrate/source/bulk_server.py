@@ -29,7 +29,8 @@ import grpc
 
 from migrate import rpc, spawn
 from migrate.admission import CallClass
-from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchEncoder, EncodedBatch, add_pages_servicer
+from migrate.batches import (MAX_BULK_PAGES, BatchEncoder, BulkRequestError, EncodedBatch, Run, add_pages_servicer,
+                             request_runs)
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
@@ -115,12 +116,14 @@ class BulkPages(pb_grpc.PagesServicer):
             self._skipped = 0
         return last_send_s * self._threads > req.count * self._page_size / self._compress_bps
 
-    def _check(self, req: pb.BulkRequest) -> str | None:
+    def _runs(self, req: pb.BulkRequest) -> list[Run] | str:
+        """The runs `req` asks for, or why it is refused."""
         if req.run_id != self._run_id:
             return f"unknown run {req.run_id!r}"
-        if not 0 < req.count <= MAX_REQUEST_PAGES or req.first_page + req.count > self._page_count:
-            return f"bad page range [{req.first_page}, +{req.count}) for {self._page_count} pages"
-        return None
+        try:
+            return request_runs(req, self._page_count)
+        except BulkRequestError as err:
+            return str(err)
 
     def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         # Bounded: a client that floods requests is slowed by gRPC flow control, not served from RAM.
@@ -145,14 +148,15 @@ class BulkPages(pb_grpc.PagesServicer):
         def read_requests() -> None:
             try:
                 for req in request_iterator:
-                    problem = self._check(req)
-                    if problem:
-                        put(problem)
+                    runs = self._runs(req)
+                    if isinstance(runs, str):
+                        put(runs)
                         return
-                    for first in range(req.first_page, req.first_page + req.count, MAX_BULK_PAGES):
-                        count = min(MAX_BULK_PAGES, req.first_page + req.count - first)
-                        if not put(pb.BulkRequest(first_page=first, count=count, req_id=req.req_id)):
-                            return
+                    for start, length in runs:  # one stream: each run split into batches, in the order asked
+                        for first in range(start, start + length, MAX_BULK_PAGES):
+                            count = min(MAX_BULK_PAGES, start + length - first)
+                            if not put(pb.BulkRequest(first_page=first, count=count, req_id=req.req_id)):
+                                return
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:
