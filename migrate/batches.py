@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -131,13 +132,35 @@ class EncodedBatch:
 _DATA_KEY = bytes([6 << 3 | 2])
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+#: The key of PageBatches.batches (field 1, length-delimited) on the wire: a bulk stream's batches
+#: are encoded as such fields (BatchEncoder.encode(framed=True)), and any run of them, joined, is a
+#: serialized PageBatches.
+_BATCHES_KEY = 1 << 3 | 2
+
+
+def unframe(raw: bytes) -> Iterator[memoryview]:
+    """The serialized PageBatch messages in a serialized PageBatches, without copying them;
+    BatchError if it is not one (a field other than `batches`, a length past its end)."""
+    view = memoryview(raw)
+    pos, end = 0, len(raw)
+    while pos < end:
+        if view[pos] != _BATCHES_KEY:
+            raise BatchError(f"a bulk message with field key {view[pos]} at byte {pos} (want PageBatches)")
+        pos += 1
+        length = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise BatchError("a bulk message cut short inside a length")
+            byte = view[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        if pos + length > end:
+            raise BatchError(f"a bulk message's batch of {length} bytes runs past its end ({end} bytes)")
+        yield view[pos:pos + length]
+        pos += length
 
 
 class BatchError(ValueError):
@@ -165,8 +188,9 @@ class BatchEncoder:
         if level is not None:
             self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
 
-    def encode(self, first_page: int, count: int, req_id: int = 0) -> EncodedBatch:
-        """Pages [first_page, first_page + count) as one serialized PageBatch.
+    def encode(self, first_page: int, count: int, req_id: int = 0, framed: bool = False) -> EncodedBatch:
+        """Pages [first_page, first_page + count) as one serialized PageBatch; `framed`: as one
+        `batches` field of a PageBatches (the Bulk stream's message: such fields joined are one).
 
         Raw batches are serialized natively (pages.encode_batch). For one
         that may be compressed, the small fields are serialized as a message
@@ -174,9 +198,10 @@ class BatchEncoder:
         the page bytes are copied once, from the packing buffer into the
         wire bytes.
         """
+        key = _BATCHES_KEY if framed else 0
         if self._cctx is None:
-            return EncodedBatch(pages.encode_batch(self._mem, first_page, count, self._page_size, req_id), count,
-                                False)
+            return EncodedBatch(pages.encode_batch(self._mem, first_page, count, self._page_size, req_id, key),
+                                count, False)
         zero_runs, data, checksum = pages.pack_pages(self._mem, first_page, count, self._page_size)
         header = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
                               raw_len=len(data), checksum=checksum)
@@ -188,7 +213,9 @@ class BatchEncoder:
                 payload = packed
         parts = [header.SerializeToString()]
         if len(payload):
-            parts += [_DATA_KEY, _varint(len(payload)), payload]
+            parts += [_DATA_KEY, pages.varint(len(payload)), payload]
+        if framed:
+            parts[:0] = [bytes([key]), pages.varint(sum(len(p) for p in parts))]
         return EncodedBatch(b"".join(parts), count, header.encoding == pb.ZSTD)
 
 

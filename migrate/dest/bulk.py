@@ -19,7 +19,7 @@ import grpc
 
 from migrate import rpc, spawn
 from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
-                             bulk_request)
+                             bulk_request, unframe)
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
@@ -246,8 +246,16 @@ class BulkPuller:
                 self.counters["requests"] += 1
             yield bulk_request(self._run_id, req_id, runs)
 
-    def install(self, raw: bytes) -> None:
-        """Install one received batch (serialized), or plan its pages again if it is refused."""
+    def install(self, message: bytes) -> None:
+        """Install the batches of one received PageBatches message (serialized); plan a refused batch's
+        pages again."""
+        try:
+            for raw in unframe(message):
+                self._install(raw)
+        except BatchError as err:  # the message itself is malformed: ask again for whatever it held
+            self._ask_again(err)
+
+    def _install(self, raw: memoryview) -> None:
         try:
             batch = self._decoder.install(raw, self.mem.io, self.mem.bitmap)
         except BatchError as err:

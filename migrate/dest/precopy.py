@@ -36,7 +36,7 @@ from migrate import rpc
 from migrate.errors import os_error
 from migrate._native import ffi, lib
 from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, DecodedBatch, Run,
-                             bulk_request)
+                             bulk_request, unframe)
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
@@ -158,14 +158,15 @@ class PrecopyPuller:
         while True:
             window = PageWindow(WINDOW_PAGES)
             try:
-                for batch in link.client.bulk(self._requests(link, window, pacer, wire0, deadline),
-                                              metadata=rpc.METADATA):
-                    decoded = self._decoder.decode(batch)
-                    self._write(decoded)
-                    self._received.set_range(decoded.first_page, decoded.count)
-                    stats.pages += decoded.count
-                    stats.zero += decoded.zero_pages
-                    window.release(decoded.count)
+                for message in link.client.bulk(self._requests(link, window, pacer, wire0, deadline),
+                                                metadata=rpc.METADATA):
+                    for batch in unframe(message):
+                        decoded = self._decoder.decode(batch)
+                        self._write(decoded)
+                        self._received.set_range(decoded.first_page, decoded.count)
+                        stats.pages += decoded.count
+                        stats.zero += decoded.zero_pages
+                        window.release(decoded.count)
                 break
             except grpc.RpcError as err:
                 if self._stop.is_set():

@@ -86,15 +86,16 @@ class BulkPages(pb_grpc.PagesServicer):
         self.compressed_batches = 0
 
     def _encode(self, req: pb.BulkRequest, compress: bool) -> EncodedBatch:
+        """The batch for `req`, framed for a PageBatches message."""
         key = "zstd" if compress else "raw"
         enc = getattr(self._local, key, None)
         if enc is None:
             enc = BatchEncoder(self._mem, self._page_size, self._level if compress else None)
             setattr(self._local, key, enc)
         if not compress:
-            return enc.encode(req.first_page, req.count, req.req_id)
+            return enc.encode(req.first_page, req.count, req.req_id, framed=True)
         t0 = time.monotonic()
-        batch = enc.encode(req.first_page, req.count, req.req_id)
+        batch = enc.encode(req.first_page, req.count, req.req_id, framed=True)
         seconds = time.monotonic() - t0
         raw = batch.count * self._page_size
         with self._lock:  # moving averages of this host's compression speed and this guest's ratio
@@ -166,11 +167,12 @@ class BulkPages(pb_grpc.PagesServicer):
             wake()
         threading.Thread(target=read_requests, daemon=True, name="bulk-requests").start()
         local_peer = rpc.is_local_peer(context.peer())
-        pending: collections.deque[Future | EncodedBatch] = collections.deque()
+        pending: collections.deque[tuple[int, Future | EncodedBatch]] = collections.deque()  # (pages, batch)
+        pending_pages = 0
         ended = False
         last_send_s = 0.0
         while True:
-            while not ended and len(pending) <= self._threads:
+            while not ended and pending_pages < (self._threads + 1) * MAX_BULK_PAGES:
                 try:
                     item = incoming.get_nowait() if pending else incoming.get(timeout=_IDLE_CHECK_S)
                 except queue.Empty:
@@ -181,23 +183,41 @@ class BulkPages(pb_grpc.PagesServicer):
                     continue
                 if item is None:
                     ended = True
-                elif isinstance(item, str):
+                    continue
+                if isinstance(item, str):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
-                elif self._should_compress(last_send_s, item, local_peer):
-                    pending.append(self._pool.submit(self._encode, item, True))
+                if self._should_compress(last_send_s, item, local_peer):
+                    pending.append((item.count, self._pool.submit(self._encode, item, True)))
                 else:
-                    pending.append(self._encode(item, False))
+                    pending.append((item.count, self._encode(item, False)))
+                pending_pages += item.count
             if not pending:
                 return
-            head = pending.popleft()
-            batch = head.result() if isinstance(head, Future) else head
+            wires = self._take_message(pending)
+            pending_pages -= sum(batch.count for batch in wires)
             with self._lock:
-                self.pages += batch.count
-                self.bytes += len(batch.wire)
-                self.compressed_batches += batch.compressed
+                self.pages += sum(batch.count for batch in wires)
+                self.bytes += sum(len(batch.wire) for batch in wires)
+                self.compressed_batches += sum(batch.compressed for batch in wires)
+            message = wires[0].wire if len(wires) == 1 else b"".join(batch.wire for batch in wires)
             t0 = time.monotonic()
-            yield batch.wire
+            yield message
             last_send_s = time.monotonic() - t0
+
+    @staticmethod
+    def _take_message(pending: collections.deque[tuple[int, Future | EncodedBatch]]) -> list[EncodedBatch]:
+        """The batches of the next PageBatches message: the first in line, then those ready behind it
+        while they fit in MAX_BULK_PAGES (the short batches of a scattered set travel together)."""
+        out: list[EncodedBatch] = []
+        pages = 0
+        while pending:
+            count, head = pending[0]
+            if out and (pages + count > MAX_BULK_PAGES or isinstance(head, Future) and not head.done()):
+                break
+            pending.popleft()
+            out.append(head.result() if isinstance(head, Future) else head)
+            pages += count
+        return out
 
     def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "urgent requests go to the source agent, not the bulk server")
