@@ -105,6 +105,16 @@ class SharedBitmap:
         """First set bit at or after `start`, or nbits if there is none."""
         return lib.mig_bitmap_next_set(self.ptr, self._nbits, max(start, 0))
 
+    def runs(self, most: int) -> list[tuple[int, int]]:
+        """The first `most` runs of set bits, (first, count) in order."""
+        out: list[tuple[int, int]] = []
+        bit = self.next_set(0)
+        while bit < self.nbits and len(out) < most:
+            end = self.next_clear(bit)
+            out.append((bit, end - bit))
+            bit = self.next_set(end)
+        return out
+
     def is_full(self) -> bool:
         return self.next_clear(0) == self._nbits
 

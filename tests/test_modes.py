@@ -123,3 +123,25 @@ def test_a_ballooning_guest_ends_with_the_memory_of_one_never_migrated(agents, m
     assert doc["verified"] is True, doc
     assert doc["pages"]["received"] == doc["pages"]["total"]
     assert doc["events"]["remove"] > 0 and doc["events"]["removed_pages"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_idle_guests_downtime_is_the_sum_of_its_parts(agents, mode):
+    """No guest operation across the switch: the report adds up the parts the agents timed (issue 11, item 7),
+    and every progress sample has a real timestamp (none before the run began)."""
+    doc = migrate_at(agents, f"idle-{mode}", pb.GuestSpec(size=8 * MiB, workload="idle", seed=1, ops=0,
+                                                          page_size=mmap.PAGESIZE), 0.0, mode=mode, timeout=120)
+    assert doc["verified"] is True
+    assert doc["downtime_ms"] == pytest.approx(sum(doc["downtime_parts"].values()), abs=0.01)
+    assert all(p["t_s"] >= -60 for p in doc["guest"]["progress"]), doc["guest"]["progress"]
+
+
+def test_hybrid_pushes_a_hot_set_written_to_the_end_first(agents, plane):
+    """A hotset guest writing fast until the switch (the issue's case, small): pre-copy leaves its hot
+    pages stale, the destination pushes them first after the switch, and the memory is right."""
+    doc = migrate_at(agents, "hot-hybrid", spec("hotset", size=32 * MiB, ops=400_000, rate=200_000), 0.3,
+                     mode="hybrid", timeout=120, data_plane=plane)
+    p, pre = doc["pages"], doc["precopy"]
+    assert doc["verified"] is True
+    assert pre["rounds"][0]["sent"] == p["total"] and pre["switch_reason"]
+    assert p["before_resume"] + p["pushed"] + p["faulted"] + p["recovered"] == p["total"], p
