@@ -67,7 +67,8 @@ class RunOptions:
 
     def limits(self) -> convergence.Limits:
         return convergence.Limits(rounds=self.precopy_rounds, seconds=self.precopy_seconds,
-                                  max_downtime_ms=self.max_downtime_ms)
+                                  max_downtime_ms=self.max_downtime_ms,
+                                  shrink=convergence.HYBRID_SHRINK if self.mode == "hybrid" else convergence.SHRINK)
 
     def plane(self, tls: bool) -> DataPlane:
         """The data plane to use, `tls` saying whether TLS protects the agents' links."""

@@ -13,7 +13,7 @@ import pytest
 from test_cli import assert_clean_error, run_cli
 from test_migration import migrate_at
 
-from migrate import convergence
+from migrate import convergence, orchestrator
 from migrate.proto import migrate_pb2 as pb
 
 MiB = 1 << 20
@@ -96,6 +96,16 @@ def test_switch_policy():
     assert "round limit" in convergence.switch_reason(shrinking, 4.0, limits)
     timed = convergence.Limits(rounds=10, seconds=0.5, max_downtime_ms=10)
     assert "time limit" in convergence.switch_reason([first], 1.0, timed)
+    halved = convergence.Round(sent=5_000, discarded=5_000, seconds=0.5, bytes_wire=0, dirty=3_000,
+                               dirty_window_s=0.5)
+    assert convergence.switch_reason([first, halved], 1.5, limits) is None
+    hybrid = convergence.Limits(rounds=4, seconds=0, max_downtime_ms=10, shrink=convergence.HYBRID_SHRINK)
+    assert "stopped shrinking" in convergence.switch_reason([first, halved], 1.5, hybrid)
+
+
+def test_hybrid_stops_rounds_that_do_not_halve_the_dirty_set():
+    assert orchestrator.RunOptions(mode="hybrid").limits().shrink == convergence.HYBRID_SHRINK
+    assert orchestrator.RunOptions(mode="precopy").limits().shrink == convergence.SHRINK
 
 
 def test_cli_rejects_bad_mode_options():
