@@ -138,29 +138,25 @@ _DATA_KEY = bytes([6 << 3 | 2])
 _BATCHES_KEY = 1 << 3 | 2
 
 
-def unframe(raw: bytes) -> Iterator[memoryview]:
-    """The serialized PageBatch messages in a serialized PageBatches, without copying them;
-    BatchError if it is not one (a field other than `batches`, a length past its end)."""
-    view = memoryview(raw)
-    pos, end = 0, len(raw)
-    while pos < end:
-        if view[pos] != _BATCHES_KEY:
-            raise BatchError(f"a bulk message with field key {view[pos]} at byte {pos} (want PageBatches)")
-        pos += 1
-        length = shift = 0
-        while True:
-            if pos >= end or shift > 63:
-                raise BatchError("a bulk message cut short inside a length")
-            byte = view[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        if pos + length > end:
-            raise BatchError(f"a bulk message's batch of {length} bytes runs past its end ({end} bytes)")
-        yield view[pos:pos + length]
-        pos += length
+def batch_at(message: bytes | memoryview, pos: int) -> tuple[memoryview, int]:
+    """The serialized PageBatch in the `batches` field at offset `pos` of a serialized PageBatches, without
+    copying it, and the offset after it; BatchError if no such field is there whole."""
+    length = ffi.new("uint64_t *")
+    with ffi.from_buffer("uint8_t[]", message) as src:
+        at = lib.mig_next_field(src, len(message), pos, _BATCHES_KEY, length)
+    if at < 0:
+        raise BatchError(f"no whole batch at byte {pos} of a {len(message)}-byte bulk message")
+    end = at + length[0]
+    return memoryview(message)[at:end], end
+
+
+def unframe(message: bytes | memoryview) -> Iterator[memoryview]:
+    """The serialized PageBatch messages in a serialized PageBatches, in order, without copying them;
+    BatchError (once those before are yielded) if it is not one."""
+    pos = 0
+    while pos < len(message):
+        raw, pos = batch_at(message, pos)
+        yield raw
 
 
 class BatchError(ValueError):
@@ -219,6 +215,16 @@ class BatchEncoder:
         return EncodedBatch(b"".join(parts), count, header.encoding == pb.ZSTD)
 
 
+    def encode_runs(self, runs: list[Run], req_id: int) -> EncodedBatch:
+        """A batch for each run (at most MAX_BULK_PAGES pages each), as one serialized PageBatches."""
+        count = sum(n for _, n in runs)
+        if self._cctx is None:
+            return EncodedBatch(pages.encode_runs(self._mem, runs, self._page_size, req_id, _BATCHES_KEY), count,
+                                False)
+        batches = [self.encode(first, n, req_id, framed=True) for first, n in runs]
+        return EncodedBatch(b"".join(b.wire for b in batches), count, any(b.compressed for b in batches))
+
+
 @dataclass
 class InstalledBatch:
     """What BatchDecoder.install put in place, and which request it answered."""
@@ -226,6 +232,16 @@ class InstalledBatch:
     req_id: int
     count: int
     done: InstallStats
+
+
+@dataclass
+class InstalledBatches:
+    """What BatchDecoder.install_batches put in place, and where it stopped."""
+
+    answered: list[tuple[int, int]]  # (req_id, pages) of each batch installed, in order
+    done: InstallStats
+    pos: int                         # offset of the first batch not installed (the message's length: none)
+    error: int                       # why that batch was not: 0 (none), -EBADMSG, -EPROTONOSUPPORT (compressed)
 
 
 @dataclass
@@ -250,6 +266,9 @@ class _ParseBuffers(threading.local):
         self.data_bytes = ffi.new("uint64_t *")
         self.bad_run = ffi.new("uint32_t *")
         self.dctx = zstandard.ZstdDecompressor()
+        self.pos = ffi.new("uint64_t *")
+        self.err = ffi.new("int64_t *")
+        self.ids = ffi.new("uint64_t[]", 2 * MAX_BULK_PAGES)
 
 
 class BatchDecoder:
@@ -280,6 +299,26 @@ class BatchDecoder:
         if r < 0:
             raise os_error(-r, f"mig_install_batch first_page={buf.batch.first_page} count={buf.batch.count}")
         return InstalledBatch(buf.batch.req_id, buf.batch.count, install_stats(buf.stats))
+
+    def install_batches(self, message: bytes, pos: int, reader: FaultReader, bitmap: SharedBitmap) -> InstalledBatches:
+        """Install the raw batches of a serialized PageBatches message from offset `pos` on, in one native call.
+
+        Stops at a batch it cannot install: its offset and error say which
+        (install it with `install`, which refuses it or decompresses it);
+        raises OSError for an install that failed.
+        """
+        buf = self._local
+        buf.pos[0] = pos
+        with ffi.from_buffer("uint8_t[]", message) as src:
+            n = lib.mig_install_batches(*reader.target(bitmap), self._page_count, src, len(message), _BATCHES_KEY,
+                                        buf.pos, buf.runs, _MAX_RUN_VALUES, buf.batch, buf.ids, MAX_BULK_PAGES,
+                                        buf.err, buf.stats)
+        err = int(buf.err[0])
+        if err < 0 and err not in (-errno.EBADMSG, -errno.EPROTONOSUPPORT):
+            raise os_error(-err, f"mig_install_batches first_page={buf.batch.first_page} count={buf.batch.count}")
+        ids = buf.ids
+        return InstalledBatches([(ids[2 * i], ids[2 * i + 1]) for i in range(n)], install_stats(buf.stats),
+                                int(buf.pos[0]), err)
 
     def decode(self, raw: bytes) -> DecodedBatch:
         """The batch in `raw`, checked (shape, size, checksum); raises BatchError."""

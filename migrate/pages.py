@@ -117,6 +117,21 @@ def encode_batch(mem: Buffer, first_page: int, count: int, page_size: int, req_i
     return ffi.buffer(s.data + start, end - start)[:]
 
 
+def encode_runs(mem: Buffer, runs: Sequence[tuple[int, int]], page_size: int, req_id: int, field_key: int) -> bytes:
+    """Raw PageBatch messages, one per run of `mem`'s pages, each as the length-delimited field `field_key` of
+    an enclosing message: one native call for many short batches (a scattered set's)."""
+    s = _scratch
+    pages = sum(count for _, count in runs)
+    flat = ffi.new("uint64_t[]", [v for run in runs for v in run])
+    with ffi.from_buffer("uint8_t[]", mem) as src:
+        s.ensure(pages, page_size, len(runs) * (lib.MIG_BATCH_ROOM_FIXED + lib.MIG_FIELD_ROOM))
+        n = lib.mig_encode_runs(src, len(src) // page_size, flat, len(runs), page_size, req_id, field_key, s.runs,
+                                len(s.runs) // 2, s.data, len(s.data))
+    if n < 0:
+        raise os_error(-n, f"mig_encode_runs of {len(runs)} runs, {pages} pages")
+    return ffi.buffer(s.data, n)[:]
+
+
 def checksum(data: Buffer) -> int:
     """64-bit digest of packed page data (native, several GB/s): a batch's integrity check."""
     with ffi.from_buffer("uint8_t[]", data) as buf:

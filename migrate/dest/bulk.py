@@ -19,11 +19,12 @@ import grpc
 
 from migrate import rpc, spawn
 from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
-                             bulk_request, unframe)
+                             batch_at, bulk_request)
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.proto import migrate_pb2 as pb
+from migrate.uffd import InstallStats
 
 #: Bulk requests in flight, in pages and in requests: enough to keep the link
 #: busy while batches install, even when the runs between faults are short.
@@ -247,13 +248,20 @@ class BulkPuller:
             yield bulk_request(self._run_id, req_id, runs)
 
     def install(self, message: bytes) -> None:
-        """Install the batches of one received PageBatches message (serialized); plan a refused batch's
-        pages again."""
-        try:
-            for raw in unframe(message):
+        """Install the batches of one received PageBatches message (serialized): the raw ones natively, all
+        at once; a compressed one decompressed here; a refused one's request planned again."""
+        pos, end = 0, len(message)
+        while pos < end:
+            got = self._decoder.install_batches(message, pos, self.mem.io, self.mem.bitmap)
+            self._answered(got.answered, got.done)
+            pos = got.pos
+            if pos < end and got.error:  # the batch at pos is compressed, or refused
+                try:
+                    raw, pos = batch_at(message, pos)
+                except BatchError as err:  # not a batch: nothing after it can be trusted
+                    self._ask_again(err)
+                    return
                 self._install(raw)
-        except BatchError as err:  # the message itself is malformed: ask again for whatever it held
-            self._ask_again(err)
 
     def _install(self, raw: memoryview) -> None:
         try:
@@ -261,17 +269,22 @@ class BulkPuller:
         except BatchError as err:
             self._ask_again(err)
             return
+        self._answered([(batch.req_id, batch.count)], batch.done)
+
+    def _answered(self, answered: list[tuple[int, int]], done: InstallStats) -> None:
+        """Count installed batches, (req_id, pages) each, against their requests."""
         with self._cond:
-            if batch.req_id in self._inflight:
-                runs, due = self._inflight[batch.req_id]
-                due -= batch.count
-                self._inflight_pages -= batch.count
-                if due > 0:
-                    self._inflight[batch.req_id] = (runs, due)
-                else:
-                    del self._inflight[batch.req_id]
-            self.mem.count(self.counters, batch.done)
-            self.counters["batches"] += 1
+            for req_id, count in answered:
+                if req_id in self._inflight:
+                    runs, due = self._inflight[req_id]
+                    due -= count
+                    self._inflight_pages -= count
+                    if due > 0:
+                        self._inflight[req_id] = (runs, due)
+                    else:
+                        del self._inflight[req_id]
+            self.mem.count(self.counters, done)
+            self.counters["batches"] += len(answered)
             self._cond.notify_all()
 
     def _ask_again(self, err: BatchError) -> None:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 
@@ -51,6 +52,33 @@ _IDLE_CHECK_S = 0.5
 #: Streams served at once, in all and per destination host, each on a worker of its own (migrate.admission).
 #: A destination needs one or two (bulk, pre-copy) plus those of a dropped link not yet noticed as dead.
 CALLS = (CallClass("bulk streams", ("/migrate.v1.Pages/",), per_peer=8, total=16),)
+
+
+@dataclass
+class _Message:
+    """The batches of one PageBatches message to send: pieces of a request's runs, MAX_BULK_PAGES in all."""
+
+    req_id: int
+    pieces: list[Run]
+    pages: int
+
+
+def _messages(runs: list[Run], req_id: int) -> Iterator[_Message]:
+    """A request's runs, in order, as messages of at most MAX_BULK_PAGES pages, a batch per piece: a run
+    that fits in one message is not split, a longer one is cut every MAX_BULK_PAGES pages."""
+    pieces: list[Run] = []
+    pages = 0
+    for first, count in runs:
+        while count:
+            take = min(count, MAX_BULK_PAGES)
+            if pages + take > MAX_BULK_PAGES:
+                yield _Message(req_id, pieces, pages)
+                pieces, pages = [], 0
+            pieces.append((first, take))
+            pages += take
+            first, count = first + take, count - take
+    if pieces:
+        yield _Message(req_id, pieces, pages)
 
 
 class BulkPages(pb_grpc.PagesServicer):
@@ -85,17 +113,17 @@ class BulkPages(pb_grpc.PagesServicer):
         self.bytes = 0
         self.compressed_batches = 0
 
-    def _encode(self, req: pb.BulkRequest, compress: bool) -> EncodedBatch:
-        """The batch for `req`, framed for a PageBatches message."""
+    def _encode(self, message: _Message, compress: bool) -> EncodedBatch:
+        """One PageBatches message: a batch per piece of `message`."""
         key = "zstd" if compress else "raw"
         enc = getattr(self._local, key, None)
         if enc is None:
             enc = BatchEncoder(self._mem, self._page_size, self._level if compress else None)
             setattr(self._local, key, enc)
         if not compress:
-            return enc.encode(req.first_page, req.count, req.req_id, framed=True)
+            return enc.encode_runs(message.pieces, message.req_id)
         t0 = time.monotonic()
-        batch = enc.encode(req.first_page, req.count, req.req_id, framed=True)
+        batch = enc.encode_runs(message.pieces, message.req_id)
         seconds = time.monotonic() - t0
         raw = batch.count * self._page_size
         with self._lock:  # moving averages of this host's compression speed and this guest's ratio
@@ -104,7 +132,7 @@ class BulkPages(pb_grpc.PagesServicer):
             self._ratio = 0.8 * self._ratio + 0.2 * len(batch.wire) / raw
         return batch
 
-    def _should_compress(self, last_send_s: float, req: pb.BulkRequest, local_peer: bool) -> bool:
+    def _should_compress(self, last_send_s: float, message: _Message, local_peer: bool) -> bool:
         """Per policy; for "auto": does the data compress, and would compressing hide behind the link's pace?"""
         if self._policy != "auto":
             return self._policy == "always"
@@ -115,7 +143,7 @@ class BulkPages(pb_grpc.PagesServicer):
             if self._skipped < _PROBE_EVERY:
                 return False
             self._skipped = 0
-        return last_send_s * self._threads > req.count * self._page_size / self._compress_bps
+        return last_send_s * self._threads > message.pages * self._page_size / self._compress_bps
 
     def _runs(self, req: pb.BulkRequest) -> list[Run] | str:
         """The runs `req` asks for, or why it is refused."""
@@ -153,11 +181,9 @@ class BulkPages(pb_grpc.PagesServicer):
                     if isinstance(runs, str):
                         put(runs)
                         return
-                    for start, length in runs:  # one stream: each run split into batches, in the order asked
-                        for first in range(start, start + length, MAX_BULK_PAGES):
-                            count = min(MAX_BULK_PAGES, start + length - first)
-                            if not put(pb.BulkRequest(first_page=first, count=count, req_id=req.req_id)):
-                                return
+                    for message in _messages(runs, req.req_id):
+                        if not put(message):
+                            return
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
             finally:
@@ -167,12 +193,11 @@ class BulkPages(pb_grpc.PagesServicer):
             wake()
         threading.Thread(target=read_requests, daemon=True, name="bulk-requests").start()
         local_peer = rpc.is_local_peer(context.peer())
-        pending: collections.deque[tuple[int, Future | EncodedBatch]] = collections.deque()  # (pages, batch)
-        pending_pages = 0
+        pending: collections.deque[Future | EncodedBatch] = collections.deque()
         ended = False
         last_send_s = 0.0
         while True:
-            while not ended and pending_pages < (self._threads + 1) * MAX_BULK_PAGES:
+            while not ended and len(pending) <= self._threads:
                 try:
                     item = incoming.get_nowait() if pending else incoming.get(timeout=_IDLE_CHECK_S)
                 except queue.Empty:
@@ -183,41 +208,23 @@ class BulkPages(pb_grpc.PagesServicer):
                     continue
                 if item is None:
                     ended = True
-                    continue
-                if isinstance(item, str):
+                elif isinstance(item, str):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
-                if self._should_compress(last_send_s, item, local_peer):
-                    pending.append((item.count, self._pool.submit(self._encode, item, True)))
+                elif self._should_compress(last_send_s, item, local_peer):
+                    pending.append(self._pool.submit(self._encode, item, True))
                 else:
-                    pending.append((item.count, self._encode(item, False)))
-                pending_pages += item.count
+                    pending.append(self._encode(item, False))
             if not pending:
                 return
-            wires = self._take_message(pending)
-            pending_pages -= sum(batch.count for batch in wires)
+            head = pending.popleft()
+            batch = head.result() if isinstance(head, Future) else head
             with self._lock:
-                self.pages += sum(batch.count for batch in wires)
-                self.bytes += sum(len(batch.wire) for batch in wires)
-                self.compressed_batches += sum(batch.compressed for batch in wires)
-            message = wires[0].wire if len(wires) == 1 else b"".join(batch.wire for batch in wires)
+                self.pages += batch.count
+                self.bytes += len(batch.wire)
+                self.compressed_batches += batch.compressed
             t0 = time.monotonic()
-            yield message
+            yield batch.wire
             last_send_s = time.monotonic() - t0
-
-    @staticmethod
-    def _take_message(pending: collections.deque[tuple[int, Future | EncodedBatch]]) -> list[EncodedBatch]:
-        """The batches of the next PageBatches message: the first in line, then those ready behind it
-        while they fit in MAX_BULK_PAGES (the short batches of a scattered set travel together)."""
-        out: list[EncodedBatch] = []
-        pages = 0
-        while pending:
-            count, head = pending[0]
-            if out and (pages + count > MAX_BULK_PAGES or isinstance(head, Future) and not head.done()):
-                break
-            pending.popleft()
-            out.append(head.result() if isinstance(head, Future) else head)
-            pages += count
-        return out
 
     def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "urgent requests go to the source agent, not the bulk server")
