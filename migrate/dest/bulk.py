@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from migrate import rpc, spawn
+from migrate._native import ffi, lib
 from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
                              batch_at, bulk_request)
 from migrate.bitmap import SharedBitmap
@@ -45,7 +46,7 @@ PLAN_RUNS = 4096
 
 
 class Planner:
-    """Chooses the next run of pages to ask for: missing and not yet asked, from
+    """Chooses the next runs of pages to ask for: missing and not yet asked, from
     the plan queue a policy fills first, else from the cursor.
 
     `asked` (pages asked for by any path) may be shared with the urgent path,
@@ -62,6 +63,8 @@ class Planner:
         self._queue: collections.deque[tuple[int, int]] = collections.deque()
         self._queue_lock = threading.Lock()
         self.planned = 0  # pages asked because the plan queue named them
+        self._runs = ffi.new("uint64_t[]", 2 * MAX_REQUEST_RUNS)
+        self._next = ffi.new("uint64_t *")
 
     def jump(self, page: int) -> None:
         """Go on from `page` next (the urgent path calls this where the guest faults).
@@ -90,52 +93,48 @@ class Planner:
         with self._queue_lock:
             self._queue.clear()
 
-    def _claim(self, page: int, stop: int, max_pages: int) -> tuple[int, int] | None:
-        """The first run of missing, unasked pages in [page, stop), at most max_pages, marked asked."""
-        while page < stop:
-            page = self._received.next_clear(page)
-            if page >= stop:
-                break
-            if self._asked.test(page):
-                page = self._asked.next_clear(page)
-                continue
-            end = min(page + max_pages, stop, self._received.next_set(page), self._asked.next_set(page))
-            if end <= page:  # installed by the urgent path between the two looks
-                page += 1
-                continue
-            self._asked.set_range(page, end - page)
-            return page, end - page
-        return None
+    def _claim(self, start: int, stop: int, max_pages: int, max_runs: int) -> tuple[list[Run], int]:
+        """Runs of missing, unasked pages in [start, stop), at most max_pages in max_runs runs, marked
+        asked (one native call), and where to go on from."""
+        n = lib.mig_bitmap_claim(self._received.ptr, self._asked.ptr, start, stop, max_pages, max_runs,
+                                 self._runs, self._next)
+        runs = self._runs
+        return [(runs[2 * i], runs[2 * i + 1]) for i in range(n)], int(self._next[0])
 
-    def _planned(self, max_pages: int) -> tuple[int, int] | None:
-        """The next run the plan queue names, or None once it is empty."""
+    def _planned(self, max_pages: int, max_runs: int) -> list[Run]:
+        """The next runs the plan queue names (none once it is empty)."""
+        out: list[Run] = []
+        pages = 0
         with self._queue_lock:
-            while self._queue:
+            while self._queue and pages < max_pages and len(out) < max_runs:
                 first, count = self._queue[0]
                 stop = min(first + count, self._received.nbits)
-                got = self._claim(first, stop, max_pages)
-                if got is None:
-                    self._queue.popleft()
-                    continue
-                end = got[0] + got[1]
-                if end < stop:
-                    self._queue[0] = (end, stop - end)
+                got, nxt = self._claim(first, stop, max_pages - pages, max_runs - len(out))
+                if nxt < stop:
+                    self._queue[0] = (nxt, stop - nxt)
                 else:
                     self._queue.popleft()
-                self.planned += got[1]
-                return got
-        return None
+                claimed = sum(n for _, n in got)
+                self.planned += claimed
+                pages += claimed
+                out += got
+        return out
 
-    def next_range(self, max_pages: int = MAX_REQUEST_PAGES) -> tuple[int, int] | None:
-        """(first, count <= max_pages) of missing, unasked pages, or None when there are none."""
+    def next_runs(self, max_pages: int = MAX_REQUEST_PAGES, max_runs: int = MAX_REQUEST_RUNS) -> list[Run]:
+        """Runs of missing, unasked pages, at most max_pages in max_runs runs (none when there are none):
+        the plan queue's first, then on from the cursor, then from the start."""
         self._take_jump()
-        if (got := self._planned(max_pages)) is not None:
-            return got
-        for start in (self._cursor, 0):
-            if (got := self._claim(start, self._received.nbits, max_pages)) is not None:
-                self._cursor = got[0] + got[1]
-                return got
-        return None
+        out = self._planned(max_pages, max_runs)
+        pages = sum(n for _, n in out)
+        for start, stop in ((self._cursor, self._received.nbits), (0, self._cursor)):
+            if pages >= max_pages or len(out) >= max_runs:
+                break
+            got, nxt = self._claim(start, stop, max_pages - pages, max_runs - len(out))
+            if got:
+                self._cursor = nxt
+            pages += sum(n for _, n in got)
+            out += got
+        return out
 
     def forget(self, first: int, count: int) -> None:
         """Pages asked for on a stream that broke: ask for them again."""
@@ -213,15 +212,6 @@ class BulkPuller:
         room = min(self._request_pages, self._window_pages - self._inflight_pages)
         return room if room >= min(self._request_pages, MAX_BULK_PAGES) else 0
 
-    def _take_runs(self, room: int) -> list[Run]:
-        """Runs to ask for next, `room` pages at most in MAX_REQUEST_RUNS runs: holes the guest's
-        faults left, or a policy's scattered plan, travel together in one request."""
-        runs: list[Run] = []
-        while room > 0 and len(runs) < MAX_REQUEST_RUNS and (rng := self._planner.next_range(room)) is not None:
-            runs.append(rng)
-            room -= rng[1]
-        return runs
-
     def requests(self) -> Iterator[pb.BulkRequest]:
         """The request stream of one call; it ends when that call is written off."""
         with self._cond:
@@ -233,7 +223,7 @@ class BulkPuller:
                     self._cond.wait()
                 if self._stop or generation != self._generation:
                     return
-                runs = self._take_runs(room)
+                runs = self._planner.next_runs(room)
                 if not runs:
                     if not self._inflight:
                         return
