@@ -18,10 +18,9 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from migrate import rpc, spawn
-from migrate._native import ffi, lib
 from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
                              batch_at, bulk_request)
-from migrate.bitmap import SharedBitmap
+from migrate.bitmap import SharedBitmap, claim_runs
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.proto import migrate_pb2 as pb
@@ -63,8 +62,6 @@ class Planner:
         self._queue: collections.deque[tuple[int, int]] = collections.deque()
         self._queue_lock = threading.Lock()
         self.planned = 0  # pages asked because the plan queue named them
-        self._runs = ffi.new("uint64_t[]", 2 * MAX_REQUEST_RUNS)
-        self._next = ffi.new("uint64_t *")
 
     def jump(self, page: int) -> None:
         """Go on from `page` next (the urgent path calls this where the guest faults).
@@ -94,12 +91,7 @@ class Planner:
             self._queue.clear()
 
     def _claim(self, start: int, stop: int, max_pages: int, max_runs: int) -> tuple[list[Run], int]:
-        """Runs of missing, unasked pages in [start, stop), at most max_pages in max_runs runs, marked
-        asked (one native call), and where to go on from."""
-        n = lib.mig_bitmap_claim(self._received.ptr, self._asked.ptr, start, stop, max_pages, max_runs,
-                                 self._runs, self._next)
-        runs = self._runs
-        return [(runs[2 * i], runs[2 * i + 1]) for i in range(n)], int(self._next[0])
+        return claim_runs(self._received, self._asked.ptr, start, stop, max_pages, max_runs)
 
     def _planned(self, max_pages: int, max_runs: int) -> list[Run]:
         """The next runs the plan queue names (none once it is empty)."""

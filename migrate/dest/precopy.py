@@ -35,9 +35,9 @@ import grpc
 from migrate import rpc
 from migrate.errors import os_error
 from migrate._native import ffi, lib
-from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, DecodedBatch, Run,
+from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, DecodedBatch,
                              bulk_request, unframe)
-from migrate.bitmap import SharedBitmap
+from migrate.bitmap import SharedBitmap, claim_runs
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.proto import migrate_pb2 as pb
@@ -186,25 +186,16 @@ class PrecopyPuller:
 
     def _requests(self, link: SourceLink, window: PageWindow, pacer: Pacer, wire0: int,
                   deadline: float) -> Iterator[pb.BulkRequest]:
-        """Requests for the missing pages, each up to REQUEST_PAGES in up to MAX_REQUEST_RUNS runs,
-        at most WINDOW_PAGES unanswered, paced."""
-        page, n = 0, self._received.nbits
-        runs: list[Run] = []
-        pages = 0
+        """Requests for the missing pages in page order, each up to REQUEST_PAGES in up to MAX_REQUEST_RUNS
+        runs (planned natively), at most WINDOW_PAGES unanswered, paced."""
+        asked = ffi.new("uint64_t[]", (self._received.nbits + 63) // 64)  # this stream's, freed with it
+        page = 0
         while True:
-            page = self._received.next_clear(page)
-            if page < n:
-                end = min(self._received.next_set(page), page + REQUEST_PAGES - pages)
-                if end <= page:  # the bit was set meanwhile (a fault installed the page)
-                    page += 1
-                    continue
-                runs.append((page, end - page))
-                pages += end - page
-                page = end
-                if pages < REQUEST_PAGES and len(runs) < MAX_REQUEST_RUNS:
-                    continue
+            runs, page = claim_runs(self._received, asked, page, self._received.nbits, REQUEST_PAGES,
+                                    MAX_REQUEST_RUNS)
             if not runs:
                 return
+            pages = sum(count for _, count in runs)
             pacer.wait(link.client.bytes_wire - wire0)
             while not window.acquire(pages, timeout=0.1):
                 if self._stop.is_set():
@@ -212,7 +203,6 @@ class PrecopyPuller:
             if self._stop.is_set() or time.monotonic() > deadline:
                 return
             yield bulk_request(self._run_id, 0, runs)
-            runs, pages = [], 0
 
     def _write(self, batch: DecodedBatch) -> None:
         """pwritev the batch's pages into the memfd: data runs from the batch, zero runs from a zero buffer."""
