@@ -57,7 +57,7 @@ def rate_label(rate: str) -> str:
 
 
 def one_run(src: str, dst: str, name: str, size: int, workload: str, rate: str, mode: str, warmup: float,
-            plane: str = "", verify: bool = False) -> dict:
+            plane: str = "", verify: bool = False, rounds: int = 10) -> dict:
     spec = pb.GuestSpec(size=size, workload=workload, seed=5, ops=OPS, threads=1,
                         ops_per_sec=ops_per_sec(rate, size), page_size=mmap.PAGESIZE)
     with AgentClient(src) as c:
@@ -65,7 +65,7 @@ def one_run(src: str, dst: str, name: str, size: int, workload: str, rate: str, 
     time.sleep(warmup)
     try:
         doc = orchestrator.migrate(name, src, dst, orchestrator.RunOptions(mode=mode, timeout=600, data_plane=plane,
-                                                                           verify=verify))
+                                                                           verify=verify, precopy_rounds=rounds))
     finally:
         for agent in (dst, src):
             with AgentClient(agent) as c:
@@ -77,7 +77,7 @@ def one_run(src: str, dst: str, name: str, size: int, workload: str, rate: str, 
             "rounds": len(doc["precopy"]["rounds"]), "parts": doc["downtime_parts"],
             "switch_reason": doc["precopy"].get("switch_reason", ""), "precopy": doc["precopy"],
             "postcopy_pages": doc["pages"]["total"] - doc["pages"]["before_resume"],
-            "verified": doc.get("verified")}
+            "verified": doc.get("verified"), "postcopy_s": doc["transfer_s"]}
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -100,13 +100,15 @@ def table(results: dict[tuple[str, str, str], list[dict]]) -> str:
 def rounds_text(row: dict) -> str:
     """One run's pre-copy rounds, why it switched and what post-copy had left."""
     pre = row["precopy"]
-    lines = [f"    round {r['round']}: sent {r['sent']} pages in {r['seconds']:.3f} s, "
+    lines = [f"    steps (s): {pre.get('stamps', {})}"]
+    lines += [f"    round {r['round']}: sent {r['sent']} pages in {r['seconds']:.3f} s ({r['wall_s']:.3f} s with its scan), "
              f"{r['dirty']} dirtied meanwhile ({r['dirty_rate']:.0f}/s)" for r in pre["rounds"]]
     lines += [f"    settle: dropped {s['discarded']}, then {s['dirty']} dirty" for s in pre.get("settle", [])]
     if pre.get("switch_reason"):
         lines.append(f"    switched: {pre['switch_reason']}")
     lines.append(f"    downtime parts {row['parts']}; left for post-copy: {row['postcopy_pages']} pages, "
-                 f"faulted {row['faulted']}")
+                 f"faulted {row['faulted']}; pre-copy {sum(r['seconds'] for r in pre['rounds']):.2f} s, "
+                 f"post-copy {row['postcopy_s']:.2f} s of {row['total_s']:.2f} s")
     return "\n".join(lines)
 
 
@@ -124,6 +126,8 @@ def main() -> int:
                     help="the data planes, comma-separated")
     ap.add_argument("--verify", action="store_true", help="check every migrated guest's memory (migrate run --verify)")
     ap.add_argument("--rounds", action="store_true", help="print each run's pre-copy rounds")
+    ap.add_argument("--precopy-rounds", type=int, default=orchestrator.RunOptions.precopy_rounds,
+                    help="most pre-copy rounds (migrate run --precopy-rounds)")
     args = ap.parse_args()
     size = parse_size(args.size)
     workloads, rates, modes = args.workloads.split(","), args.dirty_rates.split(","), args.modes.split(",")
@@ -143,7 +147,7 @@ def main() -> int:
         for rep in range(args.repeat):
             for workload, rate, plane, mode in results:
                 row = one_run(src.address, dst.address, f"b{rep}-{workload}-{rate}-{plane}-{mode}", size, workload,
-                              rate, mode, args.warmup, plane, args.verify)
+                              rate, mode, args.warmup, plane, args.verify, args.precopy_rounds)
                 results[(workload, rate, plane, mode)].append(row)
                 print(f"[{rep + 1}/{args.repeat}] {workload:13} {rate:>4} {plane:6} {mode:9} total "
                       f"{row['total_s']:.2f} s, downtime {row['downtime_ms']:.2f} ms, blocked {row['blocked_ms']:.0f} ms"
