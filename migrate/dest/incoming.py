@@ -31,7 +31,7 @@ from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
 from migrate.dest.paths import Memory, note_events
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
-from migrate.dest.precopy import PrecopyPuller, discard
+from migrate.dest.precopy import PrecopyPuller, discard, punch_left, unmark
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.planes import DataPlane, FaultPath, PageRoute
@@ -210,12 +210,19 @@ class IncomingRun:
             if self.phase != "prepared":
                 raise RuntimeError(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
             t0 = time.monotonic()
-            discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size)
-            reply = pb.PrecopyRoundReply(discarded=discarded, discard_ms=(time.monotonic() - t0) * 1000.0)
-            if pull:
-                got = self.precopy.pull(max_bandwidth, deadline_s)
+            if pull:  # the pull rewrites the stale pages: punch out only those it did not
+                unmarked = unmark(self.bitmap, stale)
+                reply = pb.PrecopyRoundReply(discarded=int.from_bytes(unmarked, "little").bit_count(),
+                                             discard_ms=(time.monotonic() - t0) * 1000.0)
+                try:
+                    got = self.precopy.pull(max_bandwidth, deadline_s)
+                finally:
+                    punch_left(self.guest.fd, self.bitmap, unmarked, self.spec.page_size)
                 reply.pages, reply.zero, reply.bytes_wire, reply.seconds = \
                     got.pages, got.zero, got.bytes_wire, got.seconds
+            else:
+                discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size)
+                reply = pb.PrecopyRoundReply(discarded=discarded, discard_ms=(time.monotonic() - t0) * 1000.0)
             reply.missing = self.page_count - self.bitmap.count()
             return reply
 

@@ -49,6 +49,12 @@ WINDOW_PAGES = 2048
 REQUEST_PAGES = WINDOW_PAGES // 2
 
 
+def _check_size(received: SharedBitmap, stale: bytes) -> None:
+    want = (received.nbits + 63) // 64 * 8
+    if len(stale) != want:
+        raise ValueError(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
+
+
 def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) -> tuple[int, int]:
     """Mark the received pages set in `stale` (bitmap wire format) not received and punch them out.
 
@@ -58,15 +64,41 @@ def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) ->
     """
     if not stale:
         return 0, 0
-    want = (received.nbits + 63) // 64 * 8
-    if len(stale) != want:
-        raise ValueError(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
+    _check_size(received, stale)
     runs = ffi.new("uint64_t *")
     with ffi.from_buffer("uint64_t[]", stale) as bits:
         n = lib.mig_discard_pages(memfd, received.ptr, bits, received.nbits, page_size, runs)
     if n < 0:
         raise os_error(-n, "discarding stale pages (fallocate PUNCH_HOLE)")
     return int(n), int(runs[0])
+
+
+def unmark(received: SharedBitmap, stale: bytes) -> bytes:
+    """Clear the received bits of the pages in `stale` (bitmap wire format) without punching them out:
+    a pull round that follows rewrites each in place (pwrite), so a punch would cost a fallocate per run
+    of a scattered set for nothing. Returns the pages unmarked, for `punch_left` after the round.
+
+    Plain stores: only while nothing else writes the bitmap (pre-copy, between the rounds' pulls).
+    """
+    if not stale:
+        return b""
+    _check_size(received, stale)
+    have = int.from_bytes(received.to_bytes(), "little")
+    lazy = int.from_bytes(stale, "little") & have
+    received.load_bytes((have & ~lazy).to_bytes(len(stale), "little"))
+    return lazy.to_bytes(len(stale), "little")
+
+
+def punch_left(memfd: int, received: SharedBitmap, unmarked: bytes, page_size: int) -> None:
+    """Punch out the unmarked pages the round did not rewrite (it was cut short or failed), as `discard`
+    would have: outside a round a clear bit must mean a hole."""
+    if not unmarked:
+        return
+    have = int.from_bytes(received.to_bytes(), "little")
+    left = int.from_bytes(unmarked, "little") & ~have
+    if left:
+        received.load_bytes((have | left).to_bytes(len(unmarked), "little"))  # present (stale) until punched
+        discard(memfd, received, left.to_bytes(len(unmarked), "little"), page_size)
 
 
 @dataclass
