@@ -133,8 +133,8 @@ _DATA_KEY = bytes([6 << 3 | 2])
 
 
 #: The key of PageBatches.batches (field 1, length-delimited) on the wire: a bulk stream's batches
-#: are encoded as such fields (BatchEncoder.encode(framed=True)), and any run of them, joined, is a
-#: serialized PageBatches.
+#: are encoded as such fields (BatchEncoder.encode_runs), and any run of them, joined, is a serialized
+#: PageBatches.
 _BATCHES_KEY = 1 << 3 | 2
 
 
@@ -184,9 +184,8 @@ class BatchEncoder:
         if level is not None:
             self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
 
-    def encode(self, first_page: int, count: int, req_id: int = 0, framed: bool = False) -> EncodedBatch:
-        """Pages [first_page, first_page + count) as one serialized PageBatch; `framed`: as one
-        `batches` field of a PageBatches (the Bulk stream's message: such fields joined are one).
+    def encode(self, first_page: int, count: int, req_id: int = 0) -> EncodedBatch:
+        """Pages [first_page, first_page + count) as one serialized PageBatch.
 
         Raw batches are serialized natively (pages.encode_batch). For one
         that may be compressed, the small fields are serialized as a message
@@ -194,10 +193,9 @@ class BatchEncoder:
         the page bytes are copied once, from the packing buffer into the
         wire bytes.
         """
-        key = _BATCHES_KEY if framed else 0
         if self._cctx is None:
-            return EncodedBatch(pages.encode_batch(self._mem, first_page, count, self._page_size, req_id, key),
-                                count, False)
+            return EncodedBatch(pages.encode_batch(self._mem, first_page, count, self._page_size, req_id), count,
+                                False)
         zero_runs, data, checksum = pages.pack_pages(self._mem, first_page, count, self._page_size)
         header = pb.PageBatch(req_id=req_id, first_page=first_page, count=count, zero_runs=zero_runs,
                               raw_len=len(data), checksum=checksum)
@@ -210,19 +208,22 @@ class BatchEncoder:
         parts = [header.SerializeToString()]
         if len(payload):
             parts += [_DATA_KEY, pages.varint(len(payload)), payload]
-        if framed:
-            parts[:0] = [bytes([key]), pages.varint(sum(len(p) for p in parts))]
         return EncodedBatch(b"".join(parts), count, header.encoding == pb.ZSTD)
 
-
     def encode_runs(self, runs: list[Run], req_id: int) -> EncodedBatch:
-        """A batch for each run (at most MAX_BULK_PAGES pages each), as one serialized PageBatches."""
+        """A batch for each run (at most MAX_BULK_PAGES pages each), as one serialized PageBatches: raw, in
+        one native call; compressed, a batch at a time."""
         count = sum(n for _, n in runs)
         if self._cctx is None:
             return EncodedBatch(pages.encode_runs(self._mem, runs, self._page_size, req_id, _BATCHES_KEY), count,
                                 False)
-        batches = [self.encode(first, n, req_id, framed=True) for first, n in runs]
-        return EncodedBatch(b"".join(b.wire for b in batches), count, any(b.compressed for b in batches))
+        parts: list[bytes] = []
+        compressed = False
+        for first, n in runs:
+            batch = self.encode(first, n, req_id)
+            parts += [bytes([_BATCHES_KEY]), pages.varint(len(batch.wire)), batch.wire]
+            compressed = compressed or batch.compressed
+        return EncodedBatch(b"".join(parts), count, compressed)
 
 
 @dataclass

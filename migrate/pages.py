@@ -29,8 +29,9 @@ class _Scratch(threading.local):
         self.digest = ffi.new("uint64_t *")
         self.end = ffi.new("uint64_t *")
 
-    def ensure(self, count: int, page_size: int, head_room: int = 0) -> None:
-        room = count * (page_size + lib.MIG_BATCH_ROOM_PER_PAGE) + lib.MIG_BATCH_ROOM_FIXED + head_room  # MIG_BATCH_ROOM
+    def ensure(self, count: int, page_size: int, extra: int = 0) -> None:
+        """Room for `count` pages (MIG_BATCH_ROOM) and `extra` bytes more."""
+        room = count * (page_size + lib.MIG_BATCH_ROOM_PER_PAGE) + lib.MIG_BATCH_ROOM_FIXED + extra
         if room > len(self.data):
             self.data = ffi.new("uint8_t[]", room)
         if count > self.capacity:
@@ -77,10 +78,6 @@ def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> Pack
     return Packed(ffi.unpack(s.runs, 2 * s.nruns[0]), memoryview(ffi.buffer(s.data, n)), int(s.digest[0]))
 
 
-#: Bytes kept free in front of an encoded batch for the key and length of an enclosing field.
-_FIELD_ROOM = 11
-
-
 def varint(n: int) -> bytes:
     """`n` as a protobuf varint."""
     out = bytearray()
@@ -91,30 +88,22 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_batch(mem: Buffer, first_page: int, count: int, page_size: int, req_id: int, field_key: int = 0) -> bytes:
+def encode_batch(mem: Buffer, first_page: int, count: int, page_size: int, req_id: int) -> bytes:
     """Pages [first_page, first_page + count) of `mem` as a serialized raw PageBatch.
 
     One native call does it all (on the source's urgent path every call
     that releases the GIL costs a wait to get it back); the pages are copied
-    into place once, then once more into the bytes returned. With
-    `field_key`, the batch comes as that length-delimited field of an
-    enclosing message (key and length in front), copied no more.
+    into place once, then once more into the bytes returned.
     """
     s = _scratch
     with ffi.from_buffer("uint8_t[]", mem) as src:
         _check_range(len(src), first_page, count, page_size)
-        s.ensure(count, page_size, _FIELD_ROOM)
+        s.ensure(count, page_size)
         start = lib.mig_encode_batch(src + first_page * page_size, count, page_size, req_id, first_page, s.runs,
-                                     len(s.runs) // 2, s.data + _FIELD_ROOM, len(s.data) - _FIELD_ROOM, s.end)
+                                     len(s.runs) // 2, s.data, len(s.data), s.end)
     if start < 0:
         raise os_error(-start, f"mig_encode_batch first_page={first_page} count={count}")
-    start += _FIELD_ROOM
-    end = s.end[0] + _FIELD_ROOM
-    if field_key:
-        prefix = bytes([field_key]) + varint(end - start)
-        start -= len(prefix)
-        ffi.memmove(s.data + start, prefix, len(prefix))
-    return ffi.buffer(s.data + start, end - start)[:]
+    return ffi.buffer(s.data + start, s.end[0] - start)[:]
 
 
 def encode_runs(mem: Buffer, runs: Sequence[tuple[int, int]], page_size: int, req_id: int, field_key: int) -> bytes:

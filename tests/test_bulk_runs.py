@@ -30,10 +30,11 @@ def ram() -> bytes:
     return b"".join(bytes(PAGE) if p % 3 == 0 else rng.randbytes(PAGE) for p in range(NPAGES))
 
 
-@pytest.fixture
-def bulk(ram: bytes):
+@pytest.fixture(params=["never", "always"])
+def bulk(ram: bytes, request: pytest.FixtureRequest):
+    """A bulk server over `ram`, raw or compressing every batch; a function that streams requests to it."""
     server = rpc.server(CALLS)
-    add_pages_servicer(BulkPages(memoryview(ram), PAGE, RUN_ID, 1, "never", 2), server)
+    add_pages_servicer(BulkPages(memoryview(ram), PAGE, RUN_ID, 1, request.param, 2), server)
     port = rpc.bind(server, "127.0.0.1:0")
     server.start()
     channel = rpc.channel(f"127.0.0.1:{port}", purpose="test-bulk-runs")
