@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -31,8 +32,39 @@ MAX_BULK_PAGES = 128
 #: Most pages one bulk request may ask for: few requests keep the stream
 #: flowing like a push, without a round trip per batch.
 MAX_REQUEST_PAGES = 4096
+#: Most runs one bulk request may carry: a scattered set (a dirty set, the
+#: holes faults leave) travels in few requests, as on the native plane.
+MAX_REQUEST_RUNS = 256
 #: Compress only when it saves at least this fraction of the bytes.
 _WORTH_IT = 0.92
+
+
+Run = tuple[int, int]  # (first page, count)
+
+
+def bulk_request(run_id: str, req_id: int, runs: list[Run]) -> pb.BulkRequest:
+    """A Pages.Bulk request for `runs`, in order (at most MAX_REQUEST_RUNS runs, MAX_REQUEST_PAGES pages)."""
+    (first, count), rest = runs[0], runs[1:]
+    return pb.BulkRequest(run_id=run_id, req_id=req_id, first_page=first, count=count,
+                          runs=[pb.PageRun(first_page=f, count=c) for f, c in rest])
+
+
+class BulkRequestError(ValueError):
+    """A Pages.Bulk request the source refuses: too large, an empty run, pages out of range."""
+
+
+def request_runs(req: pb.BulkRequest, page_count: int) -> list[Run]:
+    """The runs a Pages.Bulk request asks for, in order; BulkRequestError if it breaks a limit."""
+    runs = [(req.first_page, req.count)] if req.count else []
+    runs.extend((r.first_page, r.count) for r in req.runs)
+    pages = sum(count for _, count in runs)
+    if not runs or len(runs) > MAX_REQUEST_RUNS or pages > MAX_REQUEST_PAGES:
+        raise BulkRequestError(f"a request for {pages} pages in {len(runs)} runs (at most {MAX_REQUEST_PAGES} "
+                               f"pages in {MAX_REQUEST_RUNS} runs)")
+    for first, count in runs:
+        if count == 0 or first + count > page_count:
+            raise BulkRequestError(f"bad page range [{first}, +{count}) for {page_count} pages")
+    return runs
 
 
 class PagesClient:
@@ -100,13 +132,31 @@ class EncodedBatch:
 _DATA_KEY = bytes([6 << 3 | 2])
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+#: The key of PageBatches.batches (field 1, length-delimited) on the wire: a bulk stream's batches
+#: are encoded as such fields (BatchEncoder.encode_runs), and any run of them, joined, is a serialized
+#: PageBatches.
+_BATCHES_KEY = 1 << 3 | 2
+
+
+def batch_at(message: bytes | memoryview, pos: int) -> tuple[memoryview, int]:
+    """The serialized PageBatch in the `batches` field at offset `pos` of a serialized PageBatches, without
+    copying it, and the offset after it; BatchError if no such field is there whole."""
+    length = ffi.new("uint64_t *")
+    with ffi.from_buffer("uint8_t[]", message) as src:
+        at = lib.mig_next_field(src, len(message), pos, _BATCHES_KEY, length)
+    if at < 0:
+        raise BatchError(f"no whole batch at byte {pos} of a {len(message)}-byte bulk message")
+    end = at + length[0]
+    return memoryview(message)[at:end], end
+
+
+def unframe(message: bytes | memoryview) -> Iterator[memoryview]:
+    """The serialized PageBatch messages in a serialized PageBatches, in order, without copying them;
+    BatchError (once those before are yielded) if it is not one."""
+    pos = 0
+    while pos < len(message):
+        raw, pos = batch_at(message, pos)
+        yield raw
 
 
 class BatchError(ValueError):
@@ -157,8 +207,23 @@ class BatchEncoder:
                 payload = packed
         parts = [header.SerializeToString()]
         if len(payload):
-            parts += [_DATA_KEY, _varint(len(payload)), payload]
+            parts += [_DATA_KEY, pages.varint(len(payload)), payload]
         return EncodedBatch(b"".join(parts), count, header.encoding == pb.ZSTD)
+
+    def encode_runs(self, runs: list[Run], req_id: int) -> EncodedBatch:
+        """A batch for each run (at most MAX_BULK_PAGES pages each), as one serialized PageBatches: raw, in
+        one native call; compressed, a batch at a time."""
+        count = sum(n for _, n in runs)
+        if self._cctx is None:
+            return EncodedBatch(pages.encode_runs(self._mem, runs, self._page_size, req_id, _BATCHES_KEY), count,
+                                False)
+        parts: list[bytes] = []
+        compressed = False
+        for first, n in runs:
+            batch = self.encode(first, n, req_id)
+            parts += [bytes([_BATCHES_KEY]), pages.varint(len(batch.wire)), batch.wire]
+            compressed = compressed or batch.compressed
+        return EncodedBatch(b"".join(parts), count, compressed)
 
 
 @dataclass
@@ -168,6 +233,16 @@ class InstalledBatch:
     req_id: int
     count: int
     done: InstallStats
+
+
+@dataclass
+class InstalledBatches:
+    """What BatchDecoder.install_batches put in place, and where it stopped."""
+
+    answered: list[tuple[int, int]]  # (req_id, pages) of each batch installed, in order
+    done: InstallStats
+    pos: int                         # offset of the first batch not installed (the message's length: none)
+    error: int                       # why that batch was not: 0 (none), -EBADMSG, -EPROTONOSUPPORT (compressed)
 
 
 @dataclass
@@ -192,6 +267,9 @@ class _ParseBuffers(threading.local):
         self.data_bytes = ffi.new("uint64_t *")
         self.bad_run = ffi.new("uint32_t *")
         self.dctx = zstandard.ZstdDecompressor()
+        self.pos = ffi.new("uint64_t *")
+        self.err = ffi.new("int64_t *")
+        self.ids = ffi.new("uint64_t[]", 2 * MAX_BULK_PAGES)
 
 
 class BatchDecoder:
@@ -222,6 +300,26 @@ class BatchDecoder:
         if r < 0:
             raise os_error(-r, f"mig_install_batch first_page={buf.batch.first_page} count={buf.batch.count}")
         return InstalledBatch(buf.batch.req_id, buf.batch.count, install_stats(buf.stats))
+
+    def install_batches(self, message: bytes, pos: int, reader: FaultReader, bitmap: SharedBitmap) -> InstalledBatches:
+        """Install the raw batches of a serialized PageBatches message from offset `pos` on, in one native call.
+
+        Stops at a batch it cannot install: its offset and error say which
+        (install it with `install`, which refuses it or decompresses it);
+        raises OSError for an install that failed.
+        """
+        buf = self._local
+        buf.pos[0] = pos
+        with ffi.from_buffer("uint8_t[]", message) as src:
+            n = lib.mig_install_batches(*reader.target(bitmap), self._page_count, src, len(message), _BATCHES_KEY,
+                                        buf.pos, buf.runs, _MAX_RUN_VALUES, buf.batch, buf.ids, MAX_BULK_PAGES,
+                                        buf.err, buf.stats)
+        err = int(buf.err[0])
+        if err < 0 and err not in (-errno.EBADMSG, -errno.EPROTONOSUPPORT):
+            raise os_error(-err, f"mig_install_batches first_page={buf.batch.first_page} count={buf.batch.count}")
+        ids = buf.ids
+        return InstalledBatches([(ids[2 * i], ids[2 * i + 1]) for i in range(n)], install_stats(buf.stats),
+                                int(buf.pos[0]), err)
 
     def decode(self, raw: bytes) -> DecodedBatch:
         """The batch in `raw`, checked (shape, size, checksum); raises BatchError."""

@@ -105,6 +105,16 @@ class SharedBitmap:
         """First set bit at or after `start`, or nbits if there is none."""
         return lib.mig_bitmap_next_set(self.ptr, self._nbits, max(start, 0))
 
+    def runs(self, most: int) -> list[tuple[int, int]]:
+        """The first `most` runs of set bits, (first, count) in order."""
+        out: list[tuple[int, int]] = []
+        bit = self.next_set(0)
+        while bit < self.nbits and len(out) < most:
+            end = self.next_clear(bit)
+            out.append((bit, end - bit))
+            bit = self.next_set(end)
+        return out
+
     def is_full(self) -> bool:
         return self.next_clear(0) == self._nbits
 
@@ -143,3 +153,15 @@ class SharedBitmap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def claim_runs(received: SharedBitmap, asked: object, start: int, stop: int, max_pages: int,
+               max_runs: int) -> tuple[list[tuple[int, int]], int]:
+    """Runs (first, count) of pages clear in `received` and in `asked` (a bitmap's `ptr`, or any uint64_t
+    array as long), in [start, stop), at most max_pages in max_runs runs, set in `asked` as they are
+    claimed (mig_bitmap_claim: one native call); and where to go on from."""
+    runs = ffi.new("uint64_t[]", 2 * max_runs)
+    nxt = ffi.new("uint64_t *")
+    n = lib.mig_bitmap_claim(received.ptr, asked, start, stop, max_pages, max_runs, runs, nxt)
+    return [(runs[2 * i], runs[2 * i + 1]) for i in range(n)], int(nxt[0])
+

@@ -6,9 +6,15 @@ while they pay off. The policy switches when the first of these holds:
 
 * the dirty set fits what the link moves within the target downtime
   (`max_downtime_ms`): copying or discarding it is cheap;
-* the dirty set stopped shrinking: the guest wrote again at least 90% as
-  many pages as the round sent (a round sends the previous dirty set), so
-  it dirties as fast as the link copies and more rounds only burn bandwidth;
+* the dirty set stopped shrinking: the guest wrote again at least a share
+  `shrink` of the pages the round sent (a round sends the previous dirty
+  set), so it dirties about as fast as the link copies and more rounds only
+  burn bandwidth. For precopy that share is 90%: every page left is copied
+  while the guest is paused. For hybrid it is 50%: what is left goes after
+  the switch anyway, pushed first (the destination plans it ahead of the
+  rest), so a round that does not halve it adds its time to the total and
+  saves little blocked time (a hot set is written again faster than any
+  round can send it);
 * the round or time budget (`rounds`, `seconds`) is spent.
 
 Every condition is checked after each round and a round always ends, so
@@ -18,8 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: A round must leave fewer dirty pages than this fraction of the pages it sent to count as progress.
+#: A round must leave fewer dirty pages than this fraction of the pages it sent to count as progress:
+#: precopy's default, and hybrid's.
 SHRINK = 0.9
+HYBRID_SHRINK = 0.5
 
 
 @dataclass
@@ -27,6 +35,7 @@ class Limits:
     rounds: int = 10              # most pre-copy rounds (the first sends everything)
     seconds: float = 0.0          # most seconds of pre-copy, 0: no limit
     max_downtime_ms: float = 20.0
+    shrink: float = SHRINK        # see the module's docstring
 
 
 @dataclass
@@ -64,7 +73,7 @@ def switch_reason(rounds: list[Round], elapsed_s: float, limits: Limits) -> str 
     budget = link_pages_per_s(rounds) * limits.max_downtime_ms / 1000.0
     if last.dirty <= budget:
         return f"dirty set ({last.dirty} pages) fits the {limits.max_downtime_ms:g} ms downtime target"
-    if last.dirty >= SHRINK * last.sent:
+    if last.dirty >= limits.shrink * last.sent:
         return f"dirty set stopped shrinking ({last.sent} pages sent, {last.dirty} written again)"
     if len(rounds) >= limits.rounds:
         return f"round limit ({limits.rounds}) reached"

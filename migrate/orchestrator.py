@@ -67,7 +67,8 @@ class RunOptions:
 
     def limits(self) -> convergence.Limits:
         return convergence.Limits(rounds=self.precopy_rounds, seconds=self.precopy_seconds,
-                                  max_downtime_ms=self.max_downtime_ms)
+                                  max_downtime_ms=self.max_downtime_ms,
+                                  shrink=convergence.HYBRID_SHRINK if self.mode == "hybrid" else convergence.SHRINK)
 
     def plane(self, tls: bool) -> DataPlane:
         """The data plane to use, `tls` saying whether TLS protects the agents' links."""
@@ -117,6 +118,14 @@ class PrecopyLog:
         self.switch_reason = ""
         self.fallback = ""
         self.switch_discarded = 0     # stale pages the destination dropped at switchover
+        self.stamps: dict[str, float] = {}  # seconds each step took, from the orchestrator's seat
+        self.round_wall: list[float] = []   # each round's seconds, its scan included
+
+    def stamp(self, step: str, since: float) -> float:
+        """Add the seconds since `since` to `step`; return now (monotonic)."""
+        now = time.monotonic()
+        self.stamps[step] = round(self.stamps.get(step, 0.0) + now - since, 4)
+        return now
 
     @property
     def bytes_wire(self) -> int:
@@ -130,7 +139,9 @@ class PrecopyLog:
         doc = {
             "rounds": [{"round": i + 1, "sent": r.sent, "discarded": r.discarded, "dirty": r.dirty,
                         "dirty_rate": round(r.dirty_rate, 1), "seconds": round(r.seconds, 4),
-                        "bytes": r.bytes_wire} for i, r in enumerate(self.rounds)],
+                        "wall_s": round(wall, 4), "bytes": r.bytes_wire}
+                       for i, (r, wall) in enumerate(zip(self.rounds, self.round_wall))],
+            "stamps": self.stamps,
             "settle": self.settle,
             "pages": self.pages,
             "bytes": self.bytes_wire,
@@ -172,6 +183,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
                                                                         data_plane=plane))
         run = pb.RunRef(run_id=prep.run_id)
         log = PrecopyLog()
+        t = log.stamp("prepare_outgoing", t0)
         if mode != "postcopy" and prep.tracking_error:
             log.fallback = f"{mode} needs write tracking; fell back to postcopy: {prep.tracking_error}"
             mode = "postcopy"
@@ -182,11 +194,15 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
                 run_id=prep.run_id, name=name, spec=prep.spec, mode=mode,
                 recovery_timeout_s=opts.recovery_timeout, policy=policy, working_set=working_set,
                 record_ws=bool(opts.record_ws))), timeout=120)
+            t = log.stamp("prepare_incoming", t)
             stale = _precopy(source, dest, run, opts, log) if mode != "postcopy" else b""
+            t = log.stamp("precopy", t)
             if before_switchover:
                 before_switchover()
+            t = time.monotonic()
             if mode == "hybrid":
                 stale = _settle(source, dest, run, stale, log)
+                t = log.stamp("settle", t)
             switch = source.call("Switchover", run)
             stale = union(stale, switch.dirty.bitmap)
             if mode == "precopy":  # stop-and-copy: the guest is paused meanwhile
@@ -205,6 +221,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             _roll_back(source, dest, run, err, name, src, dst)
             raise
         log.switch_discarded = started.discarded
+        log.stamp("switch", t)
         end = _finish_or_say(source, dest, name, run, prep.spec, opts, on_status, t0, src)
         if opts.record_ws:
             _save_working_set(opts.record_ws, prep.spec, end.status, stale)
@@ -353,6 +370,7 @@ def _precopy(source: AgentClient, dest: AgentClient, run: pb.RunRef, opts: RunOp
             deadline_s=max(left, 1e-3) if opts.precopy_seconds else 0.0), timeout=opts.timeout)
         dirty = source.call("ScanDirty", run)
         now = time.monotonic()
+        log.round_wall.append(now - last_scan)
         log.rounds.append(convergence.Round(sent=r.pages, discarded=r.discarded, seconds=r.seconds,
                                             bytes_wire=r.bytes_wire, dirty=dirty.pages,
                                             dirty_window_s=now - last_scan))

@@ -29,8 +29,9 @@ class _Scratch(threading.local):
         self.digest = ffi.new("uint64_t *")
         self.end = ffi.new("uint64_t *")
 
-    def ensure(self, count: int, page_size: int) -> None:
-        room = count * (page_size + lib.MIG_BATCH_ROOM_PER_PAGE) + lib.MIG_BATCH_ROOM_FIXED  # MIG_BATCH_ROOM
+    def ensure(self, count: int, page_size: int, extra: int = 0) -> None:
+        """Room for `count` pages (MIG_BATCH_ROOM) and `extra` bytes more."""
+        room = count * (page_size + lib.MIG_BATCH_ROOM_PER_PAGE) + lib.MIG_BATCH_ROOM_FIXED + extra
         if room > len(self.data):
             self.data = ffi.new("uint8_t[]", room)
         if count > self.capacity:
@@ -77,6 +78,16 @@ def pack_pages(mem: Buffer, first_page: int, count: int, page_size: int) -> Pack
     return Packed(ffi.unpack(s.runs, 2 * s.nruns[0]), memoryview(ffi.buffer(s.data, n)), int(s.digest[0]))
 
 
+def varint(n: int) -> bytes:
+    """`n` as a protobuf varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def encode_batch(mem: Buffer, first_page: int, count: int, page_size: int, req_id: int) -> bytes:
     """Pages [first_page, first_page + count) of `mem` as a serialized raw PageBatch.
 
@@ -93,6 +104,21 @@ def encode_batch(mem: Buffer, first_page: int, count: int, page_size: int, req_i
     if start < 0:
         raise os_error(-start, f"mig_encode_batch first_page={first_page} count={count}")
     return ffi.buffer(s.data + start, s.end[0] - start)[:]
+
+
+def encode_runs(mem: Buffer, runs: Sequence[tuple[int, int]], page_size: int, req_id: int, field_key: int) -> bytes:
+    """Raw PageBatch messages, one per run of `mem`'s pages, each as the length-delimited field `field_key` of
+    an enclosing message: one native call for many short batches (a scattered set's)."""
+    s = _scratch
+    pages = sum(count for _, count in runs)
+    flat = ffi.new("uint64_t[]", [v for run in runs for v in run])
+    with ffi.from_buffer("uint8_t[]", mem) as src:
+        s.ensure(pages, page_size, len(runs) * (lib.MIG_BATCH_ROOM_FIXED + lib.MIG_FIELD_ROOM))
+        n = lib.mig_encode_runs(src, len(src) // page_size, flat, len(runs), page_size, req_id, field_key, s.runs,
+                                len(s.runs) // 2, s.data, len(s.data))
+    if n < 0:
+        raise os_error(-n, f"mig_encode_runs of {len(runs)} runs, {pages} pages")
+    return ffi.buffer(s.data, n)[:]
 
 
 def checksum(data: Buffer) -> int:

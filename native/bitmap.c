@@ -95,3 +95,50 @@ void mig_bitmap_unmap(uint64_t *bm, uint64_t size)
 {
     munmap(bm, size);
 }
+
+uint32_t mig_bitmap_claim(const uint64_t *received, uint64_t *asked, uint64_t start, uint64_t stop,
+                          uint64_t max_pages, uint32_t max_runs, uint64_t *runs, uint64_t *next)
+{
+    uint32_t n = 0;
+    uint64_t pages = 0, bit = start;
+    while (bit < stop && pages < max_pages) {
+        uint64_t w = bit / WORD_BITS;
+        unsigned lo = bit % WORD_BITS;
+        unsigned hi = stop - w * WORD_BITS < WORD_BITS ? (unsigned)(stop - w * WORD_BITS) : WORD_BITS;
+        uint64_t avail = ~(__atomic_load_n(&received[w], __ATOMIC_ACQUIRE) |
+                           __atomic_load_n(&asked[w], __ATOMIC_ACQUIRE)) & word_mask(lo, hi);
+        while (avail && pages < max_pages) {
+            unsigned from = (unsigned)__builtin_ctzll(avail);
+            uint64_t rest = ~(avail >> from);
+            unsigned len = rest ? (unsigned)__builtin_ctzll(rest) : WORD_BITS - from;
+            if (len > max_pages - pages)
+                len = (unsigned)(max_pages - pages);
+            uint64_t first = w * WORD_BITS + from;
+            int extends = n && runs[2 * n - 2] + runs[2 * n - 1] == first;
+            if (!extends && n == max_runs) {
+                *next = first;
+                return n;
+            }
+            uint64_t m = word_mask(from, from + len);
+            avail &= ~m;
+            uint64_t prev = __atomic_fetch_or(&asked[w], m, __ATOMIC_ACQ_REL);
+            if (prev & m) { /* raced with another claimer: give back what this call set, leave the rest */
+                __atomic_fetch_and(&asked[w], ~(m & ~prev), __ATOMIC_RELEASE);
+                continue;
+            }
+            if (extends) {
+                runs[2 * n - 1] += len;
+            } else {
+                runs[2 * n] = first;
+                runs[2 * n + 1] = len;
+                n++;
+            }
+            pages += len;
+            bit = first + len;
+        }
+        if (pages < max_pages)
+            bit = w * WORD_BITS + hi;
+    }
+    *next = bit;
+    return n;
+}

@@ -22,6 +22,15 @@ uint64_t mig_bitmap_next_set(const uint64_t *bm, uint64_t nbits, uint64_t start)
  * descriptor (NULL and errno on failure); mig_bitmap_unmap undoes it. */
 uint64_t *mig_bitmap_map(int fd, uint64_t size);
 void mig_bitmap_unmap(uint64_t *bm, uint64_t size);
+/* Claim pages missing from `received` and not in `asked`, in [start, stop),
+ * in order: at most max_pages pages in at most max_runs runs, written to runs
+ * as (first, count) pairs. A page is claimed by setting its `asked` bit
+ * atomically: a page another thread claims meanwhile is left to it. Returns
+ * the number of runs; *next is where to go on from. One call plans a bulk
+ * request of many runs (a scattered set) where a bit-by-bit walk from
+ * Python cost more than moving the pages. */
+uint32_t mig_bitmap_claim(const uint64_t *received, uint64_t *asked, uint64_t start, uint64_t stop,
+                          uint64_t max_pages, uint32_t max_runs, uint64_t *runs, uint64_t *next);
 /* cffi: end */
 
 #endif

@@ -221,3 +221,50 @@ int mig_check_batch(const struct mig_batch *b, const uint32_t *runs, uint64_t np
     *data_bytes = (b->count - (uint64_t)zero_pages) * page_size;
     return b->raw_len == *data_bytes ? MIG_BATCH_OK : MIG_BATCH_SIZE;
 }
+
+int64_t mig_encode_runs(const uint8_t *mem, uint64_t mem_pages, const uint64_t *runs, uint32_t nruns,
+                        uint32_t page_size, uint64_t req_id, uint8_t field_key, uint32_t *zruns, uint32_t max_zruns,
+                        uint8_t *out, uint64_t out_len)
+{
+    uint64_t pos = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        uint64_t first = runs[2 * i], count = runs[2 * i + 1], end;
+        if (count == 0 || count > UINT32_MAX || first > mem_pages || count > mem_pages - first)
+            return -EINVAL;
+        if (out_len - pos < MIG_FIELD_ROOM)
+            return -ENOSPC;
+        /* Encoded after room for the field's key and length, then moved down against them. */
+        uint8_t *room = out + pos + MIG_FIELD_ROOM;
+        int64_t start = mig_encode_batch(mem + first * page_size, (uint32_t)count, page_size, req_id, first, zruns,
+                                         max_zruns, room, out_len - pos - MIG_FIELD_ROOM, &end);
+        if (start < 0)
+            return start;
+        uint64_t blen = end - (uint64_t)start;
+        uint8_t *p = out + pos;
+        *p++ = field_key;
+        p = put_varint(p, blen);
+        memmove(p, room + start, blen);
+        pos = (uint64_t)(p - out) + blen;
+    }
+    return (int64_t)pos;
+}
+
+int64_t mig_next_field(const uint8_t *buf, uint64_t len, uint64_t pos, uint8_t key, uint64_t *field_len)
+{
+    if (pos >= len || buf[pos] != key)
+        return -EINVAL;
+    pos++;
+    uint64_t v = 0;
+    for (unsigned shift = 0;; shift += 7) {
+        if (pos >= len || shift > 63)
+            return -EINVAL;
+        uint8_t byte = buf[pos++];
+        v |= (uint64_t)(byte & 0x7f) << shift;
+        if (byte < 0x80)
+            break;
+    }
+    if (v > len - pos)
+        return -EINVAL;
+    *field_len = v;
+    return (int64_t)pos;
+}

@@ -43,6 +43,25 @@ int64_t mig_encode_batch(const uint8_t *src, uint32_t npages, uint32_t page_size
                          uint64_t first_page, uint32_t *runs, uint32_t max_runs, uint8_t *out, uint64_t out_len,
                          uint64_t *end);
 
+/* Room in front of a field's contents for its key and length (a varint). */
+#define MIG_FIELD_ROOM 11
+
+/* Serialize the runs (first, count pairs: nruns of them, each inside mem's
+ * mem_pages pages) as consecutive raw PageBatch messages, each as a
+ * length-delimited field `field_key` of an enclosing message (a bulk
+ * stream's PageBatches): one call for a message of many short batches.
+ * out needs the sum of MIG_BATCH_ROOM + MIG_FIELD_ROOM over the runs.
+ * Returns the bytes written at out, -EINVAL for an empty run or one outside
+ * mem, or -ENOSPC. */
+int64_t mig_encode_runs(const uint8_t *mem, uint64_t mem_pages, const uint64_t *runs, uint32_t nruns,
+                        uint32_t page_size, uint64_t req_id, uint8_t field_key, uint32_t *zruns, uint32_t max_zruns,
+                        uint8_t *out, uint64_t out_len);
+
+/* The length-delimited field `key` at offset pos of (buf, len): returns the
+ * offset of its contents (*field_len bytes, inside the buffer), or -EINVAL
+ * for another key, a bad length or one past the end. */
+int64_t mig_next_field(const uint8_t *buf, uint64_t len, uint64_t pos, uint8_t key, uint64_t *field_len);
+
 /* The fields of a serialized PageBatch (proto/migrate.proto). data_off and
  * data_len locate the data field inside the buffer parsed: the pages are
  * never copied out of it. data_digest is mig_digest of the data field as it

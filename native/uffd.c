@@ -760,6 +760,41 @@ int64_t mig_install_batch(struct mig_space *s, uint64_t *bitmap, uint64_t npages
     return install_pages(s, bitmap, b->first_page, b->count, runs, b->nzero_runs / 2, buf + b->data_off, st);
 }
 
+int64_t mig_install_batches(struct mig_space *s, uint64_t *bitmap, uint64_t npages, const uint8_t *buf,
+                            uint64_t len, uint8_t field_key, uint64_t *pos, uint32_t *runs, uint32_t max_runs,
+                            struct mig_batch *b, uint64_t *ids, uint32_t max_ids, int64_t *err,
+                            struct mig_install_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    *err = 0;
+    uint32_t n = 0;
+    while (*pos < len && n < max_ids) {
+        uint64_t blen;
+        int64_t at = mig_next_field(buf, len, *pos, field_key, &blen);
+        if (at < 0) {
+            *err = -EBADMSG;
+            break;
+        }
+        struct mig_install_stats one;
+        int64_t r = mig_install_batch(s, bitmap, npages, buf + at, blen, runs, max_runs, b, &one);
+        if (r < 0) {
+            *err = r;
+            break;
+        }
+        st->copied += one.copied;
+        st->zeroed += one.zeroed;
+        st->skipped += one.skipped;
+        st->eexist += one.eexist;
+        st->ioctls += one.ioctls;
+        st->done_ns = one.done_ns;
+        ids[2 * n] = b->req_id;
+        ids[2 * n + 1] = b->count;
+        n++;
+        *pos = (uint64_t)at + blen;
+    }
+    return n;
+}
+
 /* ---- dirty tracking: PAGEMAP_SCAN ---- */
 
 /* One PAGEMAP_SCAN: pages of [start, end) written since they were last

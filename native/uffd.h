@@ -228,4 +228,20 @@ int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t pag
                        uint64_t *bitmap, uint64_t first_page);
 /* cffi: end */
 
+/* cffi: begin */
+/* Install the batches of a serialized PageBatches message (a bulk stream's:
+ * each batch a length-delimited field `field_key`) from offset *pos on, in
+ * order, each as mig_install_batch does: one call for many short batches.
+ * ids gets (req_id, pages) of each batch installed (room for max_ids).
+ * Stops at the first batch it cannot install, or when ids is full, with
+ * *pos at that batch's field and *err its mig_install_batch error (0: none,
+ * all installed or ids full; -EBADMSG too for a field that is not a
+ * batches field); *pos is len once every batch is in. Returns the number
+ * of batches installed; *st sums their installs (done_ns: the last's). */
+int64_t mig_install_batches(struct mig_space *s, uint64_t *bitmap, uint64_t npages, const uint8_t *buf,
+                            uint64_t len, uint8_t field_key, uint64_t *pos, uint32_t *runs, uint32_t max_runs,
+                            struct mig_batch *b, uint64_t *ids, uint32_t max_ids, int64_t *err,
+                            struct mig_install_stats *st);
+/* cffi: end */
+
 #endif

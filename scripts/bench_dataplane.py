@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""The native data plane alone: a contiguous guest vs. a scattered set of pages (issue 11, item 6).
+"""A data plane alone: a contiguous guest vs. a scattered set of pages (issue 11, item 6).
 
-Two processes on loopback, no agents, no gRPC: a source process serving a
-memfd of incompressible RAM with a DataServer, and for every run a fresh
-destination process that restores an idle guest (a restore-mode runner, its
-memory registered with userfaultfd) and pulls with a NativeBulk. The
+Two processes on loopback, no agents: a source process serving a memfd of
+incompressible RAM (--plane native: a DataServer; grpc: the bulk server's
+Pages.Bulk), and for every run a fresh destination process that restores an
+idle guest (a restore-mode runner, its memory registered with userfaultfd)
+and pulls with the plane's bulk path (NativeBulk, BulkLoop). The
 "contiguous" case pulls all of RAM; the "scattered" case marks a random
 (1 - --fraction) of the pages received before the start, so the bulk path
 asks for the rest: single pages and short runs scattered over all of RAM.
@@ -16,7 +17,8 @@ runner is not counted, it sleeps), and the scattered/contiguous ratio (the
 target: >= 0.8). Cases alternate, --repeat times each: the machine is shared,
 so compare within one run.
 
-usage: python scripts/bench_dataplane.py [--size-mib 1024] [--fraction 0.2] [--repeat 3] [--json OUT]
+usage: python scripts/bench_dataplane.py [--plane native|grpc] [--size-mib 1024] [--fraction 0.2] [--repeat 3]
+                                        [--json OUT]
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ MiB = 1 << 20
 PAGE = mmap.PAGESIZE
 KEY = bytes(range(32))
 CASES = ("contiguous", "scattered")
+PLANES = ("native", "grpc")
+RUN_ID = "bench"
 
 
 def cpu_now() -> float:
@@ -65,8 +69,22 @@ def ask(proc: subprocess.Popen, line: str) -> str:
 
 # ------------------------------------------------------------------ the two roles
 
-def serve(memfd: int, size: int) -> None:
+def serve(plane: str, memfd: int, size: int) -> None:
     """Source role: serve the memfd; answer every stdin line with this process's CPU seconds."""
+    if plane == "grpc":
+        from migrate import rpc
+        from migrate.batches import add_pages_servicer
+        from migrate.source.bulk_server import CALLS, ENCODERS, BulkPages
+        mem = memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+        server = rpc.server(CALLS)
+        add_pages_servicer(BulkPages(mem, PAGE, RUN_ID, 1, "never", ENCODERS), server)
+        port = rpc.bind(server, "127.0.0.1:0")
+        server.start()
+        print(port, flush=True)
+        for _ in sys.stdin:
+            print(cpu_now(), flush=True)
+        server.stop(0).wait()
+        return
     from migrate.source.dataplane import DataServer
     with DataServer(memfd, size, PAGE, "127.0.0.1", key=KEY, compress="never") as server:
         server.freeze()  # nothing writes this RAM any more, as after a switchover: pages go out from the mapping
@@ -75,11 +93,12 @@ def serve(memfd: int, size: int) -> None:
             print(cpu_now(), flush=True)
 
 
-def pull(endpoint: str, size: int, fraction: float, seed: int) -> None:
+def pull(plane: str, endpoint: str, size: int, fraction: float, seed: int) -> None:
     """Destination role: restore an idle guest, mark all but a random `fraction` of its pages
     received (all of them missing when fraction is 1), pull the rest on "go", print the result."""
     from migrate._native import lib
     from migrate.bitmap import SharedBitmap
+    from migrate.dest.bulk import BulkLoop
     from migrate.dest.dataplane import NativeBulk
     from migrate.dest.paths import Memory
     from migrate.guest.process import GuestProcess, GuestSpec
@@ -100,13 +119,21 @@ def pull(endpoint: str, size: int, fraction: float, seed: int) -> None:
                 bits[page // 8] &= ~(1 << (page % 8))
             bitmap.load_bytes(bits)
         want = npages - bitmap.count()
-        bulk = NativeBulk(Memory.over(uffd, bitmap, guest.regions, PAGE), endpoint, KEY, recovery_timeout=10)
+        mem = Memory.over(uffd, bitmap, guest.regions, PAGE)
+        if plane == "grpc":
+            bulk = BulkLoop(mem, endpoint, RUN_ID, recovery_timeout=10)
+        else:
+            bulk = NativeBulk(mem, endpoint, KEY, recovery_timeout=10)
         print("ready", flush=True)
         sys.stdin.readline()
         cpu0, t0 = cpu_now(), time.perf_counter()
         bulk.start(0)
-        while lib.mig_dpd_wait(bulk.handle, 1000) == 0:
-            pass
+        if plane == "grpc":
+            while not bitmap.is_full() and not bulk.failure():
+                time.sleep(0.002)
+        else:
+            while lib.mig_dpd_wait(bulk.handle, 1000) == 0:
+                pass
         seconds, cpu = time.perf_counter() - t0, cpu_now() - cpu0
         bulk.stop()
         last = bulk.last
@@ -123,8 +150,8 @@ def pull(endpoint: str, size: int, fraction: float, seed: int) -> None:
 
 # ------------------------------------------------------------------ the driver
 
-def one_run(source: subprocess.Popen, endpoint: str, size: int, fraction: float, seed: int) -> dict:
-    dest = child("dest", endpoint, str(size), repr(fraction), str(seed))
+def one_run(plane: str, source: subprocess.Popen, endpoint: str, size: int, fraction: float, seed: int) -> dict:
+    dest = child("dest", plane, endpoint, str(size), repr(fraction), str(seed))
     try:
         if dest.stdout.readline().strip() != "ready":
             raise RuntimeError("the destination did not get ready")
@@ -143,6 +170,7 @@ def one_run(source: subprocess.Popen, endpoint: str, size: int, fraction: float,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--plane", choices=PLANES, default="native")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--fraction", type=float, default=0.2, help="share of the pages missing in the scattered case")
     ap.add_argument("--repeat", type=int, default=3)
@@ -155,14 +183,14 @@ def main() -> int:
     os.ftruncate(memfd, size)
     with mmap.mmap(memfd, size) as m:
         fill_random(m, seed=7)
-    source = child("source", str(memfd), str(size), pass_fds=(memfd,))
+    source = child("source", args.plane, str(memfd), str(size), pass_fds=(memfd,))
     cases = tuple(args.case or CASES)
     runs: dict[str, list[dict]] = {case: [] for case in cases}
     try:
         endpoint = f"127.0.0.1:{int(source.stdout.readline())}"
         for rep in range(args.repeat):
             for case in cases:
-                r = one_run(source, endpoint, size, 1.0 if case == "contiguous" else args.fraction, seed=rep)
+                r = one_run(args.plane, source, endpoint, size, 1.0 if case == "contiguous" else args.fraction, seed=rep)
                 runs[case].append(r)
                 print(f"{case:>10} #{rep + 1}: {r['mib']:7.1f} MiB at {r['mib_s']:7.1f} MiB/s, CPU ms/MiB source "
                       f"{r['src_ms_mib']:.2f} dest {r['dst_ms_mib']:.2f}, {r['pages_per_request']:.0f} pages/request,"
@@ -190,8 +218,8 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "source":
-        serve(int(sys.argv[2]), int(sys.argv[3]))
+        serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "dest":
-        pull(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+        pull(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]))
     else:
         sys.exit(main())

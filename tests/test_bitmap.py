@@ -137,14 +137,41 @@ def test_bulk_planner_asks_for_missing_pages_once_and_jumps_to_faults() -> None:
     received.set_range(10, 5)
     planner = Planner(received)
     try:
-        assert planner.next_range(100) == (0, 10)      # up to the received run
-        assert planner.next_range(100) == (15, 100)
+        assert planner.next_runs(100) == [(0, 10), (15, 90)]   # around the received run
+        assert planner.next_runs(10, max_runs=1) == [(105, 10)]
         planner.jump(600)
-        assert planner.next_range(50) == (600, 50)
+        assert planner.next_runs(50) == [(600, 50)]
         planner.forget(15, 100)
-        assert planner.next_range(1000) == (650, 350)  # on from the cursor first ...
-        assert planner.next_range(1000) == (15, 585)   # ... then from 0: forgotten and never asked
-        assert planner.next_range(1000) is None
+        assert planner.next_runs(1000) == [(650, 350), (15, 585)]  # on from the cursor first, then from 0
+        assert planner.next_runs(1000) == []
     finally:
         planner.close()
+        received.close()
+
+
+def test_bulk_planner_asks_for_a_scattered_set_in_few_requests() -> None:
+    """Scattered missing pages come many runs at a time, bounded in runs and pages; pages the plan queue
+    names first; a page another path asked is left out."""
+    from migrate.dest.bulk import Planner
+
+    received = SharedBitmap.create(4096)
+    received.set_range(0, 4096)
+    for page in range(0, 4096, 3):
+        received.clear_range(page)
+    asked = SharedBitmap.create(4096)
+    asked.set_range(6)  # the urgent path asked for page 6
+    planner = Planner(received, asked)
+    try:
+        planner.plan([(3000, 10)])
+        assert planner.next_runs(100, max_runs=5) == [(3000, 1), (3003, 1), (3006, 1), (3009, 1), (0, 1)]
+        assert planner.next_runs(3, max_runs=256) == [(3, 1), (9, 1), (12, 1)]
+        got = planner.next_runs(4096, max_runs=256)
+        assert len(got) == 256 and got[0] == (15, 1)
+        rest = [run for runs in iter(lambda: planner.next_runs(4096), []) for run in runs]
+        asked_pages = {3000, 3003, 3006, 3009, 0, 3, 9, 12} | {p for p, _ in got} | {p for p, _ in rest}
+        assert asked_pages == set(range(0, 4096, 3)) - {6}  # each missing page once, none the urgent path asked
+        assert planner.planned == 4
+    finally:
+        planner.close()
+        asked.close()
         received.close()

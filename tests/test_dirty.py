@@ -147,3 +147,32 @@ def test_discard_punches_pages_and_clears_their_bits():
         received.close()
         stale.close()
         os.close(fd)
+
+
+def test_a_pull_round_unmarks_stale_pages_and_punches_only_those_it_did_not_rewrite():
+    """Before a pull the stale pages' bits are cleared without a punch (the round rewrites them);
+    after it, the ones it did not rewrite (a round cut short) are punched: a clear bit is a hole again."""
+    from migrate.dest.precopy import punch_left, unmark
+
+    fd = create_memfd("unmark", 8 * P)
+    received = SharedBitmap.create(8)
+    stale = SharedBitmap.create(8)
+    try:
+        os.pwrite(fd, b"\x5a" * (8 * P), 0)
+        received.set_range(0, 7)  # page 7 was never received: a hole already
+        for page in (1, 2, 6, 7):
+            stale.set_range(page)
+        unmarked = unmark(received, stale.to_bytes())
+        assert [received.test(i) for i in range(8)] == [i not in (1, 2, 6, 7) for i in range(8)]
+        assert os.lseek(fd, P, os.SEEK_DATA) == P  # not punched: the round rewrites them
+        os.pwrite(fd, b"\x33" * P, 2 * P)         # the round rewrote page 2, then was cut short
+        received.set_range(2)
+        punch_left(fd, received, unmarked, P)
+        assert [received.test(i) for i in range(8)] == [i not in (1, 6, 7) for i in range(8)]
+        assert os.lseek(fd, P, os.SEEK_DATA) == 2 * P  # page 1 is a hole again
+        assert os.lseek(fd, 6 * P, os.SEEK_DATA) == 7 * P  # page 6 too (7, never received, is not ours)
+        assert os.pread(fd, P, 2 * P) == b"\x33" * P
+    finally:
+        received.close()
+        stale.close()
+        os.close(fd)

@@ -48,13 +48,16 @@ class OpenStream:
 
     def __init__(self, channel: grpc.Channel, method: str, timeout: float = 120.0) -> None:
         self._requests: queue.Queue = queue.Queue()
+        reply = pb.PageBatches if method == "Bulk" else pb.PageBatch
         multi = channel.stream_stream(f"/migrate.v1.Pages/{method}", request_serializer=lambda m: m.SerializeToString(),
-                                      response_deserializer=pb.PageBatch.FromString)
+                                      response_deserializer=reply.FromString)
         self.call = multi(iter(self._requests.get, None), metadata=rpc.METADATA, timeout=timeout)
 
     def ask(self, request: object) -> pb.PageBatch:
+        """The first batch of the reply."""
         self._requests.put(request)
-        return next(self.call)
+        reply = next(self.call)
+        return reply.batches[0] if isinstance(reply, pb.PageBatches) else reply
 
     def close(self) -> None:
         self.call.cancel()
@@ -145,11 +148,11 @@ def test_a_bulk_stream_that_ends_is_served_to_its_last_request(bulk_run) -> None
     ch = rpc.channel(bulk, purpose="hostile-bulk", credentials=CREDS)
     try:
         multi = ch.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=lambda m: m.SerializeToString(),
-                                 response_deserializer=pb.PageBatch.FromString)
-        batches = list(multi(iter(requests), metadata=rpc.METADATA, timeout=CALL_TIMEOUT))
+                                 response_deserializer=pb.PageBatches.FromString)
+        messages = list(multi(iter(requests), metadata=rpc.METADATA, timeout=CALL_TIMEOUT))
     finally:
         ch.close()
-    assert sum(b.count for b in batches) == 3 * BIG_REQUEST
+    assert sum(b.count for m in messages for b in m.batches) == 3 * BIG_REQUEST
 
 
 def test_idle_bulk_streams_are_bounded_per_peer(bulk_run) -> None:

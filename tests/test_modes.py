@@ -13,7 +13,7 @@ import pytest
 from test_cli import assert_clean_error, run_cli
 from test_migration import migrate_at
 
-from migrate import convergence
+from migrate import convergence, orchestrator
 from migrate.proto import migrate_pb2 as pb
 
 MiB = 1 << 20
@@ -96,6 +96,16 @@ def test_switch_policy():
     assert "round limit" in convergence.switch_reason(shrinking, 4.0, limits)
     timed = convergence.Limits(rounds=10, seconds=0.5, max_downtime_ms=10)
     assert "time limit" in convergence.switch_reason([first], 1.0, timed)
+    halved = convergence.Round(sent=5_000, discarded=5_000, seconds=0.5, bytes_wire=0, dirty=3_000,
+                               dirty_window_s=0.5)
+    assert convergence.switch_reason([first, halved], 1.5, limits) is None
+    hybrid = convergence.Limits(rounds=4, seconds=0, max_downtime_ms=10, shrink=convergence.HYBRID_SHRINK)
+    assert "stopped shrinking" in convergence.switch_reason([first, halved], 1.5, hybrid)
+
+
+def test_hybrid_stops_rounds_that_do_not_halve_the_dirty_set():
+    assert orchestrator.RunOptions(mode="hybrid").limits().shrink == convergence.HYBRID_SHRINK
+    assert orchestrator.RunOptions(mode="precopy").limits().shrink == convergence.SHRINK
 
 
 def test_cli_rejects_bad_mode_options():
@@ -123,3 +133,25 @@ def test_a_ballooning_guest_ends_with_the_memory_of_one_never_migrated(agents, m
     assert doc["verified"] is True, doc
     assert doc["pages"]["received"] == doc["pages"]["total"]
     assert doc["events"]["remove"] > 0 and doc["events"]["removed_pages"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_idle_guests_downtime_is_the_sum_of_its_parts(agents, mode):
+    """No guest operation across the switch: the report adds up the parts the agents timed (issue 11, item 7),
+    and every progress sample has a real timestamp (none before the run began)."""
+    doc = migrate_at(agents, f"idle-{mode}", pb.GuestSpec(size=8 * MiB, workload="idle", seed=1, ops=0,
+                                                          page_size=mmap.PAGESIZE), 0.0, mode=mode, timeout=120)
+    assert doc["verified"] is True
+    assert doc["downtime_ms"] == pytest.approx(sum(doc["downtime_parts"].values()), abs=0.01)
+    assert all(p["t_s"] >= -60 for p in doc["guest"]["progress"]), doc["guest"]["progress"]
+
+
+def test_hybrid_pushes_a_hot_set_written_to_the_end_first(agents, plane):
+    """A hotset guest writing fast until the switch (the issue's case, small): pre-copy leaves its hot
+    pages stale, the destination pushes them first after the switch, and the memory is right."""
+    doc = migrate_at(agents, "hot-hybrid", spec("hotset", size=32 * MiB, ops=400_000, rate=200_000), 0.3,
+                     mode="hybrid", timeout=120, data_plane=plane)
+    p, pre = doc["pages"], doc["precopy"]
+    assert doc["verified"] is True
+    assert pre["rounds"][0]["sent"] == p["total"] and pre["switch_reason"]
+    assert p["before_resume"] + p["pushed"] + p["faulted"] + p["recovered"] == p["total"], p

@@ -1,7 +1,7 @@
 """The destination's bulk path: pulls every page not yet received.
 
 It walks the received bitmap with a cursor, asks the source's bulk server
-for runs of missing pages (answered in batches of up to 512 KiB) keeping a
+for missing pages (many runs per request, answered in batches of up to 512 KiB) keeping a
 window of at most 6 MiB in flight, and installs each batch with as few
 ioctls as possible, from two threads. The urgent path tells it where the
 guest faults, and the cursor jumps there: the guest's working set arrives
@@ -18,11 +18,13 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from migrate import rpc, spawn
-from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchDecoder, BatchError
-from migrate.bitmap import SharedBitmap
+from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
+                             batch_at, bulk_request)
+from migrate.bitmap import SharedBitmap, claim_runs
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.proto import migrate_pb2 as pb
+from migrate.uffd import InstallStats
 
 #: Bulk requests in flight, in pages and in requests: enough to keep the link
 #: busy while batches install, even when the runs between faults are short.
@@ -43,7 +45,7 @@ PLAN_RUNS = 4096
 
 
 class Planner:
-    """Chooses the next run of pages to ask for: missing and not yet asked, from
+    """Chooses the next runs of pages to ask for: missing and not yet asked, from
     the plan queue a policy fills first, else from the cursor.
 
     `asked` (pages asked for by any path) may be shared with the urgent path,
@@ -88,52 +90,43 @@ class Planner:
         with self._queue_lock:
             self._queue.clear()
 
-    def _claim(self, page: int, stop: int, max_pages: int) -> tuple[int, int] | None:
-        """The first run of missing, unasked pages in [page, stop), at most max_pages, marked asked."""
-        while page < stop:
-            page = self._received.next_clear(page)
-            if page >= stop:
-                break
-            if self._asked.test(page):
-                page = self._asked.next_clear(page)
-                continue
-            end = min(page + max_pages, stop, self._received.next_set(page), self._asked.next_set(page))
-            if end <= page:  # installed by the urgent path between the two looks
-                page += 1
-                continue
-            self._asked.set_range(page, end - page)
-            return page, end - page
-        return None
+    def _claim(self, start: int, stop: int, max_pages: int, max_runs: int) -> tuple[list[Run], int]:
+        return claim_runs(self._received, self._asked.ptr, start, stop, max_pages, max_runs)
 
-    def _planned(self, max_pages: int) -> tuple[int, int] | None:
-        """The next run the plan queue names, or None once it is empty."""
+    def _planned(self, max_pages: int, max_runs: int) -> list[Run]:
+        """The next runs the plan queue names (none once it is empty)."""
+        out: list[Run] = []
+        pages = 0
         with self._queue_lock:
-            while self._queue:
+            while self._queue and pages < max_pages and len(out) < max_runs:
                 first, count = self._queue[0]
                 stop = min(first + count, self._received.nbits)
-                got = self._claim(first, stop, max_pages)
-                if got is None:
-                    self._queue.popleft()
-                    continue
-                end = got[0] + got[1]
-                if end < stop:
-                    self._queue[0] = (end, stop - end)
+                got, nxt = self._claim(first, stop, max_pages - pages, max_runs - len(out))
+                if nxt < stop:
+                    self._queue[0] = (nxt, stop - nxt)
                 else:
                     self._queue.popleft()
-                self.planned += got[1]
-                return got
-        return None
+                claimed = sum(n for _, n in got)
+                self.planned += claimed
+                pages += claimed
+                out += got
+        return out
 
-    def next_range(self, max_pages: int = MAX_REQUEST_PAGES) -> tuple[int, int] | None:
-        """(first, count <= max_pages) of missing, unasked pages, or None when there are none."""
+    def next_runs(self, max_pages: int = MAX_REQUEST_PAGES, max_runs: int = MAX_REQUEST_RUNS) -> list[Run]:
+        """Runs of missing, unasked pages, at most max_pages in max_runs runs (none when there are none):
+        the plan queue's first, then on from the cursor, then from the start."""
         self._take_jump()
-        if (got := self._planned(max_pages)) is not None:
-            return got
-        for start in (self._cursor, 0):
-            if (got := self._claim(start, self._received.nbits, max_pages)) is not None:
-                self._cursor = got[0] + got[1]
-                return got
-        return None
+        out = self._planned(max_pages, max_runs)
+        pages = sum(n for _, n in out)
+        for start, stop in ((self._cursor, self._received.nbits), (0, self._cursor)):
+            if pages >= max_pages or len(out) >= max_runs:
+                break
+            got, nxt = self._claim(start, stop, max_pages - pages, max_runs - len(out))
+            if got:
+                self._cursor = nxt
+            pages += sum(n for _, n in got)
+            out += got
+        return out
 
     def forget(self, first: int, count: int) -> None:
         """Pages asked for on a stream that broke: ask for them again."""
@@ -160,7 +153,7 @@ class BulkPuller:
         self._rate = max_bandwidth
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._cond = threading.Condition()
-        self._inflight: dict[int, tuple[int, int, int]] = {}  # req_id -> (first, count, pages still due)
+        self._inflight: dict[int, tuple[list[Run], int]] = {}  # req_id -> (runs, pages still due)
         self._inflight_pages = 0
         self._next_id = 1
         self._generation = 0                 # bumped when a broken stream's requests are written off
@@ -170,7 +163,8 @@ class BulkPuller:
         self._window_pages = WINDOW_PAGES
         self._t0, self._wire0 = time.monotonic(), 0
         self.set_bandwidth(max_bandwidth)
-        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0, "refused": 0}
+        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0, "refused": 0,
+                         "requests": 0}
 
     def set_bandwidth(self, max_bandwidth: int) -> None:
         """Pace at `max_bandwidth` bytes/s from now on (0: unlimited).
@@ -221,37 +215,58 @@ class BulkPuller:
                     self._cond.wait()
                 if self._stop or generation != self._generation:
                     return
-                rng = self._planner.next_range(room)
-                if rng is None:
+                runs = self._planner.next_runs(room)
+                if not runs:
                     if not self._inflight:
                         return
                     self._cond.wait(0.05)
                     continue
-                first, count = rng
+                count = sum(n for _, n in runs)
                 req_id = self._next_id
                 self._next_id += 1
-                self._inflight[req_id] = (first, count, count)
+                self._inflight[req_id] = (runs, count)
                 self._inflight_pages += count
-            yield pb.BulkRequest(run_id=self._run_id, first_page=first, count=count, req_id=req_id)
+                self.counters["requests"] += 1
+            yield bulk_request(self._run_id, req_id, runs)
 
-    def install(self, raw: bytes) -> None:
-        """Install one received batch (serialized), or plan its pages again if it is refused."""
+    def install(self, message: bytes) -> None:
+        """Install the batches of one received PageBatches message (serialized): the raw ones natively, all
+        at once; a compressed one decompressed here; a refused one's request planned again."""
+        pos, end = 0, len(message)
+        while pos < end:
+            got = self._decoder.install_batches(message, pos, self.mem.io, self.mem.bitmap)
+            self._answered(got.answered, got.done)
+            pos = got.pos
+            if pos < end and got.error:  # the batch at pos is compressed, or refused
+                try:
+                    raw, pos = batch_at(message, pos)
+                except BatchError as err:  # not a batch: nothing after it can be trusted
+                    self._ask_again(err)
+                    return
+                self._install(raw)
+
+    def _install(self, raw: memoryview) -> None:
         try:
             batch = self._decoder.install(raw, self.mem.io, self.mem.bitmap)
         except BatchError as err:
             self._ask_again(err)
             return
+        self._answered([(batch.req_id, batch.count)], batch.done)
+
+    def _answered(self, answered: list[tuple[int, int]], done: InstallStats) -> None:
+        """Count installed batches, (req_id, pages) each, against their requests."""
         with self._cond:
-            if batch.req_id in self._inflight:
-                first, count, due = self._inflight[batch.req_id]
-                due -= batch.count
-                self._inflight_pages -= batch.count
-                if due > 0:
-                    self._inflight[batch.req_id] = (first, count, due)
-                else:
-                    del self._inflight[batch.req_id]
-            self.mem.count(self.counters, batch.done)
-            self.counters["batches"] += 1
+            for req_id, count in answered:
+                if req_id in self._inflight:
+                    runs, due = self._inflight[req_id]
+                    due -= count
+                    self._inflight_pages -= count
+                    if due > 0:
+                        self._inflight[req_id] = (runs, due)
+                    else:
+                        del self._inflight[req_id]
+            self.mem.count(self.counters, done)
+            self.counters["batches"] += len(answered)
             self._cond.notify_all()
 
     def _ask_again(self, err: BatchError) -> None:
@@ -263,9 +278,9 @@ class BulkPuller:
             if err.req_id not in self._inflight:  # cannot tell which request: redo them all
                 self._write_off()
                 return
-            first, count, due = self._inflight.pop(err.req_id)
+            runs, due = self._inflight.pop(err.req_id)
             self._inflight_pages -= due
-            self._planner.forget(first, count)
+            self._forget(runs)
             self._cond.notify_all()
 
     def write_off_inflight(self) -> None:
@@ -275,9 +290,13 @@ class BulkPuller:
             self._generation += 1
             self._cond.notify_all()
 
-    def _write_off(self) -> None:
-        for first, count, _ in self._inflight.values():
+    def _forget(self, runs: list[Run]) -> None:
+        for first, count in runs:
             self._planner.forget(first, count)
+
+    def _write_off(self) -> None:
+        for runs, _ in self._inflight.values():
+            self._forget(runs)
         self._inflight.clear()
         self._inflight_pages = 0
 

@@ -26,12 +26,12 @@ import time
 
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
-from migrate.dest.bulk import BulkLoop
+from migrate.dest.bulk import PLAN_RUNS, BulkLoop
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
 from migrate.dest.paths import Memory, note_events
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
-from migrate.dest.precopy import PrecopyPuller, discard
+from migrate.dest.precopy import PrecopyPuller, discard, punch_left, unmark
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
 from migrate.planes import DataPlane, FaultPath, PageRoute
@@ -208,12 +208,19 @@ class IncomingRun:
             if self.phase != "prepared":
                 raise RuntimeError(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
             t0 = time.monotonic()
-            discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size)
-            reply = pb.PrecopyRoundReply(discarded=discarded, discard_ms=(time.monotonic() - t0) * 1000.0)
-            if pull:
-                got = self.precopy.pull(max_bandwidth, deadline_s)
+            if pull:  # the pull rewrites the stale pages: punch out only those it did not
+                unmarked = unmark(self.bitmap, stale)
+                reply = pb.PrecopyRoundReply(discarded=int.from_bytes(unmarked, "little").bit_count(),
+                                             discard_ms=(time.monotonic() - t0) * 1000.0)
+                try:
+                    got = self.precopy.pull(max_bandwidth, deadline_s)
+                finally:
+                    punch_left(self.guest.fd, self.bitmap, unmarked, self.spec.page_size)
                 reply.pages, reply.zero, reply.bytes_wire, reply.seconds = \
                     got.pages, got.zero, got.bytes_wire, got.seconds
+            else:
+                discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size)
+                reply = pb.PrecopyRoundReply(discarded=discarded, discard_ms=(time.monotonic() - t0) * 1000.0)
             reply.missing = self.page_count - self.bitmap.count()
             return reply
 
@@ -240,6 +247,8 @@ class IncomingRun:
                 self.guest.process.resume(state or None)
                 self.guest.state = "running"
             self._t_resume = time.monotonic()
+            if bulk is not None and stale:  # after the resume: it costs a walk of the bitmap
+                self._push_first(bulk, stale)
             if self.precopy is not None:  # after the resume: closing a channel takes a while
                 self.precopy.close()
             reply = pb.StartIncomingReply(resume_ms=(self._t_resume - t2) * 1000.0, discard_ms=(t1 - t0) * 1000.0,
@@ -258,6 +267,20 @@ class IncomingRun:
         if bulk is not None:
             bulk.start(max_bandwidth)
         return bulk
+
+    def _push_first(self, bulk: BulkLoop | NativeBulk, stale: bytes) -> None:
+        """Hybrid: the bulk path pushes the pages written last on the source first, as one scattered stream.
+
+        They were discarded here, and they are what the guest was using when
+        it paused: without this the bulk path reaches them in page order and
+        the guest faults on them one by one meanwhile. Queued ahead of
+        anything but the policy's first decision (its plan queue is bounded:
+        the rest of the set comes in page order).
+        """
+        with SharedBitmap.create(self.page_count) as written:
+            written.load_bytes(stale)
+            runs = written.runs(PLAN_RUNS)
+        log.info("run %s: the bulk path pushes first %d runs of pages written last", self.run_id, bulk.plan(runs))
 
     def _fetch_before_resume(self, bulk: BulkLoop | NativeBulk | None) -> None:
         """Wait until the policy's `before_resume` ranges are here (the bulk path fetches them first).

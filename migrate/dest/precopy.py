@@ -35,14 +35,24 @@ import grpc
 from migrate import rpc
 from migrate.errors import os_error
 from migrate._native import ffi, lib
-from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch
-from migrate.bitmap import SharedBitmap
+from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, DecodedBatch,
+                             bulk_request, unframe)
+from migrate.bitmap import SharedBitmap, claim_runs
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.proto import migrate_pb2 as pb
 
-#: Bulk requests in flight during a round: keeps the link busy while one installs.
-WINDOW = 8
+#: Pages asked for and not yet written during a round (8 MiB of 4 KiB pages): keeps the link busy while
+#: batches install. A request asks for at most half of it, in as many runs as the missing pages
+#: make (a dirty set is scattered: one request per run would wait a round trip per few pages).
+WINDOW_PAGES = 2048
+REQUEST_PAGES = WINDOW_PAGES // 2
+
+
+def _check_size(received: SharedBitmap, stale: bytes) -> None:
+    want = (received.nbits + 63) // 64 * 8
+    if len(stale) != want:
+        raise ValueError(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
 
 
 def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) -> tuple[int, int]:
@@ -54,15 +64,41 @@ def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) ->
     """
     if not stale:
         return 0, 0
-    want = (received.nbits + 63) // 64 * 8
-    if len(stale) != want:
-        raise ValueError(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
+    _check_size(received, stale)
     runs = ffi.new("uint64_t *")
     with ffi.from_buffer("uint64_t[]", stale) as bits:
         n = lib.mig_discard_pages(memfd, received.ptr, bits, received.nbits, page_size, runs)
     if n < 0:
         raise os_error(-n, "discarding stale pages (fallocate PUNCH_HOLE)")
     return int(n), int(runs[0])
+
+
+def unmark(received: SharedBitmap, stale: bytes) -> bytes:
+    """Clear the received bits of the pages in `stale` (bitmap wire format) without punching them out:
+    a pull round that follows rewrites each in place (pwrite), so a punch would cost a fallocate per run
+    of a scattered set for nothing. Returns the pages unmarked, for `punch_left` after the round.
+
+    Plain stores: only while nothing else writes the bitmap (pre-copy, between the rounds' pulls).
+    """
+    if not stale:
+        return b""
+    _check_size(received, stale)
+    have = int.from_bytes(received.to_bytes(), "little")
+    lazy = int.from_bytes(stale, "little") & have
+    received.load_bytes((have & ~lazy).to_bytes(len(stale), "little"))
+    return lazy.to_bytes(len(stale), "little")
+
+
+def punch_left(memfd: int, received: SharedBitmap, unmarked: bytes, page_size: int) -> None:
+    """Punch out the unmarked pages the round did not rewrite (it was cut short or failed), as `discard`
+    would have: outside a round a clear bit must mean a hole."""
+    if not unmarked:
+        return
+    have = int.from_bytes(received.to_bytes(), "little")
+    left = int.from_bytes(unmarked, "little") & ~have
+    if left:
+        received.load_bytes((have | left).to_bytes(len(unmarked), "little"))  # present (stale) until punched
+        discard(memfd, received, left.to_bytes(len(unmarked), "little"), page_size)
 
 
 @dataclass
@@ -87,6 +123,28 @@ class Pacer:
             ahead = moved / self._rate - (time.monotonic() - self._t0)
             if ahead > 0:
                 time.sleep(ahead)
+
+
+class PageWindow:
+    """Pages asked for and not yet answered, at most `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._out = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, pages: int, timeout: float) -> bool:
+        """Take room for `pages` (at most the limit); False if there was none within `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._out + pages <= self._limit, timeout):
+                return False
+            self._out += pages
+            return True
+
+    def release(self, pages: int) -> None:
+        with self._cond:
+            self._out -= pages
+            self._cond.notify_all()
 
 
 class PrecopyPuller:
@@ -130,16 +188,17 @@ class PrecopyPuller:
         deadline = t0 + deadline_s if deadline_s > 0 else float("inf")
         wire0 = link.client.bytes_wire
         while True:
-            window = threading.Semaphore(WINDOW)
+            window = PageWindow(WINDOW_PAGES)
             try:
-                for batch in link.client.bulk(self._requests(link, window, pacer, wire0, deadline),
-                                              metadata=rpc.METADATA):
-                    decoded = self._decoder.decode(batch)
-                    self._write(decoded)
-                    self._received.set_range(decoded.first_page, decoded.count)
-                    stats.pages += decoded.count
-                    stats.zero += decoded.zero_pages
-                    window.release()
+                for message in link.client.bulk(self._requests(link, window, pacer, wire0, deadline),
+                                                metadata=rpc.METADATA):
+                    for batch in unframe(message):
+                        decoded = self._decoder.decode(batch)
+                        self._write(decoded)
+                        self._received.set_range(decoded.first_page, decoded.count)
+                        stats.pages += decoded.count
+                        stats.zero += decoded.zero_pages
+                        window.release(decoded.count)
                 break
             except grpc.RpcError as err:
                 if self._stop.is_set():
@@ -157,23 +216,25 @@ class PrecopyPuller:
         stats.seconds = time.monotonic() - t0
         return stats
 
-    def _requests(self, link: SourceLink, window: threading.Semaphore, pacer: Pacer, wire0: int,
+    def _requests(self, link: SourceLink, window: PageWindow, pacer: Pacer, wire0: int,
                   deadline: float) -> Iterator[pb.BulkRequest]:
-        """A request for each run of missing pages, at most WINDOW unanswered, paced."""
-        page, n = 0, self._received.nbits
-        while (page := self._received.next_clear(page)) < n:
-            end = min(self._received.next_set(page), page + MAX_BULK_PAGES)
-            if end <= page:  # the bit was set meanwhile (a fault installed the page)
-                page += 1
-                continue
+        """Requests for the missing pages in page order, each up to REQUEST_PAGES in up to MAX_REQUEST_RUNS
+        runs (planned natively), at most WINDOW_PAGES unanswered, paced."""
+        asked = ffi.new("uint64_t[]", (self._received.nbits + 63) // 64)  # this stream's, freed with it
+        page = 0
+        while True:
+            runs, page = claim_runs(self._received, asked, page, self._received.nbits, REQUEST_PAGES,
+                                    MAX_REQUEST_RUNS)
+            if not runs:
+                return
+            pages = sum(count for _, count in runs)
             pacer.wait(link.client.bytes_wire - wire0)
-            while not window.acquire(timeout=0.1):
+            while not window.acquire(pages, timeout=0.1):
                 if self._stop.is_set():
                     return
             if self._stop.is_set() or time.monotonic() > deadline:
                 return
-            yield pb.BulkRequest(run_id=self._run_id, first_page=page, count=end - page)
-            page = end
+            yield bulk_request(self._run_id, 0, runs)
 
     def _write(self, batch: DecodedBatch) -> None:
         """pwritev the batch's pages into the memfd: data runs from the batch, zero runs from a zero buffer."""

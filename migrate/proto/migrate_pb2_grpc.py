@@ -978,7 +978,7 @@ class PagesStub:
         self.Bulk = channel.stream_stream(
                 '/migrate.v1.Pages/Bulk',
                 request_serializer=migrate__pb2.BulkRequest.SerializeToString,
-                response_deserializer=migrate__pb2.PageBatch.FromString,
+                response_deserializer=migrate__pb2.PageBatches.FromString,
                 _registered_method=True)
 
 
@@ -1008,7 +1008,7 @@ def add_PagesServicer_to_server(servicer, server):
             'Bulk': grpc.stream_stream_rpc_method_handler(
                     servicer.Bulk,
                     request_deserializer=migrate__pb2.BulkRequest.FromString,
-                    response_serializer=migrate__pb2.PageBatch.SerializeToString,
+                    response_serializer=migrate__pb2.PageBatches.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1064,7 +1064,7 @@ class Pages:
             target,
             '/migrate.v1.Pages/Bulk',
             migrate__pb2.BulkRequest.SerializeToString,
-            migrate__pb2.PageBatch.FromString,
+            migrate__pb2.PageBatches.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,12 +24,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 
 from migrate import rpc, spawn
 from migrate.admission import CallClass
-from migrate.batches import MAX_BULK_PAGES, MAX_REQUEST_PAGES, BatchEncoder, EncodedBatch, add_pages_servicer
+from migrate.batches import (MAX_BULK_PAGES, BatchEncoder, BulkRequestError, EncodedBatch, Run, add_pages_servicer,
+                             request_runs)
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
@@ -50,6 +52,33 @@ _IDLE_CHECK_S = 0.5
 #: Streams served at once, in all and per destination host, each on a worker of its own (migrate.admission).
 #: A destination needs one or two (bulk, pre-copy) plus those of a dropped link not yet noticed as dead.
 CALLS = (CallClass("bulk streams", ("/migrate.v1.Pages/",), per_peer=8, total=16),)
+
+
+@dataclass
+class _Message:
+    """The batches of one PageBatches message to send: pieces of a request's runs, MAX_BULK_PAGES in all."""
+
+    req_id: int
+    pieces: list[Run]
+    pages: int
+
+
+def _messages(runs: list[Run], req_id: int) -> Iterator[_Message]:
+    """A request's runs, in order, as messages of at most MAX_BULK_PAGES pages, a batch per piece: a run
+    that fits in one message is not split, a longer one is cut every MAX_BULK_PAGES pages."""
+    pieces: list[Run] = []
+    pages = 0
+    for first, count in runs:
+        while count:
+            take = min(count, MAX_BULK_PAGES)
+            if pages + take > MAX_BULK_PAGES:
+                yield _Message(req_id, pieces, pages)
+                pieces, pages = [], 0
+            pieces.append((first, take))
+            pages += take
+            first, count = first + take, count - take
+    if pieces:
+        yield _Message(req_id, pieces, pages)
 
 
 class BulkPages(pb_grpc.PagesServicer):
@@ -84,16 +113,17 @@ class BulkPages(pb_grpc.PagesServicer):
         self.bytes = 0
         self.compressed_batches = 0
 
-    def _encode(self, req: pb.BulkRequest, compress: bool) -> EncodedBatch:
+    def _encode(self, message: _Message, compress: bool) -> EncodedBatch:
+        """One PageBatches message: a batch per piece of `message`."""
         key = "zstd" if compress else "raw"
         enc = getattr(self._local, key, None)
         if enc is None:
             enc = BatchEncoder(self._mem, self._page_size, self._level if compress else None)
             setattr(self._local, key, enc)
         if not compress:
-            return enc.encode(req.first_page, req.count, req.req_id)
+            return enc.encode_runs(message.pieces, message.req_id)
         t0 = time.monotonic()
-        batch = enc.encode(req.first_page, req.count, req.req_id)
+        batch = enc.encode_runs(message.pieces, message.req_id)
         seconds = time.monotonic() - t0
         raw = batch.count * self._page_size
         with self._lock:  # moving averages of this host's compression speed and this guest's ratio
@@ -102,7 +132,7 @@ class BulkPages(pb_grpc.PagesServicer):
             self._ratio = 0.8 * self._ratio + 0.2 * len(batch.wire) / raw
         return batch
 
-    def _should_compress(self, last_send_s: float, req: pb.BulkRequest, local_peer: bool) -> bool:
+    def _should_compress(self, last_send_s: float, message: _Message, local_peer: bool) -> bool:
         """Per policy; for "auto": does the data compress, and would compressing hide behind the link's pace?"""
         if self._policy != "auto":
             return self._policy == "always"
@@ -113,14 +143,16 @@ class BulkPages(pb_grpc.PagesServicer):
             if self._skipped < _PROBE_EVERY:
                 return False
             self._skipped = 0
-        return last_send_s * self._threads > req.count * self._page_size / self._compress_bps
+        return last_send_s * self._threads > message.pages * self._page_size / self._compress_bps
 
-    def _check(self, req: pb.BulkRequest) -> str | None:
+    def _runs(self, req: pb.BulkRequest) -> list[Run] | str:
+        """The runs `req` asks for, or why it is refused."""
         if req.run_id != self._run_id:
             return f"unknown run {req.run_id!r}"
-        if not 0 < req.count <= MAX_REQUEST_PAGES or req.first_page + req.count > self._page_count:
-            return f"bad page range [{req.first_page}, +{req.count}) for {self._page_count} pages"
-        return None
+        try:
+            return request_runs(req, self._page_count)
+        except BulkRequestError as err:
+            return str(err)
 
     def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         # Bounded: a client that floods requests is slowed by gRPC flow control, not served from RAM.
@@ -145,13 +177,12 @@ class BulkPages(pb_grpc.PagesServicer):
         def read_requests() -> None:
             try:
                 for req in request_iterator:
-                    problem = self._check(req)
-                    if problem:
-                        put(problem)
+                    runs = self._runs(req)
+                    if isinstance(runs, str):
+                        put(runs)
                         return
-                    for first in range(req.first_page, req.first_page + req.count, MAX_BULK_PAGES):
-                        count = min(MAX_BULK_PAGES, req.first_page + req.count - first)
-                        if not put(pb.BulkRequest(first_page=first, count=count, req_id=req.req_id)):
+                    for message in _messages(runs, req.req_id):
+                        if not put(message):
                             return
             except grpc.RpcError:
                 pass  # the client went away; the stream ends below
