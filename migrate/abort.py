@@ -24,6 +24,7 @@ source: aborting is always safe.
 from __future__ import annotations
 
 from migrate.client import AgentClient
+from migrate.names import Phase
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.security import Credentials
@@ -94,10 +95,10 @@ def _abort_incoming(name: str, run: pb.RunRef, src: str, dst: str, *, switched: 
                 raise AgentError(f"guest {name!r} runs on the destination {dst} ({hosted[name].state}): resuming "
                                  f"it on the source would split it in two") from None
             return f" (the destination {dst} had lost the run)"
-        if switched and status.phase == "complete":
+        if switched and status.phase == Phase.COMPLETE:
             raise AgentError(f"the migration of {name!r} completed: the guest runs on {dst} now; release it on the "
                              f"source with `{command(name, src, dst, resume=True)}`")
-        if switched and status.phase == "running":
+        if switched and status.phase == Phase.RUNNING:
             raise AgentError(
                 f"guest {name!r} runs on the destination {dst} ({status.pages_received} of {status.pages_total} "
                 f"pages in): it has written pages there since the switchover, and resuming it on the source would "

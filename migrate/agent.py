@@ -17,12 +17,12 @@ from typing import Any
 
 import grpc
 
-from migrate import __version__, errors, planes, rpc, spawn, validate
+from migrate import __version__, errors, names, planes, rpc, spawn, validate
 from migrate.admission import CallClass
 from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
 from migrate.dest.capacity import Ledger, NoRoom
-from migrate.dest.incoming import MODES, IncomingRun
+from migrate.dest.incoming import IncomingRun
 from migrate.guest.process import GuestSpec
 from migrate.journal import Journal
 from migrate.metrics import MetricsServer
@@ -259,9 +259,7 @@ class ControlService(pb_grpc.ControlServicer):
                 raise FileExistsError(f"run {request.run_id} is already known here")
         if any(g.name == request.name for g in self.guests.all()):
             raise FileExistsError(f"a guest named {request.name!r} already exists on this agent")
-        mode = request.mode or "postcopy"
-        if mode not in MODES:
-            raise ValueError(f"unknown migration mode {mode!r}; known: {', '.join(MODES)}")
+        mode = names.parse(names.Mode, request.mode or names.Mode.POSTCOPY, "migration mode")
         self.ledger.admit(request.name, spec.size, self._incoming_runs())
         try:
             ms = self._prepare_incoming(request, spec, mode, route)
@@ -305,7 +303,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     def _forget_finished(self) -> None:
         """Keep the statuses of the last _KEEP_FINISHED completed runs only (caller holds the lock)."""
-        finished = [run_id for run_id, run in self.incoming.items() if run.phase == "complete"]
+        finished = [run_id for run_id, run in self.incoming.items() if run.phase == names.Phase.COMPLETE]
         for run_id in finished[:-_KEEP_FINISHED]:  # oldest first: dicts keep insertion order
             del self.incoming[run_id]
 
@@ -343,7 +341,7 @@ class ControlService(pb_grpc.ControlServicer):
     @_rpc
     def AbortIncoming(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
         run = self._incoming(request.run_id)
-        if run.phase == "complete":  # its guest is the only copy now
+        if run.phase == names.Phase.COMPLETE:  # its guest is the only copy now
             raise RuntimeError(f"run {run.run_id} is complete: the guest lives here now (StopGuest stops it)")
         run.abort()
         status = run.status()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from migrate import orchestrator
 from migrate.client import AgentClient
 from migrate.local import LocalAgent
+from migrate.names import GuestKind
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 
@@ -25,9 +26,9 @@ KVM_OPS = 100_000_000
 
 def run_demo(*, size: int, workload: str, threads: int, opts: orchestrator.RunOptions,
              on_status: Callable[[pb.MigrationStatus], None], say: Callable[[str], None],
-             kind: str = "synthetic") -> dict:
+             kind: str = GuestKind.SYNTHETIC) -> dict:
     """Start two agents and a guest, migrate it mid-run as `opts` say, verify, return the report."""
-    kvm = kind == "kvm"
+    kvm = kind == GuestKind.KVM
     if kvm:
         from migrate.guest.kvm import kvm_problem
         if why := kvm_problem():

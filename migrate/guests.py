@@ -14,33 +14,27 @@ from dataclasses import dataclass, field
 from migrate.backing import BackingDir, BackingFile
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import fill_random
+from migrate.names import Content, GuestKind, Workload, parse
 from migrate.proto import migrate_pb2 as pb
 from migrate.snapshot_image import read_state
 from migrate.validate import guest_name, spec_fits
 
 
-#: What a guest's RAM holds before its workload starts.
-CONTENTS = ("realistic", "random")
-
-
-def spec_to_pb(spec: GuestSpec, content: str = "realistic") -> pb.GuestSpec:
+def spec_to_pb(spec: GuestSpec, content: str = Content.REALISTIC) -> pb.GuestSpec:
     return pb.GuestSpec(size=spec.size, workload=spec.workload, seed=spec.seed, ops=spec.ops,
                         threads=spec.threads, ops_per_sec=spec.ops_per_sec, page_size=spec.page_size,
                         content=content, kind=spec.kind)
 
 
 def content_from_pb(msg: pb.GuestSpec) -> str:
-    content = msg.content or "realistic"
-    if content not in CONTENTS:
-        raise ValueError(f"unknown guest content {content!r}; known: {', '.join(CONTENTS)}")
-    return content
+    return parse(Content, msg.content or Content.REALISTIC, "guest content")
 
 
 def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
     """A validated GuestSpec (ValueError with a clear message otherwise)."""
-    spec = GuestSpec(size=msg.size, workload=msg.workload or "random-write", seed=msg.seed,
+    spec = GuestSpec(size=msg.size, workload=msg.workload or Workload.RANDOM_WRITE, seed=msg.seed,
                      ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
-                     page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or "synthetic")
+                     page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or GuestKind.SYNTHETIC)
     spec.validate()
     return spec_fits(spec)
 
@@ -71,7 +65,7 @@ class HostedGuest:
     process: GuestProcess | None = None
     state: str = "running"
     run_id: str = ""
-    content: str = "realistic"
+    content: str = Content.REALISTIC
     backing: BackingFile | None = None  # when RAM lives in a file (migrate/backing.py)
     saved_state: dict | None = None     # an image's execution state (a snapshot's, migrate/snapshot_image.py)
     _map: mmap.mmap | None = field(default=None, repr=False)
@@ -138,16 +132,16 @@ class GuestTable:
         self.backing_dir = backing_dir
 
     def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False,
-               content: str = "realistic", backing: str = "") -> HostedGuest:
+               content: str = Content.REALISTIC, backing: str = "") -> HostedGuest:
         """Create guest RAM and start a runner on it.
 
         "realistic" RAM is filled by the runner; "random" (incompressible,
         for measuring transfers without compression's help) is filled here,
         deterministically from the seed.
         """
-        if spec.kind == "kvm":
+        if spec.kind == GuestKind.KVM:
             from migrate.guest.kvm import kvm_problem
-            if content != "realistic":
+            if content != Content.REALISTIC:
                 raise ValueError("a kvm guest's RAM is what its image writes: content must be realistic")
             if problem := kvm_problem():
                 raise ValueError(f"cannot run a kvm guest on this agent: {problem}")
@@ -161,10 +155,10 @@ class GuestTable:
                 made, fd = self.backing_dir.create(backing, spec.size)
             else:
                 fd = create_memfd(name, spec.size)
-            if content == "random":
+            if content == Content.RANDOM:
                 with mmap.mmap(fd, spec.size, mmap.MAP_SHARED) as ram:
                     fill_random(ram, spec.seed)
-            proc = GuestProcess.launch(spec, fd, start_paused=start_paused, fill=content == "realistic")
+            proc = GuestProcess.launch(spec, fd, start_paused=start_paused, fill=content == Content.REALISTIC)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -191,10 +185,10 @@ class GuestTable:
             size = os.fstat(fd).st_size
             saved = read_state(path, size)
             if saved is not None:
-                spec, content, state = saved["spec"], saved.get("content", "realistic"), saved["state"]
+                spec, content, state = saved["spec"], saved.get("content", Content.REALISTIC), saved["state"]
             else:
-                spec = GuestSpec(size=size, workload="idle", seed=0, ops=0, threads=1, page_size=page_size)
-                content, state = "realistic", None
+                spec = GuestSpec(size=size, workload=Workload.IDLE, seed=0, ops=0, threads=1, page_size=page_size)
+                content, state = Content.REALISTIC, None
             if size == 0 or size % spec.page_size:
                 raise ValueError(f"image {path} is {size} bytes: not a positive multiple of the "
                                  f"{spec.page_size}-byte page")
@@ -216,7 +210,7 @@ class GuestTable:
             directory = BackingDir(record["backing_dir"])
         made, fd = directory.reopen(record["backing"], record["spec"]["size"])
         guest = HostedGuest(record["name"], GuestSpec.from_dict(record["spec"]), "runner", fd, None,
-                            state="migrating-out", run_id=record["run_id"], content=record.get("content", "realistic"),
+                            state="migrating-out", run_id=record["run_id"], content=record.get("content", Content.REALISTIC),
                             backing=made)
         try:
             return self.adopt(guest)

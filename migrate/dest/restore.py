@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
+from migrate.names import Phase
 from migrate.handshake import recv_handshake
 from migrate.planes import DataPlane, PageRoute
 from migrate.policies import parse, workingset
@@ -120,11 +121,11 @@ class UffdRestoreListener:
                 run.start(b"", no_push=False, max_bandwidth=self._opts.max_bandwidth)
                 conn.sendall(READY)
                 log.warning("restoring image %s into a handshake client (run %s)", self._image, run.run_id)
-                while run.phase == "running":
+                while run.phase == Phase.RUNNING:
                     time.sleep(0.05)
                 source.call("CompleteOutgoing", ref)
                 log.warning("restore run %s %s %s", run.run_id, run.phase, run.error)
-                if self._opts.record_ws and run.phase == "complete":
+                if self._opts.record_ws and run.phase == Phase.COMPLETE:
                     workingset.save(self._opts.record_ws, run.page_count, run.spec.page_size, run.recorded_ws)
         except (ValueError, OSError, AgentError, RuntimeError) as err:
             log.error("uffd handshake client not restored: %s", err)

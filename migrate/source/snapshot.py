@@ -19,6 +19,7 @@ import time
 
 from migrate.backing import BackingDir, file_name
 from migrate.guests import HostedGuest
+from migrate.names import Phase
 from migrate.proto import migrate_pb2 as pb
 from migrate.snapshot_image import STATE_SUFFIX, state_doc
 
@@ -70,7 +71,7 @@ class SnapshotJob:
                                   "(an agent never writes into a file it did not create)") from None
         self.file = file
         self.error = ""
-        self.phase = "running"
+        self.phase = Phase.RUNNING
         self.last: dict = {}
         try:
             self.taken = guest.process.snapshot(fd)
@@ -93,12 +94,12 @@ class SnapshotJob:
             if self.last["error"]:
                 raise RuntimeError(f"saving the guest's memory failed: {self.last['error']}")
             self._write_state()
-            self.phase = "complete"
+            self.phase = Phase.COMPLETE
             log.info("snapshot %s of guest %s complete: %d pages, %d WP faults", self.file, self.guest.name,
                      self.last["pages_saved"], self.last["wp_faults"])
         except (RuntimeError, TimeoutError, OSError) as err:
             self.error = str(err)
-            self.phase = "failed"
+            self.phase = Phase.FAILED
             self.made.remove()
             log.warning("snapshot %s of guest %s failed: %s", self.file, self.guest.name, err)
 
@@ -142,7 +143,7 @@ class Snapshots:
         job = SnapshotJob(guest, self._dir(), file)
         with self._lock:
             self._jobs[file] = job
-            finished = [f for f, j in self._jobs.items() if j.phase != "running"]
+            finished = [f for f, j in self._jobs.items() if j.phase != Phase.RUNNING]
             for old in finished[:-KEEP_FINISHED]:  # oldest first: dicts keep insertion order
                 del self._jobs[old]
         return job
