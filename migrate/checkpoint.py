@@ -18,8 +18,8 @@ from migrate.names import Mode, Phase
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.security import Credentials
+from migrate.units import MiB
 
-MiB = 1 << 20
 #: Seconds between two status polls of a snapshot.
 POLL_EVERY = 0.1
 

@@ -22,9 +22,8 @@ from migrate.names import FINISHED, Content, GuestKind, Mode, Phase, Workload, c
 from migrate.records import MigrationStatus, SnapshotProgress
 from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
-from migrate.units import format_size, parse_rate, parse_size
+from migrate.units import MiB, format_size, parse_rate, parse_size
 
-MiB = 1024 * 1024
 
 
 class _Parsed(click.ParamType):

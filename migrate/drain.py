@@ -38,11 +38,10 @@ from migrate.orchestrator import RunOptions
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.security import Credentials
-from migrate.units import format_size
+from migrate.units import MiB, format_size
 
 _log = logging.getLogger("migrate.drain")
 
-MiB = 1024 * 1024
 #: Seconds between two looks at the active runs (bandwidth shares, progress).
 TICK = 0.25
 #: Guest states a drain moves (a runner whose workload finished still holds its memory).

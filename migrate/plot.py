@@ -15,8 +15,8 @@ import statistics
 
 from migrate.bench import driver, results
 from migrate.names import Mode
+from migrate.units import MiB
 
-MiB = 1 << 20
 SOURCE_COLOR, DEST_COLOR, PUSH_COLOR, FAULT_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"
 
 

@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 from migrate.names import GuestKind, Mode
 from migrate.proto import migrate_pb2 as pb
 from migrate.stats import summarize
+from migrate.units import MiB
 
-MiB = 1024 * 1024
 _D = TypeVar("_D", bound="_Document")
 
 

@@ -60,8 +60,7 @@ class Matrix:
         for m in self.modes:
             parse(Mode, m, "mode")
         for plane in self.planes:
-            if plane not in list(DataPlane):
-                raise ValueError(f"unknown data plane {plane!r}; use one of {', '.join(DataPlane)}")
+            parse(DataPlane, plane, "data plane")
         for link in self.links:
             if link != LOOPBACK:
                 LinkSpec.parse(link)
