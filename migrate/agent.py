@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -21,7 +21,7 @@ from migrate import __version__, errors, names, planes, rpc, spawn, validate
 from migrate.admission import CallClass
 from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
-from migrate.dest.capacity import Ledger, NoRoom
+from migrate.dest.capacity import Ledger
 from migrate.dest.incoming import IncomingRun
 from migrate.guest.process import GuestSpec
 from migrate.journal import Journal
@@ -33,7 +33,8 @@ from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
 from migrate.source.snapshot import Snapshots
 
-log = logging.getLogger("migrate.agent")
+log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 #: Completed incoming runs whose final status IncomingStatus still answers.
 _KEEP_FINISHED = 64
@@ -54,38 +55,34 @@ CALLS = (
     CallClass("page streams", ("/migrate.v1.Pages/",), per_peer=8, total=32),
 )
 
-#: Built-in exceptions as statuses, for raise sites not yet using migrate.errors (whose own
-#: table, errors.STATUS, comes first: errors.status_of).
-_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (NoRoom, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (KeyError, grpc.StatusCode.NOT_FOUND),
-    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ConnectionError, grpc.StatusCode.UNAVAILABLE),
-    (PermissionError, grpc.StatusCode.PERMISSION_DENIED),
-    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (RuntimeError, grpc.StatusCode.FAILED_PRECONDITION),
-    (OSError, grpc.StatusCode.INTERNAL),
-)
-
-
 def _rpc(method: Callable) -> Callable:
-    """Map exceptions of a unary handler to gRPC statuses, and log them."""
+    """Answer a unary handler's failure with its status: a migrate.errors class with its own
+    code (errors.STATUS), anything else INTERNAL, logged once with its traceback (a bug)."""
 
     @functools.wraps(method)
     def wrapper(self: "ControlService", request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status
-            code = errors.status_of(err) or next((c for kind, c in _ERRORS if isinstance(err, kind)), None)
+            code = errors.status_of(err)
+            text = str(err)[:_MAX_ECHO]
             if code is None:
-                code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method.__name__)
-            text = str(err.args[0] if isinstance(err, KeyError) and err.args else err)[:_MAX_ECHO]
-            log.warning("%s: %s: %s", method.__name__, code.name, text)
+                code = grpc.StatusCode.INTERNAL
+            else:  # the client's to act on: routine here
+                log.info("%s: %s: %s", method.__name__, code.name, text)
             context.abort(code, text)
 
     return wrapper
+
+
+def _request(parse: Callable[..., R], *args: Any) -> R:
+    """`parse(*args)` on a client's request: its ValueError (migrate.names, migrate.planes: parsers
+    shared with code that has no agent) is the client's BadRequest."""
+    try:
+        return parse(*args)
+    except ValueError as err:
+        raise errors.BadRequest(str(err)) from None
 
 
 class ControlService(pb_grpc.ControlServicer):
@@ -109,7 +106,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     def _need(self, role: str) -> None:
         if role not in self.roles:
-            raise RuntimeError(f"this agent is not a {role} agent (roles: {', '.join(self.roles)})")
+            raise errors.FailedPrecondition(f"this agent is not a {role} agent (roles: {', '.join(self.roles)})")
 
     # ------------------------------------------------------------ guests
     @_rpc
@@ -136,16 +133,16 @@ class ControlService(pb_grpc.ControlServicer):
     def GuestDigest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.DigestReply:
         guest = self.guests.get(request.name)
         if guest.process is None:
-            raise RuntimeError(f"guest {request.name!r} is an image; it has no runner to ask")
+            raise errors.FailedPrecondition(f"guest {request.name!r} is an image; it has no runner to ask")
         if guest.state == "migrating-in":  # its memory is not here yet, nor asked for before switchover
-            raise RuntimeError(f"guest {request.name!r} has not resumed here yet (run {guest.run_id})")
+            raise errors.FailedPrecondition(f"guest {request.name!r} has not resumed here yet (run {guest.run_id})")
         return pb.DigestReply(digest=guest.process.digest(timeout=600))
 
     @_rpc
     def StopGuest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.GuestInfo:
         guest = self.guests.get(request.name)
         if guest.run_id:
-            raise RuntimeError(f"guest {request.name!r} is being migrated (run {guest.run_id}); abort that first")
+            raise errors.FailedPrecondition(f"guest {request.name!r} is being migrated (run {guest.run_id}); abort that first")
         info = guest.info()
         self.guests.remove(request.name)
         info.state = "stopped"
@@ -158,11 +155,11 @@ class ControlService(pb_grpc.ControlServicer):
         guest = self.guests.get(request.name)
         with self.lock:
             if guest.run_id:
-                raise RuntimeError(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
+                raise errors.FailedPrecondition(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
             if guest.kind == "runner" and guest.state not in ("running", "paused"):
-                raise RuntimeError(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
+                raise errors.FailedPrecondition(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
             run = OutgoingRun(guest, self._listen_host, self._level, self._compress, track_writes=request.track_writes,
-                              plane=planes.data_plane(request.data_plane))
+                              plane=_request(planes.data_plane, request.data_plane))
             if guest.kind == "runner":
                 guest.run_id = run.run_id
         self.outgoing.add(run)
@@ -183,7 +180,7 @@ class ControlService(pb_grpc.ControlServicer):
     def Switchover(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SwitchoverReply:
         run = self._outgoing(request.run_id)
         if run.switched:
-            raise RuntimeError(f"run {run.run_id} has switched over already")
+            raise errors.FailedPrecondition(f"run {run.run_id} has switched over already")
         reply = run.switchover()
         self._record_outgoing(run)
         return reply
@@ -217,7 +214,7 @@ class ControlService(pb_grpc.ControlServicer):
     @_rpc
     def CompleteOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SourceStats:
         if not self._outgoing(request.run_id).switched:  # releasing it now would lose the guest
-            raise RuntimeError(f"run {request.run_id} has not switched over: abort it instead")
+            raise errors.FailedPrecondition(f"run {request.run_id} has not switched over: abort it instead")
         run = self.outgoing.pop(validate.run_id(request.run_id))
         stats = run.complete()
         if self.journal is not None:
@@ -249,17 +246,17 @@ class ControlService(pb_grpc.ControlServicer):
         spec = spec_from_pb(request.spec)
         validate.run_id(request.run_id)
         validate.guest_name(request.name)
-        plane = planes.data_plane(request.data_plane)
+        plane = _request(planes.data_plane, request.data_plane)
         route = validate.page_route(planes.PageRoute(
             request.source_endpoint, request.bulk_endpoint, plane, request.data_endpoint, request.data_key,
-            planes.fault_path(request.fault_path, plane)))
+            _request(planes.fault_path, request.fault_path, plane)))
         validate.seconds(request.recovery_timeout_s, "recovery_timeout_s")
         with self.lock:
             if request.run_id in self.incoming:
-                raise FileExistsError(f"run {request.run_id} is already known here")
+                raise errors.AlreadyExists(f"run {request.run_id} is already known here")
         if any(g.name == request.name for g in self.guests.all()):
-            raise FileExistsError(f"a guest named {request.name!r} already exists on this agent")
-        mode = names.parse(names.Mode, request.mode or names.Mode.POSTCOPY, "migration mode")
+            raise errors.AlreadyExists(f"a guest named {request.name!r} already exists on this agent")
+        mode = _request(names.parse, names.Mode, request.mode or names.Mode.POSTCOPY, "migration mode")
         self.ledger.admit(request.name, spec.size, self._incoming_runs())
         try:
             ms = self._prepare_incoming(request, spec, mode, route)
@@ -315,7 +312,7 @@ class ControlService(pb_grpc.ControlServicer):
         with self.lock:
             run = self.incoming.get(run_id)
         if run is None:
-            raise KeyError(f"no incoming migration {run_id!r} on this agent: it lost the run "
+            raise errors.GuestNotFound(f"no incoming migration {run_id!r} on this agent: it lost the run "
                            "(restarted without --state-dir?) or never had it")
         return run
 
@@ -342,7 +339,7 @@ class ControlService(pb_grpc.ControlServicer):
     def AbortIncoming(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
         run = self._incoming(request.run_id)
         if run.phase == names.Phase.COMPLETE:  # its guest is the only copy now
-            raise RuntimeError(f"run {run.run_id} is complete: the guest lives here now (StopGuest stops it)")
+            raise errors.FailedPrecondition(f"run {run.run_id} is complete: the guest lives here now (StopGuest stops it)")
         run.abort()
         status = run.status()
         with self.lock:
@@ -350,7 +347,7 @@ class ControlService(pb_grpc.ControlServicer):
         run.close()
         try:
             self.guests.remove(run.name)
-        except KeyError:
+        except errors.GuestNotFound:
             pass
         return status
 

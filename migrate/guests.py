@@ -11,6 +11,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from migrate import errors
 from migrate.backing import BackingDir, BackingFile
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import fill_random
@@ -27,15 +28,25 @@ def spec_to_pb(spec: GuestSpec, content: str = Content.REALISTIC) -> pb.GuestSpe
 
 
 def content_from_pb(msg: pb.GuestSpec) -> str:
-    return parse(Content, msg.content or Content.REALISTIC, "guest content")
+    """The spec's RAM content; BadRequest for an unknown one."""
+    try:
+        return parse(Content, msg.content or Content.REALISTIC, "guest content")
+    except ValueError as err:
+        raise errors.BadRequest(str(err)) from None
 
 
 def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
-    """A validated GuestSpec (ValueError with a clear message otherwise)."""
+    """A validated GuestSpec; BadRequest with a clear message otherwise.
+
+    GuestSpec.validate raises ValueError (the runner checks its arguments
+    with it too, without the agent's errors): here, a client's spec."""
     spec = GuestSpec(size=msg.size, workload=msg.workload or Workload.RANDOM_WRITE, seed=msg.seed,
                      ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
                      page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or GuestKind.SYNTHETIC)
-    spec.validate()
+    try:
+        spec.validate()
+    except ValueError as err:
+        raise errors.BadRequest(str(err)) from None
     return spec_fits(spec)
 
 
@@ -142,11 +153,11 @@ class GuestTable:
         if spec.kind == GuestKind.KVM:
             from migrate.guest.kvm import kvm_problem
             if content != Content.REALISTIC:
-                raise ValueError("a kvm guest's RAM is what its image writes: content must be realistic")
+                raise errors.BadRequest("a kvm guest's RAM is what its image writes: content must be realistic")
             if problem := kvm_problem():
-                raise ValueError(f"cannot run a kvm guest on this agent: {problem}")
+                raise errors.KernelFeatureMissing(f"cannot run a kvm guest on this agent: {problem}")
         if backing and self.backing_dir is None:
-            raise ValueError("this agent keeps no backing files: start it with --backing-dir DIR")
+            raise errors.BadRequest("this agent keeps no backing files: start it with --backing-dir DIR")
         self._reserve(name)
         fd = -1
         made = None
@@ -180,7 +191,7 @@ class GuestTable:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
         except OSError as err:
-            raise ValueError(f"cannot open image {path}: {err.strerror}") from None
+            raise errors.BadRequest(f"cannot open image {path}: {err.strerror}") from None
         try:
             size = os.fstat(fd).st_size
             saved = read_state(path, size)
@@ -190,7 +201,7 @@ class GuestTable:
                 spec = GuestSpec(size=size, workload=Workload.IDLE, seed=0, ops=0, threads=1, page_size=page_size)
                 content, state = Content.REALISTIC, None
             if size == 0 or size % spec.page_size:
-                raise ValueError(f"image {path} is {size} bytes: not a positive multiple of the "
+                raise errors.BadRequest(f"image {path} is {size} bytes: not a positive multiple of the "
                                  f"{spec.page_size}-byte page")
             self._reserve(name)
         except BaseException:
@@ -228,7 +239,7 @@ class GuestTable:
         with self._lock:
             guest = self._guests.get(name)
         if guest is None:
-            raise KeyError(f"no guest named {name!r} on this agent")
+            raise errors.GuestNotFound(f"no guest named {name!r} on this agent")
         return guest
 
     def all(self) -> list[HostedGuest]:
@@ -239,7 +250,7 @@ class GuestTable:
         with self._lock:
             guest = self._guests.pop(name, None)
         if guest is None:
-            raise KeyError(f"no guest named {name!r} on this agent")
+            raise errors.GuestNotFound(f"no guest named {name!r} on this agent")
         guest.close(keep_backing=keep_backing)
         return guest
 
@@ -252,7 +263,7 @@ class GuestTable:
         guest_name(name)
         with self._lock:
             if name in self._guests:
-                raise FileExistsError(f"a guest named {name!r} already exists on this agent")
+                raise errors.AlreadyExists(f"a guest named {name!r} already exists on this agent")
             self._guests[name] = None  # type: ignore[assignment]  # placeholder while launching
 
     def _release(self, name: str) -> None:

@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 
+from migrate import errors
 from migrate.guest.process import GuestSpec
 from migrate.guest.workloads import Workload, digest, fill_random, fill_realistic
 from migrate.names import Content
@@ -32,7 +33,7 @@ VERSION = 1
 MAX_STATE_BYTES = 1 << 20
 
 
-class BadSnapshot(ValueError):
+class BadSnapshot(errors.BadRequest):
     """A state file that is not a migrate snapshot's, or does not fit its image."""
 
 

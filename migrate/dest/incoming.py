@@ -24,6 +24,7 @@ import os
 import threading
 import time
 
+from migrate import errors
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import BulkLoop
@@ -205,9 +206,9 @@ class IncomingRun:
         """Discard the stale pages, then (if `pull`) fetch every page not received."""
         with self._round_lock:
             if self.precopy is None:
-                raise RuntimeError(f"run {self.run_id} is in {self.mode} mode: it takes no pre-copy")
+                raise errors.FailedPrecondition(f"run {self.run_id} is in {self.mode} mode: it takes no pre-copy")
             if self.phase != Phase.PREPARED:
-                raise RuntimeError(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
+                raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
             t0 = time.monotonic()
             discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size)
             reply = pb.PrecopyRoundReply(discarded=discarded, discard_ms=(time.monotonic() - t0) * 1000.0)
@@ -223,12 +224,12 @@ class IncomingRun:
         """Drop the stale pages, resume the guest with its execution state, let the bulk path go."""
         with self._round_lock:
             if self.phase != Phase.PREPARED:
-                raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
+                raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}, not prepared")
             t0 = time.monotonic()
             discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size) if self.guest else (0, 0)
             t1 = time.monotonic()
             if self.mode == Mode.PRECOPY and not self.bitmap.is_full():
-                raise RuntimeError(f"run {self.run_id} still misses {self.page_count - self.bitmap.count()} pages "
+                raise errors.FailedPrecondition(f"run {self.run_id} still misses {self.page_count - self.bitmap.count()} pages "
                                    "and has no userfaultfd to fetch them: copy them first")
             self._before["before_resume"] = self.bitmap.count()
             bulk = self._launch(no_push, max_bandwidth)
@@ -439,7 +440,7 @@ class IncomingRun:
         """
         with self._lock:
             if self.phase in FINISHED:
-                raise RuntimeError(f"run {self.run_id} is {self.phase}: it moves no more pages")
+                raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}: it moves no more pages")
             self._push["max_bandwidth"] = max_bandwidth
             paths = list(self.paths.values())
         for path in paths:

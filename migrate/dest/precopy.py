@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from migrate import rpc
-from migrate.errors import os_error
+from migrate.errors import AgentUnreachable, BadRequest, os_error
 from migrate._native import ffi, lib
 from migrate.batches import MAX_BULK_PAGES, BatchDecoder, BatchError, DecodedBatch
 from migrate.bitmap import SharedBitmap
@@ -56,7 +56,7 @@ def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) ->
         return 0, 0
     want = (received.nbits + 63) // 64 * 8
     if len(stale) != want:
-        raise ValueError(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
+        raise BadRequest(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
     runs = ffi.new("uint64_t *")
     with ffi.from_buffer("uint64_t[]", stale) as bits:
         n = lib.mig_discard_pages(memfd, received.ptr, bits, received.nbits, page_size, runs)
@@ -147,9 +147,9 @@ class PrecopyPuller:
                 try:  # then ask again for what is still missing: the unanswered requests
                     link.recover(err)
                 except LinkLost as lost:
-                    raise ConnectionError(f"pre-copy stream from the source failed: {lost}") from None
+                    raise AgentUnreachable(f"pre-copy stream from the source failed: {lost}") from None
                 except grpc.RpcError as fatal:
-                    raise ConnectionError("pre-copy stream from the source failed: "
+                    raise AgentUnreachable("pre-copy stream from the source failed: "
                                           f"{fatal.details() or fatal.code().name}") from None
             except BatchError as err:
                 raise ValueError(f"pre-copy batch refused: {err}") from None

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 
+from migrate import errors
 from migrate.backing import BackingDir, file_name
 from migrate.guests import HostedGuest
 from migrate.names import Phase
@@ -39,7 +40,7 @@ def snapshot_name(file: str) -> str:
         file_name(f"file:{file}{STATE_SUFFIX}")
         return file_name(f"file:{file}")
     except ValueError:
-        raise ValueError(f"bad snapshot name {file[:80]!r}: a plain file name in the agent's --snapshot-dir, "
+        raise errors.BadRequest(f"bad snapshot name {file[:80]!r}: a plain file name in the agent's --snapshot-dir, "
                          f"1-{64 - len(STATE_SUFFIX)} letters, digits, '.', '-' or '_', not starting with '.'") \
             from None
 
@@ -57,18 +58,18 @@ class SnapshotJob:
 
     def __init__(self, guest: HostedGuest, directory: BackingDir, file: str) -> None:
         if guest.process is None:
-            raise RuntimeError(f"guest {guest.name!r} is an image: it has no runner to snapshot")
+            raise errors.FailedPrecondition(f"guest {guest.name!r} is an image: it has no runner to snapshot")
         if guest.run_id or guest.state not in ("running", "paused"):
-            raise RuntimeError(f"guest {guest.name!r} is {guest.state}"
-                               + (f" (run {guest.run_id})" if guest.run_id else "") + ": no snapshot now")
+            raise errors.FailedPrecondition(f"guest {guest.name!r} is {guest.state}"
+                                            + (f" (run {guest.run_id})" if guest.run_id else "") + ": no snapshot now")
         snapshot_name(file)
         self.guest = guest
         self.directory = directory
         try:
             self.made, fd = directory.create(f"file:{file}", guest.spec.size)
-        except FileExistsError:
-            raise FileExistsError(f"snapshot {file} already exists in {directory.path}: choose another name "
-                                  "(an agent never writes into a file it did not create)") from None
+        except errors.AlreadyExists:
+            raise errors.AlreadyExists(f"snapshot {file} already exists in {directory.path}: choose another name "
+                                       "(an agent never writes into a file it did not create)") from None
         self.file = file
         self.error = ""
         self.phase = Phase.RUNNING
@@ -136,7 +137,7 @@ class Snapshots:
 
     def _dir(self) -> BackingDir:
         if self.directory is None:
-            raise ValueError("this agent keeps no snapshots: start it with --snapshot-dir DIR (or --backing-dir)")
+            raise errors.FailedPrecondition("this agent keeps no snapshots: start it with --snapshot-dir DIR (or --backing-dir)")
         return self.directory
 
     def start(self, guest: HostedGuest, file: str) -> SnapshotJob:
@@ -152,7 +153,7 @@ class Snapshots:
         with self._lock:
             job = self._jobs.get(file)
         if job is None:
-            raise KeyError(f"no snapshot {file[:80]!r} was taken by this agent")
+            raise errors.GuestNotFound(f"no snapshot {file[:80]!r} was taken by this agent")
         return job
 
     def path(self, file: str) -> str:
