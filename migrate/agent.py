@@ -366,7 +366,7 @@ class ControlService(pb_grpc.ControlServicer):
             self.guests.adopt(run.guest)
             with self.lock:
                 self.incoming[run.run_id] = run
-            log.warning("resumed incoming run %s of guest %s", run.run_id, run.name)
+            log.info("resumed incoming run %s of guest %s", run.run_id, run.name)
 
     def _serve_again(self, record: dict) -> None:
         """Serve a switched-over file-backed guest's pages again: same run, same plane, port and key."""
@@ -387,7 +387,7 @@ class ControlService(pb_grpc.ControlServicer):
         run.switched = True
         run.pages.freeze()  # the guest runs on the destination: this copy of its memory no longer changes
         self.outgoing.add(run)
-        log.warning("serving outgoing run %s of guest %s again", run.run_id, guest.name)
+        log.info("serving outgoing run %s of guest %s again", run.run_id, guest.name)
 
     def shutdown(self) -> None:
         """Stop every run and guest this agent holds (on SIGTERM/SIGINT).
@@ -416,7 +416,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
           uffd_restore: RestoreOptions | None = None, state_dir: str = "",
           backing_dir: str = "", snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None,
           level: int = 1, compress: str = "auto", max_incoming_ram: int = 0, metrics: str = "",
-          allow_policy_modules: bool = False) -> None:
+          allow_policy_modules: bool = False, log_requests: bool = False) -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` says how to restore external processes that connect
@@ -429,6 +429,10 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     written and loaded from (default: `backing_dir`). `max_incoming_ram`
     caps the RAM promised to incoming runs at once (0: only the host's
     memory limits it). `metrics` (HOST:PORT) serves Prometheus metrics there.
+    `log_requests` logs every call (method, peer, duration, status).
+
+    SIGTERM and SIGINT drain it: no new calls, the ones in flight get a
+    second to finish, then every run and guest stops, and serve() returns.
     """
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
@@ -440,7 +444,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
         control.rejoin_runs()
     for name, path in (images or {}).items():
         control.guests.add_image(name, path)
-    server = rpc.server(CALLS)
+    server = rpc.server(CALLS, log_requests=log_requests)
     pb_grpc.add_ControlServicer_to_server(control, server)
     if "source" in roles:
         add_pages_servicer(UrgentPages(control.outgoing), server)

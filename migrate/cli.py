@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from migrate import api, errors, orchestrator, planes, report, validate
+from migrate import api, errors, logs, orchestrator, planes, report, validate
 from migrate.guest.kvm import MAX_VCPUS as KVM_MAX_VCPUS
 from migrate.names import FINISHED, Content, GuestKind, Mode, Phase, Workload, choices
 from migrate.records import MigrationStatus, SnapshotProgress
@@ -114,24 +114,23 @@ def cli() -> None:
 
 
 # ----------------------------------------------------------------- agents
-def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, insecure_listen: bool, metrics: str,
-           **kw) -> None:
+def _serve(role: str, listen: str, verbose: bool, log_format: str, credentials: Credentials, insecure_listen: bool,
+           metrics: str, **kw) -> None:
     try:
         warning = listen_policy(listen, credentials, insecure_listen)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     credentials.export()  # for this agent's server and every process it starts
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    logs.configure(role, log_format)
     if warning:
-        logging.getLogger("migrate.agent").warning("%s", warning)
+        logging.getLogger(__name__).warning("%s", warning)
     from migrate.agent import serve  # the agent pulls in the native layer
 
     def ready(port: int) -> None:
         click.echo(f"listening on {validate.split_endpoint(listen, listen=True)[0]}:{port}")
         sys.stdout.flush()
 
-    serve(listen, (role,), on_ready=ready, metrics=metrics, **kw)
+    serve(listen, (role,), on_ready=ready, metrics=metrics, log_requests=verbose, **kw)
 
 
 _data_plane_option = click.option(
@@ -146,6 +145,14 @@ _metrics_option = click.option(
     "--metrics", type=_Parsed("HOST:PORT", lambda v: v and validate.endpoint(v, "metrics address", listen=True)),
     default="", help="Serve Prometheus metrics at http://HOST:PORT/metrics (runs by phase, pages by path, faults "
                      "and their latency, bytes on the wire, link outages).")
+def _daemon_log_options(command: Callable) -> Callable:
+    """-v (log every request) and --log-format (text or JSON lines), for `source serve` and `dest serve`."""
+    command = click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+                           help="Log lines as text, or as JSON objects (one per line) for a log collector.")(command)
+    return click.option("-v", "--verbose", is_flag=True,
+                        help="Log every request: method, peer, duration and status.")(command)
+
+
 _insecure_option = click.option("--insecure-listen", is_flag=True,
                                 help="Allow listening beyond loopback without TLS or client authentication "
                                      "(client certificates or a token); a warning is logged.")
@@ -175,12 +182,12 @@ def source() -> None:
 @click.option("--snapshot-dir", type=click.Path(file_okay=False), default=None,
               help="Where `migrate snapshot -o FILE` writes FILE and FILE.state.json (new files only) and "
                    "`migrate restore FILE` reads them (default: --backing-dir; without either, refused).")
-@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_daemon_log_options
 @_metrics_option
 @_insecure_option
 @_credential_options
 def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, state_dir: str | None,
-                 backing_dir: str | None, snapshot_dir: str | None, verbose: bool, metrics: str,
+                 backing_dir: str | None, snapshot_dir: str | None, verbose: bool, log_format: str, metrics: str,
                  insecure_listen: bool, credentials: Credentials) -> None:
     """Run a source agent until interrupted.
 
@@ -200,7 +207,7 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
         if not os.path.isfile(path):
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
-    _serve("source", listen, verbose, credentials, insecure_listen, metrics, images=parsed, level=zstd_level,
+    _serve("source", listen, verbose, log_format, credentials, insecure_listen, metrics, images=parsed, level=zstd_level,
            compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "",
            snapshot_dir=snapshot_dir or "")
 
@@ -236,13 +243,13 @@ def dest() -> None:
 @click.option("--allow-policy-modules", is_flag=True,
               help="Let a migration's --policy module:Class be imported by this agent (code of the client's "
                    "choosing, run here: off by default; built-in policies are always allowed).")
-@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_daemon_log_options
 @_metrics_option
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
                data_plane: str | None, state_dir: str | None, max_incoming_ram: int, policy: str, record_ws: str,
-               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, metrics: str, insecure_listen: bool,
+               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, log_format: str, metrics: str, insecure_listen: bool,
                credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
@@ -269,7 +276,7 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
             restore.check()
         except ValueError as err:
             raise click.ClickException(str(err)) from None
-    _serve("dest", listen, verbose, credentials, insecure_listen, metrics, uffd_restore=restore,
+    _serve("dest", listen, verbose, log_format, credentials, insecure_listen, metrics, uffd_restore=restore,
            state_dir=state_dir or "", max_incoming_ram=max_incoming_ram, allow_policy_modules=allow_policy_modules)
 
 

@@ -40,7 +40,7 @@ from migrate.rpc import AgentError
 from migrate.security import Credentials
 from migrate.units import MiB, format_size
 
-_log = logging.getLogger("migrate.drain")
+_log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the active runs (bandwidth shares, progress).
 TICK = 0.25

@@ -34,7 +34,7 @@ from migrate.names import Mode, Phase, parse
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.security import Credentials
 
-_log = logging.getLogger("migrate.orchestrator")
+_log = logging.getLogger(__name__)
 
 #: Seconds between two status polls of the destination.
 POLL_EVERY = 0.1

@@ -43,7 +43,7 @@ from migrate.policies.runner import PolicyRunner
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import Uffd
 
-log = logging.getLogger("migrate.dest")
+log = logging.getLogger(__name__)
 
 _WATCH_EVERY = 0.02
 #: Seconds between two journal records of a running run's counters (with --state-dir).

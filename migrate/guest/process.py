@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from migrate import spawn
 from migrate.names import GuestKind, Workload, parse
 
-log = logging.getLogger("migrate.guest")
+log = logging.getLogger(__name__)
 
 #: Seconds to wait for a runner to map (and fill) its memory, plus per GiB.
 LAUNCH_TIMEOUT = 30.0

@@ -31,7 +31,7 @@ from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.dataplane import DataServer
 from migrate.source.dirty import DirtyTracker, TrackingUnavailable
 
-log = logging.getLogger("migrate.source")
+log = logging.getLogger(__name__)
 
 _BULK_START_TIMEOUT = 20.0
 #: Seconds between two looks at a data server's counters for refused connections.

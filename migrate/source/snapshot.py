@@ -24,7 +24,7 @@ from migrate.names import Phase
 from migrate.proto import migrate_pb2 as pb
 from migrate.snapshot_image import STATE_SUFFIX, state_doc
 
-log = logging.getLogger("migrate.snapshot")
+log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the runner's counters.
 POLL_EVERY = 0.05
