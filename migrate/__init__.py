@@ -40,7 +40,7 @@ _EXPORTS = {
     "PermissionDenied": "migrate.errors", "Unauthenticated": "migrate.errors", "TimedOut": "migrate.errors",
     "KernelFeatureMissing": "migrate.errors", "RunFailed": "migrate.errors", "InternalError": "migrate.errors",
     "Mode": "migrate.names", "Phase": "migrate.names", "GuestKind": "migrate.names", "Workload": "migrate.names",
-    "Content": "migrate.names", "DataPlane": "migrate.planes", "FaultPath": "migrate.planes",
+    "Content": "migrate.names", "DataPlane": "migrate.names", "FaultPath": "migrate.names",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -68,8 +68,8 @@ if TYPE_CHECKING:  # the same names for type checkers ("X as X": re-exported)
     from migrate.names import Mode as Mode
     from migrate.names import Phase as Phase
     from migrate.names import Workload as Workload
-    from migrate.planes import DataPlane as DataPlane
-    from migrate.planes import FaultPath as FaultPath
+    from migrate.names import DataPlane as DataPlane
+    from migrate.names import FaultPath as FaultPath
     from migrate.records import AgentInfo as AgentInfo
     from migrate.records import Capacity as Capacity
     from migrate.records import GuestInfo as GuestInfo

@@ -142,7 +142,8 @@ class ControlService(pb_grpc.ControlServicer):
     def StopGuest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.GuestInfo:
         guest = self.guests.get(request.name)
         if guest.run_id:
-            raise errors.FailedPrecondition(f"guest {request.name!r} is being migrated (run {guest.run_id}); abort that first")
+            raise errors.FailedPrecondition(f"guest {request.name!r} is being migrated (run {guest.run_id}); "
+                                            "abort that first")
         info = guest.info()
         self.guests.remove(request.name)
         info.state = "stopped"
@@ -155,7 +156,8 @@ class ControlService(pb_grpc.ControlServicer):
         guest = self.guests.get(request.name)
         with self.lock:
             if guest.run_id:
-                raise errors.FailedPrecondition(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
+                raise errors.FailedPrecondition(f"guest {request.name!r} is already being migrated "
+                                                f"(run {guest.run_id})")
             if guest.kind == "runner" and guest.state not in ("running", "paused"):
                 raise errors.FailedPrecondition(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
             run = OutgoingRun(guest, self._listen_host, self._level, self._compress, track_writes=request.track_writes,
@@ -166,7 +168,7 @@ class ControlService(pb_grpc.ControlServicer):
         reply = pb.PrepareOutgoingReply(run_id=run.run_id, spec=spec_to_pb(guest.spec, guest.content),
                                         page_count=guest.page_count, tracking_error=run.tracking_error)
         endpoint = f"{self._listen_host}:{run.pages.port}"
-        if run.plane is planes.DataPlane.NATIVE:
+        if run.plane is names.DataPlane.NATIVE:
             reply.data_endpoint, reply.data_key = endpoint, run.pages.key
         else:
             reply.bulk_endpoint = endpoint
@@ -339,7 +341,8 @@ class ControlService(pb_grpc.ControlServicer):
     def AbortIncoming(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
         run = self._incoming(request.run_id)
         if run.phase == names.Phase.COMPLETE:  # its guest is the only copy now
-            raise errors.FailedPrecondition(f"run {run.run_id} is complete: the guest lives here now (StopGuest stops it)")
+            raise errors.FailedPrecondition(f"run {run.run_id} is complete: the guest lives here now "
+                                            "(StopGuest stops it)")
         run.abort()
         status = run.status()
         with self.lock:

@@ -58,10 +58,9 @@ class BackingDir:
         except FileExistsError:
             raise errors.AlreadyExists(f"backing file {name} already exists in {self.path}: "
                                        "choose another name (an agent never reuses a file)") from None
-        except PermissionError as err:
-            raise errors.PermissionDenied(f"cannot create backing file {name} in {self.path}: {err.strerror}") from None
         except OSError as err:
-            raise errors.FailedPrecondition(f"cannot create backing file {name} in {self.path}: {err.strerror}") from None
+            cls = errors.PermissionDenied if isinstance(err, PermissionError) else errors.FailedPrecondition
+            raise cls(f"cannot create backing file {name} in {self.path}: {err.strerror}") from None
         made = BackingFile(self, name)
         try:
             os.ftruncate(fd, size)

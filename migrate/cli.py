@@ -18,7 +18,7 @@ import click
 
 from migrate import api, errors, logs, orchestrator, planes, report, validate
 from migrate.guest.kvm import MAX_VCPUS as KVM_MAX_VCPUS
-from migrate.names import FINISHED, Content, GuestKind, Mode, Phase, Workload, choices
+from migrate.names import FINISHED, Content, DataPlane, FaultPath, GuestKind, Mode, Phase, Workload, choices
 from migrate.records import MigrationStatus, SnapshotProgress
 from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
@@ -89,7 +89,8 @@ def _credential_options(command: Callable) -> Callable:
 
 
 def _auth(credentials: Credentials) -> dict:
-    """The API's credential arguments for what the credential options gave (explicit: no second look at the environment)."""
+    """The API's credential arguments for what the options gave (explicit: the API does not read the environment
+    again)."""
     return {"token": credentials.token, "tls": api.TLS(ca=credentials.ca, cert=credentials.cert, key=credentials.key)}
 
 
@@ -134,11 +135,11 @@ def _serve(role: str, listen: str, verbose: bool, log_format: str, credentials: 
 
 
 _data_plane_option = click.option(
-    "--data-plane", type=click.Choice([p.value for p in planes.DataPlane]), default=None,
+    "--data-plane", type=click.Choice(choices(DataPlane)), default=None,
     help="How page data travels: native (C threads, plain TCP, a one-time key per run) or grpc (the Pages "
          "service, TLS when configured). Default: native, or grpc when TLS is configured.")
 _fault_path_option = click.option(
-    "--fault-path", type=click.Choice([p.value for p in planes.FaultPath]), default=planes.FaultPath.GRPC.value,
+    "--fault-path", type=click.Choice(choices(FaultPath)), default=FaultPath.GRPC.value,
     show_default=True, help="How the guest's faults are served: over gRPC, or native (needs --data-plane native).")
 
 _metrics_option = click.option(
@@ -207,7 +208,8 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
         if not os.path.isfile(path):
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
-    _serve("source", listen, verbose, log_format, credentials, insecure_listen, metrics, images=parsed, level=zstd_level,
+    _serve("source", listen, verbose, log_format, credentials, insecure_listen, metrics, images=parsed,
+           level=zstd_level,
            compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "",
            snapshot_dir=snapshot_dir or "")
 
@@ -249,7 +251,8 @@ def dest() -> None:
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
                data_plane: str | None, state_dir: str | None, max_incoming_ram: int, policy: str, record_ws: str,
-               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, log_format: str, metrics: str, insecure_listen: bool,
+               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, log_format: str, metrics: str,
+               insecure_listen: bool,
                credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
@@ -267,7 +270,7 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
     if (restore_from or image or data_plane or policy or record_ws or max_bandwidth) and not uffd_socket:
         raise click.UsageError("--restore-from, --image, --data-plane, --policy, --record-ws and --max-bandwidth "
                                "go with --uffd-socket")
-    plane = planes.DataPlane(data_plane) if data_plane else planes.default_plane(credentials.tls)
+    plane = DataPlane(data_plane) if data_plane else planes.default_plane(credentials.tls)
     restore = None
     if uffd_socket:
         from migrate.dest.restore import RestoreOptions  # the agent's side pulls in the native layer

@@ -318,7 +318,8 @@ def progress_lines(drain: Drain, *, coarse: bool = False) -> list[str]:
     for o in drain.active_runs():
         st = o.status
         if st is None:
-            lines.append(f"  {o.name:<16} -> {o.dest:<21} {'pre-copy' if drain.opts.mode != Mode.POSTCOPY else 'preparing'}")
+            step = "pre-copy" if drain.opts.mode != Mode.POSTCOPY else "preparing"
+            lines.append(f"  {o.name:<16} -> {o.dest:<21} {step}")
             continue
         frac = st.pages_received / max(st.pages_total, 1)
         rate = st.bytes_pages / MiB / st.elapsed_s if st.elapsed_s > 0 else 0.0

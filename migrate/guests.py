@@ -221,8 +221,8 @@ class GuestTable:
             directory = BackingDir(record["backing_dir"])
         made, fd = directory.reopen(record["backing"], record["spec"]["size"])
         guest = HostedGuest(record["name"], GuestSpec.from_dict(record["spec"]), "runner", fd, None,
-                            state="migrating-out", run_id=record["run_id"], content=record.get("content", Content.REALISTIC),
-                            backing=made)
+                            state="migrating-out", run_id=record["run_id"],
+                            content=record.get("content", Content.REALISTIC), backing=made)
         try:
             return self.adopt(guest)
         except BaseException:

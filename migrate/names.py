@@ -1,10 +1,10 @@
-"""The domain's names, defined once: migration modes, run phases, guest kinds, workloads, RAM contents.
+"""The domain's names, defined once: modes, run phases, guest kinds, workloads, RAM contents, data planes.
 
 Each is a StrEnum, so a member is its wire string ("hybrid" == Mode.HYBRID):
 protobuf fields, JSON reports and journals keep carrying plain strings,
 while the CLI's choices, the API's defaults and every check in the agents
 and the orchestrator name the members here instead of repeating the text.
-How pages travel (data plane, fault path) is named in migrate.planes.
+migrate.planes holds what is done with the data plane and fault path.
 """
 from __future__ import annotations
 
@@ -56,6 +56,20 @@ class Workload(enum.StrEnum):
 
 #: Workloads that never write (a migration of one has nothing to re-send).
 READ_ONLY = frozenset({Workload.SEQ_READ, Workload.RANDOM_READ, Workload.IDLE})
+
+
+class DataPlane(enum.StrEnum):
+    """How page data travels: the native plane (C threads, plain TCP) or gRPC (migrate.planes)."""
+
+    NATIVE = "native"
+    GRPC = "grpc"
+
+
+class FaultPath(enum.StrEnum):
+    """How a guest's faults are served: over gRPC, or over their own native connection (native plane only)."""
+
+    GRPC = "grpc"
+    NATIVE = "native"
 
 
 class Content(enum.StrEnum):

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from migrate import abort, convergence, planes, policies, report
 from migrate.policies import workingset
 from migrate.client import AgentClient
-from migrate.planes import DataPlane, PageRoute
+from migrate.planes import PageRoute
 from migrate.proto import migrate_pb2 as pb
 from migrate.errors import AgentError, FailedPrecondition, RunFailed
-from migrate.names import Mode, Phase, parse
+from migrate.names import DataPlane, FaultPath, Mode, Phase, parse
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.security import Credentials
 
@@ -174,7 +174,7 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
         if mode != Mode.POSTCOPY and prep.tracking_error:
             log.fallback = f"{mode} needs write tracking; fell back to postcopy: {prep.tracking_error}"
             mode = Mode.POSTCOPY
-        route = PageRoute.offered(opts.source_endpoint or src, prep, plane, planes.FaultPath(opts.fault_path))
+        route = PageRoute.offered(opts.source_endpoint or src, prep, plane, FaultPath(opts.fault_path))
         try:
             policy, working_set = opts.policy_request(prep.spec)
             prepared = dest.call("PrepareIncoming", route.fill(pb.PrepareIncomingRequest(

@@ -1,4 +1,4 @@
-"""How a run's pages travel: the data plane and the fault path, named once (the other domain names: migrate.names).
+"""How a run's pages travel: the data plane and the fault path (named in migrate.names) and the route.
 
 The control plane is always gRPC. Page data goes either over gRPC (the
 Pages service: the bulk server process and the agent's urgent stream) or
@@ -11,24 +11,13 @@ native plane only, over their own native connection.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-from migrate.names import parse
+from migrate.names import DataPlane, FaultPath, parse
 from migrate.proto import migrate_pb2 as pb
 
 #: Bytes of a run's one-time key (DP_KEY_LEN in native/dp_wire.h).
 KEY_BYTES = 32
-
-
-class DataPlane(enum.StrEnum):
-    NATIVE = "native"
-    GRPC = "grpc"
-
-
-class FaultPath(enum.StrEnum):
-    GRPC = "grpc"
-    NATIVE = "native"
 
 
 def default_plane(tls: bool) -> DataPlane:

@@ -13,7 +13,8 @@ import re
 from typing import TYPE_CHECKING
 
 from migrate.errors import BadRequest
-from migrate.planes import KEY_BYTES, DataPlane, PageRoute
+from migrate.names import DataPlane
+from migrate.planes import KEY_BYTES, PageRoute
 
 if TYPE_CHECKING:  # light to import: the lab's relay and the CLI's option parsing use this module
     from migrate.guest.process import GuestSpec

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
 import pytest
+from test_guest_process import pid_gone
 
 import migrate
 from migrate.local import LocalAgent, wait_for
@@ -16,14 +16,6 @@ def _terminate(agent: LocalAgent) -> int:
     """SIGTERM, as an init system stops a daemon; its exit status."""
     agent.proc.send_signal(signal.SIGTERM)
     return agent.proc.wait(timeout=60)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("role", ["source", "dest"])
@@ -38,7 +30,7 @@ def test_sigterm_stops_the_agent_cleanly_with_status_0(tmp_path: Path, role: str
     text = log.read_text()
     assert "Traceback" not in text, text
     if runner:  # its guests stop with it
-        assert wait_for(lambda: not _alive(runner), 10)
+        assert wait_for(lambda: pid_gone(runner), 10)
 
 
 def _requests(lines: list[dict]) -> dict[str, dict]:

@@ -8,8 +8,7 @@ import click
 
 from migrate.bench import driver, summary
 from migrate.bench.matrix import Matrix, load_toml
-from migrate.names import Content, Mode, Workload, choices
-from migrate.planes import DataPlane
+from migrate.names import Content, DataPlane, Mode, Workload, choices
 from migrate.units import parse_size
 
 

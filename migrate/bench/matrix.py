@@ -11,8 +11,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 
 from migrate.lab.link import LinkSpec
-from migrate.names import Content, Mode, Workload, parse
-from migrate.planes import DataPlane
+from migrate.names import Content, DataPlane, Mode, Workload, parse
 from migrate.units import parse_size
 
 LOOPBACK = "loopback"

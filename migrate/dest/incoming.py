@@ -35,8 +35,8 @@ from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.precopy import PrecopyPuller, discard
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
-from migrate.names import FINISHED, Mode, Phase
-from migrate.planes import DataPlane, FaultPath, PageRoute
+from migrate.names import FINISHED, DataPlane, FaultPath, Mode, Phase
+from migrate.planes import PageRoute
 from migrate.policies import Policy, PolicySpec, parse, workingset
 from migrate.policies.base import RunInfo
 from migrate.policies.runner import PolicyRunner
@@ -229,8 +229,9 @@ class IncomingRun:
             discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size) if self.guest else (0, 0)
             t1 = time.monotonic()
             if self.mode == Mode.PRECOPY and not self.bitmap.is_full():
-                raise errors.FailedPrecondition(f"run {self.run_id} still misses {self.page_count - self.bitmap.count()} pages "
-                                   "and has no userfaultfd to fetch them: copy them first")
+                missing = self.page_count - self.bitmap.count()
+                raise errors.FailedPrecondition(f"run {self.run_id} still misses {missing} pages "
+                                                "and has no userfaultfd to fetch them: copy them first")
             self._before["before_resume"] = self.bitmap.count()
             bulk = self._launch(no_push, max_bandwidth)
             t2 = time.monotonic()

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
-from migrate.names import Phase
+from migrate.names import DataPlane, Phase
 from migrate.handshake import recv_handshake
-from migrate.planes import DataPlane, PageRoute
+from migrate.planes import PageRoute
 from migrate.policies import parse, workingset
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError

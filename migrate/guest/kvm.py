@@ -265,7 +265,8 @@ class Machine:
     def import_state(self, state: dict) -> None:
         """Load an exported (paused) state: ValueError if it does not fit this VM."""
         ffi, lib = _ffi()
-        if not isinstance(state, dict) or state.get("kind") != GuestKind.KVM or not isinstance(state.get("vcpus"), list):
+        if not isinstance(state, dict) or state.get("kind") != GuestKind.KVM \
+                or not isinstance(state.get("vcpus"), list):
             raise ValueError("not the execution state of a kvm guest")
         for key, mine in (("workload", self.spec.workload), ("seed", self.spec.seed), ("ops", self.spec.ops),
                           ("nvcpus", self.n), ("size", self.size)):

@@ -25,7 +25,7 @@ from migrate import errors, spawn
 from migrate.batches import MAX_URGENT_PAGES, BatchEncoder, EncodedBatch
 from migrate.guests import HostedGuest
 from migrate.local import read_first_line
-from migrate.planes import DataPlane
+from migrate.names import DataPlane
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.dataplane import DataServer

@@ -137,7 +137,8 @@ class Snapshots:
 
     def _dir(self) -> BackingDir:
         if self.directory is None:
-            raise errors.FailedPrecondition("this agent keeps no snapshots: start it with --snapshot-dir DIR (or --backing-dir)")
+            raise errors.FailedPrecondition("this agent keeps no snapshots: start it with --snapshot-dir DIR "
+                                            "(or --backing-dir)")
         return self.directory
 
     def start(self, guest: HostedGuest, file: str) -> SnapshotJob:
