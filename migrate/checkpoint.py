@@ -16,7 +16,7 @@ from migrate import orchestrator
 from migrate.client import AgentClient
 from migrate.names import Mode, Phase
 from migrate.proto import migrate_pb2 as pb
-from migrate.rpc import AgentError
+from migrate.errors import AgentError, TimedOut
 from migrate.security import Credentials
 from migrate.units import MiB
 
@@ -39,7 +39,7 @@ def take(name: str, agent: str, file: str, *, on_progress: Callable[[pb.Snapshot
             if on_progress:
                 on_progress(p)
             if time.monotonic() > deadline:
-                raise AgentError(f"snapshot {file} did not complete within {timeout:g} s")
+                raise TimedOut(f"snapshot {file} did not complete within {timeout:g} s")
             time.sleep(POLL_EVERY)
             p = client.call("SnapshotStatus", pb.SnapshotRequest(file=file))
     if on_progress:

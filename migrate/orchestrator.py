@@ -29,7 +29,7 @@ from migrate.policies import workingset
 from migrate.client import AgentClient
 from migrate.planes import PageRoute
 from migrate.proto import migrate_pb2 as pb
-from migrate.errors import AgentError, FailedPrecondition, RunFailed
+from migrate.errors import AgentError, FailedPrecondition, RunFailed, TimedOut
 from migrate.names import DataPlane, FaultPath, Mode, Phase, parse
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.security import Credentials
@@ -424,7 +424,7 @@ def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOption
         if status.phase == Phase.FAILED:
             raise DestinationFailed(f"migration failed on the destination: {status.error}")
         if time.monotonic() > deadline:
-            raise AgentError(f"migration did not complete within {opts.timeout:g} s")
+            raise TimedOut(f"migration did not complete within {opts.timeout:g} s")
         if opts.no_push and toucher is None and dest.call("InspectGuest", pb.GuestRef(name=name)).finished:
             touch = functools.partial(dest.call, timeout=opts.timeout)
             toucher = threading.Thread(target=_best_effort, args=(touch, "GuestDigest", pb.GuestRef(name=name)),
@@ -454,7 +454,7 @@ def _wait_finished(agent: AgentClient, name: str, timeout: float = 3600.0) -> No
     deadline = time.monotonic() + timeout
     while not agent.call("InspectGuest", pb.GuestRef(name=name)).finished:
         if time.monotonic() > deadline:
-            raise AgentError(f"guest {name!r} on {agent.target} did not finish within {timeout:g} s")
+            raise TimedOut(f"guest {name!r} on {agent.target} did not finish within {timeout:g} s")
         time.sleep(0.1)
 
 

@@ -14,7 +14,7 @@ from migrate import orchestrator
 from migrate.client import AgentClient
 from migrate.names import Mode
 from migrate.proto import migrate_pb2 as pb
-from migrate.rpc import AgentError
+from migrate.errors import AgentError, TimedOut
 
 from migrate.bench.hosts import Hosts
 from migrate.bench.matrix import Cell, Matrix
@@ -51,7 +51,7 @@ def _wait(agent: AgentClient, name: str, done, what: str, timeout: float = _FINI
         if done(info):
             return info
         if time.monotonic() > deadline:
-            raise AgentError(f"guest {name!r} did not {what} within {timeout:g} s")
+            raise TimedOut(f"guest {name!r} did not {what} within {timeout:g} s")
         time.sleep(0.05)
 
 
