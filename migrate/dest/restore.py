@@ -125,7 +125,7 @@ class UffdRestoreListener:
                     time.sleep(0.05)
                 source.call("CompleteOutgoing", ref)
                 if run.phase == Phase.COMPLETE:
-                    log.info("restore run %s complete", run.run_id)
+                    log.info("restore run %s complete (every page arrived)", run.run_id)
                 else:
                     log.warning("restore run %s %s: %s", run.run_id, run.phase, run.error)
                 if self._opts.record_ws and run.phase == Phase.COMPLETE:
