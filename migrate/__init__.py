@@ -7,7 +7,7 @@ As a library (docs/api.md)::
 
     import migrate
     with migrate.Client("127.0.0.1:7070") as source:
-        source.launch("vm1", size="64M", workload="random-write")
+        source.launch("vm1", size="64M", workload=migrate.Workload.RANDOM_WRITE)
     report = migrate.migrate("vm1", source="127.0.0.1:7070", dest="127.0.0.1:7071")
 
 The names below load on first use: `import migrate` alone loads nothing
@@ -39,6 +39,8 @@ _EXPORTS = {
     "FailedPrecondition": "migrate.errors", "ResourceExhausted": "migrate.errors",
     "PermissionDenied": "migrate.errors", "Unauthenticated": "migrate.errors", "TimedOut": "migrate.errors",
     "KernelFeatureMissing": "migrate.errors", "RunFailed": "migrate.errors", "InternalError": "migrate.errors",
+    "Mode": "migrate.names", "Phase": "migrate.names", "GuestKind": "migrate.names", "Workload": "migrate.names",
+    "Content": "migrate.names", "DataPlane": "migrate.names", "FaultPath": "migrate.names",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -61,6 +63,13 @@ if TYPE_CHECKING:  # the same names for type checkers ("X as X": re-exported)
     from migrate.errors import RunFailed as RunFailed
     from migrate.errors import TimedOut as TimedOut
     from migrate.errors import Unauthenticated as Unauthenticated
+    from migrate.names import Content as Content
+    from migrate.names import GuestKind as GuestKind
+    from migrate.names import Mode as Mode
+    from migrate.names import Phase as Phase
+    from migrate.names import Workload as Workload
+    from migrate.names import DataPlane as DataPlane
+    from migrate.names import FaultPath as FaultPath
     from migrate.records import AgentInfo as AgentInfo
     from migrate.records import Capacity as Capacity
     from migrate.records import GuestInfo as GuestInfo

@@ -24,8 +24,9 @@ source: aborting is always safe.
 from __future__ import annotations
 
 from migrate.client import AgentClient
+from migrate.names import Phase
 from migrate.proto import migrate_pb2 as pb
-from migrate.rpc import AgentError
+from migrate.errors import AgentError, FailedPrecondition
 from migrate.security import Credentials
 
 
@@ -40,7 +41,7 @@ def abort(name: str, src: str, dst: str = "", *, force: bool = False,
           credentials: Credentials | None = None) -> str:
     """Abort the migration of `name` and resume it on `src`; return what was done (one line).
 
-    Raises AgentError with the reason when that is not safe or not possible.
+    Raises FailedPrecondition with the reason when that is not safe or not possible.
     """
     with AgentClient(src, credentials=credentials) as source:
         try:
@@ -48,14 +49,14 @@ def abort(name: str, src: str, dst: str = "", *, force: bool = False,
         except AgentError as err:
             if err.unreachable:
                 raise
-            raise AgentError(f"the source {src} no longer holds guest {name!r} ({err}): there is nothing to "
+            raise FailedPrecondition(f"the source {src} no longer holds guest {name!r} ({err}): there is nothing to "
                              f"resume there; if the migration completed the guest runs on the destination") from None
         if not info.run_id:
-            raise AgentError(f"guest {name!r} on {src} is not being migrated ({info.state}): nothing to abort")
+            raise FailedPrecondition(f"guest {name!r} on {src} is not being migrated ({info.state}): nothing to abort")
         run = pb.RunRef(run_id=info.run_id)
         switched = info.state == "migrating-out"
         if switched and not info.pid:
-            raise AgentError(f"the source {src} holds guest {name!r}'s memory but no runner to resume it (its agent "
+            raise FailedPrecondition(f"the source {src} holds guest {name!r}'s memory but no runner to resume it (its agent "
                              f"restarted after the switchover): finish the migration with "
                              f"`{command(name, src, dst or 'DST', resume=True)}`")
         dest_note = _abort_incoming(name, run, src, dst, switched=switched, force=force, credentials=credentials)
@@ -65,13 +66,13 @@ def abort(name: str, src: str, dst: str = "", *, force: bool = False,
 
 def _abort_incoming(name: str, run: pb.RunRef, src: str, dst: str, *, switched: bool, force: bool,
                     credentials: Credentials | None) -> str:
-    """Stop the destination's side of `run`, or raise AgentError if the source must not resume.
+    """Stop the destination's side of `run`, or raise FailedPrecondition if the source must not resume.
 
     Returns a note for the summary line.
     """
     if not dst:
         if switched and not force:
-            raise AgentError(f"guest {name!r} has switched over and may run on the destination: name it with --to "
+            raise FailedPrecondition(f"guest {name!r} has switched over and may run on the destination: name it with --to "
                              f"so its run can be checked and stopped (or --force if it is gone for good)")
         return " (the destination was not told: pass --to to clean it up)" if not switched else \
             " (the destination was not checked: --force)"
@@ -79,7 +80,7 @@ def _abort_incoming(name: str, run: pb.RunRef, src: str, dst: str, *, switched: 
         dest = AgentClient(dst, credentials=credentials)
     except AgentError as err:
         if switched and not force:
-            raise AgentError(f"cannot reach the destination {dst} ({err}); the guest may run there, so it is not "
+            raise FailedPrecondition(f"cannot reach the destination {dst} ({err}); the guest may run there, so it is not "
                              f"resumed on the source: if the destination is gone for good, add --force") from None
         return f" (the destination {dst} was unreachable)"
     with dest:
@@ -87,18 +88,18 @@ def _abort_incoming(name: str, run: pb.RunRef, src: str, dst: str, *, switched: 
             status = dest.call("IncomingStatus", run)
         except AgentError as err:
             if err.unreachable and switched and not force:
-                raise AgentError(f"the destination {dst} does not answer ({err}): add --force if it is gone "
+                raise FailedPrecondition(f"the destination {dst} does not answer ({err}): add --force if it is gone "
                                  f"for good") from None
             hosted = {g.name: g for g in dest.call("ListGuests", pb.ListGuestsRequest()).guests}
             if switched and name in hosted and hosted[name].state != "migrating-in":
-                raise AgentError(f"guest {name!r} runs on the destination {dst} ({hosted[name].state}): resuming "
+                raise FailedPrecondition(f"guest {name!r} runs on the destination {dst} ({hosted[name].state}): resuming "
                                  f"it on the source would split it in two") from None
             return f" (the destination {dst} had lost the run)"
-        if switched and status.phase == "complete":
-            raise AgentError(f"the migration of {name!r} completed: the guest runs on {dst} now; release it on the "
+        if switched and status.phase == Phase.COMPLETE:
+            raise FailedPrecondition(f"the migration of {name!r} completed: the guest runs on {dst} now; release it on the "
                              f"source with `{command(name, src, dst, resume=True)}`")
-        if switched and status.phase == "running":
-            raise AgentError(
+        if switched and status.phase == Phase.RUNNING:
+            raise FailedPrecondition(
                 f"guest {name!r} runs on the destination {dst} ({status.pages_received} of {status.pages_total} "
                 f"pages in): it has written pages there since the switchover, and resuming it on the source would "
                 f"split it in two; wait for the run to complete or fail (the recovery timeout), then try again")

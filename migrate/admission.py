@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-log = logging.getLogger("migrate.admission")
+log = logging.getLogger(__name__)
 
 #: Seconds between two log lines about refused calls of one class.
 _LOG_EVERY_S = 10.0

@@ -13,16 +13,16 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from migrate import __version__, errors, planes, rpc, spawn, validate
+from migrate import __version__, errors, names, planes, rpc, spawn, validate
 from migrate.admission import SLOW_CALLS_PER_PEER, CallClass
 from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
-from migrate.dest.capacity import Ledger, NoRoom
-from migrate.dest.incoming import MODES, IncomingRun
+from migrate.dest.capacity import Ledger
+from migrate.dest.incoming import IncomingRun
 from migrate.guest.process import GuestSpec
 from migrate.journal import Journal
 from migrate.metrics import MetricsServer
@@ -33,7 +33,8 @@ from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
 from migrate.source.snapshot import Snapshots
 
-log = logging.getLogger("migrate.agent")
+log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 #: Completed incoming runs whose final status IncomingStatus still answers.
 _KEEP_FINISHED = 64
@@ -55,38 +56,34 @@ CALLS = (
     CallClass("page streams", ("/migrate.v1.Pages/",), per_peer=8, total=32),
 )
 
-#: Built-in exceptions as statuses, for raise sites not yet using migrate.errors (whose own
-#: table, errors.STATUS, comes first: errors.status_of).
-_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (NoRoom, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (KeyError, grpc.StatusCode.NOT_FOUND),
-    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ConnectionError, grpc.StatusCode.UNAVAILABLE),
-    (PermissionError, grpc.StatusCode.PERMISSION_DENIED),
-    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (RuntimeError, grpc.StatusCode.FAILED_PRECONDITION),
-    (OSError, grpc.StatusCode.INTERNAL),
-)
-
-
 def _rpc(method: Callable) -> Callable:
-    """Map exceptions of a unary handler to gRPC statuses, and log them."""
+    """Answer a unary handler's failure with its status: a migrate.errors class with its own
+    code (errors.STATUS), anything else INTERNAL, logged once with its traceback (a bug)."""
 
     @functools.wraps(method)
     def wrapper(self: "ControlService", request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status
-            code = errors.status_of(err) or next((c for kind, c in _ERRORS if isinstance(err, kind)), None)
+            code = errors.status_of(err)
+            text = str(err)[:_MAX_ECHO]
             if code is None:
-                code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method.__name__)
-            text = str(err.args[0] if isinstance(err, KeyError) and err.args else err)[:_MAX_ECHO]
-            log.warning("%s: %s: %s", method.__name__, code.name, text)
+                code = grpc.StatusCode.INTERNAL
+            else:  # the client's to act on: routine here
+                log.info("%s: %s: %s", method.__name__, code.name, text)
             context.abort(code, text)
 
     return wrapper
+
+
+def _request(parse: Callable[..., R], *args: Any) -> R:
+    """`parse(*args)` on a client's request: its ValueError (migrate.names, migrate.planes: parsers
+    shared with code that has no agent) is the client's BadRequest."""
+    try:
+        return parse(*args)
+    except ValueError as err:
+        raise errors.BadRequest(str(err)) from None
 
 
 class ControlService(pb_grpc.ControlServicer):
@@ -110,7 +107,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     def _need(self, role: str) -> None:
         if role not in self.roles:
-            raise RuntimeError(f"this agent is not a {role} agent (roles: {', '.join(self.roles)})")
+            raise errors.FailedPrecondition(f"this agent is not a {role} agent (roles: {', '.join(self.roles)})")
 
     # ------------------------------------------------------------ guests
     @_rpc
@@ -137,16 +134,17 @@ class ControlService(pb_grpc.ControlServicer):
     def GuestDigest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.DigestReply:
         guest = self.guests.get(request.name)
         if guest.process is None:
-            raise RuntimeError(f"guest {request.name!r} is an image; it has no runner to ask")
+            raise errors.FailedPrecondition(f"guest {request.name!r} is an image; it has no runner to ask")
         if guest.state == "migrating-in":  # its memory is not here yet, nor asked for before switchover
-            raise RuntimeError(f"guest {request.name!r} has not resumed here yet (run {guest.run_id})")
+            raise errors.FailedPrecondition(f"guest {request.name!r} has not resumed here yet (run {guest.run_id})")
         return pb.DigestReply(digest=guest.process.digest(timeout=600))
 
     @_rpc
     def StopGuest(self, request: pb.GuestRef, context: grpc.ServicerContext) -> pb.GuestInfo:
         guest = self.guests.get(request.name)
         if guest.run_id:
-            raise RuntimeError(f"guest {request.name!r} is being migrated (run {guest.run_id}); abort that first")
+            raise errors.FailedPrecondition(f"guest {request.name!r} is being migrated (run {guest.run_id}); "
+                                            "abort that first")
         info = guest.info()
         self.guests.remove(request.name)
         info.state = "stopped"
@@ -159,18 +157,19 @@ class ControlService(pb_grpc.ControlServicer):
         guest = self.guests.get(request.name)
         with self.lock:
             if guest.run_id:
-                raise RuntimeError(f"guest {request.name!r} is already being migrated (run {guest.run_id})")
+                raise errors.FailedPrecondition(f"guest {request.name!r} is already being migrated "
+                                                f"(run {guest.run_id})")
             if guest.kind == "runner" and guest.state not in ("running", "paused"):
-                raise RuntimeError(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
+                raise errors.FailedPrecondition(f"guest {request.name!r} is {guest.state}; it cannot be migrated now")
             run = OutgoingRun(guest, self._listen_host, self._level, self._compress, track_writes=request.track_writes,
-                              plane=planes.data_plane(request.data_plane))
+                              plane=_request(planes.data_plane, request.data_plane))
             if guest.kind == "runner":
                 guest.run_id = run.run_id
         self.outgoing.add(run)
         reply = pb.PrepareOutgoingReply(run_id=run.run_id, spec=spec_to_pb(guest.spec, guest.content),
                                         page_count=guest.page_count, tracking_error=run.tracking_error)
         endpoint = f"{self._listen_host}:{run.pages.port}"
-        if run.plane is planes.DataPlane.NATIVE:
+        if run.plane is names.DataPlane.NATIVE:
             reply.data_endpoint, reply.data_key = endpoint, run.pages.key
         else:
             reply.bulk_endpoint = endpoint
@@ -184,7 +183,7 @@ class ControlService(pb_grpc.ControlServicer):
     def Switchover(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SwitchoverReply:
         run = self._outgoing(request.run_id)
         if run.switched:
-            raise RuntimeError(f"run {run.run_id} has switched over already")
+            raise errors.FailedPrecondition(f"run {run.run_id} has switched over already")
         reply = run.switchover()
         self._record_outgoing(run)
         return reply
@@ -218,7 +217,7 @@ class ControlService(pb_grpc.ControlServicer):
     @_rpc
     def CompleteOutgoing(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.SourceStats:
         if not self._outgoing(request.run_id).switched:  # releasing it now would lose the guest
-            raise RuntimeError(f"run {request.run_id} has not switched over: abort it instead")
+            raise errors.FailedPrecondition(f"run {request.run_id} has not switched over: abort it instead")
         run = self.outgoing.pop(validate.run_id(request.run_id))
         stats = run.complete()
         if self.journal is not None:
@@ -250,19 +249,17 @@ class ControlService(pb_grpc.ControlServicer):
         spec = spec_from_pb(request.spec)
         validate.run_id(request.run_id)
         validate.guest_name(request.name)
-        plane = planes.data_plane(request.data_plane)
+        plane = _request(planes.data_plane, request.data_plane)
         route = validate.page_route(planes.PageRoute(
             request.source_endpoint, request.bulk_endpoint, plane, request.data_endpoint, request.data_key,
-            planes.fault_path(request.fault_path, plane)))
+            _request(planes.fault_path, request.fault_path, plane)))
         validate.seconds(request.recovery_timeout_s, "recovery_timeout_s")
         with self.lock:
             if request.run_id in self.incoming:
-                raise FileExistsError(f"run {request.run_id} is already known here")
+                raise errors.AlreadyExists(f"run {request.run_id} is already known here")
         if any(g.name == request.name for g in self.guests.all()):
-            raise FileExistsError(f"a guest named {request.name!r} already exists on this agent")
-        mode = request.mode or "postcopy"
-        if mode not in MODES:
-            raise ValueError(f"unknown migration mode {mode!r}; known: {', '.join(MODES)}")
+            raise errors.AlreadyExists(f"a guest named {request.name!r} already exists on this agent")
+        mode = _request(names.parse, names.Mode, request.mode or names.Mode.POSTCOPY, "migration mode")
         self.ledger.admit(request.name, spec.size, self._incoming_runs())
         try:
             ms = self._prepare_incoming(request, spec, mode, route)
@@ -306,7 +303,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     def _forget_finished(self) -> None:
         """Keep the statuses of the last _KEEP_FINISHED completed runs only (caller holds the lock)."""
-        finished = [run_id for run_id, run in self.incoming.items() if run.phase == "complete"]
+        finished = [run_id for run_id, run in self.incoming.items() if run.phase == names.Phase.COMPLETE]
         for run_id in finished[:-_KEEP_FINISHED]:  # oldest first: dicts keep insertion order
             del self.incoming[run_id]
 
@@ -318,7 +315,7 @@ class ControlService(pb_grpc.ControlServicer):
         with self.lock:
             run = self.incoming.get(run_id)
         if run is None:
-            raise KeyError(f"no incoming migration {run_id!r} on this agent: it lost the run "
+            raise errors.GuestNotFound(f"no incoming migration {run_id!r} on this agent: it lost the run "
                            "(restarted without --state-dir?) or never had it")
         return run
 
@@ -344,8 +341,9 @@ class ControlService(pb_grpc.ControlServicer):
     @_rpc
     def AbortIncoming(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
         run = self._incoming(request.run_id)
-        if run.phase == "complete":  # its guest is the only copy now
-            raise RuntimeError(f"run {run.run_id} is complete: the guest lives here now (StopGuest stops it)")
+        if run.phase == names.Phase.COMPLETE:  # its guest is the only copy now
+            raise errors.FailedPrecondition(f"run {run.run_id} is complete: the guest lives here now "
+                                            "(StopGuest stops it)")
         run.abort()
         status = run.status()
         with self.lock:
@@ -353,7 +351,7 @@ class ControlService(pb_grpc.ControlServicer):
         run.close()
         try:
             self.guests.remove(run.name)
-        except KeyError:
+        except errors.GuestNotFound:
             pass
         return status
 
@@ -372,7 +370,7 @@ class ControlService(pb_grpc.ControlServicer):
             self.guests.adopt(run.guest)
             with self.lock:
                 self.incoming[run.run_id] = run
-            log.warning("resumed incoming run %s of guest %s", run.run_id, run.name)
+            log.info("resumed incoming run %s of guest %s", run.run_id, run.name)
 
     def _serve_again(self, record: dict) -> None:
         """Serve a switched-over file-backed guest's pages again: same run, same plane, port and key."""
@@ -393,7 +391,7 @@ class ControlService(pb_grpc.ControlServicer):
         run.switched = True
         run.pages.freeze()  # the guest runs on the destination: this copy of its memory no longer changes
         self.outgoing.add(run)
-        log.warning("serving outgoing run %s of guest %s again", run.run_id, guest.name)
+        log.info("serving outgoing run %s of guest %s again", run.run_id, guest.name)
 
     def shutdown(self) -> None:
         """Stop every run and guest this agent holds (on SIGTERM/SIGINT).
@@ -422,7 +420,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
           uffd_restore: RestoreOptions | None = None, state_dir: str = "",
           backing_dir: str = "", snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None,
           level: int = 1, compress: str = "auto", max_incoming_ram: int = 0, metrics: str = "",
-          allow_policy_modules: bool = False) -> None:
+          allow_policy_modules: bool = False, log_requests: bool = False) -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` says how to restore external processes that connect
@@ -435,6 +433,10 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     written and loaded from (default: `backing_dir`). `max_incoming_ram`
     caps the RAM promised to incoming runs at once (0: only the host's
     memory limits it). `metrics` (HOST:PORT) serves Prometheus metrics there.
+    `log_requests` logs every call (method, peer, duration, status).
+
+    SIGTERM and SIGINT drain it: no new calls, the ones in flight get a
+    second to finish, then every run and guest stops, and serve() returns.
     """
     spawn.tune_allocator()
     host = validate.split_endpoint(listen, "listen address", listen=True)[0]
@@ -446,7 +448,7 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
         control.rejoin_runs()
     for name, path in (images or {}).items():
         control.guests.add_image(name, path)
-    server = rpc.server(CALLS)
+    server = rpc.server(CALLS, log_requests=log_requests)
     pb_grpc.add_ControlServicer_to_server(control, server)
     if "source" in roles:
         add_pages_servicer(UrgentPages(control.outgoing), server)

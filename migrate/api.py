@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from migrate import errors, orchestrator, records
 from migrate.client import CONNECT_TIMEOUT, AgentClient
+from migrate.names import Content, GuestKind, Mode, Workload
 from migrate.proto import migrate_pb2 as pb
 from migrate.records import (AgentInfo, Capacity, DirtySet, GuestInfo, MigrationStatus, Outgoing, PrecopyRound,
                              Prepared, SnapshotProgress, SourceStats, Spec, Started, Switchover)
@@ -75,18 +76,18 @@ class Client:
         """The agent's protocol version, roles ("source", "dest") and software."""
         return self._call("Hello", pb.HelloRequest(), AgentInfo)
 
-    def launch(self, name: str, *, size: int | str, workload: str = "random-write", ops: int = 2_000_000,
-               threads: int = 1, ops_per_sec: float = 0.0, content: str = "realistic", backing: str = "",
+    def launch(self, name: str, *, size: int | str, workload: str = Workload.RANDOM_WRITE, ops: int = 2_000_000,
+               threads: int = 1, ops_per_sec: float = 0.0, content: str = Content.REALISTIC, backing: str = "",
                seed: int = 1, paused: bool = False, page_size: int = mmap.PAGESIZE,
-               kind: str = "synthetic") -> GuestInfo:
+               kind: str = GuestKind.SYNTHETIC) -> GuestInfo:
         """Start guest `name` on a source agent.
 
-        `size` in bytes, or as text ("64M", "1G"); `workload` one of seq-read,
-        seq-write, random-read, random-write, hotset, zipf, idle; `ops`
-        operations, then it idles; `ops_per_sec` 0 runs unthrottled;
-        `content` "realistic" or "random" (incompressible); `backing`
-        "file:NAME" keeps RAM in a new file in the agent's --backing-dir;
-        `kind` "kvm" runs the guest image under KVM with `threads` vCPUs.
+        `size` in bytes, or as text ("64M", "1G"); `workload` a
+        migrate.Workload (or its name: "hotset", ...); `ops` operations,
+        then it idles; `ops_per_sec` 0 runs unthrottled; `content`
+        Content.REALISTIC or RANDOM (incompressible); `backing` "file:NAME"
+        keeps RAM in a new file in the agent's --backing-dir; `kind`
+        GuestKind.KVM runs the guest image under KVM with `threads` vCPUs.
         """
         try:
             nbytes = parse_size(size) if isinstance(size, str) else size
@@ -150,7 +151,7 @@ class Client:
         return self._call("CompleteOutgoing", pb.RunRef(run_id=run_id), SourceStats)
 
     def prepare_incoming(self, run_id: str, name: str, spec: Spec, *, source_endpoint: str, bulk_endpoint: str = "",
-                         mode: str = "postcopy", recovery_timeout_s: float = 0.0, data_plane: str = "",
+                         mode: str = Mode.POSTCOPY, recovery_timeout_s: float = 0.0, data_plane: str = "",
                          data_endpoint: str = "", data_key: bytes = b"", fault_path: str = "") -> Prepared:
         request = pb.PrepareIncomingRequest(
             run_id=run_id, name=name, spec=pb.GuestSpec(**vars(spec)), source_endpoint=source_endpoint,
@@ -195,12 +196,12 @@ Agent = str | Client
 StatusCallback = Callable[[MigrationStatus], None]
 
 
-def migrate(guest: str, *, source: Agent, dest: Agent, mode: str = "hybrid", verify: bool = False,
+def migrate(guest: str, *, source: Agent, dest: Agent, mode: str = Mode.HYBRID, verify: bool = False,
             token: str | None = None, tls: TLS | None = None, on_status: StatusCallback | None = None,
             **options: Any) -> Report:
     """Migrate guest `guest` from agent `source` to agent `dest` (endpoints or Clients); return the report.
 
-    `mode`: "postcopy", "hybrid" or "precopy"; `verify` compares the final
+    `mode`: a migrate.Mode (or its name); `verify` compares the final
     memory with an unmigrated run (Report.verified). `options` are the
     fields of migrate.orchestrator.RunOptions: no_push, max_bandwidth
     (bytes/s), source_endpoint, timeout, precopy_rounds, precopy_seconds,

@@ -15,6 +15,8 @@ import re
 import stat
 from dataclasses import dataclass
 
+from migrate import errors
+
 #: A backing file name: 1-64 letters, digits, '.', '-' or '_', not starting with '.'
 #: (no hidden files, no '.' or '..', no slashes: the file is always directly in the directory).
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
@@ -25,9 +27,9 @@ def file_name(backing: str) -> str:
     """NAME of a backing "file:NAME", or ValueError with one line saying what is allowed."""
     kind, sep, name = backing.partition(":")
     if kind != "file" or not sep:
-        raise ValueError(f"bad backing {backing[:80]!r}: use file:NAME")
+        raise errors.BadRequest(f"bad backing {backing[:80]!r}: use file:NAME")
     if not _NAME.fullmatch(name):
-        raise ValueError(f"bad backing file name {name[:80]!r}: a plain file name in the agent's --backing-dir, "
+        raise errors.BadRequest(f"bad backing file name {name[:80]!r}: a plain file name in the agent's --backing-dir, "
                          f"{NAME_RULE}")
     return name
 
@@ -41,7 +43,7 @@ class BackingDir:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as err:
-            raise ValueError(f"cannot use backing directory {self.path}: {err.strerror}") from None
+            raise errors.BadRequest(f"cannot use backing directory {self.path}: {err.strerror}") from None
 
     def create(self, backing: str, size: int) -> tuple[BackingFile, int]:
         """A new file for "file:NAME", sized to `size`, and an fd on it.
@@ -54,17 +56,18 @@ class BackingDir:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=self.fd)
         except FileExistsError:
-            raise FileExistsError(f"backing file {name} already exists in {self.path}: "
-                                  "choose another name (an agent never reuses a file)") from None
+            raise errors.AlreadyExists(f"backing file {name} already exists in {self.path}: "
+                                       "choose another name (an agent never reuses a file)") from None
         except OSError as err:
-            raise RuntimeError(f"cannot create backing file {name} in {self.path}: {err.strerror}") from None
+            cls = errors.PermissionDenied if isinstance(err, PermissionError) else errors.FailedPrecondition
+            raise cls(f"cannot create backing file {name} in {self.path}: {err.strerror}") from None
         made = BackingFile(self, name)
         try:
             os.ftruncate(fd, size)
         except OSError as err:
             os.close(fd)
             made.remove()
-            raise RuntimeError(f"cannot size backing file {name} to {size} bytes: {err.strerror}") from None
+            raise errors.ResourceExhausted(f"cannot size backing file {name} to {size} bytes: {err.strerror}") from None
         return made, fd
 
     def reopen(self, name: str, size: int) -> tuple[BackingFile, int]:
@@ -73,11 +76,11 @@ class BackingDir:
         try:
             fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
         except OSError as err:
-            raise ValueError(f"cannot open backing file {name} in {self.path}: {err.strerror}") from None
+            raise errors.BadRequest(f"cannot open backing file {name} in {self.path}: {err.strerror}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             os.close(fd)
-            raise ValueError(f"backing file {name} in {self.path} is not a regular file of {size} bytes")
+            raise errors.BadRequest(f"backing file {name} in {self.path} is not a regular file of {size} bytes")
         return BackingFile(self, name), fd
 
 

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 from migrate import orchestrator
 from migrate.client import AgentClient
+from migrate.names import Mode, Phase
 from migrate.proto import migrate_pb2 as pb
-from migrate.rpc import AgentError
+from migrate.errors import AgentError, TimedOut
 from migrate.security import Credentials
+from migrate.units import MiB
 
-MiB = 1 << 20
 #: Seconds between two status polls of a snapshot.
 POLL_EVERY = 0.1
 
@@ -34,16 +35,16 @@ def take(name: str, agent: str, file: str, *, on_progress: Callable[[pb.Snapshot
     with AgentClient(agent, credentials=credentials) as client:
         p = client.call("StartSnapshot", pb.SnapshotRequest(name=name, file=file), timeout=120)
         deadline = t0 + timeout
-        while p.phase == "running":
+        while p.phase == Phase.RUNNING:
             if on_progress:
                 on_progress(p)
             if time.monotonic() > deadline:
-                raise AgentError(f"snapshot {file} did not complete within {timeout:g} s")
+                raise TimedOut(f"snapshot {file} did not complete within {timeout:g} s")
             time.sleep(POLL_EVERY)
             p = client.call("SnapshotStatus", pb.SnapshotRequest(file=file))
     if on_progress:
         on_progress(p)
-    if p.phase != "complete":
+    if p.phase != Phase.COMPLETE:
         raise SnapshotFailed(f"snapshot {file} of {name} failed: {p.error}")
     return report(p, agent, time.monotonic() - t0)
 
@@ -89,7 +90,7 @@ def restore(file: str, src: str, dst: str, name: str = "", opts: orchestrator.Ru
     """
     name = name or file
     opts = opts or orchestrator.RunOptions()
-    opts.mode = "postcopy"  # a snapshot does not run on the source: nothing to pre-copy
+    opts.mode = Mode.POSTCOPY  # a snapshot does not run on the source: nothing to pre-copy
     with AgentClient(src, credentials=credentials) as client:
         client.call("LoadSnapshot", pb.LoadSnapshotRequest(name=name, file=file), timeout=120)
     doc = orchestrator.migrate(name, src, dst, opts, on_status=on_status, credentials=credentials)

@@ -18,17 +18,14 @@ from typing import ClassVar
 
 import click
 
-from migrate import orchestrator, planes, report, rpc, validate
-from migrate.client import AgentClient
+from migrate import api, errors, logs, orchestrator, planes, report, validate
 from migrate.guest.kvm import MAX_VCPUS as KVM_MAX_VCPUS
-from migrate.guest.process import KINDS
-from migrate.proto import migrate_pb2 as pb
+from migrate.names import FINISHED, Content, DataPlane, FaultPath, GuestKind, Mode, Phase, Workload, choices
+from migrate.records import MigrationStatus, SnapshotProgress
 from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
-from migrate.units import format_size, parse_rate, parse_size
+from migrate.units import MiB, format_size, parse_rate, parse_size
 
-MiB = 1024 * 1024
-WORKLOADS = ("seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle", "balloon")
 
 
 class _Parsed(click.ParamType):
@@ -93,6 +90,16 @@ def _credential_options(command: Callable) -> Callable:
     return wrapper
 
 
+def _auth(credentials: Credentials) -> dict:
+    """The API's credential arguments for what the options gave (explicit: the API does not read the environment
+    again)."""
+    return {"token": credentials.token, "tls": api.TLS(ca=credentials.ca, cert=credentials.cert, key=credentials.key)}
+
+
+def _client(agent: str, credentials: Credentials) -> api.Client:
+    return api.Client(agent, **_auth(credentials))
+
+
 class _Commands(click.Group):
     """The CLI's group. The tooling commands (the lab, benchmarks, plots, test
     certificates) live in their own modules, loaded only when one is asked
@@ -128,38 +135,45 @@ def cli() -> None:
 
 
 # ----------------------------------------------------------------- agents
-def _serve(role: str, listen: str, verbose: bool, credentials: Credentials, insecure_listen: bool, metrics: str,
-           **kw) -> None:
+def _serve(role: str, listen: str, verbose: bool, log_format: str, credentials: Credentials, insecure_listen: bool,
+           metrics: str, **kw) -> None:
     try:
         warning = listen_policy(listen, credentials, insecure_listen)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     credentials.export()  # for this agent's server and every process it starts
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    logs.configure(role, log_format)
     if warning:
-        logging.getLogger("migrate.agent").warning("%s", warning)
+        logging.getLogger(__name__).warning("%s", warning)
     from migrate.agent import serve  # the agent pulls in the native layer
 
     def ready(port: int) -> None:
         click.echo(f"listening on {validate.split_endpoint(listen, listen=True)[0]}:{port}")
         sys.stdout.flush()
 
-    serve(listen, (role,), on_ready=ready, metrics=metrics, **kw)
+    serve(listen, (role,), on_ready=ready, metrics=metrics, log_requests=verbose, **kw)
 
 
 _data_plane_option = click.option(
-    "--data-plane", type=click.Choice([p.value for p in planes.DataPlane]), default=None,
+    "--data-plane", type=click.Choice(choices(DataPlane)), default=None,
     help="How page data travels: native (C threads, plain TCP, a one-time key per run) or grpc (the Pages "
          "service, TLS when configured). Default: native, or grpc when TLS is configured.")
 _fault_path_option = click.option(
-    "--fault-path", type=click.Choice([p.value for p in planes.FaultPath]), default=planes.FaultPath.GRPC.value,
+    "--fault-path", type=click.Choice(choices(FaultPath)), default=FaultPath.GRPC.value,
     show_default=True, help="How the guest's faults are served: over gRPC, or native (needs --data-plane native).")
 
 _metrics_option = click.option(
     "--metrics", type=_Parsed("HOST:PORT", lambda v: v and validate.endpoint(v, "metrics address", listen=True)),
     default="", help="Serve Prometheus metrics at http://HOST:PORT/metrics (runs by phase, pages by path, faults "
                      "and their latency, bytes on the wire, link outages).")
+def _daemon_log_options(command: Callable) -> Callable:
+    """-v (log every request) and --log-format (text or JSON lines), for `source serve` and `dest serve`."""
+    command = click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+                           help="Log lines as text, or as JSON objects (one per line) for a log collector.")(command)
+    return click.option("-v", "--verbose", is_flag=True,
+                        help="Log every request: method, peer, duration and status.")(command)
+
+
 _insecure_option = click.option("--insecure-listen", is_flag=True,
                                 help="Allow listening beyond loopback without TLS or client authentication "
                                      "(client certificates or a token); a warning is logged.")
@@ -189,12 +203,12 @@ def source() -> None:
 @click.option("--snapshot-dir", type=click.Path(file_okay=False), default=None,
               help="Where `migrate snapshot -o FILE` writes FILE and FILE.state.json (new files only) and "
                    "`migrate restore FILE` reads them (default: --backing-dir; without either, refused).")
-@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_daemon_log_options
 @_metrics_option
 @_insecure_option
 @_credential_options
 def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress: str, state_dir: str | None,
-                 backing_dir: str | None, snapshot_dir: str | None, verbose: bool, metrics: str,
+                 backing_dir: str | None, snapshot_dir: str | None, verbose: bool, log_format: str, metrics: str,
                  insecure_listen: bool, credentials: Credentials) -> None:
     """Run a source agent until interrupted.
 
@@ -214,7 +228,8 @@ def source_serve(listen: str, images: tuple[str, ...], zstd_level: int, compress
         if not os.path.isfile(path):
             raise click.BadParameter(f"no such file: {path}", param_hint="--image")
         parsed[name] = path
-    _serve("source", listen, verbose, credentials, insecure_listen, metrics, images=parsed, level=zstd_level,
+    _serve("source", listen, verbose, log_format, credentials, insecure_listen, metrics, images=parsed,
+           level=zstd_level,
            compress=compress, state_dir=state_dir or "", backing_dir=backing_dir or "",
            snapshot_dir=snapshot_dir or "")
 
@@ -250,13 +265,14 @@ def dest() -> None:
 @click.option("--allow-policy-modules", is_flag=True,
               help="Let a migration's --policy module:Class be imported by this agent (code of the client's "
                    "choosing, run here: off by default; built-in policies are always allowed).")
-@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_daemon_log_options
 @_metrics_option
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
                data_plane: str | None, state_dir: str | None, max_incoming_ram: int, policy: str, record_ws: str,
-               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, metrics: str, insecure_listen: bool,
+               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, log_format: str, metrics: str,
+               insecure_listen: bool,
                credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
@@ -274,7 +290,7 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
     if (restore_from or image or data_plane or policy or record_ws or max_bandwidth) and not uffd_socket:
         raise click.UsageError("--restore-from, --image, --data-plane, --policy, --record-ws and --max-bandwidth "
                                "go with --uffd-socket")
-    plane = planes.DataPlane(data_plane) if data_plane else planes.default_plane(credentials.tls)
+    plane = DataPlane(data_plane) if data_plane else planes.default_plane(credentials.tls)
     restore = None
     if uffd_socket:
         from migrate.dest.restore import RestoreOptions  # the agent's side pulls in the native layer
@@ -283,7 +299,7 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
             restore.check()
         except ValueError as err:
             raise click.ClickException(str(err)) from None
-    _serve("dest", listen, verbose, credentials, insecure_listen, metrics, uffd_restore=restore,
+    _serve("dest", listen, verbose, log_format, credentials, insecure_listen, metrics, uffd_restore=restore,
            state_dir=state_dir or "", max_incoming_ram=max_incoming_ram, allow_policy_modules=allow_policy_modules)
 
 
@@ -300,7 +316,8 @@ _agent_option = click.option("--agent", type=ENDPOINT, default="127.0.0.1:7070",
 def _kind_options(fn: Callable) -> Callable:
     fn = click.option("--vcpus", type=int, default=None,
                       help="vCPUs of a kvm guest (its --threads), 1 to 16.")(fn)
-    return click.option("--kind", type=click.Choice(KINDS), default="synthetic", show_default=True,
+    return click.option("--kind", type=click.Choice(choices(GuestKind)), default=GuestKind.SYNTHETIC.value,
+                        show_default=True,
                         help="synthetic: the workload engine on RAM; kvm: a KVM virtual machine running the "
                              "guest image (the same workloads, one slice of RAM per vCPU).")(fn)
 
@@ -309,7 +326,7 @@ def _threads_for(kind: str, vcpus: int | None, threads: int) -> int:
     """The spec's threads: --vcpus for a kvm guest (checked here: one line, before any agent is asked)."""
     if vcpus is None:
         return threads
-    if kind != "kvm":
+    if kind != GuestKind.KVM:
         raise click.ClickException("--vcpus applies to --kind kvm (a synthetic guest has --threads)")
     if not 1 <= vcpus <= KVM_MAX_VCPUS:
         raise click.ClickException(f"--vcpus must be 1 to {KVM_MAX_VCPUS}, not {vcpus}")
@@ -320,14 +337,15 @@ def _threads_for(kind: str, vcpus: int | None, threads: int) -> int:
 @click.argument("name")
 @_agent_option
 @click.option("--size", type=PAGES, default="512M", show_default=True, help="Guest RAM (e.g. 64M, 1G).")
-@click.option("--workload", type=click.Choice(WORKLOADS), default="random-write", show_default=True)
+@click.option("--workload", type=click.Choice(choices(Workload)), default=Workload.RANDOM_WRITE.value,
+              show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1, show_default=True)
 @click.option("--ops", type=click.IntRange(0, None), default=2_000_000, show_default=True,
               help="Operations the workload performs, then it idles.")
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--ops-per-sec", type=click.FloatRange(0, None), default=0.0, show_default=True,
               help="Throttle the workload (0: as fast as it goes).")
-@click.option("--content", type=click.Choice(("realistic", "random")), default="realistic", show_default=True,
+@click.option("--content", type=click.Choice(choices(Content)), default=Content.REALISTIC.value, show_default=True,
               help="Initial RAM: realistic (partly compressible, some zero pages) or random (incompressible).")
 @click.option("--backing", metavar="file:NAME", default="",
               help="Keep guest RAM in a new file NAME in the source agent's --backing-dir instead of anonymous "
@@ -347,11 +365,9 @@ def guest_start(name: str, agent: str, size: int, workload: str, seed: int, ops:
       migrate guest start vm2 --agent 127.0.0.1:7070 --size 256M --kind kvm --vcpus 2 --ops 50000000
     """
     threads = _threads_for(kind, vcpus, threads)
-    spec = pb.GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=threads,
-                        ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE, content=content, kind=kind)
-    with AgentClient(agent, credentials=credentials) as client:
-        info = client.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused,
-                                                                 backing=backing), timeout=600)
+    with _client(agent, credentials) as client:
+        info = client.launch(name, size=size, workload=workload, seed=seed, ops=ops, threads=threads,
+                             ops_per_sec=ops_per_sec, content=content, kind=kind, paused=paused, backing=backing)
     click.echo(f"started {info.name}: pid {info.pid}, {format_size(info.spec.size)}, {info.spec.workload}")
 
 
@@ -365,8 +381,8 @@ def guest_list(agent: str, credentials: Credentials) -> None:
     Example:
       migrate guest list --agent 127.0.0.1:7071
     """
-    with AgentClient(agent, credentials=credentials) as client:
-        guests = client.call("ListGuests", pb.ListGuestsRequest()).guests
+    with _client(agent, credentials) as client:
+        guests = client.guests()
     if not guests:
         click.echo("no guests")
         return
@@ -388,9 +404,9 @@ def guest_stats(name: str, agent: str, digest: bool, credentials: Credentials) -
     Example:
       migrate guest stats vm1 --agent 127.0.0.1:7071 --digest
     """
-    with AgentClient(agent, credentials=credentials) as client:
-        info = client.call("InspectGuest", pb.GuestRef(name=name))
-        digest_text = client.call("GuestDigest", pb.GuestRef(name=name), timeout=600).digest if digest else None
+    with _client(agent, credentials) as client:
+        info = client.inspect(name)
+        digest_text = client.digest(name) if digest else None
     click.echo(f"name       {info.name}\nstate      {info.state}\nkind       {info.kind}\npid        {info.pid or '-'}")
     click.echo(f"size       {format_size(info.spec.size)} ({info.page_count} pages of {info.page_size} B)")
     click.echo(f"workload   {info.spec.workload}, seed {info.spec.seed}, {info.spec.threads} thread(s)")
@@ -414,8 +430,8 @@ def guest_stop(name: str, agent: str, credentials: Credentials) -> None:
     Example:
       migrate guest stop vm1 --agent 127.0.0.1:7071
     """
-    with AgentClient(agent, credentials=credentials) as client:
-        client.call("StopGuest", pb.GuestRef(name=name))
+    with _client(agent, credentials) as client:
+        client.stop(name)
     click.echo(f"stopped {name}")
 
 
@@ -444,8 +460,8 @@ class _StderrLine:
 class ProgressLine(_StderrLine):
     """One line of migration progress on stderr: pages in, MB/s, faults."""
 
-    def __call__(self, st: pb.MigrationStatus) -> None:
-        final = st.phase in ("complete", "failed")
+    def __call__(self, st: MigrationStatus) -> None:
+        final = st.phase in FINISHED
         if not self._due(final):
             return
         total = max(st.pages_total, 1)
@@ -482,7 +498,7 @@ def _finish_report(doc: dict, report_path: str | None, table: Callable[[dict], s
 @click.option("--verify", is_flag=True, help="Compare the final memory with an unmigrated run of the same guest.")
 @click.option("--timeout", type=click.FloatRange(1, None), default=3600.0, show_default=True,
               help="Seconds to wait for the migration to complete.")
-@click.option("--mode", type=click.Choice(orchestrator.MODES), default="hybrid", show_default=True,
+@click.option("--mode", type=click.Choice(choices(Mode)), default=Mode.HYBRID.value, show_default=True,
               help="postcopy: switch at once; hybrid: pre-copy rounds, then post-copy; "
                    "precopy: pre-copy rounds, then stop-and-copy.")
 @click.option("--precopy-rounds", type=click.IntRange(1, None), default=10, show_default=True,
@@ -530,22 +546,16 @@ def run_cmd(guest_name: str, src: str, dst: str, report_path: str | None, no_pus
       migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --policy trend
       migrate run vm1 --from 127.0.0.1:7070 --to 127.0.0.1:7071 --policy replay:ws=vm1.ws
     """
-    if no_push and mode == "precopy":
-        raise click.UsageError("--no-push needs --mode postcopy or hybrid: precopy moves every page by copy")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # what the orchestrator waits for, if it must
-    opts = orchestrator.RunOptions(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint,
-                                   verify=verify, timeout=timeout, mode=mode, precopy_rounds=precopy_rounds,
-                                   precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,
-                                   recovery_timeout=recovery_timeout, data_plane=data_plane or "",
-                                   fault_path=fault_path, policy=policy, record_ws=record_ws)
-    try:
-        opts.check(credentials.tls)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    options = dict(no_push=no_push, max_bandwidth=max_bandwidth, source_endpoint=source_endpoint, timeout=timeout,
+                   precopy_rounds=precopy_rounds, precopy_seconds=precopy_seconds, max_downtime_ms=max_downtime_ms,
+                   recovery_timeout=recovery_timeout, data_plane=data_plane or "", fault_path=fault_path,
+                   policy=policy, record_ws=record_ws, on_status=ProgressLine(), **_auth(credentials))
     if resume:
-        doc = orchestrator.resume(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
+        result = api.resume(guest_name, source=src, dest=dst, mode=mode, verify=verify, **options)
     else:
-        doc = orchestrator.migrate(guest_name, src, dst, opts, on_status=ProgressLine(), credentials=credentials)
+        result = api.migrate(guest_name, source=src, dest=dst, mode=mode, verify=verify, **options)
+    doc = result.to_dict()
     _finish_report(doc, report_path)
     if doc.get("verified") is False:
         raise click.ClickException("verification failed: the migrated guest's memory differs")
@@ -587,7 +597,7 @@ class DrainBoard:
 @click.option("--parallel", type=click.IntRange(1, 64), default=2, show_default=True, help="Most runs at once.")
 @click.option("--max-bandwidth", type=RATE, default="0",
               help="Cap on the page traffic of all runs together, shared equally by the active runs (e.g. 1gbit).")
-@click.option("--mode", type=click.Choice(orchestrator.MODES), default="hybrid", show_default=True,
+@click.option("--mode", type=click.Choice(choices(Mode)), default=Mode.HYBRID.value, show_default=True,
               help="How each guest moves (see `migrate run --help`).")
 @click.option("--report-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Write each run's JSON report here (GUEST.json), and the drain's summary (drain.json).")
@@ -643,8 +653,8 @@ def drain_cmd(src: str, dsts: tuple[str, ...], parallel: int, max_bandwidth: int
 class SnapshotLine(_StderrLine):
     """One line of snapshot progress on stderr: pages saved, MiB/s, WP faults, guest blocked."""
 
-    def __call__(self, p: pb.SnapshotProgress) -> None:
-        final = p.phase != "running"
+    def __call__(self, p: SnapshotProgress) -> None:
+        final = p.phase != Phase.RUNNING
         if not self._due(final):
             return
         frac = p.pages_saved / max(p.pages_total, 1)
@@ -710,7 +720,7 @@ def restore_cmd(file: str, src: str, dst: str, name: str, report_path: str | Non
     from migrate import checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    opts = orchestrator.RunOptions(verify=verify, max_bandwidth=max_bandwidth, mode="postcopy")
+    opts = orchestrator.RunOptions(verify=verify, max_bandwidth=max_bandwidth, mode=Mode.POSTCOPY)
     doc = checkpoint.restore(file, src, dst, name, opts, on_status=ProgressLine(), credentials=credentials)
     _finish_report(doc, report_path)
     if doc.get("verified") is False:
@@ -743,12 +753,13 @@ def abort_cmd(guest_name: str, src: str, dst: str, force: bool, credentials: Cre
 
 @cli.command("demo")
 @click.option("--size", type=PAGES, default="512M", show_default=True, help="Guest RAM.")
-@click.option("--workload", type=click.Choice(WORKLOADS), default="random-write", show_default=True)
+@click.option("--workload", type=click.Choice(choices(Workload)), default=Workload.RANDOM_WRITE.value,
+              show_default=True)
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the JSON report here.")
 @click.option("--no-push", is_flag=True, help="Pages arrive only through faults.")
-@click.option("--mode", type=click.Choice(orchestrator.MODES), default="postcopy", show_default=True,
+@click.option("--mode", type=click.Choice(choices(Mode)), default=Mode.POSTCOPY.value, show_default=True,
               help="How to migrate (see `migrate run --help`).")
 @_data_plane_option
 @_fault_path_option
@@ -768,15 +779,13 @@ def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no
     """
     from migrate.demo import run_demo
 
-    if no_push and mode == "precopy":
-        raise click.UsageError("--no-push needs --mode postcopy or hybrid")
     threads = _threads_for(kind, vcpus, threads)
     opts = orchestrator.RunOptions(no_push=no_push, verify=True, mode=mode, data_plane=data_plane or "",
                                    fault_path=fault_path)
     try:
         opts.check()
     except ValueError as err:
-        raise click.ClickException(str(err)) from None
+        raise errors.BadRequest(str(err)) from None
     doc = run_demo(size=size, workload=workload, threads=threads, opts=opts, kind=kind,
                    on_status=ProgressLine(), say=lambda text: click.echo(text, err=True))
     _finish_report(doc, report_path)
@@ -794,10 +803,10 @@ def main() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except orchestrator.RunFailed as err:
+    except errors.RunFailed as err:
         click.echo(f"error: {err}\nnext: {err.next_step}", err=True)
         sys.exit(1)
-    except (rpc.AgentError, ValueError, OSError, RuntimeError, TimeoutError) as err:
+    except (errors.MigrateError, ValueError, OSError, RuntimeError, TimeoutError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

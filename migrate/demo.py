@@ -9,8 +9,9 @@ from collections.abc import Callable
 from migrate import orchestrator
 from migrate.client import AgentClient
 from migrate.local import LocalAgent
+from migrate.names import GuestKind
 from migrate.proto import migrate_pb2 as pb
-from migrate.rpc import AgentError
+from migrate.errors import KernelFeatureMissing, TimedOut
 
 #: The guest's pace: it runs for about RUN_SECONDS when left alone.
 OPS_PER_SEC = 400_000
@@ -25,13 +26,13 @@ KVM_OPS = 100_000_000
 
 def run_demo(*, size: int, workload: str, threads: int, opts: orchestrator.RunOptions,
              on_status: Callable[[pb.MigrationStatus], None], say: Callable[[str], None],
-             kind: str = "synthetic") -> dict:
+             kind: str = GuestKind.SYNTHETIC) -> dict:
     """Start two agents and a guest, migrate it mid-run as `opts` say, verify, return the report."""
-    kvm = kind == "kvm"
+    kvm = kind == GuestKind.KVM
     if kvm:
         from migrate.guest.kvm import kvm_problem
         if why := kvm_problem():
-            raise RuntimeError(why)
+            raise KernelFeatureMissing(why)
     ops = KVM_OPS if kvm else int(OPS_PER_SEC * RUN_SECONDS)
     spec = pb.GuestSpec(size=size, workload=workload, seed=42, ops=ops, threads=threads,
                         ops_per_sec=0 if kvm else OPS_PER_SEC, page_size=mmap.PAGESIZE, kind=kind)
@@ -54,5 +55,5 @@ def _wait_progress(client: AgentClient, name: str, ops: int, timeout: float = 12
     deadline = time.monotonic() + timeout
     while client.call("InspectGuest", pb.GuestRef(name=name)).ops_done < ops:
         if time.monotonic() > deadline:
-            raise AgentError(f"guest {name!r} made no progress within {timeout:g} s")
+            raise TimedOut(f"guest {name!r} made no progress within {timeout:g} s")
         time.sleep(0.05)

@@ -40,15 +40,15 @@ from migrate import abort, orchestrator
 from migrate.admission import SLOW_CALLS_PER_PEER
 from migrate.client import AgentClient
 from migrate.errors import ResourceExhausted
+from migrate.names import Mode, Phase
 from migrate.orchestrator import RunOptions
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.security import Credentials
-from migrate.units import format_size
+from migrate.units import MiB, format_size
 
-_log = logging.getLogger("migrate.drain")
+_log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 #: Seconds between two looks at the active runs (bandwidth shares, progress).
 TICK = 0.25
 #: Guest states a drain moves (a runner whose workload finished still holds its memory).
@@ -309,7 +309,7 @@ class Drain:
         for outcome in self.active_runs():
             outcome.opts.max_bandwidth = share  # read by its next pre-copy round or its start
             st = outcome.status
-            if not self.max_bandwidth or st is None or st.phase != "running" or outcome.applied_bandwidth == share:
+            if not self.max_bandwidth or st is None or st.phase != Phase.RUNNING or outcome.applied_bandwidth == share:
                 continue
             try:
                 self._client(outcome.dest).call("SetBandwidth", pb.SetBandwidthRequest(
@@ -359,7 +359,8 @@ def progress_lines(drain: Drain, *, coarse: bool = False) -> list[str]:
     for o in drain.active_runs():
         st = o.status
         if st is None:
-            lines.append(f"  {o.name:<16} -> {o.dest:<21} {'pre-copy' if drain.opts.mode != 'postcopy' else 'preparing'}")
+            step = "pre-copy" if drain.opts.mode != Mode.POSTCOPY else "preparing"
+            lines.append(f"  {o.name:<16} -> {o.dest:<21} {step}")
             continue
         frac = st.pages_received / max(st.pages_total, 1)
         rate = st.bytes_pages / MiB / st.elapsed_s if st.elapsed_s > 0 else 0.0

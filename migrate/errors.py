@@ -52,15 +52,20 @@ class AgentError(MigrateError):
         self.unreachable = unreachable
 
 
-class AgentUnreachable(AgentError):
-    """The agent did not answer: not running, wrong address, or the network is down."""
+class AgentUnreachable(AgentError, ConnectionError):
+    """The agent did not answer: not running, wrong address, or the network is down.
+
+    A ConnectionError too, as a socket's failure to connect is."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, unreachable=True)
 
 
-class BadRequest(AgentError):
-    """The request cannot work as given (a bad size, name, mode, workload...)."""
+class BadRequest(AgentError, ValueError):
+    """The request cannot work as given (a bad size, name, mode, workload...).
+
+    A ValueError too: the checks that raise it (migrate.validate, ...) serve
+    the CLI's option parsing and the agent's request checks alike."""
 
 
 class GuestNotFound(AgentError):

@@ -11,37 +11,42 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from migrate import errors
 from migrate.backing import BackingDir, BackingFile
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import fill_random
+from migrate.names import Content, GuestKind, Workload, parse
 from migrate.proto import migrate_pb2 as pb
 from migrate.snapshot_image import read_state
 from migrate.validate import guest_name, spec_fits
 
 
-#: What a guest's RAM holds before its workload starts.
-CONTENTS = ("realistic", "random")
-
-
-def spec_to_pb(spec: GuestSpec, content: str = "realistic") -> pb.GuestSpec:
+def spec_to_pb(spec: GuestSpec, content: str = Content.REALISTIC) -> pb.GuestSpec:
     return pb.GuestSpec(size=spec.size, workload=spec.workload, seed=spec.seed, ops=spec.ops,
                         threads=spec.threads, ops_per_sec=spec.ops_per_sec, page_size=spec.page_size,
                         content=content, kind=spec.kind)
 
 
 def content_from_pb(msg: pb.GuestSpec) -> str:
-    content = msg.content or "realistic"
-    if content not in CONTENTS:
-        raise ValueError(f"unknown guest content {content!r}; known: {', '.join(CONTENTS)}")
-    return content
+    """The spec's RAM content; BadRequest for an unknown one."""
+    try:
+        return parse(Content, msg.content or Content.REALISTIC, "guest content")
+    except ValueError as err:
+        raise errors.BadRequest(str(err)) from None
 
 
 def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
-    """A validated GuestSpec (ValueError with a clear message otherwise)."""
-    spec = GuestSpec(size=msg.size, workload=msg.workload or "random-write", seed=msg.seed,
+    """A validated GuestSpec; BadRequest with a clear message otherwise.
+
+    GuestSpec.validate raises ValueError (the runner checks its arguments
+    with it too, without the agent's errors): here, a client's spec."""
+    spec = GuestSpec(size=msg.size, workload=msg.workload or Workload.RANDOM_WRITE, seed=msg.seed,
                      ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
-                     page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or "synthetic")
-    spec.validate()
+                     page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or GuestKind.SYNTHETIC)
+    try:
+        spec.validate()
+    except ValueError as err:
+        raise errors.BadRequest(str(err)) from None
     return spec_fits(spec)
 
 
@@ -71,7 +76,7 @@ class HostedGuest:
     process: GuestProcess | None = None
     state: str = "running"
     run_id: str = ""
-    content: str = "realistic"
+    content: str = Content.REALISTIC
     backing: BackingFile | None = None  # when RAM lives in a file (migrate/backing.py)
     saved_state: dict | None = None     # an image's execution state (a snapshot's, migrate/snapshot_image.py)
     _map: mmap.mmap | None = field(default=None, repr=False)
@@ -138,21 +143,21 @@ class GuestTable:
         self.backing_dir = backing_dir
 
     def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False,
-               content: str = "realistic", backing: str = "") -> HostedGuest:
+               content: str = Content.REALISTIC, backing: str = "") -> HostedGuest:
         """Create guest RAM and start a runner on it.
 
         "realistic" RAM is filled by the runner; "random" (incompressible,
         for measuring transfers without compression's help) is filled here,
         deterministically from the seed.
         """
-        if spec.kind == "kvm":
+        if spec.kind == GuestKind.KVM:
             from migrate.guest.kvm import kvm_problem
-            if content != "realistic":
-                raise ValueError("a kvm guest's RAM is what its image writes: content must be realistic")
+            if content != Content.REALISTIC:
+                raise errors.BadRequest("a kvm guest's RAM is what its image writes: content must be realistic")
             if problem := kvm_problem():
-                raise ValueError(f"cannot run a kvm guest on this agent: {problem}")
+                raise errors.KernelFeatureMissing(f"cannot run a kvm guest on this agent: {problem}")
         if backing and self.backing_dir is None:
-            raise ValueError("this agent keeps no backing files: start it with --backing-dir DIR")
+            raise errors.BadRequest("this agent keeps no backing files: start it with --backing-dir DIR")
         self._reserve(name)
         fd = -1
         made = None
@@ -161,10 +166,10 @@ class GuestTable:
                 made, fd = self.backing_dir.create(backing, spec.size)
             else:
                 fd = create_memfd(name, spec.size)
-            if content == "random":
+            if content == Content.RANDOM:
                 with mmap.mmap(fd, spec.size, mmap.MAP_SHARED) as ram:
                     fill_random(ram, spec.seed)
-            proc = GuestProcess.launch(spec, fd, start_paused=start_paused, fill=content == "realistic")
+            proc = GuestProcess.launch(spec, fd, start_paused=start_paused, fill=content == Content.REALISTIC)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -186,17 +191,17 @@ class GuestTable:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
         except OSError as err:
-            raise ValueError(f"cannot open image {path}: {err.strerror}") from None
+            raise errors.BadRequest(f"cannot open image {path}: {err.strerror}") from None
         try:
             size = os.fstat(fd).st_size
             saved = read_state(path, size)
             if saved is not None:
-                spec, content, state = saved["spec"], saved.get("content", "realistic"), saved["state"]
+                spec, content, state = saved["spec"], saved.get("content", Content.REALISTIC), saved["state"]
             else:
-                spec = GuestSpec(size=size, workload="idle", seed=0, ops=0, threads=1, page_size=page_size)
-                content, state = "realistic", None
+                spec = GuestSpec(size=size, workload=Workload.IDLE, seed=0, ops=0, threads=1, page_size=page_size)
+                content, state = Content.REALISTIC, None
             if size == 0 or size % spec.page_size:
-                raise ValueError(f"image {path} is {size} bytes: not a positive multiple of the "
+                raise errors.BadRequest(f"image {path} is {size} bytes: not a positive multiple of the "
                                  f"{spec.page_size}-byte page")
             self._reserve(name)
         except BaseException:
@@ -216,8 +221,8 @@ class GuestTable:
             directory = BackingDir(record["backing_dir"])
         made, fd = directory.reopen(record["backing"], record["spec"]["size"])
         guest = HostedGuest(record["name"], GuestSpec.from_dict(record["spec"]), "runner", fd, None,
-                            state="migrating-out", run_id=record["run_id"], content=record.get("content", "realistic"),
-                            backing=made)
+                            state="migrating-out", run_id=record["run_id"],
+                            content=record.get("content", Content.REALISTIC), backing=made)
         try:
             return self.adopt(guest)
         except BaseException:
@@ -234,7 +239,7 @@ class GuestTable:
         with self._lock:
             guest = self._guests.get(name)
         if guest is None:
-            raise KeyError(f"no guest named {name!r} on this agent")
+            raise errors.GuestNotFound(f"no guest named {name!r} on this agent")
         return guest
 
     def all(self) -> list[HostedGuest]:
@@ -245,7 +250,7 @@ class GuestTable:
         with self._lock:
             guest = self._guests.pop(name, None)
         if guest is None:
-            raise KeyError(f"no guest named {name!r} on this agent")
+            raise errors.GuestNotFound(f"no guest named {name!r} on this agent")
         guest.close(keep_backing=keep_backing)
         return guest
 
@@ -258,7 +263,7 @@ class GuestTable:
         guest_name(name)
         with self._lock:
             if name in self._guests:
-                raise FileExistsError(f"a guest named {name!r} already exists on this agent")
+                raise errors.AlreadyExists(f"a guest named {name!r} already exists on this agent")
             self._guests[name] = None  # type: ignore[assignment]  # placeholder while launching
 
     def _release(self, name: str) -> None:

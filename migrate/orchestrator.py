@@ -27,17 +27,17 @@ from dataclasses import dataclass
 from migrate import abort, convergence, planes, policies, report
 from migrate.policies import workingset
 from migrate.client import AgentClient
-from migrate.planes import DataPlane, PageRoute
+from migrate.planes import PageRoute
 from migrate.proto import migrate_pb2 as pb
-from migrate.errors import AgentError, FailedPrecondition, RunFailed
+from migrate.errors import AgentError, FailedPrecondition, RunFailed, TimedOut
+from migrate.names import DataPlane, FaultPath, Mode, Phase, parse
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.security import Credentials
 
-_log = logging.getLogger("migrate.orchestrator")
+_log = logging.getLogger(__name__)
 
 #: Seconds between two status polls of the destination.
 POLL_EVERY = 0.1
-MODES = ("postcopy", "hybrid", "precopy")
 #: Hybrid: before pausing, discard stale pages on the destination (guest still
 #: running) until a step finds at most this many to drop, or SETTLE_STEPS passed.
 SETTLE_PAGES = 256
@@ -55,7 +55,7 @@ class RunOptions:
     source_endpoint: str = ""       # the source as the destination reaches it (default: --from)
     verify: bool = False            # compare the final digest with an unmigrated run
     timeout: float = 3600.0
-    mode: str = "hybrid"            # postcopy, hybrid or precopy
+    mode: str = Mode.HYBRID         # postcopy, hybrid or precopy (migrate.names.Mode)
     precopy_rounds: int = 10        # most pre-copy rounds
     precopy_seconds: float = 0.0    # most seconds of pre-copy, 0: no limit
     max_downtime_ms: float = 20.0   # switch once the dirty set fits this at the link's pace
@@ -77,13 +77,12 @@ class RunOptions:
     def check(self, tls: bool = False) -> None:
         """ValueError with one clear line for options that cannot work."""
         planes.fault_path(self.fault_path, self.plane(tls))
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        parse(Mode, self.mode, "mode")
         if self.precopy_rounds < 1:
             raise ValueError(f"precopy_rounds must be >= 1, got {self.precopy_rounds}")
         if self.precopy_seconds < 0 or self.max_downtime_ms < 0:
             raise ValueError("precopy_seconds and max_downtime_ms must be >= 0")
-        if self.mode == "precopy" and self.no_push:
+        if self.mode == Mode.PRECOPY and self.no_push:
             raise ValueError("precopy mode moves every page by copy: --no-push needs postcopy or hybrid")
         if self.policy:
             policies.parse(self.policy).build()  # a bad name, parameter or file fails here, before anything moves
@@ -178,16 +177,16 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
             raise FailedPrecondition(f"agent at {dst} is not a destination agent")
         t_start_ns = time.time_ns()
         t0 = time.monotonic()
-        mode = opts.mode
-        prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=name, track_writes=mode != "postcopy",
+        mode = Mode(opts.mode)
+        prep = source.call("PrepareOutgoing", pb.PrepareOutgoingRequest(name=name, track_writes=mode != Mode.POSTCOPY,
                                                                         data_plane=plane))
         run = pb.RunRef(run_id=prep.run_id)
         log = PrecopyLog()
         t = log.stamp("prepare_outgoing", t0)
-        if mode != "postcopy" and prep.tracking_error:
+        if mode != Mode.POSTCOPY and prep.tracking_error:
             log.fallback = f"{mode} needs write tracking; fell back to postcopy: {prep.tracking_error}"
-            mode = "postcopy"
-        route = PageRoute.offered(opts.source_endpoint or src, prep, plane, planes.FaultPath(opts.fault_path))
+            mode = Mode.POSTCOPY
+        route = PageRoute.offered(opts.source_endpoint or src, prep, plane, FaultPath(opts.fault_path))
         try:
             policy, working_set = opts.policy_request(prep.spec)
             prepared = dest.call("PrepareIncoming", route.fill(pb.PrepareIncomingRequest(
@@ -195,17 +194,17 @@ def migrate(name: str, src: str, dst: str, opts: RunOptions,
                 recovery_timeout_s=opts.recovery_timeout, policy=policy, working_set=working_set,
                 record_ws=bool(opts.record_ws))), timeout=120)
             t = log.stamp("prepare_incoming", t)
-            stale = _precopy(source, dest, run, opts, log) if mode != "postcopy" else b""
+            stale = _precopy(source, dest, run, opts, log) if mode != Mode.POSTCOPY else b""
             t = log.stamp("precopy", t)
             if before_switchover:
                 before_switchover()
             t = time.monotonic()
-            if mode == "hybrid":
+            if mode == Mode.HYBRID:
                 stale = _settle(source, dest, run, stale, log)
                 t = log.stamp("settle", t)
             switch = source.call("Switchover", run)
             stale = union(stale, switch.dirty.bitmap)
-            if mode == "precopy":  # stop-and-copy: the guest is paused meanwhile
+            if mode == Mode.PRECOPY:  # stop-and-copy: the guest is paused meanwhile
                 log.final_copy = dest.call("PrecopyRound", pb.PrecopyRoundRequest(
                     run_id=prep.run_id, discard=stale, pull=True, max_bandwidth=opts.max_bandwidth),
                     timeout=opts.timeout)
@@ -438,12 +437,12 @@ def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOption
             continue
         if on_status:
             on_status(status)
-        if status.phase == "complete":
+        if status.phase == Phase.COMPLETE:
             return status
-        if status.phase == "failed":
+        if status.phase == Phase.FAILED:
             raise DestinationFailed(f"migration failed on the destination: {status.error}")
         if time.monotonic() > deadline:
-            raise AgentError(f"migration did not complete within {opts.timeout:g} s")
+            raise TimedOut(f"migration did not complete within {opts.timeout:g} s")
         if opts.no_push and toucher is None and dest.call("InspectGuest", pb.GuestRef(name=name)).finished:
             touch = functools.partial(dest.call, timeout=opts.timeout)
             toucher = threading.Thread(target=_best_effort, args=(touch, "GuestDigest", pb.GuestRef(name=name)),
@@ -473,7 +472,7 @@ def _wait_finished(agent: AgentClient, name: str, timeout: float = 3600.0) -> No
     deadline = time.monotonic() + timeout
     while not agent.call("InspectGuest", pb.GuestRef(name=name)).finished:
         if time.monotonic() > deadline:
-            raise AgentError(f"guest {name!r} on {agent.target} did not finish within {timeout:g} s")
+            raise TimedOut(f"guest {name!r} on {agent.target} did not finish within {timeout:g} s")
         time.sleep(0.1)
 
 

@@ -1,4 +1,4 @@
-"""How a run's pages travel: the data plane and the fault path, named once.
+"""How a run's pages travel: the data plane and the fault path (named in migrate.names) and the route.
 
 The control plane is always gRPC. Page data goes either over gRPC (the
 Pages service: the bulk server process and the agent's urgent stream) or
@@ -11,23 +11,13 @@ native plane only, over their own native connection.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
+from migrate.names import DataPlane, FaultPath, parse
 from migrate.proto import migrate_pb2 as pb
 
 #: Bytes of a run's one-time key (DP_KEY_LEN in native/dp_wire.h).
 KEY_BYTES = 32
-
-
-class DataPlane(enum.StrEnum):
-    NATIVE = "native"
-    GRPC = "grpc"
-
-
-class FaultPath(enum.StrEnum):
-    GRPC = "grpc"
-    NATIVE = "native"
 
 
 def default_plane(tls: bool) -> DataPlane:
@@ -37,18 +27,12 @@ def default_plane(tls: bool) -> DataPlane:
 
 def data_plane(value: str) -> DataPlane:
     """The plane a peer named ("" is gRPC: what a client predating the native plane means)."""
-    try:
-        return DataPlane(value or DataPlane.GRPC)
-    except ValueError:
-        raise ValueError(f"unknown data plane {value[:40]!r}; use one of {', '.join(DataPlane)}") from None
+    return parse(DataPlane, value or DataPlane.GRPC, "data plane")
 
 
 def fault_path(value: str, plane: DataPlane) -> FaultPath:
     """The fault path a peer named ("" is gRPC); the native one needs the native plane."""
-    try:
-        path = FaultPath(value or FaultPath.GRPC)
-    except ValueError:
-        raise ValueError(f"unknown fault path {value[:40]!r}; use one of {', '.join(FaultPath)}") from None
+    path = parse(FaultPath, value or FaultPath.GRPC, "fault path")
     if path is FaultPath.NATIVE and plane is not DataPlane.NATIVE:
         raise ValueError("--fault-path native needs the native data plane (--data-plane native)")
     return path

@@ -14,8 +14,9 @@ import os
 import statistics
 
 from migrate.bench import driver, results
+from migrate.names import Mode
+from migrate.units import MiB
 
-MiB = 1 << 20
 SOURCE_COLOR, DEST_COLOR, PUSH_COLOR, FAULT_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"
 
 
@@ -172,10 +173,10 @@ def plot_report(doc: dict, out: str, baseline: dict | None = None) -> None:
     fig = plt.figure(figsize=(13, 9), layout="constrained")
     grid = fig.add_gridspec(2, 2)
     _pages_panel(fig.add_subplot(grid[0, 0]), doc)
-    _latency_panel(fig.add_subplot(grid[0, 1]), [(doc.get("mode", "postcopy"), doc["faults"]["latency_us"])])
+    _latency_panel(fig.add_subplot(grid[0, 1]), [(doc.get("mode", Mode.POSTCOPY), doc["faults"]["latency_us"])])
     _throughput_panel(fig.add_subplot(grid[1, :]), doc, baseline)
     g = doc["guest"]
-    fig.suptitle(f"{g['name']}: {g['size'] // MiB} MiB {g['workload']}, {doc.get('mode', 'postcopy')} — "
+    fig.suptitle(f"{g['name']}: {g['size'] // MiB} MiB {g['workload']}, {doc.get('mode', Mode.POSTCOPY)} — "
                  f"total {doc['total_s']:.2f} s, downtime {doc['downtime_ms']:.1f} ms, "
                  f"{doc['bytes']['wire'] / MiB:.0f} MiB on the wire", fontsize=13)
     fig.savefig(out, dpi=110)

@@ -28,10 +28,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from migrate.names import GuestKind, Mode
 from migrate.proto import migrate_pb2 as pb
 from migrate.stats import summarize
+from migrate.units import MiB
 
-MiB = 1024 * 1024
 _D = TypeVar("_D", bound="_Document")
 
 
@@ -231,7 +232,7 @@ def link_summary(detail: dict) -> dict:
 
 def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, switch: pb.SwitchoverReply,
           prepare_ms: float, resume_ms: float, status: pb.MigrationStatus, source_stats: pb.SourceStats,
-          before: pb.GuestInfo, after: pb.GuestInfo, verified: bool | None, mode: str = "postcopy",
+          before: pb.GuestInfo, after: pb.GuestInfo, verified: bool | None, mode: str = Mode.POSTCOPY,
           precopy: dict | None = None, precopy_pages: int = 0, precopy_bytes: int = 0,
           downtime_parts: dict | None = None, tls: bool = False) -> dict:
     """Assemble the report from what the agents said (pre-copy rounds as the orchestrator logged them).
@@ -259,7 +260,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "workload": spec.workload,
             "threads": spec.threads,
             "blocked_ms": float(faults.get("blocked_ms", 0.0)),
-            "kind": spec.kind or "synthetic",
+            "kind": spec.kind or GuestKind.SYNTHETIC,
             "vcpu_blocked_ms": list(after.vcpu_blocked_ms),
             "progress": progress,
             "ops_per_s_before": round(_rate(progress, -5.0, 0.0), 1),
@@ -334,7 +335,7 @@ def table(doc: dict) -> str:
     parts = ", ".join(f"{k} {v:.2f}" for k, v in doc.get("downtime_parts", {}).items() if v)
     rows = [
         ("guest", f"{doc['guest']['name']}: {doc['guest']['size'] // MiB} MiB, {doc['guest']['workload']}"),
-        ("mode", doc.get("mode", "postcopy") + (f" ({pre['fallback']})" if pre.get("fallback") else "")),
+        ("mode", doc.get("mode", Mode.POSTCOPY) + (f" ({pre['fallback']})" if pre.get("fallback") else "")),
         ("data plane", f"{doc.get('data_plane', 'grpc')}, faults over {doc.get('fault_path', 'grpc')}"
                        + (" (page data went UNENCRYPTED: the native plane has no TLS)"
                           if doc.get("tls") and not doc.get("data_plane_encrypted") else "")),

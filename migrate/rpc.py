@@ -8,6 +8,7 @@ credentials, channels and servers use this process's (its environment).
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import re
@@ -24,7 +25,7 @@ from migrate.errors import AgentError, AgentUnreachable
 from migrate.proto import migrate_pb2 as pb
 from migrate.security import AUTH_KEY, Credentials
 
-log = logging.getLogger("migrate.rpc")
+log = logging.getLogger(__name__)
 
 PROTO_VERSION = pb.PROTO_VERSION
 VERSION_KEY = "migrate-proto"
@@ -152,19 +153,24 @@ def _handshake_refusal(error: str, tls: bool, target: str) -> str:
     return ""
 
 
-def server(calls: Sequence[CallClass] = (), credentials: Credentials | None = None) -> grpc.Server:
+def server(calls: Sequence[CallClass] = (), credentials: Credentials | None = None, *,
+           log_requests: bool = False) -> grpc.Server:
     """A gRPC server with the project's limits, a version check and, if
     `credentials` hold one, a bearer-token check (TLS is set by `bind`).
 
     Each class of `calls` runs on a pool of its own, bounded in all and per
     peer (migrate.admission); the default pool serves refusals and any
     call of no class. Calls refused by the gate are never counted.
+    `log_requests` logs every call as it ends, refusals too (RequestLog).
     """
     creds = Credentials.from_env() if credentials is None else credentials
+    interceptors: list[grpc.ServerInterceptor] = [_Gate(creds.token), Admission(calls)]
+    if log_requests:
+        interceptors.insert(0, RequestLog())
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=_DEFAULT_WORKERS, thread_name_prefix="grpc"),
         options=_OPTIONS + _SERVER_OPTIONS,
-        interceptors=[_Gate(creds.token), Admission(calls)],
+        interceptors=interceptors,
         maximum_concurrent_rpcs=sum(c.total for c in calls) + _QUEUED_CALLS,
     )
 
@@ -213,6 +219,50 @@ class _Gate(grpc.ServerInterceptor):
         code, msg = refused
         log.warning("%s refused: %s: %s", details.method, code.name, msg)
         return None if continuation(details) is None else refusal(code, msg)
+
+
+class RequestLog(grpc.ServerInterceptor):
+    """Logs each call as it ends, at INFO: method, peer, duration and status (`-v` on an agent).
+
+    Outermost, so that it sees the calls the gate and admission refuse too.
+    The fields are also the record's attributes (migrate.logs: JSON keys).
+    """
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                    if getattr(handler, k) is not None)
+        behavior = getattr(handler, kind)
+        method = details.method
+
+        def done(context: grpc.ServicerContext, t0: float, failed: bool) -> None:
+            code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
+            fields = {"method": method, "peer": context.peer(), "duration_ms": round((time.monotonic() - t0) * 1e3, 3),
+                      "status": code.name}
+            log.info("%(method)s from %(peer)s: %(status)s in %(duration_ms).1f ms", fields, extra=fields)
+
+        if handler.response_streaming:
+            @functools.wraps(behavior)  # keeps admission's experimental_thread_pool
+            def logged(request: Any, context: grpc.ServicerContext) -> Any:
+                t0, failed = time.monotonic(), True
+                try:
+                    yield from behavior(request, context)
+                    failed = False
+                finally:
+                    done(context, t0, failed)
+        else:
+            @functools.wraps(behavior)
+            def logged(request: Any, context: grpc.ServicerContext) -> Any:
+                t0, failed = time.monotonic(), True
+                try:
+                    reply = behavior(request, context)
+                    failed = False
+                    return reply
+                finally:
+                    done(context, t0, failed)
+        return handler._replace(**{kind: logged})
 
 
 class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -21,8 +21,10 @@ import json
 import mmap
 import os
 
+from migrate import errors
 from migrate.guest.process import GuestSpec
 from migrate.guest.workloads import Workload, digest, fill_random, fill_realistic
+from migrate.names import Content
 
 STATE_SUFFIX = ".state.json"
 FORMAT = "migrate-snapshot"
@@ -31,7 +33,7 @@ VERSION = 1
 MAX_STATE_BYTES = 1 << 20
 
 
-class BadSnapshot(ValueError):
+class BadSnapshot(errors.BadRequest):
     """A state file that is not a migrate snapshot's, or does not fit its image."""
 
 
@@ -64,7 +66,7 @@ def read_state(image_path: str, image_size: int) -> dict | None:
         raise BadSnapshot(f"{path}: bad guest spec: {err}") from None
     if spec.size != image_size:
         raise BadSnapshot(f"{path} describes {spec.size} bytes of RAM, the image holds {image_size}")
-    if doc.get("content", "realistic") not in ("realistic", "random"):
+    if doc.get("content", Content.REALISTIC) not in set(Content):
         raise BadSnapshot(f"{path}: unknown guest content {str(doc.get('content'))[:40]!r}")
     if not isinstance(doc.get("state"), dict) or not isinstance(doc["state"].get("threads"), list):
         raise BadSnapshot(f"{path} holds no execution state")
@@ -82,7 +84,7 @@ def reference_digest(spec: GuestSpec, content: str, state: dict) -> str:
     counts = [int(t["ops_done"]) for t in state["threads"]]
     mem = mmap.mmap(-1, spec.size)
     try:
-        if content == "random":
+        if content == Content.RANDOM:
             fill_random(mem, spec.seed)
         else:
             fill_realistic(mem, spec.page_size, spec.seed)

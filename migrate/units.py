@@ -1,8 +1,11 @@
-"""Parsing sizes ("512M", "1GiB") and rates ("100MB/s", "1gbit") from the command line."""
+"""Units: MiB, and parsing sizes ("512M", "1GiB") and rates ("100MB/s", "1gbit") from the command line."""
 from __future__ import annotations
 
 import re
 from fractions import Fraction
+
+#: Bytes in a mebibyte: the unit reports, tables and progress lines count in.
+MiB = 1 << 20
 
 _SIZE = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}

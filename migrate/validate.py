@@ -12,7 +12,9 @@ import math
 import re
 from typing import TYPE_CHECKING
 
-from migrate.planes import KEY_BYTES, DataPlane, PageRoute
+from migrate.errors import BadRequest
+from migrate.names import DataPlane
+from migrate.planes import KEY_BYTES, PageRoute
 
 if TYPE_CHECKING:  # light to import: the lab's relay and the CLI's option parsing use this module
     from migrate.guest.process import GuestSpec
@@ -37,13 +39,13 @@ def memory_capacity() -> int:
 
 def guest_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise ValueError(f"bad guest name {name[:80]!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        raise BadRequest(f"bad guest name {name[:80]!r}: use 1-64 letters, digits, '-', '_' or '.'")
     return name
 
 
 def run_id(value: str) -> str:
     if not _RUN_ID.fullmatch(value):
-        raise ValueError(f"bad run id {value[:80]!r}: 1-64 letters, digits, '-' or '_'")
+        raise BadRequest(f"bad run id {value[:80]!r}: 1-64 letters, digits, '-' or '_'")
     return value
 
 
@@ -56,7 +58,7 @@ def split_endpoint(value: str, what: str = "endpoint", *, listen: bool = False) 
     m = _ENDPOINT.fullmatch(value)
     lowest = 0 if listen else 1
     if not m or not lowest <= int(m.group(2)) <= 65535:
-        raise ValueError(f"bad {what} {value[:80]!r}: expected HOST:PORT with a port from {lowest} to 65535")
+        raise BadRequest(f"bad {what} {value[:80]!r}: expected HOST:PORT with a port from {lowest} to 65535")
     return m.group(1), int(m.group(2))
 
 
@@ -77,7 +79,7 @@ def page_route(route: PageRoute) -> PageRoute:
     if route.plane is DataPlane.NATIVE:
         endpoint(route.data_endpoint, "data_endpoint")
         if len(route.data_key) != KEY_BYTES:
-            raise ValueError(f"data_key must be {KEY_BYTES} bytes, got {len(route.data_key)}")
+            raise BadRequest(f"data_key must be {KEY_BYTES} bytes, got {len(route.data_key)}")
     else:
         endpoint(route.bulk_endpoint, "bulk_endpoint")
     return route
@@ -86,10 +88,10 @@ def page_route(route: PageRoute) -> PageRoute:
 def spec_fits(spec: GuestSpec) -> GuestSpec:
     """Refuse specs this host cannot run: too much memory, too many threads."""
     if spec.threads > MAX_THREADS:
-        raise ValueError(f"guest threads must be <= {MAX_THREADS}, got {spec.threads}")
+        raise BadRequest(f"guest threads must be <= {MAX_THREADS}, got {spec.threads}")
     capacity = memory_capacity()
     if spec.size > capacity:
-        raise ValueError(f"guest size {spec.size} bytes exceeds this host's memory "
+        raise BadRequest(f"guest size {spec.size} bytes exceeds this host's memory "
                          f"({capacity} bytes of RAM and swap)")
     return spec
 
@@ -97,7 +99,7 @@ def spec_fits(spec: GuestSpec) -> GuestSpec:
 def seconds(value: float, what: str) -> float:
     """A duration from the wire: finite and >= 0 (0 usually means "no limit")."""
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+        raise BadRequest(f"{what} must be a finite number of seconds >= 0, got {value!r}")
     return value
 
 
@@ -108,7 +110,7 @@ def state_json(raw: bytes) -> dict | None:
     try:
         state = json.loads(raw)
     except (ValueError, RecursionError) as err:
-        raise ValueError(f"state_json is not valid JSON: {str(err)[:200]}") from None
+        raise BadRequest(f"state_json is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"state_json must be a JSON object, got {type(state).__name__}")
+        raise BadRequest(f"state_json must be a JSON object, got {type(state).__name__}")
     return state

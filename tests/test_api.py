@@ -133,7 +133,7 @@ def test_each_error_class_travels_as_its_status_and_back() -> None:
         assert type(back) is cls and str(back) == "x"
         assert isinstance(back, migrate.MigrateError)
     assert errors.status_of(OSError(errno.EOPNOTSUPP, "no WP_ASYNC")) == grpc.StatusCode.UNIMPLEMENTED
-    assert errors.status_of(OSError(errno.EIO, "disk")) is None  # the agent's table of built-ins decides
+    assert errors.status_of(OSError(errno.EIO, "disk")) is None  # not ours: the agent answers INTERNAL
     assert type(errors.from_status(grpc.StatusCode.DATA_LOSS, "x")) is errors.AgentError
 
 

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from migrate import orchestrator
+from migrate import errors, orchestrator
 from migrate.backing import BackingDir
 from migrate.client import AgentClient
 from migrate.local import LocalAgent
@@ -62,7 +62,7 @@ def test_an_existing_name_is_never_written(rooms, kind):
         target = precious
     d = BackingDir(str(room))
     try:
-        with pytest.raises(FileExistsError, match="already exists"):
+        with pytest.raises(errors.AlreadyExists, match="already exists"):
             d.create("file:taken", 1 << 20)
     finally:
         os.close(d.fd)

@@ -17,10 +17,12 @@ import pytest
 from migrate import orchestrator, planes, report
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
+from migrate.names import Workload
 from migrate.proto import migrate_pb2 as pb
 
 MiB = 1 << 20
-WORKLOADS = ["seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle"]
+#: Every workload but balloon, which test_modes migrates in each mode.
+WORKLOADS = [w for w in Workload if w is not Workload.BALLOON]
 
 
 def spec(workload: str, size: int = 16 * MiB, ops: int = 60_000, rate: float = 100_000, threads: int = 1):

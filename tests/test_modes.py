@@ -14,10 +14,11 @@ from test_cli import assert_clean_error, run_cli
 from test_migration import migrate_at
 
 from migrate import convergence, orchestrator
+from migrate.names import Mode
 from migrate.proto import migrate_pb2 as pb
 
 MiB = 1 << 20
-MODES = ["postcopy", "hybrid", "precopy"]
+MODES = list(Mode)
 WRITE_HEAVY = ["seq-write", "random-write", "hotset", "zipf"]
 
 

@@ -22,6 +22,7 @@ import pytest
 from by_hand import resumed_on_destination
 from connect_proxy import ConnectProxy
 from migrate import orchestrator, planes
+from migrate.names import DataPlane
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
 from migrate.proto import migrate_pb2 as pb
@@ -39,7 +40,7 @@ def proxied(tmp_path, plane, monkeypatch):
 
     def via_proxy(cls, *args, **kw):  # noqa: ANN001, ANN002, ANN003
         route = offered(*args, **kw)
-        if route.plane is planes.DataPlane.NATIVE:
+        if route.plane is DataPlane.NATIVE:
             route = dataclasses.replace(route, data_endpoint=proxy.forward(route.data_endpoint))
         return route
 

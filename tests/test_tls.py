@@ -180,7 +180,7 @@ def test_plaintext_agent_refuses_to_listen_beyond_loopback() -> None:
 def test_insecure_listen_warns(tmp_path) -> None:
     with LocalAgent("source", "--insecure-listen", listen="0.0.0.0:0", log_path=str(tmp_path / "log")) as agent:
         assert agent.role in hello(f"127.0.0.1:{agent.address.rsplit(':', 1)[1]}", Credentials()).roles
-    assert "WARNING listening on 0.0.0.0:0 without TLS" in (tmp_path / "log").read_text()
+    assert " WARNING migrate.cli: listening on 0.0.0.0:0 without TLS" in (tmp_path / "log").read_text()
 
 
 def test_tls_without_client_authentication_refuses_to_listen_beyond_loopback(pki) -> None:

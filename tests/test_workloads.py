@@ -10,7 +10,8 @@ import time
 import pytest
 import zstandard
 
-from migrate.guest.workloads import READ_ONLY, WORKLOADS, Workload, digest, fill_realistic
+from migrate.guest.workloads import WORKLOADS, Workload, digest, fill_realistic
+from migrate.names import READ_ONLY
 
 PAGE = 4096
 

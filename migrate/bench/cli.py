@@ -7,8 +7,8 @@ import shutil
 import click
 
 from migrate.bench import driver, summary
-from migrate.bench.matrix import MODES, WORKLOADS, Matrix, load_toml
-from migrate.planes import DataPlane
+from migrate.bench.matrix import Matrix, load_toml
+from migrate.names import Content, DataPlane, Mode, Workload, choices
 from migrate.units import parse_size
 
 
@@ -23,9 +23,9 @@ def _sizes(ctx, param, values):  # noqa: ANN001 - click's signature
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML file with the matrix; options given here override it.")
 @click.option("--size", "sizes", multiple=True, callback=_sizes, help="Guest size (repeatable) [256M].")
-@click.option("--workload", "workloads", multiple=True, type=click.Choice(WORKLOADS),
+@click.option("--workload", "workloads", multiple=True, type=click.Choice(choices(Workload)),
               help="Workload (repeatable) [hotset].")
-@click.option("--mode", "modes", multiple=True, type=click.Choice(MODES), help="Migration mode (repeatable) "
+@click.option("--mode", "modes", multiple=True, type=click.Choice(choices(Mode)), help="Migration mode (repeatable) "
               "[postcopy].")
 @click.option("--data-plane", "planes", multiple=True, type=click.Choice([p.value for p in DataPlane]),
               help="Data plane (repeatable) [native].")
@@ -40,7 +40,7 @@ def _sizes(ctx, param, values):  # noqa: ANN001 - click's signature
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="Guest threads [1].")
 @click.option("--switch-at", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Migrate once the guest did this fraction of its ops [0.25].")
-@click.option("--content", type=click.Choice(["realistic", "random"]), default=None,
+@click.option("--content", type=click.Choice(choices(Content)), default=None,
               help="Initial guest RAM [realistic].")
 @click.option("-o", "--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.jsonl, summary.csv and logs.")

@@ -11,12 +11,10 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 
 from migrate.lab.link import LinkSpec
-from migrate.planes import DataPlane
+from migrate.names import Content, DataPlane, Mode, Workload, parse
 from migrate.units import parse_size
 
 LOOPBACK = "loopback"
-WORKLOADS = ("seq-read", "seq-write", "random-read", "random-write", "hotset", "zipf", "idle")
-MODES = ("postcopy", "hybrid", "precopy")
 #: Axes: a TOML key may hold one value or a list.
 AXES = ("sizes", "workloads", "modes", "levels", "links", "planes")
 
@@ -42,8 +40,8 @@ class Cell:
 @dataclass
 class Matrix:
     sizes: list[int] = field(default_factory=lambda: [256 << 20])
-    workloads: list[str] = field(default_factory=lambda: ["hotset"])
-    modes: list[str] = field(default_factory=lambda: ["postcopy"])
+    workloads: list[str] = field(default_factory=lambda: [Workload.HOTSET])
+    modes: list[str] = field(default_factory=lambda: [Mode.POSTCOPY])
     levels: list[int] = field(default_factory=lambda: [1])
     links: list[str] = field(default_factory=lambda: [LOOPBACK])
     planes: list[str] = field(default_factory=lambda: [DataPlane.NATIVE.value])
@@ -52,19 +50,16 @@ class Matrix:
     ops_per_sec: float = 1_000_000.0
     threads: int = 1
     switch_at: float = 0.25     # migrate once the guest did this fraction of its ops
-    content: str = "realistic"  # initial guest RAM: realistic or random
+    content: str = Content.REALISTIC  # initial guest RAM: realistic or random
 
     def check(self) -> "Matrix":
         """Raise ValueError (one line) for anything that cannot run."""
         for w in self.workloads:
-            if w not in WORKLOADS:
-                raise ValueError(f"unknown workload {w!r}; use one of {', '.join(WORKLOADS)}")
+            parse(Workload, w, "workload")
         for m in self.modes:
-            if m not in MODES:
-                raise ValueError(f"unknown mode {m!r}; use one of {', '.join(MODES)}")
+            parse(Mode, m, "mode")
         for plane in self.planes:
-            if plane not in list(DataPlane):
-                raise ValueError(f"unknown data plane {plane!r}; use one of {', '.join(DataPlane)}")
+            parse(DataPlane, plane, "data plane")
         for link in self.links:
             if link != LOOPBACK:
                 LinkSpec.parse(link)
@@ -73,8 +68,7 @@ class Matrix:
                 raise ValueError(f"zstd level {lv} is outside -7..22")
         if self.reps < 1 or self.ops < 1 or self.threads < 1 or not 0 < self.switch_at < 1:
             raise ValueError("reps, ops and threads must be >= 1 and switch_at between 0 and 1")
-        if self.content not in ("realistic", "random"):
-            raise ValueError(f"content must be realistic or random, not {self.content!r}")
+        parse(Content, self.content, "content")
         return self
 
     def cells(self) -> list[Cell]:

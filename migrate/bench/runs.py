@@ -12,8 +12,9 @@ import time
 
 from migrate import orchestrator
 from migrate.client import AgentClient
+from migrate.names import Mode
 from migrate.proto import migrate_pb2 as pb
-from migrate.rpc import AgentError
+from migrate.errors import AgentError, TimedOut
 
 from migrate.bench.hosts import Hosts
 from migrate.bench.matrix import Cell, Matrix
@@ -23,7 +24,7 @@ _FINISH_TIMEOUT = 1800.0
 
 def mode_supported(mode: str) -> bool:
     """Whether this build's orchestrator takes a mode (issue 3); post-copy always works."""
-    return mode == "postcopy" or "mode" in {f.name for f in dataclasses.fields(orchestrator.RunOptions)}
+    return mode == Mode.POSTCOPY or "mode" in {f.name for f in dataclasses.fields(orchestrator.RunOptions)}
 
 
 def run_options(mode: str, source_endpoint: str, plane: str = "") -> orchestrator.RunOptions:
@@ -50,7 +51,7 @@ def _wait(agent: AgentClient, name: str, done, what: str, timeout: float = _FINI
         if done(info):
             return info
         if time.monotonic() > deadline:
-            raise AgentError(f"guest {name!r} did not {what} within {timeout:g} s")
+            raise TimedOut(f"guest {name!r} did not {what} within {timeout:g} s")
         time.sleep(0.05)
 
 

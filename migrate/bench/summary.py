@@ -5,7 +5,7 @@ import csv
 import statistics
 from collections.abc import Callable
 
-MiB = 1 << 20
+from migrate.units import MiB
 
 #: metric name -> how to read it from a run record (report + the cell's baseline).
 METRICS: dict[str, Callable[[dict, dict | None], float]] = {

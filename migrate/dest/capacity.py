@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterable
 from typing import Protocol
 
+from migrate import errors
 from migrate.proto import migrate_pb2 as pb
 from migrate.units import format_size
 
@@ -25,7 +26,7 @@ HEADROOM = 256 * 1024 * 1024
 _MEMINFO = "/proc/meminfo"
 
 
-class NoRoom(Exception):
+class NoRoom(errors.ResourceExhausted):
     """An incoming run larger than what this agent can hold now (RESOURCE_EXHAUSTED)."""
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import weakref
 
-from migrate import stats
+from migrate import errors, stats
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
@@ -74,7 +74,7 @@ def _open(kind: str, endpoint: str, create: object) -> object:
     err = ffi.new("char[]", _ERR_LEN)
     handle = create(host.encode(), port, err, _ERR_LEN)
     if handle == ffi.NULL:
-        raise ConnectionError(f"destination {kind}: {ffi.string(err).decode(errors='replace')}")
+        raise errors.AgentUnreachable(f"destination {kind}: {ffi.string(err).decode(errors='replace')}")
     return handle
 
 
@@ -206,7 +206,7 @@ class NativePrecopy:
         while r >= 0 and (r := lib.mig_dpd_wait(self._path.h, 100)) == 0:
             pass
         if r < 0:
-            raise ConnectionError(f"pre-copy from the source failed: {self._path.error() or 'stopped'}")
+            raise errors.AgentUnreachable(f"pre-copy from the source failed: {self._path.error() or 'stopped'}")
         after = self._path.counters()
         return RoundStats(pages=after["pages"] - before["pages"], zero=after["zero"] - before["zero"],
                           bytes_wire=after["bytes_wire"] - before["bytes_wire"], seconds=time.monotonic() - t0)

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 
+from migrate import errors
 from migrate.bitmap import SharedBitmap
 from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import PLAN_RUNS, BulkLoop
@@ -34,14 +35,15 @@ from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.precopy import PrecopyPuller, discard, punch_left, unmark
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
-from migrate.planes import DataPlane, FaultPath, PageRoute
+from migrate.names import FINISHED, DataPlane, FaultPath, Mode, Phase
+from migrate.planes import PageRoute
 from migrate.policies import Policy, PolicySpec, parse, workingset
 from migrate.policies.base import RunInfo
 from migrate.policies.runner import PolicyRunner
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import Region, Uffd
 
-log = logging.getLogger("migrate.dest")
+log = logging.getLogger(__name__)
 
 _WATCH_EVERY = 0.02
 #: Seconds between two journal records of a running run's counters (with --state-dir).
@@ -49,8 +51,6 @@ _JOURNAL_EVERY = 0.25
 #: The counters a restarted agent carries on from (pages received come from the memfd itself).
 #: before_resume + pushed + faulted + recovered == pages received; zero pages are among pushed and faulted.
 _COUNTERS = ("pushed", "faulted", "zero", "bytes_wire", "bytes_pages", "faults", "recovered", "before_resume")
-#: Migration modes: switch at once; pre-copy rounds then post-copy; pre-copy then stop-and-copy.
-MODES = ("postcopy", "hybrid", "precopy")
 #: Seconds the guest may stay stopped for a policy's `before_resume` pages (a replayed working set).
 BEFORE_RESUME_LIMIT = 30.0
 
@@ -70,14 +70,14 @@ class IncomingRun:
         # What the paths do not count: a previous agent's counters, the pages here at the resume, recovered ones.
         self._before: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.route = route
-        self.phase = "new"
+        self.phase = Phase.NEW
         self.error = ""
         self.guest: HostedGuest | None = None
         self.bitmap: SharedBitmap | None = None
         self.uffd: Uffd | None = None
         self.regions: list[Region] = []
         self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
-        self.mode = "postcopy"
+        self.mode = Mode.POSTCOPY
         self.precopy: PrecopyPuller | NativePrecopy | None = None
         self._asked: SharedBitmap | None = None  # pages asked for, shared by the gRPC paths
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
@@ -115,7 +115,7 @@ class IncomingRun:
         return self.spec.size // self.spec.page_size
 
     # ------------------------------------------------------------ prepare
-    def prepare(self, mode: str = "postcopy") -> float:
+    def prepare(self, mode: str = Mode.POSTCOPY) -> float:
         """Create guest RAM, start the runner and, unless in precopy mode, both paths.
 
         Each path connects to the source as it starts, so a source that
@@ -127,7 +127,7 @@ class IncomingRun:
         self.mode = mode
         fd = create_memfd(self.name, self.spec.size)
         try:
-            if mode == "precopy":
+            if mode == Mode.PRECOPY:
                 proc = GuestProcess.launch(self.spec, fd, start_paused=True, fill=False)
             else:
                 rejoin = self.journal.socket_path(self.run_id) if self.journal else ""
@@ -136,13 +136,13 @@ class IncomingRun:
             os.close(fd)
             raise
         self.guest = HostedGuest(self.name, self.spec, "runner", fd, proc, state="migrating-in", run_id=self.run_id)
-        if mode == "precopy":
+        if mode == Mode.PRECOPY:
             self.bitmap = SharedBitmap.create(self.page_count)
-            self.phase = "prepared"
+            self.phase = Phase.PREPARED
         else:
             self.attach(proc.uffd, proc.regions)
             self.start_paths()
-        if mode != "postcopy":
+        if mode != Mode.POSTCOPY:
             r = self.route
             if r.plane is DataPlane.NATIVE:
                 self.precopy = NativePrecopy(fd, self.bitmap, self.spec.page_size, r.data_endpoint, r.data_key,
@@ -197,16 +197,16 @@ class IncomingRun:
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
                                              asked=asked)
-        self.phase = "prepared"
+        self.phase = Phase.PREPARED
 
     # ------------------------------------------------------------ pre-copy
     def precopy_round(self, stale: bytes, pull: bool, max_bandwidth: int, deadline_s: float) -> pb.PrecopyRoundReply:
         """Discard the stale pages, then (if `pull`) fetch every page not received."""
         with self._round_lock:
             if self.precopy is None:
-                raise RuntimeError(f"run {self.run_id} is in {self.mode} mode: it takes no pre-copy")
-            if self.phase != "prepared":
-                raise RuntimeError(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
+                raise errors.FailedPrecondition(f"run {self.run_id} is in {self.mode} mode: it takes no pre-copy")
+            if self.phase != Phase.PREPARED:
+                raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
             t0 = time.monotonic()
             if pull:  # the pull rewrites the stale pages: punch out only those it did not
                 unmarked = unmark(self.bitmap, stale)
@@ -228,14 +228,15 @@ class IncomingRun:
     def start(self, state_json: bytes, no_push: bool, max_bandwidth: int, stale: bytes = b"") -> pb.StartIncomingReply:
         """Drop the stale pages, resume the guest with its execution state, let the bulk path go."""
         with self._round_lock:
-            if self.phase != "prepared":
-                raise RuntimeError(f"run {self.run_id} is {self.phase}, not prepared")
+            if self.phase != Phase.PREPARED:
+                raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}, not prepared")
             t0 = time.monotonic()
             discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size) if self.guest else (0, 0)
             t1 = time.monotonic()
-            if self.mode == "precopy" and not self.bitmap.is_full():
-                raise RuntimeError(f"run {self.run_id} still misses {self.page_count - self.bitmap.count()} pages "
-                                   "and has no userfaultfd to fetch them: copy them first")
+            if self.mode == Mode.PRECOPY and not self.bitmap.is_full():
+                missing = self.page_count - self.bitmap.count()
+                raise errors.FailedPrecondition(f"run {self.run_id} still misses {missing} pages "
+                                                "and has no userfaultfd to fetch them: copy them first")
             self._before["before_resume"] = self.bitmap.count()
             bulk = self._launch(no_push, max_bandwidth)
             t2 = time.monotonic()
@@ -306,7 +307,7 @@ class IncomingRun:
         """Watch for the last page (the paths and the policy run)."""
         self._push = {"no_push": no_push, "max_bandwidth": max_bandwidth}
         self._resumed_ns = self._resumed_ns or time.time_ns()
-        self.phase = "running"
+        self.phase = Phase.RUNNING
         self._record()
         self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"run-{self.run_id[:8]}")
         self._watcher.start()
@@ -329,10 +330,10 @@ class IncomingRun:
 
     def _record(self) -> None:
         """Journal this run (with --state-dir), so a restarted agent can finish it."""
-        if self.journal is None or self.mode == "precopy":
+        if self.journal is None or self.mode == Mode.PRECOPY:
             return
         with self._lock:  # never after _finish or _fail dropped the record
-            if self.phase not in ("complete", "failed"):
+            if self.phase not in FINISHED:
                 self._save_record()
 
     def _save_record(self) -> None:
@@ -373,7 +374,7 @@ class IncomingRun:
         run._resumed_ns = int(record.get("resumed_ns", 0))
         run._before.update({k: int(v) for k, v in record.get("counters", {}).items() if k in _COUNTERS})
         proc, memfd = GuestProcess.rejoin(journal.socket_path(run.run_id), run.spec)
-        running = record["phase"] == "running"
+        running = record["phase"] == Phase.RUNNING
         run.guest = HostedGuest(run.name, run.spec, "runner", memfd, proc,
                                 state="running" if running else "migrating-in", run_id=run.run_id)
         run.attach(proc.uffd, proc.regions)
@@ -400,7 +401,7 @@ class IncomingRun:
 
     def _watch(self) -> None:
         recorded = time.monotonic()
-        while self.phase == "running":
+        while self.phase == Phase.RUNNING:
             if time.monotonic() - recorded > _JOURNAL_EVERY:  # a restarted agent counts on from here
                 self._record()
                 recorded = time.monotonic()
@@ -428,7 +429,7 @@ class IncomingRun:
         if self.guest is not None and self.guest.process is not None:
             self.guest.process.release_uffd()  # so a discard still waiting on its event is let go
         with self._lock:
-            self.phase = "complete"
+            self.phase = Phase.COMPLETE
             # An agent lives through many migrations: keep the last status, give back the descriptors.
             self._final = self._status()
             self._release()
@@ -439,10 +440,10 @@ class IncomingRun:
 
     def _fail(self, error: str) -> None:
         with self._lock:
-            if self.phase in ("complete", "failed"):
+            if self.phase in FINISHED:
                 return
             self.error = error
-            self.phase = "failed"
+            self.phase = Phase.FAILED
         self._stop_policy()
         for w in self.paths.values():
             w.stop(timeout=2)
@@ -460,8 +461,8 @@ class IncomingRun:
         Any bulk path that can change its pace on the fly has `set_bandwidth`.
         """
         with self._lock:
-            if self.phase in ("complete", "failed"):
-                raise RuntimeError(f"run {self.run_id} is {self.phase}: it moves no more pages")
+            if self.phase in FINISHED:
+                raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}: it moves no more pages")
             self._push["max_bandwidth"] = max_bandwidth
             paths = list(self.paths.values())
         for path in paths:
@@ -472,7 +473,7 @@ class IncomingRun:
     def promised_bytes(self) -> tuple[int, int]:
         """(guest RAM, bytes not yet received) while the run holds memory it has not filled; (0, 0) once complete."""
         with self._lock:
-            if self.phase == "complete":
+            if self.phase == Phase.COMPLETE:
                 return 0, 0
             received = self.bitmap.count() * self.spec.page_size if self.bitmap is not None else 0
         return self.spec.size, max(self.spec.size - received, 0)
@@ -502,7 +503,7 @@ class IncomingRun:
             fault_path=self.route.fault_path.value, pages_prefetched=int(faults.get("prefetched", 0)),
             prefetch_hits=int(faults.get("prefetch_hits", 0)),
             policy=str(self._policy[0]) if self._policy else "",
-            working_set=workingset.pack(self.recorded_ws) if self.phase == "complete" else b"")
+            working_set=workingset.pack(self.recorded_ws) if self.phase == Phase.COMPLETE else b"")
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""

@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from migrate import rpc
+from migrate import errors, rpc
 from migrate.batches import PagesClient
 
 #: Transport failures worth reconnecting for; anything else is a real refusal.
@@ -27,7 +27,7 @@ CONNECT_TIMEOUT = 5.0
 def connect(endpoint: str, purpose: str) -> grpc.Channel:
     """A ready channel to the source.
 
-    Raises ConnectionError if the source cannot be reached: the agent fails
+    Raises AgentUnreachable if the source cannot be reached: the agent fails
     the prepare step and the guest stays on the source.
     """
     channel = rpc.channel(endpoint, purpose=purpose)
@@ -35,7 +35,7 @@ def connect(endpoint: str, purpose: str) -> grpc.Channel:
         rpc.wait_ready(channel, endpoint, CONNECT_TIMEOUT)
     except rpc.AgentError:
         channel.close()
-        raise ConnectionError(f"destination cannot reach the source at {endpoint}") from None
+        raise errors.AgentUnreachable(f"destination cannot reach the source at {endpoint}") from None
     return channel
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from migrate.bitmap import SharedBitmap
 from migrate.uffd import FaultReader, InstallStats, Region, Uffd
 
-log = logging.getLogger("migrate.dest")
+log = logging.getLogger(__name__)
 
 #: Refused (corrupt) batches a path asks again for before it gives up on the source.
 MAX_REFUSED = 100

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from migrate import rpc
-from migrate.errors import os_error
+from migrate.errors import AgentUnreachable, BadRequest, os_error
 from migrate._native import ffi, lib
 from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, DecodedBatch,
                              bulk_request, unframe)
@@ -52,7 +52,7 @@ REQUEST_PAGES = WINDOW_PAGES // 2
 def _check_size(received: SharedBitmap, stale: bytes) -> None:
     want = (received.nbits + 63) // 64 * 8
     if len(stale) != want:
-        raise ValueError(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
+        raise BadRequest(f"a dirty bitmap of {len(stale)} bytes for {received.nbits} pages (want {want})")
 
 
 def discard(memfd: int, received: SharedBitmap, stale: bytes, page_size: int) -> tuple[int, int]:
@@ -206,9 +206,9 @@ class PrecopyPuller:
                 try:  # then ask again for what is still missing: the unanswered requests
                     link.recover(err)
                 except LinkLost as lost:
-                    raise ConnectionError(f"pre-copy stream from the source failed: {lost}") from None
+                    raise AgentUnreachable(f"pre-copy stream from the source failed: {lost}") from None
                 except grpc.RpcError as fatal:
-                    raise ConnectionError("pre-copy stream from the source failed: "
+                    raise AgentUnreachable("pre-copy stream from the source failed: "
                                           f"{fatal.details() or fatal.code().name}") from None
             except BatchError as err:
                 raise ValueError(f"pre-copy batch refused: {err}") from None

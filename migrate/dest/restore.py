@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
+from migrate.names import DataPlane, Phase
 from migrate.handshake import recv_handshake
-from migrate.planes import DataPlane, PageRoute
+from migrate.planes import PageRoute
 from migrate.policies import parse, workingset
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 
-log = logging.getLogger("migrate.restore")
+log = logging.getLogger(__name__)
 _HANDSHAKE_TIMEOUT = 10.0
 #: Sent to the client once its restore runs, a policy's `before_resume` pages (a replayed working set)
 #: in: a VMM that waits for it resumes its guest then (REAP's eager prefetch); one that does not, ignores it.
@@ -119,12 +120,15 @@ class UffdRestoreListener:
                     self._incoming[run.run_id] = run
                 run.start(b"", no_push=False, max_bandwidth=self._opts.max_bandwidth)
                 conn.sendall(READY)
-                log.warning("restoring image %s into a handshake client (run %s)", self._image, run.run_id)
-                while run.phase == "running":
+                log.info("restoring image %s into a handshake client (run %s)", self._image, run.run_id)
+                while run.phase == Phase.RUNNING:
                     time.sleep(0.05)
                 source.call("CompleteOutgoing", ref)
-                log.warning("restore run %s %s %s", run.run_id, run.phase, run.error)
-                if self._opts.record_ws and run.phase == "complete":
+                if run.phase == Phase.COMPLETE:
+                    log.info("restore run %s complete (every page arrived)", run.run_id)
+                else:
+                    log.warning("restore run %s %s: %s", run.run_id, run.phase, run.error)
+                if self._opts.record_ws and run.phase == Phase.COMPLETE:
                     workingset.save(self._opts.record_ws, run.page_count, run.spec.page_size, run.recorded_ws)
         except (ValueError, OSError, AgentError, RuntimeError) as err:
             log.error("uffd handshake client not restored: %s", err)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from migrate.guest.runner import Runner, main as runner_main, parse_args
+from migrate.names import GuestKind
 
 IMAGE = Path(__file__).with_name("kvm_image.bin")
 MAX_VCPUS = 16
@@ -257,14 +258,15 @@ class Machine:
                 got = lib.mig_kvm_get_msrs(self._vm, i, idx, val, 32)
                 v["msrs"] = [[int(idx[k]), int(val[k])] for k in range(max(got, 0))]
             vcpus.append(v)
-        return {"version": STATE_VERSION, "kind": "kvm", "workload": self.spec.workload, "seed": self.spec.seed,
+        return {"version": STATE_VERSION, "kind": GuestKind.KVM, "workload": self.spec.workload, "seed": self.spec.seed,
                 "ops": self.spec.ops, "nvcpus": self.n, "size": self.size, "vcpus": vcpus,
                 "guest_digest": self.guest_digest, "last_op_ns": self._last_ns}
 
     def import_state(self, state: dict) -> None:
         """Load an exported (paused) state: ValueError if it does not fit this VM."""
         ffi, lib = _ffi()
-        if not isinstance(state, dict) or state.get("kind") != "kvm" or not isinstance(state.get("vcpus"), list):
+        if not isinstance(state, dict) or state.get("kind") != GuestKind.KVM \
+                or not isinstance(state.get("vcpus"), list):
             raise ValueError("not the execution state of a kvm guest")
         for key, mine in (("workload", self.spec.workload), ("seed", self.spec.seed), ("ops", self.spec.ops),
                           ("nvcpus", self.n), ("size", self.size)):
@@ -307,7 +309,7 @@ class Machine:
 class KvmRunner(Runner):
     """The runner with a KVM VM as its engine."""
 
-    KIND = "kvm"
+    KIND = GuestKind.KVM
     PROG = "migrate.guest.kvm"
     _reported = ""                           # the VMM error already sent as an event
 

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from migrate import spawn
-from migrate.guest.workloads import WORKLOADS
+from migrate.names import GuestKind, Workload, parse
 
 if TYPE_CHECKING:
     from migrate.uffd import Region
 
-log = logging.getLogger("migrate.guest")
+log = logging.getLogger(__name__)
 
 #: Seconds to wait for a runner to map (and fill) its memory, plus per GiB.
 LAUNCH_TIMEOUT = 30.0
@@ -29,25 +29,23 @@ LAUNCH_TIMEOUT_PER_GIB = 10.0
 CALL_TIMEOUT = 30.0
 DIGEST_TIMEOUT = 600.0
 _MAX_PROGRESS = 200_000
-#: Guest kinds: the synthetic workload engine, or a KVM virtual machine.
-KINDS = ("synthetic", "kvm")
 
 
 @dataclass
 class GuestSpec:
     size: int
-    workload: str = "random-write"
+    workload: str = Workload.RANDOM_WRITE
     seed: int = 1
     ops: int = 1_000_000
     threads: int = 1
     ops_per_sec: float = 0.0
     page_size: int = mmap.PAGESIZE
-    #: "synthetic" (migrate.guest.runner) or "kvm" (migrate.guest.kvm: `threads` vCPUs)
-    kind: str = "synthetic"
+    #: synthetic (migrate.guest.runner) or kvm (migrate.guest.kvm: `threads` vCPUs)
+    kind: str = GuestKind.SYNTHETIC
 
     @property
     def runner_module(self) -> str:
-        return "migrate.guest.kvm" if self.kind == "kvm" else "migrate.guest.runner"
+        return "migrate.guest.kvm" if self.kind == GuestKind.KVM else "migrate.guest.runner"
 
     def validate(self) -> None:
         """ValueError with a clear message if the spec cannot run."""
@@ -61,8 +59,7 @@ class GuestSpec:
             raise ValueError(f"guest size must be > 0, got {self.size}")
         if self.size % self.page_size:
             raise ValueError(f"guest size {self.size} is not a multiple of the page size {self.page_size}")
-        if self.workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {self.workload!r}; known: {', '.join(WORKLOADS)}")
+        parse(Workload, self.workload, "workload")
         if self.threads < 1:
             raise ValueError(f"guest threads must be >= 1, got {self.threads}")
         if self.threads > self.size // self.page_size:
@@ -75,9 +72,7 @@ class GuestSpec:
                 or not self.ops_per_sec >= 0 or self.ops_per_sec == float("inf"):
             raise ValueError(f"guest ops_per_sec must be a finite number >= 0 (0 = unlimited), "
                              f"got {self.ops_per_sec!r}")
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown guest kind {self.kind!r}; known: {', '.join(KINDS)}")
-        if self.kind == "kvm":
+        if parse(GuestKind, self.kind, "guest kind") is GuestKind.KVM:
             from migrate.guest.kvm import check_spec
             check_spec(self)
 

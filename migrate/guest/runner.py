@@ -55,6 +55,8 @@ import sys
 import threading
 import time
 
+from migrate.names import GuestKind, Workload
+
 PROGRESS_EVERY = 0.02
 #: Seconds a --rejoin runner waits for a restarted agent before giving up.
 REJOIN_TIMEOUT = 600.0
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--control-fd", type=int, required=True, help="inherited unix stream socket")
     ap.add_argument("--size", type=int, required=True, help="guest RAM bytes (multiple of --page-size)")
     ap.add_argument("--page-size", type=int, default=mmap.PAGESIZE)
-    ap.add_argument("--workload", default="random-write")
+    ap.add_argument("--workload", default=Workload.RANDOM_WRITE)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--ops", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=1)
@@ -95,7 +97,7 @@ class Runner:
     """The synthetic kind's runner; subclasses (migrate.guest.kvm) bring another
     engine through :meth:`make_engine` and :meth:`prepare` and keep the rest."""
 
-    KIND = "synthetic"
+    KIND = GuestKind.SYNTHETIC
     PROG = "migrate.guest.runner"            # how its one-line errors begin
 
     def __init__(self, args: argparse.Namespace) -> None:

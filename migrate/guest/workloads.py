@@ -12,22 +12,21 @@ import errno
 import mmap
 from typing import Any
 
+from migrate import names
 from migrate.guest._workloads import ffi, lib
 from migrate.pages import checksum
 
-#: workload name -> native id
-WORKLOADS: dict[str, int] = {
-    "seq-read": lib.MIG_WL_SEQ_READ,
-    "seq-write": lib.MIG_WL_SEQ_WRITE,
-    "random-read": lib.MIG_WL_RANDOM_READ,
-    "random-write": lib.MIG_WL_RANDOM_WRITE,
-    "hotset": lib.MIG_WL_HOTSET,
-    "zipf": lib.MIG_WL_ZIPF,
-    "idle": lib.MIG_WL_IDLE,
-    "balloon": lib.MIG_WL_BALLOON,
+#: workload -> native id
+WORKLOADS: dict[names.Workload, int] = {
+    names.Workload.SEQ_READ: lib.MIG_WL_SEQ_READ,
+    names.Workload.SEQ_WRITE: lib.MIG_WL_SEQ_WRITE,
+    names.Workload.RANDOM_READ: lib.MIG_WL_RANDOM_READ,
+    names.Workload.RANDOM_WRITE: lib.MIG_WL_RANDOM_WRITE,
+    names.Workload.HOTSET: lib.MIG_WL_HOTSET,
+    names.Workload.ZIPF: lib.MIG_WL_ZIPF,
+    names.Workload.IDLE: lib.MIG_WL_IDLE,
+    names.Workload.BALLOON: lib.MIG_WL_BALLOON,
 }
-#: workloads that never write guest memory
-READ_ONLY = frozenset({"seq-read", "random-read", "idle"})
 
 STATE_VERSION = 1
 _U64 = (1 << 64) - 1
@@ -69,8 +68,7 @@ class Workload:
 
     def __init__(self, buf: Any, *, workload: str, seed: int, ops: int, threads: int = 1,
                  ops_per_sec: float = 0.0, page_size: int = mmap.PAGESIZE) -> None:
-        if workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+        workload = names.parse(names.Workload, workload, "workload")
         self.workload, self.seed, self.ops, self.threads = workload, seed, ops, threads
         self.ops_per_sec, self.page_size = float(ops_per_sec), page_size
         self._buf = _ptr(buf)

@@ -43,6 +43,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from migrate import errors
+
 #: Neighbourhood shapes (MIG_NB_* in native/dp_dest.h, same order).
 SHAPES = ("aligned", "forward", "backward", "around")
 #: Most pages fetched with one fault (MIG_DPD_MAX_NEIGHBOURHOOD).
@@ -51,7 +53,7 @@ MAX_NEIGHBOURHOOD = 128
 DEFAULT_PAGES = 16
 
 
-class PolicyError(ValueError):
+class PolicyError(errors.BadRequest):
     """A policy that cannot be loaded or built (unknown name, bad parameter): one line."""
 
 

@@ -18,7 +18,7 @@ from typing import Protocol
 from migrate.policies import workingset
 from migrate.policies.base import Decision, Neighbourhood, Policy, RunInfo, Tick
 
-log = logging.getLogger("migrate.policies")
+log = logging.getLogger(__name__)
 
 #: Seconds between two calls of the policy.
 PERIOD = 0.005

@@ -72,13 +72,13 @@ def pack(ranges: Sequence[tuple[int, int]]) -> bytes:
 
 
 def unpack(data: bytes, npages: int) -> list[tuple[int, int]]:
-    """Ranges from the wire; ValueError for a malformed or out-of-range set."""
+    """Ranges from the wire; PolicyError (a BadRequest) for a malformed or out-of-range set."""
     if len(data) % 16 or len(data) > 16 * MAX_RANGES:
-        raise ValueError(f"a working set is u64 pairs, at most {MAX_RANGES}: {len(data)} bytes")
+        raise PolicyError(f"a working set is u64 pairs, at most {MAX_RANGES}: {len(data)} bytes")
     out = [struct.unpack_from("<QQ", data, i) for i in range(0, len(data), 16)]
     for first, count in out:
         if not count or first + count > npages:
-            raise ValueError(f"working set range [{first}, +{count}) is outside the guest's {npages} pages")
+            raise PolicyError(f"working set range [{first}, +{count}) is outside the guest's {npages} pages")
     return out
 
 

@@ -21,17 +21,17 @@ from collections.abc import Iterator
 
 import grpc
 
-from migrate import spawn
+from migrate import errors, spawn
 from migrate.batches import MAX_URGENT_PAGES, BatchEncoder, EncodedBatch
 from migrate.guests import HostedGuest
 from migrate.local import read_first_line
-from migrate.planes import DataPlane
+from migrate.names import DataPlane
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.dataplane import DataServer
 from migrate.source.dirty import DirtyTracker, TrackingUnavailable
 
-log = logging.getLogger("migrate.source")
+log = logging.getLogger(__name__)
 
 _BULK_START_TIMEOUT = 20.0
 #: Seconds between two looks at a data server's counters for refused connections.
@@ -195,10 +195,10 @@ class OutgoingRun:
     def scan_dirty(self) -> pb.DirtySet:
         """Pages written since the previous scan, the guest still running."""
         if self.tracker is None:
-            raise RuntimeError(f"run {self.run_id} does not track writes"
-                               + (f" ({self.tracking_error})" if self.tracking_error else ""))
+            raise errors.FailedPrecondition(f"run {self.run_id} does not track writes"
+                                            + (f" ({self.tracking_error})" if self.tracking_error else ""))
         if self.switched:
-            raise RuntimeError(f"run {self.run_id} has switched over already")
+            raise errors.FailedPrecondition(f"run {self.run_id} has switched over already")
         with self._lock:
             return self._take_dirty()
 
@@ -263,14 +263,14 @@ class OutgoingRuns:
         with self._lock:
             run = self._runs.get(run_id)
         if run is None:
-            raise KeyError(f"no outgoing migration {run_id!r} on this agent")
+            raise errors.GuestNotFound(f"no outgoing migration {run_id!r} on this agent")
         return run
 
     def pop(self, run_id: str) -> OutgoingRun:
         with self._lock:
             run = self._runs.pop(run_id, None)
         if run is None:
-            raise KeyError(f"no outgoing migration {run_id!r} on this agent")
+            raise errors.GuestNotFound(f"no outgoing migration {run_id!r} on this agent")
         return run
 
     def all(self) -> list[OutgoingRun]:
@@ -289,8 +289,8 @@ class UrgentPages(pb_grpc.PagesServicer):
         for req in request_iterator:
             try:
                 run = self._runs.get(req.run_id)
-            except KeyError as err:
-                context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            except errors.GuestNotFound as err:
+                context.abort(errors.STATUS[errors.GuestNotFound], str(err))
             if not run.switched:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "pages are served only after switchover")
             pages = run.guest.page_count

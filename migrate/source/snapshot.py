@@ -17,12 +17,14 @@ import os
 import threading
 import time
 
+from migrate import errors
 from migrate.backing import BackingDir, file_name
 from migrate.guests import HostedGuest
+from migrate.names import Phase
 from migrate.proto import migrate_pb2 as pb
 from migrate.snapshot_image import STATE_SUFFIX, state_doc
 
-log = logging.getLogger("migrate.snapshot")
+log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the runner's counters.
 POLL_EVERY = 0.05
@@ -38,7 +40,7 @@ def snapshot_name(file: str) -> str:
         file_name(f"file:{file}{STATE_SUFFIX}")
         return file_name(f"file:{file}")
     except ValueError:
-        raise ValueError(f"bad snapshot name {file[:80]!r}: a plain file name in the agent's --snapshot-dir, "
+        raise errors.BadRequest(f"bad snapshot name {file[:80]!r}: a plain file name in the agent's --snapshot-dir, "
                          f"1-{64 - len(STATE_SUFFIX)} letters, digits, '.', '-' or '_', not starting with '.'") \
             from None
 
@@ -56,21 +58,21 @@ class SnapshotJob:
 
     def __init__(self, guest: HostedGuest, directory: BackingDir, file: str) -> None:
         if guest.process is None:
-            raise RuntimeError(f"guest {guest.name!r} is an image: it has no runner to snapshot")
+            raise errors.FailedPrecondition(f"guest {guest.name!r} is an image: it has no runner to snapshot")
         if guest.run_id or guest.state not in ("running", "paused"):
-            raise RuntimeError(f"guest {guest.name!r} is {guest.state}"
-                               + (f" (run {guest.run_id})" if guest.run_id else "") + ": no snapshot now")
+            raise errors.FailedPrecondition(f"guest {guest.name!r} is {guest.state}"
+                                            + (f" (run {guest.run_id})" if guest.run_id else "") + ": no snapshot now")
         snapshot_name(file)
         self.guest = guest
         self.directory = directory
         try:
             self.made, fd = directory.create(f"file:{file}", guest.spec.size)
-        except FileExistsError:
-            raise FileExistsError(f"snapshot {file} already exists in {directory.path}: choose another name "
-                                  "(an agent never writes into a file it did not create)") from None
+        except errors.AlreadyExists:
+            raise errors.AlreadyExists(f"snapshot {file} already exists in {directory.path}: choose another name "
+                                       "(an agent never writes into a file it did not create)") from None
         self.file = file
         self.error = ""
-        self.phase = "running"
+        self.phase = Phase.RUNNING
         self.last: dict = {}
         try:
             self.taken = guest.process.snapshot(fd)
@@ -93,12 +95,12 @@ class SnapshotJob:
             if self.last["error"]:
                 raise RuntimeError(f"saving the guest's memory failed: {self.last['error']}")
             self._write_state()
-            self.phase = "complete"
+            self.phase = Phase.COMPLETE
             log.info("snapshot %s of guest %s complete: %d pages, %d WP faults", self.file, self.guest.name,
                      self.last["pages_saved"], self.last["wp_faults"])
         except (RuntimeError, TimeoutError, OSError) as err:
             self.error = str(err)
-            self.phase = "failed"
+            self.phase = Phase.FAILED
             self.made.remove()
             log.warning("snapshot %s of guest %s failed: %s", self.file, self.guest.name, err)
 
@@ -135,14 +137,15 @@ class Snapshots:
 
     def _dir(self) -> BackingDir:
         if self.directory is None:
-            raise ValueError("this agent keeps no snapshots: start it with --snapshot-dir DIR (or --backing-dir)")
+            raise errors.FailedPrecondition("this agent keeps no snapshots: start it with --snapshot-dir DIR "
+                                            "(or --backing-dir)")
         return self.directory
 
     def start(self, guest: HostedGuest, file: str) -> SnapshotJob:
         job = SnapshotJob(guest, self._dir(), file)
         with self._lock:
             self._jobs[file] = job
-            finished = [f for f, j in self._jobs.items() if j.phase != "running"]
+            finished = [f for f, j in self._jobs.items() if j.phase != Phase.RUNNING]
             for old in finished[:-KEEP_FINISHED]:  # oldest first: dicts keep insertion order
                 del self._jobs[old]
         return job
@@ -151,7 +154,7 @@ class Snapshots:
         with self._lock:
             job = self._jobs.get(file)
         if job is None:
-            raise KeyError(f"no snapshot {file[:80]!r} was taken by this agent")
+            raise errors.GuestNotFound(f"no snapshot {file[:80]!r} was taken by this agent")
         return job
 
     def path(self, file: str) -> str:
