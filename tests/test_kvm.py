@@ -6,6 +6,7 @@ digest; bad images, vCPU counts and a missing /dev/kvm are one clear line.
 """
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import shutil
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from migrate import orchestrator, spawn
+from migrate import demo, orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.guest.kvm import IMAGE, KvmError, check_spec, kvm_problem, parse_image, qemu_argv
 from migrate.guest.process import GuestProcess, GuestSpec
@@ -63,7 +64,7 @@ def wait_ops(gp_or_client: object, ops: int, name: str = "") -> None:
 @needs_image
 @pytest.mark.parametrize(("vcpus", "mode", "moment"),
                          [(v, m, t) for v in (1, 2) for m in ("postcopy", "hybrid") for t in (0.0, 0.5)]
-                         + [(2, "precopy", 0.5)])
+                         + [(v, "precopy", 0.5) for v in (1, 2)])
 def test_migrated_kvm_guest_ends_like_an_unmigrated_one(agents, vcpus, mode, moment):
     """Moment 0: right after launch, often while the guest still boots (CPL0, APs not woken yet)."""
     src, dst = agents
@@ -84,6 +85,24 @@ def test_migrated_kvm_guest_ends_like_an_unmigrated_one(agents, vcpus, mode, mom
     expected = run_unmigrated(GuestSpec(size=SIZE, workload=spec.workload, seed=3, ops=OPS, threads=vcpus,
                                         kind="kvm"))
     assert info.guest_digest == expected[1]
+
+
+@needs_kvm
+@needs_image
+def test_demo_migrates_a_kvm_guest_and_reports_its_vcpus(tmp_path):
+    """`migrate demo --kind kvm`: verified, and the report carries per-vCPU blocked time and the guest's progress."""
+    report = tmp_path / "demo.json"
+    out = subprocess.run(spawn.module_argv("migrate", "demo", "--kind", "kvm", "--vcpus", "2", "--size", "32M",
+                                           "--report", str(report)),
+                         capture_output=True, text=True, timeout=600, env=spawn.child_env(), stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert "yes: digest equals the unmigrated run" in out.stdout
+    guest = json.loads(report.read_text())["guest"]
+    assert guest["kind"] == "kvm" and len(guest["vcpu_blocked_ms"]) == 2
+    hosts = {p["host"] for p in guest["progress"]}
+    assert hosts == {"source", "dest"}, hosts
+    last = {h: max(p["ops"] for p in guest["progress"] if p["host"] == h) for h in hosts}
+    assert last["source"] < last["dest"] <= demo.KVM_OPS, last  # it went on working where it landed
 
 
 # --------------------------------------------------------------- save/restore
