@@ -279,8 +279,9 @@ def _ops_during(doc: dict) -> int:
     return max(at[1] - at[0], 0)
 
 
-def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "") -> dict:
-    """Our post-copy of the same guest between two local agents."""
+def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", report_path: str = "") -> dict:
+    """Our post-copy of the same guest between two local agents (its full report to `report_path` if given:
+    the stages behind the table's numbers)."""
     spec = guest.ours_spec()
     kvm = spec.kind == "kvm"
     with tempfile.TemporaryDirectory(prefix="compare-ours-") as tmp, \
@@ -292,6 +293,8 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "") -
             wait_for(lambda: False, timeout=warmup)
         try:
             doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
+            if report_path:
+                orchestrator.write_report(doc, report_path)
             digest = None
             if kvm:
                 with AgentClient(dst.address) as c:
@@ -343,6 +346,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds the guest runs before migrating")
     ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
                     help="our data plane (default: native)")
+    ap.add_argument("--report", default="", help="write our run's JSON report here (its stages, faults, pages)")
     args = ap.parse_args()
     try:
         size = parse_size(args.size)
@@ -359,7 +363,7 @@ def main() -> int:
     try:
         rows["QEMU post-copy"] = run_qemu(guest, args.warmup, preempt=False)
         rows["QEMU post-copy + preempt"] = run_qemu(guest, args.warmup, preempt=True)
-        rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane)
+        rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane, args.report)
     except (RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -213,6 +213,34 @@ def test_qemu_boots_the_image_to_the_same_digest(tmp_path, vcpus):
     assert qemu_digest == run_unmigrated(spec)[1]
 
 
+@pytest.fixture
+def compare_qemu(monkeypatch):
+    """scripts/compare_qemu.py as a module (scripts/ is not a package)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    return importlib.import_module("compare_qemu")
+
+
+@pytest.mark.parametrize("ours", ["629a3e67c8786e99", "0000000000000000"])
+def test_compare_qemu_prints_the_digests_and_fails_when_they_differ(compare_qemu, monkeypatch, capsys, ours):
+    """The table's `| final digest |` row has each column's digest; differing digests exit 1, saying which."""
+    row = dict(total_s=1.0, downtime_ms=1.0, remote_faults=1, blocked_ms=1.0, ops_during=1, wire_mib=1.0,
+               fault_p50_us=None, digest="629a3e67c8786e99")
+    monkeypatch.setattr(compare_qemu, "missing", lambda: None)
+    monkeypatch.setattr(compare_qemu, "run_qemu", lambda *a, **kw: dict(row))
+    monkeypatch.setattr(compare_qemu, "run_ours", lambda *a, **kw: dict(row, digest=ours))
+    monkeypatch.setattr("sys.argv", ["compare_qemu.py", "--guest", "kvm", "--size", "64M", "--vcpus", "2"])
+    status = compare_qemu.main()
+    out = capsys.readouterr()
+    assert f"| final digest | 629a3e67c8786e99 | 629a3e67c8786e99 | {ours} |" in out.out
+    if ours == row["digest"]:
+        assert status == 0 and not out.err
+    else:
+        assert status == 1 and "the guests' final digests differ" in out.err
+
+
 # -------------------------------------------------------------------- errors
 def test_image_checks():
     good = IMAGE.read_bytes() if IMAGE.exists() else None
