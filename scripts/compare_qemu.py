@@ -123,7 +123,9 @@ class Qmp:
 
 def _qemu(tmp: str, role: str, argv: list[str]) -> tuple[subprocess.Popen, Qmp]:
     sock = os.path.join(tmp, f"{role}.qmp")
-    proc = subprocess.Popen([*argv, "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL,
+    # debug-threads: vCPU threads named "CPU n/KVM", which migration_cpu_ms leaves out
+    proc = subprocess.Popen([*argv, "-name", f"{role},debug-threads=on", "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{role}.log"), "wb"))
     try:
         return proc, Qmp(sock)
@@ -131,6 +133,45 @@ def _qemu(tmp: str, role: str, argv: list[str]) -> tuple[subprocess.Popen, Qmp]:
         proc.kill()
         proc.wait()
         raise
+
+
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(path: str) -> tuple[str, list[str]]:
+    """(comm, the fields after it) of a /proc stat file."""
+    with open(path) as f:
+        text = f.read()
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+
+
+def migration_cpu_ms(pid: int) -> float:
+    """CPU a VMM or an agent has spent on anything but running the guest, in ms: the process, its
+    reaped children and its live descendants, less QEMU's vCPU threads ("CPU n/KVM") and our guest
+    runners (whose threads are the vCPUs). Compared before and after a migration, that is its cost."""
+    _, f = _stat(f"/proc/{pid}/stat")
+    ticks = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm, t = _stat(f"/proc/{pid}/task/{tid}/stat")
+        except FileNotFoundError:
+            continue
+        if comm.startswith("CPU ") and comm.endswith("/KVM"):
+            ticks -= int(t[11]) + int(t[12])
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        children = []
+    ms = ticks * _TICK_MS
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                runner = b"migrate.guest." in f.read()
+            ms += 0.0 if runner else migration_cpu_ms(child)
+        except FileNotFoundError:
+            pass
+    return ms
 
 
 def _free_port() -> int:
@@ -181,6 +222,7 @@ class KvmImageGuest:
 
     def __init__(self, size: int, workload: str, vcpus: int, ops: int, seed: int) -> None:
         from migrate.guest.process import GuestSpec
+        self.size = size
         self.spec = GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=vcpus, kind="kvm")
         self.spec.validate()
         self.title = (f"{size // MiB} MiB kvm guest image, {workload}, {vcpus} vCPU(s), {ops} ops, seed {seed}"
@@ -247,6 +289,7 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             guest.wait_booted(tmp, src_qmp)
             time.sleep(warmup)  # the guest works on its RAM meanwhile
             ops_before = guest.qemu_ops(tmp, "source", src_qmp)
+            cpu_before = migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)
             src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
             deadline = time.monotonic() + 600
@@ -257,6 +300,7 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             if info["status"] == "failed":
                 raise RuntimeError(f"QEMU's migration failed: {info.get('error-desc', '?')}")
             dinfo = dst_qmp.cmd("query-migrate")
+            cpu_after = migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)
             ops_after = guest.qemu_ops(tmp, "dest", dst_qmp)
             ram = info.get("ram", {})
             return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
@@ -264,11 +308,18 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
                     "blocked_ms": float(dinfo.get("postcopy-blocktime", 0)),
                     "ops_during": None if ops_before is None else ops_after - ops_before,
                     "wire_mib": ram.get("transferred", 0) / MiB, "fault_p50_us": None,
-                    "digest": guest.qemu_digest(tmp)}
+                    **_cpu_per_mib(cpu_before, cpu_after, guest), "digest": guest.qemu_digest(tmp)}
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
+
+
+def _cpu_per_mib(before: tuple[float, float], after: tuple[float, float],
+                 guest: TinyGuest | KvmImageGuest) -> dict:
+    """Each side's migration CPU per MiB of guest RAM (noise from other processes does not enter it)."""
+    mib = guest.size / MiB
+    return {"src_cpu_ms_mib": (after[0] - before[0]) / mib, "dst_cpu_ms_mib": (after[1] - before[1]) / mib}
 
 
 def _ops_during(doc: dict) -> int:
@@ -292,7 +343,9 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", r
             wait_for(lambda: c.call("InspectGuest", pb.GuestRef(name="cmp")).ops_done > 0, timeout=120)
             wait_for(lambda: False, timeout=warmup)
         try:
+            cpu_before = migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)
             doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
+            cpu = _cpu_per_mib(cpu_before, (migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)), guest)
             if report_path:
                 orchestrator.write_report(doc, report_path)
             digest = None
@@ -311,7 +364,7 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", r
     return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"], "remote_faults": doc["faults"]["count"],
             "blocked_ms": sum(doc["guest"]["vcpu_blocked_ms"]) if kvm else blocked,
             "ops_during": _ops_during(doc), "wire_mib": doc["bytes"]["wire"] / MiB,
-            "fault_p50_us": doc["faults"]["latency_us"]["p50"], "digest": digest}
+            "fault_p50_us": doc["faults"]["latency_us"]["p50"], **cpu, "digest": digest}
 
 
 def table(title: str, rows: dict[str, dict]) -> str:
@@ -320,6 +373,8 @@ def table(title: str, rows: dict[str, dict]) -> str:
               ("guest blocked (postcopy-blocktime)", "blocked_ms", "{:.0f} ms"),
               ("guest ops during the migration", "ops_during", "{}"),
               ("fault p50", "fault_p50_us", "{:.0f} µs"), ("bytes on the wire", "wire_mib", "{:.0f} MiB"),
+              ("source CPU per guest MiB (not the vCPUs)", "src_cpu_ms_mib", "{:.2f} ms"),
+              ("destination CPU per guest MiB (not the vCPUs)", "dst_cpu_ms_mib", "{:.2f} ms"),
               ("final digest", "digest", "{}")]
     names = list(rows)
     out = [f"post-copy over loopback, {title}", "",

@@ -226,8 +226,8 @@ def compare_qemu(monkeypatch):
 @pytest.mark.parametrize("ours", ["629a3e67c8786e99", "0000000000000000"])
 def test_compare_qemu_prints_the_digests_and_fails_when_they_differ(compare_qemu, monkeypatch, capsys, ours):
     """The table's `| final digest |` row has each column's digest; differing digests exit 1, saying which."""
-    row = dict(total_s=1.0, downtime_ms=1.0, remote_faults=1, blocked_ms=1.0, ops_during=1, wire_mib=1.0,
-               fault_p50_us=None, digest="629a3e67c8786e99")
+    row = {"total_s": 1.0, "downtime_ms": 1.0, "remote_faults": 1, "blocked_ms": 1.0, "ops_during": 1,
+           "wire_mib": 1.0, "fault_p50_us": None, "digest": "629a3e67c8786e99"}
     monkeypatch.setattr(compare_qemu, "missing", lambda: None)
     monkeypatch.setattr(compare_qemu, "run_qemu", lambda *a, **kw: dict(row))
     monkeypatch.setattr(compare_qemu, "run_ours", lambda *a, **kw: dict(row, digest=ours))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import mmap
 
-import pytest
-
 from migrate import orchestrator
 from migrate.client import AgentClient
 from migrate.local import LocalAgent
