@@ -20,8 +20,9 @@ from test_recovery import POSTCOPY_OPTIONS, Restarter, migrate_breaking_the_link
 from test_recovery import proxied  # noqa: F401  (the fixture, used by name)
 
 MiB = 1 << 20
-#: Enough ops to outlast the migration (about 2 s unmigrated, far longer while faulting at 4 MiB/s).
-KVM_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=5, ops=100_000_000, threads=2,
+#: Enough ops that the guest is still at work when it switches over (its vCPUs need seconds of CPU for
+#: them, the migration starts within a fraction of one) and then faults through the post-copy.
+KVM_SPEC = pb.GuestSpec(size=32 * MiB, workload="random-write", seed=5, ops=300_000_000, threads=2,
                         page_size=mmap.PAGESIZE, kind="kvm")
 
 pytestmark = [needs_kvm, needs_image]
