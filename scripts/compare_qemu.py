@@ -37,6 +37,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from migrate import orchestrator
@@ -123,7 +124,7 @@ class Qmp:
 
 def _qemu(tmp: str, role: str, argv: list[str]) -> tuple[subprocess.Popen, Qmp]:
     sock = os.path.join(tmp, f"{role}.qmp")
-    # debug-threads: vCPU threads named "CPU n/KVM", which migration_cpu_ms leaves out
+    # debug-threads: vCPU threads named "CPU n/KVM", which CpuMeter leaves out
     proc = subprocess.Popen([*argv, "-name", f"{role},debug-threads=on", "-qmp", f"unix:{sock},server=on,wait=off"],
                             stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{role}.log"), "wb"))
@@ -145,12 +146,10 @@ def _stat(path: str) -> tuple[str, list[str]]:
     return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
 
 
-def migration_cpu_ms(pid: int) -> float:
-    """CPU a VMM or an agent has spent on anything but running the guest, in ms: the process, its
-    reaped children and its live descendants, less QEMU's vCPU threads ("CPU n/KVM") and our guest
-    runners (whose threads are the vCPUs). Compared before and after a migration, that is its cost."""
+def _own_cpu_ms(pid: int) -> float:
+    """CPU of a process's threads, live and exited, less QEMU's vCPU threads ("CPU n/KVM")."""
     _, f = _stat(f"/proc/{pid}/stat")
-    ticks = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    ticks = int(f[11]) + int(f[12])  # utime stime (cutime: reaped children, our guest runners among them)
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             comm, t = _stat(f"/proc/{pid}/task/{tid}/stat")
@@ -158,20 +157,62 @@ def migration_cpu_ms(pid: int) -> float:
             continue
         if comm.startswith("CPU ") and comm.endswith("/KVM"):
             ticks -= int(t[11]) + int(t[12])
+    return ticks * _TICK_MS
+
+
+def _helpers(pid: int) -> list[int]:
+    """A process and its descendants, but not our guest runners (whose threads are the vCPUs)."""
     try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"migrate.guest." in f.read():
+                return []
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(c) for c in f.read().split()]
     except FileNotFoundError:
-        children = []
-    ms = ticks * _TICK_MS
-    for child in children:
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                runner = b"migrate.guest." in f.read()
-            ms += 0.0 if runner else migration_cpu_ms(child)
-        except FileNotFoundError:
-            pass
-    return ms
+        return []
+    return [pid] + [d for c in children for d in _helpers(c)]
+
+
+class CpuMeter:
+    """The CPU a VMM or an agent spends on a migration, helper processes included, vCPUs not:
+    sampled every 50 ms from `with` to its end, so a helper that exits meanwhile counts up to
+    its last sample. A load-independent view of where the time goes."""
+
+    def __init__(self, *roots: int) -> None:
+        self._roots = roots
+        self._base: dict[int, float] = {}   # at the start; helpers started later begin at 0
+        self._last: dict[int, tuple[int, float]] = {}  # pid -> (its root, its CPU ms)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _sample(self) -> None:
+        for root in self._roots:
+            for pid in _helpers(root):
+                try:
+                    self._last[pid] = (root, _own_cpu_ms(pid))
+                except FileNotFoundError:
+                    pass
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> CpuMeter:
+        self._sample()
+        self._base = {pid: ms for pid, (_, ms) in self._last.items()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def per_mib(self, mib: float) -> dict[str, float]:
+        """The first root's CPU (its tree's) and the second's, per MiB over the measured span, in ms."""
+        spent = [sum(ms - self._base.get(pid, 0.0) for pid, (r, ms) in self._last.items() if r == root)
+                 for root in self._roots]
+        return {"src_cpu_ms_mib": spent[0] / mib, "dst_cpu_ms_mib": spent[1] / mib}
 
 
 def _free_port() -> int:
@@ -217,6 +258,15 @@ class TinyGuest:
                             page_size=mmap.PAGESIZE)
 
 
+def said(text: str, key: str) -> str | None:
+    """The word after `key` in the guest's text once its line is complete (isa-debugcon writes a
+    character at a time: a line read too early ends anywhere), or None."""
+    for line in text.splitlines(keepends=True):
+        if key in line and line.endswith("\n"):
+            return line.split(key, 1)[1].split()[0]
+    return None
+
+
 class KvmImageGuest:
     """The kvm guest kind's image, booted by QEMU and by our VMM with the same parameters."""
 
@@ -243,11 +293,11 @@ class KvmImageGuest:
     def wait_booted(self, tmp: str, qmp: Qmp, timeout: float = 120.0) -> None:
         """Until the guest says it starts its workload (at CPL3), and where it counts its ops."""
         deadline = time.monotonic() + timeout
-        while "start pages" not in (text := self._text(tmp, "source")):
+        while (addr := said(self._text(tmp, "source"), " ops_done ")) is None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the QEMU guest did not start its workload within {timeout:g} s")
             time.sleep(0.05)
-        self._ops_addr = int(text.split(" ops_done ", 1)[1].split()[0], 16)
+        self._ops_addr = int(addr, 16)
 
     def qemu_ops(self, tmp: str, role: str, qmp: Qmp) -> int:
         """Ops done so far: the guest's per-vCPU counters, read through the monitor."""
@@ -257,11 +307,12 @@ class KvmImageGuest:
     def qemu_digest(self, tmp: str, timeout: float = 3600.0) -> str:
         """The digest the guest reported: on the destination, or on the source if it finished before moving."""
         deadline = time.monotonic() + timeout
-        while "digest " not in (text := self._text(tmp, "source") + self._text(tmp, "dest")):
+        while (digest := said(self._text(tmp, "source"), "digest ")
+               or said(self._text(tmp, "dest"), "digest ")) is None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the migrated QEMU guest reported no digest within {timeout:g} s")
             time.sleep(0.1)
-        return text.split("digest ", 1)[1].split()[0]
+        return digest
 
     def ours_spec(self) -> pb.GuestSpec:
         s = self.spec
@@ -289,18 +340,17 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             guest.wait_booted(tmp, src_qmp)
             time.sleep(warmup)  # the guest works on its RAM meanwhile
             ops_before = guest.qemu_ops(tmp, "source", src_qmp)
-            cpu_before = migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)
-            src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
-            deadline = time.monotonic() + 600
-            while (info := src_qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("QEMU's migration did not complete within 600 s")
-                time.sleep(0.05)
+            with CpuMeter(src.pid, dst.pid) as meter:
+                src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+                src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
+                deadline = time.monotonic() + 600
+                while (info := src_qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("QEMU's migration did not complete within 600 s")
+                    time.sleep(0.05)
             if info["status"] == "failed":
                 raise RuntimeError(f"QEMU's migration failed: {info.get('error-desc', '?')}")
             dinfo = dst_qmp.cmd("query-migrate")
-            cpu_after = migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)
             ops_after = guest.qemu_ops(tmp, "dest", dst_qmp)
             ram = info.get("ram", {})
             return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
@@ -308,18 +358,11 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
                     **_blocked(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)]),
                     "ops_during": None if ops_before is None else ops_after - ops_before,
                     "wire_mib": ram.get("transferred", 0) / MiB, "fault_p50_us": None,
-                    **_cpu_per_mib(cpu_before, cpu_after, guest), "digest": guest.qemu_digest(tmp)}
+                    **meter.per_mib(guest.size / MiB), "digest": guest.qemu_digest(tmp)}
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
-
-
-def _cpu_per_mib(before: tuple[float, float], after: tuple[float, float],
-                 guest: TinyGuest | KvmImageGuest) -> dict:
-    """Each side's migration CPU per MiB of guest RAM (noise from other processes does not enter it)."""
-    mib = guest.size / MiB
-    return {"src_cpu_ms_mib": (after[0] - before[0]) / mib, "dst_cpu_ms_mib": (after[1] - before[1]) / mib}
 
 
 def _blocked(per_vcpu: list[float]) -> dict:
@@ -349,9 +392,9 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", r
             wait_for(lambda: c.call("InspectGuest", pb.GuestRef(name="cmp")).ops_done > 0, timeout=120)
             wait_for(lambda: False, timeout=warmup)
         try:
-            cpu_before = migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)
-            doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
-            cpu = _cpu_per_mib(cpu_before, (migration_cpu_ms(src.pid), migration_cpu_ms(dst.pid)), guest)
+            with CpuMeter(src.pid, dst.pid) as meter:
+                doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
+            cpu = meter.per_mib(guest.size / MiB)
             if report_path:
                 orchestrator.write_report(doc, report_path)
             digest = None

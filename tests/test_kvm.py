@@ -241,6 +241,24 @@ def test_compare_qemu_prints_the_digests_and_fails_when_they_differ(compare_qemu
         assert status == 1 and "the guests' final digests differ" in out.err
 
 
+def test_compare_qemu_reads_the_guest_lines_only_once_complete(compare_qemu, tmp_path):
+    """QEMU's debugcon file fills a character at a time: a line seen half-written is waited out."""
+    import threading
+
+    out = tmp_path / "source.out"
+    out.write_text("start pages 3ff00 ops_do")
+    guest = compare_qemu.KvmImageGuest(64 << 20, "random-write", 1, 1000, 1)
+    writer = threading.Timer(0.2, lambda: out.write_text("start pages 3ff00 ops_done 10a040\ndigest 0123"))
+    writer.start()
+    try:
+        guest.wait_booted(str(tmp_path), None)
+    finally:
+        writer.join()
+    assert guest._ops_addr == 0x10A040
+    assert compare_qemu.said(out.read_text(), "digest ") is None
+    assert compare_qemu.said(out.read_text() + "456789abcdef\n", "digest ") == "0123456789abcdef"
+
+
 # -------------------------------------------------------------------- errors
 def test_image_checks():
     good = IMAGE.read_bytes() if IMAGE.exists() else None
