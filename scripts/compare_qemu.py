@@ -44,7 +44,7 @@ from migrate import orchestrator
 from migrate.bench.runs import run_options
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
-from migrate.planes import DataPlane
+from migrate.planes import DataPlane, FaultPath
 from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
@@ -384,7 +384,8 @@ def _ops_during(doc: dict) -> int:
     return max(at[1] - at[0], 0)
 
 
-def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", report_path: str = "") -> dict:
+def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", report_path: str = "",
+             fault_path: str = "") -> dict:
     """Our post-copy of the same guest between two local agents (its full report to `report_path` if given:
     the stages behind the table's numbers)."""
     spec = guest.ours_spec()
@@ -398,7 +399,9 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", r
             wait_for(lambda: False, timeout=warmup)
         try:
             with CpuMeter(src.pid, dst.pid) as meter:
-                doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
+                opts = run_options("postcopy", "", plane)
+                opts.fault_path = fault_path or opts.fault_path
+                doc = orchestrator.migrate("cmp", src.address, dst.address, opts)
             cpu = meter.per_mib(guest.size / MiB)
             if report_path:
                 orchestrator.write_report(doc, report_path)
@@ -456,6 +459,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds the guest runs before migrating")
     ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
                     help="our data plane (default: native)")
+    ap.add_argument("--fault-path", choices=[p.value for p in FaultPath], default="",
+                    help="our fault path (default: grpc; native needs the native data plane)")
     ap.add_argument("--report", default="", help="write our run's JSON report here (its stages, faults, pages)")
     args = ap.parse_args()
     try:
@@ -473,7 +478,7 @@ def main() -> int:
     try:
         rows["QEMU post-copy"] = run_qemu(guest, args.warmup, preempt=False)
         rows["QEMU post-copy + preempt"] = run_qemu(guest, args.warmup, preempt=True)
-        rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane, args.report)
+        rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane, args.report, args.fault_path)
     except (RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
