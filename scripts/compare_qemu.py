@@ -4,7 +4,7 @@
 Where `qemu-system-x86_64` is installed and /dev/kvm works, two QEMU
 processes migrate post-copy over loopback, driven through QMP; then
 `query-migrate` gives total-time, downtime, postcopy-requests and
-(destination) postcopy-blocktime. Our toolkit then migrates a guest between
+(destination) postcopy-vcpu-blocktime. Our toolkit then migrates a guest between
 two local agents. One table.
 
 --guest tiny (default): QEMU boots a tiny guest of our own (36 bytes of
@@ -37,13 +37,14 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from migrate import orchestrator
 from migrate.bench.runs import run_options
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
-from migrate.planes import DataPlane
+from migrate.planes import DataPlane, FaultPath
 from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
@@ -123,7 +124,9 @@ class Qmp:
 
 def _qemu(tmp: str, role: str, argv: list[str]) -> tuple[subprocess.Popen, Qmp]:
     sock = os.path.join(tmp, f"{role}.qmp")
-    proc = subprocess.Popen([*argv, "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL,
+    # debug-threads: vCPU threads named "CPU n/KVM", which CpuMeter leaves out
+    proc = subprocess.Popen([*argv, "-name", f"{role},debug-threads=on", "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{role}.log"), "wb"))
     try:
         return proc, Qmp(sock)
@@ -131,6 +134,85 @@ def _qemu(tmp: str, role: str, argv: list[str]) -> tuple[subprocess.Popen, Qmp]:
         proc.kill()
         proc.wait()
         raise
+
+
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(path: str) -> tuple[str, list[str]]:
+    """(comm, the fields after it) of a /proc stat file."""
+    with open(path) as f:
+        text = f.read()
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+
+
+def _own_cpu_ms(pid: int) -> float:
+    """CPU of a process's threads, live and exited, less QEMU's vCPU threads ("CPU n/KVM")."""
+    _, f = _stat(f"/proc/{pid}/stat")
+    ticks = int(f[11]) + int(f[12])  # utime stime (cutime: reaped children, our guest runners among them)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm, t = _stat(f"/proc/{pid}/task/{tid}/stat")
+        except FileNotFoundError:
+            continue
+        if comm.startswith("CPU ") and comm.endswith("/KVM"):
+            ticks -= int(t[11]) + int(t[12])
+    return ticks * _TICK_MS
+
+
+def _helpers(pid: int) -> list[int]:
+    """A process and its descendants, but not our guest runners (whose threads are the vCPUs)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"migrate.guest." in f.read():
+                return []
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+    return [pid] + [d for c in children for d in _helpers(c)]
+
+
+class CpuMeter:
+    """The CPU a VMM or an agent spends on a migration, helper processes included, vCPUs not:
+    sampled every 50 ms from `with` to its end, so a helper that exits meanwhile counts up to
+    its last sample. A load-independent view of where the time goes."""
+
+    def __init__(self, *roots: int) -> None:
+        self._roots = roots
+        self._base: dict[int, float] = {}   # at the start; helpers started later begin at 0
+        self._last: dict[int, tuple[int, float]] = {}  # pid -> (its root, its CPU ms)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _sample(self) -> None:
+        for root in self._roots:
+            for pid in _helpers(root):
+                try:
+                    self._last[pid] = (root, _own_cpu_ms(pid))
+                except FileNotFoundError:
+                    pass
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> CpuMeter:
+        self._sample()
+        self._base = {pid: ms for pid, (_, ms) in self._last.items()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def per_mib(self, mib: float) -> dict[str, float]:
+        """The first root's CPU (its tree's) and the second's, per MiB over the measured span, in ms."""
+        spent = [sum(ms - self._base.get(pid, 0.0) for pid, (r, ms) in self._last.items() if r == root)
+                 for root in self._roots]
+        return {"src_cpu_ms_mib": spent[0] / mib, "dst_cpu_ms_mib": spent[1] / mib}
 
 
 def _free_port() -> int:
@@ -176,11 +258,21 @@ class TinyGuest:
                             page_size=mmap.PAGESIZE)
 
 
+def said(text: str, key: str) -> str | None:
+    """The word after `key` in the guest's text once its line is complete (isa-debugcon writes a
+    character at a time: a line read too early ends anywhere), or None."""
+    for line in text.splitlines(keepends=True):
+        if key in line and line.endswith("\n"):
+            return line.split(key, 1)[1].split()[0]
+    return None
+
+
 class KvmImageGuest:
     """The kvm guest kind's image, booted by QEMU and by our VMM with the same parameters."""
 
     def __init__(self, size: int, workload: str, vcpus: int, ops: int, seed: int) -> None:
         from migrate.guest.process import GuestSpec
+        self.size = size
         self.spec = GuestSpec(size=size, workload=workload, seed=seed, ops=ops, threads=vcpus, kind="kvm")
         self.spec.validate()
         self.title = (f"{size // MiB} MiB kvm guest image, {workload}, {vcpus} vCPU(s), {ops} ops, seed {seed}"
@@ -198,14 +290,19 @@ class KvmImageGuest:
         except FileNotFoundError:
             return ""
 
-    def wait_booted(self, tmp: str, qmp: Qmp, timeout: float = 120.0) -> None:
-        """Until the guest says it starts its workload (at CPL3), and where it counts its ops."""
+    def wait_booted(self, tmp: str, qmp: Qmp | None, timeout: float = 120.0) -> None:
+        """Until the guest has filled its RAM and done its first ops, as run_ours waits for ours (its
+        start line comes before the fill, which under QEMU can outlast the warm-up: it would migrate
+        half-zero RAM and count no ops). Without `qmp`, only until the line says where it counts them."""
         deadline = time.monotonic() + timeout
-        while "start pages" not in (text := self._text(tmp, "source")):
+        while True:
+            if (addr := said(self._text(tmp, "source"), " ops_done ")) is not None:
+                self._ops_addr = int(addr, 16)
+                if qmp is None or self.qemu_ops(tmp, "source", qmp) > 0:
+                    return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the QEMU guest did not start its workload within {timeout:g} s")
             time.sleep(0.05)
-        self._ops_addr = int(text.split(" ops_done ", 1)[1].split()[0], 16)
 
     def qemu_ops(self, tmp: str, role: str, qmp: Qmp) -> int:
         """Ops done so far: the guest's per-vCPU counters, read through the monitor."""
@@ -215,11 +312,12 @@ class KvmImageGuest:
     def qemu_digest(self, tmp: str, timeout: float = 3600.0) -> str:
         """The digest the guest reported: on the destination, or on the source if it finished before moving."""
         deadline = time.monotonic() + timeout
-        while "digest " not in (text := self._text(tmp, "source") + self._text(tmp, "dest")):
+        while (digest := said(self._text(tmp, "source"), "digest ")
+               or said(self._text(tmp, "dest"), "digest ")) is None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the migrated QEMU guest reported no digest within {timeout:g} s")
             time.sleep(0.1)
-        return text.split("digest ", 1)[1].split()[0]
+        return digest
 
     def ours_spec(self) -> pb.GuestSpec:
         s = self.spec
@@ -247,13 +345,14 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             guest.wait_booted(tmp, src_qmp)
             time.sleep(warmup)  # the guest works on its RAM meanwhile
             ops_before = guest.qemu_ops(tmp, "source", src_qmp)
-            src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
-            deadline = time.monotonic() + 600
-            while (info := src_qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("QEMU's migration did not complete within 600 s")
-                time.sleep(0.05)
+            with CpuMeter(src.pid, dst.pid) as meter:
+                src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+                src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
+                deadline = time.monotonic() + 600
+                while (info := src_qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("QEMU's migration did not complete within 600 s")
+                    time.sleep(0.05)
             if info["status"] == "failed":
                 raise RuntimeError(f"QEMU's migration failed: {info.get('error-desc', '?')}")
             dinfo = dst_qmp.cmd("query-migrate")
@@ -261,14 +360,20 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             ram = info.get("ram", {})
             return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
                     "remote_faults": ram.get("postcopy-requests", 0),
-                    "blocked_ms": float(dinfo.get("postcopy-blocktime", 0)),
+                    **_blocked(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)]),
                     "ops_during": None if ops_before is None else ops_after - ops_before,
                     "wire_mib": ram.get("transferred", 0) / MiB, "fault_p50_us": None,
-                    "digest": guest.qemu_digest(tmp)}
+                    **meter.per_mib(guest.size / MiB), "digest": guest.qemu_digest(tmp)}
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
+
+
+def _blocked(per_vcpu: list[float]) -> dict:
+    """Guest blocked time summed over the vCPUs, and each vCPU's (QEMU's postcopy-blocktime alone counts
+    only the time all vCPUs were blocked at once: with 2 vCPUs not what ours sums)."""
+    return {"blocked_ms": float(sum(per_vcpu)), "vcpu_blocked": " / ".join(f"{b:.0f}" for b in per_vcpu) + " ms"}
 
 
 def _ops_during(doc: dict) -> int:
@@ -279,8 +384,10 @@ def _ops_during(doc: dict) -> int:
     return max(at[1] - at[0], 0)
 
 
-def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "") -> dict:
-    """Our post-copy of the same guest between two local agents."""
+def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", report_path: str = "",
+             fault_path: str = "") -> dict:
+    """Our post-copy of the same guest between two local agents (its full report to `report_path` if given:
+    the stages behind the table's numbers)."""
     spec = guest.ours_spec()
     kvm = spec.kind == "kvm"
     with tempfile.TemporaryDirectory(prefix="compare-ours-") as tmp, \
@@ -291,7 +398,13 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "") -
             wait_for(lambda: c.call("InspectGuest", pb.GuestRef(name="cmp")).ops_done > 0, timeout=120)
             wait_for(lambda: False, timeout=warmup)
         try:
-            doc = orchestrator.migrate("cmp", src.address, dst.address, run_options("postcopy", "", plane))
+            with CpuMeter(src.pid, dst.pid) as meter:
+                opts = run_options("postcopy", "", plane)
+                opts.fault_path = fault_path or opts.fault_path
+                doc = orchestrator.migrate("cmp", src.address, dst.address, opts)
+            cpu = meter.per_mib(guest.size / MiB)
+            if report_path:
+                orchestrator.write_report(doc, report_path)
             digest = None
             if kvm:
                 with AgentClient(dst.address) as c:
@@ -304,19 +417,22 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "") -
         finally:
             with AgentClient(dst.address) as c:
                 c.stop_if_hosted("cmp")
-    blocked = doc["guest"]["blocked_ms"]
+    vcpus = doc["guest"]["vcpu_blocked_ms"] if kvm else []
     return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"], "remote_faults": doc["faults"]["count"],
-            "blocked_ms": sum(doc["guest"]["vcpu_blocked_ms"]) if kvm else blocked,
+            **(_blocked(vcpus) if vcpus else {"blocked_ms": doc["guest"]["blocked_ms"], "vcpu_blocked": None}),
             "ops_during": _ops_during(doc), "wire_mib": doc["bytes"]["wire"] / MiB,
-            "fault_p50_us": doc["faults"]["latency_us"]["p50"], "digest": digest}
+            "fault_p50_us": doc["faults"]["latency_us"]["p50"], **cpu, "digest": digest}
 
 
 def table(title: str, rows: dict[str, dict]) -> str:
     fields = [("total time", "total_s", "{:.2f} s"), ("downtime", "downtime_ms", "{:.1f} ms"),
               ("remote faults (postcopy-requests)", "remote_faults", "{}"),
-              ("guest blocked (postcopy-blocktime)", "blocked_ms", "{:.0f} ms"),
+              ("guest blocked, vCPUs summed (postcopy-vcpu-blocktime)", "blocked_ms", "{:.0f} ms"),
+              ("each vCPU blocked", "vcpu_blocked", "{}"),
               ("guest ops during the migration", "ops_during", "{}"),
               ("fault p50", "fault_p50_us", "{:.0f} µs"), ("bytes on the wire", "wire_mib", "{:.0f} MiB"),
+              ("source CPU per guest MiB (not the vCPUs)", "src_cpu_ms_mib", "{:.2f} ms"),
+              ("destination CPU per guest MiB (not the vCPUs)", "dst_cpu_ms_mib", "{:.2f} ms"),
               ("final digest", "digest", "{}")]
     names = list(rows)
     out = [f"post-copy over loopback, {title}", "",
@@ -343,6 +459,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds the guest runs before migrating")
     ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
                     help="our data plane (default: native)")
+    ap.add_argument("--fault-path", choices=[p.value for p in FaultPath], default="",
+                    help="our fault path (default: grpc; native needs the native data plane)")
+    ap.add_argument("--report", default="", help="write our run's JSON report here (its stages, faults, pages)")
     args = ap.parse_args()
     try:
         size = parse_size(args.size)
@@ -359,7 +478,7 @@ def main() -> int:
     try:
         rows["QEMU post-copy"] = run_qemu(guest, args.warmup, preempt=False)
         rows["QEMU post-copy + preempt"] = run_qemu(guest, args.warmup, preempt=True)
-        rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane)
+        rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane, args.report, args.fault_path)
     except (RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ digest; bad images, vCPU counts and a missing /dev/kvm are one clear line.
 """
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import shutil
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from migrate import orchestrator, spawn
+from migrate import demo, orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.guest.kvm import IMAGE, KvmError, check_spec, kvm_problem, parse_image, qemu_argv
 from migrate.guest.process import GuestProcess, GuestSpec
@@ -63,7 +64,7 @@ def wait_ops(gp_or_client: object, ops: int, name: str = "") -> None:
 @needs_image
 @pytest.mark.parametrize(("vcpus", "mode", "moment"),
                          [(v, m, t) for v in (1, 2) for m in ("postcopy", "hybrid") for t in (0.0, 0.5)]
-                         + [(2, "precopy", 0.5)])
+                         + [(v, "precopy", 0.5) for v in (1, 2)])
 def test_migrated_kvm_guest_ends_like_an_unmigrated_one(agents, vcpus, mode, moment):
     """Moment 0: right after launch, often while the guest still boots (CPL0, APs not woken yet)."""
     src, dst = agents
@@ -84,6 +85,24 @@ def test_migrated_kvm_guest_ends_like_an_unmigrated_one(agents, vcpus, mode, mom
     expected = run_unmigrated(GuestSpec(size=SIZE, workload=spec.workload, seed=3, ops=OPS, threads=vcpus,
                                         kind="kvm"))
     assert info.guest_digest == expected[1]
+
+
+@needs_kvm
+@needs_image
+def test_demo_migrates_a_kvm_guest_and_reports_its_vcpus(tmp_path):
+    """`migrate demo --kind kvm`: verified, and the report carries per-vCPU blocked time and the guest's progress."""
+    report = tmp_path / "demo.json"
+    out = subprocess.run(spawn.module_argv("migrate", "demo", "--kind", "kvm", "--vcpus", "2", "--size", "32M",
+                                           "--report", str(report)),
+                         capture_output=True, text=True, timeout=600, env=spawn.child_env(), stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert "yes: digest equals the unmigrated run" in out.stdout
+    guest = json.loads(report.read_text())["guest"]
+    assert guest["kind"] == "kvm" and len(guest["vcpu_blocked_ms"]) == 2
+    hosts = {p["host"] for p in guest["progress"]}
+    assert hosts == {"source", "dest"}, hosts
+    last = {h: max(p["ops"] for p in guest["progress"] if p["host"] == h) for h in hosts}
+    assert last["source"] < last["dest"] <= demo.KVM_OPS, last  # it went on working where it landed
 
 
 # --------------------------------------------------------------- save/restore
@@ -192,6 +211,52 @@ def test_qemu_boots_the_image_to_the_same_digest(tmp_path, vcpus):
         proc.wait()
     qemu_digest = text.split("digest ", 1)[1].split()[0]
     assert qemu_digest == run_unmigrated(spec)[1]
+
+
+@pytest.fixture
+def compare_qemu(monkeypatch):
+    """scripts/compare_qemu.py as a module (scripts/ is not a package)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    return importlib.import_module("compare_qemu")
+
+
+@pytest.mark.parametrize("ours", ["629a3e67c8786e99", "0000000000000000"])
+def test_compare_qemu_prints_the_digests_and_fails_when_they_differ(compare_qemu, monkeypatch, capsys, ours):
+    """The table's `| final digest |` row has each column's digest; differing digests exit 1, saying which."""
+    row = {"total_s": 1.0, "downtime_ms": 1.0, "remote_faults": 1, "blocked_ms": 1.0, "ops_during": 1,
+           "wire_mib": 1.0, "fault_p50_us": None, "digest": "629a3e67c8786e99"}
+    monkeypatch.setattr(compare_qemu, "missing", lambda: None)
+    monkeypatch.setattr(compare_qemu, "run_qemu", lambda *a, **kw: dict(row))
+    monkeypatch.setattr(compare_qemu, "run_ours", lambda *a, **kw: dict(row, digest=ours))
+    monkeypatch.setattr("sys.argv", ["compare_qemu.py", "--guest", "kvm", "--size", "64M", "--vcpus", "2"])
+    status = compare_qemu.main()
+    out = capsys.readouterr()
+    assert f"| final digest | 629a3e67c8786e99 | 629a3e67c8786e99 | {ours} |" in out.out
+    if ours == row["digest"]:
+        assert status == 0 and not out.err
+    else:
+        assert status == 1 and "the guests' final digests differ" in out.err
+
+
+def test_compare_qemu_reads_the_guest_lines_only_once_complete(compare_qemu, tmp_path):
+    """QEMU's debugcon file fills a character at a time: a line seen half-written is waited out."""
+    import threading
+
+    out = tmp_path / "source.out"
+    out.write_text("start pages 3ff00 ops_do")
+    guest = compare_qemu.KvmImageGuest(64 << 20, "random-write", 1, 1000, 1)
+    writer = threading.Timer(0.2, lambda: out.write_text("start pages 3ff00 ops_done 10a040\ndigest 0123"))
+    writer.start()
+    try:
+        guest.wait_booted(str(tmp_path), None)
+    finally:
+        writer.join()
+    assert guest._ops_addr == 0x10A040
+    assert compare_qemu.said(out.read_text(), "digest ") is None
+    assert compare_qemu.said(out.read_text() + "456789abcdef\n", "digest ") == "0123456789abcdef"
 
 
 # -------------------------------------------------------------------- errors
