@@ -194,6 +194,16 @@ class Workload:
             if rc:
                 raise ValueError(f"thread {i}: {n} ops exceed its share")
 
+    def watch_discards(self, removed: Any) -> None:
+        """Have each discard set its pages' bits in `removed` (a page bitmap's
+        ``uint64_t *``; ffi.NULL to stop): write tracking cannot see a discard."""
+        lib.mig_wl_watch_discards(self._handle(), removed)
+
+    def attach_snapshot(self, snap: Any) -> None:
+        """Have each discard let snapshot `snap` (a ``struct mig_snap *``; ffi.NULL to
+        detach) save the range's unsaved pages first. Waits for discards in flight."""
+        lib.mig_wl_attach_snapshot(self._handle(), snap)
+
     def close(self) -> None:
         """Pause, free the engine and release the buffer. Idempotent."""
         if self._h is not None:
