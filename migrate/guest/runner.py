@@ -280,15 +280,18 @@ class Runner:
 
         removed = self.rx_fds.pop(0) if self.rx_fds else -1
         with self.ctl_lock:
-            self._watch_discards(removed)
+            self._watch_discards(removed)  # before the protect: no discard after it goes unseen
             if self.wp_uffd is None:
                 features = U.FEATURE_WP_ASYNC | U.FEATURE_WP_UNPOPULATED | U.FEATURE_WP_HUGETLBFS_SHMEM
-                wp = U.Uffd.create(features, page_size=self.spec.page_size)
+                wp = None
                 try:
+                    wp = U.Uffd.create(features, page_size=self.spec.page_size)
                     wp.register(self.wl.address, self.spec.size, U.MODE_WP)
                     wp.writeprotect(self.wl.address, self.spec.size, True)
                 except OSError:
-                    wp.close()
+                    if wp is not None:
+                        wp.close()
+                    self._watch_discards(-1)
                     raise
                 self.wp_uffd = wp
         return {"base": self.wl.address, "size": self.spec.size}

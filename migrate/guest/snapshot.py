@@ -85,8 +85,8 @@ class LiveSnapshot:
         st = ffi.new("struct mig_snap_stats *")
         lib.mig_snap_stats(self._h, st)
         doc = {k: int(getattr(st, k)) for k in ("pages_total", "pages_saved", "pages_streamed", "pages_faulted",
-                                                 "pages_discarded", "wp_faults", "waited", "blocked_ns", "max_blocked_ns",
-                                                 "bytes_written", "elapsed_ns", "done")}
+                                                 "pages_discarded", "wp_faults", "waited", "blocked_ns",
+                                                 "max_blocked_ns", "bytes_written", "elapsed_ns", "done")}
         doc["done"] = bool(doc["done"])
         doc["error"] = os.strerror(-st.error) if st.error else ""
         doc["ops_done"] = self.wl.ops_done
