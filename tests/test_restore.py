@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
+from migrate.proto import migrate_pb2 as pb
 from migrate.policies import workingset
 
 HERE = Path(__file__).resolve().parent
@@ -31,12 +33,13 @@ def make_image(path: Path, pages: int, page: int = 4096) -> None:
 
 
 @contextmanager
-def restoring(tmp_path: Path, image: Path, sock: Path, plane: str) -> Iterator[None]:
-    """A source agent serving `image` and a destination agent restoring it into whoever connects to `sock`."""
+def restoring(tmp_path: Path, image: Path, sock: Path, plane: str) -> Iterator[LocalAgent]:
+    """A source agent serving `image` and a destination agent (yielded) restoring it into whoever connects
+    to `sock`."""
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                       "--data-plane", plane, log_path=str(tmp_path / "dst.log")):
-        yield
+                       "--data-plane", plane, log_path=str(tmp_path / "dst.log")) as dst:
+        yield dst
 
 
 def test_foreign_process_restored_from_image(tmp_path, plane):
@@ -87,13 +90,19 @@ def test_replayed_restore_faults_half_as_often(tmp_path):
     assert faulted_second * 2 <= faulted_first, (faulted_second, faulted_first)
 
 
+def events_client(tmp_path: Path) -> Path:
+    """tests/c/uffd_events_client.c, built."""
+    exe = tmp_path / "uffd_events_client"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(HERE / "c" / "uffd_events_client.c")],
+                   check=True, capture_output=True, timeout=120)
+    return exe
+
+
 def test_foreign_process_changing_its_memory_during_the_restore(tmp_path, plane):
     """A C program with EVENT_REMOVE and EVENT_REMAP (Firecracker with a balloon) discards
     ranges before and after they arrive and moves one with mremap while it is restored:
     every discarded page reads zero, every other page the image, and the run ends."""
-    exe = tmp_path / "uffd_events_client"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(HERE / "c" / "uffd_events_client.c")],
-                   check=True, capture_output=True, timeout=120)
+    exe = events_client(tmp_path)
     image = tmp_path / "mem.img"
     make_image(image, 2048)
     sock = tmp_path / "uffd.sock"
@@ -103,3 +112,27 @@ def test_foreign_process_changing_its_memory_during_the_restore(tmp_path, plane)
         assert json.loads(out.stdout) == {"pages": 2048, "bad": 0}
         # every page arrived or was given back: the run ends
         assert wait_for(lambda: " complete " in (tmp_path / "dst.log").read_text(), timeout=60)
+
+
+def test_foreign_process_that_forks_and_unmaps_everything_ends_its_run(tmp_path, plane):
+    """The same program with EVENT_UNMAP and EVENT_FORK too, reading nothing: it forks (the
+    child's userfaultfd is refused, with a WARNING) and unmaps all its memory; the run ends,
+    and the log counts each kind of event."""
+    exe = events_client(tmp_path)
+    image = tmp_path / "mem.img"
+    make_image(image, 2048)
+    sock = tmp_path / "uffd.sock"
+    log = tmp_path / "dst.log"
+    with restoring(tmp_path, image, sock, plane) as dst:
+        out = subprocess.run([str(exe), str(sock), str(image), "leave"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, (out.stdout, out.stderr, log.read_text())
+        assert wait_for(lambda: " complete " in log.read_text(), timeout=60), log.read_text()
+        run_id = log.read_text().split("handshake client (run ", 1)[1].split(")", 1)[0]
+        with AgentClient(dst.address) as client:
+            detail = json.loads(client.call("IncomingStatus", pb.RunRef(run_id=run_id)).detail_json)
+    assert "forked 1 time(s)" in log.read_text()
+    events = detail["faults"]["events"]  # two discards, one move, one fork, then everything unmapped
+    assert (events["remove"], events["removed_pages"], events["remap"], events["remapped_pages"]) == \
+        (2, 600, 1, 300), events
+    assert events["fork"] == 1 and events["unmap"] >= 1 and events["unmapped_pages"] == 2048, events
