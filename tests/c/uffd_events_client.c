@@ -11,9 +11,9 @@
  * reads every page: a discarded page must be zeros, every other page the
  * image's bytes (the moved ones at their new address). Prints
  * {"pages": N, "bad": K} and exits 0 only if K is 0.
- * With "leave", after the discards and the move it reads nothing: it forks
- * (the child exits at once) and unmaps all its memory, whatever has not
- * arrived yet; prints {"pages": N, "bad": 0}. */
+ * With "leave", after the discards and the move it reads nothing: once a
+ * line comes on stdin it forks (the child exits at once) and unmaps all its
+ * memory, whatever has not arrived yet; prints {"pages": N, "bad": 0}. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -111,6 +111,9 @@ int main(int argc, char **argv)
         mremap(mem + MOVE_FIRST * page, move_len, move_len, MREMAP_MAYMOVE | MREMAP_FIXED, dst) != dst)
         die("mremap");
     if (leave) {
+        char go[16];
+        if (!fgets(go, sizeof(go), stdin))
+            die("stdin");
         pid_t child = fork();
         if (child == 0)
             _exit(0);
