@@ -159,4 +159,4 @@ def test_foreign_process_changing_its_memory_after_the_restore_is_let_go(tmp_pat
     every range must be unregistered, the moved one at its new address too, or its munmap
     (an UNMAP event no one reads) would wait forever."""
     events = leave(tmp_path, "native", after_the_run=True)
-    assert events["fork"] == events["unmap"] == 0, events
+    assert events["remap"] == 1 and events["fork"] == 0, events  # the fork came after: nothing registered
