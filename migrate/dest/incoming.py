@@ -509,6 +509,7 @@ class IncomingRun:
     def _release(self) -> None:
         """Close the run's descriptors and mappings, drop its stopped paths."""
         self.paths = {}
+        self._mem = None  # its reader's space (and eventfd) goes with the paths
         if self.precopy is not None:
             self.precopy.close()
         for bitmap in (self.bitmap, self._asked):
