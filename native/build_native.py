@@ -29,7 +29,8 @@ EXTENSIONS = {
         ["alloc.c", "bitmap.c", "dirty.c", "dp_common.c", "dp_dest.c", "dp_source.c", "kvm.c", "pages.c",
          "snapshot.c", "uffd.c"],
     ),
-    "migrate.guest._workloads": (["workload.h"], ["workload.c"]),
+    # bitmap.c too: a discard sets its pages' bits (mig_wl_watch_discards); stateless, so two copies are harmless.
+    "migrate.guest._workloads": (["workload.h"], ["workload.c", "bitmap.c"]),
 }
 
 _SECTION = re.compile(r"/\* cffi: begin \*/(.*?)/\* cffi: end \*/", re.DOTALL)

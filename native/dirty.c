@@ -7,6 +7,19 @@
 
 #include "bitmap.h"
 
+int64_t mig_take_removed(uint64_t *removed, uint64_t *bitmap, uint64_t nbits)
+{
+    int64_t found = 0;
+    for (uint64_t w = 0; w < (nbits + 63) / 64; w++) {
+        if (!__atomic_load_n(&removed[w], __ATOMIC_RELAXED))
+            continue;
+        uint64_t m = __atomic_exchange_n(&removed[w], 0, __ATOMIC_ACQ_REL);
+        __atomic_fetch_or(&bitmap[w], m, __ATOMIC_RELEASE);
+        found += __builtin_popcountll(m);
+    }
+    return found;
+}
+
 /* Punch [first, first + count) pages out of the memfd. */
 static int punch(int memfd, uint64_t first, uint64_t count, uint32_t page_size)
 {

@@ -6,6 +6,13 @@
 #include <stdint.h>
 
 /* cffi: begin */
+/* Move the bits of `removed` (pages the guest discarded, set by the runner's
+ * discard path: mig_wl_watch_discards) into `bitmap`, clearing them, word by
+ * word atomically: a bit set meanwhile is taken now or at the next call.
+ * Returns the bits moved. A discard is no write to PAGEMAP_SCAN: a page
+ * sent, then discarded while protected, leaves only a marker. */
+int64_t mig_take_removed(uint64_t *removed, uint64_t *bitmap, uint64_t nbits);
+
 /* For the pages set in both `stale` and `received` (nbits bits): clear
  * their received bits, then punch them out of `memfd` (fallocate
  * PUNCH_HOLE, one call per run), so a registered MISSING userfaultfd faults

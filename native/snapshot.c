@@ -56,7 +56,7 @@ struct mig_snap {
     _Atomic uint8_t *state;
     pthread_t fault_tid, stream_tid;
     _Atomic int cancel, error, done;
-    _Atomic uint64_t streamed, faulted, wp_faults, waited, blocked_ns, max_blocked_ns, bytes;
+    _Atomic uint64_t streamed, faulted, discarded, wp_faults, waited, blocked_ns, max_blocked_ns, bytes;
     int64_t t_start, t_end;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -111,8 +111,9 @@ static int unprotect(struct mig_snap *s, uint64_t first, uint64_t count)
     }
 }
 
-/* The fault path: make sure page p is saved (saving it now if nobody has), then unprotect it. */
-static void fault_on(struct mig_snap *s, uint64_t p)
+/* Make sure page p is in the image (saving it now if nobody has), counting a save in *saved_by.
+ * On a page the stream is copying into its buffer: wait for that one page's memcpy. */
+static void save_page(struct mig_snap *s, uint64_t p, _Atomic uint64_t *saved_by)
 {
     uint8_t expect = PAGE_UNSAVED;
     if (atomic_compare_exchange_strong(&s->state[p], &expect, PAGE_COPYING)) {
@@ -120,17 +121,31 @@ static void fault_on(struct mig_snap *s, uint64_t p)
         if (rc)
             fail(s, rc);
         atomic_store_explicit(&s->state[p], PAGE_SAVED, memory_order_release);
-        atomic_fetch_add_explicit(&s->faulted, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(saved_by, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&s->bytes, s->page_size, memory_order_relaxed);
     } else if (expect == PAGE_COPYING) {
-        /* The stream is copying this very page into its buffer: one page's memcpy. */
         atomic_fetch_add_explicit(&s->waited, 1, memory_order_relaxed);
         while (atomic_load_explicit(&s->state[p], memory_order_acquire) != PAGE_SAVED)
             sched_yield();
     }
+}
+
+/* The fault path: make sure page p is saved, then unprotect it. */
+static void fault_on(struct mig_snap *s, uint64_t p)
+{
+    save_page(s, p, &s->faulted);
     int rc = unprotect(s, p, 1);
     if (rc)
         fail(s, rc);
+}
+
+void mig_snap_before_discard(struct mig_snap *s, const uint8_t *addr, uint64_t len)
+{
+    if (addr < s->base || (uint64_t)(addr - s->base) + len > s->size)
+        return;
+    uint64_t end = (uint64_t)(addr - s->base) + len;
+    for (uint64_t p = (uint64_t)(addr - s->base) / s->page_size; p * s->page_size < end; p++)
+        save_page(s, p, &s->discarded);
 }
 
 static void *fault_loop(void *arg)
@@ -334,7 +349,8 @@ void mig_snap_stats(struct mig_snap *s, struct mig_snap_stats *out)
     out->pages_total = s->npages;
     out->pages_streamed = atomic_load(&s->streamed);
     out->pages_faulted = atomic_load(&s->faulted);
-    out->pages_saved = out->pages_streamed + out->pages_faulted;
+    out->pages_discarded = atomic_load(&s->discarded);
+    out->pages_saved = out->pages_streamed + out->pages_faulted + out->pages_discarded;
     out->wp_faults = atomic_load(&s->wp_faults);
     out->waited = atomic_load(&s->waited);
     out->blocked_ns = atomic_load(&s->blocked_ns);

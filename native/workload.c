@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include "workload.h"
+#include "bitmap.h"
 #include "mix.h"
 
 #include <errno.h>
@@ -216,6 +217,12 @@ struct mig_wl {
     pthread_cond_t cv;           /* wakes sleeping (throttled) threads on pause */
     pthread_cond_t done_cv;      /* signalled when a thread finishes */
     struct wl_thread *t;
+    /* Who must hear of a discard (mig_wl_watch_discards, mig_wl_attach_snapshot); a discard
+     * holds the read side through its madvise, so a detach waits for discards in flight. */
+    pthread_rwlock_t discard_lock;
+    uint64_t *removed;
+    mig_wl_discard_fn before_discard;
+    void *before_discard_ctx;
 };
 
 static inline uint8_t *page_ptr(struct wl_thread *th, uint64_t p)
@@ -249,9 +256,16 @@ static inline uint64_t op_read(struct wl_thread *th, uint8_t *page, uint64_t r, 
  * run stays deterministic. */
 static inline void op_discard(struct wl_thread *th, uint64_t p, uint64_t n)
 {
-    uint64_t len = n * th->wl->page_size;
+    struct mig_wl *wl = th->wl;
+    uint64_t len = n * wl->page_size;
+    pthread_rwlock_rdlock(&wl->discard_lock);
+    if (wl->before_discard) /* a live snapshot saves what it has not saved yet first */
+        wl->before_discard(wl->before_discard_ctx, page_ptr(th, p), len);
     if (madvise(page_ptr(th, p), len, MADV_REMOVE) != 0)
         memset(page_ptr(th, p), 0, len);
+    if (wl->removed)       /* after the zap: a scan that takes the bit sees the page's zeros */
+        mig_bitmap_set(wl->removed, th->first_page + p, n);
+    pthread_rwlock_unlock(&wl->discard_lock);
 }
 
 /* One operation; returns the new accumulator. */
@@ -401,6 +415,7 @@ struct mig_wl *mig_wl_new(uint8_t *mem, uint64_t size, uint32_t page_size, int w
     wl->t = t;
     pthread_mutex_init(&wl->ctl, NULL);
     pthread_mutex_init(&wl->mu, NULL);
+    pthread_rwlock_init(&wl->discard_lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -477,6 +492,21 @@ int mig_wl_pause(struct mig_wl *h)
     return 0;
 }
 
+void mig_wl_watch_discards(struct mig_wl *h, uint64_t *removed)
+{
+    pthread_rwlock_wrlock(&h->discard_lock);
+    h->removed = removed;
+    pthread_rwlock_unlock(&h->discard_lock);
+}
+
+void mig_wl_before_discard(struct mig_wl *h, mig_wl_discard_fn fn, void *ctx)
+{
+    pthread_rwlock_wrlock(&h->discard_lock);
+    h->before_discard = fn;
+    h->before_discard_ctx = ctx;
+    pthread_rwlock_unlock(&h->discard_lock);
+}
+
 void mig_wl_free(struct mig_wl *h)
 {
     if (!h)
@@ -486,6 +516,7 @@ void mig_wl_free(struct mig_wl *h)
     pthread_cond_destroy(&h->done_cv);
     pthread_mutex_destroy(&h->mu);
     pthread_mutex_destroy(&h->ctl);
+    pthread_rwlock_destroy(&h->discard_lock);
     free(h->t);
     free(h);
 }

@@ -37,6 +37,18 @@ struct mig_wl *mig_wl_new(uint8_t *mem, uint64_t size, uint32_t page_size, int w
 int mig_wl_start(struct mig_wl *h);
 int mig_wl_pause(struct mig_wl *h);
 void mig_wl_free(struct mig_wl *h);
+/* The guest's own discards (the balloon workload's MADV_REMOVE), which neither
+ * async write-protect tracking nor a snapshot's write-protect sees: a zap is no
+ * write. With `removed` set (a page bitmap, NULL to stop), each discard sets
+ * its pages' bits once the range is gone; with `fn` set (NULL to detach), each
+ * discard first calls fn(ctx, addr, len): a live snapshot's
+ * mig_snap_before_discard, which saves the range's unsaved pages (a function
+ * pointer, so that this synthetic-guest extension links nothing of the
+ * production one). Either call waits for discards in flight, so after a
+ * detach nothing uses the old one. */
+typedef void (*mig_wl_discard_fn)(void *ctx, const uint8_t *addr, uint64_t len);
+void mig_wl_watch_discards(struct mig_wl *h, uint64_t *removed);
+void mig_wl_before_discard(struct mig_wl *h, mig_wl_discard_fn fn, void *ctx);
 uint32_t mig_wl_nthreads(struct mig_wl *h);
 int mig_wl_get_thread_state(struct mig_wl *h, uint32_t i, mig_wl_thread_state *out);
 int mig_wl_set_thread_state(struct mig_wl *h, uint32_t i, uint64_t ops_done, uint64_t rng, uint64_t acc);

@@ -325,6 +325,18 @@ class KvmImageGuest:
                             ops_per_sec=0, page_size=s.page_size, kind="kvm")
 
 
+def wait_migration(qmp: Qmp, what: str, timeout: float = 600.0) -> dict:
+    """query-migrate until QEMU's migration (or snapshot: `what`) completes; RuntimeError if it fails."""
+    deadline = time.monotonic() + timeout
+    while (info := qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"QEMU's {what} did not complete within {timeout:g} s")
+        time.sleep(0.05)
+    if info["status"] == "failed":
+        raise RuntimeError(f"QEMU's {what} failed: {info.get('error-desc', '?')}")
+    return info
+
+
 def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> dict:
     """QEMU post-copy of the guest over loopback; returns query-migrate's numbers (and the guest's)."""
     with tempfile.TemporaryDirectory(prefix="compare-qemu-") as tmp:
@@ -348,13 +360,7 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             with CpuMeter(src.pid, dst.pid) as meter:
                 src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
                 src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
-                deadline = time.monotonic() + 600
-                while (info := src_qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("QEMU's migration did not complete within 600 s")
-                    time.sleep(0.05)
-            if info["status"] == "failed":
-                raise RuntimeError(f"QEMU's migration failed: {info.get('error-desc', '?')}")
+                info = wait_migration(src_qmp, "migration")
             dinfo = dst_qmp.cmd("query-migrate")
             ops_after = guest.qemu_ops(tmp, "dest", dst_qmp)
             ram = info.get("ram", {})

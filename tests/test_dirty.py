@@ -38,8 +38,9 @@ class Tracked:
         self.fd = create_memfd("dirty", PAGES * P)
         spec = GuestSpec(size=PAGES * P, workload=workload, seed=3, ops=ops, threads=threads, ops_per_sec=rate)
         self.proc = GuestProcess.launch(spec, self.fd, start_paused=True, fill=fill)
-        base = self.proc.track_writes()
-        self.tracker = DirtyTracker(self.proc.pid, base, PAGES * P, P)
+        removed = SharedBitmap.create(PAGES)
+        base = self.proc.track_writes(removed.fd)
+        self.tracker = DirtyTracker(self.proc.pid, base, PAGES * P, P, removed)
 
     def dirty(self) -> set[int]:
         self.tracker.scan()
@@ -108,6 +109,21 @@ def test_dirty_set_equals_the_pages_that_changed(tracked, workload):
     after = snapshot(t.fd)
     changed = {i for i in range(PAGES) if before[i] != after[i]}
     assert changed and t.dirty() == changed
+
+
+def test_discarded_pages_are_dirty_though_no_scan_sees_them(tracked):
+    """balloon discards ranges (MADV_REMOVE) of filled, protected pages: a zap is no write,
+    PAGEMAP_SCAN sees only a marker, yet the page now reads zeros. The runner reports each
+    discard, so every page that changed is in the dirty set, the discarded ones included."""
+    t = tracked("balloon", 400, fill=True, threads=2)
+    before = snapshot(t.fd)
+    t.proc.resume()
+    assert t.proc.wait_finished(30)
+    after = snapshot(t.fd)
+    changed = {i for i in range(PAGES) if before[i] != after[i]}
+    zeroed = {i for i in changed if after[i] == bytes(P)}
+    assert zeroed and changed <= t.dirty()
+    assert t.dirty() == set()  # taken once
 
 
 def test_read_only_workload_dirties_nothing(tracked):

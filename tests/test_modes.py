@@ -123,17 +123,20 @@ def test_cli_refuses_the_native_fault_path_without_the_native_plane():
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-@pytest.mark.parametrize("mode", ["postcopy", "hybrid"])
-def test_a_ballooning_guest_ends_with_the_memory_of_one_never_migrated(agents, mode):
-    """balloon discards ranges (MADV_REMOVE) and writes to them again while it runs:
-    the destination handles the REMOVE events (a discarded page reads zero, is never
-    fetched again). (In hybrid this guest dirties nearly every page between rounds; a
-    page pre-copied, then discarded and never written again is not caught yet: see
-    docs/architecture.md, "Non-cooperative events".)"""
-    doc = migrate_at(agents, f"balloon-{mode}", spec("balloon"), 0.5, mode=mode, timeout=120)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_ballooning_guest_ends_with_the_memory_of_one_never_migrated(agents, plane, mode):
+    """balloon discards ranges (MADV_REMOVE) and writes to them again while it runs.
+    On the source, a page pre-copied, then discarded and not written again is no write to
+    PAGEMAP_SCAN: the runner reports the discard, so the page is dirty and the destination
+    ends with its zeros, not the bytes the round sent. On the destination (post-copy and
+    hybrid) the REMOVE events are handled: a discarded page reads zero, is never fetched again."""
+    # few ops for 2048 pages: a page discarded after its pre-copy is seldom written again
+    doc = migrate_at(agents, f"balloon-{mode}", spec("balloon", ops=6_000, rate=3_000), 0.3, mode=mode, timeout=120,
+                     data_plane=plane)
     assert doc["verified"] is True, doc
     assert doc["pages"]["received"] == doc["pages"]["total"]
-    assert doc["events"]["remove"] > 0 and doc["events"]["removed_pages"] > 0
+    if mode != "precopy":  # the guest runs here while its pages arrive
+        assert doc["events"]["remove"] > 0 and doc["events"]["removed_pages"] > 0
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
+from migrate.proto import migrate_pb2 as pb
 from migrate.policies import workingset
 
 HERE = Path(__file__).resolve().parent
@@ -31,12 +33,13 @@ def make_image(path: Path, pages: int, page: int = 4096) -> None:
 
 
 @contextmanager
-def restoring(tmp_path: Path, image: Path, sock: Path, plane: str) -> Iterator[None]:
-    """A source agent serving `image` and a destination agent restoring it into whoever connects to `sock`."""
+def restoring(tmp_path: Path, image: Path, sock: Path, plane: str, *dest_args: str) -> Iterator[LocalAgent]:
+    """A source agent serving `image` and a destination agent (yielded) restoring it into whoever connects
+    to `sock`."""
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src, \
             LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                       "--data-plane", plane, log_path=str(tmp_path / "dst.log")):
-        yield
+                       "--data-plane", plane, *dest_args, log_path=str(tmp_path / "dst.log")) as dst:
+        yield dst
 
 
 def test_foreign_process_restored_from_image(tmp_path, plane):
@@ -111,3 +114,51 @@ def test_foreign_process_changing_its_memory_during_the_restore(tmp_path, plane)
         assert json.loads(out.stdout) == {"pages": 2048, "bad": 0}
         # every page arrived or was given back: the run ends
         assert wait_for(lambda: " complete " in (tmp_path / "dst.log").read_text(), timeout=60)
+
+
+def leave(tmp_path: Path, plane: str, after_the_run: bool) -> dict:
+    """Run the events client in "leave" mode (discard, move, then on our word fork and unmap
+    everything): during the restore (the link slowed so the run cannot end first), or once the
+    run is complete. Returns the run's event counts."""
+    exe = c_client(tmp_path, "uffd_events_client")
+    image = tmp_path / "mem.img"
+    make_image(image, 2048)
+    sock = tmp_path / "uffd.sock"
+    log = tmp_path / "dst.log"
+    slow = () if after_the_run else ("--max-bandwidth", "256K")
+    with restoring(tmp_path, image, sock, plane, *slow) as dst:
+        client = subprocess.Popen([str(exe), str(sock), str(image), "leave"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if after_the_run:
+                assert wait_for(lambda: " complete " in log.read_text(), timeout=60), log.read_text()
+            out, err = client.communicate("go\n", timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 0, (out, err, log.read_text())
+        # unmapping everything gives every page back: the run ends, however slow its link
+        assert wait_for(lambda: " complete " in log.read_text(), timeout=60), log.read_text()
+        run_id = log.read_text().split("handshake client (run ", 1)[1].split(")", 1)[0]
+        with AgentClient(dst.address) as client:
+            return json.loads(client.call("IncomingStatus", pb.RunRef(run_id=run_id)).detail_json)["faults"]["events"]
+
+
+def test_foreign_process_that_forks_and_unmaps_everything_ends_its_run(tmp_path, plane):
+    """The events client with EVENT_UNMAP and EVENT_FORK too: during the restore it forks (the
+    child's userfaultfd is refused, with a WARNING) and unmaps all its memory; the run ends,
+    and IncomingStatus counts each kind of event."""
+    events = leave(tmp_path, plane, after_the_run=False)
+    assert "forked 1 time(s)" in (tmp_path / "dst.log").read_text()
+    assert (events["remove"], events["removed_pages"], events["remap"], events["remapped_pages"]) == \
+        (2, 600, 1, 300), events
+    assert events["fork"] == 1 and events["unmap"] >= 1 and events["unmapped_pages"] == 2048, events
+
+
+def test_foreign_process_changing_its_memory_after_the_restore_is_let_go(tmp_path):
+    """Once the run is complete nobody reads the process's userfaultfd, which it keeps open:
+    every range must be unregistered, the moved one at its new address too, or its munmap
+    (an UNMAP event no one reads) would wait forever."""
+    events = leave(tmp_path, "native", after_the_run=True)
+    assert events["remap"] == 1 and events["fork"] == 0, events  # the fork came after: nothing registered

@@ -59,13 +59,7 @@ def _paced(workload: str) -> GuestSpec:
     return GuestSpec(size=8 * MiB, workload=workload, seed=11, ops=3_000_000, threads=2, ops_per_sec=3_000_000)
 
 
-#: A live snapshot does not take REMOVE events yet: a page the guest discards before the
-#: snapshot saved it is saved as zeros (docs/architecture.md, "Non-cooperative events").
-_DISCARDS = pytest.mark.xfail(strict=True, reason="a discard before the page is saved is not caught yet")
-
-
-@pytest.mark.parametrize("guest", [pytest.param(_paced(w), id=w, marks=[_DISCARDS] if w == "balloon" else [])
-                                   for w in WORKLOADS], indirect=True)
+@pytest.mark.parametrize("guest", [pytest.param(_paced(w), id=w) for w in WORKLOADS], indirect=True)
 def test_snapshot_is_the_memory_at_the_write_protect_instant(guest: GuestProcess, tmp_path) -> None:
     """Each workload, three moments (early, mid-run, after it finished): each image is exact."""
     moments = []

@@ -77,6 +77,7 @@ class IncomingRun:
         self.uffd: Uffd | None = None
         self.regions: list[Region] = []
         self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
+        self._mem: Memory | None = None  # the paths' memory: its region table follows REMAP and UNMAP
         self.mode = Mode.POSTCOPY
         self.precopy: PrecopyPuller | NativePrecopy | None = None
         self._asked: SharedBitmap | None = None  # pages asked for, shared by the gRPC paths
@@ -182,7 +183,7 @@ class IncomingRun:
         the urgent path asked, nor a gRPC urgent path's prefetch what the
         bulk asked. Asking twice would put pages twice on the wire.
         """
-        mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
+        mem = self._mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
         r = self.route
         if r.plane is DataPlane.NATIVE:
             bulk: BulkLoop | NativeBulk = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
@@ -419,11 +420,7 @@ class IncomingRun:
         self._stop_policy()
         for w in self.paths.values():
             w.stop()
-        for r in self.regions:
-            try:
-                self.uffd.unregister(r.base, r.size)
-            except OSError:
-                pass  # the guest unmapped or exited: nothing left to unregister
+        self._let_go()
         events = self.paths["faults"].last.get("events", {}) if "faults" in self.paths else {}
         note_events(self.run_id, events)
         if self.guest is not None and self.guest.process is not None:
@@ -437,6 +434,24 @@ class IncomingRun:
             self.guest.run_id = ""
         if self.journal is not None:
             self.journal.drop(self.run_id)
+
+    def _let_go(self) -> None:
+        """Nobody reads the userfaultfd from now on, and a foreign process keeps its own copy
+        open: unregister every range where it is now (a moved piece at its new address, or
+        the process's next munmap or fork would wait forever for a reader), then read the
+        events raised before the unregister, whose threads wait for just that."""
+        regions = self._mem.io.current_regions() if self._mem is not None else \
+            list(self.regions)
+        for r in regions:
+            try:
+                self.uffd.unregister(r.base, r.size)
+            except OSError:
+                pass  # the guest unmapped or exited: nothing left to unregister
+        if self._mem is not None:
+            try:
+                self._mem.io.read(self._mem.bitmap, 0)
+            except OSError:
+                pass  # the guest is gone: nobody waits
 
     def _fail(self, error: str) -> None:
         with self._lock:
@@ -516,6 +531,7 @@ class IncomingRun:
     def _release(self) -> None:
         """Close the run's descriptors and mappings, drop its stopped paths."""
         self.paths = {}
+        self._mem = None  # its reader's space (and eventfd) goes with the paths
         if self.precopy is not None:
             self.precopy.close()
         for bitmap in (self.bitmap, self._asked):

@@ -154,6 +154,12 @@ class Machine:
         ffi, _ = _ffi()
         return int(ffi.cast("uintptr_t", self._buf))
 
+    def watch_discards(self, removed: object) -> None:
+        """Nothing in a KVM guest discards its RAM (no balloon device): nothing to report."""
+
+    def attach_snapshot(self, snap: object) -> None:
+        """As watch_discards: no discard ever needs a page saved first."""
+
     def boot(self, image: bytes) -> None:
         """Load a multiboot image and multiboot info; the bootstrap vCPU waits at the entry."""
         load, entry, body = parse_image(image, self.size)

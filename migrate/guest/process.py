@@ -395,11 +395,14 @@ class GuestProcess:
         """The execution state without pausing (exact only while paused)."""
         return self.call("state", timeout)["state"]
 
-    def track_writes(self, timeout: float = CALL_TIMEOUT) -> int:
+    def track_writes(self, removed_fd: int = -1, timeout: float = CALL_TIMEOUT) -> int:
         """Have the runner write-protect its RAM for async write tracking; returns
         the RAM's address in the runner (for PAGEMAP_SCAN on /proc/PID/pagemap).
+        With `removed_fd` (a page bitmap's memfd, sent, not given away) the runner
+        also sets the bits of the pages its guest discards, which no scan sees.
         RuntimeError names what the kernel lacks if it cannot."""
-        return int(self.call("track", timeout)["base"])
+        fds = (removed_fd,) if removed_fd >= 0 else ()
+        return int(self.call("track", timeout, fds=fds)["base"])
 
     def untrack_writes(self, timeout: float = CALL_TIMEOUT) -> None:
         self.call("untrack", timeout)

@@ -22,7 +22,8 @@ Control protocol (JSON lines on the control socket):
 - agent -> runner: ``{"id": n, "cmd": "pause"|"resume"|"state"|"digest"|"stats"|"track"|"untrack"|
   "snapshot"|"snapshot_status"|"release_uffd"|"stop", ...}``
   (``resume`` takes an optional ``"state"``: an exported execution state;
-  ``snapshot`` comes with the image file's fd attached, SCM_RIGHTS).
+  ``snapshot`` comes with the image file's fd attached, SCM_RIGHTS; ``track`` may come
+  with a page bitmap's memfd, where each discard of the guest sets its pages' bits).
 - runner -> agent: ``{"id": n, "ok": true, ...}`` or ``{"id": n, "ok": false, "error": "..."}``;
   pause/state reply ``{"state": {...}, "last_op_ns": t}``; digest ``{"digest": hex16}``;
   stats ``{ops_done, ops_total, running, finished, first_op_ns, last_op_ns}``;
@@ -123,6 +124,7 @@ class Runner:
         self.wl = self.make_engine()
         self.uffd = None
         self.wp_uffd = None                  # write tracking (source side), see cmd_track
+        self.removed = None                  # the tracker's bitmap of discarded pages, see cmd_track
         self.snapshot = None                 # the latest live snapshot, see cmd_snapshot
         self.rx_fds: list[int] = []          # fds that came with commands (a snapshot's file)
         self.finished_sent = False
@@ -278,21 +280,43 @@ class Runner:
         """
         from migrate import uffd as U
 
+        removed = self.rx_fds.pop(0) if self.rx_fds else -1
         with self.ctl_lock:
+            self._watch_discards(removed)  # before the protect: no discard after it goes unseen
             if self.wp_uffd is None:
                 features = U.FEATURE_WP_ASYNC | U.FEATURE_WP_UNPOPULATED | U.FEATURE_WP_HUGETLBFS_SHMEM
-                wp = U.Uffd.create(features, page_size=self.spec.page_size)
+                wp = None
                 try:
+                    wp = U.Uffd.create(features, page_size=self.spec.page_size)
                     wp.register(self.wl.address, self.spec.size, U.MODE_WP)
                     wp.writeprotect(self.wl.address, self.spec.size, True)
                 except OSError:
-                    wp.close()
+                    if wp is not None:
+                        wp.close()
+                    self._watch_discards(-1)
                     raise
                 self.wp_uffd = wp
         return {"base": self.wl.address, "size": self.spec.size}
 
+    def _watch_discards(self, fd: int) -> None:
+        """Report the guest's discards into the page bitmap in memfd `fd` (-1: stop reporting).
+
+        A discard is no write: async write-protect never sees a page sent,
+        then discarded and not written again (migrate.source.dirty).
+        """
+        from migrate._native import ffi
+        from migrate.bitmap import SharedBitmap
+
+        old, self.removed = self.removed, None
+        if fd >= 0:
+            self.removed = SharedBitmap.attach(fd, self.spec.size // self.spec.page_size)
+            self.removed.close()  # no descriptor kept: the mapping lives as long as the object
+        self.wl.watch_discards(self.removed.ptr if self.removed is not None else ffi.NULL)
+        del old  # unmapped with its last reference, now that no discard uses it
+
     def cmd_untrack(self, msg: dict) -> dict:
         with self.ctl_lock:
+            self._watch_discards(-1)
             if self.wp_uffd is not None:
                 self.wp_uffd.close()         # closing the last fd unregisters the range
                 self.wp_uffd = None

@@ -6,7 +6,9 @@ unprotected), pauses the workload, protects all of it and records the
 workload's execution state, resumes; that instant is the snapshot. Then
 two C threads (native/snapshot.c) save every page into the image file: the
 fault thread saves a page the guest writes before unprotecting it, the
-stream thread walks the rest. Python only starts them, reads counters and
+stream thread walks the rest. A discard raises no fault (a zap is no write),
+so the guest's discard path lets the snapshot save the range's unsaved pages
+first (Workload.attach_snapshot). Python only starts them, reads counters and
 frees them; page bytes never enter it.
 """
 from __future__ import annotations
@@ -61,6 +63,7 @@ class LiveSnapshot:
                 self.uffd.writeprotect(self.wl.address, self.wl.size, False)
                 raise os_error(err, "starting the snapshot threads")
             self._h = h
+            self.wl.attach_snapshot(h)  # a discard saves its unsaved pages first
         finally:
             if was_running:
                 self.wl.start()
@@ -82,8 +85,8 @@ class LiveSnapshot:
         st = ffi.new("struct mig_snap_stats *")
         lib.mig_snap_stats(self._h, st)
         doc = {k: int(getattr(st, k)) for k in ("pages_total", "pages_saved", "pages_streamed", "pages_faulted",
-                                                 "wp_faults", "waited", "blocked_ns", "max_blocked_ns",
-                                                 "bytes_written", "elapsed_ns", "done")}
+                                                 "pages_discarded", "wp_faults", "waited", "blocked_ns",
+                                                 "max_blocked_ns", "bytes_written", "elapsed_ns", "done")}
         doc["done"] = bool(doc["done"])
         doc["error"] = os.strerror(-st.error) if st.error else ""
         doc["ops_done"] = self.wl.ops_done
@@ -101,6 +104,7 @@ class LiveSnapshot:
     def close(self) -> None:
         """Stop (every page unprotected first), free, unregister, close the file. Idempotent."""
         if self._h is not None:
+            self.wl.attach_snapshot(ffi.NULL)  # waits for discards in flight
             lib.mig_snap_free(self._h)
             self._h = None
         if self.uffd is not None:

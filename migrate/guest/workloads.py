@@ -185,6 +185,25 @@ class Workload:
             if rc:
                 raise ValueError(f"thread {i}: {n} ops exceed its share")
 
+    def watch_discards(self, removed: Any) -> None:
+        """Have each discard set its pages' bits in `removed` (a page bitmap's
+        ``uint64_t *``; ffi.NULL to stop): write tracking cannot see a discard."""
+        lib.mig_wl_watch_discards(self._handle(), removed)
+
+    def attach_snapshot(self, snap: Any) -> None:
+        """Have each discard let snapshot `snap` (a ``struct mig_snap *`` of
+        migrate._native; ffi.NULL or None to detach) save the range's unsaved
+        pages first. Waits for discards in flight. The two extensions share no
+        types, so the snapshot and its hook cross as addresses."""
+        from migrate._native import ffi as native_ffi, lib as native_lib
+
+        if snap is None or snap == native_ffi.NULL:
+            lib.mig_wl_before_discard(self._handle(), ffi.NULL, ffi.NULL)
+            return
+        hook = native_ffi.cast("uintptr_t", native_ffi.addressof(native_lib, "mig_snap_before_discard"))
+        lib.mig_wl_before_discard(self._handle(), ffi.cast("mig_wl_discard_fn", int(hook)),
+                                  ffi.cast("void *", int(native_ffi.cast("uintptr_t", snap))))
+
     def close(self) -> None:
         """Pause, free the engine and release the buffer. Idempotent."""
         if self._h is not None:

@@ -23,6 +23,7 @@ import grpc
 
 from migrate import errors, spawn
 from migrate.batches import MAX_URGENT_PAGES, BatchEncoder, EncodedBatch
+from migrate.bitmap import SharedBitmap
 from migrate.guests import HostedGuest
 from migrate.local import read_first_line
 from migrate.names import DataPlane
@@ -168,10 +169,12 @@ class OutgoingRun:
         if proc is None:
             self.tracking_error = "an image guest has no runner to track"
             return
+        removed = SharedBitmap.create(self.guest.spec.size // self.guest.spec.page_size)
         try:
-            base = proc.track_writes()
-            self.tracker = DirtyTracker(proc.pid, base, self.guest.spec.size, self.guest.spec.page_size)
+            base = proc.track_writes(removed.fd)
+            self.tracker = DirtyTracker(proc.pid, base, self.guest.spec.size, self.guest.spec.page_size, removed)
         except (RuntimeError, TrackingUnavailable) as err:
+            removed.close()
             self.tracking_error = f"write tracking is unavailable: {err}"
             self._stop_tracking()
 

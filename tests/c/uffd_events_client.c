@@ -2,18 +2,23 @@
  * events enabled (as Firecracker does when a balloon is configured), that
  * changes its memory while it is being restored.
  *
- * usage: uffd_events_client SOCKET IMAGE
+ * usage: uffd_events_client SOCKET IMAGE [leave]
  *
  * Maps anonymous memory the size of IMAGE, registers it with a userfaultfd
- * (EVENT_REMOVE | EVENT_REMAP), sends it to SOCKET, then: discards pages
+ * (EVENT_REMOVE | EVENT_REMAP | EVENT_UNMAP | EVENT_FORK), sends it to SOCKET, then: discards pages
  * [100, 400) at once (before they arrive), reads [1000, 1300) and discards
  * them (after they arrived), moves [1500, 1800) elsewhere with mremap, and
  * reads every page: a discarded page must be zeros, every other page the
  * image's bytes (the moved ones at their new address). Prints
- * {"pages": N, "bad": K} and exits 0 only if K is 0. */
+ * {"pages": N, "bad": K} and exits 0 only if K is 0.
+ * With "leave", after the discards and the move it reads nothing: once a
+ * line comes on stdin it forks (the child exits at once) and unmaps all its
+ * memory, whatever has not arrived yet; prints {"pages": N, "bad": 0}. */
 #define _GNU_SOURCE
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "handshake.h"
 
@@ -26,8 +31,9 @@
 
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s SOCKET IMAGE\n", argv[0]);
+    int leave = argc == 4 && strcmp(argv[3], "leave") == 0;
+    if (argc != 3 && !leave) {
+        fprintf(stderr, "usage: %s SOCKET IMAGE [leave]\n", argv[0]);
         return 2;
     }
     long page = sysconf(_SC_PAGESIZE);
@@ -43,7 +49,8 @@ int main(int argc, char **argv)
     if (image == MAP_FAILED || mem == MAP_FAILED)
         die("mmap");
 
-    int s = uffd_handshake(argv[1], mem, size, page, UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP);
+    int s = uffd_handshake(argv[1], mem, size, page, UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP |
+                                                     UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_FORK);
 
     /* A balloon inflating before the pages arrive... */
     if (madvise(mem + DISCARD_EARLY_FIRST * page, (DISCARD_EARLY_END - DISCARD_EARLY_FIRST) * page, MADV_DONTNEED))
@@ -60,6 +67,22 @@ int main(int argc, char **argv)
     if (dst == MAP_FAILED ||
         mremap(mem + MOVE_FIRST * page, move_len, move_len, MREMAP_MAYMOVE | MREMAP_FIXED, dst) != dst)
         die("mremap");
+    if (leave) {
+        char go[16];
+        if (!fgets(go, sizeof(go), stdin))
+            die("stdin");
+        pid_t child = fork();
+        if (child == 0)
+            _exit(0);
+        int status;
+        if (child < 0 || waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status))
+            die("fork");
+        if (munmap(mem, size) || munmap(dst, move_len))
+            die("munmap");
+        printf("{\"pages\": %zu, \"bad\": 0}\n", npages);
+        close(s);
+        return 0;
+    }
 
     static uint8_t zero[1 << 16];
     size_t bad = 0;
