@@ -265,6 +265,7 @@ struct mig_dpd {
     uint32_t pq_head, pq_len;
     int round_active, stop_asking;
     int dry;                  /* the last plan found nothing to ask */
+    int rounds;               /* pull rounds begun (a memfd target's later rounds rewrite stale pages) */
     uint32_t watched;         /* faults waiting for pages this bulk path asked: its installs are signalled */
     int installed_fd;         /* eventfd: the bulk path installed pages while `watched` (the fault path polls it) */
     uint64_t rate, round_deadline, round_t0, round_bytes0;
@@ -358,6 +359,11 @@ static int64_t write_memfd(struct mig_dpd *h, const struct dp_batch *b, const ui
     uint32_t z = 0, npairs = b->nzero_pairs;
     while (p < b->count) {
         if (z < npairs && runs[2 * z] == p) {
+            /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
+             * punched: precopy.unmark), which a zero page must not leave behind. */
+            if (h->rounds > 1 && fallocate(h->target_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                           (off_t)((b->first_page + p) * ps), (off_t)(runs[2 * z + 1] * ps)))
+                return -errno;
             p += runs[2 * z + 1];
             z++;
             continue;
@@ -411,7 +417,7 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
                                 hdr->count, runs, hdr->nzero_pairs, data, need, st);
         return r < 0 ? (int)r : INSTALLED;
     }
-    /* Pre-copy: pages not yet received are holes; write the data, set the bits. */
+    /* Pre-copy: write the data (zero runs: holes), set the bits. */
     int64_t r = write_memfd(h, hdr, runs, data);
     if (r < 0)
         return (int)r;
@@ -1155,6 +1161,7 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
         if (h->to_memfd)
             memset(h->asked, 0, (h->npages + 63) / 64 * 8);
         h->cursor = 0;
+        h->rounds++;
         set_pace(h, max_bandwidth);
         h->round_deadline = deadline_s > 0 ? h->round_t0 + (uint64_t)(deadline_s * 1e9) : 0;
         h->stop_asking = 0;

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from migrate import spawn
+from migrate.errors import FailedPrecondition
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import digest, fill_realistic
 from migrate.uffd import Region
@@ -144,7 +145,7 @@ def test_launch_progress_pause_resume_digest_stop(memfds) -> None:
         assert gp.pause()["threads"] == state["threads"]      # pausing twice is harmless
 
         gp.resume()
-        with pytest.raises(RuntimeError, match="already running"):
+        with pytest.raises(FailedPrecondition, match="already running"):
             gp.resume()
         wait_for(lambda: gp.stats()["ops_done"] > paused_ops, what="ops after resume")
     finally:

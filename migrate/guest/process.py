@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from migrate import spawn
+from migrate.errors import FailedPrecondition
 from migrate.names import GuestKind, Workload, parse
 
 if TYPE_CHECKING:
@@ -374,8 +375,8 @@ class GuestProcess:
             with self._lock:
                 self._pending.pop(rid, None)
         reply = slot.reply
-        if not reply.get("ok"):
-            raise RuntimeError(f"guest runner {self.pid} {cmd} failed: {reply.get('error')}")
+        if not reply.get("ok"):  # the runner refused (a state that does not fit, a step out of order)
+            raise FailedPrecondition(f"guest runner {self.pid} refused {cmd}: {reply.get('error')}")
         return reply
 
     def pause(self, timeout: float = CALL_TIMEOUT) -> dict:
