@@ -221,10 +221,25 @@ static int flush(struct mig_dp_source *s, int fd, struct squeeze *z, struct outq
     return r;
 }
 
+/* Ask the CPU for a page (its first PREFETCH_BYTES) ahead of the zero
+ * check and the checksum: the hardware prefetcher stops at a page boundary,
+ * so without this every page starts with a TLB and a cache miss each (most
+ * of a scattered set's cost at the source). */
+#define PREFETCH_BYTES 4096u
+
+static void prefetch_page(const uint8_t *page, uint32_t page_size)
+{
+    uint32_t len = page_size < PREFETCH_BYTES ? page_size : PREFETCH_BYTES;
+    for (uint32_t off = 0; off < len; off += 64)
+        __builtin_prefetch(page + off, 0, 0);
+}
+
 /* Queue pages [first, first + count) (count <= DP_BATCH_PAGES) as one
- * batch, sending the queue when it is full. Returns 0 or -errno. */
+ * batch, sending the queue when it is full; `next` is the first page of
+ * the batch after it (or UINT64_MAX), prefetched while this one is read.
+ * Returns 0 or -errno. */
 static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct holes *holes, struct outq *q,
-                      uint64_t req_id, uint64_t first, uint32_t count, int fault)
+                      uint64_t req_id, uint64_t first, uint32_t count, uint64_t next, int fault)
 {
     const uint32_t ps = s->page_size;
     struct frame *f = &q->frames[q->nframes];
@@ -248,6 +263,8 @@ static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct
     for (uint32_t i = 0, n; i < count; i += n) {
         const uint8_t *page = base + (uint64_t)i * ps;
         n = (uint32_t)holes_at(s, holes, first + i, first + count);
+        if (!n && (i + 1 < count || next < s->npages))
+            prefetch_page(i + 1 < count ? page + ps : s->mem + next * ps, ps);
         if (n || mig_page_is_zero(page, ps)) {
             n = n ? n : 1;
             if (nruns && runs[2 * nruns - 2] + runs[2 * nruns - 1] == i) {
@@ -365,9 +382,10 @@ static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
         for (uint32_t i = 0; i < req.nruns && !err; i++) {
             for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end && !err; p += most) {
                 uint32_t count = end - p < most ? (uint32_t)(end - p) : most;
+                uint64_t next = p + count < end ? p + count : i + 1 < req.nruns ? runs[i + 1].first_page : UINT64_MAX;
                 err = make_room(s, fd, z, q, count, fault);
                 if (!err)
-                    err = send_batch(s, fd, z, &holes, q, req.req_id, p, count, fault);
+                    err = send_batch(s, fd, z, &holes, q, req.req_id, p, count, next, fault);
             }
         }
         if (err || flush(s, fd, z, q, fault))  /* a request answered: nothing of it waits */
