@@ -209,6 +209,7 @@ struct req {
     uint64_t id;      /* 0: slot free */
     uint32_t due;     /* pages still to come */
     uint32_t nruns;
+    uint32_t at;      /* the run the last frame settled fell in: the source answers runs in order */
     struct dp_run *runs;
 };
 
@@ -313,12 +314,16 @@ static void forget(struct mig_dpd *h, const struct req *r)
         mig_bitmap_clear(h->asked, r->runs[i].first_page, r->runs[i].count);
 }
 
-/* Does the request cover pages [first, first + count) within one run? */
-static int covers(const struct req *r, uint64_t first, uint32_t count)
+/* Does the request cover pages [first, first + count) within one run?
+ * The search starts at the run the last frame fell in: frames come in the
+ * order of the runs, so a request of n one-page runs costs O(n), not O(n^2). */
+static int covers(struct req *r, uint64_t first, uint32_t count)
 {
-    for (uint32_t i = 0; i < r->nruns; i++)
-        if (first >= r->runs[i].first_page && first + count <= r->runs[i].first_page + r->runs[i].count)
+    for (uint32_t k = 0, i = r->at < r->nruns ? r->at : 0; k < r->nruns; k++, i = i + 1 < r->nruns ? i + 1 : 0)
+        if (first >= r->runs[i].first_page && first + count <= r->runs[i].first_page + r->runs[i].count) {
+            r->at = i;
             return 1;
+        }
     return 0;
 }
 
@@ -731,6 +736,7 @@ static void *requester_main(void *arg)
         r->id = h->next_id++;
         r->due = (uint32_t)npages;
         r->nruns = nruns;
+        r->at = 0;
         h->nreq++;
         h->inflight_pages += npages;
         struct dp_request rq = {.magic = DP_REQ_MAGIC, .nruns = nruns, .req_id = r->id};
@@ -1320,6 +1326,7 @@ static size_t fault_request(struct mig_dpd *h, uint8_t *out, const struct dp_run
     r->id = id;
     r->due = pages;
     r->nruns = nruns;
+    r->at = 0;
     memcpy(r->runs, runs, nruns * sizeof(*runs));
     struct dp_request rq = {.magic = DP_REQ_MAGIC, .nruns = nruns, .req_id = id};
     memcpy(out, &rq, sizeof(rq));

@@ -23,6 +23,7 @@ struct mig_dp_source_counters {
     uint64_t bytes;              /* wire bytes of batches sent (counted as handed to the socket) */
     uint64_t compressed_batches;
     uint64_t sends;              /* sendmsg calls that carried batches (many one-page batches go in one) */
+    uint64_t hole_queries;       /* asks of the memfd where its data is (SEEK_DATA, then SEEK_HOLE) */
 };
 
 struct mig_dp_source;

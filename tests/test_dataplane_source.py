@@ -227,6 +227,24 @@ def test_holes_in_the_memfd_are_sent_as_zero_runs_without_being_allocated() -> N
         os.close(fd)
 
 
+def test_once_frozen_where_data_lies_is_asked_of_the_memfd_once_for_all_connections(server: DataServer) -> None:
+    """SEEK_HOLE walks the file up to its next hole (all of a guest's RAM, once written): a frozen guest's
+    data extents are remembered across connections, so a new connection, or a request behind an earlier one
+    (a fault, the cursor jumping back), does not walk the file again."""
+    server.freeze()
+    with client(server) as c:
+        c.hello()
+        c.request([(NPAGES - 1, 1), (0, NPAGES)])
+        assert [p for b in c.batches(NPAGES + 1) for p in b["pages"]] == expected(NPAGES - 1, 1) + expected(0, NPAGES)
+    asked = server.counters()["hole_queries"]
+    assert asked <= 2
+    with client(server) as c:
+        c.hello()
+        c.request([(200, 3), (100, 1), (0, 5)])
+        assert [p for b in c.batches(9) for p in b["pages"]] == expected(200, 3) + expected(100, 1) + expected(0, 5)
+    assert server.counters()["hole_queries"] == asked
+
+
 @pytest.mark.parametrize("server", ["never", "always"], indirect=True)
 def test_scattered_one_page_runs_come_back_in_order_many_batches_to_a_send(server: DataServer) -> None:
     """A scattered set (many one-page runs, in no order) is answered one batch per run, queued and sent

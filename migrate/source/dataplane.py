@@ -68,8 +68,8 @@ class DataServer:
 
     def counters(self) -> dict[str, int]:
         """connections, rejected, bad_requests, requests, pages, fault_requests, fault_pages, zero_pages,
-        bytes (on the wire), compressed_batches, sends (sendmsg calls carrying batches); once closed, their
-        last values."""
+        bytes (on the wire), compressed_batches, sends (sendmsg calls carrying batches), hole_queries (asks of
+        the memfd where its data is); once closed, their last values."""
         out = self._final
         if self._handle is not None:
             out = ffi.new("struct mig_dp_source_counters *")
