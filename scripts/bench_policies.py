@@ -10,12 +10,14 @@ pages matters) under `sequential`, `bubble` and `trend`; the `sequential`
 run records the working set (--record-ws), and `replay` migrates the same
 guest again with it. One row per (workload, policy): remote faults, guest
 blocked ms, downtime, total time. Then REAP's case: an --image-sized
-snapshot restored twice over --uffd-socket into a small C client
+snapshot restored over --uffd-socket into a small C client
 (tests/c/uffd_ws_client.c), which touches a fixed 10 % of it in random
-order; the first restore records, the second replays: the client's time
-from its handshake until it has touched its working set (the wait for the
-replayed pages included; the touching alone in brackets) and the faults
-of each; a third replays the exact working set (the bound of replay).
+order: a plain restore (pushed, the first cold start), a recording one
+(--record-ws: no push until the client is quiet), a replaying one
+(--policy replay:ws= the recording), and one replaying the exact working
+set (the bound): the client's time from its handshake until it has touched
+its working set (the wait for the replayed pages included; the touching
+alone in brackets) and the remote faults of each.
 """
 from __future__ import annotations
 
@@ -91,24 +93,25 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 def reap(args: argparse.Namespace, work: Path) -> dict:
     image = work / "snap.img"
     make_image(image, args.image // 4096)
-    first, second, exact = str(work / "first.ws"), str(work / "second.ws"), str(work / "exact.ws")
+    recorded, exact = str(work / "recorded.ws"), str(work / "exact.ws")
     npages = args.image // 4096
     workingset.save(exact, npages, 4096, [(npages - npages // 10, npages // 10)])  # what the client touches
+    bw = args.reap_bandwidth
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(work / "reap-src.log")) as src:
-        cold = restore_touching_working_set(work, src, image, "--record-ws", first, max_bandwidth=args.reap_bandwidth)
-        warm = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={first}",
-                                            "--record-ws", second, max_bandwidth=args.reap_bandwidth)
-        # the bound: the working set replayed whole, as if the recording had seen every page touched
-        ideal = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={exact}",
-                                             "--record-ws", str(work / "ideal.ws"), max_bandwidth=args.reap_bandwidth)
-    out = {"first_ms": cold["ws_ms"], "replayed_ms": warm["ws_ms"], "first_touch_ms": cold["touch_ms"],
-           "replayed_touch_ms": warm["touch_ms"], "exact_ms": ideal["ws_ms"], "ws_pages": cold["ws_pages"],
-           "first_faults": workingset.load(first).pages, "replayed_faults": workingset.load(second).pages}
-    print(f"REAP {args.image // (1 << 20)} MiB, {out['ws_pages']} pages touched, handshake to working set "
-          f"touched: first {out['first_ms']:.1f} ms [{out['first_touch_ms']:.1f}] ({out['first_faults']} faults), "
-          f"replayed {out['replayed_ms']:.1f} ms [{out['replayed_touch_ms']:.1f}] ({out['replayed_faults']} faults), "
-          f"{out['first_ms'] / max(out['replayed_ms'], 1e-3):.1f}x; the exact working set replayed "
-          f"{out['exact_ms']:.1f} ms, {out['first_ms'] / max(out['exact_ms'], 1e-3):.1f}x", flush=True)
+        cold = restore_touching_working_set(work, src, image, max_bandwidth=bw)  # a plain restore, pushed
+        record = restore_touching_working_set(work, src, image, "--record-ws", recorded, max_bandwidth=bw)
+        warm = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={recorded}", max_bandwidth=bw)
+        # the bound: the working set replayed whole, exactly (the recording's is a superset by fault blocks)
+        ideal = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={exact}", max_bandwidth=bw)
+    out = {"ws_pages": cold["ws_pages"], "recorded_pages": workingset.load(recorded).pages,
+           **{f"{k}_{m}": r[m] for k, r in (("first", cold), ("recording", record), ("replayed", warm),
+                                           ("exact", ideal)) for m in ("ws_ms", "touch_ms", "faults")}}
+    print(f"REAP {args.image // (1 << 20)} MiB, {out['ws_pages']} pages touched, handshake to working set touched "
+          f"[touching alone] (remote faults):")
+    for k in ("first", "recording", "replayed", "exact"):
+        print(f"  {k:9} {out[k + '_ws_ms']:8.1f} ms [{out[k + '_touch_ms']:7.1f}] ({out[k + '_faults']} faults)"
+              f"  first/this {out['first_ws_ms'] / max(out[k + '_ws_ms'], 1e-3):.1f}x", flush=True)
+    print(f"  recorded {out['recorded_pages']} pages", flush=True)
     return out
 
 
