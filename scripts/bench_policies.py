@@ -61,10 +61,14 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
             LocalAgent("dest", log_path=str(work / "dst.log")) as dst:
         for workload in filter(None, args.workloads.split(",")):
             ws = str(work / f"{workload}.ws")
-            for policy in POLICIES:
+            for policy in args.policies.split(","):
                 name = f"replay:ws={ws}" if policy == "replay" else policy
                 row = one_run(src.address, dst.address, args.size, workload, args.ops, name, args.max_bandwidth,
                               record_ws=ws if policy == "sequential" else "")
+                if policy == "sequential" and workload == "hotset":  # its faults in the hot tenth (one thread)
+                    hot = args.size // 4096 // 10
+                    row["hot_faults"] = sum(max(0, min(first + n, hot) - first) for first, n in workingset.load(ws).ranges)
+                    print(f"{workload:12} {policy:10} {row['hot_faults']} of the faulted pages in the hot tenth")
                 rows.append({"workload": workload, "policy": policy, **row})
                 print(f"{workload:12} {policy:10} faults {row['faults']:7} blocked {row['blocked_ms']:9.1f} ms "
                       f"downtime {row['downtime_ms']:8.1f} ms total {row['total_s']:6.2f} s "
@@ -121,6 +125,8 @@ def main() -> int:
     ap.add_argument("--image", type=parse_size, default=parse_size("512M"))
     ap.add_argument("--ops", type=int, default=400_000)
     ap.add_argument("--workloads", default="seq-read,random-read,hotset,zipf")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="policies to compare, in order (sequential first: it records what replay replays)")
     ap.add_argument("--max-bandwidth", type=parse_rate, default=parse_rate("200M"))
     ap.add_argument("--reap-bandwidth", default="0", help="--max-bandwidth of the REAP restores (0: none)")
     ap.add_argument("--skip-reap", action="store_true")

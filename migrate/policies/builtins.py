@@ -36,13 +36,16 @@ class Bubble(Policy):
     """
 
     name = "bubble"
-    params = {"step": int, "max": int}
+    params = {"step": int, "max": int, "min": int}
 
-    def __init__(self, step: int = STEP, max: int = MAX_NEIGHBOURHOOD) -> None:  # noqa: A002 - the param's name
+    def __init__(self, step: int = STEP, max: int = MAX_NEIGHBOURHOOD,  # noqa: A002 - the params' names
+                 min: int = DEFAULT_PAGES) -> None:  # noqa: A002
         if step < 1:
             raise ValueError("step must be >= 1")
+        if not 1 <= min <= max <= MAX_NEIGHBOURHOOD:
+            raise ValueError(f"1 <= min <= max <= {MAX_NEIGHBOURHOOD} pages")
         self.step = step
-        self.size = AdaptiveSize(high=max)
+        self.size = AdaptiveSize(start=min, low=min, high=max)
         self._pivot: int | None = None
         self._radius = 0
         self._npages = 0
