@@ -67,7 +67,8 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
                               record_ws=ws if policy == "sequential" else "")
                 if policy == "sequential" and workload == "hotset":  # its faults in the hot tenth (one thread)
                     hot = args.size // 4096 // 10
-                    row["hot_faults"] = sum(max(0, min(first + n, hot) - first) for first, n in workingset.load(ws).ranges)
+                    ranges = workingset.load(ws).ranges
+                    row["hot_faults"] = sum(max(0, min(first + n, hot) - first) for first, n in ranges)
                     print(f"{workload:12} {policy:10} {row['hot_faults']} of the faulted pages in the hot tenth")
                 rows.append({"workload": workload, "policy": policy, **row})
                 print(f"{workload:12} {policy:10} faults {row['faults']:7} blocked {row['blocked_ms']:9.1f} ms "
