@@ -61,7 +61,7 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
             LocalAgent("dest", log_path=str(work / "dst.log")) as dst:
         for workload in filter(None, args.workloads.split(",")):
             ws = str(work / f"{workload}.ws")
-            for policy in args.policies.split(","):
+            for policy in args.policies.split():
                 name = f"replay:ws={ws}" if policy == "replay" else policy
                 row = one_run(src.address, dst.address, args.size, workload, args.ops, name, args.max_bandwidth,
                               record_ws=ws if policy == "sequential" else "")
@@ -126,8 +126,9 @@ def main() -> int:
     ap.add_argument("--image", type=parse_size, default=parse_size("512M"))
     ap.add_argument("--ops", type=int, default=400_000)
     ap.add_argument("--workloads", default="seq-read,random-read,hotset,zipf")
-    ap.add_argument("--policies", default=",".join(POLICIES),
-                    help="policies to compare, in order (sequential first: it records what replay replays)")
+    ap.add_argument("--policies", default=" ".join(POLICIES),
+                    help="policies to compare, in order, space-separated (e.g. 'sequential bubble:min=128,"
+                         "shape=aligned replay'; sequential records what replay replays)")
     ap.add_argument("--max-bandwidth", type=parse_rate, default=parse_rate("200M"))
     ap.add_argument("--reap-bandwidth", default="0", help="--max-bandwidth of the REAP restores (0: none)")
     ap.add_argument("--skip-reap", action="store_true")
