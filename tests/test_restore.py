@@ -65,7 +65,7 @@ def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str, ma
     """One restore into a C client that touches 10 % of the image (its top) in random order, waits for the
     restore to end, then checks every page; returns what it printed (ws_pages, ws_ms, touch_ms) and the
     restore's remote faults (from the agent's log). The push is capped (by default) so that it comes to the
-    top of the image long after the client touched it, on any machine."""
+    top of the image long after the client touched it, on any machine. A --data-plane in dest_args wins."""
     sock = tmp_path / "uffd.sock"
     log = tmp_path / f"dst-{len(list(tmp_path.glob('dst-*.log')))}.log"
     done = re.compile(r"complete \(every page arrived\): (\d+) faults")
@@ -85,7 +85,7 @@ def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str, ma
     return {**touched, "faults": int(done.search(log.read_text()).group(1))}
 
 
-def test_recording_restore_records_every_page_touched(tmp_path):
+def test_recording_restore_records_every_page_touched(tmp_path, plane):
     """REAP records in a first run without a push: --record-ws holds the push until the client is quiet, so
     the recording holds every page the client touched (a push ahead of it would hide most of them)."""
     image = tmp_path / "mem.img"
@@ -93,7 +93,8 @@ def test_recording_restore_records_every_page_touched(tmp_path):
     make_image(image, npages)
     ws = str(tmp_path / "first.ws")
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src:
-        touched = restore_touching_working_set(tmp_path, src, image, "--record-ws", ws, max_bandwidth="0")
+        touched = restore_touching_working_set(tmp_path, src, image, "--data-plane", plane, "--record-ws", ws,
+                                               max_bandwidth="0")
     recorded = workingset.load(ws)
     missing = set(range(npages - touched["ws_pages"], npages))
     for first, count in recorded.ranges:
