@@ -258,8 +258,9 @@ def dest() -> None:
 @click.option("--policy", default="", metavar="NAME[:K=V,...]",
               help="With --uffd-socket: the push and prefetch policy of each restore (e.g. replay:ws=FILE).")
 @click.option("--record-ws", type=click.Path(dir_okay=False, writable=True), default="", metavar="FILE",
-              help="With --uffd-socket: write the pages each restore's client faulted on to FILE, "
-                   "for --policy replay:ws=FILE on the next ones.")
+              help="With --uffd-socket: each restore holds its push until its client is quiet (0.5 s "
+                   "without a fault) and writes the pages it touched to FILE, for --policy replay:ws=FILE "
+                   "on the next ones.")
 @click.option("--max-bandwidth", type=RATE, default="0",
               help="With --uffd-socket: cap each restore's bulk push (e.g. 100M, 1gbit).")
 @click.option("--allow-policy-modules", is_flag=True,

@@ -264,6 +264,7 @@ struct mig_dpd {
     uint64_t jumped_ns;       /* when the fault path last moved the cursor */
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
     uint32_t pq_head, pq_len;
+    int plan_only;            /* ask only what the plan queue names (the cursor waits) */
     int round_active, stop_asking;
     int dry;                  /* the last plan found nothing to ask */
     int rounds;               /* pull rounds begun (a memfd target's later rounds rewrite stale pages) */
@@ -628,7 +629,7 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
     uint32_t nruns = 0;
     take_planned(h, runs, &nruns, &pages, max_pages);
     uint64_t start = h->cursor / 64;
-    if (!nruns) { /* the cursor, when the queue gave nothing */
+    if (!nruns && !h->plan_only) { /* the cursor, when the queue gave nothing */
         for (uint64_t i = 0; i <= nwords; i++) {
             uint64_t w = (start + i) % nwords, mask = ~0ULL;
             if (i == 0)
@@ -1776,6 +1777,14 @@ uint32_t mig_dpd_plan(struct mig_dpd *h, const uint64_t *ranges, uint32_t n)
     pthread_cond_broadcast(&h->cond);
     pthread_mutex_unlock(&h->mu);
     return taken;
+}
+
+void mig_dpd_plan_only(struct mig_dpd *h, int on)
+{
+    pthread_mutex_lock(&h->mu);
+    h->plan_only = on;
+    pthread_cond_broadcast(&h->cond);
+    pthread_mutex_unlock(&h->mu);
 }
 
 uint32_t mig_dpd_plan_len(struct mig_dpd *h)

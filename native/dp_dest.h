@@ -127,6 +127,10 @@ enum { MIG_NB_ALIGNED = 0, MIG_NB_FORWARD = 1, MIG_NB_BACKWARD = 2, MIG_NB_AROUN
  * Returns the ranges taken (fewer once the queue is full). */
 uint32_t mig_dpd_plan(struct mig_dpd *h, const uint64_t *ranges, uint32_t n);
 
+/* Bulk path: with `on`, ask only what the plan queue names; the cursor (the
+ * push of everything else) waits until it is off again. */
+void mig_dpd_plan_only(struct mig_dpd *h, int on);
+
 /* Bulk path: ranges still queued. */
 uint32_t mig_dpd_plan_len(struct mig_dpd *h);
 

@@ -10,12 +10,15 @@ pages matters) under `sequential`, `bubble` and `trend`; the `sequential`
 run records the working set (--record-ws), and `replay` migrates the same
 guest again with it. One row per (workload, policy): remote faults, guest
 blocked ms, downtime, total time. Then REAP's case: an --image-sized
-snapshot restored twice over --uffd-socket into a small C client
+snapshot restored over --uffd-socket into a small C client
 (tests/c/uffd_ws_client.c), which touches a fixed 10 % of it in random
-order; the first restore records, the second replays: the client's time
-from its handshake until it has touched its working set (the wait for the
-replayed pages included; the touching alone in brackets) and the faults
-of each; a third replays the exact working set (the bound of replay).
+order: a plain restore (pushed, the first cold start), a recording one
+(--record-ws: no push until the client is quiet, so served by faults alone
+as REAP's baseline, Firecracker's lazy restore, is), a replaying one
+(--policy replay:ws= the recording), and one replaying the exact working
+set (the bound): the client's time from its handshake until it has touched
+its working set (the wait for the replayed pages included; the touching
+alone in brackets) and the remote faults of each.
 """
 from __future__ import annotations
 
@@ -59,10 +62,15 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
             LocalAgent("dest", log_path=str(work / "dst.log")) as dst:
         for workload in filter(None, args.workloads.split(",")):
             ws = str(work / f"{workload}.ws")
-            for policy in POLICIES:
+            for policy in args.policies.split():
                 name = f"replay:ws={ws}" if policy == "replay" else policy
                 row = one_run(src.address, dst.address, args.size, workload, args.ops, name, args.max_bandwidth,
                               record_ws=ws if policy == "sequential" else "")
+                if policy == "sequential" and workload == "hotset":  # its faults in the hot tenth (one thread)
+                    hot = args.size // 4096 // 10
+                    ranges = workingset.load(ws).ranges
+                    row["hot_faults"] = sum(max(0, min(first + n, hot) - first) for first, n in ranges)
+                    print(f"{workload:12} {policy:10} {row['hot_faults']} of the faulted pages in the hot tenth")
                 rows.append({"workload": workload, "policy": policy, **row})
                 print(f"{workload:12} {policy:10} faults {row['faults']:7} blocked {row['blocked_ms']:9.1f} ms "
                       f"downtime {row['downtime_ms']:8.1f} ms total {row['total_s']:6.2f} s "
@@ -91,24 +99,26 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 def reap(args: argparse.Namespace, work: Path) -> dict:
     image = work / "snap.img"
     make_image(image, args.image // 4096)
-    first, second, exact = str(work / "first.ws"), str(work / "second.ws"), str(work / "exact.ws")
+    recorded, exact = str(work / "recorded.ws"), str(work / "exact.ws")
     npages = args.image // 4096
     workingset.save(exact, npages, 4096, [(npages - npages // 10, npages // 10)])  # what the client touches
+    bw = args.reap_bandwidth
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(work / "reap-src.log")) as src:
-        cold = restore_touching_working_set(work, src, image, "--record-ws", first, max_bandwidth=args.reap_bandwidth)
-        warm = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={first}",
-                                            "--record-ws", second, max_bandwidth=args.reap_bandwidth)
-        # the bound: the working set replayed whole, as if the recording had seen every page touched
-        ideal = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={exact}",
-                                             "--record-ws", str(work / "ideal.ws"), max_bandwidth=args.reap_bandwidth)
-    out = {"first_ms": cold["ws_ms"], "replayed_ms": warm["ws_ms"], "first_touch_ms": cold["touch_ms"],
-           "replayed_touch_ms": warm["touch_ms"], "exact_ms": ideal["ws_ms"], "ws_pages": cold["ws_pages"],
-           "first_faults": workingset.load(first).pages, "replayed_faults": workingset.load(second).pages}
-    print(f"REAP {args.image // (1 << 20)} MiB, {out['ws_pages']} pages touched, handshake to working set "
-          f"touched: first {out['first_ms']:.1f} ms [{out['first_touch_ms']:.1f}] ({out['first_faults']} faults), "
-          f"replayed {out['replayed_ms']:.1f} ms [{out['replayed_touch_ms']:.1f}] ({out['replayed_faults']} faults), "
-          f"{out['first_ms'] / max(out['replayed_ms'], 1e-3):.1f}x; the exact working set replayed "
-          f"{out['exact_ms']:.1f} ms, {out['first_ms'] / max(out['exact_ms'], 1e-3):.1f}x", flush=True)
+        cold = restore_touching_working_set(work, src, image, max_bandwidth=bw)  # a plain restore, pushed
+        record = restore_touching_working_set(work, src, image, "--record-ws", recorded, max_bandwidth=bw)
+        warm = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={recorded}", max_bandwidth=bw)
+        # the bound: the working set replayed whole, exactly (the recording's is a superset by fault blocks)
+        ideal = restore_touching_working_set(work, src, image, "--policy", f"replay:ws={exact}", max_bandwidth=bw)
+    out = {"ws_pages": cold["ws_pages"], "recorded_pages": workingset.load(recorded).pages,
+           **{f"{k}_{m}": r[m] for k, r in (("first", cold), ("recording", record), ("replayed", warm),
+                                           ("exact", ideal)) for m in ("ws_ms", "touch_ms", "faults")}}
+    print(f"REAP {args.image // (1 << 20)} MiB, {out['ws_pages']} pages touched, handshake to working set touched "
+          f"[touching alone] (remote faults):")
+    for k in ("first", "recording", "replayed", "exact"):
+        print(f"  {k:9} {out[k + '_ws_ms']:8.1f} ms [{out[k + '_touch_ms']:7.1f}] ({out[k + '_faults']} faults)"
+              f"  first/this {out['first_ws_ms'] / max(out[k + '_ws_ms'], 1e-3):.1f}x"
+              f"  recording/this {out['recording_ws_ms'] / max(out[k + '_ws_ms'], 1e-3):.1f}x", flush=True)
+    print(f"  recorded {out['recorded_pages']} pages", flush=True)
     return out
 
 
@@ -118,6 +128,9 @@ def main() -> int:
     ap.add_argument("--image", type=parse_size, default=parse_size("512M"))
     ap.add_argument("--ops", type=int, default=400_000)
     ap.add_argument("--workloads", default="seq-read,random-read,hotset,zipf")
+    ap.add_argument("--policies", default=" ".join(POLICIES),
+                    help="policies to compare, in order, space-separated (e.g. 'sequential bubble:min=128,"
+                         "shape=aligned replay'; sequential records what replay replays)")
     ap.add_argument("--max-bandwidth", type=parse_rate, default=parse_rate("200M"))
     ap.add_argument("--reap-bandwidth", default="0", help="--max-bandwidth of the REAP restores (0: none)")
     ap.add_argument("--skip-reap", action="store_true")

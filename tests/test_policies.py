@@ -15,7 +15,7 @@ import pytest
 from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
-from migrate.policies.base import DEFAULT_PAGES, AdaptiveSize, Neighbourhood, Policy, RunInfo
+from migrate.policies.base import DEFAULT_PAGES, AdaptiveSize, Neighbourhood, Policy, RunInfo, Tick
 from migrate.policies.runner import PolicyRunner
 from test_cli import assert_clean_error, run_cli
 from migrate.proto import migrate_pb2 as pb
@@ -46,6 +46,8 @@ def test_parse_builtins_and_params():
     ("trend:window=x", "window='x' is not a valid int"),
     ("trend:window=1", "window must be >= 3"),
     ("replay:eager=2", "eager is 0 or 1"),
+    ("bubble:min=64,max=32", "1 <= min <= max <= 128 pages"),
+    ("bubble:shape=forward", "shape is around or aligned"),
     ("trend:window", "is not key=value"),
     ("nosuchmod:Cls", "policy module 'nosuchmod' cannot be imported"),
     ("test_policies:Missing", "has no Policy subclass named 'Missing'"),
@@ -55,6 +57,15 @@ def test_bad_policies_say_why_in_one_line(text, message):
     with pytest.raises(PolicyError) as err:
         parse(text).build()
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bubble_neighbourhood_floor_and_shape():
+    """bubble:min=128,shape=aligned fetches each fault's aligned 128-page block and never shrinks it (hotset)."""
+    bubble = parse("bubble:min=128,shape=aligned").build()
+    assert bubble.start(RunInfo(1024, 4096)).neighbourhood == Neighbourhood(128, "aligned")
+    nb = Neighbourhood(128, "aligned")
+    d = bubble.decide(Tick(faults=[700], prefetched=1000, hits=0, queued=0, neighbourhood=nb))
+    assert d.neighbourhood is None and d.push[0] == (701, 256)
 
 
 def test_neighbourhood_shapes():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -65,39 +66,57 @@ def c_client(tmp_path: Path, name: str) -> Path:
 
 def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str, max_bandwidth: str = "64M") -> dict:
     """One restore into a C client that touches 10 % of the image (its top) in random order, waits for the
-    restore to end (its working-set file written by --record-ws), then checks every page; returns what it
-    printed (ws_pages, ws_ms, touch_ms). The push is capped (by default) so that it comes to the top of the
-    image long after the client touched it, on any machine."""
-    sock, ws = tmp_path / "uffd.sock", dest_args[dest_args.index("--record-ws") + 1]
+    restore to end, then checks every page; returns what it printed (ws_pages, ws_ms, touch_ms) and the
+    restore's remote faults (from the agent's log). The push is capped (by default) so that it comes to the
+    top of the image long after the client touched it, on any machine. A --data-plane in dest_args wins."""
+    sock = tmp_path / "uffd.sock"
+    log = tmp_path / f"dst-{len(list(tmp_path.glob('dst-*.log')))}.log"
+    done = re.compile(r"complete \(every page arrived\): (\d+) faults")
     with LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                    "--data-plane", "native", "--max-bandwidth", max_bandwidth, *dest_args, log_path=str(tmp_path / "dst.log")):
+                    "--data-plane", "native", "--max-bandwidth", max_bandwidth, *dest_args, log_path=str(log)):
         client = subprocess.Popen([str(c_client(tmp_path, "uffd_ws_client")), str(sock), str(image), "11", "10"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             touched = json.loads(client.stdout.readline())
-            assert wait_for(lambda: os.path.exists(ws), timeout=60), (tmp_path / "dst.log").read_text()
+            assert wait_for(lambda: done.search(log.read_text()), timeout=120), log.read_text()
             out, _ = client.communicate("done\n", timeout=120)
         finally:
             if client.poll() is None:
                 client.kill()
                 client.wait()
     assert client.returncode == 0 and json.loads(out)["bad"] == 0, out
-    return touched
+    return {**touched, "faults": int(done.search(log.read_text()).group(1))}
+
+
+def test_recording_restore_records_every_page_touched(tmp_path, plane):
+    """REAP records in a first run without a push: --record-ws holds the push until the client is quiet, so
+    the recording holds every page the client touched (a push ahead of it would hide most of them)."""
+    image = tmp_path / "mem.img"
+    npages = 32768
+    make_image(image, npages)
+    ws = str(tmp_path / "first.ws")
+    with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src:
+        touched = restore_touching_working_set(tmp_path, src, image, "--data-plane", plane, "--record-ws", ws,
+                                               max_bandwidth="0")
+    recorded = workingset.load(ws)
+    missing = set(range(npages - touched["ws_pages"], npages))
+    for first, count in recorded.ranges:
+        missing -= set(range(first, first + count))
+    assert not missing, f"{len(missing)} pages touched and not recorded"
+    assert recorded.pages < 2 * touched["ws_pages"], recorded.pages  # and not the pushed image
 
 
 def test_replayed_restore_faults_half_as_often(tmp_path):
-    """REAP's case: a snapshot restored twice; the second restore pushes first the pages the first one's
-    client faulted on (--record-ws, then --policy replay:ws=); the second's own recording counts its faults."""
+    """REAP's case: a snapshot restored twice; the second restore fetches before its ready byte the pages the
+    first one's client touched (--record-ws, then --policy replay:ws=): its client faults on none of them."""
     image = tmp_path / "mem.img"
     make_image(image, 32768)
-    first, second = str(tmp_path / "first.ws"), str(tmp_path / "second.ws")
+    first = str(tmp_path / "first.ws")
     with LocalAgent("source", "--image", f"snap={image}", log_path=str(tmp_path / "src.log")) as src:
-        restore_touching_working_set(tmp_path, src, image, "--record-ws", first)
-        restore_touching_working_set(tmp_path, src, image, "--policy", f"replay:ws={first}",
-                                     "--record-ws", second)
-    faulted_first, faulted_second = workingset.load(first).pages, workingset.load(second).pages
-    assert faulted_first >= 100, faulted_first  # about one fault per 64 KiB block of its working set
-    assert faulted_second * 2 <= faulted_first, (faulted_second, faulted_first)
+        cold = restore_touching_working_set(tmp_path, src, image, "--record-ws", first)
+        warm = restore_touching_working_set(tmp_path, src, image, "--policy", f"replay:ws={first}")
+    assert cold["faults"] >= 100, cold  # about one fault per 64 KiB block of its working set
+    assert warm["faults"] * 2 <= cold["faults"], (warm, cold)
 
 
 def test_foreign_process_changing_its_memory_during_the_restore(tmp_path, plane):

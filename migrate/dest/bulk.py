@@ -62,6 +62,7 @@ class Planner:
         self._queue: collections.deque[tuple[int, int]] = collections.deque()
         self._queue_lock = threading.Lock()
         self.planned = 0  # pages asked because the plan queue named them
+        self.plan_only = False  # ask only what the plan queue names: the cursor waits (a recording restore)
 
     def jump(self, page: int) -> None:
         """Go on from `page` next (the urgent path calls this where the guest faults).
@@ -119,7 +120,7 @@ class Planner:
         out = self._planned(max_pages, max_runs)
         pages = sum(n for _, n in out)
         for start, stop in ((self._cursor, self._received.nbits), (0, self._cursor)):
-            if pages >= max_pages or len(out) >= max_runs:
+            if pages >= max_pages or len(out) >= max_runs or self.plan_only:
                 break
             got, nxt = self._claim(start, stop, max_pages - pages, max_runs - len(out))
             if got:
@@ -217,7 +218,7 @@ class BulkPuller:
                     return
                 runs = self._planner.next_runs(room)
                 if not runs:
-                    if not self._inflight:
+                    if not self._inflight and not self._planner.plan_only:
                         return
                     self._cond.wait(0.05)
                     continue
@@ -414,6 +415,10 @@ class BulkLoop:
 
     def plan_clear(self) -> None:
         self.planner.plan_clear()
+
+    def plan_only(self, on: bool) -> None:
+        """With `on`, ask only what the plan queue names; the push of the rest waits until it is off."""
+        self.planner.plan_only = on  # the request stream looks again within 50 ms
 
     def set_bandwidth(self, max_bandwidth: int) -> None:
         """Pace the pull at `max_bandwidth` bytes/s from now on (0: unlimited); before start() start's rate wins."""

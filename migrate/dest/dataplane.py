@@ -154,6 +154,10 @@ class NativeBulk(_Path):
         flat = ffi.new("uint64_t[]", [v for r in ranges[:lib.MIG_DPD_PLAN_RUNS] for v in r])
         return int(lib.mig_dpd_plan(self._path.h, flat, min(len(ranges), lib.MIG_DPD_PLAN_RUNS)))
 
+    def plan_only(self, on: bool) -> None:
+        """With `on`, ask only what the plan queue names; the push of the rest waits until it is off."""
+        lib.mig_dpd_plan_only(self._path.h, int(on))
+
     def plan_len(self) -> int:
         return int(lib.mig_dpd_plan_len(self._path.h))
 

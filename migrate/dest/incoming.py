@@ -94,6 +94,7 @@ class IncomingRun:
         self._runner: PolicyRunner | None = None
         self.recorded_ws: list[tuple[int, int]] = []
         self.before_resume_ms = 0.0  # the guest stayed stopped this long for a policy's before_resume pages
+        self._here_at_start = b""    # the received bitmap when a held push started (start(hold_push=True))
 
     def set_policy(self, spec: str, working_set: bytes = b"", record_ws: bool = False,
                    allow_modules: bool = False) -> None:
@@ -226,8 +227,14 @@ class IncomingRun:
             return reply
 
     # -------------------------------------------------------------- start
-    def start(self, state_json: bytes, no_push: bool, max_bandwidth: int, stale: bytes = b"") -> pb.StartIncomingReply:
-        """Drop the stale pages, resume the guest with its execution state, let the bulk path go."""
+    def start(self, state_json: bytes, no_push: bool, max_bandwidth: int, stale: bytes = b"",
+              hold_push: bool = False) -> pb.StartIncomingReply:
+        """Drop the stale pages, resume the guest with its execution state, let the bulk path go.
+
+        With `hold_push` the bulk path fetches only what the policy queues
+        (its `before_resume` pages) until record_touched() ends: the guest's
+        faults bring the rest of what it touches meanwhile.
+        """
         with self._round_lock:
             if self.phase != Phase.PREPARED:
                 raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}, not prepared")
@@ -239,7 +246,9 @@ class IncomingRun:
                 raise errors.FailedPrecondition(f"run {self.run_id} still misses {missing} pages "
                                                 "and has no userfaultfd to fetch them: copy them first")
             self._before["before_resume"] = self.bitmap.count()
-            bulk = self._launch(no_push, max_bandwidth)
+            if hold_push:
+                self._here_at_start = self.bitmap.to_bytes()
+            bulk = self._launch(no_push, max_bandwidth, hold_push)
             t2 = time.monotonic()
             self._fetch_before_resume(bulk)
             self.before_resume_ms = (time.monotonic() - t2) * 1000.0
@@ -258,7 +267,7 @@ class IncomingRun:
         self._go(no_push, max_bandwidth)
         return reply
 
-    def _launch(self, no_push: bool, max_bandwidth: int) -> BulkLoop | NativeBulk | None:
+    def _launch(self, no_push: bool, max_bandwidth: int, hold_push: bool = False) -> BulkLoop | NativeBulk | None:
         """Start the policy and let the bulk path go (or stop it: --no-push); the guest may still be stopped."""
         bulk = self.paths.get("bulk")
         if bulk is not None and no_push:
@@ -267,8 +276,39 @@ class IncomingRun:
             bulk = None
         self._start_policy(bulk)
         if bulk is not None:
+            bulk.plan_only(hold_push)
             bulk.start(max_bandwidth)
         return bulk
+
+    def record_touched(self, quiet: float, limit: float) -> list[tuple[int, int]]:
+        """After start(hold_push=True): wait until the guest has faulted on nothing for `quiet` seconds (at
+        most `limit`), let the push go, and return the pages that arrived meanwhile (ranges, address order).
+
+        With the push held, a page arrives only because the guest faulted on
+        it (with its neighbourhood) or the policy fetched it before the
+        resume: every page the guest touched is among them, none it never
+        came near is. The faults are the price: each page touched is a
+        remote fault or a neighbour of one.
+        """
+        t0 = last_change = time.monotonic()
+        bitmap = self.bitmap  # its mapping lives as long as this reference, should the run end meanwhile
+        count = bitmap.count()
+        while self.phase == Phase.RUNNING and time.monotonic() - last_change < quiet and \
+                time.monotonic() - t0 < limit:
+            time.sleep(0.01)
+            if (now := bitmap.count()) != count:
+                count, last_change = now, time.monotonic()
+        with self._lock:
+            if self.bitmap is None:  # released: the run ended meanwhile
+                return []
+            here = int.from_bytes(self.bitmap.to_bytes(), "little") & ~int.from_bytes(self._here_at_start, "little")
+            with SharedBitmap.create(self.page_count) as touched:
+                touched.load_bytes(here.to_bytes(len(self._here_at_start), "little"))
+                ranges = touched.runs(workingset.MAX_RANGES)
+        bulk = self.paths.get("bulk")
+        if bulk is not None:
+            bulk.plan_only(False)
+        return ranges
 
     def _push_first(self, bulk: BulkLoop | NativeBulk, stale: bytes) -> None:
         """Hybrid: the bulk path pushes the pages written last on the source first, as one scattered stream.

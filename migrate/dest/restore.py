@@ -7,9 +7,12 @@ and region list; the agent then resolves that process's faults, and pushes
 the rest of the image, from the source agent serving image NAME, on the
 data plane the agent was given (native unless TLS is configured).
 
-With `--record-ws FILE` each restore writes the pages its client faulted
-on; with `--policy replay:ws=FILE` each restore pushes them first: REAP's
-case, a function snapshot restored again and again.
+With `--record-ws FILE` each restore records the pages its client touches:
+the push waits (only the client's faults bring pages) until the client has
+faulted on nothing for RECORD_QUIET seconds, then FILE is written and the
+push brings the rest. With `--policy replay:ws=FILE` each restore fetches
+them before it sends the client its ready byte: REAP's case, a function
+snapshot restored again and again.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ _HANDSHAKE_TIMEOUT = 10.0
 #: Sent to the client once its restore runs, a policy's `before_resume` pages (a replayed working set)
 #: in: a VMM that waits for it resumes its guest then (REAP's eager prefetch); one that does not, ignores it.
 READY = b"R"
+#: A recording restore holds its push until its client has faulted on nothing for this long (seconds)...
+RECORD_QUIET = 0.5
+#: ...or for at most this long (a client that never stops faulting is pushed the rest then).
+RECORD_LIMIT = 30.0
 
 
 def _require_userfaultfd(fd: int) -> None:
@@ -104,6 +111,7 @@ class UffdRestoreListener:
         run: IncomingRun | None = None
         try:
             uffd_fd, regions = recv_handshake(conn, timeout=_HANDSHAKE_TIMEOUT)
+            t_handshake = time.monotonic()
             _require_userfaultfd(uffd_fd)
             self._count += 1
             with AgentClient(self._source) as source:
@@ -113,29 +121,41 @@ class UffdRestoreListener:
                 source.call("Switchover", ref)
                 run = IncomingRun(prep.run_id, f"{self._image}-restore-{self._count}", spec_from_pb(prep.spec),
                                   PageRoute.offered(self._source, prep, self._plane))
-                run.set_policy(self._opts.policy, record_ws=bool(self._opts.record_ws), allow_modules=True)
+                run.set_policy(self._opts.policy, allow_modules=True)
                 run.attach(uffd_fd, regions)
                 run.start_paths()
                 with self._lock:
                     self._incoming[run.run_id] = run
-                run.start(b"", no_push=False, max_bandwidth=self._opts.max_bandwidth)
+                record = bool(self._opts.record_ws)
+                run.start(b"", no_push=False, max_bandwidth=self._opts.max_bandwidth, hold_push=record)
                 conn.sendall(READY)
-                log.info("restoring image %s into a handshake client (run %s)", self._image, run.run_id)
+                t_started = time.monotonic()
+                log.info("restoring image %s into a handshake client (run %s; set up in %.1f ms, then %.1f ms for "
+                         "the policy's pages before the ready byte)", self._image, run.run_id,
+                         (t_started - t_handshake) * 1000.0 - run.before_resume_ms, run.before_resume_ms)
+                if record:
+                    self._record(run)
                 while run.phase == Phase.RUNNING:
                     time.sleep(0.05)
                 source.call("CompleteOutgoing", ref)
                 if run.phase == Phase.COMPLETE:
-                    log.info("restore run %s complete (every page arrived)", run.run_id)
+                    log.info("restore run %s complete (every page arrived): %d faults", run.run_id,
+                             run.status().faults)
                 else:
                     log.warning("restore run %s %s: %s", run.run_id, run.phase, run.error)
-                if self._opts.record_ws and run.phase == Phase.COMPLETE:
-                    workingset.save(self._opts.record_ws, run.page_count, run.spec.page_size, run.recorded_ws)
         except (ValueError, OSError, AgentError, RuntimeError) as err:
             log.error("uffd handshake client not restored: %s", err)
             if run is not None:
                 run.abort(str(err))
         finally:
             conn.close()
+
+    def _record(self, run: IncomingRun) -> None:
+        """Write the pages the client touched while the push was held (--record-ws), then let the push go."""
+        ranges = run.record_touched(RECORD_QUIET, RECORD_LIMIT)
+        if run.phase in (Phase.RUNNING, Phase.COMPLETE):
+            workingset.save(self._opts.record_ws, run.page_count, run.spec.page_size, ranges)
+            log.info("restore run %s recorded a working set of %d pages", run.run_id, sum(n for _, n in ranges))
 
     def close(self) -> None:
         self._sock.close()

@@ -32,30 +32,38 @@ class Bubble(Policy):
     The bulk path is fed rings of `step` pages alternately after and before
     the pivot (the latest fault), farther each time; a new fault moves the
     pivot and starts a new bubble. The neighbourhood is fetched around each
-    fault and its size adapts to how many prefetched pages get used.
+    fault (`shape=aligned`: the fault's aligned block) and its size adapts to
+    how many prefetched pages get used, between `min` and `max` pages.
+    Against uniform accesses (hotset's cold ones) no order helps, only more
+    pages per fault: `min=128,shape=aligned` (docs/architecture.md).
     """
 
     name = "bubble"
-    params = {"step": int, "max": int}
+    params = {"step": int, "max": int, "min": int, "shape": str}
 
-    def __init__(self, step: int = STEP, max: int = MAX_NEIGHBOURHOOD) -> None:  # noqa: A002 - the param's name
+    def __init__(self, step: int = STEP, max: int = MAX_NEIGHBOURHOOD,  # noqa: A002 - the params' names
+                 min: int = DEFAULT_PAGES, shape: str = "around") -> None:  # noqa: A002
         if step < 1:
             raise ValueError("step must be >= 1")
-        self.step = step
-        self.size = AdaptiveSize(high=max)
+        if not 1 <= min <= max <= MAX_NEIGHBOURHOOD:
+            raise ValueError(f"1 <= min <= max <= {MAX_NEIGHBOURHOOD} pages")
+        if shape not in ("around", "aligned"):
+            raise ValueError("shape is around or aligned")
+        self.step, self.shape = step, shape
+        self.size = AdaptiveSize(start=min, low=min, high=max)
         self._pivot: int | None = None
         self._radius = 0
         self._npages = 0
 
     def start(self, run: RunInfo) -> Decision:
         self._npages = run.npages
-        return Decision(neighbourhood=Neighbourhood(self.size.pages, "around"))
+        return Decision(neighbourhood=Neighbourhood(self.size.pages, self.shape))
 
     def decide(self, tick: Tick) -> Decision:
         out = Decision()
         pages = self.size.update(tick.prefetched, tick.hits)
         if pages != tick.neighbourhood.pages:
-            out.neighbourhood = Neighbourhood(pages, "around")
+            out.neighbourhood = Neighbourhood(pages, self.shape)
         if tick.faults:
             self._pivot, self._radius, out.replace = tick.faults[-1], 0, True
         if self._pivot is None:
