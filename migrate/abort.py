@@ -24,9 +24,9 @@ source: aborting is always safe.
 from __future__ import annotations
 
 from migrate.client import AgentClient
+from migrate.errors import AgentError, FailedPrecondition
 from migrate.names import Phase
 from migrate.proto import migrate_pb2 as pb
-from migrate.errors import AgentError, FailedPrecondition
 from migrate.security import Credentials
 
 

@@ -23,11 +23,11 @@ from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
 from migrate.dest.capacity import Ledger
 from migrate.dest.incoming import IncomingRun
+from migrate.dest.restore import RestoreOptions, UffdRestoreListener
 from migrate.guest.process import GuestSpec
+from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.journal import Journal
 from migrate.metrics import MetricsServer
-from migrate.dest.restore import RestoreOptions, UffdRestoreListener
-from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
@@ -61,7 +61,7 @@ def _rpc(method: Callable) -> Callable:
     code (errors.STATUS), anything else INTERNAL, logged once with its traceback (a bug)."""
 
     @functools.wraps(method)
-    def wrapper(self: "ControlService", request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: ControlService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status

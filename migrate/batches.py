@@ -16,9 +16,9 @@ import grpc
 import zstandard
 
 from migrate import pages
-from migrate.errors import os_error
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
+from migrate.errors import os_error
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import FaultReader, InstallStats, install_stats
 

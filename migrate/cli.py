@@ -22,10 +22,9 @@ from migrate import api, errors, logs, orchestrator, planes, report, validate
 from migrate.guest.kvm import MAX_VCPUS as KVM_MAX_VCPUS
 from migrate.names import FINISHED, Content, DataPlane, FaultPath, GuestKind, Mode, Phase, Workload, choices
 from migrate.records import MigrationStatus, SnapshotProgress
-from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
+from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.units import MiB, format_size, parse_rate, parse_size
-
 
 
 class _Parsed(click.ParamType):

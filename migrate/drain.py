@@ -99,7 +99,7 @@ class Drain:
 
     def __init__(self, src: str, dests: list[str], opts: RunOptions, *, parallel: int = 2,
                  max_bandwidth: int = 0, report_dir: str = "", credentials: Credentials | None = None,
-                 on_tick: Callable[["Drain"], None] | None = None) -> None:
+                 on_tick: Callable[[Drain], None] | None = None) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         if not dests:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from migrate import spawn
 
-
 _START_TIMEOUT = 30.0
 
 
@@ -84,7 +83,7 @@ class ServiceProcess:
         if self.proc.stdout:
             self.proc.stdout.close()
 
-    def __enter__(self) -> "ServiceProcess":
+    def __enter__(self) -> ServiceProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

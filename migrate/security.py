@@ -44,7 +44,7 @@ class Credentials:
     token: str = ""
 
     @classmethod
-    def from_env(cls, environ: os._Environ | dict[str, str] | None = None) -> "Credentials":
+    def from_env(cls, environ: os._Environ | dict[str, str] | None = None) -> Credentials:
         env = os.environ if environ is None else environ
         return cls(**{name: env.get(var, "") for name, var in ENV.items()})
 

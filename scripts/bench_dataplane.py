@@ -97,6 +97,7 @@ def pull(plane: str, endpoint: str, size: int, fraction: float, seed: int) -> No
     """Destination role: restore an idle guest, mark all but a random `fraction` of its pages
     received (all of them missing when fraction is 1), pull the rest on "go", print the result."""
     from migrate._native import lib
+
     from migrate.bitmap import SharedBitmap
     from migrate.dest.bulk import BulkLoop
     from migrate.dest.dataplane import NativeBulk

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from migrate._native import ffi, lib
 
 from migrate import spawn
-from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.paths import Memory

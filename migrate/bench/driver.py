@@ -6,12 +6,11 @@ import os
 import zlib
 from collections.abc import Callable
 
-from migrate.rpc import AgentError
-
 from migrate.bench import runs, summary
 from migrate.bench.hosts import hosts
 from migrate.bench.matrix import Cell, Matrix
 from migrate.bench.results import Results
+from migrate.rpc import AgentError
 
 RESULTS, SUMMARY = "bench.jsonl", "summary.csv"
 

@@ -18,8 +18,16 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from migrate import rpc, spawn
-from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
-                             batch_at, bulk_request)
+from migrate.batches import (
+    MAX_BULK_PAGES,
+    MAX_REQUEST_PAGES,
+    MAX_REQUEST_RUNS,
+    BatchDecoder,
+    BatchError,
+    Run,
+    batch_at,
+    bulk_request,
+)
 from migrate.bitmap import SharedBitmap, claim_runs
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded

@@ -15,10 +15,10 @@ import weakref
 from migrate import errors, stats
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
-from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import RoundStats
 from migrate.policies.base import SHAPES, Neighbourhood
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 
 _ERR_LEN = 512
 #: Counters every path reports (names as the gRPC paths' `last`).

@@ -26,21 +26,21 @@ import time
 
 from migrate import errors
 from migrate.bitmap import SharedBitmap
-from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import PLAN_RUNS, BulkLoop
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
 from migrate.dest.paths import Memory, note_events
-from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.precopy import PrecopyPuller, discard, punch_left, unmark
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
+from migrate.journal import Journal, resident_ranges
 from migrate.names import FINISHED, DataPlane, FaultPath, Mode, Phase
 from migrate.planes import PageRoute
 from migrate.policies import Policy, PolicySpec, parse, workingset
 from migrate.policies.base import RunInfo
 from migrate.policies.runner import PolicyRunner
 from migrate.proto import migrate_pb2 as pb
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.uffd import Region, Uffd
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ class IncomingRun:
         return {key: now[key] + self._before.get(key, 0) for key in _COUNTERS}
 
     @classmethod
-    def rejoin(cls, record: dict, journal: Journal, allow_modules: bool = False) -> "IncomingRun":
+    def rejoin(cls, record: dict, journal: Journal, allow_modules: bool = False) -> IncomingRun:
         """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths.
 
         The run keeps its policy (rebuilt afresh: what it had learnt is

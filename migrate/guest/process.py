@@ -80,7 +80,7 @@ class GuestSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GuestSpec":
+    def from_dict(cls, d: dict) -> GuestSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -164,7 +164,7 @@ class GuestProcess:
     # ------------------------------------------------------------ launch
     @classmethod
     def launch(cls, spec: GuestSpec, memfd: int, *, restore: bool = False, start_paused: bool = False,
-               fill: bool = True, timeout: float | None = None, rejoin: str = "") -> "GuestProcess":
+               fill: bool = True, timeout: float | None = None, rejoin: str = "") -> GuestProcess:
         """Start a runner on `memfd` and wait until it is ready (source mode)
         or has handed over its userfaultfd (restore mode). A restore-mode
         runner given a `rejoin` socket path outlives this agent (see rejoin())."""
@@ -216,7 +216,7 @@ class GuestProcess:
         return gp
 
     @classmethod
-    def rejoin(cls, path: str, spec: GuestSpec, timeout: float = CALL_TIMEOUT) -> tuple["GuestProcess", int]:
+    def rejoin(cls, path: str, spec: GuestSpec, timeout: float = CALL_TIMEOUT) -> tuple[GuestProcess, int]:
         """Take over a restore-mode runner whose agent died: (process, RAM memfd).
 
         The runner answers on `path` with its pid and regions, and hands over
@@ -490,7 +490,7 @@ class GuestProcess:
         if self._proc.stderr is not None:
             self._proc.stderr.close()
 
-    def __enter__(self) -> "GuestProcess":
+    def __enter__(self) -> GuestProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,8 +16,8 @@ import threading
 import time
 
 from migrate import uffd as U
-from migrate.errors import os_error
 from migrate._native import ffi, lib
+from migrate.errors import os_error
 from migrate.guest.workloads import Workload
 
 #: Bytes the stream thread saves between two unprotects.

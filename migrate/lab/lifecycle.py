@@ -102,7 +102,7 @@ class Lab:
         _stop_keeper(self.keeper)
         down(self.name)  # a no-op unless the keeper was killed before its janitor finished
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,7 +28,7 @@ class PolicySpec:
     def __str__(self) -> str:
         return self.name + "".join(f"{':' if i == 0 else ','}{k}={v}" for i, (k, v) in enumerate(self.params))
 
-    def without(self, key: str) -> "PolicySpec":
+    def without(self, key: str) -> PolicySpec:
         return PolicySpec(self.name, tuple((k, v) for k, v in self.params if k != key))
 
     def get(self, key: str) -> str | None:

@@ -30,8 +30,15 @@ import grpc
 
 from migrate import rpc, spawn
 from migrate.admission import CallClass
-from migrate.batches import (MAX_BULK_PAGES, BatchEncoder, BulkRequestError, EncodedBatch, Run, add_pages_servicer,
-                             request_runs)
+from migrate.batches import (
+    MAX_BULK_PAGES,
+    BatchEncoder,
+    BulkRequestError,
+    EncodedBatch,
+    Run,
+    add_pages_servicer,
+    request_runs,
+)
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
