@@ -152,7 +152,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     # ------------------------------------------------------- source side
     @_rpc
-    def PrepareOutgoing(self, request: pb.PrepareOutgoingRequest, context: grpc.ServicerContext) -> pb.PrepareOutgoingReply:
+    def PrepareOutgoing(self, request: pb.PrepareOutgoingRequest,
+                        context: grpc.ServicerContext) -> pb.PrepareOutgoingReply:
         self._need("source")
         guest = self.guests.get(request.name)
         with self.lock:
@@ -244,7 +245,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     # -------------------------------------------------- destination side
     @_rpc
-    def PrepareIncoming(self, request: pb.PrepareIncomingRequest, context: grpc.ServicerContext) -> pb.PrepareIncomingReply:
+    def PrepareIncoming(self, request: pb.PrepareIncomingRequest,
+                        context: grpc.ServicerContext) -> pb.PrepareIncomingReply:
         self._need("dest")
         spec = spec_from_pb(request.spec)
         validate.run_id(request.run_id)

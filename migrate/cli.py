@@ -104,8 +104,9 @@ class _Commands(click.Group):
     certificates) live in their own modules, loaded only when one is asked
     for (or listed by --help): agents and `migrate run` never import them."""
 
-    TOOLING: ClassVar[dict[str, tuple[str, str]]] = {"lab": ("migrate.lab.cli", "lab"), "bench": ("migrate.bench.cli", "bench"),
-               "plot": ("migrate.bench.cli", "plot"), "certs": ("migrate.certs", "certs")}
+    TOOLING: ClassVar[dict[str, tuple[str, str]]] = {
+        "lab": ("migrate.lab.cli", "lab"), "bench": ("migrate.bench.cli", "bench"),
+        "plot": ("migrate.bench.cli", "plot"), "certs": ("migrate.certs", "certs")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.TOOLING])

@@ -198,7 +198,8 @@ class Drain:
         return self._clients[dest]
 
     def rooms(self) -> dict[str, int | str]:
-        """Bytes each destination can take now (or why it cannot be asked), less the drain's runs it does not count yet."""
+        """Bytes each destination can take now (or why it cannot be asked), less the drain's runs it does not count
+        yet."""
         rooms: dict[str, int | str] = {}
         for dest in self.dests:
             try:

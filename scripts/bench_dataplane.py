@@ -191,7 +191,8 @@ def main() -> int:
         endpoint = f"127.0.0.1:{int(source.stdout.readline())}"
         for rep in range(args.repeat):
             for case in cases:
-                r = one_run(args.plane, source, endpoint, size, 1.0 if case == "contiguous" else args.fraction, seed=rep)
+                fraction = 1.0 if case == "contiguous" else args.fraction
+                r = one_run(args.plane, source, endpoint, size, fraction, seed=rep)
                 runs[case].append(r)
                 print(f"{case:>10} #{rep + 1}: {r['mib']:7.1f} MiB at {r['mib_s']:7.1f} MiB/s, CPU ms/MiB source "
                       f"{r['src_ms_mib']:.2f} dest {r['dst_ms_mib']:.2f}, {r['pages_per_request']:.0f} pages/request,"

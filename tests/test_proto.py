@@ -30,7 +30,7 @@ def test_generated_code_is_fresh(tmp_path):
     decls = lambda text: [line.rstrip() for line in text.splitlines() if not line.startswith(("from ", "import "))]  # noqa: E731
     fresh_pyi = (tmp_path / "fresh" / "migrate_pb2.pyi").read_text()
     ours_pyi = (ROOT / "migrate" / "proto" / "migrate_pb2.pyi").read_text()
-    assert decls(fresh_pyi) == decls(ours_pyi), "migrate/proto/migrate_pb2.pyi is stale: run python scripts/gen_proto.py"
+    assert decls(fresh_pyi) == decls(ours_pyi), "migrate_pb2.pyi is stale: run python scripts/gen_proto.py"
 
 
 def test_version_mismatch_is_refused():

@@ -67,7 +67,8 @@ def restore_touching_working_set(tmp_path, src, image: Path, *dest_args: str, ma
     image long after the client touched it, on any machine."""
     sock, ws = tmp_path / "uffd.sock", dest_args[dest_args.index("--record-ws") + 1]
     with LocalAgent("dest", "--uffd-socket", str(sock), "--restore-from", src.address, "--image", "snap",
-                    "--data-plane", "native", "--max-bandwidth", max_bandwidth, *dest_args, log_path=str(tmp_path / "dst.log")):
+                    "--data-plane", "native", "--max-bandwidth", max_bandwidth, *dest_args,
+                    log_path=str(tmp_path / "dst.log")):
         client = subprocess.Popen([str(c_client(tmp_path, "uffd_ws_client")), str(sock), str(image), "11", "10"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:

@@ -313,7 +313,8 @@ class IncomingRun:
         self._watcher.start()
 
     def _start_policy(self, bulk: BulkLoop | NativeBulk | None) -> None:
-        """Run the policy (or a plain recorder) beside the paths; its first decision is queued before the bulk starts."""
+        """Run the policy (or a plain recorder) beside the paths; its first decision is queued before the bulk
+        starts."""
         faults = self.paths.get("faults")
         if faults is None or (self._policy is None and not self._record_ws):
             return

@@ -209,7 +209,8 @@ class Runner:
         except OSError:
             return False
         conn.settimeout(None)
-        hello = json.dumps({"event": "rejoined", "pid": os.getpid(), "regions": [r.to_wire() for r in self.regions]}).encode() + b"\n"
+        hello = json.dumps({"event": "rejoined", "pid": os.getpid(),
+                            "regions": [r.to_wire() for r in self.regions]}).encode() + b"\n"
         socket.send_fds(conn, [hello], [self.uffd.fd, self.memfd])
         with self.send_lock:
             self.sock.close()

@@ -39,7 +39,8 @@ class PolicySpec:
         return self.name in BUILTINS
 
     def require_builtin(self) -> None:
-        """PolicyError unless a built-in: an agent imports a user's module only when started to (--allow-policy-modules)."""
+        """PolicyError unless a built-in: an agent imports a user's module only when started to
+        (--allow-policy-modules)."""
         if not self.builtin:
             raise PolicyError(f"policy {self.name} is a module:Class, and this destination agent loads none; "
                               f"start it with --allow-policy-modules, or use one of {', '.join(BUILTINS)}")
