@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import zstandard
@@ -106,7 +107,7 @@ class PagesClient:
         return raw
 
 
-def add_pages_servicer(servicer: object, server: grpc.Server) -> None:
+def add_pages_servicer(servicer: Any, server: grpc.Server) -> None:
     """Register a Pages servicer whose methods yield EncodedBatch.wire bytes.
 
     The bytes go out as they are: no PageBatch message is built and
@@ -205,7 +206,7 @@ class BatchEncoder:
             if len(packed) < _WORTH_IT * len(data):
                 header.encoding = pb.ZSTD
                 payload = packed
-        parts = [header.SerializeToString()]
+        parts: list[bytes | memoryview] = [header.SerializeToString()]
         if len(payload):
             parts += [_DATA_KEY, pages.varint(len(payload)), payload]
         return EncodedBatch(b"".join(parts), count, header.encoding == pb.ZSTD)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, fields
+from typing import Any
 
 import grpc
 
@@ -61,7 +62,7 @@ class Credentials:
         from cryptography import x509  # only when TLS is configured: a slow import
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-        loaded = {}
+        loaded: dict[str, Any] = {}
         for path, what, load in ((self.cert, "certificate", x509.load_pem_x509_certificates),
                                  (self.ca, "CA certificate", x509.load_pem_x509_certificates),
                                  (self.key, "private key", lambda data: load_pem_private_key(data, None))):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from migrate import errors, stats
 from migrate._native import ffi, lib
@@ -60,7 +62,7 @@ class _Handle:
         self._finalizer()
 
 
-def _free(handle: object, owned: list[object]) -> None:
+def _free(handle: Any, owned: list[Any]) -> None:
     lib.mig_dpd_free(handle)
     for obj in owned:
         close = getattr(obj, "close", None)
@@ -68,7 +70,7 @@ def _free(handle: object, owned: list[object]) -> None:
             close()
 
 
-def _open(kind: str, endpoint: str, create: object) -> object:
+def _open(kind: str, endpoint: str, create: Callable[..., Any]) -> Any:
     """Call a C constructor that connects (create(host, port, err, err_len)); ConnectionError if it cannot."""
     host, port = split_endpoint(endpoint)
     err = ffi.new("char[]", _ERR_LEN)
@@ -234,7 +236,7 @@ class NativeFaultLoop(_Path):
                  recovery_timeout: float) -> None:
         self._bulk = bulk  # kept alive while this path may move its cursor
         self._mem = mem  # and the address space its C thread reads and installs into
-        owned: list[object] = []
+        owned: list[Any] = []
         if bulk is not None:
             asked = bulk.asked
         else:

@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from migrate import spawn
 from migrate.names import GuestKind, Workload, parse
@@ -107,7 +107,7 @@ class _Adopted:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
             time.sleep(0.02)
         return 0
 
@@ -140,7 +140,7 @@ class GuestProcess:
     it belongs to the caller from then on (GuestProcess never closes it).
     """
 
-    def __init__(self, spec: GuestSpec, proc: subprocess.Popen, sock: socket.socket) -> None:
+    def __init__(self, spec: GuestSpec, proc: subprocess.Popen | _Adopted, sock: socket.socket) -> None:
         self.spec = spec
         self.pid = proc.pid
         self.uffd: int | None = None
@@ -305,7 +305,7 @@ class GuestProcess:
         event = msg.get("event")
         if event is None:
             with self._lock:
-                slot = self._pending.get(msg.get("id"))
+                slot = self._pending.get(msg.get("id", -1))
             if slot is not None:
                 slot.reply = msg
                 slot.done.set()
@@ -338,7 +338,7 @@ class GuestProcess:
             pass
         self._err_reader.join(0.5)
 
-    def _raise_dead(self, what: str, timeout: float) -> None:
+    def _raise_dead(self, what: str, timeout: float) -> NoReturn:
         if self._eof.is_set() or self._proc.poll() is not None:
             self._proc_wait(1.0)
             raise RuntimeError(f"guest runner {self.pid} {what}: it exited{self._why()}")

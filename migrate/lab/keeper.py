@@ -109,6 +109,7 @@ def main() -> None:
             f.close()
         for p in reversed(procs):  # agents first: they stop their guests
             p.stop()
+        assert janitor.stdin is not None
         janitor.stdin.close()  # the janitor now deletes the namespaces and the state file
         janitor.wait()
 
