@@ -113,7 +113,7 @@ def add_pages_servicer(servicer: Any, server: grpc.Server) -> None:
     The bytes go out as they are: no PageBatch message is built and
     serialized again, which would copy every megabyte twice more.
     """
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler] = {
         "Fetch": grpc.stream_stream_rpc_method_handler(servicer.Fetch, request_deserializer=pb.PageRequest.FromString),
         "Bulk": grpc.stream_stream_rpc_method_handler(servicer.Bulk, request_deserializer=pb.BulkRequest.FromString),
     }
@@ -281,7 +281,7 @@ class BatchDecoder:
         self._page_size = page_size
         self._local = _ParseBuffers()
 
-    def install(self, raw: bytes, reader: FaultReader, bitmap: SharedBitmap) -> InstalledBatch:
+    def install(self, raw: bytes | memoryview, reader: FaultReader, bitmap: SharedBitmap) -> InstalledBatch:
         """Check and install the batch in `raw`; raises BatchError (refused) or OSError.
 
         A raw batch is parsed, checked and installed by one native call:
@@ -322,7 +322,7 @@ class BatchDecoder:
         return InstalledBatches([(ids[2 * i], ids[2 * i + 1]) for i in range(n)], install_stats(buf.stats),
                                 int(buf.pos[0]), err)
 
-    def decode(self, raw: bytes) -> DecodedBatch:
+    def decode(self, raw: bytes | memoryview) -> DecodedBatch:
         """The batch in `raw`, checked (shape, size, checksum); raises BatchError."""
         buf = self._local
         with ffi.from_buffer("uint8_t[]", raw) as src:

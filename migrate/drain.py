@@ -227,7 +227,7 @@ class Drain:
         rooms = self.rooms()
         free = {d: r for d, r in rooms.items() if isinstance(r, int)}
         if free:
-            best = max(free, key=free.get)
+            best = max(free, key=free.__getitem__)
             why = f"most free: {format_size(free[best])} at {best}"
         else:
             why = "; ".join(f"{d}: {r}" for d, r in rooms.items())
@@ -257,6 +257,7 @@ class Drain:
 
     def _migrate(self, outcome: Outcome) -> None:
         """One guest's run (in its own thread)."""
+        assert outcome.opts is not None, "set when the run is started"
         try:
             outcome.report = orchestrator.migrate(outcome.name, self.src, outcome.dest, outcome.opts,
                                                   on_status=lambda st: setattr(outcome, "status", st),
@@ -308,6 +309,7 @@ class Drain:
         """Give every active run its share: the next steps of its run, and its bulk path on the destination."""
         share = self.share()
         for outcome in self.active_runs():
+            assert outcome.opts is not None, "set when the run is started"
             outcome.opts.max_bandwidth = share  # read by its next pre-copy round or its start
             st = outcome.status
             if not self.max_bandwidth or st is None or st.phase != Phase.RUNNING or outcome.applied_bandwidth == share:

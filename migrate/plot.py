@@ -157,7 +157,8 @@ def _throughput_panel(ax, doc: dict, baseline: dict | None) -> None:
         # the baseline's clock starts at its launch; the migrated guest was launched launch_offset_s earlier
         xs, ys = _rates(baseline["progress"], shift=-doc.get("launch_offset_s", 0.0))
         end = max((p["t_s"] for p in prog), default=0.0)  # only the stretch the migrated run covers
-        xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if x <= end]) if any(x <= end for x in xs) else ([], [])
+        kept = [(x, y) for x, y in zip(xs, ys) if x <= end]
+        xs, ys = [x for x, _ in kept], [y for _, y in kept]
         ax.plot(xs, [y / 1e6 for y in ys], color="gray", linestyle="--", linewidth=1.4,
                 label="unmigrated baseline")
     elif doc["guest"].get("ops_per_s_before"):
