@@ -202,6 +202,7 @@ class ControlService(pb_grpc.ControlServicer):
         if not self._journaled(run):
             return
         g = run.guest
+        assert self.journal is not None and g.backing is not None  # what _journaled checked
         self.journal.save(run.run_id, {"side": "out", "run_id": run.run_id, "name": g.name, "spec": g.spec.to_dict(),
                                        "backing": g.backing.name, "backing_dir": g.backing.dir.path,
                                        "content": g.content, "data_plane": run.plane.value,
@@ -278,6 +279,7 @@ class ControlService(pb_grpc.ControlServicer):
         run.journal = self.journal
         try:
             ms = run.prepare(mode)
+            assert run.guest is not None  # prepare() made it
             self.guests.adopt(run.guest)
         except BaseException:
             run.close()
@@ -359,6 +361,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     def rejoin_runs(self) -> None:
         """Take over the runs a dead predecessor journaled: serve outgoing ones, finish incoming ones."""
+        if self.journal is None:  # no --state-dir: nothing was journaled
+            return
         for record in self.journal.records():
             if record.get("side") == "out":
                 self._serve_again(record)
@@ -369,6 +373,7 @@ class ControlService(pb_grpc.ControlServicer):
                 log.error("cannot resume incoming run %s: %s", record.get("run_id"), err)
                 self.journal.drop(str(record.get("run_id")))
                 continue
+            assert run.guest is not None  # rejoin() made it
             self.guests.adopt(run.guest)
             with self.lock:
                 self.incoming[run.run_id] = run
@@ -376,6 +381,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     def _serve_again(self, record: dict) -> None:
         """Serve a switched-over file-backed guest's pages again: same run, same plane, port and key."""
+        assert self.journal is not None  # rejoin_runs() reads records from it
         try:
             guest = self.guests.restore_switched(record)
         except (OSError, ValueError, KeyError) as err:
@@ -412,9 +418,9 @@ class ControlService(pb_grpc.ControlServicer):
         with self.lock:
             runs = list(self.incoming.values())
             self.incoming.clear()
-        for run in runs:
-            run.abort("agent shutting down")
-            run.close()
+        for incoming in runs:
+            incoming.abort("agent shutting down")
+            incoming.close()
         self.guests.close_all(keep_backing=keep)
 
 
