@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from migrate import errors, stats
@@ -147,11 +147,11 @@ class NativeBulk(_Path):
         lib.mig_dpd_jump(self._path.h, page)
 
     @property
-    def handle(self) -> object:
+    def handle(self) -> Any:
         """The C path, for a native fault path to move its cursor."""
         return self._path.h
 
-    def plan(self, ranges: list[tuple[int, int]]) -> int:
+    def plan(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Queue ranges to ask next, before the cursor's; returns how many the bounded queue took."""
         flat = ffi.new("uint64_t[]", [v for r in ranges[:lib.MIG_DPD_PLAN_RUNS] for v in r])
         return int(lib.mig_dpd_plan(self._path.h, flat, min(len(ranges), lib.MIG_DPD_PLAN_RUNS)))

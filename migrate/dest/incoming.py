@@ -77,7 +77,7 @@ class IncomingRun:
         self.uffd: Uffd | None = None
         self.regions: list[Region] = []
         self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
-        self.mode = Mode.POSTCOPY
+        self.mode: str = Mode.POSTCOPY
         self.precopy: PrecopyPuller | NativePrecopy | None = None
         self._asked: SharedBitmap | None = None  # pages asked for, shared by the gRPC paths
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
@@ -140,9 +140,11 @@ class IncomingRun:
             self.bitmap = SharedBitmap.create(self.page_count)
             self.phase = Phase.PREPARED
         else:
+            assert proc.uffd is not None  # a restore=True runner hands over its uffd
             self.attach(proc.uffd, proc.regions)
             self.start_paths()
         if mode != Mode.POSTCOPY:
+            assert self.bitmap is not None
             r = self.route
             if r.plane is DataPlane.NATIVE:
                 self.precopy = NativePrecopy(fd, self.bitmap, self.spec.page_size, r.data_endpoint, r.data_key,
@@ -182,17 +184,20 @@ class IncomingRun:
         the urgent path asked, nor a gRPC urgent path's prefetch what the
         bulk asked. Asking twice would put pages twice on the wire.
         """
+        assert self.uffd is not None and self.bitmap is not None  # attach() made them
         mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
         r = self.route
         if r.plane is DataPlane.NATIVE:
-            bulk: BulkLoop | NativeBulk = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
-            jump, asked = bulk.jump, bulk.asked
+            native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
+            bulk: BulkLoop | NativeBulk = native
+            jump, asked = native.jump, native.asked
         else:
             self._asked = asked = SharedBitmap.create(self.page_count)
             bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout, asked)
             jump = bulk.planner.jump
         self.paths["bulk"] = bulk
         if r.fault_path is FaultPath.NATIVE:
+            assert isinstance(bulk, NativeBulk)  # planes.fault_path: the native fault path needs the native plane
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
@@ -207,6 +212,7 @@ class IncomingRun:
                 raise errors.FailedPrecondition(f"run {self.run_id} is in {self.mode} mode: it takes no pre-copy")
             if self.phase != Phase.PREPARED:
                 raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
+            assert self.guest is not None and self.bitmap is not None  # prepare() made them
             t0 = time.monotonic()
             if pull:  # the pull rewrites the stale pages: punch out only those it did not
                 unmarked = unmark(self.bitmap, stale)
@@ -230,6 +236,7 @@ class IncomingRun:
         with self._round_lock:
             if self.phase != Phase.PREPARED:
                 raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}, not prepared")
+            assert self.bitmap is not None  # prepare() made it
             t0 = time.monotonic()
             discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size) if self.guest else (0, 0)
             t1 = time.monotonic()
@@ -260,6 +267,7 @@ class IncomingRun:
     def _launch(self, no_push: bool, max_bandwidth: int) -> BulkLoop | NativeBulk | None:
         """Start the policy and let the bulk path go (or stop it: --no-push); the guest may still be stopped."""
         bulk = self.paths.get("bulk")
+        assert bulk is None or isinstance(bulk, BulkLoop | NativeBulk)
         if bulk is not None and no_push:
             bulk.stop()
             del self.paths["bulk"]
@@ -293,6 +301,7 @@ class IncomingRun:
         deadline, i = time.monotonic() + BEFORE_RESUME_LIMIT, 0
         while i < len(ranges):
             first, count = ranges[i]
+            assert self.bitmap is not None and bulk is not None  # ranges are empty without a bulk path
             if self.bitmap.next_clear(first) >= first + count:
                 i += 1
                 continue
@@ -318,6 +327,7 @@ class IncomingRun:
         faults = self.paths.get("faults")
         if faults is None or (self._policy is None and not self._record_ws):
             return
+        assert isinstance(faults, FaultLoop | NativeFaultLoop)
         spec, policy = self._policy if self._policy is not None else (PolicySpec("none"), Policy())
         info = RunInfo(self.page_count, self.spec.page_size, tuple(self._working_set))
         self._runner = PolicyRunner(policy, str(spec), info, faults, bulk, record=self._record_ws)
@@ -338,6 +348,7 @@ class IncomingRun:
                 self._save_record()
 
     def _save_record(self) -> None:
+        assert self.journal is not None  # _record() checked
         self.journal.save(self.run_id, {
             "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
             **self.route.to_dict(), "recovery_timeout": self.recovery_timeout, "phase": self.phase,
@@ -378,7 +389,9 @@ class IncomingRun:
         running = record["phase"] == Phase.RUNNING
         run.guest = HostedGuest(run.name, run.spec, "runner", memfd, proc,
                                 state="running" if running else "migrating-in", run_id=run.run_id)
+        assert proc.uffd is not None  # a rejoined runner hands over its uffd
         run.attach(proc.uffd, proc.regions)
+        assert run.bitmap is not None  # attach() made it
         for first, count in resident_ranges(memfd, run.spec.size, run.spec.page_size):
             run.bitmap.set_range(first, count)
         run.start_paths()
@@ -398,9 +411,11 @@ class IncomingRun:
         tell now. Counting them apart keeps the report adding up exactly.
         """
         accounted = sum(self._before[key] for key in ("before_resume", "pushed", "faulted", "recovered"))
+        assert self.bitmap is not None  # attach() made it
         self._before["recovered"] += max(self.bitmap.count() - accounted, 0)
 
     def _watch(self) -> None:
+        assert self.bitmap is not None  # watched from the start on, after prepare()
         recorded = time.monotonic()
         while self.phase == Phase.RUNNING:
             if time.monotonic() - recorded > _JOURNAL_EVERY:  # a restarted agent counts on from here
@@ -421,6 +436,7 @@ class IncomingRun:
         for w in self.paths.values():
             w.stop()
         for r in self.regions:
+            assert self.uffd is not None  # attach() adds regions with the uffd
             try:
                 self.uffd.unregister(r.base, r.size)
             except OSError:
