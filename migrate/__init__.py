@@ -64,12 +64,12 @@ if TYPE_CHECKING:  # the same names for type checkers ("X as X": re-exported)
     from migrate.errors import TimedOut as TimedOut
     from migrate.errors import Unauthenticated as Unauthenticated
     from migrate.names import Content as Content
+    from migrate.names import DataPlane as DataPlane
+    from migrate.names import FaultPath as FaultPath
     from migrate.names import GuestKind as GuestKind
     from migrate.names import Mode as Mode
     from migrate.names import Phase as Phase
     from migrate.names import Workload as Workload
-    from migrate.names import DataPlane as DataPlane
-    from migrate.names import FaultPath as FaultPath
     from migrate.records import AgentInfo as AgentInfo
     from migrate.records import Capacity as Capacity
     from migrate.records import GuestInfo as GuestInfo

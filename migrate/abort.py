@@ -24,9 +24,9 @@ source: aborting is always safe.
 from __future__ import annotations
 
 from migrate.client import AgentClient
+from migrate.errors import AgentError, FailedPrecondition
 from migrate.names import Phase
 from migrate.proto import migrate_pb2 as pb
-from migrate.errors import AgentError, FailedPrecondition
 from migrate.security import Credentials
 
 
@@ -56,8 +56,8 @@ def abort(name: str, src: str, dst: str = "", *, force: bool = False,
         run = pb.RunRef(run_id=info.run_id)
         switched = info.state == "migrating-out"
         if switched and not info.pid:
-            raise FailedPrecondition(f"the source {src} holds guest {name!r}'s memory but no runner to resume it (its agent "
-                             f"restarted after the switchover): finish the migration with "
+            raise FailedPrecondition(f"the source {src} holds guest {name!r}'s memory but no runner to resume it "
+                             f"(its agent restarted after the switchover): finish the migration with "
                              f"`{command(name, src, dst or 'DST', resume=True)}`")
         dest_note = _abort_incoming(name, run, src, dst, switched=switched, force=force, credentials=credentials)
         source.call("AbortOutgoing", run)
@@ -72,16 +72,17 @@ def _abort_incoming(name: str, run: pb.RunRef, src: str, dst: str, *, switched: 
     """
     if not dst:
         if switched and not force:
-            raise FailedPrecondition(f"guest {name!r} has switched over and may run on the destination: name it with --to "
-                             f"so its run can be checked and stopped (or --force if it is gone for good)")
+            raise FailedPrecondition(f"guest {name!r} has switched over and may run on the destination: name it "
+                             f"with --to so its run can be checked and stopped (or --force if it is gone for good)")
         return " (the destination was not told: pass --to to clean it up)" if not switched else \
             " (the destination was not checked: --force)"
     try:
         dest = AgentClient(dst, credentials=credentials)
     except AgentError as err:
         if switched and not force:
-            raise FailedPrecondition(f"cannot reach the destination {dst} ({err}); the guest may run there, so it is not "
-                             f"resumed on the source: if the destination is gone for good, add --force") from None
+            raise FailedPrecondition(f"cannot reach the destination {dst} ({err}); the guest may run there, so it "
+                             f"is not resumed on the source: if the destination is gone for good, "
+                             f"add --force") from None
         return f" (the destination {dst} was unreachable)"
     with dest:
         try:
@@ -92,12 +93,12 @@ def _abort_incoming(name: str, run: pb.RunRef, src: str, dst: str, *, switched: 
                                  f"for good") from None
             hosted = {g.name: g for g in dest.call("ListGuests", pb.ListGuestsRequest()).guests}
             if switched and name in hosted and hosted[name].state != "migrating-in":
-                raise FailedPrecondition(f"guest {name!r} runs on the destination {dst} ({hosted[name].state}): resuming "
-                                 f"it on the source would split it in two") from None
+                raise FailedPrecondition(f"guest {name!r} runs on the destination {dst} ({hosted[name].state}): "
+                                 f"resuming it on the source would split it in two") from None
             return f" (the destination {dst} had lost the run)"
         if switched and status.phase == Phase.COMPLETE:
-            raise FailedPrecondition(f"the migration of {name!r} completed: the guest runs on {dst} now; release it on the "
-                             f"source with `{command(name, src, dst, resume=True)}`")
+            raise FailedPrecondition(f"the migration of {name!r} completed: the guest runs on {dst} now; release it "
+                             f"on the source with `{command(name, src, dst, resume=True)}`")
         if switched and status.phase == Phase.RUNNING:
             raise FailedPrecondition(
                 f"guest {name!r} runs on the destination {dst} ({status.pages_received} of {status.pages_total} "

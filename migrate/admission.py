@@ -150,7 +150,8 @@ def _bounded(behavior: Callable, pool: _ClassPool, streaming: bool) -> Callable:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             pool.take_peer_slot(context)
             return behavior(request, context)
-    run.experimental_thread_pool = pool  # grpc's per-method pool (as its health service uses)
+    # grpc's per-method pool (as its health service uses); an attribute grpc reads off the handler function.
+    run.experimental_thread_pool = pool  # type: ignore[attr-defined]
     return run
 
 

@@ -23,11 +23,11 @@ from migrate.backing import BackingDir
 from migrate.batches import add_pages_servicer
 from migrate.dest.capacity import Ledger
 from migrate.dest.incoming import IncomingRun
+from migrate.dest.restore import RestoreOptions, UffdRestoreListener
 from migrate.guest.process import GuestSpec
+from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.journal import Journal
 from migrate.metrics import MetricsServer
-from migrate.dest.restore import RestoreOptions, UffdRestoreListener
-from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.source.outgoing import OutgoingRun, OutgoingRuns, UrgentPages
@@ -61,7 +61,7 @@ def _rpc(method: Callable) -> Callable:
     code (errors.STATUS), anything else INTERNAL, logged once with its traceback (a bug)."""
 
     @functools.wraps(method)
-    def wrapper(self: "ControlService", request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: ControlService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status
@@ -152,7 +152,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     # ------------------------------------------------------- source side
     @_rpc
-    def PrepareOutgoing(self, request: pb.PrepareOutgoingRequest, context: grpc.ServicerContext) -> pb.PrepareOutgoingReply:
+    def PrepareOutgoing(self, request: pb.PrepareOutgoingRequest,
+                        context: grpc.ServicerContext) -> pb.PrepareOutgoingReply:
         self._need("source")
         guest = self.guests.get(request.name)
         with self.lock:
@@ -201,6 +202,7 @@ class ControlService(pb_grpc.ControlServicer):
         if not self._journaled(run):
             return
         g = run.guest
+        assert self.journal is not None and g.backing is not None  # what _journaled checked
         self.journal.save(run.run_id, {"side": "out", "run_id": run.run_id, "name": g.name, "spec": g.spec.to_dict(),
                                        "backing": g.backing.name, "backing_dir": g.backing.dir.path,
                                        "content": g.content, "data_plane": run.plane.value,
@@ -244,7 +246,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     # -------------------------------------------------- destination side
     @_rpc
-    def PrepareIncoming(self, request: pb.PrepareIncomingRequest, context: grpc.ServicerContext) -> pb.PrepareIncomingReply:
+    def PrepareIncoming(self, request: pb.PrepareIncomingRequest,
+                        context: grpc.ServicerContext) -> pb.PrepareIncomingReply:
         self._need("dest")
         spec = spec_from_pb(request.spec)
         validate.run_id(request.run_id)
@@ -276,6 +279,7 @@ class ControlService(pb_grpc.ControlServicer):
         run.journal = self.journal
         try:
             ms = run.prepare(mode)
+            assert run.guest is not None  # prepare() made it
             self.guests.adopt(run.guest)
         except BaseException:
             run.close()
@@ -357,6 +361,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     def rejoin_runs(self) -> None:
         """Take over the runs a dead predecessor journaled: serve outgoing ones, finish incoming ones."""
+        if self.journal is None:  # no --state-dir: nothing was journaled
+            return
         for record in self.journal.records():
             if record.get("side") == "out":
                 self._serve_again(record)
@@ -367,6 +373,7 @@ class ControlService(pb_grpc.ControlServicer):
                 log.error("cannot resume incoming run %s: %s", record.get("run_id"), err)
                 self.journal.drop(str(record.get("run_id")))
                 continue
+            assert run.guest is not None  # rejoin() made it
             self.guests.adopt(run.guest)
             with self.lock:
                 self.incoming[run.run_id] = run
@@ -374,6 +381,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     def _serve_again(self, record: dict) -> None:
         """Serve a switched-over file-backed guest's pages again: same run, same plane, port and key."""
+        assert self.journal is not None  # rejoin_runs() reads records from it
         try:
             guest = self.guests.restore_switched(record)
         except (OSError, ValueError, KeyError) as err:
@@ -410,9 +418,9 @@ class ControlService(pb_grpc.ControlServicer):
         with self.lock:
             runs = list(self.incoming.values())
             self.incoming.clear()
-        for run in runs:
-            run.abort("agent shutting down")
-            run.close()
+        for incoming in runs:
+            incoming.abort("agent shutting down")
+            incoming.close()
         self.guests.close_all(keep_backing=keep)
 
 

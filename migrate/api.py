@@ -17,8 +17,21 @@ from migrate import errors, orchestrator, records
 from migrate.client import CONNECT_TIMEOUT, AgentClient
 from migrate.names import Content, GuestKind, Mode, Workload
 from migrate.proto import migrate_pb2 as pb
-from migrate.records import (AgentInfo, Capacity, DirtySet, GuestInfo, MigrationStatus, Outgoing, PrecopyRound,
-                             Prepared, SnapshotProgress, SourceStats, Spec, Started, Switchover)
+from migrate.records import (
+    AgentInfo,
+    Capacity,
+    DirtySet,
+    GuestInfo,
+    MigrationStatus,
+    Outgoing,
+    PrecopyRound,
+    Prepared,
+    SnapshotProgress,
+    SourceStats,
+    Spec,
+    Started,
+    Switchover,
+)
 from migrate.report import Report
 from migrate.security import Credentials
 from migrate.units import parse_size

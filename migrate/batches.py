@@ -11,14 +11,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import zstandard
 
 from migrate import pages
-from migrate.errors import os_error
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
+from migrate.errors import os_error
 from migrate.proto import migrate_pb2 as pb
 from migrate.uffd import FaultReader, InstallStats, install_stats
 
@@ -106,13 +107,13 @@ class PagesClient:
         return raw
 
 
-def add_pages_servicer(servicer: object, server: grpc.Server) -> None:
+def add_pages_servicer(servicer: Any, server: grpc.Server) -> None:
     """Register a Pages servicer whose methods yield EncodedBatch.wire bytes.
 
     The bytes go out as they are: no PageBatch message is built and
     serialized again, which would copy every megabyte twice more.
     """
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler] = {
         "Fetch": grpc.stream_stream_rpc_method_handler(servicer.Fetch, request_deserializer=pb.PageRequest.FromString),
         "Bulk": grpc.stream_stream_rpc_method_handler(servicer.Bulk, request_deserializer=pb.BulkRequest.FromString),
     }
@@ -205,7 +206,7 @@ class BatchEncoder:
             if len(packed) < _WORTH_IT * len(data):
                 header.encoding = pb.ZSTD
                 payload = packed
-        parts = [header.SerializeToString()]
+        parts: list[bytes | memoryview] = [header.SerializeToString()]
         if len(payload):
             parts += [_DATA_KEY, pages.varint(len(payload)), payload]
         return EncodedBatch(b"".join(parts), count, header.encoding == pb.ZSTD)
@@ -280,7 +281,7 @@ class BatchDecoder:
         self._page_size = page_size
         self._local = _ParseBuffers()
 
-    def install(self, raw: bytes, reader: FaultReader, bitmap: SharedBitmap) -> InstalledBatch:
+    def install(self, raw: bytes | memoryview, reader: FaultReader, bitmap: SharedBitmap) -> InstalledBatch:
         """Check and install the batch in `raw`; raises BatchError (refused) or OSError.
 
         A raw batch is parsed, checked and installed by one native call:
@@ -321,7 +322,7 @@ class BatchDecoder:
         return InstalledBatches([(ids[2 * i], ids[2 * i + 1]) for i in range(n)], install_stats(buf.stats),
                                 int(buf.pos[0]), err)
 
-    def decode(self, raw: bytes) -> DecodedBatch:
+    def decode(self, raw: bytes | memoryview) -> DecodedBatch:
         """The batch in `raw`, checked (shape, size, checksum); raises BatchError."""
         buf = self._local
         with ffi.from_buffer("uint8_t[]", raw) as src:

@@ -45,7 +45,7 @@ def make(directory: str | Path, hosts: list[str], *, days: int = 30, name: str =
             sans.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
         except ValueError:
             sans.append(x509.DNSName(host))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey,
              *extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from migrate import orchestrator
 from migrate.client import AgentClient
+from migrate.errors import AgentError, TimedOut
 from migrate.names import Mode, Phase
 from migrate.proto import migrate_pb2 as pb
-from migrate.errors import AgentError, TimedOut
 from migrate.security import Credentials
 from migrate.units import MiB
 

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import click
 
@@ -22,10 +22,12 @@ from migrate import api, errors, logs, orchestrator, planes, report, validate
 from migrate.guest.kvm import MAX_VCPUS as KVM_MAX_VCPUS
 from migrate.names import FINISHED, Content, DataPlane, FaultPath, GuestKind, Mode, Phase, Workload, choices
 from migrate.records import MigrationStatus, SnapshotProgress
-from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.security import ENV, Credentials, listen_policy
+from migrate.source.bulk_server import COMPRESS_POLICIES
 from migrate.units import MiB, format_size, parse_rate, parse_size
 
+if TYPE_CHECKING:
+    from migrate.proto import migrate_pb2 as pb
 
 
 class _Parsed(click.ParamType):
@@ -105,8 +107,9 @@ class _Commands(click.Group):
     certificates) live in their own modules, loaded only when one is asked
     for (or listed by --help): agents and `migrate run` never import them."""
 
-    TOOLING: ClassVar[dict[str, tuple[str, str]]] = {"lab": ("migrate.lab.cli", "lab"), "bench": ("migrate.bench.cli", "bench"),
-               "plot": ("migrate.bench.cli", "plot"), "certs": ("migrate.certs", "certs")}
+    TOOLING: ClassVar[dict[str, tuple[str, str]]] = {
+        "lab": ("migrate.lab.cli", "lab"), "bench": ("migrate.bench.cli", "bench"),
+        "plot": ("migrate.bench.cli", "plot"), "certs": ("migrate.certs", "certs")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.TOOLING])
@@ -295,6 +298,7 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
     restore = None
     if uffd_socket:
         from migrate.dest.restore import RestoreOptions  # the agent's side pulls in the native layer
+        assert restore_from and image  # a usage error above otherwise
         restore = RestoreOptions(uffd_socket, restore_from, image, plane, policy, record_ws, max_bandwidth)
         try:
             restore.check()
@@ -461,7 +465,7 @@ class _StderrLine:
 class ProgressLine(_StderrLine):
     """One line of migration progress on stderr: pages in, MB/s, faults."""
 
-    def __call__(self, st: MigrationStatus) -> None:
+    def __call__(self, st: MigrationStatus | pb.MigrationStatus) -> None:  # the API's record or the agent's message
         final = st.phase in FINISHED
         if not self._due(final):
             return
@@ -645,7 +649,7 @@ def drain_cmd(src: str, dsts: tuple[str, ...], parallel: int, max_bandwidth: int
     if report_dir:
         click.echo(f"reports written to {report_dir}")
     left = [o for o in outcomes if not o.moved]
-    bad = [o.name for o in outcomes if o.moved and o.report.get("verified") is False]
+    bad = [o.name for o in outcomes if o.moved and (o.report or {}).get("verified") is False]
     if left:
         raise click.ClickException(f"{len(left)} of {len(outcomes)} guest(s) not moved: "
                                    + "; ".join(f"{o.name} ({o.error})" for o in left))
@@ -654,7 +658,7 @@ def drain_cmd(src: str, dsts: tuple[str, ...], parallel: int, max_bandwidth: int
 class SnapshotLine(_StderrLine):
     """One line of snapshot progress on stderr: pages saved, MiB/s, WP faults, guest blocked."""
 
-    def __call__(self, p: SnapshotProgress) -> None:
+    def __call__(self, p: SnapshotProgress | pb.SnapshotProgress) -> None:
         final = p.phase != Phase.RUNNING
         if not self._due(final):
             return

@@ -57,7 +57,7 @@ class AgentClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "AgentClient":
+    def __enter__(self) -> AgentClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from migrate import orchestrator
 from migrate.client import AgentClient
+from migrate.errors import KernelFeatureMissing, TimedOut
 from migrate.local import LocalAgent
 from migrate.names import GuestKind
 from migrate.proto import migrate_pb2 as pb
-from migrate.errors import KernelFeatureMissing, TimedOut
 
 #: The guest's pace: it runs for about RUN_SECONDS when left alone.
 OPS_PER_SEC = 400_000

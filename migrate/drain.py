@@ -99,7 +99,7 @@ class Drain:
 
     def __init__(self, src: str, dests: list[str], opts: RunOptions, *, parallel: int = 2,
                  max_bandwidth: int = 0, report_dir: str = "", credentials: Credentials | None = None,
-                 on_tick: Callable[["Drain"], None] | None = None) -> None:
+                 on_tick: Callable[[Drain], None] | None = None) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         if not dests:
@@ -198,7 +198,8 @@ class Drain:
         return self._clients[dest]
 
     def rooms(self) -> dict[str, int | str]:
-        """Bytes each destination can take now (or why it cannot be asked), less the drain's runs it does not count yet."""
+        """Bytes each destination can take now (or why it cannot be asked), less the drain's runs it does not count
+        yet."""
         rooms: dict[str, int | str] = {}
         for dest in self.dests:
             try:
@@ -226,7 +227,7 @@ class Drain:
         rooms = self.rooms()
         free = {d: r for d, r in rooms.items() if isinstance(r, int)}
         if free:
-            best = max(free, key=free.get)
+            best = max(free, key=free.__getitem__)
             why = f"most free: {format_size(free[best])} at {best}"
         else:
             why = "; ".join(f"{d}: {r}" for d, r in rooms.items())
@@ -256,6 +257,7 @@ class Drain:
 
     def _migrate(self, outcome: Outcome) -> None:
         """One guest's run (in its own thread)."""
+        assert outcome.opts is not None, "set when the run is started"
         try:
             outcome.report = orchestrator.migrate(outcome.name, self.src, outcome.dest, outcome.opts,
                                                   on_status=lambda st: setattr(outcome, "status", st),
@@ -307,6 +309,7 @@ class Drain:
         """Give every active run its share: the next steps of its run, and its bulk path on the destination."""
         share = self.share()
         for outcome in self.active_runs():
+            assert outcome.opts is not None, "set when the run is started"
             outcome.opts.max_bandwidth = share  # read by its next pre-copy round or its start
             st = outcome.status
             if not self.max_bandwidth or st is None or st.phase != Phase.RUNNING or outcome.applied_bandwidth == share:

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import grpc
 
+    STATUS: dict[type[AgentError], grpc.StatusCode]  # provided by __getattr__ below, built on first use
+
 
 class MigrateError(Exception):
     """Base of every error the library raises."""

@@ -163,6 +163,7 @@ class GuestTable:
         made = None
         try:
             if backing:
+                assert self.backing_dir is not None  # checked above
                 made, fd = self.backing_dir.create(backing, spec.size)
             else:
                 fd = create_memfd(name, spec.size)

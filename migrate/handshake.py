@@ -24,7 +24,8 @@ import os
 import select
 import socket
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from migrate.uffd.region import Region
 

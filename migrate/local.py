@@ -11,9 +11,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import IO
 
 from migrate import spawn
-
 
 _START_TIMEOUT = 30.0
 
@@ -21,6 +21,7 @@ _START_TIMEOUT = 30.0
 def read_first_line(proc: subprocess.Popen, timeout: float) -> str:
     """The first stdout line of `proc`, or "" if it exits or times out first."""
     deadline = time.monotonic() + timeout
+    assert proc.stdout is not None, "proc needs stdout=PIPE"
     fd = proc.stdout.fileno()
     buf = b""
     while time.monotonic() < deadline:
@@ -48,13 +49,13 @@ class ServiceProcess:
                  env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None,
                  what: str = "") -> None:
         self.what = what or f"{module} {' '.join(args[:2])}".strip()
-        log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        log: IO[bytes] | int = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
                 [*prefix, *spawn.module_argv(module, *args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=log, start_new_session=True, env=spawn.child_env(env), preexec_fn=preexec_fn)
         finally:
-            if log_path:
+            if not isinstance(log, int):
                 log.close()
         line = read_first_line(self.proc, _START_TIMEOUT)
         if not line.startswith("listening on "):
@@ -84,7 +85,7 @@ class ServiceProcess:
         if self.proc.stdout:
             self.proc.stdout.close()
 
-    def __enter__(self) -> "ServiceProcess":
+    def __enter__(self) -> ServiceProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

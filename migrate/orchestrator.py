@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from migrate import abort, convergence, planes, policies, report
-from migrate.policies import workingset
 from migrate.client import AgentClient
-from migrate.planes import PageRoute
-from migrate.proto import migrate_pb2 as pb
 from migrate.errors import AgentError, FailedPrecondition, RunFailed, TimedOut
 from migrate.names import DataPlane, FaultPath, Mode, Phase, parse
+from migrate.planes import PageRoute
+from migrate.policies import workingset
+from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.security import Credentials
 
@@ -264,7 +264,7 @@ def _roll_back(source: AgentClient, dest: AgentClient, run: pb.RunRef, err: Base
 
 def _finish_or_say(source: AgentClient, dest: AgentClient, name: str, run: pb.RunRef, spec: pb.GuestSpec,
                    opts: RunOptions, on_status: Callable[[pb.MigrationStatus], None] | None, t0: float,
-                   src: str) -> "_Ending":
+                   src: str) -> _Ending:
     """_finish, its failures saying how to get out: after the switchover the guest waits on the source."""
     try:
         return _finish(source, dest, name, run, spec, opts, on_status, t0)

@@ -12,8 +12,8 @@ import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from migrate.errors import os_error
 from migrate._native import ffi, lib
+from migrate.errors import os_error
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 

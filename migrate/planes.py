@@ -56,7 +56,7 @@ class PageRoute:
 
     @classmethod
     def offered(cls, source: str, prep: pb.PrepareOutgoingReply, plane: DataPlane,
-                fault_path: FaultPath = FaultPath.GRPC) -> "PageRoute":
+                fault_path: FaultPath = FaultPath.GRPC) -> PageRoute:
         """The route to the page server a source agent reached at `source` (HOST:PORT) offered."""
         from migrate.validate import endpoint_with_port  # validate imports this module
 
@@ -79,7 +79,7 @@ class PageRoute:
                 "data_key": self.data_key.hex(), "fault_path": self.fault_path.value}
 
     @classmethod
-    def from_dict(cls, record: dict) -> "PageRoute":
+    def from_dict(cls, record: dict) -> PageRoute:
         plane = data_plane(record["data_plane"])
         return cls(record["source_endpoint"], record["bulk_endpoint"], plane, record["data_endpoint"],
                    bytes.fromhex(record["data_key"]), fault_path(record["fault_path"], plane))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from typing import Any
 
 from migrate.bench import driver, results
 from migrate.names import Mode
@@ -20,7 +21,7 @@ from migrate.units import MiB
 SOURCE_COLOR, DEST_COLOR, PUSH_COLOR, FAULT_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"
 
 
-def load(path: str) -> tuple[str, object]:
+def load(path: str) -> tuple[str, Any]:
     """("report", dict) for a `migrate run --report` file, ("bench", records) for a bench file or directory."""
     if os.path.isdir(path):
         path = os.path.join(path, driver.RESULTS)
@@ -104,7 +105,8 @@ def _cdf(hist: dict) -> tuple[list[float], list[float]]:
     """Points of a CDF from a log2-µs histogram: x = each bucket's upper edge (µs)."""
     buckets = sorted((int(k), n) for k, n in hist.items())
     total = sum(n for _, n in buckets) or 1
-    xs, ys, acc = [buckets[0][0] if buckets else 1], [0.0], 0
+    xs: list[float] = [buckets[0][0] if buckets else 1]
+    ys, acc = [0.0], 0
     for low, n in buckets:
         acc += n
         xs.append(low * 2)
@@ -155,7 +157,8 @@ def _throughput_panel(ax, doc: dict, baseline: dict | None) -> None:
         # the baseline's clock starts at its launch; the migrated guest was launched launch_offset_s earlier
         xs, ys = _rates(baseline["progress"], shift=-doc.get("launch_offset_s", 0.0))
         end = max((p["t_s"] for p in prog), default=0.0)  # only the stretch the migrated run covers
-        xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if x <= end]) if any(x <= end for x in xs) else ([], [])
+        kept = [(x, y) for x, y in zip(xs, ys) if x <= end]
+        xs, ys = [x for x, _ in kept], [y for _, y in kept]
         ax.plot(xs, [y / 1e6 for y in ys], color="gray", linestyle="--", linewidth=1.4,
                 label="unmigrated baseline")
     elif doc["guest"].get("ops_per_s_before"):

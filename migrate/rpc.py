@@ -238,7 +238,8 @@ class RequestLog(grpc.ServerInterceptor):
         method = details.method
 
         def done(context: grpc.ServicerContext, t0: float, failed: bool) -> None:
-            code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
+            # ServicerContext.code() is grpc's (since 1.38); types-grpcio does not declare it.
+            code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)  # type: ignore[attr-defined]
             fields = {"method": method, "peer": context.peer(), "duration_ms": round((time.monotonic() - t0) * 1e3, 3),
                       "status": code.name}
             log.info("%(method)s from %(peer)s: %(status)s in %(duration_ms).1f ms", fields, extra=fields)
@@ -273,7 +274,8 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         self._metadata = metadata
 
     def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+        # grpc passes its namedtuple _ClientCallDetails: the stubs declare only the abstract class.
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)  # type: ignore[attr-defined]
 
     def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
         return continuation(self._with(details), request)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, fields
+from typing import Any
 
 import grpc
 
@@ -44,7 +45,7 @@ class Credentials:
     token: str = ""
 
     @classmethod
-    def from_env(cls, environ: os._Environ | dict[str, str] | None = None) -> "Credentials":
+    def from_env(cls, environ: os._Environ | dict[str, str] | None = None) -> Credentials:
         env = os.environ if environ is None else environ
         return cls(**{name: env.get(var, "") for name, var in ENV.items()})
 
@@ -61,7 +62,7 @@ class Credentials:
         from cryptography import x509  # only when TLS is configured: a slow import
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-        loaded = {}
+        loaded: dict[str, Any] = {}
         for path, what, load in ((self.cert, "certificate", x509.load_pem_x509_certificates),
                                  (self.ca, "CA certificate", x509.load_pem_x509_certificates),
                                  (self.key, "private key", lambda data: load_pem_private_key(data, None))):

@@ -350,11 +350,11 @@ class Agents:
     source_endpoint: str = ""
 
     @classmethod
-    def local(cls, src: LocalAgent, dst: LocalAgent) -> "Agents":
+    def local(cls, src: LocalAgent, dst: LocalAgent) -> Agents:
         return cls(src.address, dst.address, src.pid, dst.pid)
 
     @classmethod
-    def across(cls, lab: Lab) -> "Agents":
+    def across(cls, lab: Lab) -> Agents:
         r = lab.record
         return cls(lab.source, lab.dest, r["source_pid"], r["dest_pid"], lab.source_endpoint)
 

@@ -97,6 +97,7 @@ def pull(plane: str, endpoint: str, size: int, fraction: float, seed: int) -> No
     """Destination role: restore an idle guest, mark all but a random `fraction` of its pages
     received (all of them missing when fraction is 1), pull the rest on "go", print the result."""
     from migrate._native import lib
+
     from migrate.bitmap import SharedBitmap
     from migrate.dest.bulk import BulkLoop
     from migrate.dest.dataplane import NativeBulk
@@ -190,7 +191,8 @@ def main() -> int:
         endpoint = f"127.0.0.1:{int(source.stdout.readline())}"
         for rep in range(args.repeat):
             for case in cases:
-                r = one_run(args.plane, source, endpoint, size, 1.0 if case == "contiguous" else args.fraction, seed=rep)
+                fraction = 1.0 if case == "contiguous" else args.fraction
+                r = one_run(args.plane, source, endpoint, size, fraction, seed=rep)
                 runs[case].append(r)
                 print(f"{case:>10} #{rep + 1}: {r['mib']:7.1f} MiB at {r['mib_s']:7.1f} MiB/s, CPU ms/MiB source "
                       f"{r['src_ms_mib']:.2f} dest {r['dst_ms_mib']:.2f}, {r['pages_per_request']:.0f} pages/request,"

@@ -95,7 +95,8 @@ def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, paral
                  "push_mib_s": round(push_mib_s(o.report), 1), "prepare_ms": o.report["timings_ms"]["prepare"],
                  "switchover_s": o.report["switchover_s"], "transfer_s": o.report["transfer_s"],
                  "started_s": round(o.started - t0, 3)} if o.moved else {})} for o in outcomes]
-    return {"parallel": parallel, "wall_s": round(wall, 3), "aggregate_mib_s": round(args.guests * args.size / MiB / wall, 1),
+    return {"parallel": parallel, "wall_s": round(wall, 3),
+            "aggregate_mib_s": round(args.guests * args.size / MiB / wall, 1),
             "cpu_ms_per_mib": {"source_agent": cpu[0], "dest_agent": cpu[1]}, "guests": rows}
 
 
@@ -137,7 +138,8 @@ def main() -> None:
         for parallel in (int(p) for p in args.parallel.split(",")):
             result = drain_once(src, dst, args, parallel)
             results.append(result)
-            print(f"\n--parallel {parallel}: drained {args.guests} x {args.size // MiB} MiB in {result['wall_s']:.2f} s")
+            print(f"\n--parallel {parallel}: drained {args.guests} x {args.size // MiB} MiB "
+                  f"in {result['wall_s']:.2f} s")
             print(f"  {'GUEST':10} {'START':>7} {'PREPARE':>9} {'RESUMED':>8} {'TRANSFER':>9} {'TOTAL':>8} "
                   f"{'BLOCKED':>9} {'PUSH':>11}")
             for g in result["guests"]:

@@ -12,8 +12,9 @@ For each workload, dirty rate and mode, a fresh guest runs on a local source
 agent for --warmup seconds, then migrates to a local destination agent over
 loopback. A dirty rate is the share of RAM the guest writes per second
 (one op writes one page: --ops-per-sec = rate x pages), as users run
-guests; "opsN" runs the guest at N ops/s; "max" is an unthrottled guest writing as fast as one thread can. Modes alternate within each repetition so drift of a shared
-machine hits them alike. Prints one row per (workload, mode) with medians
+guests; "opsN" runs the guest at N ops/s; "max" is an unthrottled guest
+writing as fast as one thread can. Modes alternate within each repetition
+so drift of a shared machine hits them alike. Prints one row per (workload, mode) with medians
 over the repetitions: total time, downtime, bytes on the wire, pages
 faulted, guest blocked time, and the guest's throughput during the
 migration as a fraction of its throughput before. --rounds also prints
@@ -85,13 +86,14 @@ def median(rows: list[dict], key: str) -> float:
 
 
 def table(results: dict[tuple[str, str, str], list[dict]]) -> str:
-    head = (f"{'workload':13} {'dirty/s':>9} {'plane':6} {'mode':9} {'total s':>8} {'downtime ms':>12} {'(min-max)':>14} {'wire MiB':>9} "
-            f"{'faulted':>8} {'blocked ms':>11} {'tput':>6} {'rounds':>6}")
+    head = (f"{'workload':13} {'dirty/s':>9} {'plane':6} {'mode':9} {'total s':>8} {'downtime ms':>12} "
+            f"{'(min-max)':>14} {'wire MiB':>9} {'faulted':>8} {'blocked ms':>11} {'tput':>6} {'rounds':>6}")
     lines = [head, "-" * len(head)]
     for (workload, rate, plane, mode), rows in results.items():
         dts = [r["downtime_ms"] for r in rows]
-        lines.append(f"{workload:13} {rate_label(rate):>9} {plane:6} {mode:9} {median(rows, 'total_s'):8.2f} {median(rows, 'downtime_ms'):12.2f} "
-                     f"{f'({min(dts):.1f}-{max(dts):.1f})':>14} {median(rows, 'wire_mib'):9.0f} "
+        lines.append(f"{workload:13} {rate_label(rate):>9} {plane:6} {mode:9} {median(rows, 'total_s'):8.2f} "
+                     f"{median(rows, 'downtime_ms'):12.2f} {f'({min(dts):.1f}-{max(dts):.1f})':>14} "
+                     f"{median(rows, 'wire_mib'):9.0f} "
                      f"{median(rows, 'faulted'):8.0f} {median(rows, 'blocked_ms'):11.1f} "
                      f"{median(rows, 'throughput'):6.2f} {median(rows, 'rounds'):6.0f}")
     return "\n".join(lines)
@@ -101,8 +103,9 @@ def rounds_text(row: dict) -> str:
     """One run's pre-copy rounds, why it switched and what post-copy had left."""
     pre = row["precopy"]
     lines = [f"    steps (s): {pre.get('stamps', {})}"]
-    lines += [f"    round {r['round']}: sent {r['sent']} pages in {r['seconds']:.3f} s ({r['wall_s']:.3f} s with its scan), "
-             f"{r['dirty']} dirtied meanwhile ({r['dirty_rate']:.0f}/s)" for r in pre["rounds"]]
+    lines += [f"    round {r['round']}: sent {r['sent']} pages in {r['seconds']:.3f} s "
+              f"({r['wall_s']:.3f} s with its scan), {r['dirty']} dirtied meanwhile ({r['dirty_rate']:.0f}/s)"
+              for r in pre["rounds"]]
     lines += [f"    settle: dropped {s['discarded']}, then {s['dirty']} dirty" for s in pre.get("settle", [])]
     if pre.get("switch_reason"):
         lines.append(f"    switched: {pre['switch_reason']}")
@@ -150,7 +153,8 @@ def main() -> int:
                               rate, mode, args.warmup, plane, args.verify, args.precopy_rounds)
                 results[(workload, rate, plane, mode)].append(row)
                 print(f"[{rep + 1}/{args.repeat}] {workload:13} {rate:>4} {plane:6} {mode:9} total "
-                      f"{row['total_s']:.2f} s, downtime {row['downtime_ms']:.2f} ms, blocked {row['blocked_ms']:.0f} ms"
+                      f"{row['total_s']:.2f} s, downtime {row['downtime_ms']:.2f} ms, "
+                      f"blocked {row['blocked_ms']:.0f} ms"
                       f"{'' if row['verified'] is None else ', verified ' + str(row['verified'])}",
                       file=sys.stderr, flush=True)
                 if args.rounds:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Regenerate migrate/proto/*_pb2*.py from proto/migrate.proto.
+"""Regenerate migrate/proto/*_pb2*.py and migrate_pb2.pyi from proto/migrate.proto.
 
 The generated modules are kept in the repository so that installing needs no
-protoc; tests/test_proto.py fails when they are stale. grpc_tools emits a
+protoc; tests/test_proto.py fails when they are stale. The .pyi stub gives
+the message classes to mypy (the runtime module builds them from a descriptor). grpc_tools emits a
 top-level ``import migrate_pb2``; we rewrite it to a package-relative import.
 
 usage: python scripts/gen_proto.py [OUTDIR]   (default: migrate/proto)
@@ -22,6 +23,7 @@ def generate(outdir: Path) -> None:
         "grpc_tools.protoc",
         f"-I{ROOT / 'proto'}",
         f"--python_out={outdir}",
+        f"--pyi_out={outdir}",
         f"--grpc_python_out={outdir}",
         str(ROOT / "proto" / "migrate.proto"),
     ])

@@ -14,8 +14,8 @@ import signal
 import subprocess
 
 import pytest
-
 from by_hand import resumed_on_destination
+
 from migrate import orchestrator, spawn
 from migrate.abort import abort
 from migrate.client import AgentClient

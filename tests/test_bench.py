@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import csv
-import os
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from migrate import spawn
-
 from migrate.bench import driver, summary
 from migrate.bench.matrix import Matrix, load_toml
 

@@ -13,8 +13,7 @@ import grpc
 import pytest
 
 from migrate import pages, rpc
-from migrate.batches import (MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, add_pages_servicer, bulk_request,
-                             unframe)
+from migrate.batches import MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, add_pages_servicer, bulk_request, unframe
 from migrate.proto import migrate_pb2 as pb
 from migrate.source.bulk_server import CALLS, BulkPages
 

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from migrate._native import ffi, lib
 
 from migrate import spawn
-from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.paths import Memory
@@ -346,7 +346,8 @@ class SourceProcess:
     """A DataServer in a child process, to be killed (SIGKILL) mid-stream and started again on its port."""
 
     def __init__(self, memfd: int, size: int, port: int = 0) -> None:
-        argv = [sys.executable, "-P", "-c", SOURCE_SCRIPT.format(page=PAGE), str(memfd), str(size), str(port), KEY.hex()]
+        argv = [sys.executable, "-P", "-c", SOURCE_SCRIPT.format(page=PAGE), str(memfd), str(size), str(port),
+                KEY.hex()]
         self.proc = subprocess.Popen(argv, pass_fds=(memfd,), stdout=subprocess.PIPE, env=spawn.child_env(),
                                      cwd=os.getcwd())
         self.port = int(self.proc.stdout.readline())

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 import zstandard
+from migrate._native import ffi, lib
 
 from migrate import spawn
-from migrate._native import ffi, lib
 from migrate.guest.workloads import Workload
 from migrate.source.dataplane import DataServer
 

@@ -17,8 +17,8 @@ import time
 import types
 
 import pytest
-
 from by_hand import resumed_on_destination
+
 from migrate import abort, orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.dest import bulk

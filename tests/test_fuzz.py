@@ -91,8 +91,11 @@ def messages(cls: type, depth: int = 0) -> st.SearchStrategy:
                 continue
             if isinstance(value, list):
                 target = getattr(msg, name)
-                (target.extend if not value or not hasattr(value[0], "DESCRIPTOR") else
-                 lambda v: [target.add().CopyFrom(x) for x in v])(value)
+                if not value or not hasattr(value[0], "DESCRIPTOR"):
+                    target.extend(value)
+                else:
+                    for x in value:
+                        target.add().CopyFrom(x)
             elif hasattr(value, "DESCRIPTOR"):
                 getattr(msg, name).CopyFrom(value)
             else:

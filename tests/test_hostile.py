@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from conftest import descendants
 
 from migrate import rpc, spawn, validate
 from migrate.admission import CallClass
@@ -28,7 +29,6 @@ from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 from migrate.security import Credentials
 from migrate.source.bulk_server import CALLS as BULK_CALLS
-from conftest import descendants
 
 PAGE = mmap.PAGESIZE
 TOKEN = "hostile-test-token"

@@ -16,6 +16,7 @@ import subprocess
 import time
 
 import pytest
+from test_cli import assert_clean_error, run_cli
 
 from migrate import demo, orchestrator, spawn
 from migrate.client import AgentClient
@@ -23,8 +24,6 @@ from migrate.guest.kvm import IMAGE, KvmError, check_spec, kvm_problem, parse_im
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import create_memfd
 from migrate.proto import migrate_pb2 as pb
-
-from test_cli import assert_clean_error, run_cli
 
 needs_kvm = pytest.mark.skipif(kvm_problem() is not None, reason=str(kvm_problem()))
 needs_image = pytest.mark.skipif(not IMAGE.exists(), reason=f"{IMAGE} not built (python native/build_native.py)")

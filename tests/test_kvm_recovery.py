@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import mmap
 
+from test_kvm import needs_image, needs_kvm, wait_ops
+from test_recovery import (
+    POSTCOPY_OPTIONS,
+    Restarter,
+    migrate_breaking_the_link,
+    migrate_through_a_restart,
+    proxied,  # noqa: F401  (the fixture, used by name)
+)
+
 from migrate import orchestrator
 from migrate.client import AgentClient
 from migrate.local import LocalAgent
 from migrate.proto import migrate_pb2 as pb
-
-from test_kvm import needs_image, needs_kvm, wait_ops
-from test_recovery import POSTCOPY_OPTIONS, Restarter, migrate_breaking_the_link, migrate_through_a_restart
-from test_recovery import proxied  # noqa: F401  (the fixture, used by name)
 
 MiB = 1 << 20
 #: Enough ops that the guest is still at work when it switches over (its vCPUs need seconds of CPU for

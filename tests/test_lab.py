@@ -159,15 +159,15 @@ def test_cli_up_status_down(tmp_path):
     try:
         assert up.returncode == 0, up.stderr
         assert "1gbit, 100us one-way delay" in up.stdout and "--source-endpoint 10.77.0.1:7070" in up.stdout
-        st = subprocess.run(cli + ["status", "--name", name], 
+        st = subprocess.run(cli + ["status", "--name", name],
                             capture_output=True, text=True, timeout=60, env=spawn.child_env())
         assert "running" in st.stdout and "source up, dest up" in st.stdout
-        again = subprocess.run(cli + ["up", "--name", name], 
+        again = subprocess.run(cli + ["up", "--name", name],
                                capture_output=True, text=True, timeout=60, env=spawn.child_env())
         assert again.returncode == 1 and "already up" in again.stderr and "Traceback" not in again.stderr
     finally:
         record = state.load(name)
-        down = subprocess.run(cli + ["down", "--name", name], 
+        down = subprocess.run(cli + ["down", "--name", name],
                               capture_output=True, text=True, timeout=120, env=spawn.child_env())
     assert down.returncode == 0 and f"lab {name} is down" in down.stdout
     assert _gone(record)
@@ -175,7 +175,7 @@ def test_cli_up_status_down(tmp_path):
 
 def test_cli_rejects_bad_input_in_one_line():
     for args in (["up", "--delay", "5parsecs"], ["up", "--name", "Bad_Name"], ["up", "--loss", "120%"]):
-        r = subprocess.run(spawn.module_argv("migrate", "lab", *args), 
+        r = subprocess.run(spawn.module_argv("migrate", "lab", *args),
                            capture_output=True, text=True, env=spawn.child_env())
         assert r.returncode == 2 and "Traceback" not in r.stderr and "Error: Invalid value" in r.stderr, r.stderr
 

@@ -7,10 +7,11 @@ import mmap
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from migrate._native import ffi, lib
+
 from migrate.batches import BatchDecoder, BatchEncoder, BatchError
-from migrate.pages import checksum as digest_of, expand_pages, pack_pages
+from migrate.pages import checksum as digest_of
+from migrate.pages import expand_pages, pack_pages
 from migrate.proto import migrate_pb2 as pb
 
 

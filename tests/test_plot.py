@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-from migrate.plot import _cdf
 from migrate import spawn
+from migrate.plot import _cdf
 
 MiB = 1 << 20
 

@@ -11,15 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
+from test_cli import assert_clean_error, run_cli
+from test_migration import WORKLOADS, migrate_at, spec
 
 from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
 from migrate.policies.base import DEFAULT_PAGES, AdaptiveSize, Neighbourhood, Policy, RunInfo, Tick
 from migrate.policies.runner import PolicyRunner
-from test_cli import assert_clean_error, run_cli
 from migrate.proto import migrate_pb2 as pb
-from test_migration import WORKLOADS, migrate_at, spec
 
 MiB = 1 << 20
 

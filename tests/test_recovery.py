@@ -18,13 +18,13 @@ import threading
 import time
 
 import pytest
-
 from by_hand import resumed_on_destination
 from connect_proxy import ConnectProxy
+
 from migrate import orchestrator, planes
-from migrate.names import DataPlane
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
+from migrate.names import DataPlane
 from migrate.proto import migrate_pb2 as pb
 
 MiB = 1 << 20

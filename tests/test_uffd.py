@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from migrate._native import ffi
 
 from migrate import pages
 from migrate import uffd as U
-from migrate.uffd.pagemap import UNSUPPORTED
-from migrate._native import ffi
 from migrate.bitmap import SharedBitmap
+from migrate.uffd.pagemap import UNSUPPORTED
 
 P = U.PAGE_SIZE
 TIMEOUT_S = 10.0

@@ -11,11 +11,11 @@ import ctypes
 import mmap
 import os
 
+from test_uffd import GuestContext, P, child_dontneed, child_read_pages, content, digest, guest_factory, wait_readable  # noqa: F401
+
 from migrate import pages
 from migrate import uffd as U
 from migrate.bitmap import SharedBitmap
-from test_uffd import (P, GuestContext, child_dontneed, child_read_pages, content, digest,  # noqa: F401
-                             guest_factory, wait_readable)
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.mremap.restype = ctypes.c_void_p

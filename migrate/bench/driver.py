@@ -6,12 +6,11 @@ import os
 import zlib
 from collections.abc import Callable
 
-from migrate.rpc import AgentError
-
 from migrate.bench import runs, summary
 from migrate.bench.hosts import hosts
 from migrate.bench.matrix import Cell, Matrix
 from migrate.bench.results import Results
+from migrate.rpc import AgentError
 
 RESULTS, SUMMARY = "bench.jsonl", "summary.csv"
 
@@ -35,8 +34,8 @@ def run_matrix(m: Matrix, out_dir: str, say: Callable[[str], None]) -> list[dict
     if todo < total:
         say(f"resuming: {total - todo} of {total} runs already in {res.path}")
     step = total - todo
-    for (link, level), group in itertools.groupby(cells, key=lambda c: (c.link, c.level)):
-        group = [c for c in group if _pending(res, c, m.reps)]
+    for (link, level), same_host in itertools.groupby(cells, key=lambda c: (c.link, c.level)):
+        group = [c for c in same_host if _pending(res, c, m.reps)]
         if not group:
             continue
         say(f"starting agents for link {link}, zstd level {level}")

@@ -6,11 +6,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from migrate.bench.matrix import LOOPBACK
 from migrate.lab.lifecycle import Lab
 from migrate.lab.link import LinkSpec
 from migrate.local import LocalAgent
-
-from migrate.bench.matrix import LOOPBACK
 
 
 @dataclass(frozen=True)

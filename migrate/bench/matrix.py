@@ -52,7 +52,7 @@ class Matrix:
     switch_at: float = 0.25     # migrate once the guest did this fraction of its ops
     content: str = Content.REALISTIC  # initial guest RAM: realistic or random
 
-    def check(self) -> "Matrix":
+    def check(self) -> Matrix:
         """Raise ValueError (one line) for anything that cannot run."""
         for w in self.workloads:
             parse(Workload, w, "workload")
@@ -75,7 +75,7 @@ class Matrix:
         return [Cell(*axes) for axes in
                 itertools.product(self.links, self.levels, self.sizes, self.workloads, self.modes, self.planes)]
 
-    def merged(self, overrides: dict) -> "Matrix":
+    def merged(self, overrides: dict) -> Matrix:
         """This matrix with the given fields replaced (command-line options over a file)."""
         return replace(self, **overrides)
 

@@ -11,13 +11,12 @@ import mmap
 import time
 
 from migrate import orchestrator
-from migrate.client import AgentClient
-from migrate.names import Mode
-from migrate.proto import migrate_pb2 as pb
-from migrate.errors import AgentError, TimedOut
-
 from migrate.bench.hosts import Hosts
 from migrate.bench.matrix import Cell, Matrix
+from migrate.client import AgentClient
+from migrate.errors import AgentError, TimedOut
+from migrate.names import Mode
+from migrate.proto import migrate_pb2 as pb
 
 _FINISH_TIMEOUT = 1800.0
 

@@ -75,7 +75,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         def med(name: str, fmt: str) -> str:
-            v = r[f"{name}_median"]
+            v = r[f"{name}_median"]  # noqa: B023 (called within this iteration only)
             return "-" if v == "" else format(v, fmt)
         lines.append("| " + " | ".join([
             r["link"], r["mode"], r["plane"], r["workload"], str(r["size_mib"]), str(r["level"]),

@@ -14,12 +14,21 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 
 from migrate import rpc, spawn
-from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, Run,
-                             batch_at, bulk_request)
+from migrate.batches import (
+    MAX_BULK_PAGES,
+    MAX_REQUEST_PAGES,
+    MAX_REQUEST_RUNS,
+    BatchDecoder,
+    BatchError,
+    Run,
+    batch_at,
+    bulk_request,
+)
 from migrate.bitmap import SharedBitmap, claim_runs
 from migrate.dest.link import LinkLost, SourceLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
@@ -164,8 +173,8 @@ class BulkPuller:
         self._window_pages = WINDOW_PAGES
         self._t0, self._wire0 = time.monotonic(), 0
         self.set_bandwidth(max_bandwidth)
-        self.counters = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0, "refused": 0,
-                         "requests": 0}
+        self.counters: dict[str, Any] = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0,
+                                         "refused": 0, "requests": 0}
 
     def set_bandwidth(self, max_bandwidth: int) -> None:
         """Pace at `max_bandwidth` bytes/s from now on (0: unlimited).
@@ -434,6 +443,7 @@ class BulkLoop:
 
     def _run(self) -> None:
         spawn.yield_cpu_to_urgent_work()  # this thread, and the installers it starts
+        assert self._puller is not None  # start() made it before this thread
         try:
             self._error = pull(self._puller, self._link, self._stop)
         finally:  # here, not in stop(): a thread still reconnecting must not lose its planner
@@ -470,7 +480,8 @@ class BulkLoop:
         if self._thread is None:
             self._close()
         else:
-            self._puller.stop()
+            if self._puller is not None:  # start() makes it before the thread
+                self._puller.stop()
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self._link.close()

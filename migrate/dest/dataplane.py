@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from migrate import errors, stats
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
-from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import RoundStats
 from migrate.policies.base import SHAPES, Neighbourhood
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 
 _ERR_LEN = 512
 #: Counters every path reports (names as the gRPC paths' `last`).
@@ -60,7 +62,7 @@ class _Handle:
         self._finalizer()
 
 
-def _free(handle: object, owned: list[object]) -> None:
+def _free(handle: Any, owned: list[Any]) -> None:
     lib.mig_dpd_free(handle)
     for obj in owned:
         close = getattr(obj, "close", None)
@@ -68,7 +70,7 @@ def _free(handle: object, owned: list[object]) -> None:
             close()
 
 
-def _open(kind: str, endpoint: str, create: object) -> object:
+def _open(kind: str, endpoint: str, create: Callable[..., Any]) -> Any:
     """Call a C constructor that connects (create(host, port, err, err_len)); ConnectionError if it cannot."""
     host, port = split_endpoint(endpoint)
     err = ffi.new("char[]", _ERR_LEN)
@@ -145,11 +147,11 @@ class NativeBulk(_Path):
         lib.mig_dpd_jump(self._path.h, page)
 
     @property
-    def handle(self) -> object:
+    def handle(self) -> Any:
         """The C path, for a native fault path to move its cursor."""
         return self._path.h
 
-    def plan(self, ranges: list[tuple[int, int]]) -> int:
+    def plan(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Queue ranges to ask next, before the cursor's; returns how many the bounded queue took."""
         flat = ffi.new("uint64_t[]", [v for r in ranges[:lib.MIG_DPD_PLAN_RUNS] for v in r])
         return int(lib.mig_dpd_plan(self._path.h, flat, min(len(ranges), lib.MIG_DPD_PLAN_RUNS)))
@@ -238,7 +240,7 @@ class NativeFaultLoop(_Path):
                  recovery_timeout: float) -> None:
         self._bulk = bulk  # kept alive while this path may move its cursor
         self._mem = mem  # and the address space its C thread reads and installs into
-        owned: list[object] = []
+        owned: list[Any] = []
         if bulk is not None:
             asked = bulk.asked
         else:

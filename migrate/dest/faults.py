@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -67,9 +68,11 @@ class _Stream:
             requests.put(msg)
 
     def send(self, msg: pb.PageRequest) -> None:
+        assert self._requests is not None  # set by reopen() in __init__
         self._requests.put(msg)
 
     def close(self) -> None:
+        assert self._requests is not None
         self._requests.put(None)
 
 
@@ -98,8 +101,8 @@ class FaultServer:
         self._on_bulk: list[tuple[int, int, int]] = []  # faults waiting for a page the bulk has in flight
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
-        self.counters = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0, "requests": 0,
-                         "refused": 0, "prefetched": 0, "prefetch_hits": 0}
+        self.counters: dict[str, Any] = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0,
+                                         "requests": 0, "refused": 0, "prefetched": 0, "prefetch_hits": 0}
         # For a policy (migrate.policies): the faults it has not read yet, the neighbourhood it set
         # (None: the built-in readahead above), and the prefetched pages not yet seen used.
         self.history: collections.deque[int] = collections.deque(maxlen=HISTORY)
@@ -283,7 +286,7 @@ class FaultServer:
                 self._resolve([f for f in self._on_bulk if test(f[0])], now)
                 on_bulk, self._on_bulk = [f for f in self._on_bulk if not test(f[0])], []
                 for page, t_ns, waiters in on_bulk:
-                    if self._asked.test(page):
+                    if self._asked is not None and self._asked.test(page):
                         self._on_bulk.append((page, t_ns, waiters))
                     else:  # the bulk wrote its request off (a link lost): ask for it here
                         self._ask_page(page, t_ns, waiters)

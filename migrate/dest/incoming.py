@@ -26,21 +26,21 @@ import time
 
 from migrate import errors
 from migrate.bitmap import SharedBitmap
-from migrate.journal import Journal, resident_ranges
 from migrate.dest.bulk import PLAN_RUNS, BulkLoop
 from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
 from migrate.dest.paths import Memory, note_events
-from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.dest.precopy import PrecopyPuller, discard, punch_left, unmark
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import HostedGuest, create_memfd
+from migrate.journal import Journal, resident_ranges
 from migrate.names import FINISHED, DataPlane, FaultPath, Mode, Phase
 from migrate.planes import PageRoute
 from migrate.policies import Policy, PolicySpec, parse, workingset
 from migrate.policies.base import RunInfo
 from migrate.policies.runner import PolicyRunner
 from migrate.proto import migrate_pb2 as pb
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 from migrate.uffd import Region, Uffd
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class IncomingRun:
         self.regions: list[Region] = []
         self.paths: dict[str, BulkLoop | NativeBulk | FaultLoop | NativeFaultLoop] = {}
         self._mem: Memory | None = None  # the paths' memory: its region table follows REMAP and UNMAP
-        self.mode = Mode.POSTCOPY
+        self.mode: str = Mode.POSTCOPY
         self.precopy: PrecopyPuller | NativePrecopy | None = None
         self._asked: SharedBitmap | None = None  # pages asked for, shared by the gRPC paths
         self._round_lock = threading.Lock()   # one pre-copy round or start at a time
@@ -142,9 +142,11 @@ class IncomingRun:
             self.bitmap = SharedBitmap.create(self.page_count)
             self.phase = Phase.PREPARED
         else:
+            assert proc.uffd is not None  # a restore=True runner hands over its uffd
             self.attach(proc.uffd, proc.regions)
             self.start_paths()
         if mode != Mode.POSTCOPY:
+            assert self.bitmap is not None
             r = self.route
             if r.plane is DataPlane.NATIVE:
                 self.precopy = NativePrecopy(fd, self.bitmap, self.spec.page_size, r.data_endpoint, r.data_key,
@@ -184,17 +186,20 @@ class IncomingRun:
         the urgent path asked, nor a gRPC urgent path's prefetch what the
         bulk asked. Asking twice would put pages twice on the wire.
         """
+        assert self.uffd is not None and self.bitmap is not None  # attach() made them
         mem = self._mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
         r = self.route
         if r.plane is DataPlane.NATIVE:
-            bulk: BulkLoop | NativeBulk = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
-            jump, asked = bulk.jump, bulk.asked
+            native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
+            bulk: BulkLoop | NativeBulk = native
+            jump, asked = native.jump, native.asked
         else:
             self._asked = asked = SharedBitmap.create(self.page_count)
             bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout, asked)
             jump = bulk.planner.jump
         self.paths["bulk"] = bulk
         if r.fault_path is FaultPath.NATIVE:
+            assert isinstance(bulk, NativeBulk)  # planes.fault_path: the native fault path needs the native plane
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
@@ -209,6 +214,7 @@ class IncomingRun:
                 raise errors.FailedPrecondition(f"run {self.run_id} is in {self.mode} mode: it takes no pre-copy")
             if self.phase != Phase.PREPARED:
                 raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}: pre-copy ends at switchover")
+            assert self.guest is not None and self.bitmap is not None  # prepare() made them
             t0 = time.monotonic()
             if pull:  # the pull rewrites the stale pages: punch out only those it did not
                 unmarked = unmark(self.bitmap, stale)
@@ -238,6 +244,7 @@ class IncomingRun:
         with self._round_lock:
             if self.phase != Phase.PREPARED:
                 raise errors.FailedPrecondition(f"run {self.run_id} is {self.phase}, not prepared")
+            assert self.bitmap is not None  # prepare() made it
             t0 = time.monotonic()
             discarded, _ = discard(self.guest.fd, self.bitmap, stale, self.spec.page_size) if self.guest else (0, 0)
             t1 = time.monotonic()
@@ -270,6 +277,7 @@ class IncomingRun:
     def _launch(self, no_push: bool, max_bandwidth: int, hold_push: bool = False) -> BulkLoop | NativeBulk | None:
         """Start the policy and let the bulk path go (or stop it: --no-push); the guest may still be stopped."""
         bulk = self.paths.get("bulk")
+        assert bulk is None or isinstance(bulk, BulkLoop | NativeBulk)
         if bulk is not None and no_push:
             bulk.stop()
             del self.paths["bulk"]
@@ -334,6 +342,7 @@ class IncomingRun:
         deadline, i = time.monotonic() + BEFORE_RESUME_LIMIT, 0
         while i < len(ranges):
             first, count = ranges[i]
+            assert self.bitmap is not None and bulk is not None  # ranges are empty without a bulk path
             if self.bitmap.next_clear(first) >= first + count:
                 i += 1
                 continue
@@ -354,10 +363,12 @@ class IncomingRun:
         self._watcher.start()
 
     def _start_policy(self, bulk: BulkLoop | NativeBulk | None) -> None:
-        """Run the policy (or a plain recorder) beside the paths; its first decision is queued before the bulk starts."""
+        """Run the policy (or a plain recorder) beside the paths; its first decision is queued before the bulk
+        starts."""
         faults = self.paths.get("faults")
         if faults is None or (self._policy is None and not self._record_ws):
             return
+        assert isinstance(faults, FaultLoop | NativeFaultLoop)
         spec, policy = self._policy if self._policy is not None else (PolicySpec("none"), Policy())
         info = RunInfo(self.page_count, self.spec.page_size, tuple(self._working_set))
         self._runner = PolicyRunner(policy, str(spec), info, faults, bulk, record=self._record_ws)
@@ -378,6 +389,7 @@ class IncomingRun:
                 self._save_record()
 
     def _save_record(self) -> None:
+        assert self.journal is not None  # _record() checked
         self.journal.save(self.run_id, {
             "side": "in", "run_id": self.run_id, "name": self.name, "spec": self.spec.to_dict(), "mode": self.mode,
             **self.route.to_dict(), "recovery_timeout": self.recovery_timeout, "phase": self.phase,
@@ -398,7 +410,7 @@ class IncomingRun:
         return {key: now[key] + self._before.get(key, 0) for key in _COUNTERS}
 
     @classmethod
-    def rejoin(cls, record: dict, journal: Journal, allow_modules: bool = False) -> "IncomingRun":
+    def rejoin(cls, record: dict, journal: Journal, allow_modules: bool = False) -> IncomingRun:
         """Finish a run a previous agent started: take its runner back, rebuild the bitmap, restart both paths.
 
         The run keeps its policy (rebuilt afresh: what it had learnt is
@@ -418,7 +430,9 @@ class IncomingRun:
         running = record["phase"] == Phase.RUNNING
         run.guest = HostedGuest(run.name, run.spec, "runner", memfd, proc,
                                 state="running" if running else "migrating-in", run_id=run.run_id)
+        assert proc.uffd is not None  # a rejoined runner hands over its uffd
         run.attach(proc.uffd, proc.regions)
+        assert run.bitmap is not None  # attach() made it
         for first, count in resident_ranges(memfd, run.spec.size, run.spec.page_size):
             run.bitmap.set_range(first, count)
         run.start_paths()
@@ -438,9 +452,11 @@ class IncomingRun:
         tell now. Counting them apart keeps the report adding up exactly.
         """
         accounted = sum(self._before[key] for key in ("before_resume", "pushed", "faulted", "recovered"))
+        assert self.bitmap is not None  # attach() made it
         self._before["recovered"] += max(self.bitmap.count() - accounted, 0)
 
     def _watch(self) -> None:
+        assert self.bitmap is not None  # watched from the start on, after prepare()
         recorded = time.monotonic()
         while self.phase == Phase.RUNNING:
             if time.monotonic() - recorded > _JOURNAL_EVERY:  # a restarted agent counts on from here

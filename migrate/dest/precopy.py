@@ -33,14 +33,21 @@ from dataclasses import dataclass
 import grpc
 
 from migrate import rpc
-from migrate.errors import AgentUnreachable, BadRequest, os_error
 from migrate._native import ffi, lib
-from migrate.batches import (MAX_BULK_PAGES, MAX_REQUEST_RUNS, BatchDecoder, BatchError, DecodedBatch,
-                             bulk_request, unframe)
+from migrate.batches import (
+    MAX_BULK_PAGES,
+    MAX_REQUEST_RUNS,
+    BatchDecoder,
+    BatchError,
+    DecodedBatch,
+    bulk_request,
+    unframe,
+)
 from migrate.bitmap import SharedBitmap, claim_runs
 from migrate.dest.link import LinkLost, SourceLink
-from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
+from migrate.errors import AgentUnreachable, BadRequest, os_error
 from migrate.proto import migrate_pb2 as pb
+from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 
 #: Pages asked for and not yet written during a round (8 MiB of 4 KiB pages): keeps the link busy while
 #: batches install. A request asks for at most half of it, in as many runs as the missing pages

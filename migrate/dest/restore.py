@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from migrate.client import AgentClient
 from migrate.dest.incoming import IncomingRun
 from migrate.guests import spec_from_pb
-from migrate.names import DataPlane, Phase
 from migrate.handshake import recv_handshake
+from migrate.names import DataPlane, Phase
 from migrate.planes import PageRoute
 from migrate.policies import parse, workingset
 from migrate.proto import migrate_pb2 as pb

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from migrate.guest.runner import Runner, main as runner_main, parse_args
+from migrate.guest.runner import Runner, parse_args
+from migrate.guest.runner import main as runner_main
 from migrate.names import GuestKind
 
 IMAGE = Path(__file__).with_name("kvm_image.bin")

@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from migrate import spawn
 from migrate.errors import FailedPrecondition
@@ -81,7 +81,7 @@ class GuestSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GuestSpec":
+    def from_dict(cls, d: dict) -> GuestSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -108,7 +108,7 @@ class _Adopted:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
             time.sleep(0.02)
         return 0
 
@@ -141,7 +141,7 @@ class GuestProcess:
     it belongs to the caller from then on (GuestProcess never closes it).
     """
 
-    def __init__(self, spec: GuestSpec, proc: subprocess.Popen, sock: socket.socket) -> None:
+    def __init__(self, spec: GuestSpec, proc: subprocess.Popen | _Adopted, sock: socket.socket) -> None:
         self.spec = spec
         self.pid = proc.pid
         self.uffd: int | None = None
@@ -165,7 +165,7 @@ class GuestProcess:
     # ------------------------------------------------------------ launch
     @classmethod
     def launch(cls, spec: GuestSpec, memfd: int, *, restore: bool = False, start_paused: bool = False,
-               fill: bool = True, timeout: float | None = None, rejoin: str = "") -> "GuestProcess":
+               fill: bool = True, timeout: float | None = None, rejoin: str = "") -> GuestProcess:
         """Start a runner on `memfd` and wait until it is ready (source mode)
         or has handed over its userfaultfd (restore mode). A restore-mode
         runner given a `rejoin` socket path outlives this agent (see rejoin())."""
@@ -217,7 +217,7 @@ class GuestProcess:
         return gp
 
     @classmethod
-    def rejoin(cls, path: str, spec: GuestSpec, timeout: float = CALL_TIMEOUT) -> tuple["GuestProcess", int]:
+    def rejoin(cls, path: str, spec: GuestSpec, timeout: float = CALL_TIMEOUT) -> tuple[GuestProcess, int]:
         """Take over a restore-mode runner whose agent died: (process, RAM memfd).
 
         The runner answers on `path` with its pid and regions, and hands over
@@ -306,7 +306,7 @@ class GuestProcess:
         event = msg.get("event")
         if event is None:
             with self._lock:
-                slot = self._pending.get(msg.get("id"))
+                slot = self._pending.get(msg.get("id", -1))
             if slot is not None:
                 slot.reply = msg
                 slot.done.set()
@@ -339,7 +339,7 @@ class GuestProcess:
             pass
         self._err_reader.join(0.5)
 
-    def _raise_dead(self, what: str, timeout: float) -> None:
+    def _raise_dead(self, what: str, timeout: float) -> NoReturn:
         if self._eof.is_set() or self._proc.poll() is not None:
             self._proc_wait(1.0)
             raise RuntimeError(f"guest runner {self.pid} {what}: it exited{self._why()}")
@@ -494,7 +494,7 @@ class GuestProcess:
         if self._proc.stderr is not None:
             self._proc.stderr.close()
 
-    def __enter__(self) -> "GuestProcess":
+    def __enter__(self) -> GuestProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -55,8 +55,14 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from migrate.names import GuestKind, Workload
+
+if TYPE_CHECKING:  # imported where used: the runner loads the native layer only when it needs it
+    from migrate.bitmap import SharedBitmap
+    from migrate.guest.snapshot import LiveSnapshot
+    from migrate.uffd import Uffd
 
 PROGRESS_EVERY = 0.02
 #: Seconds a --rejoin runner waits for a restarted agent before giving up.
@@ -122,10 +128,10 @@ class Runner:
             os.close(args.memfd)             # the mapping keeps the file
         self.listener: socket.socket | None = None
         self.wl = self.make_engine()
-        self.uffd = None
-        self.wp_uffd = None                  # write tracking (source side), see cmd_track
-        self.removed = None                  # the tracker's bitmap of discarded pages, see cmd_track
-        self.snapshot = None                 # the latest live snapshot, see cmd_snapshot
+        self.uffd: Uffd | None = None
+        self.wp_uffd: Uffd | None = None     # write tracking (source side), see cmd_track
+        self.removed: SharedBitmap | None = None  # the tracker's bitmap of discarded pages, see cmd_track
+        self.snapshot: LiveSnapshot | None = None  # the latest live snapshot, see cmd_snapshot
         self.rx_fds: list[int] = []          # fds that came with commands (a snapshot's file)
         self.finished_sent = False
         self.closing = False
@@ -205,13 +211,15 @@ class Runner:
         Faulting guest threads stay blocked meanwhile: we still hold the
         userfaultfd, so no fault is ever answered with a zero page.
         """
+        assert self.listener is not None and self.uffd is not None, "rejoin() needs the --rejoin listener and a uffd"
         self.listener.settimeout(REJOIN_TIMEOUT)
         try:
             conn, _ = self.listener.accept()
         except OSError:
             return False
         conn.settimeout(None)
-        hello = json.dumps({"event": "rejoined", "pid": os.getpid(), "regions": [r.to_wire() for r in self.regions]}).encode() + b"\n"
+        hello = json.dumps({"event": "rejoined", "pid": os.getpid(),
+                            "regions": [r.to_wire() for r in self.regions]}).encode() + b"\n"
         socket.send_fds(conn, [hello], [self.uffd.fd, self.memfd])
         with self.send_lock:
             self.sock.close()

@@ -18,8 +18,8 @@ import threading
 import time
 
 from migrate import uffd as U
-from migrate.errors import os_error
 from migrate._native import ffi, lib
+from migrate.errors import os_error
 from migrate.guest.workloads import Workload
 
 #: Bytes the stream thread saves between two unprotects.
@@ -34,7 +34,7 @@ class LiveSnapshot:
         self._h = None
         self._lock = threading.Lock()
         self.result: dict | None = None
-        self.uffd = U.Uffd.create(U.FEATURE_WP_HUGETLBFS_SHMEM, page_size=page_size)
+        self.uffd: U.Uffd | None = U.Uffd.create(U.FEATURE_WP_HUGETLBFS_SHMEM, page_size=page_size)
         try:
             self.uffd.register(wl.address, wl.size, U.MODE_WP)
         except OSError:
@@ -53,6 +53,7 @@ class LiveSnapshot:
         t0 = time.monotonic_ns()
         self.wl.pause()
         state = self.wl.export_state()
+        assert self.uffd is not None, "a closed snapshot takes nothing"
         try:
             self.uffd.writeprotect(self.wl.address, self.wl.size, True)
             chunk = max(1, CHUNK_BYTES // self.page_size)
@@ -84,9 +85,9 @@ class LiveSnapshot:
     def _stats(self) -> dict:
         st = ffi.new("struct mig_snap_stats *")
         lib.mig_snap_stats(self._h, st)
-        doc = {k: int(getattr(st, k)) for k in ("pages_total", "pages_saved", "pages_streamed", "pages_faulted",
-                                                 "pages_discarded", "wp_faults", "waited", "blocked_ns",
-                                                 "max_blocked_ns", "bytes_written", "elapsed_ns", "done")}
+        names = ("pages_total", "pages_saved", "pages_streamed", "pages_faulted", "pages_discarded", "wp_faults",
+                 "waited", "blocked_ns", "max_blocked_ns", "bytes_written", "elapsed_ns", "done")
+        doc: dict[str, int | bool | str] = {k: int(getattr(st, k)) for k in names}
         doc["done"] = bool(doc["done"])
         doc["error"] = os.strerror(-st.error) if st.error else ""
         doc["ops_done"] = self.wl.ops_done

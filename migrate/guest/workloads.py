@@ -211,7 +211,7 @@ class Workload:
             self._h = None
             ffi.release(self._buf)
 
-    def __enter__(self) -> "Workload":
+    def __enter__(self) -> Workload:
         return self
 
     def __exit__(self, *exc: object) -> None:

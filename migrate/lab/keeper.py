@@ -24,8 +24,8 @@ from migrate import spawn
 from migrate.lab import netns, state
 from migrate.lab.link import LinkSpec
 from migrate.lab.procs import in_namespace, same_process, start_time
-from migrate.local import ServiceProcess
 from migrate.lab.proxy import Forwarder
+from migrate.local import ServiceProcess
 from migrate.validate import split_endpoint
 
 SOURCE_PORT, DEST_PORT = 7070, 7071
@@ -109,6 +109,7 @@ def main() -> None:
             f.close()
         for p in reversed(procs):  # agents first: they stop their guests
             p.stop()
+        assert janitor.stdin is not None
         janitor.stdin.close()  # the janitor now deletes the namespaces and the state file
         janitor.wait()
 

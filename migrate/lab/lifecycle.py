@@ -41,6 +41,7 @@ def up(name: str, spec: LinkSpec, *, zstd_level: int = 1, log: str | None = None
         keeper = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                   env=spawn.child_env(), start_new_session=detach)
     line = read_first_line(keeper, _READY_TIMEOUT)
+    assert keeper.stdout is not None
     keeper.stdout.close()
     if not line.startswith("ready "):
         _stop_keeper(keeper)
@@ -102,7 +103,7 @@ class Lab:
         _stop_keeper(self.keeper)
         down(self.name)  # a no-op unless the keeper was killed before its janitor finished
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:

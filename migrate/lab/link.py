@@ -60,7 +60,7 @@ class LinkSpec:
     loss: float = 0.0      # percent of packets dropped on input
 
     @classmethod
-    def parse(cls, text: str) -> "LinkSpec":
+    def parse(cls, text: str) -> LinkSpec:
         """`RATE/DELAY[/LOSS%]` in any order ("1gbit/1ms", "10gbit/100us/0.1%"); "lab": unshaped."""
         if text.strip() == "lab":
             return cls()

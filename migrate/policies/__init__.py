@@ -28,7 +28,7 @@ class PolicySpec:
     def __str__(self) -> str:
         return self.name + "".join(f"{':' if i == 0 else ','}{k}={v}" for i, (k, v) in enumerate(self.params))
 
-    def without(self, key: str) -> "PolicySpec":
+    def without(self, key: str) -> PolicySpec:
         return PolicySpec(self.name, tuple((k, v) for k, v in self.params if k != key))
 
     def get(self, key: str) -> str | None:
@@ -39,7 +39,8 @@ class PolicySpec:
         return self.name in BUILTINS
 
     def require_builtin(self) -> None:
-        """PolicyError unless a built-in: an agent imports a user's module only when started to (--allow-policy-modules)."""
+        """PolicyError unless a built-in: an agent imports a user's module only when started to
+        (--allow-policy-modules)."""
         if not self.builtin:
             raise PolicyError(f"policy {self.name} is a module:Class, and this destination agent loads none; "
                               f"start it with --allow-policy-modules, or use one of {', '.join(BUILTINS)}")

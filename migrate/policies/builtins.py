@@ -4,8 +4,16 @@ from __future__ import annotations
 from collections import deque
 
 from migrate.policies import workingset
-from migrate.policies.base import (DEFAULT_PAGES, MAX_NEIGHBOURHOOD, AdaptiveSize, Decision, Neighbourhood, Policy,
-                                   RunInfo, Tick)
+from migrate.policies.base import (
+    DEFAULT_PAGES,
+    MAX_NEIGHBOURHOOD,
+    AdaptiveSize,
+    Decision,
+    Neighbourhood,
+    Policy,
+    RunInfo,
+    Tick,
+)
 
 #: Pages one pushed range covers (1 MiB of 4 KiB pages): what bubble and trend queue at a time.
 STEP = 256

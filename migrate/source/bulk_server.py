@@ -30,8 +30,15 @@ import grpc
 
 from migrate import rpc, spawn
 from migrate.admission import CallClass
-from migrate.batches import (MAX_BULK_PAGES, BatchEncoder, BulkRequestError, EncodedBatch, Run, add_pages_servicer,
-                             request_runs)
+from migrate.batches import (
+    MAX_BULK_PAGES,
+    BatchEncoder,
+    BulkRequestError,
+    EncodedBatch,
+    Run,
+    add_pages_servicer,
+    request_runs,
+)
 from migrate.proto import migrate_pb2 as pb
 from migrate.proto import migrate_pb2_grpc as pb_grpc
 
@@ -156,9 +163,9 @@ class BulkPages(pb_grpc.PagesServicer):
 
     def Bulk(self, request_iterator: Iterator[pb.BulkRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         # Bounded: a client that floods requests is slowed by gRPC flow control, not served from RAM.
-        incoming: queue.Queue[pb.BulkRequest | str | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
+        incoming: queue.Queue[_Message | str | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
 
-        def put(item: pb.BulkRequest | str | None) -> bool:
+        def put(item: _Message | str | None) -> bool:
             while context.is_active():
                 try:
                     incoming.put(item, timeout=_IDLE_CHECK_S)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from migrate.errors import os_error
 from migrate._native import ffi, lib
+from migrate.errors import os_error
 
 #: The compression policies: the link-aware default, always, never.
 COMPRESS = {"never": lib.MIG_DP_COMPRESS_NEVER, "always": lib.MIG_DP_COMPRESS_ALWAYS,

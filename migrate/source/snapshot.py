@@ -47,7 +47,8 @@ def snapshot_name(file: str) -> str:
 
 def _pace_before(guest: HostedGuest, t_ns: int) -> float:
     """The guest's ops per second over the PACE_WINDOW_S before t_ns (0 if unknown)."""
-    points = [(t, o) for t, o in list(guest.process.progress) if t_ns - PACE_WINDOW_S * 1e9 <= t <= t_ns]
+    progress = guest.process.progress if guest.process is not None else []
+    points = [(t, o) for t, o in list(progress) if t_ns - PACE_WINDOW_S * 1e9 <= t <= t_ns]
     if len(points) < 2 or points[-1][0] <= points[0][0]:
         return 0.0
     return (points[-1][1] - points[0][1]) / ((points[-1][0] - points[0][0]) / 1e9)
@@ -86,9 +87,11 @@ class SnapshotJob:
         self._watcher.start()
 
     def _watch(self) -> None:
+        process = self.guest.process
+        assert process is not None, "a snapshot is taken of a running guest"
         try:
             while True:
-                self.last = self.guest.process.snapshot_status()
+                self.last = process.snapshot_status()
                 if self.last["done"]:
                     break
                 time.sleep(POLL_EVERY)

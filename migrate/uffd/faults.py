@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from migrate._native import ffi, lib
 from migrate.bitmap import SharedBitmap
@@ -180,6 +181,6 @@ class FaultReader:
         return install_stats(st)
 
 
-def install_stats(st: object) -> InstallStats:
+def install_stats(st: Any) -> InstallStats:
     """An InstallStats from the native struct mig_install_stats."""
     return InstallStats(st.copied, st.zeroed, st.skipped, st.eexist, st.ioctls, st.done_ns)

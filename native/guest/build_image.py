@@ -17,8 +17,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent.parent / "migrate" / "guest" / "kvm_image.bin"
 CFLAGS = ["-O2", "-std=gnu11", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector",
-          "-fno-asynchronous-unwind-tables", "-mno-red-zone", "-mgeneral-regs-only", "-fno-tree-loop-distribute-patterns",
-          "-Wall", "-Werror"]
+          "-fno-asynchronous-unwind-tables", "-mno-red-zone", "-mgeneral-regs-only",
+          "-fno-tree-loop-distribute-patterns", "-Wall", "-Werror"]
 
 
 def build(out: Path = DEFAULT_OUT) -> Path:
@@ -30,8 +30,8 @@ def build(out: Path = DEFAULT_OUT) -> Path:
             subprocess.run(["gcc", *CFLAGS, "-c", str(HERE / src), "-o", str(obj)], check=True)
             objs.append(str(obj))
         elf = Path(tmp) / "guest.elf"
-        subprocess.run(["ld", "-m", "elf_x86_64", "-nostdlib", "-static", "-no-pie", "--build-id=none", "--no-warn-rwx-segments",
-                        "-T", str(HERE / "guest.ld"), "-o", str(elf), *objs], check=True)
+        subprocess.run(["ld", "-m", "elf_x86_64", "-nostdlib", "-static", "-no-pie", "--build-id=none",
+                        "--no-warn-rwx-segments", "-T", str(HERE / "guest.ld"), "-o", str(elf), *objs], check=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["objcopy", "-O", "binary", "-j", ".text", "-j", ".rodata", "-j", ".data",
                         str(elf), str(out)], check=True)
