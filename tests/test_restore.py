@@ -13,8 +13,8 @@ from pathlib import Path
 
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
-from migrate.proto import migrate_pb2 as pb
 from migrate.policies import workingset
+from migrate.proto import migrate_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
 

@@ -300,6 +300,7 @@ class IncomingRun:
         """
         t0 = last_change = time.monotonic()
         bitmap = self.bitmap  # its mapping lives as long as this reference, should the run end meanwhile
+        assert bitmap is not None  # attach() made it
         count = bitmap.count()
         while self.phase == Phase.RUNNING and time.monotonic() - last_change < quiet and \
                 time.monotonic() - t0 < limit:
@@ -314,7 +315,7 @@ class IncomingRun:
                 touched.load_bytes(here.to_bytes(len(self._here_at_start), "little"))
                 ranges = touched.runs(workingset.MAX_RANGES)
         bulk = self.paths.get("bulk")
-        if bulk is not None:
+        if isinstance(bulk, (BulkLoop, NativeBulk)):
             bulk.plan_only(False)
         return ranges
 
@@ -496,8 +497,9 @@ class IncomingRun:
         open: unregister every range where it is now (a moved piece at its new address, or
         the process's next munmap or fork would wait forever for a reader), then read the
         events raised before the unregister, whose threads wait for just that."""
-        regions = self._mem.io.current_regions() if self._mem is not None else \
-            list(self.regions)
+        if self.uffd is None:  # never attached: nothing registered
+            return
+        regions = self._mem.io.current_regions() if self._mem is not None else list(self.regions)
         for r in regions:
             try:
                 self.uffd.unregister(r.base, r.size)

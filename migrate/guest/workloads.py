@@ -195,7 +195,8 @@ class Workload:
         migrate._native; ffi.NULL or None to detach) save the range's unsaved
         pages first. Waits for discards in flight. The two extensions share no
         types, so the snapshot and its hook cross as addresses."""
-        from migrate._native import ffi as native_ffi, lib as native_lib
+        from migrate._native import ffi as native_ffi
+        from migrate._native import lib as native_lib
 
         if snap is None or snap == native_ffi.NULL:
             lib.mig_wl_before_discard(self._handle(), ffi.NULL, ffi.NULL)
