@@ -82,8 +82,8 @@ def test_bench_scripts_start(script):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / script
-    r = subprocess.run([sys.executable, "-P", str(path), "--help"], capture_output=True, text=True, timeout=60, check=False,
-                       env=spawn.child_env())
+    r = subprocess.run([sys.executable, "-P", str(path), "--help"], capture_output=True, text=True, timeout=60,
+                       check=False, env=spawn.child_env())
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr
 
 
