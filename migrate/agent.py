@@ -225,7 +225,7 @@ class ControlService(pb_grpc.ControlServicer):
         if self.journal is not None:
             self.journal.drop(run.run_id)
         if run.guest.kind == "runner":
-            self.guests.remove(run.guest.name)  # the guest lives on the destination now
+            self.guests.release(run.guest.name)  # the guest lives on the destination now
         return stats
 
     @_rpc

@@ -140,6 +140,7 @@ class GuestTable:
     def __init__(self, backing_dir: BackingDir | None = None) -> None:
         self._lock = threading.Lock()
         self._guests: dict[str, HostedGuest] = {}
+        self._releasing: dict[str, threading.Thread] = {}  # name -> the thread stopping that guest (release())
         self.backing_dir = backing_dir
 
     def launch(self, name: str, spec: GuestSpec, *, start_paused: bool = False,
@@ -255,13 +256,50 @@ class GuestTable:
         guest.close(keep_backing=keep_backing)
         return guest
 
+    def release(self, name: str) -> HostedGuest:
+        """Remove a guest that has moved elsewhere; stop its runner and free its RAM in the background.
+
+        Stopping a runner and freeing its memory took 70-90 ms for 256 MiB,
+        which a finished migration's CompleteOutgoing paid and a drain's next
+        run waited for. The name stays taken until the release is done: a
+        guest of that name arriving here meanwhile (migrated back at once)
+        waits for it in _reserve, so it never meets the old one's backing file.
+        """
+        with self._lock:
+            guest = self._guests.get(name)
+            if guest is None:
+                raise errors.GuestNotFound(f"no guest named {name!r} on this agent")
+            self._guests[name] = None  # type: ignore[assignment]  # placeholder until released
+            thread = threading.Thread(target=self._close_released, args=(guest,), daemon=True,
+                                      name=f"release-{name}"[:15])
+            self._releasing[name] = thread
+        thread.start()
+        return guest
+
+    def _close_released(self, guest: HostedGuest) -> None:
+        try:
+            guest.close()
+        finally:
+            with self._lock:
+                self._releasing.pop(guest.name, None)
+                self._guests.pop(guest.name, None)
+
+    def _wait_released(self, name: str | None = None) -> None:
+        """Wait for the background release of guest `name` (None: of every guest) to finish."""
+        with self._lock:
+            threads = [t for n, t in self._releasing.items() if name is None or n == name]
+        for t in threads:
+            t.join()
+
     def close_all(self, keep_backing: frozenset[str] = frozenset()) -> None:
         """Stop every guest; those named in `keep_backing` keep their backing files."""
         for guest in self.all():
             self.remove(guest.name, keep_backing=guest.name in keep_backing)
+        self._wait_released()
 
     def _reserve(self, name: str) -> None:
         guest_name(name)
+        self._wait_released(name)
         with self._lock:
             if name in self._guests:
                 raise errors.AlreadyExists(f"a guest named {name!r} already exists on this agent")

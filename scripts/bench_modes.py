@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from migrate import orchestrator  # noqa: E402
 from migrate.client import AgentClient  # noqa: E402
 from migrate.local import LocalAgent  # noqa: E402
+from migrate.names import Mode  # noqa: E402
 from migrate.planes import DataPlane  # noqa: E402
 from migrate.proto import migrate_pb2 as pb  # noqa: E402
 from migrate.units import parse_size  # noqa: E402
@@ -123,7 +124,7 @@ def main() -> int:
     ap.add_argument("--workloads", default="random-write,hotset")
     ap.add_argument("--dirty-rates", default="1,10,50,max",
                     help="percent of RAM the guest writes per second, or max (unthrottled)")
-    ap.add_argument("--modes", default=",".join(orchestrator.MODES))
+    ap.add_argument("--modes", default=",".join(Mode))
     ap.add_argument("--json", help="also write every run's numbers here")
     ap.add_argument("--data-planes", default=",".join(p.value for p in DataPlane),
                     help="the data planes, comma-separated")

@@ -74,6 +74,18 @@ def test_toml_matrix_and_bad_input(tmp_path):
     assert r.returncode == 1 and "bad link profile" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("script", ["bench_modes.py", "bench_drain.py", "bench_core.py", "bench_dataplane.py",
+                                    "bench_policies.py", "bench_snapshot.py", "compare_qemu.py"])
+def test_bench_scripts_start(script):
+    """Each benchmark script builds its options (two named a constant that had moved: AttributeError)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    r = subprocess.run([sys.executable, "-P", str(path), "--help"], capture_output=True, text=True, timeout=60,
+                       check=False, env=spawn.child_env())
+    assert r.returncode == 0 and "usage" in r.stdout, r.stderr
+
+
 @pytest.fixture
 def bench_core(monkeypatch):
     """scripts/bench_core.py as a module (scripts/ is not a package)."""

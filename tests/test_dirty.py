@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 import pytest
 
@@ -192,3 +193,46 @@ def test_a_pull_round_unmarks_stale_pages_and_punches_only_those_it_did_not_rewr
         received.close()
         stale.close()
         os.close(fd)
+
+
+class _PageServer:
+    """Stands in for the run's page server: its start waits (bounded) for write tracking to be armed."""
+
+    armed: threading.Event
+    fail = False
+
+    def __init__(self, *args: object) -> None:
+        self.saw_tracking = self.armed.wait(30)
+        self.closed = False
+        if self.fail:
+            raise RuntimeError("page server failed to start")
+
+    def freeze(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_write_tracking_is_armed_while_the_page_server_starts(monkeypatch, fail):
+    """PrepareOutgoing starts both at once (the gRPC plane's bulk server alone takes ~0.1 s to start);
+    a page server that fails to start leaves no tracking behind."""
+    from migrate.guests import HostedGuest
+    from migrate.names import DataPlane
+    from migrate.source import outgoing
+
+    armed, stopped = threading.Event(), threading.Event()
+    monkeypatch.setattr(_PageServer, "armed", armed, raising=False)
+    monkeypatch.setattr(_PageServer, "fail", fail)
+    monkeypatch.setattr(outgoing, "NativeServer", _PageServer)
+    monkeypatch.setattr(outgoing.OutgoingRun, "_start_tracking", lambda self: armed.set())
+    monkeypatch.setattr(outgoing.OutgoingRun, "_stop_tracking", lambda self: stopped.set())
+    guest = HostedGuest("g", GuestSpec(size=PAGES * P, workload="idle", seed=1, ops=0), "runner", -1)
+    if fail:
+        with pytest.raises(RuntimeError, match="failed to start"):
+            outgoing.OutgoingRun(guest, "127.0.0.1", 0, track_writes=True, plane=DataPlane.NATIVE)
+        assert stopped.is_set()
+    else:
+        run = outgoing.OutgoingRun(guest, "127.0.0.1", 0, track_writes=True, plane=DataPlane.NATIVE)
+        assert run.pages.saw_tracking and not stopped.is_set()

@@ -312,3 +312,32 @@ def test_restore_mode_mini_postcopy(memfds, reference_digest) -> None:
     for fd in (src_fd, dst_fd):
         fds_before[fd] = open_fds()[fd]
     assert open_fds() == fds_before
+
+
+def test_a_released_guest_stops_in_the_background_and_keeps_its_name_until_then(monkeypatch):
+    """CompleteOutgoing releases the guest that left (GuestTable.release): its runner stops and its RAM
+    is freed after the call returns; a guest of the same name arriving meanwhile waits for that."""
+    from migrate.guests import GuestTable, HostedGuest, create_memfd
+
+    closing, may_close = threading.Event(), threading.Event()
+    real_close = HostedGuest.close
+
+    def slow_close(self: HostedGuest, *, keep_backing: bool = False) -> None:
+        closing.set()
+        may_close.wait(30)
+        real_close(self, keep_backing=keep_backing)
+
+    monkeypatch.setattr(HostedGuest, "close", slow_close)
+    table = GuestTable()
+    spec = GuestSpec(size=16 * PAGE, workload="idle", seed=1, ops=0)
+    table.adopt(HostedGuest("g", spec, "runner", create_memfd("g", spec.size)))
+    table.release("g")  # returns while the guest is still being closed
+    assert closing.wait(30) and [g.name for g in table.all()] == []
+    arrived = threading.Event()
+    back = HostedGuest("g", spec, "runner", create_memfd("g", spec.size))
+    threading.Thread(target=lambda: (table.adopt(back), arrived.set()), daemon=True).start()
+    assert not arrived.wait(0.2)  # the name is taken until the release is done
+    may_close.set()
+    assert arrived.wait(30) and table.get("g") is back
+    monkeypatch.setattr(HostedGuest, "close", real_close)
+    table.close_all()

@@ -47,6 +47,9 @@ def test_every_mode_and_workload_at_two_moments(agents, plane, mode, workload):
             assert p["faulted"] == p["pushed"] == 0 and doc["faults"]["count"] == 0
         assert set(doc["downtime_parts"]) == {"pause", "final_scan", "state_transfer", "final_copy", "discard",
                                               "resume"}
+        stamps = pre["stamps"]  # every step of the run, each timed once
+        assert {"prepare_outgoing", "prepare_incoming", "precopy", "switch", "postcopy", "finish"} <= set(stamps)
+        assert all(v >= 0 for v in stamps.values()), stamps
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
@@ -107,6 +110,16 @@ def test_switch_policy():
 def test_hybrid_stops_rounds_that_do_not_halve_the_dirty_set():
     assert orchestrator.RunOptions(mode="hybrid").limits().shrink == convergence.HYBRID_SHRINK
     assert orchestrator.RunOptions(mode="precopy").limits().shrink == convergence.SHRINK
+
+
+def test_completion_polls_follow_the_time_left_near_the_end():
+    """Polling every POLL_EVERY alone left each run waiting half a period after its last page on average."""
+    assert orchestrator.poll_delay([], 1000) == orchestrator.POLL_EVERY
+    assert orchestrator.poll_delay([(0.0, 0), (0.1, 0)], 1000) == orchestrator.POLL_EVERY  # nothing moves yet
+    assert orchestrator.poll_delay([(0.0, 0), (0.1, 100)], 1000) == orchestrator.POLL_EVERY  # 0.9 s to go
+    assert orchestrator.poll_delay([(0.0, 0), (0.1, 900)], 1000) == pytest.approx(0.1 * 100 / 900 / 2)
+    assert orchestrator.poll_delay([(0.0, 0), (0.1, 999)], 1000) == orchestrator.POLL_MIN
+    assert orchestrator.poll_delay([(0.0, 0), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
 
 
 def test_cli_rejects_bad_mode_options():
