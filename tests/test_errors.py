@@ -106,7 +106,7 @@ CASES: dict[type[errors.AgentError], tuple[Callable[[Rig], Callable[[], Any]], l
 
 
 def test_every_agent_error_has_a_case() -> None:
-    # InternalError: a bug, below; TimedOut has no CLI case (no command takes a call deadline).
+    # InternalError: a bug, below; TimedOut's CLI case is a run's deadline, below.
     assert set(CASES) | {errors.InternalError} == set(errors.STATUS)
 
 
@@ -124,6 +124,18 @@ def test_each_error_class_is_raised_through_the_api_and_the_cli(rig: Rig) -> Non
         assert_clean_error(out, needle)
         lines = [line for line in out.stderr.splitlines() if not line.startswith(("warning:", "next:"))]
         assert len(lines) == 1, (cls, out.stderr)
+
+
+def test_a_run_past_its_deadline_is_timed_out_through_the_cli(rig: Rig) -> None:
+    """`migrate run --timeout`: a guest that fits the destination, paced so that it cannot
+    arrive within the deadline: TimedOut, one line (and the next step), non-zero exit."""
+    with migrate.Client(rig.src.address) as source:
+        source.launch("slow", size="512K", workload=migrate.Workload.IDLE, ops=0)
+    out = run_cli("run", "slow", "--from", rig.src.address, "--to", rig.dst.address, "--mode", "postcopy",
+                  "--max-bandwidth", "4K", "--timeout", "1")
+    assert_clean_error(out, "did not complete within 1 s")
+    errors_said = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors_said == ["error: migration did not complete within 1 s"], out.stderr  # besides progress and next:
 
 
 class _Context:

@@ -76,7 +76,11 @@ def test_migrated_kvm_guest_ends_like_an_unmigrated_one(agents, vcpus, mode, mom
         doc = orchestrator.migrate("vm", src.address, dst.address, orchestrator.RunOptions(mode=mode, verify=True))
     finally:
         with AgentClient(dst.address) as client:
-            info = client.call("InspectGuest", pb.GuestRef(name="vm"))
+            # the guest reports its own digest after its last op, once it has hashed its memory: wait for it
+            deadline = time.monotonic() + 120
+            while not (info := client.call("InspectGuest", pb.GuestRef(name="vm"))).guest_digest and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
             client.stop_if_hosted("vm")
     assert doc["verified"] is True
     assert doc["guest"]["kind"] == "kvm"
