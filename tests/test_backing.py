@@ -15,7 +15,7 @@ import pytest
 from migrate import errors, orchestrator
 from migrate.backing import BackingDir
 from migrate.client import AgentClient
-from migrate.local import LocalAgent
+from migrate.local import LocalAgent, wait_for
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 
@@ -106,7 +106,8 @@ def test_the_file_goes_when_its_guest_migrates_away(rooms, tmp_path):
         try:
             doc = orchestrator.migrate("vm", src.address, dst.address, orchestrator.RunOptions(mode="postcopy"))
             assert doc["pages"]["received"] == doc["pages"]["total"]
-            assert not (room / "vm.ram").exists()
+            # CompleteOutgoing releases the guest after its reply, the file with it
+            assert wait_for(lambda: not (room / "vm.ram").exists(), timeout=30)
         finally:
             with AgentClient(dst.address) as c:
                 c.stop_if_hosted("vm")

@@ -159,7 +159,7 @@ def leave(tmp_path: Path, plane: str, after_the_run: bool) -> dict:
         assert client.returncode == 0, (out, err, log.read_text())
         # unmapping everything gives every page back: the run ends, however slow its link
         assert wait_for(lambda: " complete " in log.read_text(), timeout=60), log.read_text()
-        run_id = log.read_text().split("handshake client (run ", 1)[1].split(")", 1)[0]
+        run_id = log.read_text().split("handshake client (run ", 1)[1].split(";", 1)[0].split(")", 1)[0]
         with AgentClient(dst.address) as client:
             return json.loads(client.call("IncomingStatus", pb.RunRef(run_id=run_id)).detail_json)["faults"]["events"]
 
