@@ -80,10 +80,8 @@ def _rpc(method: Callable) -> Callable:
 def _request(parse: Callable[..., R], *args: Any) -> R:
     """`parse(*args)` on a client's request: its ValueError (migrate.names, migrate.planes: parsers
     shared with code that has no agent) is the client's BadRequest."""
-    try:
+    with errors.bad_request():
         return parse(*args)
-    except ValueError as err:
-        raise errors.BadRequest(str(err)) from None
 
 
 class ControlService(pb_grpc.ControlServicer):

@@ -60,10 +60,8 @@ def credentials(token: str | None, tls: TLS | None) -> Credentials:
     else:
         files = tls or TLS()
         creds = Credentials(cert=files.cert, key=files.key, ca=files.ca, token=token or "")
-    try:
+    with errors.bad_request():
         creds.check()
-    except ValueError as err:
-        raise errors.BadRequest(str(err)) from None
     return creds
 
 
@@ -102,10 +100,8 @@ class Client:
         keeps RAM in a new file in the agent's --backing-dir; `kind`
         GuestKind.KVM runs the guest image under KVM with `threads` vCPUs.
         """
-        try:
+        with errors.bad_request():
             nbytes = parse_size(size) if isinstance(size, str) else size
-        except ValueError as err:
-            raise errors.BadRequest(str(err)) from None
         spec = pb.GuestSpec(size=nbytes, workload=workload, seed=seed, ops=ops, threads=threads,
                             ops_per_sec=ops_per_sec, page_size=page_size, content=content, kind=kind)
         request = pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused, backing=backing)
@@ -254,10 +250,8 @@ def _options(creds: Credentials, **options: Any) -> orchestrator.RunOptions:
         opts = orchestrator.RunOptions(**options)
     except TypeError as err:
         raise TypeError(f"unknown migration option: {err}") from None
-    try:
+    with errors.bad_request():
         opts.check(creds.tls)
-    except ValueError as err:
-        raise errors.BadRequest(str(err)) from None
     return opts
 
 

@@ -787,10 +787,8 @@ def demo_cmd(size: int, workload: str, threads: int, report_path: str | None, no
     threads = _threads_for(kind, vcpus, threads)
     opts = orchestrator.RunOptions(no_push=no_push, verify=True, mode=mode, data_plane=data_plane or "",
                                    fault_path=fault_path)
-    try:
+    with errors.bad_request():
         opts.check()
-    except ValueError as err:
-        raise errors.BadRequest(str(err)) from None
     doc = run_demo(size=size, workload=workload, threads=threads, opts=opts, kind=kind,
                    on_status=ProgressLine(), say=lambda text: click.echo(text, err=True))
     _finish_report(doc, report_path)

@@ -28,9 +28,11 @@ kernel cannot" (ENOSYS, EOPNOTSUPP) as KernelFeatureMissing.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -68,6 +70,19 @@ class BadRequest(AgentError, ValueError):
 
     A ValueError too: the checks that raise it (migrate.validate, ...) serve
     the CLI's option parsing and the agent's request checks alike."""
+
+
+@contextlib.contextmanager
+def bad_request() -> Iterator[None]:
+    """Turn a ValueError raised inside into BadRequest (same message).
+
+    For checks shared with code that has no agent and raises plain ValueError
+    (GuestSpec.validate, migrate.names.parse, RunOptions.check, parse_size...):
+    on a client's input their refusal is the client's bad request."""
+    try:
+        yield
+    except ValueError as err:
+        raise BadRequest(str(err)) from None
 
 
 class GuestNotFound(AgentError):

@@ -29,10 +29,8 @@ def spec_to_pb(spec: GuestSpec, content: str = Content.REALISTIC) -> pb.GuestSpe
 
 def content_from_pb(msg: pb.GuestSpec) -> str:
     """The spec's RAM content; BadRequest for an unknown one."""
-    try:
+    with errors.bad_request():
         return parse(Content, msg.content or Content.REALISTIC, "guest content")
-    except ValueError as err:
-        raise errors.BadRequest(str(err)) from None
 
 
 def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
@@ -43,10 +41,8 @@ def spec_from_pb(msg: pb.GuestSpec) -> GuestSpec:
     spec = GuestSpec(size=msg.size, workload=msg.workload or Workload.RANDOM_WRITE, seed=msg.seed,
                      ops=msg.ops, threads=msg.threads or 1, ops_per_sec=msg.ops_per_sec,
                      page_size=msg.page_size or mmap.PAGESIZE, kind=msg.kind or GuestKind.SYNTHETIC)
-    try:
+    with errors.bad_request():
         spec.validate()
-    except ValueError as err:
-        raise errors.BadRequest(str(err)) from None
     return spec_fits(spec)
 
 
