@@ -23,6 +23,7 @@ from migrate.client import AgentClient
 from migrate.guest.kvm import IMAGE, KvmError, check_spec, kvm_problem, parse_image, qemu_argv
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guests import create_memfd
+from migrate.local import wait_for
 from migrate.proto import migrate_pb2 as pb
 
 needs_kvm = pytest.mark.skipif(kvm_problem() is not None, reason=str(kvm_problem()))
@@ -77,10 +78,8 @@ def test_migrated_kvm_guest_ends_like_an_unmigrated_one(agents, vcpus, mode, mom
     finally:
         with AgentClient(dst.address) as client:
             # the guest reports its own digest after its last op, once it has hashed its memory: wait for it
-            deadline = time.monotonic() + 120
-            while not (info := client.call("InspectGuest", pb.GuestRef(name="vm"))).guest_digest and \
-                    time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: client.call("InspectGuest", pb.GuestRef(name="vm")).guest_digest, timeout=120)
+            info = client.call("InspectGuest", pb.GuestRef(name="vm"))
             client.stop_if_hosted("vm")
     assert doc["verified"] is True
     assert doc["guest"]["kind"] == "kvm"

@@ -247,7 +247,12 @@ class Machine:
         return out
 
     def export_state(self) -> dict:
-        """The execution state; vCPU registers only while paused (exact then)."""
+        """The execution state; vCPU registers only while paused (exact then).
+
+        The guest's text is read first and its unfinished line carried along:
+        a digest the guest wrote since the last poll, or half of one, would
+        otherwise stay behind on this host."""
+        self.poll_text()
         ffi, lib = _ffi()
         vcpus = []
         paused = not self.running
@@ -267,7 +272,7 @@ class Machine:
             vcpus.append(v)
         return {"version": STATE_VERSION, "kind": GuestKind.KVM, "workload": self.spec.workload, "seed": self.spec.seed,
                 "ops": self.spec.ops, "nvcpus": self.n, "size": self.size, "vcpus": vcpus,
-                "guest_digest": self.guest_digest, "last_op_ns": self._last_ns}
+                "guest_digest": self.guest_digest, "text": self._text.decode("latin-1"), "last_op_ns": self._last_ns}
 
     def import_state(self, state: dict) -> None:
         """Load an exported (paused) state: ValueError if it does not fit this VM."""
@@ -289,6 +294,7 @@ class Machine:
             if rc:
                 raise RuntimeError("cannot import state while the vCPUs run")
         self.guest_digest = str(state.get("guest_digest", ""))
+        self._text = str(state.get("text", "")).encode("latin-1")
         self._last_ns = int(state.get("last_op_ns", 0))
 
     def _load_vcpu(self, i: int, v: dict) -> None:
