@@ -25,6 +25,7 @@ from migrate.dest.capacity import Ledger
 from migrate.dest.incoming import IncomingRun
 from migrate.dest.restore import RestoreOptions, UffdRestoreListener
 from migrate.guest.process import GuestSpec
+from migrate.guest.warm import DEFAULT_WARM_RUNNERS, WarmPool, host_modules
 from migrate.guests import GuestTable, content_from_pb, spec_from_pb, spec_to_pb
 from migrate.journal import Journal
 from migrate.metrics import MetricsServer
@@ -98,6 +99,7 @@ class ControlService(pb_grpc.ControlServicer):
         self.outgoing = OutgoingRuns()
         self.incoming: dict[str, IncomingRun] = {}
         self.journal: Journal | None = None
+        self.warm: WarmPool | None = None  # pre-started runners for incoming runs (dest role, --warm-runners)
         self._listen_host = listen_host
         self._level = level
         self._compress = compress
@@ -275,6 +277,7 @@ class ControlService(pb_grpc.ControlServicer):
         if request.recovery_timeout_s > 0:
             run.recovery_timeout = request.recovery_timeout_s
         run.journal = self.journal
+        run.warm = self.warm
         try:
             ms = run.prepare(mode)
             assert run.guest is not None  # prepare() made it
@@ -420,13 +423,16 @@ class ControlService(pb_grpc.ControlServicer):
             incoming.abort("agent shutting down")
             incoming.close()
         self.guests.close_all(keep_backing=keep)
+        if self.warm is not None:  # last: the runners it started die with its thread
+            self.warm.close()
 
 
 def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None = None,
           uffd_restore: RestoreOptions | None = None, state_dir: str = "",
           backing_dir: str = "", snapshot_dir: str = "", on_ready: Callable[[int], None] | None = None,
           level: int = 1, compress: str = "auto", max_incoming_ram: int = 0, metrics: str = "",
-          allow_policy_modules: bool = False, log_requests: bool = False) -> None:
+          allow_policy_modules: bool = False, log_requests: bool = False,
+          warm_runners: int = DEFAULT_WARM_RUNNERS) -> None:
     """Run an agent until SIGTERM or SIGINT; raises rpc.AgentError if it cannot listen.
 
     `uffd_restore` says how to restore external processes that connect
@@ -440,6 +446,8 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     caps the RAM promised to incoming runs at once (0: only the host's
     memory limits it). `metrics` (HOST:PORT) serves Prometheus metrics there.
     `log_requests` logs every call (method, peer, duration, status).
+    `warm_runners`: a destination keeps that many guest runners started
+    ahead, per guest kind the host runs (migrate.guest.warm; 0: none).
 
     SIGTERM and SIGINT drain it: no new calls, the ones in flight get a
     second to finish, then every run and guest stops, and serve() returns.
@@ -449,6 +457,8 @@ def serve(listen: str, roles: tuple[str, ...], *, images: dict[str, str] | None 
     control = ControlService(roles, host, level, compress, BackingDir(backing_dir) if backing_dir else None,
                              BackingDir(snapshot_dir) if snapshot_dir else None, max_incoming_ram,
                              allow_policy_modules)
+    if "dest" in roles and warm_runners:
+        control.warm = WarmPool(warm_runners, host_modules())
     if state_dir:
         control.journal = Journal(state_dir)
         control.rejoin_runs()

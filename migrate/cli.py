@@ -20,6 +20,7 @@ import click
 
 from migrate import api, errors, logs, orchestrator, planes, report, validate
 from migrate.guest.kvm import MAX_VCPUS as KVM_MAX_VCPUS
+from migrate.guest.warm import DEFAULT_WARM_RUNNERS
 from migrate.names import FINISHED, Content, DataPlane, FaultPath, GuestKind, Mode, Phase, Workload, choices
 from migrate.records import MigrationStatus, SnapshotProgress
 from migrate.security import ENV, Credentials, listen_policy
@@ -269,14 +270,17 @@ def dest() -> None:
 @click.option("--allow-policy-modules", is_flag=True,
               help="Let a migration's --policy module:Class be imported by this agent (code of the client's "
                    "choosing, run here: off by default; built-in policies are always allowed).")
+@click.option("--warm-runners", type=click.IntRange(min=0), default=DEFAULT_WARM_RUNNERS, show_default=True,
+              help="Guest runners kept started ahead, per guest kind this host runs, so that an incoming run's "
+                   "prepare does not wait for an interpreter to start (0: none).")
 @_daemon_log_options
 @_metrics_option
 @_insecure_option
 @_credential_options
 def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, image: str | None,
                data_plane: str | None, state_dir: str | None, max_incoming_ram: int, policy: str, record_ws: str,
-               max_bandwidth: int, allow_policy_modules: bool, verbose: bool, log_format: str, metrics: str,
-               insecure_listen: bool,
+               max_bandwidth: int, allow_policy_modules: bool, warm_runners: int, verbose: bool, log_format: str,
+               metrics: str, insecure_listen: bool,
                credentials: Credentials) -> None:
     """Run a destination agent until interrupted.
 
@@ -305,7 +309,8 @@ def dest_serve(listen: str, uffd_socket: str | None, restore_from: str | None, i
         except ValueError as err:
             raise click.ClickException(str(err)) from None
     _serve("dest", listen, verbose, log_format, credentials, insecure_listen, metrics, uffd_restore=restore,
-           state_dir=state_dir or "", max_incoming_ram=max_incoming_ram, allow_policy_modules=allow_policy_modules)
+           state_dir=state_dir or "", max_incoming_ram=max_incoming_ram, allow_policy_modules=allow_policy_modules,
+           warm_runners=warm_runners)
 
 
 # ----------------------------------------------------------------- guests

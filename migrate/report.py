@@ -277,6 +277,7 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
         "downtime_parts": downtime_parts or {},
         "timings_ms": {"prepare": round(prepare_ms, 3), "pause": round(switch.pause_ms, 3),
                        "resume": round(resume_ms, 3)},
+        "warm_runner": bool((detail.get("runner") or {}).get("warm")),  # the destination's runner was pre-started
         "pages": {
             "total": status.pages_total,
             "received": status.pages_received,

@@ -38,9 +38,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(enabled: bool = True) -> None:
     """Be killed (SIGKILL) when the parent dies, even by SIGKILL, so that no
-    orphan keeps serving, or keeps guest memory mapped.
+    orphan keeps serving, or keeps guest memory mapped (`enabled` False:
+    no longer; a warm runner becoming one that outlives its agent).
 
     Linux sends the signal when the parent *thread* that started this
     process ends: agents start their children from the main thread or from
@@ -49,7 +50,7 @@ def die_with_parent() -> None:
     (the bulk page server's stdin is at EOF then).
     """
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL if enabled else 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 

@@ -32,6 +32,7 @@ from migrate.dest.faults import FaultLoop
 from migrate.dest.paths import Memory, note_events
 from migrate.dest.precopy import PrecopyPuller, discard, punch_left, unmark
 from migrate.guest.process import GuestProcess, GuestSpec
+from migrate.guest.warm import WarmPool
 from migrate.guests import HostedGuest, create_memfd
 from migrate.journal import Journal, resident_ranges
 from migrate.names import FINISHED, DataPlane, FaultPath, Mode, Phase
@@ -64,6 +65,7 @@ class IncomingRun:
         self.spec = spec
         self.recovery_timeout = DEFAULT_RECOVERY_TIMEOUT
         self.journal: Journal | None = None  # set by an agent with --state-dir
+        self.warm: WarmPool | None = None    # the agent's pre-started runners (--warm-runners), if any
         self._push: dict = {}
         self.started_ns = time.time_ns()   # the run's start, as a resumed `migrate run` reports it
         self._resumed_ns = 0               # when the guest resumed here (realtime: it survives a restart)
@@ -130,13 +132,15 @@ class IncomingRun:
         fd = create_memfd(self.name, self.spec.size)
         try:
             if mode == Mode.PRECOPY:
-                proc = GuestProcess.launch(self.spec, fd, start_paused=True, fill=False)
+                proc = GuestProcess.launch(self.spec, fd, start_paused=True, fill=False, warm=self.warm)
             else:
                 rejoin = self.journal.socket_path(self.run_id) if self.journal else ""
-                proc = GuestProcess.launch(self.spec, fd, restore=True, rejoin=rejoin)
+                proc = GuestProcess.launch(self.spec, fd, restore=True, rejoin=rejoin, warm=self.warm)
         except BaseException:
             os.close(fd)
             raise
+        log.info("run %s: guest runner %d %s in %.0f ms", self.run_id, proc.pid,
+                 "warm (pre-started)" if proc.warm else "started", (time.monotonic() - t0) * 1000.0)
         self.guest = HostedGuest(self.name, self.spec, "runner", fd, proc, state="migrating-in", run_id=self.run_id)
         if mode == Mode.PRECOPY:
             self.bitmap = SharedBitmap.create(self.page_count)
@@ -561,6 +565,8 @@ class IncomingRun:
         end = self._t_done or time.monotonic()
         detail: dict = {k: w.last for k, w in self.paths.items()}
         detail["started_ns"] = self.started_ns
+        if self.guest is not None and self.guest.process is not None:
+            detail["runner"] = {"pid": self.guest.process.pid, "warm": self.guest.process.warm}
         if self._runner is not None:
             detail["policy"] = dict(self._runner.summary(), before_resume_ms=round(self.before_resume_ms, 3))
         faults = detail.get("faults", {})

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from migrate.guest.runner import Runner, parse_args
+from migrate.guest.runner import WARM_IMPORTS, Runner, parse_args  # noqa: F401 - WARM_IMPORTS: for migrate.guest.warm
 from migrate.guest.runner import main as runner_main
 from migrate.names import GuestKind
 

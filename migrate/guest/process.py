@@ -20,6 +20,7 @@ from migrate.errors import FailedPrecondition
 from migrate.names import GuestKind, Workload, parse
 
 if TYPE_CHECKING:
+    from migrate.guest.warm import Warm, WarmPool
     from migrate.uffd import Region
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class GuestProcess:
         self.uffd: int | None = None
         self.regions: list[Region] = []
         self.progress: list[tuple[int, int]] = []
+        self.warm = False                    # a warm runner (migrate.guest.warm) took this guest
         self._proc = proc
         self._sock = sock
         self._send_lock = threading.Lock()
@@ -165,10 +167,13 @@ class GuestProcess:
     # ------------------------------------------------------------ launch
     @classmethod
     def launch(cls, spec: GuestSpec, memfd: int, *, restore: bool = False, start_paused: bool = False,
-               fill: bool = True, timeout: float | None = None, rejoin: str = "") -> GuestProcess:
+               fill: bool = True, timeout: float | None = None, rejoin: str = "",
+               warm: WarmPool | None = None) -> GuestProcess:
         """Start a runner on `memfd` and wait until it is ready (source mode)
         or has handed over its userfaultfd (restore mode). A restore-mode
-        runner given a `rejoin` socket path outlives this agent (see rejoin())."""
+        runner given a `rejoin` socket path outlives this agent (see rejoin()).
+        With a `warm` pool, a runner started ahead takes the guest when one is
+        there (:attr:`warm` says so)."""
         spec.validate()
         size = os.fstat(memfd).st_size
         if size < spec.size:
@@ -186,16 +191,23 @@ class GuestProcess:
             args.append("--start-paused")
         if not fill:
             args.append("--no-fill")
-        try:
-            proc = subprocess.Popen(spawn.module_argv(spec.runner_module, *args), env=spawn.child_env(),
-                                    pass_fds=(memfd, child.fileno()), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        except BaseException:
+        taken = cls._assign_warm(warm, spec.runner_module, args, memfd)
+        if taken is not None:
             parent.close()
             child.close()
-            raise
-        child.close()
+            proc, parent = taken.proc, taken.sock
+        else:
+            try:
+                proc = subprocess.Popen(spawn.module_argv(spec.runner_module, *args), env=spawn.child_env(),
+                                        pass_fds=(memfd, child.fileno()), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            except BaseException:
+                parent.close()
+                child.close()
+                raise
+            child.close()
         gp = cls(spec, proc, parent)
+        gp.warm = taken is not None
         if timeout is None:
             timeout = LAUNCH_TIMEOUT + LAUNCH_TIMEOUT_PER_GIB * spec.size / (1 << 30)
         try:
@@ -215,6 +227,19 @@ class GuestProcess:
             gp.stop()
             raise
         return gp
+
+    @staticmethod
+    def _assign_warm(warm: WarmPool | None, module: str, args: list[str], memfd: int) -> Warm | None:
+        """A warm runner of `module` from `warm`, given `args` and `memfd`; None: none is there (start one)."""
+        from migrate.guest.warm import assign
+        while warm is not None and (taken := warm.take(module)) is not None:
+            try:
+                assign(taken, args, memfd)
+                return taken
+            except OSError as err:  # it died since the pool looked: the next one, or a fresh start
+                log.info("warm runner %d is gone (%s); taking another", taken.proc.pid, err)
+                taken.end()
+        return None
 
     @classmethod
     def rejoin(cls, path: str, spec: GuestSpec, timeout: float = CALL_TIMEOUT) -> tuple[GuestProcess, int]:

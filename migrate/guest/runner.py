@@ -65,6 +65,9 @@ if TYPE_CHECKING:  # imported where used: the runner loads the native layer only
     from migrate.uffd import Uffd
 
 PROGRESS_EVERY = 0.02
+#: What a restore-mode runner imports as it sets up: a warm runner (migrate.guest.warm) imports it ahead.
+WARM_IMPORTS = ("migrate.guest.process", "migrate.guest.workloads", "migrate.uffd", "migrate.handshake",
+                "migrate.bitmap", "migrate._native")
 #: Seconds a --rejoin runner waits for a restarted agent before giving up.
 REJOIN_TIMEOUT = 600.0
 _PR_SET_PDEATHSIG = 1
