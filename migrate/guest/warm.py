@@ -19,6 +19,11 @@ same control socket: the agent sees no difference but the time saved.
 A taken runner is replaced in the background, by the pool's own thread:
 Linux sends a runner its parent-death signal when the *thread* that started
 it ends, so runners are started by a thread that lives as long as the pool.
+Where the agent may bring a process back from SCHED_IDLE (root, or a
+generous RLIMIT_NICE), a runner imports at SCHED_IDLE, and is set back to
+the normal policy as it is taken: a refill during a drain then uses only
+CPU time the runs leave idle, instead of the 50-75 ms per runner the
+pool is there to take off them.
 """
 from __future__ import annotations
 
@@ -92,6 +97,7 @@ class WarmPool:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.lie_low = bool(size) and _may_lie_low()  # runners wait at SCHED_IDLE until taken
         if size:
             self._thread = threading.Thread(target=self._keep, daemon=True, name="warm-runners")
             self._thread.start()
@@ -104,6 +110,8 @@ class WarmPool:
                 warm = idle.pop(0)
                 if warm.proc.poll() is None:
                     self._cond.notify_all()  # refill
+                    if self.lie_low:
+                        _set_policy(warm.proc.pid, os.SCHED_OTHER)  # a guest's runner again, before it has the guest
                     return warm
                 self._drop(warm)
             self._cond.notify_all()
@@ -165,8 +173,7 @@ class WarmPool:
                  warm.proc.poll(), f": {err.splitlines()[-1]}" if err else "")
         warm.end()
 
-    @staticmethod
-    def _start(module: str) -> Warm | None:
+    def _start(self, module: str) -> Warm | None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
@@ -181,7 +188,35 @@ class WarmPool:
             return None
         finally:
             child.close()
+        if self.lie_low:
+            _set_policy(proc.pid, os.SCHED_IDLE)  # single-threaded until it has a guest: the whole process
         return Warm(module, proc, parent)
+
+
+def _set_policy(pid: int, policy: int) -> None:
+    try:
+        os.sched_setscheduler(pid, policy, os.sched_param(0))
+    except OSError:
+        pass  # it exited meanwhile: whoever takes it sees that
+
+
+def _may_lie_low() -> bool:
+    """Whether this process may move a process to SCHED_IDLE and back (tried on a throwaway thread:
+    policies are per thread, and one left at SCHED_IDLE must not be the pool's)."""
+    can = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            can.append(True)
+        except (OSError, AttributeError):  # not permitted, or not Linux
+            pass
+
+    thread = threading.Thread(target=probe, name="warm-probe")
+    thread.start()
+    thread.join()
+    return bool(can)
 
 
 def assign(warm: Warm, argv: list[str], memfd: int) -> None:
