@@ -8,6 +8,8 @@ import signal
 
 import pytest
 from conftest import descendants
+from test_kvm import SIZE as KVM_SIZE
+from test_kvm import needs_image, needs_kvm
 
 from migrate import orchestrator, spawn
 from migrate.client import AgentClient
@@ -20,14 +22,15 @@ RUNNER = "migrate.guest.runner"
 SPEC = GuestSpec(size=64 * mmap.PAGESIZE, workload="hotset", ops=10**12, ops_per_sec=1000.0)
 
 
-def warm_pids(agent_pid: int) -> set[int]:
-    """The agent's children started as warm runners (idle, or since taken by a guest)."""
+def warm_pids(agent_pid: int, module: str = "") -> set[int]:
+    """The agent's children started as warm runners (of `module`; idle, or since taken by a guest)."""
     found = set()
     for pid in descendants(agent_pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"migrate.guest.warm" in f.read():
-                    found.add(pid)
+                argv = f.read().split(b"\0")
+            if b"migrate.guest.warm" in argv and (not module or module.encode() in argv):
+                found.add(pid)
         except OSError:
             pass
     return found
@@ -126,3 +129,21 @@ def test_an_incoming_run_says_whether_its_runner_was_warm(tmp_path, warm: int) -
         started = warm_pids(dst.pid)
     assert ("warm (pre-started)" in log.read_text()) is bool(warm)
     assert not any(spawn.alive(pid) for pid in started)
+
+
+@needs_kvm
+@needs_image
+def test_a_kvm_guest_arrives_in_a_warm_kvm_runner(agents) -> None:
+    """Where /dev/kvm works the destination keeps the kvm kind's runners warm too."""
+    src, dst = agents
+    assert wait_for(lambda: warm_pids(dst.pid, "migrate.guest.kvm"), 60)
+    spec = pb.GuestSpec(size=KVM_SIZE, workload="random-write", seed=3, ops=10**12, threads=1,
+                        page_size=mmap.PAGESIZE, kind="kvm")
+    with AgentClient(src.address) as client:
+        client.call("LaunchGuest", pb.LaunchGuestRequest(name="vm", spec=spec), timeout=600)
+    try:
+        doc = orchestrator.migrate("vm", src.address, dst.address, orchestrator.RunOptions(timeout=120))
+    finally:
+        with AgentClient(dst.address) as client:
+            client.stop_if_hosted("vm")
+    assert doc["warm_runner"] is True and doc["guest"]["kind"] == "kvm"
