@@ -176,9 +176,9 @@ def main() -> None:
             for g in result["guests"]:
                 if g["moved"]:
                     print(f"  {g['guest']:10} {g['started_s']:6.2f}s {g['prepare_ms']:7.0f}ms "
-                          f"{'yes' if g['warm'] else 'no':>4} {g['switchover_s'] or 0:7.2f}s {g['transfer_s']:8.2f}s "
-                          f"{g['total_s']:7.2f}s {g['blocked_ms']:7.0f}ms {g['faults']:8d} {g['push_mib_s']:6.0f} MiB/s "
-                          f"{g['finish_s']:6.2f}s")
+                          f"{'yes' if g['warm'] else 'no':>4} {g['switchover_s'] or 0:7.2f}s "
+                          f"{g['transfer_s']:8.2f}s {g['total_s']:7.2f}s {g['blocked_ms']:7.0f}ms {g['faults']:8d} "
+                          f"{g['push_mib_s']:6.0f} MiB/s {g['finish_s']:6.2f}s")
                 else:
                     print(f"  {g['guest']:10} not moved: {g['error']}")
             cpu = result["cpu_ms_per_mib"]
@@ -189,7 +189,8 @@ def main() -> None:
                 print(f"  {line}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"reference_mib_s": reference, "after_resume_mib_s": after_resume, "args": {k: v for k, v in vars(args).items() if k != "json"},
+            json.dump({"reference_mib_s": reference, "after_resume_mib_s": after_resume,
+                       "args": {k: v for k, v in vars(args).items() if k != "json"},
                        "results": results}, f, indent=2)
             f.write("\n")
 

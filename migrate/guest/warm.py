@@ -155,11 +155,11 @@ class WarmPool:
                         self._drop(warm)
                 short = [m for m, ws in self._idle.items() for _ in range(self.size - len(ws))]
             for module in short:
-                warm = self._start(module)
+                started = self._start(module)
                 with self._cond:
-                    if warm is None:
+                    if started is None:
                         break
-                    self._idle[module].append(warm)
+                    self._idle[module].append(started)
                     if self._closed:
                         return  # close() ends it with the others
             with self._cond:
