@@ -189,10 +189,15 @@ class Runner:
         features = U.FEATURE_MISSING_SHMEM | (U.FEATURE_MISSING_HUGETLBFS if page > mmap.PAGESIZE else 0)
         # The agent handles what the guest does to its own memory meanwhile
         # (docs/architecture.md, "Non-cooperative events"), where the kernel can say.
-        features |= U.EVENT_FEATURES & U.probe_features()
+        supported = U.probe_features()
+        features |= U.EVENT_FEATURES & supported
+        # And asynchronous write-protect where the kernel has it: the agent may install pages protected,
+        # and read which ones the guest went on to write (migrate.dest.written, for a policy).
+        if supported & U.WP_ASYNC_FEATURES == U.WP_ASYNC_FEATURES:
+            features |= U.WP_ASYNC_FEATURES
         self.uffd = U.Uffd.create(features, page_size=page)
         base = self.wl.address
-        self.uffd.register(base, self.spec.size, U.MODE_MISSING)
+        self.uffd.register(base, self.spec.size, U.MODE_MISSING | (U.MODE_WP if features & U.FEATURE_WP_ASYNC else 0))
         # We keep our copy of the fd open: if the agent's copy were the last
         # one and it went away, faulting threads would read zero pages.
         self.regions = [U.Region(base, self.spec.size, 0, page)]
@@ -292,7 +297,7 @@ class Runner:
         with self.ctl_lock:
             self._watch_discards(removed)  # before the protect: no discard after it goes unseen
             if self.wp_uffd is None:
-                features = U.FEATURE_WP_ASYNC | U.FEATURE_WP_UNPOPULATED | U.FEATURE_WP_HUGETLBFS_SHMEM
+                features = U.WP_ASYNC_FEATURES
                 wp = None
                 try:
                     wp = U.Uffd.create(features, page_size=self.spec.page_size)

@@ -55,6 +55,7 @@ from migrate.uffd.features import (
     MOVE_MODE_DONTWAKE,
     PAGE_SIZE,
     WRITEPROTECT_MODE_DONTWAKE,
+    WP_ASYNC_FEATURES,
     WRITEPROTECT_MODE_WP,
     ZEROPAGE_MODE_DONTWAKE,
     feature_names,
@@ -70,6 +71,6 @@ __all__ = [
     "FEATURE_MOVE", "FEATURE_PAGEFAULT_FLAG_WP", "FEATURE_POISON", "FEATURE_SIGBUS", "FEATURE_THREAD_ID",
     "FEATURE_WP_ASYNC", "FEATURE_WP_HUGETLBFS_SHMEM", "FEATURE_WP_UNPOPULATED", "MODE_MINOR", "MODE_MISSING",
     "MODE_WP", "MOVE_MODE_ALLOW_SRC_HOLES", "MOVE_MODE_DONTWAKE", "PAGE_SIZE", "WRITEPROTECT_MODE_DONTWAKE",
-    "WRITEPROTECT_MODE_WP", "ZEROPAGE_MODE_DONTWAKE", "FaultReader", "FaultStats", "InstallStats", "Region",
+    "WP_ASYNC_FEATURES", "WRITEPROTECT_MODE_WP", "ZEROPAGE_MODE_DONTWAKE", "FaultReader", "FaultStats", "InstallStats", "Region",
     "Uffd", "feature_names", "install_stats", "probe_features", "scan_written",
 ]
