@@ -11,7 +11,9 @@ Source mode: fill memory (unless --no-fill), send ``{"event": "ready"}``,
 start the workload (unless --start-paused).
 
 Restore mode (--restore, destination): touch nothing; create a userfaultfd,
-register the whole mapping for MISSING faults and send it to the agent over
+register the whole mapping for MISSING faults (and asynchronous WP where the
+kernel has it: the agent may install pages protected to see which ones the
+guest writes, migrate.dest.written) and send it to the agent over
 the control socket as a Firecracker-style handshake (migrate.handshake) --
 the first and only message until the agent's first command.  Then wait for
 ``resume`` with the execution state; workload threads touching missing

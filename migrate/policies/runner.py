@@ -167,8 +167,8 @@ class PolicyRunner:
         return workingset.ranges_of(self._order)
 
     def summary(self) -> dict:
-        out = {"name": self.name, "neighbourhood": {"pages": self._nb.pages, "shape": self._nb.shape,
-                                                    "stride": self._nb.stride}}
+        out: dict = {"name": self.name, "neighbourhood": {"pages": self._nb.pages, "shape": self._nb.shape,
+                                                          "stride": self._nb.stride}}
         if self._written is not None:
             out["written_pages"] = self._written.total  # pages found written by the scans (each at most once a scan)
         if self._failed:
