@@ -64,7 +64,7 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
         for workload in filter(None, args.workloads.split(",")):
             ws = str(work / f"{workload}.ws")
             for policy in args.policies.split():
-                name = f"replay:ws={ws}" if policy == "replay" else policy
+                name = f"{policy}{',' if ':' in policy else ':'}ws={ws}" if policy.startswith("replay") else policy
                 row = one_run(src.address, dst.address, args.size, workload, args.ops, name, args.max_bandwidth,
                               record_ws=ws if policy == "sequential" else "")
                 if policy == "sequential" and workload == "hotset":  # its recorded pages in the hot tenth
@@ -134,7 +134,7 @@ def main() -> int:
     ap.add_argument("--workloads", default="seq-read,random-read,hotset,zipf")
     ap.add_argument("--policies", default=" ".join(POLICIES),
                     help="policies to compare, in order, space-separated (e.g. 'sequential bubble:min=128,"
-                         "shape=aligned replay'; sequential records what replay replays)")
+                         "shape=aligned replay replay:block=1'; sequential records what each replay replays)")
     ap.add_argument("--max-bandwidth", type=parse_rate, default=parse_rate("200M"))
     ap.add_argument("--reap-bandwidth", default="0", help="--max-bandwidth of the REAP restores (0: none)")
     ap.add_argument("--skip-reap", action="store_true")
