@@ -297,7 +297,9 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
                      "hit_ratio": round(status.prefetch_hits / status.pages_prefetched, 3)
                      if status.pages_prefetched else 0.0,
                      # the policy's last neighbourhood (an adaptive one's size shows where it went); None without one
-                     "neighbourhood": detail.get("policy", {}).get("neighbourhood")},
+                     "neighbourhood": detail.get("policy", {}).get("neighbourhood"),
+                     # pages found written by the destination's scans (migrate.dest.written); None without them
+                     "written": detail.get("policy", {}).get("written_pages")},
         "events": faults.get("events", {}),  # what the guest did to its memory meanwhile (REMOVE, UNMAP, ...)
         "bytes": {"wire": wire, "pages": page_bytes},
         "compression_ratio": round(page_bytes / wire, 3) if wire else 1.0,

@@ -1427,6 +1427,18 @@ static void count_hits(struct mig_dpd *h, uint64_t page)
     add(&h->c.prefetch_hits, hits);
 }
 
+uint64_t mig_dpd_count_used(struct mig_dpd *h, const uint64_t *used, uint64_t nbits)
+{
+    uint64_t hits = 0, words = ((nbits < h->npages ? nbits : h->npages) + 63) / 64;
+    for (uint64_t w = 0; w < words; w++) {
+        uint64_t m = used[w] & __atomic_load_n(&h->pf[w], __ATOMIC_ACQUIRE);
+        if (m)
+            hits += (uint64_t)__builtin_popcountll(__atomic_fetch_and(&h->pf[w], ~m, __ATOMIC_ACQ_REL) & m);
+    }
+    add(&h->c.prefetch_hits, hits);
+    return hits;
+}
+
 /* Requests for new faults: each page alone, then its neighbourhood. */
 static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t *waiters, const uint64_t *t_ns,
                         int n, uint8_t *out, size_t room)

@@ -146,6 +146,12 @@ void mig_dpd_plan_clear(struct mig_dpd *h);
  * then leaves for somewhere else is not seen, so hits are a lower bound. */
 void mig_dpd_set_neighbourhood(struct mig_dpd *h, uint32_t pages, uint32_t shape, int32_t stride);
 
+/* Fault path: count as hits the prefetched pages (not yet counted) whose
+ * bits are set in `used` (nbits bits): pages the guest was seen to use
+ * without faulting, e.g. written ones found by mig_scan_dirty when the
+ * installs write-protect (mig_space_set_install_wp). Returns the new hits. */
+uint64_t mig_dpd_count_used(struct mig_dpd *h, const uint64_t *used, uint64_t nbits);
+
 /* Fault path: the pages faulted on (missing ones, in the order read) from
  * position *pos on, at most max into out; *pos advances past them, and
  * *lost gets how many were overwritten before this read (a reader behind by

@@ -229,6 +229,7 @@ struct mig_space {
     int wakefd;                   /* eventfd: faults were stashed */
     int events;                   /* the fd may carry non-cooperative events */
     uint64_t features;
+    int install_wp;               /* installs write-protect what they fill (mig_space_set_install_wp) */
     uint32_t page_size;
     int nregions;
     struct mig_region *regions;   /* changed by REMAP and UNMAP, under the write lock */
@@ -289,6 +290,11 @@ struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nr
     pthread_rwlock_init(&s->lock, &a);
     pthread_rwlockattr_destroy(&a);
     return s;
+}
+
+void mig_space_set_install_wp(struct mig_space *s, int on)
+{
+    __atomic_store_n(&s->install_wp, on ? 1 : 0, __ATOMIC_RELAXED);
 }
 
 void mig_space_free(struct mig_space *s)
@@ -520,7 +526,7 @@ static void add_fault(uint64_t page, uint64_t t_ns, uint64_t *pages, uint32_t *w
     ++*n;
 }
 
-static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size, uint64_t *eexist,
+static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size, uint64_t mode, uint64_t *eexist,
                          uint64_t *ioctls, uint64_t *covered);
 
 /* A fault on a page that needs no fetching: one received already (installed
@@ -534,7 +540,7 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
 static void serve_zero(struct mig_space *s, uint64_t addr, struct mig_fault_stats *stats)
 {
     uint64_t eexist = 0, ioctls = 0, covered = 0;
-    int64_t r = fill_zero(s->fd, addr, s->page_size, s->page_size, &eexist, &ioctls, &covered);
+    int64_t r = fill_zero(s->fd, addr, s->page_size, s->page_size, 0, &eexist, &ioctls, &covered);
     if (r > 0) {
         s->ev.zero_served++;
     } else if (eexist) {
@@ -613,13 +619,13 @@ static void map_zero_area(void)
     zero_area = p == MAP_FAILED ? NULL : p;
 }
 
-/* Zero-fill [dst, dst + len): UFFDIO_ZEROPAGE for base pages; for huge pages
- * UFFDIO_COPY from the zero area, ZERO_AREA_SIZE at a time. `covered` as
- * for fill. */
-static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size, uint64_t *eexist,
+/* Zero-fill [dst, dst + len): UFFDIO_ZEROPAGE for base pages; for huge pages,
+ * or when `mode` write-protects (UFFDIO_ZEROPAGE has no such mode), UFFDIO_COPY
+ * from the zero area, ZERO_AREA_SIZE at a time. `covered` as for fill. */
+static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size, uint64_t mode, uint64_t *eexist,
                          uint64_t *ioctls, uint64_t *covered)
 {
-    if (page_size <= (uint64_t)sysconf(_SC_PAGESIZE))
+    if (page_size <= (uint64_t)sysconf(_SC_PAGESIZE) && !(mode & UFFDIO_COPY_MODE_WP))
         return fill(fd, dst, NULL, len, 0, page_size, eexist, ioctls, covered);
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, map_zero_area);
@@ -630,7 +636,7 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
     int64_t done = 0;
     for (uint64_t off = 0; off < len; off += ZERO_AREA_SIZE) {
         uint64_t chunk = len - off < ZERO_AREA_SIZE ? len - off : ZERO_AREA_SIZE, part = chunk;
-        int64_t r = fill(fd, dst + off, zero_area, chunk, 0, page_size, eexist, ioctls, covered ? &part : NULL);
+        int64_t r = fill(fd, dst + off, zero_area, chunk, mode, page_size, eexist, ioctls, covered ? &part : NULL);
         if (r < 0)
             return r;
         done += r;
@@ -653,6 +659,7 @@ static int64_t install_run(struct mig_space *s, uint64_t *bitmap, uint64_t page,
 {
     const uint64_t first = page, end = page + n;
     const uint32_t ps = s->page_size;
+    const uint64_t mode = __atomic_load_n(&s->install_wp, __ATOMIC_RELAXED) ? UFFDIO_COPY_MODE_WP : 0;
     int64_t installed = 0, deadline = 0;
     pthread_rwlock_rdlock(&s->lock);
     while (page < end) {
@@ -670,9 +677,9 @@ static int64_t install_run(struct mig_space *s, uint64_t *bitmap, uint64_t page,
         uint64_t piece_end = mig_bitmap_next_set(bitmap, stop < end ? stop : end, page);
         uint64_t addr = reg->base + (page - reg->first_page) * ps;
         uint64_t len = (piece_end - page) * ps, covered = 0;
-        int64_t r = src ? fill(s->fd, addr, src + (page - first) * ps, len, 0, ps, &st->eexist, &st->ioctls,
+        int64_t r = src ? fill(s->fd, addr, src + (page - first) * ps, len, mode, ps, &st->eexist, &st->ioctls,
                                &covered)
-                        : fill_zero(s->fd, addr, len, ps, &st->eexist, &st->ioctls, &covered);
+                        : fill_zero(s->fd, addr, len, ps, mode, &st->eexist, &st->ioctls, &covered);
         if (r < 0) {
             installed = r;
             break;
@@ -802,7 +809,7 @@ int64_t mig_install_batches(struct mig_space *s, uint64_t *bitmap, uint64_t npag
  * same call. Returns the number of regions or -errno; *walk_end is where the
  * kernel stopped. */
 static int pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, struct page_region *vec,
-                              uint32_t vec_len, uint64_t *walk_end)
+                              uint32_t vec_len, uint64_t categories, uint64_t *walk_end)
 {
     struct pm_scan_arg arg = {
         .size = sizeof(arg),
@@ -811,7 +818,7 @@ static int pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, stru
         .end = end,
         .vec = (uint64_t)(uintptr_t)vec,
         .vec_len = vec_len,
-        .category_mask = PAGE_IS_WRITTEN,
+        .category_mask = categories,
         .return_mask = PAGE_IS_WRITTEN,
     };
     int got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
@@ -823,15 +830,16 @@ static int pagemap_scan_chunk(int pagemap_fd, uint64_t start, uint64_t end, stru
 
 #define SCAN_VEC 512
 
-int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
-                       uint64_t *bitmap, uint64_t first_page)
+/* mig_scan_dirty and mig_scan_written_present: the pages of every category in `categories`. */
+static int64_t scan_into(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size, uint64_t *bitmap,
+                         uint64_t first_page, uint64_t categories)
 {
     struct page_region vec[SCAN_VEC];
     uint64_t pos = base, end = base + len;
     int64_t found = 0;
     while (pos < end) {
         uint64_t walk_end = pos;
-        int got = pagemap_scan_chunk(pagemap_fd, pos, end, vec, SCAN_VEC, &walk_end);
+        int got = pagemap_scan_chunk(pagemap_fd, pos, end, vec, SCAN_VEC, categories, &walk_end);
         if (got < 0)
             return got;
         for (int i = 0; i < got; i++) {
@@ -845,4 +853,16 @@ int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t pag
         pos = walk_end;
     }
     return found;
+}
+
+int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
+                       uint64_t *bitmap, uint64_t first_page)
+{
+    return scan_into(pagemap_fd, base, len, page_size, bitmap, first_page, PAGE_IS_WRITTEN);
+}
+
+int64_t mig_scan_written_present(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
+                                 uint64_t *bitmap, uint64_t first_page)
+{
+    return scan_into(pagemap_fd, base, len, page_size, bitmap, first_page, PAGE_IS_WRITTEN | PAGE_IS_PRESENT);
 }

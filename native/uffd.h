@@ -168,6 +168,14 @@ uint64_t mig_space_features(const struct mig_space *s);
 void mig_space_events(struct mig_space *s, struct mig_event_stats *out);
 /* The current region table into out (at most max); returns how many regions there are. */
 int mig_space_regions(struct mig_space *s, struct mig_region *out, int max);
+/* With `on`, every install into the space from now on (mig_install*, the
+ * native data plane) write-protects the pages it fills (UFFDIO_COPY_MODE_WP;
+ * zero pages are copied from a zero area then, UFFDIO_ZEROPAGE having no such
+ * mode): on a range registered MISSING|WP by a fd with UFFD_FEATURE_WP_ASYNC,
+ * the guest's first write to such a page only clears the protection, and
+ * mig_scan_dirty finds it (which pages the guest really wrote, for a policy).
+ * Off again: installs leave the pages writable. */
+void mig_space_set_install_wp(struct mig_space *s, int on);
 /* cffi: end */
 
 /* For the native fault path (dp_dest.c), C only: */
@@ -226,6 +234,13 @@ int64_t mig_install_batch(struct mig_space *s, uint64_t *bitmap, uint64_t npages
  * the pages found, or -errno. */
 int64_t mig_scan_dirty(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
                        uint64_t *bitmap, uint64_t first_page);
+/* mig_scan_dirty for present pages only. The kernel's scan for written pages
+ * alone counts a missing page (an empty PTE in a populated page table) as
+ * written, and protects it with a marker: right where every page is mapped
+ * (a source guest), wrong where many are still missing (a destination during
+ * post-copy). A missing page is left alone by this one. */
+int64_t mig_scan_written_present(int pagemap_fd, uint64_t base, uint64_t len, uint32_t page_size,
+                                 uint64_t *bitmap, uint64_t first_page);
 /* cffi: end */
 
 /* cffi: begin */

@@ -53,7 +53,8 @@ def one_run(src: str, dst: str, size: int, workload: str, ops: int, policy: str,
     stop(dst, "bench")
     return {"faults": doc["faults"]["count"], "blocked_ms": doc["guest"]["blocked_ms"],
             "downtime_ms": doc["downtime_ms"], "total_s": doc["total_s"], "wall_s": time.monotonic() - t0,
-            "hit_ratio": doc["prefetch"]["hit_ratio"]}
+            "hit_ratio": doc["prefetch"]["hit_ratio"], "neighbourhood": doc["prefetch"]["neighbourhood"],
+            "written": doc["prefetch"]["written"]}
 
 
 def policies(args: argparse.Namespace, work: Path) -> list[dict]:
@@ -63,18 +64,21 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
         for workload in filter(None, args.workloads.split(",")):
             ws = str(work / f"{workload}.ws")
             for policy in args.policies.split():
-                name = f"replay:ws={ws}" if policy == "replay" else policy
+                name = f"{policy}{',' if ':' in policy else ':'}ws={ws}" if policy.startswith("replay") else policy
                 row = one_run(src.address, dst.address, args.size, workload, args.ops, name, args.max_bandwidth,
                               record_ws=ws if policy == "sequential" else "")
-                if policy == "sequential" and workload == "hotset":  # its faults in the hot tenth (one thread)
+                if policy == "sequential" and workload == "hotset":  # its recorded pages in the hot tenth
                     hot = args.size // 4096 // 10
                     ranges = workingset.load(ws).ranges
-                    row["hot_faults"] = sum(max(0, min(first + n, hot) - first) for first, n in ranges)
-                    print(f"{workload:12} {policy:10} {row['hot_faults']} of the faulted pages in the hot tenth")
+                    row["ws_pages"] = sum(n for _, n in ranges)
+                    row["ws_hot"] = sum(max(0, min(first + n, hot) - first) for first, n in ranges)
+                    print(f"{workload:12} {policy:10} recorded {row['ws_pages']} pages (faulted or found written), "
+                          f"{row['ws_hot']} in the hot tenth")
                 rows.append({"workload": workload, "policy": policy, **row})
                 print(f"{workload:12} {policy:10} faults {row['faults']:7} blocked {row['blocked_ms']:9.1f} ms "
                       f"downtime {row['downtime_ms']:8.1f} ms total {row['total_s']:6.2f} s "
-                      f"hits {row['hit_ratio']:.2f}", flush=True)
+                      f"hits {row['hit_ratio']:.2f} neighbourhood {(row['neighbourhood'] or {}).get('pages')} "
+                      f"written {row['written']}", flush=True)
     return rows
 
 
@@ -130,7 +134,7 @@ def main() -> int:
     ap.add_argument("--workloads", default="seq-read,random-read,hotset,zipf")
     ap.add_argument("--policies", default=" ".join(POLICIES),
                     help="policies to compare, in order, space-separated (e.g. 'sequential bubble:min=128,"
-                         "shape=aligned replay'; sequential records what replay replays)")
+                         "shape=aligned replay replay:block=1'; sequential records what each replay replays)")
     ap.add_argument("--max-bandwidth", type=parse_rate, default=parse_rate("200M"))
     ap.add_argument("--reap-bandwidth", default="0", help="--max-bandwidth of the REAP restores (0: none)")
     ap.add_argument("--skip-reap", action="store_true")

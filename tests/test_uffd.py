@@ -541,6 +541,50 @@ def test_pagemap_scan_reports_and_reprotects_written_pages() -> None:
     mem.close()
 
 
+def test_installs_write_protect_on_request_for_a_scan_of_present_pages() -> None:
+    """What a destination watching use does (migrate.dest.written): installs write-protect what they fill,
+    data and zero pages alike, and a scan of present pages finds only those written since; missing pages
+    it leaves alone, where the plain scan counts them written (the kernel's fast path for WRITTEN alone)."""
+    npages = 8
+    fd = os.memfd_create("wp-installs", os.MFD_CLOEXEC)
+    os.ftruncate(fd, npages * P)
+    mem = mmap.mmap(fd, npages * P, mmap.MAP_SHARED)
+    os.close(fd)
+    base = address_of(mem)
+    bm, found = SharedBitmap.create(npages), SharedBitmap.create(npages)
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+
+    def scan(present_only: bool = True) -> list[int]:
+        found.clear_range(0, npages)
+        U.scan_written(pagemap, base, npages * P, P, found, present_only=present_only)
+        return [p for p in range(npages) if found.test(p)]
+
+    try:
+        with U.Uffd.create(U.FEATURE_MISSING_SHMEM | U.WP_ASYNC_FEATURES) as u:
+            u.register(base, npages * P, U.MODE_MISSING | U.MODE_WP)
+            reader = U.FaultReader(u.fd, [U.Region(base, npages * P, 0)], P)
+            reader.install(bm, 0, 1, [], content(0))  # before: mapped writable
+            reader.protect_installs(True)
+            zero_runs, data, _ = pages.pack_pages(source_memory(npages, zero={3}), 1, 4, P)
+            st = reader.install(bm, 1, 4, zero_runs, data)
+            assert (st.copied, st.zeroed) == (3, 1)
+            reader.protect_installs(False)
+            reader.install(bm, 5, 1, [], content(5))
+            assert scan() == [0, 5]  # mapped without the protection: reported once, protected since
+            assert scan() == []
+            mem[P] = 1
+            mem[3 * P] = 1  # the zero page was protected too
+            assert bytes(mem[4 * P:5 * P]) == content(4)  # a read is no write
+            assert scan() == [1, 3]
+            assert scan(present_only=False) == [6, 7]  # the missing pages
+            reader.close()
+    finally:
+        os.close(pagemap)
+        bm.close()
+        found.close()
+        mem.close()
+
+
 def test_move_pages_into_a_registered_range() -> None:
     dst = mmap.mmap(-1, 4 * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     src = mmap.mmap(-1, 4 * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

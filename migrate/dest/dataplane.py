@@ -270,6 +270,10 @@ class NativeFaultLoop(_Path):
         c = self._path._counters
         return int(c.prefetched), int(c.prefetch_hits)
 
+    def count_used(self, used: SharedBitmap) -> int:
+        """Count as hits the prefetched pages set in `used` (seen used without a fault, e.g. written)."""
+        return int(lib.mig_dpd_count_used(self._path.h, used.ptr, used.nbits))
+
     def set_neighbourhood(self, nb: Neighbourhood) -> None:
         """What each following fault fetches with it (applied by the C fault thread)."""
         lib.mig_dpd_set_neighbourhood(self._path.h, nb.pages, SHAPES.index(nb.shape), nb.stride)

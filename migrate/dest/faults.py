@@ -173,6 +173,17 @@ class FaultServer:
             pf.clear_range(q, 1)
         self.counters["prefetch_hits"] += len(hits)
 
+    def count_used(self, used: SharedBitmap) -> int:
+        """Count as hits the prefetched pages set in `used` (seen used without a fault, e.g. written)."""
+        with self._lock:  # the fault handling sets and clears these bits under it too
+            pf_bytes = self._prefetched.to_bytes()
+            pf = int.from_bytes(pf_bytes, "little")
+            hit = pf & int.from_bytes(used.to_bytes()[: len(pf_bytes)], "little")
+            if hit:
+                self._prefetched.load_bytes((pf & ~hit).to_bytes(len(pf_bytes), "little"))
+            self.counters["prefetch_hits"] += hit.bit_count()
+        return hit.bit_count()
+
     def on_faults(self, faults: list[tuple[int, int, int]]) -> None:
         for page, waiters, t_ns in faults:
             with self._lock:
@@ -401,6 +412,9 @@ class FaultLoop:
     def prefetch_counts(self) -> tuple[int, int]:
         c = self._server.counters
         return c["prefetched"], c["prefetch_hits"]
+
+    def count_used(self, used: SharedBitmap) -> int:
+        return self._server.count_used(used)
 
     def set_neighbourhood(self, nb: Neighbourhood) -> None:
         """What each following fault fetches with it."""

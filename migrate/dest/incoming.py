@@ -31,6 +31,7 @@ from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.faults import FaultLoop
 from migrate.dest.paths import Memory, note_events
 from migrate.dest.precopy import PrecopyPuller, discard, punch_left, unmark
+from migrate.dest.written import WrittenPages
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.warm import WarmPool
 from migrate.guests import HostedGuest, create_memfd
@@ -94,6 +95,7 @@ class IncomingRun:
         self._working_set: list[tuple[int, int]] = []
         self._record_ws = False
         self._runner: PolicyRunner | None = None
+        self._written: WrittenPages | None = None  # the written-page scan, while the policy or recorder wants it
         self.recorded_ws: list[tuple[int, int]] = []
         self.before_resume_ms = 0.0  # the guest stayed stopped this long for a policy's before_resume pages
         self._here_at_start = b""    # the received bitmap when a held push started (start(hold_push=True))
@@ -376,7 +378,11 @@ class IncomingRun:
         assert isinstance(faults, FaultLoop | NativeFaultLoop)
         spec, policy = self._policy if self._policy is not None else (PolicySpec("none"), Policy())
         info = RunInfo(self.page_count, self.spec.page_size, tuple(self._working_set))
-        self._runner = PolicyRunner(policy, str(spec), info, faults, bulk, record=self._record_ws)
+        if (policy.watches_use or self._record_ws) and self._mem is not None and self.guest is not None \
+                and self.guest.process is not None:
+            self._written = WrittenPages.open(self._mem.io, self.guest.process.pid, self.page_count)
+        self._runner = PolicyRunner(policy, str(spec), info, faults, bulk, record=self._record_ws,
+                                    written=self._written)
         self._runner.start()
 
     def _stop_policy(self) -> None:
@@ -384,6 +390,9 @@ class IncomingRun:
             self._runner.stop()
             if self._record_ws:
                 self.recorded_ws = self._runner.working_set()
+        if self._written is not None:
+            self._written.close()
+            self._written = None
 
     def _record(self) -> None:
         """Journal this run (with --state-dir), so a restarted agent can finish it."""

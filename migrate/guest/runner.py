@@ -11,7 +11,9 @@ Source mode: fill memory (unless --no-fill), send ``{"event": "ready"}``,
 start the workload (unless --start-paused).
 
 Restore mode (--restore, destination): touch nothing; create a userfaultfd,
-register the whole mapping for MISSING faults and send it to the agent over
+register the whole mapping for MISSING faults (and asynchronous WP where the
+kernel has it: the agent may install pages protected to see which ones the
+guest writes, migrate.dest.written) and send it to the agent over
 the control socket as a Firecracker-style handshake (migrate.handshake) --
 the first and only message until the agent's first command.  Then wait for
 ``resume`` with the execution state; workload threads touching missing
@@ -192,10 +194,15 @@ class Runner:
         features = U.FEATURE_MISSING_SHMEM | (U.FEATURE_MISSING_HUGETLBFS if page > mmap.PAGESIZE else 0)
         # The agent handles what the guest does to its own memory meanwhile
         # (docs/architecture.md, "Non-cooperative events"), where the kernel can say.
-        features |= U.EVENT_FEATURES & U.probe_features()
+        supported = U.probe_features()
+        features |= U.EVENT_FEATURES & supported
+        # And asynchronous write-protect where the kernel has it: the agent may install pages protected,
+        # and read which ones the guest went on to write (migrate.dest.written, for a policy).
+        if supported & U.WP_ASYNC_FEATURES == U.WP_ASYNC_FEATURES:
+            features |= U.WP_ASYNC_FEATURES
         self.uffd = U.Uffd.create(features, page_size=page)
         base = self.wl.address
-        self.uffd.register(base, self.spec.size, U.MODE_MISSING)
+        self.uffd.register(base, self.spec.size, U.MODE_MISSING | (U.MODE_WP if features & U.FEATURE_WP_ASYNC else 0))
         # We keep our copy of the fd open: if the agent's copy were the last
         # one and it went away, faulting threads would read zero pages.
         self.regions = [U.Region(base, self.spec.size, 0, page)]
@@ -295,7 +302,7 @@ class Runner:
         with self.ctl_lock:
             self._watch_discards(removed)  # before the protect: no discard after it goes unseen
             if self.wp_uffd is None:
-                features = U.FEATURE_WP_ASYNC | U.FEATURE_WP_UNPOPULATED | U.FEATURE_WP_HUGETLBFS_SHMEM
+                features = U.WP_ASYNC_FEATURES
                 wp = None
                 try:
                     wp = U.Uffd.create(features, page_size=self.spec.page_size)

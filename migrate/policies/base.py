@@ -111,7 +111,8 @@ class Tick:
 
     faults: Sequence[int]          # pages faulted on (missing ones), in the order read
     prefetched: int                # neighbour pages fetched with faults, since the last call
-    hits: int                      # of the prefetched pages, those seen used since the last call
+    hits: int                      # of the prefetched pages, those seen used since the last call (faulted
+                                   # on in flight, gone through, or found written when watches_use)
     queued: int                    # ranges still waiting in the bulk path's plan queue
     neighbourhood: Neighbourhood   # the one in force
 
@@ -134,6 +135,10 @@ class Policy:
     name = ""
     #: Parameters `--policy NAME:key=value` accepts: key -> converter from the string.
     params: dict[str, type] = {}
+    #: Ask the destination to watch which pages the guest writes (migrate.dest.written), so that Tick.hits
+    #: also counts the prefetched pages written without a fault: the run then installs pages
+    #: write-protected, and a guest's first write to each costs a minor fault the kernel resolves itself.
+    watches_use = False
 
     def start(self, run: RunInfo) -> Decision:
         """Called once, before the guest runs here."""
@@ -149,7 +154,10 @@ class AdaptiveSize:
 
     Hits are counted by the fault paths (see mig_dpd_set_neighbourhood): a
     prefetched page the guest faulted on while it was on its way, or went
-    through without faulting (its next fault lands right past it). It acts
+    through without faulting (its next fault lands right past it), and, for
+    a policy that `watches_use`, one the guest wrote (a written-page scan,
+    migrate.dest.written: the only sign of use of a page the guest touches
+    out of order, as scattered accesses do). It acts
     once `sample` pages were prefetched since the last change. It halves no
     lower than the default block: in post-copy every page moves once, so a
     prefetched page nobody uses yet is one the push need not send, not a

@@ -48,6 +48,7 @@ class Bubble(Policy):
 
     name = "bubble"
     params = {"step": int, "max": int, "min": int, "shape": str}
+    watches_use = True
 
     def __init__(self, step: int = STEP, max: int = MAX_NEIGHBOURHOOD,  # noqa: A002 - the params' names
                  min: int = DEFAULT_PAGES, shape: str = "around") -> None:  # noqa: A002
@@ -102,6 +103,7 @@ class Trend(Policy):
 
     name = "trend"
     params = {"window": int, "ahead": int}
+    watches_use = True
 
     def __init__(self, window: int = 8, ahead: int = 4 * STEP) -> None:
         if window < 3:

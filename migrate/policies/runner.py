@@ -7,14 +7,23 @@ ranges to the bulk path's plan queue (bounded: what does not fit waits
 here), the neighbourhood to the fault path, which applies it itself from
 its next fault on. With `record`, it also keeps the pages faulted on, in
 first-touch order: the working set `--record-ws` writes.
+
+With a `written` scan (migrate.dest.written: the run installs pages
+write-protected and reads which ones the guest wrote), every SCAN_PERIOD it
+also counts the prefetched pages written as hits (the fault path sees a page
+used only when the guest faults on it or right past it) and, recording, adds
+the written pages to the working set: with the push on, most of what the
+guest touches came before it faulted, and a file of faults alone misses it.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from migrate.bitmap import SharedBitmap
 from migrate.policies import workingset
 from migrate.policies.base import Decision, Neighbourhood, Policy, RunInfo, Tick
 
@@ -22,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two calls of the policy.
 PERIOD = 0.005
+#: Seconds between two scans for written pages (one PAGEMAP_SCAN walks the guest's page tables: ~1 ms a GiB).
+SCAN_PERIOD = 0.02
+#: Most runs of written pages read from one scan into a recorded working set.
+MAX_SCAN_RUNS = 1 << 20
 
 
 class FaultFeed(Protocol):
@@ -30,6 +43,15 @@ class FaultFeed(Protocol):
     def new_faults(self) -> list[int]: ...
     def prefetch_counts(self) -> tuple[int, int]: ...
     def set_neighbourhood(self, nb: Neighbourhood) -> None: ...
+    def count_used(self, used: SharedBitmap) -> int: ...
+
+
+class UseScan(Protocol):
+    """Which pages the guest wrote since the last look (migrate.dest.written.WrittenPages)."""
+
+    def scan(self) -> SharedBitmap: ...
+    @property
+    def total(self) -> int: ...
 
 
 class PlanSink(Protocol):
@@ -42,9 +64,10 @@ class PlanSink(Protocol):
 
 class PolicyRunner:
     def __init__(self, policy: Policy, name: str, run: RunInfo, faults: FaultFeed, bulk: PlanSink | None,
-                 record: bool = False) -> None:
+                 record: bool = False, written: UseScan | None = None) -> None:
         self.policy, self.name, self._run = policy, name, run
-        self._faults, self._bulk = faults, bulk
+        self._faults, self._bulk, self._written = faults, bulk, written
+        self._scanned = 0.0
         self._pending: list[tuple[int, int]] = []
         self._nb = Neighbourhood()
         self._record = record
@@ -90,18 +113,28 @@ class PolicyRunner:
         """One turn: read the faults, ask the policy, apply (the thread's body; tests call it too)."""
         faults = self._faults.new_faults()
         self._note(faults)
+        if self._written is not None and time.monotonic() - self._scanned >= SCAN_PERIOD:
+            self._scan()
         prefetched, hits = self._faults.prefetch_counts()
         tick = Tick(faults=faults, prefetched=prefetched - self._counts[0], hits=hits - self._counts[1],
                     queued=(self._bulk.plan_len() if self._bulk else 0) + len(self._pending), neighbourhood=self._nb)
         self._counts = (prefetched, hits)
         self._apply(self._call(self.policy.decide, tick))
 
-    def _note(self, faults: list[int]) -> None:
+    def _note(self, faults: Iterable[int]) -> None:
         if self._record:
             for page in faults:
                 if page not in self._seen:
                     self._seen.add(page)
                     self._order.append(page)
+
+    def _scan(self) -> None:
+        assert self._written is not None  # step() checked
+        self._scanned = time.monotonic()
+        used = self._written.scan()
+        self._faults.count_used(used)
+        if self._record:
+            self._note(p for first, count in used.runs(MAX_SCAN_RUNS) for p in range(first, first + count))
 
     def _apply(self, d: Decision) -> None:
         if d.neighbourhood is not None and d.neighbourhood != self._nb:
@@ -118,18 +151,26 @@ class PolicyRunner:
             del self._pending[:taken]
 
     def stop(self) -> None:
+        """Stop the thread; recording, take the last written pages (once: the scan's owner closes it next)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        if self._written is not None and self._record:
+            self._scan()
 
     def working_set(self) -> list[tuple[int, int]]:
-        """The pages faulted on so far, as ranges in first-touch order (empty unless recording)."""
+        """The pages faulted on (and found written) so far, as ranges in first-touch order (empty unless
+        recording)."""
         self._note(self._faults.new_faults())
         return workingset.ranges_of(self._order)
 
     def summary(self) -> dict:
-        out = {"name": self.name, "neighbourhood": {"pages": self._nb.pages, "shape": self._nb.shape,
-                                                    "stride": self._nb.stride}}
+        out: dict = {"name": self.name, "neighbourhood": {"pages": self._nb.pages, "shape": self._nb.shape,
+                                                          "stride": self._nb.stride}}
+        if self._written is not None:
+            out["written_pages"] = self._written.total  # pages found written by the scans (each at most once a scan)
         if self._failed:
             out["error"] = self._failed
         return out

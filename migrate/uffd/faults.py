@@ -108,6 +108,16 @@ class FaultReader:
         """The features the userfaultfd's creator enabled (0 if the kernel does not say)."""
         return int(lib.mig_space_features(self._space))
 
+    def protect_installs(self, on: bool) -> None:
+        """With `on`, installs write-protect the pages they fill, so a scan sees which ones the guest writes.
+
+        Only on a fd created with WP_ASYNC_FEATURES over a range registered
+        MISSING|WP (the guest runner's, where the kernel has them): else the
+        installs would fail. See mig_space_set_install_wp.
+        """
+        if self._space is not None:
+            lib.mig_space_set_install_wp(self._space, 1 if on else 0)
+
     def _bitmap_ptr(self, bitmap: SharedBitmap) -> object:
         """The bitmap's cffi pointer, once it is known to cover every page (C does not check)."""
         if bitmap.nbits < self.npages:

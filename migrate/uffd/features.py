@@ -47,6 +47,9 @@ FEATURE_MOVE: int = lib.UFFD_FEATURE_MOVE
 #: The non-cooperative events: the guest's madvise, munmap, mremap and fork, told to the handler.
 EVENT_FEATURES = FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP | FEATURE_EVENT_REMAP | FEATURE_EVENT_FORK
 
+#: What asynchronous write tracking takes (PAGEMAP_SCAN finds the pages written since they were protected).
+WP_ASYNC_FEATURES = FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED | FEATURE_WP_HUGETLBFS_SHMEM
+
 _FEATURE_NAMES = {value: name[len("FEATURE_"):] for name, value in globals().items() if name.startswith("FEATURE_")}
 
 
