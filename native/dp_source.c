@@ -22,6 +22,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -588,6 +589,12 @@ fail:
 void mig_dp_source_set_live(struct mig_dp_source *s, int live)
 {
     __atomic_store_n(&s->live, !!live, __ATOMIC_RELEASE);
+    /* Frozen with every block allocated (a guest that wrote all its RAM):
+     * there is no hole to find, and SEEK_HOLE would walk the whole file. */
+    struct stat st;
+    if (!live && s->known_data && s->holes_fd >= 0 && !fstat(s->holes_fd, &st) &&
+        (uint64_t)st.st_blocks * 512 >= s->size)
+        mig_bitmap_set(s->known_data, 0, s->npages);
 }
 
 uint16_t mig_dp_source_port(const struct mig_dp_source *s)
