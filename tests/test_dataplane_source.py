@@ -20,7 +20,6 @@ from migrate import spawn
 from migrate.guest.workloads import Workload
 from migrate.source.dataplane import DataServer
 
-
 _M64 = (1 << 64) - 1
 _P1, _P2, _P3, _P4 = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x85EBCA77C2B2AE63
 
