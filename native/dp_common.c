@@ -33,68 +33,172 @@ int64_t dp_mono_ns(void)
 
 /* ------------------------------------------------------------------ digest */
 
-#define LANE(h, w) ((h) = rotl64((h) ^ ((w) * P1), 31) * P2)
+/* The digest (dp_common.h, docs/protocol.md "Digest"): 8 lanes over 64-byte
+ * stripes, 16 stripes a block, the lanes scrambled after each block. The
+ * key of lane i in stripe s of a block is KEY[s + i]; SCRAMBLE[i] is lane
+ * i's scramble key; ACC0 the lanes' start. The constants are mix64(P1 *
+ * (j + 1)): KEY j = 0..22, SCRAMBLE j = 24..31; ACC0: mix64(P2 * (i + 1)). */
+#define DG_LANES 8
+#define DG_STRIPE 64
+#define DG_BLOCK_STRIPES 16
+#define DG_PRIME32 0x9E3779B1u
+
+static const uint64_t KEY[DG_BLOCK_STRIPES + DG_LANES - 1] = {
+    0xE220A8397B1DCDAFULL, 0x6E789E6AA1B965F4ULL, 0x06C45D188009454FULL, 0xF88BB8A8724C81ECULL,
+    0x1B39896A51A8749BULL, 0x53CB9F0C747EA2EAULL, 0x2C829ABE1F4532E1ULL, 0xC584133AC916AB3CULL,
+    0x3EE5789041C98AC3ULL, 0xF3B8488C368CB0A6ULL, 0x657EECDD3CB13D09ULL, 0xC2D326E0055BDEF6ULL,
+    0x8621A03FE0BBDB7BULL, 0x8E1F7555983AA92FULL, 0xB54E0F1600CC4D19ULL, 0x84BB3F97971D80ABULL,
+    0x7D29825C75521255ULL, 0xC3CF17102B7F7F86ULL, 0x3466E9A083914F64ULL, 0xD81A8D2B5A4485ACULL,
+    0xDB01602B100B9ED7ULL, 0xA9038A921825F10DULL, 0xEDF5F1D90DCA2F6AULL,
+};
+static const uint64_t SCRAMBLE[DG_LANES] = {
+    0xDD7C01D4F5407269ULL, 0x935E82F1DB4C4F7BULL, 0x69B82EBC92233300ULL, 0x40D29EB57DE1D510ULL,
+    0xA2F09DABB45C6316ULL, 0xEE521D7A0F4D3872ULL, 0xF16952EE72F3454FULL, 0x377D35DEA8E40225ULL,
+};
+static const uint64_t ACC0[DG_LANES] = {
+    0x68850AC74E2E5A26ULL, 0xD1CB87AADEB44DAFULL, 0xA07B6A36284AF890ULL, 0xB739CFF4C8A80399ULL,
+    0x20EDA02AB453A378ULL, 0xD7AE97858BEDCE43ULL, 0x03D879F0DF41B6D0ULL, 0x0851628B5D15FDF2ULL,
+};
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* SSE2 (every x86-64): two lanes a register. */
+static void fold_sse2(uint64_t acc[DG_LANES], const uint8_t *p, size_t n, unsigned s)
+{
+    __m128i a[4];
+    for (int j = 0; j < 4; j++)
+        a[j] = _mm_loadu_si128((const __m128i *)(acc + 2 * j));
+    const __m128i prime = _mm_set1_epi32((int)DG_PRIME32);
+    for (; n; n--, p += DG_STRIPE) {
+        for (int j = 0; j < 4; j++) {
+            __m128i d = _mm_loadu_si128((const __m128i *)(p + 16 * j));
+            __m128i dk = _mm_xor_si128(d, _mm_loadu_si128((const __m128i *)(KEY + s + 2 * j)));
+            __m128i prod = _mm_mul_epu32(dk, _mm_srli_epi64(dk, 32));
+            /* lane i gets word i ^ 1: swap the two 64-bit halves */
+            a[j] = _mm_add_epi64(a[j], _mm_add_epi64(prod, _mm_shuffle_epi32(d, _MM_SHUFFLE(1, 0, 3, 2))));
+        }
+        if (++s == DG_BLOCK_STRIPES) {
+            s = 0;
+            for (int j = 0; j < 4; j++) {
+                __m128i x = _mm_xor_si128(_mm_xor_si128(a[j], _mm_srli_epi64(a[j], 47)),
+                                          _mm_loadu_si128((const __m128i *)(SCRAMBLE + 2 * j)));
+                __m128i lo = _mm_mul_epu32(x, prime), hi = _mm_mul_epu32(_mm_srli_epi64(x, 32), prime);
+                a[j] = _mm_add_epi64(lo, _mm_slli_epi64(hi, 32));
+            }
+        }
+    }
+    for (int j = 0; j < 4; j++)
+        _mm_storeu_si128((__m128i *)(acc + 2 * j), a[j]);
+}
+
+/* AVX2: four lanes a register. */
+__attribute__((target("avx2"))) static inline __m256i step_avx2(__m256i a, __m256i d, __m256i k)
+{
+    __m256i dk = _mm256_xor_si256(d, k);
+    __m256i prod = _mm256_mul_epu32(dk, _mm256_srli_epi64(dk, 32));
+    return _mm256_add_epi64(a, _mm256_add_epi64(prod, _mm256_shuffle_epi32(d, _MM_SHUFFLE(1, 0, 3, 2))));
+}
+
+__attribute__((target("avx2"))) static inline __m256i scramble_avx2(__m256i a, __m256i k)
+{
+    const __m256i prime = _mm256_set1_epi32((int)DG_PRIME32);
+    __m256i x = _mm256_xor_si256(_mm256_xor_si256(a, _mm256_srli_epi64(a, 47)), k);
+    __m256i lo = _mm256_mul_epu32(x, prime), hi = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), prime);
+    return _mm256_add_epi64(lo, _mm256_slli_epi64(hi, 32));
+}
+
+__attribute__((target("avx2"))) static void fold_avx2(uint64_t acc[DG_LANES], const uint8_t *p, size_t n, unsigned s)
+{
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)acc), a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
+    for (; n; n--, p += DG_STRIPE) {
+        a0 = step_avx2(a0, _mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(KEY + s)));
+        a1 = step_avx2(a1, _mm256_loadu_si256((const __m256i *)(p + 32)),
+                       _mm256_loadu_si256((const __m256i *)(KEY + s + 4)));
+        if (++s == DG_BLOCK_STRIPES) {
+            s = 0;
+            a0 = scramble_avx2(a0, _mm256_loadu_si256((const __m256i *)SCRAMBLE));
+            a1 = scramble_avx2(a1, _mm256_loadu_si256((const __m256i *)(SCRAMBLE + 4)));
+        }
+    }
+    _mm256_storeu_si256((__m256i *)acc, a0);
+    _mm256_storeu_si256((__m256i *)(acc + 4), a1);
+}
+
+static void (*fold)(uint64_t acc[DG_LANES], const uint8_t *p, size_t n, unsigned s) = fold_sse2;
+
+__attribute__((constructor)) static void pick_fold(void)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2"))
+        fold = fold_avx2;
+}
+#else
+/* Fold n whole stripes at p into acc, the first being stripe `s` of its
+ * block (0..15): the definition, which the SSE2 and AVX2 versions compute
+ * two and four lanes at a time. */
+static void fold(uint64_t acc[DG_LANES], const uint8_t *p, size_t n, unsigned s)
+{
+    for (; n; n--, p += DG_STRIPE) {
+        for (int i = 0; i < DG_LANES; i++) {
+            uint64_t d = load64(p + 8 * i), dk = d ^ KEY[s + i];
+            acc[i ^ 1] += d;
+            acc[i] += (dk & 0xFFFFFFFFu) * (dk >> 32);
+        }
+        if (++s == DG_BLOCK_STRIPES) {
+            s = 0;
+            for (int i = 0; i < DG_LANES; i++)
+                acc[i] = (acc[i] ^ (acc[i] >> 47) ^ SCRAMBLE[i]) * DG_PRIME32;
+        }
+    }
+}
+#endif
 
 void dp_digest_init(struct dp_digest *d)
 {
-    d->h[0] = 0x243F6A8885A308D3ULL;
-    d->h[1] = 0x13198A2E03707344ULL;
-    d->h[2] = 0xA4093822299F31D0ULL;
-    d->h[3] = 0x082EFA98EC4E6C89ULL;
+    memcpy(d->acc, ACC0, sizeof d->acc);
     d->len = 0;
-}
-
-/* Fold whole 32-byte blocks of p (len rounded down) into the lanes. */
-static void fold_blocks(uint64_t h[4], const uint8_t *p, size_t len)
-{
-    uint64_t h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3];
-    for (size_t i = 0; i + 32 <= len; i += 32) {
-        LANE(h0, load64(p + i));
-        LANE(h1, load64(p + i + 8));
-        LANE(h2, load64(p + i + 16));
-        LANE(h3, load64(p + i + 24));
-    }
-    h[0] = h0, h[1] = h1, h[2] = h2, h[3] = h3;
 }
 
 void dp_digest_update(struct dp_digest *d, const void *data, size_t len)
 {
     const uint8_t *p = data;
-    size_t have = d->len % 32;
+    size_t have = d->len % DG_STRIPE;
+    unsigned s = (unsigned)(d->len / DG_STRIPE % DG_BLOCK_STRIPES);  /* the next stripe to fold */
     d->len += len;
     if (have) {
-        size_t take = 32 - have < len ? 32 - have : len;
+        size_t take = DG_STRIPE - have < len ? DG_STRIPE - have : len;
         memcpy(d->carry + have, p, take);
         p += take;
         len -= take;
-        if (have + take < 32)
+        if (have + take < DG_STRIPE)
             return;
-        fold_blocks(d->h, d->carry, 32);
+        fold(d->acc, d->carry, 1, s);
+        s = (s + 1) % DG_BLOCK_STRIPES;
     }
-    fold_blocks(d->h, p, len);
-    memcpy(d->carry, p + (len & ~(size_t)31), len % 32);
+    fold(d->acc, p, len / DG_STRIPE, s);
+    memcpy(d->carry, p + (len & ~(size_t)(DG_STRIPE - 1)), len % DG_STRIPE);
 }
 
-static uint64_t finish(const uint64_t h[4], uint64_t size)
+static uint64_t finish(const uint64_t acc[DG_LANES], uint64_t size)
 {
     uint64_t f = size * P3 + P4;
-    for (int i = 0; i < 4; i++)
-        f = rotl64(f ^ h[i], 27) * P1;
+    for (int i = 0; i < DG_LANES; i++)
+        f = rotl64(f ^ acc[i], 27) * P1;
     return mix64(f);
 }
 
 uint64_t dp_digest_final(const struct dp_digest *d)
 {
-    uint64_t h[4] = {d->h[0], d->h[1], d->h[2], d->h[3]};
-    size_t tail = d->len % 32, i = 0;
-    for (; i + 8 <= tail; i += 8)
-        LANE(h[0], load64(d->carry + i));
-    if (i < tail) {
-        uint8_t word[8] = {0};
-        memcpy(word, d->carry + i, tail - i);
-        LANE(h[1], load64(word));
+    uint64_t acc[DG_LANES];
+    memcpy(acc, d->acc, sizeof acc);
+    size_t tail = d->len % DG_STRIPE;
+    if (tail) {  /* the last partial stripe, zero-padded, in its place */
+        uint8_t last[DG_STRIPE] = {0};
+        memcpy(last, d->carry, tail);
+        fold(acc, last, 1, (unsigned)(d->len / DG_STRIPE % DG_BLOCK_STRIPES));
     }
-    return finish(h, d->len);
+    return finish(acc, d->len);
 }
 
 uint64_t mig_digest(const uint8_t *mem, uint64_t size)
@@ -102,7 +206,7 @@ uint64_t mig_digest(const uint8_t *mem, uint64_t size)
     struct dp_digest d;
     dp_digest_init(&d);
     if (!mem)  /* the digest of `size` bytes never seen: the lanes untouched */
-        return finish(d.h, size);
+        return finish(d.acc, size);
     dp_digest_update(&d, mem, size);
     return dp_digest_final(&d);
 }

@@ -10,21 +10,33 @@
 #include <sys/uio.h>
 
 /* ---- digest ----
- * mig_digest: four lanes over 8-byte words, 32 bytes a step; its tail (the
- * last size % 32 bytes) goes by 8-byte words into lane 0 and a last partial
- * word into lane 1. Each lane step h = rotl(h ^ w * P1, 31) * P2 is a
- * bijection of w for a fixed h and of h for a fixed w, and the lanes are
- * combined by bijective steps, so any change confined to one word (one
- * flipped byte) always changes the digest.
+ * mig_digest (protocol 2; docs/protocol.md, "Digest"): eight 64-bit lanes
+ * over 64-byte stripes, in the manner of NH and XXH3: each 8-byte word w
+ * (lane i, keyed with k) adds lo32(w ^ k) * hi32(w ^ k) to lane i and w
+ * itself to lane i ^ 1; after every 16 stripes (1 KiB) each lane is
+ * scrambled (xorshift, a key, a multiply by an odd 32-bit prime). The keys
+ * differ per stripe of a block, and the scramble makes blocks' order
+ * matter, so moved data changes the digest. A last partial stripe is
+ * zero-padded; the length, then each lane, go into the final mix.
+ * Everything is 32x32->64 multiplies, adds and shifts: SSE2 and AVX2
+ * compute 2 and 4 lanes an instruction (the AVX2 version is picked at load
+ * time where the CPU has it).
+ *
+ * A change confined to one word moves lane i ^ 1 by exactly the word's
+ * difference, and no later step (adds, bijective scrambles) can undo that;
+ * the final mix of the eight lanes into 64 bits makes a different digest
+ * as good as certain (a collision ~2^-64), not guaranteed as with
+ * protocol 1's one-multiply-chain digest, which ran at a third of the
+ * speed.
  *
  * struct dp_digest computes the same digest over the data fed in any number
  * of pieces (dp_digest_update), so a batch's checksum is computed over the
  * pages where they are, with no copy: the digest of the concatenation. */
 /* cffi: begin */
 struct dp_digest {
-    uint64_t h[4];
+    uint64_t acc[8];
     uint64_t len;        /* bytes fed so far */
-    uint8_t carry[32];   /* the last len % 32 bytes, not yet folded in */
+    uint8_t carry[64];   /* the last len % 64 bytes, not yet folded in */
 };
 
 uint64_t mig_digest(const uint8_t *mem, uint64_t size);

@@ -22,6 +22,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -239,8 +240,12 @@ static int flush(struct mig_dp_source *s, int fd, struct squeeze *z, struct outq
 /* Ask the CPU for a page (its first PREFETCH_BYTES) ahead of the zero
  * check and the checksum: the hardware prefetcher stops at a page boundary,
  * so without this every page starts with a TLB and a cache miss each (most
- * of a scattered set's cost at the source). */
+ * of a scattered set's cost at the source). The next page is asked for
+ * while one is read; a run's first page also RUNS_AHEAD runs earlier, since
+ * one short run (a scattered set's 1.2 pages) is over before DRAM answers
+ * (source CPU per MiB of a scattered set 0.30-0.33 -> 0.26-0.27 ms). */
 #define PREFETCH_BYTES 4096u
+#define RUNS_AHEAD 4
 
 static void prefetch_page(const uint8_t *page, uint32_t page_size)
 {
@@ -395,6 +400,8 @@ static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
         if (__atomic_load_n(&s->live, __ATOMIC_ACQUIRE) && (uint64_t)most * s->page_size > LIVE_BATCH_BYTES)
             most = s->page_size >= LIVE_BATCH_BYTES ? 1 : LIVE_BATCH_BYTES / s->page_size;
         for (uint32_t i = 0; i < req.nruns && !err; i++) {
+            if (i + RUNS_AHEAD < req.nruns)
+                prefetch_page(s->mem + runs[i + RUNS_AHEAD].first_page * s->page_size, s->page_size);
             for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end && !err; p += most) {
                 uint32_t count = end - p < most ? (uint32_t)(end - p) : most;
                 uint64_t next = p + count < end ? p + count : i + 1 < req.nruns ? runs[i + 1].first_page : UINT64_MAX;
@@ -588,6 +595,12 @@ fail:
 void mig_dp_source_set_live(struct mig_dp_source *s, int live)
 {
     __atomic_store_n(&s->live, !!live, __ATOMIC_RELEASE);
+    /* Frozen with every block allocated (a guest that wrote all its RAM):
+     * there is no hole to find, and SEEK_HOLE would walk the whole file. */
+    struct stat st;
+    if (!live && s->known_data && s->holes_fd >= 0 && !fstat(s->holes_fd, &st) &&
+        (uint64_t)st.st_blocks * 512 >= s->size)
+        mig_bitmap_set(s->known_data, 0, s->npages);
 }
 
 uint16_t mig_dp_source_port(const struct mig_dp_source *s)

@@ -75,7 +75,7 @@ def test_toml_matrix_and_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["bench_modes.py", "bench_drain.py", "bench_core.py", "bench_dataplane.py",
-                                    "bench_policies.py", "bench_snapshot.py", "compare_qemu.py"])
+                                    "bench_digest.py", "bench_policies.py", "bench_snapshot.py", "compare_qemu.py"])
 def test_bench_scripts_start(script):
     """Each benchmark script builds its options (two named a constant that had moved: AttributeError)."""
     from pathlib import Path

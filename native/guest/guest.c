@@ -21,10 +21,10 @@
  * pages between the vCPUs like the synthetic engine's threads
  * (native/workload.c). Each vCPU first fills its slice (about one page in
  * eight zero: written, as QEMU's RAM is not all zero) then runs its share
- * of the ops. The digest is
- * mig_digest() (native/dp_common.c) of each slice, combined with each
- * vCPU's read accumulator: a pure function of (size, workload, seed, ops,
- * vcpus), however the run is paused, saved and resumed.
+ * of the ops. The digest is the four-lane digest below (protocol 1's
+ * mig_digest) of each slice, combined with each vCPU's read accumulator: a
+ * pure function of (size, workload, seed, ops, vcpus), however the run is
+ * paused, saved and resumed.
  */
 #include <stdint.h>
 #include "../mix.h"
@@ -264,7 +264,9 @@ static inline uint64_t do_op(uint64_t first, uint64_t np, uint64_t done, uint64_
 
 #define LANE(h, w) ((h) = rotl64((h) ^ ((w) * P1), 31) * P2)
 
-/* mig_digest() of whole 32-byte blocks (slices are whole pages). */
+/* Protocol 1's mig_digest() of whole 32-byte blocks (slices are whole
+ * pages): scalar code, since the guest has no SSE state set up; its own
+ * function, compared only with itself. */
 static uint64_t digest_range(const uint64_t *w, uint64_t bytes)
 {
     uint64_t h[4] = {0x243F6A8885A308D3ULL, 0x13198A2E03707344ULL, 0xA4093822299F31D0ULL, 0x082EFA98EC4E6C89ULL};
