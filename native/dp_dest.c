@@ -441,6 +441,7 @@ static void count_install(struct mig_dpd *h, const struct mig_install_stats *st,
     uint64_t installed = st->copied + st->zeroed;
     add(&h->c.pages, installed);
     add(&h->c.zero, st->zeroed);
+    add(&h->c.zero_lazy, st->lazy);
     add(&h->c.bytes_pages, installed * h->page_size);
     add(&h->c.duplicates, st->skipped + st->eexist);
     add(&h->c.batches, batches);
@@ -1028,6 +1029,7 @@ static void *installer_main(void *arg)
                 sum.zeroed += st.zeroed;
                 sum.skipped += st.skipped;
                 sum.eexist += st.eexist;
+                sum.lazy += st.lazy;
                 installed++;
             }
         }

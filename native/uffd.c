@@ -228,6 +228,7 @@ struct mig_space {
     int fd;
     int wakefd;                   /* eventfd: faults were stashed */
     int events;                   /* the fd may carry non-cooperative events */
+    int lazy_zero;                /* zero runs are marked, not installed (mig_space_lazy_zero) */
     uint64_t features;
     uint32_t page_size;
     int nregions;
@@ -289,6 +290,11 @@ struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nr
     pthread_rwlock_init(&s->lock, &a);
     pthread_rwlockattr_destroy(&a);
     return s;
+}
+
+void mig_space_lazy_zero(struct mig_space *s, int on)
+{
+    s->lazy_zero = on;
 }
 
 void mig_space_free(struct mig_space *s)
@@ -525,7 +531,7 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
 
 /* A fault on a page that needs no fetching: one received already (installed
  * after the thread faulted: a zero page attempt finds it present and wakes the
- * thread), one discarded since it was received (REMOVE, a punched hole: it
+ * thread; or a lazy zero page, a hole until now), one discarded since it was received (REMOVE, a punched hole: it
  * is missing again, and a discarded page reads as zeros), or an address
  * outside every region (memory that is not the image's: zeros). A zero page
  * that meets -EAGAIN is put off: the kernel says so from an event's start
@@ -670,6 +676,18 @@ static int64_t install_run(struct mig_space *s, uint64_t *bitmap, uint64_t page,
         uint64_t piece_end = mig_bitmap_next_set(bitmap, stop < end ? stop : end, page);
         uint64_t addr = reg->base + (page - reg->first_page) * ps;
         uint64_t len = (piece_end - page) * ps, covered = 0;
+        if (!src && s->lazy_zero) {
+            /* The hole reads as zeros already. Bits first, then the wake: a thread that faulted
+             * before the bits were set faults again and finds the page received. */
+            mig_bitmap_set(bitmap, page, piece_end - page);
+            mig_uffd_wake(s->fd, addr, len);
+            st->ioctls++;
+            st->zeroed += piece_end - page;
+            st->lazy += piece_end - page;
+            installed += (int64_t)(piece_end - page);
+            page = piece_end;
+            continue;
+        }
         int64_t r = src ? fill(s->fd, addr, src + (page - first) * ps, len, 0, ps, &st->eexist, &st->ioctls,
                                &covered)
                         : fill_zero(s->fd, addr, len, ps, &st->eexist, &st->ioctls, &covered);
@@ -786,6 +804,7 @@ int64_t mig_install_batches(struct mig_space *s, uint64_t *bitmap, uint64_t npag
         st->skipped += one.skipped;
         st->eexist += one.eexist;
         st->ioctls += one.ioctls;
+        st->lazy += one.lazy;
         st->done_ns = one.done_ns;
         ids[2 * n] = b->req_id;
         ids[2 * n + 1] = b->count;
