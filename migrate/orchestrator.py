@@ -470,6 +470,8 @@ def poll_delay(seen: list[tuple[float, int]], total: int) -> float:
     if len(seen) < 2 or total <= 0:
         return POLL_EVERY
     (t1, got1), (t2, got2) = seen[-2], seen[-1]
+    if got2 >= total:  # every page is in: the destination's finish follows within milliseconds
+        return POLL_MIN
     if got2 <= got1 or t2 <= t1:
         return POLL_EVERY
     left_s = (total - got2) * (t2 - t1) / (got2 - got1)

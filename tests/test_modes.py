@@ -120,6 +120,8 @@ def test_completion_polls_follow_the_time_left_near_the_end():
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 900)], 1000) == pytest.approx(0.1 * 100 / 900 / 2)
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 999)], 1000) == orchestrator.POLL_MIN
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
+    # every page in, the run not complete yet: it was a whole POLL_EVERY more
+    assert orchestrator.poll_delay([(0.0, 1000), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
 
 
 def test_cli_rejects_bad_mode_options():
