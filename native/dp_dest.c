@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "dirty.h"
 #include "dp_common.h"
 #include "dp_dest.h"
 #include "dp_wire.h"
@@ -374,9 +375,9 @@ static int64_t write_memfd(struct mig_dpd *h, const struct dp_batch *b, const ui
         if (z < npairs && runs[2 * z] == p) {
             /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
              * punched: precopy.unmark), which a zero page must not leave behind. */
-            if (h->rounds > 1 && fallocate(h->target_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                           (off_t)((b->first_page + p) * ps), (off_t)(runs[2 * z + 1] * ps)))
-                return -errno;
+            int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, b->first_page + p, runs[2 * z + 1], ps) : 0;
+            if (err)
+                return err;
             p += runs[2 * z + 1];
             z++;
             continue;
