@@ -109,6 +109,7 @@ class Pages(_Document):
     duplicates: int
     page_size: int
     prefetched: int | None = None
+    zero_lazy: int | None = None  # of the zero pages, those left as holes on the destination (older reports: None)
 
 
 @dataclass
