@@ -96,7 +96,8 @@ class Client:
         `size` in bytes, or as text ("64M", "1G"); `workload` a
         migrate.Workload (or its name: "hotset", ...); `ops` operations,
         then it idles; `ops_per_sec` 0 runs unthrottled; `content`
-        Content.REALISTIC or RANDOM (incompressible); `backing` "file:NAME"
+        Content.REALISTIC, RANDOM (incompressible) or ZERO (holes until
+        written); `backing` "file:NAME"
         keeps RAM in a new file in the agent's --backing-dir; `kind`
         GuestKind.KVM runs the guest image under KVM with `threads` vCPUs.
         """

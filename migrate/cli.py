@@ -356,7 +356,8 @@ def _threads_for(kind: str, vcpus: int | None, threads: int) -> int:
 @click.option("--ops-per-sec", type=click.FloatRange(0, None), default=0.0, show_default=True,
               help="Throttle the workload (0: as fast as it goes).")
 @click.option("--content", type=click.Choice(choices(Content)), default=Content.REALISTIC.value, show_default=True,
-              help="Initial RAM: realistic (partly compressible, some zero pages) or random (incompressible).")
+              help="Initial RAM: realistic (partly compressible, some zero pages), random (incompressible) or zero "
+                   "(all zero: holes until written).")
 @click.option("--backing", metavar="file:NAME", default="",
               help="Keep guest RAM in a new file NAME in the source agent's --backing-dir instead of anonymous "
                    "memory (NAME: 1-64 letters, digits, '.', '-' or '_', not starting with '.'): with `source "

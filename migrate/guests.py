@@ -145,7 +145,8 @@ class GuestTable:
 
         "realistic" RAM is filled by the runner; "random" (incompressible,
         for measuring transfers without compression's help) is filled here,
-        deterministically from the seed.
+        deterministically from the seed; "zero" RAM is left as it is made:
+        holes, until the workload writes.
         """
         if spec.kind == GuestKind.KVM:
             from migrate.guest.kvm import kvm_problem

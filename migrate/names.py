@@ -73,10 +73,12 @@ class FaultPath(enum.StrEnum):
 
 
 class Content(enum.StrEnum):
-    """A guest's initial RAM: partly compressible with some zero pages (realistic), or incompressible (random)."""
+    """A guest's initial RAM: partly compressible with some zero pages (realistic), incompressible (random),
+    or all zero (zero: never-written pages are holes of the memfd, like a freshly booted VM's untouched RAM)."""
 
     REALISTIC = "realistic"
     RANDOM = "random"
+    ZERO = "zero"
 
 
 E = TypeVar("E", bound=enum.StrEnum)

@@ -302,7 +302,7 @@ def _finish(source: AgentClient, dest: AgentClient, name: str, run: pb.RunRef, s
     before = source.call("InspectGuest", pb.GuestRef(name=name))
     src_stats = source.call("CompleteOutgoing", run)
     after = dest.call("InspectGuest", pb.GuestRef(name=name))
-    verified = _verify(source, dest, name, spec) if opts.verify else None
+    verified = verify(source, dest, name, spec) if opts.verify else None
     return _Ending(timeline, status, total_s, before, src_stats, after, verified)
 
 
@@ -470,14 +470,17 @@ def poll_delay(seen: list[tuple[float, int]], total: int) -> float:
     if len(seen) < 2 or total <= 0:
         return POLL_EVERY
     (t1, got1), (t2, got2) = seen[-2], seen[-1]
+    if got2 >= total:  # every page is in: the destination's finish follows within milliseconds
+        return POLL_MIN
     if got2 <= got1 or t2 <= t1:
         return POLL_EVERY
     left_s = (total - got2) * (t2 - t1) / (got2 - got1)
     return min(POLL_EVERY, max(POLL_MIN, left_s / 2))
 
 
-def _verify(source: AgentClient, dest: AgentClient, name: str, spec: pb.GuestSpec) -> bool:
-    """Finish the migrated guest and compare its memory with an unmigrated run."""
+def verify(source: AgentClient, dest: AgentClient, name: str, spec: pb.GuestSpec) -> bool:
+    """Finish the migrated guest and compare its memory with an unmigrated run (--verify; a caller
+    may look at the destination first: the digest reads, and so allocates, all of its RAM)."""
     _wait_finished(dest, name)
     migrated = dest.call("GuestDigest", pb.GuestRef(name=name), timeout=600).digest
     ref_name = f"{name}-reference"

@@ -109,6 +109,7 @@ class Pages(_Document):
     duplicates: int
     page_size: int
     prefetched: int | None = None
+    zero_lazy: int | None = None  # of the zero pages, those left as holes on the destination (older reports: None)
 
 
 @dataclass
@@ -284,6 +285,8 @@ def build(*, name: str, spec: pb.GuestSpec, total_s: float, t_start_ns: int, swi
             "pushed": status.pages_pushed,
             "faulted": status.pages_faulted,
             "zero": status.pages_zero,
+            # of the zero pages, those left as holes on the destination (marked received, never allocated)
+            "zero_lazy": sum(int(p.get("zero_lazy", 0)) for p in detail.values() if isinstance(p, dict)),
             "precopied": precopy_pages,
             "before_resume": status.pages_before_resume,
             "recovered": status.pages_recovered,
@@ -325,8 +328,9 @@ def _pages(p: dict) -> str:
     """The pages row: where they came from, adding up to the total once complete."""
     kept = f" ({p.get('before_resume', 0)} kept)" if p.get("precopied") else ""
     recovered = f", {p['recovered']} recovered at a restart" if p.get("recovered") else ""
+    holes = f" ({p['zero_lazy']} left as holes)" if p.get("zero_lazy") else ""
     return (f"{p['total']} total: {p.get('precopied', 0)} pre-copied{kept}, {p['pushed']} pushed, "
-            f"{p['faulted']} faulted{recovered}, {p['zero']} zero, {p.get('duplicates', 0)} came twice")
+            f"{p['faulted']} faulted{recovered}, {p['zero']} zero{holes}, {p.get('duplicates', 0)} came twice")
 
 
 def table(doc: dict) -> str:

@@ -86,7 +86,7 @@ def reference_digest(spec: GuestSpec, content: str, state: dict) -> str:
     try:
         if content == Content.RANDOM:
             fill_random(mem, spec.seed)
-        else:
+        elif content == Content.REALISTIC:
             fill_realistic(mem, spec.page_size, spec.seed)
         with Workload(mem, workload=spec.workload, seed=spec.seed, ops=spec.ops, threads=spec.threads,
                       page_size=spec.page_size) as wl:

@@ -20,11 +20,10 @@ int64_t mig_take_removed(uint64_t *removed, uint64_t *bitmap, uint64_t nbits)
     return found;
 }
 
-/* Punch [first, first + count) pages out of the memfd. */
-static int punch(int memfd, uint64_t first, uint64_t count, uint32_t page_size)
+int mig_punch_pages(int memfd, uint64_t first, uint64_t count, uint32_t page_size)
 {
     return fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(first * page_size),
-                     (off_t)(count * page_size));
+                     (off_t)(count * page_size)) ? -errno : 0;
 }
 
 int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, uint64_t nbits,
@@ -53,8 +52,9 @@ int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, 
             if (run_len && run_first + run_len == first) {
                 run_len += len;
             } else {
-                if (run_len && punch(memfd, run_first, run_len, page_size) < 0)
-                    return -errno;
+                int err = run_len ? mig_punch_pages(memfd, run_first, run_len, page_size) : 0;
+                if (err)
+                    return err;
                 *runs += run_len ? 1 : 0;
                 run_first = first;
                 run_len = len;
@@ -64,8 +64,9 @@ int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, 
         }
     }
     if (run_len) {
-        if (punch(memfd, run_first, run_len, page_size) < 0)
-            return -errno;
+        int err = mig_punch_pages(memfd, run_first, run_len, page_size);
+        if (err)
+            return err;
         (*runs)++;
     }
     return pages;

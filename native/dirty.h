@@ -20,6 +20,10 @@ int64_t mig_take_removed(uint64_t *removed, uint64_t *bitmap, uint64_t nbits);
  * Returns the pages discarded, or -errno; *runs gets the fallocate calls. */
 int64_t mig_discard_pages(int memfd, uint64_t *received, const uint64_t *stale, uint64_t nbits,
                           uint32_t page_size, uint64_t *runs);
+
+/* Punch pages [first, first + count) out of `memfd` (they read as zeros, and
+ * take no memory). Returns 0 or -errno. */
+int mig_punch_pages(int memfd, uint64_t first, uint64_t count, uint32_t page_size);
 /* cffi: end */
 
 #endif

@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "dirty.h"
 #include "dp_common.h"
 #include "dp_dest.h"
 #include "dp_wire.h"
@@ -53,6 +54,12 @@
  * docs/protocol.md), and such faults get rarer with a smaller window. */
 #define FAULTING_WINDOW_BYTES (1u << 20)
 #define FAULTING_NS 20000000       /* "while the guest faults": a fault (a jump) within this long */
+/* The windows count data: a zero page costs no bytes on the wire, no buffer and
+ * (lazy, or a hole in pre-copy) no install, so they grow by 1 / (the share of
+ * data among the pages installed lately), at most ZERO_STRETCH times. A zero
+ * region moves at the request rate, not at a data window per round trip. */
+#define ZERO_STRETCH 64
+#define SHARE_ONE 1024             /* data_share's scale */
 #define REQ_SLOTS 128              /* > WINDOW_REQUESTS: a request id's slot is free when it is reused */
 #define BATCH_BYTES (512u << 10)   /* a batch's pages: DP_BATCH_PAGES base pages, or one huge page */
 #define NSLOTS 8                   /* ring of receive slots */
@@ -260,6 +267,7 @@ struct mig_dpd {
     uint32_t nreq;
     uint64_t inflight_pages, next_id;
     uint64_t window_pages, request_pages;
+    uint64_t data_share;      /* of the pages installed lately, the data ones, in SHARE_ONE-ths (a moving average) */
     uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
     uint64_t jumped_ns;       /* when the fault path last moved the cursor */
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
@@ -367,9 +375,9 @@ static int64_t write_memfd(struct mig_dpd *h, const struct dp_batch *b, const ui
         if (z < npairs && runs[2 * z] == p) {
             /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
              * punched: precopy.unmark), which a zero page must not leave behind. */
-            if (h->rounds > 1 && fallocate(h->target_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                           (off_t)((b->first_page + p) * ps), (off_t)(runs[2 * z + 1] * ps)))
-                return -errno;
+            int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, b->first_page + p, runs[2 * z + 1], ps) : 0;
+            if (err)
+                return err;
             p += runs[2 * z + 1];
             z++;
             continue;
@@ -441,6 +449,7 @@ static void count_install(struct mig_dpd *h, const struct mig_install_stats *st,
     uint64_t installed = st->copied + st->zeroed;
     add(&h->c.pages, installed);
     add(&h->c.zero, st->zeroed);
+    add(&h->c.zero_lazy, st->lazy);
     add(&h->c.bytes_pages, installed * h->page_size);
     add(&h->c.duplicates, st->skipped + st->eexist);
     add(&h->c.batches, batches);
@@ -703,6 +712,12 @@ static void *requester_main(void *arg)
             uint64_t faulting = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
             window = faulting < window ? faulting : window;
             per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
+        }
+        if (!h->rate) { /* paced, a request is a slice of time: keep it so */
+            uint64_t share = h->data_share > SHARE_ONE / ZERO_STRETCH ? h->data_share : SHARE_ONE / ZERO_STRETCH;
+            window = window * SHARE_ONE / share;
+            per_request = per_request * SHARE_ONE / share;
+            per_request = per_request < DP_MAX_REQUEST_PAGES ? per_request : DP_MAX_REQUEST_PAGES;
         }
         uint64_t room = window > h->inflight_pages ? window - h->inflight_pages : 0;
         uint64_t least = per_request < DP_BATCH_PAGES ? per_request : DP_BATCH_PAGES;
@@ -982,6 +997,10 @@ static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_
         const struct dp_batch *b = &done[i].b;
         int refused = done[i].verdict == REFUSED;
         int known = settle(h, h->reqs, REQ_SLOTS, b, refused) == 0;
+        if (!refused && b->count) {
+            uint64_t data = b->raw_len / h->page_size * SHARE_ONE / b->count;
+            h->data_share += data / 8 - h->data_share / 8; /* over the last ~8 frames */
+        }
         if (known) {
             h->inflight_pages -= b->count;
             if (!h->reqs[b->req_id % REQ_SLOTS].id)
@@ -1028,6 +1047,7 @@ static void *installer_main(void *arg)
                 sum.zeroed += st.zeroed;
                 sum.skipped += st.skipped;
                 sum.eexist += st.eexist;
+                sum.lazy += st.lazy;
                 installed++;
             }
         }
@@ -1081,6 +1101,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     h->max_data = (uint32_t)(raw + raw / 128 + 4096); /* room for an incompressible zstd frame */
     h->fd = -1;
     h->jump_to = UINT64_MAX;
+    h->data_share = SHARE_ONE; /* until frames say otherwise, every page is data */
     pthread_mutex_init(&h->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);

@@ -40,6 +40,7 @@ struct mig_dpd_counters {
     uint64_t planned;       /* bulk: pages asked because the plan queue named them */
     uint64_t prefetched;    /* fault path: neighbour pages asked with a fault */
     uint64_t prefetch_hits; /* fault path: prefetched pages the guest went on to use (see mig_dpd_set_neighbourhood) */
+    uint64_t zero_lazy;     /* of the zero pages, those only marked received (mig_space_lazy_zero) */
 };
 
 /* Latency samples a fault path keeps (the newest). */

@@ -228,6 +228,7 @@ struct mig_space {
     int fd;
     int wakefd;                   /* eventfd: faults were stashed */
     int events;                   /* the fd may carry non-cooperative events */
+    int lazy_zero;                /* zero runs are marked, not installed (mig_space_lazy_zero) */
     uint64_t features;
     int install_wp;               /* installs write-protect what they fill (mig_space_set_install_wp) */
     uint32_t page_size;
@@ -295,6 +296,11 @@ struct mig_space *mig_space_new(int fd, const struct mig_region *regions, int nr
 void mig_space_set_install_wp(struct mig_space *s, int on)
 {
     __atomic_store_n(&s->install_wp, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+void mig_space_lazy_zero(struct mig_space *s, int on)
+{
+    s->lazy_zero = on;
 }
 
 void mig_space_free(struct mig_space *s)
@@ -531,18 +537,44 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
 
 /* A fault on a page that needs no fetching: one received already (installed
  * after the thread faulted: a zero page attempt finds it present and wakes the
- * thread), one discarded since it was received (REMOVE, a punched hole: it
+ * thread; or a lazy zero page, a hole until now, and zero_ahead), one discarded since it was received (REMOVE, a punched hole: it
  * is missing again, and a discarded page reads as zeros), or an address
  * outside every region (memory that is not the image's: zeros). A zero page
  * that meets -EAGAIN is put off: the kernel says so from an event's start
  * until its own thread runs on after we read it, so the faulting thread is
  * woken to fault again, and tried again when that fault is read. */
-static void serve_zero(struct mig_space *s, uint64_t addr, struct mig_fault_stats *stats)
+/* Pages a fault on a lazy zero page fills ahead of it (base pages): a guest
+ * that touches one page of a zero region goes on to the next ones, and each
+ * fault costs the guest thread a round trip through the fault loop. */
+#define ZERO_AHEAD 64
+
+/* After a zero page went into the hole at `addr` (page `page` of region
+ * `reg`): the same for the pages after it in its aligned ZERO_AHEAD block
+ * that are received (a clear bit is a page still to come: never zeros), up to
+ * the first one present. One ioctl, best effort: what it leaves is served
+ * when faulted on. */
+static void zero_ahead(struct mig_space *s, const uint64_t *bitmap, const struct mig_region *reg, uint64_t addr,
+                       uint64_t page)
+{
+    uint64_t block_end = (page / ZERO_AHEAD + 1) * ZERO_AHEAD, reg_end = reg->first_page + reg->size / s->page_size;
+    uint64_t end = mig_bitmap_next_clear(bitmap, block_end < reg_end ? block_end : reg_end, page + 1);
+    if (end <= page + 1 || s->page_size > (uint64_t)sysconf(_SC_PAGESIZE))
+        return;
+    struct uffdio_zeropage z = {.range = {.start = addr + s->page_size, .len = (end - page - 1) * s->page_size}};
+    if (ioctl(s->fd, UFFDIO_ZEROPAGE, &z) < 0 && z.zeropage <= 0)
+        return;
+    s->ev.zero_served += (uint64_t)z.zeropage / s->page_size;
+}
+
+static void serve_zero(struct mig_space *s, const uint64_t *bitmap, const struct mig_region *reg, uint64_t addr,
+                       uint64_t page, struct mig_fault_stats *stats)
 {
     uint64_t eexist = 0, ioctls = 0, covered = 0;
     int64_t r = fill_zero(s->fd, addr, s->page_size, s->page_size, 0, &eexist, &ioctls, &covered);
     if (r > 0) {
         s->ev.zero_served++;
+        if (reg)
+            zero_ahead(s, bitmap, reg, addr, page);
     } else if (eexist) {
         stats->woken++;
     } else if (!covered && r == 0) {
@@ -598,7 +630,7 @@ int mig_read_faults(struct mig_space *s, uint64_t *bitmap, uint64_t *out_pages, 
             const struct mig_region *reg = region_of_addr(s, addr);
             uint64_t page = reg ? reg->first_page + (addr - reg->base) / s->page_size : 0;
             if (!reg || mig_bitmap_test(bitmap, page))
-                serve_zero(s, addr, stats);
+                serve_zero(s, bitmap, reg, addr, page, stats);
             else
                 add_fault(page, now, out_pages, out_waiters, out_t_ns, &n);
         }
@@ -677,6 +709,18 @@ static int64_t install_run(struct mig_space *s, uint64_t *bitmap, uint64_t page,
         uint64_t piece_end = mig_bitmap_next_set(bitmap, stop < end ? stop : end, page);
         uint64_t addr = reg->base + (page - reg->first_page) * ps;
         uint64_t len = (piece_end - page) * ps, covered = 0;
+        if (!src && s->lazy_zero) {
+            /* The hole reads as zeros already. Bits first, then the wake: a thread that faulted
+             * before the bits were set faults again and finds the page received. */
+            mig_bitmap_set(bitmap, page, piece_end - page);
+            mig_uffd_wake(s->fd, addr, len);
+            st->ioctls++;
+            st->zeroed += piece_end - page;
+            st->lazy += piece_end - page;
+            installed += (int64_t)(piece_end - page);
+            page = piece_end;
+            continue;
+        }
         int64_t r = src ? fill(s->fd, addr, src + (page - first) * ps, len, mode, ps, &st->eexist, &st->ioctls,
                                &covered)
                         : fill_zero(s->fd, addr, len, ps, mode, &st->eexist, &st->ioctls, &covered);
@@ -793,6 +837,7 @@ int64_t mig_install_batches(struct mig_space *s, uint64_t *bitmap, uint64_t npag
         st->skipped += one.skipped;
         st->eexist += one.eexist;
         st->ioctls += one.ioctls;
+        st->lazy += one.lazy;
         st->done_ns = one.done_ns;
         ids[2 * n] = b->req_id;
         ids[2 * n + 1] = b->count;

@@ -118,11 +118,12 @@ struct mig_region {
 /* Counters, accumulated (+=) by mig_install: the caller zeroes them. */
 struct mig_install_stats {
     uint64_t copied;  /* pages installed by UFFDIO_COPY */
-    uint64_t zeroed;  /* pages installed as zero pages */
+    uint64_t zeroed;  /* pages installed as zero pages (lazy ones included) */
     uint64_t skipped; /* pages already set in the bitmap, not touched */
     uint64_t eexist;  /* pages the kernel found present (someone raced us) */
     uint64_t ioctls;  /* install ioctls issued */
     uint64_t done_ns; /* CLOCK_MONOTONIC when the last page was in place (set by mig_install) */
+    uint64_t lazy;    /* zero pages only marked received, left as holes (mig_space_lazy_zero) */
 };
 
 /* Counters, accumulated (+=) by mig_read_faults. */
@@ -176,6 +177,12 @@ int mig_space_regions(struct mig_space *s, struct mig_region *out, int max);
  * mig_scan_dirty finds it (which pages the guest really wrote, for a policy).
  * Off again: installs leave the pages writable. */
 void mig_space_set_install_wp(struct mig_space *s, int on);
+/* Lazy zero pages (off by default): a zero run is only marked received, never
+ * installed, where a hole of the guest's memory reads as zeros (a fresh memfd
+ * mapped shared, or anonymous memory), so an untouched zero page is never
+ * allocated. Threads that faulted in the run are woken: they fault again and
+ * mig_read_faults answers each with a zero page (a page received, missing). */
+void mig_space_lazy_zero(struct mig_space *s, int on);
 /* cffi: end */
 
 /* For the native fault path (dp_dest.c), C only: */

@@ -10,7 +10,12 @@ two local agents. One table.
 --guest tiny (default): QEMU boots a tiny guest of our own (36 bytes of
 32-bit code behind a multiboot header) that sweeps its RAM page by page
 forever, writing (or only reading) each page; ours runs the synthetic
-`seq-write` (or `seq-read`) workload of the same size.
+`seq-write` (or `seq-read`) workload of the same size. The contents match:
+QEMU's RAM is zero at boot and its guest touches pages at whatever pace its
+vCPU gets (software virtualization can make that slow), so ours starts from
+zero RAM too (content "zero": memfd holes) and touches pages at the rate
+QEMU's guest did in the same run (read from its registers before and after
+the warm-up; one op a page).
 
 --guest kvm: both boot the very same multiboot image (migrate/guest/kvm_image.bin,
 the kvm guest kind) with the same size, workload, seed, ops and vCPUs: QEMU
@@ -44,6 +49,7 @@ from migrate import orchestrator
 from migrate.bench.runs import run_options
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
+from migrate.names import Content
 from migrate.planes import DataPlane, FaultPath
 from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
@@ -221,12 +227,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_REGS = ("ECX", "ESI", "EDI", "EIP")
+
+
+def registers(qmp: Qmp) -> dict[str, int]:
+    """The vCPU's 32-bit registers named in _REGS, from the monitor's `info registers`."""
+    regs = str(qmp.cmd("human-monitor-command", **{"command-line": "info registers"}))
+    return {w[:3]: int(w[4:], 16) for w in regs.split() if w[:3] in _REGS and w[3:4] == "="}
+
+
 class TinyGuest:
-    """The 36-byte sweeping guest (QEMU) beside the synthetic seq-write / seq-read workload (ours)."""
+    """The 36-byte sweeping guest (QEMU) beside the synthetic seq-write / seq-read workload (ours),
+    with the same contents: zero RAM, pages touched at the rate QEMU's guest touched them (match())."""
 
     def __init__(self, size: int, pattern: str) -> None:
         self.size, self.pattern = size, pattern
-        self.title = f"{size // MiB} MiB guest sweeping its RAM ({pattern})"
+        self.pages_per_s: float | None = None  # QEMU's guest's, once measured
+
+    @property
+    def title(self) -> str:
+        rate = "" if self.pages_per_s is None else \
+            (f"; RAM zero at boot on both sides, ours touching {self.pages_per_s:.0f} pages/s: the rate QEMU's"
+             " guest did in this run")
+        return f"{self.size // MiB} MiB guest sweeping its RAM ({self.pattern}){rate}"
+
+    def match(self, qemu_row: dict) -> None:
+        """Ours touches pages at the rate QEMU's guest did (the first QEMU run's)."""
+        if self.pages_per_s is None:
+            self.pages_per_s = qemu_row["guest_ops_per_s"]
 
     def qemu_argv(self, tmp: str, role: str) -> list[str]:
         kernel = os.path.join(tmp, "guest.bin")
@@ -239,23 +267,25 @@ class TinyGuest:
         """Until the vCPU runs our code (the BIOS takes seconds under software virtualization)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            regs = qmp.cmd("human-monitor-command", **{"command-line": "info registers"})
-            eip = next((int(w[4:], 16) for w in str(regs).split() if w.startswith("EIP=")), 0)
-            if LOAD <= eip < LOAD + 32 + len(_CODE["write"]):
+            if LOAD <= registers(qmp).get("EIP", 0) < LOAD + 32 + len(_CODE["write"]):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the QEMU guest did not reach its code within {timeout:g} s")
 
-    def qemu_ops(self, tmp: str, role: str, qmp: Qmp) -> int | None:
-        return None
+    def qemu_ops(self, tmp: str, role: str, qmp: Qmp) -> int:
+        """Pages touched so far (one op a page, as ours counts seq-write's): ECX counts the sweeps
+        from 1, EDI is the page in hand, ESI the end of the swept RAM (from 2 MiB)."""
+        r = registers(qmp)
+        sweep = (r["ESI"] - 0x200000) // 4096
+        return (r["ECX"] - 1) * sweep + max(r["EDI"] - 0x200000, 0) // 4096
 
     def qemu_digest(self, tmp: str) -> str | None:
         return None
 
     def ours_spec(self) -> pb.GuestSpec:
         workload = {"write": "seq-write", "read": "seq-read"}[self.pattern]
-        return pb.GuestSpec(size=self.size, workload=workload, seed=1, ops=10**12, threads=1, ops_per_sec=0,
-                            page_size=mmap.PAGESIZE)
+        return pb.GuestSpec(size=self.size, workload=workload, seed=1, ops=10**12, threads=1,
+                            ops_per_sec=self.pages_per_s or 0, page_size=mmap.PAGESIZE, content=Content.ZERO)
 
 
 def said(text: str, key: str) -> str | None:
@@ -324,6 +354,9 @@ class KvmImageGuest:
         return pb.GuestSpec(size=s.size, workload=s.workload, seed=s.seed, ops=s.ops, threads=s.threads,
                             ops_per_sec=0, page_size=s.page_size, kind="kvm")
 
+    def match(self, qemu_row: dict) -> None:
+        """Nothing to match: both run the same image at their own pace."""
+
 
 def wait_migration(qmp: Qmp, what: str, timeout: float = 600.0) -> dict:
     """query-migrate until QEMU's migration (or snapshot: `what`) completes; RuntimeError if it fails."""
@@ -355,8 +388,10 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
                         capabilities=caps + [{"capability": "postcopy-blocktime", "state": True}])
             dst_qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
             guest.wait_booted(tmp, src_qmp)
+            ops_booted, t_booted = guest.qemu_ops(tmp, "source", src_qmp), time.monotonic()
             time.sleep(warmup)  # the guest works on its RAM meanwhile
             ops_before = guest.qemu_ops(tmp, "source", src_qmp)
+            ops_per_s = (ops_before - ops_booted) / (time.monotonic() - t_booted)
             with CpuMeter(src.pid, dst.pid) as meter:
                 src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
                 src_qmp.cmd("migrate-start-postcopy")  # straight to post-copy: no pre-copy rounds
@@ -367,7 +402,8 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
                     "remote_faults": ram.get("postcopy-requests", 0),
                     **_blocked(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)]),
-                    "ops_during": None if ops_before is None else ops_after - ops_before,
+                    "ops_during": ops_after - ops_before, "guest_ops_per_s": ops_per_s,
+                    "pages_data_zero": f"{ram.get('normal', 0)} / {ram.get('duplicate', 0)}",
                     "wire_mib": ram.get("transferred", 0) / MiB, "fault_p50_us": None,
                     **meter.per_mib(guest.size / MiB), "digest": guest.qemu_digest(tmp)}
         finally:
@@ -426,7 +462,9 @@ def run_ours(guest: TinyGuest | KvmImageGuest, warmup: float, plane: str = "", r
     vcpus = doc["guest"]["vcpu_blocked_ms"] if kvm else []
     return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"], "remote_faults": doc["faults"]["count"],
             **(_blocked(vcpus) if vcpus else {"blocked_ms": doc["guest"]["blocked_ms"], "vcpu_blocked": None}),
-            "ops_during": _ops_during(doc), "wire_mib": doc["bytes"]["wire"] / MiB,
+            "ops_during": _ops_during(doc), "guest_ops_per_s": doc["guest"]["ops_per_s_before"],
+            "pages_data_zero": f"{doc['pages']['total'] - doc['pages']['zero']} / {doc['pages']['zero']}",
+            "wire_mib": doc["bytes"]["wire"] / MiB,
             "fault_p50_us": doc["faults"]["latency_us"]["p50"], **cpu, "digest": digest}
 
 
@@ -435,7 +473,10 @@ def table(title: str, rows: dict[str, dict]) -> str:
               ("remote faults (postcopy-requests)", "remote_faults", "{}"),
               ("guest blocked, vCPUs summed (postcopy-vcpu-blocktime)", "blocked_ms", "{:.0f} ms"),
               ("each vCPU blocked", "vcpu_blocked", "{}"),
+              ("guest ops before the migration, per second (tiny guest: pages touched)", "guest_ops_per_s",
+               "{:.0f}"),
               ("guest ops during the migration", "ops_during", "{}"),
+              ("pages moved as data / as zero (QEMU: normal / duplicate)", "pages_data_zero", "{}"),
               ("fault p50", "fault_p50_us", "{:.0f} µs"), ("bytes on the wire", "wire_mib", "{:.0f} MiB"),
               ("source CPU per guest MiB (not the vCPUs)", "src_cpu_ms_mib", "{:.2f} ms"),
               ("destination CPU per guest MiB (not the vCPUs)", "dst_cpu_ms_mib", "{:.2f} ms"),
@@ -483,6 +524,7 @@ def main() -> int:
     rows = {}
     try:
         rows["QEMU post-copy"] = run_qemu(guest, args.warmup, preempt=False)
+        guest.match(rows["QEMU post-copy"])
         rows["QEMU post-copy + preempt"] = run_qemu(guest, args.warmup, preempt=True)
         rows["migrate (ours)"] = run_ours(guest, args.warmup, args.data_plane, args.report, args.fault_path)
     except (RuntimeError, OSError) as err:

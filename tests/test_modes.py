@@ -11,7 +11,7 @@ import mmap
 
 import pytest
 from test_cli import assert_clean_error, run_cli
-from test_migration import migrate_at
+from test_migration import abandon, launch, memfd_bytes, migrate_at
 
 from migrate import convergence, orchestrator
 from migrate.names import Mode
@@ -120,6 +120,8 @@ def test_completion_polls_follow_the_time_left_near_the_end():
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 900)], 1000) == pytest.approx(0.1 * 100 / 900 / 2)
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 999)], 1000) == orchestrator.POLL_MIN
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
+    # every page in, the run not complete yet: it was a whole POLL_EVERY more
+    assert orchestrator.poll_delay([(0.0, 1000), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
 
 
 def test_cli_rejects_bad_mode_options():
@@ -172,3 +174,22 @@ def test_hybrid_pushes_a_hot_set_written_to_the_end_first(agents, plane):
     assert doc["verified"] is True
     assert pre["rounds"][0]["sent"] == p["total"] and pre["switch_reason"]
     assert p["before_resume"] + p["pushed"] + p["faulted"] + p["recovered"] == p["total"], p
+
+
+@pytest.mark.parametrize("mode", [Mode.PRECOPY, Mode.HYBRID])
+def test_precopied_zero_pages_stay_holes(agents, plane, mode):
+    """Pre-copy writes a batch's data runs into the destination's memfd and leaves its zero runs
+    holes (punched when a later round may find a stale copy there): an all-zero guest's RAM takes no
+    memory on the destination. (The gRPC plane wrote them as zeros.)"""
+    src, dst = agents
+    s = pb.GuestSpec(size=32 * MiB, workload="idle", seed=11, ops=0, threads=1, page_size=mmap.PAGESIZE,
+                     content="zero")
+    launch(src.address, "blank", s)
+    try:
+        doc = orchestrator.migrate("blank", src.address, dst.address,
+                                   orchestrator.RunOptions(mode=mode, data_plane=plane))
+        assert doc["pages"]["received"] == doc["pages"]["total"]
+        assert doc["precopy"]["rounds"], doc["precopy"]
+        assert memfd_bytes(dst.pid, "blank") <= 1 * MiB
+    finally:
+        abandon(agents, "blank")

@@ -138,3 +138,23 @@ def test_features_come_from_the_fd() -> None:
     with U.Uffd.create(U.FEATURE_EVENT_REMOVE | U.FEATURE_EVENT_UNMAP) as u:
         reader = U.FaultReader(u, [U.Region(0x10000, P, 0)], P)
         assert reader.features & U.FEATURE_EVENT_REMOVE and reader.features & U.FEATURE_EVENT_UNMAP
+
+
+def test_lazy_zero_pages_are_served_a_block_at_a_time(guest_factory) -> None:
+    """With lazy zero pages an install of zero runs only marks them received; a fault on one
+    is answered with a zero page, and so are the received pages after it in its aligned
+    64-page block, up to the first page not received: a guest sweeping zero RAM faults once
+    a block, not once a page (each fault a round trip through the fault loop)."""
+    g = guest_factory("shmem", (160,))
+    bm = SharedBitmap.create(g.npages)
+    try:
+        reader = U.FaultReader(g.uffd.fd, g.regions, P)
+        reader.lazy_zero()
+        done = reader.install(bm, 0, 100, [0, 100], b"")
+        assert (done.zeroed, done.lazy) == (100, 100) and bm.count() == 100
+        g.start(child_read_pages, list(range(100)))
+        assert serve_until_done(g, reader, bm) == [ZERO] * 100
+        assert reader.events()["zero_served"] == 100
+        assert reader.stats.msgs == 2  # pages 0 (0-63 filled) and 64 (64-99: 100 is still to come)
+    finally:
+        bm.close()

@@ -45,6 +45,10 @@ from migrate.uffd import InstallStats
 #: bandwidth-delay product of a 1 GB/s link up to a 6 ms round trip.
 WINDOW_PAGES = 1536
 WINDOW_REQUESTS = 32
+#: The window counts data: a zero page takes no bytes and no buffer (and,
+#: lazy, no install), so unpaced it grows by 1 / (the share of data among the
+#: pages installed lately), at most this many times (native/dp_dest.c alike).
+ZERO_STRETCH = 64
 #: Threads installing batches (see _Installers).
 INSTALLERS = 2
 #: Longest single sleep of the pacer: a raised rate takes effect within this long.
@@ -171,6 +175,7 @@ class BulkPuller:
         self._rate = 0
         self._request_pages = MAX_REQUEST_PAGES
         self._window_pages = WINDOW_PAGES
+        self._data_share = 1.0  # of the pages installed lately, the data ones (a moving average)
         self._t0, self._wire0 = time.monotonic(), 0
         self.set_bandwidth(max_bandwidth)
         self.counters: dict[str, Any] = {"kind": "bulk", "pages": 0, "zero": 0, "bytes_pages": 0, "batches": 0,
@@ -211,7 +216,10 @@ class BulkPuller:
         """Pages the next request may ask for; 0 while the window is too full to bother."""
         if len(self._inflight) >= WINDOW_REQUESTS:
             return 0
-        room = min(self._request_pages, self._window_pages - self._inflight_pages)
+        window = self._window_pages
+        if self._rate <= 0:
+            window = int(window / max(self._data_share, 1 / ZERO_STRETCH))
+        room = min(self._request_pages, window - self._inflight_pages)
         return room if room >= min(self._request_pages, MAX_BULK_PAGES) else 0
 
     def requests(self) -> Iterator[pb.BulkRequest]:
@@ -276,6 +284,8 @@ class BulkPuller:
                     else:
                         del self._inflight[req_id]
             self.mem.count(self.counters, done)
+            if done.installed:  # over the last ~8 installs
+                self._data_share += (done.copied / done.installed - self._data_share) / 8
             self.counters["batches"] += len(answered)
             self._cond.notify_all()
 

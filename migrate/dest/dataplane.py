@@ -24,7 +24,8 @@ from migrate.rpc import DEFAULT_RECOVERY_TIMEOUT
 
 _ERR_LEN = 512
 #: Counters every path reports (names as the gRPC paths' `last`).
-_COMMON = ("pages", "zero", "bytes_wire", "bytes_pages", "batches", "refused", "duplicates", "requests", "outages")
+_COMMON = ("pages", "zero", "zero_lazy", "bytes_wire", "bytes_pages", "batches", "refused", "duplicates", "requests",
+           "outages")
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:

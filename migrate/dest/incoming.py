@@ -194,6 +194,10 @@ class IncomingRun:
         """
         assert self.uffd is not None and self.bitmap is not None  # attach() made them
         mem = self._mem = Memory.over(self.uffd, self.bitmap, self.regions, self.spec.page_size)
+        if self.guest is not None:
+            # Our runner's memfd: a hole reads as zeros, so a zero page is only marked received
+            # (a handshake client's memory may not be so: its zero pages are installed).
+            mem.io.lazy_zero()
         r = self.route
         if r.plane is DataPlane.NATIVE:
             native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)

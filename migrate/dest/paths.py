@@ -56,11 +56,12 @@ class Memory:
         return self.io.page_size
 
     def count(self, counters: dict, done: InstallStats) -> None:
-        """Add an install to a path's "pages", "zero", "bytes_pages" and "duplicates"
-        (pages that came again, found already in place) counters."""
+        """Add an install to a path's "pages", "zero" ("zero_lazy": of them, left as holes),
+        "bytes_pages" and "duplicates" (pages that came again, found already in place) counters."""
         counters["duplicates"] = counters.get("duplicates", 0) + done.skipped + done.eexist
         counters["pages"] += done.installed
         counters["zero"] += done.zeroed
+        counters["zero_lazy"] = counters.get("zero_lazy", 0) + done.lazy
         counters["bytes_pages"] += done.installed * self.page_size
 
 

@@ -35,7 +35,6 @@ import grpc
 from migrate import rpc
 from migrate._native import ffi, lib
 from migrate.batches import (
-    MAX_BULK_PAGES,
     MAX_REQUEST_RUNS,
     BatchDecoder,
     BatchError,
@@ -175,7 +174,7 @@ class PrecopyPuller:
         self._recovery_timeout = recovery_timeout
         self._link: SourceLink | None = None
         self._decoder = BatchDecoder(received.nbits, page_size)
-        self._zeros = memoryview(bytes(MAX_BULK_PAGES * page_size))
+        self._rounds = 0  # pulls begun: a later one may find stale copies (unmark) where zero pages go
         self._stop = threading.Event()
 
     def _connect(self) -> SourceLink:
@@ -189,6 +188,7 @@ class PrecopyPuller:
         Returns when every request asked is installed.
         """
         link = self._connect()
+        self._rounds += 1
         stats = RoundStats()
         pacer = Pacer(max_bandwidth)
         t0 = time.monotonic()
@@ -244,24 +244,25 @@ class PrecopyPuller:
             yield bulk_request(self._run_id, 0, runs)
 
     def _write(self, batch: DecodedBatch) -> None:
-        """pwritev the batch's pages into the memfd: data runs from the batch, zero runs from a zero buffer."""
+        """pwrite the batch's data runs into the memfd; its zero runs stay (or, in a later round, become)
+        holes: they read as zeros and take no memory (native/dp_dest.c, write_memfd, alike)."""
         size = self._page_size
         data = memoryview(batch.data)
-        iov: list[memoryview] = []
         page = pos = 0
         runs = batch.zero_runs
         for start, length in [*zip(runs[::2], runs[1::2]), (batch.count, 0)]:
             if start > page:
                 nbytes = (start - page) * size
-                iov.append(data[pos:pos + nbytes])
+                done = os.pwrite(self._fd, data[pos:pos + nbytes], (batch.first_page + page) * size)
+                if done != nbytes:
+                    raise OSError(f"short pwrite into guest RAM: {done} of {nbytes} bytes at page "
+                                  f"{batch.first_page + page}")
                 pos += nbytes
-            if length:
-                iov.append(self._zeros[:length * size])
+            if length and self._rounds > 1:
+                err = lib.mig_punch_pages(self._fd, batch.first_page + start, length, size)
+                if err:
+                    raise os_error(-err, f"punching zero pages [{batch.first_page + start}, +{length})")
             page = start + length
-        want = batch.count * size
-        done = os.pwritev(self._fd, iov, batch.first_page * size)
-        if done != want:
-            raise OSError(f"short pwrite into guest RAM: {done} of {want} bytes at page {batch.first_page}")
 
     def stop(self) -> None:
         """Make a running round stop asking (it returns once its requests are answered)."""

@@ -32,6 +32,7 @@ class InstallStats:
     eexist: int
     ioctls: int
     done_ns: int
+    lazy: int = 0  # of the zeroed, pages only marked received: holes that read as zeros (FaultReader.lazy_zero)
 
     @property
     def installed(self) -> int:
@@ -102,6 +103,12 @@ class FaultReader:
         if self._space is not None:
             ffi.release(self._space)
             self._space = None
+
+    def lazy_zero(self) -> None:
+        """Leave zero pages as holes from now on: installs only mark them received, and a fault
+        on one is answered with a zero page then. Only for memory whose holes read as zeros
+        (a fresh memfd mapped shared, anonymous memory), and which is unregistered at the end."""
+        lib.mig_space_lazy_zero(self._space, 1)
 
     @property
     def features(self) -> int:
@@ -193,4 +200,4 @@ class FaultReader:
 
 def install_stats(st: Any) -> InstallStats:
     """An InstallStats from the native struct mig_install_stats."""
-    return InstallStats(st.copied, st.zeroed, st.skipped, st.eexist, st.ioctls, st.done_ns)
+    return InstallStats(st.copied, st.zeroed, st.skipped, st.eexist, st.ioctls, st.done_ns, st.lazy)
