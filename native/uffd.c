@@ -298,6 +298,12 @@ void mig_space_set_install_wp(struct mig_space *s, int on)
     __atomic_store_n(&s->install_wp, on ? 1 : 0, __ATOMIC_RELAXED);
 }
 
+/* The mode of every install into the space: write-protecting while a policy watches writes. */
+static uint64_t install_mode(const struct mig_space *s)
+{
+    return __atomic_load_n(&s->install_wp, __ATOMIC_RELAXED) ? UFFDIO_COPY_MODE_WP : 0;
+}
+
 void mig_space_lazy_zero(struct mig_space *s, int on)
 {
     s->lazy_zero = on;
@@ -535,14 +541,6 @@ static void add_fault(uint64_t page, uint64_t t_ns, uint64_t *pages, uint32_t *w
 static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size, uint64_t mode, uint64_t *eexist,
                          uint64_t *ioctls, uint64_t *covered);
 
-/* A fault on a page that needs no fetching: one received already (installed
- * after the thread faulted: a zero page attempt finds it present and wakes the
- * thread; or a lazy zero page, a hole until now, and zero_ahead), one discarded since it was received (REMOVE, a punched hole: it
- * is missing again, and a discarded page reads as zeros), or an address
- * outside every region (memory that is not the image's: zeros). A zero page
- * that meets -EAGAIN is put off: the kernel says so from an event's start
- * until its own thread runs on after we read it, so the faulting thread is
- * woken to fault again, and tried again when that fault is read. */
 /* Pages a fault on a lazy zero page fills ahead of it (base pages): a guest
  * that touches one page of a zero region goes on to the next ones, and each
  * fault costs the guest thread a round trip through the fault loop. */
@@ -560,17 +558,28 @@ static void zero_ahead(struct mig_space *s, const uint64_t *bitmap, const struct
     uint64_t end = mig_bitmap_next_clear(bitmap, block_end < reg_end ? block_end : reg_end, page + 1);
     if (end <= page + 1 || s->page_size > (uint64_t)sysconf(_SC_PAGESIZE))
         return;
-    struct uffdio_zeropage z = {.range = {.start = addr + s->page_size, .len = (end - page - 1) * s->page_size}};
-    if (ioctl(s->fd, UFFDIO_ZEROPAGE, &z) < 0 && z.zeropage <= 0)
-        return;
-    s->ev.zero_served += (uint64_t)z.zeropage / s->page_size;
+    uint64_t eexist = 0, ioctls = 0, covered = 0;
+    int64_t r = fill_zero(s->fd, addr + s->page_size, (end - page - 1) * s->page_size, s->page_size, install_mode(s),
+                          &eexist, &ioctls, &covered);
+    if (r > 0)
+        s->ev.zero_served += (uint64_t)r / s->page_size;
 }
 
+/* A fault on a page that needs no fetching: one received already (installed
+ * after the thread faulted: a zero page attempt finds it present and wakes the
+ * thread; or a lazy zero page, a hole until now: it and zero_ahead's pages go
+ * in write-protected where installs are), one discarded since it was received
+ * (REMOVE, a punched hole: it
+ * is missing again, and a discarded page reads as zeros), or an address
+ * outside every region (memory that is not the image's: zeros). A zero page
+ * that meets -EAGAIN is put off: the kernel says so from an event's start
+ * until its own thread runs on after we read it, so the faulting thread is
+ * woken to fault again, and tried again when that fault is read. */
 static void serve_zero(struct mig_space *s, const uint64_t *bitmap, const struct mig_region *reg, uint64_t addr,
                        uint64_t page, struct mig_fault_stats *stats)
 {
     uint64_t eexist = 0, ioctls = 0, covered = 0;
-    int64_t r = fill_zero(s->fd, addr, s->page_size, s->page_size, 0, &eexist, &ioctls, &covered);
+    int64_t r = fill_zero(s->fd, addr, s->page_size, s->page_size, install_mode(s), &eexist, &ioctls, &covered);
     if (r > 0) {
         s->ev.zero_served++;
         if (reg)
@@ -691,7 +700,7 @@ static int64_t install_run(struct mig_space *s, uint64_t *bitmap, uint64_t page,
 {
     const uint64_t first = page, end = page + n;
     const uint32_t ps = s->page_size;
-    const uint64_t mode = __atomic_load_n(&s->install_wp, __ATOMIC_RELAXED) ? UFFDIO_COPY_MODE_WP : 0;
+    const uint64_t mode = install_mode(s);
     int64_t installed = 0, deadline = 0;
     pthread_rwlock_rdlock(&s->lock);
     while (page < end) {

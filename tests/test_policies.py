@@ -306,10 +306,13 @@ def test_bubble_sees_the_pre_paged_pages_the_guest_writes(agents):
     """hotset writes three accesses in four: the written-page scan shows bubble its pre-paged pages
     used though the guest never faults on them or right past them, so its hit ratio is no longer the
     few per cent the fault path sees alone (measured: 0.04-0.06 without the scan, 0.19-0.20 with it),
-    and its neighbourhood grows; a reader writes nothing, and the scan finds nothing."""
+    and its neighbourhood grows; a reader writes nothing, and the scan finds nothing. Random RAM: a
+    zero page is left a hole (lazy zero pages), never pre-paged, so it could be no hit."""
     opts = dict(max_bandwidth=20 * MiB, data_plane="native", fault_path="native", policy="bubble")
-    hot = migrate_paused(agents, "g", spec("hotset", size=32 * MiB, ops=20_000, rate=20_000), **opts)
-    reader = migrate_paused(agents, "g", spec("random-read", size=32 * MiB, ops=20_000, rate=20_000), **opts)
+    hot_spec, reader_spec = (spec(w, size=32 * MiB, ops=20_000, rate=20_000) for w in ("hotset", "random-read"))
+    hot_spec.content = reader_spec.content = "random"
+    hot = migrate_paused(agents, "g", hot_spec, **opts)
+    reader = migrate_paused(agents, "g", reader_spec, **opts)
     assert hot["verified"] and reader["verified"]
     assert hot["prefetch"]["written"] > 0 and reader["prefetch"]["written"] == 0
     assert hot["prefetch"]["hit_ratio"] >= 0.1, hot["prefetch"]
