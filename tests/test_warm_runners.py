@@ -14,7 +14,7 @@ from test_kvm import needs_image, needs_kvm
 from migrate import orchestrator, spawn
 from migrate.client import AgentClient
 from migrate.guest.process import GuestProcess, GuestSpec
-from migrate.guest.warm import WarmPool
+from migrate.guest.warm import RUNNER_NAME, WAITING_NAME, WarmPool
 from migrate.local import LocalAgent, wait_for
 from migrate.proto import migrate_pb2 as pb
 
@@ -36,16 +36,23 @@ def warm_pids(agent_pid: int, module: str = "") -> set[int]:
     return found
 
 
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 def test_a_restore_guest_takes_a_warm_runner_and_the_pool_refills(memfds) -> None:
     with WarmPool(1, (RUNNER,)) as pool:
         assert wait_for(lambda: len(pool.idle(RUNNER)) == 1, 60)
         [ready] = pool.idle(RUNNER)
         # it imports with the CPU time others leave (where the agent may bring it back), and runs a guest normally
         assert os.sched_getscheduler(ready) == (os.SCHED_IDLE if pool.lie_low else os.SCHED_OTHER)
+        assert comm(ready) == WAITING_NAME  # ps tells a waiting runner (and the leak check lets a refill be)
         guest = GuestProcess.launch(SPEC, memfds(SPEC.size), restore=True, warm=pool)
         try:
             assert guest.warm and guest.pid == ready
             assert os.sched_getscheduler(guest.pid) == os.SCHED_OTHER
+            assert comm(guest.pid) == RUNNER_NAME
             assert guest.uffd is not None and guest.regions[0].size == SPEC.size  # its handshake came through
             assert wait_for(lambda: len(pool.idle(RUNNER)) == 1, 60), "the pool did not start another"
             assert pool.idle(RUNNER) != [ready]

@@ -513,13 +513,20 @@ class IncomingRun:
         """Nobody reads the userfaultfd from now on, and a foreign process keeps its own copy
         open: unregister every range where it is now (a moved piece at its new address, or
         the process's next munmap or fork would wait forever for a reader), then read the
-        events raised before the unregister, whose threads wait for just that."""
+        events raised before the unregister, whose threads wait for just that.
+
+        The unregister wakes the threads faulting in the range, but before it clears the
+        range's registration: a woken thread that faults again in that moment (a page fault
+        under the VMA's own lock needs no mmap lock) waits again, and nothing would wake it
+        (seen: a guest thread blocked for minutes after its run completed). So each range is
+        woken once more after its unregister, when no new fault can wait there."""
         if self.uffd is None:  # never attached: nothing registered
             return
         regions = self._mem.io.current_regions() if self._mem is not None else list(self.regions)
         for r in regions:
             try:
                 self.uffd.unregister(r.base, r.size)
+                self.uffd.wake(r.base, r.size)
             except OSError:
                 pass  # the guest unmapped or exited: nothing left to unregister
         if self._mem is not None:

@@ -52,6 +52,8 @@ DEFAULT_WARM_RUNNERS = 2
 _CHECK_EVERY = 1.0
 #: Most bytes of an assignment line (a runner's argv).
 _MAX_ASSIGNMENT = 65536
+#: A warm runner's process name while it waits (/proc/PID/comm, at most 15 bytes), then once it runs a guest.
+WAITING_NAME, RUNNER_NAME = "migrate-warm", "migrate-runner"
 
 
 def host_modules() -> tuple[str, ...]:
@@ -256,6 +258,15 @@ def _with_fds(argv: list[str], memfd: int, control_fd: int) -> list[str]:
     return out
 
 
+def _name(name: str) -> None:
+    """Name the process (what `ps -o comm` and /proc/PID/comm show); best effort."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m migrate.guest.warm", description=__doc__.split("\n")[0])
     ap.add_argument("--module", required=True, help="the runner module to become (migrate.guest.runner, ...)")
@@ -265,11 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     spawn.die_with_parent()
     if os.getppid() != args.parent_pid:  # the agent died before the call
         return 1
+    _name(WAITING_NAME)
     runner = importlib.import_module(args.module)
     for name in runner.WARM_IMPORTS:  # what the runner would import as it sets up
         importlib.import_module(name)
     sock = socket.socket(fileno=args.control_fd)
     run_argv, memfd = _receive(sock)
+    _name(RUNNER_NAME)
     sock.detach()  # the runner takes the descriptor over
     spawn.die_with_parent(False)  # the runner decides (a --rejoin runner outlives the agent)
     return runner.main(_with_fds(run_argv, memfd, args.control_fd))
