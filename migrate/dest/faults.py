@@ -45,6 +45,18 @@ MAX_READAHEAD = MAX_URGENT_PAGES
 HISTORY = 65536
 
 
+def _without(page: int, run: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """The run (first, count) less `page`: itself, or the parts before and after the page."""
+    first, count = run
+    if not first <= page < first + count:
+        yield run
+        return
+    if page > first:
+        yield first, page - first
+    if first + count > page + 1:
+        yield page + 1, first + count - page - 1
+
+
 class _Stream:
     """One Fetch call: its request queue and its replies."""
 
@@ -192,6 +204,7 @@ class FaultServer:
                 self._count_hits(page)
                 req_id = self._covers.get(page)
                 least = 1
+                fault: tuple[int, int, int] | None = None  # to ask for with its neighbours
                 if req_id is not None:
                     self._waiting[req_id].append((page, t_ns, waiters))
                     if self.neighbourhood is None:
@@ -203,15 +216,42 @@ class FaultServer:
                 elif self._asked is not None and self._asked.test(page):
                     self._on_bulk.append((page, t_ns, waiters))
                 else:
-                    self._ask_page(page, t_ns, waiters)
+                    fault = (page, t_ns, waiters)
                 runs, jump_to = self._neighbours(page)
-                for first, count in runs:
-                    for run_first, n in self._wanted(first, first + count, least):
-                        self._prefetched.set_range(run_first, n)
-                        self.counters["prefetched"] += n
-                        for at in range(run_first, run_first + n, MAX_URGENT_PAGES):
-                            self._ask(at, min(MAX_URGENT_PAGES, run_first + n - at), [])
+                wanted = [run for first, count in runs for run in self._wanted(first, first + count, least)
+                          for run in _without(fault[0] if fault else -1, run)]
+                for run_first, n in wanted:
+                    self._prefetched.set_range(run_first, n)
+                    self.counters["prefetched"] += n
+                if fault is not None:
+                    wanted = self._ask_with(fault, wanted)
+                for run_first, n in wanted:
+                    for at in range(run_first, run_first + n, MAX_URGENT_PAGES):
+                        self._ask(at, min(MAX_URGENT_PAGES, run_first + n - at), [])
             self._jump(jump_to)
+
+    def _ask_with(self, fault: tuple[int, int, int], wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Ask for a faulting page in one request with the neighbours right next to it, at most
+        NEIGHBOURHOOD pages in all (its reply stays one small message, one UFFDIO_COPY); returns
+        the runs of `wanted` (none holding the page) left to ask for on their own (call with the lock held)."""
+        page = fault[0]
+        if self._asked is not None:
+            self._asked.set_range(page, 1)
+        first, end, rest = page, page + 1, []
+        for run_first, n in wanted:
+            run_end = run_first + n
+            if run_end == first:  # just before the page: its pages nearest the page join
+                take = min(n, NEIGHBOURHOOD - (end - first))
+                first -= take
+                n -= take
+            elif run_first == end:  # just after it
+                take = min(n, NEIGHBOURHOOD - (end - first))
+                end += take
+                run_first, n = end, n - take
+            if n:
+                rest.append((run_first, n))
+        self._ask(first, end - first, [fault])
+        return rest
 
     def _ask_page(self, page: int, t_ns: int, waiters: int) -> None:
         """Ask for a faulting page alone (call with the lock held)."""
@@ -280,15 +320,17 @@ class FaultServer:
 
     def resolve_arrived(self) -> bool:
         """Close the faults whose page another path (the bulk stream) installed first;
-        True while faults still wait.
+        True while faults wait that another path may answer (the fault loop then
+        looks again soon; a fault only its own reply answers is closed by the receiver).
 
         Their own reply may still be queued behind others; the guest thread
-        already runs again, and its latency ends now, not then.
+        already runs again, and its latency ends now, not then. With the bulk
+        path's `asked` bitmap no other path installs a page asked here.
         """
         now = time.monotonic_ns()
         test = self.mem.bitmap.test
         with self._lock:
-            for faults in self._waiting.values():
+            for faults in self._waiting.values() if self._asked is None else ():
                 if faults and any(test(page) for page, _, _ in faults):
                     arrived = [f for f in faults if test(f[0])]
                     faults[:] = [f for f in faults if not test(f[0])]
@@ -301,7 +343,7 @@ class FaultServer:
                         self._on_bulk.append((page, t_ns, waiters))
                     else:  # the bulk wrote its request off (a link lost): ask for it here
                         self._ask_page(page, t_ns, waiters)
-            return any(self._waiting.values()) or bool(self._on_bulk)
+            return bool(self._on_bulk) or (self._asked is None and any(self._waiting.values()))
 
     def receive(self) -> None:
         """Install urgent replies as they arrive (runs on its own thread)."""
