@@ -2,16 +2,21 @@
 
 Loop: read many fault messages at once (native, GIL released; pages that
 already arrived are woken right there), ask the source for each missing page
-over the urgent Pages.Fetch stream (its own HTTP/2 connection) and, right
-behind it, for its aligned 64 KiB neighbourhood, or, while the guest reads
-sequentially, a readahead that doubles up to 256 KiB; install each reply with
-one UFFDIO_COPY per run, and time each fault from its read to its install.
-The faulting page travels alone so its reply is one small message. With
-the bulk path's `asked` bitmap (pages asked for by either path; the urgent
+over the urgent Pages.Fetch stream (its own HTTP/2 connection) with its
+aligned 64 KiB neighbourhood, or, while the guest reads sequentially, a
+readahead that doubles up to 256 KiB; install each reply with one
+UFFDIO_COPY per run, and time each fault from its read to its install.
+The faulting page and the missing neighbours right next to it, at most 64 KiB,
+travel as one request and one reply (a message each way per fault, its
+reply still small); the rest of a readahead follows in requests of its own.
+With the bulk path's `asked` bitmap (pages asked for by either path; the urgent
 path marks its own there), a fault on a page the bulk has in flight waits
 for the bulk's batch (asked again urgently only if the bulk writes that
 request off), and a prefetch asks only for pages neither received nor
-asked: no page goes on the wire twice.
+asked: no page goes on the wire twice. Only such a fault makes the loop look
+again before the next fault: when the native bulk signals an install (its
+eventfd in the same poll as the userfaultfd), else every millisecond; a fault
+waiting for its own reply is closed by the reply receiver.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -43,6 +48,9 @@ _CLUSTER = 4 * NEIGHBOURHOOD
 MAX_READAHEAD = MAX_URGENT_PAGES
 #: Faults kept for a policy to read (the newest).
 HISTORY = 65536
+#: How often faults waiting for a signalling bulk path's pages are looked at without a signal:
+#: a bulk request written off (its link lost) ends their wait, asked again here.
+BULK_PATIENCE_MS = 10
 
 
 def _without(page: int, run: tuple[int, int]) -> Iterator[tuple[int, int]]:
@@ -55,6 +63,16 @@ def _without(page: int, run: tuple[int, int]) -> Iterator[tuple[int, int]]:
         yield first, page - first
     if first + count > page + 1:
         yield page + 1, first + count - page - 1
+
+
+class BulkInstalls(Protocol):
+    """A bulk path that signals its installs (the native one): faults waiting for its pages
+    are looked at when one lands, not on a 1 ms poll."""
+
+    @property
+    def installed_fd(self) -> int: ...
+
+    def watch(self, faults: int) -> None: ...
 
 
 class _Stream:
@@ -318,6 +336,11 @@ class FaultServer:
             self.latencies_us.append(us)
             self.blocked_us += us * waiters
 
+    @property
+    def on_bulk(self) -> int:
+        """How many faults wait for a page the bulk path has in flight."""
+        return len(self._on_bulk)
+
     def resolve_arrived(self) -> bool:
         """Close the faults whose page another path (the bulk stream) installed first;
         True while faults wait that another path may answer (the fault loop then
@@ -399,8 +422,10 @@ class FaultLoop:
     """
 
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
-                 recovery_timeout: float, asked: SharedBitmap | None = None) -> None:
+                 recovery_timeout: float, asked: SharedBitmap | None = None,
+                 installs: BulkInstalls | None = None) -> None:
         self._mem = mem
+        self._installs = installs
         self._link = SourceLink(endpoint, "urgent", recovery_timeout)
         self._server = FaultServer(mem, self._link, run_id, jump, asked)
         self._stop = threading.Event()
@@ -413,14 +438,19 @@ class FaultLoop:
         self._loop.start()
 
     def _run(self) -> None:
-        server, mem = self._server, self._mem
+        server, mem, installs = self._server, self._mem, self._installs
+        wake_fd, poll_ms = (-1, 1) if installs is None else (installs.installed_fd, BULK_PATIENCE_MS)
         waiting = False
         try:
             while not self._stop.is_set() and server.error is None:
-                faults = mem.io.read(mem.bitmap, timeout_ms=1 if waiting else 20)
+                faults = mem.io.read(mem.bitmap, timeout_ms=poll_ms if waiting else 20, wake_fd=wake_fd)
                 if faults:
                     server.on_faults(faults)
+                if installs is not None:  # before looking: an install from now on signals
+                    installs.watch(server.on_bulk)
                 waiting = server.resolve_arrived()
+                if installs is not None:
+                    installs.watch(server.on_bulk)
                 # No exit on a full bitmap: with pre-copy it fills before the switch
                 # and empties again (discards); the agent stops us.
         except (OSError, BatchError) as err:

@@ -199,8 +199,9 @@ class IncomingRun:
             # (a handshake client's memory may not be so: its zero pages are installed).
             mem.io.lazy_zero()
         r = self.route
+        installs: NativeBulk | None = None
         if r.plane is DataPlane.NATIVE:
-            native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
+            installs = native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
             bulk: BulkLoop | NativeBulk = native
             jump, asked = native.jump, native.asked
         else:
@@ -213,7 +214,7 @@ class IncomingRun:
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
-                                             asked=asked)
+                                             asked=asked, installs=installs)
         self.phase = Phase.PREPARED
 
     # ------------------------------------------------------------ pre-copy
