@@ -2,11 +2,15 @@
 fault asks for, in how many messages, and when the fault loop needs to look again soon."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import pytest
+
 from migrate.bitmap import SharedBitmap
+from migrate.dest import bulk
 from migrate.dest.faults import NEIGHBOURHOOD, FaultServer
 
 PAGES = 1024
@@ -83,3 +87,30 @@ def test_the_fault_loop_polls_only_for_faults_another_path_may_answer():
     with fault_server() as (server, sent):
         server.on_faults([(100, 1, 0)])
         assert server.resolve_arrived()
+
+
+def test_the_grpc_bulk_path_signals_installs_and_write_offs_while_faults_wait(monkeypatch):
+    """The gRPC plane's bulk path wakes a gRPC fault loop as the native one does: its installs
+    and its write-offs (the faults then ask for their pages themselves) signal installed_fd,
+    only while faults wait for its pages."""
+    monkeypatch.setattr(bulk, "SourceLink", lambda *args: SimpleNamespace(close=lambda: None))
+    received = SharedBitmap.create(PAGES)
+    loop = bulk.BulkLoop(SimpleNamespace(bitmap=received), "127.0.0.1:1", "run", 1.0)
+    try:
+        loop._signal_installed()
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(loop.installed_fd)
+        loop.watch(1)
+        loop._signal_installed()
+        loop._signal_installed()
+        assert os.eventfd_read(loop.installed_fd) == 2
+        signals = []
+        monkeypatch.setattr(bulk, "BatchDecoder", lambda *args: None)
+        mem = SimpleNamespace(page_count=PAGES, page_size=4096)
+        puller = bulk.BulkPuller(mem, loop.planner, SimpleNamespace(client=SimpleNamespace(bytes_wire=0)), "run", 0,
+                                 on_install=lambda: signals.append(1))
+        puller.write_off_inflight()
+        assert signals == [1]
+    finally:
+        loop.stop()
+        received.close()

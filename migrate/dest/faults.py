@@ -14,8 +14,8 @@ path marks its own there), a fault on a page the bulk has in flight waits
 for the bulk's batch (asked again urgently only if the bulk writes that
 request off), and a prefetch asks only for pages neither received nor
 asked: no page goes on the wire twice. Only such a fault makes the loop look
-again before the next fault: when the native bulk signals an install (its
-eventfd in the same poll as the userfaultfd), else every millisecond; a fault
+again before the next fault: when the bulk path signals an install or a
+write-off (its eventfd, in the same poll as the userfaultfd); a fault
 waiting for its own reply is closed by the reply receiver.
 """
 from __future__ import annotations
@@ -48,8 +48,9 @@ _CLUSTER = 4 * NEIGHBOURHOOD
 MAX_READAHEAD = MAX_URGENT_PAGES
 #: Faults kept for a policy to read (the newest).
 HISTORY = 65536
-#: How often faults waiting for a signalling bulk path's pages are looked at without a signal:
-#: a bulk request written off (its link lost) ends their wait, asked again here.
+#: How often faults waiting for the bulk path's pages are looked at without a signal from it
+#: (the native bulk signals installs, not a request written off when its link is lost: such a
+#: fault is asked for here after at most this long).
 BULK_PATIENCE_MS = 10
 
 
@@ -66,7 +67,7 @@ def _without(page: int, run: tuple[int, int]) -> Iterator[tuple[int, int]]:
 
 
 class BulkInstalls(Protocol):
-    """A bulk path that signals its installs (the native one): faults waiting for its pages
+    """A bulk path that signals its installs (an eventfd): faults waiting for its pages
     are looked at when one lands, not on a 1 ms poll."""
 
     @property

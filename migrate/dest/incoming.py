@@ -199,9 +199,8 @@ class IncomingRun:
             # (a handshake client's memory may not be so: its zero pages are installed).
             mem.io.lazy_zero()
         r = self.route
-        installs: NativeBulk | None = None
         if r.plane is DataPlane.NATIVE:
-            installs = native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
+            native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
             bulk: BulkLoop | NativeBulk = native
             jump, asked = native.jump, native.asked
         else:
@@ -214,7 +213,7 @@ class IncomingRun:
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
-                                             asked=asked, installs=installs)
+                                             asked=asked, installs=bulk)
         self.phase = Phase.PREPARED
 
     # ------------------------------------------------------------ pre-copy
