@@ -97,12 +97,12 @@ def test_the_grpc_bulk_path_signals_installs_and_write_offs_while_faults_wait(mo
     received = SharedBitmap.create(PAGES)
     loop = bulk.BulkLoop(SimpleNamespace(bitmap=received), "127.0.0.1:1", "run", 1.0)
     try:
-        loop._signal_installed()
+        loop._installed.signal()
         with pytest.raises(BlockingIOError):
             os.eventfd_read(loop.installed_fd)
         loop.watch(1)
-        loop._signal_installed()
-        loop._signal_installed()
+        loop._installed.signal()
+        loop._installed.signal()
         assert os.eventfd_read(loop.installed_fd) == 2
         signals = []
         monkeypatch.setattr(bulk, "BatchDecoder", lambda *args: None)

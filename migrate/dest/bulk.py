@@ -402,6 +402,27 @@ def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | N
             return f"bulk page install failed: {err}"
 
 
+class InstallSignal:
+    """An eventfd signalled on each install while faults wait for the bulk path's pages.
+
+    Closed when the last holder lets go, not in the bulk path's stop(): a
+    fault loop may poll it until it is stopped too (and no reference cycle
+    keeps it open past that).
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.watched = 0
+        weakref.finalize(self, os.close, self.fd)
+
+    def signal(self) -> None:
+        if self.watched:
+            try:
+                os.eventfd_write(self.fd, 1)
+            except BlockingIOError:  # the counter is full: the fault path has plenty to read
+                pass
+
+
 class BulkLoop:
     """The bulk path of one incoming run: threads of the destination agent.
 
@@ -430,22 +451,16 @@ class BulkLoop:
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self._summary: dict | None = None
-        self._watched = 0
-        # Closed with this object, not in stop(): a fault loop may poll it until it lets go of us.
-        self.installed_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        weakref.finalize(self, os.close, self.installed_fd)
+        self._installed = InstallSignal()
+
+    @property
+    def installed_fd(self) -> int:
+        return self._installed.fd
 
     def watch(self, faults: int) -> None:
         """How many faults wait for pages this path asked: while any do, each install (or a
         write-off) signals installed_fd, which the gRPC fault path polls with the userfaultfd."""
-        self._watched = faults
-
-    def _signal_installed(self) -> None:
-        if self._watched:
-            try:
-                os.eventfd_write(self.installed_fd, 1)
-            except BlockingIOError:  # the counter is full: the fault path has plenty to read
-                pass
+        self._installed.watched = faults
 
     def plan(self, ranges: Sequence[tuple[int, int]]) -> int:
         return self.planner.plan(ranges)
@@ -468,7 +483,7 @@ class BulkLoop:
     def start(self, max_bandwidth: int) -> None:
         """Pull every missing page, at most `max_bandwidth` bytes/s (0: no limit)."""
         self._puller = BulkPuller(self._mem, self.planner, self._link, self._run_id, max_bandwidth,
-                                  self._signal_installed)
+                                  self._installed.signal)
         self._thread = threading.Thread(target=guarded("bulk path", self._run, self._fail), daemon=True,
                                         name="bulk-pull")
         self._thread.start()
