@@ -1260,6 +1260,16 @@ void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
     __atomic_store_n(&h->jumped_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
 }
 
+void mig_dpd_watch(struct mig_dpd *h, uint32_t faults)
+{
+    set_watched(h, faults);
+}
+
+int mig_dpd_installed_fd(const struct mig_dpd *h)
+{
+    return h->installed_fd;
+}
+
 const struct mig_dpd_counters *mig_dpd_counters(struct mig_dpd *h)
 {
     return &h->c;
@@ -1647,7 +1657,7 @@ static void *faulter_main(void *arg)
         }
         if (p[0].revents || mig_space_stashed(h->space)) {
             int k = mig_read_faults(h->space, h->received, pages, waiters,
-                                    t_ns, FAULTS_PER_READ, 0, &fst);
+                                    t_ns, FAULTS_PER_READ, 0, -1, &fst);
             if (k < 0 && k != -EINTR && k != -EAGAIN) {
                 fail(h, "fault path: reading faults: %s", strerror(-k));
                 break;

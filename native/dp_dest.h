@@ -84,6 +84,12 @@ void mig_dpd_stop_asking(struct mig_dpd *h);
 /* Go on asking from `page` (the fault path calls this where the guest faults). */
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page);
 
+/* Faults that wait for pages this bulk path asked (a fault path outside this
+ * module says how many): while any do, each install signals the eventfd
+ * mig_dpd_installed_fd returns, for that fault path to poll. */
+void mig_dpd_watch(struct mig_dpd *h, uint32_t faults);
+int mig_dpd_installed_fd(const struct mig_dpd *h);
+
 /* A fault path: reads the faults of the userfaultfd of `space`, asks the source
  * (host:port, a connection of kind fault) for each missing page, then its
  * aligned 16-page neighbourhood, installs the replies, and moves `bulk`'s

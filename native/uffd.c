@@ -594,15 +594,20 @@ static void serve_zero(struct mig_space *s, const uint64_t *bitmap, const struct
 }
 
 int mig_read_faults(struct mig_space *s, uint64_t *bitmap, uint64_t *out_pages, uint32_t *out_waiters,
-                    uint64_t *out_t_ns, int max_out, int timeout_ms, struct mig_fault_stats *stats)
+                    uint64_t *out_t_ns, int max_out, int timeout_ms, int wake_fd, struct mig_fault_stats *stats)
 {
+    uint64_t drained;
     if (!mig_space_stashed(s)) {
-        struct pollfd pfd[2] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->wakefd, .events = POLLIN}};
-        int r = poll(pfd, 2, timeout_ms);
+        struct pollfd pfd[3] = {{.fd = s->fd, .events = POLLIN}, {.fd = s->wakefd, .events = POLLIN},
+                                {.fd = wake_fd, .events = POLLIN}};
+        int r = poll(pfd, 3, timeout_ms);
         if (r <= 0)
             return r < 0 ? -errno : 0;
+        if (pfd[2].revents && read(wake_fd, &drained, sizeof(drained)) < 0) { /* EAGAIN: read already */
+        }
+        if (!pfd[0].revents && !pfd[1].revents)
+            return 0;
     }
-    uint64_t drained;
     if (s->wakefd >= 0 && read(s->wakefd, &drained, sizeof(drained)) < 0) { /* EAGAIN: nothing was stashed */
     }
 

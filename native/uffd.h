@@ -207,12 +207,14 @@ int64_t mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t
 /* cffi: end */
 
 /* cffi: begin */
-/* Wait up to timeout_ms for messages; handle the events among them (see
+/* Wait up to timeout_ms for messages, or for the eventfd wake_fd (-1: none;
+ * read empty here) to be signalled; handle the events among the messages (see
  * mig_space) and the faults on pages already received (woken, or, for a page
  * discarded since, answered with a zero page); return the other faults'
- * pages, deduplicated, with their waiter counts and read times. */
+ * pages, deduplicated, with their waiter counts and read times (0 faults:
+ * a timeout, or wake_fd signalled). */
 int mig_read_faults(struct mig_space *s, uint64_t *bitmap, uint64_t *out_pages, uint32_t *out_waiters,
-                    uint64_t *out_t_ns, int max_out, int timeout_ms, struct mig_fault_stats *stats);
+                    uint64_t *out_t_ns, int max_out, int timeout_ms, int wake_fd, struct mig_fault_stats *stats);
 
 int64_t mig_install(struct mig_space *s, uint64_t *bitmap, uint64_t first_page, uint32_t count,
                     const uint32_t *zero_runs, uint32_t nzero_runs, const uint8_t *data,

@@ -86,15 +86,23 @@ def run_options(args: argparse.Namespace) -> orchestrator.RunOptions:
     return orchestrator.RunOptions(mode=args.mode, timeout=600, data_plane=args.data_plane, fault_path=args.fault_path)
 
 
-def baseline(src: str, dst: str, args: argparse.Namespace) -> tuple[float, float]:
-    """One idle guest alone: (MiB/s after the resume, the issue's reference; MiB/s over its whole run)."""
+def own_cpu_ms(agents: tuple[LocalAgent, LocalAgent]) -> float:
+    """Both agents' own CPU (their threads, not their reaped children), in ms."""
+    return sum(agent_cpu_s(a.pid)[0] for a in agents) * 1000
+
+
+def baseline(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace) -> tuple[float, float, float]:
+    """One idle guest alone: (MiB/s after the resume, the issue's reference; MiB/s over its whole run;
+    both agents' own CPU ms per MiB, what a drain's pages cost without faults)."""
     size = args.baseline_size
-    launch(src, "baseline", size, "idle", 0.0)
+    launch(src.address, "baseline", size, "idle", 0.0)
     try:
-        doc = orchestrator.migrate("baseline", src, dst, run_options(args))
+        cpu0 = own_cpu_ms((src, dst))
+        doc = orchestrator.migrate("baseline", src.address, dst.address, run_options(args))
+        cpu_ms_per_mib = (own_cpu_ms((src, dst)) - cpu0) / (size / MiB)
     finally:
-        clear(dst, ["baseline"])
-    return report.transfer_mib_s(doc), size / MiB / doc["total_s"]
+        clear(dst.address, ["baseline"])
+    return report.transfer_mib_s(doc), size / MiB / doc["total_s"], cpu_ms_per_mib
 
 
 def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, parallel: int) -> dict:
@@ -163,9 +171,10 @@ def main() -> None:
     results = []
     with LocalAgent("source", log_path=f"{logs}/source.log") as src, \
             LocalAgent("dest", "--warm-runners", str(args.warm_runners), log_path=f"{logs}/dest.log") as dst:
-        after_resume, reference = baseline(src.address, dst.address, args)
+        after_resume, reference, idle_cpu = baseline(src, dst, args)
         print(f"one idle {args.baseline_size // MiB} MiB guest alone: {after_resume:.0f} MiB/s after the resume, "
-              f"{reference:.0f} MiB/s over its whole run (prepare to complete; the drain's aggregate counts the same)")
+              f"{reference:.0f} MiB/s over its whole run (prepare to complete; the drain's aggregate counts the same); "
+              f"agents' own CPU {idle_cpu:.2f} ms/MiB")
         for parallel in (int(p) for p in args.parallel.split(",")):
             result = drain_once(src, dst, args, parallel)
             results.append(result)
@@ -185,12 +194,18 @@ def main() -> None:
             print(f"  agents' CPU (ms/MiB, own + reaped children): source {cpu['source_agent']['own']:.2f} + "
                   f"{cpu['source_agent']['children']:.2f}, destination {cpu['dest_agent']['own']:.2f} + "
                   f"{cpu['dest_agent']['children']:.2f}")
+            faults = sum(g["faults"] for g in result["guests"] if g["moved"])
+            beyond = (cpu["source_agent"]["own"] + cpu["dest_agent"]["own"] - idle_cpu) * args.guests * args.size / MiB
+            result["cpu_ms_per_fault"] = round(beyond / faults, 3) if faults else None
+            if faults:
+                print(f"  agents' own CPU beyond the idle guest's per MiB: {beyond:.0f} ms, "
+                      f"{beyond / faults * 1000:.0f} µs per faulted page ({faults} faults)")
             for line in verdict(result, reference, after_resume):
                 print(f"  {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"reference_mib_s": reference, "after_resume_mib_s": after_resume,
-                       "args": {k: v for k, v in vars(args).items() if k != "json"},
+                       "idle_cpu_ms_per_mib": idle_cpu, "args": {k: v for k, v in vars(args).items() if k != "json"},
                        "results": results}, f, indent=2)
             f.write("\n")
 

@@ -116,6 +116,29 @@ def test_bulk_pull_into_a_registered_guest_gives_its_memory(memfds, restored) ->
     assert guest.proc.digest() == memfd_digest(src, size)
 
 
+@pytest.mark.parametrize("watched", [1, 0], ids=["watched", "unwatched"])
+def test_the_bulk_path_signals_its_installs_while_faults_wait_for_them(memfds, restored, watched: int) -> None:
+    """A gRPC fault path with faults waiting for the bulk's pages says so (watch) and polls
+    installed_fd: every install signals it then, and none does while no fault waits."""
+    size = 4 * MiB
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+        bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10)
+        try:
+            bulk.watch(watched)
+            bulk.start(0)
+            wait_for(lambda: bulk.last.get("done") or bulk.failure(), "the bulk path to finish")
+            if watched:
+                assert os.eventfd_read(bulk.installed_fd) > 0
+            else:
+                with pytest.raises(BlockingIOError):
+                    os.eventfd_read(bulk.installed_fd)
+        finally:
+            bulk.stop()
+    assert guest.bitmap.is_full()
+
+
 def test_contiguous_missing_pages_go_out_in_large_requests(memfds, restored) -> None:
     """A request takes whole words of the bitmap on end: a word claimed whole (64 pages, every bit set)
     once read as "the request is full", so every request stopped at 64 pages and the next one scanned

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 from test_cli import assert_clean_error, run_cli
+from test_faults import fault_server
 from test_migration import WORKLOADS, migrate_at, spec
 
 from migrate import orchestrator, spawn
 from migrate.bitmap import SharedBitmap
 from migrate.client import AgentClient
+from migrate.dest.faults import NEIGHBOURHOOD
 from migrate.policies import BUILTINS, PolicyError, parse, workingset
 from migrate.policies.base import DEFAULT_PAGES, AdaptiveSize, Neighbourhood, Policy, RunInfo, Tick
 from migrate.policies.runner import PolicyRunner
@@ -319,35 +321,15 @@ def test_bubble_sees_the_pre_paged_pages_the_guest_writes(agents):
     assert hot["prefetch"]["neighbourhood"]["pages"] > DEFAULT_PAGES, hot["prefetch"]
 
 
-class _Link:
-    """A source link whose urgent stream only collects what is asked."""
-
-    def __init__(self) -> None:
-        self.client = self
-
-    def fetch(self, requests, metadata=None):
-        return iter(())
-
-
 def test_grpc_fault_path_moves_a_policy_neighbourhood_on_with_faults_on_pages_in_flight():
     """A reader that caught up with its forward readahead (a fault on a page in flight) gets the
     unasked rest of its neighbourhood asked, as on the native path, but in runs of at least half a
     request, never page by page."""
-    from types import SimpleNamespace
-
-    from migrate.bitmap import SharedBitmap
-    from migrate.dest.faults import FaultServer
-
-    received = SharedBitmap.create(1024)
-    mem = SimpleNamespace(bitmap=received, page_count=1024, page_size=4096,
-                          io=SimpleNamespace(regions=[SimpleNamespace(first_page=0, size=1024 * 4096)]))
-    server = FaultServer(mem, _Link(), "run", jump=lambda page: None)
-    asked: list[tuple[int, int]] = []
-    server._stream.send = lambda msg: asked.append((msg.first_page, msg.count))
-    try:
+    with fault_server() as (server, asked):
         server.neighbourhood = Neighbourhood(128, "forward")
         server.on_faults([(100, 1, 0)])
-        assert asked == [(100, 1), (101, 64), (165, 64)]
+        # pages [101, 229): the first NEIGHBOURHOOD - 1 with the fault's page, the rest in whole requests
+        assert asked == [(100, NEIGHBOURHOOD), (100 + NEIGHBOURHOOD, 64), (164 + NEIGHBOURHOOD, 65 - NEIGHBOURHOOD)]
         asked.clear()
         server.on_faults([(110, 1, 0)])  # in flight: 10 pages further on, too few to ask
         assert asked == []
@@ -357,6 +339,3 @@ def test_grpc_fault_path_moves_a_policy_neighbourhood_on_with_faults_on_pages_in
         asked.clear()
         server.on_faults([(250, 1, 0)])
         assert asked == []
-    finally:
-        server.close()
-        received.close()

@@ -407,6 +407,25 @@ def test_read_faults_times_out_empty() -> None:
     mem.close()
 
 
+def test_read_faults_returns_when_its_wake_fd_is_signalled_and_reads_it_empty() -> None:
+    """A fault loop waiting for another path's installs polls that path's eventfd with the
+    userfaultfd: a signal ends the wait (no faults) and is consumed, so the next wait waits."""
+    mem = mmap.mmap(-1, P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    bm = SharedBitmap.create(1)
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        with U.Uffd.create() as u:
+            reader = U.FaultReader(u.fd, [U.Region(address_of(mem), P, 0)], P)
+            os.eventfd_write(wake, 1)
+            assert reader.read(bm, 600_000, wake_fd=wake) == []  # a missed signal would wait 10 minutes
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(wake)
+    finally:
+        os.close(wake)
+        bm.close()
+        mem.close()
+
+
 # ---- the installer ----
 
 def source_memory(npages: int, zero: set[int]) -> bytearray:

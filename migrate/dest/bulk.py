@@ -10,10 +10,12 @@ first. Its threads run in the agent at low CPU priority (see BulkLoop).
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -159,8 +161,9 @@ class BulkPuller:
     """
 
     def __init__(self, mem: Memory, planner: Planner, link: SourceLink, run_id: str,
-                 max_bandwidth: int) -> None:
+                 max_bandwidth: int, on_install: Callable[[], None] = lambda: None) -> None:
         self.mem = mem
+        self._on_install = on_install  # pages installed, or written off: a fault waiting for them looks
         self.link = link
         self._planner = planner
         self._run_id = run_id
@@ -288,6 +291,7 @@ class BulkPuller:
                 self._data_share += (done.copied / done.installed - self._data_share) / 8
             self.counters["batches"] += len(answered)
             self._cond.notify_all()
+        self._on_install()
 
     def _ask_again(self, err: BatchError) -> None:
         """A refused batch is never installed: plan its request's pages again."""
@@ -309,6 +313,7 @@ class BulkPuller:
             self._write_off()
             self._generation += 1
             self._cond.notify_all()
+        self._on_install()
 
     def _forget(self, runs: list[Run]) -> None:
         for first, count in runs:
@@ -397,6 +402,27 @@ def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | N
             return f"bulk page install failed: {err}"
 
 
+class InstallSignal:
+    """An eventfd signalled on each install while faults wait for the bulk path's pages.
+
+    Closed when the last holder lets go, not in the bulk path's stop(): a
+    fault loop may poll it until it is stopped too (and no reference cycle
+    keeps it open past that).
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.watched = 0
+        weakref.finalize(self, os.close, self.fd)
+
+    def signal(self) -> None:
+        if self.watched:
+            try:
+                os.eventfd_write(self.fd, 1)
+            except BlockingIOError:  # the counter is full: the fault path has plenty to read
+                pass
+
+
 class BulkLoop:
     """The bulk path of one incoming run: threads of the destination agent.
 
@@ -425,6 +451,16 @@ class BulkLoop:
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self._summary: dict | None = None
+        self._installed = InstallSignal()
+
+    @property
+    def installed_fd(self) -> int:
+        return self._installed.fd
+
+    def watch(self, faults: int) -> None:
+        """How many faults wait for pages this path asked: while any do, each install (or a
+        write-off) signals installed_fd, which the gRPC fault path polls with the userfaultfd."""
+        self._installed.watched = faults
 
     def plan(self, ranges: Sequence[tuple[int, int]]) -> int:
         return self.planner.plan(ranges)
@@ -446,7 +482,8 @@ class BulkLoop:
 
     def start(self, max_bandwidth: int) -> None:
         """Pull every missing page, at most `max_bandwidth` bytes/s (0: no limit)."""
-        self._puller = BulkPuller(self._mem, self.planner, self._link, self._run_id, max_bandwidth)
+        self._puller = BulkPuller(self._mem, self.planner, self._link, self._run_id, max_bandwidth,
+                                  self._installed.signal)
         self._thread = threading.Thread(target=guarded("bulk path", self._run, self._fail), daemon=True,
                                         name="bulk-pull")
         self._thread.start()

@@ -148,6 +148,16 @@ class NativeBulk(_Path):
         lib.mig_dpd_jump(self._path.h, page)
 
     @property
+    def installed_fd(self) -> int:
+        """An eventfd signalled on each install while watch() says faults wait for this path's pages."""
+        return int(lib.mig_dpd_installed_fd(self._path.h))
+
+    def watch(self, faults: int) -> None:
+        """How many faults wait for pages this path asked (a gRPC fault path's, which polls
+        installed_fd for them rather than waking every millisecond)."""
+        lib.mig_dpd_watch(self._path.h, faults)
+
+    @property
     def handle(self) -> Any:
         """The C path, for a native fault path to move its cursor."""
         return self._path.h

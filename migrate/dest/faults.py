@@ -2,16 +2,21 @@
 
 Loop: read many fault messages at once (native, GIL released; pages that
 already arrived are woken right there), ask the source for each missing page
-over the urgent Pages.Fetch stream (its own HTTP/2 connection) and, right
-behind it, for its aligned 64 KiB neighbourhood, or, while the guest reads
-sequentially, a readahead that doubles up to 256 KiB; install each reply with
-one UFFDIO_COPY per run, and time each fault from its read to its install.
-The faulting page travels alone so its reply is one small message. With
-the bulk path's `asked` bitmap (pages asked for by either path; the urgent
+over the urgent Pages.Fetch stream (its own HTTP/2 connection) with its
+aligned 64 KiB neighbourhood, or, while the guest reads sequentially, a
+readahead that doubles up to 256 KiB; install each reply with one
+UFFDIO_COPY per run, and time each fault from its read to its install.
+The faulting page and the missing neighbours right next to it, at most 64 KiB,
+travel as one request and one reply (a message each way per fault, its
+reply still small); the rest of a readahead follows in requests of its own.
+With the bulk path's `asked` bitmap (pages asked for by either path; the urgent
 path marks its own there), a fault on a page the bulk has in flight waits
 for the bulk's batch (asked again urgently only if the bulk writes that
 request off), and a prefetch asks only for pages neither received nor
-asked: no page goes on the wire twice.
+asked: no page goes on the wire twice. Only such a fault makes the loop look
+again before the next fault: when the bulk path signals an install or a
+write-off (its eventfd, in the same poll as the userfaultfd); a fault
+waiting for its own reply is closed by the reply receiver.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -43,6 +48,32 @@ _CLUSTER = 4 * NEIGHBOURHOOD
 MAX_READAHEAD = MAX_URGENT_PAGES
 #: Faults kept for a policy to read (the newest).
 HISTORY = 65536
+#: How often faults waiting for the bulk path's pages are looked at without a signal from it
+#: (the native bulk signals installs, not a request written off when its link is lost: such a
+#: fault is asked for here after at most this long).
+BULK_PATIENCE_MS = 10
+
+
+def _without(page: int, run: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """The run (first, count) less `page`: itself, or the parts before and after the page."""
+    first, count = run
+    if not first <= page < first + count:
+        yield run
+        return
+    if page > first:
+        yield first, page - first
+    if first + count > page + 1:
+        yield page + 1, first + count - page - 1
+
+
+class BulkInstalls(Protocol):
+    """A bulk path that signals its installs (an eventfd): faults waiting for its pages
+    are looked at when one lands, not on a 1 ms poll."""
+
+    @property
+    def installed_fd(self) -> int: ...
+
+    def watch(self, faults: int) -> None: ...
 
 
 class _Stream:
@@ -192,6 +223,7 @@ class FaultServer:
                 self._count_hits(page)
                 req_id = self._covers.get(page)
                 least = 1
+                fault: tuple[int, int, int] | None = None  # to ask for with its neighbours
                 if req_id is not None:
                     self._waiting[req_id].append((page, t_ns, waiters))
                     if self.neighbourhood is None:
@@ -203,15 +235,42 @@ class FaultServer:
                 elif self._asked is not None and self._asked.test(page):
                     self._on_bulk.append((page, t_ns, waiters))
                 else:
-                    self._ask_page(page, t_ns, waiters)
+                    fault = (page, t_ns, waiters)
                 runs, jump_to = self._neighbours(page)
-                for first, count in runs:
-                    for run_first, n in self._wanted(first, first + count, least):
-                        self._prefetched.set_range(run_first, n)
-                        self.counters["prefetched"] += n
-                        for at in range(run_first, run_first + n, MAX_URGENT_PAGES):
-                            self._ask(at, min(MAX_URGENT_PAGES, run_first + n - at), [])
+                wanted = [run for first, count in runs for run in self._wanted(first, first + count, least)
+                          for run in _without(fault[0] if fault else -1, run)]
+                for run_first, n in wanted:
+                    self._prefetched.set_range(run_first, n)
+                    self.counters["prefetched"] += n
+                if fault is not None:
+                    wanted = self._ask_with(fault, wanted)
+                for run_first, n in wanted:
+                    for at in range(run_first, run_first + n, MAX_URGENT_PAGES):
+                        self._ask(at, min(MAX_URGENT_PAGES, run_first + n - at), [])
             self._jump(jump_to)
+
+    def _ask_with(self, fault: tuple[int, int, int], wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Ask for a faulting page in one request with the neighbours right next to it, at most
+        NEIGHBOURHOOD pages in all (its reply stays one small message, one UFFDIO_COPY); returns
+        the runs of `wanted` (none holding the page) left to ask for on their own (call with the lock held)."""
+        page = fault[0]
+        if self._asked is not None:
+            self._asked.set_range(page, 1)
+        first, end, rest = page, page + 1, []
+        for run_first, n in wanted:
+            run_end = run_first + n
+            if run_end == first:  # just before the page: its pages nearest the page join
+                take = min(n, NEIGHBOURHOOD - (end - first))
+                first -= take
+                n -= take
+            elif run_first == end:  # just after it
+                take = min(n, NEIGHBOURHOOD - (end - first))
+                end += take
+                run_first, n = end, n - take
+            if n:
+                rest.append((run_first, n))
+        self._ask(first, end - first, [fault])
+        return rest
 
     def _ask_page(self, page: int, t_ns: int, waiters: int) -> None:
         """Ask for a faulting page alone (call with the lock held)."""
@@ -278,17 +337,24 @@ class FaultServer:
             self.latencies_us.append(us)
             self.blocked_us += us * waiters
 
+    @property
+    def on_bulk(self) -> int:
+        """How many faults wait for a page the bulk path has in flight."""
+        return len(self._on_bulk)
+
     def resolve_arrived(self) -> bool:
         """Close the faults whose page another path (the bulk stream) installed first;
-        True while faults still wait.
+        True while faults wait that another path may answer (the fault loop then
+        looks again soon; a fault only its own reply answers is closed by the receiver).
 
         Their own reply may still be queued behind others; the guest thread
-        already runs again, and its latency ends now, not then.
+        already runs again, and its latency ends now, not then. With the bulk
+        path's `asked` bitmap no other path installs a page asked here.
         """
         now = time.monotonic_ns()
         test = self.mem.bitmap.test
         with self._lock:
-            for faults in self._waiting.values():
+            for faults in self._waiting.values() if self._asked is None else ():
                 if faults and any(test(page) for page, _, _ in faults):
                     arrived = [f for f in faults if test(f[0])]
                     faults[:] = [f for f in faults if not test(f[0])]
@@ -301,7 +367,7 @@ class FaultServer:
                         self._on_bulk.append((page, t_ns, waiters))
                     else:  # the bulk wrote its request off (a link lost): ask for it here
                         self._ask_page(page, t_ns, waiters)
-            return any(self._waiting.values()) or bool(self._on_bulk)
+            return bool(self._on_bulk) or (self._asked is None and any(self._waiting.values()))
 
     def receive(self) -> None:
         """Install urgent replies as they arrive (runs on its own thread)."""
@@ -357,8 +423,10 @@ class FaultLoop:
     """
 
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
-                 recovery_timeout: float, asked: SharedBitmap | None = None) -> None:
+                 recovery_timeout: float, asked: SharedBitmap | None = None,
+                 installs: BulkInstalls | None = None) -> None:
         self._mem = mem
+        self._installs = installs
         self._link = SourceLink(endpoint, "urgent", recovery_timeout)
         self._server = FaultServer(mem, self._link, run_id, jump, asked)
         self._stop = threading.Event()
@@ -371,14 +439,19 @@ class FaultLoop:
         self._loop.start()
 
     def _run(self) -> None:
-        server, mem = self._server, self._mem
+        server, mem, installs = self._server, self._mem, self._installs
+        wake_fd, poll_ms = (-1, 1) if installs is None else (installs.installed_fd, BULK_PATIENCE_MS)
         waiting = False
         try:
             while not self._stop.is_set() and server.error is None:
-                faults = mem.io.read(mem.bitmap, timeout_ms=1 if waiting else 20)
+                faults = mem.io.read(mem.bitmap, timeout_ms=poll_ms if waiting else 20, wake_fd=wake_fd)
                 if faults:
                     server.on_faults(faults)
+                if installs is not None:  # before looking: an install from now on signals
+                    installs.watch(server.on_bulk)
                 waiting = server.resolve_arrived()
+                if installs is not None:
+                    installs.watch(server.on_bulk)
                 # No exit on a full bitmap: with pre-copy it fills before the switch
                 # and empties again (discards); the agent stops us.
         except (OSError, BatchError) as err:

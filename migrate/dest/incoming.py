@@ -213,7 +213,7 @@ class IncomingRun:
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
-                                             asked=asked)
+                                             asked=asked, installs=bulk)
         self.phase = Phase.PREPARED
 
     # ------------------------------------------------------------ pre-copy

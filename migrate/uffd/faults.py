@@ -131,8 +131,9 @@ class FaultReader:
             raise ValueError(f"bitmap of {bitmap.nbits} bits for {self.npages} pages")
         return bitmap.ptr
 
-    def read(self, bitmap: SharedBitmap, timeout_ms: int) -> list[tuple[int, int, int]]:
-        """Wait up to timeout_ms for faults; return [(page, waiters, t_ns)] for missing pages.
+    def read(self, bitmap: SharedBitmap, timeout_ms: int, wake_fd: int = -1) -> list[tuple[int, int, int]]:
+        """Wait up to timeout_ms for faults, or for the eventfd `wake_fd` (-1: none) to be
+        signalled (it is read empty here); return [(page, waiters, t_ns)] for missing pages.
 
         Faults on pages already set in `bitmap` are answered in C and not
         returned (woken, or given a zero page if the page was discarded
@@ -141,7 +142,7 @@ class FaultReader:
         timeout (or a signal: call again).
         """
         n = lib.mig_read_faults(self._space, self._bitmap_ptr(bitmap), self._pages, self._waiters, self._t_ns,
-                                self._max, timeout_ms, self._stats)
+                                self._max, timeout_ms, wake_fd, self._stats)
         if n < 0:
             if -n == errno.EINTR:  # let the caller's loop see the signal
                 return []

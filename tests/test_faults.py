@@ -1,0 +1,116 @@
+"""The gRPC fault path's requests (migrate.dest.faults.FaultServer), without a source: what each
+fault asks for, in how many messages, and when the fault loop needs to look again soon."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+
+from migrate.bitmap import SharedBitmap
+from migrate.dest import bulk
+from migrate.dest.faults import NEIGHBOURHOOD, FaultServer
+
+PAGES = 1024
+
+
+class _Link:
+    """A source link whose urgent stream only collects what is asked."""
+
+    def __init__(self) -> None:
+        self.client = self
+
+    def fetch(self, requests, metadata=None):
+        return iter(())
+
+
+@contextmanager
+def fault_server(asked: SharedBitmap | None = None) -> Iterator[tuple[FaultServer, list[tuple[int, int]]]]:
+    """A FaultServer over PAGES missing pages, and the (first_page, count) of each request it sends."""
+    received = SharedBitmap.create(PAGES)
+    mem = SimpleNamespace(bitmap=received, page_count=PAGES, page_size=4096,
+                          io=SimpleNamespace(regions=[SimpleNamespace(first_page=0, pages=PAGES)]))
+    server = FaultServer(mem, _Link(), "run", jump=lambda page: None, asked=asked)
+    sent: list[tuple[int, int]] = []
+    server._stream.send = lambda msg: sent.append((msg.first_page, msg.count))
+    try:
+        yield server, sent
+    finally:
+        server.close()
+        received.close()
+
+
+def test_a_fault_and_its_neighbours_next_to_it_go_in_one_request():
+    """A clustered fault asks for its page with the missing neighbours right next to it in one
+    request (one message each way, one install), the rest of its block apart."""
+    with fault_server() as (server, sent):
+        server.on_faults([(100, 1, 0)])  # scattered: the page alone
+        assert sent == [(100, 1)]
+        sent.clear()
+        server.on_faults([(90, 1, 0)])  # clustered: its block [80, 96), the page in it
+        assert sent == [(80, NEIGHBOURHOOD)]
+        assert [f[0] for f in server._waiting[server._covers[90]]] == [90]
+        sent.clear()
+        server.on_faults([(120, 1, 0)])  # clustered: its block [112, 128), page 100's neighbours apart
+        assert sent == [(112, NEIGHBOURHOOD)]
+        assert server.counters["prefetched"] == 2 * (NEIGHBOURHOOD - 1) and server.counters["requests"] == 3
+
+
+def test_a_sequential_readers_fault_carries_at_most_a_neighbourhood_with_it():
+    """The readahead after a fault joins the fault's request up to NEIGHBOURHOOD pages (its reply
+    stays small); the rest goes in requests of its own."""
+    with fault_server() as (server, sent):
+        server.on_faults([(200, 1, 0)])
+        sent.clear()
+        server.on_faults([(201, 1, 0)])  # where the reader was expected: the readahead doubles
+        assert sent == [(201, NEIGHBOURHOOD), (201 + NEIGHBOURHOOD, NEIGHBOURHOOD + 1)]
+
+
+def test_the_fault_loop_polls_only_for_faults_another_path_may_answer():
+    """With the bulk path's `asked` bitmap, a fault waiting for its own urgent reply is closed by the
+    receiver: the fault loop need not wake every millisecond for it; one waiting for a page the bulk
+    has in flight, or any fault without that bitmap, keeps it looking."""
+    asked = SharedBitmap.create(PAGES)
+    try:
+        with fault_server(asked) as (server, sent):
+            server.on_faults([(100, 1, 0)])
+            assert sent == [(100, 1)] and asked.test(100)
+            assert not server.resolve_arrived()
+            asked.set_range(500, 1)  # the bulk asked it
+            server.on_faults([(500, 1, 0)])
+            assert sent == [(100, 1)]
+            assert server.resolve_arrived()
+    finally:
+        asked.close()
+    with fault_server() as (server, sent):
+        server.on_faults([(100, 1, 0)])
+        assert server.resolve_arrived()
+
+
+def test_the_grpc_bulk_path_signals_installs_and_write_offs_while_faults_wait(monkeypatch):
+    """The gRPC plane's bulk path wakes a gRPC fault loop as the native one does: its installs
+    and its write-offs (the faults then ask for their pages themselves) signal installed_fd,
+    only while faults wait for its pages."""
+    monkeypatch.setattr(bulk, "SourceLink", lambda *args: SimpleNamespace(close=lambda: None))
+    received = SharedBitmap.create(PAGES)
+    loop = bulk.BulkLoop(SimpleNamespace(bitmap=received), "127.0.0.1:1", "run", 1.0)
+    try:
+        loop._installed.signal()
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(loop.installed_fd)
+        loop.watch(1)
+        loop._installed.signal()
+        loop._installed.signal()
+        assert os.eventfd_read(loop.installed_fd) == 2
+        signals = []
+        monkeypatch.setattr(bulk, "BatchDecoder", lambda *args: None)
+        mem = SimpleNamespace(page_count=PAGES, page_size=4096)
+        puller = bulk.BulkPuller(mem, loop.planner, SimpleNamespace(client=SimpleNamespace(bytes_wire=0)), "run", 0,
+                                 on_install=lambda: signals.append(1))
+        puller.write_off_inflight()
+        assert signals == [1]
+    finally:
+        loop.stop()
+        received.close()
