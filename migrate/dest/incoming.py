@@ -117,6 +117,12 @@ class IncomingRun:
         self._record_ws = record_ws
 
     @property
+    def watches_writes(self) -> bool:
+        """Whether this run reads which pages the guest wrote (its policy watches use, or it records a working
+        set): only then does its runner register write-protect (migrate.dest.written)."""
+        return self._record_ws or (self._policy is not None and self._policy[1].watches_use)
+
+    @property
     def page_count(self) -> int:
         return self.spec.size // self.spec.page_size
 
@@ -137,7 +143,8 @@ class IncomingRun:
                 proc = GuestProcess.launch(self.spec, fd, start_paused=True, fill=False, warm=self.warm)
             else:
                 rejoin = self.journal.socket_path(self.run_id) if self.journal else ""
-                proc = GuestProcess.launch(self.spec, fd, restore=True, rejoin=rejoin, warm=self.warm)
+                proc = GuestProcess.launch(self.spec, fd, restore=True, rejoin=rejoin, warm=self.warm,
+                                           watch_writes=self.watches_writes)
         except BaseException:
             os.close(fd)
             raise
