@@ -427,6 +427,35 @@ def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored
 
 # ------------------------------------------------------------------ faults
 
+def test_the_native_fault_paths_faults_leave_the_bulk_window_whole(memfds, restored) -> None:
+    """A native fault path's fault moves the bulk's cursor but never shrinks its window (a page in flight
+    it asks for itself after its patience): the 1 MiB window cost a guest faulting all along a third of its
+    transfer rate. Paced at 32 MiB/s a request is ~50 ms of traffic (~400 pages); shrunk, at most 128."""
+    spec = GuestSpec(size=16 * MiB, workload="random-write", seed=3, ops=10**12, threads=1, ops_per_sec=200_000)
+    src_fd = memfds(spec.size)
+    src = GuestProcess.launch(spec, src_fd)
+    try:
+        wait_for(lambda: src.progress and src.progress[-1][1] > 0, "source progress")
+        state = src.pause()
+        guest = restored(spec, memfds(spec.size))
+        with DataServer(src_fd, spec.size, PAGE, "127.0.0.1", key=KEY) as server:
+            bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10)
+            faults = NativeFaultLoop(guest.mem, server.endpoint, KEY, bulk, recovery_timeout=10)
+            try:
+                guest.proc.resume(state)
+                wait_for(lambda: faults.last.get("faults", 0) > 0, "a first fault")
+                bulk.start(32 * MiB)
+                wait_for(guest.bitmap.is_full, "every page")
+            finally:
+                faults.stop()
+                bulk.stop()
+        b, f = bulk.last, faults.last
+        assert "error" not in b and "error" not in f and f["faults"] > 0
+        assert b["pages"] > 128 * b["requests"], (b["pages"], b["requests"])
+    finally:
+        src.stop()
+
+
 @pytest.mark.parametrize("workload", ["hotset", "balloon"])
 @pytest.mark.parametrize("push", [True, False], ids=["bulk+faults", "faults-only"])
 def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool,
