@@ -14,10 +14,10 @@ import time
 import pytest
 
 from migrate import spawn
+from migrate import uffd as U
 from migrate.errors import FailedPrecondition
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import digest, fill_realistic
-from migrate import uffd as U
 from migrate.uffd import Region
 
 PAGE = mmap.PAGESIZE
