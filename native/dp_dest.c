@@ -1254,18 +1254,9 @@ void mig_dpd_stop_asking(struct mig_dpd *h)
     pthread_mutex_unlock(&h->mu);
 }
 
-/* Move the cursor to `page` (the requester takes it at its next plan). */
-static void aim(struct mig_dpd *h, uint64_t page)
-{
-    __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
-}
-
-/* For a fault path that waits for what the bulk path has in flight (the
- * gRPC one): the cursor moves, and the window shrinks while the guest
- * faults. The native fault path only aims (see on_faults). */
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
 {
-    aim(h, page);
+    __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
     __atomic_store_n(&h->jumped_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
 }
 
@@ -1483,12 +1474,8 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
         struct waiting *w = h->nwaiting < MAX_WAITING ? &h->waiting[h->nwaiting++] : NULL;
         if (w)
             *w = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
-        /* The cursor only: the bulk's window stays whole. A fault on a page
-         * in flight asks for it itself after FAULT_PATIENCE_NS anyway, and
-         * the 1 MiB window a jump brings cost a guest that faults all along
-         * (a kvm guest's random writes) a third of its transfer rate. */
         if (h->bulk)
-            aim(h->bulk, p);
+            mig_dpd_jump(h->bulk, p);
         if (len + 2 * sizeof(struct dp_request) + (1 + MIG_DPD_MAX_NEIGHBOURHOOD) * sizeof(struct dp_run) > room)
             continue; /* asked on the next turn (settle_waiting) */
         uint64_t bit = 1ULL << (p % 64);

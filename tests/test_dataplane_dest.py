@@ -444,27 +444,6 @@ def moved(memfds, restored, spec: GuestSpec) -> Iterator[tuple[dict, Restored, D
         src.stop()
 
 
-def test_the_native_fault_paths_faults_leave_the_bulk_window_whole(memfds, restored) -> None:
-    """A native fault path's fault moves the bulk's cursor but never shrinks its window (a page in flight
-    it asks for itself after its patience): the 1 MiB window cost a guest faulting all along a third of its
-    transfer rate. Paced at 32 MiB/s a request is ~50 ms of traffic (~400 pages); shrunk, at most 128."""
-    spec = GuestSpec(size=16 * MiB, workload="random-write", seed=3, ops=10**12, threads=1, ops_per_sec=200_000)
-    with moved(memfds, restored, spec) as (state, guest, server):
-        bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10)
-        faults = NativeFaultLoop(guest.mem, server.endpoint, KEY, bulk, recovery_timeout=10)
-        try:
-            guest.proc.resume(state)
-            wait_for(lambda: faults.last.get("faults", 0) > 0, "a first fault")
-            bulk.start(32 * MiB)
-            wait_for(guest.bitmap.is_full, "every page")
-        finally:
-            faults.stop()
-            bulk.stop()
-    b, f = bulk.last, faults.last
-    assert "error" not in b and "error" not in f and f["faults"] > 0
-    assert b["pages"] > 128 * b["requests"], (b["pages"], b["requests"])
-
-
 @pytest.mark.parametrize("workload", ["hotset", "balloon"])
 @pytest.mark.parametrize("push", [True, False], ids=["bulk+faults", "faults-only"])
 def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool,
