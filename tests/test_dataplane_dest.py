@@ -4,6 +4,7 @@ userfaultfd (a restore-mode guest runner) and, for corruption, a small
 wire-speaking fake source."""
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import random
@@ -450,13 +451,10 @@ def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored
 
 # ------------------------------------------------------------------ faults
 
-@pytest.mark.parametrize("workload", ["hotset", "balloon"])
-@pytest.mark.parametrize("push", [True, False], ids=["bulk+faults", "faults-only"])
-def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool,
-                                                     workload: str) -> None:
-    """balloon: the guest discards (MADV_REMOVE) ranges while its pages arrive, so
-    REMOVE events race the fault path's and the bulk path's installs."""
-    spec = GuestSpec(size=32 * MiB, workload=workload, seed=13, ops=200_000, threads=2, ops_per_sec=200_000)
+@contextlib.contextmanager
+def moved(memfds, restored, spec: GuestSpec) -> Iterator[tuple[dict, Restored, DataServer]]:
+    """A source runner of `spec` paused once it made progress: its state, a restored guest to resume
+    with it, and a DataServer of the source's memory (the runner stopped after)."""
     src_fd = memfds(spec.size)
     src = GuestProcess.launch(spec, src_fd)
     try:
@@ -464,27 +462,38 @@ def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference
         state = src.pause()
         guest = restored(spec, memfds(spec.size))
         with DataServer(src_fd, spec.size, PAGE, "127.0.0.1", key=KEY) as server:
-            bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10) if push else None
-            faults = NativeFaultLoop(guest.mem, server.endpoint, KEY, bulk, recovery_timeout=10)
-            try:
-                guest.proc.resume(state)
-                if bulk is not None:
-                    bulk.start(32 * MiB)  # slow enough for the guest to fault ahead of it
-                assert guest.proc.wait_finished(300)
-                d = guest.proc.digest(timeout=300)  # faults in every page still missing
-            finally:
-                faults.stop()
-                if bulk is not None:
-                    bulk.stop()
-        f = faults.last
-        assert "error" not in f and f["faults"] > 0 and f["pages"] > 0
-        assert f["latency_us"]["count"] > 0 and f["latency_us"]["p50"] > 0 and f["blocked_ms"] > 0
-        assert d == reference_digest(spec)
-        if workload == "balloon":
-            assert f["events"]["remove"] > 0 and f["events"]["removed_pages"] > 0
-        if bulk is not None:
-            b = bulk.last
-            wire_pages = b["pages"] + b["duplicates"] + f["pages"] + f["duplicates"]
-            assert b["duplicates"] + f["duplicates"] < 0.01 * wire_pages, (b, f)
+            yield state, guest, server
     finally:
         src.stop()
+
+
+@pytest.mark.parametrize("workload", ["hotset", "balloon"])
+@pytest.mark.parametrize("push", [True, False], ids=["bulk+faults", "faults-only"])
+def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference_digest, push: bool,
+                                                     workload: str) -> None:
+    """balloon: the guest discards (MADV_REMOVE) ranges while its pages arrive, so
+    REMOVE events race the fault path's and the bulk path's installs."""
+    spec = GuestSpec(size=32 * MiB, workload=workload, seed=13, ops=200_000, threads=2, ops_per_sec=200_000)
+    with moved(memfds, restored, spec) as (state, guest, server):
+        bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10) if push else None
+        faults = NativeFaultLoop(guest.mem, server.endpoint, KEY, bulk, recovery_timeout=10)
+        try:
+            guest.proc.resume(state)
+            if bulk is not None:
+                bulk.start(32 * MiB)  # slow enough for the guest to fault ahead of it
+            assert guest.proc.wait_finished(300)
+            d = guest.proc.digest(timeout=300)  # faults in every page still missing
+        finally:
+            faults.stop()
+            if bulk is not None:
+                bulk.stop()
+    f = faults.last
+    assert "error" not in f and f["faults"] > 0 and f["pages"] > 0
+    assert f["latency_us"]["count"] > 0 and f["latency_us"]["p50"] > 0 and f["blocked_ms"] > 0
+    assert d == reference_digest(spec)
+    if workload == "balloon":
+        assert f["events"]["remove"] > 0 and f["events"]["removed_pages"] > 0
+    if bulk is not None:
+        b = bulk.last
+        wire_pages = b["pages"] + b["duplicates"] + f["pages"] + f["duplicates"]
+        assert b["duplicates"] + f["duplicates"] < 0.01 * wire_pages, (b, f)

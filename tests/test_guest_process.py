@@ -14,6 +14,7 @@ import time
 import pytest
 
 from migrate import spawn
+from migrate import uffd as U
 from migrate.errors import FailedPrecondition
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import digest, fill_realistic
@@ -96,6 +97,35 @@ def test_a_restore_runner_never_loads_grpc(memfds) -> None:
         with open(f"/proc/{guest.pid}/maps") as f:
             loaded = f.read()
         assert "cygrpc" not in loaded and "_native" in loaded  # imported what it needs (its uffd), nothing more
+    finally:
+        os.close(guest.uffd)
+        guest.stop()
+
+
+def _ram_vm_flags(pid: int) -> set[str]:
+    """The VmFlags of a runner's guest RAM mapping (the memfd), from /proc/PID/smaps."""
+    with open(f"/proc/{pid}/smaps") as f:
+        blocks = f.read().split("\n")
+    in_ram = False
+    for line in blocks:
+        if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+            in_ram = "memfd:test-guest" in line
+        elif in_ram and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise AssertionError("no guest RAM mapping in the runner's smaps")
+
+
+@pytest.mark.skipif(not U.probe_features() & U.FEATURE_WP_ASYNC, reason="the kernel has no async write-protect")
+@pytest.mark.parametrize("watch", [False, True])
+def test_a_restore_runner_registers_write_protect_only_when_writes_are_watched(memfds, watch: bool) -> None:
+    """Unregistering a range registered WP walks all its page tables (~50-80 ms per GiB at the end of
+    every run): a runner registers MISSING alone unless the run watches writes."""
+    spec = GuestSpec(size=16 * PAGE, workload="idle", ops=0)
+    guest = GuestProcess.launch(spec, memfds(spec.size), restore=True, watch_writes=watch)
+    try:
+        flags = _ram_vm_flags(guest.pid)
+        assert "um" in flags  # userfaultfd MISSING
+        assert ("uw" in flags) == watch  # userfaultfd write-protect
     finally:
         os.close(guest.uffd)
         guest.stop()

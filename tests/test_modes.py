@@ -14,6 +14,8 @@ from test_cli import assert_clean_error, run_cli
 from test_migration import abandon, launch, memfd_bytes, migrate_at
 
 from migrate import convergence, orchestrator
+from migrate.dest import incoming
+from migrate.dest.incoming import watch_delay
 from migrate.names import Mode
 from migrate.proto import migrate_pb2 as pb
 
@@ -122,6 +124,16 @@ def test_completion_polls_follow_the_time_left_near_the_end():
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
     # every page in, the run not complete yet: it was a whole POLL_EVERY more
     assert orchestrator.poll_delay([(0.0, 1000), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
+
+
+def test_the_destination_looks_for_its_last_page_when_it_is_due():
+    """Looking every _WATCH_EVERY alone made each run complete half a period after its last page on average."""
+    assert watch_delay(1000, 0, 0.02) == incoming._WATCH_EVERY  # nothing moves
+    assert watch_delay(1000, 100, 0.02) == incoming._WATCH_EVERY  # 0.2 s to go
+    assert watch_delay(500, 1000, 0.02) == pytest.approx(0.01)  # due in half a period
+    assert watch_delay(500, 1000, 0.002) == incoming._WATCH_MIN  # due in 1 ms
+    assert watch_delay(1, 1000, 0.02) == incoming._WATCH_MIN
+    assert watch_delay(0, 10, 0.02) == incoming._WATCH_MIN  # every page here: the look after this completes
 
 
 def test_cli_rejects_bad_mode_options():

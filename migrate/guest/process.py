@@ -168,10 +168,12 @@ class GuestProcess:
     @classmethod
     def launch(cls, spec: GuestSpec, memfd: int, *, restore: bool = False, start_paused: bool = False,
                fill: bool = True, timeout: float | None = None, rejoin: str = "",
-               warm: WarmPool | None = None) -> GuestProcess:
+               warm: WarmPool | None = None, watch_writes: bool = False) -> GuestProcess:
         """Start a runner on `memfd` and wait until it is ready (source mode)
         or has handed over its userfaultfd (restore mode). A restore-mode
-        runner given a `rejoin` socket path outlives this agent (see rejoin()).
+        runner given a `rejoin` socket path outlives this agent (see rejoin());
+        with `watch_writes` its userfaultfd can also tell which pages the guest
+        wrote (asynchronous write-protect, where the kernel has it).
         With a `warm` pool, a runner started ahead takes the guest when one is
         there (:attr:`warm` says so)."""
         spec.validate()
@@ -187,6 +189,8 @@ class GuestProcess:
             args.append("--restore")
             if rejoin:
                 args += ["--rejoin", rejoin]
+            if watch_writes:
+                args.append("--watch-writes")
         if start_paused:
             args.append("--start-paused")
         if not fill:

@@ -11,9 +11,9 @@ Source mode: fill memory (unless --no-fill), send ``{"event": "ready"}``,
 start the workload (unless --start-paused).
 
 Restore mode (--restore, destination): touch nothing; create a userfaultfd,
-register the whole mapping for MISSING faults (and asynchronous WP where the
-kernel has it: the agent may install pages protected to see which ones the
-guest writes, migrate.dest.written) and send it to the agent over
+register the whole mapping for MISSING faults (and, with --watch-writes,
+asynchronous WP where the kernel has it: the agent may install pages
+protected to see which ones the guest writes, migrate.dest.written) and send it to the agent over
 the control socket as a Firecracker-style handshake (migrate.handshake) --
 the first and only message until the agent's first command.  Then wait for
 ``resume`` with the execution state; workload threads touching missing
@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--restore", action="store_true", help="destination mode: hand a userfaultfd to the agent")
     ap.add_argument("--start-paused", action="store_true")
     ap.add_argument("--no-fill", action="store_true", help="source mode: keep the memfd's content")
+    ap.add_argument("--watch-writes", action="store_true",
+                    help="restore mode: register write-protect too, so the agent can tell which pages the guest wrote")
     ap.add_argument("--rejoin", default="",
                     help="restore mode: outlive the agent; a restarted agent connects to this unix socket path")
     ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
@@ -196,9 +198,12 @@ class Runner:
         # (docs/architecture.md, "Non-cooperative events"), where the kernel can say.
         supported = U.probe_features()
         features |= U.EVENT_FEATURES & supported
-        # And asynchronous write-protect where the kernel has it: the agent may install pages protected,
-        # and read which ones the guest went on to write (migrate.dest.written, for a policy).
-        if supported & U.WP_ASYNC_FEATURES == U.WP_ASYNC_FEATURES:
+        # And, when the agent watches writes (--watch-writes: a policy that does, or a working-set
+        # recording), asynchronous write-protect where the kernel has it: the agent may install pages
+        # protected, and read which ones the guest went on to write (migrate.dest.written). Only then:
+        # a range registered write-protect costs a walk of all its page tables at the unregister,
+        # ~50-80 ms for 1 GiB, between the last page and the run's completion.
+        if self.args.watch_writes and supported & U.WP_ASYNC_FEATURES == U.WP_ASYNC_FEATURES:
             features |= U.WP_ASYNC_FEATURES
         self.uffd = U.Uffd.create(features, page_size=page)
         base = self.wl.address
