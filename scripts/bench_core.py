@@ -212,13 +212,14 @@ def _parents() -> dict[int, int]:
 
 
 def _is_runner(pid: int) -> bool | None:
-    """Is pid a guest runner? None when its command line cannot tell (gone, or exiting: empty)."""
+    """Is pid a guest runner (or a warm one waiting to become one: migrate.guest.warm)? None when its
+    command line cannot tell (gone, or exiting: empty)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
     except OSError:
         return None
-    return b"migrate.guest.runner" in cmdline if cmdline else None
+    return b"migrate.guest." in cmdline if cmdline else None
 
 
 def _field_bytes(pid: int, path: str, field: str) -> int:
