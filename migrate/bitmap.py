@@ -105,6 +105,10 @@ class SharedBitmap:
         """First set bit at or after `start`, or nbits if there is none."""
         return lib.mig_bitmap_next_set(self.ptr, self._nbits, max(start, 0))
 
+    def take(self, mask: SharedBitmap) -> int:
+        """Clear the bits set in `mask`; returns how many of them were set here (atomically, word by word)."""
+        return lib.mig_bitmap_take(self.ptr, mask.ptr, min(self._nbits, mask.nbits))
+
     def runs(self, most: int) -> list[tuple[int, int]]:
         """The first `most` runs of set bits, (first, count) in order."""
         out: list[tuple[int, int]] = []

@@ -45,6 +45,19 @@ int mig_bitmap_test(const uint64_t *bm, uint64_t bit)
     return (__atomic_load_n(&bm[bit / WORD_BITS], __ATOMIC_ACQUIRE) >> (bit % WORD_BITS)) & 1;
 }
 
+uint64_t mig_bitmap_take(uint64_t *bm, const uint64_t *mask, uint64_t nbits)
+{
+    uint64_t taken = 0;
+    for (uint64_t w = 0; w < (nbits + WORD_BITS - 1) / WORD_BITS; w++) {
+        uint64_t m = __atomic_load_n(&mask[w], __ATOMIC_ACQUIRE);
+        if (w == nbits / WORD_BITS)
+            m &= word_mask(0, nbits % WORD_BITS);
+        if (m & __atomic_load_n(&bm[w], __ATOMIC_ACQUIRE))
+            taken += (uint64_t)__builtin_popcountll(__atomic_fetch_and(&bm[w], ~m, __ATOMIC_ACQ_REL) & m);
+    }
+    return taken;
+}
+
 uint64_t mig_bitmap_count(const uint64_t *bm, uint64_t nbits)
 {
     uint64_t n = 0, full = nbits / WORD_BITS;

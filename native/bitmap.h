@@ -18,6 +18,10 @@ uint64_t mig_bitmap_count(const uint64_t *bm, uint64_t nbits);
 /* First clear (set) bit in [start, nbits), or nbits if there is none. */
 uint64_t mig_bitmap_next_clear(const uint64_t *bm, uint64_t nbits, uint64_t start);
 uint64_t mig_bitmap_next_set(const uint64_t *bm, uint64_t nbits, uint64_t start);
+/* Clear in `bm` the bits set in `mask` (the first nbits), one atomic
+ * read-modify-write per word that has any; returns how many of them were
+ * set in `bm` (e.g. prefetched pages found used: hits, each counted once). */
+uint64_t mig_bitmap_take(uint64_t *bm, const uint64_t *mask, uint64_t nbits);
 /* Map `size` bytes of memfd `fd` shared, read-write, without keeping a
  * descriptor (NULL and errno on failure); mig_bitmap_unmap undoes it. */
 uint64_t *mig_bitmap_map(int fd, uint64_t size);

@@ -1460,12 +1460,7 @@ static void count_hits(struct mig_dpd *h, uint64_t page)
 
 uint64_t mig_dpd_count_used(struct mig_dpd *h, const uint64_t *used, uint64_t nbits)
 {
-    uint64_t hits = 0, words = ((nbits < h->npages ? nbits : h->npages) + 63) / 64;
-    for (uint64_t w = 0; w < words; w++) {
-        uint64_t m = used[w] & __atomic_load_n(&h->pf[w], __ATOMIC_ACQUIRE);
-        if (m)
-            hits += (uint64_t)__builtin_popcountll(__atomic_fetch_and(&h->pf[w], ~m, __ATOMIC_ACQ_REL) & m);
-    }
+    uint64_t hits = mig_bitmap_take(h->pf, used, nbits < h->npages ? nbits : h->npages);
     add(&h->c.prefetch_hits, hits);
     return hits;
 }

@@ -174,7 +174,7 @@ int mig_space_regions(struct mig_space *s, struct mig_region *out, int max);
  * zero pages are copied from a zero area then, UFFDIO_ZEROPAGE having no such
  * mode): on a range registered MISSING|WP by a fd with UFFD_FEATURE_WP_ASYNC,
  * the guest's first write to such a page only clears the protection, and
- * mig_scan_dirty finds it (which pages the guest really wrote, for a policy).
+ * mig_scan_written_present finds it (which pages the guest really wrote, for a policy).
  * Off again: installs leave the pages writable. */
 void mig_space_set_install_wp(struct mig_space *s, int on);
 /* Lazy zero pages (off by default): a zero run is only marked received, never

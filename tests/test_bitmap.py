@@ -26,6 +26,18 @@ def test_ranges_across_word_boundaries(nbits: int) -> None:
         assert bm.next_set(nbits + 5) == nbits and bm.next_clear(nbits + 5) == nbits
 
 
+@pytest.mark.parametrize("nbits", [1, 64, 70, 130])
+def test_take_clears_the_bits_of_a_mask_and_counts_those_it_found(nbits: int) -> None:
+    with SharedBitmap.create(nbits) as bm, SharedBitmap.create(nbits) as mask, SharedBitmap.create(nbits + 64) as wide:
+        bm.set_range(0, nbits)
+        mask.set_range(nbits // 2, nbits - nbits // 2)
+        assert bm.take(mask) == nbits - nbits // 2
+        assert bm.count() == nbits // 2 and bm.next_set(nbits // 2) == nbits
+        assert bm.take(mask) == 0  # each bit is taken once
+        wide.set_range(0, nbits + 64)
+        assert bm.take(wide) == nbits // 2 and bm.count() == 0  # a longer mask: only this bitmap's bits
+
+
 def test_bits_past_the_end_are_neither_counted_nor_found() -> None:
     """The last word's spare bits read as clear; next_clear must not report them."""
     with SharedBitmap.create(70) as bm:

@@ -206,14 +206,10 @@ class FaultServer:
 
     def count_used(self, used: SharedBitmap) -> int:
         """Count as hits the prefetched pages set in `used` (seen used without a fault, e.g. written)."""
-        with self._lock:  # the fault handling sets and clears these bits under it too
-            pf_bytes = self._prefetched.to_bytes()
-            pf = int.from_bytes(pf_bytes, "little")
-            hit = pf & int.from_bytes(used.to_bytes()[: len(pf_bytes)], "little")
-            if hit:
-                self._prefetched.load_bytes((pf & ~hit).to_bytes(len(pf_bytes), "little"))
-            self.counters["prefetch_hits"] += hit.bit_count()
-        return hit.bit_count()
+        with self._lock:  # the fault handling counts hits under it too
+            hits = self._prefetched.take(used)
+            self.counters["prefetch_hits"] += hits
+        return hits
 
     def on_faults(self, faults: list[tuple[int, int, int]]) -> None:
         for page, waiters, t_ns in faults:

@@ -6,7 +6,8 @@ uses and leaves is never seen, and under scattered accesses nothing is. So,
 while a policy asks for it (`Policy.watches_use`) or the run records its
 working set, the run's installs write-protect the pages they fill
 (FaultReader.protect_installs) on the userfaultfd the runner registered
-MISSING|WP with asynchronous write-protect (migrate.guest.runner): the
+MISSING|WP with asynchronous write-protect (migrate.guest.runner, told so
+by --watch-writes: such a range costs a walk of its page tables to unregister): the
 guest's first write to such a page only clears the protection, the kernel
 never stops it, and one PAGEMAP_SCAN on the runner's /proc/PID/pagemap reads
 the written pages and protects them again (migrate.uffd.scan_written, as the
