@@ -268,12 +268,6 @@ class FaultServer:
         self._ask(first, end - first, [fault])
         return rest
 
-    def _ask_page(self, page: int, t_ns: int, waiters: int) -> None:
-        """Ask for a faulting page alone (call with the lock held)."""
-        if self._asked is not None:
-            self._asked.set_range(page, 1)
-        self._ask(page, 1, [(page, t_ns, waiters)])
-
     def _wanted(self, first: int, end: int, least: int = 1) -> Iterator[tuple[int, int]]:
         """Runs of at least `least` pages in [first, end) neither received nor asked (marked asked now).
 
@@ -358,11 +352,11 @@ class FaultServer:
             if self._on_bulk:
                 self._resolve([f for f in self._on_bulk if test(f[0])], now)
                 on_bulk, self._on_bulk = [f for f in self._on_bulk if not test(f[0])], []
-                for page, t_ns, waiters in on_bulk:
-                    if self._asked is not None and self._asked.test(page):
-                        self._on_bulk.append((page, t_ns, waiters))
-                    else:  # the bulk wrote its request off (a link lost): ask for it here
-                        self._ask_page(page, t_ns, waiters)
+                for fault in on_bulk:
+                    if self._asked is not None and self._asked.test(fault[0]):
+                        self._on_bulk.append(fault)
+                    else:  # the bulk wrote its request off (a link lost): ask for it here, alone
+                        self._ask_with(fault, [])
             return bool(self._on_bulk) or (self._asked is None and any(self._waiting.values()))
 
     def receive(self) -> None:
