@@ -158,9 +158,11 @@ def test_a_ballooning_guest_ends_with_the_memory_of_one_never_migrated(agents, p
     ends with its zeros, not the bytes the round sent. On the destination (post-copy and
     hybrid) the REMOVE events are handled: a discarded page reads zero, is never fetched again."""
     # few ops for 2048 pages: a page discarded after its pre-copy is seldom written again; slow enough
-    # that ~2 s of them (some 250 discards) are left for the destination after even a slow pre-copy
-    doc = migrate_at(agents, f"balloon-{mode}", spec("balloon", ops=6_000, rate=2_000), 0.3, mode=mode, timeout=120,
-                     data_plane=plane)
+    # that seconds of them (hundreds of discards) are left for the destination after even a slow pre-copy,
+    # and the push paced so that the destination's post-copy (its registered range, where a discard is a
+    # REMOVE event) lasts a while: unpaced, a hybrid's last pages came within milliseconds of the resume
+    doc = migrate_at(agents, f"balloon-{mode}", spec("balloon", ops=12_000, rate=2_000), 0.3, mode=mode, timeout=120,
+                     data_plane=plane, max_bandwidth=4 << 20)
     assert doc["verified"] is True, doc
     assert doc["pages"]["received"] == doc["pages"]["total"]
     if mode != "precopy":  # the guest runs here while its pages arrive
