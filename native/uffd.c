@@ -136,7 +136,8 @@ int mig_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
  * (an event waits to be read) is retried for up to EAGAIN_RETRY_NS, or, with
  * `covered` (not NULL), ends the call: *covered says how many bytes from dst
  * on are in place (filled or found present), so the caller can read the event
- * and go on. Waiters of skipped pages are woken once at the end unless the
+ * and go on. With `covered`, -ENOENT (the process moved or unmapped the range
+ * under this call) ends it the same way: the caller re-reads the region table. Waiters of skipped pages are woken once at the end unless the
  * mode says DONTWAKE (the same bit for both ioctls). Returns the bytes newly
  * filled, or -errno. */
 static int64_t fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint64_t mode,
@@ -167,7 +168,7 @@ static int64_t fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint
         } else if (err == EEXIST) {
             off += page_size;
             skipped++;
-        } else if (err == EAGAIN) {
+        } else if (err == EAGAIN || (err == ENOENT && covered)) {
             if (covered)
                 break;
             if (eagain_budget_spent(&deadline))
