@@ -291,17 +291,20 @@ HELLO = struct.Struct("<8sII32s")
 REPLY = struct.Struct("<8sIIQ")
 REQUEST = struct.Struct("<IIQ")
 RUN = struct.Struct("<QII")
-BATCH = struct.Struct("<IIQQIIIIQ")
+BATCH = struct.Struct("<IIQIIIIIIQ")
 
 
 class CorruptingSource:
-    """A wire-speaking source that flips one byte of the data of its `nth` batch
-    (after computing the checksum): that batch must be refused and asked again."""
+    """A wire-speaking source that answers a request as the real one does (its runs in order, up to 128
+    pages a batch, many runs to a batch) and flips one byte of its `nth` batch after computing the
+    checksum: of the data, or of the page runs (`part`). That batch must be refused and asked again."""
 
-    def __init__(self, content: bytes, nth: int) -> None:
+    def __init__(self, content: bytes, nth: int, part: str = "data") -> None:
         self._content = content
         self._nth = nth
+        self._part = part
         self.batches = 0
+        self.multi_run_batches = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
@@ -332,21 +335,32 @@ class CorruptingSource:
             conn.sendall(REPLY.pack(magic, 0, PAGE, len(self._content) // PAGE))
             while True:
                 _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
+                pieces: list[tuple[int, int]] = []  # the next batch's runs
                 for _ in range(nruns):
                     first, count, _ = RUN.unpack(self._read(conn, RUN.size))
-                    for p in range(first, first + count, 128):
-                        n = min(128, first + count - p)
-                        conn.sendall(self._batch(req_id, p, n))
+                    while count:
+                        n = min(count, 128 - sum(c for _, c in pieces))
+                        pieces.append((first, n))
+                        first, count = first + n, count - n
+                        if sum(c for _, c in pieces) == 128:
+                            conn.sendall(self._batch(req_id, pieces))
+                            pieces = []
+                if pieces:
+                    conn.sendall(self._batch(req_id, pieces))
         except (ConnectionError, OSError):
             conn.close()
 
-    def _batch(self, req_id: int, first: int, count: int) -> bytes:
-        data = bytearray(self._content[first * PAGE:(first + count) * PAGE])
-        checksum = lib.mig_digest(ffi.from_buffer(data), len(data))
+    def _batch(self, req_id: int, pieces: list[tuple[int, int]]) -> bytes:
+        runs = bytearray(b"".join(RUN.pack(first, n, 0) for first, n in pieces))
+        data = bytearray(b"".join(self._content[first * PAGE:(first + n) * PAGE] for first, n in pieces))
+        covered = bytes(runs + data)  # the checksum's order: page runs, raw data, zero runs (none here)
+        checksum = lib.mig_digest(covered, len(covered))
         self.batches += 1
+        self.multi_run_batches += len(pieces) > 1
         if self.batches == self._nth:
-            data[100] ^= 0xFF
-        return BATCH.pack(0x48435442, 0, req_id, first, count, 0, len(data), len(data), checksum) + bytes(data)
+            (data if self._part == "data" else runs)[100 if self._part == "data" else 0] ^= 0x01
+        return BATCH.pack(0x48435442, 0, req_id, len(pieces), 0, len(data) // PAGE, 0, len(data), len(data),
+                          checksum) + bytes(runs) + bytes(data)
 
     def close(self) -> None:
         self._listener.close()
@@ -374,6 +388,38 @@ def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
         received.close()
     assert counters["refused"] == 1 and counters["outages"] == 0
     assert got.pages == size // PAGE
+    assert memfd_digest(dst, size) == digest(content)
+
+
+@pytest.mark.parametrize("part", ["data", "runs"])
+def test_a_corrupt_multi_run_batch_is_refused_and_its_pages_land_right_when_asked_again(memfds, part: str) -> None:
+    """A scattered set travels many runs to a batch: a batch whose data or page runs were damaged on the
+    way is refused whole (the checksum covers the runs), and every page ends where it belongs."""
+    size = 4 * MiB
+    npages = size // PAGE
+    src, dst = filled(memfds, size), memfds(size)
+    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        content = bytes(m)
+    have = random.Random(2).sample(range(npages), npages * 3 // 4)  # the rest is a scattered set to pull
+    bits = bytearray(npages // 8)
+    for page in have:
+        os.pwrite(dst, content[page * PAGE:(page + 1) * PAGE], page * PAGE)
+        bits[page // 8] |= 1 << (page % 8)
+    received = SharedBitmap.create(npages)
+    received.load_bytes(bits)
+    source = CorruptingSource(content, nth=2, part=part)
+    try:
+        puller = NativePrecopy(dst, received, PAGE, source.endpoint, KEY)
+        try:
+            got = puller.pull(0, 0)
+            counters = puller._path.counters()
+        finally:
+            puller.close()
+    finally:
+        source.close()
+        received.close()
+    assert counters["refused"] == 1 and source.multi_run_batches > 1
+    assert got.pages == npages - len(have)
     assert memfd_digest(dst, size) == digest(content)
 
 
