@@ -1060,7 +1060,7 @@ struct installed {
 };
 
 /* Settle a slot's frames with their requests: one lock and one wakeup per
- * slot, not per frame (a slot holds ~150 one-page frames of a scattered set). (lock held) */
+ * slot, not per frame. (lock held) */
 static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {
