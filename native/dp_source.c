@@ -250,7 +250,7 @@ static void prefetch_page(const uint8_t *page, uint32_t page_size)
 {
     uint32_t len = page_size < PREFETCH_BYTES ? page_size : PREFETCH_BYTES;
     for (uint32_t off = 0; off < len; off += 64)
-        __builtin_prefetch(page + off, 0, 0);
+        __builtin_prefetch(page + off, 0, 3);
 }
 
 /* The pages a request's runs still owe, in order: runs[i] from page p on. */
