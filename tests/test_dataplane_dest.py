@@ -369,23 +369,25 @@ class CorruptingSource:
         self._thread.join(5)
 
 
-def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
-    size = 4 * MiB
-    src, dst = filled(memfds, size), memfds(size)
-    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-        content = bytes(m)
-    received = SharedBitmap.create(size // PAGE)
-    source = CorruptingSource(content, nth=3)
+def pull_from(source: CorruptingSource, dst: int, received: SharedBitmap) -> tuple[object, dict]:
+    """One pre-copy pull into dst from the fake source: (its RoundStats, the path's counters)."""
     try:
         puller = NativePrecopy(dst, received, PAGE, source.endpoint, KEY)
         try:
-            got = puller.pull(0, 0)
-            counters = puller._path.counters()
+            return puller.pull(0, 0), puller._path.counters()
         finally:
             puller.close()
     finally:
         source.close()
         received.close()
+
+
+def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
+    size = 4 * MiB
+    src, dst = filled(memfds, size), memfds(size)
+    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        content = bytes(m)
+    got, counters = pull_from(CorruptingSource(content, nth=3), dst, SharedBitmap.create(size // PAGE))
     assert counters["refused"] == 1 and counters["outages"] == 0
     assert got.pages == size // PAGE
     assert memfd_digest(dst, size) == digest(content)
@@ -408,16 +410,7 @@ def test_a_corrupt_multi_run_batch_is_refused_and_its_pages_land_right_when_aske
     received = SharedBitmap.create(npages)
     received.load_bytes(bits)
     source = CorruptingSource(content, nth=2, part=part)
-    try:
-        puller = NativePrecopy(dst, received, PAGE, source.endpoint, KEY)
-        try:
-            got = puller.pull(0, 0)
-            counters = puller._path.counters()
-        finally:
-            puller.close()
-    finally:
-        source.close()
-        received.close()
+    got, counters = pull_from(source, dst, received)
     assert counters["refused"] == 1 and source.multi_run_batches > 1
     assert got.pages == npages - len(have)
     assert memfd_digest(dst, size) == digest(content)
