@@ -261,17 +261,16 @@ struct owed {
 };
 
 /* Take the next batch's page runs from what is owed: at most `most` pages,
- * adjacent pieces merged. Returns the pages taken; *n gets the runs. */
+ * each a piece of one of the request's runs (never two merged: the
+ * destination finds each piece within a run it asked for). Returns the
+ * pages taken; *n gets the runs. */
 static uint32_t take_runs(struct owed *o, uint32_t most, struct dp_run *out, uint32_t *n)
 {
     uint32_t pages = 0, k = 0;
     while (o->i < o->nruns && pages < most) {
         uint64_t end = o->runs[o->i].first_page + o->runs[o->i].count;
         uint32_t take = end - o->p < most - pages ? (uint32_t)(end - o->p) : most - pages;
-        if (k && out[k - 1].first_page + out[k - 1].count == o->p)
-            out[k - 1].count += take;
-        else
-            out[k++] = (struct dp_run){.first_page = o->p, .count = take};
+        out[k++] = (struct dp_run){.first_page = o->p, .count = take};
         pages += take;
         o->p += take;
         if (o->p == end && ++o->i < o->nruns)
