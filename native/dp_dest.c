@@ -580,11 +580,11 @@ static uint64_t take_bits(uint64_t bits, uint64_t base, uint64_t prev_end, uint6
     return out;
 }
 
-/* Cut runs into pieces of at most batch_pages: the source answers a run in
- * batches of up to DP_BATCH_PAGES pages, so with pages larger than 4 KiB
- * the runs asked for bound the batches (DP_BATCH_BYTES). Pieces beyond
- * DP_MAX_RUNS are given back (asked bits cleared). Returns the runs; *pages
- * drops by what was given back. */
+/* Cut runs into pieces of at most batch_pages (pages larger than 4 KiB:
+ * DP_BATCH_BYTES). Since protocol 3 the source bounds its batches so by
+ * itself (dp_batch_pages), which makes this cut redundant. Pieces beyond
+ * DP_MAX_RUNS are given back (asked bits cleared). Returns the runs;
+ * *pages drops by what was given back. */
 static uint32_t split_runs(struct mig_dpd *h, struct dp_run *runs, uint32_t nruns, uint64_t *pages)
 {
     if (h->batch_pages >= DP_BATCH_PAGES)
