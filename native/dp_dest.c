@@ -61,7 +61,6 @@
 #define ZERO_STRETCH 64
 #define SHARE_ONE 1024             /* data_share's scale */
 #define REQ_SLOTS 128              /* > WINDOW_REQUESTS: a request id's slot is free when it is reused */
-#define BATCH_BYTES (512u << 10)   /* a batch's pages: DP_BATCH_PAGES base pages, or one huge page */
 #define NSLOTS 8                   /* ring of receive slots */
 #define STAGE_BYTES (64u << 10)    /* receiver's staging buffer for headers and small frames */
 #define FRAME_ALIGN 64             /* a frame's data starts 64-byte aligned in its slot */
@@ -201,13 +200,28 @@ static int redial(const struct link *l, double limit_s, char *why, size_t why_le
  * stream cannot be followed any further. */
 static int framing_ok(const struct dp_batch *b, uint32_t max_data)
 {
-    return b->magic == DP_BATCH_MAGIC && b->count >= 1 && b->count <= DP_BATCH_PAGES &&
-           b->nzero_pairs <= DP_BATCH_PAGES / 2 + 1 && b->data_len <= max_data && b->raw_len <= max_data;
+    return b->magic == DP_BATCH_MAGIC && b->count >= 1 && b->count <= DP_BATCH_PAGES && b->nruns >= 1 &&
+           b->nruns <= b->count && b->nzero_pairs <= DP_BATCH_PAGES / 2 + 1 && b->data_len <= max_data &&
+           b->raw_len <= max_data;
+}
+
+/* The bytes between a frame's header and its data: page runs, zero runs. */
+static uint64_t frame_runs_len(const struct dp_batch *b)
+{
+    return sizeof(struct dp_run) * (uint64_t)b->nruns + 8ull * b->nzero_pairs;
 }
 
 static uint64_t frame_len(const struct dp_batch *b)
 {
-    return sizeof(*b) + 8ull * b->nzero_pairs + b->data_len;
+    return sizeof(*b) + frame_runs_len(b) + b->data_len;
+}
+
+/* The k-th page run of a frame (read whole: a frame may lie unaligned). */
+static struct dp_run frame_run(const uint8_t *frame, uint32_t k)
+{
+    struct dp_run r;
+    memcpy(&r, frame + sizeof(struct dp_batch) + k * sizeof(r), sizeof(r));
+    return r;
 }
 
 /* ---- the handle ---- */
@@ -366,25 +380,27 @@ struct installer_ctx {
     uint64_t lat_done_ns; /* when the last install finished */
 };
 
-/* pwrite the non-zero runs of a batch into the memfd (zero pages are holes). */
-static int64_t write_memfd(struct mig_dpd *h, const struct dp_batch *b, const uint32_t *runs, const uint8_t *data)
+/* pwrite the non-zero pages of pages [first, first + count) into the memfd
+ * (zero runs, relative to first: holes). */
+static int64_t write_memfd(struct mig_dpd *h, uint64_t first, uint32_t count, const uint32_t *runs, uint32_t npairs,
+                           const uint8_t *data)
 {
     uint64_t p = 0, ps = h->page_size;
-    uint32_t z = 0, npairs = b->nzero_pairs;
-    while (p < b->count) {
+    uint32_t z = 0;
+    while (p < count) {
         if (z < npairs && runs[2 * z] == p) {
             /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
              * punched: precopy.unmark), which a zero page must not leave behind. */
-            int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, b->first_page + p, runs[2 * z + 1], ps) : 0;
+            int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, first + p, runs[2 * z + 1], ps) : 0;
             if (err)
                 return err;
             p += runs[2 * z + 1];
             z++;
             continue;
         }
-        uint64_t end = z < npairs ? runs[2 * z] : b->count, len = (end - p) * ps, off = 0;
+        uint64_t end = z < npairs ? runs[2 * z] : count, len = (end - p) * ps, off = 0;
         while (off < len) {
-            ssize_t n = pwrite(h->target_fd, data + off, len - off, (off_t)((b->first_page + p) * ps + off));
+            ssize_t n = pwrite(h->target_fd, data + off, len - off, (off_t)((first + p) * ps + off));
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0)
@@ -397,22 +413,54 @@ static int64_t write_memfd(struct mig_dpd *h, const struct dp_batch *b, const ui
     return 0;
 }
 
-/* Verify a whole frame (shape, sizes, zstd frame, checksum) and install it.
- * Returns INSTALLED, REFUSED, or -errno when installing failed. *st gets
- * what the install did. */
+/* Install one run of a verified frame, pages [first, first + count), its
+ * zero runs relative to first and `len` bytes of data: into the
+ * userfaultfd, or written into the memfd (pre-copy), then the bits. Adds
+ * to *st. Returns 0 or -errno. */
+static int place_run(struct mig_dpd *h, uint64_t first, uint32_t count, const uint32_t *zero, uint32_t npairs,
+                     const uint8_t *data, uint64_t len, struct mig_install_stats *st)
+{
+    if (!h->to_memfd) {
+        int64_t r = mig_install(h->space, h->received, first, count, zero, npairs, data, len, st);
+        return r < 0 ? (int)r : 0;
+    }
+    int64_t r = write_memfd(h, first, count, zero, npairs, data);
+    if (r < 0)
+        return (int)r;
+    st->copied += len / h->page_size;
+    st->zeroed += count - len / h->page_size;
+    mig_bitmap_set(h->received, first, count);
+    st->done_ns = (uint64_t)dp_mono_ns();
+    return 0;
+}
+
+/* Verify a whole frame (shape, page runs, sizes, zstd frame, checksum) and
+ * install its runs in order, each with its share of the zero runs and of
+ * the data. Returns INSTALLED, REFUSED, or -errno when installing failed.
+ * *st gets what the install did. */
 static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uint8_t *frame,
                          struct mig_install_stats *st, struct dp_batch *hdr)
 {
     memcpy(hdr, frame, sizeof(*hdr));
-    uint32_t runs[2 * (DP_BATCH_PAGES / 2 + 1)];
-    memcpy(runs, frame + sizeof(*hdr), 8ull * hdr->nzero_pairs);
-    const uint8_t *payload = frame + sizeof(*hdr) + 8ull * hdr->nzero_pairs;
-    struct mig_batch b = {.req_id = hdr->req_id, .first_page = hdr->first_page, .checksum = hdr->checksum,
-                          .data_len = hdr->data_len, .count = hdr->count, .raw_len = hdr->raw_len,
-                          .nzero_runs = 2 * hdr->nzero_pairs, .encoding = (int32_t)hdr->encoding};
-    uint64_t need;
+    if (hdr->count > h->batch_pages) /* framing_ok bounds the rest: nruns <= count, nzero_pairs */
+        return REFUSED;
+    struct dp_run pruns[DP_BATCH_PAGES];
+    uint32_t zero[2 * (DP_BATCH_PAGES / 2 + 1)];
+    const uint8_t *at = frame + sizeof(*hdr);
+    memcpy(pruns, at, hdr->nruns * sizeof(*pruns));
+    memcpy(zero, at + hdr->nruns * sizeof(*pruns), 8ull * hdr->nzero_pairs);
+    const uint8_t *payload = at + frame_runs_len(hdr);
+    uint64_t pages = 0;
+    for (uint32_t k = 0; k < hdr->nruns; k++) {
+        const struct dp_run *r = &pruns[k];
+        if (r->count == 0 || r->first_page >= h->npages || r->count > h->npages - r->first_page)
+            return REFUSED;
+        pages += r->count;
+    }
     uint32_t bad;
-    if (hdr->count > h->batch_pages || mig_check_batch(&b, runs, h->npages, h->page_size, &need, &bad) != MIG_BATCH_OK)
+    int64_t zero_pages = mig_zero_pages(hdr->count, zero, hdr->nzero_pairs, &bad);
+    uint64_t need = zero_pages < 0 ? 0 : (hdr->count - (uint64_t)zero_pages) * h->page_size;
+    if (pages != hdr->count || zero_pages < 0 || hdr->raw_len != need)
         return REFUSED;
     const uint8_t *data = payload;
     if (hdr->encoding == DP_ZSTD) {
@@ -423,23 +471,35 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     } else if (hdr->encoding != DP_RAW || hdr->data_len != need) {
         return REFUSED;
     }
-    if (mig_digest(data, need) != hdr->checksum)
+    struct dp_digest d;
+    dp_digest_init(&d);
+    dp_digest_update(&d, pruns, hdr->nruns * sizeof(*pruns));
+    dp_digest_update(&d, data, need);
+    dp_digest_update(&d, zero, 8ull * hdr->nzero_pairs);
+    if (dp_digest_final(&d) != hdr->checksum)
         return REFUSED;
     memset(st, 0, sizeof(*st));
-    if (!h->to_memfd) {
-        int64_t r = mig_install(h->space, h->received, hdr->first_page,
-                                hdr->count, runs, hdr->nzero_pairs, data, need, st);
-        return r < 0 ? (int)r : INSTALLED;
+    /* Each run gets the zero runs over its pages (one may span runs), relative to its first page. */
+    uint32_t z = 0, base = 0;
+    for (uint32_t k = 0; k < hdr->nruns; base += pruns[k].count, k++) {
+        uint32_t n = pruns[k].count, sub[2 * (DP_BATCH_PAGES / 2 + 1)], nsub = 0, zeros = 0;
+        while (z < hdr->nzero_pairs && zero[2 * z] < base + n) {
+            uint32_t from = zero[2 * z] > base ? zero[2 * z] : base, end = zero[2 * z] + zero[2 * z + 1];
+            uint32_t to = end < base + n ? end : base + n;
+            sub[2 * nsub] = from - base;
+            sub[2 * nsub + 1] = to - from;
+            nsub++;
+            zeros += to - from;
+            if (end > base + n)
+                break; /* it goes on into the next run */
+            z++;
+        }
+        uint64_t len = (uint64_t)(n - zeros) * h->page_size;
+        int r = place_run(h, pruns[k].first_page, n, sub, nsub, data, len, st);
+        if (r < 0)
+            return r;
+        data += len;
     }
-    /* Pre-copy: write the data (zero runs: holes), set the bits. */
-    int64_t r = write_memfd(h, hdr, runs, data);
-    if (r < 0)
-        return (int)r;
-    uint64_t zero = hdr->count - need / h->page_size;
-    st->copied = hdr->count - zero;
-    st->zeroed = zero;
-    mig_bitmap_set(h->received, hdr->first_page, hdr->count);
-    st->done_ns = (uint64_t)dp_mono_ns();
     return INSTALLED;
 }
 
@@ -462,8 +522,8 @@ static int refuse(struct mig_dpd *h, const struct dp_batch *b)
     if (++h->refused <= MAX_REFUSED)
         return 0;
     pthread_mutex_unlock(&h->mu);
-    fail(h, "the source at %s:%u sent %d corrupt batches (the last for pages [%llu, +%u)); gave up",
-         h->link.host, h->link.port, MAX_REFUSED + 1, (unsigned long long)b->first_page, b->count);
+    fail(h, "the source at %s:%u sent %d corrupt batches (the last of %u pages, for request %llu); gave up",
+         h->link.host, h->link.port, MAX_REFUSED + 1, b->count, (unsigned long long)b->req_id);
     pthread_mutex_lock(&h->mu);
     return -1;
 }
@@ -520,11 +580,11 @@ static uint64_t take_bits(uint64_t bits, uint64_t base, uint64_t prev_end, uint6
     return out;
 }
 
-/* Cut runs into pieces of at most batch_pages: the source answers a run in
- * batches of up to DP_BATCH_PAGES pages, so with pages larger than 4 KiB
- * the runs asked for bound the batches (BATCH_BYTES). Pieces beyond
- * DP_MAX_RUNS are given back (asked bits cleared). Returns the runs; *pages
- * drops by what was given back. */
+/* Cut runs into pieces of at most batch_pages (pages larger than 4 KiB:
+ * DP_BATCH_BYTES). Since protocol 3 the source bounds its batches so by
+ * itself (dp_batch_pages), which makes this cut redundant. Pieces beyond
+ * DP_MAX_RUNS are given back (asked bits cleared). Returns the runs;
+ * *pages drops by what was given back. */
 static uint32_t split_runs(struct mig_dpd *h, struct dp_run *runs, uint32_t nruns, uint64_t *pages)
 {
     if (h->batch_pages >= DP_BATCH_PAGES)
@@ -967,15 +1027,24 @@ static void *receiver_main(void *arg)
 
 /* ---- bulk: the installers ---- */
 
-/* Account a frame's pages to its request. (lock held) Returns 0, or -1 when
- * the frame does not belong to a request in flight. */
-static int settle(struct mig_dpd *h, struct req *table, uint32_t nslots, const struct dp_batch *b, int refused)
+/* Account a frame's pages (header b, the frame at `frame`) to its request.
+ * (lock held) Returns 0, or -1 when the frame does not belong to a request
+ * in flight. */
+static int settle(struct mig_dpd *h, struct req *table, uint32_t nslots, const struct dp_batch *b,
+                  const uint8_t *frame, int refused)
 {
     struct req *r = &table[b->req_id % nslots];
-    if (!r->id || r->id != b->req_id || !covers(r, b->first_page, b->count) || b->count > r->due)
+    if (!r->id || r->id != b->req_id || b->count > r->due)
         return -1;
-    if (refused)
-        mig_bitmap_clear(h->asked, b->first_page, b->count);
+    for (uint32_t k = 0; k < b->nruns; k++) {
+        struct dp_run run = frame_run(frame, k);
+        if (!covers(r, run.first_page, run.count))
+            return -1;
+    }
+    for (uint32_t k = 0; refused && k < b->nruns; k++) {
+        struct dp_run run = frame_run(frame, k);
+        mig_bitmap_clear(h->asked, run.first_page, run.count);
+    }
     r->due -= b->count;
     if (!r->due)
         r->id = 0;
@@ -986,17 +1055,18 @@ static int settle(struct mig_dpd *h, struct req *table, uint32_t nslots, const s
  * the rest of its slot under one lock. */
 struct installed {
     struct dp_batch b;
+    const uint8_t *frame; /* in its slot, until the slot is settled */
     int verdict;
 };
 
 /* Settle a slot's frames with their requests: one lock and one wakeup per
- * slot, not per frame (a slot holds ~150 one-page frames of a scattered set). (lock held) */
+ * slot, not per frame. (lock held) */
 static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {
         const struct dp_batch *b = &done[i].b;
         int refused = done[i].verdict == REFUSED;
-        int known = settle(h, h->reqs, REQ_SLOTS, b, refused) == 0;
+        int known = settle(h, h->reqs, REQ_SLOTS, b, done[i].frame, refused) == 0;
         if (!refused && b->count) {
             uint64_t data = b->raw_len / h->page_size * SHARE_ONE / b->count;
             h->data_share += data / 8 - h->data_share / 8; /* over the last ~8 frames */
@@ -1034,13 +1104,14 @@ static void *installer_main(void *arg)
         for (uint32_t i = 0; i < s->nframes; i++) {
             struct mig_install_stats st;
             struct dp_batch b = {0};
-            int v = ctx.scratch && done ? install_frame(h, &ctx, s->buf + s->offs[i], &st, &b) : -ENOMEM;
+            const uint8_t *frame = s->buf + s->offs[i];
+            int v = ctx.scratch && done ? install_frame(h, &ctx, frame, &st, &b) : -ENOMEM;
             if (v < 0) {
-                fail(h, "installing pages [%llu, +%u) from the source failed: %s", (unsigned long long)b.first_page,
-                     b.count, strerror(-v));
+                fail(h, "installing %u pages from page %llu from the source failed: %s", b.count,
+                     (unsigned long long)frame_run(frame, 0).first_page, strerror(-v));
                 break;
             }
-            done[n++] = (struct installed){.b = b, .verdict = v};
+            done[n++] = (struct installed){.b = b, .frame = frame, .verdict = v};
             if (v == INSTALLED) {
                 signal_installed(h);
                 sum.copied += st.copied;
@@ -1094,9 +1165,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     h->npages = npages;
     h->received = received;
     h->asked = asked;
-    h->batch_pages = page_size * DP_BATCH_PAGES <= BATCH_BYTES ? DP_BATCH_PAGES : BATCH_BYTES / page_size;
-    if (!h->batch_pages)
-        h->batch_pages = 1;
+    h->batch_pages = dp_batch_pages(page_size);
     uint64_t raw = (uint64_t)h->batch_pages * page_size;
     h->max_data = (uint32_t)(raw + raw / 128 + 4096); /* room for an incompressible zstd frame */
     h->fd = -1;
@@ -1136,8 +1205,8 @@ struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key,
         return NULL;
     h->next_id = 1; /* id 0 marks a free request slot */
     h->run_store = calloc(REQ_SLOTS * DP_MAX_RUNS, sizeof(struct dp_run));
-    h->slot_bytes = (uint32_t)(sizeof(struct dp_batch) + 8 * (DP_BATCH_PAGES / 2 + 1) + h->max_data + 2 * FRAME_ALIGN +
-                               STAGE_BYTES);
+    h->slot_bytes = (uint32_t)(sizeof(struct dp_batch) + DP_BATCH_PAGES * sizeof(struct dp_run) +
+                               8 * (DP_BATCH_PAGES / 2 + 1) + h->max_data + 2 * FRAME_ALIGN + STAGE_BYTES);
     int ok = h->run_store != NULL;
     for (int i = 0; i < REQ_SLOTS && ok; i++)
         h->reqs[i].runs = h->run_store + (size_t)i * DP_MAX_RUNS;
@@ -1559,15 +1628,16 @@ static int fault_frames(struct mig_dpd *h, struct installer_ctx *ctx, uint8_t *b
         if (hi - *lo < flen)
             break;
         struct mig_install_stats st;
-        int v = install_frame(h, ctx, buf + *lo, &st, &b);
+        const uint8_t *frame = buf + *lo;
+        int v = install_frame(h, ctx, frame, &st, &b);
         *lo += (uint32_t)flen;
         if (v < 0) {
-            fail(h, "installing faulted pages [%llu, +%u) failed: %s", (unsigned long long)b.first_page, b.count,
-                 strerror(-v));
+            fail(h, "installing %u faulted pages from page %llu failed: %s", b.count,
+                 (unsigned long long)frame_run(frame, 0).first_page, strerror(-v));
             *why = h->error;
             return -1;
         }
-        int known = settle(h, h->freqs, FAULT_REQS, &b, v == REFUSED) == 0;
+        int known = settle(h, h->freqs, FAULT_REQS, &b, frame, v == REFUSED) == 0;
         if (v == REFUSED) {
             pthread_mutex_lock(&h->mu);
             int gave_up = refuse(h, &b);

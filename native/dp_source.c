@@ -5,9 +5,10 @@
  * a read-only mapping of the guest's memfd: zero pages become runs, the
  * other pages are checksummed where they are, while the scan has them hot,
  * and sent from the mapping (no copy but the kernel's), or compressed into
- * a per-connection buffer. Batches are queued and sent many to a sendmsg
- * (struct outq): a scattered request answered with one-page batches costs
- * one sendmsg per OUT_BYTES, not one per page. */
+ * a per-connection buffer. A batch carries up to DP_BATCH_PAGES pages of
+ * a request's runs, however many runs that takes, and batches are queued
+ * and sent many to a sendmsg (struct outq): a scattered request costs one
+ * header, checksum and sendmsg per full batch, not one per run. */
 #define _GNU_SOURCE
 #include "dp_source.h"
 
@@ -46,14 +47,10 @@
 
 /* The outgoing queue's budget: a sendmsg goes once this many bytes or
  * batches are queued (or the request is answered). A full 128-page batch
- * is sent alone, as before; one-page batches go ~60 to a sendmsg. */
+ * is sent alone; small batches (short requests) go many to a sendmsg. */
 #define OUT_BYTES (256u << 10)
-#define OUT_BATCHES 256
+#define OUT_BATCHES 64
 #define OUT_IOVS 1024  /* IOV_MAX */
-/* While the guest may write its memory (pre-copy), a batch's pages are
- * copied before they are checksummed and sent (see send_batch): batches of
- * at most this many bytes (or one page), and room for a queue of them. */
-#define LIVE_BATCH_BYTES (512u << 10)
 
 #define ADD(field, n) __atomic_fetch_add(&s->counters.field, (n), __ATOMIC_RELAXED)
 
@@ -161,11 +158,11 @@ static int spawn(pthread_t *tid, void *(*fn)(void *), void *arg)
  * still does), every extent of data found goes into known_data, shared by
  * all connections, and the file is walked once a migration, not once a
  * connection or a jump. */
-#define HOLE_QUERIES_PER_BATCH 8
+#define HOLE_QUERIES_PER_RUN 8
 
 struct holes {
     uint64_t data_lo, data_hi;  /* pages [data_lo, data_hi) held data when last asked */
-    int budget;                 /* queries this batch may still make */
+    int budget;                 /* queries this run of the batch may still make */
 };
 
 /* How many pages from `page` (not past `limit`) are holes: 0 when it holds
@@ -195,10 +192,12 @@ static uint64_t holes_at(struct mig_dp_source *s, struct holes *h, uint64_t page
 
 /* ----------------------------------------------------------------- serving */
 
-/* A batch's header and its zero runs, contiguous: one iovec on the wire. */
+/* A batch's header, its page runs and its zero runs, contiguous: one iovec
+ * on the wire. */
 struct frame {
     struct dp_batch h;
-    uint32_t runs[DP_BATCH_PAGES + 2];  /* pairs; at most one zero run per two pages, plus one */
+    /* nruns struct dp_run, then the zero runs' pairs: at most one zero run per two pages, plus one */
+    _Alignas(8) uint8_t tail[DP_BATCH_PAGES * sizeof(struct dp_run) + (DP_BATCH_PAGES + 2) * sizeof(uint32_t)];
 };
 
 /* Batches built and not yet sent: their frames, the iovecs that send them
@@ -241,7 +240,7 @@ static int flush(struct mig_dp_source *s, int fd, struct squeeze *z, struct outq
  * check and the checksum: the hardware prefetcher stops at a page boundary,
  * so without this every page starts with a TLB and a cache miss each (most
  * of a scattered set's cost at the source). The next page is asked for
- * while one is read; a run's first page also RUNS_AHEAD runs earlier, since
+ * while one is read; a run's first page also RUNS_AHEAD runs of the batch earlier, since
  * one short run (a scattered set's 1.2 pages) is over before DRAM answers
  * (source CPU per MiB of a scattered set 0.30-0.33 -> 0.26-0.27 ms). */
 #define PREFETCH_BYTES 4096u
@@ -251,21 +250,51 @@ static void prefetch_page(const uint8_t *page, uint32_t page_size)
 {
     uint32_t len = page_size < PREFETCH_BYTES ? page_size : PREFETCH_BYTES;
     for (uint32_t off = 0; off < len; off += 64)
-        __builtin_prefetch(page + off, 0, 0);
+        __builtin_prefetch(page + off, 0, 3);
 }
 
-/* Queue pages [first, first + count) (count <= DP_BATCH_PAGES) as one
- * batch, sending the queue when it is full; `next` is the first page of
- * the batch after it (or UINT64_MAX), prefetched while this one is read.
- * Returns 0 or -errno. */
+/* The pages a request's runs still owe, in order: runs[i] from page p on. */
+struct owed {
+    const struct dp_run *runs;
+    uint32_t nruns, i;
+    uint64_t p;
+};
+
+/* Take the next batch's page runs from what is owed: at most `most` pages,
+ * each a piece of one of the request's runs (never two merged: the
+ * destination finds each piece within a run it asked for). Returns the
+ * pages taken; *n gets the runs. */
+static uint32_t take_runs(struct owed *o, uint32_t most, struct dp_run *out, uint32_t *n)
+{
+    uint32_t pages = 0, k = 0;
+    while (o->i < o->nruns && pages < most) {
+        uint64_t end = o->runs[o->i].first_page + o->runs[o->i].count;
+        uint32_t take = end - o->p < most - pages ? (uint32_t)(end - o->p) : most - pages;
+        out[k++] = (struct dp_run){.first_page = o->p, .count = take};
+        pages += take;
+        o->p += take;
+        if (o->p == end && ++o->i < o->nruns)
+            o->p = o->runs[o->i].first_page;
+    }
+    *n = k;
+    return pages;
+}
+
+/* Queue the pages of `nruns` page runs (count pages in all, at most
+ * dp_batch_pages) as one batch, sending the queue when it is full; `next` is
+ * the first page of the batch after it (or UINT64_MAX), prefetched while
+ * this one is read. A scattered set goes out in full batches: one header,
+ * checksum and verification per batch, not per run. Returns 0 or -errno. */
 static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct holes *holes, struct outq *q,
-                      uint64_t req_id, uint64_t first, uint32_t count, uint64_t next, int fault)
+                      uint64_t req_id, const struct dp_run *pruns, uint32_t nruns, uint32_t count, uint64_t next,
+                      int fault)
 {
     const uint32_t ps = s->page_size;
     struct frame *f = &q->frames[q->nframes];
-    uint32_t *runs = f->runs;
-    f->h = (struct dp_batch){.magic = DP_BATCH_MAGIC, .encoding = DP_RAW, .req_id = req_id, .first_page = first,
+    f->h = (struct dp_batch){.magic = DP_BATCH_MAGIC, .encoding = DP_RAW, .req_id = req_id, .nruns = nruns,
                              .count = count};
+    memcpy(f->tail, pruns, nruns * sizeof *pruns);
+    uint32_t *zruns = (uint32_t *)(f->tail + nruns * sizeof *pruns);
     struct iovec *data = &q->iov[q->niov + 1];  /* after the frame's own iovec */
     /* A guest still running here may write a page between its checksum and
      * the send (the kernel copies it out of the mapping then): the batch's
@@ -276,42 +305,50 @@ static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct
     uint8_t *copy = __atomic_load_n(&s->live, __ATOMIC_ACQUIRE) ? q->bounce + q->bounce_used : NULL;
     struct dp_digest digest;
     dp_digest_init(&digest);
+    dp_digest_update(&digest, pruns, nruns * sizeof *pruns);
     int ndata = 0;
-    uint32_t nruns = 0, zero = 0;
-    const uint8_t *base = s->mem + first * ps;
-    holes->budget = HOLE_QUERIES_PER_BATCH;
-    for (uint32_t i = 0, n; i < count; i += n) {
-        const uint8_t *page = base + (uint64_t)i * ps;
-        n = (uint32_t)holes_at(s, holes, first + i, first + count);
-        if (!n && (i + 1 < count || next < s->npages))
-            prefetch_page(i + 1 < count ? page + ps : s->mem + next * ps, ps);
-        if (n || mig_page_is_zero(page, ps)) {
-            n = n ? n : 1;
-            if (nruns && runs[2 * nruns - 2] + runs[2 * nruns - 1] == i) {
-                runs[2 * nruns - 1] += n;
-            } else {
-                runs[2 * nruns] = i;
-                runs[2 * nruns + 1] = n;
-                nruns++;
+    uint32_t nzero = 0, zero = 0, at = 0;  /* at: the batch's page number of the run's first page */
+    for (uint32_t k = 0; k < nruns; at += pruns[k].count, k++) {
+        const uint64_t first = pruns[k].first_page, end = first + pruns[k].count;
+        const uint8_t *base = s->mem + first * ps;
+        if (k + RUNS_AHEAD < nruns)  /* a short run is over before DRAM answers: ask well ahead */
+            prefetch_page(s->mem + pruns[k + RUNS_AHEAD].first_page * ps, ps);
+        holes->budget = HOLE_QUERIES_PER_RUN;
+        for (uint32_t i = 0, n; first + i < end; i += n) {
+            const uint8_t *page = base + (uint64_t)i * ps;
+            n = (uint32_t)holes_at(s, holes, first + i, end);
+            uint64_t ahead = first + i + 1 < end ? first + i + 1 : k + 1 < nruns ? pruns[k + 1].first_page : next;
+            if (!n && ahead < s->npages)
+                prefetch_page(s->mem + ahead * ps, ps);
+            if (n || mig_page_is_zero(page, ps)) {
+                n = n ? n : 1;
+                if (nzero && zruns[2 * nzero - 2] + zruns[2 * nzero - 1] == at + i) {
+                    zruns[2 * nzero - 1] += n;
+                } else {
+                    zruns[2 * nzero] = at + i;
+                    zruns[2 * nzero + 1] = n;
+                    nzero++;
+                }
+                zero += n;
+                continue;
             }
-            zero += n;
-            continue;
+            n = 1;
+            if (copy) {
+                memcpy(copy, page, ps);
+                page = copy;
+                copy += ps;
+                q->bounce_used += ps;
+            }
+            dp_digest_update(&digest, page, ps);  /* while the zero check has it in cache */
+            struct iovec *last = ndata ? &data[ndata - 1] : NULL;
+            if (last && (const uint8_t *)last->iov_base + last->iov_len == page)
+                last->iov_len += ps;
+            else
+                data[ndata++] = (struct iovec){(void *)page, ps};
         }
-        n = 1;
-        if (copy) {
-            memcpy(copy, page, ps);
-            page = copy;
-            copy += ps;
-            q->bounce_used += ps;
-        }
-        dp_digest_update(&digest, page, ps);  /* while the zero check has it in cache */
-        struct iovec *last = ndata ? &data[ndata - 1] : NULL;
-        if (last && (const uint8_t *)last->iov_base + last->iov_len == page)
-            last->iov_len += ps;
-        else
-            data[ndata++] = (struct iovec){(void *)page, ps};
     }
-    f->h.nzero_pairs = nruns;
+    dp_digest_update(&digest, zruns, nzero * 2 * sizeof *zruns);
+    f->h.nzero_pairs = nzero;
     f->h.raw_len = (count - zero) * ps;
     f->h.data_len = f->h.raw_len;
     f->h.checksum = dp_digest_final(&digest);
@@ -323,7 +360,7 @@ static int send_batch(struct mig_dp_source *s, int fd, struct squeeze *z, struct
         ndata = 1;
         q->compressed++;
     }
-    size_t head = sizeof f->h + nruns * 2 * sizeof(uint32_t);
+    size_t head = sizeof f->h + nruns * sizeof *pruns + nzero * 2 * sizeof *zruns;
     q->iov[q->niov] = (struct iovec){f, head};
     q->niov += 1 + ndata;
     q->nframes++;
@@ -373,7 +410,7 @@ static int make_room(struct mig_dp_source *s, int fd, struct squeeze *z, struct 
     if (!__atomic_load_n(&s->live, __ATOMIC_ACQUIRE))
         return 0;
     if (!q->bounce) {
-        q->bounce_cap = OUT_BYTES + (s->page_size > LIVE_BATCH_BYTES ? s->page_size : LIVE_BATCH_BYTES);
+        q->bounce_cap = OUT_BYTES + (size_t)dp_batch_pages(s->page_size) * s->page_size;
         if (!(q->bounce = malloc(q->bounce_cap)))
             return -ENOMEM;
     }
@@ -385,8 +422,9 @@ static int make_room(struct mig_dp_source *s, int fd, struct squeeze *z, struct 
 static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
 {
     struct dp_request req;
-    struct dp_run runs[DP_MAX_RUNS];
+    struct dp_run runs[DP_MAX_RUNS], pruns[DP_BATCH_PAGES];
     struct holes holes = {0};
+    const uint32_t most = dp_batch_pages(s->page_size);
     struct outq *q = calloc(1, sizeof *q);
     if (!q || !(q->frames = malloc(OUT_BATCHES * sizeof *q->frames))) {
         free(q);
@@ -396,19 +434,13 @@ static void serve(struct mig_dp_source *s, int fd, int fault, struct squeeze *z)
         ADD(requests, !fault);
         ADD(fault_requests, fault);
         int err = 0;
-        uint32_t most = DP_BATCH_PAGES;  /* pages a batch, fewer while the copies go through the bounce buffer */
-        if (__atomic_load_n(&s->live, __ATOMIC_ACQUIRE) && (uint64_t)most * s->page_size > LIVE_BATCH_BYTES)
-            most = s->page_size >= LIVE_BATCH_BYTES ? 1 : LIVE_BATCH_BYTES / s->page_size;
-        for (uint32_t i = 0; i < req.nruns && !err; i++) {
-            if (i + RUNS_AHEAD < req.nruns)
-                prefetch_page(s->mem + runs[i + RUNS_AHEAD].first_page * s->page_size, s->page_size);
-            for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end && !err; p += most) {
-                uint32_t count = end - p < most ? (uint32_t)(end - p) : most;
-                uint64_t next = p + count < end ? p + count : i + 1 < req.nruns ? runs[i + 1].first_page : UINT64_MAX;
-                err = make_room(s, fd, z, q, count, fault);
-                if (!err)
-                    err = send_batch(s, fd, z, &holes, q, req.req_id, p, count, next, fault);
-            }
+        struct owed owed = {.runs = runs, .nruns = req.nruns, .p = runs[0].first_page};
+        while (owed.i < owed.nruns && !err) {
+            uint32_t nruns, count = take_runs(&owed, most, pruns, &nruns);
+            uint64_t next = owed.i < owed.nruns ? owed.p : UINT64_MAX;
+            err = make_room(s, fd, z, q, count, fault);
+            if (!err)
+                err = send_batch(s, fd, z, &holes, q, req.req_id, pruns, nruns, count, next, fault);
         }
         if (err || flush(s, fd, z, q, fault))  /* a request answered: nothing of it waits */
             break;

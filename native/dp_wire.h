@@ -15,8 +15,9 @@
 #define DP_MAGIC "MIGDP\0\0\1"
 #define DP_MAGIC_LEN 8
 /* cffi: begin */
-/* 2: the vectorised mig_digest (1: the four-lane multiply chain). */
-#define DP_VERSION 2
+/* 3: batches carry many page runs, and their checksum covers the runs (2: one
+ * run a batch, the vectorised mig_digest; 1: the four-lane multiply chain). */
+#define DP_VERSION 3
 #define DP_KEY_LEN 32
 /* cffi: end */
 
@@ -29,6 +30,15 @@ enum dp_encoding { DP_RAW = 0, DP_ZSTD = 1 };
 #define DP_MAX_REQUEST_PAGES 4096
 #define DP_BATCH_PAGES 128
 /* cffi: end */
+/* Of pages larger than 4 KiB a batch carries at most this many bytes (and one page at least). */
+#define DP_BATCH_BYTES (512u << 10)
+
+/* The most pages a batch of page_size pages may carry. */
+static inline uint32_t dp_batch_pages(uint32_t page_size)
+{
+    uint32_t n = page_size ? DP_BATCH_BYTES / page_size : 1;
+    return n > DP_BATCH_PAGES ? DP_BATCH_PAGES : n ? n : 1;
+}
 
 #define DP_REQ_MAGIC 0x54535152u   /* "RQST" */
 #define DP_BATCH_MAGIC 0x48435442u /* "BTCH" */
@@ -59,16 +69,17 @@ struct dp_request {          /* destination -> source, followed by nruns struct 
     uint64_t req_id;
 };
 
-struct dp_batch {            /* source -> destination, followed by the zero runs and the data */
+struct dp_batch {            /* source -> destination, followed by the page runs, the zero runs and the data */
     uint32_t magic;          /* DP_BATCH_MAGIC */
     uint32_t encoding;       /* enum dp_encoding */
     uint64_t req_id;
-    uint64_t first_page;
-    uint32_t count;          /* pages covered, 1..DP_BATCH_PAGES */
-    uint32_t nzero_pairs;    /* (start, len) uint32 pairs relative to first_page */
+    uint32_t nruns;          /* struct dp_run that follow: 1..count */
+    uint32_t pad;            /* 0 */
+    uint32_t count;          /* pages covered (the runs' sum), 1..dp_batch_pages(page size) */
+    uint32_t nzero_pairs;    /* (start, len) uint32 pairs over the runs' pages numbered in order from 0 */
     uint32_t raw_len;        /* non-zero pages * page_size */
-    uint32_t data_len;       /* bytes of data that follow the runs */
-    uint64_t checksum;       /* mig_digest of the raw data */
+    uint32_t data_len;       /* bytes of data that follow the zero runs */
+    uint64_t checksum;       /* mig_digest of the page runs, the raw data and the zero runs, in that order */
 };
 
 _Static_assert(sizeof(struct dp_hello) == 48, "dp_hello layout");

@@ -237,8 +237,9 @@ def test_precopy_rounds_write_the_memfd_and_fetch_discarded_pages_again(memfds) 
 
 
 def test_a_scattered_set_is_pulled_exactly(memfds) -> None:
-    """A random fifth of the pages, discarded after a first round, come back in one-page runs packed many
-    to a request, a send and a receive: the right pages, each counted once on both sides."""
+    """A random fifth of the pages, discarded after a first round (a third of them zeroed meanwhile), come
+    back in one-page runs packed many to a request and to a batch (zero runs spanning the batch's runs):
+    the right pages, each counted once on both sides."""
     size = 16 * MiB
     npages = size // PAGE
     src, dst = filled(memfds, size), memfds(size)
@@ -250,12 +251,13 @@ def test_a_scattered_set_is_pulled_exactly(memfds) -> None:
             try:
                 puller.pull(0, 0)
                 with mmap.mmap(src, size) as m:
-                    for page in scattered:
-                        m[page * PAGE:page * PAGE + 8] = page.to_bytes(8, "little")
+                    for k, page in enumerate(scattered):
+                        tag = bytes(8) if k % 3 == 0 else page.to_bytes(8, "little")
+                        m[page * PAGE:(page + 1) * PAGE] = tag * (PAGE // 8)
                 stale = bytearray((npages + 63) // 64 * 8)
                 for page in scattered:
                     stale[page // 8] |= 1 << (page % 8)
-                before = server.counters()
+                before, first = server.counters(), puller._path.counters()
                 assert discard(dst, received, bytes(stale), PAGE)[0] == len(scattered)
                 again = puller.pull(0, 0)
                 served = server.counters()
@@ -266,7 +268,8 @@ def test_a_scattered_set_is_pulled_exactly(memfds) -> None:
         assert again.bytes_wire == served["bytes"] - before["bytes"]
         assert last["bytes_wire"] == served["bytes"] and last["requests"] == served["requests"]
         assert last["duplicates"] == 0 and last["refused"] == 0 and received.is_full()
-        assert served["sends"] < served["requests"] + len(scattered) // 20  # many batches to a sendmsg
+        assert len(scattered) / (last["batches"] - first["batches"]) > 32  # many runs to a batch, not one
+        assert last["zero"] - first["zero"] == served["zero_pages"] - before["zero_pages"] >= len(scattered) // 3
         assert memfd_digest(dst, size) == memfd_digest(src, size)
     finally:
         received.close()
@@ -291,17 +294,20 @@ HELLO = struct.Struct("<8sII32s")
 REPLY = struct.Struct("<8sIIQ")
 REQUEST = struct.Struct("<IIQ")
 RUN = struct.Struct("<QII")
-BATCH = struct.Struct("<IIQQIIIIQ")
+BATCH = struct.Struct("<IIQIIIIIIQ")
 
 
 class CorruptingSource:
-    """A wire-speaking source that flips one byte of the data of its `nth` batch
-    (after computing the checksum): that batch must be refused and asked again."""
+    """A wire-speaking source that answers a request as the real one does (its runs in order, up to 128
+    pages a batch, many runs to a batch) and flips one byte of its `nth` batch after computing the
+    checksum: of the data, or of the page runs (`part`). That batch must be refused and asked again."""
 
-    def __init__(self, content: bytes, nth: int) -> None:
+    def __init__(self, content: bytes, nth: int, part: str = "data") -> None:
         self._content = content
         self._nth = nth
+        self._part = part
         self.batches = 0
+        self.multi_run_batches = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
@@ -332,21 +338,32 @@ class CorruptingSource:
             conn.sendall(REPLY.pack(magic, 0, PAGE, len(self._content) // PAGE))
             while True:
                 _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
+                pieces: list[tuple[int, int]] = []  # the next batch's runs
                 for _ in range(nruns):
                     first, count, _ = RUN.unpack(self._read(conn, RUN.size))
-                    for p in range(first, first + count, 128):
-                        n = min(128, first + count - p)
-                        conn.sendall(self._batch(req_id, p, n))
+                    while count:
+                        n = min(count, 128 - sum(c for _, c in pieces))
+                        pieces.append((first, n))
+                        first, count = first + n, count - n
+                        if sum(c for _, c in pieces) == 128:
+                            conn.sendall(self._batch(req_id, pieces))
+                            pieces = []
+                if pieces:
+                    conn.sendall(self._batch(req_id, pieces))
         except (ConnectionError, OSError):
             conn.close()
 
-    def _batch(self, req_id: int, first: int, count: int) -> bytes:
-        data = bytearray(self._content[first * PAGE:(first + count) * PAGE])
-        checksum = lib.mig_digest(ffi.from_buffer(data), len(data))
+    def _batch(self, req_id: int, pieces: list[tuple[int, int]]) -> bytes:
+        runs = bytearray(b"".join(RUN.pack(first, n, 0) for first, n in pieces))
+        data = bytearray(b"".join(self._content[first * PAGE:(first + n) * PAGE] for first, n in pieces))
+        covered = bytes(runs + data)  # the checksum's order: page runs, raw data, zero runs (none here)
+        checksum = lib.mig_digest(covered, len(covered))
         self.batches += 1
+        self.multi_run_batches += len(pieces) > 1
         if self.batches == self._nth:
-            data[100] ^= 0xFF
-        return BATCH.pack(0x48435442, 0, req_id, first, count, 0, len(data), len(data), checksum) + bytes(data)
+            (data if self._part == "data" else runs)[100 if self._part == "data" else 0] ^= 0x01
+        return BATCH.pack(0x48435442, 0, req_id, len(pieces), 0, len(data) // PAGE, 0, len(data), len(data),
+                          checksum) + bytes(runs) + bytes(data)
 
     def close(self) -> None:
         self._listener.close()
@@ -355,25 +372,50 @@ class CorruptingSource:
         self._thread.join(5)
 
 
-def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
-    size = 4 * MiB
-    src, dst = filled(memfds, size), memfds(size)
-    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-        content = bytes(m)
-    received = SharedBitmap.create(size // PAGE)
-    source = CorruptingSource(content, nth=3)
+def pull_from(source: CorruptingSource, dst: int, received: SharedBitmap) -> tuple[object, dict]:
+    """One pre-copy pull into dst from the fake source: (its RoundStats, the path's counters)."""
     try:
         puller = NativePrecopy(dst, received, PAGE, source.endpoint, KEY)
         try:
-            got = puller.pull(0, 0)
-            counters = puller._path.counters()
+            return puller.pull(0, 0), puller._path.counters()
         finally:
             puller.close()
     finally:
         source.close()
         received.close()
+
+
+def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
+    size = 4 * MiB
+    src, dst = filled(memfds, size), memfds(size)
+    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        content = bytes(m)
+    got, counters = pull_from(CorruptingSource(content, nth=3), dst, SharedBitmap.create(size // PAGE))
     assert counters["refused"] == 1 and counters["outages"] == 0
     assert got.pages == size // PAGE
+    assert memfd_digest(dst, size) == digest(content)
+
+
+@pytest.mark.parametrize("part", ["data", "runs"])
+def test_a_corrupt_multi_run_batch_is_refused_and_its_pages_land_right_when_asked_again(memfds, part: str) -> None:
+    """A scattered set travels many runs to a batch: a batch whose data or page runs were damaged on the
+    way is refused whole (the checksum covers the runs), and every page ends where it belongs."""
+    size = 4 * MiB
+    npages = size // PAGE
+    src, dst = filled(memfds, size), memfds(size)
+    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        content = bytes(m)
+    have = random.Random(2).sample(range(npages), npages * 3 // 4)  # the rest is a scattered set to pull
+    bits = bytearray(npages // 8)
+    for page in have:
+        os.pwrite(dst, content[page * PAGE:(page + 1) * PAGE], page * PAGE)
+        bits[page // 8] |= 1 << (page % 8)
+    received = SharedBitmap.create(npages)
+    received.load_bytes(bits)
+    source = CorruptingSource(content, nth=2, part=part)
+    got, counters = pull_from(source, dst, received)
+    assert counters["refused"] == 1 and source.multi_run_batches > 1
+    assert got.pages == npages - len(have)
     assert memfd_digest(dst, size) == digest(content)
 
 
