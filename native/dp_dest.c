@@ -49,11 +49,14 @@
 
 #define WINDOW_BYTES (8u << 20)    /* pages asked and not yet installed, in bytes */
 #define WINDOW_REQUESTS 64
-/* While the guest faults, the window shrinks to this: a fault on a page the
- * bulk path has asked for waits behind what is in flight before it (see
- * docs/protocol.md), and such faults get rarer with a smaller window. */
-#define FAULTING_WINDOW_BYTES (1u << 20)
-#define FAULTING_NS 20000000       /* "while the guest faults": a fault (a jump) within this long */
+/* A fault on a page the bulk path has in flight waits for it only when less
+ * than this much data comes before it (the bulk's earlier requests and the
+ * pages ahead of it in its own: ~0.1-0.2 ms at the bulk's rate, about a
+ * fault round trip); deeper in the window the fault path asks the page
+ * itself at once (one page on the wire twice). The window stays whole while
+ * the guest faults, and a sequential writer that reaches it waits at its
+ * head instead of walking it page by page. */
+#define FAULT_WAIT_AHEAD_BYTES (256u << 10)
 /* The windows count data: a zero page costs no bytes on the wire, no buffer and
  * (lazy, or a hole in pre-copy) no install, so they grow by 1 / (the share of
  * data among the pages installed lately), at most ZERO_STRETCH times. A zero
@@ -214,6 +217,7 @@ static uint64_t frame_len(const struct dp_batch *b)
 
 struct req {
     uint64_t id;      /* 0: slot free */
+    uint32_t total;   /* pages asked */
     uint32_t due;     /* pages still to come */
     uint32_t nruns;
     uint32_t at;      /* the run the last frame settled fell in: the source answers runs in order */
@@ -269,7 +273,6 @@ struct mig_dpd {
     uint64_t window_pages, request_pages;
     uint64_t data_share;      /* of the pages installed lately, the data ones, in SHARE_ONE-ths (a moving average) */
     uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
-    uint64_t jumped_ns;       /* when the fault path last moved the cursor */
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
     uint32_t pq_head, pq_len;
     int plan_only;            /* ask only what the plan queue names (the cursor waits) */
@@ -708,11 +711,6 @@ static void *requester_main(void *arg)
         }
         struct timespec ts;
         uint64_t window = h->window_pages, per_request = h->request_pages;
-        if (now - __atomic_load_n(&h->jumped_ns, __ATOMIC_RELAXED) < FAULTING_NS) {
-            uint64_t faulting = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
-            window = faulting < window ? faulting : window;
-            per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
-        }
         if (!h->rate) { /* paced, a request is a slice of time: keep it so */
             uint64_t share = h->data_share > SHARE_ONE / ZERO_STRETCH ? h->data_share : SHARE_ONE / ZERO_STRETCH;
             window = window * SHARE_ONE / share;
@@ -750,7 +748,7 @@ static void *requester_main(void *arg)
             continue;
         }
         r->id = h->next_id++;
-        r->due = (uint32_t)npages;
+        r->total = r->due = (uint32_t)npages;
         r->nruns = nruns;
         r->at = 0;
         h->nreq++;
@@ -1257,7 +1255,41 @@ void mig_dpd_stop_asking(struct mig_dpd *h)
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
 {
     __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
-    __atomic_store_n(&h->jumped_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
+}
+
+/* Where page falls in request r: the pages of r before it (its runs are
+ * answered in order), or UINT32_MAX when r does not ask it. */
+static uint64_t offset_in(const struct req *r, uint64_t page)
+{
+    uint64_t before = 0;
+    for (uint32_t i = 0; i < r->nruns; i++) {
+        const struct dp_run *run = &r->runs[i];
+        if (page >= run->first_page && page < run->first_page + run->count)
+            return before + (page - run->first_page);
+        before += run->count;
+    }
+    return UINT32_MAX;
+}
+
+uint64_t mig_dpd_ahead(struct mig_dpd *h, uint64_t page)
+{
+    pthread_mutex_lock(&h->mu);
+    uint64_t id = 0, pages = 0;
+    for (int i = 0; i < REQ_SLOTS && !id; i++) {
+        const struct req *r = &h->reqs[i];
+        uint64_t at = r->id ? offset_in(r, page) : UINT32_MAX;
+        if (at != UINT32_MAX) {
+            id = r->id;
+            uint64_t settled = r->total - r->due; /* its first pages, in */
+            pages = at > settled ? at - settled : 0;
+        }
+    }
+    for (int i = 0; i < REQ_SLOTS && id; i++) /* the source answers requests in order */
+        if (h->reqs[i].id && h->reqs[i].id < id)
+            pages += h->reqs[i].due;
+    uint64_t share = h->data_share > SHARE_ONE / ZERO_STRETCH ? h->data_share : SHARE_ONE / ZERO_STRETCH;
+    pthread_mutex_unlock(&h->mu);
+    return id ? pages * h->page_size * share / SHARE_ONE : UINT64_MAX;
 }
 
 void mig_dpd_watch(struct mig_dpd *h, uint32_t faults)
@@ -1465,7 +1497,17 @@ uint64_t mig_dpd_count_used(struct mig_dpd *h, const uint64_t *used, uint64_t nb
     return hits;
 }
 
-/* Requests for new faults: each page alone, then its neighbourhood. */
+/* Is page, asked by the bulk path, too far back in its window to wait for
+ * (FAULT_WAIT_AHEAD_BYTES)? Not when no bulk request asks it: this path's
+ * own request brings it. */
+static int far_back(struct mig_dpd *h, uint64_t page)
+{
+    uint64_t ahead = h->bulk ? mig_dpd_ahead(h->bulk, page) : UINT64_MAX;
+    return ahead != UINT64_MAX && ahead > FAULT_WAIT_AHEAD_BYTES;
+}
+
+/* Requests for new faults: each page alone, then its neighbourhood (a page
+ * the bulk path has in flight waits for it unless far_back). */
 static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t *waiters, const uint64_t *t_ns,
                         int n, uint8_t *out, size_t room)
 {
@@ -1484,9 +1526,12 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
         if (len + 2 * sizeof(struct dp_request) + (1 + MIG_DPD_MAX_NEIGHBOURHOOD) * sizeof(struct dp_run) > room)
             continue; /* asked on the next turn (settle_waiting) */
         uint64_t bit = 1ULL << (p % 64);
-        if (!(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit)) {
+        int claimed = !(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit);
+        int deep = !claimed && far_back(h, p);
+        if (claimed || deep) {
             struct dp_run one = {.first_page = p, .count = 1};
             len += fault_request(h, out + len, &one, 1, 1);
+            add(&h->c.asked_in_flight, (uint64_t)deep);
             if (w)
                 w->asked = 1;
         }

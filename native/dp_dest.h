@@ -41,6 +41,7 @@ struct mig_dpd_counters {
     uint64_t prefetched;    /* fault path: neighbour pages asked with a fault */
     uint64_t prefetch_hits; /* fault path: prefetched pages the guest went on to use (see mig_dpd_set_neighbourhood) */
     uint64_t zero_lazy;     /* of the zero pages, those only marked received (mig_space_lazy_zero) */
+    uint64_t asked_in_flight; /* fault path: faults on a page deep in the bulk's window, asked at once */
 };
 
 /* Latency samples a fault path keeps (the newest). */
@@ -83,6 +84,14 @@ void mig_dpd_stop_asking(struct mig_dpd *h);
 
 /* Go on asking from `page` (the fault path calls this where the guest faults). */
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page);
+
+/* How much data this bulk path still receives before `page`: the pages of
+ * its earlier requests in flight and those before the page in its own
+ * (the source answers in order), in bytes, zero pages weighed as the
+ * stream lately carried them. UINT64_MAX when no request in flight asks
+ * the page. A fault path waits for a page not far back, and asks one deep
+ * in the window itself. */
+uint64_t mig_dpd_ahead(struct mig_dpd *h, uint64_t page);
 
 /* Faults that wait for pages this bulk path asked (a fault path outside this
  * module says how many): while any do, each install signals the eventfd

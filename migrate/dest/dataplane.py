@@ -27,6 +27,9 @@ _ERR_LEN = 512
 _COMMON = ("pages", "zero", "zero_lazy", "bytes_wire", "bytes_pages", "batches", "refused", "duplicates", "requests",
            "outages")
 
+#: mig_dpd_ahead's "no request in flight asks the page".
+_NOT_ASKED = (1 << 64) - 1
+
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """("host", port) of "host:port" or "[v6]:port"."""
@@ -146,6 +149,11 @@ class NativeBulk(_Path):
     def jump(self, page: int) -> None:
         """Go on from `page` next (where the guest faults)."""
         lib.mig_dpd_jump(self._path.h, page)
+
+    def ahead(self, page: int) -> int | None:
+        """Bytes this path still receives before `page` (None: no request of its in flight asks it)."""
+        n = int(lib.mig_dpd_ahead(self._path.h, page))
+        return None if n == _NOT_ASKED else n
 
     @property
     def installed_fd(self) -> int:
@@ -293,7 +301,7 @@ class NativeFaultLoop(_Path):
         c = self._path._counters
         return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken),
                 "prefetched": int(c.prefetched), "prefetch_hits": int(c.prefetch_hits),
-                "events": self._mem.io.events()}
+                "asked_in_flight": int(c.asked_in_flight), "events": self._mem.io.events()}
 
     def _latency(self) -> dict:
         """The latency summary as FaultLoop's: percentiles from the newest samples, the rest exact."""

@@ -223,8 +223,9 @@ class IncomingRun:
         if r.plane is DataPlane.NATIVE:
             native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
             bulk: BulkLoop | NativeBulk = native
-            jump, asked = native.jump, native.asked
+            jump, asked, ahead = native.jump, native.asked, native.ahead
         else:
+            ahead = None
             self._asked = asked = SharedBitmap.create(self.page_count)
             bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout, asked)
             jump = bulk.planner.jump
@@ -234,7 +235,7 @@ class IncomingRun:
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
-                                             asked=asked, installs=bulk)
+                                             asked=asked, installs=bulk, ahead=ahead)
         self.phase = Phase.PREPARED
 
     # ------------------------------------------------------------ pre-copy
