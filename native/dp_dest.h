@@ -82,16 +82,12 @@ int mig_dpd_wait(struct mig_dpd *h, int timeout_ms);
 /* Ask nothing more in this round (it ends once what was asked is in). */
 void mig_dpd_stop_asking(struct mig_dpd *h);
 
-/* Go on asking from `page` (the fault path calls this where the guest faults). */
+/* Go on asking from `page` (a fault path outside this module calls this
+ * where the guest faults), with the window narrowed while such faults come:
+ * they wait for the pages in flight, and a whole window's traffic delays
+ * their own replies. (The native fault path only moves the cursor: it asks
+ * a page deep in the window itself, see dp_dest.c.) */
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page);
-
-/* How much data this bulk path still receives before `page`: the pages of
- * its earlier requests in flight and those before the page in its own
- * (the source answers in order), in bytes, zero pages weighed as the
- * stream lately carried them. UINT64_MAX when no request in flight asks
- * the page. A fault path waits for a page not far back, and asks one deep
- * in the window itself. */
-uint64_t mig_dpd_ahead(struct mig_dpd *h, uint64_t page);
 
 /* Faults that wait for pages this bulk path asked (a fault path outside this
  * module says how many): while any do, each install signals the eventfd

@@ -27,9 +27,6 @@ _ERR_LEN = 512
 _COMMON = ("pages", "zero", "zero_lazy", "bytes_wire", "bytes_pages", "batches", "refused", "duplicates", "requests",
            "outages")
 
-#: mig_dpd_ahead's "no request in flight asks the page".
-_NOT_ASKED = (1 << 64) - 1
-
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """("host", port) of "host:port" or "[v6]:port"."""
@@ -147,13 +144,9 @@ class NativeBulk(_Path):
         lib.mig_dpd_set_bandwidth(self._path.h, max_bandwidth)
 
     def jump(self, page: int) -> None:
-        """Go on from `page` next (where the guest faults)."""
+        """Go on from `page` next (where the guest faults), with the window narrowed while faults
+        come (a gRPC fault path's: its faults wait for the pages this path has in flight)."""
         lib.mig_dpd_jump(self._path.h, page)
-
-    def ahead(self, page: int) -> int | None:
-        """Bytes this path still receives before `page` (None: no request of its in flight asks it)."""
-        n = int(lib.mig_dpd_ahead(self._path.h, page))
-        return None if n == _NOT_ASKED else n
 
     @property
     def installed_fd(self) -> int:

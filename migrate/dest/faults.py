@@ -12,10 +12,8 @@ reply still small); the rest of a readahead follows in requests of its own.
 With the bulk path's `asked` bitmap (pages asked for by either path; the urgent
 path marks its own there), a fault on a page the bulk has in flight waits
 for the bulk's batch (asked again urgently only if the bulk writes that
-request off, or, with a native bulk that says where the page is in its
-window, at once when more than BULK_WAIT_BYTES come before it: that page
-alone goes on the wire twice), and a prefetch asks only for pages neither
-received nor asked. Only such a fault makes the loop look
+request off), and a prefetch asks only for pages neither received nor
+asked: no page goes on the wire twice. Only such a fault makes the loop look
 again before the next fault: when the bulk path signals an install or a
 write-off (its eventfd, in the same poll as the userfaultfd); a fault
 waiting for its own reply is closed by the reply receiver.
@@ -54,9 +52,6 @@ HISTORY = 65536
 #: (the native bulk signals installs, not a request written off when its link is lost: such a
 #: fault is asked for here after at most this long).
 BULK_PATIENCE_MS = 10
-#: A fault on a page the native bulk has in flight waits for it only when less data than this
-#: comes before it there: about what the bulk brings in the urgent round trip (~0.3 ms).
-BULK_WAIT_BYTES = 1 << 20
 
 
 def _without(page: int, run: tuple[int, int]) -> Iterator[tuple[int, int]]:
@@ -116,13 +111,12 @@ class FaultServer:
     """Turns faults into urgent requests and urgent replies into installs."""
 
     def __init__(self, mem: Memory, link: SourceLink, run_id: str, jump: Callable[[int], None],
-                 asked: SharedBitmap | None = None, ahead: Callable[[int], int | None] | None = None) -> None:
+                 asked: SharedBitmap | None = None) -> None:
         self.mem = mem
         self._link = link
         self._run_id = run_id
         self._jump = jump
         self._asked = asked
-        self._ahead = ahead  # a native bulk's: the bytes it receives before a page it has in flight
         self._decoder = BatchDecoder(mem.page_count, mem.page_size)
         self._lock = threading.Lock()
         # In flight, by request id: the faults waiting on it [(page, t_ns, waiters)], the request
@@ -139,8 +133,7 @@ class FaultServer:
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
         self.counters: dict[str, Any] = {"kind": "faults", "faults": 0, "pages": 0, "zero": 0, "bytes_pages": 0,
-                                         "requests": 0, "refused": 0, "prefetched": 0, "prefetch_hits": 0,
-                                         "asked_in_flight": 0}
+                                         "requests": 0, "refused": 0, "prefetched": 0, "prefetch_hits": 0}
         # For a policy (migrate.policies): the faults it has not read yet, the neighbourhood it set
         # (None: the built-in readahead above), and the prefetched pages not yet seen used.
         self.history: collections.deque[int] = collections.deque(maxlen=HISTORY)
@@ -235,7 +228,7 @@ class FaultServer:
                     # path, so that a reader that caught up with its readahead keeps the pipe full; in
                     # whole requests (a request per page or two would cost more than the faults it saves).
                     least = MAX_URGENT_PAGES // 2
-                elif self._asked is not None and self._asked.test(page) and not self._far_back(page):
+                elif self._asked is not None and self._asked.test(page):
                     self._on_bulk.append((page, t_ns, waiters))
                 else:
                     fault = (page, t_ns, waiters)
@@ -251,13 +244,6 @@ class FaultServer:
                     for at in range(run_first, run_first + n, MAX_URGENT_PAGES):
                         self._ask(at, min(MAX_URGENT_PAGES, run_first + n - at), [])
             self._jump(jump_to)
-
-    def _far_back(self, page: int) -> bool:
-        """Is `page`, asked by the bulk path, too far back in its window to wait for? (Counted.)"""
-        ahead = self._ahead(page) if self._ahead is not None else None
-        far = ahead is not None and ahead > BULK_WAIT_BYTES
-        self.counters["asked_in_flight"] += far
-        return far
 
     def _ask_with(self, fault: tuple[int, int, int], wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Ask for a faulting page in one request with the neighbours right next to it, at most
@@ -423,17 +409,16 @@ class FaultLoop:
     reached raises ConnectionError, before the guest ever stops on the
     source. `jump` tells the bulk path where the guest faults; `asked`, a
     native bulk path's bitmap of pages asked for, keeps prefetches from
-    asking them again; `ahead`, that bulk path's, says how far back in its
-    window a page it has in flight is (a fault waits for it, or asks it).
+    asking them again.
     """
 
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
                  recovery_timeout: float, asked: SharedBitmap | None = None,
-                 installs: BulkInstalls | None = None, ahead: Callable[[int], int | None] | None = None) -> None:
+                 installs: BulkInstalls | None = None) -> None:
         self._mem = mem
         self._installs = installs
         self._link = SourceLink(endpoint, "urgent", recovery_timeout)
-        self._server = FaultServer(mem, self._link, run_id, jump, asked, ahead)
+        self._server = FaultServer(mem, self._link, run_id, jump, asked)
         self._stop = threading.Event()
         self._summary: dict | None = None
         self._receiver = threading.Thread(target=guarded("urgent reply receiver", self._server.receive, self._fail),

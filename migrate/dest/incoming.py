@@ -223,9 +223,8 @@ class IncomingRun:
         if r.plane is DataPlane.NATIVE:
             native = NativeBulk(mem, r.data_endpoint, r.data_key, self.recovery_timeout)
             bulk: BulkLoop | NativeBulk = native
-            jump, asked, ahead = native.jump, native.asked, native.ahead
+            jump, asked = native.jump, native.asked
         else:
-            ahead = None
             self._asked = asked = SharedBitmap.create(self.page_count)
             bulk = BulkLoop(mem, r.bulk_endpoint, self.run_id, self.recovery_timeout, asked)
             jump = bulk.planner.jump
@@ -235,7 +234,7 @@ class IncomingRun:
             self.paths["faults"] = NativeFaultLoop(mem, r.data_endpoint, r.data_key, bulk, self.recovery_timeout)
         else:
             self.paths["faults"] = FaultLoop(mem, r.source_endpoint, self.run_id, jump, self.recovery_timeout,
-                                             asked=asked, installs=bulk, ahead=ahead)
+                                             asked=asked, installs=bulk)
         self.phase = Phase.PREPARED
 
     # ------------------------------------------------------------ pre-copy
