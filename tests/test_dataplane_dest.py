@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import queue
 import random
 import signal
 import socket
@@ -292,16 +293,22 @@ REPLY = struct.Struct("<8sIIQ")
 REQUEST = struct.Struct("<IIQ")
 RUN = struct.Struct("<QII")
 BATCH = struct.Struct("<IIQQIIIIQ")
+KIND_BULK = 1  # dp_wire.h's DP_KIND_BULK: a hello's kind
 
 
-class CorruptingSource:
-    """A wire-speaking source that flips one byte of the data of its `nth` batch
-    (after computing the checksum): that batch must be refused and asked again."""
+class WireSource:
+    """A wire-speaking source. With `corrupt` it flips one byte of the data of its
+    corrupt-th batch (after computing the checksum): that batch must be refused
+    and asked again. With `hold_bulk` it answers bulk connections' requests only
+    once that event is set (it counts the pages they ask in bulk_asked): the
+    bulk's window stays in flight while the fault path is answered at once."""
 
-    def __init__(self, content: bytes, nth: int) -> None:
+    def __init__(self, content: bytes, corrupt: int = 0, hold_bulk: threading.Event | None = None) -> None:
         self._content = content
-        self._nth = nth
+        self._nth = corrupt
+        self._hold = hold_bulk
         self.batches = 0
+        self.bulk_asked = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
@@ -328,17 +335,41 @@ class CorruptingSource:
 
     def _conn(self, conn: socket.socket) -> None:
         try:
-            magic, _, _, _ = HELLO.unpack(self._read(conn, HELLO.size))
+            magic, _, kind, _ = HELLO.unpack(self._read(conn, HELLO.size))
             conn.sendall(REPLY.pack(magic, 0, PAGE, len(self._content) // PAGE))
-            while True:
-                _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
-                for _ in range(nruns):
-                    first, count, _ = RUN.unpack(self._read(conn, RUN.size))
+            requests = self._requests(conn)
+            for req_id, runs in self._held(requests) if kind == KIND_BULK and self._hold else requests:
+                for first, count in runs:
                     for p in range(first, first + count, 128):
                         n = min(128, first + count - p)
                         conn.sendall(self._batch(req_id, p, n))
         except (ConnectionError, OSError):
-            conn.close()
+            pass
+        conn.close()
+
+    def _requests(self, conn: socket.socket) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """(request id, its runs (first, count)) as they come."""
+        while True:
+            _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
+            yield req_id, [RUN.unpack(self._read(conn, RUN.size))[:2] for _ in range(nruns)]
+
+    def _held(self, requests: Iterator[tuple[int, list[tuple[int, int]]]]) -> Iterator[tuple[int, list]]:
+        """`requests`, read on at once (their pages counted in bulk_asked), given out once the hold is let go."""
+        read: queue.SimpleQueue = queue.SimpleQueue()
+
+        def reader() -> None:
+            try:
+                for req in requests:
+                    self.bulk_asked += sum(count for _, count in req[1])
+                    read.put(req)
+            except (ConnectionError, OSError):
+                pass
+            read.put(None)
+
+        threading.Thread(target=reader, daemon=True).start()
+        self._hold.wait()
+        while (req := read.get()) is not None:
+            yield req
 
     def _batch(self, req_id: int, first: int, count: int) -> bytes:
         data = bytearray(self._content[first * PAGE:(first + count) * PAGE])
@@ -361,7 +392,7 @@ def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
     with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
         content = bytes(m)
     received = SharedBitmap.create(size // PAGE)
-    source = CorruptingSource(content, nth=3)
+    source = WireSource(content, corrupt=3)
     try:
         puller = NativePrecopy(dst, received, PAGE, source.endpoint, KEY)
         try:
@@ -452,19 +483,24 @@ def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored
 # ------------------------------------------------------------------ faults
 
 @contextlib.contextmanager
-def moved(memfds, restored, spec: GuestSpec) -> Iterator[tuple[dict, Restored, DataServer]]:
-    """A source runner of `spec` paused once it made progress: its state, a restored guest to resume
-    with it, and a DataServer of the source's memory (the runner stopped after)."""
+def paused(memfds, spec: GuestSpec) -> Iterator[tuple[int, dict]]:
+    """A source runner of `spec` paused once it made progress: its memfd and its state (the runner stopped after)."""
     src_fd = memfds(spec.size)
     src = GuestProcess.launch(spec, src_fd)
     try:
         wait_for(lambda: src.progress and src.progress[-1][1] > 0, "source progress")
-        state = src.pause()
+        yield src_fd, src.pause()
+    finally:
+        src.stop()
+
+
+@contextlib.contextmanager
+def moved(memfds, restored, spec: GuestSpec) -> Iterator[tuple[dict, Restored, DataServer]]:
+    """paused(): its state, a restored guest to resume with it, and a DataServer of the source's memory."""
+    with paused(memfds, spec) as (src_fd, state):
         guest = restored(spec, memfds(spec.size))
         with DataServer(src_fd, spec.size, PAGE, "127.0.0.1", key=KEY) as server:
             yield state, guest, server
-    finally:
-        src.stop()
 
 
 @pytest.mark.parametrize("workload", ["hotset", "balloon"])
@@ -497,3 +533,39 @@ def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference
         b = bulk.last
         wire_pages = b["pages"] + b["duplicates"] + f["pages"] + f["duplicates"]
         assert b["duplicates"] + f["duplicates"] < 0.01 * wire_pages, (b, f)
+
+
+def test_a_fault_deep_in_the_bulks_window_asks_its_page_at_once(memfds, restored, reference_digest) -> None:
+    """The bulk holds the guest's upper half in flight (a source that answers its fault path only, until
+    let go): a random fault there, far behind the window's head, is asked by the fault path at once
+    (asked_in_flight) and the guest runs to its end while the window is still in flight."""
+    spec = GuestSpec(size=16 * MiB, workload="random-read", seed=13, ops=100_000, threads=1, ops_per_sec=100_000)
+    npages = spec.size // PAGE
+    let_go = threading.Event()
+    with paused(memfds, spec) as (src_fd, state):
+        with mmap.mmap(src_fd, spec.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            source = WireSource(bytes(m), hold_bulk=let_go)
+        guest = restored(spec, memfds(spec.size))
+        bulk = faults = None
+        try:
+            bulk = NativeBulk(guest.mem, source.endpoint, KEY, recovery_timeout=10)
+            faults = NativeFaultLoop(guest.mem, source.endpoint, KEY, bulk, recovery_timeout=10)
+            bulk.jump(npages // 2)
+            bulk.start(0)
+            wait_for(lambda: source.bulk_asked >= npages // 2, "the bulk's whole window (8 MiB) in flight")
+            guest.proc.resume(state)
+            assert guest.proc.wait_finished(300)
+            before = faults.last  # the window still in flight
+            let_go.set()
+            d = guest.proc.digest(timeout=300)
+            wait_for(lambda: bulk.last.get("done") or bulk.failure(), "the bulk path to finish")
+        finally:
+            let_go.set()
+            for path in (faults, bulk):
+                if path is not None:
+                    path.stop()
+            source.close()
+    assert "error" not in faults.last and "error" not in bulk.last
+    assert before["asked_in_flight"] > 0, before
+    assert before["pages"] >= before["asked_in_flight"], before
+    assert d == reference_digest(spec)
