@@ -118,6 +118,8 @@ class Faults(_Document):
 
     count: int
     latency_us: dict[str, Any]
+    # the native fault path's faults on a page deep in the bulk's window, asked at once (older reports: None)
+    asked_in_flight: int | None = None
 
 
 @dataclass
