@@ -69,6 +69,13 @@
  * with the window whole). */
 #define FAULTING_WINDOW_BYTES (1u << 20)
 #define FAULTING_NS 20000000       /* "while the guest faults": a fault (a jump) within this long */
+/* While the guest faults at random, the window holds what the bulk brings in
+ * this long (at least FAULTING_WINDOW_BYTES), fitted to how long its
+ * requests took to be answered: a page in flight is no fault's prefetch, and
+ * a bulk the CPUs starve (guests that run, a drain: 30-90 MiB/s) would hold
+ * a whole window's pages for 0.1-0.3 s, the guests faulting on them one by
+ * one; a bulk at full speed keeps its whole window (~3.5 ms of traffic). */
+#define WINDOW_DELAY_NS 5000000
 /* The windows count data: a zero page costs no bytes on the wire, no buffer and
  * (lazy, or a hole in pre-copy) no install, so they grow by 1 / (the share of
  * data among the pages installed lately), at most ZERO_STRETCH times. A zero
@@ -229,6 +236,7 @@ static uint64_t frame_len(const struct dp_batch *b)
 
 struct req {
     uint64_t id;      /* 0: slot free */
+    uint64_t t_ns;    /* bulk: when it was sent */
     uint32_t total;   /* pages asked */
     uint32_t due;     /* pages still to come */
     uint32_t nruns;
@@ -286,6 +294,8 @@ struct mig_dpd {
     uint64_t data_share;      /* of the pages installed lately, the data ones, in SHARE_ONE-ths (a moving average) */
     uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
     uint64_t jumped_ns;       /* when mig_dpd_jump last moved the cursor */
+    uint64_t followed_ns;     /* when a fault last moved it */
+    uint64_t fit_pages;       /* the window fitted to WINDOW_DELAY_NS (0: not yet measured) */
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
     uint32_t pq_head, pq_len;
     int plan_only;            /* ask only what the plan queue names (the cursor waits) */
@@ -734,6 +744,11 @@ static void *requester_main(void *arg)
             window = window * SHARE_ONE / share;
             per_request = per_request * SHARE_ONE / share;
             per_request = per_request < DP_MAX_REQUEST_PAGES ? per_request : DP_MAX_REQUEST_PAGES;
+            if (h->fit_pages && h->fit_pages < window &&
+                now - __atomic_load_n(&h->followed_ns, __ATOMIC_RELAXED) < FAULTING_NS) {
+                window = h->fit_pages;
+                per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
+            }
         }
         uint64_t room = window > h->inflight_pages ? window - h->inflight_pages : 0;
         uint64_t least = per_request < DP_BATCH_PAGES ? per_request : DP_BATCH_PAGES;
@@ -766,6 +781,7 @@ static void *requester_main(void *arg)
             continue;
         }
         r->id = h->next_id++;
+        r->t_ns = now;
         r->total = r->due = (uint32_t)npages;
         r->nruns = nruns;
         r->at = 0;
@@ -1005,10 +1021,23 @@ struct installed {
     int verdict;
 };
 
+/* A request came back whole after age_ns: fit the window to WINDOW_DELAY_NS
+ * (what is in flight scales with it), halfway each time, within
+ * [FAULTING_WINDOW_BYTES, the window stretched for zero pages]. (lock held) */
+static void fit_window(struct mig_dpd *h, uint64_t age_ns)
+{
+    uint64_t floor = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
+    uint64_t ceiling = h->window_pages * ZERO_STRETCH, w = h->fit_pages ? h->fit_pages : h->window_pages;
+    uint64_t want = age_ns ? (uint64_t)((double)w * WINDOW_DELAY_NS / (double)age_ns) : ceiling;
+    w = (w + (want < 2 * w ? want : 2 * w)) / 2;
+    h->fit_pages = w < floor ? floor : w > ceiling ? ceiling : w;
+}
+
 /* Settle a slot's frames with their requests: one lock and one wakeup per
  * slot, not per frame (a slot holds ~150 one-page frames of a scattered set). (lock held) */
 static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_t n)
 {
+    uint64_t now = (uint64_t)dp_mono_ns();
     for (uint32_t i = 0; i < n; i++) {
         const struct dp_batch *b = &done[i].b;
         int refused = done[i].verdict == REFUSED;
@@ -1018,9 +1047,12 @@ static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_
             h->data_share += data / 8 - h->data_share / 8; /* over the last ~8 frames */
         }
         if (known) {
+            const struct req *r = &h->reqs[b->req_id % REQ_SLOTS];
             h->inflight_pages -= b->count;
-            if (!h->reqs[b->req_id % REQ_SLOTS].id)
+            if (!r->id) {
                 h->nreq--;
+                fit_window(h, now - r->t_ns);
+            }
         }
         if (refused && !refuse(h, b) && !known && h->fd >= 0)
             shutdown(h->fd, SHUT_RDWR); /* cannot tell whose pages these were: start over */
@@ -1270,10 +1302,11 @@ void mig_dpd_stop_asking(struct mig_dpd *h)
     pthread_mutex_unlock(&h->mu);
 }
 
-/* Go on asking from page. */
+/* Go on asking from page (the guest faults there: see WINDOW_DELAY_NS). */
 static void follow(struct mig_dpd *h, uint64_t page)
 {
     __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->followed_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
 }
 
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
