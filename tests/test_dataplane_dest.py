@@ -300,15 +300,15 @@ class WireSource:
     """A wire-speaking source. With `corrupt` it flips one byte of the data of its
     corrupt-th batch (after computing the checksum): that batch must be refused
     and asked again. With `hold_bulk` it answers bulk connections' requests only
-    once that event is set (it counts the pages they ask in bulk_asked): the
-    bulk's window stays in flight while the fault path is answered at once."""
+    once that event is set: the bulk's window stays in flight while the fault
+    path is answered at once. bulk_requests: the pages of each bulk request, as read."""
 
     def __init__(self, content: bytes, corrupt: int = 0, hold_bulk: threading.Event | None = None) -> None:
         self._content = content
         self._nth = corrupt
         self._hold = hold_bulk
         self.batches = 0
-        self.bulk_asked = 0
+        self.bulk_requests: list[int] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
@@ -337,8 +337,9 @@ class WireSource:
         try:
             magic, _, kind, _ = HELLO.unpack(self._read(conn, HELLO.size))
             conn.sendall(REPLY.pack(magic, 0, PAGE, len(self._content) // PAGE))
-            requests = self._requests(conn)
-            for req_id, runs in self._held(requests) if kind == KIND_BULK and self._hold else requests:
+            bulk = kind == KIND_BULK
+            requests = self._requests(conn, bulk)
+            for req_id, runs in self._held(requests) if bulk and self._hold else requests:
                 for first, count in runs:
                     for p in range(first, first + count, 128):
                         n = min(128, first + count - p)
@@ -347,20 +348,22 @@ class WireSource:
             pass
         conn.close()
 
-    def _requests(self, conn: socket.socket) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    def _requests(self, conn: socket.socket, bulk: bool) -> Iterator[tuple[int, list[tuple[int, int]]]]:
         """(request id, its runs (first, count)) as they come."""
         while True:
             _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
-            yield req_id, [RUN.unpack(self._read(conn, RUN.size))[:2] for _ in range(nruns)]
+            runs = [RUN.unpack(self._read(conn, RUN.size))[:2] for _ in range(nruns)]
+            if bulk:
+                self.bulk_requests.append(sum(count for _, count in runs))
+            yield req_id, runs
 
     def _held(self, requests: Iterator[tuple[int, list[tuple[int, int]]]]) -> Iterator[tuple[int, list]]:
-        """`requests`, read on at once (their pages counted in bulk_asked), given out once the hold is let go."""
+        """`requests`, read on at once, given out once the hold is let go."""
         read: queue.SimpleQueue = queue.SimpleQueue()
 
         def reader() -> None:
             try:
                 for req in requests:
-                    self.bulk_asked += sum(count for _, count in req[1])
                     read.put(req)
             except (ConnectionError, OSError):
                 pass
@@ -552,7 +555,7 @@ def test_a_fault_deep_in_the_bulks_window_asks_its_page_at_once(memfds, restored
             faults = NativeFaultLoop(guest.mem, source.endpoint, KEY, bulk, recovery_timeout=10)
             bulk.jump(npages // 2)
             bulk.start(0)
-            wait_for(lambda: source.bulk_asked >= npages // 2, "the bulk's whole window (8 MiB) in flight")
+            wait_for(lambda: sum(source.bulk_requests) >= npages // 2, "the bulk's whole window (8 MiB) in flight")
             guest.proc.resume(state)
             assert guest.proc.wait_finished(300)
             before = faults.last  # the window still in flight
@@ -569,3 +572,4 @@ def test_a_fault_deep_in_the_bulks_window_asks_its_page_at_once(memfds, restored
     assert before["asked_in_flight"] > 0, before
     assert before["pages"] >= before["asked_in_flight"], before
     assert d == reference_digest(spec)
+
