@@ -716,6 +716,13 @@ static void end_round(struct mig_dpd *h)
     pthread_cond_broadcast(&h->cond);
 }
 
+/* Was *t_ns (a stamp another thread writes) within FAULTING_NS of now? (A
+ * stamp later than now, written meanwhile, is.) */
+static int lately(uint64_t now, const uint64_t *t_ns)
+{
+    return (int64_t)(now - __atomic_load_n(t_ns, __ATOMIC_RELAXED)) < (int64_t)FAULTING_NS;
+}
+
 static void *requester_main(void *arg)
 {
     struct mig_dpd *h = arg;
@@ -734,7 +741,7 @@ static void *requester_main(void *arg)
         }
         struct timespec ts;
         uint64_t window = h->window_pages, per_request = h->request_pages;
-        if (now - __atomic_load_n(&h->jumped_ns, __ATOMIC_RELAXED) < FAULTING_NS) {
+        if (lately(now, &h->jumped_ns)) {
             uint64_t faulting = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
             window = faulting < window ? faulting : window;
             per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
@@ -744,8 +751,7 @@ static void *requester_main(void *arg)
             window = window * SHARE_ONE / share;
             per_request = per_request * SHARE_ONE / share;
             per_request = per_request < DP_MAX_REQUEST_PAGES ? per_request : DP_MAX_REQUEST_PAGES;
-            if (h->fit_pages && h->fit_pages < window &&
-                now - __atomic_load_n(&h->followed_ns, __ATOMIC_RELAXED) < FAULTING_NS) {
+            if (h->fit_pages && h->fit_pages < window && lately(now, &h->followed_ns)) {
                 window = h->fit_pages;
                 per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
             }
@@ -1599,7 +1605,7 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
         if (h->bulk && walk)
             mig_dpd_jump(h->bulk, p);
         else if (h->bulk)
-            follow(h->bulk, p); /* the window stays whole: see FAULT_WAIT_AHEAD_BYTES */
+            follow(h->bulk, p); /* the window fitted to the bulk's pace: see WINDOW_DELAY_NS */
         if (len + 2 * sizeof(struct dp_request) + (1 + MIG_DPD_MAX_NEIGHBOURHOOD) * sizeof(struct dp_run) > room)
             continue; /* asked on the next turn (settle_waiting) */
         uint64_t bit = 1ULL << (p % 64);

@@ -85,8 +85,9 @@ void mig_dpd_stop_asking(struct mig_dpd *h);
 /* Go on asking from `page` (a fault path outside this module calls this
  * where the guest faults), with the window narrowed while such faults come:
  * they wait for the pages in flight, and a whole window's traffic delays
- * their own replies. (The native fault path only moves the cursor: it asks
- * a page deep in the window itself, see dp_dest.c.) */
+ * their own replies. (The native fault path's faults at random move the
+ * cursor, fit the window to the bulk's pace and ask a page deep in it
+ * themselves, see dp_dest.c.) */
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page);
 
 /* Faults that wait for pages this bulk path asked (a fault path outside this
