@@ -49,11 +49,33 @@
 
 #define WINDOW_BYTES (8u << 20)    /* pages asked and not yet installed, in bytes */
 #define WINDOW_REQUESTS 64
-/* While the guest faults, the window shrinks to this: a fault on a page the
- * bulk path has asked for waits behind what is in flight before it (see
- * docs/protocol.md), and such faults get rarer with a smaller window. */
+/* A native fault at random on a page the bulk path has in flight waits for
+ * it only when less than this much data comes before it (the bulk's earlier
+ * requests and the pages ahead of it in its own: ~0.1 ms at the bulk's
+ * rate, about a fault's round trip); deeper in the window the fault path
+ * asks the page itself at once (one page on the wire twice), so the window
+ * stays whole while the guest faults at random. A sequential walk
+ * (walking()) waits and narrows the window instead: asking each page it
+ * meets in the window walks the window page by page (seq-write, 2 vCPUs:
+ * 9534 pages asked so, 3 % of the guest's pages came twice). */
+#define FAULT_WAIT_AHEAD_BYTES (256u << 10)
+#define WALK_FAULTS 4              /* a fault at most WALK_PAGES after one of the last WALK_FAULTS: a walk */
+#define WALK_PAGES (2 * NEIGHBOURHOOD)
+/* While faults that wait for any page the bulk has in flight come
+ * (mig_dpd_jump: the gRPC fault path's, and a native sequential walk), the
+ * window shrinks to this: such a fault waits behind what is in flight
+ * before its page, and a whole window's traffic delays the gRPC path's
+ * replies (its p99 under the bulk went from ~1.3x to 2-8x its bulk-off p99
+ * with the window whole). */
 #define FAULTING_WINDOW_BYTES (1u << 20)
 #define FAULTING_NS 20000000       /* "while the guest faults": a fault (a jump) within this long */
+/* While the guest faults at random, the window holds what the bulk brings in
+ * this long (at least FAULTING_WINDOW_BYTES), fitted to how long its
+ * requests took to be answered: a page in flight is no fault's prefetch, and
+ * a bulk the CPUs starve (guests that run, a drain: 30-90 MiB/s) would hold
+ * a whole window's pages for 0.1-0.3 s, the guests faulting on them one by
+ * one; a bulk at full speed keeps its whole window (~3.5 ms of traffic). */
+#define WINDOW_DELAY_NS 5000000
 /* The windows count data: a zero page costs no bytes on the wire, no buffer and
  * (lazy, or a hole in pre-copy) no install, so they grow by 1 / (the share of
  * data among the pages installed lately), at most ZERO_STRETCH times. A zero
@@ -228,6 +250,8 @@ static struct dp_run frame_run(const uint8_t *frame, uint32_t k)
 
 struct req {
     uint64_t id;      /* 0: slot free */
+    uint64_t t_ns;    /* bulk: when it was sent */
+    uint32_t total;   /* pages asked */
     uint32_t due;     /* pages still to come */
     uint32_t nruns;
     uint32_t at;      /* the run the last frame settled fell in: the source answers runs in order */
@@ -283,7 +307,9 @@ struct mig_dpd {
     uint64_t window_pages, request_pages;
     uint64_t data_share;      /* of the pages installed lately, the data ones, in SHARE_ONE-ths (a moving average) */
     uint64_t cursor, jump_to; /* jump_to: UINT64_MAX when none */
-    uint64_t jumped_ns;       /* when the fault path last moved the cursor */
+    uint64_t jumped_ns;       /* when mig_dpd_jump last moved the cursor */
+    uint64_t followed_ns;     /* when a fault last moved it */
+    uint64_t fit_pages;       /* the window fitted to WINDOW_DELAY_NS (0: not yet measured) */
     struct dp_run *planq;     /* the plan queue (a ring of MIG_DPD_PLAN_RUNS, allocated on first use) */
     uint32_t pq_head, pq_len;
     int plan_only;            /* ask only what the plan queue names (the cursor waits) */
@@ -750,6 +776,13 @@ static void end_round(struct mig_dpd *h)
     pthread_cond_broadcast(&h->cond);
 }
 
+/* Was *t_ns (a stamp another thread writes) within FAULTING_NS of now? (A
+ * stamp later than now, written meanwhile, is.) */
+static int lately(uint64_t now, const uint64_t *t_ns)
+{
+    return (int64_t)(now - __atomic_load_n(t_ns, __ATOMIC_RELAXED)) < (int64_t)FAULTING_NS;
+}
+
 static void *requester_main(void *arg)
 {
     struct mig_dpd *h = arg;
@@ -768,7 +801,7 @@ static void *requester_main(void *arg)
         }
         struct timespec ts;
         uint64_t window = h->window_pages, per_request = h->request_pages;
-        if (now - __atomic_load_n(&h->jumped_ns, __ATOMIC_RELAXED) < FAULTING_NS) {
+        if (lately(now, &h->jumped_ns)) {
             uint64_t faulting = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
             window = faulting < window ? faulting : window;
             per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
@@ -778,6 +811,10 @@ static void *requester_main(void *arg)
             window = window * SHARE_ONE / share;
             per_request = per_request * SHARE_ONE / share;
             per_request = per_request < DP_MAX_REQUEST_PAGES ? per_request : DP_MAX_REQUEST_PAGES;
+            if (h->fit_pages && h->fit_pages < window && lately(now, &h->followed_ns)) {
+                window = h->fit_pages;
+                per_request = per_request < window / 2 ? per_request : (window / 2 ? window / 2 : 1);
+            }
         }
         uint64_t room = window > h->inflight_pages ? window - h->inflight_pages : 0;
         uint64_t least = per_request < DP_BATCH_PAGES ? per_request : DP_BATCH_PAGES;
@@ -810,7 +847,8 @@ static void *requester_main(void *arg)
             continue;
         }
         r->id = h->next_id++;
-        r->due = (uint32_t)npages;
+        r->t_ns = now;
+        r->total = r->due = (uint32_t)npages;
         r->nruns = nruns;
         r->at = 0;
         h->nreq++;
@@ -1059,10 +1097,23 @@ struct installed {
     int verdict;
 };
 
+/* A request came back whole after age_ns: fit the window to WINDOW_DELAY_NS
+ * (what is in flight scales with it), halfway each time, within
+ * [FAULTING_WINDOW_BYTES, the window stretched for zero pages]. (lock held) */
+static void fit_window(struct mig_dpd *h, uint64_t age_ns)
+{
+    uint64_t floor = FAULTING_WINDOW_BYTES / h->page_size ? FAULTING_WINDOW_BYTES / h->page_size : 1;
+    uint64_t ceiling = h->window_pages * ZERO_STRETCH, w = h->fit_pages ? h->fit_pages : h->window_pages;
+    uint64_t want = age_ns ? (uint64_t)((double)w * WINDOW_DELAY_NS / (double)age_ns) : ceiling;
+    w = (w + (want < 2 * w ? want : 2 * w)) / 2;
+    h->fit_pages = w < floor ? floor : w > ceiling ? ceiling : w;
+}
+
 /* Settle a slot's frames with their requests: one lock and one wakeup per
  * slot, not per frame. (lock held) */
 static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_t n)
 {
+    uint64_t now = (uint64_t)dp_mono_ns();
     for (uint32_t i = 0; i < n; i++) {
         const struct dp_batch *b = &done[i].b;
         int refused = done[i].verdict == REFUSED;
@@ -1072,9 +1123,12 @@ static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_
             h->data_share += data / 8 - h->data_share / 8; /* over the last ~8 frames */
         }
         if (known) {
+            const struct req *r = &h->reqs[b->req_id % REQ_SLOTS];
             h->inflight_pages -= b->count;
-            if (!h->reqs[b->req_id % REQ_SLOTS].id)
+            if (!r->id) {
                 h->nreq--;
+                fit_window(h, now - r->t_ns);
+            }
         }
         if (refused && !refuse(h, b) && !known && h->fd >= 0)
             shutdown(h->fd, SHUT_RDWR); /* cannot tell whose pages these were: start over */
@@ -1323,10 +1377,56 @@ void mig_dpd_stop_asking(struct mig_dpd *h)
     pthread_mutex_unlock(&h->mu);
 }
 
-void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
+/* Go on asking from page (the guest faults there: see WINDOW_DELAY_NS). */
+static void follow(struct mig_dpd *h, uint64_t page)
 {
     __atomic_store_n(&h->jump_to, page, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->followed_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
+}
+
+void mig_dpd_jump(struct mig_dpd *h, uint64_t page)
+{
+    follow(h, page);
     __atomic_store_n(&h->jumped_ns, (uint64_t)dp_mono_ns(), __ATOMIC_RELAXED);
+}
+
+/* Where page falls in request r: the pages of r before it (its runs are
+ * answered in order), or UINT32_MAX when r does not ask it. */
+static uint64_t offset_in(const struct req *r, uint64_t page)
+{
+    uint64_t before = 0;
+    for (uint32_t i = 0; i < r->nruns; i++) {
+        const struct dp_run *run = &r->runs[i];
+        if (page >= run->first_page && page < run->first_page + run->count)
+            return before + (page - run->first_page);
+        before += run->count;
+    }
+    return UINT32_MAX;
+}
+
+/* How much data the bulk path still receives before page: the pages of its
+ * earlier requests in flight and those before the page in its own (the
+ * source answers in order), in bytes, zero pages weighed as the stream
+ * lately carried them; UINT64_MAX when no request in flight asks the page. */
+static uint64_t ahead_of(struct mig_dpd *h, uint64_t page)
+{
+    pthread_mutex_lock(&h->mu);
+    uint64_t id = 0, pages = 0;
+    for (int i = 0; i < REQ_SLOTS && !id; i++) {
+        const struct req *r = &h->reqs[i];
+        uint64_t at = r->id ? offset_in(r, page) : UINT32_MAX;
+        if (at != UINT32_MAX) {
+            id = r->id;
+            uint64_t settled = r->total - r->due; /* its first pages, in */
+            pages = at > settled ? at - settled : 0;
+        }
+    }
+    for (int i = 0; i < REQ_SLOTS && id; i++) /* the source answers requests in order */
+        if (h->reqs[i].id && h->reqs[i].id < id)
+            pages += h->reqs[i].due;
+    uint64_t share = h->data_share > SHARE_ONE / ZERO_STRETCH ? h->data_share : SHARE_ONE / ZERO_STRETCH;
+    pthread_mutex_unlock(&h->mu);
+    return id ? pages * h->page_size * share / SHARE_ONE : UINT64_MAX;
 }
 
 void mig_dpd_watch(struct mig_dpd *h, uint32_t faults)
@@ -1534,13 +1634,36 @@ uint64_t mig_dpd_count_used(struct mig_dpd *h, const uint64_t *used, uint64_t nb
     return hits;
 }
 
-/* Requests for new faults: each page alone, then its neighbourhood. */
+/* Is page, asked by the bulk path, too far back in its window to wait for
+ * (FAULT_WAIT_AHEAD_BYTES)? Not when no bulk request asks it: this path's
+ * own request brings it. */
+static int far_back(struct mig_dpd *h, uint64_t page)
+{
+    uint64_t ahead = h->bulk ? ahead_of(h->bulk, page) : UINT64_MAX;
+    return ahead != UINT64_MAX && ahead > FAULT_WAIT_AHEAD_BYTES;
+}
+
+/* Does a fault on page go on with a sequential walk (a step forward of at
+ * most WALK_PAGES from one of the last WALK_FAULTS faults)? */
+static int walking(const struct mig_dpd *h, uint64_t page)
+{
+    for (uint64_t k = 1; k <= WALK_FAULTS && k <= h->history_head; k++) {
+        uint64_t q = h->history[(h->history_head - k) % MIG_DPD_HISTORY];
+        if (page > q && page - q <= WALK_PAGES)
+            return 1;
+    }
+    return 0;
+}
+
+/* Requests for new faults: each page alone, then its neighbourhood (a page
+ * the bulk path has in flight waits for it unless far_back and not walking). */
 static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t *waiters, const uint64_t *t_ns,
                         int n, uint8_t *out, size_t room)
 {
     size_t len = 0;
     for (int i = 0; i < n; i++) {
         uint64_t p = pages[i];
+        int walk = walking(h, p);
         add(&h->c.faults, 1);
         __atomic_store_n(&h->history[h->history_head % MIG_DPD_HISTORY], p, __ATOMIC_RELAXED);
         __atomic_store_n(&h->history_head, h->history_head + 1, __ATOMIC_RELEASE);
@@ -1548,14 +1671,19 @@ static size_t on_faults(struct mig_dpd *h, const uint64_t *pages, const uint32_t
         struct waiting *w = h->nwaiting < MAX_WAITING ? &h->waiting[h->nwaiting++] : NULL;
         if (w)
             *w = (struct waiting){.page = p, .t_ns = t_ns[i], .waiters = waiters[i]};
-        if (h->bulk)
+        if (h->bulk && walk)
             mig_dpd_jump(h->bulk, p);
+        else if (h->bulk)
+            follow(h->bulk, p); /* the window fitted to the bulk's pace: see WINDOW_DELAY_NS */
         if (len + 2 * sizeof(struct dp_request) + (1 + MIG_DPD_MAX_NEIGHBOURHOOD) * sizeof(struct dp_run) > room)
             continue; /* asked on the next turn (settle_waiting) */
         uint64_t bit = 1ULL << (p % 64);
-        if (!(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit)) {
+        int claimed = !(__atomic_fetch_or(&h->asked[p / 64], bit, __ATOMIC_ACQ_REL) & bit);
+        int deep = !claimed && !walk && far_back(h, p);
+        if (claimed || deep) {
             struct dp_run one = {.first_page = p, .count = 1};
             len += fault_request(h, out + len, &one, 1, 1);
+            add(&h->c.asked_in_flight, (uint64_t)deep);
             if (w)
                 w->asked = 1;
         }

@@ -41,6 +41,7 @@ struct mig_dpd_counters {
     uint64_t prefetched;    /* fault path: neighbour pages asked with a fault */
     uint64_t prefetch_hits; /* fault path: prefetched pages the guest went on to use (see mig_dpd_set_neighbourhood) */
     uint64_t zero_lazy;     /* of the zero pages, those only marked received (mig_space_lazy_zero) */
+    uint64_t asked_in_flight; /* fault path: faults on a page deep in the bulk's window, asked at once */
 };
 
 /* Latency samples a fault path keeps (the newest). */
@@ -81,7 +82,12 @@ int mig_dpd_wait(struct mig_dpd *h, int timeout_ms);
 /* Ask nothing more in this round (it ends once what was asked is in). */
 void mig_dpd_stop_asking(struct mig_dpd *h);
 
-/* Go on asking from `page` (the fault path calls this where the guest faults). */
+/* Go on asking from `page` (a fault path outside this module calls this
+ * where the guest faults), with the window narrowed while such faults come:
+ * they wait for the pages in flight, and a whole window's traffic delays
+ * their own replies. (The native fault path's faults at random move the
+ * cursor, fit the window to the bulk's pace and ask a page deep in it
+ * themselves, see dp_dest.c.) */
 void mig_dpd_jump(struct mig_dpd *h, uint64_t page);
 
 /* Faults that wait for pages this bulk path asked (a fault path outside this

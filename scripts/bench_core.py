@@ -483,6 +483,8 @@ def main() -> int:
     ap.add_argument("--raw-c-recv", type=int, metavar="BYTES", help=argparse.SUPPRESS)
     ap.add_argument("--raw-c-send", metavar="PORT:BYTES", help=argparse.SUPPRESS)
     ap.add_argument("--install-ceiling", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--faults-only", action="store_true",
+                    help="measure (a)/(b) only (no bulk rows, no lab link): to compare builds' fault latency")
     args = ap.parse_args()
     if args.raw_server:
         raw_server(args.raw_server)
@@ -578,21 +580,21 @@ def main() -> int:
         migrate_once(agents, "warm-up", guest(32 * MiB, "random-read", 2000), paused=True, path=Path(planes[0]))
         for path in (p for p in FAULT_PATHS if p.plane in planes):
             out["paths"][str(path)] = faults(agents, path)
-        for size in (big, huge):
+        for size in (big, huge) if not args.faults_only else ():
             for content in ("realistic", "random"):
                 for plane in planes:
                     out[f"c_{plane}_{content}_{size // MiB}"] = bulk(agents, size, content, plane)
                 raw_cs.append(raw_c_baseline(1024))
             print(f"install ceiling, {size // MiB} MiB ...", file=sys.stderr)
             out[f"ceiling_{size // MiB}"] = median([ceiling_in_child(size) for _ in runs])
-    if args.link != "none":
+    if args.link != "none" and not args.faults_only:
         with Lab(LinkSpec.parse(args.link)) as lab:
             out["link"] = {"profile": lab.spec.describe(), "size_mib": big // MiB}
             for plane in planes:
                 for content in ("realistic", "random"):
                     out["link"][f"{plane}_{content}"] = bulk(Agents.across(lab), big, content, plane, lab)
     out["raw"] = {k: median([r[k] for r in raws]) for k in raws[0]}
-    out["raw_c"] = {k: median([r[k] for r in raw_cs]) for k in raw_cs[0]}
+    out["raw_c"] = {k: median([r[k] for r in raw_cs]) for k in raw_cs[0]} if raw_cs else None
     print_table(out, big, huge)
     if args.json:
         with open(args.json, "w") as f:
@@ -612,8 +614,9 @@ def print_table(out: dict, big: int, huge: int) -> None:
     row("(d) raw gRPC bidi 4 KiB round trip p50", f"{raw['rtt_p50_us']:.0f} µs")
     row("(d) raw gRPC streaming, 1 MiB messages", f"{raw['stream_mib_s']:.0f} MiB/s",
         f"{raw['cpu_ms_per_mib']:.2f} CPU ms/MiB")
-    row("(d) raw C TCP stream, 1 MiB buffer", f"{raw_c['stream_mib_s']:.0f} MiB/s",
-        f"{raw_c['cpu_ms_per_mib']:.2f} CPU ms/MiB")
+    if raw_c:
+        row("(d) raw C TCP stream, 1 MiB buffer", f"{raw_c['stream_mib_s']:.0f} MiB/s",
+            f"{raw_c['cpu_ms_per_mib']:.2f} CPU ms/MiB")
     for name, res in out["paths"].items():
         a, b = res["a"], res["b"]
         native_faults = name.endswith("native faults")
@@ -623,7 +626,7 @@ def print_table(out: dict, big: int, huge: int) -> None:
         row(f"(b) fault latency p50, bulk on, {name}", f"{b['p50']:.0f} µs")
         row(f"(b) fault latency p99, bulk on, {name}", f"{b['p99']:.0f} µs", f"{b['ratio']:.2f}x (a) (<= 2)")
         row("    (b)'s guest: blocked in all / transfer", f"{b['blocked_s']:.1f} / {b['transfer_s']:.1f} s")
-    for size in (big, huge):
+    for size in (s for s in (big, huge) if f"ceiling_{s // MiB}" in out):
         ceiling = out[f"ceiling_{size // MiB}"]
         row(f"    host install ceiling, fresh {size // MiB} MiB", f"{ceiling:.0f} MiB/s",
             f"{ceiling / raw['stream_mib_s']:.2f}x raw")

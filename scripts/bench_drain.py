@@ -123,7 +123,9 @@ def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, paral
              **({"total_s": o.report["total_s"], "blocked_ms": o.report["guest"]["blocked_ms"],
                  "push_mib_s": round(push_mib_s(o.report), 1), "prepare_ms": o.report["timings_ms"]["prepare"],
                  "finish_s": o.report["precopy"]["stamps"].get("finish", 0.0), "warm": o.report["warm_runner"],
-                 "faults": o.report["pages"]["faulted"],
+                 "faults": o.report["pages"]["faulted"], "fault_count": o.report["faults"]["count"],
+                 "duplicates": o.report["pages"]["duplicates"],
+                 "asked_in_flight": o.report["faults"].get("asked_in_flight", 0),
                  "switchover_s": o.report["switchover_s"], "transfer_s": o.report["transfer_s"],
                  "started_s": round(o.started - t0, 3)} if o.moved else {})} for o in outcomes]
     return {"parallel": parallel, "wall_s": round(wall, 3),
@@ -194,7 +196,11 @@ def main() -> None:
             print(f"  agents' CPU (ms/MiB, own + reaped children): source {cpu['source_agent']['own']:.2f} + "
                   f"{cpu['source_agent']['children']:.2f}, destination {cpu['dest_agent']['own']:.2f} + "
                   f"{cpu['dest_agent']['children']:.2f}")
-            faults = sum(g["faults"] for g in result["guests"] if g["moved"])
+            moved = [g for g in result["guests"] if g["moved"]]
+            print(f"  faults {sum(g['fault_count'] for g in moved)}, of them on a page deep in the bulk's window "
+                  f"(asked at once) {sum(g['asked_in_flight'] for g in moved)}; pages that came twice "
+                  f"{sum(g['duplicates'] for g in moved)} of {len(moved) * args.size // mmap.PAGESIZE}")
+            faults = sum(g["faults"] for g in moved)
             beyond = (cpu["source_agent"]["own"] + cpu["dest_agent"]["own"] - idle_cpu) * args.guests * args.size / MiB
             result["cpu_ms_per_fault"] = round(beyond / faults, 3) if faults else None
             if faults:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import queue
 import random
 import signal
 import socket
@@ -295,19 +296,26 @@ REPLY = struct.Struct("<8sIIQ")
 REQUEST = struct.Struct("<IIQ")
 RUN = struct.Struct("<QII")
 BATCH = struct.Struct("<IIQIIIIIIQ")
+KIND_BULK = 1  # dp_wire.h's DP_KIND_BULK: a hello's kind
 
 
-class CorruptingSource:
+class WireSource:
     """A wire-speaking source that answers a request as the real one does (its runs in order, up to 128
-    pages a batch, many runs to a batch) and flips one byte of its `nth` batch after computing the
-    checksum: of the data, or of the page runs (`part`). That batch must be refused and asked again."""
+    pages a batch, many runs to a batch). With `corrupt` it flips one byte of its corrupt-th batch after
+    computing the checksum: of the data, or of the page runs (`part`); that batch must be refused and
+    asked again. With `hold_bulk` it answers bulk connections' requests only once that event is set:
+    the bulk's window stays in flight while the fault path is answered at once.
+    bulk_requests: the pages of each bulk request, as read."""
 
-    def __init__(self, content: bytes, nth: int, part: str = "data") -> None:
+    def __init__(self, content: bytes, corrupt: int = 0, part: str = "data",
+                 hold_bulk: threading.Event | None = None) -> None:
         self._content = content
-        self._nth = nth
+        self._nth = corrupt
         self._part = part
+        self._hold = hold_bulk
         self.batches = 0
         self.multi_run_batches = 0
+        self.bulk_requests: list[int] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
@@ -334,13 +342,13 @@ class CorruptingSource:
 
     def _conn(self, conn: socket.socket) -> None:
         try:
-            magic, _, _, _ = HELLO.unpack(self._read(conn, HELLO.size))
+            magic, _, kind, _ = HELLO.unpack(self._read(conn, HELLO.size))
             conn.sendall(REPLY.pack(magic, 0, PAGE, len(self._content) // PAGE))
-            while True:
-                _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
+            bulk = kind == KIND_BULK
+            requests = self._requests(conn, bulk)
+            for req_id, runs in self._held(requests) if bulk and self._hold else requests:
                 pieces: list[tuple[int, int]] = []  # the next batch's runs
-                for _ in range(nruns):
-                    first, count, _ = RUN.unpack(self._read(conn, RUN.size))
+                for first, count in runs:
                     while count:
                         n = min(count, 128 - sum(c for _, c in pieces))
                         pieces.append((first, n))
@@ -351,7 +359,34 @@ class CorruptingSource:
                 if pieces:
                     conn.sendall(self._batch(req_id, pieces))
         except (ConnectionError, OSError):
-            conn.close()
+            pass
+        conn.close()
+
+    def _requests(self, conn: socket.socket, bulk: bool) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """(request id, its runs (first, count)) as they come."""
+        while True:
+            _, nruns, req_id = REQUEST.unpack(self._read(conn, REQUEST.size))
+            runs = [RUN.unpack(self._read(conn, RUN.size))[:2] for _ in range(nruns)]
+            if bulk:
+                self.bulk_requests.append(sum(count for _, count in runs))
+            yield req_id, runs
+
+    def _held(self, requests: Iterator[tuple[int, list[tuple[int, int]]]]) -> Iterator[tuple[int, list]]:
+        """`requests`, read on at once, given out once the hold is let go."""
+        read: queue.SimpleQueue = queue.SimpleQueue()
+
+        def reader() -> None:
+            try:
+                for req in requests:
+                    read.put(req)
+            except (ConnectionError, OSError):
+                pass
+            read.put(None)
+
+        threading.Thread(target=reader, daemon=True).start()
+        self._hold.wait()
+        while (req := read.get()) is not None:
+            yield req
 
     def _batch(self, req_id: int, pieces: list[tuple[int, int]]) -> bytes:
         runs = bytearray(b"".join(RUN.pack(first, n, 0) for first, n in pieces))
@@ -372,7 +407,7 @@ class CorruptingSource:
         self._thread.join(5)
 
 
-def pull_from(source: CorruptingSource, dst: int, received: SharedBitmap) -> tuple[object, dict]:
+def pull_from(source: WireSource, dst: int, received: SharedBitmap) -> tuple[object, dict]:
     """One pre-copy pull into dst from the fake source: (its RoundStats, the path's counters)."""
     try:
         puller = NativePrecopy(dst, received, PAGE, source.endpoint, KEY)
@@ -390,7 +425,7 @@ def test_a_corrupt_batch_is_refused_and_asked_again(memfds) -> None:
     src, dst = filled(memfds, size), memfds(size)
     with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
         content = bytes(m)
-    got, counters = pull_from(CorruptingSource(content, nth=3), dst, SharedBitmap.create(size // PAGE))
+    got, counters = pull_from(WireSource(content, corrupt=3), dst, SharedBitmap.create(size // PAGE))
     assert counters["refused"] == 1 and counters["outages"] == 0
     assert got.pages == size // PAGE
     assert memfd_digest(dst, size) == digest(content)
@@ -412,7 +447,7 @@ def test_a_corrupt_multi_run_batch_is_refused_and_its_pages_land_right_when_aske
         bits[page // 8] |= 1 << (page % 8)
     received = SharedBitmap.create(npages)
     received.load_bytes(bits)
-    source = CorruptingSource(content, nth=2, part=part)
+    source = WireSource(content, corrupt=2, part=part)
     got, counters = pull_from(source, dst, received)
     assert counters["refused"] == 1 and source.multi_run_batches > 1
     assert got.pages == npages - len(have)
@@ -494,19 +529,24 @@ def test_a_source_gone_past_the_recovery_timeout_fails_the_path(memfds, restored
 # ------------------------------------------------------------------ faults
 
 @contextlib.contextmanager
-def moved(memfds, restored, spec: GuestSpec) -> Iterator[tuple[dict, Restored, DataServer]]:
-    """A source runner of `spec` paused once it made progress: its state, a restored guest to resume
-    with it, and a DataServer of the source's memory (the runner stopped after)."""
+def paused(memfds, spec: GuestSpec) -> Iterator[tuple[int, dict]]:
+    """A source runner of `spec` paused once it made progress: its memfd and its state (the runner stopped after)."""
     src_fd = memfds(spec.size)
     src = GuestProcess.launch(spec, src_fd)
     try:
         wait_for(lambda: src.progress and src.progress[-1][1] > 0, "source progress")
-        state = src.pause()
+        yield src_fd, src.pause()
+    finally:
+        src.stop()
+
+
+@contextlib.contextmanager
+def moved(memfds, restored, spec: GuestSpec) -> Iterator[tuple[dict, Restored, DataServer]]:
+    """paused(): its state, a restored guest to resume with it, and a DataServer of the source's memory."""
+    with paused(memfds, spec) as (src_fd, state):
         guest = restored(spec, memfds(spec.size))
         with DataServer(src_fd, spec.size, PAGE, "127.0.0.1", key=KEY) as server:
             yield state, guest, server
-    finally:
-        src.stop()
 
 
 @pytest.mark.parametrize("workload", ["hotset", "balloon"])
@@ -539,3 +579,40 @@ def test_a_faulting_guest_over_the_native_fault_path(memfds, restored, reference
         b = bulk.last
         wire_pages = b["pages"] + b["duplicates"] + f["pages"] + f["duplicates"]
         assert b["duplicates"] + f["duplicates"] < 0.01 * wire_pages, (b, f)
+
+
+def test_a_fault_deep_in_the_bulks_window_asks_its_page_at_once(memfds, restored, reference_digest) -> None:
+    """The bulk holds the guest's upper half in flight (a source that answers its fault path only, until
+    let go): a random fault there, far behind the window's head, is asked by the fault path at once
+    (asked_in_flight) and the guest runs to its end while the window is still in flight."""
+    spec = GuestSpec(size=16 * MiB, workload="random-read", seed=13, ops=100_000, threads=1, ops_per_sec=100_000)
+    npages = spec.size // PAGE
+    let_go = threading.Event()
+    with paused(memfds, spec) as (src_fd, state):
+        with mmap.mmap(src_fd, spec.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            source = WireSource(bytes(m), hold_bulk=let_go)
+        guest = restored(spec, memfds(spec.size))
+        bulk = faults = None
+        try:
+            bulk = NativeBulk(guest.mem, source.endpoint, KEY, recovery_timeout=10)
+            faults = NativeFaultLoop(guest.mem, source.endpoint, KEY, bulk, recovery_timeout=10)
+            bulk.jump(npages // 2)
+            bulk.start(0)
+            wait_for(lambda: sum(source.bulk_requests) >= npages // 2, "the bulk's whole window (8 MiB) in flight")
+            guest.proc.resume(state)
+            assert guest.proc.wait_finished(300)
+            before = faults.last  # the window still in flight
+            let_go.set()
+            d = guest.proc.digest(timeout=300)
+            wait_for(lambda: bulk.last.get("done") or bulk.failure(), "the bulk path to finish")
+        finally:
+            let_go.set()
+            for path in (faults, bulk):
+                if path is not None:
+                    path.stop()
+            source.close()
+    assert "error" not in faults.last and "error" not in bulk.last
+    assert before["asked_in_flight"] > 0, before
+    assert before["pages"] >= before["asked_in_flight"], before
+    assert d == reference_digest(spec)
+

@@ -144,7 +144,8 @@ class NativeBulk(_Path):
         lib.mig_dpd_set_bandwidth(self._path.h, max_bandwidth)
 
     def jump(self, page: int) -> None:
-        """Go on from `page` next (where the guest faults)."""
+        """Go on from `page` next (where the guest faults), with the window narrowed while faults
+        come (a gRPC fault path's: its faults wait for the pages this path has in flight)."""
         lib.mig_dpd_jump(self._path.h, page)
 
     @property
@@ -293,7 +294,7 @@ class NativeFaultLoop(_Path):
         c = self._path._counters
         return {"kind": "faults", **self._path.counters(), "faults": int(c.faults), "woken": int(c.woken),
                 "prefetched": int(c.prefetched), "prefetch_hits": int(c.prefetch_hits),
-                "events": self._mem.io.events()}
+                "asked_in_flight": int(c.asked_in_flight), "events": self._mem.io.events()}
 
     def _latency(self) -> dict:
         """The latency summary as FaultLoop's: percentiles from the newest samples, the rest exact."""
