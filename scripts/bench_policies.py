@@ -1,7 +1,8 @@
 """Benchmark: push and prefetch policies side by side, and the REAP case (issue 15).
 
     python scripts/bench_policies.py [--size 1G] [--workloads seq-read,random-read,hotset,zipf]
-                                     [--max-bandwidth 200M] [--ops 400000] [--threads 1] [--image 512M] [--json out.json]
+                                     [--max-bandwidth 200M] [--ops 400000] [--threads 1] [--image 512M]
+                                     [--json out.json]
 
 Per workload, a fresh guest (same seed each time) runs until a tenth of its
 --ops are done, then migrates post-copy over loopback (native data plane

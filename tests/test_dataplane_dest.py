@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from migrate._native import ffi, lib
+from migrate._native import lib
 
 from migrate import spawn
 from migrate.bitmap import SharedBitmap
