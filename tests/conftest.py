@@ -18,19 +18,20 @@ from migrate.guest.workloads import Workload, digest, fill_realistic
 from migrate.local import LocalAgent
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def descendants(pid: int) -> set[int]:
     """PIDs of every living descendant of `pid` (from /proc)."""
     parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
+        if entry.isdigit() and (fields := stat_fields(int(entry))) is not None and fields[0] != "Z":
             parent[int(entry)] = int(fields[1])
     found: set[int] = set()
     frontier = [pid]
@@ -63,11 +64,10 @@ def refilled_warm_runner(pid: int, before: set[int]) -> bool:
     try:
         with open(f"/proc/{pid}/comm") as f:
             name = f.read().strip()
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return True  # gone meanwhile
-    return name == WAITING_NAME and ppid in before
+    fields = stat_fields(pid)
+    return fields is None or (name == WAITING_NAME and int(fields[1]) in before)
 
 
 @pytest.fixture(autouse=True)
