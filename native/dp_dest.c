@@ -606,33 +606,6 @@ static uint64_t take_bits(uint64_t bits, uint64_t base, uint64_t prev_end, uint6
     return out;
 }
 
-/* Cut runs into pieces of at most batch_pages (pages larger than 4 KiB:
- * DP_BATCH_BYTES). Since protocol 3 the source bounds its batches so by
- * itself (dp_batch_pages), which makes this cut redundant. Pieces beyond
- * DP_MAX_RUNS are given back (asked bits cleared). Returns the runs;
- * *pages drops by what was given back. */
-static uint32_t split_runs(struct mig_dpd *h, struct dp_run *runs, uint32_t nruns, uint64_t *pages)
-{
-    if (h->batch_pages >= DP_BATCH_PAGES)
-        return nruns;
-    struct dp_run out[DP_MAX_RUNS];
-    uint32_t n = 0;
-    for (uint32_t i = 0; i < nruns; i++) {
-        for (uint64_t p = runs[i].first_page, end = p + runs[i].count; p < end;) {
-            uint32_t len = end - p < h->batch_pages ? (uint32_t)(end - p) : h->batch_pages;
-            if (n == DP_MAX_RUNS) {
-                mig_bitmap_clear(h->asked, p, len);
-                *pages -= len;
-            } else {
-                out[n++] = (struct dp_run){.first_page = p, .count = len};
-            }
-            p += len;
-        }
-    }
-    memcpy(runs, out, n * sizeof(*out));
-    return n;
-}
-
 /* Pages of word w neither received nor asked, within mask. */
 static uint64_t unasked(const struct mig_dpd *h, uint64_t w, uint64_t mask)
 {
@@ -742,7 +715,6 @@ static uint32_t plan(struct mig_dpd *h, struct dp_run *runs, uint64_t max_pages,
                 h->cursor = 0;
         }
     }
-    nruns = split_runs(h, runs, nruns, &pages);
     *npages_out = pages;
     return nruns;
 }
@@ -1595,7 +1567,6 @@ static uint32_t claim_neighbourhood(struct mig_dpd *h, uint64_t page, struct dp_
             runs[nruns++] = (struct dp_run){.first_page = q, .count = 1};
     }
     add(&h->c.prefetched, got);
-    nruns = split_runs(h, runs, nruns, &got);
     *npages = (uint32_t)got;
     return nruns;
 }
