@@ -22,7 +22,9 @@ Targets are printed as ratios against the baseline, which is measured again
 before every run (the host's speed drifts); every measurement runs
 --repeat times and medians are printed. Also printed: the host's ceiling for
 installing a guest into fresh memory (UFFDIO_COPY alone, no network), which
-on a virtual machine bounds (c) for large guests.
+on a virtual machine bounds (c) for large guests, and the cost of merely
+allocating fresh memory (fallocate), which no way of installing avoids: with
+the raw C stream's CPU per MiB it bounds what two cores can move.
 
 On loopback the two agents, their bulk paths and the guest share this
 machine's cores, so (c) measures CPU per byte more than the transfer; with
@@ -431,11 +433,31 @@ def install_ceiling(size: int) -> float:
     return size / MiB / seconds
 
 
-def ceiling_in_child(size: int) -> float:
-    """install_ceiling in a fresh process (its memory is returned when it exits)."""
+def allocation_ceiling(size: int) -> float:
+    """MiB/s of merely allocating `size` bytes of fresh shmem: fallocate(2), zeroed pages, no copy, no mapping.
+
+    The cheapest way to get fresh pages at all (MADV_POPULATE_WRITE measured
+    at less than half of it), so a bound on any install: UFFDIO_COPY, or
+    writing in place and mapping with UFFDIO_CONTINUE.
+    """
+    fd = os.memfd_create("allocation")
+    try:
+        os.ftruncate(fd, size)
+        t = time.perf_counter()
+        os.posix_fallocate(fd, 0, size)
+        seconds = time.perf_counter() - t
+    finally:
+        os.close(fd)
+    return size / MiB / seconds
+
+
+def ceilings_in_child(size: int) -> tuple[float, float]:
+    """install_ceiling and allocation_ceiling, each on its own fresh memory, in a fresh process (its memory is
+    returned when it exits)."""
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--install-ceiling", str(size)],
                          capture_output=True, text=True, env=spawn.child_env(), check=True)
-    return float(out.stdout)
+    install, allocation = out.stdout.split()
+    return float(install), float(allocation)
 
 
 def median(values: list[float]) -> float:
@@ -500,7 +522,7 @@ def main() -> int:
         raw_c_sender(int(port), int(total))
         return 0
     if args.install_ceiling:
-        print(install_ceiling(args.install_ceiling))
+        print(install_ceiling(args.install_ceiling), allocation_ceiling(args.install_ceiling))
         return 0
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -586,7 +608,9 @@ def main() -> int:
                     out[f"c_{plane}_{content}_{size // MiB}"] = bulk(agents, size, content, plane)
                 raw_cs.append(raw_c_baseline(1024))
             print(f"install ceiling, {size // MiB} MiB ...", file=sys.stderr)
-            out[f"ceiling_{size // MiB}"] = median([ceiling_in_child(size) for _ in runs])
+            ceilings = [ceilings_in_child(size) for _ in runs]
+            out[f"ceiling_{size // MiB}"] = median([install for install, _ in ceilings])
+            out[f"allocation_{size // MiB}"] = median([allocation for _, allocation in ceilings])
     if args.link != "none" and not args.faults_only:
         with Lab(LinkSpec.parse(args.link)) as lab:
             out["link"] = {"profile": lab.spec.describe(), "size_mib": big // MiB}
@@ -630,6 +654,9 @@ def print_table(out: dict, big: int, huge: int) -> None:
         ceiling = out[f"ceiling_{size // MiB}"]
         row(f"    host install ceiling, fresh {size // MiB} MiB", f"{ceiling:.0f} MiB/s",
             f"{ceiling / raw['stream_mib_s']:.2f}x raw")
+        allocation = out[f"allocation_{size // MiB}"]
+        row(f"    host allocation alone (fallocate), {size // MiB} MiB", f"{allocation:.0f} MiB/s",
+            f"{1e3 / allocation:.2f} CPU ms/MiB")
         for content, goal in (("realistic", 1.0), ("random", 0.8)):
             for plane in out["planes"]:
                 c = out[f"c_{plane}_{content}_{size // MiB}"]
