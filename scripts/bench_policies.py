@@ -20,6 +20,10 @@ as REAP's baseline, Firecracker's lazy restore, is), a replaying one
 set (the bound): the client's time from its handshake until it has touched
 its working set (the wait for the replayed pages included; the touching
 alone in brackets) and the remote faults of each.
+
+A policy of your own goes in --policies as module:Class (the destination
+agent here loads policy modules); scripts/hotset_oracle.py, which pushes
+hotset's hot tenths first, bounds what any push order saves on hotset.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hotset_oracle import hot_tenths  # noqa: E402  (scripts/, beside this file)
 
 from migrate import orchestrator  # noqa: E402
 from migrate.local import LocalAgent, wait_for  # noqa: E402
@@ -61,7 +67,7 @@ def one_run(src: str, dst: str, size: int, workload: str, ops: int, policy: str,
 def policies(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     with LocalAgent("source", log_path=str(work / "src.log")) as src, \
-            LocalAgent("dest", log_path=str(work / "dst.log")) as dst:
+            LocalAgent("dest", "--allow-policy-modules", log_path=str(work / "dst.log")) as dst:  # --policies mod:Cls
         for workload in filter(None, args.workloads.split(",")):
             ws = str(work / f"{workload}.ws")
             for policy in args.policies.split():
@@ -72,7 +78,7 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
                     ranges = workingset.load(ws).ranges
                     row["ws_pages"] = sum(n for _, n in ranges)
                     row["ws_hot"] = sum(max(0, min(first + n, hot_end) - max(first, hot_first))
-                                        for first, n in ranges for hot_first, hot_end in hot_tenths(args))
+                                        for first, n in ranges for hot_first, hot_end in hot_ends(args))
                     print(f"{workload:12} {policy:10} recorded {row['ws_pages']} pages (faulted or found written), "
                           f"{row['ws_hot']} in the hot tenth")
                 rows.append({"workload": workload, "policy": policy, **row})
@@ -83,12 +89,9 @@ def policies(args: argparse.Namespace, work: Path) -> list[dict]:
     return rows
 
 
-def hot_tenths(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """[first, end) pages of each thread's hot tenth: hotset's threads each work on their own slice of
-    RAM and put 90 % of their accesses on its first tenth (native/workload.c)."""
-    pages = args.size // 4096
-    slices = [(pages * i // args.threads, pages * (i + 1) // args.threads) for i in range(args.threads)]
-    return [(first, first + max((end - first) // 10, 1)) for first, end in slices]
+def hot_ends(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """[first, end) pages of each thread's hot tenth."""
+    return [(first, first + n) for first, n in hot_tenths(args.size // 4096, args.threads)]
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
