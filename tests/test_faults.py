@@ -16,25 +16,15 @@ from migrate.dest.faults import NEIGHBOURHOOD, FaultServer
 PAGES = 1024
 
 
-class _Link:
-    """A source link whose urgent stream only collects what is asked."""
-
-    def __init__(self) -> None:
-        self.client = self
-
-    def fetch(self, requests, metadata=None):
-        return iter(())
-
-
 @contextmanager
 def fault_server(asked: SharedBitmap | None = None) -> Iterator[tuple[FaultServer, list[tuple[int, int]]]]:
     """A FaultServer over PAGES missing pages, and the (first_page, count) of each request it sends."""
     received = SharedBitmap.create(PAGES)
     mem = SimpleNamespace(bitmap=received, page_count=PAGES, page_size=4096,
                           io=SimpleNamespace(regions=[SimpleNamespace(first_page=0, pages=PAGES)]))
-    server = FaultServer(mem, _Link(), "run", jump=lambda page: None, asked=asked)
     sent: list[tuple[int, int]] = []
-    server._stream.send = lambda msg: sent.append((msg.first_page, msg.count))
+    server = FaultServer(mem, SimpleNamespace(), "run", jump=lambda page: None,
+                         send=lambda msg: sent.append((msg.first_page, msg.count)), asked=asked)
     try:
         yield server, sent
     finally:
