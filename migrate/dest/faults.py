@@ -1,7 +1,8 @@
 """The destination's urgent path: faults in, urgent requests out, replies installed.
 
-Loop: read many fault messages at once (native, GIL released; pages that
-already arrived are woken right there), ask the source for each missing page
+One thread per run, owning an asyncio event loop (FaultLoop says why): when
+the userfaultfd is readable, read many fault messages at once (native;
+pages that already arrived are woken right there), ask the source for each missing page
 over the urgent Pages.Fetch stream (its own HTTP/2 connection) with its
 aligned 64 KiB neighbourhood, or, while the guest reads sequentially, a
 readahead that doubles up to 256 KiB; install each reply with one
@@ -15,8 +16,8 @@ for the bulk's batch (asked again urgently only if the bulk writes that
 request off), and a prefetch asks only for pages neither received nor
 asked: no page goes on the wire twice. Only such a fault makes the loop look
 again before the next fault: when the bulk path signals an install or a
-write-off (its eventfd, in the same poll as the userfaultfd); a fault
-waiting for its own reply is closed by the reply receiver.
+write-off (its eventfd, watched with the userfaultfd); a fault
+waiting for its own reply is closed by the reply reader.
 """
 from __future__ import annotations
 
@@ -315,7 +316,7 @@ class FaultServer:
     def resolve_arrived(self) -> bool:
         """Close the faults whose page another path (the bulk stream) installed first;
         True while faults wait that another path may answer (the fault loop then
-        looks again soon; a fault only its own reply answers is closed by the receiver).
+        looks again soon; a fault only its own reply answers is closed by the reply reader).
 
         Their own reply may still be queued behind others; the guest thread
         already runs again, and its latency ends now, not then. With the bulk
