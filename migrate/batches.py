@@ -75,21 +75,21 @@ class PagesClient:
     them in C and installs straight from them, where a protobuf message
     would copy every megabyte twice (into the message, then out of its data
     field). Counting in the (de)serializers is free. Requests are serialized
-    on one thread and replies received on another, so each counter has a
-    single writer.
+    on one thread and replies received on one (the same, for the urgent
+    path's event loop), so each counter has a single writer.
     """
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.heard = time.monotonic()  # when the last reply arrived: a link outage starts there
         self.bind(channel)
 
-    def bind(self, channel: grpc.Channel) -> None:
-        """Make calls on `channel` from now on (after a reconnect); counters carry on."""
-        self.fetch = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self._serialize,
+    def bind(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
+        """Make calls on `channel` (blocking or asyncio) from now on (after a reconnect); counters carry on."""
+        self.fetch: Any = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self._serialize,
                                            response_deserializer=self._parse)
-        self.bulk = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self._serialize,
+        self.bulk: Any = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self._serialize,
                                           response_deserializer=self._parse)
 
     @property

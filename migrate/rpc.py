@@ -80,17 +80,37 @@ def channel(target: str, *, purpose: str = "control", credentials: Credentials |
     never wait behind bulk frames.
     """
     creds = Credentials.from_env() if credentials is None else credentials
+    opts = _channel_options(purpose)
+    tls = creds.channel_credentials()
+    ch = grpc.secure_channel(target, tls, options=opts) if tls else grpc.insecure_channel(target, options=opts)
+    if creds.token:
+        ch = grpc.intercept_channel(ch, _AddMetadata(creds.metadata()))
+    return ch
+
+
+def aio_channel(target: str, *, purpose: str) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+    """An asyncio channel to `target` as `channel` makes it (this process's credentials), and the
+    metadata each of its calls must carry (the protocol version, the token).
+
+    The token goes in each call's metadata, not through an interceptor: an
+    asyncio interceptor wraps every message of a stream in tasks of its own,
+    on the urgent path that exists to spare the messages' hand-offs. Create
+    it in the thread whose event loop uses it.
+    """
+    creds = Credentials.from_env()
+    opts, tls = _channel_options(purpose), creds.channel_credentials()
+    ch = grpc.aio.secure_channel(target, tls, options=opts) if tls else grpc.aio.insecure_channel(target, options=opts)
+    return ch, METADATA + creds.metadata()
+
+
+def _channel_options(purpose: str) -> list[tuple[str, Any]]:
     opts = _OPTIONS + [("grpc.channel_purpose", purpose)]
     if purpose != "control":  # a page channel: its own connection, and a link outage noticed within a second
         opts = [o for o in opts if o[0] not in ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")]
         opts += [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", LINK_KEEPALIVE_MS[0]),
                  ("grpc.keepalive_timeout_ms", LINK_KEEPALIVE_MS[1]),
                  ("grpc.http2.ping_timeout_ms", LINK_KEEPALIVE_MS[1])]
-    tls = creds.channel_credentials()
-    ch = grpc.secure_channel(target, tls, options=opts) if tls else grpc.insecure_channel(target, options=opts)
-    if creds.token:
-        ch = grpc.intercept_channel(ch, _AddMetadata(creds.metadata()))
-    return ch
+    return opts
 
 
 def wait_ready(ch: grpc.Channel, target: str, timeout: float, *, tls: bool | None = None) -> None:

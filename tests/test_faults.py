@@ -1,29 +1,27 @@
 """The gRPC fault path's requests (migrate.dest.faults.FaultServer), without a source: what each
-fault asks for, in how many messages, and when the fault loop needs to look again soon."""
+fault asks for, in how many messages, and when the fault loop needs to look again soon; and the
+whole path (FaultLoop) serving a guest from a Fetch server in this process."""
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import grpc
 import pytest
+from test_dataplane_dest import paused, restored  # noqa: F401 - restored: a fixture
 
+from migrate import rpc
+from migrate.batches import BatchEncoder, add_pages_servicer
 from migrate.bitmap import SharedBitmap
 from migrate.dest import bulk
-from migrate.dest.faults import NEIGHBOURHOOD, FaultServer
+from migrate.dest.faults import NEIGHBOURHOOD, FaultLoop, FaultServer
+from migrate.guest.process import GuestSpec
 
 PAGES = 1024
-
-
-class _Link:
-    """A source link whose urgent stream only collects what is asked."""
-
-    def __init__(self) -> None:
-        self.client = self
-
-    def fetch(self, requests, metadata=None):
-        return iter(())
 
 
 @contextmanager
@@ -32,9 +30,9 @@ def fault_server(asked: SharedBitmap | None = None) -> Iterator[tuple[FaultServe
     received = SharedBitmap.create(PAGES)
     mem = SimpleNamespace(bitmap=received, page_count=PAGES, page_size=4096,
                           io=SimpleNamespace(regions=[SimpleNamespace(first_page=0, pages=PAGES)]))
-    server = FaultServer(mem, _Link(), "run", jump=lambda page: None, asked=asked)
     sent: list[tuple[int, int]] = []
-    server._stream.send = lambda msg: sent.append((msg.first_page, msg.count))
+    server = FaultServer(mem, SimpleNamespace(), "run", jump=lambda page: None,
+                         send=lambda msg: sent.append((msg.first_page, msg.count)), asked=asked)
     try:
         yield server, sent
     finally:
@@ -114,3 +112,50 @@ def test_the_grpc_bulk_path_signals_installs_and_write_offs_while_faults_wait(mo
     finally:
         loop.stop()
         received.close()
+
+
+class _Fetch:
+    """Pages.Fetch over a copy of a source's memory: the urgent path's peer, without an agent."""
+
+    def __init__(self, mem: bytes) -> None:
+        self._encoder = BatchEncoder(memoryview(mem), mmap.PAGESIZE, None)
+
+    def Fetch(self, requests, context):
+        for req in requests:
+            yield self._encoder.encode(req.first_page, req.count, req.req_id).wire
+
+    def Bulk(self, requests, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "urgent requests only")
+
+
+def test_the_grpc_fault_path_serves_a_guest_from_one_thread(memfds, restored, reference_digest):  # noqa: F811
+    """No message of the urgent path goes from one Python thread of ours to another: one thread per
+    run (its event loop) reads the faults, asks, and installs the replies; the guest, faulting on
+    every page it reads, ends with its memory whole, and stop() ends that thread."""
+    spec = GuestSpec(size=16 << 20, workload="random-read", seed=13, ops=20_000, threads=1)
+    with paused(memfds, spec) as (src_fd, state):
+        with mmap.mmap(src_fd, spec.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            fetch = _Fetch(bytes(m))
+        server = rpc.server()
+        add_pages_servicer(fetch, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        guest = restored(spec, memfds(spec.size))
+        # Not ours: the Fetch server's, and gRPC asyncio's completion queue poller (C, without the GIL).
+        ours = lambda: {t for t in threading.enumerate()  # noqa: E731
+                        if not t.name.startswith("grpc") and "_poll_wrapper" not in t.name}
+        before = ours()
+        faults = FaultLoop(guest.mem, f"127.0.0.1:{port}", "run", jump=lambda page: None, recovery_timeout=10)
+        try:
+            guest.proc.resume(state)
+            assert guest.proc.wait_finished(300)
+            during = sorted(t.name for t in ours() - before)
+            digest = guest.proc.digest(timeout=300)  # faults in every page still missing
+        finally:
+            faults.stop()
+            server.stop(0).wait()
+    assert during == ["urgent-path"]
+    assert not [t for t in ours() - before if t.is_alive()]
+    last = faults.last
+    assert "error" not in last and last["faults"] > 0 and last["latency_us"]["count"] > 0
+    assert digest == reference_digest(spec)

@@ -1,7 +1,8 @@
 """The destination's urgent path: faults in, urgent requests out, replies installed.
 
-Loop: read many fault messages at once (native, GIL released; pages that
-already arrived are woken right there), ask the source for each missing page
+One thread per run, owning an asyncio event loop (FaultLoop says why): when
+the userfaultfd is readable, read many fault messages at once (native;
+pages that already arrived are woken right there), ask the source for each missing page
 over the urgent Pages.Fetch stream (its own HTTP/2 connection) with its
 aligned 64 KiB neighbourhood, or, while the guest reads sequentially, a
 readahead that doubles up to 256 KiB; install each reply with one
@@ -15,28 +16,32 @@ for the bulk's batch (asked again urgently only if the bulk writes that
 request off), and a prefetch asks only for pages neither received nor
 asked: no page goes on the wire twice. Only such a fault makes the loop look
 again before the next fault: when the bulk path signals an install or a
-write-off (its eventfd, in the same poll as the userfaultfd); a fault
-waiting for its own reply is closed by the reply receiver.
+write-off (its eventfd, watched with the userfaultfd); a fault
+waiting for its own reply is closed by the reply reader.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
-import queue
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any, Protocol
 
 import grpc
 
-from migrate import rpc, stats
+from migrate import errors, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
-from migrate.dest.link import LinkLost, SourceLink
+from migrate.dest.link import LinkLost, UrgentLink
 from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.policies.base import Neighbourhood
 from migrate.policies.workingset import ranges_of
 from migrate.proto import migrate_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 #: Pages prefetched around a random fault: its aligned 64 KiB block.
 NEIGHBOURHOOD = 16
@@ -76,44 +81,14 @@ class BulkInstalls(Protocol):
     def watch(self, faults: int) -> None: ...
 
 
-class _Stream:
-    """One Fetch call: its request queue and its replies."""
-
-    def __init__(self, link: SourceLink) -> None:
-        self._requests: queue.SimpleQueue[pb.PageRequest | None] | None = None
-        self.reopen(link, [])
-
-    def reopen(self, link: SourceLink, unanswered: list[pb.PageRequest]) -> None:
-        """A fresh call (after a reconnect), sending `unanswered` again first."""
-        if self._requests is not None:
-            self._requests.put(None)  # ends the dead call's request generator
-        requests: queue.SimpleQueue[pb.PageRequest | None] = queue.SimpleQueue()
-        self._requests = requests
-
-        def stream() -> Iterator[pb.PageRequest]:
-            while (req := requests.get()) is not None:
-                yield req
-
-        self.replies = link.client.fetch(stream(), metadata=rpc.METADATA)
-        for msg in sorted(unanswered, key=lambda m: m.req_id):
-            requests.put(msg)
-
-    def send(self, msg: pb.PageRequest) -> None:
-        assert self._requests is not None  # set by reopen() in __init__
-        self._requests.put(msg)
-
-    def close(self) -> None:
-        assert self._requests is not None
-        self._requests.put(None)
-
-
 class FaultServer:
     """Turns faults into urgent requests and urgent replies into installs."""
 
-    def __init__(self, mem: Memory, link: SourceLink, run_id: str, jump: Callable[[int], None],
-                 asked: SharedBitmap | None = None) -> None:
+    def __init__(self, mem: Memory, link: UrgentLink, run_id: str, jump: Callable[[int], None],
+                 send: Callable[[pb.PageRequest], None], asked: SharedBitmap | None = None) -> None:
         self.mem = mem
         self._link = link
+        self._send = send
         self._run_id = run_id
         self._jump = jump
         self._asked = asked
@@ -128,7 +103,6 @@ class FaultServer:
         self._readahead = NEIGHBOURHOOD
         self._expect = -1  # where a sequential reader's next fault would land
         self._recent: collections.deque[int] = collections.deque(maxlen=_RECENT)
-        self._closing = False
         self._on_bulk: list[tuple[int, int, int]] = []  # faults waiting for a page the bulk has in flight
         self.latencies_us: list[float] = []
         self.blocked_us = 0.0
@@ -139,8 +113,6 @@ class FaultServer:
         self.history: collections.deque[int] = collections.deque(maxlen=HISTORY)
         self.neighbourhood: Neighbourhood | None = None
         self._prefetched = SharedBitmap.create(mem.page_count)
-        self.error: str | None = None
-        self._stream = _Stream(link)
 
     def _region_end(self, page: int) -> int:
         for r in self.mem.io.regions:
@@ -159,7 +131,7 @@ class FaultServer:
         for page in range(first, first + count):
             self._covers.setdefault(page, req_id)
         self.counters["requests"] += 1
-        self._stream.send(msg)
+        self._send(msg)
 
     def _prefetch(self, page: int) -> tuple[int, int]:
         """(first, end) to fetch after `page`: a readahead for a sequential reader,
@@ -293,7 +265,8 @@ class FaultServer:
             yield page, stop - page
             page = stop
 
-    def _install(self, raw: bytes) -> None:
+    def install(self, raw: bytes) -> None:
+        """Install an urgent reply and close the faults it answers (a refused one is asked again)."""
         try:
             batch = self._decoder.install(raw, self.mem.io, self.mem.bitmap)
         except BatchError as err:
@@ -317,8 +290,16 @@ class FaultServer:
             if self.counters["refused"] > MAX_REFUSED:
                 raise err
             msg = self._sent.get(err.req_id) if err.req_id is not None else None
-            for again in [msg] if msg is not None else sorted(self._sent.values(), key=lambda m: m.req_id):
-                self._stream.send(again)
+            for again in [msg] if msg is not None else self._unanswered():
+                self._send(again)
+
+    def unanswered(self) -> list[pb.PageRequest]:
+        """The requests in flight, oldest first: what a fresh call sends again after a reconnect."""
+        with self._lock:
+            return self._unanswered()
+
+    def _unanswered(self) -> list[pb.PageRequest]:
+        return sorted(self._sent.values(), key=lambda m: m.req_id)
 
     def _resolve(self, faults: list[tuple[int, int, int]], now_ns: int) -> None:
         """Record the latency of faults whose page is in (call with the lock held)."""
@@ -335,7 +316,7 @@ class FaultServer:
     def resolve_arrived(self) -> bool:
         """Close the faults whose page another path (the bulk stream) installed first;
         True while faults wait that another path may answer (the fault loop then
-        looks again soon; a fault only its own reply answers is closed by the receiver).
+        looks again soon; a fault only its own reply answers is closed by the reply reader).
 
         Their own reply may still be queued behind others; the guest thread
         already runs again, and its latency ends now, not then. With the bulk
@@ -359,33 +340,7 @@ class FaultServer:
                         self._ask_with(fault, [])
             return bool(self._on_bulk) or (self._asked is None and any(self._waiting.values()))
 
-    def receive(self) -> None:
-        """Install urgent replies as they arrive (runs on its own thread)."""
-        while True:
-            try:
-                for batch in self._stream.replies:
-                    self._install(batch)
-                return
-            except grpc.RpcError as err:
-                if self._closing:
-                    return
-                try:
-                    self._link.recover(err)
-                except LinkLost as lost:
-                    self.error = str(lost)
-                    return
-                except grpc.RpcError as fatal:
-                    self.error = f"urgent stream to the source failed: {fatal.details() or fatal.code().name}"
-                    return
-                with self._lock:  # a fresh call carrying every request still unanswered
-                    self._stream.reopen(self._link, list(self._sent.values()))
-            except (BatchError, OSError) as err:
-                self.error = f"urgent page install failed: {err}"
-                return
-
     def close(self) -> None:
-        self._closing = True
-        self._stream.close()
         self._prefetched.close()
 
     def snapshot(self) -> dict:
@@ -401,15 +356,57 @@ class FaultServer:
         return out
 
 
-class FaultLoop:
-    """The urgent path, run by the destination agent: a fault loop and a reply receiver.
+class _Stream:
+    """The Fetch call in use (a fresh one after each reconnect) and its writer: requests go out
+    in order, one `write` at a time, as gRPC's asyncio calls require."""
 
-    Two threads of the agent, as the bulk path is (see dest/bulk.py for
-    why not processes). Connecting happens here: a source that cannot be
-    reached raises ConnectionError, before the guest ever stops on the
-    source. `jump` tells the bulk path where the guest faults; `asked`, a
-    native bulk path's bitmap of pages asked for, keeps prefetches from
-    asking them again.
+    def __init__(self, link: UrgentLink) -> None:
+        self._link = link
+        self._pending: collections.deque[pb.PageRequest] = collections.deque()
+        self._more = asyncio.Event()
+        self.call: Any = None
+
+    def open(self, unanswered: list[pb.PageRequest]) -> None:
+        """A fresh call on the link's channel, sending `unanswered` first (requests still
+        pending for the dead call are among them)."""
+        self.call = self._link.client.fetch(metadata=self._link.metadata)
+        self._pending.clear()
+        for msg in unanswered:
+            self.send(msg)
+
+    def send(self, msg: pb.PageRequest) -> None:
+        self._pending.append(msg)
+        self._more.set()
+
+    async def write(self) -> None:
+        """The writer task. A write the call refuses is dropped: the call broke, and the reply
+        reader reopens it with every request still unanswered."""
+        while True:
+            await self._more.wait()
+            self._more.clear()
+            while self._pending:
+                msg = self._pending.popleft()
+                try:
+                    await self.call.write(msg)
+                except (grpc.RpcError, asyncio.InvalidStateError):
+                    pass
+
+
+class FaultLoop:
+    """The urgent path, run by the destination agent: one thread, owning an asyncio event loop.
+
+    The loop watches the userfaultfd (and the fds that say faults wait: the
+    space's stash, a bulk path's installs) and handles what is there at once
+    in that callback (read in C, dedupe, ask); a writer task puts the requests
+    on the Fetch call, a reader task installs the replies (one C call each)
+    and closes their faults. gRPC's asyncio client costs a message about half
+    the CPU and context switches of its blocking one, whose request iterator
+    and reply iterator each hand every message to another thread (the agent
+    runs threads, not processes: see dest/bulk.py). Connecting happens here: a
+    source that cannot be reached raises AgentUnreachable (a ConnectionError),
+    before the guest ever stops on the source. `jump` tells the bulk path where
+    the guest faults; `asked`, a native bulk path's bitmap of pages asked for,
+    keeps prefetches from asking them again.
     """
 
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
@@ -417,39 +414,126 @@ class FaultLoop:
                  installs: BulkInstalls | None = None) -> None:
         self._mem = mem
         self._installs = installs
-        self._link = SourceLink(endpoint, "urgent", recovery_timeout)
-        self._server = FaultServer(mem, self._link, run_id, jump, asked)
-        self._stop = threading.Event()
         self._summary: dict | None = None
-        self._receiver = threading.Thread(target=guarded("urgent reply receiver", self._server.receive, self._fail),
-                                          daemon=True, name="urgent-replies")
-        self._loop = threading.Thread(target=guarded("fault loop", self._run, self._fail), daemon=True,
-                                      name="fault-loop")
-        self._receiver.start()
-        self._loop.start()
+        self._error: str | None = None
+        self._loop = asyncio.new_event_loop()
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        ready: futures.Future[FaultServer] = futures.Future()
+        self._thread = threading.Thread(
+            target=guarded("fault loop", lambda: self._main(endpoint, run_id, jump, recovery_timeout, asked, ready),
+                           self._fail), daemon=True, name="urgent-path")
+        self._thread.start()
+        self._server = ready.result()  # raises what connecting raised
 
-    def _run(self) -> None:
-        server, mem, installs = self._server, self._mem, self._installs
-        wake_fd, poll_ms = (-1, 1) if installs is None else (installs.installed_fd, BULK_PATIENCE_MS)
-        waiting = False
+    def _main(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
+              asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
         try:
-            while not self._stop.is_set() and server.error is None:
-                faults = mem.io.read(mem.bitmap, timeout_ms=poll_ms if waiting else 20, wake_fd=wake_fd)
-                if faults:
-                    server.on_faults(faults)
-                if installs is not None:  # before looking: an install from now on signals
-                    installs.watch(server.on_bulk)
-                waiting = server.resolve_arrived()
-                if installs is not None:
-                    installs.watch(server.on_bulk)
-                # No exit on a full bitmap: with pre-copy it fills before the switch
-                # and empties again (discards); the agent stops us.
+            self._loop.run_until_complete(self._serve(endpoint, run_id, jump, recovery_timeout, asked, ready))
+        except BaseException as err:
+            if not ready.done():  # FaultLoop() raises it
+                ready.set_exception(err)
+                return
+            raise
+        finally:
+            self._loop.close()
+
+    async def _serve(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
+                     asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
+        link = UrgentLink(endpoint, recovery_timeout)  # its channel belongs to this thread's loop
+        try:
+            try:
+                await link.connect()
+            except errors.AgentUnreachable as err:
+                ready.set_exception(err)
+                return
+            stream = _Stream(link)
+            server = FaultServer(self._mem, link, run_id, jump, stream.send, asked)
+            stream.open([])
+            fds = self._mem.io.readable_fds + ([self._installs.installed_fd] if self._installs else [])
+            for fd in fds:
+                self._loop.add_reader(fd, self._step, server)
+            tasks = [asyncio.create_task(stream.write()), asyncio.create_task(self._receive(server, stream, link))]
+            ready.set_result(server)
+            try:
+                await self._done
+            finally:
+                for fd in fds:
+                    self._loop.remove_reader(fd)
+                if self._timer is not None:
+                    self._timer.cancel()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await link.close()
+
+    def _step(self, server: FaultServer) -> None:
+        """What the blocking loop did on each wake: read the faults there are, ask for them,
+        close those another path answered, and look again soon while any wait for that."""
+        if self._done.done():
+            return
+        try:
+            mem, installs = self._mem, self._installs
+            faults = mem.io.read(mem.bitmap, timeout_ms=0, wake_fd=installs.installed_fd if installs else -1)
+            if faults:
+                server.on_faults(faults)
+            if installs is not None:  # before looking: an install from now on signals
+                installs.watch(server.on_bulk)
+            waiting = server.resolve_arrived()
+            if installs is not None:
+                installs.watch(server.on_bulk)
+            # No exit on a full bitmap: with pre-copy it fills before the switch
+            # and empties again (discards); the agent stops us.
         except (OSError, BatchError) as err:
-            server.error = f"fault loop failed: {err}"
+            self._fail(f"fault loop failed: {err}")
+            return
+        except Exception as err:  # noqa: BLE001 - as guarded(): a bug must fail the run, not end the loop quietly
+            log.exception("fault loop failed")
+            self._fail(f"fault loop failed: {err!r}")
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if waiting:
+            patience = BULK_PATIENCE_MS if installs is not None else 1
+            self._timer = self._loop.call_later(patience / 1000, self._step, server)
+
+    async def _receive(self, server: FaultServer, stream: _Stream, link: UrgentLink) -> None:
+        """Install urgent replies as they arrive; after a transport error reconnect, and send
+        every request still unanswered on a fresh call."""
+        try:
+            while True:
+                try:
+                    async for raw in stream.call:
+                        server.install(raw)
+                    return
+                except grpc.RpcError as err:
+                    try:
+                        await link.recover(err)
+                    except LinkLost as lost:
+                        self._fail(str(lost))
+                        return
+                    except grpc.RpcError as fatal:
+                        self._fail(f"urgent stream to the source failed: {fatal.details() or fatal.code().name}")
+                        return
+                    stream.open(server.unanswered())
+        except (BatchError, OSError) as err:
+            self._fail(f"urgent page install failed: {err}")
+        except Exception as err:  # noqa: BLE001 - as guarded()
+            log.exception("urgent reply receiver failed")
+            self._fail(f"urgent reply receiver failed: {err!r}")
 
     def _fail(self, error: str) -> None:
-        if self._server.error is None:
-            self._server.error = error
+        """Stop serving, for `error` (the first one given is kept)."""
+        if self._error is None:
+            self._error = error
+        self._finish()
+
+    def _finish(self) -> None:
+        """End the event loop's work (in its thread)."""
+        if not self._loop.is_closed() and not self._done.done():
+            self._done.set_result(None)
 
     @property
     def last(self) -> dict:
@@ -457,13 +541,13 @@ class FaultLoop:
         if self._summary is not None:
             return self._summary
         out = self._server.snapshot()
-        if self._server.error:
-            out["error"] = self._server.error
+        if self._error:
+            out["error"] = self._error
         return out
 
     def failure(self) -> str | None:
         """Why the urgent path stopped serving, or None while it serves."""
-        return self._server.error
+        return self._error
 
     def new_faults(self) -> list[int]:
         """The pages faulted on since the last call, in order (for a policy)."""
@@ -486,12 +570,13 @@ class FaultLoop:
     def stop(self, timeout: float = 10.0) -> None:
         if self._summary is not None:
             return
-        self._stop.set()
-        self._loop.join(timeout)
+        try:
+            self._loop.call_soon_threadsafe(self._finish)
+        except RuntimeError:
+            pass  # the loop is closed already: the path failed
+        self._thread.join(timeout)
         self._server.close()
-        self._receiver.join(timeout=5)
-        self._link.close()
         summary = dict(self._server.summary(), done=True)
-        if self._server.error:
-            summary["error"] = self._server.error
+        if self._error:
+            summary["error"] = self._error
         self._summary = summary

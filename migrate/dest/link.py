@@ -9,7 +9,9 @@ path fails with a clear error; the guest stays paused, never corrupted.
 """
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -43,15 +45,16 @@ class LinkLost(Exception):
     """The source stayed unreachable past the recovery deadline."""
 
 
-class SourceLink:
-    """Channel + counting Pages client to one source endpoint, reconnectable."""
+class _Outages:
+    """What a link to the source counts about going down, and its recovery's deadline and backoff
+    (SourceLink reconnects blocking, UrgentLink in an event loop)."""
+
+    client: PagesClient
 
     def __init__(self, endpoint: str, purpose: str, recovery_timeout: float) -> None:
         self.endpoint = endpoint
         self._purpose = purpose
         self._timeout = recovery_timeout
-        self.channel = connect(endpoint, purpose)
-        self.client = PagesClient(self.channel)
         self.down = False
         self._down_since = 0.0
         self.outages = 0
@@ -68,8 +71,8 @@ class SourceLink:
         now = time.monotonic()
         return min(now, max(self.client.heard, now - rpc.LINK_SILENCE_S))
 
-    def recover(self, err: grpc.RpcError) -> None:
-        """Reconnect after `err`, or raise LinkLost (or re-raise a non-transport error).
+    def _went_down(self, err: grpc.RpcError) -> float:
+        """Count the outage `err` says began (re-raise a non-transport error); returns its start.
 
         The outage counts from the last byte received, not from its
         detection (a blackhole is noticed only by the keepalive), and so
@@ -81,8 +84,36 @@ class SourceLink:
         t0 = self._down_since = self._outage_start()
         self.down = True
         self.outages += 1
+        return t0
+
+    def _backoffs(self, t0: float) -> Iterator[float]:
+        """How long each connection attempt may take; raises LinkLost once the deadline is past."""
         backoff = 0.05
         while True:
+            yield backoff
+            if time.monotonic() - t0 > self._timeout:
+                self.paused_s += time.monotonic() - t0
+                raise LinkLost(f"source at {self.endpoint} unreachable for {self._timeout:g} s "
+                               f"(gave up; the guest stays paused)") from None
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _back_up(self, t0: float) -> None:
+        self.paused_s += time.monotonic() - t0
+        self.down = False
+
+
+class SourceLink(_Outages):
+    """Channel + counting Pages client to one source endpoint, reconnectable."""
+
+    def __init__(self, endpoint: str, purpose: str, recovery_timeout: float) -> None:
+        super().__init__(endpoint, purpose, recovery_timeout)
+        self.channel = connect(endpoint, purpose)
+        self.client = PagesClient(self.channel)
+
+    def recover(self, err: grpc.RpcError) -> None:
+        """Reconnect after `err`, or raise LinkLost (or re-raise a non-transport error)."""
+        t0 = self._went_down(err)
+        for backoff in self._backoffs(t0):
             self.channel.close()
             self.channel = rpc.channel(self.endpoint, purpose=self._purpose)
             try:
@@ -90,14 +121,44 @@ class SourceLink:
                 break
             except rpc.AgentError:
                 pass
-            if time.monotonic() - t0 > self._timeout:
-                self.paused_s += time.monotonic() - t0
-                raise LinkLost(f"source at {self.endpoint} unreachable for {self._timeout:g} s "
-                               f"(gave up; the guest stays paused)") from None
-            backoff = min(backoff * 2, _MAX_BACKOFF)
         self.client.bind(self.channel)
-        self.paused_s += time.monotonic() - t0
-        self.down = False
+        self._back_up(t0)
 
     def close(self) -> None:
         self.channel.close()
+
+
+class UrgentLink(_Outages):
+    """The urgent path's link: an asyncio channel, used by the thread whose event loop made it
+    (see dest/faults.py for why asyncio). Calls carry `metadata`."""
+
+    def __init__(self, endpoint: str, recovery_timeout: float) -> None:
+        super().__init__(endpoint, "urgent", recovery_timeout)
+        self.channel, self.metadata = rpc.aio_channel(endpoint, purpose="urgent")
+        self.client = PagesClient(self.channel)
+
+    async def connect(self) -> None:
+        """Wait for the source as `connect` does (raises AgentUnreachable)."""
+        if not await self._ready(CONNECT_TIMEOUT):
+            raise errors.AgentUnreachable(f"destination cannot reach the source at {self.endpoint}")
+
+    async def _ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def recover(self, err: grpc.RpcError) -> None:
+        """SourceLink.recover, in the event loop."""
+        t0 = self._went_down(err)
+        for backoff in self._backoffs(t0):
+            await self.channel.close()
+            self.channel, _ = rpc.aio_channel(self.endpoint, purpose=self._purpose)
+            if await self._ready(backoff):
+                break
+        self.client.bind(self.channel)
+        self._back_up(t0)
+
+    async def close(self) -> None:
+        await self.channel.close()
