@@ -8,10 +8,13 @@ parent's package root.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import migrate
@@ -55,21 +58,52 @@ def die_with_parent(enabled: bool = True) -> None:
 
 
 def yield_cpu_to_urgent_work() -> None:
-    """Let the fault path preempt the bulk path (SCHED_BATCH, nice 10).
+    """Let the fault path preempt the bulk path: SCHED_BATCH, at the caller's niceness.
 
-    On Linux both settings belong to the calling thread and pass to the
+    On Linux the policy belongs to the calling thread and passes to the
     threads it starts: the source's bulk server calls this first thing (the
-    whole process), the destination's bulk path from its own thread. On a
-    host where both agents share two cores, a bulk process at normal
-    priority delays the fault path by whole scheduler slices. SCHED_IDLE
-    was tried too: faults got no faster, and a guest that keeps faulting
-    starved the bulk stream (1 GiB post-copy took 20-30 % longer).
+    whole process), the destination's bulk path from its own thread. A
+    SCHED_BATCH thread never preempts a thread that wakes up, so on a host
+    where both agents share two cores the bulk does not delay the fault path
+    by whole scheduler slices; the urgent threads are raised above it
+    (urgent_thread, and the native fault threads' SCHED_FIFO). The bulk
+    keeps the guests' weight: at nice 10 (about 1/10 of a guest thread's
+    share) four busy guests starved a drain's pushes, and the guests then
+    faulted in what the push did not bring (docs/performance.md, "Who gets
+    the CPU in a drain"). SCHED_IDLE was tried too: faults got no faster,
+    and a guest that keeps faulting starved the bulk stream.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError):
-        pass  # not Linux: the niceness alone still helps
-    os.nice(10)
+        pass  # not Linux: nothing to yield with
+
+
+#: The niceness the gRPC fault path's threads ask for (the native fault
+#: threads ask for SCHED_FIFO, and this where that is refused).
+URGENT_NICE = -10
+
+
+@contextlib.contextmanager
+def urgent_thread() -> Iterator[None]:
+    """Run the calling thread at URGENT_NICE for the block, then at its niceness before.
+
+    For the gRPC fault path's threads (the destination's fault loop and
+    reply receiver, the source's Pages.Fetch handler, a pool thread lent for
+    the call): the bulk threads run at the guests' weight, and a fault must
+    not wait behind them. Best effort: without the privilege to lower a
+    niceness (root, CAP_SYS_NICE or RLIMIT_NICE) the thread stays as it is.
+    """
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, URGENT_NICE)
+    except OSError:
+        pass  # not permitted: the fault path runs at the bulk's weight
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, tid, before)  # raising a niceness is always permitted
 
 
 #: Allocations below this come from the heap: page batches (up to 1 MiB) and gRPC's socket read buffers (up to 4 MiB).

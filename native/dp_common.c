@@ -590,8 +590,7 @@ void dp_thread_for_bulk(const char *name)
 {
     pthread_setname_np(pthread_self(), name);
     struct sched_param sp = {0};
-    sched_setscheduler(0, SCHED_BATCH, &sp); /* 0: the calling thread */
-    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+    sched_setscheduler(0, SCHED_BATCH, &sp); /* 0: the calling thread; its niceness stays the agent's */
 }
 
 void dp_thread_for_faults(const char *name)

@@ -113,10 +113,12 @@ int dp_key_equal(const uint8_t *a, const uint8_t *b, size_t len);
 int64_t dp_mono_ns(void);
 
 /* The calling thread's name and priority. Bulk threads yield the CPU to
- * urgent work (SCHED_BATCH, nice 10): on a host whose cores both ends and
- * the guest share, a fault's page must not wait behind a bulk batch.
- * Fault threads are short and bounded: real-time (SCHED_FIFO 1) where
- * allowed, else nice -10. Best effort both. */
+ * urgent work (SCHED_BATCH: a waking thread is never preempted by them): on
+ * a host whose cores both ends and the guests share, a fault's page must not
+ * wait behind a bulk batch. They keep the agent's niceness, the guests'
+ * weight: at nice 10 busy guests starved a drain's pushes. Fault threads are
+ * short and bounded: real-time (SCHED_FIFO 1) where allowed, else nice -10.
+ * Best effort both. */
 void dp_thread_for_bulk(const char *name);
 void dp_thread_for_faults(const char *name);
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from migrate import rpc, stats
+from migrate import rpc, spawn, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, SourceLink
@@ -421,14 +421,22 @@ class FaultLoop:
         self._server = FaultServer(mem, self._link, run_id, jump, asked)
         self._stop = threading.Event()
         self._summary: dict | None = None
-        self._receiver = threading.Thread(target=guarded("urgent reply receiver", self._server.receive, self._fail),
+        self._receiver = threading.Thread(target=guarded("urgent reply receiver", self._receive, self._fail),
                                           daemon=True, name="urgent-replies")
         self._loop = threading.Thread(target=guarded("fault loop", self._run, self._fail), daemon=True,
                                       name="fault-loop")
         self._receiver.start()
         self._loop.start()
 
+    def _receive(self) -> None:
+        with spawn.urgent_thread():
+            self._server.receive()
+
     def _run(self) -> None:
+        with spawn.urgent_thread():
+            self._loop_faults()
+
+    def _loop_faults(self) -> None:
         server, mem, installs = self._server, self._mem, self._installs
         wake_fd, poll_ms = (-1, 1) if installs is None else (installs.installed_fd, BULK_PATIENCE_MS)
         waiting = False
