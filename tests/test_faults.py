@@ -3,15 +3,18 @@ fault asks for, in how many messages, and when the fault loop needs to look agai
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 
+from migrate import spawn
 from migrate.bitmap import SharedBitmap
 from migrate.dest import bulk
 from migrate.dest.faults import NEIGHBOURHOOD, FaultServer
+from migrate.source.outgoing import UrgentPages
 
 PAGES = 1024
 
@@ -114,3 +117,45 @@ def test_the_grpc_bulk_path_signals_installs_and_write_offs_while_faults_wait(mo
     finally:
         loop.stop()
         received.close()
+
+
+def may_lower_niceness() -> bool:
+    """Whether this process may lower a thread's niceness (root, CAP_SYS_NICE, RLIMIT_NICE); tried on a
+    throwaway thread."""
+    allowed = []
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, spawn.URGENT_NICE)
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return allowed[0]
+
+
+def test_the_sources_urgent_handler_runs_above_the_bulk_and_gives_its_thread_back():
+    """Pages.Fetch serves on a gRPC pool thread at spawn.URGENT_NICE (the bulk threads keep the agent's
+    niceness, so an urgent reply must not wait behind them), and the thread goes back to the pool at its
+    niceness from before."""
+    seen: list[int] = []
+
+    def requests() -> Iterator:
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread
+        yield from ()
+
+    def serve() -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+        assert list(UrgentPages(runs=None).Fetch(requests(), context=None)) == []
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+
+    pool_thread = threading.Thread(target=serve)
+    pool_thread.start()
+    pool_thread.join()
+    before, serving, after = seen
+    assert serving == (spawn.URGENT_NICE if may_lower_niceness() else before)
+    assert after == before
