@@ -243,7 +243,7 @@ static void *stream_loop(void *arg)
 {
     struct mig_snap *s = arg;
     /* Below the fault thread and the guest: a waking fault thread preempts the stream at once
-     * (SCHED_BATCH, nice 10, as the migration's bulk paths); best effort. */
+     * (SCHED_BATCH, nice 10, as the destination's bulk threads: dp_common.h); best effort. */
     struct sched_param none = {0};
     sched_setscheduler(0, SCHED_BATCH, &none);
     setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);

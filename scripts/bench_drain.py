@@ -2,7 +2,7 @@
 
     python scripts/bench_drain.py [--guests 4] [--size 256M] [--ops-per-sec 300000] [--parallel 1,2,4]
                                   [--baseline-size 1G] [--mode postcopy] [--data-plane native]
-                                  [--fault-path grpc] [--warm-runners 4] [--json out.json]
+                                  [--fault-path grpc] [--warm-runners 4] [--threads] [--json out.json]
 
 On one local source and one local destination agent (loopback): first one
 idle guest of --baseline-size migrates alone (its rate over its whole run,
@@ -14,6 +14,11 @@ total and blocked time and its push rate (bulk bytes over its post-copy
 time: the fairness measure), and the aggregate MiB/s (guest RAM moved over
 the drain's wall time). The destination agent keeps --warm-runners guest
 runners started ahead (migrate.guest.warm; WARM says which runs took one).
+With --threads, every thread under the two agents (theirs and their guest
+runners') is sampled during each drain from /proc/PID/task/TID/schedstat:
+its CPU time and its time runnable but waiting for a CPU, summed by
+process and thread name (C threads are named: dps-bulk, dpd-install,
+dpd-fault...; Python threads carry their process's name).
 The issue's targets, checked at the end: the
 aggregate of the largest --parallel at least 80 % of the reference, no
 guest's total time past 2x the median, push rates within 2x of each other.
@@ -27,7 +32,9 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -105,17 +112,88 @@ def baseline(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace) -> tupl
     return report.transfer_mib_s(doc), size / MiB / doc["total_s"], cpu_ms_per_mib
 
 
+class ThreadTimes:
+    """Who got the CPUs during a drain: run and wait seconds of every thread under the agents.
+
+    Sampled every `every` s (a thread that ends between two samples loses
+    at most that much), summed by (process, thread name); the agents are
+    named by role, their children (guest runners) by their command name.
+    """
+
+    def __init__(self, agents: dict[int, str], every: float = 0.05) -> None:
+        self._agents = agents
+        self._first = self._sample()
+        self._last = dict(self._first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True, name="thread-times")
+        self._thread.start()
+
+    def _processes(self) -> dict[int, str]:
+        """The agents and their descendants, each with the name it is summed under."""
+        children: dict[int, list[int]] = defaultdict(list)
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                children[int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])].append(int(entry))
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+        named, frontier = dict(self._agents), list(self._agents)
+        while frontier:
+            for child in children[frontier.pop()]:
+                named.setdefault(child, "")
+                frontier.append(child)
+        return named
+
+    def _sample(self) -> dict[tuple[int, int], tuple[str, str, int, int]]:
+        out = {}
+        for pid, role in self._processes().items():
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+                role = role or Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                    run_ns, wait_ns = map(int, Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[:2])
+                except (OSError, ValueError):
+                    continue
+                out[(pid, int(tid))] = (role, comm.rstrip("0123456789"), run_ns, wait_ns)
+        return out
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._last.update(self._sample())
+
+    def stop(self) -> list[dict]:
+        """Rows (process, thread, threads, run_s, wait_s), the largest run first."""
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._sample())
+        sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+        for key, (role, comm, run_ns, wait_ns) in self._last.items():
+            run0, wait0 = self._first[key][2:] if key in self._first else (0, 0)
+            row = sums[(role, comm)]
+            row[0] += 1
+            row[1] += (run_ns - run0) / 1e9
+            row[2] += (wait_ns - wait0) / 1e9
+        rows = [{"process": role, "thread": comm, "threads": n, "run_s": round(run, 3), "wait_s": round(wait, 3)}
+                for (role, comm), (n, run, wait) in sums.items()]
+        return sorted(rows, key=lambda r: -r["run_s"])
+
+
 def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, parallel: int) -> dict:
     names = [f"p{parallel}g{i}" for i in range(args.guests)]
     for name in names:
         launch(src.address, name, args.size, "hotset", args.ops_per_sec)
     time.sleep(args.warmup)
     cpu0 = agent_cpu_s(src.pid), agent_cpu_s(dst.pid)
+    times = ThreadTimes({src.pid: "source agent", dst.pid: "destination agent"}) if args.threads else None
     t0 = time.monotonic()
     try:
         outcomes = Drain(src.address, [dst.address], run_options(args), parallel=parallel).run()
     finally:
         wall = time.monotonic() - t0
+        threads = times.stop() if times else []
         mib = args.guests * args.size / MiB
         cpu = [cpu_ms_per_mib(c0, agent_cpu_s(a.pid), mib) for a, c0 in zip((src, dst), cpu0)]
         clear(dst.address, names)
@@ -130,7 +208,7 @@ def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, paral
                  "started_s": round(o.started - t0, 3)} if o.moved else {})} for o in outcomes]
     return {"parallel": parallel, "wall_s": round(wall, 3),
             "aggregate_mib_s": round(args.guests * args.size / MiB / wall, 1),
-            "cpu_ms_per_mib": {"source_agent": cpu[0], "dest_agent": cpu[1]}, "guests": rows}
+            "cpu_ms_per_mib": {"source_agent": cpu[0], "dest_agent": cpu[1]}, "guests": rows, "threads": threads}
 
 
 def verdict(result: dict, reference: float, after_resume: float) -> list[str]:
@@ -167,6 +245,8 @@ def main() -> None:
     ap.add_argument("--warm-runners", type=int, default=4,
                     help="Runners the destination agent keeps started ahead (its --warm-runners; 0: none).")
     ap.add_argument("--warmup", type=float, default=1.0, help="Seconds the guests run before the drain.")
+    ap.add_argument("--threads", action="store_true",
+                    help="Print each drain's CPU and runqueue wait per thread of the agents and guests.")
     ap.add_argument("--json", default=None, help="Write the results here.")
     args = ap.parse_args()
     logs = tempfile.mkdtemp(prefix="bench-drain-")
@@ -206,6 +286,13 @@ def main() -> None:
             if faults:
                 print(f"  agents' own CPU beyond the idle guest's per MiB: {beyond:.0f} ms, "
                       f"{beyond / faults * 1000:.0f} µs per faulted page ({faults} faults)")
+            if result["threads"]:
+                print(f"  threads (CPU and runqueue wait, s, over {result['wall_s']:.2f} s on {os.cpu_count()} CPUs; "
+                      f"at least 5 ms):")
+                for t in result["threads"]:
+                    if max(t["run_s"], t["wait_s"]) >= 0.005:
+                        print(f"    {t['process']:18} {t['thread']:16} {t['threads']:3d} {t['run_s']:7.3f} "
+                              f"{t['wait_s']:7.3f}")
             for line in verdict(result, reference, after_resume):
                 print(f"  {line}")
     if args.json:

@@ -143,3 +143,31 @@ def test_core_bench_usage_leaves_out_an_exiting_guest_runner(bench_core, monkeyp
         runner.stdin.close()
         runner.wait(timeout=10)
     assert used["cpu_s"]["me"] < 0.4
+
+
+def test_drain_bench_thread_times_count_a_threads_cpu(monkeypatch):
+    """scripts/bench_drain.py --threads: a thread that burns CPU under a watched process shows with its run time."""
+    import importlib
+    import threading
+    import time
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    bench_drain = importlib.import_module("bench_drain")
+    times = bench_drain.ThreadTimes({os.getpid(): "this test"})
+    burnt, done = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        burnt.set()
+        done.wait()  # alive until the last sample: a thread that ends between two samples loses its time
+
+    burner = threading.Thread(target=burn)
+    burner.start()
+    burnt.wait()
+    rows = times.stop()
+    done.set()
+    burner.join()
+    assert sum(r["run_s"] for r in rows if r["process"] == "this test") >= 0.04, rows

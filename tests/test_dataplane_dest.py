@@ -616,3 +616,44 @@ def test_a_fault_deep_in_the_bulks_window_asks_its_page_at_once(memfds, restored
     assert before["pages"] >= before["asked_in_flight"], before
     assert d == reference_digest(spec)
 
+
+
+# ------------------------------------------------------------------ priorities
+
+def thread_policies() -> dict[str, set[tuple[int, int]]]:
+    """This process's threads by name: the (scheduling policy, niceness) of each."""
+    out: dict[str, set[tuple[int, int]]] = {}
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            out.setdefault(name, set()).add((os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)))
+        except OSError:
+            continue  # ended meanwhile
+    return out
+
+
+def test_bulk_threads_yield_to_the_fault_threads_and_the_sources_keeps_the_agents_niceness(memfds, restored) -> None:
+    """Both ends' bulk threads run SCHED_BATCH; the source's at the niceness of the thread that started it
+    (niced, guests still running on the source starved a drain's pushes), the destination's niced below
+    its guests; the fault threads run SCHED_FIFO, or niced below the bulk where that is refused."""
+    size = 16 * MiB
+    src = filled(memfds, size)
+    guest = restored(idle_spec(size), memfds(size))
+    agents = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    bulk_names = {"dps-bulk", "dpd-request", "dpd-receive", "dpd-install"}
+    with DataServer(src, size, PAGE, "127.0.0.1", key=KEY) as server:
+        bulk = NativeBulk(guest.mem, server.endpoint, KEY, recovery_timeout=10)
+        faults = NativeFaultLoop(guest.mem, server.endpoint, KEY, bulk, recovery_timeout=10)
+        try:
+            bulk.start(MiB)  # paced: its threads live for the test's look at them
+            wait_for(lambda: bulk_names | {"dps-fault", "dpd-fault"} <= thread_policies().keys(), "every thread")
+            threads = thread_policies()
+        finally:
+            faults.stop()
+            bulk.stop()
+    assert threads["dps-bulk"] == {(os.SCHED_BATCH, agents)}
+    for name in bulk_names - {"dps-bulk"}:
+        assert threads[name] == {(os.SCHED_BATCH, min(agents + 10, 19))}, (name, threads[name])
+    for name in ("dps-fault", "dpd-fault"):
+        assert all(policy == os.SCHED_FIFO or nice < agents for policy, nice in threads[name]), (name, threads[name])

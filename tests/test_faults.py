@@ -14,12 +14,13 @@ import grpc
 import pytest
 from test_dataplane_dest import paused, restored  # noqa: F401 - restored: a fixture
 
-from migrate import rpc
+from migrate import rpc, spawn
 from migrate.batches import BatchEncoder, add_pages_servicer
 from migrate.bitmap import SharedBitmap
 from migrate.dest import bulk
 from migrate.dest.faults import NEIGHBOURHOOD, FaultLoop, FaultServer
 from migrate.guest.process import GuestSpec
+from migrate.source.outgoing import UrgentPages
 
 PAGES = 1024
 
@@ -159,3 +160,45 @@ def test_the_grpc_fault_path_serves_a_guest_from_one_thread(memfds, restored, re
     last = faults.last
     assert "error" not in last and last["faults"] > 0 and last["latency_us"]["count"] > 0
     assert digest == reference_digest(spec)
+
+
+def may_lower_niceness() -> bool:
+    """Whether this process may lower a thread's niceness (root, CAP_SYS_NICE, RLIMIT_NICE); tried on a
+    throwaway thread."""
+    allowed = []
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, spawn.URGENT_NICE)
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return allowed[0]
+
+
+def test_the_sources_urgent_handler_runs_above_the_bulk_and_gives_its_thread_back():
+    """Pages.Fetch serves on a gRPC pool thread at spawn.URGENT_NICE (the bulk threads keep the agent's
+    niceness, so an urgent reply must not wait behind them), and the thread goes back to the pool at its
+    niceness from before."""
+    seen: list[int] = []
+
+    def requests() -> Iterator:
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread
+        yield from ()
+
+    def serve() -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+        assert list(UrgentPages(runs=None).Fetch(requests(), context=None)) == []
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+
+    pool_thread = threading.Thread(target=serve)
+    pool_thread.start()
+    pool_thread.join()
+    before, serving, after = seen
+    assert serving == (spawn.URGENT_NICE if may_lower_niceness() else before)
+    assert after == before

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from migrate import errors, stats
+from migrate import errors, spawn, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, UrgentLink
@@ -429,7 +429,8 @@ class FaultLoop:
     def _main(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
               asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
         try:
-            self._loop.run_until_complete(self._serve(endpoint, run_id, jump, recovery_timeout, asked, ready))
+            with spawn.urgent_thread():
+                self._loop.run_until_complete(self._serve(endpoint, run_id, jump, recovery_timeout, asked, ready))
         except BaseException as err:
             if not ready.done():  # FaultLoop() raises it
                 ready.set_exception(err)

@@ -304,6 +304,10 @@ class UrgentPages(pb_grpc.PagesServicer):
         self._runs = runs
 
     def Fetch(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
+        with spawn.urgent_thread():  # gRPC runs the whole call on one pool thread
+            yield from self._answer(request_iterator, context)
+
+    def _answer(self, request_iterator: Iterator[pb.PageRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         encoders: dict[str, BatchEncoder] = {}
         for req in request_iterator:
             try:
