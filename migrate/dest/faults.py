@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,12 +35,10 @@ from migrate import errors, spawn, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, UrgentLink
-from migrate.dest.paths import MAX_REFUSED, Memory, guarded
+from migrate.dest.paths import MAX_REFUSED, Memory, guarded, report_bug
 from migrate.policies.base import Neighbourhood
 from migrate.policies.workingset import ranges_of
 from migrate.proto import migrate_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 #: Pages prefetched around a random fault: its aligned 64 KiB block.
 NEIGHBOURHOOD = 16
@@ -490,8 +487,7 @@ class FaultLoop:
             self._fail(f"fault loop failed: {err}")
             return
         except Exception as err:  # noqa: BLE001 - as guarded(): a bug must fail the run, not end the loop quietly
-            log.exception("fault loop failed")
-            self._fail(f"fault loop failed: {err!r}")
+            report_bug("fault loop", err, self._fail)
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -522,8 +518,7 @@ class FaultLoop:
         except (BatchError, OSError) as err:
             self._fail(f"urgent page install failed: {err}")
         except Exception as err:  # noqa: BLE001 - as guarded()
-            log.exception("urgent reply receiver failed")
-            self._fail(f"urgent reply receiver failed: {err!r}")
+            report_bug("urgent reply reader", err, self._fail)
 
     def _fail(self, error: str) -> None:
         """Stop serving, for `error` (the first one given is kept)."""

@@ -29,10 +29,15 @@ def guarded(what: str, body: Callable[[], None], fail: Callable[[str], None]) ->
         try:
             body()
         except Exception as err:  # noqa: BLE001 - whatever it is, the run must hear of it
-            log.exception("%s failed", what)
-            fail(f"{what} failed: {err!r}")
+            report_bug(what, err, fail)
 
     return run
+
+
+def report_bug(what: str, err: Exception, fail: Callable[[str], None]) -> None:
+    """Log an exception nobody expected, with its traceback, and fail the run with it (call from an except)."""
+    log.exception("%s failed", what)
+    fail(f"{what} failed: {err!r}")
 
 
 @dataclass
