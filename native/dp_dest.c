@@ -288,6 +288,7 @@ struct mig_dpd {
 
     pthread_mutex_t mu;
     pthread_cond_t cond;  /* any state change: waiters re-check */
+    pthread_cond_t ended; /* mig_dpd_wait's: the round ended, or the path finished (not every frame's wakeup) */
     int fd;               /* the connection; -1 while down */
     int sending;          /* requester threads in send() on fd */
     int stopping;
@@ -339,6 +340,15 @@ struct mig_dpd {
     uint64_t history_head;
 };
 
+/* The round ended, or the path finished: wake every waiter, mig_dpd_wait's
+ * too (only then: woken by every slot installed, it cost a pre-copy round
+ * of a scattered set a futex call and a lock per frame). (lock held) */
+static void announce_end(struct mig_dpd *h)
+{
+    pthread_cond_broadcast(&h->cond);
+    pthread_cond_broadcast(&h->ended);
+}
+
 __attribute__((format(printf, 2, 3))) static void fail(struct mig_dpd *h, const char *fmt, ...)
 {
     pthread_mutex_lock(&h->mu);
@@ -352,7 +362,7 @@ __attribute__((format(printf, 2, 3))) static void fail(struct mig_dpd *h, const 
     h->finished = 1;
     if (h->fd >= 0)
         shutdown(h->fd, SHUT_RDWR);
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
     pthread_mutex_unlock(&h->mu);
 }
 
@@ -722,7 +732,7 @@ static void end_round(struct mig_dpd *h)
         if (h->fd >= 0)
             shutdown(h->fd, SHUT_RDWR);
     }
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
 }
 
 /* Was *t_ns (a stamp another thread writes) within FAULTING_NS of now? (A
@@ -1007,7 +1017,7 @@ static void *receiver_main(void *arg)
     pthread_mutex_lock(&h->mu);
     hand_off(h, &cur);
     h->finished = 1;
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
     pthread_mutex_unlock(&h->mu);
     return NULL;
 }
@@ -1179,6 +1189,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&h->cond, &ca);
+    pthread_cond_init(&h->ended, &ca);
     pthread_condattr_destroy(&ca);
     h->space = space;
     if (h->link.stopfd < 0 || (role == ROLE_BULK && h->installed_fd < 0)) {
@@ -1283,7 +1294,7 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
                 r = -r;
             }
         }
-        pthread_cond_broadcast(&h->cond);
+        announce_end(h); /* a round begun (its threads look), or failed to */
     }
     pthread_mutex_unlock(&h->mu);
     return r;
@@ -1311,7 +1322,7 @@ int mig_dpd_wait(struct mig_dpd *h, int timeout_ms)
     deadline_in(&ts, (uint64_t)timeout_ms * 1000000ULL);
     pthread_mutex_lock(&h->mu);
     while (h->round_active && !h->finished && !h->failed)
-        if (pthread_cond_timedwait(&h->cond, &h->mu, &ts) == ETIMEDOUT)
+        if (pthread_cond_timedwait(&h->ended, &h->mu, &ts) == ETIMEDOUT)
             break;
     int r = h->failed ? -1 : (!h->round_active || h->finished) ? 1 : 0;
     pthread_mutex_unlock(&h->mu);
@@ -1896,7 +1907,7 @@ void mig_dpd_stop(struct mig_dpd *h)
     }
     if (h->fd >= 0)
         shutdown(h->fd, SHUT_RDWR);
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
     int started = h->started;
     pthread_mutex_unlock(&h->mu);
     if (started && h->role == ROLE_FAULT)
@@ -1935,6 +1946,7 @@ void mig_dpd_free(struct mig_dpd *h)
     free(h->history);
     free(h->planq);
     pthread_cond_destroy(&h->cond);
+    pthread_cond_destroy(&h->ended);
     pthread_mutex_destroy(&h->mu);
     free(h);
 }
