@@ -288,6 +288,7 @@ struct mig_dpd {
 
     pthread_mutex_t mu;
     pthread_cond_t cond;  /* any state change: waiters re-check */
+    pthread_cond_t ended; /* mig_dpd_wait's: the round ended, or the path finished (not every frame's wakeup) */
     int fd;               /* the connection; -1 while down */
     int sending;          /* requester threads in send() on fd */
     int stopping;
@@ -339,6 +340,15 @@ struct mig_dpd {
     uint64_t history_head;
 };
 
+/* The round ended, or the path finished: wake every waiter, mig_dpd_wait's
+ * too (only then: woken by every slot installed, it cost a pre-copy round
+ * of a scattered set a futex call and a lock per frame). (lock held) */
+static void announce_end(struct mig_dpd *h)
+{
+    pthread_cond_broadcast(&h->cond);
+    pthread_cond_broadcast(&h->ended);
+}
+
 __attribute__((format(printf, 2, 3))) static void fail(struct mig_dpd *h, const char *fmt, ...)
 {
     pthread_mutex_lock(&h->mu);
@@ -352,7 +362,7 @@ __attribute__((format(printf, 2, 3))) static void fail(struct mig_dpd *h, const 
     h->finished = 1;
     if (h->fd >= 0)
         shutdown(h->fd, SHUT_RDWR);
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
     pthread_mutex_unlock(&h->mu);
 }
 
@@ -406,57 +416,35 @@ struct installer_ctx {
     uint64_t lat_done_ns; /* when the last install finished */
 };
 
-/* pwrite the non-zero pages of pages [first, first + count) into the memfd
- * (zero runs, relative to first: holes). */
-static int64_t write_memfd(struct mig_dpd *h, uint64_t first, uint32_t count, const uint32_t *runs, uint32_t npairs,
-                           const uint8_t *data)
-{
-    uint64_t p = 0, ps = h->page_size;
-    uint32_t z = 0;
-    while (p < count) {
-        if (z < npairs && runs[2 * z] == p) {
-            /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
-             * punched: precopy.unmark), which a zero page must not leave behind. */
-            int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, first + p, runs[2 * z + 1], ps) : 0;
-            if (err)
-                return err;
-            p += runs[2 * z + 1];
-            z++;
-            continue;
-        }
-        uint64_t end = z < npairs ? runs[2 * z] : count, len = (end - p) * ps, off = 0;
-        while (off < len) {
-            ssize_t n = pwrite(h->target_fd, data + off, len - off, (off_t)((first + p) * ps + off));
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                return n < 0 ? -errno : -EIO;
-            off += (uint64_t)n;
-        }
-        data += len;
-        p = end;
-    }
-    return 0;
-}
-
-/* Install one run of a verified frame, pages [first, first + count), its
- * zero runs relative to first and `len` bytes of data: into the
- * userfaultfd, or written into the memfd (pre-copy), then the bits. Adds
- * to *st. Returns 0 or -errno. */
-static int place_run(struct mig_dpd *h, uint64_t first, uint32_t count, const uint32_t *zero, uint32_t npairs,
-                     const uint8_t *data, uint64_t len, struct mig_install_stats *st)
+/* Put pages [first, first + count) of a verified frame in place, all zero
+ * (data NULL) or all data: into the userfaultfd, or written into the memfd
+ * (pre-copy), then the bits. Adds to *st. Returns 0 or -errno. */
+static int place_piece(struct mig_dpd *h, uint64_t first, uint32_t count, const uint8_t *data,
+                       struct mig_install_stats *st)
 {
     if (!h->to_memfd) {
-        int64_t r = mig_install(h->space, h->received, first, count, zero, npairs, data, len, st);
+        int64_t r = mig_install_piece(h->space, h->received, first, count, data, st);
         return r < 0 ? (int)r : 0;
     }
-    int64_t r = write_memfd(h, first, count, zero, npairs, data);
-    if (r < 0)
-        return (int)r;
-    st->copied += len / h->page_size;
-    st->zeroed += count - len / h->page_size;
+    const uint64_t ps = h->page_size, len = count * ps;
+    if (!data) {
+        /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
+         * punched: precopy.unmark), which a zero page must not leave behind. */
+        int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, first, count, ps) : 0;
+        if (err)
+            return err;
+        st->zeroed += count;
+    }
+    for (uint64_t off = 0; data && off < len;) {
+        ssize_t n = pwrite(h->target_fd, data + off, len - off, (off_t)(first * ps + off));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        off += (uint64_t)n;
+    }
+    st->copied += data ? count : 0;
     mig_bitmap_set(h->received, first, count);
-    st->done_ns = (uint64_t)dp_mono_ns();
     return 0;
 }
 
@@ -505,27 +493,26 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     if (dp_digest_final(&d) != hdr->checksum)
         return REFUSED;
     memset(st, 0, sizeof(*st));
-    /* Each run gets the zero runs over its pages (one may span runs), relative to its first page. */
-    uint32_t z = 0, base = 0;
+    /* Piece by piece, in the frame's page order (numbered from 0 over its
+     * runs): a stretch of one run that is all zero (a zero run may span runs)
+     * or all data. A scattered set's runs of a page or two cost one ioctl
+     * each and no more: no per-run check, copy of zero runs or clock read. */
+    uint32_t z = 0, base = 0; /* base: the frame's number of run k's first page */
     for (uint32_t k = 0; k < hdr->nruns; base += pruns[k].count, k++) {
-        uint32_t n = pruns[k].count, sub[2 * (DP_BATCH_PAGES / 2 + 1)], nsub = 0, zeros = 0;
-        while (z < hdr->nzero_pairs && zero[2 * z] < base + n) {
-            uint32_t from = zero[2 * z] > base ? zero[2 * z] : base, end = zero[2 * z] + zero[2 * z + 1];
-            uint32_t to = end < base + n ? end : base + n;
-            sub[2 * nsub] = from - base;
-            sub[2 * nsub + 1] = to - from;
-            nsub++;
-            zeros += to - from;
-            if (end > base + n)
-                break; /* it goes on into the next run */
-            z++;
+        const uint32_t end = base + pruns[k].count;
+        for (uint32_t p = base, stop; p < end; p = stop) {
+            while (z < hdr->nzero_pairs && zero[2 * z] + zero[2 * z + 1] <= p)
+                z++;
+            int is_zero = z < hdr->nzero_pairs && zero[2 * z] <= p;
+            stop = z < hdr->nzero_pairs ? (is_zero ? zero[2 * z] + zero[2 * z + 1] : zero[2 * z]) : end;
+            stop = stop < end ? stop : end;
+            int r = place_piece(h, pruns[k].first_page + (p - base), stop - p, is_zero ? NULL : data, st);
+            if (r < 0)
+                return r;
+            data += is_zero ? 0 : (uint64_t)(stop - p) * h->page_size;
         }
-        uint64_t len = (uint64_t)(n - zeros) * h->page_size;
-        int r = place_run(h, pruns[k].first_page, n, sub, nsub, data, len, st);
-        if (r < 0)
-            return r;
-        data += len;
     }
+    st->done_ns = (uint64_t)dp_mono_ns();
     return INSTALLED;
 }
 
@@ -745,7 +732,7 @@ static void end_round(struct mig_dpd *h)
         if (h->fd >= 0)
             shutdown(h->fd, SHUT_RDWR);
     }
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
 }
 
 /* Was *t_ns (a stamp another thread writes) within FAULTING_NS of now? (A
@@ -1030,7 +1017,7 @@ static void *receiver_main(void *arg)
     pthread_mutex_lock(&h->mu);
     hand_off(h, &cur);
     h->finished = 1;
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
     pthread_mutex_unlock(&h->mu);
     return NULL;
 }
@@ -1202,6 +1189,7 @@ static struct mig_dpd *new_handle(int role, const char *host, int port, const ui
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&h->cond, &ca);
+    pthread_cond_init(&h->ended, &ca);
     pthread_condattr_destroy(&ca);
     h->space = space;
     if (h->link.stopfd < 0 || (role == ROLE_BULK && h->installed_fd < 0)) {
@@ -1306,7 +1294,7 @@ int mig_dpd_round(struct mig_dpd *h, uint64_t max_bandwidth, double deadline_s)
                 r = -r;
             }
         }
-        pthread_cond_broadcast(&h->cond);
+        announce_end(h); /* a round begun (its threads look), or failed to */
     }
     pthread_mutex_unlock(&h->mu);
     return r;
@@ -1334,7 +1322,7 @@ int mig_dpd_wait(struct mig_dpd *h, int timeout_ms)
     deadline_in(&ts, (uint64_t)timeout_ms * 1000000ULL);
     pthread_mutex_lock(&h->mu);
     while (h->round_active && !h->finished && !h->failed)
-        if (pthread_cond_timedwait(&h->cond, &h->mu, &ts) == ETIMEDOUT)
+        if (pthread_cond_timedwait(&h->ended, &h->mu, &ts) == ETIMEDOUT)
             break;
     int r = h->failed ? -1 : (!h->round_active || h->finished) ? 1 : 0;
     pthread_mutex_unlock(&h->mu);
@@ -1919,7 +1907,7 @@ void mig_dpd_stop(struct mig_dpd *h)
     }
     if (h->fd >= 0)
         shutdown(h->fd, SHUT_RDWR);
-    pthread_cond_broadcast(&h->cond);
+    announce_end(h);
     int started = h->started;
     pthread_mutex_unlock(&h->mu);
     if (started && h->role == ROLE_FAULT)
@@ -1958,6 +1946,7 @@ void mig_dpd_free(struct mig_dpd *h)
     free(h->history);
     free(h->planq);
     pthread_cond_destroy(&h->cond);
+    pthread_cond_destroy(&h->ended);
     pthread_mutex_destroy(&h->mu);
     free(h);
 }

@@ -695,14 +695,12 @@ static int64_t fill_zero(int fd, uint64_t dst, uint64_t len, uint32_t page_size,
     return done;
 }
 
-/* Install global pages [page, page + n), all zero (src NULL) or all data
- * (src = the bytes of page `page`): skip pages set in the bitmap, one ioctl
- * per piece that is clear in the bitmap and within one region, then set the
- * piece's bits; all under the space's read lock (see uffd.h). On -EAGAIN
- * the lock is dropped and the pending event read (pump) before going on.
- * Returns pages newly installed or -errno. */
-static int64_t install_run(struct mig_space *s, uint64_t *bitmap, uint64_t page, uint64_t n, const uint8_t *src,
-                           struct mig_install_stats *st)
+/* Skip pages set in the bitmap, one ioctl per piece that is clear in the
+ * bitmap and within one region, then set the piece's bits; all under the
+ * space's read lock (see uffd.h). On -EAGAIN the lock is dropped and the
+ * pending event read (pump) before going on. */
+int64_t mig_install_piece(struct mig_space *s, uint64_t *bitmap, uint64_t page, uint64_t n, const uint8_t *src,
+                          struct mig_install_stats *st)
 {
     const uint64_t first = page, end = page + n;
     const uint32_t ps = s->page_size;
@@ -786,7 +784,7 @@ static int64_t install_pages(struct mig_space *s, uint64_t *bitmap, uint64_t fir
     while (p < count) {
         int zero = z < nzero_runs && zero_runs[2 * z] == p;
         uint64_t end = zero ? p + zero_runs[2 * z + 1] : z < nzero_runs ? zero_runs[2 * z] : count;
-        int64_t r = install_run(s, bitmap, first_page + p, end - p, zero ? NULL : data, st);
+        int64_t r = mig_install_piece(s, bitmap, first_page + p, end - p, zero ? NULL : data, st);
         if (r < 0)
             return r;
         installed += r;

@@ -194,6 +194,17 @@ int mig_space_fd(const struct mig_space *s);
 /* 1 if faults read by an installer wait for mig_read_faults. */
 int mig_space_stashed(struct mig_space *s);
 
+/* For the native data plane's installers (dp_dest.c), C only: install
+ * global pages [page, page + n), all zero (src NULL) or all data (src:
+ * their bytes), as mig_install does each run of its batch (pages set in
+ * the bitmap skipped, the space's lock held per ioctl). Adds to *st but
+ * leaves st->done_ns to the caller: the plane splits a verified batch of
+ * many runs (a scattered set: a page or two each) into such pieces itself
+ * and reads the clock once a batch, not once a run. Returns pages newly
+ * installed or -errno. */
+int64_t mig_install_piece(struct mig_space *s, uint64_t *bitmap, uint64_t page, uint64_t n, const uint8_t *src,
+                          struct mig_install_stats *st);
+
 /* cffi: begin */
 int mig_uffd_open(int nonblock);
 int mig_uffd_probe(uint64_t *features_out, uint64_t *ioctls_out);
