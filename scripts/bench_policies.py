@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hotset_oracle, also under python -P
 
 from hotset_oracle import hot_tenths  # noqa: E402  (scripts/, beside this file)
 
