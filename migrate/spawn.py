@@ -88,23 +88,28 @@ URGENT_NICE = -10
 def urgent_thread() -> Iterator[None]:
     """Run the calling thread at URGENT_NICE for the block, then at its niceness before.
 
-    For the gRPC fault path's threads (the destination's urgent-path
-    thread, the source's Pages.Fetch handler, a pool thread lent for
-    the call): a fault must not wait behind the bulk threads, which on the
+    For the gRPC fault path's threads (the source's Pages.Fetch handler, a
+    pool thread lent for the call; the destination's urgent-path thread,
+    which serves nothing else, stays raised): a fault must not wait behind the bulk threads, which on the
     native plane's source run at the agent's niceness, nor behind the
     guests' own. Best effort: without the privilege to lower a
     niceness (root, CAP_SYS_NICE or RLIMIT_NICE) the thread stays as it is.
     """
     tid = threading.get_native_id()
     before = os.getpriority(os.PRIO_PROCESS, tid)
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, URGENT_NICE)
-    except OSError:
-        pass  # not permitted: the fault path runs at the bulk's weight
+    raise_to_urgent()
     try:
         yield
     finally:
         os.setpriority(os.PRIO_PROCESS, tid, before)  # raising a niceness is always permitted
+
+
+def raise_to_urgent() -> None:
+    """Run the calling thread at URGENT_NICE from now on (best effort, as urgent_thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), URGENT_NICE)
+    except OSError:
+        pass  # not permitted: the fault path runs at the bulk's weight
 
 
 #: Allocations below this come from the heap: page batches (up to 1 MiB) and gRPC's socket read buffers (up to 4 MiB).

@@ -35,7 +35,7 @@ from migrate import errors, spawn, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, UrgentLink
-from migrate.dest.paths import MAX_REFUSED, Memory, guarded, report_bug
+from migrate.dest.paths import MAX_REFUSED, Memory, report_bug
 from migrate.policies.base import Neighbourhood
 from migrate.policies.workingset import ranges_of
 from migrate.proto import migrate_pb2 as pb
@@ -389,8 +389,38 @@ class _Stream:
                     pass
 
 
+_loop_lock = threading.Lock()
+_shared_loop: asyncio.AbstractEventLoop | None = None
+
+
+def urgent_loop() -> asyncio.AbstractEventLoop:
+    """The agent's one event loop for every run's urgent path, on a thread of its own (started on
+    first use, at spawn.URGENT_NICE, for the life of the process).
+
+    One loop, not one per run: gRPC's asyncio layer polls its completion
+    queue from one thread for the whole process and hands each completion
+    to the loop of the call; a loop closed at the end of a run while a
+    completion of its channel was still on its way lost that completion,
+    and with it the call's callbacks and everything they held (the run's
+    bulk path and descriptors) until the garbage collector came by.
+    """
+    global _shared_loop
+    with _loop_lock:
+        if _shared_loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=_run_forever, args=(loop,), daemon=True, name="urgent-path").start()
+            _shared_loop = loop
+        return _shared_loop
+
+
+def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
+    spawn.raise_to_urgent()
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
 class FaultLoop:
-    """The urgent path, run by the destination agent: one thread, owning an asyncio event loop.
+    """A run's urgent path, served by the destination agent's urgent event loop (urgent_loop()).
 
     The loop watches the userfaultfd (and the fds that say faults wait: the
     space's stash, a bulk path's installs) and handles what is there at once
@@ -413,32 +443,27 @@ class FaultLoop:
         self._installs = installs
         self._summary: dict | None = None
         self._error: str | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = urgent_loop()
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         ready: futures.Future[FaultServer] = futures.Future()
-        self._thread = threading.Thread(
-            target=guarded("fault loop", lambda: self._main(endpoint, run_id, jump, recovery_timeout, asked, ready),
-                           self._fail), daemon=True, name="urgent-path")
-        self._thread.start()
+        self._serving = asyncio.run_coroutine_threadsafe(
+            self._main(endpoint, run_id, jump, recovery_timeout, asked, ready), self._loop)
         self._server = ready.result()  # raises what connecting raised
 
-    def _main(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
-              asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
+    async def _main(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
+                    asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
         try:
-            with spawn.urgent_thread():
-                self._loop.run_until_complete(self._serve(endpoint, run_id, jump, recovery_timeout, asked, ready))
-        except BaseException as err:
+            await self._serve(endpoint, run_id, jump, recovery_timeout, asked, ready)
+        except Exception as err:  # noqa: BLE001 - as guarded()
             if not ready.done():  # FaultLoop() raises it
                 ready.set_exception(err)
                 return
-            raise
-        finally:
-            self._loop.close()
+            report_bug("fault loop", err, self._fail)
 
     async def _serve(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
                      asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
-        link = UrgentLink(endpoint, recovery_timeout)  # its channel belongs to this thread's loop
+        link = UrgentLink(endpoint, recovery_timeout)  # its channel belongs to the urgent loop
         try:
             try:
                 await link.connect()
@@ -527,8 +552,8 @@ class FaultLoop:
         self._finish()
 
     def _finish(self) -> None:
-        """End the event loop's work (in its thread)."""
-        if not self._loop.is_closed() and not self._done.done():
+        """End this run's work in the event loop (in its thread)."""
+        if not self._done.done():
             self._done.set_result(None)
 
     @property
@@ -566,11 +591,11 @@ class FaultLoop:
     def stop(self, timeout: float = 10.0) -> None:
         if self._summary is not None:
             return
+        self._loop.call_soon_threadsafe(self._finish)
         try:
-            self._loop.call_soon_threadsafe(self._finish)
-        except RuntimeError:
-            pass  # the loop is closed already: the path failed
-        self._thread.join(timeout)
+            self._serving.result(timeout)
+        except futures.TimeoutError:
+            self._error = self._error or f"the urgent path did not stop within {timeout:g} s"
         self._server.close()
         summary = dict(self._server.summary(), done=True)
         if self._error:
