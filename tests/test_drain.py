@@ -31,15 +31,16 @@ from migrate.rpc import AgentError
 MiB = 1 << 20
 
 
-def spec(size_mib: int, seed: int, ops: int = 20_000) -> pb.GuestSpec:
+def spec(size_mib: int, seed: int, ops: int = 20_000, ops_per_sec: int = 5_000) -> pb.GuestSpec:
     return pb.GuestSpec(size=size_mib * MiB, workload="random-write", seed=seed, ops=ops, threads=1,
-                        ops_per_sec=5_000, page_size=mmap.PAGESIZE)
+                        ops_per_sec=ops_per_sec, page_size=mmap.PAGESIZE)
 
 
-def launch(src: str, sizes: dict[str, int]) -> None:
+def launch(src: str, sizes: dict[str, int], ops_per_sec: int = 5_000) -> None:
     with AgentClient(src) as c:
         for i, (name, size) in enumerate(sizes.items()):
-            c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec(size, i + 1)), timeout=120)
+            c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec(size, i + 1, ops_per_sec=ops_per_sec)),
+                   timeout=120)
 
 
 def drain_cli(*args: str) -> subprocess.CompletedProcess:
@@ -276,7 +277,9 @@ def test_destination_killed_during_a_drain_fails_its_run_alone(tmp_path, plane):
         d2 = LocalAgent("dest", "--max-incoming-ram", "64M", log_path=str(tmp_path / "d2.log"))
         victim: list[str] = []
         try:
-            launch(src.address, {"g1": 16, "g2": 16, "g3": 16, "g4": 16})
+            # Guests slow enough that their faults (never paced) take seconds to bring every page: a run
+            # to d2 is seen past a fifth, at a status poll, well before it could complete.
+            launch(src.address, {"g1": 16, "g2": 16, "g3": 16, "g4": 16}, ops_per_sec=500)
 
             def kill_when_underway(drain: Drain) -> None:
                 for o in drain.active_runs():

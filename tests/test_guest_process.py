@@ -187,6 +187,40 @@ def test_launch_progress_pause_resume_digest_stop(memfds) -> None:
         gp.stats()
 
 
+def test_a_running_guest_reports_progress_no_more_than_20_times_a_second(memfds) -> None:
+    """Each progress event wakes the runner and its agent's reader: at 50 a second, the 4-8 runners of a
+    drain took ~0.1 CPU-s per GiB moved. The runner stamps each event after its sleep, so the gaps
+    between its stamps are at least the period, however busy the machine."""
+    spec = GuestSpec(size=4 * MiB, workload="random-write", seed=5, ops=10**12, threads=1, ops_per_sec=10_000)
+    with GuestProcess.launch(spec, memfds(spec.size)) as gp:
+        wait_for(lambda: len(gp.progress) >= 6, what="progress events")
+        times = [t for t, _ in gp.progress]
+    assert min(b - a for a, b in zip(times, times[1:])) >= 45_000_000, times
+
+
+def test_a_paused_guest_does_not_wake_to_report_nothing(memfds) -> None:
+    """A source guest stays paused from its switchover until its run completes: its progress loop used to
+    wake every PROGRESS_EVERY meanwhile, per guest, to find nothing to report."""
+    from migrate.guest.runner import PAUSED_LOOK_EVERY
+
+    def wakeups(pid: int) -> int:
+        return sum(int(line.split()[1]) for tid in os.listdir(f"/proc/{pid}/task")
+                   for line in open(f"/proc/{pid}/task/{tid}/status") if line.startswith("voluntary_ctxt_switches"))
+
+    spec = GuestSpec(size=4 * MiB, workload="random-write", seed=5, ops=10**12, threads=1, ops_per_sec=10_000)
+    with GuestProcess.launch(spec, memfds(spec.size)) as gp:
+        wait_for(lambda: len(gp.progress) >= 2, what="progress events")
+        gp.pause()
+        time.sleep(0.1)  # the loop's look after the pause's own event
+        before, t0 = wakeups(gp.pid), time.monotonic()
+        time.sleep(0.5)
+        woken, seconds = wakeups(gp.pid) - before, time.monotonic() - t0
+        gp.resume()
+        ops = gp.progress[-1][1]
+        wait_for(lambda: gp.progress[-1][1] > ops, what="progress after the resume")
+    assert woken <= 1 + seconds / PAUSED_LOOK_EVERY, (woken, seconds)
+
+
 def test_paused_runs_finish_with_the_reference_digest(memfds, reference_digest) -> None:
     spec = GuestSpec(size=16 * MiB, workload="hotset", seed=8, ops=120_000, threads=2, ops_per_sec=100_000)
     fd = memfds(spec.size)

@@ -16,7 +16,7 @@ from test_migration import abandon, launch, memfd_bytes, migrate_at
 from migrate import convergence, orchestrator
 from migrate.dest import incoming
 from migrate.dest.incoming import watch_delay
-from migrate.names import Mode
+from migrate.names import Mode, Phase
 from migrate.proto import migrate_pb2 as pb
 
 MiB = 1 << 20
@@ -124,6 +124,32 @@ def test_completion_polls_follow_the_time_left_near_the_end():
     assert orchestrator.poll_delay([(0.0, 0), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
     # every page in, the run not complete yet: it was a whole POLL_EVERY more
     assert orchestrator.poll_delay([(0.0, 1000), (0.1, 1000)], 1000) == orchestrator.POLL_MIN
+
+
+def test_a_run_polls_its_destination_a_few_times_a_second(monkeypatch):
+    """Each status poll costs a call on both ends, per run: a drain of 4 runs polled 40 times a second at 10 Hz.
+
+    A 4 s run at a steady pace, on a fake clock: no more than a poll per
+    0.25 s (a drain's TICK) and the few near the end that catch it promptly.
+    """
+    now = [0.0]
+    total, seconds = 100_000, 4.0
+    monkeypatch.setattr(orchestrator.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(orchestrator.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+
+    class Dest:
+        polls = 0
+
+        def call(self, method: str, request: object) -> pb.MigrationStatus:
+            assert method == "IncomingStatus"
+            Dest.polls += 1
+            got = min(int(total * now[0] / seconds), total)
+            return pb.MigrationStatus(phase=Phase.COMPLETE if got == total else Phase.RUNNING, pages_total=total,
+                                      pages_received=got)
+
+    status = orchestrator._wait_complete(Dest(), "g", pb.RunRef(run_id="r"), orchestrator.RunOptions(), None)
+    assert status.pages_received == total and now[0] - seconds < 0.05  # caught within 50 ms of the end
+    assert Dest.polls <= seconds / 0.25 + 8, Dest.polls
 
 
 def test_the_destination_looks_for_its_last_page_when_it_is_due():
