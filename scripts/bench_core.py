@@ -374,18 +374,10 @@ class Path:
 
 
 def migrate_once(agents: Agents, name: str, spec: pb.GuestSpec, *, paused: bool, path: Path,
-                 no_push: bool = False, warm_host: bool = False) -> tuple[dict, dict]:
-    """Launch a guest, migrate it on `path`, stop it; return (report, Usage.stop()'s rss and CPU per side).
-
-    warm_host: between the launch and the migration, allocate and free fresh
-    memory the guest's size in a child, so that the destination installs
-    into memory the hypervisor has just backed (see --warm-host).
-    """
+                 no_push: bool = False) -> tuple[dict, dict]:
+    """Launch a guest, migrate it on `path`, stop it; return (report, Usage.stop()'s rss and CPU per side)."""
     with AgentClient(agents.source) as c:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec, start_paused=paused), timeout=600)
-    if warm_host:
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--allocate", str(spec.size)],
-                       capture_output=True, env=spawn.child_env(), check=True)
     usage = Usage({"source": agents.source_pid, "dest": agents.dest_pid})
     try:
         doc = orchestrator.migrate(name, agents.source, agents.dest, orchestrator.RunOptions(
@@ -513,12 +505,6 @@ def main() -> int:
     ap.add_argument("--raw-c-recv", type=int, metavar="BYTES", help=argparse.SUPPRESS)
     ap.add_argument("--raw-c-send", metavar="PORT:BYTES", help=argparse.SUPPRESS)
     ap.add_argument("--install-ceiling", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--allocate", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--warm-host", action="store_true",
-                    help="(c): just before each migration, allocate and free fresh memory of the guest's size, so "
-                         "that the destination lands in memory the hypervisor has just backed: on a virtual "
-                         "machine whose host takes freed memory back, this isolates the design from the "
-                         "host's first touch")
     ap.add_argument("--faults-only", action="store_true",
                     help="measure (a)/(b) only (no bulk rows, no lab link): to compare builds' fault latency")
     args = ap.parse_args()
@@ -537,9 +523,6 @@ def main() -> int:
         return 0
     if args.install_ceiling:
         print(install_ceiling(args.install_ceiling), allocation_ceiling(args.install_ceiling))
-        return 0
-    if args.allocate:
-        allocation_ceiling(args.allocate)
         return 0
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -569,8 +552,7 @@ def main() -> int:
                   f"run {i + 1} ...", file=sys.stderr)
             raw = baseline(lab)
             doc, used = migrate_once(agents, f"bulk-{plane}-{content}-{size // MiB}-{i}",
-                                     guest(size, "idle", 0, content), paused=True, path=Path(plane),
-                                     warm_host=args.warm_host)
+                                     guest(size, "idle", 0, content), paused=True, path=Path(plane))
             rates.append(report.transfer_mib_s(doc))
             vs_raw.append(rates[-1] / raw["stream_mib_s"])
             peaks.append(used["rss"])
