@@ -90,9 +90,9 @@ def urgent_thread() -> Iterator[None]:
 
     For the gRPC fault path's threads (the source's Pages.Fetch handler, a
     pool thread lent for the call; the destination's urgent-path thread,
-    which serves nothing else, stays raised): a fault must not wait behind the bulk threads, which on the
-    native plane's source run at the agent's niceness, nor behind the
-    guests' own. Best effort: without the privilege to lower a
+    which serves nothing else, stays raised): a fault must not wait behind
+    the bulk threads, which on the native plane's source run at the agent's
+    niceness, nor behind the guests' own. Best effort: without the privilege to lower a
     niceness (root, CAP_SYS_NICE or RLIMIT_NICE) the thread stays as it is.
     """
     tid = threading.get_native_id()

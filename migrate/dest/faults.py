@@ -492,8 +492,8 @@ class FaultLoop:
             await link.close()
 
     def _step(self, server: FaultServer) -> None:
-        """What the blocking loop did on each wake: read the faults there are, ask for them,
-        close those another path answered, and look again soon while any wait for that."""
+        """On each wake of one of the run's fds (or its timer): read the faults there are, ask for
+        them, close those another path answered, and look again soon while any wait for that."""
         if self._done.done():
             return
         try:
