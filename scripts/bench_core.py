@@ -200,7 +200,7 @@ def raw_c_baseline(total_mib: int) -> dict:
 
 
 # ------------------------------------------------------------- rss sampler
-def parents() -> dict[int, int]:
+def _parents() -> dict[int, int]:
     """pid -> parent pid for every process (children of any thread count)."""
     out = {}
     for entry in os.listdir("/proc"):
@@ -282,7 +282,7 @@ class Usage:
         self._side: dict[int, str] = {}
         self._runner: dict[int, bool] = {}  # decided once per process, while its command line is readable
         self._stop = threading.Event()
-        self._sample_cpu(self._trees(parents()), started=True)
+        self._sample_cpu(self._trees(_parents()), started=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -319,7 +319,7 @@ class Usage:
         tick = 0
         while not self._stop.wait(0.05):
             if tick % 5 == 0:  # new workers appear during the run
-                trees = self._trees(parents())
+                trees = self._trees(_parents())
             for pid in (p for pids in trees.values() for p in pids):
                 if pid not in pss_file or tick % 20 == 0:
                     pss_file[pid] = _pss_file_bytes(pid)
@@ -333,7 +333,7 @@ class Usage:
         """{"rss": peak bytes per side, "cpu_s": CPU seconds per side}."""
         self._stop.set()
         self._thread.join()
-        self._sample_cpu(self._trees(parents()))
+        self._sample_cpu(self._trees(_parents()))
         cpu = {name: 0.0 for name in self._pids}
         for pid, last in self._cpu_last.items():
             cpu[self._side[pid]] += last - self._cpu_first[pid]

@@ -38,9 +38,6 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, also under python -P
-
-from bench_core import parents  # noqa: E402
 
 from migrate import orchestrator, report  # noqa: E402
 from migrate.client import AgentClient  # noqa: E402
@@ -134,8 +131,11 @@ class ThreadTimes:
     def _processes(self) -> dict[int, str]:
         """The agents and their descendants, each with the name it is summed under."""
         children: dict[int, list[int]] = defaultdict(list)
-        for pid, ppid in parents().items():
-            children[ppid].append(pid)
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                children[int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])].append(int(entry))
+            except (OSError, IndexError):
+                continue  # gone meanwhile
         named, frontier = dict(self._agents), list(self._agents)
         while frontier:
             for child in children[frontier.pop()]:
