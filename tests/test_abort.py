@@ -12,6 +12,8 @@ import mmap
 import os
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 from by_hand import resumed_on_destination
@@ -19,7 +21,10 @@ from by_hand import resumed_on_destination
 from migrate import orchestrator, spawn
 from migrate.abort import abort
 from migrate.client import AgentClient
+from migrate.dest.incoming import IncomingRun
+from migrate.guest.process import GuestSpec
 from migrate.local import LocalAgent, wait_for
+from migrate.planes import PageRoute
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 
@@ -162,3 +167,36 @@ def test_abort_is_refused_while_the_guest_runs_on_the_destination_and_once_it_co
         finally:
             d.stop_if_hosted("vm")
             s.stop_if_hosted("vm")
+
+
+class _SlowPath:
+    """A path whose stop takes a while and notes how many stops overlap (a unit-test stand-in)."""
+
+    def __init__(self) -> None:
+        self.active = self.most = self.stops = 0
+        self.lock = threading.Lock()
+        self.last: dict = {}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.lock:
+            self.active += 1
+            self.stops += 1
+            self.most = max(self.most, self.active)
+        time.sleep(0.2)
+        with self.lock:
+            self.active -= 1
+
+
+def test_a_failing_run_and_an_abort_never_stop_its_paths_at_once():
+    """The watcher failing a run and an AbortIncoming closing it arrive together: two stops of
+    one path closed its descriptors twice (CI saw EBADF reach AbortIncoming)."""
+    run = IncomingRun("r", "vm", GuestSpec(size=16 * MiB), PageRoute("127.0.0.1:1"))
+    paths = [_SlowPath(), _SlowPath()]
+    run.paths = {"bulk": paths[0], "faults": paths[1]}  # type: ignore[dict-item]
+    failing = threading.Thread(target=run._fail, args=("lost",))
+    failing.start()
+    time.sleep(0.05)  # the watcher is inside the first stop
+    run.close()
+    failing.join()
+    assert run.phase == "failed" and run.error == "lost"
+    assert [p.most for p in paths] == [1, 1] and all(p.stops >= 1 for p in paths)

@@ -104,6 +104,7 @@ class IncomingRun:
         self._watcher: threading.Thread | None = None
         self._final: pb.MigrationStatus | None = None  # the status once complete and released
         self._lock = threading.Lock()
+        self._stopping = threading.Lock()  # one _stop_work at a time
         # Push and prefetch policy (migrate.policies): built at prepare, run from the resume on.
         self._policy: tuple[PolicySpec, Policy] | None = None
         self._working_set: list[tuple[int, int]] = []
@@ -410,6 +411,21 @@ class IncomingRun:
                                     written=self._written)
         self._runner.start()
 
+    def _stop_work(self, timeout: float = 10.0) -> None:
+        """Stop the policy and every path, waiting up to `timeout` for each path.
+
+        One caller at a time: the watcher failing the run and an AbortIncoming
+        closing it get here together, and two threads stopping the same path
+        both closed its descriptors (seen: EBADF to AbortIncoming, when the
+        second close met a number already closed; had it been reused, the
+        second close would have closed another run's file). A second caller
+        waits for the first, then finds everything stopped.
+        """
+        with self._stopping:
+            self._stop_policy()
+            for w in list(self.paths.values()):
+                w.stop(timeout=timeout)
+
     def _stop_policy(self) -> None:
         if self._runner is not None:
             self._runner.stop()
@@ -514,9 +530,7 @@ class IncomingRun:
             time.sleep(watch_delay(self.page_count - here, here - before, looked - since))
 
     def _finish(self) -> None:
-        self._stop_policy()
-        for w in self.paths.values():
-            w.stop()
+        self._stop_work()
         self._let_go()
         events = self.paths["faults"].last.get("events", {}) if "faults" in self.paths else {}
         note_events(self.run_id, events)
@@ -564,9 +578,7 @@ class IncomingRun:
                 return
             self.error = error
             self.phase = Phase.FAILED
-        self._stop_policy()
-        for w in self.paths.values():
-            w.stop(timeout=2)
+        self._stop_work(timeout=2)
         if self.journal is not None:
             self.journal.drop(self.run_id)
 
@@ -629,9 +641,7 @@ class IncomingRun:
 
     def close(self) -> None:
         """Release what the run holds (not the guest, which the agent now hosts)."""
-        self._stop_policy()
-        for w in self.paths.values():
-            w.stop(timeout=2)
+        self._stop_work(timeout=2)
         with self._lock:
             self._release()
 
