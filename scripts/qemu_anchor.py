@@ -149,10 +149,16 @@ def _tree(pid: int) -> list[tuple[int, bool]]:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"migrate.guest." in f.read():
                 return [(pid, True)]
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
+        tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return []
+    children = []
+    for tid in tids:  # each thread's children: an agent starts runners from any of its threads
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            continue  # the thread ended meanwhile
     return [(pid, False)] + [d for c in children for d in _tree(c)]
 
 
@@ -348,13 +354,14 @@ class KvmImageGuest:
         """Nothing to match: both run the same image at their own pace."""
 
 
-def wait_migration(qmp: Qmp, what: str, timeout: float = 600.0) -> dict:
-    """query-migrate until QEMU's migration (or snapshot: `what`) completes; RuntimeError if it fails."""
+def wait_migration(qmp: Qmp, what: str, timeout: float = 600.0, every: float = 0.05) -> dict:
+    """query-migrate every `every` s until QEMU's migration (or snapshot: `what`) completes; RuntimeError
+    if it fails."""
     deadline = time.monotonic() + timeout
     while (info := qmp.cmd("query-migrate")).get("status") not in ("completed", "failed"):
         if time.monotonic() > deadline:
             raise RuntimeError(f"QEMU's {what} did not complete within {timeout:g} s")
-        time.sleep(0.05)
+        time.sleep(every)
     if info["status"] == "failed":
         raise RuntimeError(f"QEMU's {what} failed: {info.get('error-desc', '?')}")
     return info
@@ -395,13 +402,14 @@ class QemuPair:
         self.qmps.append(qmp)
         return proc, qmp
 
-    def migrate(self) -> tuple[dict, dict]:
-        """Post-copy to the destination: (the source's query-migrate at the end, the destination's)."""
+    def migrate(self, every: float = 0.05) -> tuple[dict, dict]:
+        """Post-copy to the destination: (the source's query-migrate at the end, the destination's), the
+        source asked every `every` s meanwhile."""
         if self.stopped:
             self.src_qmp.cmd("stop")
         self.src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{self.port}")
         self.src_qmp.cmd("migrate-start-postcopy")
-        info = wait_migration(self.src_qmp, "migration")
+        info = wait_migration(self.src_qmp, "migration", every=every)
         return info, self.dst_qmp.cmd("query-migrate")
 
     def close(self) -> None:

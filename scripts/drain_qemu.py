@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""A drain next to QEMU's: N guests moved post-copy over loopback, at most P at a time, by QEMU and by ours.
+
+The anchor of issue 16's drain target on this machine. Both sides run the
+very same guests: the kvm guest kind's image (migrate/guest/kvm_image.bin),
+--guests of --size each, --workload (default hotset: 90 % of its ops on a
+tenth of its RAM, as bench_drain's guests, but unthrottled: the image has
+no pacing, so each vCPU burns a core on both sides), 1 vCPU, seed i+1 for
+guest i. QEMU: each guest in its own source/destination pair of
+`qemu-system-x86_64` processes (the destinations started ahead, waiting
+for the stream, as our destination keeps warm runners), at most P
+migrating at once, each straight to post-copy. Ours: one source and one
+destination agent, `migrate drain`'s Drain with --parallel P and the
+guests of the kvm kind.
+
+Each side's reference, in the same run: one idle guest of N x --size
+migrated alone (the image with no ops: its RAM filled, then nothing; its
+vCPU runs on neither side during the migration: QEMU's source is stopped
+and its destination started with -S, since the image's vCPU spins once
+done, and our VMM no longer runs a finished vCPU). Its rate is guest RAM
+over the run's total time (QEMU: query-migrate's total-time; ours: the
+report's total_s, prepare to complete).
+
+Per P and side: the drain time (the first run's start to the last run's
+end), the aggregate MiB/s (guest RAM moved over that), its ratio to the
+side's own reference, each guest's total time, downtime and blocked time
+(QEMU: postcopy-vcpu-blocktime, summed over the vCPUs), its remote faults,
+and both hosts' CPU seconds over the drain: the VMM processes or agents
+(helpers included) apart from the guests' vCPUs (QEMU's vCPU threads; our
+guest runners), the vCPUs of the guests waiting on the source and of those
+already moved included. The guests' pace before the drain (ops/s) says how
+much CPU the vCPUs got.
+
+Exits 0 with a message when QEMU or /dev/kvm is missing; every QEMU
+process and agent it started is ended by PID on the way out (Ctrl-C and
+SIGTERM too), its temporary directories removed.
+
+    python scripts/drain_qemu.py [--guests 4] [--size 256M] [--parallel 1,2,4] [--workload hotset]
+                                 [--warmup 1] [--data-plane native] [--fault-path grpc] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+from migrate import orchestrator
+from migrate.bench.runs import run_options
+from migrate.client import AgentClient
+from migrate.drain import Drain
+from migrate.local import LocalAgent, wait_for
+from migrate.planes import DataPlane, FaultPath
+from migrate.proto import migrate_pb2 as pb
+from migrate.units import parse_size
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # qemu_anchor beside it (python -P leaves it out)
+from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, missing  # noqa: E402
+
+#: Ops enough that a guest is still busy when the slowest drain ends (never waited for).
+OPS = 10**13
+#: Seconds between two query-migrate of a QEMU run: a finished run makes room for the next this late at most.
+POLL = 0.01
+
+
+class Sides:
+    """Both sides' settings, from the command line."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.guests, self.size, self.workload, self.vcpus = args.guests, args.size, args.workload, args.vcpus
+        self.warmup = args.warmup
+        self.opts = run_options("postcopy", "", args.data_plane)
+        self.opts.fault_path = args.fault_path or self.opts.fault_path
+        self.opts.timeout = 600
+        self.drained(), self.idle()  # each guest checks its spec: ValueError
+
+    def drained(self) -> list[KvmImageGuest]:
+        return [KvmImageGuest(self.size, self.workload, self.vcpus, OPS, seed) for seed in range(1, self.guests + 1)]
+
+    def idle(self) -> KvmImageGuest:
+        return KvmImageGuest(self.guests * self.size, "idle", self.vcpus, 0, 1)
+
+    @property
+    def mib(self) -> float:
+        return self.guests * self.size / MiB
+
+
+def _cpu(meter: CpuMeter, src: list[int], dst: list[int]) -> dict:
+    """Both hosts' CPU seconds over the meter's span: the VMMs or agents, and the guests' vCPUs."""
+    (src_own, src_guests), (dst_own, dst_guests) = meter.spent_ms(*src), meter.spent_ms(*dst)
+    return {"src_own_s": src_own / 1e3, "src_guests_s": src_guests / 1e3,
+            "dst_own_s": dst_own / 1e3, "dst_guests_s": dst_guests / 1e3}
+
+
+def _qemu_row(info: dict, dinfo: dict) -> dict:
+    return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
+            "blocked_ms": float(sum(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)])),
+            "faults": info.get("ram", {}).get("postcopy-requests", 0)}
+
+
+def _ours_row(doc: dict) -> dict:
+    return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"],
+            "blocked_ms": float(sum(doc["guest"]["vcpu_blocked_ms"])), "faults": doc["faults"]["count"]}
+
+
+# ------------------------------------------------------------------ QEMU
+def qemu_reference(sides: Sides) -> dict:
+    """One idle guest of all the drained RAM, alone, its vCPU stopped."""
+    guest = sides.idle()
+    with tempfile.TemporaryDirectory(prefix="drain-qemu-") as tmp, QemuPair(guest, tmp, stopped=True) as pair:
+        guest.wait_booted(tmp, pair.src_qmp)
+        with CpuMeter(pair.src.pid, pair.dst.pid) as meter:
+            info, dinfo = pair.migrate(POLL)
+        return {**_qemu_row(info, dinfo), **_cpu(meter, [pair.src.pid], [pair.dst.pid])}
+
+
+def _qemu_pace(guests: list[KvmImageGuest], pairs: list[QemuPair], warmup: float) -> float:
+    """The guests' ops per second over the warm-up, each guest's mean."""
+    before = [g.qemu_ops(p.tmp, "source", p.src_qmp) for g, p in zip(guests, pairs)]
+    t0 = time.monotonic()
+    time.sleep(warmup)
+    after = [g.qemu_ops(p.tmp, "source", p.src_qmp) for g, p in zip(guests, pairs)]
+    return (sum(after) - sum(before)) / (time.monotonic() - t0) / len(guests)
+
+
+def qemu_drain(sides: Sides, parallel: int) -> dict:
+    """The guests in their own QEMU pairs, at most `parallel` migrating at once."""
+    guests = sides.drained()
+    with tempfile.TemporaryDirectory(prefix="drain-qemu-") as tmp, ExitStack() as stack:
+        pairs = []
+        for i, guest in enumerate(guests):
+            os.mkdir(os.path.join(tmp, f"g{i}"))
+            pairs.append(stack.enter_context(QemuPair(guest, os.path.join(tmp, f"g{i}"))))
+        for guest, pair in zip(guests, pairs):
+            guest.wait_booted(pair.tmp, pair.src_qmp)
+        pace = _qemu_pace(guests, pairs, sides.warmup)
+
+        def one(pair: QemuPair) -> tuple[float, dict]:
+            started = time.monotonic()
+            return started, _qemu_row(*pair.migrate(POLL))
+
+        src, dst = [p.src.pid for p in pairs], [p.dst.pid for p in pairs]
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="qemu-run")
+        with CpuMeter(*src, *dst) as meter:
+            try:
+                runs = [f.result() for f in [pool.submit(one, p) for p in pairs]]
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)  # on an error the pairs' end stops the others
+        t0 = min(started for started, _ in runs)
+        rows = [{**row, "started_s": started - t0} for started, row in runs]
+        return _drain_result(sides, rows, max(r["started_s"] + r["total_s"] for r in rows), pace,
+                             _cpu(meter, src, dst))
+
+
+# ------------------------------------------------------------------ ours
+def _launch(agent: LocalAgent, name: str, guest: KvmImageGuest) -> None:
+    with AgentClient(agent.address) as c:
+        c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=guest.ours_spec()), timeout=600)
+
+
+def _inspect(agent: LocalAgent, name: str) -> pb.GuestInfo:
+    with AgentClient(agent.address) as c:
+        return c.call("InspectGuest", pb.GuestRef(name=name))
+
+
+def _clear(agents: tuple[LocalAgent, LocalAgent], names: list[str]) -> None:
+    """Stop the guests wherever they are (moved, or left on the source by an error)."""
+    for agent in agents:
+        with AgentClient(agent.address) as c:
+            for name in names:
+                c.stop_if_hosted(name)
+
+
+def ours_reference(src: LocalAgent, dst: LocalAgent, sides: Sides) -> dict:
+    """One idle guest of all the drained RAM, alone: its digest said, its (finished) vCPU no longer runs."""
+    _launch(src, "reference", sides.idle())
+    try:
+        if not wait_for(lambda: _inspect(src, "reference").guest_digest, timeout=600):
+            raise RuntimeError("our idle reference guest did not fill its RAM within 600 s")
+        with CpuMeter(src.pid, dst.pid) as meter:
+            doc = orchestrator.migrate("reference", src.address, dst.address, sides.opts)
+        return {**_ours_row(doc), **_cpu(meter, [src.pid], [dst.pid])}
+    finally:
+        _clear((src, dst), ["reference"])
+
+
+def ours_drain(src: LocalAgent, dst: LocalAgent, sides: Sides, parallel: int) -> dict:
+    """The same guests under the source agent, drained by `migrate drain`'s Drain."""
+    names = [f"p{parallel}g{i}" for i in range(sides.guests)]
+    try:
+        for name, guest in zip(names, sides.drained()):
+            _launch(src, name, guest)
+        for name in names:
+            if not wait_for(lambda n=name: _inspect(src, n).ops_done > 0, timeout=600):
+                raise RuntimeError(f"our guest {name} did not start its workload within 600 s")
+        before, t0 = sum(_inspect(src, n).ops_done for n in names), time.monotonic()
+        time.sleep(sides.warmup)
+        pace = (sum(_inspect(src, n).ops_done for n in names) - before) / (time.monotonic() - t0) / len(names)
+        with CpuMeter(src.pid, dst.pid) as meter:
+            outcomes = Drain(src.address, [dst.address], sides.opts, parallel=parallel).run()
+        failed = [f"{o.name}: {o.error}" for o in outcomes if not o.moved]
+        if failed:
+            raise RuntimeError(f"our drain did not move {'; '.join(failed)}")
+        start = min(o.started for o in outcomes)
+        rows = [{**_ours_row(o.report), "started_s": o.started - start} for o in outcomes]
+        return _drain_result(sides, rows, max(o.ended for o in outcomes) - start, pace,
+                             _cpu(meter, [src.pid], [dst.pid]))
+    finally:
+        _clear((src, dst), names)
+
+
+# ------------------------------------------------------------------ both
+def _drain_result(sides: Sides, rows: list[dict], wall: float, pace: float, cpu: dict) -> dict:
+    rows = sorted(rows, key=lambda r: r["started_s"])
+    return {"drain_s": wall, "mib_s": sides.mib / wall, "pace_ops_s": pace, "guests": rows,
+            "slowest_per_median": max(r["total_s"] for r in rows) / statistics.median(r["total_s"] for r in rows),
+            **cpu}
+
+
+def _each(rows: list[dict], key: str, fmt: str) -> str:
+    return " / ".join(fmt.format(r[key]) for r in rows)
+
+
+def tables(sides: Sides, refs: dict[str, dict], drains: dict[int, dict[str, dict]]) -> str:
+    """The references, one table per --parallel, and the summary across them."""
+    ref_mib_s = {side: sides.mib / ref["total_s"] for side, ref in refs.items()}
+    out = [f"reference: one idle {sides.mib:.0f} MiB kvm guest alone (RAM filled, no ops; its vCPU runs on"
+           " neither side)", "", "| | " + " | ".join(refs) + " |", "|---|" + "---|" * len(refs)]
+    for label, fmt in (("total time", "{total_s:.2f} s"), ("downtime", "{downtime_ms:.1f} ms"),
+                       ("remote faults", "{faults}"),
+                       ("source CPU: VMM or agent / vCPU", "{src_own_s:.2f} / {src_guests_s:.2f} s"),
+                       ("destination CPU: VMM or agent / vCPU", "{dst_own_s:.2f} / {dst_guests_s:.2f} s")):
+        out.append(f"| {label} | " + " | ".join(fmt.format(**ref) for ref in refs.values()) + " |")
+    out.append("| MiB/s (guest RAM over total time) | "
+               + " | ".join(f"{ref_mib_s[side]:.0f}" for side in refs) + " |")
+    for parallel, sides_done in drains.items():
+        names = list(sides_done)
+        out += ["", f"--parallel {parallel}: {sides.guests} x {sides.size // MiB} MiB kvm guests, {sides.workload}"
+                f" unthrottled, {sides.vcpus} vCPU(s) each (guests in start order)", "",
+                "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        rows = [("drain time (first start to last end)", lambda d, s: f"{d['drain_s']:.2f} s"),
+                ("aggregate MiB/s", lambda d, s: f"{d['mib_s']:.0f}"),
+                ("of its own idle reference", lambda d, s: f"{d['mib_s'] / ref_mib_s[s]:.0%}"),
+                ("guest pace before, ops/s each", lambda d, s: f"{d['pace_ops_s'] / 1e6:.1f} M"),
+                ("started at", lambda d, s: _each(d["guests"], "started_s", "{:.2f}") + " s"),
+                ("total time", lambda d, s: _each(d["guests"], "total_s", "{:.2f}") + " s"),
+                ("slowest / median total", lambda d, s: f"{d['slowest_per_median']:.2f}x"),
+                ("downtime", lambda d, s: _each(d["guests"], "downtime_ms", "{:.0f}") + " ms"),
+                ("blocked (vCPUs summed)", lambda d, s: _each(d["guests"], "blocked_ms", "{:.0f}") + " ms"),
+                ("remote faults, all guests", lambda d, s: f"{sum(r['faults'] for r in d['guests'])}"),
+                ("source CPU: VMMs or agent / vCPUs", lambda d, s: f"{d['src_own_s']:.2f} / {d['src_guests_s']:.2f} s"),
+                ("destination CPU: VMMs or agent / vCPUs",
+                 lambda d, s: f"{d['dst_own_s']:.2f} / {d['dst_guests_s']:.2f} s")]
+        for label, cell in rows:
+            out.append(f"| {label} | " + " | ".join(cell(sides_done[s], s) for s in names) + " |")
+    names = list(refs)
+    out += ["", "| --parallel | " + " | ".join(f"{s}: drain, MiB/s, of idle" for s in names) + " |",
+            "|---|" + "---|" * len(names)]
+    out.append("| idle reference | " + " | ".join(f"{refs[s]['total_s']:.2f} s, {ref_mib_s[s]:.0f}, 100 %"
+                                                   for s in names) + " |")
+    for parallel, sides_done in drains.items():
+        out.append(f"| {parallel} | " + " | ".join(
+            f"{d['drain_s']:.2f} s, {d['mib_s']:.0f}, {d['mib_s'] / ref_mib_s[s]:.0%}"
+            for s, d in sides_done.items()) + " |")
+    return "\n".join(out)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: the `with` blocks and `finally` clauses end every process started."""
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--guests", type=int, default=4, help="guests drained (default 4)")
+    ap.add_argument("--size", default="256M", help="each guest's RAM (default 256M)")
+    ap.add_argument("--parallel", default="1,2,4", help="runs at once, comma-separated (default 1,2,4)")
+    ap.add_argument("--workload", default="hotset", help="the drained guests' workload (default hotset)")
+    ap.add_argument("--vcpus", type=int, default=1, help="each guest's vCPUs (default 1)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds the guests run before each drain")
+    ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
+                    help="our data plane (default: native)")
+    ap.add_argument("--fault-path", choices=[p.value for p in FaultPath], default="",
+                    help="our fault path (default: grpc; native needs the native data plane)")
+    ap.add_argument("--json", default="", help="write the results here")
+    args = ap.parse_args()
+    try:
+        args.size = parse_size(args.size)
+        parallels = [int(p) for p in args.parallel.split(",")]
+        if args.guests < 1 or min(parallels) < 1:
+            raise ValueError("--guests and --parallel must be at least 1")
+        sides = Sides(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    why = missing()
+    if why:
+        print(f"skipped: {why}")
+        return 0
+    signal.signal(signal.SIGTERM, _terminate)
+    refs: dict[str, dict] = {}
+    drains: dict[int, dict[str, dict]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="drain-ours-") as logs, \
+                LocalAgent("source", log_path=f"{logs}/source.log") as src, \
+                LocalAgent("dest", "--warm-runners", str(args.guests), log_path=f"{logs}/dest.log") as dst:
+            refs["QEMU post-copy"] = qemu_reference(sides)
+            refs["migrate (ours)"] = ours_reference(src, dst, sides)
+            for parallel in parallels:
+                drains[parallel] = {"QEMU post-copy": qemu_drain(sides, parallel),
+                                    "migrate (ours)": ours_drain(src, dst, sides, parallel)}
+                print(f"--parallel {parallel} done", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(tables(sides, refs, drains))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"}, "references": refs,
+                       "drains": {str(p): d for p, d in drains.items()}}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
