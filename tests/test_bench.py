@@ -192,17 +192,25 @@ def test_cpu_meter_counts_a_runner_any_thread_started(scripts):
 
     qemu_anchor = importlib.import_module("qemu_anchor")
     started: list[subprocess.Popen] = []
-    # "migrate.guest." in its command line: what marks a runner
-    starter = threading.Thread(target=lambda: started.append(subprocess.Popen(
-        [sys.executable, "-c", "while True: pass", "migrate.guest.burn"])))
+    measured = threading.Event()
+
+    def start() -> None:
+        # "migrate.guest." in its command line: what marks a runner
+        started.append(subprocess.Popen([sys.executable, "-c", "while True: pass", "migrate.guest.burn"]))
+        measured.wait()  # alive meanwhile, as an agent's threads are: the child of a thread that ends is the main's
+
+    starter = threading.Thread(target=start)
     starter.start()
-    starter.join()
     try:
+        wait_for(lambda: started, timeout=60)
         with qemu_anchor.CpuMeter(os.getpid(), os.getpid()) as meter:
             seen = wait_for(lambda: meter.spent_ms(os.getpid())[1] >= 50, timeout=60)
     finally:
-        started[0].kill()
-        started[0].wait()
+        measured.set()
+        starter.join()
+        for proc in started:
+            proc.kill()
+            proc.wait()
     assert seen, meter.spent_ms(os.getpid())
 
 
