@@ -172,6 +172,7 @@ class CpuMeter:
         self._roots = roots
         self._base: dict[int, tuple[float, float]] = {}  # at the start; processes started later begin at 0
         self._last: dict[int, tuple[int, float, float]] = {}  # pid -> (its root, its own CPU ms, its guest's)
+        self._runners: set[int] = set()  # once a runner, always: its command line is empty once it has exited
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -182,7 +183,9 @@ class CpuMeter:
                     own, vcpus = _cpu_ms(pid)
                 except FileNotFoundError:
                     continue
-                self._last[pid] = (root, 0.0, own + vcpus) if runner else (root, own, vcpus)
+                if runner:
+                    self._runners.add(pid)
+                self._last[pid] = (root, 0.0, own + vcpus) if pid in self._runners else (root, own, vcpus)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.05):

@@ -214,6 +214,28 @@ def test_cpu_meter_counts_a_runner_any_thread_started(scripts):
     assert seen, meter.spent_ms(os.getpid())
 
 
+def test_cpu_meter_keeps_an_exited_runner_the_guests(scripts):
+    """CpuMeter: a runner that has exited (a zombie until its agent reaps it, its command line empty) stays the
+    guests' CPU: it moved to the agent's own, making the source agent dear and its guests' CPU negative."""
+    import importlib
+    from pathlib import Path
+
+    from migrate.local import wait_for
+
+    qemu_anchor = importlib.import_module("qemu_anchor")
+    burn = "import time\nend = time.process_time() + 0.1\nwhile time.process_time() < end: pass"
+    runner = subprocess.Popen([sys.executable, "-c", burn, "migrate.guest.burn"])
+    try:
+        with qemu_anchor.CpuMeter(os.getpid(), os.getpid()) as meter:
+            wait_for(lambda: meter.spent_ms(os.getpid())[1] > 0, timeout=60)  # seen alive
+            wait_for(lambda: Path(f"/proc/{runner.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                     timeout=60)  # exited, not reaped: the meter's last sample sees the zombie
+    finally:
+        runner.wait()
+    own, guests = meter.spent_ms(os.getpid())
+    assert guests >= 50, (own, guests)
+
+
 def test_drain_qemu_skips_without_qemu_and_prints_its_tables(scripts, monkeypatch, capsys):
     """scripts/drain_qemu.py: exit 0 with a message when QEMU or /dev/kvm is missing; its tables put each side's
     drain against its own idle reference."""
