@@ -47,7 +47,7 @@ from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # qemu_anchor beside it (python -P leaves it out)
-from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, TinyGuest, blocked, missing, said  # noqa: E402,F401
+from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, TinyGuest, blocked, downtime_ms, missing, said  # noqa: E402,F401
 
 
 def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> dict:
@@ -62,7 +62,7 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
             info, dinfo = pair.migrate()
         ops_after = guest.qemu_ops(tmp, "dest", pair.dst_qmp)
         ram = info.get("ram", {})
-        return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
+        return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": downtime_ms(info),
                 "remote_faults": ram.get("postcopy-requests", 0),
                 **blocked(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)]),
                 "ops_during": ops_after - ops_before, "guest_ops_per_s": ops_per_s,

@@ -62,7 +62,7 @@ from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # qemu_anchor beside it (python -P leaves it out)
-from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, missing  # noqa: E402
+from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, downtime_ms, missing  # noqa: E402
 
 #: Ops enough that a guest is still busy when the slowest drain ends (never waited for).
 OPS = 10**13
@@ -100,7 +100,7 @@ def _cpu(meter: CpuMeter, src: list[int], dst: list[int]) -> dict:
 
 
 def _qemu_row(info: dict, dinfo: dict) -> dict:
-    return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": float(info.get("downtime", 0)),
+    return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": downtime_ms(info),
             "blocked_ms": float(sum(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)])),
             "faults": info.get("ram", {}).get("postcopy-requests", 0)}
 

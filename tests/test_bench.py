@@ -262,3 +262,12 @@ def test_drain_qemu_skips_without_qemu_and_prints_its_tables(scripts, monkeypatc
     assert "| total time | 0.50 / 1.00 s | 0.50 / 1.00 s |" in text
     assert "| source CPU: VMMs or agent / vCPUs | 0.50 / 2.00 s | 0.50 / 2.00 s |" in text
     assert "| 2 | 1.10 s, 116, 45% | 1.10 s, 116, 45% |" in text
+
+
+def test_qemu_downtime_under_a_millisecond_is_not_the_hosts_uptime(scripts):
+    """QEMU 7.2 reports a post-copy switchover under 1 ms as its clock's reading (the host's uptime, hours)."""
+    import importlib
+
+    qemu_anchor = importlib.import_module("qemu_anchor")
+    assert qemu_anchor.downtime_ms({"total-time": 330, "downtime": 54733579}) == 0.0
+    assert qemu_anchor.downtime_ms({"total-time": 330, "downtime": 5}) == 5.0
