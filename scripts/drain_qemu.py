@@ -6,12 +6,14 @@ very same guests: the kvm guest kind's image (migrate/guest/kvm_image.bin),
 --guests of --size each, --workload (default hotset: 90 % of its ops on a
 tenth of its RAM, as bench_drain's guests, but unthrottled: the image has
 no pacing, so each vCPU burns a core on both sides), 1 vCPU, seed i+1 for
-guest i. QEMU: each guest in its own source/destination pair of
+guest i (--workload idle: no ops, the vCPUs stopped as the reference's
+below: what concurrency costs without guests competing for the CPU).
+QEMU: each guest in its own source/destination pair of
 `qemu-system-x86_64` processes (the destinations started ahead, waiting
 for the stream, as our destination keeps warm runners), at most P
-migrating at once, each straight to post-copy. Ours: one source and one
-destination agent, `migrate drain`'s Drain with --parallel P and the
-guests of the kvm kind.
+migrating at once, each straight to post-copy (no preempt). Ours: one
+source and one destination agent, `migrate drain`'s Drain with --parallel
+P and the guests of the kvm kind.
 
 Each side's reference, in the same run: one idle guest of N x --size
 migrated alone (the image with no ops: its RAM filled, then nothing; its
@@ -75,6 +77,7 @@ class Sides:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.guests, self.size, self.workload, self.vcpus = args.guests, args.size, args.workload, args.vcpus
+        self.busy = args.workload != "idle"  # idle: no ops, the vCPUs stopped as the reference's
         self.warmup = args.warmup
         self.opts = run_options("postcopy", "", args.data_plane)
         self.opts.fault_path = args.fault_path or self.opts.fault_path
@@ -82,7 +85,8 @@ class Sides:
         self.drained(), self.idle()  # each guest checks its spec: ValueError
 
     def drained(self) -> list[KvmImageGuest]:
-        return [KvmImageGuest(self.size, self.workload, self.vcpus, OPS, seed) for seed in range(1, self.guests + 1)]
+        ops = OPS if self.busy else 0
+        return [KvmImageGuest(self.size, self.workload, self.vcpus, ops, seed) for seed in range(1, self.guests + 1)]
 
     def idle(self) -> KvmImageGuest:
         return KvmImageGuest(self.guests * self.size, "idle", self.vcpus, 0, 1)
@@ -137,7 +141,7 @@ def qemu_drain(sides: Sides, parallel: int) -> dict:
         pairs = []
         for i, guest in enumerate(guests):
             os.mkdir(os.path.join(tmp, f"g{i}"))
-            pairs.append(stack.enter_context(QemuPair(guest, os.path.join(tmp, f"g{i}"))))
+            pairs.append(stack.enter_context(QemuPair(guest, os.path.join(tmp, f"g{i}"), stopped=not sides.busy)))
         for guest, pair in zip(guests, pairs):
             guest.wait_booted(pair.tmp, pair.src_qmp)
         pace = _qemu_pace(guests, pairs, sides.warmup)
@@ -178,12 +182,18 @@ def _clear(agents: tuple[LocalAgent, LocalAgent], names: list[str]) -> None:
                 c.stop_if_hosted(name)
 
 
+def _wait_ready(agent: LocalAgent, name: str, busy: bool) -> None:
+    """Until the guest has filled its RAM and done its first ops (no ops: until its digest, once filled)."""
+    if not wait_for(lambda: _inspect(agent, name).ops_done > 0 if busy else _inspect(agent, name).guest_digest,
+                    timeout=600):
+        raise RuntimeError(f"our guest {name} did not fill its RAM and start within 600 s")
+
+
 def ours_reference(src: LocalAgent, dst: LocalAgent, sides: Sides) -> dict:
     """One idle guest of all the drained RAM, alone: its digest said, its (finished) vCPU no longer runs."""
     _launch(src, "reference", sides.idle())
     try:
-        if not wait_for(lambda: _inspect(src, "reference").guest_digest, timeout=600):
-            raise RuntimeError("our idle reference guest did not fill its RAM within 600 s")
+        _wait_ready(src, "reference", busy=False)
         with CpuMeter(src.pid, dst.pid) as meter:
             doc = orchestrator.migrate("reference", src.address, dst.address, sides.opts)
         return {**_ours_row(doc), **_cpu(meter, [src.pid], [dst.pid])}
@@ -198,8 +208,7 @@ def ours_drain(src: LocalAgent, dst: LocalAgent, sides: Sides, parallel: int) ->
         for name, guest in zip(names, sides.drained()):
             _launch(src, name, guest)
         for name in names:
-            if not wait_for(lambda n=name: _inspect(src, n).ops_done > 0, timeout=600):
-                raise RuntimeError(f"our guest {name} did not start its workload within 600 s")
+            _wait_ready(src, name, sides.busy)
         before, t0 = sum(_inspect(src, n).ops_done for n in names), time.monotonic()
         time.sleep(sides.warmup)
         pace = (sum(_inspect(src, n).ops_done for n in names) - before) / (time.monotonic() - t0) / len(names)
@@ -242,8 +251,9 @@ def tables(sides: Sides, refs: dict[str, dict], drains: dict[int, dict[str, dict
                + " | ".join(f"{ref_mib_s[side]:.0f}" for side in refs) + " |")
     for parallel, sides_done in drains.items():
         names = list(sides_done)
-        out += ["", f"--parallel {parallel}: {sides.guests} x {sides.size // MiB} MiB kvm guests, {sides.workload}"
-                f" unthrottled, {sides.vcpus} vCPU(s) each (guests in start order)", "",
+        doing = f"{sides.workload} unthrottled" if sides.busy else "idle (RAM filled, no ops; vCPUs not running)"
+        out += ["", f"--parallel {parallel}: {sides.guests} x {sides.size // MiB} MiB kvm guests, {doing},"
+                f" {sides.vcpus} vCPU(s) each (guests in start order)", "",
                 "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         rows = [("drain time (first start to last end)", lambda d, s: f"{d['drain_s']:.2f} s"),
                 ("aggregate MiB/s", lambda d, s: f"{d['mib_s']:.0f}"),
