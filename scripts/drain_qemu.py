@@ -111,7 +111,9 @@ def _qemu_row(info: dict, dinfo: dict) -> dict:
 
 def _ours_row(doc: dict) -> dict:
     return {"total_s": doc["total_s"], "downtime_ms": doc["downtime_ms"],
-            "blocked_ms": float(sum(doc["guest"]["vcpu_blocked_ms"])), "faults": doc["faults"]["count"]}
+            "blocked_ms": float(sum(doc["guest"]["vcpu_blocked_ms"])), "faults": doc["faults"]["count"],
+            "stages_s": {"prepare": doc["timings_ms"]["prepare"] / 1e3, "switchover": doc["switchover_s"],
+                         "transfer": doc["transfer_s"]}, "warm": doc["warm_runner"]}  # the JSON's: where the time went
 
 
 # ------------------------------------------------------------------ QEMU
