@@ -30,8 +30,10 @@ side's own reference, each guest's total time, downtime and blocked time
 and both hosts' CPU seconds over the drain: the VMM processes or agents
 (helpers included) apart from the guests' vCPUs (QEMU's vCPU threads; our
 guest runners), the vCPUs of the guests waiting on the source and of those
-already moved included. The guests' pace before the drain (ops/s) says how
-much CPU the vCPUs got.
+already moved included. The guests' pace (ops/s) before the drain and
+during it (from its start to the last run's end, the guests' ops read on
+the destination then) says how much CPU the vCPUs got: QEMU and ours
+share two cores differently between the guests and the transfer.
 
 Exits 0 with a message when QEMU or /dev/kvm is missing; every QEMU
 process and agent it started is ended by PID on the way out (Ctrl-C and
@@ -50,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -127,15 +130,6 @@ def qemu_reference(sides: Sides) -> dict:
         return {**_qemu_row(info, dinfo), **_cpu(meter, [pair.src.pid], [pair.dst.pid])}
 
 
-def _qemu_pace(guests: list[KvmImageGuest], pairs: list[QemuPair], warmup: float) -> float:
-    """The guests' ops per second over the warm-up, each guest's mean."""
-    before = [g.qemu_ops(p.tmp, "source", p.src_qmp) for g, p in zip(guests, pairs)]
-    t0 = time.monotonic()
-    time.sleep(warmup)
-    after = [g.qemu_ops(p.tmp, "source", p.src_qmp) for g, p in zip(guests, pairs)]
-    return (sum(after) - sum(before)) / (time.monotonic() - t0) / len(guests)
-
-
 def qemu_drain(sides: Sides, parallel: int) -> dict:
     """The guests in their own QEMU pairs, at most `parallel` migrating at once."""
     guests = sides.drained()
@@ -146,7 +140,7 @@ def qemu_drain(sides: Sides, parallel: int) -> dict:
             pairs.append(stack.enter_context(QemuPair(guest, os.path.join(tmp, f"g{i}"), stopped=not sides.busy)))
         for guest, pair in zip(guests, pairs):
             guest.wait_booted(pair.tmp, pair.src_qmp)
-        pace = _qemu_pace(guests, pairs, sides.warmup)
+        pace = Pace(lambda: sum(g.qemu_ops(p.tmp, "source", p.src_qmp) for g, p in zip(guests, pairs)), sides)
 
         def one(pair: QemuPair) -> tuple[float, dict]:
             started = time.monotonic()
@@ -159,6 +153,7 @@ def qemu_drain(sides: Sides, parallel: int) -> dict:
                 runs = [f.result() for f in [pool.submit(one, p) for p in pairs]]
             finally:
                 pool.shutdown(wait=False, cancel_futures=True)  # on an error the pairs' end stops the others
+        pace.mark(sum(g.qemu_ops(p.tmp, "dest", p.dst_qmp) for g, p in zip(guests, pairs)))
         t0 = min(started for started, _ in runs)
         rows = [{**row, "started_s": started - t0} for started, row in runs]
         return _drain_result(sides, rows, max(r["started_s"] + r["total_s"] for r in rows), pace,
@@ -211,11 +206,10 @@ def ours_drain(src: LocalAgent, dst: LocalAgent, sides: Sides, parallel: int) ->
             _launch(src, name, guest)
         for name in names:
             _wait_ready(src, name, sides.busy)
-        before, t0 = sum(_inspect(src, n).ops_done for n in names), time.monotonic()
-        time.sleep(sides.warmup)
-        pace = (sum(_inspect(src, n).ops_done for n in names) - before) / (time.monotonic() - t0) / len(names)
+        pace = Pace(lambda: sum(_inspect(src, n).ops_done for n in names), sides)
         with CpuMeter(src.pid, dst.pid) as meter:
             outcomes = Drain(src.address, [dst.address], sides.opts, parallel=parallel).run()
+        pace.mark(sum(_inspect(dst, n).ops_done for n in names))
         failed = [f"{o.name}: {o.error}" for o in outcomes if not o.moved]
         if failed:
             raise RuntimeError(f"our drain did not move {'; '.join(failed)}")
@@ -228,9 +222,29 @@ def ours_drain(src: LocalAgent, dst: LocalAgent, sides: Sides, parallel: int) ->
 
 
 # ------------------------------------------------------------------ both
-def _drain_result(sides: Sides, rows: list[dict], wall: float, pace: float, cpu: dict) -> dict:
+class Pace:
+    """The guests' ops per second, each guest's mean: over the warm-up (`count` read before and after
+    it), then from there to the drain's end (mark(): the ops of the moved guests): how much of the CPU
+    their vCPUs got, before and while their RAM moved."""
+
+    def __init__(self, count: Callable[[], int], sides: Sides) -> None:
+        self.guests = sides.guests
+        self.marks: list[tuple[float, int]] = []
+        self.mark(count())
+        time.sleep(sides.warmup)
+        self.mark(count())
+
+    def mark(self, ops: int) -> None:
+        self.marks.append((time.monotonic(), ops))
+
+    def rates(self) -> dict[str, float]:
+        (t0, o0), (t1, o1), (t2, o2) = self.marks
+        return {"pace_before": (o1 - o0) / (t1 - t0) / self.guests, "pace_during": (o2 - o1) / (t2 - t1) / self.guests}
+
+
+def _drain_result(sides: Sides, rows: list[dict], wall: float, pace: Pace, cpu: dict) -> dict:
     rows = sorted(rows, key=lambda r: r["started_s"])
-    return {"drain_s": wall, "mib_s": sides.mib / wall, "pace_ops_s": pace, "guests": rows,
+    return {"drain_s": wall, "mib_s": sides.mib / wall, **pace.rates(), "guests": rows,
             "slowest_per_median": max(r["total_s"] for r in rows) / statistics.median(r["total_s"] for r in rows),
             **cpu}
 
@@ -260,7 +274,10 @@ def tables(sides: Sides, refs: dict[str, dict], drains: dict[int, dict[str, dict
         rows = [("drain time (first start to last end)", lambda d, s: f"{d['drain_s']:.2f} s"),
                 ("aggregate MiB/s", lambda d, s: f"{d['mib_s']:.0f}"),
                 ("of its own idle reference", lambda d, s: f"{d['mib_s'] / ref_mib_s[s]:.0%}"),
-                ("guest pace before, ops/s each", lambda d, s: f"{d['pace_ops_s'] / 1e6:.1f} M"),
+                ("guest pace before, ops/s each", lambda d, s: f"{d['pace_before'] / 1e6:.1f} M"),
+                ("guest pace during the drain (moved guests on the destination)",
+                 lambda d, s: f"{d['pace_during'] / 1e6:.1f} M"
+                 + (f" ({d['pace_during'] / d['pace_before']:.0%})" if d["pace_before"] else "")),
                 ("started at", lambda d, s: _each(d["guests"], "started_s", "{:.2f}") + " s"),
                 ("total time", lambda d, s: _each(d["guests"], "total_s", "{:.2f}") + " s"),
                 ("slowest / median total", lambda d, s: f"{d['slowest_per_median']:.2f}x"),

@@ -252,7 +252,8 @@ def test_drain_qemu_skips_without_qemu_and_prints_its_tables(scripts, monkeypatc
     ref = {"total_s": 0.5, "downtime_ms": 1.0, "faults": 0, **cpu}
     guests = [{"total_s": t, "downtime_ms": 2.0, "blocked_ms": 30.0, "faults": 5, "started_s": s}
               for t, s in ((0.5, 0.0), (1.0, 0.1))]
-    drain = {"drain_s": 1.1, "mib_s": 128 / 1.1, "pace_ops_s": 2e7, "guests": guests, "slowest_per_median": 4 / 3,
+    drain = {"drain_s": 1.1, "mib_s": 128 / 1.1, "pace_before": 2e7, "pace_during": 1e7, "guests": guests,
+             "slowest_per_median": 4 / 3,
              **cpu}
     monkeypatch.setattr("sys.argv", ["drain_qemu.py", "--guests", "2", "--size", "64M"])
     text = drain_qemu.tables(drain_qemu.Sides(drain_qemu.argparse.Namespace(
@@ -262,6 +263,7 @@ def test_drain_qemu_skips_without_qemu_and_prints_its_tables(scripts, monkeypatc
     assert "| total time | 0.50 / 1.00 s | 0.50 / 1.00 s |" in text
     assert "| source CPU: VMMs or agent / vCPUs | 0.50 / 2.00 s | 0.50 / 2.00 s |" in text
     assert "| 2 | 1.10 s, 116, 45% | 1.10 s, 116, 45% |" in text
+    assert "| guest pace during the drain (moved guests on the destination) | 10.0 M (50%) | 10.0 M (50%) |" in text
 
 
 def test_qemu_downtime_under_a_millisecond_is_not_the_hosts_uptime(scripts):
