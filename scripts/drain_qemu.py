@@ -16,7 +16,7 @@ source and one destination agent, `migrate drain`'s Drain with --parallel
 P and the guests of the kvm kind.
 
 Each side's reference, in the same run: one idle guest of N x --size
-migrated alone (the image with no ops: its RAM filled, then nothing; its
+migrated alone, --reference-runs times (the median run counts) (the image with no ops: its RAM filled, then nothing; its
 vCPU runs on neither side during the migration: QEMU's source is stopped
 and its destination started with -S, since the image's vCPU spins once
 done, and our VMM no longer runs a finished vCPU). Its rate is guest RAM
@@ -249,6 +249,12 @@ def _drain_result(sides: Sides, rows: list[dict], wall: float, pace: Pace, cpu: 
             **cpu}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of the median total time (the upper one of an even count), with every run's total beside it."""
+    ranked = sorted(runs, key=lambda r: r["total_s"])
+    return {**ranked[len(ranked) // 2], "all_total_s": ", ".join(f"{r['total_s']:.2f}" for r in runs)}
+
+
 def _each(rows: list[dict], key: str, fmt: str) -> str:
     return " / ".join(fmt.format(r[key]) for r in rows)
 
@@ -257,9 +263,9 @@ def tables(sides: Sides, refs: dict[str, dict], drains: dict[int, dict[str, dict
     """The references, one table per --parallel, and the summary across them."""
     ref_mib_s = {side: sides.mib / ref["total_s"] for side, ref in refs.items()}
     out = [f"reference: one idle {sides.mib:.0f} MiB kvm guest alone (RAM filled, no ops; its vCPU runs on"
-           " neither side)", "", "| | " + " | ".join(refs) + " |", "|---|" + "---|" * len(refs)]
-    for label, fmt in (("total time", "{total_s:.2f} s"), ("downtime", "{downtime_ms:.1f} ms"),
-                       ("remote faults", "{faults}"),
+           " neither side), the run of the median total time", "", "| | " + " | ".join(refs) + " |", "|---|" + "---|" * len(refs)]
+    for label, fmt in (("total time (median; all runs)", "{total_s:.2f} s ({all_total_s})"),
+                       ("downtime", "{downtime_ms:.1f} ms"), ("remote faults", "{faults}"),
                        ("source CPU: VMM or agent / vCPU", "{src_own_s:.2f} / {src_guests_s:.2f} s"),
                        ("destination CPU: VMM or agent / vCPU", "{dst_own_s:.2f} / {dst_guests_s:.2f} s")):
         out.append(f"| {label} | " + " | ".join(fmt.format(**ref) for ref in refs.values()) + " |")
@@ -313,6 +319,9 @@ def main() -> int:
     ap.add_argument("--parallel", default="1,2,4", help="runs at once, comma-separated (default 1,2,4)")
     ap.add_argument("--workload", default="hotset", help="the drained guests' workload (default hotset)")
     ap.add_argument("--vcpus", type=int, default=1, help="each guest's vCPUs (default 1)")
+    ap.add_argument("--reference-runs", type=int, default=3,
+                    help="idle reference runs per side, the median's the reference (default 3; one run on a busy"
+                         " machine can be off by half)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds the guests run before each drain")
     ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
                     help="our data plane (default: native)")
@@ -323,8 +332,8 @@ def main() -> int:
     try:
         args.size = parse_size(args.size)
         parallels = [int(p) for p in args.parallel.split(",")]
-        if args.guests < 1 or min(parallels) < 1:
-            raise ValueError("--guests and --parallel must be at least 1")
+        if min(args.guests, args.reference_runs, *parallels) < 1:
+            raise ValueError("--guests, --parallel and --reference-runs must be at least 1")
         sides = Sides(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -340,8 +349,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="drain-ours-") as logs, \
                 LocalAgent("source", log_path=f"{logs}/source.log") as src, \
                 LocalAgent("dest", "--warm-runners", str(args.guests), log_path=f"{logs}/dest.log") as dst:
-            refs["QEMU post-copy"] = qemu_reference(sides)
-            refs["migrate (ours)"] = ours_reference(src, dst, sides)
+            refs["QEMU post-copy"] = median_run([qemu_reference(sides) for _ in range(args.reference_runs)])
+            refs["migrate (ours)"] = median_run([ours_reference(src, dst, sides) for _ in range(args.reference_runs)])
             for parallel in parallels:
                 drains[parallel] = {"QEMU post-copy": qemu_drain(sides, parallel),
                                     "migrate (ours)": ours_drain(src, dst, sides, parallel)}
