@@ -263,7 +263,8 @@ def tables(sides: Sides, refs: dict[str, dict], drains: dict[int, dict[str, dict
     """The references, one table per --parallel, and the summary across them."""
     ref_mib_s = {side: sides.mib / ref["total_s"] for side, ref in refs.items()}
     out = [f"reference: one idle {sides.mib:.0f} MiB kvm guest alone (RAM filled, no ops; its vCPU runs on"
-           " neither side), the run of the median total time", "", "| | " + " | ".join(refs) + " |", "|---|" + "---|" * len(refs)]
+           " neither side), the run of the median total time", "",
+           "| | " + " | ".join(refs) + " |", "|---|" + "---|" * len(refs)]
     for label, fmt in (("total time (median; all runs)", "{total_s:.2f} s ({all_total_s})"),
                        ("downtime", "{downtime_ms:.1f} ms"), ("remote faults", "{faults}"),
                        ("source CPU: VMM or agent / vCPU", "{src_own_s:.2f} / {src_guests_s:.2f} s"),
