@@ -125,6 +125,7 @@ def qemu_reference(sides: Sides) -> dict:
     guest = sides.idle()
     with tempfile.TemporaryDirectory(prefix="drain-qemu-") as tmp, QemuPair(guest, tmp, stopped=True) as pair:
         guest.wait_booted(tmp, pair.src_qmp)
+        pair.stop()
         with CpuMeter(pair.src.pid, pair.dst.pid) as meter:
             info, dinfo = pair.migrate(POLL)
         return {**_qemu_row(info, dinfo), **_cpu(meter, [pair.src.pid], [pair.dst.pid])}
@@ -140,6 +141,8 @@ def qemu_drain(sides: Sides, parallel: int) -> dict:
             pairs.append(stack.enter_context(QemuPair(guest, os.path.join(tmp, f"g{i}"), stopped=not sides.busy)))
         for guest, pair in zip(guests, pairs):
             guest.wait_booted(pair.tmp, pair.src_qmp)
+            if not sides.busy:
+                pair.stop()  # before the drain: a guest waiting its turn would spin meanwhile
         pace = Pace(lambda: sum(g.qemu_ops(p.tmp, "source", p.src_qmp) for g, p in zip(guests, pairs)), sides)
 
         def one(pair: QemuPair) -> tuple[float, dict]:

@@ -375,13 +375,13 @@ class QemuPair:
     guest, the destination waits for the stream (-incoming); migrate() moves the guest straight to
     post-copy (no pre-copy rounds). Files in `tmp`, named by role; close() kills both by PID.
 
-    `stopped`: the guest's vCPUs do not run during the migration (the source is stopped first, the
-    destination stays paused with -S), for a guest whose work is done: the kvm image's vCPUs spin once
-    done (our VMM no longer runs them), which would burn a core of the migration's."""
+    `stopped`: the guest's vCPUs do not run on the destination (-S: it stays paused), and stop() stops
+    them on the source, for a guest whose work is done: the kvm image's vCPUs spin once done (our VMM no
+    longer runs them), which would burn a core of the migration's."""
 
     def __init__(self, guest: TinyGuest | KvmImageGuest, tmp: str, preempt: bool = False,
                  stopped: bool = False) -> None:
-        self.guest, self.tmp, self.stopped = guest, tmp, stopped
+        self.guest, self.tmp = guest, tmp
         self.procs: list[subprocess.Popen] = []
         self.qmps: list[Qmp] = []
         self.port = free_port()
@@ -405,11 +405,13 @@ class QemuPair:
         self.qmps.append(qmp)
         return proc, qmp
 
+    def stop(self) -> None:
+        """Stop the guest's vCPUs on the source."""
+        self.src_qmp.cmd("stop")
+
     def migrate(self, every: float = 0.05) -> tuple[dict, dict]:
         """Post-copy to the destination: (the source's query-migrate at the end, the destination's), the
         source asked every `every` s meanwhile."""
-        if self.stopped:
-            self.src_qmp.cmd("stop")
         self.src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{self.port}")
         self.src_qmp.cmd("migrate-start-postcopy")
         info = wait_migration(self.src_qmp, "migration", every=every)
