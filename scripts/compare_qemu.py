@@ -42,12 +42,23 @@ from migrate import orchestrator
 from migrate.bench.runs import run_options
 from migrate.client import AgentClient
 from migrate.local import LocalAgent, wait_for
-from migrate.planes import DataPlane, FaultPath
 from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # qemu_anchor beside it (python -P leaves it out)
-from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, TinyGuest, blocked, downtime_ms, missing, said  # noqa: E402,F401
+from qemu_anchor import (  # noqa: E402,F401
+    CpuMeter,
+    KvmImageGuest,
+    MiB,
+    QemuPair,
+    TinyGuest,
+    add_our_options,
+    blocked,
+    downtime_ms,
+    missing,
+    said,
+    skipped,
+)
 
 
 def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> dict:
@@ -158,10 +169,7 @@ def main() -> int:
                     help="kvm guest: ops, then it reports its digest (enough to outlast the migration)")
     ap.add_argument("--seed", type=int, default=1, help="kvm guest: seed")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds the guest runs before migrating")
-    ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
-                    help="our data plane (default: native)")
-    ap.add_argument("--fault-path", choices=[p.value for p in FaultPath], default="",
-                    help="our fault path (default: grpc; native needs the native data plane)")
+    add_our_options(ap)
     ap.add_argument("--report", default="", help="write our run's JSON report here (its stages, faults, pages)")
     args = ap.parse_args()
     try:
@@ -171,9 +179,7 @@ def main() -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    why = missing()
-    if why:
-        print(f"skipped: {why}")
+    if skipped(missing()):
         return 0
     rows = {}
     try:

@@ -62,12 +62,11 @@ from migrate.bench.runs import run_options
 from migrate.client import AgentClient
 from migrate.drain import Drain
 from migrate.local import LocalAgent, wait_for
-from migrate.planes import DataPlane, FaultPath
 from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # qemu_anchor beside it (python -P leaves it out)
-from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, downtime_ms, missing  # noqa: E402
+from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, add_our_options, downtime_ms, missing, skipped  # noqa: E402
 
 #: Ops enough that a guest is still busy when the slowest drain ends (never waited for).
 OPS = 10**13
@@ -327,10 +326,7 @@ def main() -> int:
                     help="idle reference runs per side, the median's the reference (default 3; one run on a busy"
                          " machine can be off by half)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds the guests run before each drain")
-    ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
-                    help="our data plane (default: native)")
-    ap.add_argument("--fault-path", choices=[p.value for p in FaultPath], default="",
-                    help="our fault path (default: grpc; native needs the native data plane)")
+    add_our_options(ap)
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args()
     try:
@@ -342,9 +338,7 @@ def main() -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    why = missing()
-    if why:
-        print(f"skipped: {why}")
+    if skipped(missing()):
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     refs: dict[str, dict] = {}

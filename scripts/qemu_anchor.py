@@ -13,6 +13,7 @@ their own directory (and only it) first on sys.path.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import mmap
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 
 from migrate.names import Content
+from migrate.planes import DataPlane, FaultPath
 from migrate.proto import migrate_pb2 as pb
 
 MiB = 1 << 20
@@ -50,6 +52,14 @@ def guest_image(pattern: str) -> bytes:
     return header + _CODE[pattern]
 
 
+def add_our_options(ap: argparse.ArgumentParser) -> None:
+    """--data-plane and --fault-path: how our side of a comparison runs."""
+    ap.add_argument("--data-plane", choices=[p.value for p in DataPlane], default="",
+                    help="our data plane (default: native)")
+    ap.add_argument("--fault-path", choices=[p.value for p in FaultPath], default="",
+                    help="our fault path (default: grpc; native needs the native data plane)")
+
+
 def missing() -> str | None:
     """Why this machine cannot run the comparison, or None."""
     if not shutil.which("qemu-system-x86_64"):
@@ -59,6 +69,14 @@ def missing() -> str | None:
     except OSError as err:
         return f"/dev/kvm is not usable: {err.strerror}"
     return None
+
+
+def skipped(why: str | None) -> bool:
+    """True, having said so, when `why` (missing()'s answer) says this machine cannot run QEMU: the
+    scripts then exit 0."""
+    if why:
+        print(f"skipped: {why}")
+    return bool(why)
 
 
 class Qmp:
