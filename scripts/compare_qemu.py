@@ -56,6 +56,7 @@ from qemu_anchor import (  # noqa: E402,F401
     blocked,
     downtime_ms,
     missing,
+    qemu_blocked,
     said,
     skipped,
 )
@@ -75,7 +76,7 @@ def run_qemu(guest: TinyGuest | KvmImageGuest, warmup: float, preempt: bool) -> 
         ram = info.get("ram", {})
         return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": downtime_ms(info),
                 "remote_faults": ram.get("postcopy-requests", 0),
-                **blocked(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)]),
+                **qemu_blocked(dinfo),
                 "ops_during": ops_after - ops_before, "guest_ops_per_s": ops_per_s,
                 "pages_data_zero": f"{ram.get('normal', 0)} / {ram.get('duplicate', 0)}",
                 "wire_mib": ram.get("transferred", 0) / MiB, "fault_p50_us": None,

@@ -66,7 +66,17 @@ from migrate.proto import migrate_pb2 as pb
 from migrate.units import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # qemu_anchor beside it (python -P leaves it out)
-from qemu_anchor import CpuMeter, KvmImageGuest, MiB, QemuPair, add_our_options, downtime_ms, missing, skipped  # noqa: E402
+from qemu_anchor import (  # noqa: E402
+    CpuMeter,
+    KvmImageGuest,
+    MiB,
+    QemuPair,
+    add_our_options,
+    downtime_ms,
+    missing,
+    qemu_blocked,
+    skipped,
+)
 
 #: Ops enough that a guest is still busy when the slowest drain ends (never waited for).
 OPS = 10**13
@@ -107,7 +117,7 @@ def _cpu(meter: CpuMeter, src: list[int], dst: list[int]) -> dict:
 
 def _qemu_row(info: dict, dinfo: dict) -> dict:
     return {"total_s": info.get("total-time", 0) / 1e3, "downtime_ms": downtime_ms(info),
-            "blocked_ms": float(sum(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)])),
+            "blocked_ms": qemu_blocked(dinfo)["blocked_ms"],
             "faults": info.get("ram", {}).get("postcopy-requests", 0)}
 
 

@@ -462,3 +462,8 @@ def blocked(per_vcpu: list[float]) -> dict:
     """Guest blocked time summed over the vCPUs, and each vCPU's (QEMU's postcopy-blocktime alone counts
     only the time all vCPUs were blocked at once: with 2 vCPUs not what ours sums)."""
     return {"blocked_ms": float(sum(per_vcpu)), "vcpu_blocked": " / ".join(f"{b:.0f}" for b in per_vcpu) + " ms"}
+
+
+def qemu_blocked(dinfo: dict) -> dict:
+    """blocked() of a QEMU destination's query-migrate (postcopy-vcpu-blocktime, per vCPU)."""
+    return blocked(dinfo.get("postcopy-vcpu-blocktime") or [dinfo.get("postcopy-blocktime", 0)])
