@@ -128,12 +128,12 @@ def one_rate(size: int, rate: float, threads: int, directory: str, warmup: float
 def qemu_background_snapshot(size: int, directory: str, warmup: float) -> dict:
     """QEMU's background snapshot of a guest sweeping (writing) its RAM, to a file."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from compare_qemu import TinyGuest, _qemu, wait_migration  # QEMU helpers shared there
+    from qemu_anchor import TinyGuest, launch_qemu, wait_migration  # QEMU helpers shared there
 
     guest = TinyGuest(size, "write")
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-qemu-") as tmp:
         out = os.path.join(directory, f"bench-snapshot-qemu-{os.getpid()}.img")
-        proc, qmp = _qemu(tmp, "source", guest.qemu_argv(tmp, "source"))
+        proc, qmp = launch_qemu(tmp, "source", guest.qemu_argv(tmp, "source"))
         try:
             qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "background-snapshot", "state": True}])
             guest.wait_booted(tmp, qmp)
@@ -191,7 +191,7 @@ def main() -> int:
         print("\n".join(table(size, {text.strip(): results[text.strip()]}).splitlines()[2:]), file=sys.stderr)
     if args.qemu:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from compare_qemu import missing
+        from qemu_anchor import missing
         why = missing()
         if why:
             print(f"QEMU skipped: {why}", file=sys.stderr)

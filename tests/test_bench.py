@@ -75,7 +75,8 @@ def test_toml_matrix_and_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["bench_modes.py", "bench_drain.py", "bench_core.py", "bench_dataplane.py",
-                                    "bench_digest.py", "bench_policies.py", "bench_snapshot.py", "compare_qemu.py"])
+                                    "bench_digest.py", "bench_policies.py", "bench_snapshot.py", "compare_qemu.py",
+                                    "drain_qemu.py"])
 def test_bench_scripts_start(script):
     """Each benchmark script builds its options (two named a constant that had moved: AttributeError)."""
     from pathlib import Path
@@ -171,3 +172,105 @@ def test_drain_bench_thread_times_count_a_threads_cpu(monkeypatch):
     done.set()
     burner.join()
     assert sum(r["run_s"] for r in rows if r["process"] == "this test") >= 0.04, rows
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    """scripts/ on sys.path (it is not a package): its modules import as `importlib.import_module(name)`."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+def test_cpu_meter_counts_a_runner_any_thread_started(scripts):
+    """scripts/qemu_anchor.py's CpuMeter: a guest runner an agent started from one of its gRPC threads counts
+    as the guests' CPU (/proc/PID/task/PID/children lists the main thread's children only: it was missed)."""
+    import importlib
+    import threading
+
+    from migrate.local import wait_for
+
+    qemu_anchor = importlib.import_module("qemu_anchor")
+    started: list[subprocess.Popen] = []
+    measured = threading.Event()
+
+    def start() -> None:
+        # "migrate.guest." in its command line: what marks a runner
+        started.append(subprocess.Popen([sys.executable, "-c", "while True: pass", "migrate.guest.burn"]))
+        measured.wait()  # alive meanwhile, as an agent's threads are: the child of a thread that ends is the main's
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        wait_for(lambda: started, timeout=60)
+        with qemu_anchor.CpuMeter(os.getpid(), os.getpid()) as meter:
+            seen = wait_for(lambda: meter.spent_ms(os.getpid())[1] >= 50, timeout=60)
+    finally:
+        measured.set()
+        starter.join()
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert seen, meter.spent_ms(os.getpid())
+
+
+def test_cpu_meter_keeps_an_exited_runner_the_guests(scripts):
+    """CpuMeter: a runner that has exited (a zombie until its agent reaps it, its command line empty) stays the
+    guests' CPU: it moved to the agent's own, making the source agent dear and its guests' CPU negative."""
+    import importlib
+    from pathlib import Path
+
+    from migrate.local import wait_for
+
+    qemu_anchor = importlib.import_module("qemu_anchor")
+    burn = "import time\nend = time.process_time() + 0.1\nwhile time.process_time() < end: pass"
+    runner = subprocess.Popen([sys.executable, "-c", burn, "migrate.guest.burn"])
+    try:
+        with qemu_anchor.CpuMeter(os.getpid(), os.getpid()) as meter:
+            wait_for(lambda: meter.spent_ms(os.getpid())[1] > 0, timeout=60)  # seen alive
+            wait_for(lambda: Path(f"/proc/{runner.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                     timeout=60)  # exited, not reaped: the meter's last sample sees the zombie
+    finally:
+        runner.wait()
+    own, guests = meter.spent_ms(os.getpid())
+    assert guests >= 50, (own, guests)
+
+
+def test_drain_qemu_skips_without_qemu_and_prints_its_tables(scripts, monkeypatch, capsys):
+    """scripts/drain_qemu.py: exit 0 with a message when QEMU or /dev/kvm is missing; its tables put each side's
+    drain against its own idle reference."""
+    import importlib
+
+    drain_qemu = importlib.import_module("drain_qemu")
+    monkeypatch.setattr(drain_qemu, "missing", lambda: "qemu-system-x86_64 is not installed")
+    monkeypatch.setattr("sys.argv", ["drain_qemu.py", "--guests", "2", "--size", "64M"])
+    assert drain_qemu.main() == 0 and "skipped: qemu-system-x86_64 is not installed" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["drain_qemu.py", "--size", "1M"])
+    assert drain_qemu.main() == 2 and "error:" in capsys.readouterr().err
+
+    cpu = {"src_own_s": 0.5, "src_guests_s": 2.0, "dst_own_s": 1.0, "dst_guests_s": 1.5}
+    ref = drain_qemu.median_run([{"total_s": t, "downtime_ms": 1.0, "faults": 0, **cpu} for t in (0.9, 0.5, 0.4)])
+    guests = [{"total_s": t, "downtime_ms": 2.0, "blocked_ms": 30.0, "faults": 5, "started_s": s}
+              for t, s in ((0.5, 0.0), (1.0, 0.1))]
+    drain = {"drain_s": 1.1, "mib_s": 128 / 1.1, "pace_before": 2e7, "pace_during": 1e7, "guests": guests,
+             "slowest_per_median": 4 / 3,
+             **cpu}
+    monkeypatch.setattr("sys.argv", ["drain_qemu.py", "--guests", "2", "--size", "64M"])
+    text = drain_qemu.tables(drain_qemu.Sides(drain_qemu.argparse.Namespace(
+        guests=2, size=64 << 20, workload="hotset", vcpus=1, warmup=1.0, data_plane="", fault_path="")),
+        {"QEMU post-copy": ref, "migrate (ours)": ref}, {2: {"QEMU post-copy": drain, "migrate (ours)": drain}})
+    assert "| total time (median; all runs) | 0.50 s (0.90, 0.50, 0.40) | 0.50 s (0.90, 0.50, 0.40) |" in text
+    assert "| of its own idle reference | 45% | 45% |" in text
+    assert "| total time | 0.50 / 1.00 s | 0.50 / 1.00 s |" in text
+    assert "| source CPU: VMMs or agent / vCPUs | 0.50 / 2.00 s | 0.50 / 2.00 s |" in text
+    assert "| 2 | 1.10 s, 116, 45% | 1.10 s, 116, 45% |" in text
+    assert "| guest pace during the drain (moved guests on the destination) | 10.0 M (50%) | 10.0 M (50%) |" in text
+
+
+def test_qemu_downtime_under_a_millisecond_is_not_the_hosts_uptime(scripts):
+    """QEMU 7.2 reports a post-copy switchover under 1 ms as its clock's reading (the host's uptime, hours)."""
+    import importlib
+
+    qemu_anchor = importlib.import_module("qemu_anchor")
+    assert qemu_anchor.downtime_ms({"total-time": 330, "downtime": 54733579}) == 0.0
+    assert qemu_anchor.downtime_ms({"total-time": 330, "downtime": 5}) == 5.0
