@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ from migrate.bitmap import SharedBitmap
 from migrate.dest import bulk
 from migrate.dest.faults import NEIGHBOURHOOD, FaultLoop, FaultServer
 from migrate.guest.process import GuestSpec
+from migrate.local import LocalAgent
 from migrate.source.outgoing import UrgentPages
 
 PAGES = 1024
@@ -202,3 +205,22 @@ def test_the_sources_urgent_handler_runs_above_the_bulk_and_gives_its_thread_bac
     before, serving, after = seen
     assert serving == (spawn.URGENT_NICE if may_lower_niceness() else before)
     assert after == before
+
+
+def _epoll_descriptors(pid: int) -> int:
+    fds = f"/proc/{pid}/fd"
+    return sum(os.readlink(f"{fds}/{fd}") == "anon_inode:[eventpoll]" for fd in os.listdir(fds))
+
+
+def test_agents_poll_only_their_own_calls_sockets_and_clients_keep_epoll(monkeypatch) -> None:
+    """An agent's gRPC polls with "poll" (migrate/__init__.py): with epoll1, which polls with an epoll
+    descriptor, a destination's Control server thread read the urgent stream's replies and handed each
+    to the urgent path's poller. A client keeps epoll1 (under "poll" an idle channel is watched by
+    nobody: after its agent restarted, its next call went out on the dead connection)."""
+    monkeypatch.delenv("GRPC_POLL_STRATEGY", raising=False)
+    with LocalAgent("dest") as agent:
+        assert _epoll_descriptors(agent.pid) == 0
+    client = subprocess.run([sys.executable, "-P", "-c", "import os, migrate; print(os.environ.get("
+                             "'GRPC_POLL_STRATEGY', 'default'))"], env=spawn.child_env(), capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert client.stdout.strip() == "default"
