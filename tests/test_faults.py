@@ -136,7 +136,8 @@ def test_the_grpc_fault_path_serves_a_guest_from_its_two_threads(memfds, restore
     """The urgent path runs on two threads of its own, each doing its own gRPC I/O on the Fetch call
     (dest/faults.py): the fault thread reads the faults and sends the requests, the reply thread
     receives and installs the replies; no thread of ours or gRPC's hands them messages, and none is
-    left once it stopped. The guest, faulting on every page it reads, ends with its memory whole."""
+    left once it stopped; both run at spawn.URGENT_NICE. The guest, faulting on every page it reads,
+    ends with its memory whole."""
     spec = GuestSpec(size=16 << 20, workload="random-read", seed=13, ops=20_000, threads=1)
     with paused(memfds, spec) as (src_fd, state):
         with mmap.mmap(src_fd, spec.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
@@ -155,11 +156,13 @@ def test_the_grpc_fault_path_serves_a_guest_from_its_two_threads(memfds, restore
             guest.proc.resume(state)
             assert guest.proc.wait_finished(300)
             during = sorted(t.name for t in ours() - before)
+            nice = {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in ours() - before}
             digest = guest.proc.digest(timeout=300)  # faults in every page still missing
         finally:
             faults.stop()
             server.stop(0).wait()
     assert during == ["urgent-faults", "urgent-replies"]
+    assert nice == ({spawn.URGENT_NICE} if may_lower_niceness() else {os.getpriority(os.PRIO_PROCESS, 0)})
     assert ours() - before == set()
     last = faults.last
     assert "error" not in last and last["faults"] > 0 and last["latency_us"]["count"] > 0
