@@ -470,7 +470,11 @@ class FaultLoop:
         self._error: str | None = None
         self._stop = threading.Event()
         self._link = UrgentLink(endpoint, recovery_timeout, self._stop)  # raises AgentUnreachable
-        self._call = _FetchCall(self._link)
+        try:
+            self._call = _FetchCall(self._link)
+        except BaseException:
+            self._link.close()
+            raise
         self._server = FaultServer(mem, self._link, run_id, jump, self._send, asked)
         self._threads = [threading.Thread(target=guarded(what, body, self._fail), daemon=True, name=name)
                          for what, body, name in (("urgent reply reader", self._receive, "urgent-replies"),
@@ -532,9 +536,13 @@ class FaultLoop:
             except grpc.RpcError as fatal:
                 self._fail(f"urgent stream to the source failed: {fatal.details() or fatal.code().name}")
                 return
-            self._call = _FetchCall(link)
+            self._call = call = _FetchCall(link)
+            if self._stop.is_set():  # stop() may have cancelled the call before this one
+                call.cancel()
+                self._drain(call)
+                return
             for msg in server.unanswered():
-                self._call.send(msg)
+                call.send(msg)
 
     @staticmethod
     def _drain(call: _FetchCall) -> None:
