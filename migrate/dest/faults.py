@@ -390,7 +390,7 @@ class _FetchCall:
         self._lock = threading.Lock()
         self._queued: collections.deque[bytes] = collections.deque()
         self._sending = False
-        self._ended: CallEnded | None = None
+        self._status: tuple[grpc.StatusCode, str] | None = None  # how the call ended
         self._call = link.channel._channel.segregated_call(  # type: ignore[attr-defined]  # the channel's own calls
             cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS, _FETCH, None, None, meta, None,
             (((cygrpc.SendInitialMetadataOperation(meta, _NO_FLAGS),), _OPENED),
@@ -427,14 +427,14 @@ class _FetchCall:
             elif event.tag == _ENDED:
                 op = event.batch_operations[0]
                 details = op.details()
-                self._ended = CallEnded(_STATUS[op.code()],
-                                        details.decode(errors="replace") if isinstance(details, bytes) else details)
+                self._status = (_STATUS[op.code()],
+                                details.decode(errors="replace") if isinstance(details, bytes) else details)
             elif event.tag == _REPLY and (raw := event.batch_operations[0].message()) is not None:
                 if self._call.operate((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), _REPLY):
                     self._due += 1
                 return self._wire.parse(raw)
-            if not self._due:
-                raise self._ended or CallEnded(grpc.StatusCode.UNKNOWN, "the urgent stream ended without a status")
+            if not self._due:  # a fresh exception each time: one kept here would keep its frames alive
+                raise CallEnded(*(self._status or _NO_STATUS))
         return None
 
     def cancel(self) -> None:
@@ -444,6 +444,19 @@ class _FetchCall:
 
 _NO_FLAGS = 0
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_NO_STATUS = (grpc.StatusCode.UNKNOWN, "the urgent stream ended without a status")
+
+
+class _Requests:
+    """Where a run's requests go: the Fetch call in use, a fresh one after each reconnect. The
+    FaultServer holds this, not the FaultLoop: a loop its own server pointed back to would live on
+    after its run, with whatever it holds, until a garbage collection."""
+
+    def __init__(self, call: _FetchCall) -> None:
+        self.call = call
+
+    def send(self, msg: pb.PageRequest) -> None:
+        self.call.send(msg)
 
 
 class FaultLoop:
@@ -471,19 +484,16 @@ class FaultLoop:
         self._stop = threading.Event()
         self._link = UrgentLink(endpoint, recovery_timeout, self._stop)  # raises AgentUnreachable
         try:
-            self._call = _FetchCall(self._link)
+            self._requests = _Requests(_FetchCall(self._link))
         except BaseException:
             self._link.close()
             raise
-        self._server = FaultServer(mem, self._link, run_id, jump, self._send, asked)
+        self._server = FaultServer(mem, self._link, run_id, jump, self._requests.send, asked)
         self._threads = [threading.Thread(target=guarded(what, body, self._fail), daemon=True, name=name)
                          for what, body, name in (("urgent reply reader", self._receive, "urgent-replies"),
                                                   ("fault loop", self._serve, "urgent-faults"))]
         for thread in self._threads:
             thread.start()
-
-    def _send(self, msg: pb.PageRequest) -> None:
-        self._call.send(msg)
 
     def _serve(self) -> None:
         """The fault thread: read the faults there are, ask for them, close those another path answered,
@@ -511,38 +521,44 @@ class FaultLoop:
         """The reply thread: install urgent replies as they arrive; after a transport error reconnect,
         and send every request still unanswered on a fresh call."""
         spawn.raise_to_urgent()
-        server, link = self._server, self._link
+        server = self._server
         while True:
-            call = self._call
+            call = self._requests.call
             try:
                 while True:
                     raw = call.next()
                     if raw is not None:
                         server.install(raw)
             except CallEnded as ended:
-                if self._stop.is_set():
+                if self._stop.is_set() or not self._reconnected(ended):
                     return
-                err = ended
             except (BatchError, OSError) as failed:
                 self._fail(f"urgent page install failed: {failed}")
                 self._drain(call)
                 return
-            try:
-                if not link.recover(err):
-                    return
-            except LinkLost as lost:
-                self._fail(str(lost))
-                return
-            except grpc.RpcError as fatal:
-                self._fail(f"urgent stream to the source failed: {fatal.details() or fatal.code().name}")
-                return
-            self._call = call = _FetchCall(link)
-            if self._stop.is_set():  # stop() may have cancelled the call before this one
-                call.cancel()
-                self._drain(call)
-                return
-            for msg in server.unanswered():
-                call.send(msg)
+
+    def _reconnected(self, ended: CallEnded) -> bool:
+        """After the call ended with `ended`: reconnect, open a fresh call and send every request still
+        unanswered on it; False if the path stops instead (stopped, or failed: the link stayed down, or
+        the source refused the call)."""
+        link = self._link
+        try:
+            if not link.recover(ended):
+                return False
+        except LinkLost as lost:
+            self._fail(str(lost))
+            return False
+        except grpc.RpcError as fatal:
+            self._fail(f"urgent stream to the source failed: {fatal.details() or fatal.code().name}")
+            return False
+        self._requests.call = call = _FetchCall(link)
+        if self._stop.is_set():  # stop() may have cancelled the call before this one
+            call.cancel()
+            self._drain(call)
+            return False
+        for msg in self._server.unanswered():
+            call.send(msg)
+        return True
 
     @staticmethod
     def _drain(call: _FetchCall) -> None:
@@ -558,7 +574,7 @@ class FaultLoop:
         if self._error is None:
             self._error = error
         self._stop.set()
-        self._call.cancel()
+        self._requests.call.cancel()
 
     @property
     def last(self) -> dict:
@@ -596,7 +612,7 @@ class FaultLoop:
         if self._summary is not None:
             return
         self._stop.set()
-        self._call.cancel()
+        self._requests.call.cancel()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0))
