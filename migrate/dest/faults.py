@@ -396,7 +396,7 @@ class _FetchCall:
             (((cygrpc.SendInitialMetadataOperation(meta, _NO_FLAGS),), _OPENED),
              ((cygrpc.ReceiveInitialMetadataOperation(_NO_FLAGS),), _OPENED),
              ((cygrpc.ReceiveStatusOnClientOperation(_NO_FLAGS),), _ENDED),
-             ((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), _REPLY)), None, None)
+             ((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), _REPLY)), None)
         self._due = 4  # operations started and not yet seen complete: `next` may wait while any is
 
     def send(self, msg: pb.PageRequest) -> None:
