@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -34,6 +35,18 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 # dear on a virtual machine). Our processes use the older one; an
 # environment that sets GRPC_EXPERIMENTS itself keeps its own choice.
 os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_listener")
+# An agent (`migrate source serve`, `migrate dest serve`) polls with "poll",
+# not that I/O manager's default (epoll1). With epoll1 every thread that
+# waits on any completion queue of the process polls every socket of the
+# process: in a destination agent, the Control server's thread read about
+# half of the urgent stream's replies itself and then woke the urgent path's
+# poller to hand each over (performance.md, "Where a gRPC fault's time
+# goes"). With "poll" a thread polls only the sockets of the calls on its own
+# queue. Not in clients: there a channel with no call under way is polled by
+# nobody, and after its agent restarted, its next call went out on the dead
+# connection ("Stream removed") instead of a new one.
+if sys.argv[1:3] in (["source", "serve"], ["dest", "serve"]):
+    os.environ.setdefault("GRPC_POLL_STRATEGY", "poll")
 
 #: Public name -> the module that defines it.
 _EXPORTS = {

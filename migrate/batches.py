@@ -75,8 +75,8 @@ class PagesClient:
     them in C and installs straight from them, where a protobuf message
     would copy every megabyte twice (into the message, then out of its data
     field). Counting in the (de)serializers is free. Requests are serialized
-    on one thread and replies received on one (the same, for the urgent
-    path's event loop), so each counter has a single writer.
+    one at a time (on one thread, or under the urgent path's call lock) and
+    replies received on one thread, so each counter has a single writer.
     """
 
     def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
@@ -87,21 +87,21 @@ class PagesClient:
 
     def bind(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
         """Make calls on `channel` (blocking or asyncio) from now on (after a reconnect); counters carry on."""
-        self.fetch: Any = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self._serialize,
-                                           response_deserializer=self._parse)
-        self.bulk: Any = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self._serialize,
-                                          response_deserializer=self._parse)
+        self.fetch: Any = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self.serialize,
+                                           response_deserializer=self.parse)
+        self.bulk: Any = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self.serialize,
+                                          response_deserializer=self.parse)
 
     @property
     def bytes_wire(self) -> int:
         return self.bytes_sent + self.bytes_received
 
-    def _serialize(self, msg: pb.PageRequest | pb.BulkRequest) -> bytes:
+    def serialize(self, msg: pb.PageRequest | pb.BulkRequest) -> bytes:
         raw = msg.SerializeToString()
         self.bytes_sent += len(raw)
         return raw
 
-    def _parse(self, raw: bytes) -> bytes:
+    def parse(self, raw: bytes) -> bytes:
         self.bytes_received += len(raw)
         self.heard = time.monotonic()
         return raw

@@ -80,27 +80,23 @@ def channel(target: str, *, purpose: str = "control", credentials: Credentials |
     never wait behind bulk frames.
     """
     creds = Credentials.from_env() if credentials is None else credentials
-    opts = _channel_options(purpose)
-    tls = creds.channel_credentials()
-    ch = grpc.secure_channel(target, tls, options=opts) if tls else grpc.insecure_channel(target, options=opts)
+    ch = _plain_channel(target, purpose, creds)
     if creds.token:
         ch = grpc.intercept_channel(ch, _AddMetadata(creds.metadata()))
     return ch
 
 
-def aio_channel(target: str, *, purpose: str) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
-    """An asyncio channel to `target` as `channel` makes it (this process's credentials), and the
-    metadata each of its calls must carry (the protocol version, the token).
-
-    The token goes in each call's metadata, not through an interceptor: an
-    asyncio interceptor wraps every message of a stream in tasks of its own,
-    on the urgent path that exists to spare the messages' hand-offs. Create
-    it in the thread whose event loop uses it.
-    """
+def call_channel(target: str, *, purpose: str) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
+    """A channel to `target` as `channel` makes it (this process's credentials), without the token's
+    interceptor, and the metadata each of its calls must carry (the protocol version, the token):
+    for calls made on gRPC's call objects themselves (dest/faults.py), which no interceptor sees."""
     creds = Credentials.from_env()
+    return _plain_channel(target, purpose, creds), METADATA + creds.metadata()
+
+
+def _plain_channel(target: str, purpose: str, creds: Credentials) -> grpc.Channel:
     opts, tls = _channel_options(purpose), creds.channel_credentials()
-    ch = grpc.aio.secure_channel(target, tls, options=opts) if tls else grpc.aio.insecure_channel(target, options=opts)
-    return ch, METADATA + creds.metadata()
+    return grpc.secure_channel(target, tls, options=opts) if tls else grpc.insecure_channel(target, options=opts)
 
 
 def _channel_options(purpose: str) -> list[tuple[str, Any]]:

@@ -89,8 +89,8 @@ def urgent_thread() -> Iterator[None]:
     """Run the calling thread at URGENT_NICE for the block, then at its niceness before.
 
     For the gRPC fault path's threads (the source's Pages.Fetch handler, a
-    pool thread lent for the call; the destination's urgent-path thread,
-    which serves nothing else, stays raised): a fault must not wait behind
+    pool thread lent for the call; the destination's two urgent-path threads,
+    which serve nothing else, stay raised): a fault must not wait behind
     the bulk threads, which on the native plane's source run at the agent's
     niceness, nor behind the guests' own. Best effort: without the privilege to lower a
     niceness (root, CAP_SYS_NICE or RLIMIT_NICE) the thread stays as it is.

@@ -184,8 +184,8 @@ void mig_space_set_install_wp(struct mig_space *s, int on);
  * mig_read_faults answers each with a zero page (a page received, missing). */
 void mig_space_lazy_zero(struct mig_space *s, int on);
 /* Readable when an installer stashed faults: poll it beside the fd (-1 on
- * an fd without events, where nothing is ever stashed). The gRPC fault
- * path's event loop watches it with the fd. */
+ * an fd without events, where nothing is ever stashed). The native fault
+ * thread polls it with the fd (mig_read_faults polls it itself). */
 int mig_space_wakefd(const struct mig_space *s);
 /* cffi: end */
 

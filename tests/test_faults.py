@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ from migrate.bitmap import SharedBitmap
 from migrate.dest import bulk
 from migrate.dest.faults import NEIGHBOURHOOD, FaultLoop, FaultServer
 from migrate.guest.process import GuestSpec
+from migrate.local import LocalAgent
 from migrate.source.outgoing import UrgentPages
 
 PAGES = 1024
@@ -129,10 +132,12 @@ class _Fetch:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "urgent requests only")
 
 
-def test_the_grpc_fault_path_serves_a_guest_from_one_thread(memfds, restored, reference_digest):  # noqa: F811
-    """No message of the urgent path goes from one Python thread of ours to another: one thread (the
-    agent's urgent event loop, shared by its runs) reads the faults, asks, and installs the replies;
-    the guest, faulting on every page it reads, ends with its memory whole."""
+def test_the_grpc_fault_path_serves_a_guest_from_its_two_threads(memfds, restored, reference_digest):  # noqa: F811
+    """The urgent path runs on two threads of its own, each doing its own gRPC I/O on the Fetch call
+    (dest/faults.py): the fault thread reads the faults and sends the requests, the reply thread
+    receives and installs the replies; no thread of ours or gRPC's hands them messages, and none is
+    left once it stopped; both run at spawn.URGENT_NICE. The guest, faulting on every page it reads,
+    ends with its memory whole."""
     spec = GuestSpec(size=16 << 20, workload="random-read", seed=13, ops=20_000, threads=1)
     with paused(memfds, spec) as (src_fd, state):
         with mmap.mmap(src_fd, spec.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
@@ -142,21 +147,23 @@ def test_the_grpc_fault_path_serves_a_guest_from_one_thread(memfds, restored, re
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         guest = restored(spec, memfds(spec.size))
-        # Not ours: the Fetch server's, and gRPC asyncio's completion queue poller (C, without the GIL).
+        # Not ours: the Fetch server's threads, and gRPC's own (a channel's connectivity watcher, "(_run)").
         ours = lambda: {t for t in threading.enumerate()  # noqa: E731
-                        if not t.name.startswith("grpc") and "_poll_wrapper" not in t.name}
-        before = {t for t in ours() if t.name != "urgent-path"}  # the agent's, if an earlier test started it
+                        if not t.name.startswith("grpc") and not t.name.endswith("(_run)")}
+        before = ours()
         faults = FaultLoop(guest.mem, f"127.0.0.1:{port}", "run", jump=lambda page: None, recovery_timeout=10)
         try:
             guest.proc.resume(state)
             assert guest.proc.wait_finished(300)
             during = sorted(t.name for t in ours() - before)
+            nice = {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in ours() - before}
             digest = guest.proc.digest(timeout=300)  # faults in every page still missing
         finally:
             faults.stop()
             server.stop(0).wait()
-    assert during == ["urgent-path"]
-    assert sorted(t.name for t in ours() - before) == ["urgent-path"]  # the agent's, for every run to come
+    assert during == ["urgent-faults", "urgent-replies"]
+    assert nice == ({spawn.URGENT_NICE} if may_lower_niceness() else {os.getpriority(os.PRIO_PROCESS, 0)})
+    assert ours() - before == set()
     last = faults.last
     assert "error" not in last and last["faults"] > 0 and last["latency_us"]["count"] > 0
     assert digest == reference_digest(spec)
@@ -202,3 +209,22 @@ def test_the_sources_urgent_handler_runs_above_the_bulk_and_gives_its_thread_bac
     before, serving, after = seen
     assert serving == (spawn.URGENT_NICE if may_lower_niceness() else before)
     assert after == before
+
+
+def _epoll_descriptors(pid: int) -> int:
+    fds = f"/proc/{pid}/fd"
+    return sum(os.readlink(f"{fds}/{fd}") == "anon_inode:[eventpoll]" for fd in os.listdir(fds))
+
+
+def test_agents_poll_only_their_own_calls_sockets_and_clients_keep_epoll(monkeypatch) -> None:
+    """An agent's gRPC polls with "poll" (migrate/__init__.py): with epoll1, which polls with an epoll
+    descriptor, a destination's Control server thread read the urgent stream's replies and handed each
+    to the urgent path's poller. A client keeps epoll1 (under "poll" an idle channel is watched by
+    nobody: after its agent restarted, its next call went out on the dead connection)."""
+    monkeypatch.delenv("GRPC_POLL_STRATEGY", raising=False)
+    with LocalAgent("dest") as agent:
+        assert _epoll_descriptors(agent.pid) == 0
+    client = subprocess.run([sys.executable, "-P", "-c", "import os, migrate; print(os.environ.get("
+                             "'GRPC_POLL_STRATEGY', 'default'))"], env=spawn.child_env(), capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert client.stdout.strip() == "default"

@@ -1,12 +1,12 @@
 """The destination's urgent path: faults in, urgent requests out, replies installed.
 
-One thread per run, owning an asyncio event loop (FaultLoop says why): when
-the userfaultfd is readable, read many fault messages at once (native;
-pages that already arrived are woken right there), ask the source for each missing page
-over the urgent Pages.Fetch stream (its own HTTP/2 connection) with its
-aligned 64 KiB neighbourhood, or, while the guest reads sequentially, a
-readahead that doubles up to 256 KiB; install each reply with one
-UFFDIO_COPY per run, and time each fault from its read to its install.
+Two threads per run (FaultLoop). When the userfaultfd is readable, the fault
+thread reads many fault messages at once (native; pages that already arrived
+are woken right there) and asks the source for each missing page over the
+urgent Pages.Fetch stream (its own HTTP/2 connection) with its aligned 64 KiB
+neighbourhood, or, while the guest reads sequentially, a readahead that
+doubles up to 256 KiB; the reply thread installs each reply with one
+UFFDIO_COPY per run, and each fault is timed from its read to its install.
 The faulting page and the missing neighbours right next to it, at most 64 KiB,
 travel as one request and one reply (a message each way per fault, its
 reply still small); the rest of a readahead follows in requests of its own.
@@ -21,21 +21,20 @@ waiting for its own reply is closed by the reply reader.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any, Protocol
 
 import grpc
+from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-from migrate import errors, spawn, stats
+from migrate import spawn, stats
 from migrate.batches import MAX_URGENT_PAGES, BatchDecoder, BatchError
 from migrate.bitmap import SharedBitmap
 from migrate.dest.link import LinkLost, UrgentLink
-from migrate.dest.paths import MAX_REFUSED, Memory, report_bug
+from migrate.dest.paths import MAX_REFUSED, Memory, guarded
 from migrate.policies.base import Neighbourhood
 from migrate.policies.workingset import ranges_of
 from migrate.proto import migrate_pb2 as pb
@@ -353,87 +352,126 @@ class FaultServer:
         return out
 
 
-class _Stream:
-    """The Fetch call in use (a fresh one after each reconnect) and its writer: requests go out
-    in order, one `write` at a time, as gRPC's asyncio calls require."""
+#: The Fetch call's method, and the tags of its operations.
+_FETCH = b"/migrate.v1.Pages/Fetch"
+_OPENED, _ENDED, _SENT, _REPLY = "opened", "ended", "sent", "reply"
+#: How long the fault thread waits for a fault before looking at its stop flag again.
+_IDLE_MS = 20
+
+
+class CallEnded(grpc.RpcError):
+    """The Fetch call ended (the link broke, the source refused or the run stopped it), with its status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _FetchCall:
+    """One Pages.Fetch call on a completion queue of its own (gRPC's "segregated" call, as its
+    blocking unary calls make), driven by two threads and no other: requests go out from the thread
+    that asks (the fault thread; the reply thread for a refused batch), one at a time as gRPC
+    requires (the others queue here, in order); the reply thread waits on the queue (`next`), and
+    while it waits it polls the connection itself. gRPC's asyncio client put its poller thread
+    between the socket and the event loop for every reply and for every request's completion:
+    about 2.5x the client's CPU per message and ~20 µs more per round trip, measured side by side
+    (performance.md, "Where a gRPC fault's time goes")."""
 
     def __init__(self, link: UrgentLink) -> None:
-        self._link = link
-        self._pending: collections.deque[pb.PageRequest] = collections.deque()
-        self._more = asyncio.Event()
-        self.call: Any = None
-
-    def open(self, unanswered: list[pb.PageRequest]) -> None:
-        """A fresh call on the link's channel, sending `unanswered` first (requests still
-        pending for the dead call are among them)."""
-        self.call = self._link.client.fetch(metadata=self._link.metadata)
-        self._pending.clear()
-        for msg in unanswered:
-            self.send(msg)
+        meta = link.metadata
+        self._wire = link.client
+        self._lock = threading.Lock()
+        self._queued: collections.deque[bytes] = collections.deque()
+        self._sending = False
+        self._status: tuple[grpc.StatusCode, str] | None = None  # how the call ended
+        self._call = link.channel._channel.segregated_call(  # type: ignore[attr-defined]  # the channel's own calls
+            cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS, _FETCH, None, None, meta, None,
+            (((cygrpc.SendInitialMetadataOperation(meta, _NO_FLAGS),), _OPENED),
+             ((cygrpc.ReceiveInitialMetadataOperation(_NO_FLAGS),), _OPENED),
+             ((cygrpc.ReceiveStatusOnClientOperation(_NO_FLAGS),), _ENDED),
+             ((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), _REPLY)), None)
+        self._due = 4  # operations started and not yet seen complete: `next` may wait while any is
 
     def send(self, msg: pb.PageRequest) -> None:
-        self._pending.append(msg)
-        self._more.set()
+        """Send `msg` now, or after the requests before it. On a call that ended it goes nowhere: the
+        request is still unanswered, and the next call sends it again."""
+        with self._lock:
+            raw = self._wire.serialize(msg)
+            if self._sending:
+                self._queued.append(raw)
+            else:
+                self._start(raw)
 
-    async def write(self) -> None:
-        """The writer task. A write the call refuses is dropped: the call broke, and the reply
-        reader reopens it with every request still unanswered."""
-        while True:
-            await self._more.wait()
-            self._more.clear()
-            while self._pending:
-                msg = self._pending.popleft()
-                try:
-                    await self.call.write(msg)
-                except (grpc.RpcError, asyncio.InvalidStateError):
-                    pass
+    def _start(self, raw: bytes) -> None:
+        """Start sending `raw` (call with the lock held)."""
+        self._sending = self._call.operate((cygrpc.SendMessageOperation(raw, _NO_FLAGS),), _SENT)
+        self._due += self._sending
+
+    def next(self) -> bytes | None:
+        """The next reply (None: an event that brings none); CallEnded once the call ended and all its
+        operations are in (call no more then)."""
+        event = self._call.next_event()
+        with self._lock:
+            self._due -= 1
+            if event.tag == _SENT:
+                self._sending = False
+                if self._queued:
+                    self._start(self._queued.popleft())
+            elif event.tag == _ENDED:
+                op = event.batch_operations[0]
+                details = op.details()
+                self._status = (_STATUS[op.code()],
+                                details.decode(errors="replace") if isinstance(details, bytes) else details)
+            elif event.tag == _REPLY and (raw := event.batch_operations[0].message()) is not None:
+                if self._call.operate((cygrpc.ReceiveMessageOperation(_NO_FLAGS),), _REPLY):
+                    self._due += 1
+                return self._wire.parse(raw)
+            if not self._due:  # a fresh exception each time: one kept here would keep its frames alive
+                raise CallEnded(*(self._status or _NO_STATUS))
+        return None
+
+    def cancel(self) -> None:
+        """End the call (its operations complete, `next` raises CallEnded)."""
+        self._call.cancel(cygrpc.StatusCode.cancelled, "the urgent path stopped")
 
 
-_loop_lock = threading.Lock()
-_shared_loop: asyncio.AbstractEventLoop | None = None
+_NO_FLAGS = 0
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_NO_STATUS = (grpc.StatusCode.UNKNOWN, "the urgent stream ended without a status")
 
 
-def urgent_loop() -> asyncio.AbstractEventLoop:
-    """The agent's one event loop for every run's urgent path, on a thread of its own (started on
-    first use, at spawn.URGENT_NICE, for the life of the process).
+class _Requests:
+    """Where a run's requests go: the Fetch call in use, a fresh one after each reconnect. The
+    FaultServer holds this, not the FaultLoop: a loop its own server pointed back to would live on
+    after its run, with whatever it holds, until a garbage collection."""
 
-    One loop, not one per run: gRPC's asyncio layer polls its completion
-    queue from one thread for the whole process and hands each completion
-    to the loop of the call; a loop closed at the end of a run while a
-    completion of its channel was still on its way lost that completion,
-    and with it the call's callbacks and everything they held (the run's
-    bulk path and descriptors) until the garbage collector came by.
-    """
-    global _shared_loop
-    with _loop_lock:
-        if _shared_loop is None:
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=_run_forever, args=(loop,), daemon=True, name="urgent-path").start()
-            _shared_loop = loop
-        return _shared_loop
+    def __init__(self, call: _FetchCall) -> None:
+        self.call = call
 
-
-def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
-    spawn.raise_to_urgent()
-    asyncio.set_event_loop(loop)
-    loop.run_forever()
+    def send(self, msg: pb.PageRequest) -> None:
+        self.call.send(msg)
 
 
 class FaultLoop:
-    """A run's urgent path, served by the destination agent's urgent event loop (urgent_loop()).
+    """A run's urgent path: two threads of the destination agent, each at spawn.URGENT_NICE.
 
-    The loop watches the userfaultfd (and the fds that say faults wait: the
-    space's stash, a bulk path's installs) and handles what is there at once
-    in that callback (read in C, dedupe, ask); a writer task puts the requests
-    on the Fetch call, a reader task installs the replies (one C call each)
-    and closes their faults. gRPC's asyncio client costs a message about half
-    the CPU and context switches of its blocking one, whose request iterator
-    and reply iterator each hand every message to another thread (the agent
-    runs threads, not processes: see dest/bulk.py). Connecting happens here: a
-    source that cannot be reached raises AgentUnreachable (a ConnectionError),
-    before the guest ever stops on the source. `jump` tells the bulk path where
-    the guest faults; `asked`, a native bulk path's bitmap of pages asked for,
-    keeps prefetches from asking them again.
+    The fault thread waits on the userfaultfd (and the fds that say faults
+    wait: the space's stash, a bulk path's installs), reads the faults there
+    are in C, dedupes and asks (sending the request itself, see _FetchCall);
+    the reply thread waits on the Fetch call, installs each reply (one C
+    call) and closes its faults; after a transport error it reconnects and
+    sends every request still unanswered on a fresh call. Connecting
+    happens here: a source that cannot be reached raises AgentUnreachable
+    (a ConnectionError), before the guest ever stops on the source. `jump`
+    tells the bulk path where the guest faults; `asked`, a native bulk
+    path's bitmap of pages asked for, keeps prefetches from asking them again.
     """
 
     def __init__(self, mem: Memory, endpoint: str, run_id: str, jump: Callable[[int], None],
@@ -443,118 +481,100 @@ class FaultLoop:
         self._installs = installs
         self._summary: dict | None = None
         self._error: str | None = None
-        self._loop = urgent_loop()
-        self._done: asyncio.Future[None] = self._loop.create_future()
-        self._timer: asyncio.TimerHandle | None = None
-        ready: futures.Future[FaultServer] = futures.Future()
-        self._serving = asyncio.run_coroutine_threadsafe(
-            self._main(endpoint, run_id, jump, recovery_timeout, asked, ready), self._loop)
-        self._server = ready.result()  # raises what connecting raised
-
-    async def _main(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
-                    asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
+        self._stop = threading.Event()
+        self._link = UrgentLink(endpoint, recovery_timeout, self._stop)  # raises AgentUnreachable
         try:
-            await self._serve(endpoint, run_id, jump, recovery_timeout, asked, ready)
-        except Exception as err:  # noqa: BLE001 - as guarded()
-            if not ready.done():  # FaultLoop() raises it
-                ready.set_exception(err)
-                return
-            report_bug("fault loop", err, self._fail)
+            self._requests = _Requests(_FetchCall(self._link))
+        except BaseException:
+            self._link.close()
+            raise
+        self._server = FaultServer(mem, self._link, run_id, jump, self._requests.send, asked)
+        self._threads = [threading.Thread(target=guarded(what, body, self._fail), daemon=True, name=name)
+                         for what, body, name in (("urgent reply reader", self._receive, "urgent-replies"),
+                                                  ("fault loop", self._serve, "urgent-faults"))]
+        for thread in self._threads:
+            thread.start()
 
-    async def _serve(self, endpoint: str, run_id: str, jump: Callable[[int], None], recovery_timeout: float,
-                     asked: SharedBitmap | None, ready: futures.Future[FaultServer]) -> None:
-        link = UrgentLink(endpoint, recovery_timeout)  # its channel belongs to the urgent loop
+    def _serve(self) -> None:
+        """The fault thread: read the faults there are, ask for them, close those another path answered,
+        and look again soon while any wait for that (or at once when the bulk path signals an install)."""
+        spawn.raise_to_urgent()
+        server, mem, installs = self._server, self._mem, self._installs
+        wake_fd, patience = (-1, 1) if installs is None else (installs.installed_fd, BULK_PATIENCE_MS)
+        waiting = False
         try:
-            try:
-                await link.connect()
-            except errors.AgentUnreachable as err:
-                ready.set_exception(err)
-                return
-            stream = _Stream(link)
-            server = FaultServer(self._mem, link, run_id, jump, stream.send, asked)
-            stream.open([])
-            fds = self._mem.io.readable_fds + ([self._installs.installed_fd] if self._installs else [])
-            for fd in fds:
-                self._loop.add_reader(fd, self._step, server)
-            tasks = [asyncio.create_task(stream.write()), asyncio.create_task(self._receive(server, stream, link))]
-            ready.set_result(server)
-            try:
-                await self._done
-            finally:
-                for fd in fds:
-                    self._loop.remove_reader(fd)
-                if self._timer is not None:
-                    self._timer.cancel()
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            await link.close()
-
-    def _step(self, server: FaultServer) -> None:
-        """On each wake of one of the run's fds (or its timer): read the faults there are, ask for
-        them, close those another path answered, and look again soon while any wait for that."""
-        if self._done.done():
-            return
-        try:
-            mem, installs = self._mem, self._installs
-            faults = mem.io.read(mem.bitmap, timeout_ms=0, wake_fd=installs.installed_fd if installs else -1)
-            if faults:
-                server.on_faults(faults)
-            if installs is not None:  # before looking: an install from now on signals
-                installs.watch(server.on_bulk)
-            waiting = server.resolve_arrived()
-            if installs is not None:
-                installs.watch(server.on_bulk)
-            # No exit on a full bitmap: with pre-copy it fills before the switch
-            # and empties again (discards); the agent stops us.
+            while not self._stop.is_set():
+                faults = mem.io.read(mem.bitmap, timeout_ms=patience if waiting else _IDLE_MS, wake_fd=wake_fd)
+                if faults:
+                    server.on_faults(faults)
+                if installs is not None:  # before looking: an install from now on signals
+                    installs.watch(server.on_bulk)
+                waiting = server.resolve_arrived()
+                if installs is not None:
+                    installs.watch(server.on_bulk)
+                # No exit on a full bitmap: with pre-copy it fills before the switch
+                # and empties again (discards); the agent stops us.
         except (OSError, BatchError) as err:
             self._fail(f"fault loop failed: {err}")
-            return
-        except Exception as err:  # noqa: BLE001 - as guarded(): a bug must fail the run, not end the loop quietly
-            report_bug("fault loop", err, self._fail)
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if waiting:
-            patience = BULK_PATIENCE_MS if installs is not None else 1
-            self._timer = self._loop.call_later(patience / 1000, self._step, server)
 
-    async def _receive(self, server: FaultServer, stream: _Stream, link: UrgentLink) -> None:
-        """Install urgent replies as they arrive; after a transport error reconnect, and send
-        every request still unanswered on a fresh call."""
+    def _receive(self) -> None:
+        """The reply thread: install urgent replies as they arrive; after a transport error reconnect,
+        and send every request still unanswered on a fresh call."""
+        spawn.raise_to_urgent()
+        server = self._server
+        while True:
+            call = self._requests.call
+            try:
+                while True:
+                    raw = call.next()
+                    if raw is not None:
+                        server.install(raw)
+            except CallEnded as ended:
+                if self._stop.is_set() or not self._reconnected(ended):
+                    return
+            except (BatchError, OSError) as failed:
+                self._fail(f"urgent page install failed: {failed}")
+                self._drain(call)
+                return
+
+    def _reconnected(self, ended: CallEnded) -> bool:
+        """After the call ended with `ended`: reconnect, open a fresh call and send every request still
+        unanswered on it; False if the path stops instead (stopped, or failed: the link stayed down, or
+        the source refused the call)."""
+        link = self._link
+        try:
+            if not link.recover(ended):
+                return False
+        except LinkLost as lost:
+            self._fail(str(lost))
+            return False
+        except grpc.RpcError as fatal:
+            self._fail(f"urgent stream to the source failed: {fatal.details() or fatal.code().name}")
+            return False
+        self._requests.call = call = _FetchCall(link)
+        if self._stop.is_set():  # stop() may have cancelled the call before this one
+            call.cancel()
+            self._drain(call)
+            return False
+        for msg in self._server.unanswered():
+            call.send(msg)
+        return True
+
+    @staticmethod
+    def _drain(call: _FetchCall) -> None:
+        """Wait out a cancelled call's last operations (its completion queue goes with the last)."""
         try:
             while True:
-                try:
-                    async for raw in stream.call:
-                        server.install(raw)
-                    return
-                except grpc.RpcError as err:
-                    try:
-                        await link.recover(err)
-                    except LinkLost as lost:
-                        self._fail(str(lost))
-                        return
-                    except grpc.RpcError as fatal:
-                        self._fail(f"urgent stream to the source failed: {fatal.details() or fatal.code().name}")
-                        return
-                    stream.open(server.unanswered())
-        except (BatchError, OSError) as err:
-            self._fail(f"urgent page install failed: {err}")
-        except Exception as err:  # noqa: BLE001 - as guarded()
-            report_bug("urgent reply reader", err, self._fail)
+                call.next()
+        except CallEnded:
+            pass
 
     def _fail(self, error: str) -> None:
         """Stop serving, for `error` (the first one given is kept)."""
         if self._error is None:
             self._error = error
-        self._finish()
-
-    def _finish(self) -> None:
-        """End this run's work in the event loop (in its thread)."""
-        if not self._done.done():
-            self._done.set_result(None)
+        self._stop.set()
+        self._requests.call.cancel()
 
     @property
     def last(self) -> dict:
@@ -591,11 +611,14 @@ class FaultLoop:
     def stop(self, timeout: float = 10.0) -> None:
         if self._summary is not None:
             return
-        self._loop.call_soon_threadsafe(self._finish)
-        try:
-            self._serving.result(timeout)
-        except futures.TimeoutError:
+        self._stop.set()
+        self._requests.call.cancel()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        if any(thread.is_alive() for thread in self._threads):
             self._error = self._error or f"the urgent path did not stop within {timeout:g} s"
+        self._link.close()
         self._server.close()
         summary = dict(self._server.summary(), done=True)
         if self._error:

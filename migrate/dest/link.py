@@ -9,7 +9,7 @@ path fails with a clear error; the guest stays paused, never corrupted.
 """
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -32,7 +32,11 @@ def connect(endpoint: str, purpose: str) -> grpc.Channel:
     Raises AgentUnreachable if the source cannot be reached: the agent fails
     the prepare step and the guest stays on the source.
     """
-    channel = rpc.channel(endpoint, purpose=purpose)
+    return _reached(rpc.channel(endpoint, purpose=purpose), endpoint)
+
+
+def _reached(channel: grpc.Channel, endpoint: str) -> grpc.Channel:
+    """`channel` once connected; closed, and AgentUnreachable, if the source cannot be reached."""
     try:
         rpc.wait_ready(channel, endpoint, CONNECT_TIMEOUT)
     except rpc.AgentError:
@@ -47,7 +51,7 @@ class LinkLost(Exception):
 
 class _Outages:
     """What a link to the source counts about going down, and its recovery's deadline and backoff
-    (SourceLink reconnects blocking, UrgentLink in an event loop)."""
+    (SourceLink, UrgentLink)."""
 
     client: PagesClient
 
@@ -129,36 +133,32 @@ class SourceLink(_Outages):
 
 
 class UrgentLink(_Outages):
-    """The urgent path's link: an asyncio channel, used by the thread whose event loop made it
-    (see dest/faults.py for why asyncio). Calls carry `metadata`."""
+    """The urgent path's link: a channel whose calls are made on gRPC's call objects (dest/faults.py
+    says why), each carrying `metadata`; reconnects blocking, as SourceLink does, until `stop` is set."""
 
-    def __init__(self, endpoint: str, recovery_timeout: float) -> None:
+    def __init__(self, endpoint: str, recovery_timeout: float, stop: threading.Event) -> None:
         super().__init__(endpoint, "urgent", recovery_timeout)
-        self.channel, self.metadata = rpc.aio_channel(endpoint, purpose="urgent")
+        self._stop = stop
+        channel, self.metadata = rpc.call_channel(endpoint, purpose="urgent")
+        self.channel = _reached(channel, endpoint)
         self.client = PagesClient(self.channel)
 
-    async def connect(self) -> None:
-        """Wait for the source as `connect` does (raises AgentUnreachable)."""
-        if not await self._ready(CONNECT_TIMEOUT):
-            raise errors.AgentUnreachable(f"destination cannot reach the source at {self.endpoint}")
-
-    async def _ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.channel.channel_ready(), timeout)
-            return True
-        except TimeoutError:
-            return False
-
-    async def recover(self, err: grpc.RpcError) -> None:
-        """SourceLink.recover, in the event loop."""
+    def recover(self, err: grpc.RpcError) -> bool:
+        """Reconnect after `err` (False: stopped meanwhile), or raise LinkLost (or re-raise a non-transport error)."""
         t0 = self._went_down(err)
         for backoff in self._backoffs(t0):
-            await self.channel.close()
-            self.channel, _ = rpc.aio_channel(self.endpoint, purpose=self._purpose)
-            if await self._ready(backoff):
+            if self._stop.is_set():
+                return False
+            self.channel.close()
+            self.channel, _ = rpc.call_channel(self.endpoint, purpose=self._purpose)
+            try:
+                rpc.wait_ready(self.channel, self.endpoint, backoff)
                 break
+            except rpc.AgentError:
+                pass
         self.client.bind(self.channel)
         self._back_up(t0)
+        return True
 
-    async def close(self) -> None:
-        await self.channel.close()
+    def close(self) -> None:
+        self.channel.close()

@@ -98,15 +98,6 @@ class FaultReader:
     def fd(self) -> int:
         return self._fd
 
-    @property
-    def readable_fds(self) -> list[int]:
-        """The fds whose readiness means read() has faults to return: the userfaultfd, and the
-        eventfd an installer signals when it read faults for read() (the space's stash), where
-        events are on. For a caller that polls them itself (an event loop) and calls read() with
-        timeout_ms 0 when one is readable."""
-        stash = lib.mig_space_wakefd(self._space)
-        return [self._fd] if stash < 0 else [self._fd, stash]
-
     def close(self) -> None:
         """Free the space now (else when the reader is collected); no path may use it afterwards."""
         if self._space is not None:
