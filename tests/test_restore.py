@@ -55,6 +55,20 @@ def test_foreign_process_restored_from_image(tmp_path, plane):
     assert not os.path.exists(sock)  # the agent removed its socket on exit
 
 
+def test_a_client_that_hangs_up_before_the_ready_byte_is_restored(tmp_path, plane):
+    """A client need not read the ready byte: one that closed its socket before it was sent (its faults
+    served meanwhile) is restored all the same (the agent aborted the run on EPIPE and left it hanging)."""
+    image = tmp_path / "mem.img"
+    make_image(image, 2048)
+    sock = tmp_path / "uffd.sock"
+    with restoring(tmp_path, image, sock, plane):
+        out = subprocess.run([sys.executable, str(HERE / "uffd_client.py"), str(sock), str(image), "5", "hangup"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (out.stdout, out.stderr, (tmp_path / "dst.log").read_text())
+        assert json.loads(out.stdout) == {"pages": 2048, "bad": 0}
+        assert wait_for(lambda: " complete " in (tmp_path / "dst.log").read_text(), timeout=60)
+
+
 def c_client(tmp_path: Path, name: str) -> Path:
     """tests/c/NAME.c built into tmp_path."""
     exe = tmp_path / name

@@ -1,11 +1,13 @@
 """A foreign process speaking Firecracker's UFFD handshake (not our runner).
 
-usage: python uffd_client.py SOCKET IMAGE SEED
+usage: python uffd_client.py SOCKET IMAGE SEED [hangup]
 
 Maps anonymous memory the size of IMAGE, creates and registers a
 userfaultfd with raw syscalls and ioctls (none of migrate's code), sends it
 with its region list to SOCKET, then reads every page in a random order and
-exits 0 only if each equals the image's bytes.
+exits 0 only if each equals the image's bytes. With "hangup" it closes the
+socket right after the handshake, before the agent's ready byte (as a VMM
+that never reads it may).
 (REAP's case, a working set touched first, is tests/c/uffd_ws_client.c.)
 """
 import ctypes
@@ -25,7 +27,7 @@ UFFDIO_REGISTER = 0xC020AA00   # _IOWR(0xAA, 0x00, struct uffdio_register)
 UFFDIO_REGISTER_MODE_MISSING = 1
 
 
-def main(sock_path: str, image_path: str, seed: int) -> int:
+def main(sock_path: str, image_path: str, seed: int, hangup: bool = False) -> int:
     with open(image_path, "rb") as f:
         image = f.read()
     size, page = len(image), mmap.PAGESIZE
@@ -41,6 +43,8 @@ def main(sock_path: str, image_path: str, seed: int) -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(sock_path)
         socket.send_fds(s, [json.dumps(regions).encode()], [fd])
+        if hangup:
+            s.close()
         order = list(range(size // page))
         random.Random(seed).shuffle(order)
         bad = [p for p in order if mem[p * page:(p + 1) * page] != image[p * page:(p + 1) * page]]
@@ -49,4 +53,4 @@ def main(sock_path: str, image_path: str, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["hangup"]))

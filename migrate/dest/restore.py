@@ -56,6 +56,16 @@ def _require_userfaultfd(fd: int) -> None:
         raise ValueError(f"handshake carried {kind}, not a userfaultfd")
 
 
+def _say_ready(conn: socket.socket, run_id: str) -> None:
+    """Send the ready byte. A client need not read it (Firecracker's does not), and one that closed
+    its socket already (its faults served meanwhile, or all done) is restored all the same: the run
+    ends as its pages say. Aborting on EPIPE left such a client's next faults unserved for good."""
+    try:
+        conn.sendall(READY)
+    except (BrokenPipeError, ConnectionResetError):
+        log.info("run %s: the handshake client closed its socket before the ready byte", run_id)
+
+
 @dataclass(frozen=True)
 class RestoreOptions:
     """`dest serve --uffd-socket PATH --restore-from SOURCE --image NAME [--policy P] [--record-ws FILE]`."""
@@ -128,7 +138,7 @@ class UffdRestoreListener:
                     self._incoming[run.run_id] = run
                 record = bool(self._opts.record_ws)
                 run.start(b"", no_push=False, max_bandwidth=self._opts.max_bandwidth, hold_push=record)
-                conn.sendall(READY)
+                _say_ready(conn, run.run_id)
                 t_started = time.monotonic()
                 log.info("restoring image %s into a handshake client (run %s; set up in %.1f ms, then %.1f ms for "
                          "the policy's pages before the ready byte)", self._image, run.run_id,

@@ -1,7 +1,7 @@
 /* Firecracker's UFFD handshake, for the foreign C test clients: register a
  * mapping with a fresh userfaultfd and send it, with its region list, to the
- * agent's socket. Returns the connected socket (kept open: the agent's ready
- * byte comes on it, and closing it ends the restore early). */
+ * agent's socket. Returns the connected socket (the agent's ready byte comes
+ * on it; a client may close it unread). */
 #ifndef TESTS_HANDSHAKE_H
 #define TESTS_HANDSHAKE_H
 
