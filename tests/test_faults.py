@@ -202,3 +202,20 @@ def test_the_sources_urgent_handler_runs_above_the_bulk_and_gives_its_thread_bac
     before, serving, after = seen
     assert serving == (spawn.URGENT_NICE if may_lower_niceness() else before)
     assert after == before
+
+
+def test_the_grpc_planes_bulk_yields_to_faults_by_policy_at_the_agents_niceness():
+    """spawn.yield_cpu_to_urgent_work (the gRPC plane's bulk server and destination bulk threads) asks for
+    SCHED_BATCH and keeps the caller's niceness: niced, the guests a drain had moved (nice 0) took most
+    of a core from the bulk, so the bulk competes with them as an equal while faults stay raised above."""
+    seen: list[tuple[int, int]] = []
+
+    def bulk() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        spawn.yield_cpu_to_urgent_work()
+        seen.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0) - before))
+
+    t = threading.Thread(target=bulk)
+    t.start()
+    t.join()
+    assert seen == [(os.SCHED_BATCH, 0)]
