@@ -58,25 +58,24 @@ def die_with_parent(enabled: bool = True) -> None:
 
 
 def yield_cpu_to_urgent_work() -> None:
-    """Let the fault path preempt the gRPC plane's bulk path (SCHED_BATCH, nice 10).
+    """Let the fault path preempt the gRPC plane's bulk path: SCHED_BATCH, at the caller's niceness.
 
-    On Linux both settings belong to the calling thread and pass to the
+    On Linux the policy belongs to the calling thread and passes to the
     threads it starts: the source's bulk server calls this first thing (the
-    whole process), the destination's bulk path from its own thread. On a
-    host where both agents share two cores, a bulk process at normal
-    priority delays the fault path by whole scheduler slices, and on the
-    destination the bulk's threads share the GIL with the fault path's: at
-    the agent's niceness its fault p99 under the bulk rose from 3.6-7.7 ms
-    to 4.9-9.0 ms (bench_core (b), gRPC plane, busy machine). (The native
-    plane's source keeps its bulk at the agent's niceness: native/dp_common.h.)
+    whole process), the destination's bulk path from its own thread. A
+    SCHED_BATCH thread never preempts a thread that wakes, so a fault
+    thread (raised: urgent_thread) gets the CPU first; at the guests'
+    niceness the bulk still competes with them as an equal. Niced (+10,
+    weight 110 against a guest's 1024), busy guests took ~90 % of a core
+    from it and a drain's runs grew with each guest moved (docs/performance.md,
+    "Bulk priority in a drain"), as on the native plane (native/dp_common.h).
     SCHED_IDLE was tried too: faults got no faster, and a guest that keeps
     faulting starved the bulk stream (1 GiB post-copy took 20-30 % longer).
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError):
-        pass  # not Linux: the niceness alone still helps
-    os.nice(10)
+        pass  # not Linux: the bulk runs as any thread
 
 
 #: The niceness the gRPC fault path's threads ask for (the native fault
@@ -91,8 +90,8 @@ def urgent_thread() -> Iterator[None]:
     For the gRPC fault path's threads (the source's Pages.Fetch handler, a
     pool thread lent for the call; the destination's two urgent-path threads,
     which serve nothing else, stay raised): a fault must not wait behind
-    the bulk threads, which on the native plane's source run at the agent's
-    niceness, nor behind the guests' own. Best effort: without the privilege to lower a
+    the bulk threads, which run at the agent's niceness, nor behind the
+    guests' own. Best effort: without the privilege to lower a
     niceness (root, CAP_SYS_NICE or RLIMIT_NICE) the thread stays as it is.
     """
     tid = threading.get_native_id()

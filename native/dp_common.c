@@ -586,16 +586,11 @@ int dp_key_equal(const uint8_t *a, const uint8_t *b, size_t len)
     return diff == 0;
 }
 
-void dp_thread_for_bulk(const char *name, int nicer)
+void dp_thread_for_bulk(const char *name)
 {
     pthread_setname_np(pthread_self(), name);
     struct sched_param sp = {0};
     sched_setscheduler(0, SCHED_BATCH, &sp); /* 0: the calling thread */
-    id_t tid = (id_t)syscall(SYS_gettid);
-    errno = 0;
-    int nice = getpriority(PRIO_PROCESS, tid);
-    if (nicer && !errno)
-        setpriority(PRIO_PROCESS, tid, nice + nicer);
 }
 
 void dp_thread_for_faults(const char *name)

@@ -112,18 +112,16 @@ int dp_key_equal(const uint8_t *a, const uint8_t *b, size_t len);
 
 int64_t dp_mono_ns(void);
 
-/* The calling thread's name and priority. Bulk threads yield the CPU to
- * urgent work: SCHED_BATCH (a bulk thread never preempts a thread that
- * wakes), `nicer` above the niceness of the thread that started them. The
- * destination's are niced (DP_DEST_BULK_NICER): they share the CPUs with
- * the guests they fill, and a guest woken from a fault must preempt them.
- * The source's keep the agent's niceness: there the bulk competes with the
- * guests still running on the source (a drain's next ones) and with its own
- * fault threads, which are raised; niced too, busy guests starved a drain's
- * pushes. Fault threads are short and bounded: real-time (SCHED_FIFO 1)
- * where allowed, else nice -10. Best effort both. */
-#define DP_DEST_BULK_NICER 10
-void dp_thread_for_bulk(const char *name, int nicer);
+/* The calling thread's name and priority. Bulk threads run SCHED_BATCH (a
+ * bulk thread never preempts a thread that wakes) at the niceness of the
+ * thread that started them: they compete with the guests as equals. On the
+ * source those are the guests a drain moves next, on the destination the
+ * guests already moved; niced (+10, weight 110 against a guest's 1024), a
+ * busy guest took ~90 % of a core from the bulk and a drain's runs grew
+ * with each guest moved (performance.md, "Bulk priority in a drain").
+ * Fault threads are short and bounded and stay above both: real-time
+ * (SCHED_FIFO 1) where allowed, else nice -10. Best effort both. */
+void dp_thread_for_bulk(const char *name);
 void dp_thread_for_faults(const char *name);
 
 #endif

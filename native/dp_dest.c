@@ -745,7 +745,7 @@ static int lately(uint64_t now, const uint64_t *t_ns)
 static void *requester_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    dp_thread_for_bulk("dpd-request", DP_DEST_BULK_NICER);
+    dp_thread_for_bulk("dpd-request");
     uint8_t msg[sizeof(struct dp_request) + DP_MAX_RUNS * sizeof(struct dp_run)];
     pthread_mutex_lock(&h->mu);
     while (!h->finished) {
@@ -921,7 +921,7 @@ static uint64_t staged_need(const struct mig_dpd *h, const uint8_t *staged, uint
 static void *receiver_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    dp_thread_for_bulk("dpd-receive", DP_DEST_BULK_NICER);
+    dp_thread_for_bulk("dpd-receive");
     uint8_t *stage = malloc(STAGE_BYTES);
     uint32_t lo = 0, hi = 0, read_size = STAGE_BYTES;
     int cur = -1;
@@ -1097,7 +1097,7 @@ static void settle_slot(struct mig_dpd *h, const struct installed *done, uint32_
 static void *installer_main(void *arg)
 {
     struct mig_dpd *h = arg;
-    dp_thread_for_bulk("dpd-install", DP_DEST_BULK_NICER);
+    dp_thread_for_bulk("dpd-install");
     struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
     struct installed *done = malloc((h->slot_bytes / 4096 + 1) * sizeof(*done));
     pthread_mutex_lock(&h->mu);

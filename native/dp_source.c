@@ -487,7 +487,7 @@ static void *conn_main(void *arg)
             dp_thread_for_faults("dps-fault");
             serve(s, c->fd, 1, NULL);
         } else {
-            dp_thread_for_bulk("dps-bulk", 0);
+            dp_thread_for_bulk("dps-bulk");
             struct squeeze z = {.compress_bps = COMPRESS_BPS_GUESS, .ratio = 0.5, .local_peer = dp_peer_is_local(c->fd)};
             if (s->compress != MIG_DP_COMPRESS_NEVER && (z.cctx = dp_zstd_cctx(s->level))) {
                 z.cap = dp_zstd_bound((size_t)DP_BATCH_PAGES * s->page_size);

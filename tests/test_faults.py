@@ -228,3 +228,20 @@ def test_agents_poll_only_their_own_calls_sockets_and_clients_keep_epoll(monkeyp
                              "'GRPC_POLL_STRATEGY', 'default'))"], env=spawn.child_env(), capture_output=True,
                             text=True, timeout=60, check=True)
     assert client.stdout.strip() == "default"
+
+
+def test_the_grpc_planes_bulk_yields_to_faults_by_policy_at_the_agents_niceness():
+    """spawn.yield_cpu_to_urgent_work (the gRPC plane's bulk server and destination bulk threads) asks for
+    SCHED_BATCH and keeps the caller's niceness: niced, the guests a drain had moved (nice 0) took most
+    of a core from the bulk, so the bulk competes with them as an equal while faults stay raised above."""
+    seen: list[tuple[int, int]] = []
+
+    def bulk() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        spawn.yield_cpu_to_urgent_work()
+        seen.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0) - before))
+
+    t = threading.Thread(target=bulk)
+    t.start()
+    t.join()
+    assert seen == [(os.SCHED_BATCH, 0)]

@@ -432,8 +432,8 @@ class BulkLoop:
     agent's normal priority: a guest faulting while the bulk runs is blocked
     less in total (the stream is faster, so it faults less), and a single
     fault's tail is longer (docs/performance.md, "History", has the
-    numbers). The pulling and installing threads are niced
-    (spawn.yield_cpu_to_urgent_work).
+    numbers). The pulling and installing threads run SCHED_BATCH, so the
+    fault path preempts them (spawn.yield_cpu_to_urgent_work).
 
     Connecting happens here: a source that cannot be reached raises
     ConnectionError, before the guest ever stops on the source. Nothing

@@ -3,7 +3,7 @@
 It maps the guest's memfd read-only, compresses batches in a small thread
 pool (zstd releases the GIL) and streams them in the order they were asked
 for. Running it apart from the agent keeps bulk compression and bulk frames
-away from the urgent fault path: its own process (niced), its own port, its
+away from the urgent fault path: its own process (SCHED_BATCH), its own port, its
 own HTTP/2 connection.
 
 Started by the source agent with the memfd inherited; prints one JSON line
