@@ -79,14 +79,14 @@ class PagesClient:
     replies received on one thread, so each counter has a single writer.
     """
 
-    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.Channel) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.heard = time.monotonic()  # when the last reply arrived: a link outage starts there
         self.bind(channel)
 
-    def bind(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
-        """Make calls on `channel` (blocking or asyncio) from now on (after a reconnect); counters carry on."""
+    def bind(self, channel: grpc.Channel) -> None:
+        """Make calls on `channel` from now on (after a reconnect); counters carry on."""
         self.fetch: Any = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self.serialize,
                                            response_deserializer=self.parse)
         self.bulk: Any = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self.serialize,
