@@ -22,10 +22,11 @@ Targets are printed as ratios against the baseline, which is measured again
 before every run (the host's speed drifts); every measurement runs
 --repeat times and medians are printed. Also printed: the host's ceiling for
 installing a guest into fresh memory (UFFDIO_COPY alone, one thread, no
-network), on cold memory (as a migration's destination meets it) and on
-warm memory: on a virtual machine whose kernel reports freed pages to the
-hypervisor, the first touch of a page the host took back costs several
-times a warm one, and it bounds (c) for large guests.
+network), on cold memory (as a migration's destination meets it: the
+source guest's RAM held beside it) and on warm memory: on a virtual
+machine whose kernel reports freed pages to the hypervisor, the first touch
+of a page the host took back costs several times a warm one, and it bounds
+(c) for large guests.
 
 On loopback the two agents, their bulk paths and the guest share this
 machine's cores, so (c) measures CPU per byte more than the transfer; with
@@ -438,16 +439,27 @@ def install_ceiling(size: int) -> float:
 COLD_WAIT_S = 3.0
 
 
+def hold(size: int) -> int:
+    """A memfd of `size` bytes, written: memory held as a source guest holds it (the caller closes it)."""
+    fd = os.memfd_create("held")
+    os.ftruncate(fd, size)
+    chunk = os.urandom(MiB)
+    for off in range(0, size, MiB):
+        os.pwrite(fd, chunk, off)
+    return fd
+
+
 def ceilings_in_child(size: int) -> tuple[float, float]:
     """install_ceiling on cold memory, then on warm memory, in a fresh process: (cold, warm) MiB/s.
 
-    Cold: after COLD_WAIT_S with nothing allocated, as a migration's
-    destination meets it (the bench launched and filled the guest seconds
-    before). Warm: at once on the pages the cold pass just freed, before the
-    kernel reports them. On the development VM a bare pwrite loop into a
-    fresh 4 GiB memfd ran at 3300-3600 MiB/s per 512 MiB until its last
-    GiB, which ran at 370-860 on cold memory and at 3300 warm. (fallocate
-    is no bound: shmem leaves fallocated pages unwritten until first use.)
+    Cold: after COLD_WAIT_S with nothing allocated, with `size` bytes
+    written and held first, as a loopback migration's destination meets it
+    (the source's guest holds as much on the same host). Warm: at once
+    again, on the pages the cold pass just freed. This VM's kernel reports
+    freed pages to the hypervisor, which takes them back: on the
+    development VM a 4 GiB install ran at 3128 MiB/s with nothing held,
+    then at 357 with 4 GiB held and at 1045 once more (a bare pwrite loop
+    likewise, 370-860 MiB/s for the memory past what the host kept).
     """
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--install-ceiling", str(size)],
                          capture_output=True, text=True, env=spawn.child_env(), check=True)
@@ -518,7 +530,9 @@ def main() -> int:
         return 0
     if args.install_ceiling:
         time.sleep(COLD_WAIT_S)
+        held = hold(args.install_ceiling)
         print(install_ceiling(args.install_ceiling), install_ceiling(args.install_ceiling))
+        os.close(held)
         return 0
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
