@@ -183,14 +183,14 @@ void mig_space_set_install_wp(struct mig_space *s, int on);
  * allocated. Threads that faulted in the run are woken: they fault again and
  * mig_read_faults answers each with a zero page (a page received, missing). */
 void mig_space_lazy_zero(struct mig_space *s, int on);
-/* Readable when an installer stashed faults: poll it beside the fd (-1 on
- * an fd without events, where nothing is ever stashed). The native fault
- * thread polls it with the fd (mig_read_faults polls it itself). */
-int mig_space_wakefd(const struct mig_space *s);
 /* cffi: end */
 
 /* For the native fault path (dp_dest.c), C only: */
 int mig_space_fd(const struct mig_space *s);
+/* Readable when an installer stashed faults: poll it beside the fd (-1 on
+ * an fd without events, where nothing is ever stashed). The native fault
+ * thread polls it with the fd (mig_read_faults polls it itself). */
+int mig_space_wakefd(const struct mig_space *s);
 /* 1 if faults read by an installer wait for mig_read_faults. */
 int mig_space_stashed(struct mig_space *s);
 

@@ -26,17 +26,12 @@ _MAX_BACKOFF = 1.0
 CONNECT_TIMEOUT = 5.0
 
 
-def connect(endpoint: str, purpose: str) -> grpc.Channel:
-    """A ready channel to the source.
-
-    Raises AgentUnreachable if the source cannot be reached: the agent fails
-    the prepare step and the guest stays on the source.
-    """
-    return _reached(rpc.channel(endpoint, purpose=purpose), endpoint)
-
-
 def _reached(channel: grpc.Channel, endpoint: str) -> grpc.Channel:
-    """`channel` once connected; closed, and AgentUnreachable, if the source cannot be reached."""
+    """`channel` once connected: a ready channel to the source.
+
+    Closes it and raises AgentUnreachable if the source cannot be reached:
+    the agent fails the prepare step and the guest stays on the source.
+    """
     try:
         rpc.wait_ready(channel, endpoint, CONNECT_TIMEOUT)
     except rpc.AgentError:
@@ -50,8 +45,7 @@ class LinkLost(Exception):
 
 
 class _Outages:
-    """What a link to the source counts about going down, and its recovery's deadline and backoff
-    (SourceLink, UrgentLink)."""
+    """What a link to the source counts about going down, and its recovery's deadline and backoff."""
 
     client: PagesClient
 
@@ -107,50 +101,27 @@ class _Outages:
 
 
 class SourceLink(_Outages):
-    """Channel + counting Pages client to one source endpoint, reconnectable."""
+    """Channel + counting Pages client to one source endpoint, reconnectable (blocking), until `stop`
+    (if given) is set."""
 
-    def __init__(self, endpoint: str, purpose: str, recovery_timeout: float) -> None:
+    def __init__(self, endpoint: str, purpose: str, recovery_timeout: float,
+                 stop: threading.Event | None = None) -> None:
         super().__init__(endpoint, purpose, recovery_timeout)
-        self.channel = connect(endpoint, purpose)
-        self.client = PagesClient(self.channel)
-
-    def recover(self, err: grpc.RpcError) -> None:
-        """Reconnect after `err`, or raise LinkLost (or re-raise a non-transport error)."""
-        t0 = self._went_down(err)
-        for backoff in self._backoffs(t0):
-            self.channel.close()
-            self.channel = rpc.channel(self.endpoint, purpose=self._purpose)
-            try:
-                rpc.wait_ready(self.channel, self.endpoint, backoff)
-                break
-            except rpc.AgentError:
-                pass
-        self.client.bind(self.channel)
-        self._back_up(t0)
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-class UrgentLink(_Outages):
-    """The urgent path's link: a channel whose calls are made on gRPC's call objects (dest/faults.py
-    says why), each carrying `metadata`; reconnects blocking, as SourceLink does, until `stop` is set."""
-
-    def __init__(self, endpoint: str, recovery_timeout: float, stop: threading.Event) -> None:
-        super().__init__(endpoint, "urgent", recovery_timeout)
         self._stop = stop
-        channel, self.metadata = rpc.call_channel(endpoint, purpose="urgent")
-        self.channel = _reached(channel, endpoint)
+        self.channel = _reached(self._new_channel(), endpoint)
         self.client = PagesClient(self.channel)
+
+    def _new_channel(self) -> grpc.Channel:
+        return rpc.channel(self.endpoint, purpose=self._purpose)
 
     def recover(self, err: grpc.RpcError) -> bool:
         """Reconnect after `err` (False: stopped meanwhile), or raise LinkLost (or re-raise a non-transport error)."""
         t0 = self._went_down(err)
         for backoff in self._backoffs(t0):
-            if self._stop.is_set():
+            if self._stop is not None and self._stop.is_set():
                 return False
             self.channel.close()
-            self.channel, _ = rpc.call_channel(self.endpoint, purpose=self._purpose)
+            self.channel = self._new_channel()
             try:
                 rpc.wait_ready(self.channel, self.endpoint, backoff)
                 break
@@ -162,3 +133,17 @@ class UrgentLink(_Outages):
 
     def close(self) -> None:
         self.channel.close()
+
+
+class UrgentLink(SourceLink):
+    """The urgent path's link: a channel whose calls are made on gRPC's call objects (dest/faults.py
+    says why), each carrying `metadata` (no interceptor sees them)."""
+
+    metadata: tuple[tuple[str, str], ...]
+
+    def __init__(self, endpoint: str, recovery_timeout: float, stop: threading.Event) -> None:
+        super().__init__(endpoint, "urgent", recovery_timeout, stop)
+
+    def _new_channel(self) -> grpc.Channel:
+        channel, self.metadata = rpc.call_channel(self.endpoint, purpose=self._purpose)
+        return channel
