@@ -60,6 +60,7 @@ import grpc
 
 from migrate import orchestrator, report, spawn
 from migrate.batches import MAX_BULK_PAGES, MAX_URGENT_PAGES
+from migrate.bench.procs import descendants
 from migrate.client import AgentClient
 from migrate.dest.bulk import WINDOW_PAGES
 from migrate.lab import netns
@@ -202,19 +203,6 @@ def raw_c_baseline(total_mib: int) -> dict:
 
 
 # ------------------------------------------------------------- rss sampler
-def _parents() -> dict[int, int]:
-    """pid -> parent pid for every process (children of any thread count)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
 def _is_runner(pid: int) -> bool | None:
     """Is pid a guest runner (or a warm one waiting to become one: migrate.guest.warm)? None when its
     command line cannot tell (gone, or exiting: empty)."""
@@ -284,26 +272,28 @@ class Usage:
         self._side: dict[int, str] = {}
         self._runner: dict[int, bool] = {}  # decided once per process, while its command line is readable
         self._stop = threading.Event()
-        self._sample_cpu(self._trees(_parents()), started=True)
+        self._sample_cpu(self._trees(), started=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _tree(self, root: int, parents: dict[int, int]) -> list[int]:
-        out, todo = [], [root]
-        while todo:
-            pid = todo.pop()
-            if pid not in self._runner:
-                runner = _is_runner(pid)
-                if runner is None:  # an exiting guest runner's command line reads empty: its whole CPU would count
-                    continue
-                self._runner[pid] = runner
-            if not self._runner[pid]:
-                out.append(pid)
-            todo.extend(c for c, p in parents.items() if p == pid)
-        return out
+    def _told(self, pid: int) -> bool:
+        """Whether pid is told apart (runner or not, decided now if not yet): the walk goes on into its children.
+        An exiting guest runner's command line reads empty: taken for a worker, its whole CPU would count."""
+        if pid not in self._runner:
+            runner = _is_runner(pid)
+            if runner is None:
+                return False
+            self._runner[pid] = runner
+        return True
 
-    def _trees(self, parents: dict[int, int]) -> dict[str, list[int]]:
-        return {name: self._tree(root, parents) for name, root in self._pids.items()}
+    def _trees(self) -> dict[str, list[int]]:
+        """Each side's processes now, guest runners (and processes not told apart yet) left out."""
+        trees: dict[str, list[int]] = {name: [] for name in self._pids}
+        names = {root: name for name, root in self._pids.items()}
+        for pid, root in descendants(self._pids.values(), self._told).items():
+            if self._runner.get(pid) is False:
+                trees[names[root]].append(pid)
+        return trees
 
     def _sample_cpu(self, trees: dict[str, list[int]], started: bool = False) -> None:
         """`started`: the processes were there before the run (count from now, not from 0)."""
@@ -321,7 +311,7 @@ class Usage:
         tick = 0
         while not self._stop.wait(0.05):
             if tick % 5 == 0:  # new workers appear during the run
-                trees = self._trees(_parents())
+                trees = self._trees()
             for pid in (p for pids in trees.values() for p in pids):
                 if pid not in pss_file or tick % 20 == 0:
                     pss_file[pid] = _pss_file_bytes(pid)
@@ -335,7 +325,7 @@ class Usage:
         """{"rss": peak bytes per side, "cpu_s": CPU seconds per side}."""
         self._stop.set()
         self._thread.join()
-        self._sample_cpu(self._trees(_parents()))
+        self._sample_cpu(self._trees())
         cpu = {name: 0.0 for name in self._pids}
         for pid, last in self._cpu_last.items():
             cpu[self._side[pid]] += last - self._cpu_first[pid]

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migrate import orchestrator, report  # noqa: E402
+from migrate.bench.procs import descendants  # noqa: E402
 from migrate.client import AgentClient  # noqa: E402
 from migrate.drain import Drain  # noqa: E402
 from migrate.local import LocalAgent  # noqa: E402
@@ -129,19 +130,8 @@ class ThreadTimes:
         self._thread.start()
 
     def _processes(self) -> dict[int, str]:
-        """The agents and their descendants, each with the name it is summed under."""
-        children: dict[int, list[int]] = defaultdict(list)
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                children[int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])].append(int(entry))
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-        named, frontier = dict(self._agents), list(self._agents)
-        while frontier:
-            for child in children[frontier.pop()]:
-                named.setdefault(child, "")
-                frontier.append(child)
-        return named
+        """The agents and their descendants, each with the name it is summed under ("": its command's)."""
+        return {pid: self._agents.get(pid, "") for pid in descendants(self._agents)}
 
     def _sample(self) -> dict[tuple[int, int], tuple[str, str, int, int]]:
         out = {}

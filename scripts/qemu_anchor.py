@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 
+from migrate.bench.procs import descendants
 from migrate.names import Content
 from migrate.planes import DataPlane, FaultPath
 from migrate.proto import migrate_pb2 as pb
@@ -160,24 +161,13 @@ def _cpu_ms(pid: int) -> tuple[float, float]:
     return (ticks - vcpus) * _TICK_MS, vcpus * _TICK_MS
 
 
-def _tree(pid: int) -> list[tuple[int, bool]]:
-    """A process and its descendants, each with whether it is one of our guest runners (whose threads
-    are the vCPUs, or the synthetic guest's workers)."""
+def _is_runner(pid: int) -> bool:
+    """Is pid one of our guest runners (whose threads are the vCPUs, or the synthetic guest's workers)?"""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"migrate.guest." in f.read():
-                return [(pid, True)]
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return []
-    children = []
-    for tid in tids:  # each thread's children: an agent starts runners from any of its threads
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                children += [int(c) for c in f.read().split()]
-        except OSError:
-            continue  # the thread ended meanwhile
-    return [(pid, False)] + [d for c in children for d in _tree(c)]
+            return b"migrate.guest." in f.read()
+    except OSError:
+        return False
 
 
 class CpuMeter:
@@ -194,16 +184,19 @@ class CpuMeter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    def _walk_into(self, pid: int) -> bool:
+        """Whether to walk into pid's children: not a guest runner's (a runner stands for its whole guest)."""
+        if _is_runner(pid):
+            self._runners.add(pid)
+        return pid not in self._runners
+
     def _sample(self) -> None:
-        for root in self._roots:
-            for pid, runner in _tree(root):
-                try:
-                    own, vcpus = _cpu_ms(pid)
-                except FileNotFoundError:
-                    continue
-                if runner:
-                    self._runners.add(pid)
-                self._last[pid] = (root, 0.0, own + vcpus) if pid in self._runners else (root, own, vcpus)
+        for pid, root in descendants(self._roots, self._walk_into).items():
+            try:
+                own, vcpus = _cpu_ms(pid)
+            except FileNotFoundError:
+                continue
+            self._last[pid] = (root, 0.0, own + vcpus) if pid in self._runners else (root, own, vcpus)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.05):

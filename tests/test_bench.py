@@ -274,3 +274,28 @@ def test_qemu_downtime_under_a_millisecond_is_not_the_hosts_uptime(scripts):
     qemu_anchor = importlib.import_module("qemu_anchor")
     assert qemu_anchor.downtime_ms({"total-time": 330, "downtime": 54733579}) == 0.0
     assert qemu_anchor.downtime_ms({"total-time": 330, "downtime": 5}) == 5.0
+
+
+def test_descendants_walks_every_threads_children_and_stops_where_told():
+    """migrate.bench.procs.descendants, the benchmark scripts' one process-tree walk: a grandchild started from
+    a child's second thread is found under its root, and not once `enter` says to stop at the child."""
+    from migrate.bench.procs import descendants
+
+    # the thread lives on (the children of a thread that ended are its main thread's)
+    grandchild = "import subprocess, sys, threading\n" \
+                 "def start():\n" \
+                 "    print(subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], " \
+                 "stdin=sys.stdin).pid, flush=True)\n" \
+                 "    sys.stdin.read()\n" \
+                 "t = threading.Thread(target=start); t.start(); t.join()"
+    child = subprocess.Popen([sys.executable, "-c", grandchild], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        grand = int(child.stdout.readline())
+        me = os.getpid()
+        assert descendants([me])[child.pid] == me and descendants([me])[grand] == me
+        assert child.pid in descendants([me], enter=lambda pid: pid != child.pid)
+        assert grand not in descendants([me], enter=lambda pid: pid != child.pid)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
