@@ -69,7 +69,7 @@ def request_runs(req: pb.BulkRequest, page_count: int) -> list[Run]:
 
 
 class PagesClient:
-    """Pages.Fetch and Pages.Bulk calls that count the exact bytes on the wire.
+    """The (de)serializers of a link's Pages.Fetch and Pages.Bulk calls, which count the exact bytes on the wire.
 
     Replies come back as the serialized PageBatch bytes: BatchDecoder parses
     them in C and installs straight from them, where a protobuf message
@@ -77,20 +77,19 @@ class PagesClient:
     field). Counting in the (de)serializers is free. Requests are serialized
     one at a time (on one thread, or under the urgent path's call lock) and
     replies received on one thread, so each counter has a single writer.
+    The counters outlive the link's reconnects: the calls are made on
+    whichever channel it has (SourceLink.bulk; the urgent path's _FetchCall).
     """
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.heard = time.monotonic()  # when the last reply arrived: a link outage starts there
-        self.bind(channel)
 
-    def bind(self, channel: grpc.Channel) -> None:
-        """Make calls on `channel` from now on (after a reconnect); counters carry on."""
-        self.fetch: Any = channel.stream_stream("/migrate.v1.Pages/Fetch", request_serializer=self.serialize,
-                                           response_deserializer=self.parse)
-        self.bulk: Any = channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self.serialize,
-                                          response_deserializer=self.parse)
+    def bulk(self, channel: grpc.Channel) -> Any:
+        """A Pages.Bulk stub on `channel` whose calls count here."""
+        return channel.stream_stream("/migrate.v1.Pages/Bulk", request_serializer=self.serialize,
+                                     response_deserializer=self.parse)
 
     @property
     def bytes_wire(self) -> int:

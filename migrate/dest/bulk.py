@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from migrate import rpc, spawn
+from migrate import spawn
 from migrate.batches import (
     MAX_BULK_PAGES,
     MAX_REQUEST_PAGES,
@@ -383,7 +383,7 @@ def pull(puller: BulkPuller, link: SourceLink, stop: threading.Event) -> str | N
         installers = _Installers(puller)
         try:
             try:
-                for batch in link.client.bulk(puller.requests(), metadata=rpc.METADATA):
+                for batch in link.bulk(puller.requests()):
                     installers.put(batch)
             finally:
                 installers.drain()  # what arrived before a break is installed, not asked again

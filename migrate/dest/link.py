@@ -17,6 +17,7 @@ import grpc
 
 from migrate import errors, rpc
 from migrate.batches import PagesClient
+from migrate.proto import migrate_pb2 as pb
 
 #: Transport failures worth reconnecting for; anything else is a real refusal.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
@@ -109,10 +110,14 @@ class SourceLink(_Outages):
         super().__init__(endpoint, purpose, recovery_timeout)
         self._stop = stop
         self.channel = _reached(self._new_channel(), endpoint)
-        self.client = PagesClient(self.channel)
+        self.client = PagesClient()
 
     def _new_channel(self) -> grpc.Channel:
         return rpc.channel(self.endpoint, purpose=self._purpose)
+
+    def bulk(self, requests: Iterator[pb.BulkRequest]) -> Iterator[bytes]:
+        """A Pages.Bulk call on the channel in use: its replies, serialized PageBatches messages."""
+        return self.client.bulk(self.channel)(requests, metadata=rpc.METADATA)
 
     def recover(self, err: grpc.RpcError) -> bool:
         """Reconnect after `err` (False: stopped meanwhile), or raise LinkLost (or re-raise a non-transport error)."""
@@ -127,7 +132,6 @@ class SourceLink(_Outages):
                 break
             except rpc.AgentError:
                 pass
-        self.client.bind(self.channel)
         self._back_up(t0)
         return True
 

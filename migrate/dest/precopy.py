@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from migrate import rpc
 from migrate._native import ffi, lib
 from migrate.batches import (
     MAX_REQUEST_RUNS,
@@ -197,8 +196,7 @@ class PrecopyPuller:
         while True:
             window = PageWindow(WINDOW_PAGES)
             try:
-                for message in link.client.bulk(self._requests(link, window, pacer, wire0, deadline),
-                                                metadata=rpc.METADATA):
+                for message in link.bulk(self._requests(link, window, pacer, wire0, deadline)):
                     for batch in unframe(message):
                         decoded = self._decoder.decode(batch)
                         self._write(decoded)
