@@ -27,6 +27,7 @@
  */
 #define _GNU_SOURCE
 #include "snapshot.h"
+#include "dp_common.h"
 #include "uffd.h"
 
 #include <errno.h>
@@ -37,8 +38,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -151,6 +150,8 @@ void mig_snap_before_discard(struct mig_snap *s, const uint8_t *addr, uint64_t l
 static void *fault_loop(void *arg)
 {
     struct mig_snap *s = arg;
+    /* A guest thread waits on each of its faults: above the stream and the guest, as the data planes'. */
+    dp_thread_for_faults("snap-fault");
     struct uffd_msg msgs[FAULT_BATCH];
     struct pollfd pfd[2] = {{.fd = s->uffd, .events = POLLIN}, {.fd = s->stop_fd, .events = POLLIN}};
     for (;;) {
@@ -242,11 +243,9 @@ static int stream_chunk(struct mig_snap *s, uint8_t *buf, uint8_t *mine, uint64_
 static void *stream_loop(void *arg)
 {
     struct mig_snap *s = arg;
-    /* Below the fault thread and the guest: a waking fault thread preempts the stream at once
-     * (SCHED_BATCH, nice 10, as the destination's bulk threads: dp_common.h); best effort. */
-    struct sched_param none = {0};
-    sched_setscheduler(0, SCHED_BATCH, &none);
-    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+    /* Bulk work, as the data planes' bulk threads: SCHED_BATCH at the runner's niceness (dp_common.h
+     * says why not niced), so it never preempts a thread that wakes, the fault thread least. */
+    dp_thread_for_bulk("snap-stream");
     uint8_t *buf = malloc((size_t)s->chunk * s->page_size);
     uint8_t *mine = malloc(s->chunk);
     if (!buf || !mine)

@@ -7,16 +7,22 @@ memory the image must hold (migrate.snapshot_image.reference_digest).
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import threading
 import time
 
 import pytest
+from migrate._native import ffi, lib
+from test_dataplane_dest import thread_policies
+from test_uffd import address_of
 
 from migrate import checkpoint, orchestrator
+from migrate import uffd as U
 from migrate.client import AgentClient
 from migrate.guest.process import GuestProcess, GuestSpec
 from migrate.guest.workloads import WORKLOADS, digest
-from migrate.local import LocalAgent
+from migrate.local import LocalAgent, wait_for
 from migrate.proto import migrate_pb2 as pb
 from migrate.rpc import AgentError
 from migrate.snapshot_image import STATE_SUFFIX, read_state, reference_digest, state_doc
@@ -179,3 +185,34 @@ def test_cli_snapshot_reports_and_fails_in_one_line(tmp_path) -> None:
         assert_clean_error(run_cli("restore", "nothing", "--from", src.address, "--to", src.address),
                            "cannot open image")
         assert run_cli("guest", "stop", "vm", "--agent", src.address).returncode == 0
+
+
+def test_the_savers_take_the_data_planes_bulk_and_fault_priorities(tmp_path) -> None:
+    """native/snapshot.c's threads use dp_common.h's helpers: the stream SCHED_BATCH at the niceness of the
+    thread that started it (it set nice 10 of its own: niced bulk starves behind busy guests), the fault
+    thread SCHED_FIFO, or niced below the stream where that is refused; both named. The stream is held
+    on the second page, which the test serves itself (a missing-mode userfaultfd of its own), while the
+    test looks at the threads."""
+    page = mmap.PAGESIZE
+    mem = mmap.mmap(-1, 2 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = address_of(mem)
+    starter = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    out_fd = os.open(tmp_path / "img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    with U.Uffd.create() as wp, U.Uffd.create() as held:
+        wp.register(base, page, U.MODE_WP)
+        held.register(base + page, page, U.MODE_MISSING)  # the stream's read of it waits for the test
+        snap = lib.mig_snap_start(wp.fd, out_fd, ffi.cast("uint8_t *", base), 2 * page, page, 1)
+        assert snap != ffi.NULL
+        try:
+            wait_for(lambda: {"snap-stream", "snap-fault"} <= thread_policies().keys(), timeout=10)
+            threads = thread_policies()
+        finally:
+            held.zeropage(base + page, page)  # the stream goes on (its unprotect there fails: not wp's range)
+            while not lib.mig_snap_wait(snap, 1000):
+                pass
+            lib.mig_snap_free(snap)
+            os.close(out_fd)
+    mem.close()
+    assert threads.get("snap-stream") == {(os.SCHED_BATCH, starter)}, threads
+    assert threads["snap-fault"] and all(policy == os.SCHED_FIFO or nice < starter
+                                         for policy, nice in threads["snap-fault"]), threads
