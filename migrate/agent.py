@@ -48,11 +48,15 @@ _CONTROL = "/migrate.v1.Control/"
 #: its connect timeout; a digest waits for the guest's memory).
 _SLOW_CONTROL = ("PrepareIncoming", "PrepareOutgoing", "StartIncoming", "PrecopyRound", "GuestDigest",
                  "LaunchGuest", "Switchover", "StartSnapshot", "LoadSnapshot")
+#: Most seconds a WaitIncoming call waits for its run to end: a waiter holds a worker of its class that long.
+MAX_WAIT_S = 1.0
 #: What an agent serves at once, each class on workers of its own (migrate.admission): slow control
 #: calls cannot starve quick ones (Hello, status, abort), and no stream holds a control worker.
+#: Waits for a run's end have their own class: every run of a drain holds one all along.
 CALLS = (
     CallClass("slow control calls", tuple(_CONTROL + m for m in _SLOW_CONTROL), per_peer=SLOW_CALLS_PER_PEER,
               total=16),
+    CallClass("waits for a run's end", (_CONTROL + "WaitIncoming",), per_peer=32, total=64),
     CallClass("control calls", (_CONTROL,), per_peer=16, total=32),
     CallClass("page streams", ("/migrate.v1.Pages/",), per_peer=8, total=32),
 )
@@ -342,6 +346,12 @@ class ControlService(pb_grpc.ControlServicer):
     @_rpc
     def IncomingStatus(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:
         return self._incoming(request.run_id).status()
+
+    @_rpc
+    def WaitIncoming(self, request: pb.WaitIncomingRequest, context: grpc.ServicerContext) -> pb.MigrationStatus:
+        if not 0 <= request.wait_s <= MAX_WAIT_S:  # NaN fails too
+            raise errors.BadRequest(f"wait_s must be between 0 and {MAX_WAIT_S:g} s, got {request.wait_s!r}")
+        return self._incoming(request.run_id).wait_end(request.wait_s)
 
     @_rpc
     def AbortIncoming(self, request: pb.RunRef, context: grpc.ServicerContext) -> pb.MigrationStatus:

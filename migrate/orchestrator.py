@@ -36,14 +36,10 @@ from migrate.security import Credentials
 
 _log = logging.getLogger(__name__)
 
-#: Most seconds between two status polls of the destination: a drain shows
-#: its runs every migrate.drain.TICK (0.25 s), and poll_delay polls sooner as
-#: the end nears, so polling faster meanwhile only cost CPU on both ends, per
-#: run and per second (10 Hz cost a --parallel 4 drain ~2.5x the calls).
+#: Most seconds one wait for the run's end lasts (WaitIncoming): the
+#: destination answers at once when the run completes or fails, else after
+#: this long with its progress, which a drain shows every migrate.drain.TICK.
 POLL_EVERY = 0.25
-#: Fewest seconds between two polls: near the end the poll follows the
-#: estimated time left (migrate.orchestrator.poll_delay).
-POLL_MIN = 0.005
 #: Hybrid: before pausing, discard stale pages on the destination (guest still
 #: running) until a step finds at most this many to drop, or SETTLE_STEPS passed.
 SETTLE_PAGES = 256
@@ -421,19 +417,20 @@ def _downtime_parts(switch: pb.SwitchoverReply, started: pb.StartIncomingReply, 
 
 def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOptions,
                    on_status: Callable[[pb.MigrationStatus], None] | None) -> pb.MigrationStatus:
-    """Poll the destination until every page is in; raise AgentError on failure.
+    """Wait on the destination until every page is in; raise AgentError on failure.
 
-    With --no-push only faults bring pages: once the guest has finished its
-    work, the destination is asked for a digest, which touches (and so
-    pulls) every page still missing.
+    Each WaitIncoming returns as the run ends, or after POLL_EVERY with the
+    progress so far. With --no-push only faults bring pages: once the guest
+    has finished its work, the destination is asked for a digest, which
+    touches (and so pulls) every page still missing.
     """
     deadline = time.monotonic() + opts.timeout
     toucher: threading.Thread | None = None
     down_since = 0.0
-    seen: list[tuple[float, int]] = []  # (when, pages received) of the last polls
+    wait = pb.WaitIncomingRequest(run_id=run.run_id, wait_s=POLL_EVERY)
     while True:
         try:
-            status = dest.call("IncomingStatus", run)
+            status = dest.call("WaitIncoming", wait)
             down_since = 0.0
         except AgentError as err:  # a destination agent restarting (--state-dir) comes back: wait for it
             if err.unreachable and not down_since:
@@ -446,7 +443,6 @@ def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOption
             continue
         if on_status:
             on_status(status)
-        seen.append((time.monotonic(), status.pages_received))
         if status.phase == Phase.COMPLETE:
             return status
         if status.phase == Phase.FAILED:
@@ -458,27 +454,6 @@ def _wait_complete(dest: AgentClient, name: str, run: pb.RunRef, opts: RunOption
             toucher = threading.Thread(target=_best_effort, args=(touch, "GuestDigest", pb.GuestRef(name=name)),
                                        daemon=True)
             toucher.start()
-        del seen[:-2]
-        time.sleep(poll_delay(seen, status.pages_total))
-
-
-def poll_delay(seen: list[tuple[float, int]], total: int) -> float:
-    """Seconds until the next status poll: POLL_EVERY, or half the estimated time left when that is shorter.
-
-    `seen` holds the last polls' (monotonic time, pages received). Polling
-    every POLL_EVERY alone made each run wait ~POLL_EVERY/2 after its last
-    page on average, a fixed cost that shows on short runs; polling fast all
-    along would cost the destination CPU for nothing.
-    """
-    if len(seen) < 2 or total <= 0:
-        return POLL_EVERY
-    (t1, got1), (t2, got2) = seen[-2], seen[-1]
-    if got2 >= total:  # every page is in: the destination's finish follows within milliseconds
-        return POLL_MIN
-    if got2 <= got1 or t2 <= t1:
-        return POLL_EVERY
-    left_s = (total - got2) * (t2 - t1) / (got2 - got1)
-    return min(POLL_EVERY, max(POLL_MIN, left_s / 2))
 
 
 def verify(source: AgentClient, dest: AgentClient, name: str, spec: pb.GuestSpec) -> bool:

@@ -200,3 +200,15 @@ def test_a_failing_run_and_an_abort_never_stop_its_paths_at_once():
     failing.join()
     assert run.phase == "failed" and run.error == "lost"
     assert [p.most for p in paths] == [1, 1] and all(p.stops >= 1 for p in paths)
+
+
+def test_a_wait_for_the_end_returns_as_the_run_fails():
+    """WaitIncoming wakes its callers when the run ends: a client learns of it at once, not at its next look."""
+    run = IncomingRun("r", "vm", GuestSpec(size=16 * MiB), PageRoute("127.0.0.1:1"))
+    seen: list = []
+    waiter = threading.Thread(target=lambda: seen.append(run.wait_end(120)))
+    waiter.start()
+    run._fail("lost")
+    waiter.join(60)
+    assert not waiter.is_alive() and seen[0].phase == "failed" and seen[0].error == "lost"
+    assert run.wait_end(120).phase == "failed"  # and at once after it

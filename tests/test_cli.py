@@ -191,3 +191,8 @@ def test_an_unknown_incoming_run_says_the_destination_lost_it(agents):
     with AgentClient(agents[1].address) as c:
         with pytest.raises(AgentError, match="restarted without --state-dir"):
             c.call("IncomingStatus", pb.RunRef(run_id="f" * 32))
+        with pytest.raises(AgentError, match="restarted without --state-dir"):
+            c.call("WaitIncoming", pb.WaitIncomingRequest(run_id="f" * 32, wait_s=0.5))
+        for wait_s in (-1.0, 5.0, float("nan")):
+            with pytest.raises(AgentError, match="wait_s must be between 0 and 1 s"):
+                c.call("WaitIncoming", pb.WaitIncomingRequest(run_id="f" * 32, wait_s=wait_s))

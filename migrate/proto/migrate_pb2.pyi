@@ -139,6 +139,14 @@ class RunRef(_message.Message):
     run_id: str
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
+class WaitIncomingRequest(_message.Message):
+    __slots__ = ("run_id", "wait_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    wait_s: float
+    def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
 class PrepareOutgoingRequest(_message.Message):
     __slots__ = ("name", "track_writes", "data_plane")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -124,6 +124,11 @@ class ControlStub:
                 request_serializer=migrate__pb2.RunRef.SerializeToString,
                 response_deserializer=migrate__pb2.MigrationStatus.FromString,
                 _registered_method=True)
+        self.WaitIncoming = channel.unary_unary(
+                '/migrate.v1.Control/WaitIncoming',
+                request_serializer=migrate__pb2.WaitIncomingRequest.SerializeToString,
+                response_deserializer=migrate__pb2.MigrationStatus.FromString,
+                _registered_method=True)
         self.AbortIncoming = channel.unary_unary(
                 '/migrate.v1.Control/AbortIncoming',
                 request_serializer=migrate__pb2.RunRef.SerializeToString,
@@ -256,6 +261,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitIncoming(self, request, context):
+        """once the run has ended, or wait_s passed
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AbortIncoming(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -365,6 +377,11 @@ def add_ControlServicer_to_server(servicer, server):
             'IncomingStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.IncomingStatus,
                     request_deserializer=migrate__pb2.RunRef.FromString,
+                    response_serializer=migrate__pb2.MigrationStatus.SerializeToString,
+            ),
+            'WaitIncoming': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitIncoming,
+                    request_deserializer=migrate__pb2.WaitIncomingRequest.FromString,
                     response_serializer=migrate__pb2.MigrationStatus.SerializeToString,
             ),
             'AbortIncoming': grpc.unary_unary_rpc_method_handler(
@@ -868,6 +885,33 @@ class Control:
             target,
             '/migrate.v1.Control/IncomingStatus',
             migrate__pb2.RunRef.SerializeToString,
+            migrate__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitIncoming(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Control/WaitIncoming',
+            migrate__pb2.WaitIncomingRequest.SerializeToString,
             migrate__pb2.MigrationStatus.FromString,
             options,
             channel_credentials,
