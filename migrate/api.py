@@ -184,6 +184,10 @@ class Client:
     def incoming_status(self, run_id: str) -> MigrationStatus:
         return self._call("IncomingStatus", pb.RunRef(run_id=run_id), MigrationStatus)
 
+    def wait_incoming(self, run_id: str, wait_s: float = 1.0) -> MigrationStatus:
+        """The run's status once it has completed or failed, or after `wait_s` (at most 1 s) if sooner."""
+        return self._call("WaitIncoming", pb.WaitIncomingRequest(run_id=run_id, wait_s=wait_s), MigrationStatus)
+
     def abort_incoming(self, run_id: str) -> MigrationStatus:
         return self._call("AbortIncoming", pb.RunRef(run_id=run_id), MigrationStatus)
 

@@ -160,6 +160,8 @@ def test_bad_inputs_raise_their_error_class(agents: tuple[LocalAgent, LocalAgent
                 migrate.migrate("e1", source=source, dest=dest, mode="teleport")
             with pytest.raises(TypeError, match="unknown migration option"):
                 migrate.migrate("e1", source=source, dest=dest, warp_speed=9)
+            with pytest.raises(migrate.BadRequest, match="wait_s must be between 0 and 1 s"):
+                dest.wait_incoming("f" * 32, wait_s=30)
         finally:
             source.stop("e1")
     with pytest.raises(migrate.AgentUnreachable, match="cannot reach agent") as unreachable:
