@@ -416,35 +416,46 @@ struct installer_ctx {
     uint64_t lat_done_ns; /* when the last install finished */
 };
 
-/* Put pages [first, first + count) of a verified frame in place, all zero
- * (data NULL) or all data: into the userfaultfd, or written into the memfd
- * (pre-copy), then the bits. Adds to *st. Returns 0 or -errno. */
-static int place_piece(struct mig_dpd *h, uint64_t first, uint32_t count, const uint8_t *data,
-                       struct mig_install_stats *st)
+/* Write a piece of a verified frame into the memfd (pre-copy, before the
+ * switch), then set its bits. Adds to *st. Returns 0 or -errno. */
+static int write_piece(struct mig_dpd *h, const struct mig_piece *pc, struct mig_install_stats *st)
 {
-    if (!h->to_memfd) {
-        int64_t r = mig_install_piece(h->space, h->received, first, count, data, st);
-        return r < 0 ? (int)r : 0;
-    }
-    const uint64_t ps = h->page_size, len = count * ps;
-    if (!data) {
+    const uint64_t ps = h->page_size, len = pc->count * ps;
+    if (!pc->src) {
         /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
          * punched: precopy.unmark), which a zero page must not leave behind. */
-        int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, first, count, ps) : 0;
+        int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, pc->page, pc->count, ps) : 0;
         if (err)
             return err;
-        st->zeroed += count;
+        st->zeroed += pc->count;
     }
-    for (uint64_t off = 0; data && off < len;) {
-        ssize_t n = pwrite(h->target_fd, data + off, len - off, (off_t)(first * ps + off));
+    for (uint64_t off = 0; pc->src && off < len;) {
+        ssize_t n = pwrite(h->target_fd, pc->src + off, len - off, (off_t)(pc->page * ps + off));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             return n < 0 ? -errno : -EIO;
         off += (uint64_t)n;
     }
-    st->copied += data ? count : 0;
-    mig_bitmap_set(h->received, first, count);
+    st->copied += pc->src ? pc->count : 0;
+    mig_bitmap_set(h->received, pc->page, pc->count);
+    return 0;
+}
+
+/* Put a verified frame's pieces in place: into the userfaultfd, all under
+ * one hold of the space's lock (mig_install_pieces), or written into the
+ * memfd. Adds to *st. Returns 0 or -errno. */
+static int place_pieces(struct mig_dpd *h, const struct mig_piece *pieces, uint32_t n, struct mig_install_stats *st)
+{
+    if (!h->to_memfd) {
+        int64_t r = mig_install_pieces(h->space, h->received, pieces, n, st);
+        return r < 0 ? (int)r : 0;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        int r = write_piece(h, &pieces[i], st);
+        if (r < 0)
+            return r;
+    }
     return 0;
 }
 
@@ -493,11 +504,13 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     if (dp_digest_final(&d) != hdr->checksum)
         return REFUSED;
     memset(st, 0, sizeof(*st));
-    /* Piece by piece, in the frame's page order (numbered from 0 over its
+    /* Cut into pieces, in the frame's page order (numbered from 0 over its
      * runs): a stretch of one run that is all zero (a zero run may span runs)
-     * or all data. A scattered set's runs of a page or two cost one ioctl
-     * each and no more: no per-run check, copy of zero runs or clock read. */
-    uint32_t z = 0, base = 0; /* base: the frame's number of run k's first page */
+     * or all data; at most one a page. A scattered set's runs of a page or
+     * two cost one ioctl each and no more: no per-run check, copy of zero
+     * runs, clock read or lock. */
+    struct mig_piece pieces[DP_BATCH_PAGES];
+    uint32_t npieces = 0, z = 0, base = 0; /* base: the frame's number of run k's first page */
     for (uint32_t k = 0; k < hdr->nruns; base += pruns[k].count, k++) {
         const uint32_t end = base + pruns[k].count;
         for (uint32_t p = base, stop; p < end; p = stop) {
@@ -506,12 +519,13 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
             int is_zero = z < hdr->nzero_pairs && zero[2 * z] <= p;
             stop = z < hdr->nzero_pairs ? (is_zero ? zero[2 * z] + zero[2 * z + 1] : zero[2 * z]) : end;
             stop = stop < end ? stop : end;
-            int r = place_piece(h, pruns[k].first_page + (p - base), stop - p, is_zero ? NULL : data, st);
-            if (r < 0)
-                return r;
+            pieces[npieces++] = (struct mig_piece){pruns[k].first_page + (p - base), stop - p, is_zero ? NULL : data};
             data += is_zero ? 0 : (uint64_t)(stop - p) * h->page_size;
         }
     }
+    int r = place_pieces(h, pieces, npieces, st);
+    if (r < 0)
+        return r;
     st->done_ns = (uint64_t)dp_mono_ns();
     return INSTALLED;
 }
