@@ -151,8 +151,8 @@ struct mig_event_stats {
  *
  * Every installer (mig_install, mig_install_batch, the native data plane)
  * holds the space's lock for reading from its bitmap check to its
- * UFFDIO_COPY (held over a whole batch, or a native frame: at most one
- * batch's pages of installs); the fault reader holds it for writing from its read() of the
+ * UFFDIO_COPY (held over a whole batch, or up to 16 pieces of a native
+ * frame: at most one batch's pages of installs); the fault reader holds it for writing from its read() of the
  * messages to the end of their handling, when the fd has event features. The
  * kernel zaps a REMOVE range only once its event is read, and the handler
  * marks the range received under the same lock: so an install either lands
@@ -205,11 +205,11 @@ struct mig_piece {
 };
 
 /* Install pieces in order, as mig_install does each run of its batch
- * (pages set in the bitmap skipped), under one hold of the space's read
- * lock for them all: a scattered set's frame (up to 128 pieces of a page
- * or two) takes the lock once, as a contiguous frame's one ioctl does, not
- * once a piece. Adds to *st but leaves st->done_ns to the caller (the plane
- * reads the clock once a frame). Returns pages newly installed or -errno. */
+ * (pages set in the bitmap skipped), holding the space's read lock over
+ * many pieces: a scattered set's frame (up to 128 pieces of a page or two)
+ * takes the lock once per 16 pieces, not once a piece. Adds to *st but
+ * leaves st->done_ns to the caller (the plane reads the clock once a
+ * frame). Returns pages newly installed or -errno. */
 int64_t mig_install_pieces(struct mig_space *s, uint64_t *bitmap, const struct mig_piece *pieces, uint32_t n,
                            struct mig_install_stats *st);
 
