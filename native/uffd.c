@@ -772,6 +772,18 @@ static int64_t piece_locked(struct mig_space *s, uint64_t *bitmap, uint64_t page
  * instead of per piece. */
 #define PIECES_PER_HOLD 16
 
+/* Before the i-th piece of a hold: every PIECES_PER_HOLD pieces, drop the
+ * read lock and take it again, letting a waiting fault reader in (its
+ * events may change the regions: *reg is forgotten). */
+static void let_the_reader_in(struct mig_space *s, uint64_t i, const struct mig_region **reg)
+{
+    if (i && i % PIECES_PER_HOLD == 0) {
+        pthread_rwlock_unlock(&s->lock);
+        pthread_rwlock_rdlock(&s->lock);
+        *reg = NULL;
+    }
+}
+
 int64_t mig_install_pieces(struct mig_space *s, uint64_t *bitmap, const struct mig_piece *pieces, uint32_t n,
                            struct mig_install_stats *st)
 {
@@ -780,11 +792,7 @@ int64_t mig_install_pieces(struct mig_space *s, uint64_t *bitmap, const struct m
     int64_t installed = 0;
     pthread_rwlock_rdlock(&s->lock);
     for (uint32_t i = 0; i < n && installed >= 0; i++) {
-        if (i && i % PIECES_PER_HOLD == 0) { /* let a waiting fault reader in */
-            pthread_rwlock_unlock(&s->lock);
-            pthread_rwlock_rdlock(&s->lock);
-            reg = NULL; /* its events may have changed the regions */
-        }
+        let_the_reader_in(s, i, &reg);
         int64_t r = piece_locked(s, bitmap, pieces[i].page, pieces[i].count, pieces[i].src, mode, &reg, st);
         installed = r < 0 ? r : installed + r;
     }
@@ -813,7 +821,8 @@ static int64_t install_pages(struct mig_space *s, uint64_t *bitmap, uint64_t fir
     uint64_t p = 0;
     uint32_t z = 0;
     pthread_rwlock_rdlock(&s->lock);
-    while (p < count) {
+    for (uint64_t i = 0; p < count; i++) {
+        let_the_reader_in(s, i, &reg);
         int zero = z < nzero_runs && zero_runs[2 * z] == p;
         uint64_t end = zero ? p + zero_runs[2 * z + 1] : z < nzero_runs ? zero_runs[2 * z] : count;
         int64_t r = piece_locked(s, bitmap, first_page + p, end - p, zero ? NULL : data, mode, &reg, st);

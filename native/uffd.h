@@ -151,8 +151,8 @@ struct mig_event_stats {
  *
  * Every installer (mig_install, mig_install_batch, the native data plane)
  * holds the space's lock for reading from its bitmap check to its
- * UFFDIO_COPY (held over a whole batch, or up to 16 pieces of a native
- * frame: at most one batch's pages of installs); the fault reader holds it for writing from its read() of the
+ * UFFDIO_COPY (held over up to 16 pieces of a batch: runs of pages
+ * all zero or all data; at most one batch's pages); the fault reader holds it for writing from its read() of the
  * messages to the end of their handling, when the fd has event features. The
  * kernel zaps a REMOVE range only once its event is read, and the handler
  * marks the range received under the same lock: so an install either lands
