@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -411,40 +412,51 @@ static void signal_installed(struct mig_dpd *h)
 enum verdict { INSTALLED, REFUSED };
 
 struct installer_ctx {
-    ZSTD_DCtx *dctx;
+    ZSTD_DCtx *dctx;      /* made at the first compressed frame */
     uint8_t *scratch;     /* decompressed data */
     uint64_t lat_done_ns; /* when the last install finished */
 };
 
-/* Put pages [first, first + count) of a verified frame in place, all zero
- * (data NULL) or all data: into the userfaultfd, or written into the memfd
- * (pre-copy), then the bits. Adds to *st. Returns 0 or -errno. */
-static int place_piece(struct mig_dpd *h, uint64_t first, uint32_t count, const uint8_t *data,
-                       struct mig_install_stats *st)
+/* Write a piece of a verified frame into the memfd (pre-copy, before the
+ * switch), then set its bits. Adds to *st. Returns 0 or -errno. */
+static int write_piece(struct mig_dpd *h, const struct mig_piece *pc, struct mig_install_stats *st)
 {
-    if (!h->to_memfd) {
-        int64_t r = mig_install_piece(h->space, h->received, first, count, data, st);
-        return r < 0 ? (int)r : 0;
-    }
-    const uint64_t ps = h->page_size, len = count * ps;
-    if (!data) {
+    const uint64_t ps = h->page_size, len = pc->count * ps;
+    if (!pc->src) {
         /* The first round finds holes; a later one may find a stale copy (its bit cleared, not
          * punched: precopy.unmark), which a zero page must not leave behind. */
-        int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, first, count, ps) : 0;
+        int err = h->rounds > 1 ? mig_punch_pages(h->target_fd, pc->page, pc->count, ps) : 0;
         if (err)
             return err;
-        st->zeroed += count;
+        st->zeroed += pc->count;
     }
-    for (uint64_t off = 0; data && off < len;) {
-        ssize_t n = pwrite(h->target_fd, data + off, len - off, (off_t)(first * ps + off));
+    for (uint64_t off = 0; pc->src && off < len;) {
+        ssize_t n = pwrite(h->target_fd, pc->src + off, len - off, (off_t)(pc->page * ps + off));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             return n < 0 ? -errno : -EIO;
         off += (uint64_t)n;
     }
-    st->copied += data ? count : 0;
-    mig_bitmap_set(h->received, first, count);
+    st->copied += pc->src ? pc->count : 0;
+    mig_bitmap_set(h->received, pc->page, pc->count);
+    return 0;
+}
+
+/* Put a verified frame's pieces in place: into the userfaultfd, all under
+ * one hold of the space's lock (mig_install_pieces), or written into the
+ * memfd. Adds to *st. Returns 0 or -errno. */
+static int place_pieces(struct mig_dpd *h, const struct mig_piece *pieces, uint32_t n, struct mig_install_stats *st)
+{
+    if (!h->to_memfd) {
+        int64_t r = mig_install_pieces(h->space, h->received, pieces, n, st);
+        return r < 0 ? (int)r : 0;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        int r = write_piece(h, &pieces[i], st);
+        if (r < 0)
+            return r;
+    }
     return 0;
 }
 
@@ -479,6 +491,9 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     const uint8_t *data = payload;
     if (hdr->encoding == DP_ZSTD) {
         const char *why;
+        if (!ctx->dctx) /* at the first compressed frame: a path never sent one (a loopback peer's, a fault
+                         * path's) never loads zstd nor sets a context up while pages wait */
+            ctx->dctx = dp_zstd_dctx();
         if (!ctx->dctx || dp_zstd_decompress(ctx->dctx, ctx->scratch, need, payload, hdr->data_len, &why))
             return REFUSED;
         data = ctx->scratch;
@@ -493,11 +508,13 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
     if (dp_digest_final(&d) != hdr->checksum)
         return REFUSED;
     memset(st, 0, sizeof(*st));
-    /* Piece by piece, in the frame's page order (numbered from 0 over its
+    /* Cut into pieces, in the frame's page order (numbered from 0 over its
      * runs): a stretch of one run that is all zero (a zero run may span runs)
-     * or all data. A scattered set's runs of a page or two cost one ioctl
-     * each and no more: no per-run check, copy of zero runs or clock read. */
-    uint32_t z = 0, base = 0; /* base: the frame's number of run k's first page */
+     * or all data; at most one a page. A scattered set's runs of a page or
+     * two cost one ioctl each and no more: no per-run check, copy of zero
+     * runs, clock read or lock. */
+    struct mig_piece pieces[DP_BATCH_PAGES];
+    uint32_t npieces = 0, z = 0, base = 0; /* base: the frame's number of run k's first page */
     for (uint32_t k = 0; k < hdr->nruns; base += pruns[k].count, k++) {
         const uint32_t end = base + pruns[k].count;
         for (uint32_t p = base, stop; p < end; p = stop) {
@@ -506,12 +523,13 @@ static int install_frame(struct mig_dpd *h, struct installer_ctx *ctx, const uin
             int is_zero = z < hdr->nzero_pairs && zero[2 * z] <= p;
             stop = z < hdr->nzero_pairs ? (is_zero ? zero[2 * z] + zero[2 * z + 1] : zero[2 * z]) : end;
             stop = stop < end ? stop : end;
-            int r = place_piece(h, pruns[k].first_page + (p - base), stop - p, is_zero ? NULL : data, st);
-            if (r < 0)
-                return r;
+            pieces[npieces++] = (struct mig_piece){pruns[k].first_page + (p - base), stop - p, is_zero ? NULL : data};
             data += is_zero ? 0 : (uint64_t)(stop - p) * h->page_size;
         }
     }
+    int r = place_pieces(h, pieces, npieces, st);
+    if (r < 0)
+        return r;
     st->done_ns = (uint64_t)dp_mono_ns();
     return INSTALLED;
 }
@@ -1098,7 +1116,7 @@ static void *installer_main(void *arg)
 {
     struct mig_dpd *h = arg;
     dp_thread_for_bulk("dpd-install");
-    struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
+    struct installer_ctx ctx = {.scratch = malloc(h->max_data)};
     struct installed *done = malloc((h->slot_bytes / 4096 + 1) * sizeof(*done));
     pthread_mutex_lock(&h->mu);
     for (;;) {
@@ -1225,9 +1243,17 @@ struct mig_dpd *mig_dpd_bulk_new(const char *host, int port, const uint8_t *key,
     for (int i = 0; i < REQ_SLOTS && ok; i++)
         h->reqs[i].runs = h->run_store + (size_t)i * DP_MAX_RUNS;
     for (int i = 0; i < NSLOTS && ok; i++) {
-        h->slots[i].buf = aligned_alloc(4096, (h->slot_bytes + 4095) / 4096 * 4096);
+        size_t len = (h->slot_bytes + 4095) / 4096 * 4096;
+        h->slots[i].buf = aligned_alloc(4096, len);
         h->slots[i].offs = calloc(h->slot_bytes / 4096 + 1, sizeof(uint32_t));
         ok = h->slots[i].buf && h->slots[i].offs;
+#ifdef MADV_POPULATE_WRITE
+        /* Their pages now, before the switch, not faulted in one by one by the first receives
+         * while the guest waits (~1300 faults, ~1 ms; a short scattered set's pull ~1 %).
+         * Best effort: an older kernel says EINVAL and the receives fault them in. */
+        if (ok)
+            madvise(h->slots[i].buf, len, MADV_POPULATE_WRITE);
+#endif
         h->free_slots[h->nfree++] = i;
     }
     if (!ok) {
@@ -1748,7 +1774,7 @@ static void *faulter_main(void *arg)
     uint32_t cap = 2 * (h->max_data + 4096);
     uint8_t *buf = malloc(cap);
     uint8_t *out = malloc(FAULT_OUT_BYTES);
-    struct installer_ctx ctx = {.dctx = dp_zstd_dctx(), .scratch = malloc(h->max_data)};
+    struct installer_ctx ctx = {.scratch = malloc(h->max_data)};
     uint64_t pages[FAULTS_PER_READ], t_ns[FAULTS_PER_READ];
     uint32_t waiters[FAULTS_PER_READ];
     struct mig_fault_stats fst = {0};

@@ -151,7 +151,8 @@ struct mig_event_stats {
  *
  * Every installer (mig_install, mig_install_batch, the native data plane)
  * holds the space's lock for reading from its bitmap check to its
- * UFFDIO_COPY; the fault reader holds it for writing from its read() of the
+ * UFFDIO_COPY (held over up to 16 pieces of a batch: runs of pages
+ * all zero or all data; at most one batch's pages); the fault reader holds it for writing from its read() of the
  * messages to the end of their handling, when the fd has event features. The
  * kernel zaps a REMOVE range only once its event is read, and the handler
  * marks the range received under the same lock: so an install either lands
@@ -194,16 +195,23 @@ int mig_space_wakefd(const struct mig_space *s);
 /* 1 if faults read by an installer wait for mig_read_faults. */
 int mig_space_stashed(struct mig_space *s);
 
-/* For the native data plane's installers (dp_dest.c), C only: install
- * global pages [page, page + n), all zero (src NULL) or all data (src:
- * their bytes), as mig_install does each run of its batch (pages set in
- * the bitmap skipped, the space's lock held per ioctl). Adds to *st but
- * leaves st->done_ns to the caller: the plane splits a verified batch of
- * many runs (a scattered set: a page or two each) into such pieces itself
- * and reads the clock once a batch, not once a run. Returns pages newly
- * installed or -errno. */
-int64_t mig_install_piece(struct mig_space *s, uint64_t *bitmap, uint64_t page, uint64_t n, const uint8_t *src,
-                          struct mig_install_stats *st);
+/* For the native data plane's installers (dp_dest.c), C only. A piece:
+ * global pages [page, page + count), all zero (src NULL) or all data (src:
+ * their bytes). */
+struct mig_piece {
+    uint64_t page;
+    uint64_t count;
+    const uint8_t *src;
+};
+
+/* Install pieces in order, as mig_install does each run of its batch
+ * (pages set in the bitmap skipped), holding the space's read lock over
+ * many pieces: a scattered set's frame (up to 128 pieces of a page or two)
+ * takes the lock once per 16 pieces, not once a piece. Adds to *st but
+ * leaves st->done_ns to the caller (the plane reads the clock once a
+ * frame). Returns pages newly installed or -errno. */
+int64_t mig_install_pieces(struct mig_space *s, uint64_t *bitmap, const struct mig_piece *pieces, uint32_t n,
+                           struct mig_install_stats *st);
 
 /* cffi: begin */
 int mig_uffd_open(int nonblock);

@@ -5,6 +5,7 @@ wire-speaking fake source."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import queue
@@ -27,9 +28,9 @@ from migrate.dest.dataplane import NativeBulk, NativeFaultLoop, NativePrecopy
 from migrate.dest.paths import Memory
 from migrate.dest.precopy import discard
 from migrate.guest.process import GuestProcess, GuestSpec
-from migrate.guest.workloads import digest, fill_realistic
+from migrate.guest.workloads import Workload, digest, fill_realistic
 from migrate.source.dataplane import DataServer
-from migrate.uffd import Uffd
+from migrate.uffd import Region, Uffd
 
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20
@@ -305,6 +306,60 @@ def test_a_scattered_set_lands_exactly_in_a_registered_guest(memfds, restored) -
         for page in range(npages):  # the guest's memfd, outside the userfaultfd: holes read as zeros
             at = slice(page * PAGE, (page + 1) * PAGE)
             assert got[at] == (want[at] if page in missing else bytes(PAGE)), page
+
+
+def test_frames_of_one_page_runs_across_two_regions_wake_every_waiter_and_install_each_page_once(memfds) -> None:
+    """A frame's pieces (a scattered set's one- and two-page runs) go in under one hold of the space's lock,
+    each in its own region: here guest pages [0, n) and [n, 2n) are two mappings (the second below the
+    first or not, as mmap places them), and frames run across the boundary. Threads reading the guest's
+    memory meanwhile (in this process) block on the missing pages, between the runs of every frame, and
+    are all woken by their installs; no page is installed twice and every page lands in its place."""
+    n = 1024  # pages a region
+    size = 2 * n * PAGE
+    npages = 2 * n
+    src, dst = filled(memfds, size), memfds(size)
+    missing = set(random.Random(13).sample(range(npages), npages // 5)) | set(range(n - 3, n + 3))
+    with mmap.mmap(src, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        content = bytes(m)
+    bits = bytearray(npages // 8)
+    for page in set(range(npages)) - missing:  # in the guest already: in its memfd, never faulted on
+        os.pwrite(dst, content[page * PAGE:(page + 1) * PAGE], page * PAGE)
+        bits[page // 8] |= 1 << (page % 8)
+    halves = [mmap.mmap(dst, n * PAGE, mmap.MAP_SHARED, offset=k * n * PAGE) for k in range(2)]
+    uffd = Uffd.create()
+    bitmap = SharedBitmap.create(npages)
+    readers: list[Workload] = []
+    mem = None
+    try:
+        bitmap.load_bytes(bits)
+        regions = []
+        for k, half in enumerate(halves):
+            base = ctypes.addressof(ctypes.c_char.from_buffer(half))
+            uffd.register(base, n * PAGE)
+            regions.append(Region(base, n * PAGE, offset=k * n * PAGE))
+        mem = Memory.over(uffd, bitmap, regions, PAGE)
+        readers = [Workload(half, workload="seq-read", seed=1, ops=2 * n, page_size=PAGE) for half in halves]
+        for reader in readers:
+            reader.start()
+        with DataServer(src, size, PAGE, "127.0.0.1", key=KEY, compress="never") as server:
+            server.freeze()
+            bulk = NativeBulk(mem, server.endpoint, KEY, recovery_timeout=10)
+            assert not any(reader.finished for reader in readers)  # each half has missing pages to wait on
+            last = pull_all(bulk)
+        assert all(reader.wait_finished(WAIT_S) for reader in readers), "a reader was never woken"
+    finally:
+        if mem is not None:
+            mem.io.close()
+        uffd.close()  # wakes any reader still waiting (it then reads what is there)
+        for reader in readers:
+            reader.close()
+        bitmap.close()
+        for half in halves:
+            half.close()
+    assert "error" not in last and last["done"]
+    assert last["pages"] == len(missing) and last["duplicates"] == 0 and last["refused"] == 0
+    assert len(missing) / last["batches"] > 32  # many runs to a frame
+    assert memfd_digest(dst, size) == digest(content)
 
 
 def test_a_wrong_key_cannot_connect(memfds) -> None:
