@@ -80,10 +80,15 @@ int dp_zstd_decompress(ZSTD_DCtx *d, void *dst, size_t want, const void *src, si
 
 /* ---- I/O ----
  * All retry EINTR and never raise SIGPIPE. */
-/* Read exactly len bytes: returns len, the bytes read before EOF (< len),
- * or -errno. */
+/* Most bytes one recv() or sendmsg() moves: the kernel copies a call's data
+ * (and, on loopback, runs the receiver's TCP for a send) with no preemption
+ * point under PREEMPT_NONE, so a fault thread woken on that CPU waits for
+ * the whole copy of a 512 KiB frame. */
+#define DP_IO_MAX (128u << 10)
+/* Read exactly len bytes, DP_IO_MAX at a time: returns len, the bytes read
+ * before EOF (< len), or -errno. */
 ssize_t dp_read_full(int fd, void *buf, size_t len);
-/* Send exactly the iovecs' bytes; iov is updated in place (consumed).
+/* Send exactly the iovecs' bytes, DP_IO_MAX at a time; iov is updated in place (consumed).
  * Returns 0 or -errno. */
 int dp_send_iov(int fd, struct iovec *iov, int n);
 int dp_send_full(int fd, const void *buf, size_t len);
