@@ -386,7 +386,8 @@ ssize_t dp_read_full(int fd, void *buf, size_t len)
 {
     size_t got = 0;
     while (got < len) {
-        ssize_t r = recv(fd, (uint8_t *)buf + got, len - got, MSG_WAITALL);
+        size_t want = len - got < DP_IO_MAX ? len - got : DP_IO_MAX;
+        ssize_t r = recv(fd, (uint8_t *)buf + got, want, MSG_WAITALL);
         if (r > 0)
             got += (size_t)r;
         else if (r == 0)
@@ -400,8 +401,17 @@ ssize_t dp_read_full(int fd, void *buf, size_t len)
 int dp_send_iov(int fd, struct iovec *iov, int n)
 {
     while (n > 0) {
-        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)(n < IOV_MAX ? n : IOV_MAX)};
+        int k = 0;
+        size_t bytes = 0, cut = 0;
+        while (k < n && k < IOV_MAX && bytes < DP_IO_MAX)
+            bytes += iov[k++].iov_len;
+        if (bytes > DP_IO_MAX) { /* the last iovec goes in part this time */
+            cut = bytes - DP_IO_MAX;
+            iov[k - 1].iov_len -= cut;
+        }
+        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)k};
         ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        iov[k - 1].iov_len += cut;
         if (w < 0) {
             if (errno == EINTR)
                 continue;
