@@ -83,10 +83,10 @@ int dp_zstd_decompress(ZSTD_DCtx *d, void *dst, size_t want, const void *src, si
 /* Most bytes one recv() or sendmsg() moves: the kernel copies a call's data
  * (and, on loopback, runs the receiver's TCP for a send) with no preemption
  * point under PREEMPT_NONE, so a fault thread woken on that CPU waits for
- * the whole copy. Native faults' p99 under the bulk, quiet machine, 7
- * alternated runs each: 181-225 us with whole 512 KiB frames, 138-206 at
- * 256 KiB (the bulk's rate the same within noise), 125-196 at 128 KiB (the
- * bulk 5-10 % slower). docs/performance.md, session 11. */
+ * the whole copy. Native faults' p99 under the bulk, quiet machine,
+ * alternated runs: 181-225 us with whole 512 KiB frames, 138-233 at 256 KiB
+ * (the bulk as fast), 125-196 at 128 KiB (the bulk 5-10 % slower).
+ * docs/performance.md, session 11. */
 #define DP_IO_MAX (256u << 10)
 /* Read exactly len bytes, DP_IO_MAX at a time: returns len, the bytes read
  * before EOF (< len), or -errno. */
