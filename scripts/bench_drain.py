@@ -55,8 +55,9 @@ OPS = 2_000_000_000
 
 
 def launch(src: str, name: str, size: int, workload: str, rate: float) -> None:
-    spec = pb.GuestSpec(size=size, workload=workload, seed=3, ops=OPS if workload != "idle" else 0, threads=1,
-                        ops_per_sec=rate, page_size=mmap.PAGESIZE)
+    busy = workload != "idle"
+    spec = pb.GuestSpec(size=size, workload=workload, seed=3, ops=OPS if busy else 0, threads=1,
+                        ops_per_sec=rate if busy else 0.0, page_size=mmap.PAGESIZE)
     with AgentClient(src) as c:
         c.call("LaunchGuest", pb.LaunchGuestRequest(name=name, spec=spec), timeout=600)
 
@@ -175,7 +176,7 @@ class ThreadTimes:
 def drain_once(src: LocalAgent, dst: LocalAgent, args: argparse.Namespace, parallel: int) -> dict:
     names = [f"p{parallel}g{i}" for i in range(args.guests)]
     for name in names:
-        launch(src.address, name, args.size, args.workload, args.ops_per_sec if args.workload != "idle" else 0.0)
+        launch(src.address, name, args.size, args.workload, args.ops_per_sec)
     time.sleep(args.warmup)
     cpu0 = agent_cpu_s(src.pid), agent_cpu_s(dst.pid)
     times = ThreadTimes({src.pid: "source agent", dst.pid: "destination agent"}) if args.threads else None
